@@ -1,0 +1,261 @@
+"""The `batchdb` command line: the same operations as the SDK, for shells and cron."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from batchdb import db as dbmod
+from batchdb.ingest import InputError
+
+
+def _dsn_option(func):  # type: ignore[no-untyped-def]
+    return click.option(
+        "--dsn", envvar="BATCHDB_DSN", default=None,
+        help="PostgreSQL DSN (default: $BATCHDB_DSN, else the embedded server).",
+    )(func)
+
+
+@click.group()
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+def cli(verbose: int) -> None:
+    """Run millions of LLM requests through a PostgreSQL queue."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# -- database ------------------------------------------------------------------------------------
+
+
+@cli.group("db")
+def db_group() -> None:
+    """Create, upgrade, find and stop the database."""
+
+
+@db_group.command("upgrade")
+@_dsn_option
+def db_upgrade(dsn: str | None) -> None:
+    """Apply the schema migrations in sql/ (idempotent, safe to run concurrently)."""
+    from batchdb import migrations
+
+    with dbmod.connect(dsn) as conn:
+        applied = migrations.upgrade(conn)
+    if applied:
+        for m in applied:
+            click.echo(f"applied {m.version:04d}_{m.name}")
+    else:
+        click.echo("schema is up to date")
+
+
+@db_group.command("status")
+def db_status() -> None:
+    """Show the embedded PostgreSQL server, if one is running."""
+    from batchdb import embedded
+
+    server = embedded.server_status()
+    if server is None:
+        click.echo(f"embedded PostgreSQL: not running (data directory {embedded.batchdb_home() / 'pg'})")
+        sys.exit(1)
+    click.echo(f"embedded PostgreSQL: running, pid {server.pid}, port {server.port}")
+    click.echo(f"  dsn:      {server.dsn}")
+    click.echo(f"  data dir: {server.data_dir}")
+    click.echo(f"  log:      {server.log_file}")
+
+
+@db_group.command("stop")
+def db_stop() -> None:
+    """Stop the embedded PostgreSQL server."""
+    from batchdb import embedded
+
+    click.echo("stopped" if embedded.stop_server() else "embedded PostgreSQL was not running")
+
+
+# -- jobs ----------------------------------------------------------------------------------------
+
+
+@cli.command("submit")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--model", required=True)
+@click.option("--prompt", default=None, help="Template over the file's columns, e.g. 'Classify: {headline}'.")
+@click.option("--system", default=None, help="System message (may also use {column} fields).")
+@click.option("--messages-column", default=None, help="A column holding ready chat messages instead of --prompt.")
+@click.option("--id-column", default=None, help="A column with a unique id per row.")
+@click.option("--provider", default="openai", show_default=True)
+@click.option("--name", default=None)
+@click.option("--priority", default=1, show_default=True, type=int)
+@click.option("--max-attempts", default=5, show_default=True, type=int)
+@click.option("--max-tokens", default=None, type=int)
+@click.option("--temperature", default=None, type=float)
+@click.option("--budget-usd", default=None, type=float)
+@click.option("--idempotency-key", default=None)
+@click.option("--wait/--no-wait", default=False, help="Show progress until the job finishes.")
+@_dsn_option
+def submit_command(path: Path, dsn: str | None, wait: bool, **options: object) -> None:
+    """Queue one request per row of a CSV, JSONL or Parquet file."""
+    from batchdb.submit import submit
+
+    try:
+        job = submit(path, dsn=dsn, **options)  # type: ignore[arg-type]
+    except InputError as exc:
+        raise click.ClickException(str(exc)) from None
+    status = job.status()
+    click.echo(f"job {job.id}: {status.n_total} rows queued")
+    if wait:
+        click.echo(job.wait(progress=True).summary())
+
+
+@cli.command("status")
+@click.argument("job_id", required=False, type=int)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_dsn_option
+def status_command(job_id: int | None, as_json: bool, dsn: str | None) -> None:
+    """Progress of one job, or a table of recent jobs."""
+    from batchdb.jobs import JobNotFound, get_job, list_jobs
+
+    if job_id is not None:
+        try:
+            progress = get_job(job_id, dsn=dsn).status()
+        except JobNotFound as exc:
+            raise click.ClickException(str(exc)) from None
+        if as_json:
+            click.echo(json.dumps(_jsonable(progress), indent=2))
+        else:
+            click.echo(progress.summary())
+            if progress.status_reason:
+                click.echo(f"  reason: {progress.status_reason}")
+        return
+    jobs = list_jobs(dsn=dsn)
+    if as_json:
+        click.echo(json.dumps([_jsonable(j) for j in jobs], indent=2))
+        return
+    click.echo(f"{'job':>6} {'status':<10} {'done':>15} {'dead+failed':>11} {'cost $':>10}  model / name")
+    for j in jobs:
+        click.echo(f"{j.job_id:>6} {j.status:<10} {f'{j.n_done}/{j.n_total}':>15} {j.n_dead + j.n_failed:>11} "
+                   f"{j.cost_usd:>10.4f}  {j.model} / {j.name or ''}")
+
+
+@cli.command("results")
+@click.argument("job_id", type=int)
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Parquet or CSV file.")
+@_dsn_option
+def results_command(job_id: int, output: Path, dsn: str | None) -> None:
+    """Write a job's results (input columns + response, status, usage, error)."""
+    from batchdb.jobs import Job
+
+    job = Job(job_id, dsn=dsn)
+    if output.suffix.lower() == ".csv":
+        job.results().to_csv(output, index=False)
+        rows = len(job.results())
+    else:
+        rows = job.to_parquet(output)
+    click.echo(f"wrote {rows} rows to {output}")
+
+
+@cli.command("cancel")
+@click.argument("job_id", type=int)
+@_dsn_option
+def cancel_command(job_id: int, dsn: str | None) -> None:
+    """Stop a job: queued rows never run, in-flight results are discarded."""
+    from batchdb.jobs import Job
+
+    n = _run_db_op(lambda: Job(job_id, dsn=dsn).cancel())
+    click.echo(f"job {job_id} cancelled ({n} rows)")
+
+
+@cli.command("retry")
+@click.argument("job_id", type=int)
+@click.option("--dead", is_flag=True, help="Replay dead rows (retries exhausted).")
+@click.option("--failed", is_flag=True, help="Replay failed rows (refused by the provider).")
+@click.option("--cancelled", is_flag=True, help="Replay cancelled rows.")
+@_dsn_option
+def retry_command(job_id: int, dead: bool, failed: bool, cancelled: bool, dsn: str | None) -> None:
+    """Queue a job's final rows again (default: --dead and --failed)."""
+    from batchdb.jobs import Job
+
+    if not (dead or failed or cancelled):
+        dead = failed = True
+    n = _run_db_op(lambda: Job(job_id, dsn=dsn).retry(failed=failed, dead=dead, cancelled=cancelled))
+    click.echo(f"job {job_id}: {n} rows queued again")
+
+
+@cli.command("resume")
+@click.argument("job_id", type=int)
+@click.option("--budget", "budget_usd", type=float, default=None, help="New budget in USD.")
+@_dsn_option
+def resume_command(job_id: int, budget_usd: float | None, dsn: str | None) -> None:
+    """Continue a paused job (after a budget stop or quota exhaustion)."""
+    from batchdb.jobs import Job
+
+    if _run_db_op(lambda: Job(job_id, dsn=dsn).resume(budget_usd=budget_usd)):
+        click.echo(f"job {job_id} resumed")
+    else:
+        raise click.ClickException(f"job {job_id} is not paused")
+
+
+# -- processes -----------------------------------------------------------------------------------
+
+
+@cli.command("worker")
+@click.option("--concurrency", "-c", default=64, show_default=True, help="Requests in flight at once.")
+@click.option("--lease-seconds", default=60.0, show_default=True)
+@click.option("--request-timeout", default=120.0, show_default=True)
+@click.option("--poll-interval", default=2.0, show_default=True)
+@click.option("--exit-when-idle", is_flag=True, help="Exit once nothing is left to claim.")
+@_dsn_option
+def worker_command(concurrency: int, lease_seconds: float, request_timeout: float, poll_interval: float,
+                   exit_when_idle: bool, dsn: str | None) -> None:
+    """Run a worker process until SIGTERM/SIGINT."""
+    from workers.worker import WorkerConfig, run_worker
+
+    logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
+    run_worker(WorkerConfig(
+        dsn=dsn, concurrency=concurrency, lease_seconds=lease_seconds, request_timeout=request_timeout,
+        heartbeat_interval=max(0.5, min(10.0, lease_seconds / 3)), poll_interval=poll_interval,
+        exit_when_idle=exit_when_idle,
+    ))
+
+
+@cli.command("simulator", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def simulator_command(ctx: click.Context) -> None:
+    """Run the provider simulator (OpenAI / Azure / Gemini wire formats); --help for its options."""
+    from batchdb.simulator.__main__ import main as simulator_main
+
+    simulator_main(ctx.args)
+
+
+@cli.command("demo")
+@click.option("--rows", default=2000, show_default=True)
+@click.option("--workers", "n_workers", default=2, show_default=True)
+@click.option("--rpm", default=3000, show_default=True, help="Simulated provider requests/minute limit.")
+@click.option("--tpm", default=1_000_000, show_default=True, help="Simulated provider tokens/minute limit.")
+@click.option("--output", default="demo-output/results.parquet", show_default=True, type=click.Path(path_type=Path))
+@_dsn_option
+def demo_command(rows: int, n_workers: int, rpm: int, tpm: int, output: Path, dsn: str | None) -> None:
+    """Run a demo job end to end against the local provider simulator."""
+    from batchdb.demo import run_demo
+
+    run_demo(rows=rows, n_workers=n_workers, rpm=rpm, tpm=tpm, output=output, dsn=dsn)
+
+
+def _run_db_op(operation):  # type: ignore[no-untyped-def]
+    import psycopg
+
+    try:
+        return operation()
+    except psycopg.Error as exc:
+        raise click.ClickException(str(exc).strip()) from None
+
+
+def _jsonable(progress: object) -> dict:
+    from dataclasses import asdict
+
+    return {k: (v if isinstance(v, int | str | type(None)) else str(v)) for k, v in asdict(progress).items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli.main(args=argv, prog_name="batchdb")

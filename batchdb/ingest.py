@@ -1,0 +1,276 @@
+"""Read a caller's data and turn it into COPY-ready batches of request rows.
+
+Sources: a pandas DataFrame, a pyarrow Table, or a path to CSV / JSONL /
+Parquet. Data is read and converted in Arrow record batches, so a million
+rows never sit in memory as Python objects. Every check that can refuse the
+data names the row (0-based position in the input) and the column.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+from batchdb.prompts import PromptError, missing_columns, template_fields
+
+BATCH_ROWS = 50_000
+# A row larger than this (its input columns or messages as JSON) is refused: it cannot be one prompt.
+MAX_ROW_BYTES = 4_000_000
+
+DataSource = pd.DataFrame | pa.Table | str | Path
+
+
+class InputError(ValueError):
+    """The data cannot be submitted; the message names the row and column."""
+
+
+@dataclass(frozen=True, slots=True)
+class InputSpec:
+    prompt: str | None
+    system: str | None
+    messages_column: str | None
+    id_column: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class InputSchema:
+    columns: list[str]
+    types: dict[str, str]
+
+
+def open_source(data: DataSource) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+    """The source's schema and an iterator of its record batches (checked for encoding)."""
+    if isinstance(data, pd.DataFrame):
+        table = _table_from_pandas(data)
+        return table.schema, iter(table.to_batches(max_chunksize=BATCH_ROWS))
+    if isinstance(data, pa.Table):
+        return data.schema, iter(data.to_batches(max_chunksize=BATCH_ROWS))
+    if isinstance(data, str | Path):
+        return _open_path(Path(data))
+    raise InputError(
+        f"cannot submit data of type {type(data).__name__}; expected a pandas DataFrame, a pyarrow Table, "
+        "or a path to a .csv, .jsonl or .parquet file"
+    )
+
+
+def check_schema(schema: pa.Schema, spec: InputSpec) -> InputSchema:
+    """Refuse a spec that does not fit the columns before any row is read."""
+    names = list(schema.names)
+    if len(set(names)) != len(names):
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        raise InputError(f"duplicate column name(s): {', '.join(dupes)}")
+    if spec.messages_column is None and not spec.prompt:
+        raise InputError("give a prompt template (prompt='... {column} ...') or messages_column='<column>'")
+    if spec.messages_column is not None and spec.prompt:
+        raise InputError("give either prompt= or messages_column=, not both")
+    try:
+        missing = missing_columns([spec.prompt, spec.system], names)
+        for template in (spec.prompt, spec.system):
+            if template:
+                template_fields(template)
+    except PromptError as exc:
+        raise InputError(str(exc)) from None
+    if missing:
+        raise InputError(
+            f"prompt template refers to column(s) {', '.join(sorted(set(missing)))} which the data does not have; "
+            f"columns are: {', '.join(names) or '(none)'}"
+        )
+    for column in (spec.messages_column, spec.id_column):
+        if column is not None and column not in names:
+            raise InputError(f"column {column!r} not found; columns are: {', '.join(names) or '(none)'}")
+    for field in schema:
+        if pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type):
+            raise InputError(f"column {field.name!r} holds binary data ({field.type}); expected text, numbers, "
+                             "booleans, dates or nested JSON-like values")
+    input_columns = [n for n in names if n != spec.messages_column]
+    return InputSchema(input_columns, {f.name: str(f.type) for f in schema if f.name in input_columns})
+
+
+def copy_rows(batch: pa.RecordBatch, *, job_id: int, first_row: int, spec: InputSpec,
+              input_columns: list[str], seen_ids: set[str]) -> bytes:
+    """One record batch as CSV for `COPY requests (job_id, custom_id, payload, input)`."""
+    n = batch.num_rows
+    _refuse_nul(batch, first_row)
+    custom_ids = _custom_ids(batch, first_row, spec.id_column, seen_ids)
+    inputs = _json_lines(batch.select(input_columns).to_pandas(), first_row) if input_columns else [None] * n
+    payloads: list[str | None] = [None] * n
+    if spec.messages_column is not None:
+        values = batch.column(spec.messages_column).to_pylist()
+        payloads = [_messages_payload(v, first_row + i, spec.messages_column) for i, v in enumerate(values)]
+    for i in range(n):
+        size = len(inputs[i] or "") + len(payloads[i] or "")
+        if size > MAX_ROW_BYTES:
+            raise InputError(f"row {first_row + i}: {size:,} bytes of prompt data; at most {MAX_ROW_BYTES:,} per row")
+    table = pa.table({
+        "job_id": pa.array([job_id] * n, pa.int64()),
+        "custom_id": pa.array(custom_ids, pa.string()),
+        "payload": pa.array(payloads, pa.string()),
+        "input": pa.array(inputs, pa.string()),
+    })
+    out = io.BytesIO()
+    pa_csv.write_csv(table, out, pa_csv.WriteOptions(include_header=False, quoting_style="needed"))
+    return out.getvalue()
+
+
+# -- reading -----------------------------------------------------------------------------------
+
+
+def _open_path(path: Path) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if not path.is_file():
+        raise InputError(f"{path}: not a file")
+    suffix = "".join(path.suffixes[-2:]).lower() if path.suffix == ".gz" else path.suffix.lower()
+    try:
+        if suffix in (".parquet", ".pq"):
+            parquet = pq.ParquetFile(path)
+            return parquet.schema_arrow, parquet.iter_batches(batch_size=BATCH_ROWS)
+        if suffix == ".csv":
+            _check_utf8(path)
+            table = pa_csv.read_csv(path, convert_options=pa_csv.ConvertOptions(strings_can_be_null=False))
+            return table.schema, iter(table.to_batches(max_chunksize=BATCH_ROWS))
+        if suffix in (".jsonl", ".ndjson", ".json"):
+            table = _read_jsonl(path)
+            return table.schema, iter(table.to_batches(max_chunksize=BATCH_ROWS))
+    except InputError:
+        raise
+    except (pa.ArrowInvalid, OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot be read as {suffix[1:]}: {exc}") from None
+    raise InputError(f"{path}: unsupported file type {suffix or '(none)'}; expected .csv, .jsonl or .parquet")
+
+
+def _check_utf8(path: Path) -> None:
+    line = 1
+    with path.open("rb") as handle:
+        carry = b""
+        while chunk := handle.read(1 << 20):
+            data = carry + chunk
+            try:
+                data.decode("utf-8")
+                carry = b""
+            except UnicodeDecodeError as exc:
+                if exc.start >= len(data) - 3 and exc.reason == "unexpected end of data":
+                    carry = data[exc.start:]  # a character split across chunks
+                    data = data[: exc.start]
+                else:
+                    bad_line = line + data[: exc.start].count(b"\n")
+                    raise InputError(
+                        f"{path}: line {bad_line} is not valid UTF-8 (byte 0x{data[exc.start]:02x}); "
+                        "save the file as UTF-8"
+                    ) from None
+            line += data.count(b"\n")
+    if carry:
+        raise InputError(f"{path}: line {line} ends in a truncated UTF-8 character")
+
+
+def _read_jsonl(path: Path) -> pa.Table:
+    rows: list[dict[str, Any]] = []
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InputError(f"{path}: line {number} is not valid UTF-8") from None
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}: line {number} is not valid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(value, dict):
+                raise InputError(f"{path}: line {number} must be a JSON object, got {type(value).__name__}")
+            rows.append(value)
+    if not rows:
+        return pa.table({})
+    try:
+        return pa.Table.from_pandas(pd.DataFrame.from_records(rows), preserve_index=False)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        # Mixed types in a column: keep such columns as JSON text rather than refuse the file.
+        frame = pd.DataFrame.from_records(rows)
+        for column in frame.columns:
+            try:
+                pa.array(frame[column])
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                frame[column] = [None if v is None else json.dumps(v) for v in frame[column]]
+        return pa.Table.from_pandas(frame, preserve_index=False)
+
+
+def _table_from_pandas(frame: pd.DataFrame) -> pa.Table:
+    frame = frame.reset_index(drop=True)
+    frame.columns = [str(c) for c in frame.columns]
+    try:
+        return pa.Table.from_pandas(frame, preserve_index=False)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise InputError(f"DataFrame cannot be converted: {exc}") from None
+
+
+# -- converting --------------------------------------------------------------------------------
+
+
+def _refuse_nul(batch: pa.RecordBatch, first_row: int) -> None:
+    for name, column in zip(batch.schema.names, batch.columns, strict=True):
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            has_nul = pc.match_substring(column, "\x00")
+            if pc.any(has_nul).as_py():
+                row = pc.index(has_nul, True).as_py()
+                raise InputError(f"row {first_row + row}, column {name!r}: contains a NUL character, "
+                                 "which PostgreSQL text cannot hold")
+
+
+def _custom_ids(batch: pa.RecordBatch, first_row: int, id_column: str | None, seen: set[str]) -> list[str]:
+    if id_column is None:
+        return [str(first_row + i) for i in range(batch.num_rows)]
+    values = batch.column(id_column).to_pylist()
+    ids = []
+    for i, value in enumerate(values):
+        if value is None or (isinstance(value, float) and value != value):
+            raise InputError(f"row {first_row + i}, column {id_column!r}: the id is empty; every row needs an id")
+        text = str(value)
+        if text in seen:
+            raise InputError(f"row {first_row + i}, column {id_column!r}: id {text!r} appears twice; ids must be unique")
+        seen.add(text)
+        ids.append(text)
+    return ids
+
+
+def _json_lines(frame: pd.DataFrame, first_row: int) -> list[str]:
+    try:
+        text = frame.to_json(orient="records", lines=True, date_format="iso", date_unit="us",
+                             force_ascii=False, default_handler=str)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InputError(f"rows {first_row}-{first_row + len(frame) - 1}: cannot be stored as JSON: {exc}") from None
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if len(lines) != len(frame):
+        raise InputError(f"rows {first_row}-{first_row + len(frame) - 1}: could not be converted to JSON one per row")
+    return lines
+
+
+def _messages_payload(value: Any, row: int, column: str) -> str:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise InputError(f"row {row}, column {column!r}: expected a list of messages "
+                             "[{\"role\": ..., \"content\": ...}] or its JSON text") from None
+    if not isinstance(value, list) or not value:
+        raise InputError(f"row {row}, column {column!r}: expected a non-empty list of messages, got {type(value).__name__}")
+    for position, message in enumerate(value):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise InputError(f"row {row}, column {column!r}: message {position} must be an object with "
+                             "'role' and 'content'")
+        if message["role"] not in ("system", "user", "assistant", "developer"):
+            raise InputError(f"row {row}, column {column!r}: message {position} has role {message['role']!r}; "
+                             "expected system, user, assistant or developer")
+    return json.dumps({"messages": value}, ensure_ascii=False)

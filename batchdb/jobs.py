@@ -1,0 +1,176 @@
+"""`Job`: a handle on one submitted batch — progress, waiting, control, results."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, fields
+from datetime import datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import psycopg
+
+from batchdb import results as results_module
+from batchdb.db import connect
+from batchdb.models import JobStatus
+from batchdb.queries import query
+
+
+class JobNotFound(LookupError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class JobProgress:
+    """One row of the `batchdb.job_progress` view."""
+
+    job_id: int
+    name: str | None
+    owner: str
+    provider: str
+    model: str
+    status: str
+    status_reason: str | None
+    priority: int
+    n_total: int
+    n_queued: int
+    n_running: int
+    n_succeeded: int
+    n_failed: int
+    n_dead: int
+    n_cancelled: int
+    n_done: int
+    pct_done: Decimal
+    n_retries: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: Decimal
+    budget_usd: Decimal | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    rows_per_second: Decimal | None
+    eta: timedelta | None
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> JobProgress:
+        return cls(**{f.name: row[f.name] for f in fields(cls)})
+
+    @property
+    def finished(self) -> bool:
+        return JobStatus(self.status).final
+
+    def summary(self) -> str:
+        return (
+            f"job {self.job_id} {self.status}: {self.n_done}/{self.n_total} done "
+            f"({self.n_succeeded} succeeded, {self.n_failed} failed, {self.n_dead} dead, {self.n_cancelled} cancelled), "
+            f"{self.prompt_tokens + self.completion_tokens:,} tokens, ${self.cost_usd:.4f}"
+        )
+
+
+class Job:
+    def __init__(self, job_id: int, *, dsn: str | None = None) -> None:
+        self.id = int(job_id)
+        self._dsn = dsn
+
+    def __repr__(self) -> str:
+        return f"Job({self.id})"
+
+    def status(self) -> JobProgress:
+        with connect(self._dsn) as conn:
+            return self._progress(conn)
+
+    def wait(self, *, progress: bool = False, poll_interval: float = 0.5, timeout: float | None = None) -> JobProgress:
+        """Block until the job is completed or cancelled (or paused, which needs a person).
+
+        Survives a database restart: the connection is re-opened with backoff.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        bar = None
+        conn: psycopg.Connection | None = None
+        try:
+            while True:
+                try:
+                    if conn is None or conn.closed or conn.broken:
+                        conn = connect(self._dsn)
+                    current = self._progress(conn)
+                except psycopg.OperationalError:
+                    conn = None
+                    current = None
+                if current is not None:
+                    if progress:
+                        bar = _update_bar(bar, current)
+                    if current.finished or current.status == JobStatus.PAUSED:
+                        return current
+                if deadline is not None and time.monotonic() >= deadline:
+                    summary = current.summary() if current else "database unreachable"
+                    raise TimeoutError(f"job {self.id} not finished after {timeout}s: {summary}")
+                time.sleep(poll_interval if current is not None else max(poll_interval, 1.0))
+        finally:
+            if bar is not None:
+                bar.close()
+            if conn is not None:
+                conn.close()
+
+    def cancel(self) -> int:
+        """Stop the job: queued rows never run; in-flight results are not recorded. Returns rows cancelled."""
+        with connect(self._dsn) as conn:
+            return int(conn.execute(query("cancel_job"), {"job_id": self.id}).fetchone()["n"])
+
+    def retry(self, *, failed: bool = True, dead: bool = True, cancelled: bool = False) -> int:
+        """Queue final rows again (all attempts afresh). Returns rows requeued."""
+        statuses = [s for s, on in (("failed", failed), ("dead", dead), ("cancelled", cancelled)) if on]
+        if not statuses:
+            return 0
+        with connect(self._dsn) as conn:
+            return int(conn.execute(query("retry_job"), {"job_id": self.id, "statuses": statuses}).fetchone()["n"])
+
+    def resume(self, *, budget_usd: float | None = None) -> bool:
+        with connect(self._dsn) as conn:
+            row = conn.execute(query("resume_job"), {"job_id": self.id, "budget_usd": budget_usd}).fetchone()
+            return row is not None
+
+    def results(self) -> pd.DataFrame:
+        """Input columns + response, status, usage and error for every row, in input order."""
+        return results_module.read_dataframe(self.id, dsn=self._dsn)
+
+    def to_parquet(self, path: str | Path) -> int:
+        """Stream the results to Parquet in Arrow batches; returns rows written."""
+        return results_module.write_parquet(self.id, Path(path), dsn=self._dsn)
+
+    def _progress(self, conn: psycopg.Connection) -> JobProgress:
+        row = conn.execute(query("job_progress"), {"job_id": self.id}).fetchone()
+        if row is None:
+            raise JobNotFound(f"job {self.id} does not exist")
+        return JobProgress.from_row(row)
+
+
+def get_job(job_id: int, *, dsn: str | None = None) -> Job:
+    job = Job(job_id, dsn=dsn)
+    job.status()  # raises JobNotFound
+    return job
+
+
+def list_jobs(*, limit: int = 50, dsn: str | None = None) -> list[JobProgress]:
+    with connect(dsn) as conn:
+        return [JobProgress.from_row(r) for r in conn.execute(query("list_jobs"), {"limit": limit}).fetchall()]
+
+
+def _update_bar(bar: Any, current: JobProgress) -> Any:
+    from tqdm import tqdm
+
+    if bar is None:
+        bar = tqdm(total=current.n_total, desc=f"job {current.job_id}", unit="row", dynamic_ncols=True)
+    bar.total = current.n_total
+    bar.n = current.n_done
+    bar.set_postfix(
+        ok=current.n_succeeded,
+        failed=current.n_failed + current.n_dead,
+        tokens=f"{current.prompt_tokens + current.completion_tokens:,}",
+        cost=f"${current.cost_usd:.4f}",
+        refresh=False,
+    )
+    bar.refresh()
+    return bar

@@ -1,0 +1,110 @@
+"""OpenAI and OpenAI-compatible servers through the official `openai` SDK.
+
+SDK retries are off (`max_retries=0`): batchdb owns retries, so one attempt
+here is exactly one HTTP request and every failure is classified once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import openai
+
+from batchdb.providers.base import ChatRequest, ChatResponse, ErrorKind, ProviderError
+from batchdb.secrets import redact
+
+_RATE_LIMIT_PREFIX = "x-ratelimit-"
+
+
+class OpenAIProvider:
+    name = "openai"
+
+    def __init__(self, *, api_key: str, base_url: str | None = None, timeout: float = 120.0) -> None:
+        self._api_key = api_key
+        self._client = openai.AsyncOpenAI(api_key=api_key, base_url=base_url, max_retries=0, timeout=timeout)
+
+    async def complete(self, request: ChatRequest) -> ChatResponse:
+        kwargs: dict[str, Any] = {"model": request.model, "messages": request.messages, **request.extra}
+        if request.max_tokens is not None:
+            kwargs["max_tokens"] = request.max_tokens
+        if request.temperature is not None:
+            kwargs["temperature"] = request.temperature
+        if request.seed is not None:
+            kwargs["seed"] = request.seed
+        if request.response_format is not None:
+            kwargs["response_format"] = request.response_format
+        try:
+            raw = await self._client.chat.completions.with_raw_response.create(**kwargs)
+        except openai.APIError as exc:
+            raise classify_openai_error(exc, secret=self._api_key) from None
+        completion = raw.parse()
+        choice = completion.choices[0] if completion.choices else None
+        usage = completion.usage
+        return ChatResponse(
+            text=(choice.message.content or "") if choice else "",
+            finish_reason=choice.finish_reason if choice else None,
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+            model=completion.model,
+            rate_limit_headers=_rate_limit_headers(raw.headers),
+        )
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+
+def classify_openai_error(exc: openai.APIError, *, secret: str | None = None) -> ProviderError:
+    """Map an SDK exception to the worker's four reactions."""
+    message = redact(f"{type(exc).__name__}: {exc.message}", secret)
+    if isinstance(exc, openai.APITimeoutError | openai.APIConnectionError):
+        return ProviderError(ErrorKind.TRANSIENT, message)
+    if not isinstance(exc, openai.APIStatusError):
+        return ProviderError(ErrorKind.TRANSIENT, message)
+    status = exc.status_code
+    headers = exc.response.headers
+    limit_headers = _rate_limit_headers(headers)
+    code = _error_code(exc)
+    if status == 429:
+        if code == "insufficient_quota":
+            return ProviderError(ErrorKind.QUOTA_EXHAUSTED, message, status_code=status, rate_limit_headers=limit_headers)
+        return ProviderError(
+            ErrorKind.RATE_LIMITED,
+            message,
+            status_code=status,
+            retry_after=_retry_after(headers),
+            rate_limit_headers=limit_headers,
+        )
+    if status in (401, 403):
+        # A bad or revoked key fails every row alike: pause, do not fail a million rows.
+        return ProviderError(ErrorKind.QUOTA_EXHAUSTED, message, status_code=status)
+    if status in (408, 409) or status >= 500:
+        return ProviderError(ErrorKind.TRANSIENT, message, status_code=status, retry_after=_retry_after(headers))
+    return ProviderError(ErrorKind.PERMANENT, message, status_code=status)
+
+
+def _error_code(exc: openai.APIStatusError) -> str | None:
+    code = getattr(exc, "code", None)
+    if code:
+        return str(code)
+    body = exc.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("code"):
+            return str(inner["code"])
+    return None
+
+
+def _retry_after(headers: Any) -> float | None:
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            return max(0.0, float(value) * scale)
+        except ValueError:
+            continue
+    return None
+
+
+def _rate_limit_headers(headers: Any) -> dict[str, str]:
+    return {k.lower(): v for k, v in headers.items() if k.lower().startswith(_RATE_LIMIT_PREFIX)}

@@ -1,0 +1,133 @@
+"""`submit`: data in, a `Job` out.
+
+The job row is created in its own short transaction (which creates its
+partitions), then every row goes in with COPY in a second transaction and the
+job turns 'running' at its end, so workers see all of a job's rows or none.
+If anything in the data is refused, the job is deleted: nothing is left
+behind. With an idempotency key, submitting again returns the same job.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from batchdb.db import connect
+from batchdb.ingest import DataSource, InputError, InputSpec, check_schema, copy_rows, open_source
+from batchdb.jobs import Job
+from batchdb.prompts import REQUEST_PARAMS
+from batchdb.providers import KNOWN_PROVIDERS
+from batchdb.queries import query
+
+log = logging.getLogger(__name__)
+
+
+def submit(
+    data: DataSource,
+    *,
+    model: str,
+    prompt: str | None = None,
+    system: str | None = None,
+    messages_column: str | None = None,
+    id_column: str | None = None,
+    provider: str = "openai",
+    name: str | None = None,
+    owner: str | None = None,
+    priority: int = 1,
+    max_attempts: int = 5,
+    budget_usd: float | None = None,
+    idempotency_key: str | None = None,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    seed: int | None = None,
+    response_format: dict[str, Any] | None = None,
+    dsn: str | None = None,
+) -> Job:
+    """Queue one request per row of `data` and return its job.
+
+    `prompt` and `system` are templates over the data's columns
+    ("Classify this headline: {headline}"); or give `messages_column`, a column
+    of ready chat messages. `id_column` names a unique id per row (default: the
+    row's position). Every column comes back with the results.
+    """
+    _check_options(model=model, provider=provider, priority=priority, max_attempts=max_attempts,
+                   budget_usd=budget_usd, max_tokens=max_tokens, temperature=temperature)
+    spec = InputSpec(prompt=prompt, system=system, messages_column=messages_column, id_column=id_column)
+    schema, batches = open_source(data)
+    input_schema = check_schema(schema, spec)
+    params: dict[str, Any] = {
+        "system": system,
+        "prompt": prompt,
+        "input_columns": input_schema.columns,
+        "input_types": input_schema.types,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "seed": seed,
+        "response_format": response_format,
+    }
+    params = {k: v for k, v in params.items() if v is not None}
+
+    with connect(dsn) as conn:
+        job_id = _create_job(conn, name=name, owner=owner, provider=provider, model=model, params=params,
+                             priority=priority, max_attempts=max_attempts, budget_usd=budget_usd,
+                             idempotency_key=idempotency_key)
+        if job_id is None:
+            assert idempotency_key is not None
+            existing = conn.execute(query("job_by_idempotency_key"), {"idempotency_key": idempotency_key}).fetchone()
+            assert existing is not None
+            log.info("idempotency key %r already submitted as job %s", idempotency_key, existing["id"])
+            return Job(existing["id"], dsn=dsn)
+        try:
+            rows = _copy_all(conn, job_id, batches, spec, input_schema.columns)
+        except BaseException:
+            conn.execute(query("delete_job"), {"job_id": job_id})
+            raise
+        if rows == 0:
+            conn.execute(query("delete_job"), {"job_id": job_id})
+            raise InputError("the data has no rows")
+    return Job(job_id, dsn=dsn)
+
+
+def _check_options(*, model: str, provider: str, priority: int, max_attempts: int, budget_usd: float | None,
+                   max_tokens: int | None, temperature: float | None) -> None:
+    if not isinstance(model, str) or not model.strip():
+        raise InputError("model: expected a model name such as 'gpt-4o-mini'")
+    if provider not in KNOWN_PROVIDERS:
+        raise InputError(f"provider: {provider!r} is not one of {', '.join(KNOWN_PROVIDERS)}")
+    if not isinstance(priority, int) or priority < 1:
+        raise InputError(f"priority: expected an integer >= 1, got {priority!r}")
+    if not isinstance(max_attempts, int) or max_attempts < 1:
+        raise InputError(f"max_attempts: expected an integer >= 1, got {max_attempts!r}")
+    if budget_usd is not None and not budget_usd > 0:
+        raise InputError(f"budget_usd: expected a positive amount in USD, got {budget_usd!r}")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+        raise InputError(f"max_tokens: expected a positive integer, got {max_tokens!r}")
+    if temperature is not None and not (0 <= temperature <= 2):
+        raise InputError(f"temperature: expected a number from 0 to 2, got {temperature!r}")
+    assert set(REQUEST_PARAMS) >= {"max_tokens", "temperature", "seed", "response_format"}
+
+
+def _create_job(conn: psycopg.Connection, *, params: dict[str, Any], **fields: Any) -> int | None:
+    row = conn.execute(query("insert_job"), {**fields, "params": Jsonb(params)}).fetchone()
+    return None if row is None else int(row["id"])
+
+
+def _copy_all(conn: psycopg.Connection, job_id: int, batches: Any, spec: InputSpec, input_columns: list[str]) -> int:
+    rows = 0
+    seen_ids: set[str] = set()
+    with conn.transaction():
+        with conn.cursor().copy(query("copy_requests")) as copy:
+            for batch in batches:
+                if batch.num_rows == 0:
+                    continue
+                copy.write(copy_rows(batch, job_id=job_id, first_row=rows, spec=spec,
+                                     input_columns=input_columns, seen_ids=seen_ids))
+                rows += batch.num_rows
+        conn.execute(query("mark_job_loaded"), {"job_id": job_id})
+    if rows >= 10_000:
+        # Fresh statistics keep the claim's plan on its index for a big backlog.
+        conn.execute(query("analyze_job_requests"), {"job_id": job_id})
+    return rows

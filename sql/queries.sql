@@ -1,0 +1,248 @@
+-- Every statement batchdb runs at run time, one named block each.
+-- A block starts with a line "-- name --"; batchdb/queries.py loads them.
+-- Parameters use psycopg's %(name)s style; nothing is ever formatted in.
+
+-- ===========================================================================
+-- Migrations
+-- ===========================================================================
+
+-- migrations_lock --
+-- Serialises concurrent `batchdb db upgrade` runs (transaction-scoped advisory lock).
+SELECT pg_advisory_xact_lock(hashtext('batchdb.migrations'))
+
+-- migrations_table --
+CREATE TABLE IF NOT EXISTS public.batchdb_migrations (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+
+-- migrations_applied --
+SELECT version FROM public.batchdb_migrations ORDER BY version
+
+-- migration_record --
+INSERT INTO public.batchdb_migrations (version, name) VALUES (%(version)s, %(name)s)
+
+-- ===========================================================================
+-- Submitting
+-- ===========================================================================
+
+-- insert_job --
+-- A job starts as 'loading' so workers ignore it until its rows are all in.
+INSERT INTO batchdb.jobs (name, owner, provider, model, params, priority, max_attempts, budget_usd,
+                          idempotency_key, status)
+VALUES (%(name)s, coalesce(%(owner)s, current_user), %(provider)s, %(model)s, %(params)s, %(priority)s,
+        %(max_attempts)s, %(budget_usd)s, %(idempotency_key)s, 'loading')
+ON CONFLICT (idempotency_key) DO NOTHING
+RETURNING id
+
+-- job_by_idempotency_key --
+SELECT id, status FROM batchdb.jobs WHERE idempotency_key = %(idempotency_key)s
+
+-- copy_requests --
+COPY batchdb.requests (job_id, custom_id, payload, input) FROM STDIN WITH (FORMAT csv)
+
+-- mark_job_loaded --
+-- Rows are in: the job becomes claimable (or completed at once when empty).
+UPDATE batchdb.jobs
+   SET status = CASE WHEN n_total = 0 THEN 'completed' ELSE 'running' END,
+       finished_at = CASE WHEN n_total = 0 THEN now() END
+ WHERE id = %(job_id)s AND status = 'loading'
+
+-- analyze_job_requests --
+-- Fresh statistics after a bulk load keep the claim on its index (see docs/design.md).
+SELECT batchdb.analyze_job(%(job_id)s)
+
+-- delete_job --
+DELETE FROM batchdb.jobs WHERE id = %(job_id)s
+
+-- ===========================================================================
+-- Claiming and completing (the worker's hot path)
+-- ===========================================================================
+
+-- claim_batch --
+-- Claim up to `limit` due rows for one worker, fairly across running jobs:
+-- sample up to `max_jobs` jobs by weighted random choice (Efraimidis-Spirakis,
+-- weight = priority), split the batch between them in proportion to priority,
+-- and lock each job's oldest due rows with SKIP LOCKED. The lease is set in
+-- database time; the fencing token is bumped so only this claim can complete.
+WITH candidate_jobs AS (
+    SELECT j.id, j.priority, j.max_attempts
+      FROM batchdb.jobs j
+     WHERE j.status = 'running' AND j.n_done < j.n_total
+     ORDER BY -ln(1.0 - random()) / j.priority
+     LIMIT %(max_jobs)s
+), shares AS (
+    SELECT id, max_attempts, ceil(%(limit)s::numeric * priority / sum(priority) OVER ())::integer AS quota
+      FROM candidate_jobs
+), picked AS (
+    SELECT r.job_id, r.id, s.max_attempts
+      FROM shares s
+     CROSS JOIN LATERAL (
+           SELECT q.job_id, q.id
+             FROM batchdb.requests q
+            WHERE q.job_id = s.id AND q.status = 'queued' AND q.run_after <= now()
+            ORDER BY q.run_after, q.id
+            LIMIT s.quota
+              FOR UPDATE SKIP LOCKED
+           ) r
+     LIMIT %(limit)s
+)
+UPDATE batchdb.requests q
+   SET status = 'running',
+       attempts = q.attempts + 1,
+       lease_token = q.lease_token + 1,
+       lease_owner = %(worker_id)s,
+       lease_expires_at = now() + make_interval(secs => %(lease_seconds)s),
+       started_at = now()
+  FROM picked p
+ WHERE q.job_id = p.job_id AND q.id = p.id
+RETURNING q.job_id, q.id, q.custom_id, q.payload, q.input, q.attempts,
+          coalesce(q.max_attempts, p.max_attempts) AS max_attempts, q.lease_token
+
+-- complete_batch --
+-- Record a batch of outcomes in one statement (River's batch completer). Only
+-- rows still 'running' under the presented lease token are touched, so a late
+-- or duplicate completion records nothing. Outcome 'queued' is a retry after
+-- `retry_in` seconds. Cost comes from batchdb.prices in the same statement.
+WITH outcome AS (
+    SELECT *
+      FROM unnest(%(job_id)s::bigint[], %(id)s::bigint[], %(lease_token)s::bigint[], %(status)s::text[],
+                  %(retry_in)s::float8[], %(prompt_tokens)s::integer[], %(completion_tokens)s::integer[],
+                  %(error_class)s::text[], %(error)s::text[], %(latency_ms)s::integer[],
+                  %(response_text)s::text[], %(response_json)s::jsonb[], %(finish_reason)s::text[],
+                  %(model)s::text[])
+           AS o(job_id, id, lease_token, status, retry_in, prompt_tokens, completion_tokens, error_class, error,
+                latency_ms, response_text, response_json, finish_reason, model)
+), priced AS (
+    SELECT o.*,
+           coalesce((o.prompt_tokens * p.input_per_mtok + o.completion_tokens * p.output_per_mtok) / 1000000, 0)
+               AS cost_usd
+      FROM outcome o
+      JOIN batchdb.jobs j ON j.id = o.job_id
+      LEFT JOIN batchdb.prices p ON p.provider = j.provider AND p.model = j.model
+), done AS (
+    UPDATE batchdb.requests q
+       SET status = p.status,
+           run_after = CASE WHEN p.status = 'queued' THEN now() + make_interval(secs => p.retry_in) ELSE q.run_after END,
+           lease_owner = NULL,
+           lease_expires_at = NULL,
+           prompt_tokens = q.prompt_tokens + p.prompt_tokens,
+           completion_tokens = q.completion_tokens + p.completion_tokens,
+           cost_usd = q.cost_usd + p.cost_usd,
+           error_class = p.error_class,
+           error = p.error,
+           latency_ms = p.latency_ms,
+           finished_at = CASE WHEN p.status = 'queued' THEN NULL ELSE now() END
+      FROM priced p
+     WHERE q.job_id = p.job_id AND q.id = p.id AND q.status = 'running' AND q.lease_token = p.lease_token
+    RETURNING q.job_id, q.id
+), stored AS (
+    INSERT INTO batchdb.results AS r (job_id, request_id, response_text, response_json, finish_reason, model)
+    SELECT p.job_id, p.id, p.response_text, p.response_json, p.finish_reason, p.model
+      FROM done d
+      JOIN priced p ON p.job_id = d.job_id AND p.id = d.id
+     WHERE p.response_text IS NOT NULL
+    ON CONFLICT (job_id, request_id) DO UPDATE
+       SET response_text = EXCLUDED.response_text, response_json = EXCLUDED.response_json,
+           finish_reason = EXCLUDED.finish_reason, model = EXCLUDED.model, created_at = now()
+)
+SELECT job_id, id FROM done
+
+-- extend_leases --
+-- Heartbeat for the rows a live worker still has in flight.
+UPDATE batchdb.requests q
+   SET lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
+  FROM unnest(%(job_id)s::bigint[], %(id)s::bigint[], %(lease_token)s::bigint[]) AS l(job_id, id, lease_token)
+ WHERE q.job_id = l.job_id AND q.id = l.id AND q.lease_token = l.lease_token AND q.status = 'running'
+RETURNING q.job_id, q.id
+
+-- release_leases --
+-- A worker shutting down hands back rows it will not finish; the attempt is not counted.
+UPDATE batchdb.requests q
+   SET status = 'queued', attempts = greatest(q.attempts - 1, 0), run_after = now(),
+       lease_owner = NULL, lease_expires_at = NULL
+  FROM unnest(%(job_id)s::bigint[], %(id)s::bigint[], %(lease_token)s::bigint[]) AS l(job_id, id, lease_token)
+ WHERE q.job_id = l.job_id AND q.id = l.id AND q.lease_token = l.lease_token AND q.status = 'running'
+RETURNING q.job_id, q.id
+
+-- reclaim_expired --
+-- Rows whose lease ran out (a worker was killed or stalled) go back to the
+-- queue, or to 'dead' when that was their last attempt. Database time only.
+WITH expired AS (
+    SELECT q.job_id, q.id
+      FROM batchdb.requests q
+     WHERE q.status = 'running' AND q.lease_expires_at < now()
+     LIMIT %(limit)s
+       FOR UPDATE SKIP LOCKED
+)
+UPDATE batchdb.requests q
+   SET status = CASE WHEN q.attempts >= coalesce(q.max_attempts, j.max_attempts) THEN 'dead' ELSE 'queued' END,
+       error_class = 'lease_expired',
+       error = 'lease of worker ' || coalesce(q.lease_owner, '?') || ' expired during attempt ' || q.attempts,
+       finished_at = CASE WHEN q.attempts >= coalesce(q.max_attempts, j.max_attempts) THEN now() END,
+       lease_owner = NULL,
+       lease_expires_at = NULL,
+       run_after = now()
+  FROM expired e, batchdb.jobs j
+ WHERE q.job_id = e.job_id AND q.id = e.id AND j.id = q.job_id
+RETURNING q.job_id, q.id, q.status
+
+-- job_for_worker --
+-- What a worker needs to call the provider for a job's rows (cached per job).
+SELECT id, provider, model, params, status FROM batchdb.jobs WHERE id = %(job_id)s
+
+-- pause_job --
+UPDATE batchdb.jobs SET status = 'paused', status_reason = %(reason)s
+ WHERE id = %(job_id)s AND status = 'running'
+
+-- resume_job --
+UPDATE batchdb.jobs
+   SET status = CASE WHEN n_total > 0 AND n_done = n_total THEN 'completed' ELSE 'running' END,
+       status_reason = NULL,
+       budget_usd = coalesce(%(budget_usd)s, budget_usd)
+ WHERE id = %(job_id)s AND status = 'paused'
+RETURNING id
+
+-- ===========================================================================
+-- Workers
+-- ===========================================================================
+
+-- register_worker --
+INSERT INTO batchdb.workers (id, hostname, pid, concurrency)
+VALUES (%(worker_id)s, %(hostname)s, %(pid)s, %(concurrency)s)
+
+-- heartbeat_worker --
+UPDATE batchdb.workers
+   SET heartbeat_at = now(), in_flight = %(in_flight)s, n_completed = %(n_completed)s
+ WHERE id = %(worker_id)s
+
+-- stop_worker --
+UPDATE batchdb.workers
+   SET stopped_at = now(), heartbeat_at = now(), in_flight = 0, n_completed = %(n_completed)s
+ WHERE id = %(worker_id)s
+
+-- ===========================================================================
+-- Reading jobs and results
+-- ===========================================================================
+
+-- job_progress --
+SELECT * FROM batchdb.job_progress WHERE job_id = %(job_id)s
+
+-- list_jobs --
+SELECT * FROM batchdb.job_progress ORDER BY job_id DESC LIMIT %(limit)s
+
+-- job_results --
+-- Streamed with a server-side cursor, in request order.
+SELECT q.id AS request_id, q.custom_id, q.input, q.status, q.attempts, q.prompt_tokens, q.completion_tokens,
+       q.cost_usd, q.error_class, q.error, q.latency_ms, r.response_text, r.finish_reason
+  FROM batchdb.requests q
+  LEFT JOIN batchdb.results r ON r.job_id = q.job_id AND r.request_id = q.id
+ WHERE q.job_id = %(job_id)s
+ ORDER BY q.id
+
+-- cancel_job --
+SELECT batchdb.cancel_job(%(job_id)s) AS n
+
+-- retry_job --
+SELECT batchdb.retry_job(%(job_id)s, %(statuses)s::text[]) AS n

@@ -1,0 +1,74 @@
+"""Real PostgreSQL for every test, isolated per test.
+
+The server is `BATCHDB_TEST_DSN` when set (CI: the machine's PostgreSQL), else
+batchdb's embedded one. A template database is migrated once per session and
+cloned for each test (as procrastinate does), so tests never see each other's rows.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from batchdb import migrations
+
+
+def _admin_dsn() -> str:
+    dsn = os.environ.get("BATCHDB_TEST_DSN")
+    if dsn:
+        return dsn
+    from batchdb import embedded
+
+    return embedded.ensure_server().dsn
+
+
+def _with_db(dsn: str, dbname: str) -> str:
+    return make_conninfo(dsn, dbname=dbname)
+
+
+@pytest.fixture(scope="session")
+def admin_dsn() -> str:
+    return _admin_dsn()
+
+
+@pytest.fixture(scope="session")
+def template_db(admin_dsn: str) -> Iterator[str]:
+    name = f"batchdb_tpl_{os.getpid()}"
+    with psycopg.connect(admin_dsn, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.execute(f'CREATE DATABASE "{name}"')
+    with psycopg.connect(_with_db(admin_dsn, name), autocommit=True) as conn:
+        migrations.upgrade(conn)
+    yield name
+    with psycopg.connect(admin_dsn, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def dsn(admin_dsn: str, template_db: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh, migrated database for this test; also exported as BATCHDB_DSN for subprocesses."""
+    name = f"batchdb_t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin_dsn, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+    test_dsn = _with_db(admin_dsn, name)
+    monkeypatch.setenv("BATCHDB_DSN", test_dsn)
+    yield test_dsn
+    with psycopg.connect(admin_dsn, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def conn(dsn: str) -> Iterator[psycopg.Connection]:
+    from psycopg.rows import dict_row
+
+    with psycopg.connect(dsn, autocommit=True, row_factory=dict_row) as connection:
+        yield connection
+
+
+def dbname_of(dsn: str) -> str:
+    return conninfo_to_dict(dsn)["dbname"]

@@ -1,0 +1,194 @@
+"""The worker in-process against real PostgreSQL, with scripted providers behind the Provider seam."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pandas as pd
+import psycopg
+import pytest
+
+import batchdb
+from batchdb.providers.base import ChatRequest, ChatResponse, ErrorKind, ProviderError
+from batchdb.providers.instant import InstantProvider
+from workers.outcomes import RetryPolicy
+from workers.worker import Worker, WorkerConfig
+
+FAST_RETRY = RetryPolicy(base_seconds=0.05, max_seconds=0.2)
+
+
+class ScriptedProvider:
+    """Fails each prompt according to a script, then answers."""
+
+    name = "instant"
+
+    def __init__(self, script: dict[str, list[ProviderError]], delay: float = 0.0) -> None:
+        self.script = {k: list(v) for k, v in script.items()}
+        self.calls: Counter[str] = Counter()
+        self.delay = delay
+
+    async def complete(self, request: ChatRequest) -> ChatResponse:
+        prompt = request.messages[-1]["content"]
+        self.calls[prompt] += 1
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        pending = self.script.get(prompt)
+        if pending:
+            raise pending.pop(0)
+        return ChatResponse(text=f"ok: {prompt}", finish_reason="stop", prompt_tokens=7, completion_tokens=3,
+                            model=request.model)
+
+    async def aclose(self) -> None:
+        return None
+
+
+def drain(dsn: str, provider: object, **config: object) -> Worker:
+    worker = Worker(
+        WorkerConfig(dsn=dsn, concurrency=16, exit_when_idle=True, poll_interval=0.3, retry=FAST_RETRY, **config),
+        providers={"instant": provider},  # type: ignore[dict-item]
+    )
+    asyncio.run(worker.run())
+    return worker
+
+
+def submit_prompts(dsn: str, prompts: list[str], **options: object) -> batchdb.Job:
+    frame = pd.DataFrame({"text": prompts})
+    return batchdb.submit(frame, prompt="{text}", model="gpt-4o-mini", provider="instant", dsn=dsn, **options)
+
+
+def test_worker_drains_a_job_and_results_come_back(dsn: str) -> None:
+    job = submit_prompts(dsn, [f"p{i}" for i in range(500)])
+    drain(dsn, InstantProvider())
+    status = job.status()
+    assert (status.status, status.n_succeeded, status.n_total) == ("completed", 500, 500)
+    results = job.results()
+    assert list(results["text"]) == [f"p{i}" for i in range(500)]
+    assert all(results["response"] == results["text"].map(lambda t: f"echo: {t}"))
+    assert set(results["status"]) == {"succeeded"}
+
+
+def test_retryable_errors_back_off_then_succeed_and_exhausted_rows_go_dead(dsn: str) -> None:
+    transient = ProviderError(ErrorKind.TRANSIENT, "503 server_is_overloaded", status_code=503)
+    limited = ProviderError(ErrorKind.RATE_LIMITED, "429 rate_limit_exceeded", status_code=429, retry_after=0.05)
+    provider = ScriptedProvider({
+        "flaky": [transient, limited],          # succeeds on attempt 3
+        "hopeless": [transient] * 4,            # fails all 4 attempts: dead
+        "refused": [ProviderError(ErrorKind.PERMANENT, "400 context_length_exceeded", status_code=400)],
+    })
+    job = submit_prompts(dsn, ["flaky", "hopeless", "refused", "fine"], max_attempts=4)
+    drain(dsn, provider)
+    assert provider.calls == {"flaky": 3, "hopeless": 4, "refused": 1, "fine": 1}
+    results = job.results().set_index("text")
+    assert results.loc["flaky", "status"] == "succeeded" and results.loc["flaky", "attempts"] == 3
+    assert results.loc["hopeless", "status"] == "dead"
+    assert "gave up after 4 attempt(s)" in results.loc["hopeless", "error"]
+    assert results.loc["refused", "status"] == "failed"
+    assert "context_length_exceeded" in results.loc["refused", "error"]
+    status = job.status()
+    assert (status.status, status.n_succeeded, status.n_dead, status.n_failed) == ("completed", 2, 1, 1)
+    assert status.n_retries == 2 + 3
+
+    # Replay the dead row: it runs again from attempt 1 and now succeeds.
+    assert job.retry(dead=True, failed=False) == 1
+    drain(dsn, provider)
+    status = job.status()
+    assert (status.status, status.n_succeeded, status.n_dead, status.n_failed) == ("completed", 3, 0, 1)
+
+
+def test_quota_exhaustion_pauses_the_job_without_spending_attempts(dsn: str) -> None:
+    quota = ProviderError(ErrorKind.QUOTA_EXHAUSTED, "429 insufficient_quota", status_code=429)
+    provider = ScriptedProvider({"a": [quota]})
+    job = submit_prompts(dsn, ["a"])
+    drain(dsn, provider)
+    status = job.status()
+    assert status.status == "paused" and "insufficient_quota" in (status.status_reason or "")
+    assert job.results().loc[0, "attempts"] == 0
+    assert job.resume()
+    drain(dsn, provider)
+    assert job.status().status == "completed"
+
+
+def test_bad_template_row_fails_with_the_reason_and_does_not_stop_the_worker(dsn: str, conn: psycopg.Connection) -> None:
+    job_id = conn.execute(
+        "INSERT INTO batchdb.jobs (model, provider, params) VALUES ('m', 'instant', %s) RETURNING id",
+        ('{"prompt": "Rate {headline}"}',)).fetchone()["id"]
+    conn.execute("INSERT INTO batchdb.requests (job_id, custom_id, input) VALUES "
+                 "(%s, 'good', '{\"headline\": \"up\"}'), (%s, 'bad', '{\"title\": \"down\"}')", (job_id, job_id))
+    drain(dsn, InstantProvider())
+    rows = {r["custom_id"]: r for r in conn.execute(
+        "SELECT custom_id, status, error FROM batchdb.requests WHERE job_id = %s", (job_id,)).fetchall()}
+    assert rows["good"]["status"] == "succeeded"
+    assert rows["bad"]["status"] == "failed" and "needs column(s) headline" in rows["bad"]["error"]
+
+
+def test_cancel_while_running_records_no_success_after_it(dsn: str) -> None:
+    job = submit_prompts(dsn, [f"p{i}" for i in range(400)])
+    provider = ScriptedProvider({}, delay=0.05)
+
+    async def scenario() -> None:
+        worker = Worker(WorkerConfig(dsn=dsn, concurrency=8, poll_interval=0.2, retry=FAST_RETRY),
+                        providers={"instant": provider})  # type: ignore[dict-item]
+        task = asyncio.create_task(worker.run())
+        while job.status().n_succeeded < 20:
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(job.cancel)
+        cancelled_at = job.status()
+        await asyncio.sleep(0.5)
+        worker.stop()
+        await task
+        after = job.status()
+        assert after.status == "cancelled"
+        assert after.n_succeeded == cancelled_at.n_succeeded
+        assert after.n_succeeded + after.n_cancelled == 400
+
+    asyncio.run(scenario())
+
+
+def test_sigterm_finishes_in_flight_rows_and_exits_zero(dsn: str) -> None:
+    job = submit_prompts(dsn, [f"p{i}" for i in range(3000)])
+    env = {**os.environ, "BATCHDB_DSN": dsn}
+    proc = subprocess.Popen([sys.executable, "-m", "workers", "--concurrency", "32"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while job.status().n_done == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output.decode()
+    status = job.status()
+    assert status.n_running == 0  # nothing left leased
+    assert status.n_done + status.n_queued == 3000
+    with psycopg.connect(dsn) as conn:
+        stopped = conn.execute("SELECT count(*) FROM batchdb.workers WHERE stopped_at IS NOT NULL").fetchone()[0]
+    assert stopped == 1
+
+
+@pytest.mark.parametrize("concurrency", [1, 64])
+def test_worker_respects_its_concurrency(dsn: str, concurrency: int) -> None:
+    peak = 0
+    in_flight = 0
+
+    class Counting(InstantProvider):
+        async def complete(self, request: ChatRequest) -> ChatResponse:
+            nonlocal peak, in_flight
+            in_flight += 1
+            peak = max(peak, in_flight)
+            await asyncio.sleep(0.01)
+            in_flight -= 1
+            return await super().complete(request)
+
+    submit_prompts(dsn, [f"p{i}" for i in range(300)])
+    worker = Worker(WorkerConfig(dsn=dsn, concurrency=concurrency, exit_when_idle=True, poll_interval=0.3),
+                    providers={"instant": Counting()})
+    asyncio.run(worker.run())
+    assert peak == concurrency

@@ -1,0 +1,60 @@
+"""A database connection that survives server restarts.
+
+Workers run for days; PostgreSQL may restart under them. `Reconnecting.run`
+retries an operation on a fresh connection with capped backoff instead of
+letting a connection error kill the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import psycopg
+from psycopg.rows import dict_row
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Reconnecting:
+    def __init__(self, dsn: str, *, name: str, max_backoff: float = 10.0) -> None:
+        self._dsn = dsn
+        self._name = name
+        self._max_backoff = max_backoff
+        self._conn: psycopg.AsyncConnection | None = None
+        self._lock = asyncio.Lock()
+
+    async def connection(self) -> psycopg.AsyncConnection:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._conn = await psycopg.AsyncConnection.connect(
+                self._dsn, autocommit=True, row_factory=dict_row, application_name=f"batchdb-{self._name}"
+            )
+        return self._conn
+
+    async def run(self, operation: Callable[[psycopg.AsyncConnection], Awaitable[T]], *, what: str) -> T:
+        delay = 0.1
+        while True:
+            try:
+                async with self._lock:
+                    conn = await self.connection()
+                    return await operation(conn)
+            except (psycopg.OperationalError, psycopg.errors.AdminShutdown, psycopg.errors.CannotConnectNow) as exc:
+                log.warning("%s on %s connection failed (%s); retrying in %.1fs", what, self._name, exc, delay)
+                await self._discard()
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(self._max_backoff, delay * 2)
+
+    async def _discard(self) -> None:
+        if self._conn is not None:
+            try:
+                await self._conn.close()
+            except Exception:  # noqa: BLE001 - already broken; nothing to save
+                pass
+            self._conn = None
+
+    async def close(self) -> None:
+        await self._discard()
