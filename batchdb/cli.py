@@ -212,6 +212,9 @@ def worker_command(concurrency: int, lease_seconds: float, request_timeout: floa
     from workers.worker import WorkerConfig, run_worker
 
     logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
+    for chatty in ("httpx", "httpcore", "openai", "google_genai"):
+        # One log line per HTTP request would drown the worker's own messages.
+        logging.getLogger(chatty).setLevel(max(logging.getLogger().level, logging.WARNING))
     run_worker(WorkerConfig(
         dsn=dsn, concurrency=concurrency, lease_seconds=lease_seconds, request_timeout=request_timeout,
         heartbeat_interval=max(0.5, min(10.0, lease_seconds / 3)), poll_interval=poll_interval,

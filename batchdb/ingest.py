@@ -192,26 +192,31 @@ def _read_jsonl(path: Path) -> pa.Table:
             rows.append(value)
     if not rows:
         return pa.table({})
-    try:
-        return pa.Table.from_pandas(pd.DataFrame.from_records(rows), preserve_index=False)
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        # Mixed types in a column: keep such columns as JSON text rather than refuse the file.
-        frame = pd.DataFrame.from_records(rows)
-        for column in frame.columns:
-            try:
-                pa.array(frame[column])
-            except (pa.ArrowInvalid, pa.ArrowTypeError):
-                frame[column] = [None if v is None else json.dumps(v) for v in frame[column]]
-        return pa.Table.from_pandas(frame, preserve_index=False)
+    return _table_from_pandas(pd.DataFrame.from_records(rows))
 
 
 def _table_from_pandas(frame: pd.DataFrame) -> pa.Table:
+    """Arrow table of a frame; a column mixing types (lists and strings, say) is kept as JSON text."""
     frame = frame.reset_index(drop=True)
     frame.columns = [str(c) for c in frame.columns]
     try:
         return pa.Table.from_pandas(frame, preserve_index=False)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        pass
+    frame = frame.copy()
+    for column in frame.columns:
+        try:
+            pa.array(frame[column], from_pandas=True)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            try:
+                frame[column] = [v if v is None or isinstance(v, str) else json.dumps(v, default=str)
+                                 for v in frame[column]]
+            except (TypeError, ValueError) as exc:
+                raise InputError(f"column {column!r}: values cannot be stored ({exc})") from None
+    try:
+        return pa.Table.from_pandas(frame, preserve_index=False)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        raise InputError(f"DataFrame cannot be converted: {exc}") from None
+        raise InputError(f"data cannot be converted: {exc}") from None
 
 
 # -- converting --------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
+from psycopg.rows import tuple_row
 
 from batchdb._sqlfiles import sql_dir
 from batchdb.queries import query
@@ -43,8 +44,14 @@ def available() -> list[Migration]:
 
 def applied(conn: psycopg.Connection) -> set[int]:
     with conn.transaction():
+        conn.execute(query("migrations_lock"))
         conn.execute(query("migrations_table"))
-        return {row[0] for row in conn.execute(query("migrations_applied")).fetchall()}
+        return _versions(conn)
+
+
+def _versions(conn: psycopg.Connection) -> set[int]:
+    with conn.cursor(row_factory=tuple_row) as cur:
+        return {version for (version,) in cur.execute(query("migrations_applied")).fetchall()}
 
 
 def upgrade(conn: psycopg.Connection) -> list[Migration]:
@@ -54,8 +61,7 @@ def upgrade(conn: psycopg.Connection) -> list[Migration]:
         with conn.transaction():
             conn.execute(query("migrations_lock"))
             conn.execute(query("migrations_table"))
-            already = {row[0] for row in conn.execute(query("migrations_applied")).fetchall()}
-            if migration.version in already:
+            if migration.version in _versions(conn):
                 continue
             conn.execute(migration.sql())
             conn.execute(query("migration_record"), {"version": migration.version, "name": migration.name})

@@ -72,3 +72,22 @@ def conn(dsn: str) -> Iterator[psycopg.Connection]:
 
 def dbname_of(dsn: str) -> str:
     return conninfo_to_dict(dsn)["dbname"]
+
+
+@pytest.fixture
+def drain(dsn: str):  # noqa: ANN201
+    """Run one in-process worker (instant provider unless given) until nothing is left to claim."""
+    import asyncio
+
+    from batchdb.providers.instant import InstantProvider
+    from workers.outcomes import RetryPolicy
+    from workers.worker import Worker, WorkerConfig
+
+    def run(provider: object | None = None, **config: object) -> Worker:
+        settings = {"concurrency": 16, "poll_interval": 0.3, "retry": RetryPolicy(0.05, 0.2), **config}
+        worker = Worker(WorkerConfig(dsn=dsn, exit_when_idle=True, **settings),  # type: ignore[arg-type]
+                        providers={"instant": provider or InstantProvider()})  # type: ignore[dict-item]
+        asyncio.run(worker.run())
+        return worker
+
+    return run

@@ -1,0 +1,5 @@
+"""`python -m batchdb` is the `batchdb` command."""
+
+from batchdb.cli import main
+
+main()

@@ -1,0 +1,145 @@
+"""`batchdb demo`: the whole system on one machine, with nothing installed but batchdb.
+
+Database (embedded unless BATCHDB_DSN is set) -> schema upgrade -> the provider
+simulator (a real HTTP server enforcing RPM/TPM) -> worker processes calling it
+through the official openai SDK -> a sentiment job over synthetic headlines,
+with a progress bar -> a Parquet results file.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+import pandas as pd
+
+from batchdb import migrations
+from batchdb.db import connect, resolve_dsn
+from batchdb.submit import submit
+
+SENTIMENT_SCHEMA = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "headline_sentiment",
+        "strict": True,
+        "schema": {
+            "type": "object",
+            "properties": {
+                "sentiment": {"type": "string", "enum": ["positive", "negative", "neutral"]},
+                "confidence": {"type": "number"},
+            },
+            "required": ["sentiment", "confidence"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+_COMPANIES = ["Acme", "Globex", "Initech", "Umbrella", "Hooli", "Stark Industries", "Wayne Enterprises", "Soylent",
+              "Cyberdyne", "Tyrell", "Wonka", "Vandelay", "Oscorp", "Gringotts", "Monarch"]
+_EVENTS = ["beats third-quarter earnings estimates", "misses revenue forecast", "announces share buyback",
+           "faces regulatory probe", "names new chief executive", "cuts full-year guidance",
+           "raises dividend by 10%", "recalls flagship product", "wins major government contract",
+           "reports flat quarterly sales", "expands into Asian markets", "settles patent lawsuit"]
+
+
+def demo_headlines(rows: int) -> pd.DataFrame:
+    """Deterministic synthetic financial headlines, one per day per company."""
+    days = pd.date_range("2024-01-01", periods=rows // len(_COMPANIES) + 1, freq="D")
+    records = []
+    for i in range(rows):
+        company = _COMPANIES[i % len(_COMPANIES)]
+        event = _EVENTS[(i * 7 + i // len(_COMPANIES)) % len(_EVENTS)]
+        records.append({"headline_id": f"h{i:06d}", "day": days[i // len(_COMPANIES)].date().isoformat(),
+                        "company": company, "headline": f"{company} {event}"})
+    return pd.DataFrame.from_records(records)
+
+
+def run_demo(*, rows: int, n_workers: int, rpm: int, tpm: int, output: Path, dsn: str | None) -> None:
+    from batchdb.simulator.config import Distribution, Limits, SimulatorConfig
+    from batchdb.simulator.process import start_simulator
+
+    say = click.echo
+    dsn = resolve_dsn(dsn)
+    say(f"database: {_describe(dsn)}")
+    with connect(dsn) as conn:
+        migrations.upgrade(conn)
+
+    config = SimulatorConfig(
+        seed=7,
+        default_limits=Limits(rpm=rpm, tpm=tpm),
+        latency_s=Distribution(kind="lognormal", median=0.25, sigma=0.5, cap=3.0),
+        output_tokens=Distribution(kind="uniform", low=8, high=16),
+    )
+    with start_simulator(config) as simulator:
+        say(f"provider simulator: {simulator.openai_base_url} (limits {rpm} RPM, {tpm:,} TPM)")
+        env = {**os.environ, "BATCHDB_DSN": dsn, "OPENAI_BASE_URL": simulator.openai_base_url,
+               "OPENAI_API_KEY": "sk-batchdb-demo"}
+        output.parent.mkdir(parents=True, exist_ok=True)
+        logs = [(output.parent / f"worker-{i}.log").open("wb") for i in range(n_workers)]
+        workers = [
+            subprocess.Popen([sys.executable, "-m", "workers", "--concurrency", "8"], env=env,
+                             stdout=log, stderr=subprocess.STDOUT)
+            for log in logs
+        ]
+        say(f"workers: {n_workers} processes (pids {', '.join(str(w.pid) for w in workers)}), "
+            f"logs in {output.parent}/worker-*.log")
+        try:
+            data = demo_headlines(rows)
+            job = submit(
+                data,
+                prompt="Classify the market sentiment of this headline: {headline}",
+                system="You are a financial analyst. Answer in JSON.",
+                id_column="headline_id",
+                model="gpt-4o-mini",
+                provider="openai",
+                name=f"demo sentiment ({rows} headlines)",
+                max_tokens=20,
+                temperature=0,
+                response_format=SENTIMENT_SCHEMA,
+                dsn=dsn,
+            )
+            say(f"submitted job {job.id}: {rows} headlines")
+            started = time.monotonic()
+            final = job.wait(progress=True)
+            elapsed = time.monotonic() - started
+        finally:
+            for worker in workers:
+                if worker.poll() is None:
+                    worker.send_signal(signal.SIGTERM)
+            for worker in workers:
+                try:
+                    worker.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    worker.kill()
+            for log in logs:
+                log.close()
+        served = simulator.stats(series=False)
+
+    written = job.to_parquet(output)
+    say("")
+    say(final.summary())
+    say(f"wall time {elapsed:.1f}s, {final.n_done / max(elapsed, 1e-9):.1f} rows/s")
+    say(_served_line(served))
+    say(f"results: {written} rows -> {output}")
+    sample = job.results().head(5)
+    for _, row in sample.iterrows():
+        say(f"  {row['custom_id']}  {row['headline'][:48]:<48}  {row['response']}")
+
+
+def _served_line(stats: dict) -> str:
+    totals = stats["totals"]
+    return (f"provider side: {totals['requests']} requests, {totals['accepted']} accepted, "
+            f"{totals['rate_limited']} rejected with 429")
+
+
+def _describe(dsn: str) -> str:
+    from psycopg.conninfo import conninfo_to_dict
+
+    parts = conninfo_to_dict(dsn)
+    where = f"{parts.get('host', 'local socket')}:{parts.get('port', 5432)}/{parts.get('dbname', '')}"
+    return f"{where}" + ("" if os.environ.get("BATCHDB_DSN") else " (embedded; `batchdb db stop` stops it)")

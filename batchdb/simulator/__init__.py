@@ -1,0 +1,27 @@
+"""A local OpenAI / Azure OpenAI / Gemini server with provider-style rate limits.
+
+Nothing here reaches the internet: tests, benchmarks and the demo point the
+official SDKs at this simulator, which answers in the providers' wire formats,
+enforces RPM/TPM/RPD with real 429s, injects faults and records what it served.
+
+Modules: `config` (what to simulate), `limits` (the rate limiter and its exact
+semantics), `tokens` (prompt counting), `content` (generated text/JSON),
+`responses` (wire formats), `recorder` (stats), `state` (one run's state and
+random streams), `server` (aiohttp routes), `process` (run it as a subprocess),
+`__main__` (the command line).
+"""
+
+from batchdb.simulator.config import Distribution, ErrorRates, LimitRule, Limits, Outage, SimulatorConfig
+from batchdb.simulator.process import SimulatorError, SimulatorProcess, start_simulator
+
+__all__ = [
+    "Distribution",
+    "ErrorRates",
+    "LimitRule",
+    "Limits",
+    "Outage",
+    "SimulatorConfig",
+    "SimulatorError",
+    "SimulatorProcess",
+    "start_simulator",
+]

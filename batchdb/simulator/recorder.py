@@ -1,0 +1,96 @@
+"""What the simulator served, per second and per (api key, model), for `/_sim/stats`.
+
+Seconds are the rate limiter's seconds (whole seconds since start, by arrival
+time), so a sliding sum over 60 consecutive entries of ``admitted`` or
+``charged_tokens`` can be compared directly with the RPM/TPM limits.
+Recording is O(1) per request; the JSON is built only when asked for.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+
+class Outcome(enum.StrEnum):
+    ACCEPTED = "accepted"  # 200
+    RATE_LIMITED = "rate_limited"  # 429 from the limiter
+    QUOTA_EXCEEDED = "quota_exceeded"  # 429 insufficient_quota / out-of-quota Gemini key
+    SERVER_ERROR = "server_error"  # injected 500/503
+    CONNECTION_RESET = "connection_reset"  # injected: transport aborted, no response
+    OUTAGE = "outage"  # 503 during an outage window
+    CLIENT_ERROR = "client_error"  # 400/401/404: bad key, bad body, context too long
+
+
+# Counter positions in a bucket.
+COUNTERS = (
+    "requests",  # everything that reached a provider route
+    "admitted",  # passed the rate limiter (and was charged)
+    "accepted",  # answered 200
+    "rate_limited",  # answered 429 (limits or quota)
+    "errors",  # anything else: 4xx, 5xx, resets
+    "prompt_tokens",  # of accepted requests
+    "completion_tokens",  # of accepted requests
+    "charged_tokens",  # what admitted requests cost against TPM
+)
+_REQUESTS, _ADMITTED, _ACCEPTED, _RATE_LIMITED, _ERRORS, _PROMPT, _COMPLETION, _CHARGED = range(len(COUNTERS))
+_COLUMN = {
+    Outcome.ACCEPTED: _ACCEPTED,
+    Outcome.RATE_LIMITED: _RATE_LIMITED,
+    Outcome.QUOTA_EXCEEDED: _RATE_LIMITED,
+}
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self._buckets: dict[tuple[int, str, str], list[int]] = {}
+        self._outcomes: dict[Outcome, int] = dict.fromkeys(Outcome, 0)
+
+    def record(
+        self,
+        second: int,
+        key: str,
+        model: str,
+        outcome: Outcome,
+        *,
+        admitted: bool = False,
+        charged_tokens: int = 0,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+    ) -> None:
+        bucket = self._buckets.get((second, key, model))
+        if bucket is None:
+            bucket = self._buckets[(second, key, model)] = [0] * len(COUNTERS)
+        bucket[_REQUESTS] += 1
+        bucket[_COLUMN.get(outcome, _ERRORS)] += 1
+        if admitted:
+            bucket[_ADMITTED] += 1
+            bucket[_CHARGED] += charged_tokens
+        if outcome is Outcome.ACCEPTED:
+            bucket[_PROMPT] += prompt_tokens
+            bucket[_COMPLETION] += completion_tokens
+        self._outcomes[outcome] += 1
+
+    def stats(self, *, include_series: bool = True) -> dict[str, Any]:
+        """``totals``, ``outcomes``, ``by_key_model`` and (optionally) the per-second ``series``."""
+        totals = [0] * len(COUNTERS)
+        per_key_model: dict[tuple[str, str], list[int]] = {}
+        series: list[dict[str, Any]] = []
+        for (second, key, model), bucket in sorted(self._buckets.items()):
+            group = per_key_model.setdefault((key, model), [0] * len(COUNTERS))
+            for i, value in enumerate(bucket):
+                totals[i] += value
+                group[i] += value
+            if include_series:
+                series.append({"t": second, "key": key, "model": model, **dict(zip(COUNTERS, bucket, strict=True))})
+        result: dict[str, Any] = {
+            "totals": dict(zip(COUNTERS, totals, strict=True)),
+            "outcomes": {outcome.value: n for outcome, n in self._outcomes.items()},
+            "by_key_model": [
+                {"key": key, "model": model, **dict(zip(COUNTERS, values, strict=True))}
+                for (key, model), values in sorted(per_key_model.items())
+            ],
+        }
+        if include_series:
+            result["series"] = series
+        return result

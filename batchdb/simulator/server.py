@@ -1,0 +1,455 @@
+"""The simulator's HTTP server: OpenAI, Azure OpenAI and Gemini routes plus `/_sim/*` control.
+
+One `Simulator` object owns the run's state (config, limiter, recorder, random
+streams); the aiohttp handlers only translate between the wire and it. Every
+provider request goes through the same steps, in the order real providers apply
+them: key -> body -> quota -> outage -> validation (context window) -> rate limit
+(charged on arrival) -> injected fault -> latency -> generated response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import socket
+import struct
+import time
+from typing import Any
+
+from aiohttp import web
+
+from batchdb.simulator import content, responses
+from batchdb.simulator.config import SimulatorConfig
+from batchdb.simulator.limits import pacific_day
+from batchdb.simulator.recorder import Outcome
+from batchdb.simulator.responses import Reply
+from batchdb.simulator.state import RESET, Simulator
+from batchdb.simulator.tokens import count_embedding_input, count_gemini_contents, count_openai_messages
+
+log = logging.getLogger("batchdb.simulator")
+
+
+# -- HTTP helpers ---------------------------------------------------------------
+
+
+def _respond(reply: Reply, extra_headers: dict[str, str] | None = None) -> web.Response:
+    headers = dict(reply.headers)
+    if extra_headers:
+        headers.update(extra_headers)
+    return web.Response(body=reply.encode(), status=reply.status, content_type="application/json", headers=headers)
+
+
+def _reset_connection(request: web.Request) -> web.Response:
+    """Abort the TCP connection with an RST: the client sees a reset, not an HTTP answer."""
+    transport = request.transport
+    if transport is not None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+    # aiohttp discards a response for a closed transport.
+    return web.Response(status=500)
+
+
+async def _read_json(request: web.Request) -> Any:
+    raw = await request.read()
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _bearer(request: web.Request) -> str | None:
+    auth = request.headers.get("Authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip() or None
+    return None
+
+
+def _openai_json_mode(response_format: Any) -> Any:
+    if not isinstance(response_format, dict):
+        return None
+    kind = response_format.get("type")
+    if kind == "json_object":
+        return "object"
+    if kind == "json_schema":
+        spec = response_format.get("json_schema") or {}
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        return schema if isinstance(schema, dict) else "object"
+    return None
+
+
+def _gemini_json_mode(generation_config: dict[str, Any]) -> Any:
+    schema = generation_config.get("responseJsonSchema") or generation_config.get("responseSchema")
+    if isinstance(schema, dict):
+        return schema
+    if generation_config.get("responseMimeType") == "application/json":
+        return "object"
+    return None
+
+
+def _positive_int(value: Any) -> int | None:
+    """``value`` if it is a positive int, else None (also for absent values)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return None
+    return value
+
+
+# -- Routes -------------------------------------------------------------------------
+
+
+class Routes:
+    """aiohttp handlers bound to one `Simulator`."""
+
+    def __init__(self, sim: Simulator) -> None:
+        self.sim = sim
+
+    # OpenAI and Azure OpenAI ------------------------------------------------------
+
+    async def openai_chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._chat(request, key=_bearer(request), deployment=None)
+
+    async def azure_chat(self, request: web.Request) -> web.StreamResponse:
+        key = request.headers.get("api-key") or _bearer(request)
+        return await self._chat(request, key=key, deployment=request.match_info["deployment"])
+
+    async def openai_embeddings(self, request: web.Request) -> web.StreamResponse:
+        return await self._embeddings(request, key=_bearer(request), deployment=None)
+
+    async def azure_embeddings(self, request: web.Request) -> web.StreamResponse:
+        key = request.headers.get("api-key") or _bearer(request)
+        return await self._embeddings(request, key=key, deployment=request.match_info["deployment"])
+
+    async def _openai_preamble(
+        self, request: web.Request, key: str | None, deployment: str | None, now: float
+    ) -> tuple[dict[str, Any], str, str] | web.Response:
+        """Checks shared by chat and embeddings: body, model, key, quota, outage."""
+        sim, config = self.sim, self.sim.config
+        second = sim.limiter.second(now)
+        body = await _read_json(request)
+        if deployment is not None:
+            model: Any = deployment
+        else:
+            model = body.get("model") if isinstance(body, dict) else None
+        record_key, record_model = key or "", str(model or "")
+        if not key or (config.api_keys and key not in config.api_keys):
+            sim.recorder.record(second, record_key, record_model, Outcome.CLIENT_ERROR)
+            return _respond(responses.openai_invalid_key(key))
+        if not isinstance(body, dict):
+            sim.recorder.record(second, record_key, record_model, Outcome.CLIENT_ERROR)
+            return _respond(responses.openai_bad_request("We could not parse the JSON body of your request."))
+        if not isinstance(model, str) or not model:
+            sim.recorder.record(second, record_key, record_model, Outcome.CLIENT_ERROR)
+            return _respond(responses.openai_bad_request("you must provide a model parameter", "model"))
+        if config.models and model not in config.models:
+            sim.recorder.record(second, key, model, Outcome.CLIENT_ERROR)
+            return _respond(responses.openai_model_not_found(model))
+        if key in config.quota_exhausted_keys:
+            sim.recorder.record(second, key, model, Outcome.QUOTA_EXCEEDED)
+            headers = responses.rate_limit_headers(sim.limiter.snapshot(key, model, now))
+            return _respond(responses.openai_insufficient_quota(), headers)
+        outage = sim.outage_status(now)
+        if outage is not None:
+            sim.recorder.record(second, key, model, Outcome.OUTAGE)
+            headers = responses.rate_limit_headers(sim.limiter.snapshot(key, model, now))
+            return _respond(responses.openai_server_error(outage), headers)
+        return body, key, model
+
+    async def _admitted(
+        self, request: web.Request, key: str, model: str, charge: int, now: float, headers: dict[str, str], gemini: bool
+    ) -> web.StreamResponse | None:
+        """Injected fault (as a response) or None; then sleeps the latency."""
+        sim = self.sim
+        second = sim.limiter.second(now)
+        fault = sim.draw_fault()
+        if fault == RESET:
+            sim.recorder.record(second, key, model, Outcome.CONNECTION_RESET, admitted=True, charged_tokens=charge)
+            return _reset_connection(request)
+        if fault is not None:
+            assert isinstance(fault, int)
+            sim.recorder.record(second, key, model, Outcome.SERVER_ERROR, admitted=True, charged_tokens=charge)
+            reply = responses.gemini_server_error(fault) if gemini else responses.openai_server_error(fault)
+            return _respond(reply, headers)
+        latency = sim.draw_latency()
+        if latency > 0:
+            await asyncio.sleep(latency)
+        return None
+
+    async def _chat(self, request: web.Request, *, key: str | None, deployment: str | None) -> web.StreamResponse:
+        sim, config = self.sim, self.sim.config
+        now = sim.now()
+        second = sim.limiter.second(now)
+        checked = await self._openai_preamble(request, key, deployment, now)
+        if isinstance(checked, web.Response):
+            return checked
+        body, key, model = checked
+
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            sim.recorder.record(second, key, model, Outcome.CLIENT_ERROR)
+            return _respond(responses.openai_bad_request("'messages' must be a non-empty array.", "messages"))
+        raw_max = body.get("max_completion_tokens")
+        if raw_max is None:
+            raw_max = body.get("max_tokens")
+        max_tokens = _positive_int(raw_max)
+        n_choices = _positive_int(1 if body.get("n") is None else body["n"])
+        if (raw_max is not None and max_tokens is None) or n_choices is None:
+            sim.recorder.record(second, key, model, Outcome.CLIENT_ERROR)
+            return _respond(responses.openai_bad_request("max_tokens and n must be positive integers."))
+        prompt_tokens, prompt_text = count_openai_messages(messages, body.get("tools"))
+        window = config.context_window_for(model)
+        if prompt_tokens + (max_tokens or 0) > window:
+            sim.recorder.record(second, key, model, Outcome.CLIENT_ERROR)
+            return _respond(responses.openai_context_length(window, prompt_tokens, max_tokens or 0))
+
+        charge = prompt_tokens + (max_tokens if max_tokens is not None else config.default_max_tokens)
+        verdict = sim.limiter.admit(key, model, charge, now)
+        headers = responses.rate_limit_headers(verdict.state)
+        if not verdict.allowed:
+            sim.recorder.record(second, key, model, Outcome.RATE_LIMITED)
+            return _respond(responses.openai_rate_limited(verdict, model), headers)
+        failed = await self._admitted(request, key, model, charge, now, headers, gemini=False)
+        if failed is not None:
+            return failed
+
+        json_mode = _openai_json_mode(body.get("response_format"))
+        broken = json_mode is not None and sim.draw_broken_json()
+        rng = random.Random(content.seed_for(config.seed, body.get("seed"), model, prompt_text))
+        cap = max_tokens if max_tokens is not None else window - prompt_tokens
+        choices: list[tuple[str, str]] = []
+        completion_tokens = 0
+        for _ in range(n_choices):
+            generated = sim.generate(rng, json_mode, cap, broken)
+            choices.append((generated.text, "length" if generated.truncated else "stop"))
+            completion_tokens += generated.completion_tokens
+        sim.recorder.record(
+            second, key, model, Outcome.ACCEPTED, admitted=True, charged_tokens=charge,
+            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+        )  # fmt: skip
+        reply_body = responses.openai_chat(
+            response_id=sim.next_id("chatcmpl-"),
+            model=model,
+            created=int(time.time()),
+            choices=choices,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+        )
+        headers["x-request-id"] = sim.next_id("req_")
+        headers["openai-processing-ms"] = str(int((sim.now() - now) * 1000))
+        return _respond(Reply(200, reply_body), headers)
+
+    async def _embeddings(self, request: web.Request, *, key: str | None, deployment: str | None) -> web.StreamResponse:
+        sim, config = self.sim, self.sim.config
+        now = sim.now()
+        second = sim.limiter.second(now)
+        checked = await self._openai_preamble(request, key, deployment, now)
+        if isinstance(checked, web.Response):
+            return checked
+        body, key, model = checked
+        prompt_tokens, texts = count_embedding_input(body.get("input"))
+        dimensions = body.get("dimensions", config.embedding_dimensions)
+        if not texts or _positive_int(dimensions) is None:
+            sim.recorder.record(second, key, model, Outcome.CLIENT_ERROR)
+            return _respond(responses.openai_bad_request("'input' must be a non-empty string or array.", "input"))
+
+        verdict = sim.limiter.admit(key, model, prompt_tokens, now)
+        headers = responses.rate_limit_headers(verdict.state)
+        if not verdict.allowed:
+            sim.recorder.record(second, key, model, Outcome.RATE_LIMITED)
+            return _respond(responses.openai_rate_limited(verdict, model), headers)
+        failed = await self._admitted(request, key, model, prompt_tokens, now, headers, gemini=False)
+        if failed is not None:
+            return failed
+
+        as_base64 = body.get("encoding_format") == "base64"
+        vectors = [content.embedding_vector(f"{config.seed}\x1f{model}\x1f{text}", dimensions) for text in texts]
+        embeddings = [content.embedding_base64(v) if as_base64 else v.tolist() for v in vectors]
+        sim.recorder.record(
+            second, key, model, Outcome.ACCEPTED, admitted=True, charged_tokens=prompt_tokens,
+            prompt_tokens=prompt_tokens,
+        )  # fmt: skip
+        headers["x-request-id"] = sim.next_id("req_")
+        reply = responses.openai_embeddings(model=model, embeddings=embeddings, prompt_tokens=prompt_tokens)
+        return _respond(Reply(200, reply), headers)
+
+    # Gemini ---------------------------------------------------------------------------
+
+    async def gemini(self, request: web.Request) -> web.StreamResponse:
+        model, _, action = request.match_info["target"].partition(":")
+        if action == "generateContent":
+            return await self._gemini_generate(request, model)
+        if action == "countTokens":
+            body = await _read_json(request)
+            body = body if isinstance(body, dict) else {}
+            inner = body.get("generateContentRequest") or body
+            tokens, _ = count_gemini_contents(inner.get("contents"), inner.get("systemInstruction"))
+            return _respond(Reply(200, {"totalTokens": tokens}))
+        return _respond(responses.gemini_error(404, f"Method {action or '(none)'} not found for models/{model}."))
+
+    async def _gemini_generate(self, request: web.Request, model: str) -> web.StreamResponse:
+        sim, config = self.sim, self.sim.config
+        now = sim.now()
+        second = sim.limiter.second(now)
+        key = request.headers.get("x-goog-api-key") or request.query.get("key")
+        if not key or (config.api_keys and key not in config.api_keys):
+            sim.recorder.record(second, key or "", model, Outcome.CLIENT_ERROR)
+            return _respond(responses.gemini_invalid_key(key))
+        body = await _read_json(request)
+        if not isinstance(body, dict):
+            sim.recorder.record(second, key, model, Outcome.CLIENT_ERROR)
+            return _respond(responses.gemini_error(400, "Invalid JSON payload received."))
+        if config.models and model not in config.models:
+            sim.recorder.record(second, key, model, Outcome.CLIENT_ERROR)
+            return _respond(
+                responses.gemini_error(404, f"models/{model} is not found for API version v1, or is not supported.")
+            )
+        if key in config.quota_exhausted_keys:
+            sim.recorder.record(second, key, model, Outcome.QUOTA_EXCEEDED)
+            return _respond(responses.gemini_quota_exhausted(model, pacific_day(time.time())[1]))
+        outage = sim.outage_status(now)
+        if outage is not None:
+            sim.recorder.record(second, key, model, Outcome.OUTAGE)
+            return _respond(responses.gemini_server_error(outage))
+
+        contents = body.get("contents")
+        generation_config = body.get("generationConfig") or {}
+        if not contents or not isinstance(generation_config, dict):
+            sim.recorder.record(second, key, model, Outcome.CLIENT_ERROR)
+            return _respond(responses.gemini_error(400, "* GenerateContentRequest.contents: contents is not specified"))
+        prompt_tokens, prompt_text = count_gemini_contents(contents, body.get("systemInstruction"))
+        window = config.context_window_for(model)
+        if prompt_tokens > window:
+            sim.recorder.record(second, key, model, Outcome.CLIENT_ERROR)
+            return _respond(responses.gemini_context_length(window, prompt_tokens))
+
+        verdict = sim.limiter.admit(key, model, prompt_tokens, now)
+        if not verdict.allowed:
+            sim.recorder.record(second, key, model, Outcome.RATE_LIMITED)
+            return _respond(responses.gemini_rate_limited(verdict, model))
+        failed = await self._admitted(request, key, model, prompt_tokens, now, {}, gemini=True)
+        if failed is not None:
+            return failed
+
+        json_mode = _gemini_json_mode(generation_config)
+        broken = json_mode is not None and sim.draw_broken_json()
+        rng = random.Random(content.seed_for(config.seed, generation_config.get("seed"), model, prompt_text))
+        max_output = _positive_int(generation_config.get("maxOutputTokens"))
+        generated = sim.generate(rng, json_mode, max_output if max_output is not None else window, broken)
+        sim.recorder.record(
+            second, key, model, Outcome.ACCEPTED, admitted=True, charged_tokens=prompt_tokens,
+            prompt_tokens=prompt_tokens, completion_tokens=generated.completion_tokens,
+        )  # fmt: skip
+        reply = responses.gemini_generate(
+            model=model,
+            response_id=sim.next_id("sim-"),
+            text=generated.text,
+            finish_reason="MAX_TOKENS" if generated.truncated else "STOP",
+            prompt_tokens=prompt_tokens,
+            completion_tokens=generated.completion_tokens,
+        )
+        return _respond(Reply(200, reply))
+
+    # Control ----------------------------------------------------------------------------
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "elapsed_s": self.sim.now() - self.sim.start, "pid": os.getpid()})
+
+    async def stats(self, request: web.Request) -> web.Response:
+        include_series = request.query.get("series", "1").lower() not in ("0", "false", "no")
+        return web.json_response(self.sim.stats(include_series=include_series))
+
+    async def reset(self, request: web.Request) -> web.Response:
+        self.sim.reset()
+        return web.json_response({"status": "ok"})
+
+    async def get_config(self, request: web.Request) -> web.Response:
+        return web.json_response(self.sim.config.to_dict())
+
+    async def set_config(self, request: web.Request) -> web.Response:
+        changes = await _read_json(request)
+        if not isinstance(changes, dict):
+            return web.json_response({"error": "body must be a JSON object of config fields"}, status=400)
+        try:
+            config = self.sim.apply(changes)
+        except (ValueError, TypeError) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        return web.json_response(config.to_dict())
+
+
+def build_app(config: SimulatorConfig | Simulator) -> web.Application:
+    """The aiohttp application; pass a `Simulator` to keep a handle on its state."""
+    sim = config if isinstance(config, Simulator) else Simulator(config)
+    routes = Routes(sim)
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app["simulator"] = sim
+    app.add_routes(
+        [
+            web.post("/v1/chat/completions", routes.openai_chat),
+            web.post("/v1/embeddings", routes.openai_embeddings),
+            web.post("/openai/deployments/{deployment}/chat/completions", routes.azure_chat),
+            web.post("/openai/deployments/{deployment}/embeddings", routes.azure_embeddings),
+            web.post("/v1/models/{target}", routes.gemini),
+            web.post("/v1beta/models/{target}", routes.gemini),
+            web.get("/_sim/health", routes.health),
+            web.get("/_sim/stats", routes.stats),
+            web.post("/_sim/reset", routes.reset),
+            web.get("/_sim/config", routes.get_config),
+            web.post("/_sim/config", routes.set_config),
+        ]
+    )
+    return app
+
+
+async def serve(
+    config: SimulatorConfig,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    ready_file: str | None = None,
+    exit_with_parent: bool = False,
+) -> None:
+    """Serve until SIGTERM/SIGINT (or the parent process dies, if asked)."""
+    import signal
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    bound_port = sock.getsockname()[1]
+
+    content.warm_up()  # load the tokenizer now, not on the first (timed) request
+    runner = web.AppRunner(build_app(config), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.SockSite(runner, sock, backlog=4096)
+    await site.start()
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    parent = os.getppid()
+
+    async def watch_parent() -> None:
+        while not stop.is_set():
+            if os.getppid() != parent:
+                log.warning("parent process %d is gone; stopping", parent)
+                stop.set()
+            await asyncio.sleep(0.5)
+
+    watcher = asyncio.create_task(watch_parent()) if exit_with_parent else None
+    log.info("provider simulator listening on http://%s:%d", host, bound_port)
+    if ready_file:
+        tmp = f"{ready_file}.tmp"
+        with open(tmp, "w") as f:
+            f.write(str(bound_port))
+        os.replace(tmp, ready_file)  # atomic: the parent never reads a half-written port
+    try:
+        await stop.wait()
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        await runner.cleanup()

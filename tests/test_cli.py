@@ -1,0 +1,126 @@
+"""The `batchdb` command line, run as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import psycopg
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from batchdb.cli import cli
+
+
+def invoke(*args: str) -> str:
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_submit_status_results_retry_cancel(dsn: str, tmp_path: Path, drain) -> None:  # noqa: ANN001
+    source = tmp_path / "headlines.csv"
+    pd.DataFrame({"id": ["x1", "x2", "x3"], "headline": ["up", "down", "flat"]}).to_csv(source, index=False)
+    out = invoke("submit", str(source), "--model", "gpt-4o-mini", "--provider", "instant",
+                 "--prompt", "Rate: {headline}", "--id-column", "id", "--name", "cli job")
+    assert out.strip() == "job 1: 3 rows queued"
+    assert "running" in invoke("status")
+    drain()
+    status = json.loads(invoke("status", "1", "--json"))
+    assert (status["status"], status["n_succeeded"], status["name"]) == ("completed", 3, "cli job")
+    target = tmp_path / "out.parquet"
+    assert invoke("results", "1", "-o", str(target)).strip() == f"wrote 3 rows to {target}"
+    table = pq.read_table(target).to_pandas()
+    assert list(table["response"]) == ["echo: Rate: up", "echo: Rate: down", "echo: Rate: flat"]
+    assert invoke("retry", "1").strip() == "job 1: 0 rows queued again"
+    assert invoke("cancel", "1").strip() == "job 1 cancelled (0 rows)"
+
+
+def test_submit_refusal_is_one_clear_line(dsn: str, tmp_path: Path) -> None:
+    source = tmp_path / "bad.jsonl"
+    source.write_text('{"headline": "ok"}\nnot json\n')
+    result = CliRunner().invoke(cli, ["submit", str(source), "--model", "m", "--prompt", "{headline}"])
+    assert result.exit_code == 1
+    assert result.output.strip() == f"Error: {source}: line 2 is not valid JSON (Expecting value at column 1)"
+
+
+def test_unknown_job_is_an_error_not_a_traceback(dsn: str) -> None:
+    result = CliRunner().invoke(cli, ["cancel", "424242"])
+    assert result.exit_code == 1 and "job 424242 does not exist" in result.output
+    result = CliRunner().invoke(cli, ["status", "424242"])
+    assert result.exit_code == 1 and "job 424242 does not exist" in result.output
+
+
+def test_db_upgrade_is_idempotent(dsn: str) -> None:
+    assert invoke("db", "upgrade", "--dsn", dsn).strip() == "schema is up to date"
+
+
+def test_concurrent_upgrades_apply_each_migration_once(admin_dsn: str) -> None:
+    name = "batchdb_cli_upgrade_race"
+    with psycopg.connect(admin_dsn, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.execute(f'CREATE DATABASE "{name}"')
+    target = psycopg.conninfo.make_conninfo(admin_dsn, dbname=name)
+    try:
+        procs = [subprocess.Popen([sys.executable, "-m", "batchdb", "db", "upgrade", "--dsn", target],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(4)]
+        outputs = [p.communicate(timeout=60)[0].decode() for p in procs]
+        assert [p.returncode for p in procs] == [0, 0, 0, 0], outputs
+        assert sum("applied 0001_queue" in o for o in outputs) == 1, outputs
+        with psycopg.connect(target) as conn:
+            versions = conn.execute("SELECT version FROM public.batchdb_migrations").fetchall()
+        assert versions == [(1,)]
+    finally:
+        with psycopg.connect(admin_dsn, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def fresh_home() -> Iterator[Path]:
+    """A BATCHDB_HOME the embedded server's OS user can traverse (pytest's tmp root is 0700)."""
+    home = Path(tempfile.mkdtemp(prefix="batchdb-home-"))
+    home.chmod(0o755)
+    yield home
+    subprocess.run([sys.executable, "-m", "batchdb", "db", "stop"], env=_embedded_env(home),
+                   capture_output=True, timeout=60)
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def _embedded_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("BATCHDB_DSN", "BATCHDB_TEST_DSN")}
+    env["BATCHDB_HOME"] = str(home)
+    return env
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_on_the_embedded_server(fresh_home: Path) -> None:
+    env = _embedded_env(fresh_home)
+    output = fresh_home / "demo" / "results.parquet"
+    demo = subprocess.run(
+        [sys.executable, "-m", "batchdb", "demo", "--rows", "300", "--workers", "1", "--output", str(output)],
+        env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "(embedded; `batchdb db stop` stops it)" in demo.stdout
+    assert "completed: 300/300 done (300 succeeded" in demo.stdout, demo.stdout
+    results = pq.read_table(output).to_pandas()
+    assert len(results) == 300 and set(results["status"]) == {"succeeded"}
+    assert all(json.loads(r)["sentiment"] in ("positive", "negative", "neutral") for r in results["response"])
+
+    status = subprocess.run([sys.executable, "-m", "batchdb", "db", "status"], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert status.returncode == 0 and "embedded PostgreSQL: running" in status.stdout
+    stop = subprocess.run([sys.executable, "-m", "batchdb", "db", "stop"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert stop.stdout.strip() == "stopped"
+    status = subprocess.run([sys.executable, "-m", "batchdb", "db", "status"], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert status.returncode == 1 and "not running" in status.stdout

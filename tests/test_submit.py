@@ -1,0 +1,142 @@
+"""The SDK round trip: every input format in, results out, idempotency, and refusals before any write."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import psycopg
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import batchdb
+from batchdb import InputError
+
+HEADLINES = pd.DataFrame({
+    "id": ["a1", "b2", "c3", "d4"],
+    "headline": ["Acme beats estimates", "Globex fined", "Initech flat", "Umbrella recalls, \"again\"\nsecond line"],
+    "day": pd.to_datetime(["2026-01-02", "2026-01-03", "2026-01-04", "2026-01-05"]),
+    "score": [1.5, None, 3.0, -2.25],
+    "n": [1, 2, 3, 4],
+})
+
+
+def write_source(kind: str, tmp_path: Path) -> object:
+    frame = HEADLINES.copy()
+    if kind == "dataframe":
+        return frame
+    if kind == "arrow":
+        return pa.Table.from_pandas(frame, preserve_index=False)
+    path = tmp_path / f"input.{kind}"
+    if kind == "csv":
+        frame.to_csv(path, index=False)
+    elif kind == "jsonl":
+        frame.to_json(path, orient="records", lines=True, date_format="iso")
+    elif kind == "parquet":
+        frame.to_parquet(path, index=False)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["dataframe", "arrow", "csv", "jsonl", "parquet"])
+def test_round_trip(kind: str, tmp_path: Path, dsn: str, drain) -> None:  # noqa: ANN001
+    job = batchdb.submit(write_source(kind, tmp_path), prompt="Sentiment of: {headline}", system="One word.",
+                         id_column="id", model="gpt-4o-mini", provider="instant", dsn=dsn, max_tokens=5)
+    assert job.status().n_total == 4
+    drain()
+    results = job.results()
+    assert list(results["custom_id"]) == ["a1", "b2", "c3", "d4"]
+    assert list(results["id"]) == ["a1", "b2", "c3", "d4"]
+    assert list(results["headline"]) == list(HEADLINES["headline"])
+    assert list(results["n"]) == [1, 2, 3, 4]
+    assert results["score"].isna().tolist() == [False, True, False, False]
+    assert list(results["status"]) == ["succeeded"] * 4
+    # The instant provider echoes the rendered prompt, which proves what was sent.
+    assert results.loc[0, "response"] == "echo: One word. Sentiment of: Acme beats estimates"
+    assert (results["prompt_tokens"] > 0).all() and (results["completion_tokens"] > 0).all()
+    out = tmp_path / "out" / "results.parquet"
+    assert job.to_parquet(out) == 4
+    back = pq.read_table(out).to_pandas()
+    assert list(back["response"]) == list(results["response"])
+    if kind in ("dataframe", "arrow", "parquet"):
+        assert str(back["day"].dtype).startswith("datetime64")
+
+
+def test_messages_column(dsn: str, drain) -> None:  # noqa: ANN001
+    frame = pd.DataFrame({"messages": [
+        [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}],
+        json.dumps([{"role": "user", "content": "Hello"}]),
+    ]})
+    job = batchdb.submit(frame, messages_column="messages", model="gpt-4o-mini", provider="instant", dsn=dsn)
+    drain()
+    assert list(job.results()["response"]) == ["echo: Be terse. Hi", "echo: Hello"]
+
+
+def test_idempotency_key_returns_the_same_job(dsn: str, conn: psycopg.Connection) -> None:
+    first = batchdb.submit(HEADLINES, prompt="{headline}", model="m", provider="instant", dsn=dsn,
+                           idempotency_key="backfill-2026-01")
+    again = batchdb.submit(HEADLINES, prompt="{headline}", model="m", provider="instant", dsn=dsn,
+                           idempotency_key="backfill-2026-01")
+    assert again.id == first.id
+    assert conn.execute("SELECT count(*) AS n FROM batchdb.requests").fetchone()["n"] == 4
+
+
+def assert_nothing_written(conn: psycopg.Connection) -> None:
+    assert conn.execute("SELECT count(*) AS n FROM batchdb.jobs").fetchone()["n"] == 0
+    assert conn.execute("SELECT count(*) AS n FROM batchdb.requests").fetchone()["n"] == 0
+    partitions = conn.execute("SELECT count(*) AS n FROM pg_tables WHERE schemaname = 'batchdb' "
+                              "AND tablename ~ '^(requests|results)_[0-9]+$'").fetchone()["n"]
+    assert partitions == 0
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"prompt": "Rate {title}"}, "refers to column(s) title which the data does not have"),
+    ({"prompt": None}, "give a prompt template"),
+    ({"prompt": "{headline}", "id_column": "nope"}, "column 'nope' not found"),
+    ({"prompt": "{headline}", "provider": "acme"}, "provider: 'acme' is not one of"),
+    ({"prompt": "{headline}", "model": " "}, "model: expected a model name"),
+    ({"prompt": "{headline}", "budget_usd": -1}, "budget_usd: expected a positive amount"),
+    ({"prompt": "{headline}", "temperature": 7}, "temperature: expected a number from 0 to 2"),
+    ({"prompt": "Rate {0}"}, "positional field"),
+])
+def test_bad_options_are_refused_before_anything_is_written(kwargs: dict, message: str, dsn: str,
+                                                            conn: psycopg.Connection) -> None:
+    options = {"model": "gpt-4o-mini", "provider": "instant", **kwargs}
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        batchdb.submit(HEADLINES, dsn=dsn, **options)
+    assert_nothing_written(conn)
+
+
+def test_bad_rows_are_refused_with_row_and_column(tmp_path: Path, dsn: str, conn: psycopg.Connection) -> None:
+    cases: list[tuple[object, dict, str]] = []
+    duplicate = HEADLINES.assign(id=["a1", "b2", "a1", "d4"])
+    cases.append((duplicate, {"id_column": "id"}, "row 2, column 'id': id 'a1' appears twice"))
+    null_id = HEADLINES.assign(id=["a1", None, "c3", "d4"])
+    cases.append((null_id, {"id_column": "id"}, "row 1, column 'id': the id is empty"))
+    nul = HEADLINES.assign(headline=["ok", "ok", "bad\x00byte", "ok"])
+    cases.append((nul, {}, "row 2, column 'headline': contains a NUL character"))
+    empty = HEADLINES.iloc[0:0]
+    cases.append((empty, {}, "the data has no rows"))
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes("headline\nok\ncaf\xe9 au lait\n".encode("latin-1"))
+    cases.append((latin1, {}, "line 3 is not valid UTF-8"))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"headline": "ok"}\n{"headline": "oops"\n')
+    cases.append((broken, {}, "line 2 is not valid JSON"))
+    cases.append((tmp_path / "missing.csv", {}, "no such file"))
+    huge = pd.DataFrame({"headline": ["x" * 4_100_000]})
+    cases.append((huge, {}, "row 0: 4,100,0"))
+    for data, extra, message in cases:
+        with pytest.raises(InputError) as refused:
+            batchdb.submit(data, prompt="{headline}", model="gpt-4o-mini", provider="instant", dsn=dsn, **extra)
+        assert message in str(refused.value), (message, str(refused.value))
+        assert_nothing_written(conn)
+
+
+def test_a_failure_late_in_a_large_input_leaves_nothing_behind(dsn: str, conn: psycopg.Connection) -> None:
+    frame = pd.DataFrame({"id": [str(i) for i in range(120_000)], "headline": ["h"] * 120_000})
+    frame.loc[110_000, "id"] = "5"  # duplicate id in the third batch
+    with pytest.raises(InputError, match="row 110000, column 'id': id '5' appears twice"):
+        batchdb.submit(frame, prompt="{headline}", id_column="id", model="m", provider="instant", dsn=dsn)
+    assert_nothing_written(conn)
