@@ -99,6 +99,10 @@ class Throughput:
         return self.rows / self.db_seconds
 
 
+def _busy(t: psutil._common.scputimes) -> float:
+    return t.user + t.nice + t.system + t.irq + t.softirq + t.steal
+
+
 def run_workers(dsn: str, n: int) -> tuple[float, float, float]:
     """Start n worker processes, wait for all to exit; (wall s, their CPU s, machine CPU busy %)."""
     env = {**os.environ, "BATCHDB_DSN": dsn, "PYTHONPATH": str(REPO)}
@@ -106,24 +110,30 @@ def run_workers(dsn: str, n: int) -> tuple[float, float, float]:
     usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_before = psutil.cpu_times()
     started = time.perf_counter()
-    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for _ in range(n)]
-    try:
-        errors = [p.communicate(timeout=WORKER_TIMEOUT)[1] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                p.wait(timeout=60)
-    wall = time.perf_counter() - started
-    for p, err in zip(procs, errors, strict=True):
-        if p.returncode != 0:
-            raise SystemExit(f"worker exited with {p.returncode}:\n{err[-2000:]}")
+    with tempfile.TemporaryDirectory() as tmp:
+        logs = [Path(tmp) / f"worker-{i}.log" for i in range(n)]
+        procs = []
+        for log in logs:
+            with log.open("w") as handle:
+                procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT))
+        try:
+            deadline = time.monotonic() + WORKER_TIMEOUT
+            for p in procs:
+                p.wait(timeout=max(1.0, deadline - time.monotonic()))
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+                    p.wait(timeout=60)
+        wall = time.perf_counter() - started
+        for p, log in zip(procs, logs, strict=True):
+            if p.returncode != 0:
+                raise SystemExit(f"worker exited with {p.returncode}:\n{log.read_text()[-2000:]}")
     usage_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_after = psutil.cpu_times()
-    busy = lambda t: t.user + t.nice + t.system + t.irq + t.softirq + t.steal  # noqa: E731
-    total = lambda t: busy(t) + t.idle + t.iowait  # noqa: E731
-    machine = 100.0 * (busy(cpu_after) - busy(cpu_before)) / max(total(cpu_after) - total(cpu_before), 1e-9)
+    elapsed_cpu = (_busy(cpu_after) + cpu_after.idle + cpu_after.iowait) - (_busy(cpu_before) + cpu_before.idle
+                                                                           + cpu_before.iowait)
+    machine = 100.0 * (_busy(cpu_after) - _busy(cpu_before)) / max(elapsed_cpu, 1e-9)
     worker_cpu = (usage_after.ru_utime - usage_before.ru_utime) + (usage_after.ru_stime - usage_before.ru_stime)
     return wall, worker_cpu, machine
 
@@ -405,7 +415,8 @@ def claim_latency(admin_dsn: str, backlog: int, drain: int, reps: int) -> tuple[
                  "10 warm-up claims, then each timed claim rolled back (no commit/WAL flush included; the backlog "
                  "is unchanged, though every rolled-back claim leaves dead row versions in the heap). 'custom' = "
                  "planned per call (psycopg never prepares a statement whose transaction rolls back); 'generic' "
-                 "= prepared at once with plan_cache_mode = force_generic_plan.")
+                 "= prepared at once with plan_cache_mode = force_generic_plan (re-prepared on every call, as each rollback "
+                 "clears psycopg's statement cache, so its timings include that round trip).")
     for m in measured:
         print(f"\n-- EXPLAIN (ANALYZE, BUFFERS) claim_batch limit {m.batch}, {m.plan} plan [{m.state}]\n{m.explain}",
               file=sys.stderr)
