@@ -24,8 +24,13 @@ def _dsn_option(func):  # type: ignore[no-untyped-def]
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 def cli(verbose: int) -> None:
     """Run millions of LLM requests through a PostgreSQL queue."""
+    from batchdb.secrets import RedactingFilter
+
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        # Every API key this process resolves is masked in whatever any library logs.
+        handler.addFilter(RedactingFilter())
 
 
 # -- database ------------------------------------------------------------------------------------
@@ -85,6 +90,7 @@ def db_stop() -> None:
 @click.option("--messages-column", default=None, help="A column holding ready chat messages instead of --prompt.")
 @click.option("--id-column", default=None, help="A column with a unique id per row.")
 @click.option("--provider", default="openai", show_default=True)
+@click.option("--key-alias", default="default", show_default=True, help="Which of the provider's API keys to use.")
 @click.option("--name", default=None)
 @click.option("--priority", default=1, show_default=True, type=int)
 @click.option("--max-attempts", default=5, show_default=True, type=int)
@@ -196,6 +202,48 @@ def resume_command(job_id: int, budget_usd: float | None, dsn: str | None) -> No
         raise click.ClickException(f"job {job_id} is not paused")
 
 
+# -- rate limits ---------------------------------------------------------------------------------
+
+
+@cli.group("limits")
+def limits_group() -> None:
+    """Provider rate limits shared by every worker (the ledger)."""
+
+
+@limits_group.command("set")
+@click.argument("provider")
+@click.argument("model")
+@click.option("--key-alias", default="default", show_default=True)
+@click.option("--rpm", type=int, default=None, help="Requests per minute.")
+@click.option("--tpm", type=int, default=None, help="Tokens per minute (OpenAI: prompt + max_tokens).")
+@click.option("--rpd", type=int, default=None, help="Requests per day (Gemini).")
+@_dsn_option
+def limits_set(provider: str, model: str, key_alias: str, rpm: int | None, tpm: int | None, rpd: int | None,
+               dsn: str | None) -> None:
+    """Set the limits of one provider key for one model."""
+    from batchdb import ledger
+
+    with dbmod.connect(dsn) as conn:
+        _run_db_op(lambda: ledger.set_limits(conn, ledger.Lane(provider, key_alias, model), rpm=rpm, tpm=tpm,
+                                             rpd=rpd))
+    click.echo(f"{provider}/{key_alias}/{model}: rpm={rpm or '-'} tpm={tpm or '-'} rpd={rpd or '-'}")
+
+
+@limits_group.command("show")
+@_dsn_option
+def limits_show(dsn: str | None) -> None:
+    """Limits, current pacing and totals per provider key and model."""
+    from batchdb import ledger
+
+    with dbmod.connect(dsn) as conn:
+        rows = ledger.list_limits(conn)
+    click.echo(f"{'provider/key/model':<40} {'rpm':>8} {'tpm':>10} {'rpd':>7} {'pace':>5} {'granted':>9} {'429s':>6}")
+    for r in rows:
+        click.echo(f"{r['provider'] + '/' + r['key_alias'] + '/' + r['model']:<40} {r['rpm'] or '-':>8} "
+                   f"{r['tpm'] or '-':>10} {r['rpd'] or '-':>7} {r['pace']:>5.2f} {r['requests_granted']:>9} "
+                   f"{r['rate_limited']:>6}")
+
+
 # -- processes -----------------------------------------------------------------------------------
 
 
@@ -232,10 +280,10 @@ def simulator_command(ctx: click.Context) -> None:
 
 
 @cli.command("demo")
-@click.option("--rows", default=2000, show_default=True)
+@click.option("--rows", default=3000, show_default=True)
 @click.option("--workers", "n_workers", default=2, show_default=True)
-@click.option("--rpm", default=3000, show_default=True, help="Simulated provider requests/minute limit.")
-@click.option("--tpm", default=1_000_000, show_default=True, help="Simulated provider tokens/minute limit.")
+@click.option("--rpm", default=6000, show_default=True, help="Simulated provider requests/minute limit.")
+@click.option("--tpm", default=600_000, show_default=True, help="Simulated provider tokens/minute limit.")
 @click.option("--output", default="demo-output/results.parquet", show_default=True, type=click.Path(path_type=Path))
 @_dsn_option
 def demo_command(rows: int, n_workers: int, rpm: int, tpm: int, output: Path, dsn: str | None) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 import pandas as pd
 
-from batchdb import migrations
+from batchdb import ledger, migrations
 from batchdb.db import connect, resolve_dsn
 from batchdb.submit import submit
 
@@ -68,6 +68,8 @@ def run_demo(*, rows: int, n_workers: int, rpm: int, tpm: int, output: Path, dsn
     say(f"database: {_describe(dsn)}")
     with connect(dsn) as conn:
         migrations.upgrade(conn)
+        # The shared ledger paces every worker to the key's limits (see docs/ratelimits.md).
+        ledger.set_limits(conn, ledger.Lane("openai", "default", "gpt-4o-mini"), rpm=rpm, tpm=tpm)
 
     config = SimulatorConfig(
         seed=7,
@@ -82,7 +84,7 @@ def run_demo(*, rows: int, n_workers: int, rpm: int, tpm: int, output: Path, dsn
         output.parent.mkdir(parents=True, exist_ok=True)
         logs = [(output.parent / f"worker-{i}.log").open("wb") for i in range(n_workers)]
         workers = [
-            subprocess.Popen([sys.executable, "-m", "workers", "--concurrency", "8"], env=env,
+            subprocess.Popen([sys.executable, "-m", "workers", "--concurrency", "32"], env=env,
                              stdout=log, stderr=subprocess.STDOUT)
             for log in logs
         ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 
@@ -68,6 +69,8 @@ class Outcome:
     response_json: Any = None
     finish_reason: str | None = None
     model: str | None = None
+    # Budget held for this call, given back to the job when the outcome is recorded.
+    reserved_usd: Decimal = Decimal(0)
 
     @property
     def key(self) -> tuple[int, int]:

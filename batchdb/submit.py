@@ -20,7 +20,9 @@ from batchdb.ingest import DataSource, InputError, InputSpec, check_schema, copy
 from batchdb.jobs import Job
 from batchdb.prompts import REQUEST_PARAMS
 from batchdb.providers import KNOWN_PROVIDERS
+from batchdb.providers.compat import UnsupportedRequest, check_request
 from batchdb.queries import query
+from batchdb.validation import check_response_schema
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,7 @@ def submit(
     messages_column: str | None = None,
     id_column: str | None = None,
     provider: str = "openai",
+    key_alias: str = "default",
     name: str | None = None,
     owner: str | None = None,
     priority: int = 1,
@@ -44,6 +47,8 @@ def submit(
     temperature: float | None = None,
     seed: int | None = None,
     response_format: dict[str, Any] | None = None,
+    response_schema: Any = None,
+    validation_retries: int | None = None,
     dsn: str | None = None,
 ) -> Job:
     """Queue one request per row of `data` and return its job.
@@ -52,9 +57,20 @@ def submit(
     ("Classify this headline: {headline}"); or give `messages_column`, a column
     of ready chat messages. `id_column` names a unique id per row (default: the
     row's position). Every column comes back with the results.
+    `response_schema` (a JSON schema dict or a pydantic model class) asks for
+    JSON answers, validates each one and re-asks up to `validation_retries`
+    times with the validation error. `key_alias`
+    names which of the provider's API keys the workers use (the key itself
+    never reaches the database).
     """
     _check_options(model=model, provider=provider, priority=priority, max_attempts=max_attempts,
                    budget_usd=budget_usd, max_tokens=max_tokens, temperature=temperature)
+    if response_schema is not None:
+        if response_format is not None:
+            raise InputError("give either response_format= or response_schema=, not both")
+        response_format = schema_response_format(response_schema)
+    if validation_retries is not None and (not isinstance(validation_retries, int) or validation_retries < 0):
+        raise InputError(f"validation_retries: expected an integer >= 0, got {validation_retries!r}")
     spec = InputSpec(prompt=prompt, system=system, messages_column=messages_column, id_column=id_column)
     schema, batches = open_source(data)
     input_schema = check_schema(schema, spec)
@@ -67,11 +83,17 @@ def submit(
         "temperature": temperature,
         "seed": seed,
         "response_format": response_format,
+        "validation_retries": validation_retries,
     }
     params = {k: v for k, v in params.items() if v is not None}
+    try:
+        check_request(provider, model, params)
+    except UnsupportedRequest as exc:
+        raise InputError(f"{provider}: {exc}") from None
 
     with connect(dsn) as conn:
-        job_id = _create_job(conn, name=name, owner=owner, provider=provider, model=model, params=params,
+        job_id = _create_job(conn, name=name, owner=owner, provider=provider, key_alias=key_alias, model=model,
+                             params=params,
                              priority=priority, max_attempts=max_attempts, budget_usd=budget_usd,
                              idempotency_key=idempotency_key)
         if job_id is None:
@@ -131,3 +153,19 @@ def _copy_all(conn: psycopg.Connection, job_id: int, batches: Any, spec: InputSp
         # Fresh statistics keep the claim's plan on its index for a big backlog.
         conn.execute(query("analyze_job_requests"), {"job_id": job_id})
     return rows
+
+
+def schema_response_format(schema: Any) -> dict[str, Any]:
+    """`response_format` for a JSON schema dict or a pydantic model class, checked now, not at row 400,000."""
+    name = "response"
+    if isinstance(schema, type) and hasattr(schema, "model_json_schema"):
+        name = schema.__name__
+        schema = schema.model_json_schema()
+    if not isinstance(schema, dict):
+        raise InputError(f"response_schema: expected a JSON schema (dict) or a pydantic model class, "
+                         f"got {type(schema).__name__}")
+    try:
+        check_response_schema(schema)
+    except ValueError as exc:
+        raise InputError(f"response_schema: {exc}") from None
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}

@@ -1,5 +1,8 @@
 """Prompt token counting with OpenAI's o200k_base vocabulary, offline (bpe-openai).
 
+Both sides use it: workers estimate what a call will cost against a key's TPM
+before sending it, and the provider simulator counts what it was sent.
+
 Counts follow OpenAI's published recipe for chat models: each message costs 3
 tokens plus its role and content (plus 1 and the name when named), and every
 reply is primed with 3 more. The same tokenizer stands in for Gemini's, whose
@@ -139,3 +142,10 @@ def count_gemini_contents(contents: Any, system_instruction: Any = None) -> tupl
             elif "inlineData" in part or "fileData" in part:
                 total += GEMINI_INLINE_DATA_TOKENS
     return total, "\n".join(texts)
+
+
+def estimate_prompt_tokens(provider: str, messages: Sequence[Mapping[str, Any]]) -> int:
+    """Prompt tokens a provider will count for these chat messages (an estimate for Gemini)."""
+    if provider == "gemini":
+        return sum(count_text(openai_content_text(m.get("content"))[0]) for m in messages if isinstance(m, dict))
+    return count_openai_messages(messages)[0]

@@ -29,10 +29,10 @@ INSERT INTO public.batchdb_migrations (version, name) VALUES (%(version)s, %(nam
 
 -- insert_job --
 -- A job starts as 'loading' so workers ignore it until its rows are all in.
-INSERT INTO batchdb.jobs (name, owner, provider, model, params, priority, max_attempts, budget_usd,
+INSERT INTO batchdb.jobs (name, owner, provider, key_alias, model, params, priority, max_attempts, budget_usd,
                           idempotency_key, status)
-VALUES (%(name)s, coalesce(%(owner)s, current_user), %(provider)s, %(model)s, %(params)s, %(priority)s,
-        %(max_attempts)s, %(budget_usd)s, %(idempotency_key)s, 'loading')
+VALUES (%(name)s, coalesce(%(owner)s, current_user), %(provider)s, %(key_alias)s, %(model)s, %(params)s,
+        %(priority)s, %(max_attempts)s, %(budget_usd)s, %(idempotency_key)s, 'loading')
 ON CONFLICT (idempotency_key) DO NOTHING
 RETURNING id
 
@@ -111,9 +111,15 @@ WITH outcome AS (
                   %(retry_in)s::float8[], %(prompt_tokens)s::integer[], %(completion_tokens)s::integer[],
                   %(error_class)s::text[], %(error)s::text[], %(latency_ms)s::integer[],
                   %(response_text)s::text[], %(response_json)s::jsonb[], %(finish_reason)s::text[],
-                  %(model)s::text[])
+                  %(model)s::text[], %(reserved_usd)s::numeric[])
            AS o(job_id, id, lease_token, status, retry_in, prompt_tokens, completion_tokens, error_class, error,
-                latency_ms, response_text, response_json, finish_reason, model)
+                latency_ms, response_text, response_json, finish_reason, model, reserved_usd)
+), released AS (
+    -- The budget held for these calls goes back, whether or not the row was still ours.
+    UPDATE batchdb.jobs j
+       SET reserved_usd = greatest(0, j.reserved_usd - r.usd)
+      FROM (SELECT job_id, sum(reserved_usd) AS usd FROM outcome WHERE reserved_usd > 0 GROUP BY job_id) r
+     WHERE j.id = r.job_id
 ), priced AS (
     SELECT o.*,
            coalesce((o.prompt_tokens * p.input_per_mtok + o.completion_tokens * p.output_per_mtok) / 1000000, 0)
@@ -190,7 +196,11 @@ RETURNING q.job_id, q.id, q.status
 
 -- job_for_worker --
 -- What a worker needs to call the provider for a job's rows (cached per job).
-SELECT id, provider, model, params, status FROM batchdb.jobs WHERE id = %(job_id)s
+SELECT j.id, j.provider, j.key_alias, j.model, j.params, j.status, j.budget_usd,
+       p.input_per_mtok, p.output_per_mtok
+  FROM batchdb.jobs j
+  LEFT JOIN batchdb.prices p ON p.provider = j.provider AND p.model = j.model
+ WHERE j.id = %(job_id)s
 
 -- pause_job --
 UPDATE batchdb.jobs SET status = 'paused', status_reason = %(reason)s
@@ -246,3 +256,37 @@ SELECT batchdb.cancel_job(%(job_id)s) AS n
 
 -- retry_job --
 SELECT batchdb.retry_job(%(job_id)s, %(statuses)s::text[]) AS n
+
+-- ===========================================================================
+-- Rate-limit ledger and budgets (functions in sql/migrations/0002_ledger.sql)
+-- ===========================================================================
+
+-- reserve_capacity --
+SELECT granted, wait_seconds, daily_exhausted, limited
+  FROM batchdb.reserve_capacity(%(provider)s, %(key_alias)s, %(model)s, %(tokens)s::bigint[],
+                                %(refund_tokens)s, %(remaining_requests)s, %(remaining_tokens)s)
+
+-- record_rate_limited --
+SELECT batchdb.record_rate_limited(%(provider)s, %(key_alias)s, %(model)s, %(retry_after)s)
+
+-- learn_limits --
+SELECT batchdb.learn_limits(%(provider)s, %(key_alias)s, %(model)s, %(rpm)s, %(tpm)s)
+
+-- set_limits --
+-- Configure a key's limits by hand (`batchdb limits set`); configured limits win over learnt ones.
+INSERT INTO batchdb.rate_limits AS l (provider, key_alias, model, rpm, tpm, rpd, source)
+VALUES (%(provider)s, %(key_alias)s, %(model)s, %(rpm)s, %(tpm)s, %(rpd)s, 'configured')
+ON CONFLICT (provider, key_alias, model) DO UPDATE
+   SET rpm = EXCLUDED.rpm, tpm = EXCLUDED.tpm, rpd = EXCLUDED.rpd, source = 'configured', updated_at = now()
+
+-- list_limits --
+SELECT provider, key_alias, model, rpm, tpm, rpd, source, pace, blocked_until, requests_granted, tokens_granted,
+       rate_limited, updated_at
+  FROM batchdb.rate_limits
+ ORDER BY provider, key_alias, model
+
+-- reserve_budget --
+SELECT batchdb.reserve_budget(%(job_id)s, %(usd)s) AS ok
+
+-- release_budget --
+SELECT batchdb.release_budget(%(job_id)s::bigint[], %(usd)s::numeric[])

@@ -75,9 +75,10 @@ def test_concurrent_upgrades_apply_each_migration_once(admin_dsn: str) -> None:
         outputs = [p.communicate(timeout=60)[0].decode() for p in procs]
         assert [p.returncode for p in procs] == [0, 0, 0, 0], outputs
         assert sum("applied 0001_queue" in o for o in outputs) == 1, outputs
+        assert sum("applied 0002_ledger" in o for o in outputs) == 1, outputs
         with psycopg.connect(target) as conn:
             versions = conn.execute("SELECT version FROM public.batchdb_migrations").fetchall()
-        assert versions == [(1,)]
+        assert versions == [(1,), (2,)]
     finally:
         with psycopg.connect(admin_dsn, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from decimal import Decimal
 
 import pandas as pd
 import psycopg
@@ -192,3 +193,86 @@ def test_worker_respects_its_concurrency(dsn: str, concurrency: int) -> None:
                     providers={"instant": Counting()})
     asyncio.run(worker.run())
     assert peak == concurrency
+
+
+class ShapeShifter:
+    """Answers with the texts given, in order, then repeats the last."""
+
+    name = "instant"
+
+    def __init__(self, answers: list[str]) -> None:
+        self.answers = answers
+        self.requests: list[ChatRequest] = []
+
+    async def complete(self, request: ChatRequest) -> ChatResponse:
+        self.requests.append(request)
+        text = self.answers[min(len(self.requests) - 1, len(self.answers) - 1)]
+        return ChatResponse(text=text, finish_reason="stop", prompt_tokens=11, completion_tokens=4, model="m")
+
+    async def aclose(self) -> None:
+        return None
+
+
+SCHEMA = {"type": "object", "properties": {"sentiment": {"enum": ["positive", "negative"]}},
+          "required": ["sentiment"]}
+
+
+def test_invalid_answers_are_re_asked_with_the_validation_error(dsn: str) -> None:
+    provider = ShapeShifter(["not json", '{"sentiment": "meh"}', '{"sentiment": "positive"}'])
+    job = submit_prompts(dsn, ["Acme up"], response_schema=SCHEMA, validation_retries=2)
+    drain(dsn, provider)
+    [row] = job.results().to_dict("records")
+    assert row["status"] == "succeeded" and row["response"] == '{"sentiment": "positive"}'
+    assert (row["prompt_tokens"], row["completion_tokens"], row["attempts"]) == (33, 12, 1)
+    # The second call saw the bad answer and why it was refused.
+    second = provider.requests[1].messages
+    assert second[-2] == {"role": "assistant", "content": "not json"}
+    assert "not valid JSON" in second[-1]["content"]
+    third = provider.requests[2].messages
+    assert "at sentiment: 'meh' is not one of ['positive', 'negative']" in third[-1]["content"]
+    with psycopg.connect(dsn) as conn:
+        stored = conn.execute("SELECT response_json FROM batchdb.results").fetchone()[0]
+    assert stored == {"sentiment": "positive"}
+
+
+def test_answers_that_never_validate_fail_the_row_and_keep_the_last_answer(dsn: str) -> None:
+    provider = ShapeShifter(['{"mood": 1}'])
+    job = submit_prompts(dsn, ["Acme up"], response_schema=SCHEMA, validation_retries=1)
+    drain(dsn, provider)
+    [row] = job.results().to_dict("records")
+    assert row["status"] == "failed" and row["error_class"] == "invalid_response"
+    assert row["response"] == '{"mood": 1}'
+    assert "'sentiment' is a required property (after 1 re-ask(s))" in row["error"]
+    assert len(provider.requests) == 2 and row["prompt_tokens"] == 22
+
+
+def test_bad_response_schema_is_refused_at_submit(dsn: str) -> None:
+    with pytest.raises(batchdb.InputError, match="response_schema: response schema is not a valid JSON schema"):
+        submit_prompts(dsn, ["x"], response_schema={"type": "not-a-type"})
+
+
+def test_budget_stops_the_job_within_the_calls_in_flight_and_resume_continues(dsn: str,
+                                                                              conn: psycopg.Connection) -> None:
+    # 'instant' has no list price; give it one so every call costs money.
+    conn.execute("INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok) "
+                 "VALUES ('instant', 'priced', 1000, 1000)")
+    frame = pd.DataFrame({"text": [f"p{i}" for i in range(200)]})
+    job = batchdb.submit(frame, prompt="{text}", model="priced", provider="instant", max_tokens=10,
+                         budget_usd=0.5, dsn=dsn)
+    drain(dsn, ScriptedProvider({}))
+    status = job.status()
+    assert status.status == "paused" and "budget of $0.500000 reached" in (status.status_reason or "")
+    # Each call costs (7 + 3) tokens x $1000/M = $0.01, but reserves its worst case
+    # (prompt estimate + max_tokens): the job stops at or under its budget, never over.
+    assert 0 < status.cost_usd <= Decimal("0.5")
+    assert status.n_succeeded == int(status.cost_usd / Decimal("0.01"))
+    with psycopg.connect(dsn) as c:
+        reserved, summed = c.execute(
+            "SELECT j.reserved_usd, (SELECT sum(cost_usd) FROM batchdb.requests WHERE job_id = j.id) "
+            "FROM batchdb.jobs j WHERE id = %s", (job.id,)).fetchone()
+    assert reserved == 0 and summed == status.cost_usd
+    assert job.resume(budget_usd=100.0)
+    drain(dsn, ScriptedProvider({}))
+    final = job.status()
+    assert (final.status, final.n_succeeded) == ("completed", 200)
+    assert final.cost_usd == Decimal("2.00")

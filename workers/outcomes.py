@@ -39,6 +39,22 @@ def success(row: ClaimedRequest, response: ChatResponse, latency_ms: int) -> Out
     )
 
 
+def invalid_response(row: ClaimedRequest, response: ChatResponse, latency_ms: int, error: str) -> Outcome:
+    """The model answered but never in the required shape: fail the row, keep its last answer."""
+    return Outcome(
+        job_id=row.job_id,
+        id=row.id,
+        lease_token=row.lease_token,
+        status=RequestStatus.FAILED,
+        error_class="invalid_response",
+        error=error,
+        latency_ms=latency_ms,
+        response_text=response.text,
+        finish_reason=response.finish_reason,
+        model=response.model,
+    )
+
+
 def failure(row: ClaimedRequest, error: ProviderError, latency_ms: int | None, policy: RetryPolicy) -> Outcome:
     """Retryable errors go back with backoff until max_attempts, then dead; the rest fail."""
     base = Outcome(

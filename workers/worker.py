@@ -22,23 +22,44 @@ import signal
 import socket
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from typing import Any
 
 import psycopg
 
 from batchdb import queue
 from batchdb.db import resolve_dsn
+from batchdb.ledger import DEFAULT_MAX_TOKENS_CHARGE, Lane, charged_tokens, read_headers
 from batchdb.models import ClaimedRequest, Outcome, RequestStatus
 from batchdb.prompts import PromptError, build_request
 from batchdb.providers import Provider, build_provider
-from batchdb.providers.base import ErrorKind, ProviderError
+from batchdb.providers.base import ChatRequest, ChatResponse, ErrorKind, ProviderError
 from batchdb.queries import query
+from batchdb.tokens import estimate_prompt_tokens
+from batchdb.validation import DEFAULT_VALIDATION_RETRIES, ResponseValidator, reask
 from workers.completer import BatchCompleter
 from workers.connection import Reconnecting
-from workers.outcomes import RetryPolicy, failure, success
+from workers.outcomes import RetryPolicy, failure, invalid_response, success
+from workers.pacer import DailyQuotaExhausted, Pacer
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Spent:
+    """Usage of every call made for one row (re-asks included)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class _HandBack(Exception):
+    """This row cannot run now through no fault of its own: pause its job, return the row."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclass
@@ -62,10 +83,22 @@ class WorkerConfig:
 @dataclass
 class _Job:
     provider: str
+    key_alias: str
     model: str
     params: dict[str, Any]
-    status: str
+    budget_usd: Decimal | None
+    input_per_mtok: Decimal | None
+    output_per_mtok: Decimal | None
     fetched_at: float
+    validator: ResponseValidator | None = None
+    validation_retries: int = DEFAULT_VALIDATION_RETRIES
+
+    def estimated_cost(self, prompt_tokens: int, max_tokens: int | None) -> Decimal:
+        """The most this call can cost: the prompt plus every token it may generate."""
+        if self.input_per_mtok is None or self.output_per_mtok is None:
+            return Decimal(0)
+        out = max_tokens if max_tokens is not None else DEFAULT_MAX_TOKENS_CHARGE
+        return (prompt_tokens * self.input_per_mtok + out * self.output_per_mtok) / Decimal(1_000_000)
 
 
 class Worker:
@@ -79,6 +112,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
+        self._reserved_usd: dict[tuple[int, int], Decimal] = {}
         self.completed = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -93,6 +127,7 @@ class Worker:
         dsn = resolve_dsn(self.config.dsn)
         self._claims = Reconnecting(dsn, name="claim")
         self._writes = Reconnecting(dsn, name="complete")
+        self._pacer = Pacer(Reconnecting(dsn, name="ledger"))
         self._completer = BatchCompleter(
             self._writes, flush_interval=self.config.flush_interval, on_recorded=self._forget
         )
@@ -126,6 +161,7 @@ class Worker:
                 lambda c: c.execute(query("stop_worker"), {"worker_id": self.id, "n_completed": self.completed}),
                 what="stop_worker",
             )
+            await self._pacer.close()
             for provider in self._providers.values():
                 await provider.aclose()
             await self._claims.close()
@@ -194,12 +230,16 @@ class Worker:
 
     async def _process(self, row: ClaimedRequest) -> None:
         started = time.monotonic()
+        spent = _Spent()
         try:
-            outcome = await self._call(row)
+            outcome = await self._call(row, spent)
+        except _HandBack as back:
+            await self._hand_back(row, back.reason)
+            return
         except ProviderError as exc:
             latency = int((time.monotonic() - started) * 1000)
             if exc.kind is ErrorKind.QUOTA_EXHAUSTED:
-                await self._pause_job(row, exc)
+                await self._hand_back(row, f"provider refused: {exc.message}")
                 return
             outcome = failure(row, exc, latency, self.config.retry)
         except asyncio.CancelledError:
@@ -208,16 +248,47 @@ class Worker:
             log.exception("unexpected error on job %s request %s", row.job_id, row.id)
             error = ProviderError(ErrorKind.TRANSIENT, f"internal error: {type(exc).__name__}: {exc}")
             outcome = failure(row, error, None, self.config.retry)
+        # Tokens of every call made for this row count, including answers that did not validate.
+        outcome.prompt_tokens, outcome.completion_tokens = spent.prompt_tokens, spent.completion_tokens
+        outcome.reserved_usd = self._reserved_usd.pop(row.key, Decimal(0))
         self._completer.submit(outcome)
 
-    async def _call(self, row: ClaimedRequest) -> Outcome:
+    async def _call(self, row: ClaimedRequest, spent: _Spent) -> Outcome:
         job = await self._job(row.job_id)
         try:
             request = build_request(model=job.model, params=job.params, payload=row.payload, input=row.input)
         except PromptError as exc:
             raise ProviderError(ErrorKind.PERMANENT, f"bad request row {row.custom_id!r}: {exc}") from None
-        provider = self._provider(job.provider)
         started = time.monotonic()
+        response = await self._send(row, job, request, spent)
+        if job.validator is None:
+            return success(row, response, int((time.monotonic() - started) * 1000))
+        for _ in range(job.validation_retries):
+            verdict = job.validator.check(response.text)
+            if verdict.ok:
+                break
+            request = replace(request, messages=reask(request.messages, response.text, verdict.error or ""))
+            response = await self._send(row, job, request, spent)
+        verdict = job.validator.check(response.text)
+        latency = int((time.monotonic() - started) * 1000)
+        if verdict.ok:
+            outcome = success(row, response, latency)
+            outcome.response_json = verdict.value
+            return outcome
+        return invalid_response(row, response, latency, f"{verdict.error} (after {job.validation_retries} re-ask(s))")
+
+    async def _send(self, row: ClaimedRequest, job: _Job, request: ChatRequest, spent: _Spent) -> ChatResponse:
+        """One provider call: budget, then ledger capacity, then the call; usage settles back."""
+        lane = Lane(job.provider, job.key_alias, request.model)
+        prompt_estimate = estimate_prompt_tokens(job.provider, request.messages)
+        reserved_tokens = charged_tokens(job.provider, prompt_estimate, request.max_tokens)
+        if job.budget_usd is not None:
+            await self._reserve_budget(row, job.estimated_cost(prompt_estimate, request.max_tokens))
+        try:
+            await self._pacer.acquire(lane, reserved_tokens)
+        except DailyQuotaExhausted as exc:
+            raise _HandBack(str(exc)) from None
+        provider = self._provider(job.provider, job.key_alias)
         try:
             async with asyncio.timeout(self.config.request_timeout):
                 response = await provider.complete(request)
@@ -225,12 +296,33 @@ class Worker:
             raise ProviderError(
                 ErrorKind.TRANSIENT, f"no answer from {job.provider} within {self.config.request_timeout:.0f}s"
             ) from None
-        return success(row, response, int((time.monotonic() - started) * 1000))
+        except ProviderError as exc:
+            self._pacer.observe(lane, read_headers(exc.rate_limit_headers))
+            if exc.kind is ErrorKind.RATE_LIMITED:
+                await self._pacer.rate_limited(lane, exc.retry_after)
+            raise
+        self._pacer.observe(lane, read_headers(response.rate_limit_headers))
+        self._pacer.settle(lane, reserved_tokens=reserved_tokens,
+                           charged_tokens=charged_tokens(job.provider, response.prompt_tokens, request.max_tokens))
+        spent.prompt_tokens += response.prompt_tokens
+        spent.completion_tokens += response.completion_tokens
+        return response
 
-    def _provider(self, name: str) -> Provider:
-        if name not in self._providers:
-            self._providers[name] = build_provider(name, timeout=self.config.request_timeout)
-        return self._providers[name]
+    async def _reserve_budget(self, row: ClaimedRequest, usd: Decimal) -> None:
+        async def reserve(conn: psycopg.AsyncConnection) -> bool:
+            cur = await conn.execute(query("reserve_budget"), {"job_id": row.job_id, "usd": usd})
+            found = await cur.fetchone()
+            return bool(found and found["ok"])
+
+        if not await self._claims.run(reserve, what="reserve_budget"):
+            raise _HandBack("budget reached")
+        self._reserved_usd[row.key] = self._reserved_usd.get(row.key, Decimal(0)) + usd
+
+    def _provider(self, name: str, key_alias: str) -> Provider:
+        cache_key = name if key_alias == "default" else f"{name}:{key_alias}"
+        if cache_key not in self._providers:
+            self._providers[cache_key] = build_provider(name, key_alias=key_alias, timeout=self.config.request_timeout)
+        return self._providers[cache_key]
 
     async def _job(self, job_id: int) -> _Job:
         cached = self._jobs.get(job_id)
@@ -245,19 +337,32 @@ class Worker:
         row = await self._claims.run(fetch, what="job_for_worker")
         if row is None:
             raise ProviderError(ErrorKind.PERMANENT, f"job {job_id} no longer exists")
-        job = _Job(row["provider"], row["model"], row["params"] or {}, row["status"], now)
+        params = row["params"] or {}
+        job = _Job(row["provider"], row["key_alias"], row["model"], params, row["budget_usd"],
+                   row["input_per_mtok"], row["output_per_mtok"], now, ResponseValidator.for_params(params),
+                   int(params.get("validation_retries", DEFAULT_VALIDATION_RETRIES)))
         self._jobs[job_id] = job
         return job
 
-    async def _pause_job(self, row: ClaimedRequest, exc: ProviderError) -> None:
-        """Quota gone or key refused: pause the job, hand the row back without spending an attempt."""
-        reason = f"provider refused: {exc.message}"
+    async def _hand_back(self, row: ClaimedRequest, reason: str) -> None:
+        """Quota gone, key refused or budget reached: pause the job (if not already) and return
+        the row to the queue without spending an attempt."""
         await self._claims.run(
             lambda c: c.execute(query("pause_job"), {"job_id": row.job_id, "reason": reason}), what="pause_job"
         )
         await self._claims.run(lambda c: queue.release_leases(c, [row]), what="release_leases")
+        await self._release_budget([row.key])
         self._held.pop(row.key, None)
         log.warning("job %s paused: %s", row.job_id, reason)
+
+    async def _release_budget(self, keys: list[tuple[int, int]]) -> None:
+        held = [(key[0], self._reserved_usd.pop(key)) for key in keys if key in self._reserved_usd]
+        if held:
+            await self._claims.run(
+                lambda c: c.execute(query("release_budget"),
+                                    {"job_id": [j for j, _ in held], "usd": [u for _, u in held]}),
+                what="release_budget",
+            )
 
     async def _forget(self, batch: list[Outcome], recorded: set[tuple[int, int]]) -> None:
         for outcome in batch:
@@ -305,6 +410,7 @@ class Worker:
         if unfinished:
             released = await self._claims.run(lambda c: queue.release_leases(c, unfinished), what="release_leases")
             log.info("released %d unfinished row(s)", len(released))
+            await self._release_budget([row.key for row in unfinished])
             self._held.clear()
 
 

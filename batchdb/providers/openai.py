@@ -11,6 +11,7 @@ from typing import Any
 import openai
 
 from batchdb.providers.base import ChatRequest, ChatResponse, ErrorKind, ProviderError
+from batchdb.providers.compat import UnsupportedRequest, to_openai
 from batchdb.secrets import redact
 
 _RATE_LIMIT_PREFIX = "x-ratelimit-"
@@ -19,20 +20,23 @@ _RATE_LIMIT_PREFIX = "x-ratelimit-"
 class OpenAIProvider:
     name = "openai"
 
-    def __init__(self, *, api_key: str, base_url: str | None = None, timeout: float = 120.0) -> None:
+    def __init__(
+        self,
+        *,
+        api_key: str,
+        base_url: str | None = None,
+        timeout: float = 120.0,
+        client: openai.AsyncOpenAI | None = None,
+    ) -> None:
+        """`client` replaces the default `AsyncOpenAI` (the Azure adapter passes an `AsyncAzureOpenAI`)."""
         self._api_key = api_key
-        self._client = openai.AsyncOpenAI(api_key=api_key, base_url=base_url, max_retries=0, timeout=timeout)
+        self._client = client or openai.AsyncOpenAI(api_key=api_key, base_url=base_url, max_retries=0, timeout=timeout)
 
     async def complete(self, request: ChatRequest) -> ChatResponse:
-        kwargs: dict[str, Any] = {"model": request.model, "messages": request.messages, **request.extra}
-        if request.max_tokens is not None:
-            kwargs["max_tokens"] = request.max_tokens
-        if request.temperature is not None:
-            kwargs["temperature"] = request.temperature
-        if request.seed is not None:
-            kwargs["seed"] = request.seed
-        if request.response_format is not None:
-            kwargs["response_format"] = request.response_format
+        try:
+            kwargs: dict[str, Any] = to_openai(request, provider=self.name)
+        except UnsupportedRequest as exc:
+            raise ProviderError(ErrorKind.PERMANENT, str(exc)) from None
         try:
             raw = await self._client.chat.completions.with_raw_response.create(**kwargs)
         except openai.APIError as exc:
@@ -64,6 +68,9 @@ def classify_openai_error(exc: openai.APIError, *, secret: str | None = None) ->
     headers = exc.response.headers
     limit_headers = _rate_limit_headers(headers)
     code = _error_code(exc)
+    if code:
+        # The provider's error code is what people search for ("insufficient_quota").
+        message = redact(f"{type(exc).__name__} ({code}): {exc.message}", secret)
     if status == 429:
         if code == "insufficient_quota":
             return ProviderError(ErrorKind.QUOTA_EXHAUSTED, message, status_code=status, rate_limit_headers=limit_headers)

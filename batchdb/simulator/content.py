@@ -20,7 +20,7 @@ import sys
 from functools import lru_cache
 from typing import Any
 
-from batchdb.simulator.tokens import encoding
+from batchdb.tokens import encoding
 
 # Common words; the ones that are not a single o200k_base token are dropped at load.
 _CANDIDATE_WORDS = """

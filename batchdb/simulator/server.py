@@ -28,7 +28,7 @@ from batchdb.simulator.limits import pacific_day
 from batchdb.simulator.recorder import Outcome
 from batchdb.simulator.responses import Reply
 from batchdb.simulator.state import RESET, Simulator
-from batchdb.simulator.tokens import count_embedding_input, count_gemini_contents, count_openai_messages
+from batchdb.tokens import count_embedding_input, count_gemini_contents, count_openai_messages
 
 log = logging.getLogger("batchdb.simulator")
 

@@ -23,7 +23,7 @@ from batchdb.simulator import content
 from batchdb.simulator.config import SimulatorConfig
 from batchdb.simulator.limits import RateLimiter
 from batchdb.simulator.recorder import Recorder
-from batchdb.simulator.tokens import encoding
+from batchdb.tokens import encoding
 
 # A new value in any of these rebuilds the limiter (all buckets start full again).
 _LIMIT_FIELDS = frozenset({"default_limits", "limits", "burst_window_s", "count_rejected"})

@@ -10,7 +10,7 @@ import pytest
 
 from batchdb.simulator import content
 from batchdb.simulator.responses import format_duration
-from batchdb.simulator.tokens import count_openai_messages, count_text
+from batchdb.tokens import count_openai_messages, count_text
 
 from .schema_check import REVIEW_SCHEMA, violations
 

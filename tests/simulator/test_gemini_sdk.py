@@ -12,7 +12,7 @@ from google import genai
 from google.genai import errors, types
 
 from batchdb.simulator import Distribution, Limits, SimulatorProcess
-from batchdb.simulator.tokens import count_text
+from batchdb.tokens import count_text
 
 from .conftest import ConfigureSimulator
 from .schema_check import violations

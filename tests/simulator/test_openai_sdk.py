@@ -13,7 +13,7 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from batchdb.simulator import Distribution, Limits, SimulatorProcess
-from batchdb.simulator.tokens import count_openai_messages, count_text
+from batchdb.tokens import count_openai_messages, count_text
 
 from .conftest import ConfigureSimulator
 from .schema_check import REVIEW_SCHEMA, violations

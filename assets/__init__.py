@@ -1,0 +1,1 @@
+"""Dagster definitions: partitioned LLM batch assets that submit one batchdb job per partition (issue 4)."""

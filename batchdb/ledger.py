@@ -1,0 +1,126 @@
+"""The shared rate-limit ledger: reserve provider capacity in PostgreSQL before a call.
+
+Limits are per (provider, key alias, model). All workers reserve from the same
+two token buckets (requests, tokens) in `batchdb.rate_limits`, refilled in
+database time, so N processes on M machines together stay inside one limit.
+The SQL is in sql/migrations/0002_ledger.sql; docs/ratelimits.md explains it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from batchdb.queries import query
+
+# What OpenAI charges against TPM for a call without max_tokens (the simulator does the same).
+DEFAULT_MAX_TOKENS_CHARGE = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Lane:
+    """One rate-limited resource: a key alias of a provider, for one model."""
+
+    provider: str
+    key_alias: str
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    granted: int
+    wait_seconds: float
+    daily_exhausted: bool
+    limited: bool
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderView:
+    """What a provider's x-ratelimit-* headers said when our request arrived."""
+
+    limit_requests: int | None
+    limit_tokens: int | None
+    remaining_requests: float | None
+    remaining_tokens: float | None
+
+
+def charged_tokens(provider: str, prompt_tokens: int, max_tokens: int | None) -> int:
+    """Tokens the provider counts against TPM when the call arrives.
+
+    OpenAI and Azure count prompt + max_tokens; Gemini's input-token limit counts the prompt only.
+    """
+    if provider == "gemini":
+        return prompt_tokens
+    return prompt_tokens + (max_tokens if max_tokens is not None else DEFAULT_MAX_TOKENS_CHARGE)
+
+
+def read_headers(headers: Mapping[str, str]) -> HeaderView | None:
+    """Parse OpenAI-style rate-limit headers (Azure sends the same; Gemini sends none)."""
+    if not headers:
+        return None
+    return HeaderView(
+        limit_requests=_int(headers.get("x-ratelimit-limit-requests")),
+        limit_tokens=_int(headers.get("x-ratelimit-limit-tokens")),
+        remaining_requests=_float(headers.get("x-ratelimit-remaining-requests")),
+        remaining_tokens=_float(headers.get("x-ratelimit-remaining-tokens")),
+    )
+
+
+async def reserve(
+    conn: psycopg.AsyncConnection,
+    lane: Lane,
+    tokens: Sequence[int],
+    *,
+    refund_tokens: int = 0,
+    remaining_requests: float | None = None,
+    remaining_tokens: float | None = None,
+) -> Reservation:
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(query("reserve_capacity"), {
+        "provider": lane.provider, "key_alias": lane.key_alias, "model": lane.model, "tokens": list(tokens),
+        "refund_tokens": refund_tokens, "remaining_requests": remaining_requests,
+        "remaining_tokens": remaining_tokens,
+    })
+    row = await cur.fetchone()
+    assert row is not None
+    return Reservation(int(row["granted"]), float(row["wait_seconds"]), bool(row["daily_exhausted"]),
+                       bool(row["limited"]))
+
+
+async def record_rate_limited(conn: psycopg.AsyncConnection, lane: Lane, retry_after: float | None) -> None:
+    await conn.execute(query("record_rate_limited"), {
+        "provider": lane.provider, "key_alias": lane.key_alias, "model": lane.model, "retry_after": retry_after})
+
+
+async def learn_limits(conn: psycopg.AsyncConnection, lane: Lane, rpm: int | None, tpm: int | None) -> None:
+    await conn.execute(query("learn_limits"), {
+        "provider": lane.provider, "key_alias": lane.key_alias, "model": lane.model, "rpm": rpm, "tpm": tpm})
+
+
+def set_limits(conn: psycopg.Connection, lane: Lane, *, rpm: int | None = None, tpm: int | None = None,
+               rpd: int | None = None) -> None:
+    conn.execute(query("set_limits"), {"provider": lane.provider, "key_alias": lane.key_alias,
+                                       "model": lane.model, "rpm": rpm, "tpm": tpm, "rpd": rpd})
+
+
+def list_limits(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(query("list_limits")).fetchall()
+
+
+def _int(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None

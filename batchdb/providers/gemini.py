@@ -1,0 +1,206 @@
+"""Google Gemini (Gemini API, API key) through the official `google-genai` SDK.
+
+The neutral `ChatRequest` becomes `contents` + `GenerateContentConfig` through
+`compat.to_gemini`, the same conversion the submit-time check runs. SDK retries
+are off (`HttpRetryOptions(attempts=1)`, which also stops the SDK's silent
+one-off retry of aiohttp connection errors): batchdb owns retries, so one
+attempt is one HTTP request. Gemini sends no rate-limit headers; a 429 names the
+quota it hit in `google.rpc.QuotaFailure` and when to come back in
+`google.rpc.RetryInfo`, and `classify_gemini_error` reads both.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+from google import genai
+from google.genai import errors, types
+
+from batchdb.providers.base import ChatRequest, ChatResponse, ErrorKind, ProviderError
+from batchdb.providers.compat import UnsupportedRequest, to_gemini
+from batchdb.secrets import redact
+
+_QUOTA_FAILURE = "type.googleapis.com/google.rpc.QuotaFailure"
+_RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
+_ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
+# ErrorInfo reasons that refuse the key itself: every row would fail alike, so pause.
+_KEY_REFUSED = frozenset({"API_KEY_INVALID", "API_KEY_EXPIRED", "API_KEY_SERVICE_BLOCKED",
+                          "API_KEY_HTTP_REFERRER_BLOCKED", "API_KEY_IP_ADDRESS_BLOCKED", "SERVICE_DISABLED",
+                          "CONSUMER_SUSPENDED"})
+_CONTENT_FILTER = frozenset({"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY",
+                             "IMAGE_PROHIBITED_CONTENT", "IMAGE_RECITATION", "MODEL_ARMOR"})
+_FINISH_REASONS = {"STOP": "stop", "MAX_TOKENS": "length", **{name: "content_filter" for name in _CONTENT_FILTER}}
+_RETRY_IN_MESSAGE = re.compile(r"retry in ([0-9.]+)\s*(ms|s)\b", re.IGNORECASE)
+_MAX_MESSAGE = 600
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Network-level exceptions the SDK lets through (aiohttp when installed, else httpx/httpx2)."""
+    found: list[type[BaseException]] = [aiohttp.ClientError, TimeoutError, ConnectionError]
+    for module in ("httpx", "httpx2"):
+        try:
+            found.append(importlib.import_module(module).TransportError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
+_TRANSPORT_ERRORS = _transport_errors()
+
+
+class GeminiProvider:
+    name = "gemini"
+
+    def __init__(self, *, api_key: str, base_url: str | None = None, timeout: float = 120.0) -> None:
+        self._api_key = api_key
+        options = types.HttpOptions(
+            base_url=base_url,
+            timeout=int(timeout * 1000),
+            retry_options=types.HttpRetryOptions(attempts=1),
+        )
+        self._client = genai.Client(api_key=api_key, http_options=options)
+
+    async def complete(self, request: ChatRequest) -> ChatResponse:
+        try:
+            call = to_gemini(request)
+        except UnsupportedRequest as exc:
+            raise ProviderError(ErrorKind.PERMANENT, str(exc)) from None
+        try:
+            response = await self._client.aio.models.generate_content(
+                model=request.model, contents=call.contents, config=types.GenerateContentConfig(**call.config)
+            )
+        except errors.APIError as exc:
+            raise classify_gemini_error(exc, secret=self._api_key) from None
+        except (*_TRANSPORT_ERRORS, errors.UnknownApiResponseError, json.JSONDecodeError) as exc:
+            message = redact(f"{type(exc).__name__}: {exc}", self._api_key)
+            raise ProviderError(ErrorKind.TRANSIENT, f"Gemini request failed: {message}"[:_MAX_MESSAGE]) from None
+        return normalise_response(response, model=request.model)
+
+    async def aclose(self) -> None:
+        await self._client.aio.aclose()
+        self._client.close()
+
+
+def normalise_response(response: types.GenerateContentResponse, *, model: str) -> ChatResponse:
+    """Text, finish reason and token counts; a blocked prompt or answer is a PERMANENT error."""
+    candidate = response.candidates[0] if response.candidates else None
+    if candidate is None:
+        feedback = response.prompt_feedback
+        if feedback is not None and feedback.block_reason is not None:
+            reason = _enum_name(feedback.block_reason)
+            detail = f": {feedback.block_reason_message}" if feedback.block_reason_message else ""
+            raise ProviderError(ErrorKind.PERMANENT, f"Gemini blocked the prompt ({reason}){detail}")
+        raise ProviderError(ErrorKind.TRANSIENT, "Gemini answered without a candidate")
+    parts = candidate.content.parts if candidate.content and candidate.content.parts else []
+    text = "".join(part.text for part in parts if part.text and not part.thought)
+    reason = _enum_name(candidate.finish_reason)
+    if reason in _CONTENT_FILTER and not text:
+        detail = f": {candidate.finish_message}" if candidate.finish_message else ""
+        raise ProviderError(ErrorKind.PERMANENT, f"Gemini blocked the answer (finish reason {reason}){detail}")
+    usage = response.usage_metadata
+    return ChatResponse(
+        text=text,
+        finish_reason=_FINISH_REASONS.get(reason, reason.lower()) if reason else None,
+        prompt_tokens=(usage.prompt_token_count or 0) if usage else 0,
+        # Thinking tokens are billed as output, as OpenAI counts reasoning tokens in completion_tokens.
+        completion_tokens=((usage.candidates_token_count or 0) + (usage.thoughts_token_count or 0)) if usage else 0,
+        model=response.model_version or model,
+    )
+
+
+def classify_gemini_error(exc: errors.APIError, *, secret: str | None = None) -> ProviderError:
+    """Map a google-genai `APIError` to the worker's four reactions."""
+    status = exc.code
+    grpc_status = exc.status or ""
+    details = _details(exc)
+    message = redact(f"Gemini {status} {grpc_status}: {exc.message or ''}".strip(), secret)[:_MAX_MESSAGE]
+    if status == 429:
+        quota_ids, zero_limit = _quota_violations(details)
+        retry_after = _retry_delay(details, exc.message)
+        daily = [q for q in quota_ids if "PerDay" in q]
+        if daily:
+            return ProviderError(
+                ErrorKind.QUOTA_EXHAUSTED,
+                f"Gemini daily quota exhausted ({', '.join(daily)}); it resets at midnight Pacific time. {message}",
+                status_code=status,
+                retry_after=retry_after,
+            )
+        if zero_limit:
+            # A per-minute limit of 0: this key's tier has no access to the model; waiting will not help.
+            return ProviderError(
+                ErrorKind.QUOTA_EXHAUSTED,
+                f"Gemini quota is 0 for this key ({', '.join(quota_ids)}). {message}",
+                status_code=status,
+            )
+        return ProviderError(ErrorKind.RATE_LIMITED, message, status_code=status, retry_after=retry_after)
+    if status == 400:
+        reasons = {str(d.get("reason")) for d in details if d.get("@type") == _ERROR_INFO}
+        if reasons & _KEY_REFUSED or "API key not valid" in (exc.message or ""):
+            return ProviderError(ErrorKind.QUOTA_EXHAUSTED, f"Gemini refused the key. {message}", status_code=status)
+        if grpc_status == "FAILED_PRECONDITION":
+            # e.g. "free tier not available in your country; enable billing": an account problem, not a row's.
+            return ProviderError(ErrorKind.QUOTA_EXHAUSTED, message, status_code=status)
+        return ProviderError(ErrorKind.PERMANENT, message, status_code=status)
+    if status in (401, 403):
+        return ProviderError(ErrorKind.QUOTA_EXHAUSTED, f"Gemini refused the API key. {message}", status_code=status)
+    if status in (408, 409, 499) or status >= 500 or grpc_status in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL"):
+        return ProviderError(ErrorKind.TRANSIENT, message, status_code=status, retry_after=_retry_delay(details, None))
+    return ProviderError(ErrorKind.PERMANENT, message, status_code=status)
+
+
+def _details(exc: errors.APIError) -> list[Mapping[str, Any]]:
+    body = exc.details
+    if isinstance(body, Mapping):
+        inner = body.get("error", body)
+        if isinstance(inner, Mapping) and isinstance(inner.get("details"), list):
+            return [d for d in inner["details"] if isinstance(d, Mapping)]
+    return []
+
+
+def _quota_violations(details: list[Mapping[str, Any]]) -> tuple[list[str], bool]:
+    """(quota ids, whether any violated quota has a limit of 0)."""
+    ids: list[str] = []
+    zero = False
+    for detail in details:
+        if detail.get("@type") != _QUOTA_FAILURE:
+            continue
+        for violation in detail.get("violations") or []:
+            if not isinstance(violation, Mapping):
+                continue
+            quota_id = violation.get("quotaId") or violation.get("quotaMetric")
+            if quota_id:
+                ids.append(str(quota_id))
+            if str(violation.get("quotaValue", "")) == "0":
+                zero = True
+    return ids, zero
+
+
+def _retry_delay(details: list[Mapping[str, Any]], message: str | None) -> float | None:
+    """Seconds from RetryInfo.retryDelay ("26s", "0.5s"), else from "Please retry in 26.2s." in the message."""
+    for detail in details:
+        if detail.get("@type") != _RETRY_INFO:
+            continue
+        delay = detail.get("retryDelay")
+        if isinstance(delay, str) and delay.endswith("s"):
+            try:
+                return max(0.0, float(delay[:-1]))
+            except ValueError:
+                pass
+        if isinstance(delay, Mapping):
+            return max(0.0, float(delay.get("seconds", 0)) + float(delay.get("nanos", 0)) / 1e9)
+    match = _RETRY_IN_MESSAGE.search(message or "")
+    if match:
+        return float(match.group(1)) * (0.001 if match.group(2).lower() == "ms" else 1.0)
+    return None
+
+
+def _enum_name(value: Any) -> str | None:
+    if value is None:
+        return None
+    name = getattr(value, "name", None) or str(value)
+    return None if name.endswith("_UNSPECIFIED") else name

@@ -1,0 +1,1 @@
+"""The Streamlit dashboard over batchdb's tables, queried with DuckDB (issue 5)."""

@@ -1,0 +1,164 @@
+"""The OpenAI and Azure OpenAI adapters through the openai SDK against the simulator."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import pytest
+
+from batchdb.providers import Provider, build_provider
+from batchdb.providers.azure import AzureOpenAIProvider
+from batchdb.providers.base import ChatRequest, ChatResponse, ErrorKind, ProviderError
+from batchdb.providers.openai import OpenAIProvider
+from batchdb.simulator import Limits, Outage, SimulatorProcess
+
+T = TypeVar("T")
+ConfigureSimulator = Callable[..., SimulatorProcess]
+KEY = "sk-test-0123456789abcdef"
+REQUEST = ChatRequest(
+    messages=[{"role": "system", "content": "You label headlines."},
+              {"role": "user", "content": "Acme beats estimates"}],
+    model="gpt-4o-mini",
+    max_tokens=20,
+)
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def call(provider: Provider, *requests: ChatRequest) -> list[ChatResponse | ProviderError]:
+    async def main() -> list[ChatResponse | ProviderError]:
+        out: list[ChatResponse | ProviderError] = []
+        try:
+            for r in requests:
+                try:
+                    out.append(await provider.complete(r))
+                except ProviderError as exc:
+                    out.append(exc)
+        finally:
+            await provider.aclose()
+        return out
+
+    return run(main())
+
+
+def openai_provider(sim: SimulatorProcess, key: str = KEY) -> OpenAIProvider:
+    return OpenAIProvider(api_key=key, base_url=sim.openai_base_url, timeout=10)
+
+
+# -- OpenAI ---------------------------------------------------------------------------------------
+
+
+def test_completion_carries_rate_limit_headers(simulator: ConfigureSimulator) -> None:
+    sim = simulator(default_limits=Limits(rpm=600, tpm=100_000))
+    [response] = call(openai_provider(sim), REQUEST)
+    assert isinstance(response, ChatResponse) and response.text and response.prompt_tokens > 0
+    assert response.rate_limit_headers["x-ratelimit-limit-requests"] == "600"
+
+
+def test_insufficient_quota_is_quota_exhausted(simulator: ConfigureSimulator) -> None:
+    sim = simulator(quota_exhausted_keys=(KEY,))
+    [error] = call(openai_provider(sim), REQUEST)
+    assert isinstance(error, ProviderError) and error.kind is ErrorKind.QUOTA_EXHAUSTED and error.status_code == 429
+
+
+def test_429_is_rate_limited_with_retry_after_from_headers(simulator: ConfigureSimulator) -> None:
+    sim = simulator(default_limits=Limits(rpm=60))
+    ok, limited = call(openai_provider(sim), REQUEST, REQUEST)
+    assert isinstance(ok, ChatResponse)
+    assert isinstance(limited, ProviderError) and limited.kind is ErrorKind.RATE_LIMITED
+    assert limited.retry_after is not None and 0.5 <= limited.retry_after <= 1.0  # retry-after-ms wins
+    assert limited.rate_limit_headers["x-ratelimit-remaining-requests"] == "0"
+
+
+def test_context_length_is_permanent(simulator: ConfigureSimulator) -> None:
+    sim = simulator(context_window=100)
+    [error] = call(openai_provider(sim), ChatRequest(messages=REQUEST.messages, model="gpt-4o-mini", max_tokens=500))
+    assert isinstance(error, ProviderError) and error.kind is ErrorKind.PERMANENT and error.status_code == 400
+    assert "context length" in error.message
+
+
+def test_503_is_transient(simulator: ConfigureSimulator) -> None:
+    sim = simulator(outage=Outage())
+    [error] = call(openai_provider(sim), REQUEST)
+    assert isinstance(error, ProviderError) and error.kind is ErrorKind.TRANSIENT and error.status_code == 503
+
+
+def test_refused_key_pauses_and_is_never_echoed(simulator: ConfigureSimulator) -> None:
+    sim = simulator(api_keys=("sk-good",))
+    [error] = call(openai_provider(sim, key="sk-wrong-secret-key"), REQUEST)
+    assert isinstance(error, ProviderError) and error.kind is ErrorKind.QUOTA_EXHAUSTED and error.status_code == 401
+    assert "sk-wrong-secret-key" not in str(error)
+
+
+def test_unmappable_request_is_permanent_without_a_call(simulator: ConfigureSimulator) -> None:
+    sim = simulator()
+    [error] = call(openai_provider(sim), ChatRequest(messages=REQUEST.messages, model="gpt-4o-mini", extra={"n": 3}))
+    assert isinstance(error, ProviderError) and error.kind is ErrorKind.PERMANENT and "n must be 1" in error.message
+    assert sim.stats(series=False)["totals"]["requests"] == 0
+
+
+def test_build_provider_uses_the_alias_key_and_endpoint(simulator: ConfigureSimulator,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    sim = simulator(api_keys=("sk-team-b",))
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-default-is-refused")
+    monkeypatch.setenv("BATCHDB_KEY_OPENAI_TEAM_B", "sk-team-b")
+    monkeypatch.setenv("BATCHDB_ENDPOINT_OPENAI_TEAM_B", sim.openai_base_url)
+    [response] = call(build_provider("openai", key_alias="team-b", timeout=5), REQUEST)
+    assert isinstance(response, ChatResponse)
+
+
+def test_build_provider_without_a_key_raises_quota_exhausted() -> None:
+    with pytest.raises(ProviderError) as caught:
+        build_provider("openai", key_alias="team-c")
+    assert caught.value.kind is ErrorKind.QUOTA_EXHAUSTED
+    assert "BATCHDB_KEY_OPENAI_TEAM_C" in caught.value.message
+
+
+def test_unknown_provider_is_permanent() -> None:
+    with pytest.raises(ProviderError) as caught:
+        build_provider("anthropic")
+    assert caught.value.kind is ErrorKind.PERMANENT and "openai, azure, gemini, instant" in caught.value.message
+
+
+# -- Azure ----------------------------------------------------------------------------------------
+
+
+def azure_request() -> ChatRequest:
+    return ChatRequest(messages=REQUEST.messages, model="prod-gpt4o", max_tokens=20)
+
+
+def test_azure_completion_through_the_deployment_path(simulator: ConfigureSimulator,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    sim = simulator(default_limits=Limits(rpm=300))
+    monkeypatch.setenv("AZURE_OPENAI_API_KEY", "azure-key-0123")
+    monkeypatch.setenv("AZURE_OPENAI_ENDPOINT", sim.azure_endpoint)
+    monkeypatch.setenv("BATCHDB_AZURE_API_VERSION", "2024-06-01")
+    provider = build_provider("azure", timeout=5)
+    assert isinstance(provider, AzureOpenAIProvider) and provider.name == "azure"
+    [response] = call(provider, azure_request())
+    assert isinstance(response, ChatResponse) and response.model == "prod-gpt4o" and response.text
+    assert response.rate_limit_headers["x-ratelimit-limit-requests"] == "300"
+    [row] = sim.stats(series=False)["by_key_model"]
+    assert (row["key"], row["model"]) == ("azure-key-0123", "prod-gpt4o")
+
+
+def test_azure_429_is_rate_limited_with_headers(simulator: ConfigureSimulator) -> None:
+    sim = simulator(default_limits=Limits(rpm=60))
+    provider = AzureOpenAIProvider(api_key="azure-key-0123", endpoint=sim.azure_endpoint, timeout=5)
+    ok, limited = call(provider, azure_request(), azure_request())
+    assert isinstance(ok, ChatResponse)
+    assert isinstance(limited, ProviderError) and limited.kind is ErrorKind.RATE_LIMITED
+    assert limited.retry_after is not None and limited.retry_after > 0
+    assert limited.rate_limit_headers["x-ratelimit-limit-requests"] == "60"
+
+
+def test_azure_without_an_endpoint_names_what_was_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AZURE_OPENAI_API_KEY", "azure-key-0123")
+    with pytest.raises(ProviderError) as caught:
+        build_provider("azure")
+    assert caught.value.kind is ErrorKind.QUOTA_EXHAUSTED
+    assert "AZURE_OPENAI_ENDPOINT" in caught.value.message and "azure-key-0123" not in caught.value.message

@@ -1,0 +1,135 @@
+"""The rate-limit ledger's SQL on real PostgreSQL: buckets in database time, 429 back-off, quotas, budgets."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from batchdb import ledger
+from batchdb.ledger import Lane, Reservation
+
+LANE = Lane("openai", "default", "gpt-4o-mini")
+
+
+def reserve(dsn: str, tokens: list[int], **extra: object) -> Reservation:
+    async def go() -> Reservation:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True, row_factory=dict_row) as c:
+            return await ledger.reserve(c, LANE, tokens, **extra)  # type: ignore[arg-type]
+
+    return asyncio.run(go())
+
+
+def limits(conn: psycopg.Connection, **values: int | None) -> None:
+    ledger.set_limits(conn, LANE, rpm=values.get("rpm"), tpm=values.get("tpm"), rpd=values.get("rpd"))
+
+
+def state(conn: psycopg.Connection) -> dict:
+    return conn.execute("SELECT * FROM batchdb.rate_limits WHERE provider = 'openai' AND model = 'gpt-4o-mini'"
+                        ).fetchone()
+
+
+def test_a_key_without_limits_is_not_paced(dsn: str) -> None:
+    assert reserve(dsn, [100] * 50) == Reservation(granted=50, wait_seconds=0.0, daily_exhausted=False, limited=False)
+
+
+def test_request_bucket_starts_empty_refills_at_the_limit_and_caps_the_burst(dsn: str, conn: psycopg.Connection) -> None:
+    limits(conn, rpm=6000)  # 100/s x 0.99 target; burst 0.5 s = 49.5 calls
+    first = reserve(dsn, [1] * 200)
+    assert first.granted <= 2 and first.limited
+    time.sleep(1.0)
+    burst = reserve(dsn, [1] * 200)
+    assert 45 <= burst.granted <= 50  # capped at half a second of the limit, not a minute's budget
+    assert 0 < burst.wait_seconds <= 0.011  # the next call is due in ~1/99 s
+    time.sleep(0.2)
+    refill = reserve(dsn, [1] * 200)
+    assert 17 <= refill.granted <= 23  # 0.2 s x 99/s
+
+
+def test_token_bucket_binds_and_oversized_calls_wait_for_a_full_bucket(dsn: str, conn: psycopg.Connection) -> None:
+    limits(conn, tpm=60_000)  # 990 tokens/s; bucket 495 tokens
+    time.sleep(0.6)
+    got = reserve(dsn, [200, 200, 200])
+    assert got.granted == 2
+    assert got.wait_seconds == pytest.approx((200 - (495 - 400)) / 990, abs=0.02)
+    time.sleep(0.6)
+    big = reserve(dsn, [5000])  # larger than the bucket: goes when the bucket is full, leaving a debt
+    assert big.granted == 1
+    assert state(conn)["token_credit"] < -4000
+
+
+def test_refund_gives_back_what_the_estimate_overcounted(dsn: str, conn: psycopg.Connection) -> None:
+    limits(conn, tpm=60_000)
+    time.sleep(0.6)
+    assert reserve(dsn, [495]).granted == 1
+    assert reserve(dsn, [300]).granted == 0
+    assert reserve(dsn, [300], refund_tokens=400).granted == 1
+
+
+def test_a_429_blocks_the_key_for_the_providers_delay_and_slows_it(dsn: str, conn: psycopg.Connection) -> None:
+    limits(conn, rpm=6000)
+    time.sleep(0.6)
+
+    async def limited() -> None:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as c:
+            await ledger.record_rate_limited(c, LANE, 0.5)
+
+    asyncio.run(limited())
+    blocked = reserve(dsn, [1])
+    assert blocked.granted == 0 and 0.3 < blocked.wait_seconds <= 0.5
+    after = state(conn)
+    assert after["pace"] == pytest.approx(0.7, abs=0.02) and after["rate_limited"] == 1
+    time.sleep(0.6)
+    assert reserve(dsn, [1] * 100).granted > 0
+    usage = conn.execute("SELECT sum(rate_limited) AS n FROM batchdb.rate_usage").fetchone()
+    assert usage["n"] == 1
+
+
+def test_low_remaining_headers_slow_the_key_before_any_429(dsn: str, conn: psycopg.Connection) -> None:
+    limits(conn, rpm=600)  # a quarter second of budget = 2.5 requests
+    reserve(dsn, [1], remaining_requests=100.0)
+    assert state(conn)["pace"] == pytest.approx(1.0)
+    for _ in range(5):
+        reserve(dsn, [1], remaining_requests=1.0)
+    assert state(conn)["pace"] < 0.9
+
+
+def test_daily_quota_exhaustion_is_reported(dsn: str, conn: psycopg.Connection) -> None:
+    limits(conn, rpm=60_000, rpd=3)
+    time.sleep(0.2)
+    assert reserve(dsn, [1] * 5).granted == 3
+    spent = reserve(dsn, [1])
+    assert spent.granted == 0 and spent.daily_exhausted
+    assert 0 < spent.wait_seconds <= 24 * 3600 + 3600
+
+
+def test_limits_announced_in_headers_fill_in_but_never_override_configured_ones(dsn: str,
+                                                                                conn: psycopg.Connection) -> None:
+    async def learn(lane: Lane, rpm: int, tpm: int) -> None:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as c:
+            await ledger.learn_limits(c, lane, rpm, tpm)
+
+    unknown = Lane("openai", "default", "gpt-4.1")
+    asyncio.run(learn(unknown, 500, 30_000))
+    asyncio.run(learn(LANE, 500, 30_000))
+    limits(conn, rpm=100, tpm=1000)
+    asyncio.run(learn(LANE, 500, 30_000))
+    rows = {r["model"]: r for r in ledger.list_limits(conn)}
+    assert (rows["gpt-4.1"]["rpm"], rows["gpt-4.1"]["source"]) == (500, "headers")
+    assert (rows["gpt-4o-mini"]["rpm"], rows["gpt-4o-mini"]["source"]) == (100, "configured")
+
+
+def test_budget_reservations_stop_at_the_budget_and_pause_the_job(conn: psycopg.Connection) -> None:
+    job_id = conn.execute("INSERT INTO batchdb.jobs (model, budget_usd) VALUES ('gpt-4o-mini', 1.00) RETURNING id"
+                          ).fetchone()["id"]
+    ok = [conn.execute("SELECT batchdb.reserve_budget(%s, 0.30) AS ok", (job_id,)).fetchone()["ok"] for _ in range(4)]
+    assert ok == [True, True, True, False]
+    job = conn.execute("SELECT status, status_reason, reserved_usd FROM batchdb.jobs WHERE id = %s",
+                       (job_id,)).fetchone()
+    assert job["status"] == "paused" and "budget of $1.000000 reached" in job["status_reason"]
+    assert float(job["reserved_usd"]) == pytest.approx(0.90)
+    conn.execute("SELECT batchdb.release_budget(ARRAY[%s]::bigint[], ARRAY[0.9]::numeric[])", (job_id,))
+    assert conn.execute("SELECT reserved_usd FROM batchdb.jobs WHERE id = %s", (job_id,)).fetchone()["reserved_usd"] == 0
