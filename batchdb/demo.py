@@ -120,23 +120,29 @@ def run_demo(*, rows: int, n_workers: int, rpm: int, tpm: int, output: Path, dsn
                     worker.kill()
             for log in logs:
                 log.close()
-        served = simulator.stats(series=False)
+        served = simulator.stats()
 
     written = job.to_parquet(output)
     say("")
     say(final.summary())
     say(f"wall time {elapsed:.1f}s, {final.n_done / max(elapsed, 1e-9):.1f} rows/s")
-    say(_served_line(served))
+    say(_served_line(served, rpm))
     say(f"results: {written} rows -> {output}")
     sample = job.results().head(5)
     for _, row in sample.iterrows():
         say(f"  {row['custom_id']}  {row['headline'][:48]:<48}  {row['response']}")
 
 
-def _served_line(stats: dict) -> str:
+def _served_line(stats: dict, rpm: int) -> str:
+    """What the provider saw: calls, 429s, and its busiest second against the key's per-second rate."""
     totals = stats["totals"]
+    per_second: dict[int, int] = {}
+    for point in stats["series"]:
+        per_second[point["t"]] = per_second.get(point["t"], 0) + point["admitted"]
+    busiest = max(per_second.values(), default=0)
     return (f"provider side: {totals['requests']} requests, {totals['accepted']} accepted, "
-            f"{totals['rate_limited']} rejected with 429")
+            f"{totals['rate_limited']} rejected with 429; busiest second {busiest} calls "
+            f"(limit {rpm / 60:.0f}/s)")
 
 
 def _describe(dsn: str) -> str:

@@ -21,7 +21,7 @@ benchmark's key and model: share of the binding limit used in steady state (seco
 `--warmup` to end - 5), 429s as a share of all provider requests, time until the
 trailing 5-s average first reaches 90% of the limit, provider requests per finished
 row, and whether any 60-s window went over a limit. Worker CPU comes from the kernel
-(RUSAGE_CHILDREN across the run), peak RSS from psutil polled every 0.5 s.
+(RUSAGE_CHILDREN across the run), peak RSS from psutil polled every 0.25 s.
 
 This file is also the baseline client (`python -m bench.ratelimit client ...`). The
 client must carry only what a plain client carries (openai and a tokenizer), so its
@@ -48,7 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,7 +68,7 @@ TARGET_ATTEMPTS_PER_ROW = 1.01
 RAMP_FRACTION = 0.90
 RAMP_WINDOW = 5  # seconds averaged for the time to 90%
 TAIL = 5  # seconds before SIGTERM left out of steady state
-SAMPLE_INTERVAL = 0.5
+SAMPLE_INTERVAL = 0.25
 SHUTDOWN_TIMEOUT = 90.0
 
 
@@ -166,8 +166,11 @@ class Usage:
     logs: list[str]
 
 
-def run_group(commands: Sequence[list[str]], env: dict[str, str], seconds: float, workdir: Path) -> Usage:
+def run_group(commands: Sequence[list[str]], env: dict[str, str], seconds: float, workdir: Path,
+              on_sample: Callable[[float], None] | None = None) -> Usage:
     """Start the processes, poll their RSS, SIGTERM them after `seconds`, wait for them to exit.
+
+    `on_sample(seconds since start)` is called at every poll until SIGTERM.
 
     CPU is RUSAGE_CHILDREN over the group's lifetime: only these processes are reaped in
     between (the simulator, also a child, keeps running), so it is exactly their CPU,
@@ -187,7 +190,8 @@ def run_group(commands: Sequence[list[str]], env: dict[str, str], seconds: float
             with log.open("wb") as handle:
                 procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT))
         handles = [psutil.Process(p.pid) for p in procs]
-        deadline = time.monotonic() + seconds
+        started = time.monotonic()
+        deadline = started + seconds
         stop_at: float | None = None
         while any(p.poll() is None for p in procs):
             for i, h in enumerate(handles):
@@ -195,6 +199,8 @@ def run_group(commands: Sequence[list[str]], env: dict[str, str], seconds: float
                     peaks[i] = max(peaks[i], h.memory_info().rss)
                 except psutil.Error:
                     pass
+            if stop_at is None and on_sample is not None:
+                on_sample(time.monotonic() - started)
             if stop_at is None and time.monotonic() >= deadline:
                 stop_at = time.monotonic()
                 for p in procs:
@@ -205,7 +211,8 @@ def run_group(commands: Sequence[list[str]], env: dict[str, str], seconds: float
             time.sleep(SAMPLE_INTERVAL if stop_at is None else 0.05)
         shutdown = time.monotonic() - stop_at if stop_at is not None else 0.0
         if stop_at is None:
-            raise SystemExit("a process exited before the run's end:\n" + logs[0].read_text()[-2000:])
+            first = next(i for i, p in enumerate(procs) if p.returncode is not None)
+            raise SystemExit(f"{procs[first].args} exited before the run's end:\n" + logs[first].read_text()[-2000:])
     finally:
         for p in procs:
             if p.poll() is None:
@@ -235,6 +242,8 @@ class Figures:
     utilisation_requests: float  # steady state, share of RPM
     utilisation_tokens: float  # steady state, share of TPM
     ramp_seconds: float | None  # None: never reached 90%
+    late_use: float | None  # binding-limit use from second 60 to end - 5 (None for short runs)
+    first_call: int | None  # first second with a call admitted by the simulator
     max_window_requests: int
     max_window_tokens: int
     usage: Usage
@@ -268,14 +277,45 @@ def measure(label: str, processes: int, in_flight: int, stats: dict[str, Any], s
         if sum(window) / RAMP_WINDOW >= RAMP_FRACTION * per_second:
             ramp = float(t + 1)
             break
+    late = sum(binding[60:hi]) / ((hi - 60) * per_second) if hi - 60 >= 30 else None
+    first_call = next((t for t, n in enumerate(s["admitted"]) if n), None)
     windows = range(max(1, len(binding) - 59))
     max_req = max(sum(s["admitted"][t:t + 60]) for t in windows)
     max_tok = max(sum(s["charged_tokens"][t:t + 60]) for t in windows)
     return Figures(label, processes, in_flight, rows_done, sum(s["requests"]), sum(s["rate_limited"]),
-                   util_req, util_tok, ramp, max_req, max_tok, usage)
+                   util_req, util_tok, ramp, late, first_call, max_req, max_tok, usage)
 
 
 # -- batchdb -----------------------------------------------------------------------------------
+
+
+class LedgerProbe:
+    """The lane's row in batchdb.rate_limits, read at every poll of a run: its pace and first grant."""
+
+    def __init__(self, dsn: str, model: str) -> None:
+        import psycopg
+
+        self._conn = psycopg.connect(dsn, autocommit=True)
+        self._model = model
+        self.samples: list[tuple[float, float, int]] = []  # (seconds since start, pace, requests granted)
+
+    def __call__(self, t: float) -> None:
+        pace, granted = self._conn.execute(
+            "SELECT pace, requests_granted FROM batchdb.rate_limits WHERE provider = 'openai' AND model = %s",
+            [self._model]).fetchone()
+        self.samples.append((t, pace, granted))
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def summary(self) -> str:
+        if not self.samples:
+            return "ledger not sampled"
+        low = min(self.samples, key=lambda x: x[1])
+        slowed = sum(b[0] - a[0] for a, b in zip(self.samples, self.samples[1:], strict=False) if a[1] < 0.99)
+        first = next((t for t, _, granted in self.samples if granted), None)
+        return (f"ledger pace (sampled every {SAMPLE_INTERVAL:g} s): lowest {low[1]:.2f} at {low[0]:.0f} s, below "
+                f"0.99 for {slowed:.0f} s in all; first grant seen at {'-' if first is None else f'{first:.1f}'} s")
 
 
 def run_batchdb(admin_dsn: str, sim: SimulatorProcess, scenario: Scenario, table: pa.Table, processes: int,
@@ -302,8 +342,12 @@ def run_batchdb(admin_dsn: str, sim: SimulatorProcess, scenario: Scenario, table
         env = {**os.environ, "PYTHONPATH": str(REPO), "BATCHDB_DSN": dsn, "OPENAI_BASE_URL": sim.openai_base_url,
                "OPENAI_API_KEY": API_KEY}
         cmd = [sys.executable, "-m", "workers", "--concurrency", str(in_flight)]
-        sim.reset()
-        usage = run_group([cmd] * processes, env, scenario.seconds, workdir)
+        probe = LedgerProbe(dsn, model)
+        try:
+            sim.reset()
+            usage = run_group([cmd] * processes, env, scenario.seconds, workdir, on_sample=probe)
+        finally:
+            probe.close()
         stats = sim.stats()
         with psycopg.connect(dsn, autocommit=True) as conn:
             done, retried, multi = conn.execute(
@@ -313,15 +357,17 @@ def run_batchdb(admin_dsn: str, sim: SimulatorProcess, scenario: Scenario, table
             lane = conn.execute("SELECT pace, rate_limited, requests_granted, tokens_granted FROM batchdb.rate_limits "
                                 "WHERE provider = 'openai' AND model = %s", [model]).fetchone()
             calls = conn.execute("SELECT funcname, calls, total_time FROM pg_stat_user_functions "
-                                 "WHERE schemaname = 'batchdb' ORDER BY funcname").fetchall()
+                                 "WHERE schemaname = 'batchdb' AND funcname IN ('reserve_capacity', "
+                                 "'record_rate_limited') ORDER BY funcname").fetchall()
             per_worker = [n for (n,) in conn.execute("SELECT n_completed FROM batchdb.workers ORDER BY id")]
     figures = measure("batchdb ledger", processes, in_flight, stats, scenario, done, usage, model)
-    ledger_calls = "; ".join(f"{name}: {n:,} calls, {t / max(n, 1):.2f} ms each in the server"
-                             for name, n, t in calls) or "no function statistics"
+    ledger_calls = "; ".join(f"{name}: {n:,} calls ({n / scenario.seconds:.0f}/s), {t / max(n, 1):.2f} ms "
+                             "each in the server" for name, n, t in calls) or "no ledger function statistics"
     figures.notes.append(
         f"batchdb x{processes}: rows succeeded {done:,} ({multi:,} of them after more than one attempt, {retried:,} "
         f"waiting to retry at the end); per worker {per_worker}; ledger at the end: pace {lane[0]:.2f}, 429s "
-        f"recorded {lane[1]:,}, requests granted {lane[2]:,} ({lane[3]:,} tokens); {ledger_calls}; "
+        f"recorded {lane[1]:,}, requests granted {lane[2]:,} ({lane[3]:,} tokens); {probe.summary()}; first call "
+        f"at the simulator in second {figures.first_call}; {ledger_calls}; {late_note(figures, scenario)}; "
         f"shutdown {usage.shutdown_seconds:.1f} s after SIGTERM")
     progress(f"batchdb x{processes}: {summary_line(figures, scenario)}")
     return figures
@@ -362,12 +408,18 @@ def run_baseline(sim: SimulatorProcess, scenario: Scenario, rows_file: Path, pro
     figures.notes.append(
         f"{label} x{processes}: rows done per process {[c['rows_done'] for c in clients]}, 429s seen per process "
         f"{[c['rate_limited'] for c in clients]}, other errors {sum(c['errors'] for c in clients)}; "
-        f"shutdown {usage.shutdown_seconds:.1f} s after SIGTERM")
+        f"{late_note(figures, scenario)}; shutdown {usage.shutdown_seconds:.1f} s after SIGTERM")
     progress(f"{label} x{processes}: {summary_line(figures, scenario)}")
     return figures
 
 
 # -- report ------------------------------------------------------------------------------------
+
+
+def late_note(f: Figures, scenario: Scenario) -> str:
+    if f.late_use is None:
+        return "run too short for a second-60-onwards figure"
+    return f"{scenario.binding} use from second 60 to {scenario.seconds - TAIL:.0f}: {f.late_use:.1%}"
 
 
 def verdict(ok: bool) -> str:

@@ -261,3 +261,17 @@ def test_rows_must_be_inserted_queued(conn: psycopg.Connection, bad_status: str)
     with pytest.raises(psycopg.errors.CheckViolation, match="must be inserted as 'queued'"):
         conn.execute("INSERT INTO batchdb.requests (job_id, custom_id, payload, status) "
                      "VALUES (%s, 'x', '{\"prompt\": \"hi\"}', %s)", (job_id, bad_status))
+
+
+def test_job_completion_is_announced_once_on_batchdb_events(dsn: str, conn: psycopg.Connection) -> None:
+    import json
+
+    job_id = make_job(conn, 3)
+    rows = run(claim(dsn, 3))
+    with psycopg.connect(dsn, autocommit=True) as listener:
+        listener.execute("LISTEN batchdb_events")
+        run(complete(dsn, [ok(rows[0])]))
+        run(complete(dsn, [ok(r) for r in rows[1:]]))
+        events = [json.loads(n.payload) for n in listener.notifies(timeout=1.0)]
+    assert [(e["event"], e["job_id"], e["n_succeeded"], e["previous_status"]) for e in events] == [
+        ("job_completed", job_id, 3, "running")]

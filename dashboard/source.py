@@ -1,0 +1,144 @@
+"""Where the dashboard's data comes from: read-only PostgreSQL, fetched into Arrow, and DuckDB.
+
+PostgreSQL answers the selective questions (one job's partition, a lane's last
+minutes, the job counters) with its indexes; the answers are small and come
+back as Arrow tables. DuckDB then shapes them (filters, joins, cost by day)
+and reads finished jobs' Parquet outputs directly.
+
+Why not DuckDB's postgres extension: `bench/dashboard.py --compare-access`
+measured both on a 1,000,000-row job. The extension runs every pushed-down
+query through `COPY ... TO STDOUT`, which PostgreSQL never parallelises, adds
+about 0.3 s to the first query of a process, and ties the DuckDB version to
+two more wheels; fetching with psycopg was as fast or faster on every page
+(figures in bench/README.md). `attach_postgres` keeps the extension path
+working for that comparison and for ad-hoc use.
+
+Every PostgreSQL connection opened here is read-only
+(`default_transaction_read_only=on`), named `batchdb-dashboard` in
+`pg_stat_activity`, and bounded by a statement timeout. The dashboard's two
+writes, cancel and retry, go through `batchdb.Job` instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import decimal
+import tempfile
+import threading
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import duckdb
+import pandas as pd
+import psycopg
+import pyarrow as pa
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from batchdb.db import resolve_dsn
+
+APPLICATION_NAME = "batchdb-dashboard"
+STATEMENT_TIMEOUT_MS = 15_000
+
+# PostgreSQL type OIDs -> Arrow types, so an empty answer still has typed columns.
+_ARROW_TYPES: dict[int, pa.DataType] = {
+    16: pa.bool_(),
+    20: pa.int64(), 21: pa.int64(), 23: pa.int64(),
+    700: pa.float64(), 701: pa.float64(), 1700: pa.float64(),
+    25: pa.string(), 1043: pa.string(), 19: pa.string(), 18: pa.string(),
+    # timestamptz arrives as naive UTC: the dashboard shows every time in UTC.
+    1114: pa.timestamp("us"), 1184: pa.timestamp("us"),
+    1082: pa.date32(),
+    114: pa.string(), 3802: pa.string(),  # json / jsonb arrive decoded; kept as text
+}
+
+
+def read_only_dsn(dsn: str | None = None) -> str:
+    """The DSN with read-only, application-name and statement-timeout options added."""
+    params = conninfo_to_dict(resolve_dsn(dsn))
+    extra = f"-c default_transaction_read_only=on -c statement_timeout={STATEMENT_TIMEOUT_MS}"
+    params["options"] = f"{params['options']} {extra}" if params.get("options") else extra
+    params.setdefault("application_name", APPLICATION_NAME)
+    return make_conninfo(**params)
+
+
+@contextlib.contextmanager
+def read_connection(dsn: str | None = None) -> Iterator[psycopg.Connection]:
+    """A short-lived read-only connection (about 4 ms to open on localhost)."""
+    with psycopg.connect(read_only_dsn(dsn), autocommit=True) as conn:
+        yield conn
+
+
+def fetch(conn: psycopg.Connection, sql: str, params: Mapping[str, Any] | None = None) -> pa.Table:
+    """Run one PostgreSQL query and return its rows as an Arrow table (typed even when empty)."""
+    cur = conn.execute(sql, params)  # type: ignore[arg-type]
+    description = cur.description or []
+    rows = cur.fetchall()
+    names = [d.name for d in description]
+    columns = list(zip(*rows, strict=True)) if rows else [() for _ in names]
+    arrays = []
+    for d, values in zip(description, columns, strict=True):
+        arrow_type = _ARROW_TYPES.get(d.type_code, pa.string())
+        arrays.append(pa.array([_plain(v, arrow_type) for v in values], type=arrow_type))
+    return pa.Table.from_arrays(arrays, names=names)
+
+
+def fetch_df(conn: psycopg.Connection, sql: str, params: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    return fetch(conn, sql, params).to_pandas()
+
+
+def _plain(value: Any, arrow_type: pa.DataType) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    if pa.types.is_string(arrow_type) and not isinstance(value, str):
+        import json
+
+        return json.dumps(value, default=str) if isinstance(value, dict | list) else str(value)
+    if isinstance(value, dt.datetime) and value.tzinfo is not None:
+        return value.astimezone(dt.UTC).replace(tzinfo=None)
+    return value
+
+
+# -- DuckDB -------------------------------------------------------------------------------------
+
+_duck: duckdb.DuckDBPyConnection | None = None
+_duck_lock = threading.Lock()
+
+
+def duck() -> duckdb.DuckDBPyConnection:
+    """A DuckDB cursor of the process's in-memory database (a new cursor per caller: thread-safe)."""
+    global _duck
+    with _duck_lock:
+        if _duck is None:
+            _duck = duckdb.connect(":memory:", config={"threads": 2})
+        return _duck.cursor()
+
+
+def duck_df(sql: str, tables: Mapping[str, pa.Table | pd.DataFrame] | None = None,
+            params: list[Any] | None = None) -> pd.DataFrame:
+    """Run DuckDB SQL over the given Arrow tables / DataFrames (registered under their names)."""
+    cur = duck()
+    try:
+        for name, table in (tables or {}).items():
+            cur.register(name, table)
+        return cur.execute(sql, params or []).df()
+    finally:
+        cur.close()
+
+
+def attach_postgres(con: duckdb.DuckDBPyConnection, dsn: str | None = None, *, alias: str = "pg") -> None:
+    """ATTACH PostgreSQL READ_ONLY through the pip-packaged postgres extension (works offline).
+
+    Needs `duckdb-extension-postgres` and `duckdb-extensions` of exactly DuckDB's version.
+    """
+    import duckdb_extensions
+
+    con.execute("SET extension_directory = ?", [tempfile.gettempdir() + "/batchdb-duckdb-extensions"])
+    duckdb_extensions.import_extension("postgres", con=con)
+    con.execute("LOAD postgres")
+    params = conninfo_to_dict(resolve_dsn(dsn))
+    params.setdefault("application_name", APPLICATION_NAME)
+    conninfo = make_conninfo(**params).replace("'", "''")
+    con.execute(f"ATTACH '{conninfo}' AS {alias} (TYPE postgres, READ_ONLY)")
