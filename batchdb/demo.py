@@ -134,15 +134,16 @@ def run_demo(*, rows: int, n_workers: int, rpm: int, tpm: int, output: Path, dsn
 
 
 def _served_line(stats: dict, rpm: int) -> str:
-    """What the provider saw: calls, 429s, and its busiest second against the key's per-second rate."""
+    """What the provider saw: calls, 429s, and the steady call rate against the key's limit."""
     totals = stats["totals"]
     per_second: dict[int, int] = {}
     for point in stats["series"]:
         per_second[point["t"]] = per_second.get(point["t"], 0) + point["admitted"]
-    busiest = max(per_second.values(), default=0)
+    seconds = [per_second.get(t, 0) for t in range(max(per_second, default=-1) + 1)]
+    steady = seconds[1:-1] or seconds or [0]  # the first and last seconds are partial
     return (f"provider side: {totals['requests']} requests, {totals['accepted']} accepted, "
-            f"{totals['rate_limited']} rejected with 429; busiest second {busiest} calls "
-            f"(limit {rpm / 60:.0f}/s)")
+            f"{totals['rate_limited']} rejected with 429; steady rate {sum(steady) / len(steady):.1f} calls/s "
+            f"against the key's {rpm} RPM ({rpm / 60:.1f}/s)")
 
 
 def _describe(dsn: str) -> str:

@@ -117,13 +117,13 @@ def duck() -> duckdb.DuckDBPyConnection:
 
 
 def duck_df(sql: str, tables: Mapping[str, pa.Table | pd.DataFrame] | None = None,
-            params: list[Any] | None = None) -> pd.DataFrame:
+            params: Mapping[str, Any] | list[Any] | None = None) -> pd.DataFrame:
     """Run DuckDB SQL over the given Arrow tables / DataFrames (registered under their names)."""
     cur = duck()
     try:
         for name, table in (tables or {}).items():
             cur.register(name, table)
-        return cur.execute(sql, params or []).df()
+        return cur.execute(sql, params if params is not None else []).df()
     finally:
         cur.close()
 

@@ -1,0 +1,709 @@
+"""Every query the dashboard runs, and one loader per page that runs them.
+
+Two kinds of SQL live here and nowhere else:
+
+- PostgreSQL (`PG_*`): the selective questions, answered from the exact job
+  counters (`batchdb.job_progress`), the ledger (`rate_limits`, `rate_usage`,
+  read through its primary key one lane at a time) and, for what only the rows
+  know (recent completions, progress over time, latency, errors, samples), a
+  read of one job's partition: whole when the job has at most
+  `EXACT_SCAN_ROWS` rows, else a `TABLESAMPLE SYSTEM` page sample sized to
+  about `SAMPLE_TARGET_ROWS` rows, scaled back up and marked as an estimate.
+  No query reads all of `batchdb.requests`.
+- DuckDB (`DUCK_*`): shaping the fetched answers (filters, lane utilisation,
+  cost by day/user/model/job) and reading finished jobs' Parquet outputs.
+
+Loaders take a DSN and return plain DataFrames/dicts, so the pages cache them
+with `st.cache_data`, and the tests and `bench/dashboard.py` call the very
+same functions without Streamlit. Times are naive UTC throughout.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import psycopg
+from psycopg.rows import dict_row
+
+from dashboard.source import duck_df, fetch_df, read_connection
+
+# A job partition up to this many rows is read whole (about 20 ms); a bigger one is page-sampled
+# down to about as many rows, so one read of a 1M-row job costs what a 100k-row job costs.
+EXACT_SCAN_ROWS = 100_000
+SAMPLE_TARGET_ROWS = 100_000
+MAX_TIMELINE_POINTS = 400
+MAX_JOBS = 10_000
+ACTIVE_STATUSES = ("running", "paused", "loading")
+FINAL_STATUSES = ("completed", "cancelled")
+JOB_STATUSES = ("loading", "running", "paused", "cancelled", "completed")
+
+
+def sample_percent(rows: int, *, exact_rows: int = EXACT_SCAN_ROWS, target_rows: int = SAMPLE_TARGET_ROWS) -> float:
+    """Share of a partition's pages to read: 100 (exact) for small jobs, else about `target_rows` rows' worth."""
+    if rows <= exact_rows:
+        return 100.0
+    return max(0.01, min(100.0, 100.0 * target_rows / rows))
+
+
+# =================================================================================================
+# PostgreSQL
+# =================================================================================================
+
+# One row per job (exact counters, ETA from the view), with what cost estimates need.
+PG_JOBS = """
+SELECT p.job_id, p.name, p.owner, p.provider, p.key_alias, p.model, p.status, p.status_reason, p.priority,
+       p.n_total, p.n_queued, p.n_running, p.n_succeeded, p.n_failed, p.n_dead, p.n_cancelled, p.n_done,
+       p.pct_done::float8 AS pct_done, p.n_retries, p.prompt_tokens, p.completion_tokens,
+       p.cost_usd::float8 AS cost_usd, p.budget_usd::float8 AS budget_usd, p.reserved_usd::float8 AS reserved_usd,
+       p.created_at, p.started_at, p.finished_at,
+       p.rows_per_second::float8 AS avg_rows_per_second,
+       extract(epoch FROM p.eta)::float8 AS eta_seconds,
+       CASE WHEN jsonb_typeof(j.params -> 'max_tokens') = 'number'
+            THEN (j.params ->> 'max_tokens')::numeric::bigint END AS max_tokens,
+       pr.input_per_mtok::float8 AS input_per_mtok, pr.output_per_mtok::float8 AS output_per_mtok,
+       now() AS db_now
+  FROM batchdb.job_progress p
+  JOIN batchdb.jobs j ON j.id = p.job_id
+  LEFT JOIN batchdb.prices pr ON pr.provider = p.provider AND pr.model = p.model
+ WHERE %(job_id)s::bigint IS NULL OR p.job_id = %(job_id)s::bigint
+ ORDER BY p.job_id DESC
+ LIMIT %(limit)s
+"""
+
+# The last minutes of one running job, by error class (NULL class: rows without an error).
+# A retrying row's error happened up to its back-off before `run_after`; counted when that is < 5 min ago.
+PG_RECENT_ACTIVITY = """
+SELECT error_class,
+       count(*) FILTER (WHERE finished_at >= now() - interval '1 minute') AS finished_1m,
+       coalesce(sum(prompt_tokens + completion_tokens) FILTER (WHERE finished_at >= now() - interval '1 minute'), 0)
+           AS tokens_1m,
+       count(*) FILTER (WHERE error_class IS NOT NULL
+                          AND (finished_at >= now() - interval '5 minutes'
+                               OR (status IN ('queued', 'running') AND run_after >= now() - interval '5 minutes')))
+           AS errors_5m
+  FROM batchdb.requests TABLESAMPLE SYSTEM (%(pct)s) REPEATABLE (0)
+ WHERE job_id = %(job_id)s
+   AND (finished_at >= now() - interval '5 minutes' OR (error_class IS NOT NULL AND status IN ('queued', 'running')))
+ GROUP BY error_class
+"""
+
+# Finished rows of one job per time bucket (progress over time, throughput, cost over time).
+PG_JOB_TIMELINE = """
+SELECT date_bin(make_interval(secs => %(bucket_seconds)s), finished_at, timestamptz '2000-01-01') AS bucket,
+       count(*) AS finished,
+       count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
+       count(*) FILTER (WHERE status IN ('failed', 'dead')) AS failed,
+       sum(prompt_tokens)::bigint AS prompt_tokens,
+       sum(completion_tokens)::bigint AS completion_tokens,
+       sum(cost_usd)::float8 AS cost_usd
+  FROM batchdb.requests TABLESAMPLE SYSTEM (%(pct)s) REPEATABLE (0)
+ WHERE job_id = %(job_id)s AND finished_at IS NOT NULL
+ GROUP BY 1
+ ORDER BY 1
+"""
+
+# Latency of one job's succeeded calls (the last attempt's latency).
+PG_JOB_LATENCY = """
+SELECT count(*) AS n,
+       avg(latency_ms)::float8 AS mean_ms,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms) AS p50_ms,
+       percentile_cont(0.9) WITHIN GROUP (ORDER BY latency_ms) AS p90_ms,
+       percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ms) AS p99_ms,
+       max(latency_ms)::float8 AS max_ms
+  FROM batchdb.requests TABLESAMPLE SYSTEM (%(pct)s) REPEATABLE (0)
+ WHERE job_id = %(job_id)s AND status = 'succeeded' AND latency_ms IS NOT NULL
+"""
+
+# Rows of one job that carry an error: final (failed, dead) or waiting for a retry.
+PG_JOB_ERRORS = """
+SELECT CASE WHEN status IN ('queued', 'running') THEN 'retrying' ELSE status END AS state,
+       error_class,
+       count(*) AS n,
+       (array_agg(DISTINCT left(error, 400)))[1:3] AS examples,
+       max(finished_at) AS last_seen
+  FROM batchdb.requests TABLESAMPLE SYSTEM (%(pct)s) REPEATABLE (0)
+ WHERE job_id = %(job_id)s AND error_class IS NOT NULL
+ GROUP BY 1, 2
+ ORDER BY n DESC, 1, 2
+"""
+
+# A few answered rows of one job with their inputs, for auditing outputs. The sample is picked
+# from a page sample of `results`, then each row is fetched by primary key (never a join scan).
+PG_JOB_SAMPLES = """
+WITH picked AS MATERIALIZED (
+    SELECT r.request_id, r.response_text, r.finish_reason
+      FROM batchdb.results r TABLESAMPLE SYSTEM (%(pct)s) REPEATABLE (%(seed)s)
+     WHERE r.job_id = %(job_id)s
+     ORDER BY md5(r.request_id::text || %(seed)s::text)
+     LIMIT %(limit)s
+)
+SELECT q.id AS request_id, q.custom_id, q.status, q.payload, q.input, p.response_text, p.finish_reason,
+       q.prompt_tokens, q.completion_tokens, q.cost_usd::float8 AS cost_usd, q.latency_ms, q.attempts
+  FROM picked p
+  JOIN LATERAL (SELECT * FROM batchdb.requests q WHERE q.job_id = %(job_id)s AND q.id = p.request_id) q ON true
+ ORDER BY q.id
+"""
+
+PG_JOB_PARAMS = "SELECT model, provider, params FROM batchdb.jobs WHERE id = %(job_id)s"
+
+# The next rows a job would send (the claimable index), for pricing queued work before any row finished.
+PG_NEXT_QUEUED = """
+SELECT payload, input FROM batchdb.requests
+ WHERE job_id = %(job_id)s AND status = 'queued'
+ ORDER BY run_after, id
+ LIMIT %(limit)s
+"""
+
+# Configured (or learnt) limits and the pacer's live state, one row per provider key and model.
+PG_LIMITS = """
+SELECT provider, key_alias, model, rpm, tpm, rpd, burst_seconds, target_fraction, source,
+       pace,
+       least(1.0, pace + 0.02 * greatest(0, extract(epoch FROM now() - refilled_at)))::float8 AS pace_now,
+       blocked_until,
+       coalesce(blocked_until > now(), false) AS blocked,
+       day_requests, requests_granted, tokens_granted, rate_limited, updated_at
+  FROM batchdb.rate_limits
+ ORDER BY provider, key_alias, model
+"""
+
+# Per-minute ledger usage for every lane that has limits or jobs, read through rate_usage's
+# primary key one lane at a time (the table grows by one row per lane and minute).
+PG_LANE_USAGE = """
+WITH lanes AS (
+    SELECT provider, key_alias, model FROM batchdb.rate_limits
+    UNION
+    SELECT DISTINCT provider, key_alias, model FROM batchdb.jobs
+)
+SELECT l.provider, l.key_alias, l.model, u.minute, u.requests, u.tokens, u.rate_limited
+  FROM lanes l
+  CROSS JOIN LATERAL (
+        SELECT u.minute, u.requests, u.tokens, u.rate_limited
+          FROM batchdb.rate_usage u
+         WHERE u.provider = l.provider AND u.key_alias = l.key_alias AND u.model = l.model
+           AND u.minute >= date_trunc('minute', now()) - make_interval(mins => %(minutes)s)
+  ) u
+ ORDER BY l.provider, l.key_alias, l.model, u.minute
+"""
+
+PG_LANES = """
+SELECT provider, key_alias, model FROM batchdb.rate_limits
+UNION
+SELECT DISTINCT provider, key_alias, model FROM batchdb.jobs
+ORDER BY 1, 2, 3
+"""
+
+PG_CLOCK = """
+SELECT now() AS db_now,
+       date_trunc('minute', now()) AS current_minute,
+       extract(epoch FROM now() - date_trunc('minute', now()))::float8 AS seconds_into_minute
+"""
+
+PG_WORKERS = """
+SELECT id, hostname, pid, concurrency, in_flight, n_completed, started_at, heartbeat_at, stopped_at, alive
+  FROM batchdb.live_workers
+ ORDER BY alive DESC, heartbeat_at DESC
+ LIMIT 500
+"""
+
+PG_WORKER_TOTALS = """
+SELECT count(*) FILTER (WHERE alive) AS alive,
+       count(*) AS seen,
+       coalesce(sum(in_flight) FILTER (WHERE alive), 0) AS in_flight,
+       coalesce(sum(concurrency) FILTER (WHERE alive), 0) AS capacity
+  FROM batchdb.live_workers
+"""
+
+
+# =================================================================================================
+# DuckDB
+# =================================================================================================
+
+DUCK_JOBS_FILTERED = """
+SELECT *
+  FROM jobs
+ WHERE (len($owners::VARCHAR[]) = 0 OR list_contains($owners::VARCHAR[], owner))
+   AND (len($statuses::VARCHAR[]) = 0 OR list_contains($statuses::VARCHAR[], status))
+   AND (len($models::VARCHAR[]) = 0 OR list_contains($models::VARCHAR[], model))
+ ORDER BY job_id DESC
+"""
+
+# Jobs table: the view's columns plus "now" rates from the recent-activity read.
+DUCK_JOBS_TABLE = """
+SELECT j.job_id, j.name, j.status, j.owner, j.provider, j.model, j.pct_done,
+       j.n_total, j.n_queued, j.n_running, j.n_succeeded, j.n_failed, j.n_dead, j.n_cancelled,
+       j.cost_usd,
+       r.rows_per_second_now,
+       j.avg_rows_per_second,
+       j.eta_seconds,
+       j.created_at, j.started_at, j.finished_at, j.status_reason
+  FROM jobs j
+  LEFT JOIN (SELECT job_id, sum(finished_1m) / 60.0 AS rows_per_second_now FROM recent GROUP BY job_id) r
+         USING (job_id)
+ ORDER BY j.job_id DESC
+"""
+
+# A job's cost spread evenly over its active time, split at UTC midnight. Exact for jobs
+# that ran within one day; an estimate for jobs that crossed midnight.
+DUCK_COST_BY_DAY = """
+WITH j AS (
+    SELECT job_id, name, owner, model, cost_usd,
+           coalesce(started_at, created_at) AS s,
+           greatest(coalesce(finished_at, db_now), coalesce(started_at, created_at)) AS e
+      FROM jobs
+     WHERE cost_usd > 0
+), d AS (
+    SELECT j.*, unnest(range(date_trunc('day', s), date_trunc('day', e) + INTERVAL 1 DAY, INTERVAL 1 DAY)) AS day
+      FROM j
+)
+SELECT CAST(day AS DATE) AS day, owner, model, job_id,
+       sum(cost_usd * CASE WHEN e > s
+                           THEN (epoch(least(e, day + INTERVAL 1 DAY)) - epoch(greatest(s, day))) / (epoch(e) - epoch(s))
+                           ELSE 1 END) AS cost_usd
+  FROM d
+ GROUP BY ALL
+HAVING sum(cost_usd) > 0
+ ORDER BY day, owner, model, job_id
+"""
+
+DUCK_COST_BY = """
+SELECT {column}, count(*) AS jobs, sum(n_done) AS rows_done,
+       sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens, sum(cost_usd) AS cost_usd
+  FROM jobs
+ GROUP BY {column}
+ ORDER BY cost_usd DESC, {column}
+"""
+
+DUCK_COST_BY_JOB = """
+SELECT job_id, name, owner, model, status, n_done, n_total, prompt_tokens, completion_tokens, cost_usd, budget_usd
+  FROM jobs
+ WHERE cost_usd > 0 OR status IN ('running', 'paused', 'loading')
+ ORDER BY cost_usd DESC, job_id DESC
+"""
+
+# Tokens and requests per minute "now" per lane: the current minute plus the share of the previous
+# minute that is still inside the trailing 60 s (a sliding-window estimate), against the limits.
+DUCK_LANES_NOW = """
+WITH u AS (
+    SELECT provider, key_alias, model,
+           sum(tokens) FILTER (WHERE minute = $current_minute) AS tok_cur,
+           sum(tokens) FILTER (WHERE minute = $current_minute - INTERVAL 1 MINUTE) AS tok_prev,
+           sum(requests) FILTER (WHERE minute = $current_minute) AS req_cur,
+           sum(requests) FILTER (WHERE minute = $current_minute - INTERVAL 1 MINUTE) AS req_prev,
+           sum(rate_limited) FILTER (WHERE minute >= $current_minute - INTERVAL 4 MINUTE) AS rate_limited_5m
+      FROM usage
+     GROUP BY ALL
+), lanes AS (
+    SELECT provider, key_alias, model FROM lanes_seen
+    UNION
+    SELECT provider, key_alias, model FROM limits
+)
+SELECT l.provider, l.key_alias, l.model, lim.rpm, lim.tpm,
+       coalesce(u.tok_cur, 0) + coalesce(u.tok_prev, 0) * (60 - $seconds) / 60 AS tokens_per_min,
+       coalesce(u.req_cur, 0) + coalesce(u.req_prev, 0) * (60 - $seconds) / 60 AS requests_per_min,
+       100.0 * (coalesce(u.tok_cur, 0) + coalesce(u.tok_prev, 0) * (60 - $seconds) / 60) / lim.tpm AS tpm_used_pct,
+       100.0 * (coalesce(u.req_cur, 0) + coalesce(u.req_prev, 0) * (60 - $seconds) / 60) / lim.rpm AS rpm_used_pct,
+       coalesce(u.rate_limited_5m, 0) AS rate_limited_5m,
+       lim.pace_now, lim.blocked, lim.source
+  FROM lanes l
+  LEFT JOIN u USING (provider, key_alias, model)
+  LEFT JOIN limits lim USING (provider, key_alias, model)
+ ORDER BY l.provider, l.key_alias, l.model
+"""
+
+# Per-minute usage against the limits, minute by minute (missing minutes count as zero).
+DUCK_LANE_SERIES = """
+WITH lanes AS (SELECT DISTINCT provider, key_alias, model FROM usage),
+     minutes AS (SELECT unnest(range($first_minute, $current_minute + INTERVAL 1 MINUTE, INTERVAL 1 MINUTE)) AS minute)
+SELECT l.provider || '/' || l.key_alias || '/' || l.model AS lane, m.minute,
+       coalesce(u.requests, 0) AS requests, coalesce(u.tokens, 0) AS tokens, coalesce(u.rate_limited, 0) AS rate_limited,
+       lim.rpm, lim.tpm
+  FROM lanes l
+ CROSS JOIN minutes m
+  LEFT JOIN usage u USING (provider, key_alias, model, minute)
+  LEFT JOIN limits lim USING (provider, key_alias, model)
+ ORDER BY lane, m.minute
+"""
+
+DUCK_PARQUET_STATUS = """
+SELECT status, count(*) AS n, sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens,
+       sum(cost_usd) AS cost_usd
+  FROM read_parquet($path)
+ GROUP BY status
+ ORDER BY n DESC
+"""
+
+DUCK_PARQUET_ERRORS = """
+SELECT status, error_class, count(*) AS n, min(error) AS example
+  FROM read_parquet($path)
+ WHERE error_class IS NOT NULL
+ GROUP BY ALL
+ ORDER BY n DESC
+"""
+
+DUCK_PARQUET_LATENCY = """
+SELECT count(latency_ms) AS n, avg(latency_ms) AS mean_ms,
+       quantile_cont(latency_ms, 0.5) AS p50_ms, quantile_cont(latency_ms, 0.9) AS p90_ms,
+       quantile_cont(latency_ms, 0.99) AS p99_ms, max(latency_ms) AS max_ms
+  FROM read_parquet($path)
+ WHERE status = 'succeeded'
+"""
+
+DUCK_PARQUET_SAMPLE = """
+SELECT * FROM read_parquet($path) USING SAMPLE reservoir({limit} ROWS) REPEATABLE ({seed})
+"""
+
+
+# =================================================================================================
+# Loaders
+# =================================================================================================
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """How a figure was obtained: read whole (pct 100) or scaled up from a page sample."""
+
+    pct: float
+
+    @property
+    def exact(self) -> bool:
+        return self.pct >= 100.0
+
+    @property
+    def scale(self) -> float:
+        return 100.0 / self.pct
+
+    def label(self) -> str:
+        return "exact" if self.exact else f"estimated from a {self.pct:.2g}% page sample"
+
+
+def jobs(conn: psycopg.Connection, *, job_id: int | None = None, limit: int = MAX_JOBS) -> pd.DataFrame:
+    return fetch_df(conn, PG_JOBS, {"job_id": job_id, "limit": limit})
+
+
+def recent_activity(conn: psycopg.Connection, jobs_df: pd.DataFrame, *, exact_rows: int = EXACT_SCAN_ROWS
+                    ) -> pd.DataFrame:
+    """Per running job and error class: rows finished in the last minute, errors in the last 5 minutes."""
+    frames = []
+    running = jobs_df[jobs_df["status"] == "running"]
+    for job_id, n_total in zip(running["job_id"], running["n_total"], strict=True):
+        est = Estimate(sample_percent(int(n_total), exact_rows=exact_rows))
+        part = fetch_df(conn, PG_RECENT_ACTIVITY, {"job_id": int(job_id), "pct": est.pct})
+        for column in ("finished_1m", "tokens_1m", "errors_5m"):
+            part[column] = part[column].astype("float64") * est.scale
+        part.insert(0, "job_id", int(job_id))
+        part["sample_pct"] = est.pct
+        frames.append(part)
+    if not frames:
+        return pd.DataFrame({"job_id": pd.Series(dtype="int64"), "error_class": pd.Series(dtype="object"),
+                             "finished_1m": pd.Series(dtype="float64"), "tokens_1m": pd.Series(dtype="float64"),
+                             "errors_5m": pd.Series(dtype="float64"), "sample_pct": pd.Series(dtype="float64")})
+    return pd.concat(frames, ignore_index=True)
+
+
+def clock(conn: psycopg.Connection) -> dict[str, Any]:
+    return fetch_df(conn, PG_CLOCK).iloc[0].to_dict()
+
+
+def limits(conn: psycopg.Connection) -> pd.DataFrame:
+    return fetch_df(conn, PG_LIMITS)
+
+
+def lane_usage(conn: psycopg.Connection, *, minutes: int) -> pd.DataFrame:
+    return fetch_df(conn, PG_LANE_USAGE, {"minutes": minutes})
+
+
+def lanes_now(limits_df: pd.DataFrame, usage_df: pd.DataFrame, lanes_df: pd.DataFrame,
+              now: Mapping[str, Any]) -> pd.DataFrame:
+    return duck_df(DUCK_LANES_NOW, {"limits": limits_df, "usage": usage_df, "lanes_seen": lanes_df},
+                   {"current_minute": now["current_minute"], "seconds": float(now["seconds_into_minute"])})
+
+
+def cost_by_day(jobs_df: pd.DataFrame) -> pd.DataFrame:
+    return duck_df(DUCK_COST_BY_DAY, {"jobs": jobs_df})
+
+
+def cost_by(jobs_df: pd.DataFrame, column: str) -> pd.DataFrame:
+    if column not in ("owner", "model", "provider", "status"):
+        raise ValueError(f"cannot group cost by {column!r}")
+    return duck_df(DUCK_COST_BY.format(column=column), {"jobs": jobs_df})
+
+
+def filter_jobs(jobs_df: pd.DataFrame, *, owners: Iterable[str] = (), statuses: Iterable[str] = (),
+                models: Iterable[str] = ()) -> pd.DataFrame:
+    return duck_df(DUCK_JOBS_FILTERED, {"jobs": jobs_df},
+                   {"owners": list(owners), "statuses": list(statuses), "models": list(models)})
+
+
+def load_overview(dsn: str | None, *, exact_rows: int = EXACT_SCAN_ROWS) -> dict[str, Any]:
+    """Overview: active jobs, rows/s now, tokens/min vs limits, 429s and errors (5 min), cost today, workers."""
+    with read_connection(dsn) as conn:
+        now = clock(conn)
+        jobs_df = jobs(conn)
+        recent = recent_activity(conn, jobs_df, exact_rows=exact_rows)
+        limits_df = limits(conn)
+        usage = lane_usage(conn, minutes=5)
+        lanes_df = fetch_df(conn, PG_LANES)
+        workers_totals = fetch_df(conn, PG_WORKER_TOTALS).iloc[0].to_dict()
+    lanes = lanes_now(limits_df, usage, lanes_df, now)
+    by_day = cost_by_day(jobs_df)
+    today = pd.Timestamp(now["db_now"]).normalize()
+    active = jobs_df[jobs_df["status"].isin(ACTIVE_STATUSES)]
+    errors = (recent[recent["error_class"].notna() & (recent["errors_5m"] > 0)]
+              .groupby("error_class", as_index=False)["errors_5m"].sum()
+              .sort_values("errors_5m", ascending=False, ignore_index=True))
+    return {
+        "now": now,
+        "active_jobs": active.reset_index(drop=True),
+        "n_active": len(active),
+        "n_running": int((jobs_df["status"] == "running").sum()),
+        "n_paused": int((jobs_df["status"] == "paused").sum()),
+        "rows_per_second_now": float(recent["finished_1m"].sum()) / 60.0,
+        "recent": recent,
+        "rows_exact": bool((recent["sample_pct"] >= 100).all()),
+        "errors_5m": float(errors["errors_5m"].sum()) if len(errors) else 0.0,
+        "errors_by_class": errors,
+        "rate_limited_5m": int(lanes["rate_limited_5m"].sum()) if len(lanes) else 0,
+        "lanes": lanes,
+        "cost_today": float(by_day.loc[pd.to_datetime(by_day["day"]) == today, "cost_usd"].sum()) if len(by_day) else 0.0,
+        "cost_total": float(jobs_df["cost_usd"].sum()) if len(jobs_df) else 0.0,
+        "workers": workers_totals,
+    }
+
+
+def load_jobs(dsn: str | None, *, exact_rows: int = EXACT_SCAN_ROWS) -> pd.DataFrame:
+    """Jobs page: every job with progress, rows by status, cost, rates and ETA."""
+    with read_connection(dsn) as conn:
+        jobs_df = jobs(conn)
+        recent = recent_activity(conn, jobs_df, exact_rows=exact_rows)
+    return duck_df(DUCK_JOBS_TABLE, {"jobs": jobs_df, "recent": recent})
+
+
+def bucket_seconds(duration_seconds: float, *, target_buckets: int = 120) -> int:
+    """A round bucket size giving at most about `target_buckets` points over the duration."""
+    for size in (1, 5, 10, 30, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, 86400, 7 * 86400):
+        if duration_seconds / size <= target_buckets:
+            return size
+    return 30 * 86400
+
+
+def load_job_detail(dsn: str | None, job_id: int, *, exact_rows: int = EXACT_SCAN_ROWS) -> dict[str, Any] | None:
+    """Job detail: the job's counters, progress over time, throughput, latency, errors, cost by token type."""
+    with read_connection(dsn) as conn:
+        found = jobs(conn, job_id=job_id, limit=1)
+        if found.empty:
+            return None
+        job = found.iloc[0].to_dict()
+        est = Estimate(sample_percent(int(job["n_total"]), exact_rows=exact_rows))
+        start = job["started_at"] if pd.notna(job["started_at"]) else job["created_at"]
+        end = job["finished_at"] if pd.notna(job["finished_at"]) else job["db_now"]
+        bucket = bucket_seconds(max(1.0, (pd.Timestamp(end) - pd.Timestamp(start)).total_seconds()))
+        timeline = fetch_df(conn, PG_JOB_TIMELINE, {"job_id": job_id, "pct": est.pct, "bucket_seconds": bucket})
+        latency = fetch_df(conn, PG_JOB_LATENCY, {"job_id": job_id, "pct": est.pct}).iloc[0].to_dict()
+        has_errors = job["n_failed"] + job["n_dead"] + job["n_retries"] > 0
+        errors = (fetch_df(conn, PG_JOB_ERRORS, {"job_id": job_id, "pct": est.pct}) if has_errors
+                  else _empty_errors())
+    for column in ("finished", "succeeded", "failed", "prompt_tokens", "completion_tokens", "cost_usd"):
+        timeline[column] = timeline[column].astype("float64") * est.scale
+    if len(timeline) > 1:
+        span = (timeline["bucket"].max() - timeline["bucket"].min()).total_seconds()
+        if span / bucket > MAX_TIMELINE_POINTS:  # rows finished outside the job's recorded run (hand-made data)
+            bucket = bucket_seconds(span)
+            timeline["bucket"] = timeline["bucket"].dt.floor(f"{bucket}s")
+            timeline = timeline.groupby("bucket", as_index=False).sum()
+    timeline["done_cumulative"] = timeline["finished"].cumsum()
+    timeline["rows_per_second"] = timeline["finished"] / bucket
+    errors["n"] = errors["n"].astype("float64") * est.scale
+    return {
+        "job": job,
+        "estimate": est,
+        "bucket_seconds": bucket,
+        "timeline": timeline,
+        "latency": latency,
+        "errors": errors,
+        "cost_by_token_type": cost_by_token_type(job),
+    }
+
+
+def _empty_errors() -> pd.DataFrame:
+    return pd.DataFrame({"state": pd.Series(dtype="object"), "error_class": pd.Series(dtype="object"),
+                         "n": pd.Series(dtype="float64"), "examples": pd.Series(dtype="object"),
+                         "last_seen": pd.Series(dtype="datetime64[us]")})
+
+
+def cost_by_token_type(job: Mapping[str, Any]) -> pd.DataFrame:
+    """Recorded tokens priced at today's list price, next to the cost recorded row by row."""
+    input_price = job.get("input_per_mtok")
+    output_price = job.get("output_per_mtok")
+
+    def priced(tokens: int, price: Any) -> float | None:
+        return None if price is None or pd.isna(price) else tokens * float(price) / 1e6
+
+    return pd.DataFrame({
+        "token type": ["input (prompt)", "output (completion)"],
+        "tokens": [int(job["prompt_tokens"]), int(job["completion_tokens"])],
+        "usd per 1M tokens": [input_price, output_price],
+        "cost_usd": [priced(int(job["prompt_tokens"]), input_price), priced(int(job["completion_tokens"]), output_price)],
+    })
+
+
+def load_job_samples(dsn: str | None, job_id: int, *, n_succeeded: int, seed: int = 0, limit: int = 10) -> pd.DataFrame:
+    """A reproducible random sample (by `seed`) of answered rows, with the prompt as it was sent."""
+    from batchdb.prompts import PromptError, build_request
+
+    pct = 100.0 if n_succeeded <= 2_000 else max(0.01, 100.0 * 2_000 / n_succeeded)
+    with read_connection(dsn) as conn, conn.cursor(row_factory=dict_row) as cur:
+        job = cur.execute(PG_JOB_PARAMS, {"job_id": job_id}).fetchone()
+        rows = cur.execute(PG_JOB_SAMPLES, {"job_id": job_id, "pct": pct, "seed": seed, "limit": limit}).fetchall()
+    out = []
+    for row in rows:
+        try:
+            request = build_request(model=job["model"], params=job["params"] or {}, payload=row["payload"],
+                                    input=row["input"])
+            prompt = "\n\n".join(f"[{m.get('role')}] {m.get('content')}" for m in request.messages)
+        except PromptError as exc:
+            prompt = f"(prompt cannot be rendered: {exc})"
+        out.append({"custom_id": row["custom_id"], "prompt": prompt, "response": row["response_text"],
+                    "finish_reason": row["finish_reason"], "prompt_tokens": row["prompt_tokens"],
+                    "completion_tokens": row["completion_tokens"], "cost_usd": row["cost_usd"],
+                    "latency_ms": row["latency_ms"], "attempts": row["attempts"]})
+    columns = ["custom_id", "prompt", "response", "finish_reason", "prompt_tokens", "completion_tokens",
+               "cost_usd", "latency_ms", "attempts"]
+    return pd.DataFrame(out, columns=columns)
+
+
+def load_providers(dsn: str | None, *, minutes: int = 60) -> dict[str, Any]:
+    """Providers: limits, the pacer's state, per-minute usage against the limits, 429s."""
+    with read_connection(dsn) as conn:
+        now = clock(conn)
+        limits_df = limits(conn)
+        usage = lane_usage(conn, minutes=minutes)
+        lanes_df = fetch_df(conn, PG_LANES)
+    first = pd.Timestamp(now["current_minute"]) - pd.Timedelta(minutes=minutes)
+    series = duck_df(DUCK_LANE_SERIES, {"usage": usage, "limits": limits_df},
+                     {"first_minute": first.to_pydatetime(), "current_minute": now["current_minute"]})
+    return {
+        "now": now,
+        "limits": limits_df,
+        "lanes": lanes_now(limits_df, usage, lanes_df, now),
+        "series": series,
+        "minutes": minutes,
+    }
+
+
+def load_workers(dsn: str | None) -> pd.DataFrame:
+    with read_connection(dsn) as conn:
+        return fetch_df(conn, PG_WORKERS)
+
+
+def load_cost(dsn: str | None) -> dict[str, Any]:
+    """Cost: by day, user, model and job; and what the queued work will cost at the observed or list price."""
+    with read_connection(dsn) as conn:
+        jobs_df = jobs(conn)
+        queued = queued_cost(conn, jobs_df)
+    return {
+        "jobs": jobs_df,
+        "by_day": cost_by_day(jobs_df),
+        "by_owner": cost_by(jobs_df, "owner"),
+        "by_model": cost_by(jobs_df, "model"),
+        "by_job": duck_df(DUCK_COST_BY_JOB, {"jobs": jobs_df}),
+        "queued": queued,
+    }
+
+
+def queued_cost(conn: psycopg.Connection, jobs_df: pd.DataFrame, *, sample_rows: int = 20) -> pd.DataFrame:
+    """Estimated cost of each active job's unfinished rows.
+
+    With finished rows: their average cost per row (retries and failures included). Before any
+    row finished: list price x (prompt tokens counted on the next `sample_rows` queued rows +
+    `max_tokens`); without `max_tokens` only the prompt side can be priced, which the basis says.
+    """
+    from batchdb.prompts import PromptError, build_request
+    from batchdb.tokens import estimate_prompt_tokens
+
+    out = []
+    active = jobs_df[jobs_df["status"].isin(ACTIVE_STATUSES)]
+    for job in active.to_dict("records"):
+        remaining = int(job["n_total"] - job["n_done"])
+        if remaining <= 0:
+            continue
+        if job["n_done"] > 0 and job["cost_usd"] > 0:
+            per_row = job["cost_usd"] / job["n_done"]
+            basis = f"observed: ${per_row:.6f} per finished row"
+        elif pd.notna(job["input_per_mtok"]):
+            with conn.cursor(row_factory=dict_row) as cur:
+                params = cur.execute(PG_JOB_PARAMS, {"job_id": job["job_id"]}).fetchone()
+                rows = cur.execute(PG_NEXT_QUEUED, {"job_id": job["job_id"], "limit": sample_rows}).fetchall()
+            counts = []
+            for row in rows:
+                try:
+                    request = build_request(model=params["model"], params=params["params"] or {},
+                                            payload=row["payload"], input=row["input"])
+                except PromptError:
+                    continue
+                counts.append(estimate_prompt_tokens(params["provider"], request.messages))
+            if not counts:
+                continue
+            prompt_tokens = sum(counts) / len(counts)
+            max_tokens = job["max_tokens"] if pd.notna(job["max_tokens"]) else None
+            per_row = (prompt_tokens * job["input_per_mtok"] + (max_tokens or 0) * job["output_per_mtok"]) / 1e6
+            basis = (f"list price: ~{prompt_tokens:.0f} prompt tokens (next {len(counts)} rows)"
+                     + (f" + max_tokens {max_tokens}" if max_tokens else ", output not bounded (no max_tokens)"))
+        else:
+            per_row = math.nan
+            basis = f"no price for {job['provider']}/{job['model']} and no finished rows"
+        out.append({"job_id": job["job_id"], "name": job["name"], "owner": job["owner"], "model": job["model"],
+                    "status": job["status"], "rows_left": remaining, "usd_per_row": per_row,
+                    "estimated_usd": remaining * per_row if not math.isnan(per_row) else math.nan,
+                    "basis": basis})
+    columns = ["job_id", "name", "owner", "model", "status", "rows_left", "usd_per_row", "estimated_usd", "basis"]
+    return pd.DataFrame(out, columns=columns)
+
+
+# -- Parquet outputs ------------------------------------------------------------------------------
+
+_SKIP_DIRS = {".git", ".venv", "venv", "node_modules", "__pycache__", ".mypy_cache", ".pytest_cache"}
+
+
+def find_outputs(root: str | os.PathLike[str], *, max_depth: int = 3, max_files: int = 200) -> list[Path]:
+    """Parquet files under `root` (results written by `batchdb results` / `job.to_parquet`)."""
+    base = Path(root)
+    found: list[Path] = []
+    if not base.is_dir():
+        return found
+    for folder, dirs, files in os.walk(base):
+        depth = len(Path(folder).relative_to(base).parts)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in _SKIP_DIRS and depth < max_depth)
+        for name in sorted(files):
+            if name.endswith(".parquet") and not name.startswith("."):
+                found.append(Path(folder) / name)
+                if len(found) >= max_files:
+                    return found
+    return found
+
+
+def output_for_job(paths: Iterable[Path], job_id: int) -> Path | None:
+    """The output file named after the job: job-12.parquet, job_12_results.parquet, 12.parquet."""
+    import re
+
+    named = re.compile(rf"(^|[^a-z0-9])job[-_]?{job_id}($|[^0-9])", re.IGNORECASE)
+    for path in paths:
+        if path.stem == str(job_id) or named.search(path.stem):
+            return path
+    return None
+
+
+def load_parquet_output(path: str | os.PathLike[str], *, sample_rows: int = 10, seed: int = 0) -> dict[str, Any]:
+    """A finished job's Parquet output, read directly by DuckDB: statuses, errors, latency, a sample."""
+    p = str(path)
+    return {
+        "status": duck_df(DUCK_PARQUET_STATUS, params={"path": p}),
+        "errors": duck_df(DUCK_PARQUET_ERRORS, params={"path": p}),
+        "latency": duck_df(DUCK_PARQUET_LATENCY, params={"path": p}).iloc[0].to_dict(),
+        "sample": duck_df(DUCK_PARQUET_SAMPLE.format(limit=int(sample_rows), seed=int(seed)), params={"path": p}),
+    }
