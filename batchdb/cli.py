@@ -202,6 +202,22 @@ def resume_command(job_id: int, budget_usd: float | None, dsn: str | None) -> No
         raise click.ClickException(f"job {job_id} is not paused")
 
 
+@cli.command("watch")
+@click.option("--job", "job_id", type=int, default=None, help="Only this job's events.")
+@_dsn_option
+def watch_command(job_id: int | None, dsn: str | None) -> None:
+    """Stream job events (completed, paused, cancelled ...) as JSON lines until Ctrl-C."""
+    from batchdb import events
+
+    with dbmod.connect(dsn) as conn:
+        try:
+            for event in events.stream(conn):
+                if job_id is None or event.get("job_id") == job_id:
+                    click.echo(json.dumps(event), nl=True)
+        except KeyboardInterrupt:
+            return
+
+
 # -- rate limits ---------------------------------------------------------------------------------
 
 

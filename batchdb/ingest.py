@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -102,15 +103,17 @@ def copy_rows(batch: pa.RecordBatch, *, job_id: int, first_row: int, spec: Input
     n = batch.num_rows
     _refuse_nul(batch, first_row)
     custom_ids = _custom_ids(batch, first_row, spec.id_column, seen_ids)
-    inputs = _json_lines(batch.select(input_columns).to_pandas(), first_row) if input_columns else [None] * n
-    payloads: list[str | None] = [None] * n
+    inputs = _json_objects(batch.select(input_columns), first_row) if input_columns else pa.nulls(n, pa.string())
+    payloads = pa.nulls(n, pa.string())
     if spec.messages_column is not None:
         values = batch.column(spec.messages_column).to_pylist()
-        payloads = [_messages_payload(v, first_row + i, spec.messages_column) for i, v in enumerate(values)]
-    for i in range(n):
-        size = len(inputs[i] or "") + len(payloads[i] or "")
-        if size > MAX_ROW_BYTES:
-            raise InputError(f"row {first_row + i}: {size:,} bytes of prompt data; at most {MAX_ROW_BYTES:,} per row")
+        payloads = pa.array([_messages_payload(v, first_row + i, spec.messages_column) for i, v in enumerate(values)],
+                            pa.string())
+    sizes = pc.add(pc.fill_null(pc.binary_length(inputs), 0), pc.fill_null(pc.binary_length(payloads), 0))
+    if n and pc.max(sizes).as_py() > MAX_ROW_BYTES:
+        row = pc.index(pc.greater(sizes, MAX_ROW_BYTES), True).as_py()
+        raise InputError(f"row {first_row + row}: {sizes[row].as_py():,} bytes of prompt data; "
+                         f"at most {MAX_ROW_BYTES:,} per row")
     table = pa.table({
         "job_id": pa.array([job_id] * n, pa.int64()),
         "custom_id": pa.array(custom_ids, pa.string()),
@@ -248,18 +251,32 @@ def _custom_ids(batch: pa.RecordBatch, first_row: int, id_column: str | None, se
     return ids
 
 
-def _json_lines(frame: pd.DataFrame, first_row: int) -> list[str]:
-    try:
-        text = frame.to_json(orient="records", lines=True, date_format="iso", date_unit="us",
-                             force_ascii=False, default_handler=str)
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise InputError(f"rows {first_row}-{first_row + len(frame) - 1}: cannot be stored as JSON: {exc}") from None
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    if len(lines) != len(frame):
-        raise InputError(f"rows {first_row}-{first_row + len(frame) - 1}: could not be converted to JSON one per row")
-    return lines
+def _json_objects(batch: pa.RecordBatch, first_row: int) -> pa.Array:
+    """Each row as a JSON object, rendered by DuckDB's vectorised `to_json`.
+
+    Exact: floats keep every digit (pandas' JSON writer rounds them), timestamps
+    and dates become ISO text, nested lists/structs stay nested. NaN becomes
+    null, as pandas treats it; an infinite number cannot be JSON and is refused.
+    """
+    columns = []
+    for name, column in zip(batch.schema.names, batch.columns, strict=True):
+        if pa.types.is_floating(column.type):
+            infinite = pc.is_inf(column)
+            if pc.any(infinite).as_py():
+                row = pc.index(infinite, True).as_py()
+                raise InputError(f"row {first_row + row}, column {name!r}: {column[row].as_py()} cannot be stored "
+                                 "as JSON; use a finite number or null")
+            column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
+        columns.append(column)
+    rows = pa.Table.from_arrays(columns, names=batch.schema.names)
+    with duckdb.connect() as con:
+        con.register("input_rows", rows)
+        try:
+            rendered = con.execute("SELECT to_json(input_rows)::VARCHAR AS j FROM input_rows").arrow()
+        except duckdb.Error as exc:
+            raise InputError(f"rows {first_row}-{first_row + len(rows) - 1}: cannot be stored as JSON: {exc}") from None
+    table = rendered if isinstance(rendered, pa.Table) else rendered.read_all()
+    return table.column(0).combine_chunks()
 
 
 def _messages_payload(value: Any, row: int, column: str) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 import pandas as pd
 import psycopg
 
+from batchdb import events
 from batchdb import results as results_module
 from batchdb.db import connect
 from batchdb.models import JobStatus
@@ -85,29 +86,33 @@ class Job:
     def wait(self, *, progress: bool = False, poll_interval: float = 0.5, timeout: float | None = None) -> JobProgress:
         """Block until the job is completed or cancelled (or paused, which needs a person).
 
-        Survives a database restart: the connection is re-opened with backoff.
+        It LISTENs on batchdb_events, so it returns as soon as the job finishes, and
+        polls every `poll_interval` for the progress bar. Survives a database
+        restart: the connection is re-opened.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         bar = None
         conn: psycopg.Connection | None = None
         try:
             while True:
+                current = None
                 try:
                     if conn is None or conn.closed or conn.broken:
                         conn = connect(self._dsn)
+                        events.listen(conn)
                     current = self._progress(conn)
-                except psycopg.OperationalError:
-                    conn = None
-                    current = None
-                if current is not None:
                     if progress:
                         bar = _update_bar(bar, current)
                     if current.finished or current.status == JobStatus.PAUSED:
                         return current
+                    # Sleep until a job event arrives (LISTEN) or the poll interval passes.
+                    events.poll(conn, poll_interval)
+                except psycopg.OperationalError:
+                    conn = None
+                    time.sleep(max(poll_interval, 1.0))
                 if deadline is not None and time.monotonic() >= deadline:
                     summary = current.summary() if current else "database unreachable"
                     raise TimeoutError(f"job {self.id} not finished after {timeout}s: {summary}")
-                time.sleep(poll_interval if current is not None else max(poll_interval, 1.0))
         finally:
             if bar is not None:
                 bar.close()

@@ -290,3 +290,15 @@ SELECT batchdb.reserve_budget(%(job_id)s, %(usd)s) AS ok
 
 -- release_budget --
 SELECT batchdb.release_budget(%(job_id)s::bigint[], %(usd)s::numeric[])
+
+-- ===========================================================================
+-- Wake-ups and events
+-- ===========================================================================
+
+-- listen_requests --
+-- Workers: new rows were queued (one notification per statement; payload = job ids).
+LISTEN batchdb_requests
+
+-- listen_events --
+-- Job status changes, JSON payloads (see docs/sql.md).
+LISTEN batchdb_events

@@ -276,3 +276,40 @@ def test_budget_stops_the_job_within_the_calls_in_flight_and_resume_continues(ds
     final = job.status()
     assert (final.status, final.n_succeeded) == ("completed", 200)
     assert final.cost_usd == Decimal("2.00")
+
+
+def test_wait_returns_on_the_completion_event_not_the_next_poll(dsn: str) -> None:
+    job = submit_prompts(dsn, ["a", "b"])
+
+    async def finish_soon() -> None:
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(drain, dsn, InstantProvider())
+
+    import threading
+
+    worker = threading.Thread(target=lambda: asyncio.run(finish_soon()))
+    worker.start()
+    started = time.monotonic()
+    final = job.wait(poll_interval=30)  # without LISTEN this would sleep 30 s
+    waited = time.monotonic() - started
+    worker.join()
+    assert final.status == "completed"
+    assert waited < 10
+
+
+def test_watch_prints_job_events(dsn: str) -> None:
+    env = {**os.environ, "BATCHDB_DSN": dsn}
+    watcher = subprocess.Popen([sys.executable, "-m", "batchdb", "watch"], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(2.0)  # let it LISTEN
+        job = submit_prompts(dsn, ["a"])
+        drain(dsn, InstantProvider())
+        time.sleep(1.0)
+    finally:
+        watcher.send_signal(signal.SIGINT)
+        out, err = watcher.communicate(timeout=10)
+    import json
+
+    events = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert {(e["job_id"], e["event"]) for e in events} >= {(job.id, "job_running"), (job.id, "job_completed")}, err

@@ -219,7 +219,7 @@ class Worker:
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-                    await conn.execute("LISTEN batchdb_requests")
+                    await conn.execute(query("listen_requests"))
                     async for _ in conn.notifies():
                         self._wake.set()
             except psycopg.Error as exc:
