@@ -141,7 +141,10 @@ WITH outcome AS (
            latency_ms = p.latency_ms,
            finished_at = CASE WHEN p.status = 'queued' THEN NULL ELSE now() END
       FROM priced p
-     WHERE q.job_id = p.job_id AND q.id = p.id AND q.status = 'running' AND q.lease_token = p.lease_token
+     WHERE q.job_id = p.job_id AND q.id = p.id AND q.lease_token = p.lease_token
+       -- `lower()` keeps the planner off the partial leased index, whose dead entries it cannot
+       -- see in its estimates (docs/design.md, "Bloat"); the primary key finds each row directly.
+       AND lower(q.status) = 'running'
     RETURNING q.job_id, q.id
 ), stored AS (
     INSERT INTO batchdb.results AS r (job_id, request_id, response_text, response_json, finish_reason, model)
@@ -160,7 +163,8 @@ SELECT job_id, id FROM done
 UPDATE batchdb.requests q
    SET lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
   FROM unnest(%(job_id)s::bigint[], %(id)s::bigint[], %(lease_token)s::bigint[]) AS l(job_id, id, lease_token)
- WHERE q.job_id = l.job_id AND q.id = l.id AND q.lease_token = l.lease_token AND q.status = 'running'
+ WHERE q.job_id = l.job_id AND q.id = l.id AND q.lease_token = l.lease_token
+   AND lower(q.status) = 'running'  -- primary-key lookups, not the partial leased index (see complete_batch)
 RETURNING q.job_id, q.id
 
 -- release_leases --
@@ -169,7 +173,8 @@ UPDATE batchdb.requests q
    SET status = 'queued', attempts = greatest(q.attempts - 1, 0), run_after = now(),
        lease_owner = NULL, lease_expires_at = NULL
   FROM unnest(%(job_id)s::bigint[], %(id)s::bigint[], %(lease_token)s::bigint[]) AS l(job_id, id, lease_token)
- WHERE q.job_id = l.job_id AND q.id = l.id AND q.lease_token = l.lease_token AND q.status = 'running'
+ WHERE q.job_id = l.job_id AND q.id = l.id AND q.lease_token = l.lease_token
+   AND lower(q.status) = 'running'  -- primary-key lookups, not the partial leased index (see complete_batch)
 RETURNING q.job_id, q.id
 
 -- reclaim_expired --
@@ -302,3 +307,30 @@ LISTEN batchdb_requests
 -- listen_events --
 -- Job status changes, JSON payloads (see docs/sql.md).
 LISTEN batchdb_events
+
+-- ===========================================================================
+-- Maintenance
+-- ===========================================================================
+
+-- partitions_to_vacuum --
+-- Partitions of unfinished jobs carrying many dead row versions and not vacuumed lately.
+-- Workers vacuum them themselves: the queue must stay fast even where autovacuum is
+-- off or slow to come round (its default naptime is a minute).
+SELECT j.id AS job_id, s.relname AS partition, s.n_dead_tup
+  FROM batchdb.jobs j
+  JOIN pg_stat_user_tables s ON s.schemaname = 'batchdb' AND s.relname = 'requests_' || j.id
+ WHERE j.status IN ('running', 'paused')
+   AND s.n_dead_tup >= %(min_dead)s
+   AND coalesce(greatest(s.last_vacuum, s.last_autovacuum), '-infinity') < now() - make_interval(secs => %(min_interval)s)
+ ORDER BY s.n_dead_tup DESC
+
+-- try_vacuum_lock --
+-- One worker at a time vacuums a given job's partition.
+SELECT pg_try_advisory_lock(hashtextextended('batchdb.vacuum.' || %(job_id)s::text, 0)) AS locked
+
+-- vacuum_unlock --
+SELECT pg_advisory_unlock(hashtextextended('batchdb.vacuum.' || %(job_id)s::text, 0))
+
+-- vacuum_partition --
+-- {partition} is filled in with psycopg.sql.Identifier: VACUUM takes no parameters.
+VACUUM (ANALYZE) batchdb.{partition}

@@ -42,6 +42,7 @@ from workers.completer import BatchCompleter
 from workers.connection import Reconnecting
 from workers.outcomes import RetryPolicy, failure, invalid_response, success
 from workers.pacer import DailyQuotaExhausted, Pacer
+from workers.vacuumer import Vacuumer
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,9 @@ class Worker:
         )
         log.info("worker %s started (concurrency %d)", self.id, self.config.concurrency)
         completer = asyncio.create_task(self._completer.run(), name="completer")
+        self._vacuumer = Vacuumer(Reconnecting(dsn, name="vacuum"))
         background = [
+            asyncio.create_task(self._vacuumer.run(), name="vacuumer"),
             asyncio.create_task(self._maintain(), name="maintenance"),
             asyncio.create_task(self._listen(dsn), name="listen"),
         ]
@@ -162,6 +165,7 @@ class Worker:
                 what="stop_worker",
             )
             await self._pacer.close()
+            await self._vacuumer.close()
             for provider in self._providers.values():
                 await provider.aclose()
             await self._claims.close()
