@@ -150,9 +150,10 @@ class BatchDBResource(dg.ConfigurableResource):
         if progress.status == JobStatus.CANCELLED and progress.n_cancelled > 0:
             requeued = job.retry(failed=False, dead=False, cancelled=True)
             context.log.info(f"batchdb job {job.id} had been cancelled: {requeued} cancelled rows queued again")
+            progress = job.status()
         context.log.info(f"batchdb job {job.id} (idempotency key {key}): {progress.summary()}")
         try:
-            context.instance.add_run_tags(context.run_id, {"batchdb/job_id": str(job.id)})
+            context.instance.add_run_tags(context.run.run_id, {"batchdb/job_id": str(job.id)})
         except Exception as exc:  # a tag is a convenience; never fail the asset over it
             context.log.debug(f"could not tag the run with the batchdb job id: {exc}")
         return job
@@ -339,7 +340,7 @@ def _stopped_job_failure(job: batchdb.Job, progress: JobProgress) -> dg.Failure:
 
 def _run_is_stopping(context: dg.AssetExecutionContext) -> bool:
     try:
-        run = context.instance.get_run_by_id(context.run_id)
+        run = context.instance.get_run_by_id(context.run.run_id)
     except Exception:  # Dagster's storage being briefly unavailable is no reason to stop
         return False
     return run is not None and run.status in (dg.DagsterRunStatus.CANCELING, dg.DagsterRunStatus.CANCELED)

@@ -61,9 +61,11 @@ def storage_url(dsn: str) -> str:
     host = str(parts.get("host") or "127.0.0.1")
     port = parts.get("port") or 5432
     dbname = quote(str(parts.get("dbname") or "postgres"), safe="")
+    # The driver is named: SQLAlchemy 2.1 defaults postgresql:// to psycopg 3, and dagster-postgres
+    # writes psycopg2-style statements (NOTIFY with a client-side parameter) that psycopg 3 refuses.
     if host.startswith("/"):  # a Unix socket directory
-        return f"postgresql://{userinfo}@/{dbname}?host={quote(host, safe='')}&port={port}"
-    return f"postgresql://{userinfo}@{host}:{port}/{dbname}"
+        return f"postgresql+psycopg2://{userinfo}@/{dbname}?host={quote(host, safe='')}&port={port}"
+    return f"postgresql+psycopg2://{userinfo}@{host}:{port}/{dbname}"
 
 
 def write_instance_yaml(
@@ -80,6 +82,14 @@ def write_instance_yaml(
     if storage_dsn is not None:
         lines += ["storage:", "  postgres:", f"    postgres_url: {_yaml_string(storage_url(storage_dsn))}", ""]
     lines += [
+        # Launch queued runs from 4 threads: a backfill's runs start in parallel instead of one at a time.
+        "run_coordinator:",
+        "  module: dagster.core.run_coordinator",
+        "  class: QueuedRunCoordinator",
+        "  config:",
+        "    dequeue_use_threads: true",
+        "    dequeue_num_workers: 4",
+        "",
         "concurrency:",
         "  runs:",
         f"    max_concurrent_runs: {max_concurrent_runs}",
@@ -146,7 +156,7 @@ def run_dev(
         latency_s=Distribution(kind="lognormal", median=0.25, sigma=0.5, cap=3.0),
         output_tokens=Distribution(kind="uniform", low=8, high=16),
     )
-    stopping = _raise_on_sigterm()
+    previous_handlers = _interruptible()
     try:
         with start_simulator(config) as simulator:
             say(f"provider simulator: {simulator.openai_base_url} ({rpm} RPM, {tpm:,} TPM)")
@@ -154,6 +164,7 @@ def run_dev(
                    "DAGSTER_HOME": str(home), "OPENAI_BASE_URL": simulator.openai_base_url,
                    "OPENAI_API_KEY": "sk-batchdb-dagster-example"}
             children: list[subprocess.Popen[bytes]] = []
+            command, cwd = dagster_command_line(host=host, port=port)
             try:
                 for i in range(n_workers):
                     with (logs / f"worker-{i}.log").open("ab") as log:
@@ -161,29 +172,39 @@ def run_dev(
                             [sys.executable, "-m", "workers", "--concurrency", str(concurrency)],
                             env=env, stdout=log, stderr=subprocess.STDOUT))
                 say(f"workers: {n_workers} processes, logs in {logs}")
-                command, cwd = dagster_command_line(host=host, port=port)
                 # Its own session: a terminal's Ctrl-C reaches only us, and we stop dagster first.
                 dagster = subprocess.Popen(command, env=env, cwd=cwd, start_new_session=True)
                 children.insert(0, dagster)
                 url = f"http://{host}:{port}"
                 if _wait_for_webserver(url, dagster, timeout=120):
                     say(f"Dagster UI: {url}  (Ctrl-C stops Dagster, the workers and the simulator)")
+                else:
+                    say(f"dagster-webserver is not answering on {url}; its output is above")
                 return dagster.wait()
             finally:
+                # A second Ctrl-C must not leave half of the processes running.
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
                 for process in children:
-                    _stop(process, timeout=30)
+                    _stop(process, timeout=30, group=process.args == command)
     except KeyboardInterrupt:
         say("stopped")
         return 0
     finally:
-        signal.signal(signal.SIGTERM, stopping)
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
 
 
-def _raise_on_sigterm() -> Any:
-    def handler(signum: int, frame: Any) -> None:
+def _interruptible() -> dict[int, Any]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt here, and children start with default handlers.
+
+    A process started in the background by a non-interactive shell inherits SIGINT ignored; dagster
+    maps SIGTERM to its SIGINT handler, so `dagster dev` would then ignore both (see stack notes).
+    """
+    def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    return signal.signal(signal.SIGTERM, handler)
+    return {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
 
 
 def _wait_for_webserver(url: str, process: subprocess.Popen[bytes], *, timeout: float) -> bool:
@@ -198,14 +219,19 @@ def _wait_for_webserver(url: str, process: subprocess.Popen[bytes], *, timeout: 
     return False
 
 
-def _stop(process: subprocess.Popen[bytes], *, timeout: float) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
+def _stop(process: subprocess.Popen[bytes], *, timeout: float, group: bool = False) -> None:
+    """SIGTERM, then SIGKILL after `timeout`; with `group`, the kill goes to the process group it leads."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        if group:
+            os.killpg(process.pid, signal.SIGKILL)
+        else:
             process.kill()
-            process.wait()
+        process.wait()
 
 
 def _where(dsn: str) -> str:

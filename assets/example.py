@@ -60,6 +60,8 @@ headline_sentiment = llm_batch_asset(
 
 defs = dg.Definitions(
     assets=[headlines, headline_sentiment],
+    # One process per run: the LLM asset only waits on the queue, and a backfill launches many runs.
+    executor=dg.in_process_executor,
     resources={
         "batchdb": BatchDBResource(
             dsn=dg.EnvVar("BATCHDB_DSN"),

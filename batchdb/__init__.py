@@ -1,9 +1,20 @@
-"""batchdb: run millions of LLM requests through a PostgreSQL queue, inside provider rate limits."""
+"""batchdb: run millions of LLM requests through a PostgreSQL queue, inside provider rate limits.
 
-from batchdb.ingest import InputError
-from batchdb.jobs import Job, JobNotFound, JobProgress, get_job, list_jobs
-from batchdb.models import JobStatus, RequestStatus
-from batchdb.submit import submit
+The public names load lazily: a worker process imports `batchdb.queue` and
+friends without paying for pandas and pyarrow, which only submitting and
+reading results need.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from batchdb.ingest import InputError
+    from batchdb.jobs import Job, JobNotFound, JobProgress, get_job, list_jobs
+    from batchdb.models import JobStatus, RequestStatus
+    from batchdb.submission import submit
 
 __all__ = [
     "InputError",
@@ -17,3 +28,21 @@ __all__ = [
     "submit",
 ]
 __version__ = "0.1.0"
+
+_HOME = {
+    "InputError": "batchdb.ingest",
+    "Job": "batchdb.jobs",
+    "JobNotFound": "batchdb.jobs",
+    "JobProgress": "batchdb.jobs",
+    "get_job": "batchdb.jobs",
+    "list_jobs": "batchdb.jobs",
+    "JobStatus": "batchdb.models",
+    "RequestStatus": "batchdb.models",
+    "submit": "batchdb.submission",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOME:
+        return getattr(importlib.import_module(_HOME[name]), name)
+    raise AttributeError(f"module 'batchdb' has no attribute {name!r}")

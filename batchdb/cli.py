@@ -102,7 +102,7 @@ def db_stop() -> None:
 @_dsn_option
 def submit_command(path: Path, dsn: str | None, wait: bool, **options: object) -> None:
     """Queue one request per row of a CSV, JSONL or Parquet file."""
-    from batchdb.submit import submit
+    from batchdb.submission import submit
 
     try:
         job = submit(path, dsn=dsn, **options)  # type: ignore[arg-type]
@@ -293,6 +293,29 @@ def simulator_command(ctx: click.Context) -> None:
     from batchdb.simulator.__main__ import main as simulator_main
 
     simulator_main(ctx.args)
+
+
+@cli.command("dashboard")
+@click.option("--port", default=8501, show_default=True)
+@click.option("--outputs", "outputs_dir", default=None, type=click.Path(path_type=Path),
+              help="Folder of finished jobs' Parquet outputs to read with DuckDB.")
+@click.option("--refresh", "refresh_seconds", default=None, type=float, help="Live refresh period in seconds.")
+@_dsn_option
+def dashboard_command(port: int, outputs_dir: Path | None, refresh_seconds: float | None, dsn: str | None) -> None:
+    """Start the Streamlit dashboard on 127.0.0.1 (read-only, except cancel/retry)."""
+    from dashboard.run import run_dashboard
+
+    run_dashboard(dsn, port, host="127.0.0.1", outputs_dir=outputs_dir, refresh_seconds=refresh_seconds)
+
+
+@cli.command("dagster", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                          "help_option_names": []})
+@click.pass_context
+def dagster_command(ctx: click.Context) -> None:
+    """Open the example in the Dagster UI with workers and the provider simulator; --help for its options."""
+    from assets.dev import dagster_command as command
+
+    command.main(args=ctx.args, prog_name="batchdb dagster")
 
 
 @cli.command("demo")

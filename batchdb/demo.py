@@ -20,7 +20,7 @@ import pandas as pd
 
 from batchdb import ledger, migrations
 from batchdb.db import connect, resolve_dsn
-from batchdb.submit import submit
+from batchdb.submission import submit
 
 SENTIMENT_SCHEMA = {
     "type": "json_schema",

@@ -28,10 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import psycopg
-from psycopg.rows import dict_row
 
-from dashboard.source import duck_df, fetch_df, read_connection
+from dashboard.source import Engine, duck_df, fetch_df, fetch_rows, read_connection
 
 # A job partition up to this many rows is read whole (about 20 ms); a bigger one is page-sampled
 # down to about as many rows, so one read of a 1M-row job costs what a 100k-row job costs.
@@ -93,44 +91,47 @@ SELECT error_class,
  GROUP BY error_class
 """
 
-# Finished rows of one job per time bucket (progress over time, throughput, cost over time).
-PG_JOB_TIMELINE = """
-SELECT date_bin(make_interval(secs => %(bucket_seconds)s), finished_at, timestamptz '2000-01-01') AS bucket,
-       count(*) AS finished,
-       count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
-       count(*) FILTER (WHERE status IN ('failed', 'dead')) AS failed,
-       sum(prompt_tokens)::bigint AS prompt_tokens,
-       sum(completion_tokens)::bigint AS completion_tokens,
-       sum(cost_usd)::float8 AS cost_usd
-  FROM batchdb.requests TABLESAMPLE SYSTEM (%(pct)s) REPEATABLE (0)
- WHERE job_id = %(job_id)s AND finished_at IS NOT NULL
- GROUP BY 1
- ORDER BY 1
-"""
-
-# Latency of one job's succeeded calls (the last attempt's latency).
-PG_JOB_LATENCY = """
-SELECT count(*) AS n,
-       avg(latency_ms)::float8 AS mean_ms,
-       percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms) AS p50_ms,
-       percentile_cont(0.9) WITHIN GROUP (ORDER BY latency_ms) AS p90_ms,
-       percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ms) AS p99_ms,
-       max(latency_ms)::float8 AS max_ms
-  FROM batchdb.requests TABLESAMPLE SYSTEM (%(pct)s) REPEATABLE (0)
- WHERE job_id = %(job_id)s AND status = 'succeeded' AND latency_ms IS NOT NULL
-"""
-
-# Rows of one job that carry an error: final (failed, dead) or waiting for a retry.
-PG_JOB_ERRORS = """
-SELECT CASE WHEN status IN ('queued', 'running') THEN 'retrying' ELSE status END AS state,
-       error_class,
-       count(*) AS n,
-       (array_agg(DISTINCT left(error, 400)))[1:3] AS examples,
-       max(finished_at) AS last_seen
-  FROM batchdb.requests TABLESAMPLE SYSTEM (%(pct)s) REPEATABLE (0)
- WHERE job_id = %(job_id)s AND error_class IS NOT NULL
- GROUP BY 1, 2
- ORDER BY n DESC, 1, 2
+# One read of one job's rows (whole, or a page sample) answers the three questions of the detail page:
+# finished rows per time bucket (progress over time, throughput), latency of succeeded calls, and
+# rows with an error (final, or waiting for a retry) by class with examples. The sample is taken
+# once and aggregated three times, so a big job's page costs one sample scan, not three.
+PG_JOB_ROWS_SUMMARY = """
+WITH s AS MATERIALIZED (
+    SELECT status, finished_at, latency_ms, prompt_tokens, completion_tokens, cost_usd, error_class, error
+      FROM batchdb.requests TABLESAMPLE SYSTEM (%(pct)s) REPEATABLE (0)
+     WHERE job_id = %(job_id)s AND (finished_at IS NOT NULL OR error_class IS NOT NULL)
+)
+SELECT
+    (SELECT coalesce(json_agg(t ORDER BY t.bucket), '[]')
+       FROM (SELECT date_bin(make_interval(secs => %(bucket_seconds)s), finished_at, timestamptz '2000-01-01')
+                        AT TIME ZONE 'UTC' AS bucket,
+                    count(*) AS finished,
+                    count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
+                    count(*) FILTER (WHERE status IN ('failed', 'dead')) AS failed,
+                    sum(prompt_tokens) AS prompt_tokens,
+                    sum(completion_tokens) AS completion_tokens,
+                    sum(cost_usd)::float8 AS cost_usd
+               FROM s
+              WHERE finished_at IS NOT NULL
+              GROUP BY 1) t) AS timeline,
+    (SELECT row_to_json(l)
+       FROM (SELECT count(*) AS n,
+                    avg(latency_ms)::float8 AS mean_ms,
+                    percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms) AS p50_ms,
+                    percentile_cont(0.9) WITHIN GROUP (ORDER BY latency_ms) AS p90_ms,
+                    percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ms) AS p99_ms,
+                    max(latency_ms)::float8 AS max_ms
+               FROM s
+              WHERE status = 'succeeded' AND latency_ms IS NOT NULL) l) AS latency,
+    (SELECT coalesce(json_agg(e ORDER BY e.n DESC, e.state, e.error_class), '[]')
+       FROM (SELECT CASE WHEN status IN ('queued', 'running') THEN 'retrying' ELSE status END AS state,
+                    error_class,
+                    count(*) AS n,
+                    (array_agg(DISTINCT left(error, 400)))[1:3] AS examples,
+                    max(finished_at) AT TIME ZONE 'UTC' AS last_seen
+               FROM s
+              WHERE error_class IS NOT NULL
+              GROUP BY 1, 2) e) AS errors
 """
 
 # A few answered rows of one job with their inputs, for auditing outputs. The sample is picked
@@ -151,6 +152,9 @@ SELECT q.id AS request_id, q.custom_id, q.status, q.payload, q.input, p.response
 """
 
 PG_JOB_PARAMS = "SELECT model, provider, params FROM batchdb.jobs WHERE id = %(job_id)s"
+
+# The job picker: ids and names only.
+PG_JOB_CHOICES = "SELECT id AS job_id, name FROM batchdb.jobs ORDER BY id DESC LIMIT %(limit)s"
 
 # The next rows a job would send (the claimable index), for pricing queued work before any row finished.
 PG_NEXT_QUEUED = """
@@ -236,7 +240,7 @@ SELECT *
 # Jobs table: the view's columns plus "now" rates from the recent-activity read.
 DUCK_JOBS_TABLE = """
 SELECT j.job_id, j.name, j.status, j.owner, j.provider, j.model, j.pct_done,
-       j.n_total, j.n_queued, j.n_running, j.n_succeeded, j.n_failed, j.n_dead, j.n_cancelled,
+       j.n_total, j.n_done, j.n_queued, j.n_running, j.n_succeeded, j.n_failed, j.n_dead, j.n_cancelled,
        j.cost_usd,
        r.rows_per_second_now,
        j.avg_rows_per_second,
@@ -263,7 +267,8 @@ WITH j AS (
 )
 SELECT CAST(day AS DATE) AS day, owner, model, job_id,
        sum(cost_usd * CASE WHEN e > s
-                           THEN (epoch(least(e, day + INTERVAL 1 DAY)) - epoch(greatest(s, day))) / (epoch(e) - epoch(s))
+                           THEN (epoch(least(e, day + INTERVAL 1 DAY)) - epoch(greatest(s, day)))
+                                / (epoch(e) - epoch(s))
                            ELSE 1 END) AS cost_usd
   FROM d
  GROUP BY ALL
@@ -272,15 +277,15 @@ HAVING sum(cost_usd) > 0
 """
 
 DUCK_COST_BY = """
-SELECT {column}, count(*) AS jobs, sum(n_done) AS rows_done,
-       sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens, sum(cost_usd) AS cost_usd
+SELECT {column}, sum(cost_usd) AS cost_usd, count(*) AS jobs, sum(n_done) AS rows_done,
+       sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens
   FROM jobs
  GROUP BY {column}
  ORDER BY cost_usd DESC, {column}
 """
 
 DUCK_COST_BY_JOB = """
-SELECT job_id, name, owner, model, status, n_done, n_total, prompt_tokens, completion_tokens, cost_usd, budget_usd
+SELECT job_id, name, owner, model, status, cost_usd, budget_usd, n_done, n_total, prompt_tokens, completion_tokens
   FROM jobs
  WHERE cost_usd > 0 OR status IN ('running', 'paused', 'loading')
  ORDER BY cost_usd DESC, job_id DESC
@@ -321,7 +326,8 @@ DUCK_LANE_SERIES = """
 WITH lanes AS (SELECT DISTINCT provider, key_alias, model FROM usage),
      minutes AS (SELECT unnest(range($first_minute, $current_minute + INTERVAL 1 MINUTE, INTERVAL 1 MINUTE)) AS minute)
 SELECT l.provider || '/' || l.key_alias || '/' || l.model AS lane, m.minute,
-       coalesce(u.requests, 0) AS requests, coalesce(u.tokens, 0) AS tokens, coalesce(u.rate_limited, 0) AS rate_limited,
+       coalesce(u.requests, 0) AS requests, coalesce(u.tokens, 0) AS tokens,
+       coalesce(u.rate_limited, 0) AS rate_limited,
        lim.rpm, lim.tpm
   FROM lanes l
  CROSS JOIN minutes m
@@ -382,11 +388,11 @@ class Estimate:
         return "exact" if self.exact else f"estimated from a {self.pct:.2g}% page sample"
 
 
-def jobs(conn: psycopg.Connection, *, job_id: int | None = None, limit: int = MAX_JOBS) -> pd.DataFrame:
+def jobs(conn: Any, *, job_id: int | None = None, limit: int = MAX_JOBS) -> pd.DataFrame:
     return fetch_df(conn, PG_JOBS, {"job_id": job_id, "limit": limit})
 
 
-def recent_activity(conn: psycopg.Connection, jobs_df: pd.DataFrame, *, exact_rows: int = EXACT_SCAN_ROWS
+def recent_activity(conn: Any, jobs_df: pd.DataFrame, *, exact_rows: int = EXACT_SCAN_ROWS
                     ) -> pd.DataFrame:
     """Per running job and error class: rows finished in the last minute, errors in the last 5 minutes."""
     frames = []
@@ -406,15 +412,15 @@ def recent_activity(conn: psycopg.Connection, jobs_df: pd.DataFrame, *, exact_ro
     return pd.concat(frames, ignore_index=True)
 
 
-def clock(conn: psycopg.Connection) -> dict[str, Any]:
+def clock(conn: Any) -> dict[str, Any]:
     return fetch_df(conn, PG_CLOCK).iloc[0].to_dict()
 
 
-def limits(conn: psycopg.Connection) -> pd.DataFrame:
+def limits(conn: Any) -> pd.DataFrame:
     return fetch_df(conn, PG_LIMITS)
 
 
-def lane_usage(conn: psycopg.Connection, *, minutes: int) -> pd.DataFrame:
+def lane_usage(conn: Any, *, minutes: int) -> pd.DataFrame:
     return fetch_df(conn, PG_LANE_USAGE, {"minutes": minutes})
 
 
@@ -440,9 +446,9 @@ def filter_jobs(jobs_df: pd.DataFrame, *, owners: Iterable[str] = (), statuses: 
                    {"owners": list(owners), "statuses": list(statuses), "models": list(models)})
 
 
-def load_overview(dsn: str | None, *, exact_rows: int = EXACT_SCAN_ROWS) -> dict[str, Any]:
+def load_overview(dsn: str | None, *, exact_rows: int = EXACT_SCAN_ROWS, engine: Engine = "psycopg") -> dict[str, Any]:
     """Overview: active jobs, rows/s now, tokens/min vs limits, 429s and errors (5 min), cost today, workers."""
-    with read_connection(dsn) as conn:
+    with read_connection(dsn, engine=engine) as conn:
         now = clock(conn)
         jobs_df = jobs(conn)
         recent = recent_activity(conn, jobs_df, exact_rows=exact_rows)
@@ -470,18 +476,24 @@ def load_overview(dsn: str | None, *, exact_rows: int = EXACT_SCAN_ROWS) -> dict
         "errors_by_class": errors,
         "rate_limited_5m": int(lanes["rate_limited_5m"].sum()) if len(lanes) else 0,
         "lanes": lanes,
-        "cost_today": float(by_day.loc[pd.to_datetime(by_day["day"]) == today, "cost_usd"].sum()) if len(by_day) else 0.0,
+        "cost_today": float(by_day.loc[pd.to_datetime(by_day["day"]) == today, "cost_usd"].sum())
+        if len(by_day) else 0.0,
         "cost_total": float(jobs_df["cost_usd"].sum()) if len(jobs_df) else 0.0,
         "workers": workers_totals,
     }
 
 
-def load_jobs(dsn: str | None, *, exact_rows: int = EXACT_SCAN_ROWS) -> pd.DataFrame:
+def load_jobs(dsn: str | None, *, exact_rows: int = EXACT_SCAN_ROWS, engine: Engine = "psycopg") -> pd.DataFrame:
     """Jobs page: every job with progress, rows by status, cost, rates and ETA."""
-    with read_connection(dsn) as conn:
+    with read_connection(dsn, engine=engine) as conn:
         jobs_df = jobs(conn)
         recent = recent_activity(conn, jobs_df, exact_rows=exact_rows)
     return duck_df(DUCK_JOBS_TABLE, {"jobs": jobs_df, "recent": recent})
+
+
+def load_job_choices(dsn: str | None, *, limit: int = MAX_JOBS, engine: Engine = "psycopg") -> pd.DataFrame:
+    with read_connection(dsn, engine=engine) as conn:
+        return fetch_df(conn, PG_JOB_CHOICES, {"limit": limit})
 
 
 def bucket_seconds(duration_seconds: float, *, target_buckets: int = 120) -> int:
@@ -492,9 +504,10 @@ def bucket_seconds(duration_seconds: float, *, target_buckets: int = 120) -> int
     return 30 * 86400
 
 
-def load_job_detail(dsn: str | None, job_id: int, *, exact_rows: int = EXACT_SCAN_ROWS) -> dict[str, Any] | None:
+def load_job_detail(dsn: str | None, job_id: int, *, exact_rows: int = EXACT_SCAN_ROWS, engine: Engine = "psycopg"
+                    ) -> dict[str, Any] | None:
     """Job detail: the job's counters, progress over time, throughput, latency, errors, cost by token type."""
-    with read_connection(dsn) as conn:
+    with read_connection(dsn, engine=engine) as conn:
         found = jobs(conn, job_id=job_id, limit=1)
         if found.empty:
             return None
@@ -503,22 +516,24 @@ def load_job_detail(dsn: str | None, job_id: int, *, exact_rows: int = EXACT_SCA
         start = job["started_at"] if pd.notna(job["started_at"]) else job["created_at"]
         end = job["finished_at"] if pd.notna(job["finished_at"]) else job["db_now"]
         bucket = bucket_seconds(max(1.0, (pd.Timestamp(end) - pd.Timestamp(start)).total_seconds()))
-        timeline = fetch_df(conn, PG_JOB_TIMELINE, {"job_id": job_id, "pct": est.pct, "bucket_seconds": bucket})
-        latency = fetch_df(conn, PG_JOB_LATENCY, {"job_id": job_id, "pct": est.pct}).iloc[0].to_dict()
-        has_errors = job["n_failed"] + job["n_dead"] + job["n_retries"] > 0
-        errors = (fetch_df(conn, PG_JOB_ERRORS, {"job_id": job_id, "pct": est.pct}) if has_errors
-                  else _empty_errors())
-    for column in ("finished", "succeeded", "failed", "prompt_tokens", "completion_tokens", "cost_usd"):
-        timeline[column] = timeline[column].astype("float64") * est.scale
+        summary = fetch_rows(conn, PG_JOB_ROWS_SUMMARY, {"job_id": job_id, "pct": est.pct, "bucket_seconds": bucket})[0]
+    timeline = _frame(summary["timeline"], TIMELINE_COLUMNS)
+    errors = _frame(summary["errors"], ERROR_COLUMNS)
+    if not est.exact:
+        timeline, errors = calibrate(timeline, errors, job, est)
     if len(timeline) > 1:
         span = (timeline["bucket"].max() - timeline["bucket"].min()).total_seconds()
         if span / bucket > MAX_TIMELINE_POINTS:  # rows finished outside the job's recorded run (hand-made data)
             bucket = bucket_seconds(span)
             timeline["bucket"] = timeline["bucket"].dt.floor(f"{bucket}s")
             timeline = timeline.groupby("bucket", as_index=False).sum()
+    if len(timeline) and pd.notna(job["started_at"]) and timeline["bucket"].iloc[0] > job["started_at"]:
+        # The curve starts from nothing at the job's first claim.
+        start_row = {c: 0.0 for c in TIMELINE_COLUMNS if c != "bucket"} | {"bucket": job["started_at"]}
+        timeline = pd.concat([pd.DataFrame([start_row]).astype(TIMELINE_COLUMNS), timeline], ignore_index=True)
     timeline["done_cumulative"] = timeline["finished"].cumsum()
     timeline["rows_per_second"] = timeline["finished"] / bucket
-    errors["n"] = errors["n"].astype("float64") * est.scale
+    latency = dict.fromkeys(LATENCY_KEYS, None) | (summary["latency"] or {})
     return {
         "job": job,
         "estimate": est,
@@ -530,10 +545,52 @@ def load_job_detail(dsn: str | None, job_id: int, *, exact_rows: int = EXACT_SCA
     }
 
 
-def _empty_errors() -> pd.DataFrame:
-    return pd.DataFrame({"state": pd.Series(dtype="object"), "error_class": pd.Series(dtype="object"),
-                         "n": pd.Series(dtype="float64"), "examples": pd.Series(dtype="object"),
-                         "last_seen": pd.Series(dtype="datetime64[us]")})
+def calibrate(timeline: pd.DataFrame, errors: pd.DataFrame, job: Mapping[str, Any], est: Estimate
+               ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Scale a page sample up to the job's exact counters (a ratio estimate).
+
+    The sample gives shapes: when rows finished, and which error classes the failed and dead rows
+    have. The counters give the totals. So the progress curve ends at exactly `n_done`, and the
+    failed and dead rows per class add up to exactly `n_failed` and `n_dead`. Rows waiting for a
+    retry have no counter and are scaled by the sampling rate alone.
+    """
+    timeline = timeline.copy()
+    for column, total in (("finished", job["n_done"]), ("succeeded", job["n_succeeded"]),
+                          ("failed", job["n_failed"] + job["n_dead"])):
+        seen = timeline[column].sum()
+        timeline[column] = timeline[column] * (total / seen if seen else est.scale)
+    for column in ("prompt_tokens", "completion_tokens", "cost_usd"):
+        timeline[column] = timeline[column] * est.scale
+    errors = errors.copy()
+    errors["n"] = errors["n"] * est.scale
+    missing = []
+    for state, total in (("failed", job["n_failed"]), ("dead", job["n_dead"])):
+        rows = errors["state"] == state
+        seen = errors.loc[rows, "n"].sum()
+        if seen:
+            errors.loc[rows, "n"] = errors.loc[rows, "n"] * (total / seen)
+        elif total:
+            missing.append({"state": state, "error_class": "(none in the sample)", "n": float(total),
+                            "examples": [], "last_seen": pd.NaT})
+    if missing:
+        errors = pd.concat([errors, pd.DataFrame(missing).astype(ERROR_COLUMNS)], ignore_index=True)
+    return timeline, errors.sort_values("n", ascending=False, ignore_index=True)
+
+
+TIMELINE_COLUMNS = {"bucket": "datetime64[us]", "finished": "float64", "succeeded": "float64", "failed": "float64",
+                    "prompt_tokens": "float64", "completion_tokens": "float64", "cost_usd": "float64"}
+ERROR_COLUMNS = {"state": "object", "error_class": "object", "n": "float64", "examples": "object",
+                 "last_seen": "datetime64[us]"}
+LATENCY_KEYS = ("n", "mean_ms", "p50_ms", "p90_ms", "p99_ms", "max_ms")
+
+
+def _frame(records: list[dict[str, Any]] | None, columns: Mapping[str, str]) -> pd.DataFrame:
+    """JSON records from PostgreSQL as a DataFrame with these columns and types (also when empty)."""
+    frame = pd.DataFrame(records or [], columns=list(columns))
+    for name, dtype in columns.items():
+        frame[name] = pd.to_datetime(frame[name]).astype(dtype) if dtype.startswith("datetime") else \
+            frame[name].astype(dtype)
+    return frame
 
 
 def cost_by_token_type(job: Mapping[str, Any]) -> pd.DataFrame:
@@ -548,18 +605,20 @@ def cost_by_token_type(job: Mapping[str, Any]) -> pd.DataFrame:
         "token type": ["input (prompt)", "output (completion)"],
         "tokens": [int(job["prompt_tokens"]), int(job["completion_tokens"])],
         "usd per 1M tokens": [input_price, output_price],
-        "cost_usd": [priced(int(job["prompt_tokens"]), input_price), priced(int(job["completion_tokens"]), output_price)],
+        "cost_usd": [priced(int(job["prompt_tokens"]), input_price),
+                     priced(int(job["completion_tokens"]), output_price)],
     })
 
 
-def load_job_samples(dsn: str | None, job_id: int, *, n_succeeded: int, seed: int = 0, limit: int = 10) -> pd.DataFrame:
+def load_job_samples(dsn: str | None, job_id: int, *, n_succeeded: int, seed: int = 0, limit: int = 10,
+                     engine: Engine = "psycopg") -> pd.DataFrame:
     """A reproducible random sample (by `seed`) of answered rows, with the prompt as it was sent."""
     from batchdb.prompts import PromptError, build_request
 
     pct = 100.0 if n_succeeded <= 2_000 else max(0.01, 100.0 * 2_000 / n_succeeded)
-    with read_connection(dsn) as conn, conn.cursor(row_factory=dict_row) as cur:
-        job = cur.execute(PG_JOB_PARAMS, {"job_id": job_id}).fetchone()
-        rows = cur.execute(PG_JOB_SAMPLES, {"job_id": job_id, "pct": pct, "seed": seed, "limit": limit}).fetchall()
+    with read_connection(dsn, engine=engine) as conn:
+        job = fetch_rows(conn, PG_JOB_PARAMS, {"job_id": job_id})[0]
+        rows = fetch_rows(conn, PG_JOB_SAMPLES, {"job_id": job_id, "pct": pct, "seed": seed, "limit": limit})
     out = []
     for row in rows:
         try:
@@ -577,9 +636,9 @@ def load_job_samples(dsn: str | None, job_id: int, *, n_succeeded: int, seed: in
     return pd.DataFrame(out, columns=columns)
 
 
-def load_providers(dsn: str | None, *, minutes: int = 60) -> dict[str, Any]:
+def load_providers(dsn: str | None, *, minutes: int = 60, engine: Engine = "psycopg") -> dict[str, Any]:
     """Providers: limits, the pacer's state, per-minute usage against the limits, 429s."""
-    with read_connection(dsn) as conn:
+    with read_connection(dsn, engine=engine) as conn:
         now = clock(conn)
         limits_df = limits(conn)
         usage = lane_usage(conn, minutes=minutes)
@@ -596,14 +655,14 @@ def load_providers(dsn: str | None, *, minutes: int = 60) -> dict[str, Any]:
     }
 
 
-def load_workers(dsn: str | None) -> pd.DataFrame:
-    with read_connection(dsn) as conn:
+def load_workers(dsn: str | None, *, engine: Engine = "psycopg") -> pd.DataFrame:
+    with read_connection(dsn, engine=engine) as conn:
         return fetch_df(conn, PG_WORKERS)
 
 
-def load_cost(dsn: str | None) -> dict[str, Any]:
+def load_cost(dsn: str | None, *, engine: Engine = "psycopg") -> dict[str, Any]:
     """Cost: by day, user, model and job; and what the queued work will cost at the observed or list price."""
-    with read_connection(dsn) as conn:
+    with read_connection(dsn, engine=engine) as conn:
         jobs_df = jobs(conn)
         queued = queued_cost(conn, jobs_df)
     return {
@@ -616,7 +675,7 @@ def load_cost(dsn: str | None) -> dict[str, Any]:
     }
 
 
-def queued_cost(conn: psycopg.Connection, jobs_df: pd.DataFrame, *, sample_rows: int = 20) -> pd.DataFrame:
+def queued_cost(conn: Any, jobs_df: pd.DataFrame, *, sample_rows: int = 20) -> pd.DataFrame:
     """Estimated cost of each active job's unfinished rows.
 
     With finished rows: their average cost per row (retries and failures included). Before any
@@ -636,9 +695,8 @@ def queued_cost(conn: psycopg.Connection, jobs_df: pd.DataFrame, *, sample_rows:
             per_row = job["cost_usd"] / job["n_done"]
             basis = f"observed: ${per_row:.6f} per finished row"
         elif pd.notna(job["input_per_mtok"]):
-            with conn.cursor(row_factory=dict_row) as cur:
-                params = cur.execute(PG_JOB_PARAMS, {"job_id": job["job_id"]}).fetchone()
-                rows = cur.execute(PG_NEXT_QUEUED, {"job_id": job["job_id"], "limit": sample_rows}).fetchall()
+            params = fetch_rows(conn, PG_JOB_PARAMS, {"job_id": int(job["job_id"])})[0]
+            rows = fetch_rows(conn, PG_NEXT_QUEUED, {"job_id": int(job["job_id"]), "limit": sample_rows})
             counts = []
             for row in rows:
                 try:

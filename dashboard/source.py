@@ -5,13 +5,15 @@ minutes, the job counters) with its indexes; the answers are small and come
 back as Arrow tables. DuckDB then shapes them (filters, joins, cost by day)
 and reads finished jobs' Parquet outputs directly.
 
-Why not DuckDB's postgres extension: `bench/dashboard.py --compare-access`
-measured both on a 1,000,000-row job. The extension runs every pushed-down
-query through `COPY ... TO STDOUT`, which PostgreSQL never parallelises, adds
-about 0.3 s to the first query of a process, and ties the DuckDB version to
-two more wheels; fetching with psycopg was as fast or faster on every page
-(figures in bench/README.md). `attach_postgres` keeps the extension path
-working for that comparison and for ad-hoc use.
+Why not DuckDB's postgres extension: `bench/dashboard.py --compare` ran every page both
+ways on a 1,000,000-row job, the paths taking turns. Every question is answered inside
+PostgreSQL either way, so only overhead differs: a reused psycopg connection was fastest on 5
+of 6 pages, the extension with one attached connection was within 10-40 ms of a connection
+per load (faster only on pages that fetch thousands of rows), and an ATTACH per page load
+made pages 3-5x slower. The extension also sends each query through `COPY (...) TO STDOUT`,
+where PostgreSQL neither parallelises nor takes bind parameters, and would need a process-wide
+attached database shared by Streamlit's script threads plus two exactly-pinned wheels at run
+time. `PostgresViaDuckDB` keeps that path runnable for the comparison (bench/README.md).
 
 Every PostgreSQL connection opened here is read-only
 (`default_transaction_read_only=on`), named `batchdb-dashboard` in
@@ -24,16 +26,18 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import decimal
+import json
 import tempfile
 import threading
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, Union
 
 import duckdb
 import pandas as pd
 import psycopg
 import pyarrow as pa
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.rows import dict_row
 
 from batchdb.db import resolve_dsn
 
@@ -50,6 +54,7 @@ _ARROW_TYPES: dict[int, pa.DataType] = {
     1114: pa.timestamp("us"), 1184: pa.timestamp("us"),
     1082: pa.date32(),
     114: pa.string(), 3802: pa.string(),  # json / jsonb arrive decoded; kept as text
+    1009: pa.list_(pa.string()), 1015: pa.list_(pa.string()),  # text[], varchar[]
 }
 
 
@@ -62,16 +67,37 @@ def read_only_dsn(dsn: str | None = None) -> str:
     return make_conninfo(**params)
 
 
+# "psycopg" (what the dashboard uses), "duckdb" (the postgres extension, attached per call), or an
+# open connection to reuse: a read-only psycopg one, or a PostgresViaDuckDB (start-up paid once).
+Engine = Union[str, psycopg.Connection, "PostgresViaDuckDB"]
+
+
 @contextlib.contextmanager
-def read_connection(dsn: str | None = None) -> Iterator[psycopg.Connection]:
-    """A short-lived read-only connection (about 4 ms to open on localhost)."""
+def read_connection(dsn: str | None = None, *, engine: Engine = "psycopg") -> Iterator[Any]:
+    """A short-lived read-only connection (about 4 ms to open on localhost).
+
+    Other engines give the measured alternative instead (`PostgresViaDuckDB`); every loader in
+    dashboard/queries.py runs unchanged on either, which is how the benchmark compares them.
+    """
+    if isinstance(engine, PostgresViaDuckDB | psycopg.Connection):  # an open one, reused by the caller
+        yield engine
+        return
+    if engine == "duckdb":
+        via = PostgresViaDuckDB(dsn)
+        try:
+            yield via
+        finally:
+            via.close()
+        return
     with psycopg.connect(read_only_dsn(dsn), autocommit=True) as conn:
         yield conn
 
 
-def fetch(conn: psycopg.Connection, sql: str, params: Mapping[str, Any] | None = None) -> pa.Table:
+def fetch(conn: Any, sql: str, params: Mapping[str, Any] | None = None) -> pa.Table:
     """Run one PostgreSQL query and return its rows as an Arrow table (typed even when empty)."""
-    cur = conn.execute(sql, params)  # type: ignore[arg-type]
+    if isinstance(conn, PostgresViaDuckDB):
+        return conn.fetch(sql, params)
+    cur = conn.execute(sql, params)
     description = cur.description or []
     rows = cur.fetchall()
     names = [d.name for d in description]
@@ -83,8 +109,25 @@ def fetch(conn: psycopg.Connection, sql: str, params: Mapping[str, Any] | None =
     return pa.Table.from_arrays(arrays, names=names)
 
 
-def fetch_df(conn: psycopg.Connection, sql: str, params: Mapping[str, Any] | None = None) -> pd.DataFrame:
+def fetch_df(conn: Any, sql: str, params: Mapping[str, Any] | None = None) -> pd.DataFrame:
     return fetch(conn, sql, params).to_pandas()
+
+
+def fetch_rows(conn: Any, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Rows as dicts with JSON columns decoded (for the few answers used in Python, not in tables)."""
+    if isinstance(conn, PostgresViaDuckDB):
+        return [{k: _json_or_value(v) for k, v in row.items()} for row in conn.fetch(sql, params).to_pylist()]
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(sql, params).fetchall()
+
+
+def _json_or_value(value: Any) -> Any:
+    if isinstance(value, str) and value[:1] in ("{", "["):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _plain(value: Any, arrow_type: pa.DataType) -> Any:
@@ -93,8 +136,6 @@ def _plain(value: Any, arrow_type: pa.DataType) -> Any:
     if isinstance(value, decimal.Decimal):
         return float(value)
     if pa.types.is_string(arrow_type) and not isinstance(value, str):
-        import json
-
         return json.dumps(value, default=str) if isinstance(value, dict | list) else str(value)
     if isinstance(value, dt.datetime) and value.tzinfo is not None:
         return value.astimezone(dt.UTC).replace(tzinfo=None)
@@ -142,3 +183,27 @@ def attach_postgres(con: duckdb.DuckDBPyConnection, dsn: str | None = None, *, a
     params.setdefault("application_name", APPLICATION_NAME)
     conninfo = make_conninfo(**params).replace("'", "''")
     con.execute(f"ATTACH '{conninfo}' AS {alias} (TYPE postgres, READ_ONLY)")
+
+
+class PostgresViaDuckDB:
+    """The alternative the benchmark measures: each PostgreSQL query run by DuckDB's postgres extension.
+
+    `postgres_query` sends the query inside `COPY (...) TO STDOUT (FORMAT binary)`, which takes
+    no bind parameters, so they are rendered client-side by psycopg (with its quoting).
+    """
+
+    def __init__(self, dsn: str | None = None) -> None:
+        self._render = psycopg.connect(read_only_dsn(dsn), autocommit=True)
+        self._duck = duckdb.connect(":memory:", config={"threads": 2})
+        attach_postgres(self._duck, read_only_dsn(dsn))
+
+    def fetch(self, sql: str, params: Mapping[str, Any] | None = None) -> pa.Table:
+        text = psycopg.ClientCursor(self._render).mogrify(sql, params)  # type: ignore[arg-type]
+        table = self._duck.execute("SELECT * FROM postgres_query('pg', ?)", [text]).to_arrow_table()
+        # Same shape as the psycopg path: times as naive UTC.
+        fields = [pa.field(f.name, pa.timestamp("us")) if pa.types.is_timestamp(f.type) else f for f in table.schema]
+        return table.cast(pa.schema(fields))
+
+    def close(self) -> None:
+        self._duck.close()
+        self._render.close()

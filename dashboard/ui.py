@@ -2,15 +2,13 @@
 
 Loaders are `dashboard.queries` functions wrapped in `st.cache_data(ttl=...)`, so a
 page that refreshes every few seconds, or many people watching one job, cost
-the database one set of queries per TTL. Settings come from the environment
-that `dashboard.run.run_dashboard` sets for the Streamlit process.
+the database one set of queries per TTL.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,19 +19,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from batchdb.db import resolve_dsn
 from dashboard import queries
-
-REFRESH_ENV = "BATCHDB_DASHBOARD_REFRESH"
-OUTPUTS_ENV = "BATCHDB_DASHBOARD_OUTPUTS"
-DEFAULT_REFRESH_SECONDS = 5.0
-
-
-def refresh_seconds() -> float:
-    """How often live sections re-query (st.fragment run_every); also the cache TTL."""
-    try:
-        return max(1.0, float(os.environ.get(REFRESH_ENV, DEFAULT_REFRESH_SECONDS)))
-    except ValueError:
-        return DEFAULT_REFRESH_SECONDS
-
+from dashboard.settings import outputs_dir, refresh_seconds  # noqa: F401 - the pages read them from here
 
 CACHE_TTL = refresh_seconds()
 
@@ -41,10 +27,6 @@ CACHE_TTL = refresh_seconds()
 def dsn() -> str:
     """The database the workers use: $BATCHDB_DSN, else the embedded server."""
     return resolve_dsn(None)
-
-
-def outputs_dir() -> str:
-    return os.environ.get(OUTPUTS_ENV) or os.getcwd()
 
 
 def describe_dsn(value: str) -> str:
@@ -66,6 +48,11 @@ def overview(dsn: str) -> dict[str, Any]:
 @st.cache_data(ttl=CACHE_TTL, show_spinner=False)
 def jobs_table(dsn: str) -> pd.DataFrame:
     return queries.load_jobs(dsn)
+
+
+@st.cache_data(ttl=CACHE_TTL, show_spinner=False)
+def job_choices(dsn: str) -> pd.DataFrame:
+    return queries.load_job_choices(dsn)
 
 
 @st.cache_data(ttl=CACHE_TTL, show_spinner=False)
@@ -166,7 +153,11 @@ def job_label(job_id: int, name: Any) -> str:
     return f"#{job_id} {name}" if isinstance(name, str) and name else f"#{job_id}"
 
 
-PROGRESS = st.column_config.ProgressColumn("progress", min_value=0, max_value=100, format="%.1f%%")
+def percent_column(label: str) -> object:
+    return st.column_config.ProgressColumn(label, min_value=0, max_value=100, format="%.1f%%")
+
+
+PROGRESS = percent_column("progress")
 USD = st.column_config.NumberColumn(format="$%.4f")
 
 
@@ -174,3 +165,24 @@ def sidebar(current_dsn: str) -> None:
     with st.sidebar:
         st.caption(f"Database: `{describe_dsn(current_dsn)}` (read-only)")
         st.caption(f"Live sections refresh every {refresh_seconds():g} s. Times are UTC.")
+
+
+def time_chart(data: pd.DataFrame, x: str, series: list[str], *, y_title: str, kind: str = "line",
+               time_format: str = "%H:%M", height: int = 260, colors: dict[str, str] | None = None) -> None:
+    """A chart over UTC time. Altair with a UTC scale: Streamlit's own charts would show the naive
+    UTC times in the browser's time zone."""
+    import altair as alt
+
+    long = data[[x, *series]].melt(id_vars=[x], value_vars=series, var_name="series", value_name="value")
+    long["when"] = pd.to_datetime(long[x]).dt.strftime(f"%Y-%m-%d {time_format} UTC")
+    base = alt.Chart(long)
+    mark = base.mark_bar() if kind == "bar" else base.mark_line(interpolate="monotone")
+    scale = alt.Scale(domain=list(colors), range=list(colors.values())) if colors else alt.Undefined
+    chart = mark.encode(
+        x=alt.X(f"{x}:T", title="UTC", scale=alt.Scale(type="utc"), axis=alt.Axis(format=time_format)),
+        y=alt.Y("value:Q", title=y_title, stack=True if kind == "bar" else None, axis=alt.Axis(format="~s")),
+        color=alt.Color("series:N", title=None, legend=alt.Legend(orient="bottom"), scale=scale),
+        tooltip=[alt.Tooltip("when:N", title="time"), alt.Tooltip("series:N", title="series"),
+                 alt.Tooltip("value:Q", title="value", format=",.2~f")],
+    ).properties(height=height)
+    st.altair_chart(chart, width="stretch")

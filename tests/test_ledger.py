@@ -88,13 +88,29 @@ def test_a_429_blocks_the_key_for_the_providers_delay_and_slows_it(dsn: str, con
     assert usage["n"] == 1
 
 
-def test_low_remaining_headers_slow_the_key_before_any_429(dsn: str, conn: psycopg.Connection) -> None:
-    limits(conn, rpm=600)  # a quarter second of budget = 2.5 requests
-    reserve(dsn, [1], remaining_requests=100.0)
+def test_an_empty_provider_window_eases_the_key_at_most_once_a_second(dsn: str, conn: psycopg.Connection) -> None:
+    limits(conn, rpm=600)  # a tenth of a second of budget = 1 request
+    reserve(dsn, [1], remaining_requests=5.0)
     assert state(conn)["pace"] == pytest.approx(1.0)
-    for _ in range(5):
-        reserve(dsn, [1], remaining_requests=1.0)
-    assert state(conn)["pace"] < 0.9
+    for _ in range(5):  # five workers report the same empty window: one slow-down
+        reserve(dsn, [1], remaining_requests=0.0)
+    assert state(conn)["pace"] == pytest.approx(0.95, abs=0.01)
+    time.sleep(1.1)
+    reserve(dsn, [1], remaining_requests=0.0)
+    assert state(conn)["pace"] < 0.93
+
+
+def test_a_burst_of_429s_slows_the_key_once(dsn: str, conn: psycopg.Connection) -> None:
+    limits(conn, rpm=600)
+
+    async def burst() -> None:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as c:
+            for _ in range(5):
+                await ledger.record_rate_limited(c, LANE, 1.0)
+
+    asyncio.run(burst())
+    after = state(conn)
+    assert after["pace"] == pytest.approx(0.7, abs=0.01) and after["rate_limited"] == 5
 
 
 def test_daily_quota_exhaustion_is_reported(dsn: str, conn: psycopg.Connection) -> None:

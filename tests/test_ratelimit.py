@@ -215,9 +215,10 @@ def test_gemini_daily_quota_pauses_the_job(dsn: str, sim_factory, tmp_path: Path
     workers = Workers(1, dsn, {"GEMINI_BASE_URL": sim.gemini_base_url, "GEMINI_API_KEY": "gm-test"}, tmp_path,
                       "--concurrency", "1")
     try:
-        final = job.wait(timeout=60)
+        assert job.wait(timeout=60).status == "paused"
     finally:
-        workers.stop()
+        workers.stop()  # graceful: outcomes still being batched are written first
+    final = job.status()
     assert final.status == "paused" and "daily" in (final.status_reason or "").lower(), final
     assert final.n_succeeded == 5
     with psycopg.connect(dsn) as c:

@@ -19,6 +19,18 @@ from psycopg.rows import dict_row
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# invalid_catalog_name (database dropped), invalid_authorization_specification, invalid_password
+_FATAL_SQLSTATES = {"3D000", "28000", "28P01"}
+# libpq reports a refused connection without an SQLSTATE; these server messages are final too.
+_FATAL_CONNECT_MESSAGES = ("does not exist", "password authentication failed", "no pg_hba.conf entry")
+
+
+def _is_fatal(exc: psycopg.Error) -> bool:
+    if exc.sqlstate in _FATAL_SQLSTATES:
+        return True
+    message = str(exc)
+    return "FATAL" in message and any(text in message for text in _FATAL_CONNECT_MESSAGES)
+
 
 class Reconnecting:
     def __init__(self, dsn: str, *, name: str, max_backoff: float = 10.0) -> None:
@@ -46,6 +58,9 @@ class Reconnecting:
                     conn = await self.connection()
                     return await operation(conn)
             except (psycopg.OperationalError, psycopg.errors.AdminShutdown, psycopg.errors.CannotConnectNow) as exc:
+                if _is_fatal(exc):
+                    # The database is gone or refuses us for good: waiting will not bring it back.
+                    raise
                 log.warning("%s on %s connection failed (%s); retrying in %.1fs", what, self._name, exc, delay)
                 await self._discard()
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))

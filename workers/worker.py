@@ -288,11 +288,13 @@ class Worker:
         reserved_tokens = charged_tokens(job.provider, prompt_estimate, request.max_tokens)
         if job.budget_usd is not None:
             await self._reserve_budget(row, job.estimated_cost(prompt_estimate, request.max_tokens))
+        # The client exists before capacity is reserved: building the first one imports the
+        # SDK, which blocks the loop; capacity granted before that would go out late, in a burst.
+        provider = self._provider(job.provider, job.key_alias)
         try:
             await self._pacer.acquire(lane, reserved_tokens)
         except DailyQuotaExhausted as exc:
             raise _HandBack(str(exc)) from None
-        provider = self._provider(job.provider, job.key_alias)
         try:
             async with asyncio.timeout(self.config.request_timeout):
                 response = await provider.complete(request)

@@ -1,0 +1,56 @@
+"""Cost: by day, by user, by model, by job; and the estimated cost of the work still queued."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from dashboard import ui
+
+st.title("Cost")
+dsn = ui.dsn()
+
+with ui.database_guard():
+    data = ui.cost(dsn)
+    jobs, by_day, queued = data["jobs"], data["by_day"], data["queued"]
+    if jobs.empty:
+        st.info("No jobs yet, so nothing has cost anything.")
+        st.stop()
+    today = pd.Timestamp(jobs["db_now"].iloc[0]).normalize()
+    m = st.columns(4)
+    m[0].metric("Total cost", ui.fmt_usd(jobs["cost_usd"].sum()))
+    m[1].metric("Today (UTC)", ui.fmt_usd(by_day.loc[pd.to_datetime(by_day["day"]) == today, "cost_usd"].sum()))
+    m[2].metric("Queued work (estimate)", ui.fmt_usd(queued["estimated_usd"].sum() if not queued.empty else 0.0))
+    m[3].metric("Tokens", ui.fmt_int(jobs["prompt_tokens"].sum() + jobs["completion_tokens"].sum()))
+
+    st.subheader("By day")
+    if by_day.empty:
+        st.info("No cost recorded yet.")
+    else:
+        per_day = by_day.pivot_table(index="day", columns="model", values="cost_usd", aggfunc="sum",
+                                     fill_value=0.0).reset_index()
+        per_day["day"] = pd.to_datetime(per_day["day"]).dt.strftime("%Y-%m-%d")  # one bar per UTC day
+        st.bar_chart(per_day, x="day", y=[c for c in per_day.columns if c != "day"], x_label="day (UTC)",
+                     y_label="USD", stack=True)
+        st.caption("A job's cost is spread evenly over the time it ran: exact for jobs that ran within one UTC "
+                   "day, an estimate for jobs that crossed midnight.")
+
+    left, right = st.columns(2)
+    with left:
+        st.subheader("By user")
+        st.dataframe(data["by_owner"], hide_index=True, width="stretch", column_config={"cost_usd": ui.USD})
+    with right:
+        st.subheader("By model")
+        st.dataframe(data["by_model"], hide_index=True, width="stretch", column_config={"cost_usd": ui.USD})
+
+    st.subheader("By job")
+    st.dataframe(data["by_job"], hide_index=True, width="stretch",
+                 column_config={"cost_usd": ui.USD, "budget_usd": ui.USD})
+
+    st.subheader("Estimated cost of queued work")
+    if queued.empty:
+        st.info("Nothing is queued.")
+    else:
+        st.dataframe(queued, hide_index=True, width="stretch",
+                     column_config={"usd_per_row": st.column_config.NumberColumn(format="$%.6f"),
+                                    "estimated_usd": ui.USD})

@@ -1,0 +1,75 @@
+"""Providers: per provider, key and model — limits, usage over time against them, 429s, current pacing."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from dashboard import ui
+
+st.title("Providers")
+dsn = ui.dsn()
+WINDOWS = {"15 minutes": 15, "1 hour": 60, "6 hours": 360, "24 hours": 1440}
+window = st.segmented_control("Window", list(WINDOWS), default="1 hour") or "1 hour"
+
+
+@st.fragment(run_every=ui.refresh_seconds())
+def live() -> None:
+    with ui.database_guard():
+        data = ui.providers(dsn, WINDOWS[window])
+        lanes = data["lanes"]
+        if lanes.empty:
+            st.info("No provider key in use yet. Configure one with "
+                    "`batchdb limits set openai gpt-4o-mini --rpm 5000 --tpm 2000000`, or submit a job.")
+            return
+        st.subheader("Now")
+        st.dataframe(
+            lanes, hide_index=True, width="stretch",
+            column_config={
+                "key_alias": "key",
+                "tokens_per_min": st.column_config.NumberColumn("tokens/min now", format="%.0f"),
+                "requests_per_min": st.column_config.NumberColumn("requests/min now", format="%.0f"),
+                "tpm_used_pct": ui.percent_column("TPM used"),
+                "rpm_used_pct": ui.percent_column("RPM used"),
+                "rate_limited_5m": st.column_config.NumberColumn("429s (5 min)", format="%d"),
+                "pace_now": st.column_config.NumberColumn("pace now", format="%.2f"),
+            },
+        )
+        limits = data["limits"]
+        st.subheader("Limits and pacing")
+        if limits.empty:
+            st.info("No limits configured or learnt: calls are not paced.")
+        else:
+            st.dataframe(
+                limits[["provider", "key_alias", "model", "rpm", "tpm", "rpd", "source", "target_fraction",
+                        "burst_seconds", "pace_now", "blocked", "blocked_until", "day_requests",
+                        "requests_granted", "tokens_granted", "rate_limited", "updated_at"]],
+                hide_index=True, width="stretch",
+                column_config={"key_alias": "key", "pace_now": st.column_config.NumberColumn("pace now", format="%.2f"),
+                               "rate_limited": st.column_config.NumberColumn("429s (total)", format="%d")},
+            )
+            st.caption("Pace: the share of the limit the ledger grants now (x0.7 after a 429, +2%/s after). "
+                       "Blocked: waiting out a provider's retry-after.")
+
+        series = data["series"]
+        st.subheader(f"Usage per minute, last {window}")
+        if series.empty:
+            st.info("No usage recorded in this window (the ledger records paced keys' calls and every 429).")
+            return
+        for lane, part in series.groupby("lane", sort=True):
+            st.markdown(f"**{lane}**")
+            cols = st.columns(3)
+            with cols[0]:
+                tokens = part.rename(columns={"tpm": "TPM limit"})
+                ui.time_chart(tokens, "minute", ["tokens", "TPM limit"] if tokens["TPM limit"].notna().any()
+                              else ["tokens"], y_title="tokens/min", height=220,
+                              colors={"tokens": "#1c83e1", "TPM limit": "#ff4b4b"})
+            with cols[1]:
+                requests = part.rename(columns={"rpm": "RPM limit"})
+                ui.time_chart(requests, "minute", ["requests", "RPM limit"] if requests["RPM limit"].notna().any()
+                              else ["requests"], y_title="requests/min", height=220,
+                              colors={"requests": "#1c83e1", "RPM limit": "#ff4b4b"})
+            with cols[2]:
+                ui.time_chart(part.rename(columns={"rate_limited": "429s"}), "minute", ["429s"], kind="bar",
+                              y_title="429s per minute", height=220, colors={"429s": "#ffa421"})
+
+live()

@@ -1,0 +1,178 @@
+"""`dagster.materialize` in this process against real PostgreSQL, worker processes and the provider simulator."""
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import psycopg
+import pyarrow.parquet as pq
+import pytest
+from dagster_test_support import assert_parquet_matches_input, wait_until
+
+import batchdb
+from assets import ROWS_ANSWERED_CHECK, BatchDBResource, llm_batch_asset
+from assets.example import headline_sentiment, headlines, sample_headlines
+
+DAY = "2024-03-01"
+
+
+def resource(dsn: str, root: Path, **fields: Any) -> BatchDBResource:
+    return BatchDBResource(dsn=dsn, output_root=str(root), poll_interval=0.1, **fields)
+
+
+def materialize(dsn: str, root: Path, *selection: dg.AssetsDefinition, partition_key: str = DAY,
+                instance: dg.DagsterInstance | None = None) -> dg.ExecuteInProcessResult:
+    return dg.materialize([headlines, *selection], partition_key=partition_key, instance=instance,
+                          resources={"batchdb": resource(dsn, root)}, raise_on_error=False)
+
+
+def jobs(dsn: str) -> list[tuple[int, str, str]]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SELECT id, idempotency_key, status FROM batchdb.jobs ORDER BY id").fetchall()
+
+
+@pytest.fixture
+def ephemeral_instance() -> Iterator[Callable[[], dg.DagsterInstance]]:
+    instances: list[dg.DagsterInstance] = []
+
+    def make() -> dg.DagsterInstance:
+        instances.append(dg.DagsterInstance.ephemeral())
+        return instances[-1]
+
+    yield make
+    for instance in instances:
+        instance.dispose()
+
+
+@contextmanager
+def cancel_jobs_on_error(dsn: str) -> Iterator[None]:
+    """A failed assertion must not leave runs waiting forever on jobs no worker drains."""
+    try:
+        yield
+    except BaseException:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("SELECT batchdb.cancel_job(id) FROM batchdb.jobs WHERE status <> 'cancelled'")
+        raise
+
+
+def metadata_of(result: dg.ExecuteInProcessResult, asset: str = "headline_sentiment") -> dict[str, Any]:
+    (materialization,) = result.asset_materializations_for_node(asset)
+    return {key: getattr(value, "value", value) for key, value in materialization.metadata.items()}
+
+
+def test_one_partition_materializes_row_for_row_with_its_metadata(dsn, simulator, start_workers, tmp_path) -> None:
+    start_workers(dsn, simulator, 1)
+    result = materialize(dsn, tmp_path, headline_sentiment)
+    assert result.success
+
+    path = tmp_path / "headline_sentiment" / f"{DAY}.parquet"
+    output = assert_parquet_matches_input(path, sample_headlines(DAY))
+    meta = metadata_of(result)
+    ((job_id, key, status),) = jobs(dsn)
+    assert status == "completed" and key.startswith(f"dagster:headline_sentiment:{DAY}:")
+    progress = batchdb.get_job(job_id, dsn=dsn).status()
+    assert meta["batchdb/job_id"] == job_id
+    assert meta["dagster/partition_row_count"] == 15
+    assert meta["dagster/uri"] == path.resolve().as_uri()
+    assert (meta["rows_succeeded"], meta["rows_failed"], meta["rows_dead"]) == (15, 0, 0)
+    assert meta["prompt_tokens"] == progress.prompt_tokens == output["prompt_tokens"].sum() > 0
+    assert meta["completion_tokens"] == progress.completion_tokens == output["completion_tokens"].sum() > 0
+    assert meta["cost_usd"] == pytest.approx(float(progress.cost_usd)) and meta["cost_usd"] > 0
+    assert [record.data["headline_id"] for record in meta["preview"].records] == output["headline_id"][:10].tolist()
+    (check,) = result.get_asset_check_evaluations()
+    assert (check.check_name, check.passed) == (ROWS_ANSWERED_CHECK, True)
+    assert simulator.stats(series=False)["totals"]["accepted"] == 15
+
+
+def test_same_partition_twice_while_its_job_runs_attaches_to_one_job(dsn, simulator, start_workers, tmp_path,
+                                                                     ephemeral_instance) -> None:
+    instances = [ephemeral_instance(), ephemeral_instance()]
+
+    def job_tag(instance: dg.DagsterInstance) -> str | None:
+        runs = instance.get_runs()
+        return runs[0].tags.get("batchdb/job_id") if runs else None
+
+    # No worker yet: the first run's job stays queued while the second run is launched.
+    with ThreadPoolExecutor(2) as pool, cancel_jobs_on_error(dsn):
+        first = pool.submit(materialize, dsn, tmp_path, headline_sentiment, instance=instances[0])
+        wait_until(lambda: job_tag(instances[0]), 60, "the first run to submit its job")
+        second = pool.submit(materialize, dsn, tmp_path, headline_sentiment, instance=instances[1])
+        wait_until(lambda: job_tag(instances[1]), 60, "the second run to attach")
+        assert len(jobs(dsn)) == 1
+        start_workers(dsn, simulator, 1)
+        results = [first.result(timeout=120), second.result(timeout=120)]
+
+    assert all(r.success for r in results)
+    ((job_id, _, status),) = jobs(dsn)
+    assert status == "completed"
+    assert [metadata_of(r)["batchdb/job_id"] for r in results] == [job_id, job_id]
+    assert simulator.stats(series=False)["totals"]["accepted"] == 15  # every row was called once
+
+    # Materializing it again after the job finished reattaches too: no new provider calls.
+    again = materialize(dsn, tmp_path, headline_sentiment)
+    assert again.success and metadata_of(again)["batchdb/job_id"] == job_id
+    assert simulator.stats(series=False)["totals"]["accepted"] == 15
+
+    # A new prompt is a new job.
+    reworded = llm_batch_asset(name="headline_sentiment", source=headlines, model="gpt-4o-mini",
+                               prompt="What is the market mood of: {headline}", id_column="headline_id", max_tokens=20)
+    changed = materialize(dsn, tmp_path, reworded)
+    assert changed.success and metadata_of(changed)["batchdb/job_id"] != job_id
+    assert len(jobs(dsn)) == 2
+
+
+def test_dead_rows_are_counted_and_checked_unless_failures_are_fatal(dsn, simulator, start_workers, tmp_path) -> None:
+    simulator.set_config(error_rates={"http_500": 0.5})
+    start_workers(dsn, simulator, 1)
+    tolerant = llm_batch_asset(name="flaky", source=headlines, model="gpt-4o-mini", prompt="Mood: {headline}",
+                               id_column="headline_id", max_tokens=10, max_attempts=1)
+    result = materialize(dsn, tmp_path, tolerant)
+    assert result.success
+    meta = metadata_of(result, "flaky")
+    assert meta["rows_dead"] > 0 and meta["rows_succeeded"] + meta["rows_dead"] == 15
+    output = pq.read_table(tmp_path / "flaky" / f"{DAY}.parquet").to_pandas()
+    assert len(output) == 15 and (output["status"] == "dead").sum() == meta["rows_dead"]
+    (check,) = result.get_asset_check_evaluations()
+    assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
+    assert check.metadata["rows_without_response"].value == meta["rows_dead"]
+
+    fatal = llm_batch_asset(name="strict", source=headlines, model="gpt-4o-mini", prompt="Mood: {headline}",
+                            id_column="headline_id", max_tokens=10, max_attempts=1, failures_fatal=True)
+    failed = materialize(dsn, tmp_path, fatal)
+    assert not failed.success
+    assert not (tmp_path / "strict").exists()
+    (failure,) = [e for e in failed.all_events if e.is_step_failure]
+    assert "rows have no answer" in failure.step_failure_data.error.message
+
+
+def test_a_cancelled_run_cancels_its_job_and_a_relaunch_resumes_it(dsn, simulator, start_workers, tmp_path,
+                                                                    ephemeral_instance) -> None:
+    instance = ephemeral_instance()
+    outcome: dict[str, dg.ExecuteInProcessResult] = {}
+    # No worker: the job stays queued until the run is cancelled.
+    thread = threading.Thread(target=lambda: outcome.update(
+        result=materialize(dsn, tmp_path, headline_sentiment, instance=instance)))
+    thread.start()
+    with cancel_jobs_on_error(dsn):
+        run = wait_until(lambda: next((r for r in instance.get_runs() if "batchdb/job_id" in r.tags), None),
+                         60, "the run to submit its job")
+        job_id = int(run.tags["batchdb/job_id"])
+        instance.report_run_canceling(run)
+        wait_until(lambda: jobs(dsn)[0][2] == "cancelled", 30, "the job to be cancelled")
+    thread.join(timeout=60)
+    assert not outcome["result"].success
+    assert batchdb.get_job(job_id, dsn=dsn).status().n_cancelled == 15
+    assert not (tmp_path / "headline_sentiment").exists()
+
+    start_workers(dsn, simulator, 1)
+    started = time.monotonic()
+    relaunched = materialize(dsn, tmp_path, headline_sentiment)
+    assert relaunched.success and time.monotonic() - started < 60
+    assert metadata_of(relaunched)["batchdb/job_id"] == job_id
+    assert metadata_of(relaunched)["rows_succeeded"] == 15
+    assert_parquet_matches_input(tmp_path / "headline_sentiment" / f"{DAY}.parquet", sample_headlines(DAY))
