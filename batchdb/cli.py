@@ -10,7 +10,6 @@ from pathlib import Path
 import click
 
 from batchdb import db as dbmod
-from batchdb.ingest import InputError
 
 
 def _dsn_option(func):  # type: ignore[no-untyped-def]
@@ -102,6 +101,7 @@ def db_stop() -> None:
 @_dsn_option
 def submit_command(path: Path, dsn: str | None, wait: bool, **options: object) -> None:
     """Queue one request per row of a CSV, JSONL or Parquet file."""
+    from batchdb.ingest import InputError
     from batchdb.submission import submit
 
     try:
