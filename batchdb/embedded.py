@@ -198,7 +198,8 @@ def stop_server(timeout: float = 30.0) -> bool:
                 timeout=timeout + 10,
                 **_run_as(home),
             )
-        (home / "server.json").unlink(missing_ok=True)
+        # server.json stays: a restart reuses its port, so DSNs handed out before the stop
+        # (to workers that reconnect with backoff) still point at the server.
     return running
 
 

@@ -21,6 +21,9 @@ T = TypeVar("T")
 
 # invalid_catalog_name (database dropped), invalid_authorization_specification, invalid_password
 _FATAL_SQLSTATES = {"3D000", "28000", "28P01"}
+# Worth retrying on a connection that still works: shutdown in progress, too many
+# connections, serialization failure, deadlock.
+_RETRY_ON_LIVE_CONNECTION = {"57P01", "57P02", "57P03", "53300", "40001", "40P01"}
 # libpq reports a refused connection without an SQLSTATE; these server messages are final too.
 _FATAL_CONNECT_MESSAGES = ("does not exist", "password authentication failed", "no pg_hba.conf entry")
 
@@ -61,10 +64,20 @@ class Reconnecting:
                 if _is_fatal(exc):
                     # The database is gone or refuses us for good: waiting will not bring it back.
                     raise
+                if not self._lost(exc):
+                    # The connection is fine but the statement failed (e.g. disk full, 53100):
+                    # let the caller decide what to do with it rather than retry it forever.
+                    raise
                 log.warning("%s on %s connection failed (%s); retrying in %.1fs", what, self._name, exc, delay)
                 await self._discard()
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))
                 delay = min(self._max_backoff, delay * 2)
+
+    def _lost(self, exc: psycopg.Error) -> bool:
+        """Whether the error means the connection (or server) went away, so a retry may succeed."""
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            return True
+        return exc.sqlstate is None or exc.sqlstate.startswith("08") or exc.sqlstate in _RETRY_ON_LIVE_CONNECTION
 
     async def _discard(self) -> None:
         if self._conn is not None:

@@ -188,13 +188,19 @@ class Worker:
                 await self._slot_freed.wait()
                 continue
             self._wake.clear()
-            rows = await self._claims.run(
-                lambda c: queue.claim_batch(
-                    c, worker_id=self.id, limit=min(free, self.config.max_claim),
-                    lease_seconds=self.config.lease_seconds,
-                ),
-                what="claim_batch",
-            )
+            try:
+                rows = await self._claims.run(
+                    lambda c: queue.claim_batch(
+                        c, worker_id=self.id, limit=min(free, self.config.max_claim),
+                        lease_seconds=self.config.lease_seconds,
+                    ),
+                    what="claim_batch",
+                )
+            except psycopg.Error as exc:
+                # The server refused the statement itself (disk full ...): wait, then try again.
+                log.error("claim_batch failed: %s", exc)
+                await asyncio.sleep(self.config.poll_interval)
+                continue
             for row in rows:
                 self._held[row.key] = row
                 task = asyncio.create_task(self._process(row))
@@ -378,6 +384,14 @@ class Worker:
     # -- maintenance -------------------------------------------------------------------------
 
     async def _maintain(self) -> None:
+        while True:
+            try:
+                await self._maintain_forever()
+            except psycopg.Error as exc:
+                log.error("lease maintenance failed: %s; retrying", exc)
+                await asyncio.sleep(1.0)
+
+    async def _maintain_forever(self) -> None:
         last_reclaim = 0.0
         while True:
             await asyncio.sleep(min(self.config.heartbeat_interval, self.config.reclaim_interval))

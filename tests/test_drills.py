@@ -1,0 +1,59 @@
+"""Fault drills, small: a real job through worker processes while something breaks (bench/drills.py).
+
+Each test asserts the drill's invariants: every row final and none lost, no row with two
+results, job totals equal to the sum of rows, duplicate provider calls within the rows in
+flight at the fault. `python -m bench.drills` runs the full-size versions and prints the table.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import drills
+
+pytestmark = pytest.mark.slow
+
+ROWS = 2_000
+WORKERS = 2
+
+
+def assert_drill_passed(result: drills.DrillResult) -> None:
+    assert result.check.violations == [], result.cells()
+    assert result.check.lost == 0
+    assert 0 <= result.check.duplicates <= result.bound
+
+
+def test_random_sigkills_lose_nothing(dsn: str) -> None:
+    result = drills.drill_sigkill(drills.Setup(dsn, ROWS, WORKERS), every_s=2.0)
+    assert_drill_passed(result)
+    assert not result.note.startswith("0 kills")
+    assert result.bound > 0  # the killed workers held rows: the drill exercised reclaim
+
+
+def test_database_restart_mid_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An embedded server in a temporary home, never the shared server: stop_server + ensure_server.
+    monkeypatch.delenv("BATCHDB_HOME", raising=False)
+    with drills.embedded_database() as dsn:
+        result = drills.drill_db_restart(drills.Setup(dsn, ROWS, WORKERS), down_s=2.0)
+    assert_drill_passed(result)  # includes: same port, job.wait() across it returned completed, no worker exited
+
+
+def test_result_write_failures_are_retried_not_lost(dsn: str) -> None:
+    result = drills.drill_result_write_failures(drills.Setup(dsn, ROWS, WORKERS), fault_s=3.0)
+    assert_drill_passed(result)
+    assert result.bound > 0  # rows whose write was refused were called again
+    assert result.check.duplicates == result.bound
+
+
+def test_poison_rows_fail_at_once_with_the_reason(dsn: str) -> None:
+    result = drills.drill_poison_rows(drills.Setup(dsn, ROWS, WORKERS), every=50)
+    assert_drill_passed(result)
+    assert result.check.failed == len(range(0, ROWS, 50))
+    assert result.check.succeeded == ROWS - result.check.failed
+
+
+def test_connection_resets(dsn: str) -> None:
+    result = drills.drill_connection_resets(drills.Setup(dsn, ROWS, WORKERS), rate=0.05)
+    assert_drill_passed(result)
+    assert result.check.duplicates == 0
+    assert ": 0 resets" not in result.note
