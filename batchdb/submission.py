@@ -18,7 +18,6 @@ from psycopg.types.json import Jsonb
 from batchdb.db import connect
 from batchdb.ingest import DataSource, InputError, InputSpec, check_schema, copy_rows, open_source
 from batchdb.jobs import Job
-from batchdb.prompts import REQUEST_PARAMS
 from batchdb.providers import KNOWN_PROVIDERS
 from batchdb.providers.compat import UnsupportedRequest, check_request
 from batchdb.queries import query
@@ -129,7 +128,6 @@ def _check_options(*, model: str, provider: str, priority: int, max_attempts: in
         raise InputError(f"max_tokens: expected a positive integer, got {max_tokens!r}")
     if temperature is not None and not (0 <= temperature <= 2):
         raise InputError(f"temperature: expected a number from 0 to 2, got {temperature!r}")
-    assert set(REQUEST_PARAMS) >= {"max_tokens", "temperature", "seed", "response_format"}
 
 
 def _create_job(conn: psycopg.Connection, *, params: dict[str, Any], **fields: Any) -> int | None:
