@@ -132,6 +132,7 @@ def run_dev(
     """Start everything the example needs and the Dagster UI; block until Ctrl-C; return dagster's exit code."""
     from batchdb.simulator.config import Distribution, Limits, SimulatorConfig
     from batchdb.simulator.process import start_simulator
+    from workers.processes import WorkerProcesses, stop_processes
 
     say = click.echo
     dsn = resolve_dsn(dsn)
@@ -160,21 +161,19 @@ def run_dev(
     try:
         with start_simulator(config) as simulator:
             say(f"provider simulator: {simulator.openai_base_url} ({rpm} RPM, {tpm:,} TPM)")
-            env = {**os.environ, "BATCHDB_DSN": dsn, "BATCHDB_OUTPUT_ROOT": str(output_root),
-                   "DAGSTER_HOME": str(home), "OPENAI_BASE_URL": simulator.openai_base_url,
-                   "OPENAI_API_KEY": "sk-batchdb-dagster-example"}
-            children: list[subprocess.Popen[bytes]] = []
+            extra_env = {"BATCHDB_OUTPUT_ROOT": str(output_root), "DAGSTER_HOME": str(home),
+                         "OPENAI_BASE_URL": simulator.openai_base_url,
+                         "OPENAI_API_KEY": "sk-batchdb-dagster-example"}
+            workers = WorkerProcesses(dsn, env=extra_env, args=("--concurrency", str(concurrency)), log_dir=logs,
+                                      append_logs=True)
+            dagster: subprocess.Popen[bytes] | None = None
             command, cwd = dagster_command_line(host=host, port=port)
             try:
-                for i in range(n_workers):
-                    with (logs / f"worker-{i}.log").open("ab") as log:
-                        children.append(subprocess.Popen(
-                            [sys.executable, "-m", "workers", "--concurrency", str(concurrency)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT))
+                workers.start(n_workers)
                 say(f"workers: {n_workers} processes, logs in {logs}")
                 # Its own session: a terminal's Ctrl-C reaches only us, and we stop dagster first.
-                dagster = subprocess.Popen(command, env=env, cwd=cwd, start_new_session=True)
-                children.insert(0, dagster)
+                dagster = subprocess.Popen(command, env={**os.environ, "BATCHDB_DSN": dsn, **extra_env}, cwd=cwd,
+                                           start_new_session=True)
                 url = f"http://{host}:{port}"
                 if _wait_for_webserver(url, dagster, timeout=120):
                     say(f"Dagster UI: {url}  (Ctrl-C stops Dagster, the workers and the simulator)")
@@ -185,8 +184,9 @@ def run_dev(
                 # A second Ctrl-C must not leave half of the processes running.
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
-                for process in children:
-                    _stop(process, timeout=30, group=process.args == command)
+                if dagster is not None:  # SIGKILL, if it comes to that, to its whole group: its daemon and runs
+                    stop_processes([dagster], grace=30, kill_group=True)
+                workers.stop()
     except KeyboardInterrupt:
         say("stopped")
         return 0
@@ -217,21 +217,6 @@ def _wait_for_webserver(url: str, process: subprocess.Popen[bytes], *, timeout: 
         except (urllib.error.URLError, OSError):
             time.sleep(0.5)
     return False
-
-
-def _stop(process: subprocess.Popen[bytes], *, timeout: float, group: bool = False) -> None:
-    """SIGTERM, then SIGKILL after `timeout`; with `group`, the kill goes to the process group it leads."""
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        if group:
-            os.killpg(process.pid, signal.SIGKILL)
-        else:
-            process.kill()
-        process.wait()
 
 
 def _where(dsn: str) -> str:

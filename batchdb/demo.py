@@ -9,9 +9,6 @@ with a progress bar -> a Parquet results file.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -62,6 +59,7 @@ def demo_headlines(rows: int) -> pd.DataFrame:
 def run_demo(*, rows: int, n_workers: int, rpm: int, tpm: int, output: Path, dsn: str | None) -> None:
     from batchdb.simulator.config import Distribution, Limits, SimulatorConfig
     from batchdb.simulator.process import start_simulator
+    from workers.processes import start_workers
 
     say = click.echo
     dsn = resolve_dsn(dsn)
@@ -79,16 +77,10 @@ def run_demo(*, rows: int, n_workers: int, rpm: int, tpm: int, output: Path, dsn
     )
     with start_simulator(config) as simulator:
         say(f"provider simulator: {simulator.openai_base_url} (limits {rpm} RPM, {tpm:,} TPM)")
-        env = {**os.environ, "BATCHDB_DSN": dsn, "OPENAI_BASE_URL": simulator.openai_base_url,
-               "OPENAI_API_KEY": "sk-batchdb-demo"}
         output.parent.mkdir(parents=True, exist_ok=True)
-        logs = [(output.parent / f"worker-{i}.log").open("wb") for i in range(n_workers)]
-        workers = [
-            subprocess.Popen([sys.executable, "-m", "workers", "--concurrency", "32"], env=env,
-                             stdout=log, stderr=subprocess.STDOUT)
-            for log in logs
-        ]
-        say(f"workers: {n_workers} processes (pids {', '.join(str(w.pid) for w in workers)}), "
+        workers = start_workers(n_workers, dsn, args=("--concurrency", "32"), log_dir=output.parent,
+                                env={"OPENAI_BASE_URL": simulator.openai_base_url, "OPENAI_API_KEY": "sk-batchdb-demo"})
+        say(f"workers: {n_workers} processes (pids {', '.join(str(w.pid) for w in workers.processes)}), "
             f"logs in {output.parent}/worker-*.log")
         try:
             data = demo_headlines(rows)
@@ -110,16 +102,7 @@ def run_demo(*, rows: int, n_workers: int, rpm: int, tpm: int, output: Path, dsn
             final = job.wait(progress=True)
             elapsed = time.monotonic() - started
         finally:
-            for worker in workers:
-                if worker.poll() is None:
-                    worker.send_signal(signal.SIGTERM)
-            for worker in workers:
-                try:
-                    worker.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    worker.kill()
-            for log in logs:
-                log.close()
+            workers.stop()
         served = simulator.stats()
 
     written = job.to_parquet(output)

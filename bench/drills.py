@@ -28,7 +28,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -45,61 +44,12 @@ import psycopg
 import batchdb
 from batchdb.simulator.config import Distribution, SimulatorConfig
 from batchdb.simulator.process import SimulatorProcess, start_simulator
-from bench._common import DEFAULT_ADMIN_DSN, REPO, print_table, progress, scratch_database
+from bench._common import DEFAULT_ADMIN_DSN, print_table, progress, scratch_database
+from workers.processes import WORKER_COMMAND, WorkerProcesses, start_workers
 
 LATENCY = Distribution(kind="lognormal", median=0.25, sigma=0.5, cap=3.0)
 OUTPUT_TOKENS = Distribution(kind="uniform", low=3, high=12)
 POISON_CONTEXT_WINDOW = 1_000  # tokens; poison rows' prompts are far longer, the others far shorter
-
-
-# -- processes ---------------------------------------------------------------------------------------
-
-
-class Workers:
-    """Worker processes (`python -m workers`) that can be killed and replaced; stop() ends them all."""
-
-    def __init__(self, dsn: str, sim: SimulatorProcess, n: int, *args: str, python_prefix: tuple[str, ...] = ()) -> None:
-        self.dsn, self.sim, self.args, self.prefix = dsn, sim, args, python_prefix
-        self.env = {**os.environ, "BATCHDB_DSN": dsn, "OPENAI_BASE_URL": sim.openai_base_url,
-                    "OPENAI_API_KEY": "sk-test", "PYTHONPATH": str(REPO)}
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.all: list[subprocess.Popen[bytes]] = []
-        for _ in range(n):
-            self.start_one()
-
-    def start_one(self) -> subprocess.Popen[bytes]:
-        command = [sys.executable, *self.prefix] if self.prefix else [sys.executable, "-m", "workers"]
-        log_dir = os.environ.get("DRILLS_WORKER_LOGS")  # keep each worker's log there, for post-mortems
-        log = open(os.path.join(log_dir, f"worker-{len(self.all)}.log"), "ab") if log_dir else subprocess.DEVNULL
-        try:
-            proc = subprocess.Popen([*command, *self.args], env=self.env, stdout=log, stderr=log)
-        finally:
-            if log is not subprocess.DEVNULL:
-                log.close()
-        self.procs.append(proc)
-        self.all.append(proc)
-        return proc
-
-    def sigkill_random(self) -> subprocess.Popen[bytes]:
-        victim = random.choice([p for p in self.procs if p.poll() is None])
-        victim.send_signal(signal.SIGKILL)
-        victim.wait()
-        self.procs.remove(victim)
-        return victim
-
-    def stop(self) -> list[int | None]:
-        for p in self.all:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        codes = []
-        for p in self.all:
-            try:
-                p.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-            codes.append(p.returncode)
-        return codes
 
 
 def simulator_config(**changes: object) -> SimulatorConfig:
@@ -289,12 +239,18 @@ class Setup:
 @contextlib.contextmanager
 def running(setup: Setup, *, sim_config: SimulatorConfig | None = None, poison_every: int = 0,
             worker_args: tuple[str, ...] = (), python_prefix: tuple[str, ...] = (),
-            max_attempts: int = 10) -> Iterator[tuple[batchdb.Job, SimulatorProcess, Workers, Sampler]]:
-    """A submitted job, the simulator, the workers and a throughput sampler; all stopped on exit."""
+            max_attempts: int = 10) -> Iterator[tuple[batchdb.Job, SimulatorProcess, WorkerProcesses, Sampler]]:
+    """A submitted job, the simulator, the workers and a throughput sampler; all stopped on exit.
+
+    The workers run `python -m workers`, or `python *python_prefix` when given; with DRILLS_WORKER_LOGS
+    set, each keeps its log there (worker-<i>.log), for post-mortems.
+    """
     job = submit_rows(setup.dsn, setup.rows, poison_every=poison_every, max_attempts=max_attempts)
+    command = (sys.executable, *python_prefix) if python_prefix else WORKER_COMMAND
     with start_simulator(sim_config or simulator_config()) as sim:
-        workers = Workers(setup.dsn, sim, setup.workers, *(worker_args or setup.worker_args()),
-                          python_prefix=python_prefix)
+        workers = start_workers(setup.workers, setup.dsn, args=worker_args or setup.worker_args(), command=command,
+                                env={"OPENAI_BASE_URL": sim.openai_base_url, "OPENAI_API_KEY": "sk-test"},
+                                log_dir=os.environ.get("DRILLS_WORKER_LOGS"), append_logs=True, grace=40)
         sampler = Sampler(setup.dsn, job.id)
         try:
             yield job, sim, workers, sampler
@@ -324,10 +280,10 @@ def drill_sigkill(setup: Setup, *, every_s: float = 3.0, lease_s: float = 5.0) -
         bound = kills = 0
         while sampler.done() < setup.rows * 0.7:
             time.sleep(every_s)
-            victim = workers.sigkill_random()
+            victim = workers.kill()
             bound += in_flight(setup.dsn, job.id, victim.pid)
             kills += 1
-            workers.start_one()
+            workers.start()
         fault_end = time.monotonic()
         job.wait(timeout=300)
         recovery = sampler.recovery(fault_start, fault_end)
@@ -398,7 +354,7 @@ def drill_db_restart(setup: Setup, *, down_s: float = 3.0) -> DrillResult:
             result.check.violations.append(f"server came back on port {port_after}, not {port_before}")
         if final is None or getattr(final, "status", None) != "completed":
             result.check.violations.append(f"job.wait() across the restart returned {final!r}")
-        exited = [p.returncode for p in workers.all if p.poll() is not None]
+        exited = [p.returncode for p in workers.processes if p.poll() is not None]
         if exited:
             result.check.violations.append(f"{len(exited)} worker(s) exited during the job: {exited}")
         return result
@@ -559,14 +515,10 @@ def drill_clock_skew(setup: Setup) -> DrillResult:
                   "from batchdb.cli import main; main(['worker', *sys.argv[2:]])")
     with running(setup, python_prefix=(*skew, str(CLOCK_SKEW_S))) as (job, sim, workers, sampler):
         # Half the workers an hour behind instead.
-        for p in workers.procs[: len(workers.procs) // 2]:
+        for p in workers.processes[: len(workers.processes) // 2]:
             p.send_signal(signal.SIGTERM)
             p.wait(timeout=40)
-        behind = workers.prefix
-        workers.prefix = (*skew, str(-CLOCK_SKEW_S))
-        for _ in range(setup.workers // 2):
-            workers.start_one()
-        workers.prefix = behind
+        workers.start(setup.workers // 2, command=(sys.executable, *skew, str(-CLOCK_SKEW_S)))
         sampler.wait_for(setup.rows // 3)
         with psycopg.connect(setup.dsn, autocommit=True) as conn:
             longest = conn.execute(

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from batchdb import migrations
+from batchdb.simulator import SimulatorConfig, SimulatorProcess, start_simulator
 
 
 def _admin_dsn() -> str:
@@ -91,3 +93,30 @@ def drain(dsn: str):  # noqa: ANN201
         return worker
 
     return run
+
+
+# -- the provider simulator (tests/providers, tests/simulator) -------------------------------------
+
+ConfigureSimulator = Callable[..., SimulatorProcess]
+
+
+@pytest.fixture(scope="session")
+def shared_simulator() -> Iterator[SimulatorProcess]:
+    """One simulator subprocess per test session: starting one costs about a second (interpreter,
+    aiohttp, tokenizer), so the tests share it and `simulator` gives each a clean run."""
+    with start_simulator(SimulatorConfig()) as sim:
+        yield sim
+
+
+@pytest.fixture
+def simulator(shared_simulator: SimulatorProcess) -> ConfigureSimulator:
+    """``simulator(SimulatorConfig(...))`` or ``simulator(field=value, ...)``: the shared simulator with
+    exactly that config (`POST /_sim/config`), freshly reset (`POST /_sim/reset`: fresh buckets,
+    counters and seeds). Test modules that need a simulator of their own define their own `simulator`."""
+
+    def configure(config: SimulatorConfig | None = None, **fields: Any) -> SimulatorProcess:
+        shared_simulator.set_config(config if config is not None else SimulatorConfig(**fields))
+        shared_simulator.reset()
+        return shared_simulator
+
+    return configure

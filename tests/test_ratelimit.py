@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -23,40 +20,18 @@ import batchdb
 from batchdb import ledger
 from batchdb.simulator.config import Distribution, Limits, LimitRule, Outage, SimulatorConfig
 from batchdb.simulator.process import SimulatorProcess, start_simulator
+from workers.processes import WorkerProcesses, start_workers
 
 pytestmark = pytest.mark.slow
 
 MODEL = "gpt-4o-mini"
 LANE = ledger.Lane("openai", "default", MODEL)
+VERBOSE_WORKER = (sys.executable, "-m", "batchdb", "-vv", "worker")
 
 
-class Workers:
-    """Worker processes with their logs in files (a full pipe would stall them)."""
-
-    def __init__(self, n: int, dsn: str, env: dict[str, str], log_dir: Path, *args: str) -> None:
-        self.logs = [log_dir / f"worker-{i}.log" for i in range(n)]
-        full_env = {**os.environ, "BATCHDB_DSN": dsn, **env}
-        self.procs = []
-        for path in self.logs:
-            with path.open("wb") as log:
-                self.procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "batchdb", "-vv", "worker", *args], env=full_env,
-                    stdout=log, stderr=subprocess.STDOUT))
-
-    def stop(self) -> list[int | None]:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        return [p.returncode for p in self.procs]
-
-    def log_text(self) -> str:
-        return "\n".join(path.read_text(errors="replace") for path in self.logs)
+def start_logged_workers(n: int, dsn: str, env: dict[str, str], log_dir: Path, *args: str) -> WorkerProcesses:
+    """`batchdb -vv worker` processes with their logs in `log_dir` (a full pipe would stall them)."""
+    return start_workers(n, dsn, env=env, args=args, log_dir=log_dir, command=VERBOSE_WORKER)
 
 
 def headlines(n: int, words: int = 12) -> pd.DataFrame:
@@ -102,7 +77,7 @@ def test_four_workers_together_stay_inside_rpm_and_tpm(dsn: str, conn: psycopg.C
     # ~29 prompt tokens + max_tokens 80 = ~109 tokens a call: TPM binds at ~9.2 calls/s, RPM at 10.
     job = batchdb.submit(headlines(640), prompt="Classify: {text}", model=MODEL, provider="openai",
                          max_tokens=80, dsn=dsn)
-    workers = Workers(4, dsn, openai_env(sim), tmp_path, "--concurrency", "16")
+    workers = start_logged_workers(4, dsn, openai_env(sim), tmp_path, "--concurrency", "16")
     try:
         final = job.wait(timeout=150)
     finally:
@@ -156,7 +131,7 @@ def test_another_client_spending_half_the_key_behind_our_back(dsn: str, conn: ps
     thread.start()
     job = batchdb.submit(headlines(2000), prompt="Classify: {text}", model=MODEL, provider="openai",
                          max_tokens=20, dsn=dsn)
-    workers = Workers(2, dsn, openai_env(sim), tmp_path, "--concurrency", "16")
+    workers = start_logged_workers(2, dsn, openai_env(sim), tmp_path, "--concurrency", "16")
     try:
         time.sleep(40)
     finally:
@@ -181,7 +156,7 @@ def test_outage_is_ridden_out_with_backoff(dsn: str, conn: psycopg.Connection, s
     sim = sim_factory(latency_s=Distribution(kind="fixed", value=0.05), outage=Outage(start_s=2.0, duration_s=6.0))
     job = batchdb.submit(headlines(400), prompt="{text}", model=MODEL, provider="openai", max_tokens=10,
                          max_attempts=8, dsn=dsn)
-    workers = Workers(2, dsn, openai_env(sim), tmp_path, "--concurrency", "8")
+    workers = start_logged_workers(2, dsn, openai_env(sim), tmp_path, "--concurrency", "8")
     try:
         final = job.wait(timeout=120)
     finally:
@@ -194,7 +169,7 @@ def test_outage_is_ridden_out_with_backoff(dsn: str, conn: psycopg.Connection, s
 def test_insufficient_quota_pauses_the_job_without_spending_retries(dsn: str, sim_factory, tmp_path: Path) -> None:
     sim = sim_factory(quota_exhausted_keys=("sk-empty",))
     job = batchdb.submit(headlines(200), prompt="{text}", model=MODEL, provider="openai", max_tokens=10, dsn=dsn)
-    workers = Workers(1, dsn, openai_env(sim, "sk-empty"), tmp_path, "--concurrency", "8")
+    workers = start_logged_workers(1, dsn, openai_env(sim, "sk-empty"), tmp_path, "--concurrency", "8")
     try:
         final = job.wait(timeout=60)
     finally:
@@ -212,8 +187,8 @@ def test_gemini_daily_quota_pauses_the_job(dsn: str, sim_factory, tmp_path: Path
                       latency_s=Distribution(kind="fixed", value=0.01))
     job = batchdb.submit(headlines(20), prompt="{text}", model="gemini-2.5-flash", provider="gemini",
                          max_tokens=10, dsn=dsn)
-    workers = Workers(1, dsn, {"GEMINI_BASE_URL": sim.gemini_base_url, "GEMINI_API_KEY": "gm-test"}, tmp_path,
-                      "--concurrency", "1")
+    workers = start_logged_workers(1, dsn, {"GEMINI_BASE_URL": sim.gemini_base_url, "GEMINI_API_KEY": "gm-test"},
+                                   tmp_path, "--concurrency", "1")
     try:
         assert job.wait(timeout=60).status == "paused"
     finally:
@@ -233,7 +208,7 @@ def test_api_keys_never_reach_the_database_or_logs(dsn: str, conn: psycopg.Conne
     good = sim_factory(latency_s=Distribution(kind="fixed", value=0.01))
     refusing = sim_factory(api_keys=("sk-only-this-one",))
     ok_job = batchdb.submit(headlines(30), prompt="{text}", model=MODEL, provider="openai", max_tokens=10, dsn=dsn)
-    workers = Workers(1, dsn, openai_env(good, canary), tmp_path, "--concurrency", "4")
+    workers = start_logged_workers(1, dsn, openai_env(good, canary), tmp_path, "--concurrency", "4")
     try:
         assert ok_job.wait(timeout=60).status == "completed"
     finally:
@@ -241,7 +216,8 @@ def test_api_keys_never_reach_the_database_or_logs(dsn: str, conn: psycopg.Conne
     refused_job = batchdb.submit(headlines(5), prompt="{text}", model=MODEL, provider="openai", max_tokens=10,
                                  dsn=dsn)
     (tmp_path / "refused").mkdir()
-    workers2 = Workers(1, dsn, openai_env(refusing, canary), tmp_path / "refused", "--concurrency", "1")
+    workers2 = start_logged_workers(1, dsn, openai_env(refusing, canary), tmp_path / "refused",
+                                    "--concurrency", "1")
     try:
         refused = refused_job.wait(timeout=60)
     finally:

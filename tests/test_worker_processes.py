@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
@@ -16,6 +12,7 @@ import pytest
 import batchdb
 from batchdb.simulator.config import Distribution, SimulatorConfig
 from batchdb.simulator.process import SimulatorProcess, start_simulator
+from workers.processes import WorkerProcesses, start_workers
 
 pytestmark = pytest.mark.slow
 
@@ -28,25 +25,8 @@ def simulator() -> Iterator[SimulatorProcess]:
         yield sim
 
 
-def start_workers(n: int, dsn: str, sim: SimulatorProcess, *args: str) -> list[subprocess.Popen[bytes]]:
-    env = {**os.environ, "BATCHDB_DSN": dsn, "OPENAI_BASE_URL": sim.openai_base_url, "OPENAI_API_KEY": "sk-test"}
-    return [subprocess.Popen([sys.executable, "-m", "workers", *args], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(n)]
-
-
-def stop_workers(workers: list[subprocess.Popen[bytes]]) -> list[int | None]:
-    for w in workers:
-        if w.poll() is None:
-            w.send_signal(signal.SIGTERM)
-    codes = []
-    for w in workers:
-        try:
-            w.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            w.kill()
-            w.wait()
-        codes.append(w.returncode)
-    return codes
+def start_openai_workers(n: int, dsn: str, sim: SimulatorProcess, *args: str) -> WorkerProcesses:
+    return start_workers(n, dsn, env={"OPENAI_BASE_URL": sim.openai_base_url, "OPENAI_API_KEY": "sk-test"}, args=args)
 
 
 def submit_rows(dsn: str, n: int) -> batchdb.Job:
@@ -72,11 +52,11 @@ def assert_exactly_once(dsn: str, job: batchdb.Job, rows: int) -> None:
 def test_four_worker_processes_drain_20000_rows_exactly_once(dsn: str, simulator: SimulatorProcess) -> None:
     rows = 20_000
     job = submit_rows(dsn, rows)
-    workers = start_workers(4, dsn, simulator, "--concurrency", "32")
+    workers = start_openai_workers(4, dsn, simulator, "--concurrency", "32")
     try:
         final = job.wait(timeout=240)
     finally:
-        codes = stop_workers(workers)
+        codes = workers.stop()
     assert codes == [0, 0, 0, 0]
     assert final.status == "completed"
     assert_exactly_once(dsn, job, rows)
@@ -93,20 +73,19 @@ def test_sigkilled_worker_loses_nothing(dsn: str, simulator: SimulatorProcess) -
     rows = 3000
     simulator.set_config(latency_s={"kind": "uniform", "low": 0.2, "high": 0.4})
     job = submit_rows(dsn, rows)
-    workers = start_workers(2, dsn, simulator, "--concurrency", "32", "--lease-seconds", "3")
+    workers = start_openai_workers(2, dsn, simulator, "--concurrency", "32", "--lease-seconds", "6")
     try:
         deadline = time.monotonic() + 60
         while job.status().n_done < 300 and time.monotonic() < deadline:
             time.sleep(0.05)
-        workers[0].send_signal(signal.SIGKILL)
-        workers[0].wait()
+        victim = workers.kill(workers.processes[0])
         with psycopg.connect(dsn) as conn:
             # What the dead worker still held: nobody can touch these rows until their lease runs out.
             in_flight = conn.execute("SELECT count(*) FROM batchdb.requests WHERE status = 'running' "
-                                     "AND lease_owner LIKE %s", (f"%:{workers[0].pid}:%",)).fetchone()[0]
+                                     "AND lease_owner LIKE %s", (f"%:{victim.pid}:%",)).fetchone()[0]
         final = job.wait(timeout=180)
     finally:
-        stop_workers(workers)
+        workers.stop()
     assert in_flight > 0
     assert final.status == "completed"
     assert_exactly_once(dsn, job, rows)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 
 import pytest
-from dagster_test_support import stop_processes, worker_env
 
 from batchdb.simulator.config import Distribution, SimulatorConfig
 from batchdb.simulator.process import SimulatorProcess, start_simulator
+from workers.processes import start_workers as start_worker_processes
+from workers.processes import stop_processes
 
 
 @pytest.fixture
@@ -27,10 +27,10 @@ def start_workers() -> Iterator[Callable[..., list[subprocess.Popen[bytes]]]]:
     started: list[subprocess.Popen[bytes]] = []
 
     def start(dsn: str, sim: SimulatorProcess, n: int = 2) -> list[subprocess.Popen[bytes]]:
-        workers = [subprocess.Popen([sys.executable, "-m", "workers", "--concurrency", "32"], env=worker_env(dsn, sim),
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(n)]
-        started.extend(workers)
-        return workers
+        workers = start_worker_processes(n, dsn, args=("--concurrency", "32"),
+                                         env={"OPENAI_BASE_URL": sim.openai_base_url, "OPENAI_API_KEY": "sk-test"})
+        started.extend(workers.processes)
+        return workers.processes
 
     yield start
     stop_processes(started)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -13,29 +11,14 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 
-from batchdb.simulator.process import SimulatorProcess
+from workers import processes as processes_module
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
 
 
-def worker_env(dsn: str, sim: SimulatorProcess) -> dict[str, str]:
-    return {**os.environ, "BATCHDB_DSN": dsn, "OPENAI_BASE_URL": sim.openai_base_url, "OPENAI_API_KEY": "sk-test",
-            "PYTHONPATH": os.pathsep.join(p for p in (str(REPOSITORY_ROOT), os.environ.get("PYTHONPATH")) if p)}
-
-
 def stop_processes(processes: list[subprocess.Popen[bytes]], timeout: float = 30) -> list[int | None]:
-    for process in processes:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-    codes = []
-    for process in processes:
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        codes.append(process.returncode)
-    return codes
+    """SIGTERM, then SIGKILL after `timeout` seconds; the exit codes (`workers.processes.stop_processes`)."""
+    return processes_module.stop_processes(processes, grace=timeout)
 
 
 def wait_until(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.2) -> object:

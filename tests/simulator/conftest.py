@@ -1,38 +1,20 @@
-"""One simulator subprocess per test session, reconfigured and reset for each test.
+"""The simulator's tests share tests/conftest.py's simulator subprocess, reconfigured and reset for each test.
 
-Starting a simulator costs about a second (interpreter, aiohttp, tokenizer), so the
-tests share one and give each test a clean run: `POST /_sim/config` with the
-test's whole config, then `POST /_sim/reset` (fresh buckets, counters and seeds).
+`simulator(SimulatorConfig(...))` or `simulator(field=value, ...)` (tests/conftest.py) gives a test
+exactly that config on a clean run: `POST /_sim/config` with the whole config, then `POST /_sim/reset`
+(fresh buckets, counters and seeds).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from batchdb.simulator import SimulatorConfig, SimulatorProcess, start_simulator
+from batchdb.simulator import SimulatorProcess
 
 ConfigureSimulator = Callable[..., SimulatorProcess]
-
-
-@pytest.fixture(scope="session")
-def shared_simulator() -> Iterator[SimulatorProcess]:
-    with start_simulator(SimulatorConfig()) as sim:
-        yield sim
-
-
-@pytest.fixture
-def simulator(shared_simulator: SimulatorProcess) -> ConfigureSimulator:
-    """``simulator(SimulatorConfig(...))`` or ``simulator(field=value, ...)``: the configured, reset simulator."""
-
-    def configure(config: SimulatorConfig | None = None, **fields: Any) -> SimulatorProcess:
-        shared_simulator.set_config(config if config is not None else SimulatorConfig(**fields))
-        shared_simulator.reset()
-        return shared_simulator
-
-    return configure
 
 
 @pytest.fixture
