@@ -97,6 +97,12 @@ def db_stop() -> None:
 @click.option("--temperature", default=None, type=float)
 @click.option("--budget-usd", default=None, type=float)
 @click.option("--idempotency-key", default=None)
+@click.option("--webhook-url", default=None, help="POST a signed JSON event here when the job completes, fails, "
+              "is cancelled or paused.")
+@click.option("--webhook-secret", envvar="BATCHDB_WEBHOOK_SECRET", default=None,
+              help="HMAC key signing the webhook (default: $BATCHDB_WEBHOOK_SECRET, else generated and printed).")
+@click.option("--notify-email", "notify_emails", multiple=True, help="Email this address on the same events "
+              "(repeatable; workers need BATCHDB_SMTP_HOST).")
 @click.option("--wait/--no-wait", default=False, help="Show progress until the job finishes.")
 @_dsn_option
 def submit_command(path: Path, dsn: str | None, wait: bool, **options: object) -> None:
@@ -104,12 +110,16 @@ def submit_command(path: Path, dsn: str | None, wait: bool, **options: object) -
     from batchdb.ingest import InputError
     from batchdb.submission import submit
 
+    options["notify_emails"] = list(options["notify_emails"]) or None  # type: ignore[call-overload]
     try:
         job = submit(path, dsn=dsn, **options)  # type: ignore[arg-type]
     except InputError as exc:
         raise click.ClickException(str(exc)) from None
     status = job.status()
     click.echo(f"job {job.id}: {status.n_total} rows queued")
+    if options["webhook_url"] and not options["webhook_secret"]:
+        # Generated: shown once so the receiver can verify X-Batchdb-Signature.
+        click.echo(f"webhook secret: {job.webhook_secret}")  # type: ignore[attr-defined]
     if wait:
         click.echo(job.wait(progress=True).summary())
 
@@ -154,10 +164,11 @@ def results_command(job_id: int, output: Path, dsn: str | None) -> None:
 
     job = Job(job_id, dsn=dsn)
     if output.suffix.lower() == ".csv":
-        job.results().to_csv(output, index=False)
-        rows = len(job.results())
+        frame = _run_db_op(job.results)
+        frame.to_csv(output, index=False)
+        rows = len(frame)
     else:
-        rows = job.to_parquet(output)
+        rows = _run_db_op(lambda: job.to_parquet(output))
     click.echo(f"wrote {rows} rows to {output}")
 
 
@@ -260,6 +271,77 @@ def limits_show(dsn: str | None) -> None:
                    f"{r['rate_limited']:>6}")
 
 
+# -- users ---------------------------------------------------------------------------------------
+
+
+@cli.group("users")
+def users_group() -> None:
+    """Users of a shared database: PostgreSQL roles that see only their own jobs."""
+
+
+def _user_options(func):  # type: ignore[no-untyped-def]
+    for option in reversed([
+        click.option("--weight", type=float, default=None, help="Share of contended provider capacity (default 1)."),
+        click.option("--budget-day", "budget_usd_day", type=float, default=None, help="USD per UTC day."),
+        click.option("--budget-month", "budget_usd_month", type=float, default=None, help="USD per calendar month."),
+        click.option("--email", default=None, help="Where job notifications go."),
+    ]):
+        func = option(func)
+    return func
+
+
+@users_group.command("add")
+@click.argument("name")
+@click.option("--admin", "kind", flag_value="admin", help="Sees and changes every job.")
+@click.option("--worker", "kind", flag_value="worker", help="The role worker processes connect as.")
+@click.option("--password", default=None, help="Login password (else your server's auth decides).")
+@_user_options
+@_dsn_option
+def users_add(name: str, kind: str | None, password: str | None, dsn: str | None, **settings: object) -> None:
+    """Create a user role NAME (or update its settings)."""
+    from batchdb import users
+
+    with dbmod.connect(dsn) as conn:
+        _run_db_op(lambda: users.add_user(conn, name, kind=users.UserKind(kind or "user"), password=password,
+                                          **settings))  # type: ignore[arg-type]
+    click.echo(f"user {name} ({kind or 'user'}) ready; connect as role {name!r}")
+
+
+@users_group.command("set")
+@click.argument("name")
+@_user_options
+@_dsn_option
+def users_set(name: str, dsn: str | None, **settings: object) -> None:
+    """Change a user's weight, budgets or email."""
+    from batchdb import users
+
+    with dbmod.connect(dsn) as conn:
+        known = {u.name: u for u in users.list_users(conn)}
+        if name not in known:
+            raise click.ClickException(f"no batchdb user {name!r}; create it with `batchdb users add {name}`")
+        kind = users.UserKind(known[name].kind.split(",")[0] or "user")
+        _run_db_op(lambda: users.add_user(conn, name, kind=kind, **settings))  # type: ignore[arg-type]
+    click.echo(f"user {name} updated")
+
+
+@users_group.command("list")
+@_dsn_option
+def users_list(dsn: str | None) -> None:
+    """Users with their weight, budgets and spend (today, this month; UTC)."""
+    from batchdb import users
+
+    with dbmod.connect(dsn) as conn:
+        rows = users.list_users(conn)
+    click.echo(f"{'user':<24} {'kind':<8} {'weight':>6} {'$/day':>10} {'$/month':>10} {'today $':>10} {'month $':>10}")
+    for u in rows:
+        click.echo(f"{u.name:<24} {u.kind:<8} {u.weight:>6g} {_usd(u.budget_usd_day):>10} "
+                   f"{_usd(u.budget_usd_month):>10} {u.spent_today_usd:>10.4f} {u.spent_month_usd:>10.4f}")
+
+
+def _usd(value: object) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 # -- processes -----------------------------------------------------------------------------------
 
 
@@ -335,9 +417,11 @@ def demo_command(rows: int, n_workers: int, rpm: int, tpm: int, output: Path, ds
 def _run_db_op(operation):  # type: ignore[no-untyped-def]
     import psycopg
 
+    from batchdb.jobs import JobNotFound
+
     try:
         return operation()
-    except psycopg.Error as exc:
+    except (psycopg.Error, JobNotFound, ValueError) as exc:
         raise click.ClickException(str(exc).strip()) from None
 
 

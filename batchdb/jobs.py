@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -20,7 +22,16 @@ from batchdb.queries import query
 
 
 class JobNotFound(LookupError):
-    pass
+    """No such job, or it belongs to another user (row-level security hides it)."""
+
+
+@contextmanager
+def _visible(job_id: int) -> Iterator[None]:
+    """The database functions say 'does not exist' (no_data_found) for jobs the role cannot see."""
+    try:
+        yield
+    except psycopg.errors.NoDataFound:
+        raise JobNotFound(f"job {job_id} does not exist") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +132,7 @@ class Job:
 
     def cancel(self) -> int:
         """Stop the job: queued rows never run; in-flight results are not recorded. Returns rows cancelled."""
-        with connect(self._dsn) as conn:
+        with connect(self._dsn) as conn, _visible(self.id):
             return int(conn.execute(query("cancel_job"), {"job_id": self.id}).fetchone()["n"])
 
     def retry(self, *, failed: bool = True, dead: bool = True, cancelled: bool = False) -> int:
@@ -129,20 +140,24 @@ class Job:
         statuses = [s for s, on in (("failed", failed), ("dead", dead), ("cancelled", cancelled)) if on]
         if not statuses:
             return 0
-        with connect(self._dsn) as conn:
+        with connect(self._dsn) as conn, _visible(self.id):
             return int(conn.execute(query("retry_job"), {"job_id": self.id, "statuses": statuses}).fetchone()["n"])
 
     def resume(self, *, budget_usd: float | None = None) -> bool:
         with connect(self._dsn) as conn:
             row = conn.execute(query("resume_job"), {"job_id": self.id, "budget_usd": budget_usd}).fetchone()
-            return row is not None
+        if row is None:
+            self.status()  # raises JobNotFound for a job this role cannot see
+        return row is not None
 
     def results(self) -> pd.DataFrame:
         """Input columns + response, status, usage and error for every row, in input order."""
+        self.status()  # raises JobNotFound for a job this role cannot see
         return results_module.read_dataframe(self.id, dsn=self._dsn)
 
     def to_parquet(self, path: str | Path) -> int:
         """Stream the results to Parquet in Arrow batches; returns rows written."""
+        self.status()
         return results_module.write_parquet(self.id, Path(path), dsn=self._dsn)
 
     def _progress(self, conn: psycopg.Connection) -> JobProgress:

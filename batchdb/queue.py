@@ -81,6 +81,13 @@ async def reclaim_expired(conn: psycopg.AsyncConnection, *, limit: int = 10_000)
     return cur.rowcount
 
 
+async def resume_due_jobs(conn: psycopg.AsyncConnection) -> int:
+    """Jobs paused by a user quota run again once the day or month has turned over."""
+    cur = await conn.execute(query("resume_due_jobs"))
+    row = await cur.fetchone()
+    return int(row["n"]) if row else 0
+
+
 async def _keys(conn: psycopg.AsyncConnection, name: str, held: Sequence[ClaimedRequest], **extra: float) -> set[Key]:
     params = {
         "job_id": [r.job_id for r in held],

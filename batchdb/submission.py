@@ -10,6 +10,7 @@ behind. With an idempotency key, submitting again returns the same job.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import psycopg
@@ -18,6 +19,8 @@ from psycopg.types.json import Jsonb
 from batchdb.db import connect
 from batchdb.ingest import DataSource, InputError, InputSpec, check_schema, copy_rows, open_source
 from batchdb.jobs import Job
+from batchdb.notifications import (CHANNEL_EMAIL, CHANNEL_WEBHOOK, check_emails, check_secret, check_webhook_url,
+                                   new_secret)
 from batchdb.providers import KNOWN_PROVIDERS
 from batchdb.providers.compat import UnsupportedRequest, check_request
 from batchdb.queries import query
@@ -48,6 +51,9 @@ def submit(
     response_format: dict[str, Any] | None = None,
     response_schema: Any = None,
     validation_retries: int | None = None,
+    webhook_url: str | None = None,
+    webhook_secret: str | None = None,
+    notify_emails: str | Iterable[str] | None = None,
     dsn: str | None = None,
 ) -> Job:
     """Queue one request per row of `data` and return its job.
@@ -61,6 +67,9 @@ def submit(
     times with the validation error. `key_alias`
     names which of the provider's API keys the workers use (the key itself
     never reaches the database).
+    `webhook_url` gets a signed POST when the job completes, fails, is cancelled or
+    paused (`webhook_secret` signs it; without one a secret is generated and returned
+    as `job.webhook_secret`); `notify_emails` get an email for the same events.
     """
     _check_options(model=model, provider=provider, priority=priority, max_attempts=max_attempts,
                    budget_usd=budget_usd, max_tokens=max_tokens, temperature=temperature)
@@ -70,6 +79,7 @@ def submit(
         response_format = schema_response_format(response_schema)
     if validation_retries is not None and (not isinstance(validation_retries, int) or validation_retries < 0):
         raise InputError(f"validation_retries: expected an integer >= 0, got {validation_retries!r}")
+    targets = _notification_targets(webhook_url, webhook_secret, notify_emails)
     spec = InputSpec(prompt=prompt, system=system, messages_column=messages_column, id_column=id_column)
     schema, batches = open_source(data)
     input_schema = check_schema(schema, spec)
@@ -97,11 +107,14 @@ def submit(
                              idempotency_key=idempotency_key)
         if job_id is None:
             assert idempotency_key is not None
-            existing = conn.execute(query("job_by_idempotency_key"), {"idempotency_key": idempotency_key}).fetchone()
+            existing = conn.execute(query("job_by_idempotency_key"),
+                                    {"idempotency_key": idempotency_key, "owner": owner}).fetchone()
             assert existing is not None
             log.info("idempotency key %r already submitted as job %s", idempotency_key, existing["id"])
-            return Job(existing["id"], dsn=dsn)
+            return _with_secret(Job(existing["id"], dsn=dsn), _existing_secret(conn, existing["id"], webhook_url))
         try:
+            # Before any row: a job that completes at once still notifies.
+            secret = _add_targets(conn, job_id, targets)
             rows = _copy_all(conn, job_id, batches, spec, input_schema.columns)
         except BaseException:
             conn.execute(query("delete_job"), {"job_id": job_id})
@@ -109,7 +122,55 @@ def submit(
         if rows == 0:
             conn.execute(query("delete_job"), {"job_id": job_id})
             raise InputError("the data has no rows")
-    return Job(job_id, dsn=dsn)
+    return _with_secret(Job(job_id, dsn=dsn), secret)
+
+
+def _notification_targets(webhook_url: str | None, webhook_secret: str | None,
+                          notify_emails: str | Iterable[str] | None) -> list[tuple[str, str, str | None]]:
+    """(channel, target, secret) rows for the job, checked before anything is written."""
+    targets: list[tuple[str, str, str | None]] = []
+    if webhook_url is not None:
+        try:
+            url = check_webhook_url(webhook_url)
+        except ValueError as exc:
+            raise InputError(f"webhook_url: {exc}") from None
+        try:
+            secret = new_secret() if webhook_secret is None else check_secret(webhook_secret)
+        except ValueError as exc:
+            raise InputError(f"webhook_secret: {exc}") from None
+        targets.append((CHANNEL_WEBHOOK, url, secret))
+    elif webhook_secret is not None:
+        raise InputError("webhook_secret: given without a webhook_url")
+    if notify_emails is not None:
+        try:
+            targets += [(CHANNEL_EMAIL, address, None) for address in check_emails(notify_emails)]
+        except ValueError as exc:
+            raise InputError(f"notify_emails: {exc}") from None
+    return targets
+
+
+def _add_targets(conn: psycopg.Connection, job_id: int, targets: list[tuple[str, str, str | None]]) -> str | None:
+    """Store the job's webhook and email targets; returns the webhook's secret."""
+    secret = None
+    for channel, target, given in targets:
+        row = conn.execute(query("notify_add_target"),
+                           {"job_id": job_id, "channel": channel, "target": target, "secret": given}).fetchone()
+        if channel == CHANNEL_WEBHOOK and row is not None:
+            secret = row["secret"]
+    return secret
+
+
+def _existing_secret(conn: psycopg.Connection, job_id: int, webhook_url: str | None) -> str | None:
+    if webhook_url is None:
+        return None
+    row = conn.execute(query("notify_webhook_secret"), {"job_id": job_id, "target": webhook_url}).fetchone()
+    return None if row is None else row["secret"]
+
+
+def _with_secret(job: Job, secret: str | None) -> Job:
+    # The webhook's signing secret, for the caller to give its receiver (None without a webhook).
+    job.webhook_secret = secret  # type: ignore[attr-defined]
+    return job
 
 
 def _check_options(*, model: str, provider: str, priority: int, max_attempts: int, budget_usd: float | None,
@@ -139,13 +200,20 @@ def _copy_all(conn: psycopg.Connection, job_id: int, batches: Any, spec: InputSp
     rows = 0
     seen_ids: set[str] = set()
     with conn.transaction():
-        with conn.cursor().copy(query("copy_requests")) as copy:
+        # COPY cannot write through row-level security: a user role (not the owner)
+        # copies into a private staging table and moves the rows in one INSERT.
+        staged = bool(conn.execute(query("requests_rls_active")).fetchone()["active"])
+        if staged:
+            conn.execute(query("create_requests_staging"))
+        with conn.cursor().copy(query("copy_requests_staging" if staged else "copy_requests")) as copy:
             for batch in batches:
                 if batch.num_rows == 0:
                     continue
                 copy.write(copy_rows(batch, job_id=job_id, first_row=rows, spec=spec,
                                      input_columns=input_columns, seen_ids=seen_ids))
                 rows += batch.num_rows
+        if staged:
+            conn.execute(query("insert_staged_requests"))
         conn.execute(query("mark_job_loaded"), {"job_id": job_id})
     if rows >= 10_000:
         # Fresh statistics keep the claim's plan on its index for a big backlog.

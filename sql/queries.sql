@@ -33,14 +33,30 @@ INSERT INTO batchdb.jobs (name, owner, provider, key_alias, model, params, prior
                           idempotency_key, status)
 VALUES (%(name)s, coalesce(%(owner)s, current_user), %(provider)s, %(key_alias)s, %(model)s, %(params)s,
         %(priority)s, %(max_attempts)s, %(budget_usd)s, %(idempotency_key)s, 'loading')
-ON CONFLICT (idempotency_key) DO NOTHING
+ON CONFLICT (owner, idempotency_key) DO NOTHING
 RETURNING id
 
 -- job_by_idempotency_key --
-SELECT id, status FROM batchdb.jobs WHERE idempotency_key = %(idempotency_key)s
+SELECT id, status FROM batchdb.jobs
+ WHERE idempotency_key = %(idempotency_key)s AND owner = coalesce(%(owner)s, current_user)
 
 -- copy_requests --
 COPY batchdb.requests (job_id, custom_id, payload, input) FROM STDIN WITH (FORMAT csv)
+
+-- requests_rls_active --
+-- True for a role that row-level security applies to (a batchdb user, not the owner).
+SELECT row_security_active('batchdb.requests') AS active
+
+-- create_requests_staging --
+CREATE TEMP TABLE batchdb_requests_staging (job_id bigint, custom_id text, payload jsonb, input jsonb)
+    ON COMMIT DROP
+
+-- copy_requests_staging --
+COPY batchdb_requests_staging (job_id, custom_id, payload, input) FROM STDIN WITH (FORMAT csv)
+
+-- insert_staged_requests --
+INSERT INTO batchdb.requests (job_id, custom_id, payload, input)
+SELECT job_id, custom_id, payload, input FROM batchdb_requests_staging
 
 -- mark_job_loaded --
 -- Rows are in: the job becomes claimable (or completed at once when empty).
@@ -61,20 +77,33 @@ DELETE FROM batchdb.jobs WHERE id = %(job_id)s
 -- ===========================================================================
 
 -- claim_batch --
--- Claim up to `limit` due rows for one worker, fairly across running jobs:
--- sample up to `max_jobs` jobs by weighted random choice (Efraimidis-Spirakis,
--- weight = priority), split the batch between them in proportion to priority,
--- and lock each job's oldest due rows with SKIP LOCKED. The lease is set in
--- database time; the fencing token is bumped so only this claim can complete.
-WITH candidate_jobs AS (
-    SELECT j.id, j.priority, j.max_attempts
+-- Claim up to `limit` due rows for one worker, fairly across users and then
+-- across each user's jobs: a job's weight is its owner's weight (batchdb.users,
+-- default 1) times its share of the owner's priorities, so two users get equal
+-- claims however many jobs of whatever size each has. Sample up to `max_jobs`
+-- jobs by weighted random choice (Efraimidis-Spirakis), split the batch between
+-- them in proportion to weight, and lock each job's oldest due rows with SKIP
+-- LOCKED. The lease is set in database time; the fencing token is bumped so
+-- only this claim can complete.
+WITH running_jobs AS (
+    SELECT j.id, j.max_attempts,
+           coalesce(u.weight, 1) * j.priority / sum(j.priority) OVER (PARTITION BY j.owner) AS weight
       FROM batchdb.jobs j
+      LEFT JOIN batchdb.users u ON u.name = j.owner
      WHERE j.status = 'running' AND j.n_done < j.n_total
-     ORDER BY -ln(1.0 - random()) / j.priority
+), candidate_jobs AS (
+    SELECT id, max_attempts, weight, -ln(1.0 - random()) / weight AS draw
+      FROM running_jobs
+     ORDER BY draw
      LIMIT %(max_jobs)s
 ), shares AS (
-    SELECT id, max_attempts, ceil(%(limit)s::numeric * priority / sum(priority) OVER ())::integer AS quota
+    -- Cumulative rounding in draw order: quotas add up to exactly `limit`, each within one
+    -- row of its weighted share, and a one-row claim goes to the first-drawn job.
+    SELECT id, max_attempts,
+           (ceil(%(limit)s * sum(weight) OVER upto / sum(weight) OVER () - 1e-9)
+            - ceil(%(limit)s * (sum(weight) OVER upto - weight) / sum(weight) OVER () - 1e-9))::integer AS quota
       FROM candidate_jobs
+    WINDOW upto AS (ORDER BY draw ROWS UNBOUNDED PRECEDING)
 ), picked AS (
     SELECT r.job_id, r.id, s.max_attempts
       FROM shares s
@@ -201,10 +230,12 @@ RETURNING q.job_id, q.id, q.status
 
 -- job_for_worker --
 -- What a worker needs to call the provider for a job's rows (cached per job).
-SELECT j.id, j.provider, j.key_alias, j.model, j.params, j.status, j.budget_usd,
-       p.input_per_mtok, p.output_per_mtok
+SELECT j.id, j.owner, j.provider, j.key_alias, j.model, j.params, j.status, j.budget_usd,
+       p.input_per_mtok, p.output_per_mtok,
+       coalesce(u.budget_usd_day IS NOT NULL OR u.budget_usd_month IS NOT NULL, false) AS owner_has_budget
   FROM batchdb.jobs j
   LEFT JOIN batchdb.prices p ON p.provider = j.provider AND p.model = j.model
+  LEFT JOIN batchdb.users u ON u.name = j.owner
  WHERE j.id = %(job_id)s
 
 -- pause_job --
@@ -296,6 +327,40 @@ SELECT batchdb.reserve_budget(%(job_id)s, %(usd)s) AS ok
 -- release_budget --
 SELECT batchdb.release_budget(%(job_id)s::bigint[], %(usd)s::numeric[])
 
+-- settle_user_spend --
+-- Calls of users with a budget: reservation out, real cost in (0005_users.sql).
+SELECT batchdb.settle_user_spend(%(owner)s::text[], %(reserved)s::numeric[], %(spent)s::numeric[])
+
+-- resume_due_jobs --
+-- Jobs paused by a user quota resume when the day (or month) has turned over.
+SELECT batchdb.resume_due_jobs() AS n
+
+-- ===========================================================================
+-- Users (sql/migrations/0005_users.sql)
+-- ===========================================================================
+
+-- add_user --
+SELECT * FROM batchdb.add_user(%(name)s::text, %(kind)s::text, %(weight)s::double precision,
+                               %(budget_usd_day)s::numeric, %(budget_usd_month)s::numeric,
+                               %(email)s::text, %(password)s::text)
+
+-- list_users --
+-- Known users with their group role and what they spent today and this month (UTC).
+SELECT u.name, u.weight, u.budget_usd_day, u.budget_usd_month, u.email,
+       coalesce((SELECT string_agg(substr(g.rolname, 9), ',' ORDER BY g.rolname)
+                   FROM pg_auth_members m
+                   JOIN pg_roles g ON g.oid = m.roleid
+                   JOIN pg_roles r ON r.oid = m.member
+                  WHERE r.rolname = u.name AND g.rolname IN ('batchdb_user', 'batchdb_admin', 'batchdb_worker')),
+                '') AS kind,
+       coalesce((SELECT s.spent_usd FROM batchdb.user_spend s
+                  WHERE s.owner = u.name AND s.day = (now() AT TIME ZONE 'UTC')::date), 0) AS spent_today_usd,
+       coalesce((SELECT sum(s.spent_usd) FROM batchdb.user_spend s
+                  WHERE s.owner = u.name
+                    AND s.day >= date_trunc('month', now() AT TIME ZONE 'UTC')::date), 0) AS spent_month_usd
+  FROM batchdb.users u
+ ORDER BY u.name
+
 -- ===========================================================================
 -- Wake-ups and events
 -- ===========================================================================
@@ -334,3 +399,89 @@ SELECT pg_advisory_unlock(hashtextextended('batchdb.vacuum.' || %(job_id)s::text
 -- vacuum_partition --
 -- {partition} is filled in with psycopg.sql.Identifier: VACUUM takes no parameters.
 VACUUM (ANALYZE) batchdb.{partition}
+
+-- ===========================================================================
+-- Notifications (tables and the outbox trigger in sql/migrations/0004_notifications.sql)
+-- ===========================================================================
+
+-- notify_add_target --
+-- A webhook (URL + HMAC secret; NULL secret = generated) or an email address for a job.
+INSERT INTO batchdb.notification_targets (job_id, channel, target, secret)
+VALUES (%(job_id)s, %(channel)s, %(target)s, %(secret)s)
+RETURNING id, secret
+
+-- notify_webhook_secret --
+-- The secret of a job's webhook, for a caller re-submitting with the same idempotency key.
+SELECT secret FROM batchdb.notification_targets
+ WHERE job_id = %(job_id)s AND channel = 'webhook' AND target = %(target)s
+
+-- listen_notifications --
+-- Dispatchers: deliveries were queued (payload = job id).
+LISTEN batchdb_notifications
+
+-- notify_claim --
+-- Claim up to `limit` due deliveries on the given channels. A 'delivering' row
+-- whose lease (next_attempt_at) ran out belonged to a dispatcher that died: it
+-- is due again. The try is counted at claim, so even a delivery that kills its
+-- dispatcher every time ends after `max_attempts`.
+WITH due AS (
+    SELECT d.id
+      FROM batchdb.notification_deliveries d
+     WHERE d.status IN ('pending', 'delivering')
+       AND d.next_attempt_at <= now()
+       AND d.channel = ANY (%(channels)s::text[])
+       AND d.attempts < %(max_attempts)s
+     ORDER BY d.next_attempt_at, d.id
+     LIMIT %(limit)s
+       FOR UPDATE OF d SKIP LOCKED
+)
+UPDATE batchdb.notification_deliveries d
+   SET status = 'delivering',
+       attempts = d.attempts + 1,
+       claimed_by = %(worker_id)s,
+       next_attempt_at = now() + make_interval(secs => %(lease_seconds)s)
+  FROM due, batchdb.notification_targets t
+ WHERE d.id = due.id AND t.id = d.target_id
+RETURNING d.id, d.job_id, d.channel, d.event, d.payload, d.attempts, t.target, t.secret
+
+-- notify_record_attempt --
+-- One try's outcome. The attempt row is always written (the try happened); the
+-- delivery changes only while this try still holds it (same attempt, still
+-- 'delivering'), so a try that outlived its lease cannot overwrite a newer one.
+WITH attempt AS (
+    INSERT INTO batchdb.notification_attempts
+           (delivery_id, job_id, attempt, worker_id, started_at, duration_ms, ok, http_status, reply, error)
+    SELECT d.id, d.job_id, %(attempt)s, %(worker_id)s,
+           clock_timestamp() - make_interval(secs => %(duration_ms)s / 1000.0),
+           %(duration_ms)s, %(ok)s, %(http_status)s, %(reply)s, %(error)s
+      FROM batchdb.notification_deliveries d
+     WHERE d.id = %(id)s
+)
+UPDATE batchdb.notification_deliveries d
+   SET status = CASE WHEN %(ok)s THEN 'delivered'
+                     WHEN %(give_up)s OR d.attempts >= %(max_attempts)s THEN 'failed'
+                     ELSE 'pending' END,
+       next_attempt_at = CASE WHEN %(ok)s OR %(give_up)s OR d.attempts >= %(max_attempts)s THEN now()
+                              ELSE now() + make_interval(secs => %(retry_in)s) END,
+       delivered_at = CASE WHEN %(ok)s THEN now() END,
+       last_error = CASE WHEN %(ok)s THEN d.last_error ELSE %(error)s END,
+       claimed_by = NULL
+ WHERE d.id = %(id)s AND d.status = 'delivering' AND d.attempts = %(attempt)s
+RETURNING d.status
+
+-- notify_release --
+-- A dispatcher stopping hands back the deliveries it did not finish; those tries are not counted.
+UPDATE batchdb.notification_deliveries d
+   SET status = 'pending', attempts = greatest(d.attempts - 1, 0), next_attempt_at = now(), claimed_by = NULL
+  FROM unnest(%(id)s::bigint[], %(attempt)s::integer[]) AS r(id, attempt)
+ WHERE d.id = r.id AND d.status = 'delivering' AND d.attempts = r.attempt
+RETURNING d.id
+
+-- notify_fail_abandoned --
+-- Deliveries whose last allowed try never reported back (its dispatcher died) are failed.
+UPDATE batchdb.notification_deliveries
+   SET status = 'failed', claimed_by = NULL,
+       last_error = coalesce(last_error || '; ', '') || 'no outcome from attempt ' || attempts || ' (dispatcher '
+                    || coalesce(claimed_by, '?') || ' stopped); giving up'
+ WHERE status IN ('pending', 'delivering') AND next_attempt_at <= now() AND attempts >= %(max_attempts)s
+RETURNING id

@@ -89,3 +89,21 @@ class Reconnecting:
 
     async def close(self) -> None:
         await self._discard()
+
+
+async def listen_forever(dsn: str, listen_statement: str, wake: asyncio.Event, *, name: str) -> None:
+    """Set `wake` on every NOTIFY (and on each (re)connect: anything sent while we were not
+    listening); reconnect after a lost connection. NOTIFY is only a hint to look now: the
+    callers also poll, so a notification lost in a reconnect only delays them."""
+    while True:
+        try:
+            async with await psycopg.AsyncConnection.connect(
+                dsn, autocommit=True, application_name=f"batchdb-{name}"
+            ) as conn:
+                await conn.execute(listen_statement)
+                wake.set()
+                async for _ in conn.notifies():
+                    wake.set()
+        except psycopg.Error as exc:
+            log.warning("%s: LISTEN connection lost (%s); reconnecting", name, exc)
+            await asyncio.sleep(1.0)

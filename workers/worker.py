@@ -36,10 +36,12 @@ from batchdb.prompts import PromptError, build_request
 from batchdb.providers import Provider, build_provider
 from batchdb.providers.base import ChatRequest, ChatResponse, ErrorKind, ProviderError
 from batchdb.queries import query
+from batchdb.secrets import redact, resolved_secrets
 from batchdb.tokens import estimate_prompt_tokens
 from batchdb.validation import DEFAULT_VALIDATION_RETRIES, ResponseValidator, reask
 from workers.completer import BatchCompleter
-from workers.connection import Reconnecting
+from workers.connection import Reconnecting, listen_forever
+from workers.notifier import Notifier, NotifierConfig
 from workers.outcomes import RetryPolicy, failure, invalid_response, success
 from workers.pacer import DailyQuotaExhausted, Pacer
 from workers.vacuumer import Vacuumer
@@ -79,6 +81,8 @@ class WorkerConfig:
     job_cache_seconds: float = 5.0
     # Stop by itself once nothing is claimable and nothing is in flight (tests, demo, bench).
     exit_when_idle: bool = False
+    # Job webhooks and emails, sent on connections of their own (workers/notifier.py); None: off.
+    notifier: NotifierConfig | None = field(default_factory=NotifierConfig)
 
 
 @dataclass
@@ -93,6 +97,18 @@ class _Job:
     fetched_at: float
     validator: ResponseValidator | None = None
     validation_retries: int = DEFAULT_VALIDATION_RETRIES
+    owner: str = ""
+    # The owner has a daily/monthly budget: every call reserves against it too.
+    owner_has_budget: bool = False
+
+    @property
+    def reserves_budget(self) -> bool:
+        return self.budget_usd is not None or self.owner_has_budget
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> Decimal:
+        if self.input_per_mtok is None or self.output_per_mtok is None:
+            return Decimal(0)
+        return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / Decimal(1_000_000)
 
     def estimated_cost(self, prompt_tokens: int, max_tokens: int | None) -> Decimal:
         """The most this call can cost: the prompt plus every token it may generate."""
@@ -114,6 +130,8 @@ class Worker:
         self._wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._reserved_usd: dict[tuple[int, int], Decimal] = {}
+        # Per row of a budgeted owner: (owner, reserved, real cost), settled once its outcome is written.
+        self._owner_spend: dict[tuple[int, int], tuple[str, Decimal, Decimal]] = {}
         self.completed = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -146,8 +164,12 @@ class Worker:
         background = [
             asyncio.create_task(self._vacuumer.run(), name="vacuumer"),
             asyncio.create_task(self._maintain(), name="maintenance"),
-            asyncio.create_task(self._listen(dsn), name="listen"),
+            asyncio.create_task(listen_forever(dsn, query("listen_requests"), self._wake, name="listen"),
+                                name="listen"),
         ]
+        if self.config.notifier is not None:
+            notifier = Notifier(dsn, self.config.notifier, worker_id=self.id)
+            background.append(asyncio.create_task(notifier.run(), name="notifier"))
         try:
             await self._claim_loop()
             await self._finish_in_flight()
@@ -224,18 +246,6 @@ class Worker:
         if not task.cancelled() and task.exception() is not None:
             log.error("request task crashed", exc_info=task.exception())
 
-    async def _listen(self, dsn: str) -> None:
-        """NOTIFY is only a hint to claim now; polling covers a lost notification."""
-        while True:
-            try:
-                async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-                    await conn.execute(query("listen_requests"))
-                    async for _ in conn.notifies():
-                        self._wake.set()
-            except psycopg.Error as exc:
-                log.warning("LISTEN connection lost (%s); reconnecting", exc)
-                await asyncio.sleep(1.0)
-
     # -- one row -----------------------------------------------------------------------------
 
     async def _process(self, row: ClaimedRequest) -> None:
@@ -256,11 +266,17 @@ class Worker:
             raise
         except Exception as exc:  # noqa: BLE001 - a bug must cost one attempt, never the worker
             log.exception("unexpected error on job %s request %s", row.job_id, row.id)
-            error = ProviderError(ErrorKind.TRANSIENT, f"internal error: {type(exc).__name__}: {exc}")
+            # Stored with the row: mask any key the exception text might carry.
+            error = ProviderError(ErrorKind.TRANSIENT,
+                                  redact(f"internal error: {type(exc).__name__}: {exc}", *resolved_secrets()))
             outcome = failure(row, error, None, self.config.retry)
         # Tokens of every call made for this row count, including answers that did not validate.
         outcome.prompt_tokens, outcome.completion_tokens = spent.prompt_tokens, spent.completion_tokens
         outcome.reserved_usd = self._reserved_usd.pop(row.key, Decimal(0))
+        job = self._jobs.get(row.job_id)
+        if job is not None and job.owner_has_budget and outcome.reserved_usd > 0:
+            self._owner_spend[row.key] = (job.owner, outcome.reserved_usd,
+                                          job.cost(spent.prompt_tokens, spent.completion_tokens))
         self._completer.submit(outcome)
 
     async def _call(self, row: ClaimedRequest, spent: _Spent) -> Outcome:
@@ -292,7 +308,7 @@ class Worker:
         lane = Lane(job.provider, job.key_alias, request.model)
         prompt_estimate = estimate_prompt_tokens(job.provider, request.messages)
         reserved_tokens = charged_tokens(job.provider, prompt_estimate, request.max_tokens)
-        if job.budget_usd is not None:
+        if job.reserves_budget:
             await self._reserve_budget(row, job.estimated_cost(prompt_estimate, request.max_tokens))
         # The client exists before capacity is reserved: building the first one imports the
         # SDK, which blocks the loop; capacity granted before that would go out late, in a burst.
@@ -352,7 +368,8 @@ class Worker:
         params = row["params"] or {}
         job = _Job(row["provider"], row["key_alias"], row["model"], params, row["budget_usd"],
                    row["input_per_mtok"], row["output_per_mtok"], now, ResponseValidator.for_params(params),
-                   int(params.get("validation_retries", DEFAULT_VALIDATION_RETRIES)))
+                   int(params.get("validation_retries", DEFAULT_VALIDATION_RETRIES)),
+                   owner=row["owner"], owner_has_budget=row["owner_has_budget"])
         self._jobs[job_id] = job
         return job
 
@@ -380,6 +397,17 @@ class Worker:
         for outcome in batch:
             self._held.pop(outcome.key, None)
         self.completed += sum(1 for o in batch if o.key in recorded and RequestStatus(o.status).final)
+        settled = [self._owner_spend.pop(o.key) for o in batch if o.key in self._owner_spend]
+        if settled:
+            # Money was spent whether or not the completion was fenced out: it counts either way.
+            await self._writes.run(
+                lambda c: c.execute(query("settle_user_spend"), {
+                    "owner": [owner for owner, _, _ in settled],
+                    "reserved": [reserved for _, reserved, _ in settled],
+                    "spent": [cost for _, _, cost in settled],
+                }),
+                what="settle_user_spend",
+            )
 
     # -- maintenance -------------------------------------------------------------------------
 
@@ -414,6 +442,9 @@ class Worker:
                 reclaimed = await self._claims.run(queue.reclaim_expired, what="reclaim_expired")
                 if reclaimed:
                     log.warning("reclaimed %d row(s) whose lease expired", reclaimed)
+                resumed = await self._claims.run(queue.resume_due_jobs, what="resume_due_jobs")
+                if resumed:
+                    log.info("resumed %d job(s) whose user quota period turned over", resumed)
 
     async def _finish_in_flight(self) -> None:
         if not self._tasks:

@@ -1,0 +1,66 @@
+"""Users of a shared batchdb: PostgreSQL roles plus their weight and budgets.
+
+A user *is* a login role in one of batchdb's group roles (see
+sql/migrations/0005_users.sql): row-level security then shows it only its own
+jobs through every way in — SQL, the SDK, the CLI, the dashboard and Dagster.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from decimal import Decimal
+
+import psycopg
+
+from batchdb.queries import query
+
+
+class UserKind(enum.StrEnum):
+    USER = "user"  # sees and changes only its own jobs
+    ADMIN = "admin"  # sees and changes every job
+    WORKER = "worker"  # the role worker processes connect as: claims everyone's rows
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    name: str
+    kind: str
+    weight: float
+    budget_usd_day: Decimal | None
+    budget_usd_month: Decimal | None
+    email: str | None
+    spent_today_usd: Decimal
+    spent_month_usd: Decimal
+
+
+def add_user(
+    conn: psycopg.Connection,
+    name: str,
+    *,
+    kind: UserKind = UserKind.USER,
+    weight: float | None = None,
+    budget_usd_day: float | None = None,
+    budget_usd_month: float | None = None,
+    email: str | None = None,
+    password: str | None = None,
+) -> None:
+    """Create the login role (if missing), put it in its group role, and save its settings.
+
+    Run again to change settings: options left as None keep their current value.
+    """
+    if weight is not None and not weight > 0:
+        raise ValueError(f"weight: expected a positive number, got {weight!r}")
+    for field, value in (("budget_usd_day", budget_usd_day), ("budget_usd_month", budget_usd_month)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{field}: expected a positive amount in USD, got {value!r}")
+    conn.execute(query("add_user"), {
+        "name": name, "kind": str(UserKind(kind)), "weight": weight, "budget_usd_day": budget_usd_day,
+        "budget_usd_month": budget_usd_month, "email": email, "password": password,
+    })
+
+
+def list_users(conn: psycopg.Connection) -> list[User]:
+    """Every user this role may see (an ordinary user sees only itself)."""
+    with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+        return [User(**row) for row in cur.execute(query("list_users")).fetchall()]
