@@ -220,10 +220,12 @@ def watch_command(job_id: int | None, dsn: str | None) -> None:
     """Stream job events (completed, paused, cancelled ...) as JSON lines until Ctrl-C."""
     from batchdb import events
 
-    with dbmod.connect(dsn) as conn:
+    with dbmod.connect(dsn) as conn, dbmod.connect(dsn) as lookups:
         try:
             for event in events.stream(conn):
-                if job_id is None or event.get("job_id") == job_id:
+                if job_id is not None and event.get("job_id") != job_id:
+                    continue
+                if events.visible(lookups, int(event["job_id"])):
                     click.echo(json.dumps(event), nl=True)
         except KeyboardInterrupt:
             return

@@ -1,7 +1,9 @@
 """Job events: `NOTIFY batchdb_events` with a JSON payload on every job status change.
 
 `Job.wait()` listens so it returns the moment a job finishes; `batchdb watch`
-prints the stream.
+prints the stream. PostgreSQL has no per-channel permissions: every role hears
+every job's events, so readers that show them to a user keep only the jobs that
+user can see (`visible`, which row-level security answers).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 import psycopg
 
 from batchdb.queries import query
+
 
 def listen(conn: psycopg.Connection) -> None:
     conn.execute(query("listen_events"))
@@ -30,3 +33,9 @@ def stream(conn: psycopg.Connection) -> Iterator[dict[str, Any]]:
     listen(conn)
     for notify in conn.notifies():
         yield json.loads(notify.payload)
+
+
+def visible(conn: psycopg.Connection, job_id: int) -> bool:
+    """Whether this role may see the job (row-level security hides other users' jobs)."""
+    row = conn.execute(query("job_visible"), {"job_id": job_id}).fetchone()
+    return bool(row and row["visible"])

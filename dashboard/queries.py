@@ -208,6 +208,11 @@ SELECT now() AS db_now,
        extract(epoch FROM now() - date_trunc('minute', now()))::float8 AS seconds_into_minute
 """
 
+# Who is looking, and whether row-level security limits them to their own jobs.
+PG_VIEWER = """
+SELECT current_user AS name, row_security_active('batchdb.jobs') AS own_jobs_only
+"""
+
 PG_WORKERS = """
 SELECT id, hostname, pid, concurrency, in_flight, n_completed, started_at, heartbeat_at, stopped_at, alive
   FROM batchdb.live_workers
@@ -653,6 +658,11 @@ def load_providers(dsn: str | None, *, minutes: int = 60, engine: Engine = "psyc
         "series": series,
         "minutes": minutes,
     }
+
+
+def load_viewer(dsn: str | None) -> dict[str, Any]:
+    with read_connection(dsn) as conn:
+        return fetch_rows(conn, PG_VIEWER)[0]
 
 
 def load_workers(dsn: str | None, *, engine: Engine = "psycopg") -> pd.DataFrame:

@@ -40,6 +40,11 @@ def describe_dsn(value: str) -> str:
 
 # -- cached loaders ---------------------------------------------------------------------------
 
+@st.cache_data(ttl=600, show_spinner=False)
+def viewer(dsn: str) -> dict[str, Any]:
+    return queries.load_viewer(dsn)
+
+
 @st.cache_data(ttl=CACHE_TTL, show_spinner=False)
 def overview(dsn: str) -> dict[str, Any]:
     return queries.load_overview(dsn)
@@ -164,6 +169,10 @@ USD = st.column_config.NumberColumn(format="$%.4f")
 def sidebar(current_dsn: str) -> None:
     with st.sidebar:
         st.caption(f"Database: `{describe_dsn(current_dsn)}` (read-only)")
+        with contextlib.suppress(psycopg.Error):
+            who = viewer(current_dsn)
+            if who["own_jobs_only"]:
+                st.caption(f"Signed in as `{who['name']}`: you see your own jobs only.")
         st.caption(f"Live sections refresh every {refresh_seconds():g} s. Times are UTC.")
 
 

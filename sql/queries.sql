@@ -275,6 +275,10 @@ UPDATE batchdb.workers
 -- job_progress --
 SELECT * FROM batchdb.job_progress WHERE job_id = %(job_id)s
 
+-- job_visible --
+-- Row-level security answers: false for another user's job.
+SELECT EXISTS (SELECT 1 FROM batchdb.jobs WHERE id = %(job_id)s) AS visible
+
 -- list_jobs --
 SELECT * FROM batchdb.job_progress ORDER BY job_id DESC LIMIT %(limit)s
 

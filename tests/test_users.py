@@ -154,6 +154,7 @@ def test_dashboard_shows_a_user_only_their_jobs(two_users, monkeypatch: pytest.M
         assert not at.exception, [e.value for e in at.exception]
         shown = "\n".join(df.value.to_csv() for df in at.dataframe)
         assert "alice job" in shown and "bob job" not in shown
+        assert f"Signed in as `{alice.name}`: you see your own jobs only." in [c.value for c in at.sidebar.caption]
         at.query_params["job"] = str(bob_job.id)
         at.switch_page("views/job_detail.py")
         at.run()
@@ -377,3 +378,28 @@ def test_owner_email_gets_notifications_that_only_the_owner_can_read(make_user, 
             assert c.execute(f"SELECT count(*) FROM batchdb.{table}").fetchone()[0] == 0
     with psycopg.connect(alice.dsn) as c:
         assert c.execute("SELECT event FROM batchdb.notification_deliveries").fetchall() == [("job.cancelled",)]
+
+
+def test_watch_streams_only_the_users_own_job_events(make_user, conn: psycopg.Connection) -> None:  # noqa: ANN001
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    alice, bob = make_user("alice"), make_user("bob")
+    watcher = subprocess.Popen([sys.executable, "-m", "batchdb", "watch"], env={**os.environ, "BATCHDB_DSN": alice.dsn},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(2.5)  # let it LISTEN
+        mine, theirs = submit_as(alice, 3, "alice"), submit_as(bob, 3, "bob")
+        drain_as(conn.info.dsn)
+        time.sleep(1.0)
+    finally:
+        watcher.send_signal(signal.SIGINT)
+        out, err = watcher.communicate(timeout=10)
+    seen = {(e["job_id"], e["event"]) for e in map(json.loads, filter(str.strip, out.splitlines()))}
+    assert (mine.id, "job_completed") in seen, (out, err)
+    assert not {job_id for job_id, _ in seen} - {mine.id}, seen
+    assert theirs.status().status == "completed"
