@@ -188,12 +188,21 @@ WITH outcome AS (
 SELECT job_id, id FROM done
 
 -- extend_leases --
--- Heartbeat for the rows a live worker still has in flight.
+-- Heartbeat for the rows a live worker still has in flight. A row locked right now
+-- is being completed (or cancelled): it needs no longer lease, and skipping it means
+-- the heartbeat never waits on, or deadlocks with, the completion statement.
+WITH mine AS (
+    SELECT q.job_id, q.id
+      FROM batchdb.requests q
+      JOIN unnest(%(job_id)s::bigint[], %(id)s::bigint[], %(lease_token)s::bigint[]) AS l(job_id, id, lease_token)
+        ON q.job_id = l.job_id AND q.id = l.id AND q.lease_token = l.lease_token
+     WHERE lower(q.status) = 'running'  -- primary-key lookups, not the partial leased index (see complete_batch)
+       FOR UPDATE OF q SKIP LOCKED
+)
 UPDATE batchdb.requests q
    SET lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
-  FROM unnest(%(job_id)s::bigint[], %(id)s::bigint[], %(lease_token)s::bigint[]) AS l(job_id, id, lease_token)
- WHERE q.job_id = l.job_id AND q.id = l.id AND q.lease_token = l.lease_token
-   AND lower(q.status) = 'running'  -- primary-key lookups, not the partial leased index (see complete_batch)
+  FROM mine m
+ WHERE q.job_id = m.job_id AND q.id = m.id
 RETURNING q.job_id, q.id
 
 -- release_leases --

@@ -199,6 +199,8 @@ def test_users_add_from_the_cli_makes_a_working_login(dsn: str, conn: psycopg.Co
         job = submit_as(carol, 3, "carol", idempotency_key="same")
         assert submit_as(carol, 3, "carol", idempotency_key="same").id == job.id
         assert job.status().owner == name
+        with psycopg.connect(carol.dsn) as c:
+            assert c.execute("SHOW jit").fetchone()[0] == "off"
         runner.invoke(cli, ["users", "set", name, "--weight", "3", "--dsn", dsn], catch_exceptions=False)
         listing = runner.invoke(cli, ["users", "list", "--dsn", dsn], catch_exceptions=False).output
         line = next(line for line in listing.splitlines() if line.startswith(name))

@@ -104,6 +104,9 @@ BEGIN
         EXECUTE format('ALTER ROLE %I PASSWORD %L', p_name, p_password);
     END IF;
     EXECUTE format('GRANT %I TO %I', 'batchdb_' || p_kind, p_name);
+    -- The row-level security subplans inflate cost estimates past jit_above_cost: JIT then
+    -- spent 230 ms compiling a 1 ms progress read. batchdb's queries are short; no JIT.
+    EXECUTE format('ALTER ROLE %I SET jit = off', p_name);
     INSERT INTO batchdb.users AS u (name, weight, budget_usd_day, budget_usd_month, email)
     VALUES (p_name, coalesce(p_weight, 1), p_budget_usd_day, p_budget_usd_month, p_email)
     ON CONFLICT (name) DO UPDATE
@@ -299,8 +302,50 @@ CREATE POLICY results_all ON batchdb.results TO batchdb_admin, batchdb_worker US
 CREATE POLICY users_all ON batchdb.users TO batchdb_admin, batchdb_worker USING (true) WITH CHECK (true);
 CREATE POLICY user_spend_all ON batchdb.user_spend TO batchdb_admin, batchdb_worker USING (true) WITH CHECK (true);
 
--- Views run with the privileges (and policies) of whoever reads them.
-ALTER VIEW batchdb.job_progress SET (security_invoker = true);
+-- Views run with the privileges (and policies) of whoever reads them. In
+-- job_progress the job's status test moves inside the running-rows count: under
+-- row-level security the planner no longer skips that count for finished jobs
+-- when the test sits in the join's ON clause (25-60 ms instead of 3-8 ms a read).
+CREATE OR REPLACE VIEW batchdb.job_progress WITH (security_invoker = true) AS
+SELECT j.id AS job_id,
+       j.name,
+       j.owner,
+       j.provider,
+       j.model,
+       j.status,
+       j.status_reason,
+       j.priority,
+       j.n_total,
+       greatest(j.n_total - j.n_done - coalesce(r.n_running, 0), 0) AS n_queued,
+       coalesce(r.n_running, 0) AS n_running,
+       j.n_succeeded,
+       j.n_failed,
+       j.n_dead,
+       j.n_cancelled,
+       j.n_done,
+       CASE WHEN j.n_total > 0 THEN round(100.0 * j.n_done / j.n_total, 2) ELSE 0 END AS pct_done,
+       j.n_retries,
+       j.prompt_tokens,
+       j.completion_tokens,
+       j.cost_usd,
+       j.budget_usd,
+       j.created_at,
+       j.started_at,
+       j.finished_at,
+       CASE WHEN j.started_at IS NOT NULL AND coalesce(j.finished_at, now()) > j.started_at
+            THEN round((j.n_done / extract(epoch FROM coalesce(j.finished_at, now()) - j.started_at))::numeric, 2)
+       END AS rows_per_second,
+       CASE WHEN j.status = 'running' AND j.started_at IS NOT NULL AND j.n_done > 0 AND now() > j.started_at
+            THEN (j.n_total - j.n_done) * ((now() - j.started_at) / j.n_done)
+       END AS eta,
+       j.key_alias,
+       j.reserved_usd
+  FROM batchdb.jobs j
+  LEFT JOIN LATERAL (
+        SELECT count(*) AS n_running
+          FROM batchdb.requests q
+         WHERE j.status IN ('running', 'paused', 'cancelled') AND q.job_id = j.id AND q.status = 'running'
+  ) r ON true;
 ALTER VIEW batchdb.live_workers SET (security_invoker = true);
 
 -- Triggers that must write what a user may not: job partitions (DDL) and the
