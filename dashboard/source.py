@@ -39,7 +39,7 @@ import pyarrow as pa
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 
-from batchdb.db import resolve_dsn
+from batchdb.db import SESSION_OPTIONS, resolve_dsn, with_options
 
 APPLICATION_NAME = "batchdb-dashboard"
 STATEMENT_TIMEOUT_MS = 15_000
@@ -60,9 +60,9 @@ _ARROW_TYPES: dict[int, pa.DataType] = {
 
 def read_only_dsn(dsn: str | None = None) -> str:
     """The DSN with read-only, application-name and statement-timeout options added."""
-    params = conninfo_to_dict(resolve_dsn(dsn))
-    extra = f"-c default_transaction_read_only=on -c statement_timeout={STATEMENT_TIMEOUT_MS}"
-    params["options"] = f"{params['options']} {extra}" if params.get("options") else extra
+    params = conninfo_to_dict(with_options(
+        resolve_dsn(dsn),
+        f"{SESSION_OPTIONS} -c default_transaction_read_only=on -c statement_timeout={STATEMENT_TIMEOUT_MS}"))
     params.setdefault("application_name", APPLICATION_NAME)
     return make_conninfo(**params)
 

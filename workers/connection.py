@@ -16,6 +16,8 @@ from typing import TypeVar
 import psycopg
 from psycopg.rows import dict_row
 
+from batchdb.db import SESSION_OPTIONS, with_options
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -46,10 +48,10 @@ class Reconnecting:
     async def connection(self) -> psycopg.AsyncConnection:
         if self._conn is None or self._conn.closed or self._conn.broken:
             self._conn = await psycopg.AsyncConnection.connect(
-                self._dsn, autocommit=True, row_factory=dict_row, application_name=f"batchdb-{self._name}",
                 # The hot statements must be planned with their real parameters: a generic plan
                 # cannot see the claim's LIMIT and, with stale statistics, drags in JIT (see bench/README.md).
-                options="-c plan_cache_mode=force_custom_plan -c jit=off",
+                with_options(self._dsn, f"-c plan_cache_mode=force_custom_plan {SESSION_OPTIONS}"),
+                autocommit=True, row_factory=dict_row, application_name=f"batchdb-{self._name}",
             )
         return self._conn
 
