@@ -25,14 +25,29 @@ def poll(conn: psycopg.Connection, timeout: float) -> list[dict[str, Any]]:
     """Events that arrive within `timeout` seconds (returns early on the first batch)."""
     events = []
     for notify in conn.notifies(timeout=timeout, stop_after=1):
-        events.append(json.loads(notify.payload))
+        event = _decode(notify.payload)
+        if event is not None:
+            events.append(event)
     return events
 
 
 def stream(conn: psycopg.Connection) -> Iterator[dict[str, Any]]:
     listen(conn)
     for notify in conn.notifies():
-        yield json.loads(notify.payload)
+        event = _decode(notify.payload)
+        if event is not None:
+            yield event
+
+
+def _decode(payload: str) -> dict[str, Any] | None:
+    """Any role may NOTIFY this channel: a payload that is not one of ours is ignored."""
+    try:
+        event = json.loads(payload)
+    except ValueError:
+        return None
+    if not isinstance(event, dict) or not isinstance(event.get("job_id"), int):
+        return None
+    return event
 
 
 def visible(conn: psycopg.Connection, job_id: int) -> bool:

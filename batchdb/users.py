@@ -49,8 +49,8 @@ def add_user(
 
     Run again to change settings: options left as None keep their current value.
     """
-    if weight is not None and not weight > 0:
-        raise ValueError(f"weight: expected a positive number, got {weight!r}")
+    if weight is not None and not (0.001 <= weight <= 1000):
+        raise ValueError(f"weight: expected a number from 0.001 to 1000, got {weight!r}")
     for field, value in (("budget_usd_day", budget_usd_day), ("budget_usd_month", budget_usd_month)):
         if value is not None and not value > 0:
             raise ValueError(f"{field}: expected a positive amount in USD, got {value!r}")

@@ -78,31 +78,45 @@ DELETE FROM batchdb.jobs WHERE id = %(job_id)s
 
 -- claim_batch --
 -- Claim up to `limit` due rows for one worker, fairly across users and then
--- across each user's jobs: a job's weight is its owner's weight (batchdb.users,
--- default 1) times its share of the owner's priorities, so two users get equal
--- claims however many jobs of whatever size each has. Sample up to `max_jobs`
--- jobs by weighted random choice (Efraimidis-Spirakis), split the batch between
--- them in proportion to weight, and lock each job's oldest due rows with SKIP
+-- across each user's jobs. Among running jobs with a due row, sample up to
+-- `max_jobs` by weighted random choice (Efraimidis-Spirakis; a job's weight is
+-- its owner's weight, batchdb.users, default 1, times its share of the owner's
+-- priorities, so a user's chance does not grow with their number of jobs).
+-- The batch is then split between the sampled users by their full weight, and
+-- within a user by priority, with cumulative rounding in draw order: quotas add
+-- up to exactly `limit`, each within one row of its share, and a one-row claim
+-- goes to the first-drawn job. Each job's oldest due rows are locked with SKIP
 -- LOCKED. The lease is set in database time; the fencing token is bumped so
 -- only this claim can complete.
 WITH running_jobs AS (
-    SELECT j.id, j.max_attempts,
+    SELECT j.id, j.owner, j.priority, j.max_attempts, coalesce(u.weight, 1) AS owner_weight,
            coalesce(u.weight, 1) * j.priority / sum(j.priority) OVER (PARTITION BY j.owner) AS weight
       FROM batchdb.jobs j
       LEFT JOIN batchdb.users u ON u.name = j.owner
+      -- A job whose rows are all in flight or waiting to retry would take a share and return
+      -- nothing. LATERAL ... LIMIT 1 keeps this a probe of each job's claimable index (as an
+      -- EXISTS the planner turned it into a scan of every queued row).
+     CROSS JOIN LATERAL (
+           SELECT 1 FROM batchdb.requests q
+            WHERE q.job_id = j.id AND q.status = 'queued' AND q.run_after <= now()
+            ORDER BY q.run_after, q.id  -- the claimable index's order: never a scan of the heap
+            LIMIT 1
+           ) due
      WHERE j.status = 'running' AND j.n_done < j.n_total
 ), candidate_jobs AS (
-    SELECT id, max_attempts, weight, -ln(1.0 - random()) / weight AS draw
+    SELECT id, owner, priority, max_attempts, owner_weight, -ln(1.0 - random()) / weight AS draw
       FROM running_jobs
      ORDER BY draw
      LIMIT %(max_jobs)s
+), weighted AS (
+    SELECT id, max_attempts, draw,
+           owner_weight * priority / sum(priority) OVER (PARTITION BY owner) AS weight
+      FROM candidate_jobs
 ), shares AS (
-    -- Cumulative rounding in draw order: quotas add up to exactly `limit`, each within one
-    -- row of its weighted share, and a one-row claim goes to the first-drawn job.
     SELECT id, max_attempts,
            (ceil(%(limit)s * sum(weight) OVER upto / sum(weight) OVER () - 1e-9)
             - ceil(%(limit)s * (sum(weight) OVER upto - weight) / sum(weight) OVER () - 1e-9))::integer AS quota
-      FROM candidate_jobs
+      FROM weighted
     WINDOW upto AS (ORDER BY draw ROWS UNBOUNDED PRECEDING)
 ), picked AS (
     SELECT r.job_id, r.id, s.max_attempts
@@ -335,7 +349,8 @@ SELECT provider, key_alias, model, rpm, tpm, rpd, source, pace, blocked_until, r
  ORDER BY provider, key_alias, model
 
 -- reserve_budget --
-SELECT batchdb.reserve_budget(%(job_id)s, %(usd)s) AS ok
+-- 'ok', 'wait' (calls in flight hold the budget) or 'paused' (see 0005_users.sql).
+SELECT batchdb.reserve_budget(%(job_id)s, %(usd)s) AS result
 
 -- release_budget --
 SELECT batchdb.release_budget(%(job_id)s::bigint[], %(usd)s::numeric[])

@@ -141,11 +141,21 @@ def test_limits_announced_in_headers_fill_in_but_never_override_configured_ones(
 def test_budget_reservations_stop_at_the_budget_and_pause_the_job(conn: psycopg.Connection) -> None:
     job_id = conn.execute("INSERT INTO batchdb.jobs (model, budget_usd) VALUES ('gpt-4o-mini', 1.00) RETURNING id"
                           ).fetchone()["id"]
-    ok = [conn.execute("SELECT batchdb.reserve_budget(%s, 0.30) AS ok", (job_id,)).fetchone()["ok"] for _ in range(4)]
-    assert ok == [True, True, True, False]
-    job = conn.execute("SELECT status, status_reason, reserved_usd FROM batchdb.jobs WHERE id = %s",
-                       (job_id,)).fetchone()
-    assert job["status"] == "paused" and "budget of $1.000000 reached" in job["status_reason"]
-    assert float(job["reserved_usd"]) == pytest.approx(0.90)
+    def reserve(usd: float) -> str:
+        return conn.execute("SELECT batchdb.reserve_budget(%s, %s::numeric) AS r", (job_id, usd)).fetchone()["r"]
+
+    def job() -> dict:
+        return conn.execute("SELECT status, status_reason, reserved_usd FROM batchdb.jobs WHERE id = %s",
+                            (job_id,)).fetchone()
+
+    # Calls in flight hold the budget: the fourth waits for them rather than pausing the job.
+    assert [reserve(0.30) for _ in range(4)] == ["ok", "ok", "ok", "wait"]
+    assert job()["status"] == "running" and float(job()["reserved_usd"]) == pytest.approx(0.90)
+    # A negative estimate never frees budget.
+    assert reserve(-5) == "ok" and float(job()["reserved_usd"]) == pytest.approx(0.90)
     conn.execute("SELECT batchdb.release_budget(ARRAY[%s]::bigint[], ARRAY[0.9]::numeric[])", (job_id,))
-    assert conn.execute("SELECT reserved_usd FROM batchdb.jobs WHERE id = %s", (job_id,)).fetchone()["reserved_usd"] == 0
+    assert job()["reserved_usd"] == 0
+    # What was spent leaves no room: the job pauses with the reason.
+    conn.execute("UPDATE batchdb.jobs SET cost_usd = 0.80 WHERE id = %s", (job_id,))
+    assert reserve(0.30) == "paused"
+    assert job()["status"] == "paused" and "budget of $1.000000 reached" in job()["status_reason"]

@@ -105,7 +105,11 @@ def test_plain_sql_sees_only_own_jobs_rows_and_answers(two_users, conn: psycopg.
             c.execute("SELECT batchdb.cancel_job(%s)", (bob_job.id,))
         with pytest.raises(psycopg.errors.NoDataFound):
             c.execute("SELECT batchdb.retry_job(%s)", (bob_job.id,))
-        # Counters, costs and the machinery are not a user's to write.
+        # Ids, counters, costs and the machinery are not a user's to write.
+        for statement in ("INSERT INTO batchdb.jobs (id, model) OVERRIDING SYSTEM VALUE VALUES (999, 'gpt-4o-mini')",
+                          "INSERT INTO batchdb.jobs (model, n_total, cost_usd) VALUES ('gpt-4o-mini', 1000000, -5)"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute(statement)
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             c.execute("UPDATE batchdb.jobs SET cost_usd = 0 WHERE id = %s", (alice_job.id,))
         for statement in ("UPDATE batchdb.users SET weight = 100", "UPDATE batchdb.user_spend SET spent_usd = 0",
@@ -201,6 +205,7 @@ def test_users_add_from_the_cli_makes_a_working_login(dsn: str, conn: psycopg.Co
         assert job.status().owner == name
         with psycopg.connect(carol.dsn) as c:
             assert c.execute("SHOW jit").fetchone()[0] == "off"
+            assert c.execute("SHOW idle_in_transaction_session_timeout").fetchone()[0] == "1min"
         runner.invoke(cli, ["users", "set", name, "--weight", "3", "--dsn", dsn], catch_exceptions=False)
         listing = runner.invoke(cli, ["users", "list", "--dsn", dsn], catch_exceptions=False).output
         line = next(line for line in listing.splitlines() if line.startswith(name))
@@ -264,6 +269,28 @@ def test_single_row_claims_follow_the_weights(dsn: str, make_user) -> None:  # n
     shares = claimed_per_owner(dsn, claims=900, limit=1)
     # 900 draws at p = 2/3: mean 600, standard deviation 14; 5 sigma either way.
     assert 530 <= shares[alice.name] <= 670, shares
+
+
+def test_a_user_with_more_jobs_than_one_claim_samples_still_gets_half(dsn: str, conn, make_user) -> None:  # noqa: ANN001
+    alice, bob = make_user("alice"), make_user("bob")
+    submit_as(alice, 2000, "alice")
+    job_ids = [conn.execute("INSERT INTO batchdb.jobs (model, provider, owner, priority) "
+                            "VALUES ('instant', 'instant', %s, 1) RETURNING id", (bob.name,)).fetchone()["id"]
+               for _ in range(40)]  # more than the 16 jobs one claim samples
+    conn.execute("INSERT INTO batchdb.requests (job_id, custom_id, payload) "
+                 "SELECT j, g::text, '{\"prompt\": \"x\"}' FROM unnest(%s::bigint[]) j, generate_series(1, 60) g",
+                 (job_ids,))
+    shares = claimed_per_owner(dsn, claims=20, limit=64)
+    assert shares[alice.name] == shares[bob.name] == 640, shares
+
+
+def test_a_job_with_nothing_due_does_not_waste_a_claim(dsn: str, conn, make_user) -> None:  # noqa: ANN001
+    alice, bob = make_user("alice"), make_user("bob")
+    waiting = submit_as(alice, 50, "alice")
+    conn.execute("UPDATE batchdb.requests SET run_after = now() + interval '1 hour' WHERE job_id = %s", (waiting.id,))
+    submit_as(bob, 500, "bob")
+    shares = claimed_per_owner(dsn, claims=100, limit=1)
+    assert shares == {bob.name: 100}
 
 
 def test_a_new_users_small_job_is_claimed_at_once(dsn: str, make_user) -> None:  # noqa: ANN001
@@ -405,3 +432,33 @@ def test_watch_streams_only_the_users_own_job_events(make_user, conn: psycopg.Co
     assert (mine.id, "job_completed") in seen, (out, err)
     assert not {job_id for job_id, _ in seen} - {mine.id}, seen
     assert theirs.status().status == "completed"
+
+
+def test_a_forged_event_neither_breaks_nor_fools_another_users_wait(dsn: str, make_user) -> None:  # noqa: ANN001
+    import threading
+
+    alice, bob = make_user("alice"), make_user("bob")
+    job = submit_as(alice, 2, "alice")
+    outcome: dict[str, object] = {}
+
+    def wait() -> None:
+        try:
+            outcome["final"] = job.wait(timeout=20, poll_interval=10)
+        except Exception as exc:  # noqa: BLE001 - the test reports it
+            outcome["error"] = exc
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    import time
+
+    time.sleep(1.0)
+    with psycopg.connect(bob.dsn, autocommit=True) as c:
+        c.execute("NOTIFY batchdb_events, 'not json'")
+        c.execute("SELECT pg_notify('batchdb_events', %s)",
+                  (f'{{"event": "job_completed", "job_id": {job.id}, "status": "completed"}}',))
+    time.sleep(1.0)
+    assert waiter.is_alive()  # still waiting: the job is not complete, whatever bob says
+    drain_as(dsn)
+    waiter.join(timeout=30)
+    assert "error" not in outcome, outcome
+    assert outcome["final"].status == "completed"

@@ -252,9 +252,10 @@ class Notifier:
             async with asyncio.timeout(self.config.http_timeout):
                 async with self._session.post(delivery.target, data=body, headers=headers,
                                               allow_redirects=False) as response:
-                    reply = (await response.content.read(_REPLY_CHARS)).decode("utf-8", "replace")
+                    # Only the status is kept: the job's owner reads the attempts, and a webhook
+                    # pointed at an internal service must not hand them its answers.
                     ok = 200 <= response.status < 300
-                    return TryResult(ok=ok, http_status=response.status, reply=reply or None,
+                    return TryResult(ok=ok, http_status=response.status,
                                      error=None if ok else f"HTTP {response.status} {response.reason or ''}".strip())
         except TimeoutError:
             return TryResult(ok=False, error=f"no response within {self.config.http_timeout:g}s")

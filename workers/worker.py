@@ -79,6 +79,8 @@ class WorkerConfig:
     flush_interval: float = 0.05
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     job_cache_seconds: float = 5.0
+    # How long a call waits before asking again when only calls in flight hold its budget.
+    budget_wait: float = 0.5
     # Stop by itself once nothing is claimable and nothing is in flight (tests, demo, bench).
     exit_when_idle: bool = False
     # Job webhooks and emails, sent on connections of their own (workers/notifier.py); None: off.
@@ -114,8 +116,8 @@ class _Job:
         """The most this call can cost: the prompt plus every token it may generate."""
         if self.input_per_mtok is None or self.output_per_mtok is None:
             return Decimal(0)
-        out = max_tokens if max_tokens is not None else DEFAULT_MAX_TOKENS_CHARGE
-        return (prompt_tokens * self.input_per_mtok + out * self.output_per_mtok) / Decimal(1_000_000)
+        out = max_tokens if max_tokens is not None and max_tokens > 0 else DEFAULT_MAX_TOKENS_CHARGE
+        return (max(prompt_tokens, 0) * self.input_per_mtok + out * self.output_per_mtok) / Decimal(1_000_000)
 
 
 class Worker:
@@ -337,12 +339,18 @@ class Worker:
         return response
 
     async def _reserve_budget(self, row: ClaimedRequest, usd: Decimal) -> None:
-        async def reserve(conn: psycopg.AsyncConnection) -> bool:
+        """Reserve the call's worst-case cost. While only other calls' reservations stand in the
+        way ('wait'), hold the row and ask again as they settle; a spent budget pauses the job."""
+        async def reserve(conn: psycopg.AsyncConnection) -> str:
             cur = await conn.execute(query("reserve_budget"), {"job_id": row.job_id, "usd": usd})
             found = await cur.fetchone()
-            return bool(found and found["ok"])
+            return str(found["result"]) if found else "paused"
 
-        if not await self._claims.run(reserve, what="reserve_budget"):
+        while (result := await self._claims.run(reserve, what="reserve_budget")) == "wait":
+            if self._stopping.is_set():
+                raise _HandBack("worker stopping while waiting for budget") from None
+            await asyncio.sleep(self.config.budget_wait)
+        if result != "ok":
             raise _HandBack("budget reached")
         self._reserved_usd[row.key] = self._reserved_usd.get(row.key, Decimal(0)) + usd
 
@@ -400,14 +408,17 @@ class Worker:
         settled = [self._owner_spend.pop(o.key) for o in batch if o.key in self._owner_spend]
         if settled:
             # Money was spent whether or not the completion was fenced out: it counts either way.
-            await self._writes.run(
-                lambda c: c.execute(query("settle_user_spend"), {
-                    "owner": [owner for owner, _, _ in settled],
-                    "reserved": [reserved for _, reserved, _ in settled],
-                    "spent": [cost for _, _, cost in settled],
-                }),
-                what="settle_user_spend",
-            )
+            try:
+                await self._writes.run(
+                    lambda c: c.execute(query("settle_user_spend"), {
+                        "owner": [owner for owner, _, _ in settled],
+                        "reserved": [reserved for _, reserved, _ in settled],
+                        "spent": [cost for _, _, cost in settled],
+                    }),
+                    what="settle_user_spend",
+                )
+            except psycopg.Error as exc:  # never stop the completer over bookkeeping
+                log.error("could not settle %d call(s) against their owners' budgets: %s", len(settled), exc)
 
     # -- maintenance -------------------------------------------------------------------------
 

@@ -111,7 +111,7 @@ CREATE TABLE batchdb.notification_attempts (
     ok           boolean NOT NULL,
     -- Webhooks: the HTTP status (NULL when no response came back).
     http_status  integer,
-    -- The start of the HTTP response body, or the SMTP server's reply.
+    -- The SMTP server's reply (webhooks keep only http_status: the owner reads this table).
     reply        text,
     error        text
 );

@@ -42,7 +42,7 @@ CREATE TABLE batchdb.users (
     budget_usd_month  numeric(14, 6),
     email             text,
     created_at        timestamptz NOT NULL DEFAULT now(),
-    CONSTRAINT users_weight_positive CHECK (weight > 0),
+    CONSTRAINT users_weight_range CHECK (weight >= 0.001 AND weight <= 1000),
     CONSTRAINT users_budgets_positive CHECK ((budget_usd_day IS NULL OR budget_usd_day > 0)
                                              AND (budget_usd_month IS NULL OR budget_usd_month > 0))
 );
@@ -107,6 +107,9 @@ BEGIN
     -- The row-level security subplans inflate cost estimates past jit_above_cost: JIT then
     -- spent 230 ms compiling a 1 ms progress read. batchdb's queries are short; no JIT.
     EXECUTE format('ALTER ROLE %I SET jit = off', p_name);
+    -- Creating or deleting a job takes a brief exclusive lock that every claim waits on; a
+    -- session left idle inside such a transaction (a notebook) must not hold it for long.
+    EXECUTE format('ALTER ROLE %I SET idle_in_transaction_session_timeout = %L', p_name, '60s');
     INSERT INTO batchdb.users AS u (name, weight, budget_usd_day, budget_usd_month, email)
     VALUES (p_name, coalesce(p_weight, 1), p_budget_usd_day, p_budget_usd_month, p_email)
     ON CONFLICT (name) DO UPDATE
@@ -124,34 +127,37 @@ $$;
 -- when the owner has one, against the owner's day and month. A user over quota
 -- has every running job paused until the next UTC day (or month).
 -- ---------------------------------------------------------------------------
-CREATE OR REPLACE FUNCTION batchdb.reserve_budget(p_job_id bigint, p_usd numeric) RETURNS boolean
+-- Returns 'ok' (reserved), 'wait' (only calls still in flight stand in the way:
+-- their worst case is usually far above what they will cost, so try again once
+-- some have settled) or 'paused' (what was spent leaves no room: the job, or for
+-- a user quota every running job of the user, is paused with the reason).
+DROP FUNCTION batchdb.reserve_budget(bigint, numeric);
+CREATE FUNCTION batchdb.reserve_budget(p_job_id bigint, p_usd numeric) RETURNS text
 LANGUAGE plpgsql AS $$
 DECLARE
-    ok boolean;
-    job_owner text;
+    job batchdb.jobs;
     usr batchdb.users;
     today date := (now() AT TIME ZONE 'UTC')::date;
     day_row batchdb.user_spend;
     month_spent numeric;
     reason text;
     until timestamptz;
+    usd numeric := greatest(coalesce(p_usd, 0), 0);  -- a negative estimate must never free budget
 BEGIN
-    SELECT j.owner INTO job_owner FROM batchdb.jobs j WHERE j.id = p_job_id;
-    SELECT u.* INTO usr FROM batchdb.users u
-     WHERE u.name = job_owner AND (u.budget_usd_day IS NOT NULL OR u.budget_usd_month IS NOT NULL);
+    SELECT u.* INTO usr FROM batchdb.users u JOIN batchdb.jobs j ON j.owner = u.name
+     WHERE j.id = p_job_id AND (u.budget_usd_day IS NOT NULL OR u.budget_usd_month IS NOT NULL);
     IF usr.name IS NOT NULL THEN
-        -- The user's day row is locked first, the job row second (as settle_user_spend does).
+        -- The user's day row is locked first, the job row second (release_budget does the same).
         INSERT INTO batchdb.user_spend (owner, day) VALUES (usr.name, today) ON CONFLICT DO NOTHING;
         SELECT * INTO day_row FROM batchdb.user_spend WHERE owner = usr.name AND day = today FOR UPDATE;
         SELECT coalesce(sum(spent_usd), 0) INTO month_spent
           FROM batchdb.user_spend
          WHERE owner = usr.name AND day >= date_trunc('month', today)::date AND day < today;
-        IF usr.budget_usd_day IS NOT NULL AND day_row.spent_usd + day_row.reserved_usd + p_usd > usr.budget_usd_day THEN
+        IF usr.budget_usd_day IS NOT NULL AND day_row.spent_usd + usd > usr.budget_usd_day THEN
             reason := format('user quota: daily budget of $%s for %s reached ($%s spent today); resumes at 00:00 UTC',
                              usr.budget_usd_day, usr.name, round(day_row.spent_usd, 4));
             until := (today + 1)::timestamp AT TIME ZONE 'UTC';
-        ELSIF usr.budget_usd_month IS NOT NULL
-              AND month_spent + day_row.spent_usd + day_row.reserved_usd + p_usd > usr.budget_usd_month THEN
+        ELSIF usr.budget_usd_month IS NOT NULL AND month_spent + day_row.spent_usd + usd > usr.budget_usd_month THEN
             reason := format('user quota: monthly budget of $%s for %s reached ($%s spent this month); resumes on the 1st (UTC)',
                              usr.budget_usd_month, usr.name, round(month_spent + day_row.spent_usd, 4));
             until := (date_trunc('month', today) + interval '1 month')::timestamp AT TIME ZONE 'UTC';
@@ -160,25 +166,34 @@ BEGIN
             UPDATE batchdb.jobs
                SET status = 'paused', status_reason = reason, paused_until = until
              WHERE owner = usr.name AND status = 'running';
-            RETURN false;
+            RETURN 'paused';
+        END IF;
+        IF (usr.budget_usd_day IS NOT NULL AND day_row.spent_usd + day_row.reserved_usd + usd > usr.budget_usd_day)
+           OR (usr.budget_usd_month IS NOT NULL
+               AND month_spent + day_row.spent_usd + day_row.reserved_usd + usd > usr.budget_usd_month) THEN
+            RETURN 'wait';
         END IF;
     END IF;
-    UPDATE batchdb.jobs
-       SET reserved_usd = reserved_usd + p_usd
-     WHERE id = p_job_id
-       AND (budget_usd IS NULL OR cost_usd + reserved_usd + p_usd <= budget_usd)
-    RETURNING true INTO ok;
-    IF NOT coalesce(ok, false) THEN
+    SELECT * INTO job FROM batchdb.jobs WHERE id = p_job_id FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RETURN 'paused';
+    END IF;
+    IF job.budget_usd IS NOT NULL AND job.cost_usd + usd > job.budget_usd THEN
         UPDATE batchdb.jobs
-           SET status = 'paused',
-               status_reason = format('budget of $%s reached ($%s spent); resume with a higher budget', budget_usd, round(cost_usd, 4))
+           SET status = 'paused', paused_until = NULL,
+               status_reason = format('budget of $%s reached ($%s spent); resume with a higher budget',
+                                      job.budget_usd, round(job.cost_usd, 4))
          WHERE id = p_job_id AND status = 'running';
-        RETURN false;
+        RETURN 'paused';
     END IF;
+    IF job.budget_usd IS NOT NULL AND job.cost_usd + job.reserved_usd + usd > job.budget_usd THEN
+        RETURN 'wait';
+    END IF;
+    UPDATE batchdb.jobs SET reserved_usd = reserved_usd + usd WHERE id = p_job_id;
     IF usr.name IS NOT NULL THEN
-        UPDATE batchdb.user_spend SET reserved_usd = reserved_usd + p_usd WHERE owner = usr.name AND day = today;
+        UPDATE batchdb.user_spend SET reserved_usd = reserved_usd + usd WHERE owner = usr.name AND day = today;
     END IF;
-    RETURN true;
+    RETURN 'ok';
 END;
 $$;
 
@@ -223,6 +238,22 @@ BEGIN
      WHERE j.id = r.job_id;
 END;
 $$;
+
+-- paused_until belongs to the pause that set it: any other pause or a resume clears it,
+-- so resume_due_jobs never restarts a job paused for another reason.
+CREATE FUNCTION batchdb.jobs_clear_paused_until() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.status IS DISTINCT FROM 'paused' OR NEW.status_reason NOT LIKE 'user quota:%' THEN
+        NEW.paused_until := NULL;
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+CREATE TRIGGER jobs_clear_paused_until BEFORE UPDATE OF status, status_reason ON batchdb.jobs
+    FOR EACH ROW WHEN (NEW.paused_until IS NOT NULL)
+    EXECUTE FUNCTION batchdb.jobs_clear_paused_until();
 
 -- Jobs paused by a user quota come back when the quota period has turned over.
 CREATE FUNCTION batchdb.resume_due_jobs() RETURNS bigint
@@ -380,13 +411,19 @@ GRANT USAGE ON SEQUENCE batchdb.requests_id_seq TO batchdb_user, batchdb_admin, 
 
 -- Users: submit, read and steer their own jobs (cancel, retry, resume, budget,
 -- priority); counters, leases and costs are the triggers' and workers' to write.
-GRANT SELECT, INSERT, DELETE ON batchdb.jobs TO batchdb_user;
+-- INSERT by column: a user cannot choose ids (OVERRIDING SYSTEM VALUE would let them take
+-- other users' future ids), counters, costs or reservations.
+GRANT SELECT, DELETE ON batchdb.jobs TO batchdb_user;
+GRANT INSERT (name, owner, provider, key_alias, model, params, priority, max_attempts, budget_usd, idempotency_key,
+              status) ON batchdb.jobs TO batchdb_user;
 GRANT UPDATE (name, status, status_reason, finished_at, budget_usd, priority, paused_until) ON batchdb.jobs TO batchdb_user;
-GRANT SELECT, INSERT ON batchdb.requests TO batchdb_user;
+GRANT SELECT ON batchdb.requests TO batchdb_user;
+GRANT INSERT (job_id, custom_id, payload, input, max_attempts) ON batchdb.requests TO batchdb_user;
 GRANT UPDATE (status, attempts, run_after, error, error_class, finished_at, lease_owner, lease_expires_at)
     ON batchdb.requests TO batchdb_user;
 GRANT SELECT, DELETE ON batchdb.results TO batchdb_user;
-GRANT SELECT, INSERT, DELETE ON batchdb.notification_targets TO batchdb_user;
+GRANT SELECT, DELETE ON batchdb.notification_targets TO batchdb_user;
+GRANT INSERT (job_id, channel, target, secret) ON batchdb.notification_targets TO batchdb_user;
 GRANT SELECT ON batchdb.notification_deliveries, batchdb.notification_attempts TO batchdb_user;
 GRANT SELECT ON batchdb.job_progress, batchdb.live_workers, batchdb.workers, batchdb.prices,
                 batchdb.rate_limits, batchdb.rate_usage, batchdb.users, batchdb.user_spend
