@@ -462,3 +462,13 @@ def test_a_forged_event_neither_breaks_nor_fools_another_users_wait(dsn: str, ma
     waiter.join(timeout=30)
     assert "error" not in outcome, outcome
     assert outcome["final"].status == "completed"
+
+
+def test_a_budget_is_never_silently_unenforced_for_an_unpriced_model(dsn: str, make_user) -> None:  # noqa: ANN001
+    alice = make_user("alice", budget_usd_day=1)
+    job = submit_as(alice, 5, "alice")  # model 'instant' has no row in batchdb.prices
+    drain_as(dsn)
+    state = job.status()
+    assert state.status == "paused" and state.n_succeeded == 0
+    assert state.status_reason == ("no price for instant/instant in batchdb.prices, so its budget cannot be "
+                                   "enforced; add the price, then resume")

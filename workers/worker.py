@@ -311,6 +311,10 @@ class Worker:
         prompt_estimate = estimate_prompt_tokens(job.provider, request.messages)
         reserved_tokens = charged_tokens(job.provider, prompt_estimate, request.max_tokens)
         if job.reserves_budget:
+            if job.input_per_mtok is None or job.output_per_mtok is None:
+                # Unpriced calls would cost $0 and slip past every budget: stop and say why.
+                raise _HandBack(f"no price for {job.provider}/{job.model} in batchdb.prices, so its budget "
+                                "cannot be enforced; add the price, then resume")
             await self._reserve_budget(row, job.estimated_cost(prompt_estimate, request.max_tokens))
         # The client exists before capacity is reserved: building the first one imports the
         # SDK, which blocks the loop; capacity granted before that would go out late, in a burst.
