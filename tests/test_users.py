@@ -4,11 +4,19 @@ fair shares between users and per-user budgets (batchdb/users.py, 0005_users.sql
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 
 import pandas as pd
 import psycopg
@@ -149,7 +157,7 @@ def test_dashboard_shows_a_user_only_their_jobs(two_users, monkeypatch: pytest.M
     alice, _, alice_job, bob_job = two_users
     monkeypatch.setenv("BATCHDB_DSN", alice.dsn)
     st.cache_data.clear()
-    app = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
+    app = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
     try:
         at = AppTest.from_file(app, default_timeout=60)
         at.run()
@@ -361,8 +369,6 @@ def test_monthly_budget_counts_earlier_days(dsn: str, conn: psycopg.Connection, 
 def test_users_share_a_rate_limited_key_by_weight(dsn: str, make_user, simulator, tmp_path) -> None:  # noqa: ANN001
     """End to end: worker processes (as a worker role) on a 1,200 RPM simulated key; alice
     (weight 1, one big job) and bob (weight 1, three jobs) get equal calls over the run."""
-    import time
-
     from batchdb import ledger
     from batchdb.simulator import Distribution, Limits, SimulatorConfig
     from workers.processes import start_workers
@@ -410,13 +416,6 @@ def test_owner_email_gets_notifications_that_only_the_owner_can_read(make_user, 
 
 
 def test_watch_streams_only_the_users_own_job_events(make_user, conn: psycopg.Connection) -> None:  # noqa: ANN001
-    import json
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     alice, bob = make_user("alice"), make_user("bob")
     watcher = subprocess.Popen([sys.executable, "-m", "batchdb", "watch"], env={**os.environ, "BATCHDB_DSN": alice.dsn},
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -435,8 +434,6 @@ def test_watch_streams_only_the_users_own_job_events(make_user, conn: psycopg.Co
 
 
 def test_a_forged_event_neither_breaks_nor_fools_another_users_wait(dsn: str, make_user) -> None:  # noqa: ANN001
-    import threading
-
     alice, bob = make_user("alice"), make_user("bob")
     job = submit_as(alice, 2, "alice")
     outcome: dict[str, object] = {}
@@ -449,8 +446,6 @@ def test_a_forged_event_neither_breaks_nor_fools_another_users_wait(dsn: str, ma
 
     waiter = threading.Thread(target=wait)
     waiter.start()
-    import time
-
     time.sleep(1.0)
     with psycopg.connect(bob.dsn, autocommit=True) as c:
         c.execute("NOTIFY batchdb_events, 'not json'")

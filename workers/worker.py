@@ -132,8 +132,6 @@ class Worker:
         self._wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._reserved_usd: dict[tuple[int, int], Decimal] = {}
-        # Per row of a budgeted owner: (owner, reserved, real cost), settled once its outcome is written.
-        self._owner_spend: dict[tuple[int, int], tuple[str, Decimal, Decimal]] = {}
         self.completed = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -275,10 +273,6 @@ class Worker:
         # Tokens of every call made for this row count, including answers that did not validate.
         outcome.prompt_tokens, outcome.completion_tokens = spent.prompt_tokens, spent.completion_tokens
         outcome.reserved_usd = self._reserved_usd.pop(row.key, Decimal(0))
-        job = self._jobs.get(row.job_id)
-        if job is not None and job.owner_has_budget and outcome.reserved_usd > 0:
-            self._owner_spend[row.key] = (job.owner, outcome.reserved_usd,
-                                          job.cost(spent.prompt_tokens, spent.completion_tokens))
         self._completer.submit(outcome)
 
     async def _call(self, row: ClaimedRequest, spent: _Spent) -> Outcome:
@@ -409,7 +403,10 @@ class Worker:
         for outcome in batch:
             self._held.pop(outcome.key, None)
         self.completed += sum(1 for o in batch if o.key in recorded and RequestStatus(o.status).final)
-        settled = [self._owner_spend.pop(o.key) for o in batch if o.key in self._owner_spend]
+        # Calls of budgeted owners: their reservation is replaced by what they cost.
+        settled = [(job.owner, o.reserved_usd, job.cost(o.prompt_tokens, o.completion_tokens))
+                   for o in batch if o.reserved_usd > 0
+                   and (job := self._jobs.get(o.job_id)) is not None and job.owner_has_budget]
         if settled:
             # Money was spent whether or not the completion was fenced out: it counts either way.
             try:
