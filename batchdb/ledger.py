@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -89,6 +90,26 @@ async def reserve(
     assert row is not None
     return Reservation(int(row["granted"]), float(row["wait_seconds"]), bool(row["daily_exhausted"]),
                        bool(row["limited"]))
+
+
+@dataclass(frozen=True, slots=True)
+class LaneState:
+    """Why a lane is (not) moving: 'ready', 'waiting for tokens', 'held by a 429', 'daily quota used up'."""
+
+    state: str
+    until: datetime | None
+    text: str
+    token_credit: float | None
+
+
+async def lane_state(conn: psycopg.AsyncConnection, lane: Lane) -> LaneState | None:
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(query("lane_state"), {"provider": lane.provider, "key_alias": lane.key_alias,
+                                            "model": lane.model})
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    return LaneState(row["state"], row["until"], row["state_text"], row["token_credit_now"])
 
 
 async def record_rate_limited(conn: psycopg.AsyncConnection, lane: Lane, retry_after: float | None) -> None:

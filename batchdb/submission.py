@@ -9,12 +9,18 @@ behind. With an idempotency key, submitting again returns the same job.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import psycopg
+import pyarrow as pa
+import pyarrow.compute as pc
 from psycopg.types.json import Jsonb
+
+from batchdb import context_window
 
 from batchdb.db import connect
 from batchdb.ingest import DataSource, InputError, InputSpec, check_schema, copy_rows, open_source
@@ -23,7 +29,9 @@ from batchdb.notifications import (CHANNEL_EMAIL, CHANNEL_WEBHOOK, check_emails,
                                    new_secret)
 from batchdb.providers import KNOWN_PROVIDERS
 from batchdb.providers.compat import UnsupportedRequest, check_request
+from batchdb.prompts import PromptError, build_request
 from batchdb.queries import query
+from batchdb.tokens import estimate_prompt_tokens
 from batchdb.validation import check_response_schema
 
 log = logging.getLogger(__name__)
@@ -101,6 +109,10 @@ def submit(
         raise InputError(f"{provider}: {exc}") from None
 
     with connect(dsn) as conn:
+        limits = context_window.load(conn, provider, model)
+        too_many = limits.max_tokens_problem(max_tokens)
+        if too_many:
+            raise InputError(f"max_tokens: {too_many}")
         job_id = _create_job(conn, name=name, owner=owner, provider=provider, key_alias=key_alias, model=model,
                              params=params,
                              priority=priority, max_attempts=max_attempts, budget_usd=budget_usd,
@@ -115,7 +127,8 @@ def submit(
         try:
             # Before any row: a job that completes at once still notifies.
             secret = _add_targets(conn, job_id, targets)
-            rows = _copy_all(conn, job_id, batches, spec, input_schema.columns)
+            fit = _FitCheck(provider, model, params, spec, limits)
+            rows = _copy_all(conn, job_id, batches, spec, input_schema.columns, fit)
         except BaseException:
             conn.execute(query("delete_job"), {"job_id": job_id})
             raise
@@ -196,7 +209,8 @@ def _create_job(conn: psycopg.Connection, *, params: dict[str, Any], **fields: A
     return None if row is None else int(row["id"])
 
 
-def _copy_all(conn: psycopg.Connection, job_id: int, batches: Any, spec: InputSpec, input_columns: list[str]) -> int:
+def _copy_all(conn: psycopg.Connection, job_id: int, batches: Any, spec: InputSpec, input_columns: list[str],
+              fit: _FitCheck | None = None) -> int:
     rows = 0
     seen_ids: set[str] = set()
     with conn.transaction():
@@ -209,6 +223,8 @@ def _copy_all(conn: psycopg.Connection, job_id: int, batches: Any, spec: InputSp
             for batch in batches:
                 if batch.num_rows == 0:
                     continue
+                if fit is not None:
+                    fit.check(batch, first_row=rows)
                 copy.write(copy_rows(batch, job_id=job_id, first_row=rows, spec=spec,
                                      input_columns=input_columns, seen_ids=seen_ids))
                 rows += batch.num_rows
@@ -219,6 +235,51 @@ def _copy_all(conn: psycopg.Connection, job_id: int, batches: Any, spec: InputSp
         # Fresh statistics keep the claim's plan on its index for a big backlog.
         conn.execute(query("analyze_job_requests"), {"job_id": job_id})
     return rows
+
+
+class _FitCheck:
+    """Refuse, before any row is stored, a row whose prompt cannot fit the model's context window.
+
+    Only rows long enough to possibly not fit are rendered and counted (tokens are
+    at least a byte each), so ordinary rows cost one vectorised length per column.
+    """
+
+    def __init__(self, provider: str, model: str, params: dict[str, Any], spec: InputSpec,
+                 limits: context_window.ModelLimits) -> None:
+        self.provider, self.model, self.params, self.spec, self.limits = provider, model, params, spec, limits
+        self.template_bytes = sum(len(str(params.get(k) or "").encode()) for k in ("prompt", "system"))
+
+    def check(self, batch: pa.RecordBatch, *, first_row: int) -> None:
+        if self.limits.smallest_prompt_limit is None:
+            return
+        sizes = np.zeros(batch.num_rows, dtype=np.int64)
+        for column in batch.columns:
+            if pa.types.is_string(column.type) or pa.types.is_large_string(column.type) \
+                    or pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+                sizes += pc.fill_null(pc.binary_length(column), 0).to_numpy(zero_copy_only=False)
+            else:
+                sizes += 64  # a number, date or small nested value rendered as text
+        sure = self.limits.max_sure_bytes(2, self.params.get("max_tokens"))
+        if sure is None:
+            return
+        for i in np.flatnonzero(sizes + self.template_bytes > sure):
+            self._count(batch, int(i), first_row)
+
+    def _count(self, batch: pa.RecordBatch, i: int, first_row: int) -> None:
+        values = batch.slice(i, 1).to_pylist()[0]
+        payload = None
+        if self.spec.messages_column is not None:
+            messages = values.pop(self.spec.messages_column)
+            payload = {"messages": json.loads(messages) if isinstance(messages, str) else messages}
+        try:
+            request = build_request(model=self.model, params=self.params, payload=payload, input=values)
+        except PromptError:
+            return  # refused with its reason by the row checks, or failed by the worker
+        problem = self.limits.problem(estimate_prompt_tokens(self.provider, request.messages), request.max_tokens)
+        if problem:
+            row_id = values.get(self.spec.id_column) if self.spec.id_column else first_row + i
+            raise InputError(f"row {first_row + i} (id {str(row_id)!r}): {problem}. Shorten it, drop it, or "
+                             "choose a model with a larger context window; nothing was submitted")
 
 
 def schema_response_format(schema: Any) -> dict[str, Any]:

@@ -219,6 +219,19 @@ UPDATE batchdb.requests q
  WHERE q.job_id = m.job_id AND q.id = m.id
 RETURNING q.job_id, q.id
 
+-- defer_leases --
+-- A worker whose lane is waiting (for tokens, a 429's delay) hands rows back so its
+-- slots serve other lanes; they are due again when the lane should be moving. The
+-- attempt is not counted.
+UPDATE batchdb.requests q
+   SET status = 'queued', attempts = greatest(q.attempts - 1, 0),
+       run_after = now() + make_interval(secs => %(delay_seconds)s),
+       lease_owner = NULL, lease_expires_at = NULL
+  FROM unnest(%(job_id)s::bigint[], %(id)s::bigint[], %(lease_token)s::bigint[]) AS l(job_id, id, lease_token)
+ WHERE q.job_id = l.job_id AND q.id = l.id AND q.lease_token = l.lease_token
+   AND lower(q.status) = 'running'  -- primary-key lookups, not the partial leased index (see complete_batch)
+RETURNING q.job_id, q.id
+
 -- release_leases --
 -- A worker shutting down hands back rows it will not finish; the attempt is not counted.
 UPDATE batchdb.requests q
@@ -254,7 +267,7 @@ RETURNING q.job_id, q.id, q.status
 -- job_for_worker --
 -- What a worker needs to call the provider for a job's rows (cached per job).
 SELECT j.id, j.owner, j.provider, j.key_alias, j.model, j.params, j.status, j.budget_usd,
-       p.input_per_mtok, p.output_per_mtok,
+       p.input_per_mtok, p.output_per_mtok, p.context_window, p.max_input_tokens, p.max_output_tokens,
        coalesce(u.budget_usd_day IS NOT NULL OR u.budget_usd_month IS NOT NULL, false) AS owner_has_budget
   FROM batchdb.jobs j
   LEFT JOIN batchdb.prices p ON p.provider = j.provider AND p.model = j.model
@@ -343,10 +356,29 @@ ON CONFLICT (provider, key_alias, model) DO UPDATE
    SET rpm = EXCLUDED.rpm, tpm = EXCLUDED.tpm, rpd = EXCLUDED.rpd, source = 'configured', updated_at = now()
 
 -- list_limits --
-SELECT provider, key_alias, model, rpm, tpm, rpd, source, pace, blocked_until, requests_granted, tokens_granted,
-       rate_limited, updated_at
-  FROM batchdb.rate_limits
- ORDER BY provider, key_alias, model
+-- Each lane's limits, totals and live state (0006: lane_states says why a lane is not moving).
+SELECT r.provider, r.key_alias, r.model, r.rpm, r.tpm, r.rpd, r.source, r.pace, s.pace_now, r.blocked_until,
+       r.requests_granted, r.tokens_granted, r.rate_limited, r.updated_at,
+       s.token_credit_now, s.state, s.until, s.state_text
+  FROM batchdb.rate_limits r
+  JOIN batchdb.lane_states s USING (provider, key_alias, model)
+ ORDER BY r.provider, r.key_alias, r.model
+
+-- settle_capacity --
+-- Tokens back to (or taken from) many lanes at once, after calls ended (0006_ledger_settlement.sql).
+SELECT batchdb.settle_capacity(%(provider)s::text[], %(key_alias)s::text[], %(model)s::text[], %(tokens)s::bigint[])
+
+-- lane_state --
+-- One lane's state in words, for the worker log when a lane stops moving.
+SELECT state, until, state_text, token_credit_now
+  FROM batchdb.lane_states
+ WHERE provider = %(provider)s AND key_alias = %(key_alias)s AND model = %(model)s
+
+-- model_limits --
+-- A model's context window and output limit (NULLs: unknown), for the submit-time fit check.
+SELECT context_window, max_input_tokens, max_output_tokens
+  FROM batchdb.prices
+ WHERE provider = %(provider)s AND model = %(model)s
 
 -- reserve_budget --
 -- 'ok', 'wait' (calls in flight hold the budget) or 'paused' (see 0005_users.sql).

@@ -3,9 +3,12 @@
 One lane per (provider, key alias, model). Calls queue FIFO in their lane; a
 single task per lane asks the ledger for the whole queue at once (one round
 trip grants the longest prefix that fits) and sleeps for the wait the ledger
-names. What the worker learns from responses — tokens to give back, the
-provider's remaining-capacity headers, limits it announces — rides along on
-the next reservation, so pacing costs about one statement per grant batch.
+names. What the worker learns from responses — the provider's remaining-capacity
+headers, limits it announces — rides along on the next reservation, so pacing
+costs about one statement per grant batch; tokens to give back go through the
+settler (workers/settler.py). A call that waits longer than `give_up_after`
+leaves the queue (LaneWaiting) so its worker slot can serve another lane, and a
+lane that stops moving is logged once with the ledger's reason.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from batchdb import ledger
@@ -27,6 +31,19 @@ MAX_GRANT_BATCH = 256
 MIN_SLEEP = 0.002
 MAX_SLEEP = 1.0
 UNLIMITED_RECHECK = 5.0  # a lane with no configured limit is asked again this often
+
+
+# A lane whose calls have waited this long without a grant is logged once, with the ledger's reason.
+LOG_WAITING_AFTER = 2.0
+
+
+class LaneWaiting(Exception):
+    """A call waited `give_up_after` seconds for its lane: hand its row back so the slot serves other lanes."""
+
+    def __init__(self, lane: Lane, waited: float, retry_in: float) -> None:
+        super().__init__(f"{lane.provider}/{lane.key_alias}/{lane.model} gave no capacity for {waited:.1f}s")
+        self.lane = lane
+        self.retry_in = retry_in
 
 
 class DailyQuotaExhausted(Exception):
@@ -48,33 +65,50 @@ class _Waiter:
 class _LaneState:
     waiters: deque[_Waiter] = field(default_factory=deque)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
-    refund_tokens: int = 0
     headers: HeaderView | None = None
     headers_at: float = 0.0
     learnt: tuple[int | None, int | None] | None = None
     unlimited_until: float = 0.0
     task: asyncio.Task[None] | None = None
+    # The ledger's last estimate of when the head of the queue can go (seconds from then).
+    wait_seconds: float = 0.0
+    # Since when the queue has waited without a grant (None: moving), and whether that was logged.
+    waiting_since: float | None = None
+    logged_waiting: bool = False
 
 
 class Pacer:
-    def __init__(self, db: Reconnecting) -> None:
+    def __init__(self, db: Reconnecting, *, give_back: Callable[[Lane, int], None] | None = None) -> None:
+        """`give_back(lane, tokens)` returns capacity granted to a call that had already left (workers/settler.py)."""
         self._db = db
+        self._give_back = give_back
         self._lanes: dict[Lane, _LaneState] = {}
         self._background: set[asyncio.Task[None]] = set()
 
-    async def acquire(self, lane: Lane, tokens: int) -> None:
-        """Return once the ledger has granted this call; raises DailyQuotaExhausted."""
+    async def acquire(self, lane: Lane, tokens: int, *, give_up_after: float | None = None) -> None:
+        """Return once the ledger has granted this call; raises DailyQuotaExhausted, or LaneWaiting
+        after `give_up_after` seconds without a grant (the call then holds no capacity)."""
         state = self._lane(lane)
         if time.monotonic() < state.unlimited_until:
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         state.waiters.append(_Waiter(tokens, future))
         state.wake.set()
-        await future
-
-    def settle(self, lane: Lane, *, reserved_tokens: int, charged_tokens: int) -> None:
-        """Give back (or take) the difference between the estimate and what the provider counted."""
-        self._lane(lane).refund_tokens += reserved_tokens - charged_tokens
+        if give_up_after is None:
+            await future
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(future), give_up_after)
+        except TimeoutError:
+            if future.done() and not future.cancelled():
+                future.result()  # granted (or failed) just as the wait ran out
+                return
+            future.cancel()  # the lane task skips it; nothing was reserved for it
+            position = sum(1 for w in state.waiters if not w.future.done())
+            raise LaneWaiting(lane, give_up_after, max(give_up_after, state.wait_seconds) + 0.1 * position) from None
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
 
     def observe(self, lane: Lane, headers: HeaderView | None) -> None:
         if headers is None:
@@ -106,6 +140,30 @@ class Pacer:
                     waiter.future.cancel()
         await self._db.close()
 
+    async def _note_waiting(self, lane: Lane, state: _LaneState, *, granted: bool) -> None:
+        """Log a lane that stops moving (once, with the ledger's reason) and when it moves again."""
+        now = time.monotonic()
+        if granted or not state.waiters:
+            if state.logged_waiting and state.waiting_since is not None:
+                log.info("lane %s/%s/%s moving again after %.0fs", lane.provider, lane.key_alias, lane.model,
+                         now - state.waiting_since)
+            state.waiting_since = now if state.waiters else None
+            state.logged_waiting = False
+            return
+        if state.waiting_since is None:
+            state.waiting_since = now
+        if state.logged_waiting or now - state.waiting_since < LOG_WAITING_AFTER:
+            return
+        state.logged_waiting = True
+        try:
+            found = await self._db.run(lambda c: ledger.lane_state(c, lane), what="lane_state")
+        except Exception as exc:  # noqa: BLE001 - the log line is a courtesy
+            found = None
+            log.debug("could not read the state of %s: %s", lane, exc)
+        reason = found.text if found is not None else f"waiting for capacity (next grant in {state.wait_seconds:.0f}s)"
+        log.warning("lane %s/%s/%s not moving: %s; %d call(s) waiting", lane.provider, lane.key_alias, lane.model,
+                    reason, sum(1 for w in state.waiters if not w.future.done()))
+
     def _lane(self, lane: Lane) -> _LaneState:
         state = self._lanes.get(lane)
         if state is None:
@@ -130,21 +188,27 @@ class Pacer:
             if not state.waiters:
                 continue
             batch = [w.tokens for w in list(state.waiters)[:MAX_GRANT_BATCH]]
-            refund, state.refund_tokens = state.refund_tokens, 0
             headers = state.headers if time.monotonic() - state.headers_at < 2.0 else None
             state.headers = None
             result = await self._db.run(
                 lambda c: ledger.reserve(
-                    c, lane, batch, refund_tokens=refund,
+                    c, lane, batch,
                     remaining_requests=headers.remaining_requests if headers else None,
                     remaining_tokens=headers.remaining_tokens if headers else None,
                 ),
                 what="reserve_capacity",
             )
+            unused = 0
             for _ in range(result.granted):
                 waiter = state.waiters.popleft()
                 if not waiter.future.done():
                     waiter.future.set_result(None)
+                else:
+                    unused += waiter.tokens  # its call gave up (or shut down) while the grant was on its way
+            if unused and self._give_back is not None:
+                self._give_back(lane, unused)
+            state.wait_seconds = result.wait_seconds
+            await self._note_waiting(lane, state, granted=result.granted > 0)
             if result.daily_exhausted:
                 error = DailyQuotaExhausted(lane, result.wait_seconds)
                 while state.waiters:

@@ -30,6 +30,7 @@ import psycopg
 
 from batchdb import queue
 from batchdb.db import resolve_dsn
+from batchdb.context_window import ModelLimits
 from batchdb.ledger import DEFAULT_MAX_TOKENS_CHARGE, Lane, charged_tokens, read_headers
 from batchdb.models import ClaimedRequest, Outcome, RequestStatus
 from batchdb.prompts import PromptError, build_request
@@ -43,7 +44,8 @@ from workers.completer import BatchCompleter
 from workers.connection import Reconnecting, listen_forever
 from workers.notifier import Notifier, NotifierConfig
 from workers.outcomes import RetryPolicy, failure, invalid_response, success
-from workers.pacer import DailyQuotaExhausted, Pacer
+from workers.pacer import DailyQuotaExhausted, LaneWaiting, Pacer
+from workers.settler import Settler
 from workers.vacuumer import Vacuumer
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,14 @@ class _Spent:
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+
+
+class _Defer(Exception):
+    """The row's lane is waiting: return the row, due again in `retry_in` seconds, without spending an attempt."""
+
+    def __init__(self, retry_in: float) -> None:
+        super().__init__(f"lane waiting; row due again in {retry_in:.1f}s")
+        self.retry_in = retry_in
 
 
 class _HandBack(Exception):
@@ -81,6 +91,9 @@ class WorkerConfig:
     job_cache_seconds: float = 5.0
     # How long a call waits before asking again when only calls in flight hold its budget.
     budget_wait: float = 0.5
+    # A call that waits this long for its lane (tokens, a 429's delay) hands its row back, so a
+    # stalled lane never holds slots that rows of other lanes could use. None: wait as long as it takes.
+    lane_wait_seconds: float | None = 5.0
     # Stop by itself once nothing is claimable and nothing is in flight (tests, demo, bench).
     exit_when_idle: bool = False
     # Job webhooks and emails, sent on connections of their own (workers/notifier.py); None: off.
@@ -102,6 +115,8 @@ class _Job:
     owner: str = ""
     # The owner has a daily/monthly budget: every call reserves against it too.
     owner_has_budget: bool = False
+    # The model's context window and output limit (batchdb.prices); unknown limits check nothing.
+    limits: ModelLimits | None = None
 
     @property
     def reserves_budget(self) -> bool:
@@ -132,6 +147,7 @@ class Worker:
         self._wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._reserved_usd: dict[tuple[int, int], Decimal] = {}
+        self._deferred_until = 0.0  # monotonic time the last row handed back by a waiting lane is due
         self.completed = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -146,7 +162,8 @@ class Worker:
         dsn = resolve_dsn(self.config.dsn)
         self._claims = Reconnecting(dsn, name="claim")
         self._writes = Reconnecting(dsn, name="complete")
-        self._pacer = Pacer(Reconnecting(dsn, name="ledger"))
+        self._settler = Settler(Reconnecting(dsn, name="settle"))
+        self._pacer = Pacer(Reconnecting(dsn, name="ledger"), give_back=self._settler.give_back)
         self._completer = BatchCompleter(
             self._writes, flush_interval=self.config.flush_interval, on_recorded=self._forget
         )
@@ -163,6 +180,7 @@ class Worker:
         self._vacuumer = Vacuumer(Reconnecting(dsn, name="vacuum"))
         background = [
             asyncio.create_task(self._vacuumer.run(), name="vacuumer"),
+            asyncio.create_task(self._settler.run(), name="settler"),
             asyncio.create_task(self._maintain(), name="maintenance"),
             asyncio.create_task(listen_forever(dsn, query("listen_requests"), self._wake, name="listen"),
                                 name="listen"),
@@ -187,6 +205,7 @@ class Worker:
                 what="stop_worker",
             )
             await self._pacer.close()
+            await self._settler.close()
             await self._vacuumer.close()
             for provider in self._providers.values():
                 await provider.aclose()
@@ -232,7 +251,8 @@ class Worker:
                 idle_since = None
                 continue
             if self.config.exit_when_idle:
-                if not self._tasks and not self._held and self._completer.backlog == 0:
+                if (not self._tasks and not self._held and self._completer.backlog == 0
+                        and time.monotonic() >= self._deferred_until):
                     now = time.monotonic()
                     idle_since = idle_since or now
                     if now - idle_since >= self.config.poll_interval:
@@ -255,6 +275,9 @@ class Worker:
             outcome = await self._call(row, spent)
         except _HandBack as back:
             await self._hand_back(row, back.reason)
+            return
+        except _Defer as defer:
+            await self._defer(row, defer.retry_in)
             return
         except ProviderError as exc:
             latency = int((time.monotonic() - started) * 1000)
@@ -304,6 +327,11 @@ class Worker:
         lane = Lane(job.provider, job.key_alias, request.model)
         prompt_estimate = estimate_prompt_tokens(job.provider, request.messages)
         reserved_tokens = charged_tokens(job.provider, prompt_estimate, request.max_tokens)
+        if job.limits is not None and request.model == job.model:
+            problem = job.limits.problem(prompt_estimate, request.max_tokens)
+            if problem:
+                # Fail the row now: the provider would refuse it, after it took the lane's tokens and a slot.
+                raise ProviderError(ErrorKind.PERMANENT, f"row {row.custom_id!r} not sent: {problem}")
         if job.reserves_budget:
             if job.input_per_mtok is None or job.output_per_mtok is None:
                 # Unpriced calls would cost $0 and slip past every budget: stop and say why.
@@ -313,25 +341,35 @@ class Worker:
         # The client exists before capacity is reserved: building the first one imports the
         # SDK, which blocks the loop; capacity granted before that would go out late, in a burst.
         provider = self._provider(job.provider, job.key_alias)
+        # A re-ask (spent already) never gives up its place: its row has paid for a call.
+        give_up_after = self.config.lane_wait_seconds if spent.prompt_tokens == 0 else None
         try:
-            await self._pacer.acquire(lane, reserved_tokens)
+            await self._pacer.acquire(lane, reserved_tokens, give_up_after=give_up_after)
         except DailyQuotaExhausted as exc:
             raise _HandBack(str(exc)) from None
+        except LaneWaiting as exc:
+            raise _Defer(exc.retry_in) from None
+        # From here the reservation is settled whatever happens (workers/settler.py).
         try:
             async with asyncio.timeout(self.config.request_timeout):
                 response = await provider.complete(request)
-        except TimeoutError:
+        except TimeoutError as exc:
+            self._settler.settle_failure(lane, reserved_tokens, exc)
             raise ProviderError(
                 ErrorKind.TRANSIENT, f"no answer from {job.provider} within {self.config.request_timeout:.0f}s"
             ) from None
         except ProviderError as exc:
+            self._settler.settle_failure(lane, reserved_tokens, exc)
             self._pacer.observe(lane, read_headers(exc.rate_limit_headers))
             if exc.kind is ErrorKind.RATE_LIMITED:
                 await self._pacer.rate_limited(lane, exc.retry_after)
             raise
+        except Exception as exc:
+            self._settler.settle_failure(lane, reserved_tokens, exc)
+            raise
         self._pacer.observe(lane, read_headers(response.rate_limit_headers))
-        self._pacer.settle(lane, reserved_tokens=reserved_tokens,
-                           charged_tokens=charged_tokens(job.provider, response.prompt_tokens, request.max_tokens))
+        self._settler.give_back(
+            lane, reserved_tokens - charged_tokens(job.provider, response.prompt_tokens, request.max_tokens))
         spent.prompt_tokens += response.prompt_tokens
         spent.completion_tokens += response.completion_tokens
         return response
@@ -375,7 +413,8 @@ class Worker:
         job = _Job(row["provider"], row["key_alias"], row["model"], params, row["budget_usd"],
                    row["input_per_mtok"], row["output_per_mtok"], now, ResponseValidator.for_params(params),
                    int(params.get("validation_retries", DEFAULT_VALIDATION_RETRIES)),
-                   owner=row["owner"], owner_has_budget=row["owner_has_budget"])
+                   owner=row["owner"], owner_has_budget=row["owner_has_budget"],
+                   limits=ModelLimits.from_row(row["model"], row))
         self._jobs[job_id] = job
         return job
 
@@ -389,6 +428,18 @@ class Worker:
         await self._release_budget([row.key])
         self._held.pop(row.key, None)
         log.warning("job %s paused: %s", row.job_id, reason)
+
+    async def _defer(self, row: ClaimedRequest, retry_in: float) -> None:
+        """Its lane is waiting: give the row back (no attempt spent), due when the lane should move again."""
+        await self._claims.run(
+            lambda c: c.execute(query("defer_leases"), {
+                "job_id": [row.job_id], "id": [row.id], "lease_token": [row.lease_token],
+                "delay_seconds": retry_in}),
+            what="defer_leases",
+        )
+        await self._release_budget([row.key])
+        self._held.pop(row.key, None)
+        self._deferred_until = max(self._deferred_until, time.monotonic() + retry_in)
 
     async def _release_budget(self, keys: list[tuple[int, int]]) -> None:
         held = [(key[0], self._reserved_usd.pop(key)) for key in keys if key in self._reserved_usd]
