@@ -266,11 +266,13 @@ def limits_show(dsn: str | None) -> None:
 
     with dbmod.connect(dsn) as conn:
         rows = ledger.list_limits(conn)
-    click.echo(f"{'provider/key/model':<40} {'rpm':>8} {'tpm':>10} {'rpd':>7} {'pace':>5} {'granted':>9} {'429s':>6}")
+    click.echo(f"{'provider/key/model':<40} {'rpm':>8} {'tpm':>10} {'rpd':>7} {'pace':>5} {'granted':>9} {'429s':>6}"
+               "  state")
     for r in rows:
+        # pace_now: the pace reserve_capacity would use now (it recovers 2%/s after a 429).
         click.echo(f"{r['provider'] + '/' + r['key_alias'] + '/' + r['model']:<40} {r['rpm'] or '-':>8} "
-                   f"{r['tpm'] or '-':>10} {r['rpd'] or '-':>7} {r['pace']:>5.2f} {r['requests_granted']:>9} "
-                   f"{r['rate_limited']:>6}")
+                   f"{r['tpm'] or '-':>10} {r['rpd'] or '-':>7} {r['pace_now']:>5.2f} {r['requests_granted']:>9} "
+                   f"{r['rate_limited']:>6}  {r['state_text']}")
 
 
 # -- users ---------------------------------------------------------------------------------------

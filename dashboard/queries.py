@@ -171,8 +171,10 @@ SELECT provider, key_alias, model, rpm, tpm, rpd, burst_seconds, target_fraction
        least(1.0, pace + 0.02 * greatest(0, extract(epoch FROM now() - refilled_at)))::float8 AS pace_now,
        blocked_until,
        coalesce(blocked_until > now(), false) AS blocked,
-       day_requests, requests_granted, tokens_granted, rate_limited, updated_at
+       day_requests, requests_granted, tokens_granted, rate_limited, updated_at,
+       s.state, s.state_text
   FROM batchdb.rate_limits
+  JOIN batchdb.lane_states s USING (provider, key_alias, model)
  ORDER BY provider, key_alias, model
 """
 
@@ -319,7 +321,7 @@ SELECT l.provider, l.key_alias, l.model, lim.rpm, lim.tpm,
        100.0 * (coalesce(u.tok_cur, 0) + coalesce(u.tok_prev, 0) * (60 - $seconds) / 60) / lim.tpm AS tpm_used_pct,
        100.0 * (coalesce(u.req_cur, 0) + coalesce(u.req_prev, 0) * (60 - $seconds) / 60) / lim.rpm AS rpm_used_pct,
        coalesce(u.rate_limited_5m, 0) AS rate_limited_5m,
-       lim.pace_now, lim.blocked, lim.source
+       lim.pace_now, lim.blocked, lim.source, coalesce(lim.state_text, 'not paced (no limits)') AS state
   FROM lanes l
   LEFT JOIN u USING (provider, key_alias, model)
   LEFT JOIN limits lim USING (provider, key_alias, model)

@@ -22,6 +22,11 @@ def live() -> None:
                     "`batchdb limits set openai gpt-4o-mini --rpm 5000 --tpm 2000000`, or submit a job.")
             return
         st.subheader("Now")
+        # A lane that is not moving says why (waiting for tokens, held by a 429, daily quota).
+        if not data["limits"].empty:
+            for r in data["limits"].itertuples():
+                if r.state != "ready":
+                    st.warning(f"{r.provider}/{r.key_alias}/{r.model}: {r.state_text}")
         st.dataframe(
             lanes, hide_index=True, width="stretch",
             column_config={
@@ -32,6 +37,7 @@ def live() -> None:
                 "rpm_used_pct": ui.percent_column("RPM used"),
                 "rate_limited_5m": st.column_config.NumberColumn("429s (5 min)", format="%d"),
                 "pace_now": st.column_config.NumberColumn("pace now", format="%.2f"),
+                "state": "state",
             },
         )
         limits = data["limits"]
@@ -41,10 +47,11 @@ def live() -> None:
         else:
             st.dataframe(
                 limits[["provider", "key_alias", "model", "rpm", "tpm", "rpd", "source", "target_fraction",
-                        "burst_seconds", "pace_now", "blocked", "blocked_until", "day_requests",
+                        "burst_seconds", "pace_now", "state_text", "blocked", "blocked_until", "day_requests",
                         "requests_granted", "tokens_granted", "rate_limited", "updated_at"]],
                 hide_index=True, width="stretch",
                 column_config={"key_alias": "key", "pace_now": st.column_config.NumberColumn("pace now", format="%.2f"),
+                               "state_text": "state",
                                "rate_limited": st.column_config.NumberColumn("429s (total)", format="%d")},
             )
             st.caption("Pace: the share of the limit the ledger grants now (x0.7 after a 429, +2%/s after). "
