@@ -184,3 +184,19 @@ def test_cost_page_numbers_match_sql(seeded, sql) -> None:  # noqa: ANN001
     queued = at.dataframe[3].value
     assert sorted(queued["rows_left"]) == [10, 25]
     assert shown["Queued work (estimate)"] == f"${queued['estimated_usd'].sum():,.4f}"
+
+
+def test_providers_page_says_why_a_lane_is_not_moving(dsn: str, sql) -> None:  # noqa: ANN001
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO batchdb.rate_limits (provider, model, rpm, tpm, blocked_until) VALUES "
+                     "('openai', 'gpt-4o', 600, 60000, clock_timestamp() + interval '5 minutes')")
+        conn.execute("INSERT INTO batchdb.rate_limits (provider, model, rpm, tpm, token_credit, refilled_at) VALUES "
+                     "('openai', 'gpt-4o-mini', 600, 150000, -248000, clock_timestamp())")
+    at = open_page(PAGES[3])
+    warnings = [w.value for w in at.warning]
+    assert any(w.startswith("openai/default/gpt-4o: held by a 429 until") for w in warnings), warnings
+    assert any(w.startswith("openai/default/gpt-4o-mini: waiting for tokens") for w in warnings), warnings
+    lanes = at.dataframe[0].value.set_index(["provider", "key_alias", "model"])
+    assert lanes.loc[("openai", "default", "gpt-4o"), "state"].startswith("held by a 429 until")

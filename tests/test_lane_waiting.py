@@ -1,0 +1,84 @@
+"""A waiting lane holds no worker slots other lanes could use, and says why it is not moving
+(workers/pacer.py LaneWaiting, batchdb.lane_states in 0006, `batchdb limits show`, the worker log)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pandas as pd
+import psycopg
+import pytest
+from click.testing import CliRunner
+
+import batchdb
+from batchdb.cli import cli
+from batchdb.providers.instant import InstantProvider
+from workers.outcomes import RetryPolicy
+from workers.worker import Worker, WorkerConfig
+
+
+def hold_lane(conn: psycopg.Connection, model: str, seconds: float) -> None:
+    """What a 429 with a long retry-after leaves in the ledger: the lane held for `seconds`."""
+    conn.execute("INSERT INTO batchdb.rate_limits (provider, model, rpm, tpm, blocked_until) "
+                 "VALUES ('instant', %s, 600, 600000, clock_timestamp() + make_interval(secs => %s))",
+                 (model, seconds))
+
+
+def test_a_held_lane_gives_its_rows_back_so_another_lane_runs(dsn: str, conn: psycopg.Connection,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    hold_lane(conn, "gpt-4o", 120)
+    held = batchdb.submit(pd.DataFrame({"text": [f"held {i}" for i in range(12)]}), prompt="{text}",
+                          model="gpt-4o", provider="instant", dsn=dsn)
+    free = batchdb.submit(pd.DataFrame({"text": [f"free {i}" for i in range(40)]}), prompt="{text}",
+                          model="gpt-4o-mini", provider="instant", dsn=dsn)
+    worker = Worker(WorkerConfig(dsn=dsn, concurrency=3, poll_interval=0.2, lane_wait_seconds=0.5,
+                                 retry=RetryPolicy(0.05, 0.2)), providers={"instant": InstantProvider()})
+
+    async def run_until_free_done() -> bool:
+        task = asyncio.create_task(worker.run())
+        try:
+            for _ in range(600):  # bounded: 60 s at most; the other lane needs about a second
+                row = conn.execute("SELECT n_succeeded FROM batchdb.jobs WHERE id = %s", (free.id,)).fetchone()
+                if row["n_succeeded"] == 40:
+                    return True
+                await asyncio.sleep(0.1)
+            return False
+        finally:
+            worker.stop()
+            await task
+
+    with caplog.at_level(logging.INFO, logger="workers.pacer"):
+        assert asyncio.run(run_until_free_done()), "rows of the held lane kept every slot"
+    # The held lane's rows went back without spending an attempt, due again when the hold ends.
+    rows = conn.execute("SELECT status, attempts, run_after > now() AS later FROM batchdb.requests "
+                        "WHERE job_id = %s", (held.id,)).fetchall()
+    assert {r["status"] for r in rows} == {"queued"} and {r["attempts"] for r in rows} == {0}
+    assert any(r["later"] for r in rows)
+    # The worker said why the lane did not move, once, with the ledger's reason.
+    waiting = [r.getMessage() for r in caplog.records if "not moving" in r.getMessage()]
+    assert waiting and "instant/default/gpt-4o not moving: held by a 429 until" in waiting[0], waiting
+    assert len(waiting) <= 3
+
+
+def test_limits_show_says_why_each_lane_is_not_moving(dsn: str, conn: psycopg.Connection) -> None:
+    hold_lane(conn, "gpt-4o", 300)
+    # ~248,000 tokens in debt, as the issue's frozen key was.
+    conn.execute("INSERT INTO batchdb.rate_limits (provider, model, rpm, tpm, token_credit, refilled_at) "
+                 "VALUES ('instant', 'gpt-4o-mini', 600, 150000, -248000, clock_timestamp())")
+    conn.execute("INSERT INTO batchdb.rate_limits (provider, model, rpm, tpm) VALUES ('instant', 'o4-mini', 600, 1000)")
+    result = CliRunner().invoke(cli, ["limits", "show"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[0]: line for line in result.output.splitlines()[1:]}
+    assert "held by a 429 until" in lines["instant/default/gpt-4o"]
+    assert "waiting for tokens: 24" in lines["instant/default/gpt-4o-mini"]  # 248,000 less a second's refill
+    assert "in debt, moving again about" in lines["instant/default/gpt-4o-mini"]
+    assert lines["instant/default/o4-mini"].rstrip().endswith("ready")
+
+
+def test_lane_states_name_a_spent_daily_quota(conn: psycopg.Connection) -> None:
+    conn.execute("INSERT INTO batchdb.rate_limits (provider, model, rpd, day_key, day_requests) "
+                 "VALUES ('gemini', 'gemini-2.5-flash', 100, (now() AT TIME ZONE 'America/Los_Angeles')::date, 100)")
+    row = conn.execute("SELECT state, state_text, until > now() AS later FROM batchdb.lane_states").fetchone()
+    assert row["state"] == "daily quota used up" and row["later"]
+    assert "resets at midnight Pacific" in row["state_text"]
