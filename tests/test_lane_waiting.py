@@ -28,19 +28,20 @@ def hold_lane(conn: psycopg.Connection, model: str, seconds: float) -> None:
 def test_a_held_lane_gives_its_rows_back_so_another_lane_runs(dsn: str, conn: psycopg.Connection,
                                                               caplog: pytest.LogCaptureFixture) -> None:
     hold_lane(conn, "gpt-4o", 120)
-    held = batchdb.submit(pd.DataFrame({"text": [f"held {i}" for i in range(12)]}), prompt="{text}",
+    held = batchdb.submit(pd.DataFrame({"text": [f"held {i}" for i in range(6)]}), prompt="{text}",
                           model="gpt-4o", provider="instant", dsn=dsn)
-    free = batchdb.submit(pd.DataFrame({"text": [f"free {i}" for i in range(40)]}), prompt="{text}",
+    free = batchdb.submit(pd.DataFrame({"text": [f"free {i}" for i in range(20)]}), prompt="{text}",
                           model="gpt-4o-mini", provider="instant", dsn=dsn)
-    worker = Worker(WorkerConfig(dsn=dsn, concurrency=3, poll_interval=0.2, lane_wait_seconds=0.5,
+    # The default lane_wait_seconds (5 s): what users get.
+    worker = Worker(WorkerConfig(dsn=dsn, concurrency=3, poll_interval=0.2, shutdown_grace=1,
                                  retry=RetryPolicy(0.05, 0.2)), providers={"instant": InstantProvider()})
 
     async def run_until_free_done() -> bool:
         task = asyncio.create_task(worker.run())
         try:
-            for _ in range(600):  # bounded: 60 s at most; the other lane needs about a second
+            for _ in range(600):  # bounded: 60 s at most; the other lane needs about 10 s
                 row = conn.execute("SELECT n_succeeded FROM batchdb.jobs WHERE id = %s", (free.id,)).fetchone()
-                if row["n_succeeded"] == 40:
+                if row["n_succeeded"] == 20:
                     return True
                 await asyncio.sleep(0.1)
             return False
