@@ -127,3 +127,27 @@ def test_worker_fails_a_row_that_cannot_fit_at_claim_time_without_a_call(dsn: st
     # ... and never took the lane's tokens: only the small call was granted.
     granted = conn.execute("SELECT requests_granted FROM batchdb.rate_limits").fetchone()["requests_granted"]
     assert granted == 1
+
+
+def test_the_simulator_enforces_the_windows_batchdb_stores(conn: psycopg.Connection, simulator) -> None:  # noqa: ANN001
+    """The simulator's published windows are the ones in batchdb.prices (OpenAI: the context window;
+    Gemini: the input limit), so a row the worker lets through is one the simulator accepts."""
+    from batchdb.simulator.config import SimulatorConfig
+
+    config = SimulatorConfig()
+    for row in conn.execute("SELECT model, coalesce(context_window, max_input_tokens) AS window FROM batchdb.prices"):
+        assert config.context_window_for(row["model"]) == row["window"], row["model"]
+    import openai
+
+    sim = simulator(SimulatorConfig(seed=1))
+    client = openai.OpenAI(base_url=sim.openai_base_url, api_key="sk-test", max_retries=0)
+    long_prompt = "word " * 140_000  # over 128,000: too long for gpt-4o-mini, fine for gpt-4.1-mini
+    try:
+        answer = client.chat.completions.create(model="gpt-4.1-mini", max_tokens=5,
+                                                messages=[{"role": "user", "content": long_prompt}])
+        assert answer.usage.prompt_tokens > 128_000
+        with pytest.raises(openai.BadRequestError, match="context_length_exceeded|maximum context length"):
+            client.chat.completions.create(model="gpt-4o-mini", max_tokens=5,
+                                           messages=[{"role": "user", "content": long_prompt}])
+    finally:
+        client.close()

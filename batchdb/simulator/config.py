@@ -141,6 +141,20 @@ class Outage:
         return self.duration_s is None or seconds_since_applied < self.start_s + self.duration_s
 
 
+# What the providers publish for the models batchdb.prices seeds (0006_ledger_settlement.sql):
+# the context window (prompt + output) for OpenAI and Azure, the input limit for Gemini, which is
+# what the simulator compares with. tests/simulator checks the two tables agree.
+DEFAULT_CONTEXT_WINDOW = 128_000
+PUBLISHED_CONTEXT_WINDOWS: Mapping[str, int] = {
+    "gpt-4o": 128_000, "gpt-4o-mini": 128_000,
+    "gpt-4.1": 1_047_576, "gpt-4.1-mini": 1_047_576, "gpt-4.1-nano": 1_047_576,
+    "gpt-5": 400_000, "gpt-5-mini": 400_000, "gpt-5-nano": 400_000,
+    "o4-mini": 200_000,
+    "gemini-2.5-pro": 1_048_576, "gemini-2.5-flash": 1_048_576, "gemini-2.5-flash-lite": 1_048_576,
+    "gemini-2.0-flash": 1_048_576,
+}
+
+
 @dataclass(frozen=True, slots=True)
 class SimulatorConfig:
     """Everything a simulator run is configured with. All fields have working defaults.
@@ -161,8 +175,10 @@ class SimulatorConfig:
     count_rejected: bool = True
     # Completion tokens charged to an OpenAI TPM limit when a request sets no max_tokens.
     default_max_tokens: int = 4096
-    # Prompt + max_tokens above this answers 400 context_length_exceeded.
-    context_window: int = 128_000
+    # Prompt + max_tokens (Gemini: the prompt) above this answers 400 context_length_exceeded.
+    # None: each known model's published window (PUBLISHED_CONTEXT_WINDOWS, the same as
+    # batchdb.prices), 128,000 for others. A number applies to every model not in context_windows.
+    context_window: int | None = None
     context_windows: Mapping[str, int] = field(default_factory=dict)
     # Accepted keys; empty accepts any non-empty key.
     api_keys: tuple[str, ...] = ()
@@ -185,11 +201,16 @@ class SimulatorConfig:
             raise ValueError("burst_window_s must be in (0, 60]")
         if not 0 <= self.invalid_json_rate <= 1:
             raise ValueError("invalid_json_rate must be in [0, 1]")
-        if self.default_max_tokens < 0 or self.context_window < 1 or self.embedding_dimensions < 1:
+        if self.default_max_tokens < 0 or (self.context_window is not None and self.context_window < 1) \
+                or self.embedding_dimensions < 1:
             raise ValueError("default_max_tokens, context_window and embedding_dimensions must be positive")
 
     def context_window_for(self, model: str) -> int:
-        return self.context_windows.get(model, self.context_window)
+        if model in self.context_windows:
+            return self.context_windows[model]
+        if self.context_window is not None:
+            return self.context_window
+        return PUBLISHED_CONTEXT_WINDOWS.get(model, DEFAULT_CONTEXT_WINDOW)
 
     # -- JSON round trip ------------------------------------------------------
 
@@ -248,7 +269,7 @@ _CONFIG_FIELDS: dict[str, Callable[[Any], Any]] = {
     "burst_window_s": float,
     "count_rejected": bool,
     "default_max_tokens": int,
-    "context_window": int,
+    "context_window": _optional(int),
     "context_windows": lambda v: {str(k): int(n) for k, n in dict(v).items()},
     "api_keys": _strings,
     "quota_exhausted_keys": _strings,
