@@ -182,9 +182,10 @@ class Pacer:
             while not state.waiters:
                 state.wake.clear()
                 await state.wake.wait()
-            # Drop waiters whose call was cancelled (shutdown) before asking for them.
-            while state.waiters and state.waiters[0].future.done():
-                state.waiters.popleft()
+            # Drop waiters whose call gave up or was cancelled (shutdown) before asking for them:
+            # a grant for one would spend a request nobody sends.
+            if any(w.future.done() for w in state.waiters):
+                state.waiters = deque(w for w in state.waiters if not w.future.done())
             if not state.waiters:
                 continue
             batch = [w.tokens for w in list(state.waiters)[:MAX_GRANT_BATCH]]
