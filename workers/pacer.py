@@ -85,30 +85,32 @@ class Pacer:
         self._lanes: dict[Lane, _LaneState] = {}
         self._background: set[asyncio.Task[None]] = set()
 
-    async def acquire(self, lane: Lane, tokens: int, *, give_up_after: float | None = None) -> None:
+    async def acquire(self, lane: Lane, tokens: int, *, give_up_after: float | None = None) -> bool:
         """Return once the ledger has granted this call; raises DailyQuotaExhausted, or LaneWaiting
-        after `give_up_after` seconds without a grant (the call then holds no capacity)."""
+        after `give_up_after` seconds without a grant (the call then holds no capacity).
+        False: the lane has no limits, nothing was reserved (and nothing needs settling)."""
         state = self._lane(lane)
         if time.monotonic() < state.unlimited_until:
-            return
+            return False
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         state.waiters.append(_Waiter(tokens, future))
         state.wake.set()
         if give_up_after is None:
             await future
-            return
+            return True
         try:
             await asyncio.wait_for(asyncio.shield(future), give_up_after)
         except TimeoutError:
             if future.done() and not future.cancelled():
                 future.result()  # granted (or failed) just as the wait ran out
-                return
+                return True
             future.cancel()  # the lane task skips it; nothing was reserved for it
             position = sum(1 for w in state.waiters if not w.future.done())
             raise LaneWaiting(lane, give_up_after, max(give_up_after, state.wait_seconds) + 0.1 * position) from None
         except asyncio.CancelledError:
             future.cancel()
             raise
+        return True
 
     def observe(self, lane: Lane, headers: HeaderView | None) -> None:
         if headers is None:

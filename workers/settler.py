@@ -101,12 +101,13 @@ class Settler:
             await self.flush()
 
     async def flush(self) -> None:
-        if not self._pending:
+        """Write what is pending. Amounts leave `pending` only once written, so a flush cut short
+        (a dropped connection, shutdown) leaves them for the next one."""
+        batch = {lane: tokens for lane, tokens in self._pending.items() if tokens}
+        if not batch:
+            self._pending.clear()
             return
-        batch, self._pending = dict(self._pending), defaultdict(int)
-        lanes = [lane for lane, tokens in batch.items() if tokens]
-        if not lanes:
-            return
+        lanes = list(batch)
         try:
             await self._db.run(
                 lambda c: c.execute(query("settle_capacity"), {
@@ -119,12 +120,14 @@ class Settler:
             )
         except Exception as exc:  # noqa: BLE001 - keep the tokens and try again with the next flush
             log.error("could not settle %d lane(s) with the ledger: %s; will retry", len(lanes), exc)
-            for lane in lanes:
-                self._pending[lane] += batch[lane]
             self._wake.set()
             await asyncio.sleep(1.0)
             return
-        self.settled_tokens += sum(batch[lane] for lane in lanes)
+        for lane in lanes:
+            self._pending[lane] -= batch[lane]
+            if not self._pending[lane]:
+                del self._pending[lane]
+        self.settled_tokens += sum(batch.values())
 
     async def close(self) -> None:
         """Write what is pending, then close the connection."""

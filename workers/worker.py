@@ -59,6 +59,19 @@ class _Spent:
     completion_tokens: int = 0
 
 
+class _NoSettlement:
+    """The settler's interface for calls on a lane without limits: nothing was reserved."""
+
+    def give_back(self, lane: Lane, tokens: int) -> None:
+        return None
+
+    def settle_failure(self, lane: Lane, reserved_tokens: int, error: BaseException) -> int:
+        return 0
+
+
+_NO_SETTLEMENT = _NoSettlement()
+
+
 class _Defer(Exception):
     """The row's lane is waiting: return the row, due again in `retry_in` seconds, without spending an attempt."""
 
@@ -344,31 +357,33 @@ class Worker:
         # A re-ask (spent already) never gives up its place: its row has paid for a call.
         give_up_after = self.config.lane_wait_seconds if spent.prompt_tokens == 0 else None
         try:
-            await self._pacer.acquire(lane, reserved_tokens, give_up_after=give_up_after)
+            paced = await self._pacer.acquire(lane, reserved_tokens, give_up_after=give_up_after)
         except DailyQuotaExhausted as exc:
             raise _HandBack(str(exc)) from None
         except LaneWaiting as exc:
             raise _Defer(exc.retry_in) from None
-        # From here the reservation is settled whatever happens (workers/settler.py).
+        # From here the reservation is settled whatever happens (workers/settler.py); a lane
+        # without limits reserved nothing.
+        settler = self._settler if paced else _NO_SETTLEMENT
         try:
             async with asyncio.timeout(self.config.request_timeout):
                 response = await provider.complete(request)
         except TimeoutError as exc:
-            self._settler.settle_failure(lane, reserved_tokens, exc)
+            settler.settle_failure(lane, reserved_tokens, exc)
             raise ProviderError(
                 ErrorKind.TRANSIENT, f"no answer from {job.provider} within {self.config.request_timeout:.0f}s"
             ) from None
         except ProviderError as exc:
-            self._settler.settle_failure(lane, reserved_tokens, exc)
+            settler.settle_failure(lane, reserved_tokens, exc)
             self._pacer.observe(lane, read_headers(exc.rate_limit_headers))
             if exc.kind is ErrorKind.RATE_LIMITED:
                 await self._pacer.rate_limited(lane, exc.retry_after)
             raise
         except Exception as exc:
-            self._settler.settle_failure(lane, reserved_tokens, exc)
+            settler.settle_failure(lane, reserved_tokens, exc)
             raise
         self._pacer.observe(lane, read_headers(response.rate_limit_headers))
-        self._settler.give_back(
+        settler.give_back(
             lane, reserved_tokens - charged_tokens(job.provider, response.prompt_tokens, request.max_tokens))
         spent.prompt_tokens += response.prompt_tokens
         spent.completion_tokens += response.completion_tokens
