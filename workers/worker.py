@@ -6,7 +6,10 @@ Three loops share one asyncio process:
 - each claimed row runs as its own task: render, call the provider, decide
   the outcome, hand it to the BatchCompleter;
 - maintenance extends the leases of rows still held, heartbeats the
-  `workers` row and reclaims rows whose lease expired (any worker's).
+  `workers` row and reclaims rows whose lease expired (any worker's);
+- the lane advertiser (workers/lanes.py) tells which jobs this worker can call
+  and pauses/resumes jobs no live worker can serve; the send guard
+  (workers/send_guard.py) drops calls whose row or job is no longer ours to send.
 
 SIGTERM/SIGINT: stop claiming, let in-flight calls finish for
 `shutdown_grace` seconds, release the rest, write every outcome, exit 0.
@@ -33,7 +36,7 @@ from batchdb.db import resolve_dsn
 from batchdb.ledger import DEFAULT_MAX_TOKENS_CHARGE, Lane, charged_tokens, read_headers
 from batchdb.models import ClaimedRequest, Outcome, RequestStatus
 from batchdb.prompts import PromptError, build_request
-from batchdb.providers import Provider, build_provider
+from batchdb.providers import Provider, build_provider, lane_endpoint
 from batchdb.providers.base import ChatRequest, ChatResponse, ErrorKind, ProviderError
 from batchdb.queries import query
 from batchdb.secrets import redact, resolved_secrets
@@ -41,9 +44,11 @@ from batchdb.tokens import estimate_prompt_tokens
 from batchdb.validation import DEFAULT_VALIDATION_RETRIES, ResponseValidator, reask
 from workers.completer import BatchCompleter
 from workers.connection import Reconnecting, listen_forever
+from workers.lanes import LaneAdvertiser, LaneUnavailable
 from workers.notifier import Notifier, NotifierConfig
 from workers.outcomes import RetryPolicy, failure, invalid_response, success
 from workers.pacer import DailyQuotaExhausted, Pacer
+from workers.send_guard import CallDropped, SendGuard
 from workers.vacuumer import Vacuumer
 
 log = logging.getLogger(__name__)
@@ -83,6 +88,8 @@ class WorkerConfig:
     budget_wait: float = 0.5
     # Stop by itself once nothing is claimable and nothing is in flight (tests, demo, bench).
     exit_when_idle: bool = False
+    # How often the lanes of unfinished jobs are checked against this worker's keys (workers/lanes.py).
+    lane_refresh_interval: float = 2.0
     # Job webhooks and emails, sent on connections of their own (workers/notifier.py); None: off.
     notifier: NotifierConfig | None = field(default_factory=NotifierConfig)
 
@@ -147,6 +154,9 @@ class Worker:
         self._claims = Reconnecting(dsn, name="claim")
         self._writes = Reconnecting(dsn, name="complete")
         self._pacer = Pacer(Reconnecting(dsn, name="ledger"))
+        self._lanes = LaneAdvertiser(Reconnecting(dsn, name="lanes"), self.id, self._lane_endpoint,
+                                     interval=self.config.lane_refresh_interval)
+        self._guard = SendGuard(dsn, lease_seconds=self.config.lease_seconds)
         self._completer = BatchCompleter(
             self._writes, flush_interval=self.config.flush_interval, on_recorded=self._forget
         )
@@ -158,12 +168,15 @@ class Worker:
             ),
             what="register_worker",
         )
+        await self._lanes.refresh()  # before the first claim: it claims only on advertised lanes
         log.info("worker %s started (concurrency %d)", self.id, self.config.concurrency)
         completer = asyncio.create_task(self._completer.run(), name="completer")
         self._vacuumer = Vacuumer(Reconnecting(dsn, name="vacuum"))
         background = [
             asyncio.create_task(self._vacuumer.run(), name="vacuumer"),
             asyncio.create_task(self._maintain(), name="maintenance"),
+            asyncio.create_task(self._lanes.run(), name="lanes"),
+            asyncio.create_task(self._guard.run(), name="send guard"),
             asyncio.create_task(listen_forever(dsn, query("listen_requests"), self._wake, name="listen"),
                                 name="listen"),
         ]
@@ -188,6 +201,7 @@ class Worker:
             )
             await self._pacer.close()
             await self._vacuumer.close()
+            await self._lanes.close()
             for provider in self._providers.values():
                 await provider.aclose()
             await self._claims.close()
@@ -210,11 +224,12 @@ class Worker:
                 await self._slot_freed.wait()
                 continue
             self._wake.clear()
+            claimed_at = time.monotonic()  # before the statement: the local lease deadline is never late
             try:
                 rows = await self._claims.run(
                     lambda c: queue.claim_batch(
                         c, worker_id=self.id, limit=min(free, self.config.max_claim),
-                        lease_seconds=self.config.lease_seconds,
+                        lease_seconds=self.config.lease_seconds, lanes=self._lanes.claim_filter(),
                     ),
                     what="claim_batch",
                 )
@@ -223,6 +238,7 @@ class Worker:
                 log.error("claim_batch failed: %s", exc)
                 await asyncio.sleep(self.config.poll_interval)
                 continue
+            self._guard.leased(rows, since=claimed_at)
             for row in rows:
                 self._held[row.key] = row
                 task = asyncio.create_task(self._process(row))
@@ -255,6 +271,9 @@ class Worker:
             outcome = await self._call(row, spent)
         except _HandBack as back:
             await self._hand_back(row, back.reason)
+            return
+        except (CallDropped, LaneUnavailable) as drop:
+            await self._drop(row, drop.reason)
             return
         except ProviderError as exc:
             latency = int((time.monotonic() - started) * 1000)
@@ -314,7 +333,8 @@ class Worker:
         # SDK, which blocks the loop; capacity granted before that would go out late, in a burst.
         provider = self._provider(job.provider, job.key_alias)
         try:
-            await self._pacer.acquire(lane, reserved_tokens)
+            # Not sent if the row stops being ours or its job stops running meanwhile.
+            await self._guard.hold(row, self._pacer.acquire(lane, reserved_tokens))
         except DailyQuotaExhausted as exc:
             raise _HandBack(str(exc)) from None
         try:
@@ -355,8 +375,20 @@ class Worker:
     def _provider(self, name: str, key_alias: str) -> Provider:
         cache_key = name if key_alias == "default" else f"{name}:{key_alias}"
         if cache_key not in self._providers:
-            self._providers[cache_key] = build_provider(name, key_alias=key_alias, timeout=self.config.request_timeout)
+            try:
+                self._providers[cache_key] = build_provider(name, key_alias=key_alias,
+                                                            timeout=self.config.request_timeout)
+            except ProviderError as exc:
+                if exc.kind is ErrorKind.QUOTA_EXHAUSTED:  # no key or endpoint in this process
+                    raise self._lanes.lost(name, key_alias, exc.message) from None
+                raise
         return self._providers[cache_key]
+
+    def _lane_endpoint(self, name: str, key_alias: str) -> str | None:
+        """Whether this worker can call `name` under `key_alias` (see workers/lanes.py)."""
+        if (name if key_alias == "default" else f"{name}:{key_alias}") in self._providers:
+            return None  # a provider given to the constructor
+        return lane_endpoint(name, key_alias=key_alias)
 
     async def _job(self, job_id: int) -> _Job:
         cached = self._jobs.get(job_id)
@@ -371,6 +403,7 @@ class Worker:
         row = await self._claims.run(fetch, what="job_for_worker")
         if row is None:
             raise ProviderError(ErrorKind.PERMANENT, f"job {job_id} no longer exists")
+        self._guard.job_status(job_id, row["status"])
         params = row["params"] or {}
         job = _Job(row["provider"], row["key_alias"], row["model"], params, row["budget_usd"],
                    row["input_per_mtok"], row["output_per_mtok"], now, ResponseValidator.for_params(params),
@@ -389,6 +422,14 @@ class Worker:
         await self._release_budget([row.key])
         self._held.pop(row.key, None)
         log.warning("job %s paused: %s", row.job_id, reason)
+
+    async def _drop(self, row: ClaimedRequest, reason: str) -> None:
+        """The call was not sent: hand the row back (only if it is still ours: fenced) without
+        spending an attempt, and without pausing anything."""
+        await self._claims.run(lambda c: queue.release_leases(c, [row]), what="release_leases")
+        await self._release_budget([row.key])
+        self._held.pop(row.key, None)
+        log.debug("job %s request %s not sent: %s", row.job_id, row.id, reason)
 
     async def _release_budget(self, keys: list[tuple[int, int]]) -> None:
         held = [(key[0], self._reserved_usd.pop(key)) for key in keys if key in self._reserved_usd]
@@ -436,11 +477,12 @@ class Worker:
         while True:
             await asyncio.sleep(min(self.config.heartbeat_interval, self.config.reclaim_interval))
             held = list(self._held.values())
-            if held:
-                await self._claims.run(
-                    lambda c: queue.extend_leases(c, held, lease_seconds=self.config.lease_seconds),
-                    what="extend_leases",
-                )
+            extended_at = time.monotonic()
+            extended = await self._claims.run(
+                lambda c: queue.extend_leases(c, held, lease_seconds=self.config.lease_seconds),
+                what="extend_leases",
+            ) if held else set()
+            self._guard.extended(extended, since=extended_at, held=self._held)
             await self._claims.run(
                 lambda c: c.execute(
                     query("heartbeat_worker"),
