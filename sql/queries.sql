@@ -312,15 +312,17 @@ SELECT provider, key_alias,
  GROUP BY provider, key_alias
 
 -- pause_unserved_lanes --
--- Pause running jobs on lanes no live worker advertises, each with its lane's reason.
+-- Pause running jobs on lanes no live worker advertises, each with its lane's reason. A live
+-- worker that has advertised nothing yet (starting, or older than lane advertising) may serve it.
 UPDATE batchdb.jobs j
    SET status = 'paused', status_reason = l.reason
   FROM unnest(%(provider)s::text[], %(key_alias)s::text[], %(reason)s::text[]) AS l(provider, key_alias, reason)
  WHERE j.provider = l.provider AND j.key_alias = l.key_alias AND j.status = 'running'
    AND NOT EXISTS (SELECT 1 FROM batchdb.live_workers w
                     WHERE w.alive
-                      AND w.lanes @> jsonb_build_array(jsonb_build_object('provider', l.provider,
-                                                                          'key_alias', l.key_alias)))
+                      AND (w.lanes @> jsonb_build_array(jsonb_build_object('provider', l.provider,
+                                                                           'key_alias', l.key_alias))
+                           OR jsonb_array_length(w.lanes) = 0))
 RETURNING j.id, j.provider, j.key_alias
 
 -- resume_served_lanes --

@@ -131,6 +131,17 @@ def test_job_pauses_only_when_no_live_worker_serves_it_and_resumes_when_one_does
     assert job.status().status == "paused"
 
 
+def test_a_worker_still_starting_may_serve_the_lane(conn: psycopg.Connection, dsn: str) -> None:
+    job = gemini_job(dsn)
+    register(conn, "starting")  # registered, lanes not advertised yet
+    register(conn, "keyless")
+    refresh(dsn, "keyless", serves())
+    assert job.status().status == "running"
+    refresh(dsn, "starting", serves("openai"))  # it has advertised: no Gemini key either
+    refresh(dsn, "keyless", serves())
+    assert job.status().status == "paused"
+
+
 # -- end to end: real workers, the Gemini SDK and the simulator ---------------------------------------
 
 
@@ -222,3 +233,36 @@ def test_only_a_keyless_worker_pauses_the_job_and_a_keyed_worker_resumes_it(conn
     asyncio.run(scenario())
     assert job.status().n_succeeded == 10
     assert sim.stats(series=False)["totals"]["accepted"] == 10
+
+
+@pytest.mark.slow
+def test_worker_processes_without_and_with_gemini_api_key(conn: psycopg.Connection, dsn: str, simulator,
+                                                          tmp_path) -> None:  # noqa: ANN001
+    """The reported setup: worker processes whose environments differ only by GEMINI_API_KEY."""
+    from workers.processes import start_workers
+
+    sim = simulator()
+    install_claim_audit(conn)
+    job = gemini_job(dsn, rows=40)
+    env = {"GEMINI_BASE_URL": sim.gemini_base_url}
+    keyless = start_workers(1, dsn, env=env, args=("--concurrency", "8"), log_dir=tmp_path)
+    keyed = None
+    try:
+        deadline = time.monotonic() + 60
+        while job.status().status != "paused":
+            assert time.monotonic() < deadline, "the keyless worker never paused the job"
+            time.sleep(0.1)
+        assert "GEMINI_API_KEY" in (job.status().status_reason or "")
+        keyed = start_workers(1, dsn, env={**env, "GEMINI_API_KEY": "gm-test"}, args=("--concurrency", "8"))
+        deadline = time.monotonic() + 120
+        while job.status().status != "completed":  # nobody types `batchdb resume`
+            assert time.monotonic() < deadline, job.status()
+            time.sleep(0.1)
+    finally:
+        codes = keyless.stop() + (keyed.stop() if keyed else [])
+    assert codes == [0, 0]
+    assert job.status().n_succeeded == 40
+    keyed_pid = keyed.processes[0].pid
+    owners = {r["worker"].split(":")[1] for r in conn.execute("SELECT DISTINCT worker FROM public.claim_audit")}
+    assert owners == {str(keyed_pid)}  # the keyless process claimed none of the job's rows
+    assert sim.stats(series=False)["totals"]["accepted"] == 40

@@ -320,6 +320,7 @@ class Worker:
 
     async def _send(self, row: ClaimedRequest, job: _Job, request: ChatRequest, spent: _Spent) -> ChatResponse:
         """One provider call: budget, then ledger capacity, then the call; usage settles back."""
+        self._guard.check(row)  # a stopped job reserves no budget
         lane = Lane(job.provider, job.key_alias, request.model)
         prompt_estimate = estimate_prompt_tokens(job.provider, request.messages)
         reserved_tokens = charged_tokens(job.provider, prompt_estimate, request.max_tokens)
