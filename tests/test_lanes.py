@@ -212,7 +212,7 @@ def test_only_a_keyless_worker_pauses_the_job_and_a_keyed_worker_resumes_it(conn
     sim = simulator()
     job = gemini_job(dsn, rows=10)
 
-    async def scenario() -> None:
+    async def scenario() -> tuple[Worker, Worker]:
         keyless = worker(dsn)
         tasks = [asyncio.create_task(keyless.run())]
         try:
@@ -223,14 +223,15 @@ def test_only_a_keyless_worker_pauses_the_job_and_a_keyed_worker_resumes_it(conn
             tasks.append(asyncio.create_task(keyed.run()))
             # Nobody types `batchdb resume`.
             await wait_for(lambda: job.status().status == "completed", timeout=120)
-            assert keyless.completed == 0 and keyed.completed == 10
         finally:
             keyless.stop()
             if len(tasks) > 1:
                 keyed.stop()
             await asyncio.gather(*tasks)
+        return keyless, keyed
 
-    asyncio.run(scenario())
+    keyless, keyed = asyncio.run(scenario())
+    assert keyless.completed == 0 and keyed.completed == 10
     assert job.status().n_succeeded == 10
     assert sim.stats(series=False)["totals"]["accepted"] == 10
 
