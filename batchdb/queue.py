@@ -8,7 +8,7 @@ job counters exact.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import psycopg
 from psycopg.rows import dict_row, tuple_row
@@ -27,13 +27,18 @@ async def claim_batch(
     limit: int,
     lease_seconds: float,
     max_jobs: int = 16,
+    lanes: Collection[tuple[str, str]] | None = None,
 ) -> list[ClaimedRequest]:
-    if limit <= 0:
+    """Claim up to `limit` due rows. `lanes`: only jobs on these (provider, key alias) pairs
+    (the ones this worker can call); None: any."""
+    if limit <= 0 or (lanes is not None and not lanes):
         return []
     cur = conn.cursor(row_factory=dict_row)
     await cur.execute(
         query("claim_batch"),
-        {"worker_id": worker_id, "limit": limit, "lease_seconds": lease_seconds, "max_jobs": max_jobs},
+        {"worker_id": worker_id, "limit": limit, "lease_seconds": lease_seconds, "max_jobs": max_jobs,
+         "lane_providers": None if lanes is None else [provider for provider, _ in lanes],
+         "lane_key_aliases": None if lanes is None else [alias for _, alias in lanes]},
     )
     return [ClaimedRequest(**row) for row in await cur.fetchall()]
 

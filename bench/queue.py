@@ -264,7 +264,10 @@ class Latency:
         return percentile(self.samples, 95)
 
 
-CLAIM_PARAMS = {"worker_id": "bench", "lease_seconds": 60.0, "max_jobs": 16}
+CLAIM_PARAMS = {"worker_id": "bench", "lease_seconds": 60.0, "max_jobs": 16,
+                # A worker claims only on the lanes it serves (workers/lanes.py).
+                "lane_providers": ["instant"], "lane_key_aliases": ["default"]}
+CLAIM_LANES = [("instant", "default")]
 
 
 async def time_claims(conn: psycopg.AsyncConnection, batch: int, reps: int, warmup: int = 10) -> list[float]:
@@ -273,7 +276,8 @@ async def time_claims(conn: psycopg.AsyncConnection, batch: int, reps: int, warm
     for i in range(warmup + reps):
         async with conn.transaction(force_rollback=True):
             started = time.perf_counter()
-            claimed = await queue.claim_batch(conn, worker_id="bench", limit=batch, lease_seconds=60.0)
+            claimed = await queue.claim_batch(conn, worker_id="bench", limit=batch, lease_seconds=60.0,
+                                              lanes=CLAIM_LANES)
             elapsed = (time.perf_counter() - started) * 1000
         if len(claimed) != batch:
             raise SystemExit(f"claim_batch returned {len(claimed)} rows, expected {batch}")
@@ -306,11 +310,11 @@ async def explain_claim(conn: psycopg.AsyncConnection, batch: int, *, generic: b
     values = {**CLAIM_PARAMS, "limit": batch}
     async with conn.transaction(force_rollback=True):
         if generic:
-            order = ["worker_id", "limit", "lease_seconds", "max_jobs"]
+            order = ["worker_id", "limit", "lease_seconds", "max_jobs", "lane_providers", "lane_key_aliases"]
             text = re.sub(r"%\((\w+)\)s", lambda m: f"${order.index(m.group(1)) + 1}", query("claim_batch"))
             name = f"bench_claim_{time.monotonic_ns()}"
             await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
-            await conn.execute(f"PREPARE {name} (text, integer, double precision, integer) AS {text}")
+            await conn.execute(f"PREPARE {name} (text, integer, double precision, integer, text[], text[]) AS {text}")
             arguments = sql.SQL(", ").join(sql.Literal(values[k]) for k in order)  # EXECUTE takes no $n parameters
             cur = await conn.execute(sql.SQL("EXPLAIN (ANALYZE, BUFFERS) EXECUTE {} ({})").format(
                 sql.Identifier(name), arguments))

@@ -77,7 +77,8 @@ DELETE FROM batchdb.jobs WHERE id = %(job_id)s
 -- ===========================================================================
 
 -- claim_batch --
--- Claim up to `limit` due rows for one worker, fairly across users and then
+-- Claim up to `limit` due rows for one worker, on the lanes (provider, key alias)
+-- it can serve, fairly across users and then
 -- across each user's jobs. Among running jobs with a due row, sample up to
 -- `max_jobs` by weighted random choice (Efraimidis-Spirakis; a job's weight is
 -- its owner's weight, batchdb.users, default 1, times its share of the owner's
@@ -103,6 +104,11 @@ WITH running_jobs AS (
             LIMIT 1
            ) due
      WHERE j.status = 'running' AND j.n_done < j.n_total
+       -- Only jobs on lanes this worker can serve (workers/lanes.py); NULL arrays: any lane.
+       AND (%(lane_providers)s::text[] IS NULL
+            OR (j.provider, j.key_alias) IN (SELECT l.provider, l.key_alias
+                                               FROM unnest(%(lane_providers)s::text[], %(lane_key_aliases)s::text[])
+                                                    AS l(provider, key_alias)))
 ), candidate_jobs AS (
     SELECT id, owner, priority, max_attempts, owner_weight, -ln(1.0 - random()) / weight AS draw
       FROM running_jobs
@@ -274,6 +280,11 @@ SELECT j.id, j.owner, j.provider, j.key_alias, j.model, j.params, j.status, j.bu
   LEFT JOIN batchdb.users u ON u.name = j.owner
  WHERE j.id = %(job_id)s
 
+-- job_statuses --
+-- The status of jobs a worker holds rows of (workers/send_guard.py), read when an event
+-- names one of them: the NOTIFY payload itself is not trusted.
+SELECT id, status FROM batchdb.jobs WHERE id = ANY (%(job_ids)s::bigint[])
+
 -- pause_job --
 UPDATE batchdb.jobs SET status = 'paused', status_reason = %(reason)s
  WHERE id = %(job_id)s AND status = 'running'
@@ -298,6 +309,48 @@ VALUES (%(worker_id)s, %(hostname)s, %(pid)s, %(concurrency)s)
 UPDATE batchdb.workers
    SET heartbeat_at = now(), in_flight = %(in_flight)s, n_completed = %(n_completed)s
  WHERE id = %(worker_id)s
+
+-- advertise_lanes --
+-- The lanes this worker can serve, as it resolved them (workers/lanes.py; no keys).
+UPDATE batchdb.workers SET lanes = %(lanes)s WHERE id = %(worker_id)s
+
+-- demanded_lanes --
+-- Lanes of unfinished jobs: whether a job on it is running, and whether one is paused
+-- because no live worker could serve it (its reason starts with `waiting_prefix`).
+SELECT provider, key_alias,
+       bool_or(status = 'running') AS running,
+       bool_or(status = 'paused' AND starts_with(status_reason, %(waiting_prefix)s)) AS waiting
+  FROM batchdb.jobs
+ WHERE status IN ('running', 'paused')
+ GROUP BY provider, key_alias
+
+-- pause_unserved_lanes --
+-- Pause running jobs on lanes no live worker advertises, each with its lane's reason. A live
+-- worker that has advertised nothing yet (starting, or older than lane advertising) may serve it.
+UPDATE batchdb.jobs j
+   SET status = 'paused', status_reason = l.reason
+  FROM unnest(%(provider)s::text[], %(key_alias)s::text[], %(reason)s::text[]) AS l(provider, key_alias, reason)
+ WHERE j.provider = l.provider AND j.key_alias = l.key_alias AND j.status = 'running'
+   AND NOT EXISTS (SELECT 1 FROM batchdb.live_workers w
+                    WHERE w.alive
+                      AND (w.lanes @> jsonb_build_array(jsonb_build_object('provider', l.provider,
+                                                                           'key_alias', l.key_alias))
+                           OR jsonb_array_length(w.lanes) = 0))
+RETURNING j.id, j.provider, j.key_alias
+
+-- resume_served_lanes --
+-- Jobs paused for want of a worker on a lane this worker now serves run again; the
+-- claimers are woken as for new rows.
+WITH resumed AS (
+    UPDATE batchdb.jobs j
+       SET status = CASE WHEN j.n_total > 0 AND j.n_done = j.n_total THEN 'completed' ELSE 'running' END,
+           status_reason = NULL
+      FROM unnest(%(provider)s::text[], %(key_alias)s::text[]) AS l(provider, key_alias)
+     WHERE j.provider = l.provider AND j.key_alias = l.key_alias AND j.status = 'paused'
+       AND starts_with(j.status_reason, %(waiting_prefix)s)
+    RETURNING j.id
+)
+SELECT id, pg_notify('batchdb_requests', id::text) FROM resumed
 
 -- stop_worker --
 UPDATE batchdb.workers

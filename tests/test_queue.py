@@ -247,7 +247,8 @@ def test_claim_uses_the_claimable_index_on_a_large_backlog(dsn: str, conn: psyco
     from batchdb.queries import query
 
     sql = query("claim_batch").replace("%(worker_id)s", "'explain'").replace("%(limit)s", "50") \
-        .replace("%(lease_seconds)s", "60").replace("%(max_jobs)s", "16")
+        .replace("%(lease_seconds)s", "60").replace("%(max_jobs)s", "16") \
+        .replace("%(lane_providers)s", "'{instant}'").replace("%(lane_key_aliases)s", "'{default}'")
     with conn.transaction():
         plan = "\n".join(r["QUERY PLAN"] for r in conn.execute("EXPLAIN (ANALYZE, BUFFERS) " + sql).fetchall())
         raise psycopg.Rollback()  # EXPLAIN ANALYZE really claimed rows; undo it

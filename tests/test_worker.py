@@ -184,7 +184,11 @@ def test_worker_respects_its_concurrency(dsn: str, concurrency: int) -> None:
             nonlocal peak, in_flight
             in_flight += 1
             peak = max(peak, in_flight)
-            await asyncio.sleep(0.01)
+            # Hold each call until the worker has filled its slots (or briefly, at the tail of the job),
+            # so a busy machine starting the batch's calls slowly cannot make the peak look low.
+            deadline = time.monotonic() + 2.0
+            while in_flight < concurrency and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
             in_flight -= 1
             return await super().complete(request)
 

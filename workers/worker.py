@@ -6,7 +6,10 @@ Three loops share one asyncio process:
 - each claimed row runs as its own task: render, call the provider, decide
   the outcome, hand it to the BatchCompleter;
 - maintenance extends the leases of rows still held, heartbeats the
-  `workers` row and reclaims rows whose lease expired (any worker's).
+  `workers` row and reclaims rows whose lease expired (any worker's);
+- the lane advertiser (workers/lanes.py) tells which jobs this worker can call
+  and pauses/resumes jobs no live worker can serve; the send guard
+  (workers/send_guard.py) drops calls whose row or job is no longer ours to send.
 
 SIGTERM/SIGINT: stop claiming, let in-flight calls finish for
 `shutdown_grace` seconds, release the rest, write every outcome, exit 0.
@@ -34,7 +37,7 @@ from batchdb.context_window import ModelLimits
 from batchdb.ledger import DEFAULT_MAX_TOKENS_CHARGE, Lane, charged_tokens, read_headers
 from batchdb.models import ClaimedRequest, Outcome, RequestStatus
 from batchdb.prompts import PromptError, build_request
-from batchdb.providers import Provider, build_provider
+from batchdb.providers import Provider, build_provider, lane_endpoint
 from batchdb.providers.base import ChatRequest, ChatResponse, ErrorKind, ProviderError
 from batchdb.queries import query
 from batchdb.secrets import redact, resolved_secrets
@@ -42,9 +45,11 @@ from batchdb.tokens import estimate_prompt_tokens
 from batchdb.validation import DEFAULT_VALIDATION_RETRIES, ResponseValidator, reask
 from workers.completer import BatchCompleter
 from workers.connection import Reconnecting, listen_forever
+from workers.lanes import LaneAdvertiser, LaneUnavailable
 from workers.notifier import Notifier, NotifierConfig
 from workers.outcomes import RetryPolicy, failure, invalid_response, success
 from workers.pacer import DailyQuotaExhausted, LaneWaiting, Pacer
+from workers.send_guard import CallDropped, SendGuard
 from workers.settler import Settler
 from workers.vacuumer import Vacuumer
 
@@ -109,6 +114,8 @@ class WorkerConfig:
     lane_wait_seconds: float | None = 5.0
     # Stop by itself once nothing is claimable and nothing is in flight (tests, demo, bench).
     exit_when_idle: bool = False
+    # How often the lanes of unfinished jobs are checked against this worker's keys (workers/lanes.py).
+    lane_refresh_interval: float = 2.0
     # Job webhooks and emails, sent on connections of their own (workers/notifier.py); None: off.
     notifier: NotifierConfig | None = field(default_factory=NotifierConfig)
 
@@ -177,6 +184,9 @@ class Worker:
         self._writes = Reconnecting(dsn, name="complete")
         self._settler = Settler(Reconnecting(dsn, name="settle"))
         self._pacer = Pacer(Reconnecting(dsn, name="ledger"), give_back=self._settler.give_back)
+        self._lanes = LaneAdvertiser(Reconnecting(dsn, name="lanes"), self.id, self._lane_endpoint,
+                                     interval=self.config.lane_refresh_interval)
+        self._guard = SendGuard(dsn, lease_seconds=self.config.lease_seconds)
         self._completer = BatchCompleter(
             self._writes, flush_interval=self.config.flush_interval, on_recorded=self._forget
         )
@@ -188,6 +198,7 @@ class Worker:
             ),
             what="register_worker",
         )
+        await self._lanes.refresh()  # before the first claim: it claims only on advertised lanes
         log.info("worker %s started (concurrency %d)", self.id, self.config.concurrency)
         completer = asyncio.create_task(self._completer.run(), name="completer")
         self._vacuumer = Vacuumer(Reconnecting(dsn, name="vacuum"))
@@ -195,6 +206,8 @@ class Worker:
             asyncio.create_task(self._vacuumer.run(), name="vacuumer"),
             asyncio.create_task(self._settler.run(), name="settler"),
             asyncio.create_task(self._maintain(), name="maintenance"),
+            asyncio.create_task(self._lanes.run(), name="lanes"),
+            asyncio.create_task(self._guard.run(), name="send guard"),
             asyncio.create_task(listen_forever(dsn, query("listen_requests"), self._wake, name="listen"),
                                 name="listen"),
         ]
@@ -220,6 +233,7 @@ class Worker:
             await self._pacer.close()
             await self._settler.close()
             await self._vacuumer.close()
+            await self._lanes.close()
             for provider in self._providers.values():
                 await provider.aclose()
             await self._claims.close()
@@ -242,11 +256,12 @@ class Worker:
                 await self._slot_freed.wait()
                 continue
             self._wake.clear()
+            claimed_at = time.monotonic()  # before the statement: the local lease deadline is never late
             try:
                 rows = await self._claims.run(
                     lambda c: queue.claim_batch(
                         c, worker_id=self.id, limit=min(free, self.config.max_claim),
-                        lease_seconds=self.config.lease_seconds,
+                        lease_seconds=self.config.lease_seconds, lanes=self._lanes.claim_filter(),
                     ),
                     what="claim_batch",
                 )
@@ -255,6 +270,7 @@ class Worker:
                 log.error("claim_batch failed: %s", exc)
                 await asyncio.sleep(self.config.poll_interval)
                 continue
+            self._guard.leased(rows, since=claimed_at)
             for row in rows:
                 self._held[row.key] = row
                 task = asyncio.create_task(self._process(row))
@@ -291,6 +307,9 @@ class Worker:
             return
         except _Defer as defer:
             await self._defer(row, defer.retry_in)
+            return
+        except (CallDropped, LaneUnavailable) as drop:
+            await self._drop(row, drop.reason)
             return
         except ProviderError as exc:
             latency = int((time.monotonic() - started) * 1000)
@@ -337,6 +356,7 @@ class Worker:
 
     async def _send(self, row: ClaimedRequest, job: _Job, request: ChatRequest, spent: _Spent) -> ChatResponse:
         """One provider call: budget, then ledger capacity, then the call; usage settles back."""
+        self._guard.check(row)  # a stopped job reserves no budget
         lane = Lane(job.provider, job.key_alias, request.model)
         prompt_estimate = estimate_prompt_tokens(job.provider, request.messages)
         reserved_tokens = charged_tokens(job.provider, prompt_estimate, request.max_tokens)
@@ -357,7 +377,9 @@ class Worker:
         # A re-ask (spent already) never gives up its place: its row has paid for a call.
         give_up_after = self.config.lane_wait_seconds if spent.prompt_tokens == 0 else None
         try:
-            paced = await self._pacer.acquire(lane, reserved_tokens, give_up_after=give_up_after)
+            # Not sent if the row stops being ours or its job stops running meanwhile.
+            paced = await self._guard.hold(
+                row, self._pacer.acquire(lane, reserved_tokens, give_up_after=give_up_after))
         except DailyQuotaExhausted as exc:
             raise _HandBack(str(exc)) from None
         except LaneWaiting as exc:
@@ -408,8 +430,20 @@ class Worker:
     def _provider(self, name: str, key_alias: str) -> Provider:
         cache_key = name if key_alias == "default" else f"{name}:{key_alias}"
         if cache_key not in self._providers:
-            self._providers[cache_key] = build_provider(name, key_alias=key_alias, timeout=self.config.request_timeout)
+            try:
+                self._providers[cache_key] = build_provider(name, key_alias=key_alias,
+                                                            timeout=self.config.request_timeout)
+            except ProviderError as exc:
+                if exc.kind is ErrorKind.QUOTA_EXHAUSTED:  # no key or endpoint in this process
+                    raise self._lanes.lost(name, key_alias, exc.message) from None
+                raise
         return self._providers[cache_key]
+
+    def _lane_endpoint(self, name: str, key_alias: str) -> str | None:
+        """Whether this worker can call `name` under `key_alias` (see workers/lanes.py)."""
+        if (name if key_alias == "default" else f"{name}:{key_alias}") in self._providers:
+            return None  # a provider given to the constructor
+        return lane_endpoint(name, key_alias=key_alias)
 
     async def _job(self, job_id: int) -> _Job:
         cached = self._jobs.get(job_id)
@@ -424,6 +458,7 @@ class Worker:
         row = await self._claims.run(fetch, what="job_for_worker")
         if row is None:
             raise ProviderError(ErrorKind.PERMANENT, f"job {job_id} no longer exists")
+        self._guard.job_status(job_id, row["status"])
         params = row["params"] or {}
         job = _Job(row["provider"], row["key_alias"], row["model"], params, row["budget_usd"],
                    row["input_per_mtok"], row["output_per_mtok"], now, ResponseValidator.for_params(params),
@@ -455,6 +490,14 @@ class Worker:
         await self._release_budget([row.key])
         self._held.pop(row.key, None)
         self._deferred_until = max(self._deferred_until, time.monotonic() + retry_in)
+
+    async def _drop(self, row: ClaimedRequest, reason: str) -> None:
+        """The call was not sent: hand the row back (only if it is still ours: fenced) without
+        spending an attempt, and without pausing anything."""
+        await self._claims.run(lambda c: queue.release_leases(c, [row]), what="release_leases")
+        await self._release_budget([row.key])
+        self._held.pop(row.key, None)
+        log.debug("job %s request %s not sent: %s", row.job_id, row.id, reason)
 
     async def _release_budget(self, keys: list[tuple[int, int]]) -> None:
         held = [(key[0], self._reserved_usd.pop(key)) for key in keys if key in self._reserved_usd]
@@ -502,11 +545,12 @@ class Worker:
         while True:
             await asyncio.sleep(min(self.config.heartbeat_interval, self.config.reclaim_interval))
             held = list(self._held.values())
-            if held:
-                await self._claims.run(
-                    lambda c: queue.extend_leases(c, held, lease_seconds=self.config.lease_seconds),
-                    what="extend_leases",
-                )
+            extended_at = time.monotonic()
+            extended = await self._claims.run(
+                lambda c: queue.extend_leases(c, held, lease_seconds=self.config.lease_seconds),
+                what="extend_leases",
+            ) if held else set()
+            self._guard.extended(extended, since=extended_at, held=self._held)
             await self._claims.run(
                 lambda c: c.execute(
                     query("heartbeat_worker"),

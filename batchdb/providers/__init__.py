@@ -7,7 +7,8 @@ import os
 from batchdb.providers.base import ChatRequest, ChatResponse, ErrorKind, Provider, ProviderError
 from batchdb.secrets import MissingSecret, describe_endpoint_sources, resolve_endpoint, resolve_key
 
-__all__ = ["ChatRequest", "ChatResponse", "ErrorKind", "Provider", "ProviderError", "KNOWN_PROVIDERS", "build_provider"]
+__all__ = ["ChatRequest", "ChatResponse", "ErrorKind", "Provider", "ProviderError", "KNOWN_PROVIDERS", "build_provider",
+           "lane_endpoint"]
 
 KNOWN_PROVIDERS = ("openai", "azure", "gemini", "instant")
 AZURE_API_VERSION_ENV = "BATCHDB_AZURE_API_VERSION"
@@ -29,6 +30,34 @@ def build_provider(name: str, *, key_alias: str = "default", timeout: float = 12
         from batchdb.providers.instant import InstantProvider
 
         return InstantProvider()
+    api_key, endpoint = _resolve(name, key_alias)
+    if name == "openai":
+        from batchdb.providers.openai import OpenAIProvider
+
+        return OpenAIProvider(api_key=api_key, base_url=endpoint, timeout=timeout)
+    if name == "azure":
+        from batchdb.providers.azure import DEFAULT_API_VERSION, AzureOpenAIProvider
+
+        api_version = os.environ.get(AZURE_API_VERSION_ENV) or DEFAULT_API_VERSION
+        return AzureOpenAIProvider(api_key=api_key, endpoint=endpoint or "", api_version=api_version, timeout=timeout)
+    from batchdb.providers.gemini import GeminiProvider
+
+    return GeminiProvider(api_key=api_key, base_url=endpoint, timeout=timeout)
+
+
+def lane_endpoint(name: str, *, key_alias: str = "default") -> str | None:
+    """Whether this process could call `name` under `key_alias`, without building a client.
+
+    Returns the endpoint `build_provider` would use (None: the provider's public one, or
+    no network at all for ``instant``); raises the same `ProviderError` as `build_provider`
+    when the key or a required endpoint is missing. Never returns a key.
+    """
+    if name == "instant":
+        return None
+    return _resolve(name, key_alias)[1]
+
+
+def _resolve(name: str, key_alias: str) -> tuple[str, str | None]:
     if name not in KNOWN_PROVIDERS:
         raise ProviderError(
             ErrorKind.PERMANENT, f"unknown provider {name!r}; this worker knows {', '.join(KNOWN_PROVIDERS)}"
@@ -38,21 +67,10 @@ def build_provider(name: str, *, key_alias: str = "default", timeout: float = 12
         endpoint = resolve_endpoint(name, key_alias)
     except MissingSecret as exc:
         raise ProviderError(ErrorKind.QUOTA_EXHAUSTED, f"provider {name}: {exc}") from None
-    if name == "openai":
-        from batchdb.providers.openai import OpenAIProvider
-
-        return OpenAIProvider(api_key=api_key, base_url=endpoint, timeout=timeout)
-    if name == "azure":
-        from batchdb.providers.azure import DEFAULT_API_VERSION, AzureOpenAIProvider
-
-        if not endpoint:
-            raise ProviderError(
-                ErrorKind.QUOTA_EXHAUSTED,
-                f"provider azure: no endpoint for key alias {key_alias!r}: checked "
-                f"{describe_endpoint_sources(name, key_alias)}",
-            )
-        api_version = os.environ.get(AZURE_API_VERSION_ENV) or DEFAULT_API_VERSION
-        return AzureOpenAIProvider(api_key=api_key, endpoint=endpoint, api_version=api_version, timeout=timeout)
-    from batchdb.providers.gemini import GeminiProvider
-
-    return GeminiProvider(api_key=api_key, base_url=endpoint, timeout=timeout)
+    if name == "azure" and not endpoint:
+        raise ProviderError(
+            ErrorKind.QUOTA_EXHAUSTED,
+            f"provider azure: no endpoint for key alias {key_alias!r}: checked "
+            f"{describe_endpoint_sources(name, key_alias)}",
+        )
+    return api_key, endpoint
