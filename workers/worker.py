@@ -7,6 +7,10 @@ Three loops share one asyncio process:
   the outcome, hand it to the BatchCompleter;
 - maintenance extends the leases of rows still held, heartbeats the
   `workers` row and reclaims rows whose lease expired (any worker's).
+Services with connections of their own run beside them: the completer, the
+vacuumer, the notifier and the breaker (workers/breaker.py: per-lane circuits;
+a lane-level failure goes to it, and while a lane is open its rows go back to
+the queue without spending an attempt).
 
 SIGTERM/SIGINT: stop claiming, let in-flight calls finish for
 `shutdown_grace` seconds, release the rest, write every outcome, exit 0.
@@ -39,6 +43,7 @@ from batchdb.queries import query
 from batchdb.secrets import redact, resolved_secrets
 from batchdb.tokens import estimate_prompt_tokens
 from batchdb.validation import DEFAULT_VALIDATION_RETRIES, ResponseValidator, reask
+from workers.breaker import Breaker, BreakerConfig
 from workers.completer import BatchCompleter
 from workers.connection import Reconnecting, listen_forever
 from workers.notifier import Notifier, NotifierConfig
@@ -55,6 +60,10 @@ class _Spent:
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+
+
+class _LaneOpen(Exception):
+    """The row's lane has its circuit open: back to the queue, no attempt spent, job untouched."""
 
 
 class _HandBack(Exception):
@@ -85,6 +94,8 @@ class WorkerConfig:
     exit_when_idle: bool = False
     # Job webhooks and emails, sent on connections of their own (workers/notifier.py); None: off.
     notifier: NotifierConfig | None = field(default_factory=NotifierConfig)
+    # Per-lane circuit breaker (workers/breaker.py).
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
 
 
 @dataclass
@@ -132,6 +143,8 @@ class Worker:
         self._wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._reserved_usd: dict[tuple[int, int], Decimal] = {}
+        # time.monotonic() of each held row's claim (the breaker's stale-cache check).
+        self._claimed_at: dict[tuple[int, int], float] = {}
         self.completed = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -150,6 +163,10 @@ class Worker:
         self._completer = BatchCompleter(
             self._writes, flush_interval=self.config.flush_interval, on_recorded=self._forget
         )
+        self._breaker = Breaker(Reconnecting(dsn, name="breaker"), self.config.breaker, worker_id=self.id,
+                                lease_seconds=self.config.lease_seconds,
+                                probe_lease_seconds=self.config.request_timeout + self.config.lease_seconds,
+                                on_probe=self._start)
         await self._claims.run(
             lambda c: c.execute(
                 query("register_worker"),
@@ -163,6 +180,7 @@ class Worker:
         self._vacuumer = Vacuumer(Reconnecting(dsn, name="vacuum"))
         background = [
             asyncio.create_task(self._vacuumer.run(), name="vacuumer"),
+            asyncio.create_task(self._breaker.run(), name="breaker"),
             asyncio.create_task(self._maintain(), name="maintenance"),
             asyncio.create_task(listen_forever(dsn, query("listen_requests"), self._wake, name="listen"),
                                 name="listen"),
@@ -188,6 +206,7 @@ class Worker:
             )
             await self._pacer.close()
             await self._vacuumer.close()
+            await self._breaker.close()
             for provider in self._providers.values():
                 await provider.aclose()
             await self._claims.close()
@@ -224,21 +243,27 @@ class Worker:
                 await asyncio.sleep(self.config.poll_interval)
                 continue
             for row in rows:
-                self._held[row.key] = row
-                task = asyncio.create_task(self._process(row))
-                self._tasks.add(task)
-                task.add_done_callback(self._task_done)
+                self._start(row)
             if rows:
                 idle_since = None
                 continue
             if self.config.exit_when_idle:
-                if not self._tasks and not self._held and self._completer.backlog == 0:
+                if (not self._tasks and not self._held and self._completer.backlog == 0
+                        and not self._breaker.open):
                     now = time.monotonic()
                     idle_since = idle_since or now
                     if now - idle_since >= self.config.poll_interval:
                         return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.config.poll_interval)
+
+    def _start(self, row: ClaimedRequest) -> None:
+        """Run one claimed row (from claim_batch, or the breaker's probe) as its own task."""
+        self._held[row.key] = row
+        self._claimed_at[row.key] = time.monotonic()
+        task = asyncio.create_task(self._process(row))
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -253,19 +278,29 @@ class Worker:
         spent = _Spent()
         try:
             outcome = await self._call(row, spent)
+        except _LaneOpen:
+            await self._return_to_queue(row)
+            return
         except _HandBack as back:
+            await self._breaker.forget(row)
             await self._hand_back(row, back.reason)
             return
         except ProviderError as exc:
             latency = int((time.monotonic() - started) * 1000)
             if exc.kind is ErrorKind.QUOTA_EXHAUSTED:
+                await self._breaker.forget(row)
                 await self._hand_back(row, f"provider refused: {exc.message}")
+                return
+            lane = self._lane_of(row)
+            if lane is not None and await self._breaker.failed(lane, row, exc):
+                await self._return_to_queue(row)
                 return
             outcome = failure(row, exc, latency, self.config.retry)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a bug must cost one attempt, never the worker
             log.exception("unexpected error on job %s request %s", row.job_id, row.id)
+            await self._breaker.forget(row)
             # Stored with the row: mask any key the exception text might carry.
             error = ProviderError(ErrorKind.TRANSIENT,
                                   redact(f"internal error: {type(exc).__name__}: {exc}", *resolved_secrets()))
@@ -313,10 +348,16 @@ class Worker:
         # The client exists before capacity is reserved: building the first one imports the
         # SDK, which blocks the loop; capacity granted before that would go out late, in a burst.
         provider = self._provider(job.provider, job.key_alias)
+        circuit = Lane(job.provider, job.key_alias, job.model)
+        claimed_at = self._claimed_at.get(row.key, 0.0)
+        if self._breaker.should_hand_back(circuit, row, claimed_at):
+            raise _LaneOpen()
         try:
             await self._pacer.acquire(lane, reserved_tokens)
         except DailyQuotaExhausted as exc:
             raise _HandBack(str(exc)) from None
+        if self._breaker.should_hand_back(circuit, row, claimed_at):
+            raise _LaneOpen()  # opened while this call waited for capacity: do not send into it
         try:
             async with asyncio.timeout(self.config.request_timeout):
                 response = await provider.complete(request)
@@ -332,6 +373,7 @@ class Worker:
         self._pacer.observe(lane, read_headers(response.rate_limit_headers))
         self._pacer.settle(lane, reserved_tokens=reserved_tokens,
                            charged_tokens=charged_tokens(job.provider, response.prompt_tokens, request.max_tokens))
+        await self._breaker.succeeded(circuit, row)
         spent.prompt_tokens += response.prompt_tokens
         spent.completion_tokens += response.completion_tokens
         return response
@@ -351,6 +393,19 @@ class Worker:
         if result != "ok":
             raise _HandBack("budget reached")
         self._reserved_usd[row.key] = self._reserved_usd.get(row.key, Decimal(0)) + usd
+
+    def _lane_of(self, row: ClaimedRequest) -> Lane | None:
+        """The circuit lane of a row whose job is cached (it is once a call was attempted)."""
+        job = self._jobs.get(row.job_id)
+        return Lane(job.provider, job.key_alias, job.model) if job is not None else None
+
+    async def _return_to_queue(self, row: ClaimedRequest) -> None:
+        """The lane's circuit is open: the row goes back, no attempt spent, the job keeps running
+        (it shows the circuit's reason); claim_batch skips the lane until a probe closes it."""
+        await self._claims.run(lambda c: queue.release_leases(c, [row]), what="release_leases")
+        await self._release_budget([row.key])
+        self._held.pop(row.key, None)
+        self._claimed_at.pop(row.key, None)
 
     def _provider(self, name: str, key_alias: str) -> Provider:
         cache_key = name if key_alias == "default" else f"{name}:{key_alias}"
@@ -388,6 +443,7 @@ class Worker:
         await self._claims.run(lambda c: queue.release_leases(c, [row]), what="release_leases")
         await self._release_budget([row.key])
         self._held.pop(row.key, None)
+        self._claimed_at.pop(row.key, None)
         log.warning("job %s paused: %s", row.job_id, reason)
 
     async def _release_budget(self, keys: list[tuple[int, int]]) -> None:
@@ -402,6 +458,7 @@ class Worker:
     async def _forget(self, batch: list[Outcome], recorded: set[tuple[int, int]]) -> None:
         for outcome in batch:
             self._held.pop(outcome.key, None)
+            self._claimed_at.pop(outcome.key, None)
         self.completed += sum(1 for o in batch if o.key in recorded and RequestStatus(o.status).final)
         # Calls of budgeted owners: their reservation is replaced by what they cost.
         settled = [(job.owner, o.reserved_usd, job.cost(o.prompt_tokens, o.completion_tokens))
@@ -475,6 +532,7 @@ class Worker:
             log.info("released %d unfinished row(s)", len(released))
             await self._release_budget([row.key for row in unfinished])
             self._held.clear()
+            self._claimed_at.clear()
 
 
 def run_worker(config: WorkerConfig) -> None:

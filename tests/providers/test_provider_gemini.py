@@ -187,7 +187,7 @@ def quota(quota_id: str, value: str = "15") -> dict[str, Any]:
         (api_error(400, "FAILED_PRECONDITION", "User location is not supported"), ErrorKind.QUOTA_EXHAUSTED, None),
         (api_error(400, "INVALID_ARGUMENT", "Invalid JSON payload"), ErrorKind.PERMANENT, None),
         (api_error(403, "PERMISSION_DENIED", "denied"), ErrorKind.QUOTA_EXHAUSTED, None),
-        (api_error(404, "NOT_FOUND", "models/x is not found"), ErrorKind.PERMANENT, None),
+        (api_error(404, "NOT_FOUND", "models/x is not found"), ErrorKind.UNAVAILABLE, None),
         (api_error(500, "INTERNAL", "internal"), ErrorKind.TRANSIENT, None),
         (api_error(504, "DEADLINE_EXCEEDED", "deadline"), ErrorKind.TRANSIENT, None),
     ],
