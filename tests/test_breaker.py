@@ -79,13 +79,14 @@ def test_sustained_lane_failures_open_the_circuit_for_every_worker_and_a_success
     async def scenario() -> None:
         one, two = breaker(dsn, "w1", threshold=3), breaker(dsn, "w2", threshold=3)
         row = a_row(job.id)
+        sent_before_the_outage = time.monotonic()
         # A row's own failure says nothing about the lane, and an answer ends a streak.
-        assert not await one.failed(LANE, row, REFUSED)
-        assert not await one.failed(LANE, row, BAD_ROW)
-        assert not await one.failed(LANE, row, REFUSED)
-        assert not await one.failed(LANE, row, UNAVAILABLE_503)
+        assert not await one.failed(LANE, row, REFUSED, time.monotonic())
+        assert not await one.failed(LANE, row, BAD_ROW, time.monotonic())
+        assert not await one.failed(LANE, row, REFUSED, time.monotonic())
+        assert not await one.failed(LANE, row, UNAVAILABLE_503, time.monotonic())
         assert circuit(conn) is None
-        assert await one.failed(LANE, row, UNAVAILABLE_503)  # third in a row: open, for everyone
+        assert await one.failed(LANE, row, UNAVAILABLE_503, time.monotonic())  # third in a row: open, for everyone
         assert one.is_open(LANE)
         state = circuit(conn)
         assert state["state"] == "open" and "503" in state["last_error"]
@@ -95,9 +96,12 @@ def test_sustained_lane_failures_open_the_circuit_for_every_worker_and_a_success
         await two.poll_once()
         assert two.is_open(LANE)
         # Later failures (in-flight calls) go back to the queue and open nothing again.
-        assert await two.failed(LANE, a_row(job.id, 2), REFUSED)
+        assert await two.failed(LANE, a_row(job.id, 2), REFUSED, time.monotonic())
         assert circuit(conn)["n_opened"] == 1
-        await two.succeeded(LANE, a_row(job.id, 3))
+        # An answer to a call sent before the circuit opened (in flight at the outage's start) proves nothing.
+        await one.succeeded(LANE, a_row(job.id, 4), sent_before_the_outage)
+        assert circuit(conn)["state"] == "open"
+        await two.succeeded(LANE, a_row(job.id, 3), time.monotonic())
         assert circuit(conn)["state"] == "closed"
         assert reason(conn, job.id) is None
         await one.poll_once()
@@ -117,11 +121,11 @@ def test_an_endpoint_error_opens_at_once_and_each_outage_fires_once_per_job(dsn:
 
     async def scenario() -> None:
         one = breaker(dsn, threshold=5)
-        assert await one.failed(LANE, a_row(job.id), NOT_FOUND)
+        assert await one.failed(LANE, a_row(job.id), NOT_FOUND, time.monotonic())
         assert "404" in (reason(conn, job.id) or "") and "http://sim/chat/completions" in (reason(conn, job.id) or "")
         await one.trip(LANE, "again")  # already open: no second event
-        await one.succeeded(LANE, a_row(job.id))
-        assert await one.failed(LANE, a_row(job.id), NOT_FOUND)  # a second outage: a second event
+        await one.succeeded(LANE, a_row(job.id), time.monotonic())
+        assert await one.failed(LANE, a_row(job.id), NOT_FOUND, time.monotonic())  # a second outage: a second event
         await one.close()
 
     asyncio.run(scenario())
@@ -155,7 +159,7 @@ def test_claim_skips_an_open_lane_and_one_worker_at_a_time_sends_its_probe(dsn: 
         state = circuit(conn)
         assert state["probe_owner"] == ("w1" if started_one else "w2")
         # A failed probe hands the row back (no attempt: the worker releases it) and backs off.
-        assert await prober.failed(LANE, probes[0], REFUSED)
+        assert await prober.failed(LANE, probes[0], REFUSED, time.monotonic())
         state = circuit(conn)
         assert state["state"] == "open" and state["probes_failed"] == 1 and state["probe_owner"] is None
         # A probe that succeeds closes the circuit for everyone.
@@ -163,7 +167,7 @@ def test_claim_skips_an_open_lane_and_one_worker_at_a_time_sends_its_probe(dsn: 
                      "FROM batchdb.circuits")
         again = await prober.poll_once()
         assert len(again) == 1
-        await prober.succeeded(LANE, again[0])
+        await prober.succeeded(LANE, again[0], time.monotonic())
         assert circuit(conn)["state"] == "closed"
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as c:
             claimed = await queue.claim_batch(c, worker_id="w3", limit=100, lease_seconds=30)

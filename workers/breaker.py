@@ -94,13 +94,13 @@ class Breaker:
     def is_probe(self, row: ClaimedRequest) -> bool:
         return row.key in self._probes
 
-    async def failed(self, lane: Lane, row: ClaimedRequest, error: ProviderError) -> bool:
-        """Count a failed call; True when the row must go back to the queue without spending
-        an attempt because the lane (not the row) is at fault."""
+    async def failed(self, lane: Lane, row: ClaimedRequest, error: ProviderError, sent_at: float) -> bool:
+        """Count a failed call sent at `sent_at` (time.monotonic()); True when the row must go back
+        to the queue without spending an attempt because the lane (not the row) is at fault."""
         probe = self._probes.pop(row.key, None) is not None
         if not error.lane_level:
             # The endpoint answered (a 400, a 429 ...): the lane works, the row has its own problem.
-            await self.answered(lane, probe=probe)
+            await self.answered(lane, probe=probe, sent_at=sent_at)
             return False
         if probe:
             due = await self._run(lambda c: c.execute(query("circuit_probe_failed"), {
@@ -119,13 +119,16 @@ class Breaker:
         await self.trip(lane, error.message)
         return True
 
-    async def succeeded(self, lane: Lane, row: ClaimedRequest) -> None:
-        """A call on the lane was answered: the streak ends, and an open circuit closes."""
-        await self.answered(lane, probe=self._probes.pop(row.key, None) is not None)
+    async def succeeded(self, lane: Lane, row: ClaimedRequest, sent_at: float) -> None:
+        """A call on the lane sent at `sent_at` was answered: the streak ends, and an open circuit closes."""
+        await self.answered(lane, probe=self._probes.pop(row.key, None) is not None, sent_at=sent_at)
 
-    async def answered(self, lane: Lane, *, probe: bool) -> None:
+    async def answered(self, lane: Lane, *, probe: bool, sent_at: float) -> None:
+        """The probe, or a call sent after this worker learned the circuit opened, proves the lane
+        works again; an answer to a call sent before (still in flight at the outage's start) does not."""
         self._streak.pop(lane, None)
-        if not probe and lane not in self.open:
+        circuit = self.open.get(lane)
+        if not probe and (circuit is None or sent_at < circuit.learned_at):
             return
         found = await self._run(lambda c: c.execute(query("circuit_close"), _lane_params(lane)),
                                 what="circuit_close", fetch=True)

@@ -143,8 +143,10 @@ class Worker:
         self._wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._reserved_usd: dict[tuple[int, int], Decimal] = {}
-        # time.monotonic() of each held row's claim (the breaker's stale-cache check).
+        # time.monotonic() of each held row's claim and of its last send (for the breaker: a stale
+        # cache, an answer to a call sent before the circuit opened).
         self._claimed_at: dict[tuple[int, int], float] = {}
+        self._sent_at: dict[tuple[int, int], float] = {}
         self.completed = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -274,6 +276,12 @@ class Worker:
     # -- one row -----------------------------------------------------------------------------
 
     async def _process(self, row: ClaimedRequest) -> None:
+        try:
+            await self._process_row(row)
+        finally:
+            self._sent_at.pop(row.key, None)
+
+    async def _process_row(self, row: ClaimedRequest) -> None:
         started = time.monotonic()
         spent = _Spent()
         try:
@@ -292,7 +300,8 @@ class Worker:
                 await self._hand_back(row, f"provider refused: {exc.message}")
                 return
             lane = self._lane_of(row)
-            if lane is not None and await self._breaker.failed(lane, row, exc):
+            sent_at = self._sent_at.pop(row.key, started)
+            if lane is not None and await self._breaker.failed(lane, row, exc, sent_at):
                 await self._return_to_queue(row)
                 return
             outcome = failure(row, exc, latency, self.config.retry)
@@ -358,6 +367,7 @@ class Worker:
             raise _HandBack(str(exc)) from None
         if self._breaker.should_hand_back(circuit, row, claimed_at):
             raise _LaneOpen()  # opened while this call waited for capacity: do not send into it
+        sent_at = self._sent_at[row.key] = time.monotonic()
         try:
             async with asyncio.timeout(self.config.request_timeout):
                 response = await provider.complete(request)
@@ -373,7 +383,7 @@ class Worker:
         self._pacer.observe(lane, read_headers(response.rate_limit_headers))
         self._pacer.settle(lane, reserved_tokens=reserved_tokens,
                            charged_tokens=charged_tokens(job.provider, response.prompt_tokens, request.max_tokens))
-        await self._breaker.succeeded(circuit, row)
+        await self._breaker.succeeded(circuit, row, sent_at)
         spent.prompt_tokens += response.prompt_tokens
         spent.completion_tokens += response.completion_tokens
         return response
