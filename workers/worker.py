@@ -301,7 +301,9 @@ class Worker:
                 return
             lane = self._lane_of(row)
             sent_at = self._sent_at.pop(row.key, started)
-            if lane is not None and await self._breaker.failed(lane, row, exc, sent_at):
+            if lane is None:  # failed before any call (its job is gone): no verdict on a lane
+                await self._breaker.forget(row)
+            elif await self._breaker.failed(lane, row, exc, sent_at):
                 await self._return_to_queue(row)
                 return
             outcome = failure(row, exc, latency, self.config.retry)

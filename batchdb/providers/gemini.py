@@ -92,7 +92,9 @@ class GeminiProvider:
         if found:
             return found
         model = request.model if request.model.startswith(("models/", "tunedModels/")) else f"models/{request.model}"
-        return f"{endpoint_of(self._base_url) or self._base_url}/v1beta/{model}:generateContent"
+        options = getattr(getattr(self._client, "_api_client", None), "_http_options", None)
+        version = getattr(options, "api_version", None) or "v1beta"
+        return f"{endpoint_of(self._base_url) or self._base_url}/{version}/{model}:generateContent"
 
     async def aclose(self) -> None:
         await self._client.aio.aclose()
