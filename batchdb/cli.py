@@ -355,10 +355,16 @@ def _usd(value: object) -> str:
 @click.option("--request-timeout", default=120.0, show_default=True)
 @click.option("--poll-interval", default=2.0, show_default=True)
 @click.option("--exit-when-idle", is_flag=True, help="Exit once nothing is left to claim.")
+@click.option("--circuit-threshold", default=5, show_default=True,
+              help="Connection errors, timeouts or 5xx in a row that open a lane's circuit.")
+@click.option("--circuit-max-backoff", default=60.0, show_default=True,
+              help="Longest wait (s) between probe calls while a lane's circuit is open.")
 @_dsn_option
 def worker_command(concurrency: int, lease_seconds: float, request_timeout: float, poll_interval: float,
-                   exit_when_idle: bool, dsn: str | None) -> None:
+                   exit_when_idle: bool, circuit_threshold: int, circuit_max_backoff: float,
+                   dsn: str | None) -> None:
     """Run a worker process until SIGTERM/SIGINT."""
+    from workers.breaker import BreakerConfig
     from workers.worker import WorkerConfig, run_worker
 
     logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
@@ -369,6 +375,8 @@ def worker_command(concurrency: int, lease_seconds: float, request_timeout: floa
         dsn=dsn, concurrency=concurrency, lease_seconds=lease_seconds, request_timeout=request_timeout,
         heartbeat_interval=max(0.5, min(10.0, lease_seconds / 3)), poll_interval=poll_interval,
         exit_when_idle=exit_when_idle,
+        breaker=BreakerConfig(threshold=max(1, circuit_threshold), max_backoff=max(0.1, circuit_max_backoff),
+                              base_backoff=min(BreakerConfig().base_backoff, max(0.1, circuit_max_backoff))),
     ))
 
 

@@ -36,6 +36,8 @@ EVENTS: dict[str, str] = {
     "job.budget_paused": "paused: budget reached",
     "job.quota_exhausted": "paused: quota exhausted",
     "job.paused": "paused",
+    # Still running: the lane's circuit is open and its rows wait (workers/breaker.py); once per outage.
+    "job.provider_unavailable": "waiting: provider unavailable",
 }
 
 EVENT_HEADER = "X-Batchdb-Event"

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import inspect
 import json
 import os
 import signal
@@ -50,6 +51,8 @@ from workers.processes import WORKER_COMMAND, WorkerProcesses, start_workers
 LATENCY = Distribution(kind="lognormal", median=0.25, sigma=0.5, cap=3.0)
 OUTPUT_TOKENS = Distribution(kind="uniform", low=3, high=12)
 POISON_CONTEXT_WINDOW = 1_000  # tokens; poison rows' prompts are far longer, the others far shorter
+# batchdb.submit's default: the drills run with what users get unless their note says otherwise.
+DEFAULT_MAX_ATTEMPTS: int = inspect.signature(batchdb.submit).parameters["max_attempts"].default
 
 
 def simulator_config(**changes: object) -> SimulatorConfig:
@@ -60,15 +63,18 @@ def simulator_config(**changes: object) -> SimulatorConfig:
 # -- the job and its invariants ----------------------------------------------------------------------
 
 
-def submit_rows(dsn: str, rows: int, *, poison_every: int = 0, max_attempts: int = 10) -> batchdb.Job:
-    """`rows` short prompts; with `poison_every`, every n-th row's prompt overflows the context window."""
+def submit_rows(dsn: str, rows: int, *, poison_every: int = 0, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+                webhook_url: str | None = None) -> batchdb.Job:
+    """`rows` short prompts; with `poison_every`, every n-th row's prompt overflows the context window.
+    `max_attempts` is what a user gets without asking unless a drill says otherwise (its note does)."""
     texts = [f"headline number {i}: shares rise after a strong quarter" for i in range(rows)]
     if poison_every:
         for i in range(0, rows, poison_every):
             texts[i] = "very long input " * 1_000  # ~3,000 tokens > POISON_CONTEXT_WINDOW
     frame = pd.DataFrame({"key": [f"k{i}" for i in range(rows)], "text": texts})
     return batchdb.submit(frame, prompt="Sentiment: {text}", id_column="key", model="gpt-4o-mini",
-                          provider="openai", max_tokens=16, max_attempts=max_attempts, dsn=dsn)
+                          provider="openai", max_tokens=16, max_attempts=max_attempts, webhook_url=webhook_url,
+                          dsn=dsn)
 
 
 @dataclass
@@ -209,6 +215,8 @@ class DrillResult:
     recovery: str
     wall_s: float
     note: str = ""
+    # Drill-specific measurements (the outage drill: dead rows, attempts per row ...).
+    figures: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -267,7 +275,15 @@ def _finish(name: str, setup: Setup, job: batchdb.Job, sim: SimulatorProcess, bo
     check = check_invariants(setup.dsn, job, setup.rows, accepted, bound, poison=poison)
     if final.status != "completed":
         check.violations.append(f"job.wait() returned {final.status}")
-    return DrillResult(name, setup.rows, check, bound, recovery, wall, note)
+    return DrillResult(name, setup.rows, check, bound, recovery, wall, f"{note}; {_attempts_setting(setup.dsn, job)}")
+
+
+def _attempts_setting(dsn: str, job: batchdb.Job) -> str:
+    """Every drill row states the max_attempts it ran with, and whether that is the default."""
+    with psycopg.connect(dsn) as conn:
+        n = conn.execute("SELECT max_attempts FROM batchdb.jobs WHERE id = %s", (job.id,)).fetchone()[0]
+    return f"max_attempts {n}" + (" (the default)" if n == DEFAULT_MAX_ATTEMPTS else
+                                  f" (default {DEFAULT_MAX_ATTEMPTS})")
 
 
 def drill_sigkill(setup: Setup, *, every_s: float = 3.0, lease_s: float = 5.0) -> DrillResult:
@@ -388,10 +404,86 @@ def _simulator_fault(name: str, setup: Setup, fault: dict[str, object], heal: di
                        timeout=600)
 
 
-def drill_outage(setup: Setup) -> DrillResult:
+# Nothing listens here: the job's webhook deliveries are written (and counted), never received.
+UNHEARD_WEBHOOK = "http://127.0.0.1:9/batchdb-drill"
+
+
+def drill_outage(setup: Setup, *, refused_share: float = 0.5, max_backoff: float = 60.0) -> DrillResult:
+    """A provider outage of `setup.outage_s` seconds in the middle of the job, with the users' defaults.
+
+    The simulator answers 503 for the first part, then its process is stopped (connection
+    refused) for the last `refused_share`, then it starts again on the same port. Beyond the
+    common invariants: no row dead, attempts per row <= 1.02 (the breaker hands rows back
+    without spending attempts), the job still running when the provider returns and then
+    completing with no command typed, and job.provider_unavailable written once.
+    """
+    began = time.monotonic()
     s = setup.outage_s
-    return _simulator_fault("provider outage (503)", setup, {"outage": {"start_s": 0, "duration_s": s}},
-                            {"outage": None}, s, note=f"503 for {s:.0f} s, max_attempts 20")
+    refused_s, failing_s = s * refused_share, s * (1 - refused_share)
+    job = submit_rows(setup.dsn, setup.rows, webhook_url=UNHEARD_WEBHOOK)
+    config = simulator_config()
+    sim = start_simulator(config)
+    workers = start_workers(setup.workers, setup.dsn,
+                            args=setup.worker_args("--circuit-max-backoff", str(max_backoff)),
+                            env={"OPENAI_BASE_URL": sim.openai_base_url, "OPENAI_API_KEY": "sk-test"},
+                            log_dir=os.environ.get("DRILLS_WORKER_LOGS"), append_logs=True, grace=40)
+    sampler = Sampler(setup.dsn, job.id)
+    try:
+        sampler.wait_for(setup.rows // 2)
+        bound = in_flight(setup.dsn, job.id)
+        fault_start = time.monotonic()
+        sim.set_config({"outage": {"start_s": 0, "duration_s": None, "status": 503}})
+        time.sleep(failing_s)
+        stats = sim.stats(series=False)
+        accepted_before, answered_503 = stats["totals"]["accepted"], _outcome(stats, "outage")
+        port = sim.port
+        sim.stop()
+        time.sleep(refused_s)
+        status_at_end = job.status()
+        sim = start_simulator(config, port=port)
+        fault_end = time.monotonic()
+        done_at_end = sampler.done()
+        final = job.wait(timeout=s + 600)
+        wall = time.monotonic() - began
+        recovery = sampler.recovery(fault_start, fault_end)
+        resumed = next((t - fault_end for (t, n) in sampler.samples if t > fault_end and n > done_at_end), None)
+        accepted = accepted_before + sim.stats(series=False)["totals"]["accepted"]
+        check = check_invariants(setup.dsn, job, setup.rows, accepted, bound)
+        with psycopg.connect(setup.dsn) as conn:
+            dead, attempts = conn.execute(
+                "SELECT count(*) FILTER (WHERE status = 'dead'), coalesce(sum(attempts), 0) FROM batchdb.requests "
+                "WHERE job_id = %s", (job.id,)).fetchone()
+            events = conn.execute("SELECT count(*) FROM batchdb.notification_deliveries WHERE job_id = %s "
+                                  "AND event = 'job.provider_unavailable'", (job.id,)).fetchone()[0]
+            opened = conn.execute("SELECT coalesce(sum(n_opened), 0) FROM batchdb.circuits").fetchone()[0]
+    finally:
+        sampler.stop()
+        workers.stop()
+        sim.stop()
+    per_row = attempts / setup.rows
+    v = check.violations
+    if final.status != "completed":
+        v.append(f"job.wait() returned {final.status}")
+    if status_at_end.status != "running" or not (status_at_end.status_reason or "").startswith(
+            "waiting: provider unavailable"):
+        v.append(f"at the outage's end the job was {status_at_end.status} ({status_at_end.status_reason!r}), "
+                 "not running and waiting for the provider")
+    if dead:
+        v.append(f"{dead} row(s) dead")
+    if per_row > 1.02:
+        v.append(f"{per_row:.3f} attempts per row (> 1.02)")
+    if events != 1:
+        v.append(f"job.provider_unavailable written {events} time(s), not once")
+    if answered_503 == 0:
+        v.append("no call met the outage: the drill tested nothing")
+    figures = {"dead": float(dead), "attempts_per_row": per_row, "events": float(events),
+               "resumed_s": -1.0 if resumed is None else resumed, "circuits_opened": float(opened),
+               "outage_s": fault_end - fault_start}
+    note = (f"503 for {failing_s:.0f} s, then connection refused (simulator stopped) for {refused_s:.0f} s; "
+            f"{dead} dead, {per_row:.3f} attempts/row, first row done {figures['resumed_s']:.1f} s after the "
+            f"provider came back, job.provider_unavailable x{events}, circuit opened {opened}x; "
+            f"--circuit-max-backoff {max_backoff:.0f}; {_attempts_setting(setup.dsn, job)}")
+    return DrillResult("provider outage", setup.rows, check, bound, recovery, wall, note, figures)
 
 
 def drill_429_storm(setup: Setup, *, storm_s: float = 10.0) -> DrillResult:
@@ -568,7 +660,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=5_000)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--only", choices=sorted(DRILLS), action="append")
-    parser.add_argument("--outage-seconds", type=float, default=60.0)
+    parser.add_argument("--outage-seconds", type=float, default=600.0,
+                        help="length of the provider outage drill (503s, then connection refused)")
     parser.add_argument("--admin-dsn", default=os.environ.get("BATCHDB_TEST_DSN", DEFAULT_ADMIN_DSN))
     args = parser.parse_args(argv)
     # SIGTERM (e.g. `timeout`) unwinds like Ctrl-C, so the finally blocks stop workers and drop databases.

@@ -109,6 +109,10 @@ WITH running_jobs AS (
             OR (j.provider, j.key_alias) IN (SELECT l.provider, l.key_alias
                                                FROM unnest(%(lane_providers)s::text[], %(lane_key_aliases)s::text[])
                                                     AS l(provider, key_alias)))
+       -- A lane whose circuit is open waits for its probe (0007, workers/breaker.py).
+       AND NOT EXISTS (SELECT 1 FROM batchdb.circuits c
+                        WHERE c.provider = j.provider AND c.key_alias = j.key_alias AND c.model = j.model
+                          AND c.state = 'open')
 ), candidate_jobs AS (
     SELECT id, owner, priority, max_attempts, owner_weight, -ln(1.0 - random()) / weight AS draw
       FROM running_jobs
@@ -269,6 +273,71 @@ UPDATE batchdb.requests q
   FROM expired e, batchdb.jobs j
  WHERE q.job_id = e.job_id AND q.id = e.id AND j.id = q.job_id
 RETURNING q.job_id, q.id, q.status
+
+-- circuits_open --
+-- Lanes whose circuit is open now (the breaker's cache, refreshed every poll).
+SELECT provider, key_alias, model, opened_at, last_error, next_probe_at, probes_failed
+  FROM batchdb.circuits
+ WHERE state = 'open'
+
+-- circuit_open --
+-- Open a lane's circuit; `opened` says whether this call opened it (see 0007).
+SELECT opened, opened_at, next_probe_at
+  FROM batchdb.circuit_open(%(provider)s, %(key_alias)s, %(model)s, %(error)s, %(first_probe_s)s)
+
+-- circuit_take_probe --
+-- Become the one worker probing an open lane whose probe is due (none may be under way).
+UPDATE batchdb.circuits
+   SET probe_owner = %(worker_id)s, probe_expires_at = now() + make_interval(secs => %(probe_lease_s)s)
+ WHERE provider = %(provider)s AND key_alias = %(key_alias)s AND model = %(model)s
+   AND state = 'open' AND next_probe_at <= now()
+   AND (probe_owner IS NULL OR probe_expires_at < now())
+RETURNING provider
+
+-- circuit_probe_not_sent --
+-- The prober found no row to send: give the probe back, due again after `wait_s`.
+UPDATE batchdb.circuits
+   SET probe_owner = NULL, probe_expires_at = NULL, next_probe_at = now() + make_interval(secs => %(wait_s)s)
+ WHERE provider = %(provider)s AND key_alias = %(key_alias)s AND model = %(model)s
+   AND state = 'open' AND probe_owner = %(worker_id)s
+
+-- claim_probe_row --
+-- One due row of a running job on the lane, claimed like claim_batch does, to be sent as the probe.
+WITH picked AS (
+    SELECT q.job_id, q.id, j.max_attempts
+      FROM batchdb.jobs j
+     CROSS JOIN LATERAL (
+           SELECT r.job_id, r.id FROM batchdb.requests r
+            WHERE r.job_id = j.id AND r.status = 'queued' AND r.run_after <= now()
+            ORDER BY r.run_after, r.id
+            LIMIT 1
+              FOR UPDATE SKIP LOCKED
+           ) q
+     WHERE j.provider = %(provider)s AND j.key_alias = %(key_alias)s AND j.model = %(model)s
+       AND j.status = 'running' AND j.n_done < j.n_total
+     ORDER BY j.priority DESC, j.id
+     LIMIT 1
+)
+UPDATE batchdb.requests q
+   SET status = 'running',
+       attempts = q.attempts + 1,
+       lease_token = q.lease_token + 1,
+       lease_owner = %(worker_id)s,
+       lease_expires_at = now() + make_interval(secs => %(lease_seconds)s),
+       started_at = now()
+  FROM picked p
+ WHERE q.job_id = p.job_id AND q.id = p.id
+RETURNING q.job_id, q.id, q.custom_id, q.payload, q.input, q.attempts,
+          coalesce(q.max_attempts, p.max_attempts) AS max_attempts, q.lease_token
+
+-- circuit_probe_failed --
+-- The probe failed too: next probe after base * 2^failures, capped; returns when.
+SELECT batchdb.circuit_probe_failed(%(provider)s, %(key_alias)s, %(model)s, %(error)s, %(base_s)s, %(max_s)s)
+       AS next_probe_at
+
+-- circuit_close --
+-- A call on the lane succeeded: close its circuit; `open_for` is NULL when it was not open.
+SELECT batchdb.circuit_close(%(provider)s, %(key_alias)s, %(model)s) AS open_for
 
 -- job_for_worker --
 -- What a worker needs to call the provider for a job's rows (cached per job).

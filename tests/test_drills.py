@@ -57,3 +57,14 @@ def test_connection_resets(dsn: str) -> None:
     assert_drill_passed(result)
     assert result.check.duplicates == 0
     assert ": 0 resets" not in result.note
+
+
+def test_provider_outage_spends_no_attempts_and_the_job_finishes_by_itself(dsn: str) -> None:
+    """bench/drills.py's 10-minute outage, shortened: 15 s of 503s, then 15 s of connection refused."""
+    result = drills.drill_outage(drills.Setup(dsn, ROWS, WORKERS, outage_s=30.0), max_backoff=5.0)
+    assert_drill_passed(result)  # includes: job running and waiting at the outage's end, completed by itself
+    assert result.figures["dead"] == 0
+    assert result.figures["attempts_per_row"] <= 1.02
+    assert result.figures["events"] == 1  # job.provider_unavailable, once
+    assert result.figures["circuits_opened"] >= 1
+    assert 0 <= result.figures["resumed_s"]

@@ -10,6 +10,11 @@ Three loops share one asyncio process:
 - the lane advertiser (workers/lanes.py) tells which jobs this worker can call
   and pauses/resumes jobs no live worker can serve; the send guard
   (workers/send_guard.py) drops calls whose row or job is no longer ours to send.
+Services with connections of their own run beside them: the completer, the
+vacuumer, the settler (workers/settler.py: every ledger reservation is settled,
+whatever the outcome), the notifier and the breaker (workers/breaker.py:
+per-lane circuits; a lane-level failure goes to it, and while a lane is open its
+rows go back to the queue without spending an attempt).
 
 SIGTERM/SIGINT: stop claiming, let in-flight calls finish for
 `shutdown_grace` seconds, release the rest, write every outcome, exit 0.
@@ -43,6 +48,7 @@ from batchdb.queries import query
 from batchdb.secrets import redact, resolved_secrets
 from batchdb.tokens import estimate_prompt_tokens
 from batchdb.validation import DEFAULT_VALIDATION_RETRIES, ResponseValidator, reask
+from workers.breaker import Breaker, BreakerConfig
 from workers.completer import BatchCompleter
 from workers.connection import Reconnecting, listen_forever
 from workers.lanes import LaneAdvertiser, LaneUnavailable
@@ -85,6 +91,10 @@ class _Defer(Exception):
         self.retry_in = retry_in
 
 
+class _LaneOpen(Exception):
+    """The row's lane has its circuit open: back to the queue, no attempt spent, job untouched."""
+
+
 class _HandBack(Exception):
     """This row cannot run now through no fault of its own: pause its job, return the row."""
 
@@ -118,6 +128,8 @@ class WorkerConfig:
     lane_refresh_interval: float = 2.0
     # Job webhooks and emails, sent on connections of their own (workers/notifier.py); None: off.
     notifier: NotifierConfig | None = field(default_factory=NotifierConfig)
+    # Per-lane circuit breaker (workers/breaker.py).
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
 
 
 @dataclass
@@ -168,6 +180,10 @@ class Worker:
         self._slot_freed = asyncio.Event()
         self._reserved_usd: dict[tuple[int, int], Decimal] = {}
         self._deferred_until = 0.0  # monotonic time the last row handed back by a waiting lane is due
+        # time.monotonic() of each held row's claim and of its last send (for the breaker: a stale
+        # cache, an answer to a call sent before the circuit opened).
+        self._claimed_at: dict[tuple[int, int], float] = {}
+        self._sent_at: dict[tuple[int, int], float] = {}
         self.completed = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -190,6 +206,10 @@ class Worker:
         self._completer = BatchCompleter(
             self._writes, flush_interval=self.config.flush_interval, on_recorded=self._forget
         )
+        self._breaker = Breaker(Reconnecting(dsn, name="breaker"), self.config.breaker, worker_id=self.id,
+                                lease_seconds=self.config.lease_seconds,
+                                probe_lease_seconds=self.config.request_timeout + self.config.lease_seconds,
+                                on_probe=self._start)
         await self._claims.run(
             lambda c: c.execute(
                 query("register_worker"),
@@ -205,6 +225,7 @@ class Worker:
         background = [
             asyncio.create_task(self._vacuumer.run(), name="vacuumer"),
             asyncio.create_task(self._settler.run(), name="settler"),
+            asyncio.create_task(self._breaker.run(), name="breaker"),
             asyncio.create_task(self._maintain(), name="maintenance"),
             asyncio.create_task(self._lanes.run(), name="lanes"),
             asyncio.create_task(self._guard.run(), name="send guard"),
@@ -234,6 +255,7 @@ class Worker:
             await self._settler.close()
             await self._vacuumer.close()
             await self._lanes.close()
+            await self._breaker.close()
             for provider in self._providers.values():
                 await provider.aclose()
             await self._claims.close()
@@ -272,22 +294,27 @@ class Worker:
                 continue
             self._guard.leased(rows, since=claimed_at)
             for row in rows:
-                self._held[row.key] = row
-                task = asyncio.create_task(self._process(row))
-                self._tasks.add(task)
-                task.add_done_callback(self._task_done)
+                self._start(row)
             if rows:
                 idle_since = None
                 continue
             if self.config.exit_when_idle:
                 if (not self._tasks and not self._held and self._completer.backlog == 0
-                        and time.monotonic() >= self._deferred_until):
+                        and time.monotonic() >= self._deferred_until and not self._breaker.open):
                     now = time.monotonic()
                     idle_since = idle_since or now
                     if now - idle_since >= self.config.poll_interval:
                         return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.config.poll_interval)
+
+    def _start(self, row: ClaimedRequest) -> None:
+        """Run one claimed row (from claim_batch, or the breaker's probe) as its own task."""
+        self._held[row.key] = row
+        self._claimed_at[row.key] = time.monotonic()
+        task = asyncio.create_task(self._process(row))
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -298,11 +325,21 @@ class Worker:
     # -- one row -----------------------------------------------------------------------------
 
     async def _process(self, row: ClaimedRequest) -> None:
+        try:
+            await self._process_row(row)
+        finally:
+            self._sent_at.pop(row.key, None)
+
+    async def _process_row(self, row: ClaimedRequest) -> None:
         started = time.monotonic()
         spent = _Spent()
         try:
             outcome = await self._call(row, spent)
+        except _LaneOpen:
+            await self._return_to_queue(row)
+            return
         except _HandBack as back:
+            await self._breaker.forget(row)
             await self._hand_back(row, back.reason)
             return
         except _Defer as defer:
@@ -314,13 +351,22 @@ class Worker:
         except ProviderError as exc:
             latency = int((time.monotonic() - started) * 1000)
             if exc.kind is ErrorKind.QUOTA_EXHAUSTED:
+                await self._breaker.forget(row)
                 await self._hand_back(row, f"provider refused: {exc.message}")
+                return
+            lane = self._lane_of(row)
+            sent_at = self._sent_at.pop(row.key, started)
+            if lane is None:  # failed before any call (its job is gone): no verdict on a lane
+                await self._breaker.forget(row)
+            elif await self._breaker.failed(lane, row, exc, sent_at):
+                await self._return_to_queue(row)
                 return
             outcome = failure(row, exc, latency, self.config.retry)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a bug must cost one attempt, never the worker
             log.exception("unexpected error on job %s request %s", row.job_id, row.id)
+            await self._breaker.forget(row)
             # Stored with the row: mask any key the exception text might carry.
             error = ProviderError(ErrorKind.TRANSIENT,
                                   redact(f"internal error: {type(exc).__name__}: {exc}", *resolved_secrets()))
@@ -376,6 +422,10 @@ class Worker:
         provider = self._provider(job.provider, job.key_alias)
         # A re-ask (spent already) never gives up its place: its row has paid for a call.
         give_up_after = self.config.lane_wait_seconds if spent.prompt_tokens == 0 else None
+        circuit = Lane(job.provider, job.key_alias, job.model)
+        claimed_at = self._claimed_at.get(row.key, 0.0)
+        if self._breaker.should_hand_back(circuit, row, claimed_at):
+            raise _LaneOpen()
         try:
             # Not sent if the row stops being ours or its job stops running meanwhile.
             paced = await self._guard.hold(
@@ -387,6 +437,10 @@ class Worker:
         # From here the reservation is settled whatever happens (workers/settler.py); a lane
         # without limits reserved nothing.
         settler = self._settler if paced else _NO_SETTLEMENT
+        if self._breaker.should_hand_back(circuit, row, claimed_at):
+            settler.give_back(lane, reserved_tokens)  # granted but never sent
+            raise _LaneOpen()  # opened while this call waited for capacity: do not send into it
+        sent_at = self._sent_at[row.key] = time.monotonic()
         try:
             async with asyncio.timeout(self.config.request_timeout):
                 response = await provider.complete(request)
@@ -407,6 +461,7 @@ class Worker:
         self._pacer.observe(lane, read_headers(response.rate_limit_headers))
         settler.give_back(
             lane, reserved_tokens - charged_tokens(job.provider, response.prompt_tokens, request.max_tokens))
+        await self._breaker.succeeded(circuit, row, sent_at)
         spent.prompt_tokens += response.prompt_tokens
         spent.completion_tokens += response.completion_tokens
         return response
@@ -426,6 +481,19 @@ class Worker:
         if result != "ok":
             raise _HandBack("budget reached")
         self._reserved_usd[row.key] = self._reserved_usd.get(row.key, Decimal(0)) + usd
+
+    def _lane_of(self, row: ClaimedRequest) -> Lane | None:
+        """The circuit lane of a row whose job is cached (it is once a call was attempted)."""
+        job = self._jobs.get(row.job_id)
+        return Lane(job.provider, job.key_alias, job.model) if job is not None else None
+
+    async def _return_to_queue(self, row: ClaimedRequest) -> None:
+        """The lane's circuit is open: the row goes back, no attempt spent, the job keeps running
+        (it shows the circuit's reason); claim_batch skips the lane until a probe closes it."""
+        await self._claims.run(lambda c: queue.release_leases(c, [row]), what="release_leases")
+        await self._release_budget([row.key])
+        self._held.pop(row.key, None)
+        self._claimed_at.pop(row.key, None)
 
     def _provider(self, name: str, key_alias: str) -> Provider:
         cache_key = name if key_alias == "default" else f"{name}:{key_alias}"
@@ -477,6 +545,7 @@ class Worker:
         await self._claims.run(lambda c: queue.release_leases(c, [row]), what="release_leases")
         await self._release_budget([row.key])
         self._held.pop(row.key, None)
+        self._claimed_at.pop(row.key, None)
         log.warning("job %s paused: %s", row.job_id, reason)
 
     async def _defer(self, row: ClaimedRequest, retry_in: float) -> None:
@@ -488,7 +557,9 @@ class Worker:
             what="defer_leases",
         )
         await self._release_budget([row.key])
+        await self._breaker.forget(row)
         self._held.pop(row.key, None)
+        self._claimed_at.pop(row.key, None)
         self._deferred_until = max(self._deferred_until, time.monotonic() + retry_in)
 
     async def _drop(self, row: ClaimedRequest, reason: str) -> None:
@@ -496,7 +567,9 @@ class Worker:
         spending an attempt, and without pausing anything."""
         await self._claims.run(lambda c: queue.release_leases(c, [row]), what="release_leases")
         await self._release_budget([row.key])
+        await self._breaker.forget(row)
         self._held.pop(row.key, None)
+        self._claimed_at.pop(row.key, None)
         log.debug("job %s request %s not sent: %s", row.job_id, row.id, reason)
 
     async def _release_budget(self, keys: list[tuple[int, int]]) -> None:
@@ -511,6 +584,7 @@ class Worker:
     async def _forget(self, batch: list[Outcome], recorded: set[tuple[int, int]]) -> None:
         for outcome in batch:
             self._held.pop(outcome.key, None)
+            self._claimed_at.pop(outcome.key, None)
         self.completed += sum(1 for o in batch if o.key in recorded and RequestStatus(o.status).final)
         # Calls of budgeted owners: their reservation is replaced by what they cost.
         settled = [(job.owner, o.reserved_usd, job.cost(o.prompt_tokens, o.completion_tokens))
@@ -585,6 +659,7 @@ class Worker:
             log.info("released %d unfinished row(s)", len(released))
             await self._release_budget([row.key for row in unfinished])
             self._held.clear()
+            self._claimed_at.clear()
 
 
 def run_worker(config: WorkerConfig) -> None:

@@ -8,8 +8,10 @@ above this seam (queue, worker, retries, ledger) is provider-agnostic.
 from __future__ import annotations
 
 import enum
+import socket
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 
 class ErrorKind(enum.StrEnum):
@@ -19,6 +21,9 @@ class ErrorKind(enum.StrEnum):
     QUOTA_EXHAUSTED = "quota_exhausted"  # pause the job's key; do not burn retries
     TRANSIENT = "transient"  # 5xx, timeout, connection error: back off and retry
     PERMANENT = "permanent"  # bad request, context too long, content filter: fail the row
+    # The endpoint itself is wrong or unreachable (404 on the route, DNS failure): every row of
+    # the lane would fail alike, so the lane's circuit opens (workers/breaker.py) and rows wait.
+    UNAVAILABLE = "unavailable"
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +69,46 @@ class ProviderError(Exception):
 
     @property
     def retryable(self) -> bool:
-        return self.kind in (ErrorKind.RATE_LIMITED, ErrorKind.TRANSIENT)
+        return self.kind in (ErrorKind.RATE_LIMITED, ErrorKind.TRANSIENT, ErrorKind.UNAVAILABLE)
+
+    @property
+    def lane_level(self) -> bool:
+        """Whether the failure says something about the endpoint rather than the row: a
+        connection error, a timeout, a 5xx or an unavailable endpoint (the circuit counts these)."""
+        if self.kind is ErrorKind.UNAVAILABLE:
+            return True
+        return self.kind is ErrorKind.TRANSIENT and (self.status_code is None or self.status_code >= 500)
+
+
+def endpoint_of(url: Any) -> str | None:
+    """scheme://host[:port]/path of a request URL: what an error names, never its query
+    (where a key may travel) nor any user:password part."""
+    if url is None:
+        return None
+    parts = urlsplit(str(url))
+    if not parts.scheme or not parts.hostname:
+        return None
+    host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+_DNS_FAILURE_TEXT = ("name or service not known", "nodename nor servname", "temporary failure in name resolution",
+                     "no address associated with hostname", "getaddrinfo failed", "name resolution")
+
+
+def is_dns_failure(exc: BaseException) -> bool:
+    """Whether a connection error (or anything in its cause chain) is a failed host-name lookup."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, socket.gaierror):
+            return True
+        if any(text in str(current).lower() for text in _DNS_FAILURE_TEXT):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 class Provider(Protocol):

@@ -21,7 +21,7 @@ import aiohttp
 from google import genai
 from google.genai import errors, types
 
-from batchdb.providers.base import ChatRequest, ChatResponse, ErrorKind, ProviderError
+from batchdb.providers.base import ChatRequest, ChatResponse, ErrorKind, ProviderError, endpoint_of, is_dns_failure
 from batchdb.providers.compat import UnsupportedRequest, to_gemini
 from batchdb.secrets import redact
 
@@ -58,6 +58,7 @@ class GeminiProvider:
 
     def __init__(self, *, api_key: str, base_url: str | None = None, timeout: float = 120.0) -> None:
         self._api_key = api_key
+        self._base_url = (base_url or "https://generativelanguage.googleapis.com").rstrip("/")
         options = types.HttpOptions(
             base_url=base_url,
             timeout=int(timeout * 1000),
@@ -75,11 +76,25 @@ class GeminiProvider:
                 model=request.model, contents=call.contents, config=types.GenerateContentConfig(**call.config)
             )
         except errors.APIError as exc:
-            raise classify_gemini_error(exc, secret=self._api_key) from None
+            raise classify_gemini_error(exc, secret=self._api_key, endpoint=self._endpoint(request, exc)) from None
         except (*_TRANSPORT_ERRORS, errors.UnknownApiResponseError, json.JSONDecodeError) as exc:
-            message = redact(f"{type(exc).__name__}: {exc}", self._api_key)
-            raise ProviderError(ErrorKind.TRANSIENT, f"Gemini request failed: {message}"[:_MAX_MESSAGE]) from None
+            at = f" (at {self._endpoint(request, None)})"
+            if is_dns_failure(exc):
+                raise ProviderError(ErrorKind.UNAVAILABLE, f"Gemini request failed: host name not found{at}") from None
+            message = redact(f"{type(exc).__name__}: {exc}", self._api_key)[:_MAX_MESSAGE]
+            raise ProviderError(ErrorKind.TRANSIENT, f"Gemini request failed: {message}{at}") from None
         return normalise_response(response, model=request.model)
+
+    def _endpoint(self, request: ChatRequest, exc: errors.APIError | None) -> str:
+        """The URL called (scheme://host/path, no key): from the response when the SDK kept it."""
+        url = getattr(getattr(exc, "response", None), "url", None)
+        found = endpoint_of(url)
+        if found:
+            return found
+        model = request.model if request.model.startswith(("models/", "tunedModels/")) else f"models/{request.model}"
+        options = getattr(getattr(self._client, "_api_client", None), "_http_options", None)
+        version = getattr(options, "api_version", None) or "v1beta"
+        return f"{endpoint_of(self._base_url) or self._base_url}/{version}/{model}:generateContent"
 
     async def aclose(self) -> None:
         await self._client.aio.aclose()
@@ -113,12 +128,15 @@ def normalise_response(response: types.GenerateContentResponse, *, model: str) -
     )
 
 
-def classify_gemini_error(exc: errors.APIError, *, secret: str | None = None) -> ProviderError:
-    """Map a google-genai `APIError` to the worker's four reactions."""
+def classify_gemini_error(exc: errors.APIError, *, secret: str | None = None,
+                          endpoint: str | None = None) -> ProviderError:
+    """Map a google-genai `APIError` to the worker's reactions; the message names `endpoint`."""
     status = exc.code
     grpc_status = exc.status or ""
     details = _details(exc)
     message = redact(f"Gemini {status} {grpc_status}: {exc.message or ''}".strip(), secret)[:_MAX_MESSAGE]
+    if endpoint:
+        message += f" (at {redact(endpoint, secret)})"
     if status == 429:
         quota_ids, zero_limit = _quota_violations(details)
         retry_after = _retry_delay(details, exc.message)
@@ -148,6 +166,9 @@ def classify_gemini_error(exc: errors.APIError, *, secret: str | None = None) ->
         return ProviderError(ErrorKind.PERMANENT, message, status_code=status)
     if status in (401, 403):
         return ProviderError(ErrorKind.QUOTA_EXHAUSTED, f"Gemini refused the API key. {message}", status_code=status)
+    if status == 404:
+        # No such model (or route) behind this endpoint: every row of the lane would fail alike.
+        return ProviderError(ErrorKind.UNAVAILABLE, message, status_code=status)
     if status in (408, 409, 499) or status >= 500 or grpc_status in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL"):
         return ProviderError(ErrorKind.TRANSIENT, message, status_code=status, retry_after=_retry_delay(details, None))
     return ProviderError(ErrorKind.PERMANENT, message, status_code=status)

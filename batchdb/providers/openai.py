@@ -10,7 +10,7 @@ from typing import Any
 
 import openai
 
-from batchdb.providers.base import ChatRequest, ChatResponse, ErrorKind, ProviderError
+from batchdb.providers.base import ChatRequest, ChatResponse, ErrorKind, ProviderError, endpoint_of, is_dns_failure
 from batchdb.providers.compat import UnsupportedRequest, to_openai
 from batchdb.secrets import redact
 
@@ -58,9 +58,16 @@ class OpenAIProvider:
 
 
 def classify_openai_error(exc: openai.APIError, *, secret: str | None = None) -> ProviderError:
-    """Map an SDK exception to the worker's four reactions."""
-    message = redact(f"{type(exc).__name__}: {exc.message}", secret)
-    if isinstance(exc, openai.APITimeoutError | openai.APIConnectionError):
+    """Map an SDK exception to the worker's reactions; the message names the endpoint called."""
+    endpoint = _endpoint(exc)
+    at = f" (at {endpoint})" if endpoint else ""
+    message = redact(f"{type(exc).__name__}: {exc.message}{at}", secret)
+    if isinstance(exc, openai.APITimeoutError):
+        return ProviderError(ErrorKind.TRANSIENT, message)
+    if isinstance(exc, openai.APIConnectionError):
+        if is_dns_failure(exc):
+            return ProviderError(ErrorKind.UNAVAILABLE, redact(f"{type(exc).__name__}: host name not found{at}",
+                                                               secret))
         return ProviderError(ErrorKind.TRANSIENT, message)
     if not isinstance(exc, openai.APIStatusError):
         return ProviderError(ErrorKind.TRANSIENT, message)
@@ -70,7 +77,7 @@ def classify_openai_error(exc: openai.APIError, *, secret: str | None = None) ->
     code = _error_code(exc)
     if code:
         # The provider's error code is what people search for ("insufficient_quota").
-        message = redact(f"{type(exc).__name__} ({code}): {exc.message}", secret)
+        message = redact(f"{type(exc).__name__} ({code}): {exc.message}{at}", secret)
     if status == 429:
         if code == "insufficient_quota":
             return ProviderError(ErrorKind.QUOTA_EXHAUSTED, message, status_code=status, rate_limit_headers=limit_headers)
@@ -84,9 +91,26 @@ def classify_openai_error(exc: openai.APIError, *, secret: str | None = None) ->
     if status in (401, 403):
         # A bad or revoked key fails every row alike: pause, do not fail a million rows.
         return ProviderError(ErrorKind.QUOTA_EXHAUSTED, message, status_code=status)
+    if status == 404:
+        # The route (a base URL without /v1), the model or the Azure deployment is not there:
+        # every row of the lane would fail alike.
+        hint = ""
+        if endpoint and "/v1" not in endpoint and "/openai/deployments/" not in endpoint:
+            hint = "; an OpenAI-compatible base URL usually ends in /v1 (OPENAI_BASE_URL)"
+        return ProviderError(ErrorKind.UNAVAILABLE, message + hint, status_code=status)
     if status in (408, 409) or status >= 500:
         return ProviderError(ErrorKind.TRANSIENT, message, status_code=status, retry_after=_retry_after(headers))
     return ProviderError(ErrorKind.PERMANENT, message, status_code=status)
+
+
+def _endpoint(exc: openai.APIError) -> str | None:
+    request = getattr(exc, "request", None)
+    if request is None and isinstance(exc, openai.APIStatusError):
+        request = exc.response.request
+    try:
+        return endpoint_of(request.url) if request is not None else None
+    except RuntimeError:  # an httpx Request without a URL
+        return None
 
 
 def _error_code(exc: openai.APIStatusError) -> str | None:

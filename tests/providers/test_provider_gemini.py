@@ -187,7 +187,7 @@ def quota(quota_id: str, value: str = "15") -> dict[str, Any]:
         (api_error(400, "FAILED_PRECONDITION", "User location is not supported"), ErrorKind.QUOTA_EXHAUSTED, None),
         (api_error(400, "INVALID_ARGUMENT", "Invalid JSON payload"), ErrorKind.PERMANENT, None),
         (api_error(403, "PERMISSION_DENIED", "denied"), ErrorKind.QUOTA_EXHAUSTED, None),
-        (api_error(404, "NOT_FOUND", "models/x is not found"), ErrorKind.PERMANENT, None),
+        (api_error(404, "NOT_FOUND", "models/x is not found"), ErrorKind.UNAVAILABLE, None),
         (api_error(500, "INTERNAL", "internal"), ErrorKind.TRANSIENT, None),
         (api_error(504, "DEADLINE_EXCEEDED", "deadline"), ErrorKind.TRANSIENT, None),
     ],
@@ -230,3 +230,27 @@ def test_blocked_prompt_and_safety_finish_are_permanent() -> None:
 @pytest.fixture
 def sim_default(simulator: ConfigureSimulator) -> SimulatorProcess:
     return simulator()
+
+
+def test_errors_name_the_endpoint_without_the_key(simulator: ConfigureSimulator) -> None:
+    sim = simulator(outage=Outage())
+    [error] = call(sim, request())
+    assert isinstance(error, ProviderError) and error.lane_level
+    assert f"(at {sim.gemini_base_url.rstrip('/')}/v1/models/{MODEL}:generateContent)" in error.message, error.message
+    assert KEY not in error.message
+
+
+def test_an_unknown_host_is_unavailable() -> None:
+    async def main() -> ProviderError:
+        provider = GeminiProvider(api_key=KEY, base_url="http://no-such-host.invalid", timeout=10)
+        try:
+            await provider.complete(request())
+        except ProviderError as exc:
+            return exc
+        finally:
+            await provider.aclose()
+        raise AssertionError("no error")
+
+    error = run(main())
+    assert error.kind is ErrorKind.UNAVAILABLE, error.message
+    assert "http://no-such-host.invalid/v1/models/" in error.message and KEY not in error.message

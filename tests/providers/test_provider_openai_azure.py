@@ -162,3 +162,39 @@ def test_azure_without_an_endpoint_names_what_was_checked(monkeypatch: pytest.Mo
         build_provider("azure")
     assert caught.value.kind is ErrorKind.QUOTA_EXHAUSTED
     assert "AZURE_OPENAI_ENDPOINT" in caught.value.message and "azure-key-0123" not in caught.value.message
+
+
+# -- the endpoint is named; a wrong endpoint is the lane's problem, not the row's -----------------------
+
+
+def test_errors_name_the_endpoint_without_the_key(simulator: ConfigureSimulator) -> None:
+    sim = simulator(outage=Outage())
+    [error] = call(openai_provider(sim), REQUEST)
+    assert isinstance(error, ProviderError) and error.kind is ErrorKind.TRANSIENT and error.lane_level
+    assert f"(at {sim.openai_base_url}/chat/completions)" in error.message, error.message
+    assert KEY not in error.message
+
+
+def test_a_base_url_without_v1_is_unavailable_and_says_so(simulator: ConfigureSimulator) -> None:
+    sim = simulator()
+    [error] = call(OpenAIProvider(api_key=KEY, base_url=sim.base_url, timeout=10), REQUEST)
+    assert isinstance(error, ProviderError) and error.kind is ErrorKind.UNAVAILABLE and error.status_code == 404
+    assert f"{sim.base_url}/chat/completions" in error.message and "/v1" in error.message, error.message
+
+
+def test_an_unknown_host_is_unavailable() -> None:
+    provider = OpenAIProvider(api_key=KEY, base_url="http://no-such-host.invalid/v1", timeout=10)
+    [error] = call(provider, REQUEST)
+    assert isinstance(error, ProviderError) and error.kind is ErrorKind.UNAVAILABLE, error.message
+    assert "http://no-such-host.invalid/v1/chat/completions" in error.message and KEY not in error.message
+
+
+def test_connection_refused_is_transient_and_names_the_endpoint() -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    [error] = call(OpenAIProvider(api_key=KEY, base_url=f"http://127.0.0.1:{port}/v1", timeout=10), REQUEST)
+    assert isinstance(error, ProviderError) and error.kind is ErrorKind.TRANSIENT and error.lane_level
+    assert f"http://127.0.0.1:{port}/v1/chat/completions" in error.message
