@@ -44,6 +44,7 @@ from workers.connection import Reconnecting, listen_forever
 from workers.notifier import Notifier, NotifierConfig
 from workers.outcomes import RetryPolicy, failure, invalid_response, success
 from workers.pacer import DailyQuotaExhausted, Pacer
+from workers.settler import Settlement, Settler
 from workers.vacuumer import Vacuumer
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,15 @@ class _HandBack(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+@dataclass
+class _Reserved:
+    """Budget reserved for one row under its current lease: `calls` reservations, `usd` in all."""
+
+    lease_token: int
+    calls: int = 0
+    usd: Decimal = Decimal(0)
 
 
 @dataclass
@@ -131,7 +141,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
-        self._reserved_usd: dict[tuple[int, int], Decimal] = {}
+        self._reserved: dict[tuple[int, int], _Reserved] = {}
         self.completed = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -150,6 +160,8 @@ class Worker:
         self._completer = BatchCompleter(
             self._writes, flush_interval=self.config.flush_interval, on_recorded=self._forget
         )
+        # Budget bookkeeping waits on other workers' locks: its own service and connection.
+        self._settler = Settler(Reconnecting(dsn, name="settle"), flush_interval=self.config.flush_interval)
         await self._claims.run(
             lambda c: c.execute(
                 query("register_worker"),
@@ -160,6 +172,7 @@ class Worker:
         )
         log.info("worker %s started (concurrency %d)", self.id, self.config.concurrency)
         completer = asyncio.create_task(self._completer.run(), name="completer")
+        settler = asyncio.create_task(self._settler.run(), name="settler")
         self._vacuumer = Vacuumer(Reconnecting(dsn, name="vacuum"))
         background = [
             asyncio.create_task(self._vacuumer.run(), name="vacuumer"),
@@ -177,6 +190,8 @@ class Worker:
             await self._completer.close()
             await completer
             await self._release_unfinished()
+            await self._settler.close()
+            await settler
             for task in background:
                 task.cancel()
             for task in background:
@@ -188,6 +203,7 @@ class Worker:
             )
             await self._pacer.close()
             await self._vacuumer.close()
+            await self._settler.disconnect()
             for provider in self._providers.values():
                 await provider.aclose()
             await self._claims.close()
@@ -272,7 +288,8 @@ class Worker:
             outcome = failure(row, error, None, self.config.retry)
         # Tokens of every call made for this row count, including answers that did not validate.
         outcome.prompt_tokens, outcome.completion_tokens = spent.prompt_tokens, spent.completion_tokens
-        outcome.reserved_usd = self._reserved_usd.pop(row.key, Decimal(0))
+        reserved = self._reserved.get(row.key)
+        outcome.reserved_usd = reserved.usd if reserved is not None else Decimal(0)
         self._completer.submit(outcome)
 
     async def _call(self, row: ClaimedRequest, spent: _Spent) -> Outcome:
@@ -339,8 +356,13 @@ class Worker:
     async def _reserve_budget(self, row: ClaimedRequest, usd: Decimal) -> None:
         """Reserve the call's worst-case cost. While only other calls' reservations stand in the
         way ('wait'), hold the row and ask again as they settle; a spent budget pauses the job."""
+        held = self._reserved.setdefault(row.key, _Reserved(row.lease_token))
+        # The call's key: run again after a lost reply, the statement reserves nothing more.
+        key = {"job_id": row.job_id, "usd": usd, "request_id": row.id, "lease_token": row.lease_token,
+               "seq": held.calls + 1}
+
         async def reserve(conn: psycopg.AsyncConnection) -> str:
-            cur = await conn.execute(query("reserve_budget"), {"job_id": row.job_id, "usd": usd})
+            cur = await conn.execute(query("reserve_budget"), key)
             found = await cur.fetchone()
             return str(found["result"]) if found else "paused"
 
@@ -350,7 +372,8 @@ class Worker:
             await asyncio.sleep(self.config.budget_wait)
         if result != "ok":
             raise _HandBack("budget reached")
-        self._reserved_usd[row.key] = self._reserved_usd.get(row.key, Decimal(0)) + usd
+        held.calls += 1
+        held.usd += usd
 
     def _provider(self, name: str, key_alias: str) -> Provider:
         cache_key = name if key_alias == "default" else f"{name}:{key_alias}"
@@ -386,40 +409,30 @@ class Worker:
             lambda c: c.execute(query("pause_job"), {"job_id": row.job_id, "reason": reason}), what="pause_job"
         )
         await self._claims.run(lambda c: queue.release_leases(c, [row]), what="release_leases")
-        await self._release_budget([row.key])
+        self._release_budget([row])
         self._held.pop(row.key, None)
         log.warning("job %s paused: %s", row.job_id, reason)
 
-    async def _release_budget(self, keys: list[tuple[int, int]]) -> None:
-        held = [(key[0], self._reserved_usd.pop(key)) for key in keys if key in self._reserved_usd]
-        if held:
-            await self._claims.run(
-                lambda c: c.execute(query("release_budget"),
-                                    {"job_id": [j for j, _ in held], "usd": [u for _, u in held]}),
-                what="release_budget",
-            )
+    def _release_budget(self, rows: list[ClaimedRequest]) -> None:
+        """Rows handed back unsent: their reservations go back (through the Settler)."""
+        for row in rows:
+            held = self._reserved.pop(row.key, None)
+            if held is not None:
+                self._settler.submit(Settlement(row.job_id, row.id, held.lease_token))
 
     async def _forget(self, batch: list[Outcome], recorded: set[tuple[int, int]]) -> None:
         for outcome in batch:
             self._held.pop(outcome.key, None)
         self.completed += sum(1 for o in batch if o.key in recorded and RequestStatus(o.status).final)
-        # Calls of budgeted owners: their reservation is replaced by what they cost.
-        settled = [(job.owner, o.reserved_usd, job.cost(o.prompt_tokens, o.completion_tokens))
-                   for o in batch if o.reserved_usd > 0
-                   and (job := self._jobs.get(o.job_id)) is not None and job.owner_has_budget]
-        if settled:
-            # Money was spent whether or not the completion was fenced out: it counts either way.
-            try:
-                await self._writes.run(
-                    lambda c: c.execute(query("settle_user_spend"), {
-                        "owner": [owner for owner, _, _ in settled],
-                        "reserved": [reserved for _, reserved, _ in settled],
-                        "spent": [cost for _, _, cost in settled],
-                    }),
-                    what="settle_user_spend",
-                )
-            except psycopg.Error as exc:  # never stop the completer over bookkeeping
-                log.error("could not settle %d call(s) against their owners' budgets: %s", len(settled), exc)
+        # Calls that reserved budget: the reservation is replaced by what they cost. Money was
+        # spent whether or not the completion was fenced out: it counts either way.
+        for outcome in batch:
+            held = self._reserved.pop(outcome.key, None)
+            if held is None or held.lease_token != outcome.lease_token:
+                continue
+            job = self._jobs.get(outcome.job_id)
+            cost = job.cost(outcome.prompt_tokens, outcome.completion_tokens) if job is not None else Decimal(0)
+            self._settler.submit(Settlement(outcome.job_id, outcome.id, outcome.lease_token, cost))
 
     # -- maintenance -------------------------------------------------------------------------
 
@@ -473,7 +486,7 @@ class Worker:
         if unfinished:
             released = await self._claims.run(lambda c: queue.release_leases(c, unfinished), what="release_leases")
             log.info("released %d unfinished row(s)", len(released))
-            await self._release_budget([row.key for row in unfinished])
+            self._release_budget(unfinished)
             self._held.clear()
 
 
