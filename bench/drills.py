@@ -7,7 +7,10 @@ the provider simulator (lognormal latency, median 0.25 s), injects one fault and
 
 - every row ends final and no row is lost (a succeeded row has exactly one result; the only
   rows allowed to fail are the drill's poison rows);
-- no row has two results;
+- no row was completed twice, counted from the writes (bench/write_audit.py: a test-only
+  trigger logs every final-state write of a request and every write of a result, which the
+  results table's primary key would otherwise fold into one row), and no result was
+  overwritten (`results.writes`);
 - the job's token and cost totals equal the sum of its rows;
 - duplicate provider calls (simulator `accepted` minus rows that succeeded) are at most the
   drill's bound: the rows in flight at the fault.
@@ -44,6 +47,7 @@ import psycopg
 import batchdb
 from batchdb.simulator.config import Distribution, SimulatorConfig
 from batchdb.simulator.process import SimulatorProcess, start_simulator
+from bench import write_audit
 from bench._common import DEFAULT_ADMIN_DSN, print_table, progress, scratch_database
 from workers.processes import WORKER_COMMAND, WorkerProcesses, start_workers
 
@@ -89,8 +93,9 @@ def check_invariants(dsn: str, job: batchdb.Job, rows: int, accepted: int, bound
     with psycopg.connect(dsn) as conn:
         by_status = dict(conn.execute(
             "SELECT status, count(*) FROM batchdb.requests WHERE job_id = %s GROUP BY status", (job.id,)).fetchall())
-        results, distinct = conn.execute(
-            "SELECT count(*), count(DISTINCT request_id) FROM batchdb.results WHERE job_id = %s", (job.id,)).fetchone()
+        audited = write_audit.writes(conn, job.id)
+        overwritten = conn.execute(
+            "SELECT count(*) FROM batchdb.results WHERE job_id = %s AND writes > 1", (job.id,)).fetchone()[0]
         answered = conn.execute(
             "SELECT count(*) FROM batchdb.requests q WHERE q.job_id = %s AND q.status = 'succeeded' AND "
             "(SELECT count(*) FROM batchdb.results r WHERE r.job_id = q.job_id AND r.request_id = q.id) = 1",
@@ -113,8 +118,9 @@ def check_invariants(dsn: str, job: batchdb.Job, rows: int, accepted: int, bound
     if lost:
         v.append(f"{lost} row(s) lost (succeeded with one result: {answered}; poison failed as expected: "
                  f"{poison_ok}/{poison}; by status {by_status})")
-    if results != distinct:
-        v.append(f"{results - distinct} request(s) with two results")
+    v.extend(audited.violations)
+    if overwritten:
+        v.append(f"{overwritten} result(s) overwritten by a second completion")
     if (status.prompt_tokens, status.completion_tokens, status.cost_usd) != tuple(sums):
         v.append(f"job totals {(status.prompt_tokens, status.completion_tokens, status.cost_usd)} "
                  f"!= sum of rows {tuple(sums)}")
@@ -245,6 +251,7 @@ def running(setup: Setup, *, sim_config: SimulatorConfig | None = None, poison_e
     The workers run `python -m workers`, or `python *python_prefix` when given; with DRILLS_WORKER_LOGS
     set, each keeps its log there (worker-<i>.log), for post-mortems.
     """
+    write_audit.install(setup.dsn)  # before any worker writes: completions are counted from the writes
     job = submit_rows(setup.dsn, setup.rows, poison_every=poison_every, max_attempts=max_attempts)
     command = (sys.executable, *python_prefix) if python_prefix else WORKER_COMMAND
     with start_simulator(sim_config or simulator_config()) as sim:
