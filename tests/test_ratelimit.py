@@ -174,11 +174,18 @@ def test_another_client_spending_half_the_key_behind_our_back(dsn: str, conn: ps
 
 
 def test_outage_is_ridden_out_with_backoff(dsn: str, conn: psycopg.Connection, sim_factory, tmp_path: Path) -> None:
-    sim = sim_factory(latency_s=Distribution(kind="fixed", value=0.05), outage=Outage(start_s=2.0, duration_s=6.0))
+    # The outage runs until the test ends it, 6 s after the workers first ran into it: timed from what
+    # the workers saw, not from the simulator's start (workers start late on a busy machine).
+    sim = sim_factory(latency_s=Distribution(kind="fixed", value=0.05), outage=Outage(start_s=0.0, duration_s=None))
     job = batchdb.submit(headlines(400), prompt="{text}", model=MODEL, provider="openai", max_tokens=10,
                          max_attempts=8, dsn=dsn)
     workers = start_logged_workers(2, dsn, openai_env(sim), tmp_path, "--concurrency", "8")
     try:
+        deadline = time.monotonic() + 120
+        while sim.stats(series=False)["outcomes"].get("outage", 0) == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(6.0)
+        sim.set_config(outage=None)
         final = job.wait(timeout=120)
     finally:
         workers.stop()
