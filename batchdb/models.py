@@ -69,7 +69,7 @@ class Outcome:
     response_json: Any = None
     finish_reason: str | None = None
     model: str | None = None
-    # Budget held for this call, given back to the job when the outcome is recorded.
+    # Budget held for this row's calls; the worker's Settler gives it back once the outcome is recorded.
     reserved_usd: Decimal = Decimal(0)
 
     @property

@@ -62,7 +62,6 @@ async def complete_batch(conn: psycopg.AsyncConnection, outcomes: Sequence[Outco
         "response_json": [None if o.response_json is None else Jsonb(o.response_json) for o in outcomes],
         "finish_reason": [o.finish_reason for o in outcomes],
         "model": [o.model for o in outcomes],
-        "reserved_usd": [o.reserved_usd for o in outcomes],
     }
     return await _execute_keys(conn, "complete_batch", params)
 

@@ -7,7 +7,10 @@ the provider simulator (lognormal latency, median 0.25 s), injects one fault and
 
 - every row ends final and no row is lost (a succeeded row has exactly one result; the only
   rows allowed to fail are the drill's poison rows);
-- no row has two results;
+- no row was completed twice, counted from the writes (bench/write_audit.py: a test-only
+  trigger logs every final-state write of a request and every write of a result, which the
+  results table's primary key would otherwise fold into one row), and no result was
+  overwritten (`results.writes`);
 - the job's token and cost totals equal the sum of its rows;
 - duplicate provider calls (simulator `accepted` minus rows that succeeded) are at most the
   drill's bound: the rows in flight at the fault.
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import glob
 import inspect
 import json
 import os
@@ -45,6 +49,7 @@ import psycopg
 import batchdb
 from batchdb.simulator.config import Distribution, SimulatorConfig
 from batchdb.simulator.process import SimulatorProcess, start_simulator
+from bench import write_audit
 from bench._common import DEFAULT_ADMIN_DSN, print_table, progress, scratch_database
 from workers.processes import WORKER_COMMAND, WorkerProcesses, start_workers
 
@@ -95,8 +100,9 @@ def check_invariants(dsn: str, job: batchdb.Job, rows: int, accepted: int, bound
     with psycopg.connect(dsn) as conn:
         by_status = dict(conn.execute(
             "SELECT status, count(*) FROM batchdb.requests WHERE job_id = %s GROUP BY status", (job.id,)).fetchall())
-        results, distinct = conn.execute(
-            "SELECT count(*), count(DISTINCT request_id) FROM batchdb.results WHERE job_id = %s", (job.id,)).fetchone()
+        audited = write_audit.writes(conn, job.id)
+        overwritten = conn.execute(
+            "SELECT count(*) FROM batchdb.results WHERE job_id = %s AND writes > 1", (job.id,)).fetchone()[0]
         answered = conn.execute(
             "SELECT count(*) FROM batchdb.requests q WHERE q.job_id = %s AND q.status = 'succeeded' AND "
             "(SELECT count(*) FROM batchdb.results r WHERE r.job_id = q.job_id AND r.request_id = q.id) = 1",
@@ -119,8 +125,9 @@ def check_invariants(dsn: str, job: batchdb.Job, rows: int, accepted: int, bound
     if lost:
         v.append(f"{lost} row(s) lost (succeeded with one result: {answered}; poison failed as expected: "
                  f"{poison_ok}/{poison}; by status {by_status})")
-    if results != distinct:
-        v.append(f"{results - distinct} request(s) with two results")
+    v.extend(audited.violations)
+    if overwritten:
+        v.append(f"{overwritten} result(s) overwritten by a second completion")
     if (status.prompt_tokens, status.completion_tokens, status.cost_usd) != tuple(sums):
         v.append(f"job totals {(status.prompt_tokens, status.completion_tokens, status.cost_usd)} "
                  f"!= sum of rows {tuple(sums)}")
@@ -217,6 +224,8 @@ class DrillResult:
     note: str = ""
     # Drill-specific measurements (the outage drill: dead rows, attempts per row ...).
     figures: dict[str, float] = field(default_factory=dict)
+    # The clock-skew drill: each worker's measured wall-clock offset, in seconds.
+    clock_offsets: list[float | None] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -247,18 +256,20 @@ class Setup:
 @contextlib.contextmanager
 def running(setup: Setup, *, sim_config: SimulatorConfig | None = None, poison_every: int = 0,
             worker_args: tuple[str, ...] = (), python_prefix: tuple[str, ...] = (),
-            max_attempts: int = 10) -> Iterator[tuple[batchdb.Job, SimulatorProcess, WorkerProcesses, Sampler]]:
+            max_attempts: int = 10, command: tuple[str, ...] | None = None,
+            log_dir: str | None = None) -> Iterator[tuple[batchdb.Job, SimulatorProcess, WorkerProcesses, Sampler]]:
     """A submitted job, the simulator, the workers and a throughput sampler; all stopped on exit.
 
-    The workers run `python -m workers`, or `python *python_prefix` when given; with DRILLS_WORKER_LOGS
-    set, each keeps its log there (worker-<i>.log), for post-mortems.
+    The workers run `python -m workers`, or `python *python_prefix`, or `command` when given; each
+    keeps its log (worker-<i>.log) in `log_dir`, else in DRILLS_WORKER_LOGS when set, for post-mortems.
     """
+    write_audit.install(setup.dsn)  # before any worker writes: completions are counted from the writes
     job = submit_rows(setup.dsn, setup.rows, poison_every=poison_every, max_attempts=max_attempts)
-    command = (sys.executable, *python_prefix) if python_prefix else WORKER_COMMAND
+    command = command or ((sys.executable, *python_prefix) if python_prefix else WORKER_COMMAND)
     with start_simulator(sim_config or simulator_config()) as sim:
         workers = start_workers(setup.workers, setup.dsn, args=worker_args or setup.worker_args(), command=command,
                                 env={"OPENAI_BASE_URL": sim.openai_base_url, "OPENAI_API_KEY": "sk-test"},
-                                log_dir=os.environ.get("DRILLS_WORKER_LOGS"), append_logs=True, grace=40)
+                                log_dir=log_dir or os.environ.get("DRILLS_WORKER_LOGS"), append_logs=True, grace=40)
         sampler = Sampler(setup.dsn, job.id)
         try:
             yield job, sim, workers, sampler
@@ -594,40 +605,88 @@ def drill_poison_rows(setup: Setup, *, every: int = 50) -> DrillResult:
 
 
 CLOCK_SKEW_S = 3600.0
+# Run as `python -c CLOCK_PROBE <worker options>`: the worker process first prints its own wall
+# clock (time.time and datetime.now, both read through libc's clock_gettime), then runs. It loads
+# the OpenAI SDK and the tokenizer first: a worker loads them on its first call, after it claimed
+# rows, and on a loaded machine that stalled its event loop past the 10 s lease (measured: 15 s),
+# which is a start-up stall, not the clock skew this drill is about.
+CLOCK_PROBE = ("import sys, time, datetime; "
+               "print(f'worker clock {time.time():.3f} {datetime.datetime.now().timestamp():.3f}', flush=True); "
+               "import batchdb.providers.openai; from batchdb.tokens import estimate_prompt_tokens; "
+               "estimate_prompt_tokens('openai', [{'role': 'user', 'content': 'warm up'}]); "
+               "from batchdb.cli import main; main(['worker', *sys.argv[1:]])")
+FAKETIME_LIBRARIES = ("/usr/lib/*/faketime/libfaketimeMT.so.1", "/usr/lib/faketime/libfaketimeMT.so.1")
+
+
+def faketime_library() -> str | None:
+    """Debian's libfaketime (`apt-get install libfaketime`), which shifts a process's wall clock."""
+    found = [path for pattern in FAKETIME_LIBRARIES for path in sorted(glob.glob(pattern))]
+    return found[0] if found else None
+
+
+def skewed_worker_command(skew_s: float) -> tuple[str, ...]:
+    """A worker whose wall clock (time.time, datetime.now, anything through clock_gettime) is off by
+    `skew_s`; its monotonic clock is left alone, as on a machine whose NTP is wrong."""
+    library = faketime_library()
+    if library is None:
+        raise RuntimeError("the clock-skew drill needs libfaketime; run: apt-get install -y libfaketime")
+    return ("env", f"LD_PRELOAD={library}", f"FAKETIME={skew_s:+.0f}", "FAKETIME_DONT_FAKE_MONOTONIC=1",
+            sys.executable, "-c", CLOCK_PROBE)
+
+
+def worker_clock_offsets(log_paths: list[Path], started_at: list[float]) -> list[float | None]:
+    """Each worker's wall clock minus this process's, from the line CLOCK_PROBE printed first."""
+    offsets: list[float | None] = []
+    for path, started in zip(log_paths, started_at, strict=True):
+        line = next((x for x in path.read_text(errors="replace").splitlines() if x.startswith("worker clock ")), "")
+        readings = [float(v) for v in line.split()[2:4]]
+        offsets.append(min(readings, key=lambda r: abs(r - started)) - started if len(readings) == 2 else None)
+    return offsets
 
 
 def drill_clock_skew(setup: Setup) -> DrillResult:
-    """Workers whose wall clock is an hour ahead (half) or behind (half): leases must follow database time.
+    """Workers whose wall clock is an hour ahead (half) or behind (half), through libfaketime: leases
+    must follow database time, and the drill shows each worker's own clock really was off.
 
     If a lease were computed from a worker's clock, the fast workers' rows would look leased for
     an hour and the slow workers' rows would be expired at once and reclaimed (attempts > 1).
     """
     began = time.monotonic()
-    skew = ("-c", "import sys, time; _t = time.time; s = float(sys.argv[1]); time.time = lambda: _t() + s; "
-                  "from batchdb.cli import main; main(['worker', *sys.argv[2:]])")
-    with running(setup, python_prefix=(*skew, str(CLOCK_SKEW_S))) as (job, sim, workers, sampler):
-        # Half the workers an hour behind instead.
-        for p in workers.processes[: len(workers.processes) // 2]:
-            p.send_signal(signal.SIGTERM)
-            p.wait(timeout=40)
-        workers.start(setup.workers // 2, command=(sys.executable, *skew, str(-CLOCK_SKEW_S)))
-        sampler.wait_for(setup.rows // 3)
-        with psycopg.connect(setup.dsn, autocommit=True) as conn:
-            longest = conn.execute(
-                "SELECT coalesce(max(extract(epoch FROM lease_expires_at - now())), 0) FROM batchdb.requests "
-                "WHERE job_id = %s AND status = 'running'", (job.id,)).fetchone()[0]
-        job.wait(timeout=300)
-        with psycopg.connect(setup.dsn, autocommit=True) as conn:
-            reclaimed = conn.execute("SELECT count(*) FROM batchdb.requests WHERE job_id = %s AND attempts > 1",
-                                     (job.id,)).fetchone()[0]
-        result = _finish("worker clocks +/- 1 h", setup, job, sim, 0, "n/a (no outage)", began,
-                         note=f"longest lease left {float(longest):.1f} s (lease {setup.lease_seconds:.0f} s); "
-                              f"{reclaimed} rows reclaimed")
-        if float(longest) > setup.lease_seconds + 1:
-            result.check.violations.append(f"a lease runs {float(longest):.0f} s ahead of database time")
-        if reclaimed:
-            result.check.violations.append(f"{reclaimed} rows were claimed more than once")
-        return result
+    ahead = max(1, setup.workers // 2)
+    with tempfile.TemporaryDirectory(prefix="drill-clock-") as scratch:
+        logs = os.environ.get("DRILLS_WORKER_LOGS") or scratch  # the clocks are read from the workers' logs
+        spawned = [time.time()] * ahead
+        with running(dataclasses.replace(setup, workers=ahead), command=skewed_worker_command(CLOCK_SKEW_S),
+                     log_dir=logs) as (job, sim, workers, sampler):
+            behind = max(1, setup.workers - ahead)
+            spawned += [time.time()] * behind
+            workers.start(behind, command=skewed_worker_command(-CLOCK_SKEW_S))
+            sampler.wait_for(setup.rows // 3)
+            with psycopg.connect(setup.dsn, autocommit=True) as conn:
+                longest = conn.execute(
+                    "SELECT coalesce(max(extract(epoch FROM lease_expires_at - now())), 0) FROM batchdb.requests "
+                    "WHERE job_id = %s AND status = 'running'", (job.id,)).fetchone()[0]
+            job.wait(timeout=300)
+            offsets = worker_clock_offsets(workers.log_paths, spawned)
+            with psycopg.connect(setup.dsn, autocommit=True) as conn:
+                reclaimed = conn.execute("SELECT count(*) FROM batchdb.requests WHERE job_id = %s AND attempts > 1",
+                                         (job.id,)).fetchone()[0]
+            clocks = ", ".join("?" if o is None else f"{o:+.0f} s" for o in offsets)
+            result = _finish("worker clocks +/- 1 h", setup, job, sim, 0, "n/a (no outage)", began,
+                             note=f"libfaketime; worker clocks measured {clocks}; longest lease left "
+                                  f"{float(longest):.1f} s (lease {setup.lease_seconds:.0f} s); {reclaimed} rows reclaimed")
+    expected = [CLOCK_SKEW_S] * ahead + [-CLOCK_SKEW_S] * behind
+    result.clock_offsets = offsets
+    for i, (offset, want) in enumerate(zip(offsets, expected, strict=True)):
+        # Within two minutes of the skew: process start-up on a loaded machine is the slack.
+        if offset is None or abs(offset - want) > 120:
+            result.check.violations.append(f"worker {i}'s clock was off by {offset} s, not {want:+.0f} s: "
+                                           "the drill injected no skew")
+    if float(longest) > setup.lease_seconds + 1:
+        result.check.violations.append(f"a lease runs {float(longest):.0f} s ahead of database time")
+    if reclaimed:
+        result.check.violations.append(f"{reclaimed} rows were claimed more than once")
+    return result
 
 
 DRILLS: dict[str, Callable[[Setup], DrillResult]] = {

@@ -15,6 +15,7 @@ its first row was sent and until it finished.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -131,7 +132,29 @@ def run_scenario(admin_dsn: str, sim_url: str, name: str, args: argparse.Namespa
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def report(results: list[Result]) -> tuple[list[list[str]], list[str]]:
+    """The table's rows, and one line for every MISS (a share off its weight by more than 5
+    points) or NOT SERVED (the newcomer never ran): any of them makes `main` exit 1."""
+    rows = []
+    missed = []
+    for r in results:
+        for label, (share, calls) in r.shares.items():
+            error = share - r.expected[label]
+            rows.append([r.scenario, label, f"{r.expected[label]:.1%}", f"{share:.1%} ({calls:,} calls)",
+                         f"{error:+.1%}", "ok" if abs(error) <= 0.05 else "MISS"])
+            if abs(error) > 0.05:
+                missed.append(f"{r.scenario}: {label} MISS: {share:.1%} of calls, expected {r.expected[label]:.1%}")
+        rows.append([r.scenario, "erin (10 rows, mid-run)", "-",
+                     f"first call {r.newcomer_first_s:.1f} s, done {r.newcomer_done_s:.1f} s"
+                     if r.newcomer_first_s is not None and r.newcomer_done_s is not None else "NOT SERVED",
+                     "-", f"{r.calls_per_s:.1f} calls/s, {r.rate_limited} 429s"])
+        if r.newcomer_first_s is None or r.newcomer_done_s is None:
+            missed.append(f"{r.scenario}: the newcomer's 10 rows were NOT SERVED")
+    return rows, missed
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit status 1 on any MISS or NOT SERVED line (as bench.drills), so a script or CI can rely on it."""
     import tempfile
 
     from batchdb.simulator.config import Distribution, Limits, SimulatorConfig
@@ -155,22 +178,16 @@ def main(argv: list[str] | None = None) -> None:
     with start_simulator(config) as sim, tempfile.TemporaryDirectory(prefix="bench-fairshare-") as tmp:
         for name in [s for s in args.scenarios.split(",") if s]:
             results.append(run_scenario(args.dsn, sim.openai_base_url, name, args, Path(tmp)))
-    rows = []
-    for r in results:
-        for label, (share, calls) in r.shares.items():
-            error = share - r.expected[label]
-            rows.append([r.scenario, label, f"{r.expected[label]:.1%}", f"{share:.1%} ({calls:,} calls)",
-                         f"{error:+.1%}", "ok" if abs(error) <= 0.05 else "MISS"])
-        rows.append([r.scenario, "erin (10 rows, mid-run)", "-",
-                     f"first call {r.newcomer_first_s:.1f} s, done {r.newcomer_done_s:.1f} s"
-                     if r.newcomer_first_s is not None and r.newcomer_done_s is not None else "NOT SERVED",
-                     "-", f"{r.calls_per_s:.1f} calls/s, {r.rate_limited} 429s"])
+    rows, missed = report(results)
     print_table("Fair share between users on one key (target: within +-5% of the weights)",
                 ["scenario", "user", "weight share", "measured share", "error", "note"], rows,
                 [environment_line(args.dsn),
                  f"{args.workers} workers x {args.concurrency} in flight; key limit {args.rpm} RPM; latency "
                  f"uniform {low}-{high} s; window = last {args.seconds - args.warmup:.0f} s of {args.seconds:.0f} s"])
+    for line in missed:
+        print(line, file=sys.stderr)
+    return 1 if missed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

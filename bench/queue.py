@@ -150,13 +150,14 @@ def verify_job(dsn: str, job_id: int, rows: int) -> tuple[bool, str, float]:
             "count(*) FILTER (WHERE attempts <> 1) AS not_once, "
             "count(*) FILTER (WHERE cost_usd <= 0 OR prompt_tokens <= 0) AS unpriced "
             "FROM batchdb.requests WHERE job_id = %s", [job_id]).fetchone()
-        results = conn.execute("SELECT count(*) AS n, count(DISTINCT request_id) AS distinct_n "
+        # `writes` counts every write of a row's result: a double completion shows as writes > 1.
+        results = conn.execute("SELECT count(*) AS n, count(*) FILTER (WHERE writes > 1) AS overwritten "
                                "FROM batchdb.results WHERE job_id = %s", [job_id]).fetchone()
         by_workers = conn.execute("SELECT coalesce(sum(n_completed), 0) AS n FROM batchdb.workers").fetchone()["n"]
     ok = (job["status"] == "completed" and job["n_total"] == job["n_succeeded"] == rows
           and job["n_failed"] == job["n_dead"] == job["n_retries"] == 0
           and rows_check["succeeded"] == rows and rows_check["not_once"] == 0 and rows_check["unpriced"] == 0
-          and results["n"] == results["distinct_n"] == rows and by_workers == rows)
+          and results["n"] == rows and results["overwritten"] == 0 and by_workers == rows)
     detail = (f"succeeded {fmt_int(job['n_succeeded'])}, results {fmt_int(results['n'])}, "
               f"attempts<>1: {rows_check['not_once']}, retries {job['n_retries']}, "
               f"workers' count {fmt_int(by_workers)}, cost ${job['cost_usd']:.2f}")

@@ -461,11 +461,32 @@ def table_rows(figures: list[Figures], scenario: Scenario) -> list[list[str]]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
+def misses(figures: list[Figures], scenario: Scenario, batchdb_runs: int) -> list[str]:
+    """Every target batchdb's runs missed and every run over a limit; the baselines may miss
+    the targets (that is what they are there to show) but never go over the provider's limits."""
+    found = []
+    for i, f in enumerate(figures):
+        if f.max_window_requests > scenario.rpm or f.max_window_tokens > scenario.tpm:
+            found.append(f"{f.label}: a 60-s window OVER the limits")
+        if i >= batchdb_runs:
+            continue
+        use, share = binding_use(f, scenario), f.rate_limited / max(f.requests, 1)
+        attempts = f.requests / max(f.rows_done, 1)
+        checks = [(use >= TARGET_UTILISATION, f"{scenario.binding} use {use:.1%}"),
+                  (share <= TARGET_429_SHARE, f"429s {share:.2%}"),
+                  (f.ramp_seconds is not None and f.ramp_seconds <= TARGET_RAMP_SECONDS,
+                   f"time to 90% {f.ramp_seconds}"),
+                  (attempts <= TARGET_ATTEMPTS_PER_ROW, f"attempts/row {attempts:.3f}")]
+        found += [f"{f.label}: MISS {what}" for ok, what in checks if not ok]
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit status 1 when a batchdb run misses a target or any run goes over a limit (as bench.drills)."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["client"]:
         client_main(argv[1:])
-        return
+        return 0
     from batchdb.simulator.config import Distribution, Limits, SimulatorConfig
     from batchdb.simulator.process import start_simulator
     from bench._common import (
@@ -557,6 +578,10 @@ def main(argv: list[str] | None = None) -> None:
                  "time to 90%", "attempts / row", "CPU (all processes)", "peak RSS per process",
                  "max 60-s window RPM / TPM"],
                 table_rows(figures, scenario), notes=notes)
+    missed = misses(figures, scenario, batchdb_runs=len(workers))
+    for line in missed:
+        print(line, file=sys.stderr)
+    return 1 if missed else 0
 
 
 # -- the baseline client (stdlib, openai and the tokenizer only) -------------------------------
@@ -684,4 +709,4 @@ def client_main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

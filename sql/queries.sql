@@ -158,21 +158,19 @@ RETURNING q.job_id, q.id, q.custom_id, q.payload, q.input, q.attempts,
 -- rows still 'running' under the presented lease token are touched, so a late
 -- or duplicate completion records nothing. Outcome 'queued' is a retry after
 -- `retry_in` seconds. Cost comes from batchdb.prices in the same statement.
+-- Budget reservations are settled apart, by key (settle_budget), so repeating
+-- this statement after a lost reply changes nothing. A result written a second
+-- time for the same row (a double completion) is counted in `writes`, never
+-- silently replaced.
 WITH outcome AS (
     SELECT *
       FROM unnest(%(job_id)s::bigint[], %(id)s::bigint[], %(lease_token)s::bigint[], %(status)s::text[],
                   %(retry_in)s::float8[], %(prompt_tokens)s::integer[], %(completion_tokens)s::integer[],
                   %(error_class)s::text[], %(error)s::text[], %(latency_ms)s::integer[],
                   %(response_text)s::text[], %(response_json)s::jsonb[], %(finish_reason)s::text[],
-                  %(model)s::text[], %(reserved_usd)s::numeric[])
+                  %(model)s::text[])
            AS o(job_id, id, lease_token, status, retry_in, prompt_tokens, completion_tokens, error_class, error,
-                latency_ms, response_text, response_json, finish_reason, model, reserved_usd)
-), released AS (
-    -- The budget held for these calls goes back, whether or not the row was still ours.
-    UPDATE batchdb.jobs j
-       SET reserved_usd = greatest(0, j.reserved_usd - r.usd)
-      FROM (SELECT job_id, sum(reserved_usd) AS usd FROM outcome WHERE reserved_usd > 0 GROUP BY job_id) r
-     WHERE j.id = r.job_id
+                latency_ms, response_text, response_json, finish_reason, model)
 ), priced AS (
     SELECT o.*,
            coalesce((o.prompt_tokens * p.input_per_mtok + o.completion_tokens * p.output_per_mtok) / 1000000, 0)
@@ -207,7 +205,8 @@ WITH outcome AS (
      WHERE p.response_text IS NOT NULL
     ON CONFLICT (job_id, request_id) DO UPDATE
        SET response_text = EXCLUDED.response_text, response_json = EXCLUDED.response_json,
-           finish_reason = EXCLUDED.finish_reason, model = EXCLUDED.model, created_at = now()
+           finish_reason = EXCLUDED.finish_reason, model = EXCLUDED.model, created_at = now(),
+           writes = r.writes + 1
 )
 SELECT job_id, id FROM done
 
@@ -503,15 +502,15 @@ SELECT context_window, max_input_tokens, max_output_tokens
  WHERE provider = %(provider)s AND model = %(model)s
 
 -- reserve_budget --
--- 'ok', 'wait' (calls in flight hold the budget) or 'paused' (see 0005_users.sql).
-SELECT batchdb.reserve_budget(%(job_id)s, %(usd)s) AS result
+-- 'ok', 'wait' (calls in flight hold the budget) or 'paused' (see 0005_users.sql). Keyed by the
+-- call (row, lease token, n-th call of the lease): repeated after a lost reply, it reserves nothing more.
+SELECT batchdb.reserve_budget(%(job_id)s, %(usd)s, %(request_id)s, %(lease_token)s, %(seq)s) AS result
 
--- release_budget --
-SELECT batchdb.release_budget(%(job_id)s::bigint[], %(usd)s::numeric[])
-
--- settle_user_spend --
--- Calls of users with a budget: reservation out, real cost in (0005_users.sql).
-SELECT batchdb.settle_user_spend(%(owner)s::text[], %(reserved)s::numeric[], %(spent)s::numeric[])
+-- settle_budget --
+-- Calls done or handed back: their reservations out, their cost into the owners' spend (0010).
+-- Keyed by call, so repeating it after a lost reply settles nothing twice.
+SELECT batchdb.settle_budget(%(job_id)s::bigint[], %(request_id)s::bigint[], %(lease_token)s::bigint[],
+                             %(spent)s::numeric[]) AS settled
 
 -- resume_due_jobs --
 -- Jobs paused by a user quota resume when the day (or month) has turned over.

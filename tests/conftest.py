@@ -120,3 +120,105 @@ def simulator(shared_simulator: SimulatorProcess) -> ConfigureSimulator:
         return shared_simulator
 
     return configure
+
+
+# -- a PostgreSQL connection whose reply is lost after the commit (tests/test_settler.py) ---------
+
+
+class LostReplyProxy:
+    """A TCP proxy in front of PostgreSQL that, for the next statements whose text contains a
+    given marker, lets the statement through, waits for the server's whole reply (it ends in
+    ReadyForQuery, which the server sends only after the implicit commit), then drops the
+    reply and closes both sides: the client sees a lost connection for a statement that did
+    commit, which is what a network cut or a backend killed right after COMMIT looks like."""
+
+    _READY_FOR_QUERY = b"Z\x00\x00\x00\x05"
+
+    def __init__(self, dsn: str) -> None:
+        import socket
+        import threading
+
+        target = conninfo_to_dict(dsn)
+        self._target = (target.get("host") or "127.0.0.1", int(target.get("port") or 5432))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.dsn = make_conninfo(dsn, host="127.0.0.1", port=self._listener.getsockname()[1])
+        self._markers: list[bytes] = []
+        self._lock = threading.Lock()
+        self.dropped: list[bytes] = []  # the markers whose reply was dropped, in order
+        self._sockets: list[socket.socket] = []
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def drop_reply_after(self, marker: bytes, times: int = 1) -> None:
+        with self._lock:
+            self._markers.extend([marker] * times)
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self._target)
+            self._sockets += [client, server]
+            pending: dict[str, bytes | None] = {"marker": None}
+            threading.Thread(target=self._upstream, args=(client, server, pending), daemon=True).start()
+            threading.Thread(target=self._downstream, args=(server, client, pending), daemon=True).start()
+
+    def _upstream(self, client: Any, server: Any, pending: dict[str, bytes | None]) -> None:
+        tail = b""
+        try:
+            while data := client.recv(65536):
+                seen = tail + data
+                with self._lock:
+                    for marker in self._markers:
+                        if pending["marker"] is None and marker in seen:
+                            self._markers.remove(marker)
+                            pending["marker"] = marker
+                            break
+                tail = seen[-256:]
+                server.sendall(data)
+        except OSError:
+            pass
+        self._close(client, server)
+
+    def _downstream(self, server: Any, client: Any, pending: dict[str, bytes | None]) -> None:
+        held = b""
+        try:
+            while data := server.recv(65536):
+                if pending["marker"] is None:
+                    client.sendall(data)
+                    continue
+                held += data
+                if self._READY_FOR_QUERY in held:  # committed and answered: lose the answer
+                    self.dropped.append(pending["marker"])  # type: ignore[arg-type]
+                    break
+        except OSError:
+            pass
+        self._close(client, server)
+
+    @staticmethod
+    def _close(*sockets: Any) -> None:
+        import socket
+
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()
+        self._close(*self._sockets)
+
+
+@pytest.fixture
+def lost_reply_proxy(dsn: str) -> Iterator[LostReplyProxy]:
+    proxy = LostReplyProxy(dsn)
+    yield proxy
+    proxy.close()

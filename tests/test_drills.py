@@ -7,6 +7,8 @@ flight at the fault. `python -m bench.drills` runs the full-size versions and pr
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from bench import drills
@@ -68,3 +70,44 @@ def test_provider_outage_spends_no_attempts_and_the_job_finishes_by_itself(dsn: 
     assert result.figures["events"] == 1  # job.provider_unavailable, once
     assert result.figures["circuits_opened"] >= 1
     assert 0 <= result.figures["resumed_s"]
+
+
+# The other five drills, at half the size: each fault's invariants, with its own evidence that the
+# fault really happened (a drill that injects nothing must not pass).
+SMALL = 1_000
+
+
+def counted(note: str, what: str) -> int:
+    """The number before `what` in a drill's note ("simulator: 812 outage, ..."), 0 when absent."""
+    found = re.search(rf"(\d+) {what}", note)
+    return int(found.group(1)) if found else 0
+
+
+def test_429_storm_is_ridden_out(dsn: str) -> None:
+    result = drills.drill_429_storm(drills.Setup(dsn, SMALL, WORKERS), storm_s=5.0)
+    assert_drill_passed(result)
+    assert counted(result.note, "rate_limited") > 0, result.note  # the storm produced 429s
+
+
+def test_slow_responses_time_out_and_are_retried(dsn: str) -> None:
+    result = drills.drill_slow_responses(drills.Setup(dsn, SMALL, WORKERS), slow_s=4.0, timeout_s=1.0)
+    assert_drill_passed(result)
+    assert result.bound > 0  # calls were started during the slow spell and timed out
+
+
+def test_disk_full_result_writes_are_retried_not_lost(dsn: str) -> None:
+    result = drills.drill_result_write_failures(drills.Setup(dsn, SMALL, WORKERS), sqlstate="53100", fault_s=3.0)
+    assert_drill_passed(result)
+    assert counted(result.note, "refusals") > 0, result.note  # the trigger refused writes with 53100
+
+
+def test_skewed_worker_clocks_do_not_move_leases(dsn: str) -> None:
+    if drills.faketime_library() is None:
+        pytest.skip("libfaketime is not installed (apt-get install -y libfaketime; .ci/run installs it)")
+    result = drills.drill_clock_skew(drills.Setup(dsn, SMALL, WORKERS))
+    assert_drill_passed(result)  # includes: no lease beyond database time + lease, no row claimed twice
+    # The skew was real: each worker process's own time.time()/datetime.now() was an hour off.
+    assert len(result.clock_offsets) == WORKERS
+    ahead, behind = result.clock_offsets
+    assert ahead is not None and abs(ahead - drills.CLOCK_SKEW_S) < 120, result.clock_offsets
+    assert behind is not None and abs(behind + drills.CLOCK_SKEW_S) < 120, result.clock_offsets

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import psycopg
 import pytest
@@ -36,53 +35,82 @@ def test_a_key_without_limits_is_not_paced(dsn: str) -> None:
     assert reserve(dsn, [100] * 50) == Reservation(granted=50, wait_seconds=0.0, daily_exhausted=False, limited=False)
 
 
+def elapse(conn: psycopg.Connection, seconds: float) -> None:
+    """Let `seconds` pass for the key, in database time: every timestamp of its state moves back.
+    The ledger refills from clock_timestamp(), so a test that slept instead would depend on how
+    fast its next statement runs."""
+    conn.execute("UPDATE batchdb.rate_limits SET refilled_at = refilled_at - make_interval(secs => %(s)s), "
+                 "blocked_until = blocked_until - make_interval(secs => %(s)s), "
+                 "slowed_at = slowed_at - make_interval(secs => %(s)s) "
+                 "WHERE provider = 'openai' AND model = 'gpt-4o-mini'", {"s": seconds})
+
+
+def freeze(conn: psycopg.Connection) -> None:
+    """The next reservation sees no time pass since the last one (its refill is greatest(0, t - refilled_at))."""
+    conn.execute("UPDATE batchdb.rate_limits SET refilled_at = clock_timestamp() + interval '1 hour' "
+                 "WHERE provider = 'openai' AND model = 'gpt-4o-mini'")
+
+
 def test_request_bucket_starts_empty_refills_at_the_limit_and_caps_the_burst(dsn: str, conn: psycopg.Connection) -> None:
     limits(conn, rpm=6000)  # 100/s x 0.99 target; burst 0.5 s = 49.5 calls
+    freeze(conn)
     first = reserve(dsn, [1] * 200)
-    assert first.granted <= 2 and first.limited
-    time.sleep(1.0)
+    assert first.granted == 0 and first.limited  # no credit but what time refills
+    elapse(conn, 1.0)
     burst = reserve(dsn, [1] * 200)
-    assert 45 <= burst.granted <= 50  # capped at half a second of the limit, not a minute's budget
-    assert 0 < burst.wait_seconds <= 0.011  # the next call is due in ~1/99 s
-    time.sleep(0.2)
+    assert burst.granted == 49  # capped at half a second of the limit (49.5), not a minute's budget
+    assert burst.wait_seconds == pytest.approx(0.5 / 99)  # the next call is due when the half call refills
+    before = state(conn)
+    elapse(conn, 0.2)
     refill = reserve(dsn, [1] * 200)
-    assert 17 <= refill.granted <= 23  # 0.2 s x 99/s
+    # 0.2 s plus however long the statements took, both in database time, at 99 calls/s.
+    elapsed = 0.2 + (state(conn)["refilled_at"] - before["refilled_at"]).total_seconds()
+    credit = min(49.5, before["request_credit"] + elapsed * 99)
+    assert credit - 1 < refill.granted <= credit + 1e-6 and refill.granted >= 20
 
 
 def test_token_bucket_binds_and_oversized_calls_wait_for_a_full_bucket(dsn: str, conn: psycopg.Connection) -> None:
     limits(conn, tpm=60_000)  # 990 tokens/s; bucket 495 tokens
-    time.sleep(0.6)
+    elapse(conn, 1.0)
     got = reserve(dsn, [200, 200, 200])
     assert got.granted == 2
-    assert got.wait_seconds == pytest.approx((200 - (495 - 400)) / 990, abs=0.02)
-    time.sleep(0.6)
+    assert got.wait_seconds == pytest.approx((200 - (495 - 400)) / 990)
+    elapse(conn, 1.0)
     big = reserve(dsn, [5000])  # larger than the bucket: goes when the bucket is full, leaving a debt
     assert big.granted == 1
-    assert state(conn)["token_credit"] < -4000
+    assert state(conn)["token_credit"] == pytest.approx(495 - 5000)
 
 
 def test_refund_gives_back_what_the_estimate_overcounted(dsn: str, conn: psycopg.Connection) -> None:
     limits(conn, tpm=60_000)
-    time.sleep(0.6)
+    elapse(conn, 1.0)
     assert reserve(dsn, [495]).granted == 1
+    freeze(conn)
     assert reserve(dsn, [300]).granted == 0
+    freeze(conn)
     assert reserve(dsn, [300], refund_tokens=400).granted == 1
 
 
 def test_a_429_blocks_the_key_for_the_providers_delay_and_slows_it(dsn: str, conn: psycopg.Connection) -> None:
     limits(conn, rpm=6000)
-    time.sleep(0.6)
+    elapse(conn, 1.0)
 
     async def limited() -> None:
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as c:
-            await ledger.record_rate_limited(c, LANE, 0.5)
+            await ledger.record_rate_limited(c, LANE, 30)
 
     asyncio.run(limited())
+    at_429 = state(conn)
+    assert at_429["pace"] == pytest.approx(0.7) and at_429["rate_limited"] == 1
     blocked = reserve(dsn, [1])
-    assert blocked.granted == 0 and 0.3 < blocked.wait_seconds <= 0.5
     after = state(conn)
-    assert after["pace"] == pytest.approx(0.7, abs=0.02) and after["rate_limited"] == 1
-    time.sleep(0.6)
+    # Held until the provider's delay is over, in database time; the pace recovers 2%/s from 0.7.
+    assert blocked.granted == 0
+    assert blocked.wait_seconds == pytest.approx((after["blocked_until"] - after["refilled_at"]).total_seconds())
+    assert 0 < blocked.wait_seconds <= 30
+    since = (after["refilled_at"] - at_429["refilled_at"]).total_seconds()
+    assert after["pace"] == pytest.approx(0.7 + 0.02 * since)
+    elapse(conn, 30.0)
     assert reserve(dsn, [1] * 100).granted > 0
     usage = conn.execute("SELECT sum(rate_limited) AS n FROM batchdb.rate_usage").fetchone()
     assert usage["n"] == 1
@@ -92,12 +120,22 @@ def test_an_empty_provider_window_eases_the_key_at_most_once_a_second(dsn: str, 
     limits(conn, rpm=600)  # a tenth of a second of budget = 1 request
     reserve(dsn, [1], remaining_requests=5.0)
     assert state(conn)["pace"] == pytest.approx(1.0)
-    for _ in range(5):  # five workers report the same empty window: one slow-down
+    slowdowns = []
+    for _ in range(5):  # five workers report the same empty window
+        before = state(conn)
         reserve(dsn, [1], remaining_requests=0.0)
-    assert state(conn)["pace"] == pytest.approx(0.95, abs=0.01)
-    time.sleep(1.1)
+        after = state(conn)
+        slowed = after["slowed_at"] != before["slowed_at"]
+        # The rule, checked in database time: ease off only if the last slow-down is over a second old.
+        due = before["slowed_at"] is None or (after["refilled_at"] - before["slowed_at"]).total_seconds() > 1
+        assert slowed == due, (before, after)
+        slowdowns.append(slowed)
+    assert slowdowns[0]  # the first report eases the key; the rest only if a second had passed
+    elapse(conn, 1.1)
+    before = state(conn)
     reserve(dsn, [1], remaining_requests=0.0)
-    assert state(conn)["pace"] < 0.93
+    assert state(conn)["slowed_at"] != before["slowed_at"]
+    assert state(conn)["pace"] < before["pace"]
 
 
 def test_a_burst_of_429s_slows_the_key_once(dsn: str, conn: psycopg.Connection) -> None:
@@ -106,16 +144,16 @@ def test_a_burst_of_429s_slows_the_key_once(dsn: str, conn: psycopg.Connection) 
     async def burst() -> None:
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as c:
             for _ in range(5):
-                await ledger.record_rate_limited(c, LANE, 1.0)
+                await ledger.record_rate_limited(c, LANE, 30)  # each arrives while the key is held
 
     asyncio.run(burst())
     after = state(conn)
-    assert after["pace"] == pytest.approx(0.7, abs=0.01) and after["rate_limited"] == 5
+    assert after["pace"] == pytest.approx(0.7) and after["rate_limited"] == 5
 
 
 def test_daily_quota_exhaustion_is_reported(dsn: str, conn: psycopg.Connection) -> None:
     limits(conn, rpm=60_000, rpd=3)
-    time.sleep(0.2)
+    elapse(conn, 1.0)
     assert reserve(dsn, [1] * 5).granted == 3
     spent = reserve(dsn, [1])
     assert spent.granted == 0 and spent.daily_exhausted

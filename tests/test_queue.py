@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from datetime import timedelta
 from decimal import Decimal
 
 import psycopg
@@ -12,6 +13,7 @@ from psycopg.rows import dict_row
 
 from batchdb import queue
 from batchdb.models import ClaimedRequest, Outcome, RequestStatus
+from bench import write_audit
 
 
 def make_job(conn: psycopg.Connection, rows: int, *, name: str = "job", priority: int = 1,
@@ -46,10 +48,19 @@ async def complete(dsn: str, outcomes: list[Outcome]) -> set[tuple[int, int]]:
         return await queue.complete_batch(c, outcomes)
 
 
-def ok(row: ClaimedRequest, *, prompt_tokens: int = 10, completion_tokens: int = 5, token: int | None = None) -> Outcome:
-    return Outcome(row.job_id, row.id, row.lease_token if token is None else token, RequestStatus.SUCCEEDED,
-                   prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, response_text=f"answer {row.id}",
-                   finish_reason="stop")
+def ok(row: ClaimedRequest, *, prompt_tokens: int = 10, completion_tokens: int = 5, token: int | None = None,
+       text: str | None = None) -> Outcome:
+    """A success; its text names the row and the lease that answered, so a late write would show."""
+    token = row.lease_token if token is None else token
+    return Outcome(row.job_id, row.id, token, RequestStatus.SUCCEEDED,
+                   prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   response_text=text or f"answer {row.id} under lease {token}", finish_reason="stop")
+
+
+def results_of(conn: psycopg.Connection, job_id: int) -> dict[int, tuple[str, int]]:
+    """request id -> (response text, times written)."""
+    return {r["request_id"]: (r["response_text"], r["writes"]) for r in conn.execute(
+        "SELECT request_id, response_text, writes FROM batchdb.results WHERE job_id = %s", (job_id,)).fetchall()}
 
 
 def job_row(conn: psycopg.Connection, job_id: int) -> dict:
@@ -62,10 +73,12 @@ def test_claim_leases_rows_in_order_and_bumps_fencing_token(dsn: str, conn: psyc
     assert [r.custom_id for r in rows] == ["r1", "r2", "r3"]
     assert all(r.attempts == 1 and r.lease_token == 1 and r.max_attempts == 5 for r in rows)
     leased = conn.execute(
-        "SELECT count(*) AS n, min(lease_expires_at - now()) AS lease FROM batchdb.requests "
-        "WHERE job_id = %s AND status = 'running' AND lease_owner = 'w1'", (job_id,)).fetchone()
+        "SELECT count(*) AS n, min(lease_expires_at - started_at) AS shortest, max(lease_expires_at - started_at) "
+        "AS longest FROM batchdb.requests WHERE job_id = %s AND status = 'running' AND lease_owner = 'w1'",
+        (job_id,)).fetchone()
     assert leased["n"] == 3
-    assert 55 < leased["lease"].total_seconds() <= 60
+    # Set in database time from the claim's own now(): exactly the lease asked for.
+    assert leased["shortest"].total_seconds() == leased["longest"].total_seconds() == 60
     # A second claim skips the leased rows.
     more = run(claim(dsn, 10, worker="w2"))
     assert [r.custom_id for r in more] == ["r4", "r5"]
@@ -101,8 +114,10 @@ def test_completion_records_once_and_counters_are_exact(dsn: str, conn: psycopg.
     rows = run(claim(dsn, 4))
     outcomes = [ok(r, prompt_tokens=100 + i, completion_tokens=10 + i) for i, r in enumerate(rows)]
     assert run(complete(dsn, outcomes)) == {r.key for r in rows}
-    # The same completions again (a retried write, a duplicate) record nothing.
+    # The same completions again (a retried write, a duplicate) record nothing, even with other answers.
     assert run(complete(dsn, outcomes)) == set()
+    assert run(complete(dsn, [ok(r, text="a duplicate answer") for r in rows])) == set()
+    assert results_of(conn, job_id) == {r.id: (f"answer {r.id} under lease {r.lease_token}", 1) for r in rows}
     job = job_row(conn, job_id)
     assert job["status"] == "completed" and job["finished_at"] is not None
     assert (job["n_total"], job["n_succeeded"]) == (4, 4)
@@ -130,13 +145,34 @@ def test_late_completion_from_a_worker_that_lost_its_lease_is_rejected(dsn: str,
     assert run(reclaim()) == 1
     [second] = run(claim(dsn, 1, worker="fast"))
     assert second.id == first.id and second.lease_token == first.lease_token + 1
-    # The slow worker finally answers: fenced out, nothing recorded.
-    assert run(complete(dsn, [ok(first, prompt_tokens=999)])) == set()
-    assert run(complete(dsn, [ok(second)])) == {second.key}
+    # The slow worker finally answers, before and after the new owner: fenced out, nothing recorded.
+    assert run(complete(dsn, [ok(first, prompt_tokens=999, text="late answer")])) == set()
+    assert run(complete(dsn, [ok(second, text="accepted answer")])) == {second.key}
+    assert run(complete(dsn, [ok(first, prompt_tokens=999, text="later answer")])) == set()
     job = job_row(conn, job_id)
     assert (job["n_succeeded"], job["prompt_tokens"]) == (1, 10)
-    result = conn.execute("SELECT response_text FROM batchdb.results WHERE job_id = %s", (job_id,)).fetchall()
-    assert [r["response_text"] for r in result] == [f"answer {second.id}"]
+    assert results_of(conn, job_id) == {second.id: ("accepted answer", 1)}
+
+
+def test_a_double_completion_is_counted_not_hidden(dsn: str, conn: psycopg.Connection) -> None:
+    """results has one row per request, so counting result rows cannot see a second completion:
+    the write audit (bench/write_audit.py, used by the drills) and results.writes do."""
+    write_audit.install(dsn)
+    job_id = make_job(conn, 2)
+    rows = run(claim(dsn, 2))
+    assert run(complete(dsn, [ok(r, text="first") for r in rows])) == {r.key for r in rows}
+    assert write_audit.writes(conn, job_id).violations == []
+    # A broken fence: the first row looks in flight again under the same lease, and completes twice.
+    conn.execute("UPDATE batchdb.requests SET status = 'running' WHERE job_id = %s AND id = %s",
+                 (job_id, rows[0].id))
+    assert run(complete(dsn, [ok(rows[0], text="second")])) == {rows[0].key}
+    stored = conn.execute("SELECT count(*) AS n, count(DISTINCT request_id) AS d FROM batchdb.results "
+                          "WHERE job_id = %s", (job_id,)).fetchone()
+    assert stored["n"] == stored["d"] == 2  # the old check ("no row has two results") sees nothing
+    assert results_of(conn, job_id)[rows[0].id] == ("second", 2)  # the overwrite is counted
+    audited = write_audit.writes(conn, job_id)
+    assert (audited.rows_finalised_twice, audited.rows_with_two_result_writes) == (1, 1)
+    assert audited.succeeded_without_one_final_write == 1 and len(audited.violations) == 3, audited
 
 
 def test_reclaim_requeues_expired_rows_and_dead_letters_the_last_attempt(dsn: str, conn: psycopg.Connection) -> None:
@@ -164,11 +200,17 @@ def test_reclaim_requeues_expired_rows_and_dead_letters_the_last_attempt(dsn: st
 def test_retry_outcome_waits_for_run_after(dsn: str, conn: psycopg.Connection) -> None:
     job_id = make_job(conn, 1)
     [row] = run(claim(dsn, 1))
-    retry = Outcome(row.job_id, row.id, row.lease_token, RequestStatus.QUEUED, retry_in=0.5,
+    retry = Outcome(row.job_id, row.id, row.lease_token, RequestStatus.QUEUED, retry_in=30,
                     error_class="rate_limited", error="429")
+    before = conn.execute("SELECT clock_timestamp() AS t").fetchone()["t"]
     assert run(complete(dsn, [retry])) == {row.key}
+    after = conn.execute("SELECT clock_timestamp() AS t").fetchone()["t"]
+    run_after = conn.execute("SELECT run_after FROM batchdb.requests WHERE job_id = %s", (job_id,)).fetchone()
+    # Due 30 s after the completion, in database time (however long the statements took).
+    assert before + timedelta(seconds=30) <= run_after["run_after"] <= after + timedelta(seconds=30)
     assert run(claim(dsn, 1)) == []  # not due yet
-    conn.execute("SELECT pg_sleep(0.6)")
+    conn.execute("UPDATE batchdb.requests SET run_after = run_after - interval '30 seconds' WHERE job_id = %s",
+                 (job_id,))  # the 30 s have passed
     [again] = run(claim(dsn, 1))
     assert again.attempts == 2 and again.lease_token == 2
     assert job_row(conn, job_id)["n_retries"] == 1

@@ -93,8 +93,10 @@ def test_four_workers_together_stay_inside_rpm_and_tpm(dsn: str, conn: psycopg.C
     # ... near-zero 429s, and the binding limit (TPM) well used once started.
     totals = stats["totals"]
     assert totals["rate_limited"] <= 0.005 * totals["requests"] + 1, totals
-    steady = sum(charged[5:65]) / 60_000
-    assert steady >= 0.90, f"used {steady:.1%} of TPM in seconds 5-65"
+    # Counted from the simulator's first admitted call, not from its start: workers start late on a busy machine.
+    first = next(t for t, n in enumerate(admitted) if n)
+    steady = sum(charged[first + 5:first + 65]) / 60_000
+    assert steady >= 0.90, f"used {steady:.1%} of TPM in seconds 5-65 after the first call (second {first})"
 
 
 def test_another_client_spending_half_the_key_behind_our_back(dsn: str, conn: psycopg.Connection, sim_factory,
@@ -103,6 +105,7 @@ def test_another_client_spending_half_the_key_behind_our_back(dsn: str, conn: ps
     ledger.set_limits(conn, LANE, rpm=600)
     stop = threading.Event()
     rival = {"ok": 0, "429": 0}
+    rival_answered: list[float] = []  # time.monotonic() of each of the rival's answered calls
 
     def spend_half() -> None:
         async def run() -> None:
@@ -114,6 +117,7 @@ def test_another_client_spending_half_the_key_behind_our_back(dsn: str, conn: ps
                     await client.chat.completions.create(model=MODEL, max_tokens=20,
                                                          messages=[{"role": "user", "content": "hi"}])
                     rival["ok"] += 1
+                    rival_answered.append(time.monotonic())
                 except openai.RateLimitError:
                     rival["429"] += 1
 
@@ -132,19 +136,36 @@ def test_another_client_spending_half_the_key_behind_our_back(dsn: str, conn: ps
     job = batchdb.submit(headlines(2000), prompt="Classify: {text}", model=MODEL, provider="openai",
                          max_tokens=20, dsn=dsn)
     workers = start_logged_workers(2, dsn, openai_env(sim), tmp_path, "--concurrency", "16")
+    window_s = 30.0
     try:
-        time.sleep(40)
+        # Measure once the workers are under way (they start slowly on a busy machine), over a
+        # window whose ends are read from the database: rows finished inside it are ours.
+        deadline = time.monotonic() + 120
+        while job.status().n_succeeded == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(5)  # the ledger learns the rival is there
+        with psycopg.connect(dsn) as c:
+            window_start = c.execute("SELECT clock_timestamp()").fetchone()[0]
+        started = time.monotonic()
+        time.sleep(window_s)
+        with psycopg.connect(dsn) as c:
+            window_end = c.execute("SELECT clock_timestamp()").fetchone()[0]
+        ended = time.monotonic()
     finally:
         workers.stop()
         stop.set()
         thread.join()
     status = job.status()
-    ours = status.n_succeeded
     with psycopg.connect(dsn) as c:
-        attempts = c.execute("SELECT coalesce(sum(attempts), 0) FROM batchdb.requests WHERE job_id = %s",
-                             (job.id,)).fetchone()[0]
-    # batchdb settled near the ~5 calls/s the other client left it ...
-    assert 0.35 * 10 * 40 <= ours <= 0.65 * 10 * 40, (ours, rival)
+        attempts, ours = c.execute(
+            "SELECT coalesce(sum(attempts), 0), count(*) FILTER (WHERE status = 'succeeded' AND finished_at >= %s "
+            "AND finished_at < %s) FROM batchdb.requests WHERE job_id = %s",
+            (window_start, window_end, job.id)).fetchone()
+    our_rate = ours / (window_end - window_start).total_seconds()
+    rival_rate = sum(1 for t in rival_answered if started <= t < ended) / (ended - started)
+    # batchdb settled near what the other client left it of the key's 10 calls/s (about half) ...
+    assert our_rate >= 3.5, (our_rate, rival_rate, rival)
+    assert our_rate + rival_rate <= 10 * 1.1, (our_rate, rival_rate, rival)  # never more than it left
     # ... and rarely ran into the limit doing so.
     assert status.n_retries <= 0.03 * attempts, (status.n_retries, attempts)
     with psycopg.connect(dsn) as c:
@@ -153,11 +174,18 @@ def test_another_client_spending_half_the_key_behind_our_back(dsn: str, conn: ps
 
 
 def test_outage_is_ridden_out_with_backoff(dsn: str, conn: psycopg.Connection, sim_factory, tmp_path: Path) -> None:
-    sim = sim_factory(latency_s=Distribution(kind="fixed", value=0.05), outage=Outage(start_s=2.0, duration_s=6.0))
+    # The outage runs until the test ends it, 6 s after the workers first ran into it: timed from what
+    # the workers saw, not from the simulator's start (workers start late on a busy machine).
+    sim = sim_factory(latency_s=Distribution(kind="fixed", value=0.05), outage=Outage(start_s=0.0, duration_s=None))
     job = batchdb.submit(headlines(400), prompt="{text}", model=MODEL, provider="openai", max_tokens=10,
                          max_attempts=8, dsn=dsn)
     workers = start_logged_workers(2, dsn, openai_env(sim), tmp_path, "--concurrency", "8")
     try:
+        deadline = time.monotonic() + 120
+        while sim.stats(series=False)["outcomes"].get("outage", 0) == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(6.0)
+        sim.set_config(outage=None)
         final = job.wait(timeout=120)
     finally:
         workers.stop()

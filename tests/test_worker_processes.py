@@ -10,6 +10,7 @@ import psycopg
 import pytest
 
 import batchdb
+from bench import write_audit
 from batchdb.simulator.config import Distribution, SimulatorConfig
 from batchdb.simulator.process import SimulatorProcess, start_simulator
 from workers.processes import WorkerProcesses, start_workers
@@ -30,6 +31,7 @@ def start_openai_workers(n: int, dsn: str, sim: SimulatorProcess, *args: str) ->
 
 
 def submit_rows(dsn: str, n: int) -> batchdb.Job:
+    write_audit.install(dsn)  # completions are counted from the writes (assert_exactly_once)
     frame = pd.DataFrame({"key": [f"k{i}" for i in range(n)], "text": [f"headline number {i}" for i in range(n)]})
     return batchdb.submit(frame, prompt="Sentiment: {text}", id_column="key", model="gpt-4o-mini",
                           provider="openai", max_tokens=16, dsn=dsn)
@@ -39,12 +41,17 @@ def assert_exactly_once(dsn: str, job: batchdb.Job, rows: int) -> None:
     status = job.status()
     assert (status.status, status.n_succeeded, status.n_total) == ("completed", rows, rows)
     with psycopg.connect(dsn) as conn:
-        results, distinct = conn.execute(
-            "SELECT count(*), count(DISTINCT request_id) FROM batchdb.results WHERE job_id = %s", (job.id,)).fetchone()
+        results, overwritten = conn.execute(
+            "SELECT count(*), count(*) FILTER (WHERE writes > 1) FROM batchdb.results WHERE job_id = %s",
+            (job.id,)).fetchone()
+        audited = write_audit.writes(conn, job.id)
         tokens = conn.execute(
             "SELECT sum(prompt_tokens), sum(completion_tokens), sum(cost_usd) FROM batchdb.requests WHERE job_id = %s",
             (job.id,)).fetchone()
-    assert results == distinct == rows
+    assert results == rows and overwritten == 0
+    # Counted from the writes: each row written succeeded once and its result written once.
+    assert audited.violations == [], audited
+    assert audited.final_writes == audited.result_writes == rows, audited
     assert (status.prompt_tokens, status.completion_tokens, status.cost_usd) == tokens
     assert status.cost_usd > 0
 

@@ -54,6 +54,7 @@ from workers.connection import Reconnecting, listen_forever
 from workers.lanes import LaneAdvertiser, LaneUnavailable
 from workers.notifier import Notifier, NotifierConfig
 from workers.outcomes import RetryPolicy, failure, invalid_response, success
+from workers.budget_settler import BudgetSettler, Settlement
 from workers.pacer import DailyQuotaExhausted, LaneWaiting, Pacer
 from workers.send_guard import CallDropped, SendGuard
 from workers.settler import Settler
@@ -101,6 +102,15 @@ class _HandBack(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+@dataclass
+class _Reserved:
+    """Budget reserved for one row under its current lease: `calls` reservations, `usd` in all."""
+
+    lease_token: int
+    calls: int = 0
+    usd: Decimal = Decimal(0)
 
 
 @dataclass
@@ -178,7 +188,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
-        self._reserved_usd: dict[tuple[int, int], Decimal] = {}
+        self._reserved: dict[tuple[int, int], _Reserved] = {}
         self._deferred_until = 0.0  # monotonic time the last row handed back by a waiting lane is due
         # time.monotonic() of each held row's claim and of its last send (for the breaker: a stale
         # cache, an answer to a call sent before the circuit opened).
@@ -210,6 +220,8 @@ class Worker:
                                 lease_seconds=self.config.lease_seconds,
                                 probe_lease_seconds=self.config.request_timeout + self.config.lease_seconds,
                                 on_probe=self._start)
+        # Budget bookkeeping waits on other workers' locks: its own service and connection.
+        self._budget = BudgetSettler(Reconnecting(dsn, name="budget"), flush_interval=self.config.flush_interval)
         await self._claims.run(
             lambda c: c.execute(
                 query("register_worker"),
@@ -221,6 +233,7 @@ class Worker:
         await self._lanes.refresh()  # before the first claim: it claims only on advertised lanes
         log.info("worker %s started (concurrency %d)", self.id, self.config.concurrency)
         completer = asyncio.create_task(self._completer.run(), name="completer")
+        budget = asyncio.create_task(self._budget.run(), name="budget settler")
         self._vacuumer = Vacuumer(Reconnecting(dsn, name="vacuum"))
         background = [
             asyncio.create_task(self._vacuumer.run(), name="vacuumer"),
@@ -242,6 +255,8 @@ class Worker:
             await self._completer.close()
             await completer
             await self._release_unfinished()
+            await self._budget.close()
+            await budget
             for task in background:
                 task.cancel()
             for task in background:
@@ -256,6 +271,7 @@ class Worker:
             await self._vacuumer.close()
             await self._lanes.close()
             await self._breaker.close()
+            await self._budget.disconnect()
             for provider in self._providers.values():
                 await provider.aclose()
             await self._claims.close()
@@ -373,7 +389,8 @@ class Worker:
             outcome = failure(row, error, None, self.config.retry)
         # Tokens of every call made for this row count, including answers that did not validate.
         outcome.prompt_tokens, outcome.completion_tokens = spent.prompt_tokens, spent.completion_tokens
-        outcome.reserved_usd = self._reserved_usd.pop(row.key, Decimal(0))
+        reserved = self._reserved.get(row.key)
+        outcome.reserved_usd = reserved.usd if reserved is not None else Decimal(0)
         self._completer.submit(outcome)
 
     async def _call(self, row: ClaimedRequest, spent: _Spent) -> Outcome:
@@ -469,8 +486,13 @@ class Worker:
     async def _reserve_budget(self, row: ClaimedRequest, usd: Decimal) -> None:
         """Reserve the call's worst-case cost. While only other calls' reservations stand in the
         way ('wait'), hold the row and ask again as they settle; a spent budget pauses the job."""
+        held = self._reserved.setdefault(row.key, _Reserved(row.lease_token))
+        # The call's key: run again after a lost reply, the statement reserves nothing more.
+        key = {"job_id": row.job_id, "usd": usd, "request_id": row.id, "lease_token": row.lease_token,
+               "seq": held.calls + 1}
+
         async def reserve(conn: psycopg.AsyncConnection) -> str:
-            cur = await conn.execute(query("reserve_budget"), {"job_id": row.job_id, "usd": usd})
+            cur = await conn.execute(query("reserve_budget"), key)
             found = await cur.fetchone()
             return str(found["result"]) if found else "paused"
 
@@ -480,7 +502,8 @@ class Worker:
             await asyncio.sleep(self.config.budget_wait)
         if result != "ok":
             raise _HandBack("budget reached")
-        self._reserved_usd[row.key] = self._reserved_usd.get(row.key, Decimal(0)) + usd
+        held.calls += 1
+        held.usd += usd
 
     def _lane_of(self, row: ClaimedRequest) -> Lane | None:
         """The circuit lane of a row whose job is cached (it is once a call was attempted)."""
@@ -491,7 +514,7 @@ class Worker:
         """The lane's circuit is open: the row goes back, no attempt spent, the job keeps running
         (it shows the circuit's reason); claim_batch skips the lane until a probe closes it."""
         await self._claims.run(lambda c: queue.release_leases(c, [row]), what="release_leases")
-        await self._release_budget([row.key])
+        self._release_budget([row])
         self._held.pop(row.key, None)
         self._claimed_at.pop(row.key, None)
 
@@ -543,7 +566,7 @@ class Worker:
             lambda c: c.execute(query("pause_job"), {"job_id": row.job_id, "reason": reason}), what="pause_job"
         )
         await self._claims.run(lambda c: queue.release_leases(c, [row]), what="release_leases")
-        await self._release_budget([row.key])
+        self._release_budget([row])
         self._held.pop(row.key, None)
         self._claimed_at.pop(row.key, None)
         log.warning("job %s paused: %s", row.job_id, reason)
@@ -556,7 +579,7 @@ class Worker:
                 "delay_seconds": retry_in}),
             what="defer_leases",
         )
-        await self._release_budget([row.key])
+        self._release_budget([row])
         await self._breaker.forget(row)
         self._held.pop(row.key, None)
         self._claimed_at.pop(row.key, None)
@@ -566,43 +589,33 @@ class Worker:
         """The call was not sent: hand the row back (only if it is still ours: fenced) without
         spending an attempt, and without pausing anything."""
         await self._claims.run(lambda c: queue.release_leases(c, [row]), what="release_leases")
-        await self._release_budget([row.key])
+        self._release_budget([row])
         await self._breaker.forget(row)
         self._held.pop(row.key, None)
         self._claimed_at.pop(row.key, None)
         log.debug("job %s request %s not sent: %s", row.job_id, row.id, reason)
 
-    async def _release_budget(self, keys: list[tuple[int, int]]) -> None:
-        held = [(key[0], self._reserved_usd.pop(key)) for key in keys if key in self._reserved_usd]
-        if held:
-            await self._claims.run(
-                lambda c: c.execute(query("release_budget"),
-                                    {"job_id": [j for j, _ in held], "usd": [u for _, u in held]}),
-                what="release_budget",
-            )
+    def _release_budget(self, rows: list[ClaimedRequest]) -> None:
+        """Rows handed back unsent: their reservations go back (through the Settler)."""
+        for row in rows:
+            held = self._reserved.pop(row.key, None)
+            if held is not None:
+                self._budget.submit(Settlement(row.job_id, row.id, held.lease_token))
 
     async def _forget(self, batch: list[Outcome], recorded: set[tuple[int, int]]) -> None:
         for outcome in batch:
             self._held.pop(outcome.key, None)
             self._claimed_at.pop(outcome.key, None)
         self.completed += sum(1 for o in batch if o.key in recorded and RequestStatus(o.status).final)
-        # Calls of budgeted owners: their reservation is replaced by what they cost.
-        settled = [(job.owner, o.reserved_usd, job.cost(o.prompt_tokens, o.completion_tokens))
-                   for o in batch if o.reserved_usd > 0
-                   and (job := self._jobs.get(o.job_id)) is not None and job.owner_has_budget]
-        if settled:
-            # Money was spent whether or not the completion was fenced out: it counts either way.
-            try:
-                await self._writes.run(
-                    lambda c: c.execute(query("settle_user_spend"), {
-                        "owner": [owner for owner, _, _ in settled],
-                        "reserved": [reserved for _, reserved, _ in settled],
-                        "spent": [cost for _, _, cost in settled],
-                    }),
-                    what="settle_user_spend",
-                )
-            except psycopg.Error as exc:  # never stop the completer over bookkeeping
-                log.error("could not settle %d call(s) against their owners' budgets: %s", len(settled), exc)
+        # Calls that reserved budget: the reservation is replaced by what they cost. Money was
+        # spent whether or not the completion was fenced out: it counts either way.
+        for outcome in batch:
+            held = self._reserved.pop(outcome.key, None)
+            if held is None or held.lease_token != outcome.lease_token:
+                continue
+            job = self._jobs.get(outcome.job_id)
+            cost = job.cost(outcome.prompt_tokens, outcome.completion_tokens) if job is not None else Decimal(0)
+            self._budget.submit(Settlement(outcome.job_id, outcome.id, outcome.lease_token, cost))
 
     # -- maintenance -------------------------------------------------------------------------
 
@@ -657,7 +670,7 @@ class Worker:
         if unfinished:
             released = await self._claims.run(lambda c: queue.release_leases(c, unfinished), what="release_leases")
             log.info("released %d unfinished row(s)", len(released))
-            await self._release_budget([row.key for row in unfinished])
+            self._release_budget(unfinished)
             self._held.clear()
             self._claimed_at.clear()
 
