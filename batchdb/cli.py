@@ -353,16 +353,17 @@ def _usd(value: object) -> str:
 @click.option("--request-timeout", default=120.0, show_default=True)
 @click.option("--poll-interval", default=2.0, show_default=True)
 @click.option("--exit-when-idle", is_flag=True, help="Exit once nothing is left to claim.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="json: one JSON object per line, for log shippers.")
 @_dsn_option
 def worker_command(concurrency: int, lease_seconds: float, request_timeout: float, poll_interval: float,
-                   exit_when_idle: bool, dsn: str | None) -> None:
-    """Run a worker process until SIGTERM/SIGINT."""
+                   exit_when_idle: bool, log_format: str, dsn: str | None) -> None:
+    """Run a worker process until SIGTERM/SIGINT (a second one: hand back every row at once)."""
+    from workers.logs import configure_worker_logging
     from workers.worker import WorkerConfig, run_worker
 
-    logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
-    for chatty in ("httpx", "httpcore", "openai", "google_genai"):
-        # One log line per HTTP request would drown the worker's own messages.
-        logging.getLogger(chatty).setLevel(max(logging.getLogger().level, logging.WARNING))
+    # The worker's own state changes at INFO; never a line per request (workers/logs.py).
+    configure_worker_logging(log_format)
     run_worker(WorkerConfig(
         dsn=dsn, concurrency=concurrency, lease_seconds=lease_seconds, request_timeout=request_timeout,
         heartbeat_interval=max(0.5, min(10.0, lease_seconds / 3)), poll_interval=poll_interval,

@@ -8,8 +8,12 @@ Three loops share one asyncio process:
 - maintenance extends the leases of rows still held, heartbeats the
   `workers` row and reclaims rows whose lease expired (any worker's).
 
-SIGTERM/SIGINT: stop claiming, let in-flight calls finish for
-`shutdown_grace` seconds, release the rest, write every outcome, exit 0.
+SIGTERM/SIGINT (workers/shutdown.py): stop claiming, hand back at once the rows
+whose call was not sent yet (waiting for ledger capacity or budget), let sent calls
+finish for `shutdown_grace` seconds, release the rest, write every outcome, exit 0.
+A second signal is a cold shutdown: every held row goes back at once. A database
+that stays unreachable while stopping is given up on: its rows return to the
+queue when their lease runs out.
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ from workers.completer import BatchCompleter
 from workers.connection import Reconnecting, listen_forever
 from workers.notifier import Notifier, NotifierConfig
 from workers.outcomes import RetryPolicy, failure, invalid_response, success
-from workers.pacer import DailyQuotaExhausted, Pacer
+from workers.pacer import DailyQuotaExhausted, Pacer, Withdrawn
+from workers.shutdown import DatabaseUnreachable, Shutdown
 from workers.vacuumer import Vacuumer
 
 log = logging.getLogger(__name__)
@@ -55,6 +60,7 @@ class _Spent:
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    calls: int = 0
 
 
 class _HandBack(Exception):
@@ -63,6 +69,10 @@ class _HandBack(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class _NotSent(Exception):
+    """The worker is stopping and this row's call was never sent: the row goes back to the queue."""
 
 
 @dataclass
@@ -128,7 +138,12 @@ class Worker:
         self._jobs: dict[int, _Job] = {}
         self._held: dict[tuple[int, int], ClaimedRequest] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._stopping = asyncio.Event()
+        # Per held row: its task, whether a provider call went out for it, and the rows
+        # whose call was never sent once the worker stopped (handed back together).
+        self._row_tasks: dict[tuple[int, int], asyncio.Task[None]] = {}
+        self._sent: set[tuple[int, int]] = set()
+        self._not_sent: list[ClaimedRequest] = []
+        self._shutdown = Shutdown()
         self._wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._reserved_usd: dict[tuple[int, int], Decimal] = {}
@@ -136,28 +151,37 @@ class Worker:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def stop(self) -> None:
-        """Ask the worker to shut down gracefully (what SIGTERM does)."""
-        self._stopping.set()
+    def stop(self, *, cold: bool = False) -> None:
+        """Ask the worker to shut down: gracefully (what SIGTERM does), or `cold`: hand back
+        every held row at once, calls in flight included (what a second Ctrl-C does)."""
+        self._shutdown.request(cold=cold)
         self._wake.set()
         self._slot_freed.set()
 
     async def run(self) -> None:
         dsn = resolve_dsn(self.config.dsn)
-        self._claims = Reconnecting(dsn, name="claim")
-        self._writes = Reconnecting(dsn, name="complete")
+        self._claims = Reconnecting(dsn, name="claim", shutdown=self._shutdown)
+        self._writes = Reconnecting(dsn, name="complete", shutdown=self._shutdown)
+        # The ledger's statements are the pacer's lane tasks (cancelled on close) and 429 reports of
+        # sent calls (bounded by the grace): they keep retrying rather than fail mid-flight.
         self._pacer = Pacer(Reconnecting(dsn, name="ledger"))
         self._completer = BatchCompleter(
             self._writes, flush_interval=self.config.flush_interval, on_recorded=self._forget
         )
-        await self._claims.run(
-            lambda c: c.execute(
-                query("register_worker"),
-                {"worker_id": self.id, "hostname": socket.gethostname(), "pid": os.getpid(),
-                 "concurrency": self.config.concurrency},
-            ),
-            what="register_worker",
-        )
+        try:
+            await self._claims.run(
+                lambda c: c.execute(
+                    query("register_worker"),
+                    {"worker_id": self.id, "hostname": socket.gethostname(), "pid": os.getpid(),
+                     "concurrency": self.config.concurrency},
+                ),
+                what="register_worker",
+            )
+        except DatabaseUnreachable as exc:
+            log.warning("worker stopped before it could reach the database (%s)", exc)
+            await self._pacer.close()
+            await self._claims.close()
+            return
         log.info("worker %s started (concurrency %d)", self.id, self.config.concurrency)
         completer = asyncio.create_task(self._completer.run(), name="completer")
         self._vacuumer = Vacuumer(Reconnecting(dsn, name="vacuum"))
@@ -168,24 +192,32 @@ class Worker:
                                 name="listen"),
         ]
         if self.config.notifier is not None:
-            notifier = Notifier(dsn, self.config.notifier, worker_id=self.id)
+            notifier = Notifier(dsn, self.config.notifier, worker_id=self.id, shutdown=self._shutdown)
             background.append(asyncio.create_task(notifier.run(), name="notifier"))
         try:
             await self._claim_loop()
             await self._finish_in_flight()
+        except DatabaseUnreachable as exc:
+            # Nothing can be recorded or handed back: stop the rows' tasks and say what is left.
+            log.warning("database unreachable while stopping (%s)", exc)
+            await self._cancel_tasks(set(self._tasks))
         finally:
             await self._completer.close()
-            await completer
+            try:
+                await completer
+            except DatabaseUnreachable as exc:
+                log.warning("could not record the last outcomes: database unreachable (%s)", exc)
             await self._release_unfinished()
             for task in background:
                 task.cancel()
-            for task in background:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            await self._claims.run(
-                lambda c: c.execute(query("stop_worker"), {"worker_id": self.id, "n_completed": self.completed}),
-                what="stop_worker",
-            )
+            await asyncio.gather(*background, return_exceptions=True)
+            try:
+                await self._claims.run(
+                    lambda c: c.execute(query("stop_worker"), {"worker_id": self.id, "n_completed": self.completed}),
+                    what="stop_worker",
+                )
+            except DatabaseUnreachable:
+                pass  # said above; the workers row shows this worker dead once its heartbeat ages
             await self._pacer.close()
             await self._vacuumer.close()
             for provider in self._providers.values():
@@ -195,15 +227,31 @@ class Worker:
             log.info("worker %s stopped after %d rows", self.id, self.completed)
 
     def install_signal_handlers(self) -> None:
+        """First SIGTERM/SIGINT: graceful stop; second: cold stop; third: the default action
+        (the process ends at once; rows still held return when their lease runs out)."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop)
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if not self._shutdown.stopping:
+            log.info("%s: stopping; rows not sent yet go back now, sent calls get %.0fs to finish "
+                        "(%s again: stop at once)", sig.name, self.config.shutdown_grace, sig.name)
+            self.stop()
+            return
+        log.warning("%s again: cold shutdown, handing back every held row now (%s again: quit without "
+                    "handing them back)", sig.name, sig.name)
+        self.stop(cold=True)
+        loop = asyncio.get_running_loop()
+        for other in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(other)
+            signal.signal(other, signal.SIG_DFL)
 
     # -- claiming ----------------------------------------------------------------------------
 
     async def _claim_loop(self) -> None:
         idle_since: float | None = None
-        while not self._stopping.is_set():
+        while not self._shutdown.stopping:
             free = self.config.concurrency - len(self._tasks)
             if free <= 0:
                 self._slot_freed.clear()
@@ -221,12 +269,13 @@ class Worker:
             except psycopg.Error as exc:
                 # The server refused the statement itself (disk full ...): wait, then try again.
                 log.error("claim_batch failed: %s", exc)
-                await asyncio.sleep(self.config.poll_interval)
+                await self._shutdown.sleep(self.config.poll_interval)
                 continue
             for row in rows:
                 self._held[row.key] = row
                 task = asyncio.create_task(self._process(row))
                 self._tasks.add(task)
+                self._row_tasks[row.key] = task
                 task.add_done_callback(self._task_done)
             if rows:
                 idle_since = None
@@ -249,10 +298,22 @@ class Worker:
     # -- one row -----------------------------------------------------------------------------
 
     async def _process(self, row: ClaimedRequest) -> None:
+        try:
+            await self._process_row(row)
+        except DatabaseUnreachable:
+            pass  # stopping without a database: the row comes back when its lease runs out
+        finally:
+            self._row_tasks.pop(row.key, None)
+            self._sent.discard(row.key)
+
+    async def _process_row(self, row: ClaimedRequest) -> None:
         started = time.monotonic()
         spent = _Spent()
         try:
             outcome = await self._call(row, spent)
+        except _NotSent:
+            self._not_sent.append(row)  # handed back with the others by _finish_in_flight
+            return
         except _HandBack as back:
             await self._hand_back(row, back.reason)
             return
@@ -262,7 +323,7 @@ class Worker:
                 await self._hand_back(row, f"provider refused: {exc.message}")
                 return
             outcome = failure(row, exc, latency, self.config.retry)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, DatabaseUnreachable):
             raise
         except Exception as exc:  # noqa: BLE001 - a bug must cost one attempt, never the worker
             log.exception("unexpected error on job %s request %s", row.job_id, row.id)
@@ -313,10 +374,9 @@ class Worker:
         # The client exists before capacity is reserved: building the first one imports the
         # SDK, which blocks the loop; capacity granted before that would go out late, in a burst.
         provider = self._provider(job.provider, job.key_alias)
-        try:
-            await self._pacer.acquire(lane, reserved_tokens)
-        except DailyQuotaExhausted as exc:
-            raise _HandBack(str(exc)) from None
+        await self._wait_for_capacity(lane, reserved_tokens, spent)
+        self._sent.add(row.key)
+        spent.calls += 1
         try:
             async with asyncio.timeout(self.config.request_timeout):
                 response = await provider.complete(request)
@@ -336,6 +396,23 @@ class Worker:
         spent.completion_tokens += response.completion_tokens
         return response
 
+    async def _wait_for_capacity(self, lane: Lane, reserved_tokens: int, spent: _Spent) -> None:
+        """Wait in the pacer for the ledger's grant. Once the worker stops, a row that has not made
+        a call yet sends none (`_NotSent`); a re-ask of a row already paid for still goes out."""
+        first_call = spent.calls == 0
+        if first_call and self._shutdown.stopping:
+            raise _NotSent
+        try:
+            await self._pacer.acquire(lane, reserved_tokens)
+        except DailyQuotaExhausted as exc:
+            raise _HandBack(str(exc)) from None
+        except Withdrawn:
+            if first_call:
+                raise _NotSent from None
+            await self._pacer.acquire(lane, reserved_tokens)
+        if first_call and self._shutdown.stopping:
+            raise _NotSent
+
     async def _reserve_budget(self, row: ClaimedRequest, usd: Decimal) -> None:
         """Reserve the call's worst-case cost. While only other calls' reservations stand in the
         way ('wait'), hold the row and ask again as they settle; a spent budget pauses the job."""
@@ -345,9 +422,9 @@ class Worker:
             return str(found["result"]) if found else "paused"
 
         while (result := await self._claims.run(reserve, what="reserve_budget")) == "wait":
-            if self._stopping.is_set():
-                raise _HandBack("worker stopping while waiting for budget") from None
-            await asyncio.sleep(self.config.budget_wait)
+            if self._shutdown.stopping:
+                raise _NotSent  # not the job's fault: return the row without pausing the job
+            await self._shutdown.sleep(self.config.budget_wait)
         if result != "ok":
             raise _HandBack("budget reached")
         self._reserved_usd[row.key] = self._reserved_usd.get(row.key, Decimal(0)) + usd
@@ -459,22 +536,66 @@ class Worker:
                     log.info("resumed %d job(s) whose user quota period turned over", resumed)
 
     async def _finish_in_flight(self) -> None:
-        if not self._tasks:
+        """Hand back the rows whose call was never sent, at once; give the sent ones
+        `shutdown_grace` seconds (less if the stop turns cold) to finish."""
+        deadline = time.monotonic() + self.config.shutdown_grace
+        sent = {task for key, task in self._row_tasks.items() if key in self._sent}
+        unsent = set(self._tasks) - sent
+        # Rows waiting for ledger capacity or budget (or about to) raise _NotSent now;
+        # none of them calls the provider, so they finish within a statement or two.
+        self._pacer.withdraw_waiting()
+        if unsent:
+            _, stuck = await asyncio.wait(unsent, timeout=self.config.shutdown_grace)
+            await self._cancel_tasks(stuck)
+        if self._not_sent:
+            rows, self._not_sent = self._not_sent, []
+            released = await self._release(rows)
+            log.info("handed back %d row(s) whose call was not sent", released)
+        if not sent:
             return
-        log.info("waiting up to %.0fs for %d in-flight request(s)", self.config.shutdown_grace, len(self._tasks))
-        _, pending = await asyncio.wait(set(self._tasks), timeout=self.config.shutdown_grace)
-        for task in pending:
+        log.info("waiting up to %.0fs for %d sent request(s)", self.config.shutdown_grace, len(sent))
+        cold = asyncio.create_task(self._shutdown.cold.wait())
+        try:
+            pending = {task for task in sent if not task.done()}
+            while pending and not self._shutdown.cold.is_set():
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    break
+                _, pending = await asyncio.wait(pending | {cold}, timeout=timeout,
+                                                return_when=asyncio.FIRST_COMPLETED)
+                pending.discard(cold)
+        finally:
+            cold.cancel()
+        if pending:
+            log.warning("not waiting for %d sent request(s) any longer: their rows go back to the queue",
+                        len(pending))
+        await self._cancel_tasks(pending)
+
+    async def _cancel_tasks(self, tasks: set[asyncio.Task[None]]) -> None:
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _release(self, rows: list[ClaimedRequest]) -> int:
+        """Return rows to the queue without spending an attempt; returns how many were still ours."""
+        released = await self._claims.run(lambda c: queue.release_leases(c, rows), what="release_leases")
+        await self._release_budget([row.key for row in rows])
+        for row in rows:
+            self._held.pop(row.key, None)
+        return len(released)
 
     async def _release_unfinished(self) -> None:
         """Rows with no recorded outcome go back to the queue without spending an attempt."""
         unfinished = list(self._held.values())
-        if unfinished:
-            released = await self._claims.run(lambda c: queue.release_leases(c, unfinished), what="release_leases")
-            log.info("released %d unfinished row(s)", len(released))
-            await self._release_budget([row.key for row in unfinished])
-            self._held.clear()
+        if not unfinished:
+            return
+        try:
+            released = await self._release(unfinished)
+        except DatabaseUnreachable:
+            log.warning("database unreachable: %d held row(s) go back to the queue when their lease runs out "
+                        "(within %.0fs)", len(unfinished), self.config.lease_seconds)
+            return
+        log.info("released %d unfinished row(s)", released)
 
 
 def run_worker(config: WorkerConfig) -> None:
