@@ -371,6 +371,28 @@ def worker_command(concurrency: int, lease_seconds: float, request_timeout: floa
     ))
 
 
+@cli.command("workers")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_dsn_option
+def workers_command(as_json: bool, dsn: str | None) -> None:
+    """List live workers: host, pid, rows in flight, rows done, last heartbeat, lanes of the rows they hold."""
+    from batchdb.fleet import live_workers
+
+    with dbmod.connect(dsn) as conn:
+        found = _run_db_op(lambda: live_workers(conn))
+    if as_json:
+        click.echo(json.dumps([{**vars(w), "started_at": w.started_at.isoformat(),
+                                "heartbeat_at": w.heartbeat_at.isoformat()} for w in found], indent=2))
+        return
+    if not found:
+        click.echo("no live workers (start one with `batchdb worker`)")
+        return
+    click.echo(f"{'host':<24} {'pid':>7} {'in flight':>11} {'rows done':>10} {'heartbeat':>10}  lanes")
+    for w in found:
+        click.echo(f"{w.hostname:<24} {w.pid:>7} {f'{w.in_flight}/{w.concurrency}':>11} {w.n_completed:>10} "
+                   f"{f'{w.heartbeat_age_s:.0f}s ago':>10}  {', '.join(w.lanes) or '-'}")
+
+
 @cli.command("simulator", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.pass_context
 def simulator_command(ctx: click.Context) -> None:
