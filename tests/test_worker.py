@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -194,12 +195,20 @@ def test_sigterm_finishes_in_flight_rows_and_exits_zero(dsn: str, conn: psycopg.
 def test_worker_respects_its_concurrency(dsn: str, concurrency: int) -> None:
     peak = 0
     in_flight = 0
+    full: asyncio.Event | None = None
 
     class Counting(InstantProvider):
         async def complete(self, request: ChatRequest) -> ChatResponse:
-            nonlocal peak, in_flight
+            nonlocal peak, in_flight, full
+            full = full or asyncio.Event()
             in_flight += 1
             peak = max(peak, in_flight)
+            if peak >= concurrency:
+                full.set()
+            # The first calls hold until the worker has `concurrency` of them out (bounded, in case
+            # it never does), so the peak does not depend on how fast this machine starts them.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(full.wait(), 10)
             await asyncio.sleep(0.01)
             in_flight -= 1
             return await super().complete(request)
