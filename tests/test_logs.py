@@ -83,3 +83,17 @@ def test_json_formatter_keeps_exceptions_on_one_line() -> None:
     assert "\n" not in line
     entry = json.loads(line)
     assert entry["message"] == "failed x" and "ValueError: boom" in entry["exception"]
+
+
+def test_progress_is_one_line_per_interval_not_per_request(dsn: str, drain,  # noqa: ANN001
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    frame = pd.DataFrame({"text": [f"t{i}" for i in range(300)]})
+    batchdb.submit(frame, prompt="{text}", model="m", provider="instant", dsn=dsn)
+    caplog.set_level(logging.INFO, logger="workers")
+    drain()  # the default interval (60 s) is longer than this drain: no progress line
+    assert not [r for r in caplog.records if "row(s) done" in r.getMessage()]
+    batchdb.submit(frame, prompt="{text}", model="m", provider="instant", dsn=dsn)
+    drain(progress_interval=0.0)  # every completed batch may report, never every row
+    progress = [r.getMessage() for r in caplog.records if "row(s) done" in r.getMessage()]
+    assert 1 <= len(progress) < 300
+    assert sum(int(line.split()[0]) for line in progress) == 300  # every row counted once

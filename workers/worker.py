@@ -93,6 +93,8 @@ class WorkerConfig:
     budget_wait: float = 0.5
     # Stop by itself once nothing is claimable and nothing is in flight (tests, demo, bench).
     exit_when_idle: bool = False
+    # At most one progress line this often (INFO) while rows complete: never a line per request.
+    progress_interval: float = 60.0
     # Job webhooks and emails, sent on connections of their own (workers/notifier.py); None: off.
     notifier: NotifierConfig | None = field(default_factory=NotifierConfig)
 
@@ -148,6 +150,8 @@ class Worker:
         self._slot_freed = asyncio.Event()
         self._reserved_usd: dict[tuple[int, int], Decimal] = {}
         self.completed = 0
+        self._progress_at = time.monotonic()
+        self._progress_rows = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -479,7 +483,9 @@ class Worker:
     async def _forget(self, batch: list[Outcome], recorded: set[tuple[int, int]]) -> None:
         for outcome in batch:
             self._held.pop(outcome.key, None)
-        self.completed += sum(1 for o in batch if o.key in recorded and RequestStatus(o.status).final)
+        done = sum(1 for o in batch if o.key in recorded and RequestStatus(o.status).final)
+        self.completed += done
+        self._report_progress(done)
         # Calls of budgeted owners: their reservation is replaced by what they cost.
         settled = [(job.owner, o.reserved_usd, job.cost(o.prompt_tokens, o.completion_tokens))
                    for o in batch if o.reserved_usd > 0
@@ -497,6 +503,16 @@ class Worker:
                 )
             except psycopg.Error as exc:  # never stop the completer over bookkeeping
                 log.error("could not settle %d call(s) against their owners' budgets: %s", len(settled), exc)
+
+    def _report_progress(self, done: int) -> None:
+        """One line per `progress_interval` at most, on a completed batch: what an operator tailing
+        the log needs, at a rate that does not grow with the request rate."""
+        self._progress_rows += done
+        now = time.monotonic()
+        if self._progress_rows and now - self._progress_at >= self.config.progress_interval:
+            log.info("%d row(s) done in the last %.0fs (%d since start), %d in flight",
+                     self._progress_rows, now - self._progress_at, self.completed, len(self._tasks))
+            self._progress_at, self._progress_rows = now, 0
 
     # -- maintenance -------------------------------------------------------------------------
 
