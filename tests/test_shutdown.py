@@ -26,7 +26,8 @@ import batchdb
 from batchdb import ledger
 from batchdb.providers.base import ChatRequest, ChatResponse
 from workers.processes import WorkerProcesses
-from workers.shutdown import Shutdown
+from workers.connection import Reconnecting
+from workers.shutdown import DatabaseUnreachable, Shutdown
 from workers.worker import Worker, WorkerConfig
 
 
@@ -90,6 +91,25 @@ def test_shutdown_cuts_sleeps_short_and_gives_up_on_the_database_after_its_patie
     expired = Shutdown(patience=0)
     expired.request()
     assert not expired.may_retry_database()
+
+
+def test_reconnecting_gives_up_on_an_unreachable_database_once_stopping(dsn: str) -> None:
+    nowhere = make_conninfo(dsn, host="127.0.0.1", port=closed_port())
+
+    async def scenario() -> None:
+        shutdown = Shutdown(patience=0.5)
+        db = Reconnecting(nowhere, name="test", shutdown=shutdown)
+        attempt = asyncio.create_task(db.run(lambda c: c.execute("SELECT 1"), what="select"))
+        await asyncio.sleep(0.3)
+        assert not attempt.done()  # not stopping: it keeps retrying, as through any outage
+        shutdown.request()
+        with pytest.raises(DatabaseUnreachable, match="select: connection failed"):
+            await asyncio.wait_for(attempt, 30)
+        # Once given up, later statements fail at their first connection error.
+        with pytest.raises(DatabaseUnreachable):
+            await asyncio.wait_for(db.run(lambda c: c.execute("SELECT 1"), what="select"), 30)
+
+    asyncio.run(scenario())
 
 
 # -- unsent rows go back at once -----------------------------------------------------------------

@@ -160,7 +160,7 @@ def test_cancel_while_running_records_no_success_after_it(dsn: str) -> None:
 @pytest.mark.slow
 def test_sigterm_finishes_in_flight_rows_and_exits_zero(dsn: str, conn: psycopg.Connection,
                                                         simulator: Callable[..., SimulatorProcess], tmp_path: Path) -> None:
-    sim = simulator(latency_s=Distribution(kind="fixed", value=2.0))
+    sim = simulator(latency_s=Distribution(kind="fixed", value=5.0))
     frame = pd.DataFrame({"text": [f"p{i}" for i in range(3000)]})
     job = batchdb.submit(frame, prompt="{text}", model="gpt-4o-mini", provider="openai", dsn=dsn)
     env = {"OPENAI_BASE_URL": sim.openai_base_url, "OPENAI_API_KEY": "sk-test"}
@@ -173,10 +173,12 @@ def test_sigterm_finishes_in_flight_rows_and_exits_zero(dsn: str, conn: psycopg.
             time.sleep(0.05)
             if job.status().n_succeeded == 0:
                 continue  # the first calls are answered: the SDK is loaded, claimed rows go out at once
-            # Rows claimed over a second ago (a lease is taken for 60 s): their calls are out, unanswered.
+            # Rows claimed 1 to 3.5 s ago (a lease is taken for 60 s): their calls are out, and each
+            # has over a second of its 5 s left, so it is still in flight when the signal lands.
             held = [r["id"] for r in conn.execute(
                 "SELECT id FROM batchdb.requests WHERE job_id = %s AND status = 'running' "
-                "AND lease_expires_at < now() + interval '59 seconds'", (job.id,)).fetchall()]
+                "AND lease_expires_at BETWEEN now() + interval '56.5 seconds' AND now() + interval '59 seconds'",
+                (job.id,)).fetchall()]
         workers.processes[0].send_signal(signal.SIGTERM)
         code = workers.processes[0].wait(timeout=60)
     assert code == 0, workers.log_text()
