@@ -359,18 +359,19 @@ def _usd(value: object) -> str:
               help="Connection errors, timeouts or 5xx in a row that open a lane's circuit.")
 @click.option("--circuit-max-backoff", default=60.0, show_default=True,
               help="Longest wait (s) between probe calls while a lane's circuit is open.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="json: one JSON object per line, for log shippers.")
 @_dsn_option
 def worker_command(concurrency: int, lease_seconds: float, request_timeout: float, poll_interval: float,
                    exit_when_idle: bool, circuit_threshold: int, circuit_max_backoff: float,
-                   dsn: str | None) -> None:
-    """Run a worker process until SIGTERM/SIGINT."""
+                   log_format: str, dsn: str | None) -> None:
+    """Run a worker process until SIGTERM/SIGINT (a second one: hand back every row at once)."""
     from workers.breaker import BreakerConfig
+    from workers.logs import configure_worker_logging
     from workers.worker import WorkerConfig, run_worker
 
-    logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
-    for chatty in ("httpx", "httpcore", "openai", "google_genai"):
-        # One log line per HTTP request would drown the worker's own messages.
-        logging.getLogger(chatty).setLevel(max(logging.getLogger().level, logging.WARNING))
+    # The worker's own state changes at INFO; never a line per request (workers/logs.py).
+    configure_worker_logging(log_format)
     run_worker(WorkerConfig(
         dsn=dsn, concurrency=concurrency, lease_seconds=lease_seconds, request_timeout=request_timeout,
         heartbeat_interval=max(0.5, min(10.0, lease_seconds / 3)), poll_interval=poll_interval,
@@ -378,6 +379,28 @@ def worker_command(concurrency: int, lease_seconds: float, request_timeout: floa
         breaker=BreakerConfig(threshold=max(1, circuit_threshold), max_backoff=max(0.1, circuit_max_backoff),
                               base_backoff=min(BreakerConfig().base_backoff, max(0.1, circuit_max_backoff))),
     ))
+
+
+@cli.command("workers")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_dsn_option
+def workers_command(as_json: bool, dsn: str | None) -> None:
+    """List live workers: host, pid, rows in flight, rows done, last heartbeat, lanes of the rows they hold."""
+    from batchdb.fleet import live_workers
+
+    with dbmod.connect(dsn) as conn:
+        found = _run_db_op(lambda: live_workers(conn))
+    if as_json:
+        click.echo(json.dumps([{**vars(w), "started_at": w.started_at.isoformat(),
+                                "heartbeat_at": w.heartbeat_at.isoformat()} for w in found], indent=2))
+        return
+    if not found:
+        click.echo("no live workers (start one with `batchdb worker`)")
+        return
+    click.echo(f"{'host':<24} {'pid':>7} {'in flight':>11} {'rows done':>10} {'heartbeat':>10}  lanes")
+    for w in found:
+        click.echo(f"{w.hostname:<24} {w.pid:>7} {f'{w.in_flight}/{w.concurrency}':>11} {w.n_completed:>10} "
+                   f"{f'{w.heartbeat_age_s:.0f}s ago':>10}  {', '.join(w.lanes) or '-'}")
 
 
 @cli.command("simulator", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

@@ -425,6 +425,23 @@ UPDATE batchdb.workers
    SET stopped_at = now(), heartbeat_at = now(), in_flight = 0, n_completed = %(n_completed)s
  WHERE id = %(worker_id)s
 
+-- list_live_workers --
+-- Live workers (`batchdb workers`), each with the lanes (provider/key alias/model) of the rows it holds now.
+WITH held AS (
+    SELECT q.lease_owner, array_agg(DISTINCT j.provider || '/' || j.key_alias || '/' || j.model) AS lanes
+      FROM batchdb.requests q
+      JOIN batchdb.jobs j ON j.id = q.job_id
+     WHERE q.status = 'running'
+     GROUP BY q.lease_owner
+)
+SELECT w.id, w.hostname, w.pid, w.concurrency, w.in_flight, w.n_completed, w.started_at, w.heartbeat_at,
+       extract(epoch FROM clock_timestamp() - w.heartbeat_at)::float8 AS heartbeat_age_s,
+       coalesce(h.lanes, '{}') AS lanes
+  FROM batchdb.live_workers w
+  LEFT JOIN held h ON h.lease_owner = w.id
+ WHERE w.alive
+ ORDER BY w.hostname, w.pid
+
 -- ===========================================================================
 -- Reading jobs and results
 -- ===========================================================================

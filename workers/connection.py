@@ -2,7 +2,9 @@
 
 Workers run for days; PostgreSQL may restart under them. `Reconnecting.run`
 retries an operation on a fresh connection with capped backoff instead of
-letting a connection error kill the worker.
+letting a connection error kill the worker. Given the worker's `Shutdown`, it stops
+retrying once the worker is stopping and the database stays gone (`DatabaseUnreachable`),
+so a worker whose database is unreachable still exits on SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -17,9 +20,13 @@ import psycopg
 from psycopg.rows import dict_row
 
 from batchdb.db import SESSION_OPTIONS, with_options
+from workers.shutdown import DatabaseUnreachable, Shutdown
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# While a connection stays down, say so again this often (not once per retry of every caller).
+OUTAGE_REPORT_INTERVAL = 30.0
 
 # invalid_catalog_name (database dropped), invalid_authorization_specification, invalid_password
 _FATAL_SQLSTATES = {"3D000", "28000", "28P01"}
@@ -38,11 +45,14 @@ def _is_fatal(exc: psycopg.Error) -> bool:
 
 
 class Reconnecting:
-    def __init__(self, dsn: str, *, name: str, max_backoff: float = 10.0) -> None:
+    def __init__(self, dsn: str, *, name: str, max_backoff: float = 10.0, shutdown: Shutdown | None = None) -> None:
         self._dsn = dsn
         self._name = name
         self._max_backoff = max_backoff
+        self._shutdown = shutdown
         self._conn: psycopg.AsyncConnection | None = None
+        self._down_since: float | None = None
+        self._reported_at = 0.0
         self._lock = asyncio.Lock()
 
     async def connection(self) -> psycopg.AsyncConnection:
@@ -61,7 +71,11 @@ class Reconnecting:
             try:
                 async with self._lock:
                     conn = await self.connection()
-                    return await operation(conn)
+                    result = await operation(conn)
+                if self._down_since is not None:
+                    log.info("%s connection is back after %.0fs", self._name, time.monotonic() - self._down_since)
+                    self._down_since = None
+                return result
             except (psycopg.OperationalError, psycopg.errors.AdminShutdown, psycopg.errors.CannotConnectNow) as exc:
                 if _is_fatal(exc):
                     # The database is gone or refuses us for good: waiting will not bring it back.
@@ -70,10 +84,31 @@ class Reconnecting:
                     # The connection is fine but the statement failed (e.g. disk full, 53100):
                     # let the caller decide what to do with it rather than retry it forever.
                     raise
-                log.warning("%s on %s connection failed (%s); retrying in %.1fs", what, self._name, exc, delay)
                 await self._discard()
-                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                if self._shutdown is not None and not self._shutdown.may_retry_database():
+                    raise DatabaseUnreachable(f"{what}: {' '.join(str(exc).split())}") from None
+                self._report_outage(what, exc)
+                await self._sleep(delay * random.uniform(0.8, 1.2))
                 delay = min(self._max_backoff, delay * 2)
+
+    def _report_outage(self, what: str, exc: psycopg.Error) -> None:
+        """One line when the connection goes down, one every OUTAGE_REPORT_INTERVAL while it stays down."""
+        now = time.monotonic()
+        reason = " ".join(str(exc).split())
+        if self._down_since is None:
+            self._down_since = self._reported_at = now
+            log.warning("%s on %s connection failed (%s); retrying with backoff up to %.0fs",
+                        what, self._name, reason, self._max_backoff)
+        elif now - self._reported_at >= OUTAGE_REPORT_INTERVAL:
+            self._reported_at = now
+            log.warning("%s connection still failing after %.0fs (%s); retrying",
+                        self._name, now - self._down_since, reason)
+
+    async def _sleep(self, seconds: float) -> None:
+        if self._shutdown is None:
+            await asyncio.sleep(seconds)
+        else:
+            await self._shutdown.sleep(seconds)
 
     def _lost(self, exc: psycopg.Error) -> bool:
         """Whether the error means the connection (or server) went away, so a retry may succeed."""
@@ -96,16 +131,29 @@ class Reconnecting:
 async def listen_forever(dsn: str, listen_statement: str, wake: asyncio.Event, *, name: str) -> None:
     """Set `wake` on every NOTIFY (and on each (re)connect: anything sent while we were not
     listening); reconnect after a lost connection. NOTIFY is only a hint to look now: the
-    callers also poll, so a notification lost in a reconnect only delays them."""
+    callers also poll, so a notification lost in a reconnect only delays them. The loss is
+    logged once, then every OUTAGE_REPORT_INTERVAL while it lasts; the caller cancels it to stop."""
+    down_since: float | None = None
+    reported_at = 0.0
     while True:
         try:
             async with await psycopg.AsyncConnection.connect(
                 dsn, autocommit=True, application_name=f"batchdb-{name}"
             ) as conn:
                 await conn.execute(listen_statement)
+                if down_since is not None:
+                    log.info("%s: LISTEN connection is back after %.0fs", name, time.monotonic() - down_since)
+                    down_since = None
                 wake.set()
                 async for _ in conn.notifies():
                     wake.set()
         except psycopg.Error as exc:
-            log.warning("%s: LISTEN connection lost (%s); reconnecting", name, exc)
+            now = time.monotonic()
+            reason = " ".join(str(exc).split())
+            if down_since is None:
+                down_since = reported_at = now
+                log.warning("%s: LISTEN connection lost (%s); reconnecting", name, reason)
+            elif now - reported_at >= OUTAGE_REPORT_INTERVAL:
+                reported_at = now
+                log.warning("%s: LISTEN connection still down after %.0fs (%s)", name, now - down_since, reason)
             await asyncio.sleep(1.0)

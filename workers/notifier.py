@@ -34,6 +34,7 @@ from batchdb import notifications
 from batchdb.notifications import SmtpSettings
 from batchdb.queries import query
 from workers.connection import Reconnecting, listen_forever
+from workers.shutdown import DatabaseUnreachable, Shutdown
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +107,15 @@ class TryResult:
 
 
 class Notifier:
-    def __init__(self, dsn: str, config: NotifierConfig | None = None, *, worker_id: str) -> None:
+    def __init__(self, dsn: str, config: NotifierConfig | None = None, *, worker_id: str,
+                 shutdown: Shutdown | None = None) -> None:
+        """`shutdown`: the worker's; once it is stopping, a database that stays unreachable is given
+        up on (deliveries not handed back are retried when their lease runs out)."""
         self.config = config or NotifierConfig()
         self.worker_id = worker_id
         self._dsn = dsn
-        self._db = Reconnecting(dsn, name="notify")
+        self._worker_shutdown = shutdown
+        self._db = Reconnecting(dsn, name="notify", shutdown=shutdown)
         self._wake = asyncio.Event()
         self._tasks: dict[asyncio.Task[None], Delivery] = {}
         self._session: aiohttp.ClientSession | None = None
@@ -131,6 +136,9 @@ class Notifier:
             while True:
                 try:
                     await self._loop()
+                except DatabaseUnreachable:
+                    # The worker is stopping and the database is gone: nothing to claim; wait for the cancel.
+                    await asyncio.Event().wait()
                 except Exception:  # noqa: BLE001 - notifications must never take the worker down
                     log.exception("notifier loop failed; restarting in 1s")
                     await asyncio.sleep(1.0)
@@ -238,7 +246,7 @@ class Notifier:
             return await self._db.run(record, what="notify_record_attempt")
         except psycopg.errors.ForeignKeyViolation:
             return None  # the job (and its deliveries) was deleted meanwhile
-        except psycopg.Error as exc:
+        except (psycopg.Error, DatabaseUnreachable) as exc:
             # The lease runs out and another try follows: at least once, never lost.
             log.error("recording %s failed: %s", delivery.describe(), exc)
             return None
@@ -297,7 +305,7 @@ class Notifier:
         # A statement cut short by the cancellation may have left the connection mid-protocol.
         await self._db.close()
         if unfinished:
-            self._db = Reconnecting(self._dsn, name="notify")
+            self._db = Reconnecting(self._dsn, name="notify", shutdown=self._worker_shutdown)
             await self._release(unfinished)
             await self._db.close()
         if self._session is not None:
@@ -311,7 +319,7 @@ class Notifier:
         try:
             await self._db.run(lambda c: c.execute(query("notify_release"), params), what="notify_release")
             log.info("handed back %d unfinished notification(s)", len(deliveries))
-        except psycopg.Error as exc:
+        except (psycopg.Error, DatabaseUnreachable) as exc:
             log.warning("handing back notifications failed (%s); their lease will run out", exc)
 
 

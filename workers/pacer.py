@@ -55,6 +55,10 @@ class DailyQuotaExhausted(Exception):
         self.resets_in = resets_in
 
 
+class Withdrawn(Exception):
+    """The call was taken out of its lane's queue before it got capacity (the worker is stopping)."""
+
+
 @dataclass
 class _Waiter:
     tokens: int
@@ -111,6 +115,20 @@ class Pacer:
             future.cancel()
             raise
         return True
+
+    def withdraw_waiting(self) -> int:
+        """Fail every call still waiting for capacity with `Withdrawn`; returns how many.
+
+        For a stopping worker: those rows go back to the queue unsent instead of holding the
+        shutdown. The waiters stay in their queues, done, and are skipped like cancelled ones."""
+        withdrawn = 0
+        for state in self._lanes.values():
+            for waiter in state.waiters:
+                if not waiter.future.done():
+                    waiter.future.set_exception(Withdrawn())
+                    withdrawn += 1
+        return withdrawn
+
 
     def observe(self, lane: Lane, headers: HeaderView | None) -> None:
         if headers is None:

@@ -16,8 +16,12 @@ whatever the outcome), the notifier and the breaker (workers/breaker.py:
 per-lane circuits; a lane-level failure goes to it, and while a lane is open its
 rows go back to the queue without spending an attempt).
 
-SIGTERM/SIGINT: stop claiming, let in-flight calls finish for
-`shutdown_grace` seconds, release the rest, write every outcome, exit 0.
+SIGTERM/SIGINT (workers/shutdown.py): stop claiming, hand back at once the rows
+whose call was not sent yet (waiting for ledger capacity or budget), let sent calls
+finish for `shutdown_grace` seconds, release the rest, write every outcome, exit 0.
+A second signal is a cold shutdown: every held row goes back at once. A database
+that stays unreachable while stopping is given up on: its rows return to the
+queue when their lease runs out.
 """
 
 from __future__ import annotations
@@ -55,9 +59,10 @@ from workers.lanes import LaneAdvertiser, LaneUnavailable
 from workers.notifier import Notifier, NotifierConfig
 from workers.outcomes import RetryPolicy, failure, invalid_response, success
 from workers.budget_settler import BudgetSettler, Settlement
-from workers.pacer import DailyQuotaExhausted, LaneWaiting, Pacer
+from workers.pacer import DailyQuotaExhausted, LaneWaiting, Pacer, Withdrawn
 from workers.send_guard import CallDropped, SendGuard
 from workers.settler import Settler
+from workers.shutdown import DatabaseUnreachable, Shutdown
 from workers.vacuumer import Vacuumer
 
 log = logging.getLogger(__name__)
@@ -69,6 +74,7 @@ class _Spent:
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    calls: int = 0
 
 
 class _NoSettlement:
@@ -104,6 +110,10 @@ class _HandBack(Exception):
         self.reason = reason
 
 
+class _NotSent(Exception):
+    """The worker is stopping and this row's call was never sent: the row goes back to the queue."""
+
+
 @dataclass
 class _Reserved:
     """Budget reserved for one row under its current lease: `calls` reservations, `usd` in all."""
@@ -136,6 +146,8 @@ class WorkerConfig:
     exit_when_idle: bool = False
     # How often the lanes of unfinished jobs are checked against this worker's keys (workers/lanes.py).
     lane_refresh_interval: float = 2.0
+    # At most one progress line this often (INFO) while rows complete: never a line per request.
+    progress_interval: float = 60.0
     # Job webhooks and emails, sent on connections of their own (workers/notifier.py); None: off.
     notifier: NotifierConfig | None = field(default_factory=NotifierConfig)
     # Per-lane circuit breaker (workers/breaker.py).
@@ -185,7 +197,12 @@ class Worker:
         self._jobs: dict[int, _Job] = {}
         self._held: dict[tuple[int, int], ClaimedRequest] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._stopping = asyncio.Event()
+        # Per held row: its task, whether a provider call went out for it, and the rows
+        # whose call was never sent once the worker stopped (handed back together).
+        self._row_tasks: dict[tuple[int, int], asyncio.Task[None]] = {}
+        self._sent: set[tuple[int, int]] = set()
+        self._not_sent: list[ClaimedRequest] = []
+        self._shutdown = Shutdown()
         self._wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._reserved: dict[tuple[int, int], _Reserved] = {}
@@ -195,19 +212,22 @@ class Worker:
         self._claimed_at: dict[tuple[int, int], float] = {}
         self._sent_at: dict[tuple[int, int], float] = {}
         self.completed = 0
+        self._progress_at = time.monotonic()
+        self._progress_rows = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def stop(self) -> None:
-        """Ask the worker to shut down gracefully (what SIGTERM does)."""
-        self._stopping.set()
+    def stop(self, *, cold: bool = False) -> None:
+        """Ask the worker to shut down: gracefully (what SIGTERM does), or `cold`: hand back
+        every held row at once, calls in flight included (what a second Ctrl-C does)."""
+        self._shutdown.request(cold=cold)
         self._wake.set()
         self._slot_freed.set()
 
     async def run(self) -> None:
         dsn = resolve_dsn(self.config.dsn)
-        self._claims = Reconnecting(dsn, name="claim")
-        self._writes = Reconnecting(dsn, name="complete")
+        self._claims = Reconnecting(dsn, name="claim", shutdown=self._shutdown)
+        self._writes = Reconnecting(dsn, name="complete", shutdown=self._shutdown)
         self._settler = Settler(Reconnecting(dsn, name="settle"))
         self._pacer = Pacer(Reconnecting(dsn, name="ledger"), give_back=self._settler.give_back)
         self._lanes = LaneAdvertiser(Reconnecting(dsn, name="lanes"), self.id, self._lane_endpoint,
@@ -222,14 +242,20 @@ class Worker:
                                 on_probe=self._start)
         # Budget bookkeeping waits on other workers' locks: its own service and connection.
         self._budget = BudgetSettler(Reconnecting(dsn, name="budget"), flush_interval=self.config.flush_interval)
-        await self._claims.run(
-            lambda c: c.execute(
-                query("register_worker"),
-                {"worker_id": self.id, "hostname": socket.gethostname(), "pid": os.getpid(),
-                 "concurrency": self.config.concurrency},
-            ),
-            what="register_worker",
-        )
+        try:
+            await self._claims.run(
+                lambda c: c.execute(
+                    query("register_worker"),
+                    {"worker_id": self.id, "hostname": socket.gethostname(), "pid": os.getpid(),
+                     "concurrency": self.config.concurrency},
+                ),
+                what="register_worker",
+            )
+        except DatabaseUnreachable as exc:
+            log.warning("worker stopped before it could reach the database (%s)", exc)
+            await self._pacer.close()
+            await self._claims.close()
+            return
         await self._lanes.refresh()  # before the first claim: it claims only on advertised lanes
         log.info("worker %s started (concurrency %d)", self.id, self.config.concurrency)
         completer = asyncio.create_task(self._completer.run(), name="completer")
@@ -246,26 +272,34 @@ class Worker:
                                 name="listen"),
         ]
         if self.config.notifier is not None:
-            notifier = Notifier(dsn, self.config.notifier, worker_id=self.id)
+            notifier = Notifier(dsn, self.config.notifier, worker_id=self.id, shutdown=self._shutdown)
             background.append(asyncio.create_task(notifier.run(), name="notifier"))
         try:
             await self._claim_loop()
             await self._finish_in_flight()
+        except DatabaseUnreachable as exc:
+            # Nothing can be recorded or handed back: stop the rows' tasks and say what is left.
+            log.warning("database unreachable while stopping (%s)", exc)
+            await self._cancel_tasks(set(self._tasks))
         finally:
             await self._completer.close()
-            await completer
+            try:
+                await completer
+            except DatabaseUnreachable as exc:
+                log.warning("could not record the last outcomes: database unreachable (%s)", exc)
             await self._release_unfinished()
             await self._budget.close()
             await budget
             for task in background:
                 task.cancel()
-            for task in background:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            await self._claims.run(
-                lambda c: c.execute(query("stop_worker"), {"worker_id": self.id, "n_completed": self.completed}),
-                what="stop_worker",
-            )
+            await asyncio.gather(*background, return_exceptions=True)
+            try:
+                await self._claims.run(
+                    lambda c: c.execute(query("stop_worker"), {"worker_id": self.id, "n_completed": self.completed}),
+                    what="stop_worker",
+                )
+            except DatabaseUnreachable:
+                pass  # said above; the workers row shows this worker dead once its heartbeat ages
             await self._pacer.close()
             await self._settler.close()
             await self._vacuumer.close()
@@ -279,15 +313,31 @@ class Worker:
             log.info("worker %s stopped after %d rows", self.id, self.completed)
 
     def install_signal_handlers(self) -> None:
+        """First SIGTERM/SIGINT: graceful stop; second: cold stop; third: the default action
+        (the process ends at once; rows still held return when their lease runs out)."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop)
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if not self._shutdown.stopping:
+            log.info("%s: stopping; rows not sent yet go back now, sent calls get %.0fs to finish "
+                        "(%s again: stop at once)", sig.name, self.config.shutdown_grace, sig.name)
+            self.stop()
+            return
+        log.warning("%s again: cold shutdown, handing back every held row now (%s again: quit without "
+                    "handing them back)", sig.name, sig.name)
+        self.stop(cold=True)
+        loop = asyncio.get_running_loop()
+        for other in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(other)
+            signal.signal(other, signal.SIG_DFL)
 
     # -- claiming ----------------------------------------------------------------------------
 
     async def _claim_loop(self) -> None:
         idle_since: float | None = None
-        while not self._stopping.is_set():
+        while not self._shutdown.stopping:
             free = self.config.concurrency - len(self._tasks)
             if free <= 0:
                 self._slot_freed.clear()
@@ -306,7 +356,7 @@ class Worker:
             except psycopg.Error as exc:
                 # The server refused the statement itself (disk full ...): wait, then try again.
                 log.error("claim_batch failed: %s", exc)
-                await asyncio.sleep(self.config.poll_interval)
+                await self._shutdown.sleep(self.config.poll_interval)
                 continue
             self._guard.leased(rows, since=claimed_at)
             for row in rows:
@@ -330,6 +380,7 @@ class Worker:
         self._claimed_at[row.key] = time.monotonic()
         task = asyncio.create_task(self._process(row))
         self._tasks.add(task)
+        self._row_tasks[row.key] = task
         task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
@@ -343,7 +394,11 @@ class Worker:
     async def _process(self, row: ClaimedRequest) -> None:
         try:
             await self._process_row(row)
+        except DatabaseUnreachable:
+            pass  # stopping without a database: the row comes back when its lease runs out
         finally:
+            self._row_tasks.pop(row.key, None)
+            self._sent.discard(row.key)
             self._sent_at.pop(row.key, None)
 
     async def _process_row(self, row: ClaimedRequest) -> None:
@@ -353,6 +408,9 @@ class Worker:
             outcome = await self._call(row, spent)
         except _LaneOpen:
             await self._return_to_queue(row)
+            return
+        except _NotSent:
+            self._not_sent.append(row)  # handed back with the others by _finish_in_flight
             return
         except _HandBack as back:
             await self._breaker.forget(row)
@@ -378,7 +436,7 @@ class Worker:
                 await self._return_to_queue(row)
                 return
             outcome = failure(row, exc, latency, self.config.retry)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, DatabaseUnreachable):
             raise
         except Exception as exc:  # noqa: BLE001 - a bug must cost one attempt, never the worker
             log.exception("unexpected error on job %s request %s", row.job_id, row.id)
@@ -438,11 +496,14 @@ class Worker:
         # SDK, which blocks the loop; capacity granted before that would go out late, in a burst.
         provider = self._provider(job.provider, job.key_alias)
         # A re-ask (spent already) never gives up its place: its row has paid for a call.
-        give_up_after = self.config.lane_wait_seconds if spent.prompt_tokens == 0 else None
+        first_call = spent.calls == 0
+        give_up_after = self.config.lane_wait_seconds if first_call else None
         circuit = Lane(job.provider, job.key_alias, job.model)
         claimed_at = self._claimed_at.get(row.key, 0.0)
         if self._breaker.should_hand_back(circuit, row, claimed_at):
             raise _LaneOpen()
+        if first_call and self._shutdown.stopping:
+            raise _NotSent  # a stopping worker sends no new call (workers/shutdown.py)
         try:
             # Not sent if the row stops being ours or its job stops running meanwhile.
             paced = await self._guard.hold(
@@ -451,13 +512,22 @@ class Worker:
             raise _HandBack(str(exc)) from None
         except LaneWaiting as exc:
             raise _Defer(exc.retry_in) from None
+        except Withdrawn:
+            if first_call:
+                raise _NotSent from None
+            paced = await self._pacer.acquire(lane, reserved_tokens)
         # From here the reservation is settled whatever happens (workers/settler.py); a lane
         # without limits reserved nothing.
         settler = self._settler if paced else _NO_SETTLEMENT
+        if first_call and self._shutdown.stopping:
+            settler.give_back(lane, reserved_tokens)  # granted but never sent
+            raise _NotSent
         if self._breaker.should_hand_back(circuit, row, claimed_at):
             settler.give_back(lane, reserved_tokens)  # granted but never sent
             raise _LaneOpen()  # opened while this call waited for capacity: do not send into it
         sent_at = self._sent_at[row.key] = time.monotonic()
+        self._sent.add(row.key)
+        spent.calls += 1
         try:
             async with asyncio.timeout(self.config.request_timeout):
                 response = await provider.complete(request)
@@ -497,9 +567,9 @@ class Worker:
             return str(found["result"]) if found else "paused"
 
         while (result := await self._claims.run(reserve, what="reserve_budget")) == "wait":
-            if self._stopping.is_set():
-                raise _HandBack("worker stopping while waiting for budget") from None
-            await asyncio.sleep(self.config.budget_wait)
+            if self._shutdown.stopping:
+                raise _NotSent  # not the job's fault: return the row without pausing the job
+            await self._shutdown.sleep(self.config.budget_wait)
         if result != "ok":
             raise _HandBack("budget reached")
         held.calls += 1
@@ -606,7 +676,9 @@ class Worker:
         for outcome in batch:
             self._held.pop(outcome.key, None)
             self._claimed_at.pop(outcome.key, None)
-        self.completed += sum(1 for o in batch if o.key in recorded and RequestStatus(o.status).final)
+        done = sum(1 for o in batch if o.key in recorded and RequestStatus(o.status).final)
+        self.completed += done
+        self._report_progress(done)
         # Calls that reserved budget: the reservation is replaced by what they cost. Money was
         # spent whether or not the completion was fenced out: it counts either way.
         for outcome in batch:
@@ -616,6 +688,16 @@ class Worker:
             job = self._jobs.get(outcome.job_id)
             cost = job.cost(outcome.prompt_tokens, outcome.completion_tokens) if job is not None else Decimal(0)
             self._budget.submit(Settlement(outcome.job_id, outcome.id, outcome.lease_token, cost))
+
+    def _report_progress(self, done: int) -> None:
+        """One line per `progress_interval` at most, on a completed batch: what an operator tailing
+        the log needs, at a rate that does not grow with the request rate."""
+        self._progress_rows += done
+        now = time.monotonic()
+        if self._progress_rows and now - self._progress_at >= self.config.progress_interval:
+            log.info("%d row(s) done in the last %.0fs (%d since start), %d in flight",
+                     self._progress_rows, now - self._progress_at, self.completed, len(self._tasks))
+            self._progress_at, self._progress_rows = now, 0
 
     # -- maintenance -------------------------------------------------------------------------
 
@@ -656,23 +738,67 @@ class Worker:
                     log.info("resumed %d job(s) whose user quota period turned over", resumed)
 
     async def _finish_in_flight(self) -> None:
-        if not self._tasks:
+        """Hand back the rows whose call was never sent, at once; give the sent ones
+        `shutdown_grace` seconds (less if the stop turns cold) to finish."""
+        deadline = time.monotonic() + self.config.shutdown_grace
+        sent = {task for key, task in self._row_tasks.items() if key in self._sent}
+        unsent = set(self._tasks) - sent
+        # Rows waiting for ledger capacity or budget (or about to) raise _NotSent now;
+        # none of them calls the provider, so they finish within a statement or two.
+        self._pacer.withdraw_waiting()
+        if unsent:
+            _, stuck = await asyncio.wait(unsent, timeout=self.config.shutdown_grace)
+            await self._cancel_tasks(stuck)
+        if self._not_sent:
+            rows, self._not_sent = self._not_sent, []
+            released = await self._release(rows)
+            log.info("handed back %d row(s) whose call was not sent", released)
+        if not sent:
             return
-        log.info("waiting up to %.0fs for %d in-flight request(s)", self.config.shutdown_grace, len(self._tasks))
-        _, pending = await asyncio.wait(set(self._tasks), timeout=self.config.shutdown_grace)
-        for task in pending:
+        log.info("waiting up to %.0fs for %d sent request(s)", self.config.shutdown_grace, len(sent))
+        cold = asyncio.create_task(self._shutdown.cold.wait())
+        try:
+            pending = {task for task in sent if not task.done()}
+            while pending and not self._shutdown.cold.is_set():
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    break
+                _, pending = await asyncio.wait(pending | {cold}, timeout=timeout,
+                                                return_when=asyncio.FIRST_COMPLETED)
+                pending.discard(cold)
+        finally:
+            cold.cancel()
+        if pending:
+            log.warning("not waiting for %d sent request(s) any longer: their rows go back to the queue",
+                        len(pending))
+        await self._cancel_tasks(pending)
+
+    async def _cancel_tasks(self, tasks: set[asyncio.Task[None]]) -> None:
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _release(self, rows: list[ClaimedRequest]) -> int:
+        """Return rows to the queue without spending an attempt; returns how many were still ours."""
+        released = await self._claims.run(lambda c: queue.release_leases(c, rows), what="release_leases")
+        self._release_budget(rows)
+        for row in rows:
+            self._held.pop(row.key, None)
+            self._claimed_at.pop(row.key, None)
+        return len(released)
 
     async def _release_unfinished(self) -> None:
         """Rows with no recorded outcome go back to the queue without spending an attempt."""
         unfinished = list(self._held.values())
-        if unfinished:
-            released = await self._claims.run(lambda c: queue.release_leases(c, unfinished), what="release_leases")
-            log.info("released %d unfinished row(s)", len(released))
-            self._release_budget(unfinished)
-            self._held.clear()
-            self._claimed_at.clear()
+        if not unfinished:
+            return
+        try:
+            released = await self._release(unfinished)
+        except DatabaseUnreachable:
+            log.warning("database unreachable: %d held row(s) go back to the queue when their lease runs out "
+                        "(within %.0fs)", len(unfinished), self.config.lease_seconds)
+            return
+        log.info("released %d unfinished row(s)", released)
 
 
 def run_worker(config: WorkerConfig) -> None:
