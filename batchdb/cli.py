@@ -7,24 +7,67 @@ import logging
 import sys
 from pathlib import Path
 
+import traceback
+
 import click
 
+from batchdb import __version__
 from batchdb import db as dbmod
+
+
+def _remember_dsn(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Note a DSN typed on the command line, so a suggested fix command can carry it."""
+    if value and ctx.get_parameter_source(param.name or "dsn") == click.core.ParameterSource.COMMANDLINE:
+        ctx.find_root().ensure_object(dict)["dsn_flag"] = f" --dsn '{_mask_password(value)}'"
+    return value
+
+
+def _mask_password(dsn: str) -> str:
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    try:
+        parts = conninfo_to_dict(dsn)
+    except Exception:  # noqa: BLE001 - an unparsable DSN fails later with its own message
+        return "<your DSN>"
+    return dsn if "password" not in parts else make_conninfo(**{**parts, "password": "****"})
 
 
 def _dsn_option(func):  # type: ignore[no-untyped-def]
     return click.option(
-        "--dsn", envvar="BATCHDB_DSN", default=None,
+        "--dsn", envvar="BATCHDB_DSN", default=None, callback=_remember_dsn,
         help="PostgreSQL DSN (default: $BATCHDB_DSN, else the embedded server).",
     )(func)
 
 
-@click.group()
-@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
-def cli(verbose: int) -> None:
+class _Commands(click.Group):
+    """The root group: every known failure of every command becomes one or two lines (batchdb/cli_errors.py)."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        from batchdb.cli_errors import explain
+
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            options = ctx.ensure_object(dict)
+            explanation = explain(exc, dsn_flag=options.get("dsn_flag", ""))
+            if explanation is None:
+                raise
+            if options.get("verbose"):
+                traceback.print_exc()
+            raise click.ClickException(explanation.text()) from None
+
+
+@click.group(cls=_Commands)
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug); tracebacks for known errors.")
+@click.version_option(__version__, "--version", prog_name="batchdb", message="%(prog)s %(version)s")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int) -> None:
     """Run millions of LLM requests through a PostgreSQL queue."""
     from batchdb.secrets import RedactingFilter
 
+    ctx.ensure_object(dict)["verbose"] = verbose
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
@@ -46,6 +89,9 @@ def db_upgrade(dsn: str | None) -> None:
     """Apply the schema migrations in sql/ (idempotent, safe to run concurrently)."""
     from batchdb import migrations
 
+    created = dbmod.create_database_if_missing(dsn)
+    if created:
+        click.echo(f"created database {created}")
     with dbmod.connect(dsn) as conn:
         applied = migrations.upgrade(conn)
     if applied:
@@ -56,18 +102,49 @@ def db_upgrade(dsn: str | None) -> None:
 
 
 @db_group.command("status")
-def db_status() -> None:
-    """Show the embedded PostgreSQL server, if one is running."""
-    from batchdb import embedded
+@_dsn_option
+def db_status(dsn: str | None) -> None:
+    """Show the database batchdb uses: $BATCHDB_DSN's (or --dsn) if set, else the embedded server.
 
-    server = embedded.server_status()
-    if server is None:
-        click.echo(f"embedded PostgreSQL: not running (data directory {embedded.batchdb_home() / 'pg'})")
+    Exits 0 when the database answers and its schema is up to date, 1 otherwise.
+    """
+    from batchdb import embedded, migrations
+    from batchdb.cli_errors import UPGRADE
+
+    if not dsn:
+        server = embedded.server_status()
+        if server is None:
+            click.echo(f"embedded PostgreSQL: not running (data directory {embedded.batchdb_home() / 'pg'}); "
+                       "any batchdb command starts it")
+            sys.exit(1)
+        click.echo(f"embedded PostgreSQL: running, pid {server.pid}, port {server.port}")
+        click.echo(f"  dsn:      {server.dsn}")
+        click.echo(f"  data dir: {server.data_dir}")
+        click.echo(f"  log:      {server.log_file}")
+        dsn = server.dsn
+    else:
+        click.echo(f"database: {_describe_dsn(dsn)}")
+    with dbmod.connect(dsn) as conn:
+        version = conn.execute("SHOW server_version").fetchone()["server_version"]
+        missing = migrations.pending(conn)
+    click.echo(f"  server:   PostgreSQL {version}")
+    if missing:
+        state = ("not set up (no batchdb migrations applied)" if len(missing) == len(migrations.available())
+                 else f"missing {', '.join(f'{m.version:04d}_{m.name}' for m in missing)}")
+        click.echo(f"  schema:   {state}")
+        click.echo(f"  run: {UPGRADE}")
         sys.exit(1)
-    click.echo(f"embedded PostgreSQL: running, pid {server.pid}, port {server.port}")
-    click.echo(f"  dsn:      {server.dsn}")
-    click.echo(f"  data dir: {server.data_dir}")
-    click.echo(f"  log:      {server.log_file}")
+    click.echo(f"  schema:   up to date ({len(migrations.available())} migrations)")
+
+
+def _describe_dsn(dsn: str) -> str:
+    """host:port/dbname as user, never the password."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    parts = conninfo_to_dict(dsn)
+    user = parts.get("user")
+    return (f"{parts.get('host', 'local socket')}:{parts.get('port', 5432)}/{parts.get('dbname', '')}"
+            + (f" as {user}" if user else ""))
 
 
 @db_group.command("stop")
@@ -359,6 +436,7 @@ def worker_command(concurrency: int, lease_seconds: float, request_timeout: floa
     """Run a worker process until SIGTERM/SIGINT."""
     from workers.worker import WorkerConfig, run_worker
 
+    _require_schema(dsn)
     logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
     for chatty in ("httpx", "httpcore", "openai", "google_genai"):
         # One log line per HTTP request would drown the worker's own messages.
@@ -416,15 +494,33 @@ def demo_command(rows: int, n_workers: int, rpm: int, tpm: int, output: Path, ds
     run_demo(rows=rows, n_workers=n_workers, rpm=rpm, tpm=tpm, output=output, dsn=dsn)
 
 
+def _require_schema(dsn: str | None) -> None:
+    """Refuse to start a long-running process on a database that was never upgraded."""
+    from batchdb import migrations
+    from batchdb.cli_errors import SchemaNotReady
+
+    with dbmod.connect(dsn) as conn:
+        missing = migrations.pending(conn)
+        where = _describe_dsn(conn.info.dsn)
+    if missing:
+        raise SchemaNotReady([f"{m.version:04d}_{m.name}" for m in missing], where)
+
+
 def _run_db_op(operation):  # type: ignore[no-untyped-def]
+    """Run `operation`; a refusal from the database or the SDK becomes a one-line error."""
     import psycopg
 
+    from batchdb.cli_errors import explain
     from batchdb.jobs import JobNotFound
 
     try:
         return operation()
     except (psycopg.Error, JobNotFound, ValueError) as exc:
-        raise click.ClickException(str(exc).strip()) from None
+        options = click.get_current_context().find_root().ensure_object(dict)
+        explanation = explain(exc, dsn_flag=options.get("dsn_flag", ""))
+        if options.get("verbose"):
+            traceback.print_exc()
+        raise click.ClickException(explanation.text() if explanation else str(exc).strip().splitlines()[0]) from None
 
 
 def _jsonable(progress: object) -> dict:

@@ -25,6 +25,20 @@ class JobNotFound(LookupError):
     """No such job, or it belongs to another user (row-level security hides it)."""
 
 
+class JobPaused(RuntimeError):
+    """`Job.wait()` found the job paused: it needs a person (or a budget, or a quota turning over).
+
+    `progress` is the job's state when it paused; `reason` is why (its status_reason).
+    """
+
+    def __init__(self, progress: JobProgress) -> None:
+        self.progress = progress
+        self.reason = progress.status_reason
+        super().__init__(f"job {progress.job_id} paused at {progress.n_done}/{progress.n_total} done: "
+                         f"{progress.status_reason or 'no reason given'}; continue it with "
+                         f"`batchdb resume {progress.job_id}`")
+
+
 @contextmanager
 def _visible(job_id: int) -> Iterator[None]:
     """The database functions say 'does not exist' (no_data_found) for jobs the role cannot see."""

@@ -20,6 +20,10 @@ CREATE TABLE IF NOT EXISTS public.batchdb_migrations (
 -- migrations_applied --
 SELECT version FROM public.batchdb_migrations ORDER BY version
 
+-- migrations_table_exists --
+-- Read-only check (`batchdb db status`, worker start): has this database ever been upgraded?
+SELECT to_regclass('public.batchdb_migrations') IS NOT NULL AS present
+
 -- migration_record --
 INSERT INTO public.batchdb_migrations (version, name) VALUES (%(version)s, %(name)s)
 
