@@ -319,20 +319,23 @@ def limits_group() -> None:
 @limits_group.command("set")
 @click.argument("provider")
 @click.argument("model")
-@click.option("--key-alias", default="default", show_default=True)
-@click.option("--rpm", type=int, default=None, help="Requests per minute.")
-@click.option("--tpm", type=int, default=None, help="Tokens per minute (OpenAI: prompt + max_tokens).")
-@click.option("--rpd", type=int, default=None, help="Requests per day (Gemini).")
+@click.option("--key-alias", default="default", show_default=True, help="Which of the provider's API keys.")
+@click.option("--rpm", type=click.IntRange(min=1), default=None, help="Requests per minute.")
+@click.option("--tpm", type=click.IntRange(min=1), default=None, help="Tokens per minute (OpenAI: prompt + max_tokens).")
+@click.option("--rpd", type=click.IntRange(min=1), default=None, help="Requests per day (Gemini).")
 @_dsn_option
 def limits_set(provider: str, model: str, key_alias: str, rpm: int | None, tpm: int | None, rpd: int | None,
                dsn: str | None) -> None:
-    """Set the limits of one provider key for one model."""
+    """Set the limits of one provider key for one model; limits not given keep their value."""
     from batchdb import ledger
 
+    if rpm is None and tpm is None and rpd is None:
+        raise click.UsageError("nothing to set: give --rpm, --tpm and/or --rpd")
     with dbmod.connect(dsn) as conn:
-        _run_db_op(lambda: ledger.set_limits(conn, ledger.Lane(provider, key_alias, model), rpm=rpm, tpm=tpm,
-                                             rpd=rpd))
-    click.echo(f"{provider}/{key_alias}/{model}: rpm={rpm or '-'} tpm={tpm or '-'} rpd={rpd or '-'}")
+        now = _run_db_op(lambda: ledger.set_limits(conn, ledger.Lane(provider, key_alias, model), rpm=rpm, tpm=tpm,
+                                                   rpd=rpd))
+    click.echo(f"{provider}/{key_alias}/{model}: rpm={now['rpm'] or '-'} tpm={now['tpm'] or '-'} "
+               f"rpd={now['rpd'] or '-'}")
 
 
 @limits_group.command("show")

@@ -341,10 +341,13 @@ SELECT batchdb.learn_limits(%(provider)s, %(key_alias)s, %(model)s, %(rpm)s, %(t
 
 -- set_limits --
 -- Configure a key's limits by hand (`batchdb limits set`); configured limits win over learnt ones.
+-- A partial update: a limit not given (NULL) keeps its current value.
 INSERT INTO batchdb.rate_limits AS l (provider, key_alias, model, rpm, tpm, rpd, source)
 VALUES (%(provider)s, %(key_alias)s, %(model)s, %(rpm)s, %(tpm)s, %(rpd)s, 'configured')
 ON CONFLICT (provider, key_alias, model) DO UPDATE
-   SET rpm = EXCLUDED.rpm, tpm = EXCLUDED.tpm, rpd = EXCLUDED.rpd, source = 'configured', updated_at = now()
+   SET rpm = coalesce(EXCLUDED.rpm, l.rpm), tpm = coalesce(EXCLUDED.tpm, l.tpm), rpd = coalesce(EXCLUDED.rpd, l.rpd),
+       source = 'configured', updated_at = now()
+RETURNING rpm, tpm, rpd
 
 -- list_limits --
 SELECT provider, key_alias, model, rpm, tpm, rpd, source, pace, blocked_until, requests_granted, tokens_granted,

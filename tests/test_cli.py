@@ -127,3 +127,32 @@ def test_demo_runs_end_to_end_on_the_embedded_server(fresh_home: Path) -> None:
     status = subprocess.run([sys.executable, "-m", "batchdb", "db", "status"], env=env, capture_output=True,
                             text=True, timeout=60)
     assert status.returncode == 1 and "not running" in status.stdout
+
+
+def test_limits_set_changes_only_the_limits_given(conn: psycopg.Connection) -> None:
+    invoke("limits", "set", "openai", "gpt-4o-mini", "--rpm", "600", "--tpm", "60000")
+    assert invoke("limits", "set", "openai", "gpt-4o-mini", "--tpm", "90000").strip() == \
+        "openai/default/gpt-4o-mini: rpm=600 tpm=90000 rpd=-"
+
+    def stored() -> tuple:
+        row = conn.execute("SELECT rpm, tpm, rpd FROM batchdb.rate_limits WHERE model = 'gpt-4o-mini'").fetchone()
+        return (row["rpm"], row["tpm"], row["rpd"])
+
+    assert stored() == (600, 90_000, None)
+    nothing = CliRunner().invoke(cli, ["limits", "set", "openai", "gpt-4o-mini"])
+    assert nothing.exit_code == 2 and "Error: nothing to set: give --rpm, --tpm and/or --rpd" in nothing.output
+    zero = CliRunner().invoke(cli, ["limits", "set", "openai", "gpt-4o-mini", "--rpm", "0"])
+    assert zero.exit_code == 2
+    assert zero.output.strip().splitlines()[-1] == "Error: Invalid value for '--rpm': 0 is not in the range x>=1."
+    assert "constraint" not in zero.output
+    assert stored() == (600, 90_000, None)
+
+
+def test_set_limits_refuses_nothing_and_non_positive_values(conn: psycopg.Connection) -> None:
+    from batchdb import ledger
+
+    lane = ledger.Lane("openai", "default", "gpt-4o-mini")
+    with pytest.raises(ValueError, match="nothing to set for openai/default/gpt-4o-mini"):
+        ledger.set_limits(conn, lane)
+    with pytest.raises(ValueError, match="^rpm: expected a positive integer, got 0$"):
+        ledger.set_limits(conn, lane, rpm=0, tpm=100)
