@@ -198,7 +198,7 @@ def submit_command(path: Path, dsn: str | None, wait: bool, **options: object) -
         # Generated: shown once so the receiver can verify X-Batchdb-Signature.
         click.echo(f"webhook secret: {job.webhook_secret}")  # type: ignore[attr-defined]
     if wait:
-        click.echo(job.wait(progress=True).summary())
+        sys.exit(_wait_and_report(job, timeout=None))
 
 
 @cli.command("status")
@@ -290,17 +290,68 @@ def resume_command(job_id: int, budget_usd: float | None, dsn: str | None) -> No
         raise click.ClickException(f"job {job_id} is not paused")
 
 
-@cli.command("watch")
-@click.option("--job", "job_id", type=int, default=None, help="Only this job's events.")
-@_dsn_option
-def watch_command(job_id: int | None, dsn: str | None) -> None:
-    """Stream job events (completed, paused, cancelled ...) as JSON lines until Ctrl-C."""
-    from batchdb import events
+# Exit codes of `wait` and `submit --wait` (README, "Exit codes").
+EXIT_COMPLETED = 0
+EXIT_ROWS_FAILED = 3
+EXIT_PAUSED = 4
+EXIT_CANCELLED = 5
+EXIT_TIMEOUT = 6
 
+
+def _wait_and_report(job: object, *, timeout: float | None) -> int:
+    """Wait with a progress bar, print the outcome, and return the exit code that tells it."""
+    from batchdb.models import JobStatus
+
+    try:
+        final = job.wait(progress=True, until="paused", timeout=timeout)  # type: ignore[attr-defined]
+    except TimeoutError as exc:
+        click.echo(f"timed out: {exc}", err=True)
+        return EXIT_TIMEOUT
+    click.echo(final.summary())
+    if final.status == JobStatus.PAUSED:
+        click.echo(f"paused: {final.status_reason or 'no reason given'}; continue with `batchdb resume "
+                   f"{final.job_id}`", err=True)
+        return EXIT_PAUSED
+    if final.status == JobStatus.CANCELLED:
+        return EXIT_CANCELLED
+    return EXIT_ROWS_FAILED if final.n_failed + final.n_dead else EXIT_COMPLETED
+
+
+@cli.command("wait")
+@click.argument("job_id", type=int)
+@click.option("--timeout", type=click.FloatRange(min=0), default=None,
+              help="Give up after this many seconds (exit code 6); the job keeps running.")
+@_dsn_option
+def wait_command(job_id: int, timeout: float | None, dsn: str | None) -> None:
+    """Show a job's progress until it ends; the exit code tells how.
+
+    0 completed, every row succeeded; 3 completed with failed or dead rows;
+    4 paused (needs `batchdb resume`); 5 cancelled; 6 --timeout passed; 1 error.
+    """
+    from batchdb.jobs import get_job
+
+    sys.exit(_wait_and_report(get_job(job_id, dsn=dsn), timeout=timeout))
+
+
+@cli.command("watch")
+@click.argument("job_ids", nargs=-1, type=int)
+@click.option("--job", "job_option", type=int, multiple=True, hidden=True)  # the old spelling
+@_dsn_option
+def watch_command(job_ids: tuple[int, ...], job_option: tuple[int, ...], dsn: str | None) -> None:
+    """Stream job events (completed, paused, cancelled ...) as JSON lines until Ctrl-C.
+
+    With JOB_IDS, only those jobs' events (each must exist, as for `status`).
+    """
+    from batchdb import events
+    from batchdb.jobs import get_job
+
+    wanted = set(job_ids) | set(job_option)
+    for job_id in sorted(wanted):
+        get_job(job_id, dsn=dsn)  # JobNotFound: "job N does not exist", as `status N` says
     with dbmod.connect(dsn) as conn, dbmod.connect(dsn) as lookups:
         try:
             for event in events.stream(conn):
-                if job_id is not None and event.get("job_id") != job_id:
+                if wanted and event.get("job_id") not in wanted:
                     continue
                 if events.visible(lookups, int(event["job_id"])):
                     click.echo(json.dumps(event), nl=True)

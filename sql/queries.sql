@@ -306,6 +306,10 @@ SELECT * FROM batchdb.job_progress WHERE job_id = %(job_id)s
 -- Row-level security answers: false for another user's job.
 SELECT EXISTS (SELECT 1 FROM batchdb.jobs WHERE id = %(job_id)s) AS visible
 
+-- live_worker_count --
+-- Worker processes heartbeating now (`Job.wait()` says so when there are none).
+SELECT count(*) AS n FROM batchdb.live_workers WHERE alive
+
 -- list_jobs --
 SELECT * FROM batchdb.job_progress ORDER BY job_id DESC LIMIT %(limit)s
 

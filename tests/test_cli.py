@@ -156,3 +156,63 @@ def test_set_limits_refuses_nothing_and_non_positive_values(conn: psycopg.Connec
         ledger.set_limits(conn, lane)
     with pytest.raises(ValueError, match="^rpm: expected a positive integer, got 0$"):
         ledger.set_limits(conn, lane, rpm=0, tpm=100)
+
+
+def _job_in_state(dsn: str, conn: psycopg.Connection, tmp_path: Path, state: str) -> int:
+    """A 2-row job made to end (or stop) as `state` by hand, as a worker or a person would."""
+    import batchdb
+
+    job = batchdb.submit(pd.DataFrame({"h": ["a", "b"]}), prompt="{h}", model="m", provider="instant", dsn=dsn)
+    if state == "paused":
+        conn.execute("UPDATE batchdb.jobs SET status = 'paused', status_reason = 'quota' WHERE id = %s", (job.id,))
+    elif state == "cancelled":
+        job.cancel()
+    else:
+        statuses = {"succeeded": ("succeeded", "succeeded"), "failed": ("succeeded", "failed")}[state]
+        for custom_id, status in zip(("0", "1"), statuses, strict=True):
+            conn.execute("UPDATE batchdb.requests SET status = %s, finished_at = now() "
+                         "WHERE job_id = %s AND custom_id = %s", (status, job.id, custom_id))
+    return job.id
+
+
+@pytest.mark.parametrize(("state", "code"), [("succeeded", 0), ("failed", 3), ("paused", 4), ("cancelled", 5)])
+def test_wait_exit_code_tells_how_the_job_ended(state: str, code: int, dsn: str, conn: psycopg.Connection,
+                                               tmp_path: Path) -> None:
+    job_id = _job_in_state(dsn, conn, tmp_path, state)
+    result = CliRunner().invoke(cli, ["wait", str(job_id)])
+    assert result.exit_code == code, result.output
+    if state == "paused":
+        assert f"paused: quota; continue with `batchdb resume {job_id}`" in result.output
+
+
+def test_wait_and_watch_refuse_a_job_that_does_not_exist(dsn: str) -> None:
+    result = CliRunner().invoke(cli, ["wait", "999"])
+    assert (result.exit_code, result.output.strip()) == (1, "Error: job 999 does not exist")
+    for args in (["watch", "999"], ["watch", "--job", "999"]):
+        # A subprocess with a deadline: the old `watch --job 999` waited forever.
+        watch = subprocess.run([sys.executable, "-m", "batchdb", *args], capture_output=True, text=True, timeout=60)
+        assert (watch.returncode, watch.stderr.strip()) == (1, "Error: job 999 does not exist"), watch
+
+
+def test_submit_wait_exits_4_when_the_job_pauses(dsn: str, tmp_path: Path) -> None:
+    import threading
+    import time
+
+    source = tmp_path / "rows.csv"
+    source.write_text("h\na\nb\n")
+
+    def pause_once_running() -> None:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            for _ in range(600):
+                if c.execute("UPDATE batchdb.jobs SET status = 'paused', status_reason = 'by hand' "
+                             "WHERE status = 'running'").rowcount:
+                    return
+                time.sleep(0.1)
+
+    pauser = threading.Thread(target=pause_once_running)
+    pauser.start()
+    result = CliRunner().invoke(cli, ["submit", str(source), "--model", "m", "--provider", "instant",
+                                      "--prompt", "{h}", "--wait"])
+    pauser.join()
+    assert result.exit_code == 4, result.output
+    assert "paused: by hand; continue with `batchdb resume 1`" in result.output
