@@ -535,17 +535,23 @@ def dagster_command(ctx: click.Context) -> None:
 
 
 @cli.command("demo")
-@click.option("--rows", default=3000, show_default=True)
-@click.option("--workers", "n_workers", default=2, show_default=True)
+@click.option("--rows", default=3000, show_default=True, help="Synthetic headlines to classify.")
+@click.option("--workers", "n_workers", default=2, show_default=True, help="Worker processes to start.")
 @click.option("--rpm", default=6000, show_default=True, help="Simulated provider requests/minute limit.")
 @click.option("--tpm", default=600_000, show_default=True, help="Simulated provider tokens/minute limit.")
-@click.option("--output", default="demo-output/results.parquet", show_default=True, type=click.Path(path_type=Path))
+@click.option("--output", default="demo-output/results.parquet", show_default=True, type=click.Path(path_type=Path),
+              help="Where the results go (Parquet).")
+@click.option("--yes", is_flag=True, help="Run even on a database that holds other jobs (its workers run them too).")
 @_dsn_option
-def demo_command(rows: int, n_workers: int, rpm: int, tpm: int, output: Path, dsn: str | None) -> None:
-    """Run a demo job end to end against the local provider simulator."""
+def demo_command(rows: int, n_workers: int, rpm: int, tpm: int, output: Path, dsn: str | None, yes: bool) -> None:
+    """Run a demo job end to end against the local provider simulator.
+
+    It uses a lane of its own (key alias batchdb-demo), so it never changes the
+    limits, keys or users of a database it shares.
+    """
     from batchdb.demo import run_demo
 
-    run_demo(rows=rows, n_workers=n_workers, rpm=rpm, tpm=tpm, output=output, dsn=dsn)
+    run_demo(rows=rows, n_workers=n_workers, rpm=rpm, tpm=tpm, output=output, dsn=dsn, yes=yes)
 
 
 def _require_schema(dsn: str | None) -> None:

@@ -306,6 +306,13 @@ SELECT * FROM batchdb.job_progress WHERE job_id = %(job_id)s
 -- Row-level security answers: false for another user's job.
 SELECT EXISTS (SELECT 1 FROM batchdb.jobs WHERE id = %(job_id)s) AS visible
 
+-- jobs_table_exists --
+SELECT to_regclass('batchdb.jobs') IS NOT NULL AS present
+
+-- demo_other_jobs --
+-- Jobs in this database that `batchdb demo` did not make (it refuses to run beside them without --yes).
+SELECT count(*) AS n FROM batchdb.jobs WHERE key_alias <> %(key_alias)s
+
 -- live_worker_count --
 -- Worker processes heartbeating now (`Job.wait()` says so when there are none).
 SELECT count(*) AS n FROM batchdb.live_workers WHERE alive

@@ -216,3 +216,35 @@ def test_submit_wait_exits_4_when_the_job_pauses(dsn: str, tmp_path: Path) -> No
     pauser.join()
     assert result.exit_code == 4, result.output
     assert "paused: by hand; continue with `batchdb resume 1`" in result.output
+
+
+def _default_lane_limits(dsn: str) -> tuple:
+    with psycopg.connect(dsn) as c:
+        return c.execute("SELECT rpm, tpm FROM batchdb.rate_limits WHERE (provider, key_alias, model) = "
+                         "('openai', 'default', 'gpt-4o-mini')").fetchone()
+
+
+def test_demo_refuses_a_database_holding_other_jobs(dsn: str) -> None:
+    import batchdb
+
+    invoke("limits", "set", "openai", "gpt-4o-mini", "--rpm", "600", "--tpm", "60000")
+    batchdb.submit(pd.DataFrame({"h": ["a"]}), prompt="{h}", model="m", provider="instant", dsn=dsn)
+    demo = subprocess.run([sys.executable, "-m", "batchdb", "demo", "--rows", "15", "--workers", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert demo.returncode == 1, demo.stdout + demo.stderr
+    assert "already holds 1 job(s) that are not the demo's" in demo.stderr
+    assert "run: batchdb demo --yes" in demo.stderr
+    assert _default_lane_limits(dsn) == (600, 60_000)
+
+
+@pytest.mark.slow
+def test_demo_on_a_shared_database_keeps_its_limits(dsn: str, tmp_path: Path) -> None:
+    invoke("limits", "set", "openai", "gpt-4o-mini", "--rpm", "600", "--tpm", "60000")
+    demo = subprocess.run([sys.executable, "-m", "batchdb", "demo", "--rows", "30", "--workers", "1",
+                           "--output", str(tmp_path / "out.parquet")], capture_output=True, text=True, timeout=240)
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "completed: 30/30 done (30 succeeded" in demo.stdout
+    assert _default_lane_limits(dsn) == (600, 60_000)
+    with psycopg.connect(dsn) as c:
+        lanes = c.execute("SELECT key_alias, rpm, tpm FROM batchdb.rate_limits ORDER BY key_alias").fetchall()
+    assert lanes == [("batchdb-demo", 6000, 600_000), ("default", 600, 60_000)]
