@@ -180,7 +180,10 @@ def db_stop() -> None:
               help="HMAC key signing the webhook (default: $BATCHDB_WEBHOOK_SECRET, else generated and printed).")
 @click.option("--notify-email", "notify_emails", multiple=True, help="Email this address on the same events "
               "(repeatable; workers need BATCHDB_SMTP_HOST).")
-@click.option("--wait/--no-wait", default=False, help="Show progress until the job finishes.")
+@click.option("--allow-unknown-model", is_flag=True, help="Submit even when the model has no price in "
+              "batchdb.prices (its cost shows as unknown).")
+@click.option("--wait/--no-wait", default=False, help="Show progress until the job ends; the exit code tells how "
+              "(see `batchdb wait --help`).")
 @_dsn_option
 def submit_command(path: Path, dsn: str | None, wait: bool, **options: object) -> None:
     """Queue one request per row of a CSV, JSONL or Parquet file."""
@@ -228,7 +231,7 @@ def status_command(job_id: int | None, as_json: bool, dsn: str | None) -> None:
     click.echo(f"{'job':>6} {'status':<10} {'done':>15} {'dead+failed':>11} {'cost $':>10}  model / name")
     for j in jobs:
         click.echo(f"{j.job_id:>6} {j.status:<10} {f'{j.n_done}/{j.n_total}':>15} {j.n_dead + j.n_failed:>11} "
-                   f"{j.cost_usd:>10.4f}  {j.model} / {j.name or ''}")
+                   f"{(f'{j.cost_usd:.4f}' if j.priced else 'unknown'):>10}  {j.model} / {j.name or ''}")
 
 
 @cli.command("results")

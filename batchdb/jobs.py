@@ -86,10 +86,16 @@ class JobProgress:
     finished_at: datetime | None
     rows_per_second: Decimal | None
     eta: timedelta | None
+    # False when batchdb.prices has no row for the model: cost_usd is then unknown, not zero.
+    priced: bool = True
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> JobProgress:
-        return cls(**{f.name: row[f.name] for f in fields(cls)})
+        return cls(**{f.name: row[f.name] for f in fields(cls) if f.name in row})
+
+    @property
+    def cost_text(self) -> str:
+        return f"${self.cost_usd:.4f}" if self.priced else "cost unknown"
 
     @property
     def finished(self) -> bool:
@@ -99,7 +105,8 @@ class JobProgress:
         return (
             f"job {self.job_id} {self.status}: {self.n_done}/{self.n_total} done "
             f"({self.n_succeeded} succeeded, {self.n_failed} failed, {self.n_dead} dead, {self.n_cancelled} cancelled), "
-            f"{self.prompt_tokens + self.completion_tokens:,} tokens, ${self.cost_usd:.4f}"
+            f"{self.prompt_tokens + self.completion_tokens:,} tokens, "
+            + (self.cost_text if self.priced else f"cost unknown (no price for {self.provider}/{self.model})")
         )
 
 
@@ -260,7 +267,7 @@ def _update_bar(bar: Any, current: JobProgress, note: str | None = None) -> Any:
         ok=current.n_succeeded,
         failed=current.n_failed + current.n_dead,
         tokens=f"{current.prompt_tokens + current.completion_tokens:,}",
-        cost=f"${current.cost_usd:.4f}",
+        cost=current.cost_text,
         **({"workers": note} if note else {}),
         refresh=False,
     )

@@ -9,6 +9,7 @@ behind. With an idempotency key, submitting again returns the same job.
 
 from __future__ import annotations
 
+import difflib
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -54,6 +55,7 @@ def submit(
     webhook_url: str | None = None,
     webhook_secret: str | None = None,
     notify_emails: str | Iterable[str] | None = None,
+    allow_unknown_model: bool = False,
     dsn: str | None = None,
 ) -> Job:
     """Queue one request per row of `data` and return its job.
@@ -70,6 +72,9 @@ def submit(
     `webhook_url` gets a signed POST when the job completes, fails, is cancelled or
     paused (`webhook_secret` signs it; without one a secret is generated and returned
     as `job.webhook_secret`); `notify_emails` get an email for the same events.
+    A model with no row in `batchdb.prices` (a typo, or a model batchdb does not
+    know) is refused with the closest known names, unless `allow_unknown_model=True`;
+    its cost then shows as unknown.
     """
     _check_options(model=model, provider=provider, priority=priority, max_attempts=max_attempts,
                    budget_usd=budget_usd, max_tokens=max_tokens, temperature=temperature)
@@ -101,6 +106,8 @@ def submit(
         raise InputError(f"{provider}: {exc}") from None
 
     with connect(dsn) as conn:
+        if not allow_unknown_model:
+            _refuse_unknown_model(conn, provider, model)
         job_id = _create_job(conn, name=name, owner=owner, provider=provider, key_alias=key_alias, model=model,
                              params=params,
                              priority=priority, max_attempts=max_attempts, budget_usd=budget_usd,
@@ -189,6 +196,23 @@ def _check_options(*, model: str, provider: str, priority: int, max_attempts: in
         raise InputError(f"max_tokens: expected a positive integer, got {max_tokens!r}")
     if temperature is not None and not (0 <= temperature <= 2):
         raise InputError(f"temperature: expected a number from 0 to 2, got {temperature!r}")
+
+
+def _refuse_unknown_model(conn: psycopg.Connection, provider: str, model: str) -> None:
+    """A model without a price is most often a typo ('gpt-4o-mni'), which would run at an unknown cost."""
+    if provider == "instant":
+        return  # no network, no cost: any model name will do
+    known = [row["model"] for row in conn.execute(query("known_models"), {"provider": provider}).fetchall()]
+    if model in known:
+        return
+    close = difflib.get_close_matches(model, known, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(repr(m) for m in close)}?" if close else (
+        f"known {provider} models: {', '.join(known) or '(none)'}")
+    raise InputError(
+        f"model {model!r}: no price for {provider}/{model} in batchdb.prices; {hint} "
+        "(for a model batchdb does not know, add its price (docs/sql.md) or pass allow_unknown_model=True / "
+        "--allow-unknown-model)"
+    )
 
 
 def _create_job(conn: psycopg.Connection, *, params: dict[str, Any], **fields: Any) -> int | None:

@@ -300,7 +300,10 @@ UPDATE batchdb.workers
 -- ===========================================================================
 
 -- job_progress --
-SELECT * FROM batchdb.job_progress WHERE job_id = %(job_id)s
+-- `priced`: the job's model has a price (else its cost is unknown, not $0; the instant provider is free).
+SELECT p.*, (p.provider = 'instant' OR EXISTS (SELECT 1 FROM batchdb.prices c
+                                                WHERE c.provider = p.provider AND c.model = p.model)) AS priced
+  FROM batchdb.job_progress p WHERE p.job_id = %(job_id)s
 
 -- job_visible --
 -- Row-level security answers: false for another user's job.
@@ -318,7 +321,13 @@ SELECT count(*) AS n FROM batchdb.jobs WHERE key_alias <> %(key_alias)s
 SELECT count(*) AS n FROM batchdb.live_workers WHERE alive
 
 -- list_jobs --
-SELECT * FROM batchdb.job_progress ORDER BY job_id DESC LIMIT %(limit)s
+SELECT p.*, (p.provider = 'instant' OR EXISTS (SELECT 1 FROM batchdb.prices c
+                                                WHERE c.provider = p.provider AND c.model = p.model)) AS priced
+  FROM batchdb.job_progress p ORDER BY p.job_id DESC LIMIT %(limit)s
+
+-- known_models --
+-- Models with a price for one provider: submit refuses any other unless told to allow it.
+SELECT model FROM batchdb.prices WHERE provider = %(provider)s ORDER BY model
 
 -- job_results --
 -- Streamed with a server-side cursor, in request order.

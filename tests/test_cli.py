@@ -248,3 +248,15 @@ def test_demo_on_a_shared_database_keeps_its_limits(dsn: str, tmp_path: Path) ->
     with psycopg.connect(dsn) as c:
         lanes = c.execute("SELECT key_alias, rpm, tpm FROM batchdb.rate_limits ORDER BY key_alias").fetchall()
     assert lanes == [("batchdb-demo", 6000, 600_000), ("default", 600, 60_000)]
+
+
+def test_submit_refuses_a_model_typo_unless_allowed(dsn: str, tmp_path: Path) -> None:
+    source = tmp_path / "rows.csv"
+    source.write_text("h\na\n")
+    args = ["submit", str(source), "--model", "gpt-4o-mni", "--prompt", "{h}"]
+    refused = CliRunner().invoke(cli, args)
+    assert refused.exit_code == 1 and len(refused.output.strip().splitlines()) == 1, refused.output
+    assert "did you mean 'gpt-4o-mini'" in refused.output and "--allow-unknown-model" in refused.output
+    assert invoke(*args, "--allow-unknown-model").strip() == "job 1: 1 rows queued"
+    row = [line for line in invoke("status").splitlines() if "gpt-4o-mni" in line][0]
+    assert row.split()[4] == "unknown", row

@@ -140,3 +140,25 @@ def test_a_failure_late_in_a_large_input_leaves_nothing_behind(dsn: str, conn: p
     with pytest.raises(InputError, match="row 110000, column 'id': id '5' appears twice"):
         batchdb.submit(frame, prompt="{headline}", id_column="id", model="m", provider="instant", dsn=dsn)
     assert_nothing_written(conn)
+
+
+def test_an_unknown_model_is_refused_with_the_closest_names(dsn: str, conn: psycopg.Connection) -> None:
+    with pytest.raises(InputError) as refused:
+        batchdb.submit(HEADLINES, prompt="{headline}", model="gpt-4o-mni", dsn=dsn)
+    message = str(refused.value)
+    assert message.startswith("model 'gpt-4o-mni': no price for openai/gpt-4o-mni in batchdb.prices; "
+                              "did you mean 'gpt-4o-mini' or ")
+    assert "allow_unknown_model=True" in message
+    assert conn.execute("SELECT count(*) AS n FROM batchdb.jobs").fetchone()["n"] == 0
+    with pytest.raises(InputError, match="known gemini models: gemini-2.0-flash, "):
+        batchdb.submit(HEADLINES, prompt="{headline}", model="zzz", provider="gemini", dsn=dsn)
+
+
+def test_an_allowed_unknown_model_shows_its_cost_as_unknown(dsn: str) -> None:
+    job = batchdb.submit(HEADLINES, prompt="{headline}", model="my-finetune", allow_unknown_model=True, dsn=dsn)
+    progress = job.status()
+    assert not progress.priced
+    assert progress.summary().endswith("0 tokens, cost unknown (no price for openai/my-finetune)")
+    assert "$0" not in progress.summary()
+    assert batchdb.submit(HEADLINES, prompt="{headline}", model="gpt-4o-mini", dsn=dsn).status().summary().endswith(
+        "$0.0000")
