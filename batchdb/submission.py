@@ -18,7 +18,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from batchdb.db import connect
-from batchdb.ingest import DataSource, InputError, InputSpec, check_schema, copy_rows, open_source
+from batchdb.ingest import DataSource, InputError, InputSpec, RowName, check_schema, copy_rows, open_source
 from batchdb.jobs import Job
 from batchdb.notifications import (CHANNEL_EMAIL, CHANNEL_WEBHOOK, check_emails, check_secret, check_webhook_url,
                                    new_secret)
@@ -86,7 +86,7 @@ def submit(
         raise InputError(f"validation_retries: expected an integer >= 0, got {validation_retries!r}")
     targets = _notification_targets(webhook_url, webhook_secret, notify_emails)
     spec = InputSpec(prompt=prompt, system=system, messages_column=messages_column, id_column=id_column)
-    schema, batches = open_source(data)
+    schema, batches, row_name = open_source(data)
     input_schema = check_schema(schema, spec)
     params: dict[str, Any] = {
         "system": system,
@@ -122,7 +122,7 @@ def submit(
         try:
             # Before any row: a job that completes at once still notifies.
             secret = _add_targets(conn, job_id, targets)
-            rows = _copy_all(conn, job_id, batches, spec, input_schema.columns)
+            rows = _copy_all(conn, job_id, batches, spec, input_schema.columns, row_name)
         except BaseException:
             conn.execute(query("delete_job"), {"job_id": job_id})
             raise
@@ -220,9 +220,10 @@ def _create_job(conn: psycopg.Connection, *, params: dict[str, Any], **fields: A
     return None if row is None else int(row["id"])
 
 
-def _copy_all(conn: psycopg.Connection, job_id: int, batches: Any, spec: InputSpec, input_columns: list[str]) -> int:
+def _copy_all(conn: psycopg.Connection, job_id: int, batches: Any, spec: InputSpec, input_columns: list[str],
+              row_name: RowName) -> int:
     rows = 0
-    seen_ids: set[str] = set()
+    seen_ids: dict[str, int] = {}
     with conn.transaction():
         # COPY cannot write through row-level security: a user role (not the owner)
         # copies into a private staging table and moves the rows in one INSERT.
@@ -234,7 +235,7 @@ def _copy_all(conn: psycopg.Connection, job_id: int, batches: Any, spec: InputSp
                 if batch.num_rows == 0:
                     continue
                 copy.write(copy_rows(batch, job_id=job_id, first_row=rows, spec=spec,
-                                     input_columns=input_columns, seen_ids=seen_ids))
+                                     input_columns=input_columns, seen_ids=seen_ids, name=row_name))
                 rows += batch.num_rows
         if staged:
             conn.execute(query("insert_staged_requests"))
