@@ -4,14 +4,17 @@ The job row is created in its own short transaction (which creates its
 partitions), then every row goes in with COPY in a second transaction and the
 job turns 'running' at its end, so workers see all of a job's rows or none.
 If anything in the data is refused, the job is deleted: nothing is left
-behind. With an idempotency key, submitting again returns the same job.
+behind. With an idempotency key, submitting the same job again returns it;
+submitting different data or options with that key is refused.
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
 import logging
 from collections.abc import Iterable
+from decimal import Decimal
 from typing import Any
 
 import psycopg
@@ -117,6 +120,9 @@ def submit(
             existing = conn.execute(query("job_by_idempotency_key"),
                                     {"idempotency_key": idempotency_key, "owner": owner}).fetchone()
             assert existing is not None
+            _refuse_a_different_job(existing, idempotency_key, batches, spec, input_schema.columns, row_name,
+                                    provider=provider, key_alias=key_alias, model=model, params=params,
+                                    priority=priority, max_attempts=max_attempts, budget_usd=budget_usd)
             log.info("idempotency key %r already submitted as job %s", idempotency_key, existing["id"])
             return _with_secret(Job(existing["id"], dsn=dsn), _existing_secret(conn, existing["id"], webhook_url))
         try:
@@ -220,10 +226,47 @@ def _create_job(conn: psycopg.Connection, *, params: dict[str, Any], **fields: A
     return None if row is None else int(row["id"])
 
 
+def _refuse_a_different_job(existing: dict[str, Any], key: str, batches: Any, spec: InputSpec,
+                            input_columns: list[str], row_name: RowName, **given: Any) -> None:
+    """A key given again must come with the same job, as Stripe and OpenAI require; else say what differs."""
+    differs = [name for name in ("provider", "key_alias", "model", "priority", "max_attempts")
+               if existing[name] != given[name]]
+    if _usd(existing["budget_usd"]) != _usd(given["budget_usd"]):
+        differs.append("budget_usd")
+    before, now = existing["params"] or {}, given["params"]
+    differs += [name for name in sorted(set(before) | set(now)) if name not in ("input_columns", "input_types")
+                and before.get(name) != now.get(name)]
+    if before.get("input_columns") != now.get("input_columns") or before.get("input_types") != now.get("input_types"):
+        differs.append("columns")
+    if not differs and existing["input_sha256"] is not None:
+        # The same options: compare the rows themselves, exactly as they would have been copied in.
+        digest = hashlib.sha256()
+        rows, seen_ids = 0, {}
+        for batch in batches:
+            if batch.num_rows:
+                digest.update(copy_rows(batch, job_id=existing["id"], first_row=rows, spec=spec,
+                                        input_columns=input_columns, seen_ids=seen_ids, name=row_name))
+                rows += batch.num_rows
+        if digest.hexdigest() != existing["input_sha256"]:
+            differs.append("data")
+    if differs:
+        raise InputError(
+            f"idempotency key {key!r} was used for job {existing['id']} with different {', '.join(differs)}; "
+            f"submit with a new key for a new job, or with the same data and options to get job {existing['id']} "
+            "back"
+        )
+
+
+def _usd(value: Any) -> Decimal | None:
+    return None if value is None else Decimal(str(value)).quantize(Decimal("0.000001"))
+
+
 def _copy_all(conn: psycopg.Connection, job_id: int, batches: Any, spec: InputSpec, input_columns: list[str],
               row_name: RowName) -> int:
     rows = 0
     seen_ids: dict[str, int] = {}
+    # What the rows were, for a later submit with the same idempotency key to compare against.
+    digest = hashlib.sha256()
     with conn.transaction():
         # COPY cannot write through row-level security: a user role (not the owner)
         # copies into a private staging table and moves the rows in one INSERT.
@@ -234,12 +277,14 @@ def _copy_all(conn: psycopg.Connection, job_id: int, batches: Any, spec: InputSp
             for batch in batches:
                 if batch.num_rows == 0:
                     continue
-                copy.write(copy_rows(batch, job_id=job_id, first_row=rows, spec=spec,
-                                     input_columns=input_columns, seen_ids=seen_ids, name=row_name))
+                chunk = copy_rows(batch, job_id=job_id, first_row=rows, spec=spec, input_columns=input_columns,
+                                  seen_ids=seen_ids, name=row_name)
+                digest.update(chunk)
+                copy.write(chunk)
                 rows += batch.num_rows
         if staged:
             conn.execute(query("insert_staged_requests"))
-        conn.execute(query("mark_job_loaded"), {"job_id": job_id})
+        conn.execute(query("mark_job_loaded"), {"job_id": job_id, "input_sha256": digest.hexdigest()})
     if rows >= 10_000:
         # Fresh statistics keep the claim's plan on its index for a big backlog.
         conn.execute(query("analyze_job_requests"), {"job_id": job_id})

@@ -41,7 +41,9 @@ ON CONFLICT (owner, idempotency_key) DO NOTHING
 RETURNING id
 
 -- job_by_idempotency_key --
-SELECT id, status FROM batchdb.jobs
+-- What the key was first used for, to refuse it for a different job (0009_input_checks.sql).
+SELECT id, status, provider, key_alias, model, params, priority, max_attempts, budget_usd, input_sha256
+  FROM batchdb.jobs
  WHERE idempotency_key = %(idempotency_key)s AND owner = coalesce(%(owner)s, current_user)
 
 -- copy_requests --
@@ -66,7 +68,8 @@ SELECT job_id, custom_id, payload, input FROM batchdb_requests_staging
 -- Rows are in: the job becomes claimable (or completed at once when empty).
 UPDATE batchdb.jobs
    SET status = CASE WHEN n_total = 0 THEN 'completed' ELSE 'running' END,
-       finished_at = CASE WHEN n_total = 0 THEN now() END
+       finished_at = CASE WHEN n_total = 0 THEN now() END,
+       input_sha256 = %(input_sha256)s
  WHERE id = %(job_id)s AND status = 'loading'
 
 -- analyze_job_requests --

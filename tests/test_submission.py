@@ -207,3 +207,32 @@ def test_duplicate_ids_name_both_rows_as_file_lines_or_positions(tmp_path: Path,
     jsonl.write_text('{"id": "a1", "headline": "x"}\n\n{"id": "b2", "headline": "y"}\n{"id": "a1", "headline": "z"}\n')
     assert refusal(jsonl, dsn, id_column="id").startswith(
         f"{jsonl}: line 4, column 'id': id 'a1' appears twice (first at line 1)")
+
+
+def test_an_idempotency_key_reused_for_a_different_job_is_refused(tmp_path: Path, dsn: str,
+                                                                  conn: psycopg.Connection) -> None:
+    def submit(data: object, **options: object) -> batchdb.Job:
+        settings = {"prompt": "{headline}", "model": "gpt-4o-mini", "max_tokens": 5, **options}
+        return batchdb.submit(data, provider="openai", dsn=dsn, idempotency_key="nightly", **settings)
+
+    source = tmp_path / "rows.csv"
+    HEADLINES.to_csv(source, index=False)
+    first = submit(source)
+    assert submit(source).id == first.id  # the same job, from the same file
+    changed = HEADLINES.assign(headline=[*HEADLINES["headline"][:3], "Umbrella recalls"])
+    changed_file = tmp_path / "changed.csv"
+    changed.to_csv(changed_file, index=False)
+    for data, options, differs in [
+        (changed_file, {}, "data"),
+        (source, {"model": "gpt-4o"}, "model"),
+        (source, {"prompt": "Rate: {headline}"}, "prompt"),
+        (source, {"max_tokens": 6, "temperature": 0.5}, "max_tokens, temperature"),
+        (source, {"budget_usd": 3}, "budget_usd"),
+        (HEADLINES[["headline", "n"]], {}, "columns"),
+    ]:
+        with pytest.raises(InputError) as refused:
+            submit(data, **options)
+        assert str(refused.value) == (
+            f"idempotency key 'nightly' was used for job {first.id} with different {differs}; submit with a new "
+            f"key for a new job, or with the same data and options to get job {first.id} back"), differs
+    assert conn.execute("SELECT count(*) AS n FROM batchdb.jobs").fetchone()["n"] == 1
