@@ -160,20 +160,24 @@ def db_stop() -> None:
 
 @cli.command("submit")
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--model", required=True)
+@click.option("--model", required=True, help="Model (or Azure deployment) name, e.g. gpt-4o-mini.")
 @click.option("--prompt", default=None, help="Template over the file's columns, e.g. 'Classify: {headline}'.")
 @click.option("--system", default=None, help="System message (may also use {column} fields).")
 @click.option("--messages-column", default=None, help="A column holding ready chat messages instead of --prompt.")
 @click.option("--id-column", default=None, help="A column with a unique id per row.")
-@click.option("--provider", default="openai", show_default=True)
+@click.option("--provider", default="openai", show_default=True, help="openai, azure, gemini or instant (no network).")
 @click.option("--key-alias", default="default", show_default=True, help="Which of the provider's API keys to use.")
-@click.option("--name", default=None)
-@click.option("--priority", default=1, show_default=True, type=int)
-@click.option("--max-attempts", default=5, show_default=True, type=int)
-@click.option("--max-tokens", default=None, type=int)
-@click.option("--temperature", default=None, type=float)
-@click.option("--budget-usd", default=None, type=float)
-@click.option("--idempotency-key", default=None)
+@click.option("--name", default=None, help="A name for the job, shown by status.")
+@click.option("--priority", default=1, show_default=True, type=int,
+              help="Weight in the fair claim: 2 gets twice the share of 1.")
+@click.option("--max-attempts", default=5, show_default=True, type=int, help="Attempts per row before it is dead.")
+@click.option("--max-tokens", default=None, type=int, help="Most tokens in each answer.")
+@click.option("--temperature", default=None, type=float, help="Sampling temperature, 0 to 2.")
+@click.option("--budget", "budget_usd", default=None, type=float,
+              help="Spending cap in USD: the job pauses when it is reached.")
+@click.option("--budget-usd", "budget_usd_alias", default=None, type=float, hidden=True)  # the old spelling
+@click.option("--idempotency-key", default=None, help="Submitting again with this key returns the same job "
+              "(and is refused for different data or options).")
 @click.option("--webhook-url", default=None, help="POST a signed JSON event here when the job completes, fails, "
               "is cancelled or paused.")
 @click.option("--webhook-secret", envvar="BATCHDB_WEBHOOK_SECRET", default=None,
@@ -191,6 +195,9 @@ def submit_command(path: Path, dsn: str | None, wait: bool, **options: object) -
     from batchdb.submission import submit
 
     options["notify_emails"] = list(options["notify_emails"]) or None  # type: ignore[call-overload]
+    alias = options.pop("budget_usd_alias")
+    if options["budget_usd"] is None:
+        options["budget_usd"] = alias
     try:
         job = submit(path, dsn=dsn, **options)  # type: ignore[arg-type]
     except InputError as exc:
@@ -483,9 +490,11 @@ def _usd(value: object) -> str:
 
 @cli.command("worker")
 @click.option("--concurrency", "-c", default=64, show_default=True, help="Requests in flight at once.")
-@click.option("--lease-seconds", default=60.0, show_default=True)
-@click.option("--request-timeout", default=120.0, show_default=True)
-@click.option("--poll-interval", default=2.0, show_default=True)
+@click.option("--lease-seconds", default=60.0, show_default=True,
+              help="How long a claimed row stays this worker's without a heartbeat.")
+@click.option("--request-timeout", default=120.0, show_default=True, help="Seconds one provider call may take.")
+@click.option("--poll-interval", default=2.0, show_default=True,
+              help="Seconds between looks for work when no NOTIFY arrives.")
 @click.option("--exit-when-idle", is_flag=True, help="Exit once nothing is left to claim.")
 @_dsn_option
 def worker_command(concurrency: int, lease_seconds: float, request_timeout: float, poll_interval: float,
@@ -515,7 +524,7 @@ def simulator_command(ctx: click.Context) -> None:
 
 
 @cli.command("dashboard")
-@click.option("--port", default=8501, show_default=True)
+@click.option("--port", default=8501, show_default=True, help="Port on 127.0.0.1.")
 @click.option("--outputs", "outputs_dir", default=None, type=click.Path(path_type=Path),
               help="Folder of finished jobs' Parquet outputs to read with DuckDB.")
 @click.option("--refresh", "refresh_seconds", default=None, type=float, help="Live refresh period in seconds.")

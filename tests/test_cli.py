@@ -11,6 +11,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import pandas as pd
 import psycopg
 import pyarrow.parquet as pq
@@ -260,3 +261,34 @@ def test_submit_refuses_a_model_typo_unless_allowed(dsn: str, tmp_path: Path) ->
     assert invoke(*args, "--allow-unknown-model").strip() == "job 1: 1 rows queued"
     row = [line for line in invoke("status").splitlines() if "gpt-4o-mni" in line][0]
     assert row.split()[4] == "unknown", row
+
+
+def _commands(group: click.Group, path: tuple[str, ...] = ()) -> Iterator[tuple[str, click.Command]]:
+    for name, command in group.commands.items():
+        yield " ".join((*path, name)), command
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*path, name))
+
+
+# These pass their arguments to programs with their own --help (the simulator, Dagster).
+PASS_THROUGH = {"simulator", "dagster"}
+
+
+def test_every_option_has_help_text() -> None:
+    missing = [f"{name} {option.opts[0]}" for name, command in _commands(cli) if name not in PASS_THROUGH
+               for option in command.params
+               if isinstance(option, click.Option) and not option.hidden and not option.help]
+    assert missing == []
+
+
+def test_budget_is_spelt_as_resume_spells_it_and_the_old_spelling_still_works(dsn: str, tmp_path: Path,
+                                                                              conn: psycopg.Connection) -> None:
+    source = tmp_path / "rows.csv"
+    source.write_text("h\na\n")
+    base = ["submit", str(source), "--model", "gpt-4o-mini", "--prompt", "{h}"]
+    invoke(*base, "--budget", "2.5")
+    invoke(*base, "--budget-usd", "1.5")
+    budgets = [r["budget_usd"] for r in conn.execute("SELECT budget_usd FROM batchdb.jobs ORDER BY id").fetchall()]
+    assert [float(b) for b in budgets] == [2.5, 1.5]
+    assert "--budget-usd" not in invoke("submit", "--help") and "--budget " in invoke("submit", "--help")
+    assert "--budget " in invoke("resume", "--help")
