@@ -14,7 +14,6 @@ import difflib
 import hashlib
 import logging
 from collections.abc import Iterable
-from decimal import Decimal
 from typing import Any
 
 import psycopg
@@ -121,8 +120,7 @@ def submit(
                                     {"idempotency_key": idempotency_key, "owner": owner}).fetchone()
             assert existing is not None
             _refuse_a_different_job(existing, idempotency_key, batches, spec, input_schema.columns, row_name,
-                                    provider=provider, key_alias=key_alias, model=model, params=params,
-                                    priority=priority, max_attempts=max_attempts, budget_usd=budget_usd)
+                                    provider=provider, model=model, params=params)
             log.info("idempotency key %r already submitted as job %s", idempotency_key, existing["id"])
             return _with_secret(Job(existing["id"], dsn=dsn), _existing_secret(conn, existing["id"], webhook_url))
         try:
@@ -228,11 +226,14 @@ def _create_job(conn: psycopg.Connection, *, params: dict[str, Any], **fields: A
 
 def _refuse_a_different_job(existing: dict[str, Any], key: str, batches: Any, spec: InputSpec,
                             input_columns: list[str], row_name: RowName, **given: Any) -> None:
-    """A key given again must come with the same job, as Stripe and OpenAI require; else say what differs."""
-    differs = [name for name in ("provider", "key_alias", "model", "priority", "max_attempts")
-               if existing[name] != given[name]]
-    if _usd(existing["budget_usd"]) != _usd(given["budget_usd"]):
-        differs.append("budget_usd")
+    """A key given again must come with the same job, as Stripe and OpenAI require; else say what differs.
+
+    What decides the answers is compared: provider, model, every request parameter and
+    template, the columns and the rows. How the job runs (budget, priority, attempts, key
+    alias) is not: a relaunch may change those and still get its job back (assets/_resource.py
+    keys Dagster jobs the same way).
+    """
+    differs = [name for name in ("provider", "model") if existing[name] != given[name]]
     before, now = existing["params"] or {}, given["params"]
     differs += [name for name in sorted(set(before) | set(now)) if name not in ("input_columns", "input_types")
                 and before.get(name) != now.get(name)]
@@ -255,10 +256,6 @@ def _refuse_a_different_job(existing: dict[str, Any], key: str, batches: Any, sp
             f"submit with a new key for a new job, or with the same data and options to get job {existing['id']} "
             "back"
         )
-
-
-def _usd(value: Any) -> Decimal | None:
-    return None if value is None else Decimal(str(value)).quantize(Decimal("0.000001"))
 
 
 def _copy_all(conn: psycopg.Connection, job_id: int, batches: Any, spec: InputSpec, input_columns: list[str],

@@ -42,7 +42,7 @@ RETURNING id
 
 -- job_by_idempotency_key --
 -- What the key was first used for, to refuse it for a different job (0009_input_checks.sql).
-SELECT id, status, provider, key_alias, model, params, priority, max_attempts, budget_usd, input_sha256
+SELECT id, status, provider, model, params, input_sha256
   FROM batchdb.jobs
  WHERE idempotency_key = %(idempotency_key)s AND owner = coalesce(%(owner)s, current_user)
 
