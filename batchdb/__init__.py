@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from batchdb.ingest import InputError
-    from batchdb.jobs import Job, JobNotFound, JobProgress, get_job, list_jobs
+    from batchdb.jobs import Job, JobNotFound, JobPaused, JobProgress, get_job, list_jobs
     from batchdb.models import JobStatus, RequestStatus
     from batchdb.submission import submit
 
@@ -20,6 +20,7 @@ __all__ = [
     "InputError",
     "Job",
     "JobNotFound",
+    "JobPaused",
     "JobProgress",
     "JobStatus",
     "RequestStatus",
@@ -33,6 +34,7 @@ _HOME = {
     "InputError": "batchdb.ingest",
     "Job": "batchdb.jobs",
     "JobNotFound": "batchdb.jobs",
+    "JobPaused": "batchdb.jobs",
     "JobProgress": "batchdb.jobs",
     "get_job": "batchdb.jobs",
     "list_jobs": "batchdb.jobs",

@@ -7,24 +7,67 @@ import logging
 import sys
 from pathlib import Path
 
+import traceback
+
 import click
 
+from batchdb import __version__
 from batchdb import db as dbmod
+
+
+def _remember_dsn(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Note a DSN typed on the command line, so a suggested fix command can carry it."""
+    if value and ctx.get_parameter_source(param.name or "dsn") == click.core.ParameterSource.COMMANDLINE:
+        ctx.find_root().ensure_object(dict)["dsn_flag"] = f" --dsn '{_mask_password(value)}'"
+    return value
+
+
+def _mask_password(dsn: str) -> str:
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    try:
+        parts = conninfo_to_dict(dsn)
+    except Exception:  # noqa: BLE001 - an unparsable DSN fails later with its own message
+        return "<your DSN>"
+    return dsn if "password" not in parts else make_conninfo(**{**parts, "password": "****"})
 
 
 def _dsn_option(func):  # type: ignore[no-untyped-def]
     return click.option(
-        "--dsn", envvar="BATCHDB_DSN", default=None,
+        "--dsn", envvar="BATCHDB_DSN", default=None, callback=_remember_dsn,
         help="PostgreSQL DSN (default: $BATCHDB_DSN, else the embedded server).",
     )(func)
 
 
-@click.group()
-@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
-def cli(verbose: int) -> None:
+class _Commands(click.Group):
+    """The root group: every known failure of every command becomes one or two lines (batchdb/cli_errors.py)."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        from batchdb.cli_errors import explain
+
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            options = ctx.ensure_object(dict)
+            explanation = explain(exc, dsn_flag=options.get("dsn_flag", ""))
+            if explanation is None:
+                raise
+            if options.get("verbose"):
+                traceback.print_exc()
+            raise click.ClickException(explanation.text()) from None
+
+
+@click.group(cls=_Commands)
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug); tracebacks for known errors.")
+@click.version_option(__version__, "--version", prog_name="batchdb", message="%(prog)s %(version)s")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int) -> None:
     """Run millions of LLM requests through a PostgreSQL queue."""
     from batchdb.secrets import RedactingFilter
 
+    ctx.ensure_object(dict)["verbose"] = verbose
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
@@ -46,6 +89,9 @@ def db_upgrade(dsn: str | None) -> None:
     """Apply the schema migrations in sql/ (idempotent, safe to run concurrently)."""
     from batchdb import migrations
 
+    created = dbmod.create_database_if_missing(dsn)
+    if created:
+        click.echo(f"created database {created}")
     with dbmod.connect(dsn) as conn:
         applied = migrations.upgrade(conn)
     if applied:
@@ -56,18 +102,49 @@ def db_upgrade(dsn: str | None) -> None:
 
 
 @db_group.command("status")
-def db_status() -> None:
-    """Show the embedded PostgreSQL server, if one is running."""
-    from batchdb import embedded
+@_dsn_option
+def db_status(dsn: str | None) -> None:
+    """Show the database batchdb uses: $BATCHDB_DSN's (or --dsn) if set, else the embedded server.
 
-    server = embedded.server_status()
-    if server is None:
-        click.echo(f"embedded PostgreSQL: not running (data directory {embedded.batchdb_home() / 'pg'})")
+    Exits 0 when the database answers and its schema is up to date, 1 otherwise.
+    """
+    from batchdb import embedded, migrations
+    from batchdb.cli_errors import UPGRADE
+
+    if not dsn:
+        server = embedded.server_status()
+        if server is None:
+            click.echo(f"embedded PostgreSQL: not running (data directory {embedded.batchdb_home() / 'pg'}); "
+                       "any batchdb command starts it")
+            sys.exit(1)
+        click.echo(f"embedded PostgreSQL: running, pid {server.pid}, port {server.port}")
+        click.echo(f"  dsn:      {server.dsn}")
+        click.echo(f"  data dir: {server.data_dir}")
+        click.echo(f"  log:      {server.log_file}")
+        dsn = server.dsn
+    else:
+        click.echo(f"database: {_describe_dsn(dsn)}")
+    with dbmod.connect(dsn) as conn:
+        version = conn.execute("SHOW server_version").fetchone()["server_version"]
+        missing = migrations.pending(conn)
+    click.echo(f"  server:   PostgreSQL {version}")
+    if missing:
+        state = ("not set up (no batchdb migrations applied)" if len(missing) == len(migrations.available())
+                 else f"missing {', '.join(f'{m.version:04d}_{m.name}' for m in missing)}")
+        click.echo(f"  schema:   {state}")
+        click.echo(f"  run: {UPGRADE}")
         sys.exit(1)
-    click.echo(f"embedded PostgreSQL: running, pid {server.pid}, port {server.port}")
-    click.echo(f"  dsn:      {server.dsn}")
-    click.echo(f"  data dir: {server.data_dir}")
-    click.echo(f"  log:      {server.log_file}")
+    click.echo(f"  schema:   up to date ({len(migrations.available())} migrations)")
+
+
+def _describe_dsn(dsn: str) -> str:
+    """host:port/dbname as user, never the password."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    parts = conninfo_to_dict(dsn)
+    user = parts.get("user")
+    return (f"{parts.get('host', 'local socket')}:{parts.get('port', 5432)}/{parts.get('dbname', '')}"
+            + (f" as {user}" if user else ""))
 
 
 @db_group.command("stop")
@@ -83,27 +160,34 @@ def db_stop() -> None:
 
 @cli.command("submit")
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--model", required=True)
+@click.option("--model", required=True, help="Model (or Azure deployment) name, e.g. gpt-4o-mini.")
 @click.option("--prompt", default=None, help="Template over the file's columns, e.g. 'Classify: {headline}'.")
 @click.option("--system", default=None, help="System message (may also use {column} fields).")
 @click.option("--messages-column", default=None, help="A column holding ready chat messages instead of --prompt.")
 @click.option("--id-column", default=None, help="A column with a unique id per row.")
-@click.option("--provider", default="openai", show_default=True)
+@click.option("--provider", default="openai", show_default=True, help="openai, azure, gemini or instant (no network).")
 @click.option("--key-alias", default="default", show_default=True, help="Which of the provider's API keys to use.")
-@click.option("--name", default=None)
-@click.option("--priority", default=1, show_default=True, type=int)
-@click.option("--max-attempts", default=5, show_default=True, type=int)
-@click.option("--max-tokens", default=None, type=int)
-@click.option("--temperature", default=None, type=float)
-@click.option("--budget-usd", default=None, type=float)
-@click.option("--idempotency-key", default=None)
+@click.option("--name", default=None, help="A name for the job, shown by status.")
+@click.option("--priority", default=1, show_default=True, type=int,
+              help="Weight in the fair claim: 2 gets twice the share of 1.")
+@click.option("--max-attempts", default=5, show_default=True, type=int, help="Attempts per row before it is dead.")
+@click.option("--max-tokens", default=None, type=int, help="Most tokens in each answer.")
+@click.option("--temperature", default=None, type=float, help="Sampling temperature, 0 to 2.")
+@click.option("--budget", "budget_usd", default=None, type=float,
+              help="Spending cap in USD: the job pauses when it is reached.")
+@click.option("--budget-usd", "budget_usd_alias", default=None, type=float, hidden=True)  # the old spelling
+@click.option("--idempotency-key", default=None, help="Submitting again with this key returns the same job "
+              "(and is refused for different data or options).")
 @click.option("--webhook-url", default=None, help="POST a signed JSON event here when the job completes, fails, "
               "is cancelled or paused.")
 @click.option("--webhook-secret", envvar="BATCHDB_WEBHOOK_SECRET", default=None,
               help="HMAC key signing the webhook (default: $BATCHDB_WEBHOOK_SECRET, else generated and printed).")
 @click.option("--notify-email", "notify_emails", multiple=True, help="Email this address on the same events "
               "(repeatable; workers need BATCHDB_SMTP_HOST).")
-@click.option("--wait/--no-wait", default=False, help="Show progress until the job finishes.")
+@click.option("--allow-unknown-model", is_flag=True, help="Submit even when the model has no price in "
+              "batchdb.prices (its cost shows as unknown).")
+@click.option("--wait/--no-wait", default=False, help="Show progress until the job ends; the exit code tells how "
+              "(see `batchdb wait --help`).")
 @_dsn_option
 def submit_command(path: Path, dsn: str | None, wait: bool, **options: object) -> None:
     """Queue one request per row of a CSV, JSONL or Parquet file."""
@@ -111,6 +195,9 @@ def submit_command(path: Path, dsn: str | None, wait: bool, **options: object) -
     from batchdb.submission import submit
 
     options["notify_emails"] = list(options["notify_emails"]) or None  # type: ignore[call-overload]
+    alias = options.pop("budget_usd_alias")
+    if options["budget_usd"] is None:
+        options["budget_usd"] = alias
     try:
         job = submit(path, dsn=dsn, **options)  # type: ignore[arg-type]
     except InputError as exc:
@@ -121,7 +208,7 @@ def submit_command(path: Path, dsn: str | None, wait: bool, **options: object) -
         # Generated: shown once so the receiver can verify X-Batchdb-Signature.
         click.echo(f"webhook secret: {job.webhook_secret}")  # type: ignore[attr-defined]
     if wait:
-        click.echo(job.wait(progress=True).summary())
+        sys.exit(_wait_and_report(job, timeout=None))
 
 
 @cli.command("status")
@@ -151,7 +238,7 @@ def status_command(job_id: int | None, as_json: bool, dsn: str | None) -> None:
     click.echo(f"{'job':>6} {'status':<10} {'done':>15} {'dead+failed':>11} {'cost $':>10}  model / name")
     for j in jobs:
         click.echo(f"{j.job_id:>6} {j.status:<10} {f'{j.n_done}/{j.n_total}':>15} {j.n_dead + j.n_failed:>11} "
-                   f"{j.cost_usd:>10.4f}  {j.model} / {j.name or ''}")
+                   f"{(f'{j.cost_usd:.4f}' if j.priced else 'unknown'):>10}  {j.model} / {j.name or ''}")
 
 
 @cli.command("results")
@@ -213,17 +300,68 @@ def resume_command(job_id: int, budget_usd: float | None, dsn: str | None) -> No
         raise click.ClickException(f"job {job_id} is not paused")
 
 
-@cli.command("watch")
-@click.option("--job", "job_id", type=int, default=None, help="Only this job's events.")
-@_dsn_option
-def watch_command(job_id: int | None, dsn: str | None) -> None:
-    """Stream job events (completed, paused, cancelled ...) as JSON lines until Ctrl-C."""
-    from batchdb import events
+# Exit codes of `wait` and `submit --wait` (README, "Exit codes").
+EXIT_COMPLETED = 0
+EXIT_ROWS_FAILED = 3
+EXIT_PAUSED = 4
+EXIT_CANCELLED = 5
+EXIT_TIMEOUT = 6
 
+
+def _wait_and_report(job: object, *, timeout: float | None) -> int:
+    """Wait with a progress bar, print the outcome, and return the exit code that tells it."""
+    from batchdb.models import JobStatus
+
+    try:
+        final = job.wait(progress=True, until="paused", timeout=timeout)  # type: ignore[attr-defined]
+    except TimeoutError as exc:
+        click.echo(f"timed out: {exc}", err=True)
+        return EXIT_TIMEOUT
+    click.echo(final.summary())
+    if final.status == JobStatus.PAUSED:
+        click.echo(f"paused: {final.status_reason or 'no reason given'}; continue with `batchdb resume "
+                   f"{final.job_id}`", err=True)
+        return EXIT_PAUSED
+    if final.status == JobStatus.CANCELLED:
+        return EXIT_CANCELLED
+    return EXIT_ROWS_FAILED if final.n_failed + final.n_dead else EXIT_COMPLETED
+
+
+@cli.command("wait")
+@click.argument("job_id", type=int)
+@click.option("--timeout", type=click.FloatRange(min=0), default=None,
+              help="Give up after this many seconds (exit code 6); the job keeps running.")
+@_dsn_option
+def wait_command(job_id: int, timeout: float | None, dsn: str | None) -> None:
+    """Show a job's progress until it ends; the exit code tells how.
+
+    0 completed, every row succeeded; 3 completed with failed or dead rows;
+    4 paused (needs `batchdb resume`); 5 cancelled; 6 --timeout passed; 1 error.
+    """
+    from batchdb.jobs import get_job
+
+    sys.exit(_wait_and_report(get_job(job_id, dsn=dsn), timeout=timeout))
+
+
+@cli.command("watch")
+@click.argument("job_ids", nargs=-1, type=int)
+@click.option("--job", "job_option", type=int, multiple=True, hidden=True)  # the old spelling
+@_dsn_option
+def watch_command(job_ids: tuple[int, ...], job_option: tuple[int, ...], dsn: str | None) -> None:
+    """Stream job events (completed, paused, cancelled ...) as JSON lines until Ctrl-C.
+
+    With JOB_IDS, only those jobs' events (each must exist, as for `status`).
+    """
+    from batchdb import events
+    from batchdb.jobs import get_job
+
+    wanted = set(job_ids) | set(job_option)
+    for job_id in sorted(wanted):
+        get_job(job_id, dsn=dsn)  # JobNotFound: "job N does not exist", as `status N` says
     with dbmod.connect(dsn) as conn, dbmod.connect(dsn) as lookups:
         try:
             for event in events.stream(conn):
-                if job_id is not None and event.get("job_id") != job_id:
+                if wanted and event.get("job_id") not in wanted:
                     continue
                 if events.visible(lookups, int(event["job_id"])):
                     click.echo(json.dumps(event), nl=True)
@@ -242,20 +380,23 @@ def limits_group() -> None:
 @limits_group.command("set")
 @click.argument("provider")
 @click.argument("model")
-@click.option("--key-alias", default="default", show_default=True)
-@click.option("--rpm", type=int, default=None, help="Requests per minute.")
-@click.option("--tpm", type=int, default=None, help="Tokens per minute (OpenAI: prompt + max_tokens).")
-@click.option("--rpd", type=int, default=None, help="Requests per day (Gemini).")
+@click.option("--key-alias", default="default", show_default=True, help="Which of the provider's API keys.")
+@click.option("--rpm", type=click.IntRange(min=1), default=None, help="Requests per minute.")
+@click.option("--tpm", type=click.IntRange(min=1), default=None, help="Tokens per minute (OpenAI: prompt + max_tokens).")
+@click.option("--rpd", type=click.IntRange(min=1), default=None, help="Requests per day (Gemini).")
 @_dsn_option
 def limits_set(provider: str, model: str, key_alias: str, rpm: int | None, tpm: int | None, rpd: int | None,
                dsn: str | None) -> None:
-    """Set the limits of one provider key for one model."""
+    """Set the limits of one provider key for one model; limits not given keep their value."""
     from batchdb import ledger
 
+    if rpm is None and tpm is None and rpd is None:
+        raise click.UsageError("nothing to set: give --rpm, --tpm and/or --rpd")
     with dbmod.connect(dsn) as conn:
-        _run_db_op(lambda: ledger.set_limits(conn, ledger.Lane(provider, key_alias, model), rpm=rpm, tpm=tpm,
-                                             rpd=rpd))
-    click.echo(f"{provider}/{key_alias}/{model}: rpm={rpm or '-'} tpm={tpm or '-'} rpd={rpd or '-'}")
+        now = _run_db_op(lambda: ledger.set_limits(conn, ledger.Lane(provider, key_alias, model), rpm=rpm, tpm=tpm,
+                                                   rpd=rpd))
+    click.echo(f"{provider}/{key_alias}/{model}: rpm={now['rpm'] or '-'} tpm={now['tpm'] or '-'} "
+               f"rpd={now['rpd'] or '-'}")
 
 
 @limits_group.command("show")
@@ -351,9 +492,11 @@ def _usd(value: object) -> str:
 
 @cli.command("worker")
 @click.option("--concurrency", "-c", default=64, show_default=True, help="Requests in flight at once.")
-@click.option("--lease-seconds", default=60.0, show_default=True)
-@click.option("--request-timeout", default=120.0, show_default=True)
-@click.option("--poll-interval", default=2.0, show_default=True)
+@click.option("--lease-seconds", default=60.0, show_default=True,
+              help="How long a claimed row stays this worker's without a heartbeat.")
+@click.option("--request-timeout", default=120.0, show_default=True, help="Seconds one provider call may take.")
+@click.option("--poll-interval", default=2.0, show_default=True,
+              help="Seconds between looks for work when no NOTIFY arrives.")
 @click.option("--exit-when-idle", is_flag=True, help="Exit once nothing is left to claim.")
 @click.option("--circuit-threshold", default=5, show_default=True,
               help="Connection errors, timeouts or 5xx in a row that open a lane's circuit.")
@@ -370,6 +513,7 @@ def worker_command(concurrency: int, lease_seconds: float, request_timeout: floa
     from workers.logs import configure_worker_logging
     from workers.worker import WorkerConfig, run_worker
 
+    _require_schema(dsn)
     # The worker's own state changes at INFO; never a line per request (workers/logs.py).
     configure_worker_logging(log_format)
     run_worker(WorkerConfig(
@@ -413,7 +557,7 @@ def simulator_command(ctx: click.Context) -> None:
 
 
 @cli.command("dashboard")
-@click.option("--port", default=8501, show_default=True)
+@click.option("--port", default=8501, show_default=True, help="Port on 127.0.0.1.")
 @click.option("--outputs", "outputs_dir", default=None, type=click.Path(path_type=Path),
               help="Folder of finished jobs' Parquet outputs to read with DuckDB.")
 @click.option("--refresh", "refresh_seconds", default=None, type=float, help="Live refresh period in seconds.")
@@ -436,28 +580,52 @@ def dagster_command(ctx: click.Context) -> None:
 
 
 @cli.command("demo")
-@click.option("--rows", default=3000, show_default=True)
-@click.option("--workers", "n_workers", default=2, show_default=True)
+@click.option("--rows", default=3000, show_default=True, help="Synthetic headlines to classify.")
+@click.option("--workers", "n_workers", default=2, show_default=True, help="Worker processes to start.")
 @click.option("--rpm", default=6000, show_default=True, help="Simulated provider requests/minute limit.")
 @click.option("--tpm", default=600_000, show_default=True, help="Simulated provider tokens/minute limit.")
-@click.option("--output", default="demo-output/results.parquet", show_default=True, type=click.Path(path_type=Path))
+@click.option("--output", default="demo-output/results.parquet", show_default=True, type=click.Path(path_type=Path),
+              help="Where the results go (Parquet).")
+@click.option("--yes", is_flag=True, help="Run even on a database that holds other jobs (its workers run them too).")
 @_dsn_option
-def demo_command(rows: int, n_workers: int, rpm: int, tpm: int, output: Path, dsn: str | None) -> None:
-    """Run a demo job end to end against the local provider simulator."""
+def demo_command(rows: int, n_workers: int, rpm: int, tpm: int, output: Path, dsn: str | None, yes: bool) -> None:
+    """Run a demo job end to end against the local provider simulator.
+
+    It uses a lane of its own (key alias batchdb-demo), so it never changes the
+    limits, keys or users of a database it shares.
+    """
     from batchdb.demo import run_demo
 
-    run_demo(rows=rows, n_workers=n_workers, rpm=rpm, tpm=tpm, output=output, dsn=dsn)
+    run_demo(rows=rows, n_workers=n_workers, rpm=rpm, tpm=tpm, output=output, dsn=dsn, yes=yes)
+
+
+def _require_schema(dsn: str | None) -> None:
+    """Refuse to start a long-running process on a database that was never upgraded."""
+    from batchdb import migrations
+    from batchdb.cli_errors import SchemaNotReady
+
+    with dbmod.connect(dsn) as conn:
+        missing = migrations.pending(conn)
+        where = _describe_dsn(conn.info.dsn)
+    if missing:
+        raise SchemaNotReady([f"{m.version:04d}_{m.name}" for m in missing], where)
 
 
 def _run_db_op(operation):  # type: ignore[no-untyped-def]
+    """Run `operation`; a refusal from the database or the SDK becomes a one-line error."""
     import psycopg
 
+    from batchdb.cli_errors import explain
     from batchdb.jobs import JobNotFound
 
     try:
         return operation()
     except (psycopg.Error, JobNotFound, ValueError) as exc:
-        raise click.ClickException(str(exc).strip()) from None
+        options = click.get_current_context().find_root().ensure_object(dict)
+        explanation = explain(exc, dsn_flag=options.get("dsn_flag", ""))
+        if options.get("verbose"):
+            traceback.print_exc()
+        raise click.ClickException(explanation.text() if explanation else str(exc).strip().splitlines()[0]) from None
 
 
 def _jsonable(progress: object) -> dict:

@@ -49,3 +49,48 @@ def connect(dsn: str | None = None, *, autocommit: bool = True) -> psycopg.Conne
 async def connect_async(dsn: str | None = None, *, autocommit: bool = True) -> psycopg.AsyncConnection[dict]:
     return await psycopg.AsyncConnection.connect(with_options(resolve_dsn(dsn), SESSION_OPTIONS),
                                                  autocommit=autocommit, row_factory=dict_row)
+
+
+class DatabaseMissing(RuntimeError):
+    """The DSN's database does not exist and this role may not create it; the message says what to run."""
+
+
+def create_database_if_missing(dsn: str | None = None) -> str | None:
+    """Create the DSN's database when the server says it does not exist; returns its name if created.
+
+    Used by `batchdb db upgrade`, so the first command a user types on a new
+    server is enough. Connects to the server's `postgres` maintenance database
+    (then `template1`) as the same role.
+    """
+    from psycopg import sql
+
+    dsn = resolve_dsn(dsn)
+    try:
+        psycopg.connect(with_options(dsn, SESSION_OPTIONS), connect_timeout=10).close()
+        return None
+    except psycopg.OperationalError as exc:
+        if "does not exist" not in str(exc) or "database" not in str(exc):
+            raise
+    params = conninfo_to_dict(dsn)
+    name = params.get("dbname") or params.get("user") or os.environ.get("PGDATABASE") or ""
+    last: psycopg.OperationalError | None = None
+    for maintenance in ("postgres", "template1"):
+        try:
+            with psycopg.connect(make_conninfo(dsn, dbname=maintenance), autocommit=True,
+                                 connect_timeout=10) as admin:
+                role = admin.execute("SELECT current_user").fetchone()[0]  # type: ignore[index]
+                try:
+                    admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+                except psycopg.errors.DuplicateDatabase:
+                    return None  # created by someone else meanwhile
+                except psycopg.errors.InsufficientPrivilege:
+                    raise DatabaseMissing(
+                        f"database {name!r} does not exist and role {role!r} may not create it; "
+                        f"ask an administrator to run: CREATE DATABASE \"{name}\" OWNER \"{role}\"; "
+                        "then run: batchdb db upgrade"
+                    ) from None
+                return name
+        except psycopg.OperationalError as exc:
+            last = exc
+    assert last is not None
+    raise last

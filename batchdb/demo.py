@@ -1,6 +1,7 @@
 """`batchdb demo`: the whole system on one machine, with nothing installed but batchdb.
 
-Database (embedded unless BATCHDB_DSN is set) -> schema upgrade -> the provider
+Database (embedded unless BATCHDB_DSN is set; a database holding other jobs
+only with --yes) -> schema upgrade -> the provider
 simulator (a real HTTP server enforcing RPM/TPM) -> worker processes calling it
 through the official openai SDK -> a sentiment job over synthetic headlines,
 with a progress bar -> a Parquet results file.
@@ -15,8 +16,12 @@ from pathlib import Path
 import click
 import pandas as pd
 
+import psycopg
+
 from batchdb import ledger, migrations
 from batchdb.db import connect, resolve_dsn
+from batchdb.queries import query
+from batchdb.secrets import alias_env
 from batchdb.submission import submit
 
 SENTIMENT_SCHEMA = {
@@ -56,7 +61,13 @@ def demo_headlines(rows: int) -> pd.DataFrame:
     return pd.DataFrame.from_records(records)
 
 
-def run_demo(*, rows: int, n_workers: int, rpm: int, tpm: int, output: Path, dsn: str | None) -> None:
+# The demo's own lane: its limits and its key alias are the demo's, so running it on a
+# team's database (BATCHDB_DSN) never changes the limits real workers pace to.
+DEMO_LANE = ledger.Lane("openai", "batchdb-demo", "gpt-4o-mini")
+
+
+def run_demo(*, rows: int, n_workers: int, rpm: int, tpm: int, output: Path, dsn: str | None,
+             yes: bool = False) -> None:
     from batchdb.simulator.config import Distribution, Limits, SimulatorConfig
     from batchdb.simulator.process import start_simulator
     from workers.processes import start_workers
@@ -65,9 +76,11 @@ def run_demo(*, rows: int, n_workers: int, rpm: int, tpm: int, output: Path, dsn
     dsn = resolve_dsn(dsn)
     say(f"database: {_describe(dsn)}")
     with connect(dsn) as conn:
+        if not yes:
+            _refuse_a_database_in_use(conn, dsn)
         migrations.upgrade(conn)
         # The shared ledger paces every worker to the key's limits (see docs/ratelimits.md).
-        ledger.set_limits(conn, ledger.Lane("openai", "default", "gpt-4o-mini"), rpm=rpm, tpm=tpm)
+        ledger.set_limits(conn, DEMO_LANE, rpm=rpm, tpm=tpm)
 
     config = SimulatorConfig(
         seed=7,
@@ -78,8 +91,11 @@ def run_demo(*, rows: int, n_workers: int, rpm: int, tpm: int, output: Path, dsn
     with start_simulator(config) as simulator:
         say(f"provider simulator: {simulator.openai_base_url} (limits {rpm} RPM, {tpm:,} TPM)")
         output.parent.mkdir(parents=True, exist_ok=True)
-        workers = start_workers(n_workers, dsn, args=("--concurrency", "32"), log_dir=output.parent,
-                                env={"OPENAI_BASE_URL": simulator.openai_base_url, "OPENAI_API_KEY": "sk-batchdb-demo"})
+        # The simulator's URL and key under the demo's alias only: the default alias keeps pointing
+        # wherever the user's environment points it.
+        env = {alias_env("ENDPOINT", DEMO_LANE.provider, DEMO_LANE.key_alias): simulator.openai_base_url,
+               alias_env("KEY", DEMO_LANE.provider, DEMO_LANE.key_alias): "sk-batchdb-demo"}
+        workers = start_workers(n_workers, dsn, args=("--concurrency", "32"), log_dir=output.parent, env=env)
         say(f"workers: {n_workers} processes (pids {', '.join(str(w.pid) for w in workers.processes)}), "
             f"logs in {output.parent}/worker-*.log")
         try:
@@ -89,8 +105,9 @@ def run_demo(*, rows: int, n_workers: int, rpm: int, tpm: int, output: Path, dsn
                 prompt="Classify the market sentiment of this headline: {headline}",
                 system="You are a financial analyst. Answer in JSON.",
                 id_column="headline_id",
-                model="gpt-4o-mini",
-                provider="openai",
+                model=DEMO_LANE.model,
+                provider=DEMO_LANE.provider,
+                key_alias=DEMO_LANE.key_alias,
                 name=f"demo sentiment ({rows} headlines)",
                 max_tokens=20,
                 temperature=0,
@@ -114,6 +131,22 @@ def run_demo(*, rows: int, n_workers: int, rpm: int, tpm: int, output: Path, dsn
     sample = job.results().head(5)
     for _, row in sample.iterrows():
         say(f"  {row['custom_id']}  {row['headline'][:48]:<48}  {row['response']}")
+
+
+def _refuse_a_database_in_use(conn: psycopg.Connection, dsn: str) -> None:
+    """A database with jobs other than the demo's is someone's: the demo's workers would run those jobs too."""
+    if not _has_jobs_table(conn):
+        return
+    others = int(conn.execute(query("demo_other_jobs"), {"key_alias": DEMO_LANE.key_alias}).fetchone()["n"])
+    if others:
+        raise click.ClickException(
+            f"{_describe(dsn)} already holds {others} job(s) that are not the demo's; its workers would run them "
+            "too. Unset BATCHDB_DSN to use the embedded server, or run: batchdb demo --yes"
+        )
+
+
+def _has_jobs_table(conn: psycopg.Connection) -> bool:
+    return bool(conn.execute(query("jobs_table_exists")).fetchone()["present"])
 
 
 def _served_line(stats: dict, rpm: int) -> str:

@@ -3,14 +3,18 @@
 Sources: a pandas DataFrame, a pyarrow Table, or a path to CSV / JSONL /
 Parquet. Data is read and converted in Arrow record batches, so a million
 rows never sit in memory as Python objects. Every check that can refuse the
-data names the row (0-based position in the input) and the column.
+data names the row and the column: as the file's line number for CSV and
+JSONL files, as the 0-based position for frames, tables and Parquet.
+CSV is parsed strictly (an unterminated quote or a ragged row is refused with
+its line), before pyarrow reads it.
 """
 
 from __future__ import annotations
 
+import csv
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,8 @@ BATCH_ROWS = 50_000
 MAX_ROW_BYTES = 4_000_000
 
 DataSource = pd.DataFrame | pa.Table | str | Path
+# Names row `i` (0-based, in input order) for a message: "row 3", or "data.csv: line 5".
+RowName = Callable[[int], str]
 
 
 class InputError(ValueError):
@@ -49,19 +55,61 @@ class InputSchema:
     types: dict[str, str]
 
 
-def open_source(data: DataSource) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
-    """The source's schema and an iterator of its record batches (checked for encoding)."""
+def open_source(data: DataSource) -> tuple[pa.Schema, Iterator[pa.RecordBatch], RowName]:
+    """The source's schema, an iterator of its record batches (checked for encoding), and its row names."""
     if isinstance(data, pd.DataFrame):
         table = _table_from_pandas(data)
-        return table.schema, iter(table.to_batches(max_chunksize=BATCH_ROWS))
+        return table.schema, iter(table.to_batches(max_chunksize=BATCH_ROWS)), position
     if isinstance(data, pa.Table):
-        return data.schema, iter(data.to_batches(max_chunksize=BATCH_ROWS))
+        return data.schema, iter(data.to_batches(max_chunksize=BATCH_ROWS)), position
     if isinstance(data, str | Path):
         return _open_path(Path(data))
     raise InputError(
         f"cannot submit data of type {type(data).__name__}; expected a pandas DataFrame, a pyarrow Table, "
         "or a path to a .csv, .jsonl or .parquet file"
     )
+
+
+def position(row: int) -> str:
+    """A frame's (or table's) row: its 0-based position."""
+    return f"row {row}"
+
+
+@dataclass(frozen=True, slots=True)
+class FileLines:
+    """A CSV or JSONL file's row named by the line it starts on, found by reading the file again.
+
+    Only a refusal asks, so nothing per row is kept while the data streams in.
+    """
+
+    path: Path
+    kind: str  # "csv" or "jsonl"
+
+    def __call__(self, row: int) -> str:
+        return f"{self.path}: line {self.line_of(row)}"
+
+    def line_of(self, row: int) -> int:
+        if self.kind == "jsonl":
+            with self.path.open("rb") as handle:
+                seen = -1
+                for number, raw in enumerate(handle, start=1):
+                    if raw.strip():
+                        seen += 1
+                        if seen == row:
+                            return number
+        else:
+            for index, start, _ in _csv_records(self.path):
+                if index == row:
+                    return start
+        raise IndexError(f"{self.path} has no row {row}")
+
+
+@dataclass(frozen=True, slots=True)
+class ParquetRows:
+    path: Path
+
+    def __call__(self, row: int) -> str:
+        return f"{self.path}: row {row}"
 
 
 def check_schema(schema: pa.Schema, spec: InputSpec) -> InputSchema:
@@ -98,21 +146,24 @@ def check_schema(schema: pa.Schema, spec: InputSpec) -> InputSchema:
 
 
 def copy_rows(batch: pa.RecordBatch, *, job_id: int, first_row: int, spec: InputSpec,
-              input_columns: list[str], seen_ids: set[str]) -> bytes:
-    """One record batch as CSV for `COPY requests (job_id, custom_id, payload, input)`."""
+              input_columns: list[str], seen_ids: dict[str, int], name: RowName = position) -> bytes:
+    """One record batch as CSV for `COPY requests (job_id, custom_id, payload, input)`.
+
+    `seen_ids` maps every id so far to its row, so a duplicate names both rows.
+    """
     n = batch.num_rows
-    _refuse_nul(batch, first_row)
-    custom_ids = _custom_ids(batch, first_row, spec.id_column, seen_ids)
-    inputs = _json_objects(batch.select(input_columns), first_row) if input_columns else pa.nulls(n, pa.string())
+    _refuse_nul(batch, first_row, name)
+    custom_ids = _custom_ids(batch, first_row, spec.id_column, seen_ids, name)
+    inputs = _json_objects(batch.select(input_columns), first_row, name) if input_columns else pa.nulls(n, pa.string())
     payloads = pa.nulls(n, pa.string())
     if spec.messages_column is not None:
         values = batch.column(spec.messages_column).to_pylist()
-        payloads = pa.array([_messages_payload(v, first_row + i, spec.messages_column) for i, v in enumerate(values)],
-                            pa.string())
+        payloads = pa.array([_messages_payload(v, first_row + i, spec.messages_column, name)
+                             for i, v in enumerate(values)], pa.string())
     sizes = pc.add(pc.fill_null(pc.binary_length(inputs), 0), pc.fill_null(pc.binary_length(payloads), 0))
     if n and pc.max(sizes).as_py() > MAX_ROW_BYTES:
         row = pc.index(pc.greater(sizes, MAX_ROW_BYTES), True).as_py()
-        raise InputError(f"row {first_row + row}: {sizes[row].as_py():,} bytes of prompt data; "
+        raise InputError(f"{name(first_row + row)}: {sizes[row].as_py():,} bytes of prompt data; "
                          f"at most {MAX_ROW_BYTES:,} per row")
     table = pa.table({
         "job_id": pa.array([job_id] * n, pa.int64()),
@@ -128,7 +179,7 @@ def copy_rows(batch: pa.RecordBatch, *, job_id: int, first_row: int, spec: Input
 # -- reading -----------------------------------------------------------------------------------
 
 
-def _open_path(path: Path) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+def _open_path(path: Path) -> tuple[pa.Schema, Iterator[pa.RecordBatch], RowName]:
     if not path.exists():
         raise InputError(f"{path}: no such file")
     if not path.is_file():
@@ -137,19 +188,90 @@ def _open_path(path: Path) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
     try:
         if suffix in (".parquet", ".pq"):
             parquet = pq.ParquetFile(path)
-            return parquet.schema_arrow, parquet.iter_batches(batch_size=BATCH_ROWS)
+            return parquet.schema_arrow, parquet.iter_batches(batch_size=BATCH_ROWS), ParquetRows(path)
         if suffix == ".csv":
             _check_utf8(path)
-            table = pa_csv.read_csv(path, convert_options=pa_csv.ConvertOptions(strings_can_be_null=False))
-            return table.schema, iter(table.to_batches(max_chunksize=BATCH_ROWS))
+            biggest = _check_csv(path)
+            # A block must hold the largest row whole (pyarrow's default 1 MiB block refuses bigger rows
+            # with "straddling object straddles two block boundaries").
+            block = max(1 << 20, 2 * biggest + (1 << 16))
+            table = pa_csv.read_csv(path, read_options=pa_csv.ReadOptions(block_size=block),
+                                    parse_options=pa_csv.ParseOptions(newlines_in_values=True),
+                                    convert_options=pa_csv.ConvertOptions(strings_can_be_null=False))
+            return table.schema, iter(table.to_batches(max_chunksize=BATCH_ROWS)), FileLines(path, "csv")
         if suffix in (".jsonl", ".ndjson", ".json"):
             table = _read_jsonl(path)
-            return table.schema, iter(table.to_batches(max_chunksize=BATCH_ROWS))
+            return table.schema, iter(table.to_batches(max_chunksize=BATCH_ROWS)), FileLines(path, "jsonl")
     except InputError:
         raise
     except (pa.ArrowInvalid, OSError, ValueError) as exc:
         raise InputError(f"{path}: cannot be read as {suffix[1:]}: {exc}") from None
     raise InputError(f"{path}: unsupported file type {suffix or '(none)'}; expected .csv, .jsonl or .parquet")
+
+
+def _csv_records(path: Path) -> Iterator[tuple[int, int, list[str]]]:
+    """(0-based row, line it starts on, fields) of every data row; the header and blank lines are skipped.
+
+    Python's csv module in strict mode: it raises csv.Error for what pyarrow would
+    silently accept (a quote never closed swallows the rest of the file as one value).
+    """
+    _raise_csv_field_limit()
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.reader(handle, strict=True)
+        end = 0
+        row = -1
+        for fields in reader:
+            start, end = end + 1, reader.line_num
+            if not fields:
+                continue
+            if row >= 0:
+                yield row, start, fields
+            row += 1
+
+
+def _check_csv(path: Path) -> int:
+    """Refuse a malformed CSV with its line number; returns the largest row's size in bytes (at most)."""
+    width = None
+    biggest = 0
+    end = 0  # the line the last complete row ended on
+    _raise_csv_field_limit()
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.reader(handle, strict=True)
+            for fields in reader:
+                start, end = end + 1, reader.line_num
+                if not fields:
+                    continue
+                if width is None:
+                    width = len(fields)
+                    continue
+                if len(fields) != width:
+                    raise InputError(f"{path}: line {start} has {len(fields)} field(s); the header has {width}")
+                chars = sum(map(len, fields))
+                if 4 * chars > MAX_ROW_BYTES:  # possibly too big: count its bytes
+                    size = sum(len(f.encode()) for f in fields)
+                    if size > MAX_ROW_BYTES:
+                        raise InputError(f"{path}: line {start}: {size:,} bytes of prompt data; "
+                                         f"at most {MAX_ROW_BYTES:,} per row")
+                    biggest = max(biggest, size)
+                else:
+                    biggest = max(biggest, 4 * chars)
+    except csv.Error as exc:
+        if "unexpected end of data" in str(exc):
+            raise InputError(f"{path}: line {end + 1}: a quoted value is never closed (the quote runs to the end "
+                             "of the file); close it, or double quotes inside a quoted value (\"\")") from None
+        if "field larger than field limit" in str(exc):
+            raise InputError(f"{path}: line {end + 1}: a value of more than {csv.field_size_limit():,} characters; "
+                             f"at most {MAX_ROW_BYTES:,} bytes of prompt data per row") from None
+        raise InputError(f"{path}: line {reader.line_num}: malformed CSV ({exc})") from None
+    return biggest + (width or 0) * 3
+
+
+def _raise_csv_field_limit() -> None:
+    """The csv module refuses fields over 128 KiB by default; a row may hold up to MAX_ROW_BYTES."""
+    limit = 4 * MAX_ROW_BYTES + 1  # no field this long can fit, whatever its encoding
+    if csv.field_size_limit() < limit:
+        csv.field_size_limit(limit)
 
 
 def _check_utf8(path: Path) -> None:
@@ -222,36 +344,49 @@ def _table_from_pandas(frame: pd.DataFrame) -> pa.Table:
         raise InputError(f"data cannot be converted: {exc}") from None
 
 
+class _Lazy:
+    """A row's name, found only if a message is formatted (a file's line means reading the file again)."""
+
+    def __init__(self, name: RowName, row: int) -> None:
+        self._name, self._row = name, row
+
+    def __format__(self, spec: str) -> str:
+        return format(self._name(self._row), spec)
+
+
 # -- converting --------------------------------------------------------------------------------
 
 
-def _refuse_nul(batch: pa.RecordBatch, first_row: int) -> None:
-    for name, column in zip(batch.schema.names, batch.columns, strict=True):
+def _refuse_nul(batch: pa.RecordBatch, first_row: int, name: RowName) -> None:
+    for column_name, column in zip(batch.schema.names, batch.columns, strict=True):
         if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
             has_nul = pc.match_substring(column, "\x00")
             if pc.any(has_nul).as_py():
                 row = pc.index(has_nul, True).as_py()
-                raise InputError(f"row {first_row + row}, column {name!r}: contains a NUL character, "
+                raise InputError(f"{name(first_row + row)}, column {column_name!r}: contains a NUL character, "
                                  "which PostgreSQL text cannot hold")
 
 
-def _custom_ids(batch: pa.RecordBatch, first_row: int, id_column: str | None, seen: set[str]) -> list[str]:
+def _custom_ids(batch: pa.RecordBatch, first_row: int, id_column: str | None, seen: dict[str, int],
+                name: RowName) -> list[str]:
     if id_column is None:
         return [str(first_row + i) for i in range(batch.num_rows)]
     values = batch.column(id_column).to_pylist()
     ids = []
     for i, value in enumerate(values):
         if value is None or (isinstance(value, float) and value != value):
-            raise InputError(f"row {first_row + i}, column {id_column!r}: the id is empty; every row needs an id")
+            raise InputError(f"{name(first_row + i)}, column {id_column!r}: the id is empty; every row needs an id")
         text = str(value)
-        if text in seen:
-            raise InputError(f"row {first_row + i}, column {id_column!r}: id {text!r} appears twice; ids must be unique")
-        seen.add(text)
+        first = seen.setdefault(text, first_row + i)
+        if first != first_row + i:
+            where = name(first)
+            raise InputError(f"{name(first_row + i)}, column {id_column!r}: id {text!r} appears twice (first at "
+                             f"{where.rsplit(': ', 1)[-1]}); ids must be unique")
         ids.append(text)
     return ids
 
 
-def _json_objects(batch: pa.RecordBatch, first_row: int) -> pa.Array:
+def _json_objects(batch: pa.RecordBatch, first_row: int, row_name: RowName) -> pa.Array:
     """Each row as a JSON object, rendered by DuckDB's vectorised `to_json`.
 
     Exact: floats keep every digit (pandas' JSON writer rounds them), timestamps
@@ -264,7 +399,7 @@ def _json_objects(batch: pa.RecordBatch, first_row: int) -> pa.Array:
             infinite = pc.is_inf(column)
             if pc.any(infinite).as_py():
                 row = pc.index(infinite, True).as_py()
-                raise InputError(f"row {first_row + row}, column {name!r}: {column[row].as_py()} cannot be stored "
+                raise InputError(f"{row_name(first_row + row)}, column {name!r}: {column[row].as_py()} cannot be stored "
                                  "as JSON; use a finite number or null")
             column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
         columns.append(column)
@@ -274,25 +409,27 @@ def _json_objects(batch: pa.RecordBatch, first_row: int) -> pa.Array:
         try:
             rendered = con.execute("SELECT to_json(input_rows)::VARCHAR AS j FROM input_rows").arrow()
         except duckdb.Error as exc:
-            raise InputError(f"rows {first_row}-{first_row + len(rows) - 1}: cannot be stored as JSON: {exc}") from None
+            raise InputError(f"{row_name(first_row)} to {row_name(first_row + len(rows) - 1)}: cannot be stored as JSON: "
+                             f"{exc}") from None
     table = rendered if isinstance(rendered, pa.Table) else rendered.read_all()
     return table.column(0).combine_chunks()
 
 
-def _messages_payload(value: Any, row: int, column: str) -> str:
+def _messages_payload(value: Any, row_index: int, column: str, name: RowName) -> str:
+    row = _Lazy(name, row_index)
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
-            raise InputError(f"row {row}, column {column!r}: expected a list of messages "
+            raise InputError(f"{row}, column {column!r}: expected a list of messages "
                              "[{\"role\": ..., \"content\": ...}] or its JSON text") from None
     if not isinstance(value, list) or not value:
-        raise InputError(f"row {row}, column {column!r}: expected a non-empty list of messages, got {type(value).__name__}")
+        raise InputError(f"{row}, column {column!r}: expected a non-empty list of messages, got {type(value).__name__}")
     for position, message in enumerate(value):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise InputError(f"row {row}, column {column!r}: message {position} must be an object with "
+            raise InputError(f"{row}, column {column!r}: message {position} must be an object with "
                              "'role' and 'content'")
         if message["role"] not in ("system", "user", "assistant", "developer"):
-            raise InputError(f"row {row}, column {column!r}: message {position} has role {message['role']!r}; "
+            raise InputError(f"{row}, column {column!r}: message {position} has role {message['role']!r}; "
                              "expected system, user, assistant or developer")
     return json.dumps({"messages": value}, ensure_ascii=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,8 +22,28 @@ from batchdb.models import JobStatus
 from batchdb.queries import query
 
 
+log = logging.getLogger(__name__)
+
+# How long `Job.wait()` waits with no live worker before it says so.
+NO_WORKER_WARNING_S = 30.0
+
+
 class JobNotFound(LookupError):
     """No such job, or it belongs to another user (row-level security hides it)."""
+
+
+class JobPaused(RuntimeError):
+    """`Job.wait()` found the job paused: it needs a person (or a budget, or a quota turning over).
+
+    `progress` is the job's state when it paused; `reason` is why (its status_reason).
+    """
+
+    def __init__(self, progress: JobProgress) -> None:
+        self.progress = progress
+        self.reason = progress.status_reason
+        super().__init__(f"job {progress.job_id} paused at {progress.n_done}/{progress.n_total} done: "
+                         f"{progress.status_reason or 'no reason given'}; continue it with "
+                         f"`batchdb resume {progress.job_id}`")
 
 
 @contextmanager
@@ -65,10 +86,16 @@ class JobProgress:
     finished_at: datetime | None
     rows_per_second: Decimal | None
     eta: timedelta | None
+    # False when batchdb.prices has no row for the model: cost_usd is then unknown, not zero.
+    priced: bool = True
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> JobProgress:
-        return cls(**{f.name: row[f.name] for f in fields(cls)})
+        return cls(**{f.name: row[f.name] for f in fields(cls) if f.name in row})
+
+    @property
+    def cost_text(self) -> str:
+        return f"${self.cost_usd:.4f}" if self.priced else "cost unknown"
 
     @property
     def finished(self) -> bool:
@@ -78,7 +105,8 @@ class JobProgress:
         return (
             f"job {self.job_id} {self.status}: {self.n_done}/{self.n_total} done "
             f"({self.n_succeeded} succeeded, {self.n_failed} failed, {self.n_dead} dead, {self.n_cancelled} cancelled), "
-            f"{self.prompt_tokens + self.completion_tokens:,} tokens, ${self.cost_usd:.4f}"
+            f"{self.prompt_tokens + self.completion_tokens:,} tokens, "
+            + (self.cost_text if self.priced else f"cost unknown (no price for {self.provider}/{self.model})")
         )
 
 
@@ -94,16 +122,25 @@ class Job:
         with connect(self._dsn) as conn:
             return self._progress(conn)
 
-    def wait(self, *, progress: bool = False, poll_interval: float = 0.5, timeout: float | None = None) -> JobProgress:
-        """Block until the job is completed or cancelled (or paused, which needs a person).
+    def wait(self, *, progress: bool = False, poll_interval: float = 0.5, timeout: float | None = None,
+             until: str = "finished", no_worker_after: float = NO_WORKER_WARNING_S) -> JobProgress:
+        """Block until the job is completed or cancelled; raise `JobPaused` if it pauses.
+
+        A paused job needs someone (a budget, a quota, a key): returning normally would
+        let a script go on with partial results. `until="paused"` returns the paused
+        job's progress instead. With no live worker for `no_worker_after` seconds
+        while rows wait, it says so (a warning, and on the progress bar) and keeps waiting.
 
         It LISTENs on batchdb_events, so it returns as soon as the job finishes, and
         polls every `poll_interval` for the progress bar. Survives a database
         restart: the connection is re-opened.
         """
+        if until not in ("finished", "paused"):
+            raise ValueError(f"until: expected 'finished' or 'paused', got {until!r}")
         deadline = None if timeout is None else time.monotonic() + timeout
         bar = None
         conn: psycopg.Connection | None = None
+        watch = _WorkerWatch(no_worker_after, self.id)
         try:
             while True:
                 current = None
@@ -112,10 +149,15 @@ class Job:
                         conn = connect(self._dsn)
                         events.listen(conn)
                     current = self._progress(conn)
+                    note = watch.check(conn, current)
                     if progress:
-                        bar = _update_bar(bar, current)
-                    if current.finished or current.status == JobStatus.PAUSED:
+                        bar = _update_bar(bar, current, note)
+                    if current.finished:
                         return current
+                    if current.status == JobStatus.PAUSED:
+                        if until == "paused":
+                            return current
+                        raise JobPaused(current)
                     # Sleep until a job event arrives (LISTEN) or the poll interval passes.
                     events.poll(conn, poll_interval)
                 except psycopg.OperationalError:
@@ -178,7 +220,43 @@ def list_jobs(*, limit: int = 50, dsn: str | None = None) -> list[JobProgress]:
         return [JobProgress.from_row(r) for r in conn.execute(query("list_jobs"), {"limit": limit}).fetchall()]
 
 
-def _update_bar(bar: Any, current: JobProgress) -> Any:
+class _WorkerWatch:
+    """Notices, while `wait()` waits, that no worker is alive to run the job's rows (batchdb.live_workers)."""
+
+    def __init__(self, after: float, job_id: int) -> None:
+        self._after = after
+        self._job_id = job_id
+        self._next_check = 0.0
+        self._none_since: float | None = None
+        self._warned = False
+        self.note: str | None = None
+
+    def check(self, conn: psycopg.Connection, current: JobProgress) -> str | None:
+        """A note for the progress line ('no live worker for 30 s'), or None while workers are alive."""
+        if current.status != JobStatus.RUNNING or current.n_queued + current.n_running == 0:
+            self._none_since, self.note = None, None
+            return None
+        now = time.monotonic()
+        if now < self._next_check:
+            return self.note
+        self._next_check = now + min(5.0, max(self._after / 3, 0.2))
+        alive = int(conn.execute(query("live_worker_count")).fetchone()["n"])
+        if alive:
+            self._none_since, self.note, self._warned = None, None, False
+            return None
+        if self._none_since is None:
+            self._none_since = now
+        waited = now - self._none_since
+        if waited >= self._after:
+            self.note = f"no live worker for {waited:.0f}s"
+            if not self._warned:
+                self._warned = True
+                log.warning("job %s: no live worker for %.0f s; its rows wait until one runs (start one with "
+                            "`batchdb worker`, see `batchdb workers`)", self._job_id, waited)
+        return self.note
+
+
+def _update_bar(bar: Any, current: JobProgress, note: str | None = None) -> Any:
     from tqdm import tqdm
 
     if bar is None:
@@ -189,7 +267,8 @@ def _update_bar(bar: Any, current: JobProgress) -> Any:
         ok=current.n_succeeded,
         failed=current.n_failed + current.n_dead,
         tokens=f"{current.prompt_tokens + current.completion_tokens:,}",
-        cost=f"${current.cost_usd:.4f}",
+        cost=current.cost_text,
+        **({"workers": note} if note else {}),
         refresh=False,
     )
     bar.refresh()

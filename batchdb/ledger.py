@@ -123,9 +123,19 @@ async def learn_limits(conn: psycopg.AsyncConnection, lane: Lane, rpm: int | Non
 
 
 def set_limits(conn: psycopg.Connection, lane: Lane, *, rpm: int | None = None, tpm: int | None = None,
-               rpd: int | None = None) -> None:
-    conn.execute(query("set_limits"), {"provider": lane.provider, "key_alias": lane.key_alias,
-                                       "model": lane.model, "rpm": rpm, "tpm": tpm, "rpd": rpd})
+               rpd: int | None = None) -> dict[str, int | None]:
+    """Set the given limits of `lane`; those not given keep their value. Returns the lane's limits now."""
+    given = {name: value for name, value in (("rpm", rpm), ("tpm", tpm), ("rpd", rpd)) if value is not None}
+    if not given:
+        raise ValueError(f"nothing to set for {lane.provider}/{lane.key_alias}/{lane.model}: give rpm, tpm or rpd")
+    for name, value in given.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(query("set_limits"), {"provider": lane.provider, "key_alias": lane.key_alias,
+                                                "model": lane.model, "rpm": rpm, "tpm": tpm, "rpd": rpd}).fetchone()
+    assert row is not None
+    return dict(row)
 
 
 def list_limits(conn: psycopg.Connection) -> list[dict[str, Any]]:

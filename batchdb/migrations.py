@@ -54,6 +54,16 @@ def _versions(conn: psycopg.Connection) -> set[int]:
         return {version for (version,) in cur.execute(query("migrations_applied")).fetchall()}
 
 
+def pending(conn: psycopg.Connection) -> list[Migration]:
+    """Migrations this database lacks, read without creating or locking anything."""
+    with conn.cursor(row_factory=tuple_row) as cur:
+        (present,) = cur.execute(query("migrations_table_exists")).fetchone()
+    if not present:
+        return available()
+    done = _versions(conn)
+    return [m for m in available() if m.version not in done]
+
+
 def upgrade(conn: psycopg.Connection) -> list[Migration]:
     """Apply every missing migration; returns those applied by this call."""
     done: list[Migration] = []

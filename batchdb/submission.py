@@ -4,11 +4,14 @@ The job row is created in its own short transaction (which creates its
 partitions), then every row goes in with COPY in a second transaction and the
 job turns 'running' at its end, so workers see all of a job's rows or none.
 If anything in the data is refused, the job is deleted: nothing is left
-behind. With an idempotency key, submitting again returns the same job.
+behind. With an idempotency key, submitting the same job again returns it;
+submitting different data or options with that key is refused.
 """
 
 from __future__ import annotations
 
+import difflib
+import hashlib
 import json
 import logging
 from collections.abc import Iterable
@@ -23,7 +26,7 @@ from psycopg.types.json import Jsonb
 from batchdb import context_window
 
 from batchdb.db import connect
-from batchdb.ingest import DataSource, InputError, InputSpec, check_schema, copy_rows, open_source
+from batchdb.ingest import DataSource, InputError, InputSpec, RowName, check_schema, copy_rows, open_source
 from batchdb.jobs import Job
 from batchdb.notifications import (CHANNEL_EMAIL, CHANNEL_WEBHOOK, check_emails, check_secret, check_webhook_url,
                                    new_secret)
@@ -62,6 +65,7 @@ def submit(
     webhook_url: str | None = None,
     webhook_secret: str | None = None,
     notify_emails: str | Iterable[str] | None = None,
+    allow_unknown_model: bool = False,
     dsn: str | None = None,
 ) -> Job:
     """Queue one request per row of `data` and return its job.
@@ -78,6 +82,9 @@ def submit(
     `webhook_url` gets a signed POST when the job completes, fails, is cancelled or
     paused (`webhook_secret` signs it; without one a secret is generated and returned
     as `job.webhook_secret`); `notify_emails` get an email for the same events.
+    A model with no row in `batchdb.prices` (a typo, or a model batchdb does not
+    know) is refused with the closest known names, unless `allow_unknown_model=True`;
+    its cost then shows as unknown.
     """
     _check_options(model=model, provider=provider, priority=priority, max_attempts=max_attempts,
                    budget_usd=budget_usd, max_tokens=max_tokens, temperature=temperature)
@@ -89,7 +96,7 @@ def submit(
         raise InputError(f"validation_retries: expected an integer >= 0, got {validation_retries!r}")
     targets = _notification_targets(webhook_url, webhook_secret, notify_emails)
     spec = InputSpec(prompt=prompt, system=system, messages_column=messages_column, id_column=id_column)
-    schema, batches = open_source(data)
+    schema, batches, row_name = open_source(data)
     input_schema = check_schema(schema, spec)
     params: dict[str, Any] = {
         "system": system,
@@ -113,6 +120,8 @@ def submit(
         too_many = limits.max_tokens_problem(max_tokens)
         if too_many:
             raise InputError(f"max_tokens: {too_many}")
+        if not allow_unknown_model:
+            _refuse_unknown_model(conn, provider, model)
         job_id = _create_job(conn, name=name, owner=owner, provider=provider, key_alias=key_alias, model=model,
                              params=params,
                              priority=priority, max_attempts=max_attempts, budget_usd=budget_usd,
@@ -122,13 +131,15 @@ def submit(
             existing = conn.execute(query("job_by_idempotency_key"),
                                     {"idempotency_key": idempotency_key, "owner": owner}).fetchone()
             assert existing is not None
+            _refuse_a_different_job(existing, idempotency_key, batches, spec, input_schema.columns, row_name,
+                                    provider=provider, model=model, params=params)
             log.info("idempotency key %r already submitted as job %s", idempotency_key, existing["id"])
             return _with_secret(Job(existing["id"], dsn=dsn), _existing_secret(conn, existing["id"], webhook_url))
         try:
             # Before any row: a job that completes at once still notifies.
             secret = _add_targets(conn, job_id, targets)
             fit = _FitCheck(provider, model, params, spec, limits)
-            rows = _copy_all(conn, job_id, batches, spec, input_schema.columns, fit)
+            rows = _copy_all(conn, job_id, batches, spec, input_schema.columns, row_name, fit)
         except BaseException:
             conn.execute(query("delete_job"), {"job_id": job_id})
             raise
@@ -204,15 +215,68 @@ def _check_options(*, model: str, provider: str, priority: int, max_attempts: in
         raise InputError(f"temperature: expected a number from 0 to 2, got {temperature!r}")
 
 
+def _refuse_unknown_model(conn: psycopg.Connection, provider: str, model: str) -> None:
+    """A model without a price is most often a typo ('gpt-4o-mni'), which would run at an unknown cost."""
+    if provider == "instant":
+        return  # no network, no cost: any model name will do
+    known = [row["model"] for row in conn.execute(query("known_models"), {"provider": provider}).fetchall()]
+    if model in known:
+        return
+    close = difflib.get_close_matches(model, known, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(repr(m) for m in close)}?" if close else (
+        f"known {provider} models: {', '.join(known) or '(none)'}")
+    raise InputError(
+        f"model {model!r}: no price for {provider}/{model} in batchdb.prices; {hint} "
+        "(for a model batchdb does not know, add its price (docs/sql.md) or pass allow_unknown_model=True / "
+        "--allow-unknown-model)"
+    )
+
+
 def _create_job(conn: psycopg.Connection, *, params: dict[str, Any], **fields: Any) -> int | None:
     row = conn.execute(query("insert_job"), {**fields, "params": Jsonb(params)}).fetchone()
     return None if row is None else int(row["id"])
 
 
+def _refuse_a_different_job(existing: dict[str, Any], key: str, batches: Any, spec: InputSpec,
+                            input_columns: list[str], row_name: RowName, **given: Any) -> None:
+    """A key given again must come with the same job, as Stripe and OpenAI require; else say what differs.
+
+    What decides the answers is compared: provider, model, every request parameter and
+    template, the columns and the rows. How the job runs (budget, priority, attempts, key
+    alias) is not: a relaunch may change those and still get its job back (assets/_resource.py
+    keys Dagster jobs the same way).
+    """
+    differs = [name for name in ("provider", "model") if existing[name] != given[name]]
+    before, now = existing["params"] or {}, given["params"]
+    differs += [name for name in sorted(set(before) | set(now)) if name not in ("input_columns", "input_types")
+                and before.get(name) != now.get(name)]
+    if before.get("input_columns") != now.get("input_columns") or before.get("input_types") != now.get("input_types"):
+        differs.append("columns")
+    if not differs and existing["input_sha256"] is not None:
+        # The same options: compare the rows themselves, exactly as they would have been copied in.
+        digest = hashlib.sha256()
+        rows, seen_ids = 0, {}
+        for batch in batches:
+            if batch.num_rows:
+                digest.update(copy_rows(batch, job_id=existing["id"], first_row=rows, spec=spec,
+                                        input_columns=input_columns, seen_ids=seen_ids, name=row_name))
+                rows += batch.num_rows
+        if digest.hexdigest() != existing["input_sha256"]:
+            differs.append("data")
+    if differs:
+        raise InputError(
+            f"idempotency key {key!r} was used for job {existing['id']} with different {', '.join(differs)}; "
+            f"submit with a new key for a new job, or with the same data and options to get job {existing['id']} "
+            "back"
+        )
+
+
 def _copy_all(conn: psycopg.Connection, job_id: int, batches: Any, spec: InputSpec, input_columns: list[str],
-              fit: _FitCheck | None = None) -> int:
+              row_name: RowName, fit: _FitCheck | None = None) -> int:
     rows = 0
-    seen_ids: set[str] = set()
+    seen_ids: dict[str, int] = {}
+    # What the rows were, for a later submit with the same idempotency key to compare against.
+    digest = hashlib.sha256()
     with conn.transaction():
         # COPY cannot write through row-level security: a user role (not the owner)
         # copies into a private staging table and moves the rows in one INSERT.
@@ -225,12 +289,14 @@ def _copy_all(conn: psycopg.Connection, job_id: int, batches: Any, spec: InputSp
                     continue
                 if fit is not None:
                     fit.check(batch, first_row=rows)
-                copy.write(copy_rows(batch, job_id=job_id, first_row=rows, spec=spec,
-                                     input_columns=input_columns, seen_ids=seen_ids))
+                chunk = copy_rows(batch, job_id=job_id, first_row=rows, spec=spec, input_columns=input_columns,
+                                  seen_ids=seen_ids, name=row_name)
+                digest.update(chunk)
+                copy.write(chunk)
                 rows += batch.num_rows
         if staged:
             conn.execute(query("insert_staged_requests"))
-        conn.execute(query("mark_job_loaded"), {"job_id": job_id})
+        conn.execute(query("mark_job_loaded"), {"job_id": job_id, "input_sha256": digest.hexdigest()})
     if rows >= 10_000:
         # Fresh statistics keep the claim's plan on its index for a big backlog.
         conn.execute(query("analyze_job_requests"), {"job_id": job_id})

@@ -20,6 +20,10 @@ CREATE TABLE IF NOT EXISTS public.batchdb_migrations (
 -- migrations_applied --
 SELECT version FROM public.batchdb_migrations ORDER BY version
 
+-- migrations_table_exists --
+-- Read-only check (`batchdb db status`, worker start): has this database ever been upgraded?
+SELECT to_regclass('public.batchdb_migrations') IS NOT NULL AS present
+
 -- migration_record --
 INSERT INTO public.batchdb_migrations (version, name) VALUES (%(version)s, %(name)s)
 
@@ -37,7 +41,9 @@ ON CONFLICT (owner, idempotency_key) DO NOTHING
 RETURNING id
 
 -- job_by_idempotency_key --
-SELECT id, status FROM batchdb.jobs
+-- What the key was first used for, to refuse it for a different job (0009_input_checks.sql).
+SELECT id, status, provider, model, params, input_sha256
+  FROM batchdb.jobs
  WHERE idempotency_key = %(idempotency_key)s AND owner = coalesce(%(owner)s, current_user)
 
 -- copy_requests --
@@ -62,7 +68,8 @@ SELECT job_id, custom_id, payload, input FROM batchdb_requests_staging
 -- Rows are in: the job becomes claimable (or completed at once when empty).
 UPDATE batchdb.jobs
    SET status = CASE WHEN n_total = 0 THEN 'completed' ELSE 'running' END,
-       finished_at = CASE WHEN n_total = 0 THEN now() END
+       finished_at = CASE WHEN n_total = 0 THEN now() END,
+       input_sha256 = %(input_sha256)s
  WHERE id = %(job_id)s AND status = 'loading'
 
 -- analyze_job_requests --
@@ -447,14 +454,34 @@ SELECT w.id, w.hostname, w.pid, w.concurrency, w.in_flight, w.n_completed, w.sta
 -- ===========================================================================
 
 -- job_progress --
-SELECT * FROM batchdb.job_progress WHERE job_id = %(job_id)s
+-- `priced`: the job's model has a price (else its cost is unknown, not $0; the instant provider is free).
+SELECT p.*, (p.provider = 'instant' OR EXISTS (SELECT 1 FROM batchdb.prices c
+                                                WHERE c.provider = p.provider AND c.model = p.model)) AS priced
+  FROM batchdb.job_progress p WHERE p.job_id = %(job_id)s
 
 -- job_visible --
 -- Row-level security answers: false for another user's job.
 SELECT EXISTS (SELECT 1 FROM batchdb.jobs WHERE id = %(job_id)s) AS visible
 
+-- jobs_table_exists --
+SELECT to_regclass('batchdb.jobs') IS NOT NULL AS present
+
+-- demo_other_jobs --
+-- Jobs in this database that `batchdb demo` did not make (it refuses to run beside them without --yes).
+SELECT count(*) AS n FROM batchdb.jobs WHERE key_alias <> %(key_alias)s
+
+-- live_worker_count --
+-- Worker processes heartbeating now (`Job.wait()` says so when there are none).
+SELECT count(*) AS n FROM batchdb.live_workers WHERE alive
+
 -- list_jobs --
-SELECT * FROM batchdb.job_progress ORDER BY job_id DESC LIMIT %(limit)s
+SELECT p.*, (p.provider = 'instant' OR EXISTS (SELECT 1 FROM batchdb.prices c
+                                                WHERE c.provider = p.provider AND c.model = p.model)) AS priced
+  FROM batchdb.job_progress p ORDER BY p.job_id DESC LIMIT %(limit)s
+
+-- known_models --
+-- Models with a price for one provider: submit refuses any other unless told to allow it.
+SELECT model FROM batchdb.prices WHERE provider = %(provider)s ORDER BY model
 
 -- job_results --
 -- Streamed with a server-side cursor, in request order.
@@ -488,10 +515,13 @@ SELECT batchdb.learn_limits(%(provider)s, %(key_alias)s, %(model)s, %(rpm)s, %(t
 
 -- set_limits --
 -- Configure a key's limits by hand (`batchdb limits set`); configured limits win over learnt ones.
+-- A partial update: a limit not given (NULL) keeps its current value.
 INSERT INTO batchdb.rate_limits AS l (provider, key_alias, model, rpm, tpm, rpd, source)
 VALUES (%(provider)s, %(key_alias)s, %(model)s, %(rpm)s, %(tpm)s, %(rpd)s, 'configured')
 ON CONFLICT (provider, key_alias, model) DO UPDATE
-   SET rpm = EXCLUDED.rpm, tpm = EXCLUDED.tpm, rpd = EXCLUDED.rpd, source = 'configured', updated_at = now()
+   SET rpm = coalesce(EXCLUDED.rpm, l.rpm), tpm = coalesce(EXCLUDED.tpm, l.tpm), rpd = coalesce(EXCLUDED.rpd, l.rpd),
+       source = 'configured', updated_at = now()
+RETURNING rpm, tpm, rpd
 
 -- list_limits --
 -- Each lane's limits, totals and live state (0006: lane_states says why a lane is not moving).

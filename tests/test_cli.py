@@ -11,6 +11,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import pandas as pd
 import psycopg
 import pyarrow.parquet as pq
@@ -127,3 +128,167 @@ def test_demo_runs_end_to_end_on_the_embedded_server(fresh_home: Path) -> None:
     status = subprocess.run([sys.executable, "-m", "batchdb", "db", "status"], env=env, capture_output=True,
                             text=True, timeout=60)
     assert status.returncode == 1 and "not running" in status.stdout
+
+
+def test_limits_set_changes_only_the_limits_given(conn: psycopg.Connection) -> None:
+    invoke("limits", "set", "openai", "gpt-4o-mini", "--rpm", "600", "--tpm", "60000")
+    assert invoke("limits", "set", "openai", "gpt-4o-mini", "--tpm", "90000").strip() == \
+        "openai/default/gpt-4o-mini: rpm=600 tpm=90000 rpd=-"
+
+    def stored() -> tuple:
+        row = conn.execute("SELECT rpm, tpm, rpd FROM batchdb.rate_limits WHERE model = 'gpt-4o-mini'").fetchone()
+        return (row["rpm"], row["tpm"], row["rpd"])
+
+    assert stored() == (600, 90_000, None)
+    nothing = CliRunner().invoke(cli, ["limits", "set", "openai", "gpt-4o-mini"])
+    assert nothing.exit_code == 2 and "Error: nothing to set: give --rpm, --tpm and/or --rpd" in nothing.output
+    zero = CliRunner().invoke(cli, ["limits", "set", "openai", "gpt-4o-mini", "--rpm", "0"])
+    assert zero.exit_code == 2
+    assert zero.output.strip().splitlines()[-1] == "Error: Invalid value for '--rpm': 0 is not in the range x>=1."
+    assert "constraint" not in zero.output
+    assert stored() == (600, 90_000, None)
+
+
+def test_set_limits_refuses_nothing_and_non_positive_values(conn: psycopg.Connection) -> None:
+    from batchdb import ledger
+
+    lane = ledger.Lane("openai", "default", "gpt-4o-mini")
+    with pytest.raises(ValueError, match="nothing to set for openai/default/gpt-4o-mini"):
+        ledger.set_limits(conn, lane)
+    with pytest.raises(ValueError, match="^rpm: expected a positive integer, got 0$"):
+        ledger.set_limits(conn, lane, rpm=0, tpm=100)
+
+
+def _job_in_state(dsn: str, conn: psycopg.Connection, tmp_path: Path, state: str) -> int:
+    """A 2-row job made to end (or stop) as `state` by hand, as a worker or a person would."""
+    import batchdb
+
+    job = batchdb.submit(pd.DataFrame({"h": ["a", "b"]}), prompt="{h}", model="m", provider="instant", dsn=dsn)
+    if state == "paused":
+        conn.execute("UPDATE batchdb.jobs SET status = 'paused', status_reason = 'quota' WHERE id = %s", (job.id,))
+    elif state == "cancelled":
+        job.cancel()
+    else:
+        statuses = {"succeeded": ("succeeded", "succeeded"), "failed": ("succeeded", "failed")}[state]
+        for custom_id, status in zip(("0", "1"), statuses, strict=True):
+            conn.execute("UPDATE batchdb.requests SET status = %s, finished_at = now() "
+                         "WHERE job_id = %s AND custom_id = %s", (status, job.id, custom_id))
+    return job.id
+
+
+@pytest.mark.parametrize(("state", "code"), [("succeeded", 0), ("failed", 3), ("paused", 4), ("cancelled", 5)])
+def test_wait_exit_code_tells_how_the_job_ended(state: str, code: int, dsn: str, conn: psycopg.Connection,
+                                               tmp_path: Path) -> None:
+    job_id = _job_in_state(dsn, conn, tmp_path, state)
+    result = CliRunner().invoke(cli, ["wait", str(job_id)])
+    assert result.exit_code == code, result.output
+    if state == "paused":
+        assert f"paused: quota; continue with `batchdb resume {job_id}`" in result.output
+
+
+def test_wait_and_watch_refuse_a_job_that_does_not_exist(dsn: str) -> None:
+    result = CliRunner().invoke(cli, ["wait", "999"])
+    assert (result.exit_code, result.output.strip()) == (1, "Error: job 999 does not exist")
+    for args in (["watch", "999"], ["watch", "--job", "999"]):
+        # A subprocess with a deadline: the old `watch --job 999` waited forever.
+        watch = subprocess.run([sys.executable, "-m", "batchdb", *args], capture_output=True, text=True, timeout=60)
+        assert (watch.returncode, watch.stderr.strip()) == (1, "Error: job 999 does not exist"), watch
+
+
+def test_submit_wait_exits_4_when_the_job_pauses(dsn: str, tmp_path: Path) -> None:
+    import threading
+    import time
+
+    source = tmp_path / "rows.csv"
+    source.write_text("h\na\nb\n")
+
+    def pause_once_running() -> None:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            for _ in range(600):
+                if c.execute("UPDATE batchdb.jobs SET status = 'paused', status_reason = 'by hand' "
+                             "WHERE status = 'running'").rowcount:
+                    return
+                time.sleep(0.1)
+
+    pauser = threading.Thread(target=pause_once_running)
+    pauser.start()
+    result = CliRunner().invoke(cli, ["submit", str(source), "--model", "m", "--provider", "instant",
+                                      "--prompt", "{h}", "--wait"])
+    pauser.join()
+    assert result.exit_code == 4, result.output
+    assert "paused: by hand; continue with `batchdb resume 1`" in result.output
+
+
+def _default_lane_limits(dsn: str) -> tuple:
+    with psycopg.connect(dsn) as c:
+        return c.execute("SELECT rpm, tpm FROM batchdb.rate_limits WHERE (provider, key_alias, model) = "
+                         "('openai', 'default', 'gpt-4o-mini')").fetchone()
+
+
+def test_demo_refuses_a_database_holding_other_jobs(dsn: str) -> None:
+    import batchdb
+
+    invoke("limits", "set", "openai", "gpt-4o-mini", "--rpm", "600", "--tpm", "60000")
+    batchdb.submit(pd.DataFrame({"h": ["a"]}), prompt="{h}", model="m", provider="instant", dsn=dsn)
+    demo = subprocess.run([sys.executable, "-m", "batchdb", "demo", "--rows", "15", "--workers", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert demo.returncode == 1, demo.stdout + demo.stderr
+    assert "already holds 1 job(s) that are not the demo's" in demo.stderr
+    assert "run: batchdb demo --yes" in demo.stderr
+    assert _default_lane_limits(dsn) == (600, 60_000)
+
+
+@pytest.mark.slow
+def test_demo_on_a_shared_database_keeps_its_limits(dsn: str, tmp_path: Path) -> None:
+    invoke("limits", "set", "openai", "gpt-4o-mini", "--rpm", "600", "--tpm", "60000")
+    demo = subprocess.run([sys.executable, "-m", "batchdb", "demo", "--rows", "30", "--workers", "1",
+                           "--output", str(tmp_path / "out.parquet")], capture_output=True, text=True, timeout=240)
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "completed: 30/30 done (30 succeeded" in demo.stdout
+    assert _default_lane_limits(dsn) == (600, 60_000)
+    with psycopg.connect(dsn) as c:
+        lanes = c.execute("SELECT key_alias, rpm, tpm FROM batchdb.rate_limits ORDER BY key_alias").fetchall()
+    assert lanes == [("batchdb-demo", 6000, 600_000), ("default", 600, 60_000)]
+
+
+def test_submit_refuses_a_model_typo_unless_allowed(dsn: str, tmp_path: Path) -> None:
+    source = tmp_path / "rows.csv"
+    source.write_text("h\na\n")
+    args = ["submit", str(source), "--model", "gpt-4o-mni", "--prompt", "{h}"]
+    refused = CliRunner().invoke(cli, args)
+    assert refused.exit_code == 1 and len(refused.output.strip().splitlines()) == 1, refused.output
+    assert "did you mean 'gpt-4o-mini'" in refused.output and "--allow-unknown-model" in refused.output
+    assert invoke(*args, "--allow-unknown-model").strip() == "job 1: 1 rows queued"
+    row = [line for line in invoke("status").splitlines() if "gpt-4o-mni" in line][0]
+    assert row.split()[4] == "unknown", row
+
+
+def _commands(group: click.Group, path: tuple[str, ...] = ()) -> Iterator[tuple[str, click.Command]]:
+    for name, command in group.commands.items():
+        yield " ".join((*path, name)), command
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*path, name))
+
+
+# These pass their arguments to programs with their own --help (the simulator, Dagster).
+PASS_THROUGH = {"simulator", "dagster"}
+
+
+def test_every_option_has_help_text() -> None:
+    missing = [f"{name} {option.opts[0]}" for name, command in _commands(cli) if name not in PASS_THROUGH
+               for option in command.params
+               if isinstance(option, click.Option) and not option.hidden and not option.help]
+    assert missing == []
+
+
+def test_budget_is_spelt_as_resume_spells_it_and_the_old_spelling_still_works(dsn: str, tmp_path: Path,
+                                                                              conn: psycopg.Connection) -> None:
+    source = tmp_path / "rows.csv"
+    source.write_text("h\na\n")
+    base = ["submit", str(source), "--model", "gpt-4o-mini", "--prompt", "{h}"]
+    invoke(*base, "--budget", "2.5")
+    invoke(*base, "--budget-usd", "1.5")
+    budgets = [r["budget_usd"] for r in conn.execute("SELECT budget_usd FROM batchdb.jobs ORDER BY id").fetchall()]
+    assert [float(b) for b in budgets] == [2.5, 1.5]
+    assert "--budget-usd" not in invoke("submit", "--help") and "--budget " in invoke("submit", "--help")
+    assert "--budget " in invoke("resume", "--help")

@@ -218,7 +218,7 @@ def test_gemini_daily_quota_pauses_the_job(dsn: str, sim_factory, tmp_path: Path
     workers = start_logged_workers(1, dsn, {"GEMINI_BASE_URL": sim.gemini_base_url, "GEMINI_API_KEY": "gm-test"},
                                    tmp_path, "--concurrency", "1")
     try:
-        assert job.wait(timeout=60).status == "paused"
+        assert job.wait(timeout=60, until="paused").status == "paused"
     finally:
         workers.stop()  # graceful: outcomes still being batched are written first
     final = job.status()
@@ -247,7 +247,7 @@ def test_api_keys_never_reach_the_database_or_logs(dsn: str, conn: psycopg.Conne
     workers2 = start_logged_workers(1, dsn, openai_env(refusing, canary), tmp_path / "refused",
                                     "--concurrency", "1")
     try:
-        refused = refused_job.wait(timeout=60)
+        refused = refused_job.wait(timeout=60, until="paused")
     finally:
         workers2.stop()
     reason = refused.status_reason or ""

@@ -140,3 +140,100 @@ def test_a_failure_late_in_a_large_input_leaves_nothing_behind(dsn: str, conn: p
     with pytest.raises(InputError, match="row 110000, column 'id': id '5' appears twice"):
         batchdb.submit(frame, prompt="{headline}", id_column="id", model="m", provider="instant", dsn=dsn)
     assert_nothing_written(conn)
+
+
+def test_an_unknown_model_is_refused_with_the_closest_names(dsn: str, conn: psycopg.Connection) -> None:
+    with pytest.raises(InputError) as refused:
+        batchdb.submit(HEADLINES, prompt="{headline}", model="gpt-4o-mni", dsn=dsn)
+    message = str(refused.value)
+    assert message.startswith("model 'gpt-4o-mni': no price for openai/gpt-4o-mni in batchdb.prices; "
+                              "did you mean 'gpt-4o-mini' or ")
+    assert "allow_unknown_model=True" in message
+    assert conn.execute("SELECT count(*) AS n FROM batchdb.jobs").fetchone()["n"] == 0
+    with pytest.raises(InputError, match="known gemini models: gemini-2.0-flash, "):
+        batchdb.submit(HEADLINES, prompt="{headline}", model="zzz", provider="gemini", dsn=dsn)
+
+
+def test_an_allowed_unknown_model_shows_its_cost_as_unknown(dsn: str) -> None:
+    job = batchdb.submit(HEADLINES, prompt="{headline}", model="my-finetune", allow_unknown_model=True, dsn=dsn)
+    progress = job.status()
+    assert not progress.priced
+    assert progress.summary().endswith("0 tokens, cost unknown (no price for openai/my-finetune)")
+    assert "$0" not in progress.summary()
+    assert batchdb.submit(HEADLINES, prompt="{headline}", model="gpt-4o-mini", dsn=dsn).status().summary().endswith(
+        "$0.0000")
+
+
+def refusal(data: object, dsn: str, **options: object) -> str:
+    with pytest.raises(InputError) as refused:
+        batchdb.submit(data, prompt="{headline}", model="gpt-4o-mini", provider="instant", dsn=dsn, **options)
+    return str(refused.value)
+
+
+def test_a_malformed_csv_is_refused_with_its_line(tmp_path: Path, dsn: str, conn: psycopg.Connection) -> None:
+    unterminated = tmp_path / "unterminated.csv"
+    unterminated.write_text('id,headline\na1,"Acme beats estimates\nb2,Globex fined\n')
+    assert refusal(unterminated, dsn) == (f"{unterminated}: line 2: a quoted value is never closed (the quote runs "
+                                          'to the end of the file); close it, or double quotes inside a quoted '
+                                          'value ("")')
+    stray = tmp_path / "stray.csv"
+    stray.write_text('id,headline\na1,"ok"\nb2,"Acme" beats\n')
+    assert refusal(stray, dsn).startswith(f"{stray}: line 3: malformed CSV (")
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("id,headline\na1,ok\nb2,ok,extra\n")
+    assert refusal(ragged, dsn) == f"{ragged}: line 3 has 3 field(s); the header has 2"
+    assert_nothing_written(conn)
+
+
+def test_a_huge_csv_row_gets_the_same_message_as_a_frame(tmp_path: Path, dsn: str) -> None:
+    big = tmp_path / "big.csv"
+    big.write_text("headline\nsmall\n" + "x" * 4_100_000 + "\nsmall\n")
+    assert refusal(big, dsn) == f"{big}: line 3: 4,100,000 bytes of prompt data; at most 4,000,000 per row"
+    # Just under the limit, but bigger than pyarrow's 1 MiB block: read, not "straddling object".
+    fits = tmp_path / "fits.csv"
+    fits.write_text("headline\nsmall\n" + "y" * 3_000_000 + "\n")
+    assert batchdb.submit(fits, prompt="{headline}", model="m", provider="instant", dsn=dsn).status().n_total == 2
+
+
+def test_duplicate_ids_name_both_rows_as_file_lines_or_positions(tmp_path: Path, dsn: str) -> None:
+    frame = pd.DataFrame({"id": ["a1", "b2", "c3", "b2"], "headline": ["x", "two\nlines", "z", "w"]})
+    assert refusal(frame, dsn, id_column="id").startswith(
+        "row 3, column 'id': id 'b2' appears twice (first at row 1)")
+    source = tmp_path / "dupes.csv"
+    frame.to_csv(source, index=False)  # the quoted two-line value puts row 3 on line 6
+    assert refusal(source, dsn, id_column="id").startswith(
+        f"{source}: line 6, column 'id': id 'b2' appears twice (first at line 3)")
+    jsonl = tmp_path / "dupes.jsonl"
+    jsonl.write_text('{"id": "a1", "headline": "x"}\n\n{"id": "b2", "headline": "y"}\n{"id": "a1", "headline": "z"}\n')
+    assert refusal(jsonl, dsn, id_column="id").startswith(
+        f"{jsonl}: line 4, column 'id': id 'a1' appears twice (first at line 1)")
+
+
+def test_an_idempotency_key_reused_for_a_different_job_is_refused(tmp_path: Path, dsn: str,
+                                                                  conn: psycopg.Connection) -> None:
+    def submit(data: object, **options: object) -> batchdb.Job:
+        settings = {"prompt": "{headline}", "model": "gpt-4o-mini", "max_tokens": 5, **options}
+        return batchdb.submit(data, provider="openai", dsn=dsn, idempotency_key="nightly", **settings)
+
+    source = tmp_path / "rows.csv"
+    HEADLINES.to_csv(source, index=False)
+    first = submit(source)
+    assert submit(source).id == first.id  # the same job, from the same file
+    changed = HEADLINES.assign(headline=[*HEADLINES["headline"][:3], "Umbrella recalls"])
+    changed_file = tmp_path / "changed.csv"
+    changed.to_csv(changed_file, index=False)
+    for data, options, differs in [
+        (changed_file, {}, "data"),
+        (source, {"model": "gpt-4o"}, "model"),
+        (source, {"prompt": "Rate: {headline}"}, "prompt"),
+        (source, {"max_tokens": 6, "temperature": 0.5}, "max_tokens, temperature"),
+        (HEADLINES[["headline", "n"]], {}, "columns"),
+    ]:
+        with pytest.raises(InputError) as refused:
+            submit(data, **options)
+        assert str(refused.value) == (
+            f"idempotency key 'nightly' was used for job {first.id} with different {differs}; submit with a new "
+            f"key for a new job, or with the same data and options to get job {first.id} back"), differs
+    # How it runs is not what it is: a relaunch with another budget or priority gets its job back.
+    assert submit(source, budget_usd=3, priority=2).id == first.id
+    assert conn.execute("SELECT count(*) AS n FROM batchdb.jobs").fetchone()["n"] == 1
