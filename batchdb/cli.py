@@ -372,13 +372,15 @@ def worker_command(concurrency: int, lease_seconds: float, request_timeout: floa
     ))
 
 
-@cli.command("simulator", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@cli.command("simulator", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                            "help_option_names": []})
 @click.pass_context
 def simulator_command(ctx: click.Context) -> None:
     """Run the provider simulator (OpenAI / Azure / Gemini wire formats); --help for its options."""
     from batchdb.simulator.__main__ import main as simulator_main
 
-    simulator_main(ctx.args)
+    # Its options are argparse's: --help goes to it, so they are listed.
+    sys.exit(simulator_main(ctx.args, prog="batchdb simulator"))
 
 
 @cli.command("dashboard")
