@@ -428,7 +428,7 @@ def test_watch_streams_only_the_users_own_job_events(make_user, conn: psycopg.Co
         watcher.send_signal(signal.SIGINT)
         out, err = watcher.communicate(timeout=10)
     seen = {(e["job_id"], e["event"]) for e in map(json.loads, filter(str.strip, out.splitlines()))}
-    assert (mine.id, "job_completed") in seen, (out, err)
+    assert (mine.id, "job.completed") in seen, (out, err)
     assert not {job_id for job_id, _ in seen} - {mine.id}, seen
     assert theirs.status().status == "completed"
 
@@ -450,7 +450,7 @@ def test_a_forged_event_neither_breaks_nor_fools_another_users_wait(dsn: str, ma
     with psycopg.connect(bob.dsn, autocommit=True) as c:
         c.execute("NOTIFY batchdb_events, 'not json'")
         c.execute("SELECT pg_notify('batchdb_events', %s)",
-                  (f'{{"event": "job_completed", "job_id": {job.id}, "status": "completed"}}',))
+                  (f'{{"event": "job.completed", "job_id": {job.id}, "status": "completed"}}',))
     time.sleep(1.0)
     assert waiter.is_alive()  # still waiting: the job is not complete, whatever bob says
     drain_as(dsn)

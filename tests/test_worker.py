@@ -312,4 +312,4 @@ def test_watch_prints_job_events(dsn: str) -> None:
     import json
 
     events = [json.loads(line) for line in out.splitlines() if line.strip()]
-    assert {(e["job_id"], e["event"]) for e in events} >= {(job.id, "job_running"), (job.id, "job_completed")}, err
+    assert {(e["job_id"], e["event"]) for e in events} >= {(job.id, "job.running"), (job.id, "job.completed")}, err
