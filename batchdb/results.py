@@ -24,6 +24,9 @@ from batchdb.db import connect
 from batchdb.queries import query
 
 CHUNK_ROWS = 20_000
+# Parquet key-value metadata naming the job a file holds, so readers (the dashboard) find a job's
+# file whatever it is called (`<asset>/<partition>.parquet` for Dagster).
+JOB_ID_METADATA = b"batchdb.job_id"
 
 OUTPUT_SCHEMA = pa.schema([
     ("custom_id", pa.string()),
@@ -87,13 +90,14 @@ def write_parquet(job_id: int, path: Path, *, dsn: str | None = None) -> int:
     with _atomic(path) as tmp_name:
         writer: pq.ParquetWriter | None = None
         try:
+            tag = {JOB_ID_METADATA: str(job_id).encode()}
             for batch in iter_batches(job_id, dsn=dsn):
                 if writer is None:
-                    writer = pq.ParquetWriter(tmp_name, batch.schema)
+                    writer = pq.ParquetWriter(tmp_name, batch.schema.with_metadata(tag))
                 writer.write_batch(_conform(batch, writer.schema))
                 written += batch.num_rows
             if writer is None:
-                pq.write_table(OUTPUT_SCHEMA.empty_table(), tmp_name)
+                pq.write_table(OUTPUT_SCHEMA.with_metadata(tag).empty_table(), tmp_name)
         finally:
             if writer is not None:
                 writer.close()
@@ -234,6 +238,15 @@ def _parse_type(name: str) -> pa.DataType | None:
 def _unify(batches: list[pa.RecordBatch]) -> list[pa.RecordBatch]:
     schema = pa.unify_schemas([b.schema for b in batches], promote_options="permissive")
     return [_conform(b, schema) for b in batches]
+
+
+def job_id_of(path: str | os.PathLike[str]) -> int | None:
+    """The job a Parquet file written by batchdb holds (its footer's metadata), or None."""
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+        return int(metadata[JOB_ID_METADATA])
+    except (OSError, KeyError, ValueError, pa.ArrowException):
+        return None
 
 
 def _conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:

@@ -756,12 +756,20 @@ def find_outputs(root: str | os.PathLike[str], *, max_depth: int = 3, max_files:
 
 
 def output_for_job(paths: Iterable[Path], job_id: int) -> Path | None:
-    """The output file named after the job: job-12.parquet, job_12_results.parquet, 12.parquet."""
+    """The job's output file: the one whose Parquet metadata names the job (batchdb writes it, so a
+    Dagster partition's `<asset>/<partition>.parquet` is found), else one named after it (job-12.parquet,
+    job_12_results.parquet, 12.parquet), else None: never another job's file."""
     import re
 
+    from batchdb.results import job_id_of
+
+    paths = list(paths)
+    for path in paths:
+        if job_id_of(path) == job_id:
+            return path
     named = re.compile(rf"(^|[^a-z0-9])job[-_]?{job_id}($|[^0-9])", re.IGNORECASE)
     for path in paths:
-        if path.stem == str(job_id) or named.search(path.stem):
+        if job_id_of(path) is None and (path.stem == str(job_id) or named.search(path.stem)):
             return path
     return None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -88,6 +89,12 @@ def cost(dsn: str) -> dict[str, Any]:
 @st.cache_data(ttl=30, show_spinner=False)
 def output_files(root: str) -> list[str]:
     return [str(p) for p in queries.find_outputs(root)]
+
+
+@st.cache_data(ttl=30, show_spinner=False)
+def output_for_job(root: str, job_id: int) -> str | None:
+    match = queries.output_for_job([Path(p) for p in output_files(root)], job_id)
+    return None if match is None else str(match)
 
 
 @st.cache_data(ttl=30, show_spinner=False)

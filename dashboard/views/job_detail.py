@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pandas as pd
 import streamlit as st
 
 import batchdb
-from dashboard import queries, ui
+from dashboard import ui
 
 dsn = ui.dsn()
 PENDING = "job_detail_pending_action"
@@ -119,9 +118,15 @@ def parquet_output(job: dict) -> None:
             st.info(f"No Parquet file under `{root}`. Write one with `batchdb results {job['job_id']} -o "
                     f"job-{job['job_id']}.parquet` there, or start the dashboard with `--outputs DIR`.")
             return
-        match = queries.output_for_job([Path(p) for p in files], int(job["job_id"]))
-        index = files.index(str(match)) if match is not None else 0
-        path = st.selectbox("File", files, index=index, format_func=lambda p: os.path.relpath(p, root))
+        match = ui.output_for_job(root, int(job["job_id"]))
+        if match is None:
+            st.info(f"No output file of job {job['job_id']} under `{root}` (none carries its id or name); "
+                    "pick one to inspect.")
+        index = files.index(match) if match in files else None
+        path = st.selectbox("File", files, index=index, format_func=lambda p: os.path.relpath(p, root),
+                            placeholder="Choose a file")
+        if path is None:
+            return
         out = ui.parquet_output(path, os.path.getmtime(path), 0)
         st.dataframe(out["status"], hide_index=True, column_config={"cost_usd": ui.USD})
         lat = out["latency"]
