@@ -195,6 +195,20 @@ SELECT l.provider, l.key_alias, l.model, u.minute, u.requests, u.tokens, u.rate_
  ORDER BY l.provider, l.key_alias, l.model, u.minute
 """
 
+# The limits in effect over the window: each lane's last change before it, and every change in it.
+PG_LIMIT_HISTORY = """
+SELECT provider, key_alias, model, changed_at, rpm, tpm
+  FROM (SELECT DISTINCT ON (provider, key_alias, model) provider, key_alias, model, changed_at, rpm, tpm
+          FROM batchdb.rate_limit_history
+         WHERE changed_at < %(since)s
+         ORDER BY provider, key_alias, model, changed_at DESC) before_window
+UNION ALL
+SELECT provider, key_alias, model, changed_at, rpm, tpm
+  FROM batchdb.rate_limit_history
+ WHERE changed_at >= %(since)s
+ ORDER BY provider, key_alias, model, changed_at
+"""
+
 PG_LANES = """
 SELECT provider, key_alias, model FROM batchdb.rate_limits
 UNION
@@ -326,19 +340,22 @@ SELECT l.provider, l.key_alias, l.model, lim.rpm, lim.tpm,
  ORDER BY l.provider, l.key_alias, l.model
 """
 
-# Per-minute usage against the limits, minute by minute (missing minutes count as zero).
+# Per-minute usage against the limits, minute by minute (missing minutes count as zero). Each minute's
+# limit is the one in effect at its end (the last change before then, from rate_limit_history).
 DUCK_LANE_SERIES = """
 WITH lanes AS (SELECT DISTINCT provider, key_alias, model FROM usage),
-     minutes AS (SELECT unnest(range($first_minute, $current_minute + INTERVAL 1 MINUTE, INTERVAL 1 MINUTE)) AS minute)
-SELECT l.provider || '/' || l.key_alias || '/' || l.model AS lane, m.minute,
+     minutes AS (SELECT unnest(range($first_minute, $current_minute + INTERVAL 1 MINUTE, INTERVAL 1 MINUTE)) AS minute),
+     grid AS (SELECT l.provider, l.key_alias, l.model, m.minute, m.minute + INTERVAL 1 MINUTE AS minute_end
+                FROM lanes l CROSS JOIN minutes m)
+SELECT g.provider || '/' || g.key_alias || '/' || g.model AS lane, g.minute,
        coalesce(u.requests, 0) AS requests, coalesce(u.tokens, 0) AS tokens,
        coalesce(u.rate_limited, 0) AS rate_limited,
-       lim.rpm, lim.tpm
-  FROM lanes l
- CROSS JOIN minutes m
+       h.rpm, h.tpm
+  FROM grid g
   LEFT JOIN usage u USING (provider, key_alias, model, minute)
-  LEFT JOIN limits lim USING (provider, key_alias, model)
- ORDER BY lane, m.minute
+  ASOF LEFT JOIN history h
+    ON h.provider = g.provider AND h.key_alias = g.key_alias AND h.model = g.model AND h.changed_at < g.minute_end
+ ORDER BY lane, g.minute
 """
 
 DUCK_PARQUET_STATUS = """
@@ -648,8 +665,9 @@ def load_providers(dsn: str | None, *, minutes: int = 60, engine: Engine = "psyc
         limits_df = limits(conn)
         usage = lane_usage(conn, minutes=minutes)
         lanes_df = fetch_df(conn, PG_LANES)
-    first = pd.Timestamp(now["current_minute"]) - pd.Timedelta(minutes=minutes)
-    series = duck_df(DUCK_LANE_SERIES, {"usage": usage, "limits": limits_df},
+        first = pd.Timestamp(now["current_minute"]) - pd.Timedelta(minutes=minutes)
+        history = fetch_df(conn, PG_LIMIT_HISTORY, {"since": _utc(first)})
+    series = duck_df(DUCK_LANE_SERIES, {"usage": usage, "history": history},
                      {"first_minute": first.to_pydatetime(), "current_minute": now["current_minute"]})
     return {
         "now": now,
@@ -658,6 +676,11 @@ def load_providers(dsn: str | None, *, minutes: int = 60, engine: Engine = "psyc
         "series": series,
         "minutes": minutes,
     }
+
+
+def _utc(when: pd.Timestamp) -> Any:
+    """A naive-UTC time (the dashboard's) as an aware datetime, whatever the session's TimeZone."""
+    return (when.tz_localize("UTC") if when.tzinfo is None else when.tz_convert("UTC")).to_pydatetime()
 
 
 def load_viewer(dsn: str | None) -> dict[str, Any]:

@@ -69,7 +69,10 @@ def live() -> None:
                               else ["requests"], y_title="requests/min", height=220,
                               colors={"requests": "#1c83e1", "RPM limit": "#ff4b4b"})
             with cols[2]:
-                ui.time_chart(part.rename(columns={"rate_limited": "429s"}), "minute", ["429s"], kind="bar",
-                              y_title="429s per minute", height=220, colors={"429s": "#ffa421"})
+                if part["rate_limited"].sum() > 0:
+                    ui.time_chart(part.rename(columns={"rate_limited": "429s"}), "minute", ["429s"], kind="bar",
+                                  y_title="429s per minute", height=220, colors={"429s": "#ffa421"})
+                else:  # an all-zero bar chart is an empty frame with a "NaN" axis
+                    st.caption(f"No 429s in the last {window}.")
 
 live()
