@@ -85,13 +85,13 @@ def body(detail: dict) -> None:
     if errors.empty:
         st.success("No row of this job has an error.")
     else:
-        st.dataframe(errors.assign(examples=errors["examples"].map(lambda e: " | ".join(e) if e is not None else "")),
+        ui.table(errors.assign(examples=errors["examples"].map(lambda e: " | ".join(e) if e is not None else "")),
                      hide_index=True, width="stretch",
                      column_config={"n": st.column_config.NumberColumn("rows", format="%.0f"),
                                     "last_seen": st.column_config.DatetimeColumn("last finished (UTC)")})
 
     st.subheader("Cost by token type")
-    st.dataframe(detail["cost_by_token_type"], hide_index=True,
+    ui.table(detail["cost_by_token_type"], hide_index=True,
                  column_config={"cost_usd": ui.USD, "usd per 1M tokens": st.column_config.NumberColumn(format="$%.3f")})
     st.caption(f"Recorded cost: {ui.fmt_usd(job['cost_usd'])} (priced row by row when each row completed; "
                "the split uses today's list prices).")
@@ -107,7 +107,7 @@ def samples(job: dict) -> None:
         st.session_state[seed_key] = st.session_state.get(seed_key, 0) + 1
     seed = st.session_state.get(seed_key, 0)
     pairs = ui.job_samples(dsn, int(job["job_id"]), int(job["n_succeeded"]), seed)
-    st.dataframe(pairs, hide_index=True, width="stretch", column_config={"cost_usd": ui.USD})
+    ui.table(pairs, hide_index=True, width="stretch", column_config={"cost_usd": ui.USD})
 
 
 def parquet_output(job: dict) -> None:
@@ -128,14 +128,14 @@ def parquet_output(job: dict) -> None:
         if path is None:
             return
         out = ui.parquet_output(path, os.path.getmtime(path), 0)
-        st.dataframe(out["status"], hide_index=True, column_config={"cost_usd": ui.USD})
+        ui.table(out["status"], hide_index=True, column_config={"cost_usd": ui.USD})
         lat = out["latency"]
         if lat["n"]:
             st.caption(f"latency p50 {ui.fmt_int(lat['p50_ms'])} ms · p90 {ui.fmt_int(lat['p90_ms'])} ms · "
                        f"p99 {ui.fmt_int(lat['p99_ms'])} ms over {ui.fmt_int(lat['n'])} succeeded rows")
         if not out["errors"].empty:
-            st.dataframe(out["errors"], hide_index=True, width="stretch")
-        st.dataframe(out["sample"], hide_index=True, width="stretch")
+            ui.table(out["errors"], hide_index=True, width="stretch")
+        ui.table(out["sample"], hide_index=True, width="stretch")
 
 
 def actions(job: dict) -> None:

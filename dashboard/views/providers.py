@@ -22,7 +22,7 @@ def live() -> None:
                     "`batchdb limits set openai gpt-4o-mini --rpm 5000 --tpm 2000000`, or submit a job.")
             return
         st.subheader("Now")
-        st.dataframe(
+        ui.table(
             lanes, hide_index=True, width="stretch",
             column_config={
                 "key_alias": "key",
@@ -39,7 +39,7 @@ def live() -> None:
         if limits.empty:
             st.info("No limits configured or learnt: calls are not paced.")
         else:
-            st.dataframe(
+            ui.table(
                 limits[["provider", "key_alias", "model", "rpm", "tpm", "rpd", "source", "target_fraction",
                         "burst_seconds", "pace_now", "blocked", "blocked_until", "day_requests",
                         "requests_granted", "tokens_granted", "rate_limited", "updated_at"]],
