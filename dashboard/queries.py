@@ -526,15 +526,15 @@ def bucket_seconds(duration_seconds: float, *, target_buckets: int = 120) -> int
     return 30 * 86400
 
 
-def load_job_detail(dsn: str | None, job_id: int, *, exact_rows: int = EXACT_SCAN_ROWS, engine: Engine = "psycopg"
-                    ) -> dict[str, Any] | None:
+def load_job_detail(dsn: str | None, job_id: int, *, exact_rows: int = EXACT_SCAN_ROWS,
+                    target_rows: int = SAMPLE_TARGET_ROWS, engine: Engine = "psycopg") -> dict[str, Any] | None:
     """Job detail: the job's counters, progress over time, throughput, latency, errors, cost by token type."""
     with read_connection(dsn, engine=engine) as conn:
         found = jobs(conn, job_id=job_id, limit=1)
         if found.empty:
             return None
         job = found.iloc[0].to_dict()
-        est = Estimate(sample_percent(int(job["n_total"]), exact_rows=exact_rows))
+        est = Estimate(sample_percent(int(job["n_total"]), exact_rows=exact_rows, target_rows=target_rows))
         start = job["started_at"] if pd.notna(job["started_at"]) else job["created_at"]
         end = job["finished_at"] if pd.notna(job["finished_at"]) else job["db_now"]
         bucket = bucket_seconds(max(1.0, (pd.Timestamp(end) - pd.Timestamp(start)).total_seconds()))
