@@ -40,6 +40,15 @@ def default_dagster_home() -> Path:
     return Path(os.environ.get("DAGSTER_HOME") or embedded.batchdb_home() / "dagster").expanduser().resolve()
 
 
+def default_log_dir() -> Path:
+    """Where the workers' logs go: `<batchdb home>/logs/dagster`, never under DAGSTER_HOME.
+
+    Dagster's telemetry thread renames and deletes `$DAGSTER_HOME/logs` (even with telemetry
+    disabled), which left the workers writing to deleted files.
+    """
+    return (embedded.batchdb_home() / "logs" / "dagster").expanduser().resolve()
+
+
 def ensure_database(dsn: str, dbname: str) -> str:
     """Create database `dbname` on the server of `dsn` if it is missing; return its DSN."""
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -128,11 +137,13 @@ def run_dev(
     output_root: Path | None = None,
     max_concurrent_runs: int = 8,
     pool_limit: int = 4,
+    log_dir: Path | None = None,
 ) -> int:
     """Start everything the example needs and the Dagster UI; block until Ctrl-C; return dagster's exit code."""
     from batchdb.simulator.config import Distribution, Limits, SimulatorConfig
     from batchdb.simulator.process import start_simulator
-    from workers.processes import WorkerProcesses, stop_processes
+    from workers.process_groups import stop_process_groups
+    from workers.processes import WorkerProcesses
 
     say = click.echo
     dsn = resolve_dsn(dsn)
@@ -146,8 +157,8 @@ def run_dev(
     write_instance_yaml(home, storage_dsn=storage_dsn, max_concurrent_runs=max_concurrent_runs,
                         pool_limit=pool_limit)
     output_root = (output_root or Path(os.environ.get("BATCHDB_OUTPUT_ROOT", "batchdb-output"))).resolve()
-    logs = home / "logs"
-    logs.mkdir(exist_ok=True)
+    logs = (log_dir or default_log_dir()).resolve()
+    logs.mkdir(parents=True, exist_ok=True)
     say(f"batchdb database: {_where(dsn)}; Dagster storage: {_where(storage_dsn)}")
     say(f"DAGSTER_HOME: {home}; results: {output_root}")
 
@@ -184,8 +195,8 @@ def run_dev(
                 # A second Ctrl-C must not leave half of the processes running.
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
-                if dagster is not None:  # SIGKILL, if it comes to that, to its whole group: its daemon and runs
-                    stop_processes([dagster], grace=30, kill_group=True)
+                if dagster is not None:  # its whole group: webserver, daemon, code servers and runs
+                    stop_process_groups([dagster], grace=30)
                 workers.stop()
     except KeyboardInterrupt:
         say("stopped")
@@ -244,6 +255,9 @@ def _yaml_string(value: str) -> str:
               help="DAGSTER_HOME (default: $DAGSTER_HOME, else <batchdb home>/dagster).")
 @click.option("--output-root", type=click.Path(path_type=Path), default=None,
               help="Where the Parquet results go (default: $BATCHDB_OUTPUT_ROOT, else ./batchdb-output).")
+@click.option("--log-dir", type=click.Path(path_type=Path), default=None,
+              help="Where the workers' logs go (default: <batchdb home>/logs/dagster; never under DAGSTER_HOME, "
+                   "whose logs/ folder Dagster's telemetry deletes).")
 def dagster_command(**options: Any) -> None:
     """Open the example Dagster code location in the Dagster UI, with workers and the provider simulator."""
     sys.exit(run_dev(**options))

@@ -243,19 +243,21 @@ def status_command(job_id: int | None, as_json: bool, dsn: str | None) -> None:
 
 @cli.command("results")
 @click.argument("job_id", type=int)
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Parquet or CSV file.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="File to write; its extension picks the format: .parquet, .csv or .jsonl.")
 @_dsn_option
 def results_command(job_id: int, output: Path, dsn: str | None) -> None:
     """Write a job's results (input columns + response, status, usage, error)."""
     from batchdb.jobs import Job
+    from batchdb.results import writer_for
 
+    _run_db_op(lambda: writer_for(output))  # refuse an unknown extension before touching anything
     job = Job(job_id, dsn=dsn)
-    if output.suffix.lower() == ".csv":
-        frame = _run_db_op(job.results)
-        frame.to_csv(output, index=False)
-        rows = len(frame)
-    else:
-        rows = _run_db_op(lambda: job.to_parquet(output))
+    progress = _run_db_op(job.status)
+    if not progress.finished:
+        click.echo(f"warning: job {job_id} is {progress.status} ({progress.n_done}/{progress.n_total} rows done): "
+                   f"the file holds only the rows finished so far", err=True)
+    rows = _run_db_op(lambda: job.to_file(output))
     click.echo(f"wrote {rows} rows to {output}")
 
 
@@ -547,13 +549,15 @@ def workers_command(as_json: bool, dsn: str | None) -> None:
                    f"{f'{w.heartbeat_age_s:.0f}s ago':>10}  {', '.join(w.lanes) or '-'}")
 
 
-@cli.command("simulator", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@cli.command("simulator", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                            "help_option_names": []})
 @click.pass_context
 def simulator_command(ctx: click.Context) -> None:
     """Run the provider simulator (OpenAI / Azure / Gemini wire formats); --help for its options."""
     from batchdb.simulator.__main__ import main as simulator_main
 
-    simulator_main(ctx.args)
+    # Its options are argparse's: --help goes to it, so they are listed.
+    sys.exit(simulator_main(ctx.args, prog="batchdb simulator"))
 
 
 @cli.command("dashboard")

@@ -202,6 +202,14 @@ class Job:
         self.status()
         return results_module.write_parquet(self.id, Path(path), dsn=self._dsn)
 
+    def to_file(self, path: str | Path) -> int:
+        """Write the results as Parquet (.parquet, .pq), CSV (.csv) or JSON lines (.jsonl, .ndjson),
+        chosen by the extension (another extension raises `results.UnsupportedFormat`); returns rows written."""
+        path = Path(path)
+        results_module.writer_for(path)
+        self.status()
+        return results_module.write_file(self.id, path, dsn=self._dsn)
+
     def _progress(self, conn: psycopg.Connection) -> JobProgress:
         row = conn.execute(query("job_progress"), {"job_id": self.id}).fetchone()
         if row is None:

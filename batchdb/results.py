@@ -1,15 +1,18 @@
 """Read a job's results back: input columns + response, status, usage, error.
 
 Rows stream from a server-side cursor in chunks and are converted to Arrow
-record batches, so writing a million-row job to Parquet never holds the whole
-job in memory.
+record batches, so writing a million-row job to a file never holds the whole
+job in memory. The file's format follows its extension (`FORMATS`); any other
+extension is refused rather than guessed, so `-o x.json` never holds Parquet.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,9 @@ from batchdb.db import connect
 from batchdb.queries import query
 
 CHUNK_ROWS = 20_000
+# Parquet key-value metadata naming the job a file holds, so readers (the dashboard) find a job's
+# file whatever it is called (`<asset>/<partition>.parquet` for Dagster).
+JOB_ID_METADATA = b"batchdb.job_id"
 
 OUTPUT_SCHEMA = pa.schema([
     ("custom_id", pa.string()),
@@ -59,31 +65,116 @@ def read_dataframe(job_id: int, *, dsn: str | None = None) -> pd.DataFrame:
     return pa.Table.from_batches(_unify(batches)).to_pandas()
 
 
+class UnsupportedFormat(ValueError):
+    """The output file's extension names no format batchdb writes."""
+
+
+def writer_for(path: Path) -> Callable[..., int]:
+    """The writer of `path`'s extension; raises UnsupportedFormat naming the ones there are."""
+    writer = FORMATS.get(path.suffix.lower())
+    if writer is None:
+        known = ", ".join(FORMATS)
+        raise UnsupportedFormat(f"cannot write {path.name}: unknown extension {path.suffix or '(none)'!r}; "
+                                f"name the file with one of {known}")
+    return writer
+
+
+def write_file(job_id: int, path: Path, *, dsn: str | None = None) -> int:
+    """Write the job's results in the format of `path`'s extension; returns rows written."""
+    return writer_for(path)(job_id, path, dsn=dsn)
+
+
 def write_parquet(job_id: int, path: Path, *, dsn: str | None = None) -> int:
     """Write atomically: a temp file in the same folder, renamed when complete."""
+    written = 0
+    with _atomic(path) as tmp_name:
+        writer: pq.ParquetWriter | None = None
+        try:
+            tag = {JOB_ID_METADATA: str(job_id).encode()}
+            for batch in iter_batches(job_id, dsn=dsn):
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp_name, batch.schema.with_metadata(tag))
+                writer.write_batch(_conform(batch, writer.schema))
+                written += batch.num_rows
+            if writer is None:
+                pq.write_table(OUTPUT_SCHEMA.with_metadata(tag).empty_table(), tmp_name)
+        finally:
+            if writer is not None:
+                writer.close()
+    return written
+
+
+def write_csv(job_id: int, path: Path, *, dsn: str | None = None) -> int:
+    """CSV with a header row, one line per request (pandas' formatting, batch by batch)."""
+    written = 0
+    with _atomic(path) as tmp_name, open(tmp_name, "w", newline="", encoding="utf-8") as out:
+        schema: pa.Schema | None = None
+        for batch in iter_batches(job_id, dsn=dsn):
+            schema = schema or batch.schema
+            _conform(batch, schema).to_pandas().to_csv(out, index=False, header=written == 0)
+            written += batch.num_rows
+        if schema is None:
+            OUTPUT_SCHEMA.empty_table().to_pandas().to_csv(out, index=False)
+    return written
+
+
+def write_jsonl(job_id: int, path: Path, *, dsn: str | None = None) -> int:
+    """One JSON object per line (the same columns as the Parquet file; dates as ISO strings)."""
+    written = 0
+    with _atomic(path) as tmp_name, open(tmp_name, "w", encoding="utf-8") as out:
+        for batch in iter_batches(job_id, dsn=dsn):
+            for record in batch.to_pylist():
+                out.write(json.dumps(record, ensure_ascii=False, default=_json_default))
+                out.write("\n")
+            written += batch.num_rows
+    return written
+
+
+FORMATS: dict[str, Callable[..., int]] = {
+    ".parquet": write_parquet, ".pq": write_parquet,
+    ".csv": write_csv,
+    ".jsonl": write_jsonl, ".ndjson": write_jsonl,
+}
+
+
+@contextmanager
+def _atomic(path: Path) -> Iterator[str]:
+    """A temp file next to `path`, renamed over it only when the body finished.
+
+    mkstemp creates files 0600; the result gets the mode any new file of this user gets
+    (0666 minus the umask, 0644 usually), so a colleague or a service can read it as usual.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    written = 0
-    writer: pq.ParquetWriter | None = None
     try:
-        for batch in iter_batches(job_id, dsn=dsn):
-            if writer is None:
-                writer = pq.ParquetWriter(tmp_name, batch.schema)
-            writer.write_batch(_conform(batch, writer.schema))
-            written += batch.num_rows
-        if writer is None:
-            pq.write_table(OUTPUT_SCHEMA.empty_table(), tmp_name)
-        else:
-            writer.close()
-            writer = None
+        yield tmp_name
+        os.chmod(tmp_name, 0o666 & ~_umask())
         os.replace(tmp_name, path)
     finally:
-        if writer is not None:
-            writer.close()
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
-    return written
+
+
+def _umask() -> int:
+    try:  # Linux says it without changing it (os.umask would, for every thread, for a moment)
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value)
 
 
 def _to_batch(rows: list[dict[str, Any]], columns: list[str], types: dict[str, str]) -> pa.RecordBatch:
@@ -147,6 +238,15 @@ def _parse_type(name: str) -> pa.DataType | None:
 def _unify(batches: list[pa.RecordBatch]) -> list[pa.RecordBatch]:
     schema = pa.unify_schemas([b.schema for b in batches], promote_options="permissive")
     return [_conform(b, schema) for b in batches]
+
+
+def job_id_of(path: str | os.PathLike[str]) -> int | None:
+    """The job a Parquet file written by batchdb holds (its footer's metadata), or None."""
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+        return int(metadata[JOB_ID_METADATA])
+    except (OSError, KeyError, ValueError, pa.ArrowException):
+        return None
 
 
 def _conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:

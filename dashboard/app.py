@@ -12,6 +12,8 @@ import streamlit as st
 from dashboard import ui
 
 st.set_page_config(page_title="batchdb", page_icon=":material/database:", layout="wide")
+# Narrower side margins than Streamlit's 5rem: wide tables get the room (see ui.FRAME_PX).
+st.html("<style>[data-testid='stMainBlockContainer'] {padding-left: 2rem; padding-right: 2rem;}</style>")
 
 page = st.navigation([
     st.Page("views/overview.py", title="Overview", icon=":material/monitoring:", default=True),

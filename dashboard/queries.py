@@ -197,6 +197,20 @@ SELECT l.provider, l.key_alias, l.model, u.minute, u.requests, u.tokens, u.rate_
  ORDER BY l.provider, l.key_alias, l.model, u.minute
 """
 
+# The limits in effect over the window: each lane's last change before it, and every change in it.
+PG_LIMIT_HISTORY = """
+SELECT provider, key_alias, model, changed_at, rpm, tpm
+  FROM (SELECT DISTINCT ON (provider, key_alias, model) provider, key_alias, model, changed_at, rpm, tpm
+          FROM batchdb.rate_limit_history
+         WHERE changed_at < %(since)s
+         ORDER BY provider, key_alias, model, changed_at DESC) before_window
+UNION ALL
+SELECT provider, key_alias, model, changed_at, rpm, tpm
+  FROM batchdb.rate_limit_history
+ WHERE changed_at >= %(since)s
+ ORDER BY provider, key_alias, model, changed_at
+"""
+
 PG_LANES = """
 SELECT provider, key_alias, model FROM batchdb.rate_limits
 UNION
@@ -328,19 +342,22 @@ SELECT l.provider, l.key_alias, l.model, lim.rpm, lim.tpm,
  ORDER BY l.provider, l.key_alias, l.model
 """
 
-# Per-minute usage against the limits, minute by minute (missing minutes count as zero).
+# Per-minute usage against the limits, minute by minute (missing minutes count as zero). Each minute's
+# limit is the one in effect at its end (the last change before then, from rate_limit_history).
 DUCK_LANE_SERIES = """
 WITH lanes AS (SELECT DISTINCT provider, key_alias, model FROM usage),
-     minutes AS (SELECT unnest(range($first_minute, $current_minute + INTERVAL 1 MINUTE, INTERVAL 1 MINUTE)) AS minute)
-SELECT l.provider || '/' || l.key_alias || '/' || l.model AS lane, m.minute,
+     minutes AS (SELECT unnest(range($first_minute, $current_minute + INTERVAL 1 MINUTE, INTERVAL 1 MINUTE)) AS minute),
+     grid AS (SELECT l.provider, l.key_alias, l.model, m.minute, m.minute + INTERVAL 1 MINUTE AS minute_end
+                FROM lanes l CROSS JOIN minutes m)
+SELECT g.provider || '/' || g.key_alias || '/' || g.model AS lane, g.minute,
        coalesce(u.requests, 0) AS requests, coalesce(u.tokens, 0) AS tokens,
        coalesce(u.rate_limited, 0) AS rate_limited,
-       lim.rpm, lim.tpm
-  FROM lanes l
- CROSS JOIN minutes m
+       h.rpm, h.tpm
+  FROM grid g
   LEFT JOIN usage u USING (provider, key_alias, model, minute)
-  LEFT JOIN limits lim USING (provider, key_alias, model)
- ORDER BY lane, m.minute
+  ASOF LEFT JOIN history h
+    ON h.provider = g.provider AND h.key_alias = g.key_alias AND h.model = g.model AND h.changed_at < g.minute_end
+ ORDER BY lane, g.minute
 """
 
 DUCK_PARQUET_STATUS = """
@@ -511,15 +528,15 @@ def bucket_seconds(duration_seconds: float, *, target_buckets: int = 120) -> int
     return 30 * 86400
 
 
-def load_job_detail(dsn: str | None, job_id: int, *, exact_rows: int = EXACT_SCAN_ROWS, engine: Engine = "psycopg"
-                    ) -> dict[str, Any] | None:
+def load_job_detail(dsn: str | None, job_id: int, *, exact_rows: int = EXACT_SCAN_ROWS,
+                    target_rows: int = SAMPLE_TARGET_ROWS, engine: Engine = "psycopg") -> dict[str, Any] | None:
     """Job detail: the job's counters, progress over time, throughput, latency, errors, cost by token type."""
     with read_connection(dsn, engine=engine) as conn:
         found = jobs(conn, job_id=job_id, limit=1)
         if found.empty:
             return None
         job = found.iloc[0].to_dict()
-        est = Estimate(sample_percent(int(job["n_total"]), exact_rows=exact_rows))
+        est = Estimate(sample_percent(int(job["n_total"]), exact_rows=exact_rows, target_rows=target_rows))
         start = job["started_at"] if pd.notna(job["started_at"]) else job["created_at"]
         end = job["finished_at"] if pd.notna(job["finished_at"]) else job["db_now"]
         bucket = bucket_seconds(max(1.0, (pd.Timestamp(end) - pd.Timestamp(start)).total_seconds()))
@@ -650,8 +667,9 @@ def load_providers(dsn: str | None, *, minutes: int = 60, engine: Engine = "psyc
         limits_df = limits(conn)
         usage = lane_usage(conn, minutes=minutes)
         lanes_df = fetch_df(conn, PG_LANES)
-    first = pd.Timestamp(now["current_minute"]) - pd.Timedelta(minutes=minutes)
-    series = duck_df(DUCK_LANE_SERIES, {"usage": usage, "limits": limits_df},
+        first = pd.Timestamp(now["current_minute"]) - pd.Timedelta(minutes=minutes)
+        history = fetch_df(conn, PG_LIMIT_HISTORY, {"since": _utc(first)})
+    series = duck_df(DUCK_LANE_SERIES, {"usage": usage, "history": history},
                      {"first_minute": first.to_pydatetime(), "current_minute": now["current_minute"]})
     return {
         "now": now,
@@ -660,6 +678,11 @@ def load_providers(dsn: str | None, *, minutes: int = 60, engine: Engine = "psyc
         "series": series,
         "minutes": minutes,
     }
+
+
+def _utc(when: pd.Timestamp) -> Any:
+    """A naive-UTC time (the dashboard's) as an aware datetime, whatever the session's TimeZone."""
+    return (when.tz_localize("UTC") if when.tzinfo is None else when.tz_convert("UTC")).to_pydatetime()
 
 
 def load_viewer(dsn: str | None) -> dict[str, Any]:
@@ -758,12 +781,20 @@ def find_outputs(root: str | os.PathLike[str], *, max_depth: int = 3, max_files:
 
 
 def output_for_job(paths: Iterable[Path], job_id: int) -> Path | None:
-    """The output file named after the job: job-12.parquet, job_12_results.parquet, 12.parquet."""
+    """The job's output file: the one whose Parquet metadata names the job (batchdb writes it, so a
+    Dagster partition's `<asset>/<partition>.parquet` is found), else one named after it (job-12.parquet,
+    job_12_results.parquet, 12.parquet), else None: never another job's file."""
     import re
 
+    from batchdb.results import job_id_of
+
+    paths = list(paths)
+    for path in paths:
+        if job_id_of(path) == job_id:
+            return path
     named = re.compile(rf"(^|[^a-z0-9])job[-_]?{job_id}($|[^0-9])", re.IGNORECASE)
     for path in paths:
-        if path.stem == str(job_id) or named.search(path.stem):
+        if job_id_of(path) is None and (path.stem == str(job_id) or named.search(path.stem)):
             return path
     return None
 

@@ -108,14 +108,25 @@ def start_dashboard(dsn: str | None = None, *, port: int = DEFAULT_PORT, host: s
 
 def run_dashboard(dsn: str | None = None, port: int = DEFAULT_PORT, *, host: str = "127.0.0.1",
                   outputs_dir: str | os.PathLike[str] | None = None, refresh_seconds: float | None = None) -> int:
-    """Serve the dashboard in the foreground until Ctrl-C / SIGTERM; returns Streamlit's exit code."""
+    """Serve the dashboard in the foreground until Ctrl-C / SIGTERM; returns Streamlit's exit code, or 0 when
+    it was asked to stop.
+
+    SIGTERM only interrupts the wait here: stopping Streamlit from inside the signal handler would wait
+    on the process the interrupted `wait()` still holds (its lock), time out twice (22 s) and end in a
+    `TimeoutExpired` traceback.
+    """
     handle = start_dashboard(dsn, port=port, host=host, outputs_dir=outputs_dir, refresh_seconds=refresh_seconds)
     print(f"batchdb dashboard on {handle.url} (Ctrl-C to stop)", flush=True)
-    previous = signal.signal(signal.SIGTERM, lambda *_: handle.stop())
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         return handle.process.wait()
     except KeyboardInterrupt:
-        return handle.stop()
+        handle.stop()
+        return 0
     finally:
         signal.signal(signal.SIGTERM, previous)
         handle.stop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -88,6 +89,12 @@ def cost(dsn: str) -> dict[str, Any]:
 @st.cache_data(ttl=30, show_spinner=False)
 def output_files(root: str) -> list[str]:
     return [str(p) for p in queries.find_outputs(root)]
+
+
+@st.cache_data(ttl=30, show_spinner=False)
+def output_for_job(root: str, job_id: int) -> str | None:
+    match = queries.output_for_job([Path(p) for p in output_files(root)], job_id)
+    return None if match is None else str(match)
 
 
 @st.cache_data(ttl=30, show_spinner=False)
@@ -176,6 +183,26 @@ def sidebar(current_dsn: str) -> None:
         st.caption(f"Live sections refresh every {refresh_seconds():g} s. Times are UTC.")
 
 
+# The main column's width at a 1,400 px window (sidebar open, the padding `app.py` sets); the widest
+# screen most people use the dashboard on, so tables are fitted to it (tables.fit_columns).
+FRAME_PX = 1000
+
+
+def table(data: pd.DataFrame, *, column_config: dict[str, Any] | None = None, share: float = 1.0,
+          keys: list[str] | None = None, **options: Any) -> None:
+    """`st.dataframe` whose every column shows at a 1,400 px window (`share`: of the page's width):
+    fitted widths, and parts one under the other (repeating the `keys` columns) when too many."""
+    from dashboard.tables import fit_columns, split_columns
+
+    options.setdefault("hide_index", True)
+    options.setdefault("width", "stretch")
+    frame = FRAME_PX * share - (24 if share < 1 else 0)
+    for part in split_columns(data, column_config, frame, options.pop("column_order", None), keys):
+        # The whole frame each time (column_order picks the part): sorting and copying see every column.
+        st.dataframe(data, column_config=fit_columns(data, column_config, frame, part), column_order=part,
+                     **options)
+
+
 def time_chart(data: pd.DataFrame, x: str, series: list[str], *, y_title: str, kind: str = "line",
                time_format: str = "%H:%M", height: int = 260, colors: dict[str, str] | None = None) -> None:
     """A chart over UTC time. Altair with a UTC scale: Streamlit's own charts would show the naive
@@ -186,10 +213,14 @@ def time_chart(data: pd.DataFrame, x: str, series: list[str], *, y_title: str, k
     long["when"] = pd.to_datetime(long[x]).dt.strftime(f"%Y-%m-%d {time_format} UTC")
     base = alt.Chart(long)
     mark = base.mark_bar() if kind == "bar" else base.mark_line(interpolate="monotone")
+    # All zero (or nothing): a [0, 0] domain has no ticks and Vega labels the axis "NaN".
+    flat = not (pd.to_numeric(long["value"], errors="coerce").fillna(0) != 0).any()
+    y_scale = alt.Scale(domain=[0, 1]) if flat else alt.Undefined
     scale = alt.Scale(domain=list(colors), range=list(colors.values())) if colors else alt.Undefined
     chart = mark.encode(
         x=alt.X(f"{x}:T", title="UTC", scale=alt.Scale(type="utc"), axis=alt.Axis(format=time_format)),
-        y=alt.Y("value:Q", title=y_title, stack=True if kind == "bar" else None, axis=alt.Axis(format="~s")),
+        y=alt.Y("value:Q", title=y_title, stack=True if kind == "bar" else None, axis=alt.Axis(format="~s"),
+                scale=y_scale),
         color=alt.Color("series:N", title=None, legend=alt.Legend(orient="bottom"), scale=scale),
         tooltip=[alt.Tooltip("when:N", title="time"), alt.Tooltip("series:N", title="series"),
                  alt.Tooltip("value:Q", title="value", format=",.2~f")],

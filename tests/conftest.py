@@ -14,6 +14,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from leftover_processes import keep_running, pytest_configure, pytest_sessionfinish  # noqa: F401 (hooks)
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from batchdb import migrations
@@ -26,7 +27,9 @@ def _admin_dsn() -> str:
         return dsn
     from batchdb import embedded
 
-    return embedded.ensure_server().dsn
+    server = embedded.ensure_server()
+    keep_running(server.pid)  # the embedded server outlives the session on purpose
+    return server.dsn
 
 
 def _with_db(dsn: str, dbname: str) -> str:

@@ -317,4 +317,4 @@ def test_job_completion_is_announced_once_on_batchdb_events(dsn: str, conn: psyc
         run(complete(dsn, [ok(r) for r in rows[1:]]))
         events = [json.loads(n.payload) for n in listener.notifies(timeout=1.0)]
     assert [(e["event"], e["job_id"], e["n_succeeded"], e["previous_status"]) for e in events] == [
-        ("job_completed", job_id, 3, "running")]
+        ("job.completed", job_id, 3, "running")]

@@ -472,8 +472,8 @@ def test_watch_streams_only_the_users_own_job_events(make_user, conn: psycopg.Co
         watcher.send_signal(signal.SIGINT)
         out, err = watcher.communicate(timeout=10)
     seen = {(e["job_id"], e["event"]) for e in map(json.loads, filter(str.strip, lines + out.splitlines()))}
-    assert (last.id, "job_cancelled") in seen, (lines, out, err)
-    assert (mine.id, "job_completed") in seen, (lines, out, err)
+    assert (last.id, "job.cancelled") in seen, (lines, out, err)
+    assert (mine.id, "job.completed") in seen, (lines, out, err)
     assert not {job_id for job_id, _ in seen} - {mine.id, last.id}, seen
     assert theirs.status().status == "completed"
 
@@ -497,7 +497,7 @@ def test_a_forged_event_neither_breaks_nor_fools_another_users_wait(dsn: str, ma
         read_at = backend_of(admin, alice.name, "%batchdb.job_progress%")
         with psycopg.connect(bob.dsn, autocommit=True) as c:
             c.execute("SELECT pg_notify('batchdb_events', %s)",
-                      (f'{{"event": "job_completed", "job_id": {job.id}, "status": "completed"}}',))
+                      (f'{{"event": "job.completed", "job_id": {job.id}, "status": "completed"}}',))
             c.execute("NOTIFY batchdb_events, 'not json'")
         # Woken by them (its poll interval is a minute), it read the progress again ...
         backend_of(admin, alice.name, "%batchdb.job_progress%", after=read_at)

@@ -352,7 +352,7 @@ def test_watch_prints_job_events(dsn: str, conn: psycopg.Connection) -> None:
         def seen() -> set[tuple[int, str]]:
             return {(e["job_id"], e["event"]) for e in (json.loads(line) for line in list(lines) if line.strip())}
 
-        wait_for(lambda: seen() >= {(job.id, "job_running"), (job.id, "job_completed")}, "both events")
+        wait_for(lambda: seen() >= {(job.id, "job.running"), (job.id, "job.completed")}, "both events")
     finally:
         watcher.send_signal(signal.SIGINT)
         _, err = watcher.communicate(timeout=10)

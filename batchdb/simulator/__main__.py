@@ -22,9 +22,9 @@ from batchdb.simulator.config import SimulatorConfig
 from batchdb.simulator.server import serve
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m batchdb.simulator") -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m batchdb.simulator",
+        prog=prog,
         description="Local OpenAI / Azure OpenAI / Gemini simulator with provider-style rate limits.",
     )
     parser.add_argument("--host", default="127.0.0.1")
@@ -59,8 +59,16 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
     return config.updated(changes) if changes else config
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def announce(host: str, port: int) -> None:
+    """Where the simulator listens and how to point the SDKs and workers at it (stdout: a user reads it)."""
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    print(f"provider simulator listening on {url} (Ctrl-C stops it)", flush=True)
+    print(f"  OpenAI SDK / batchdb workers:  export OPENAI_BASE_URL={url}/v1 OPENAI_API_KEY=sk-sim", flush=True)
+    print(f"  Azure endpoint, Gemini base URL: {url}", flush=True)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python -m batchdb.simulator") -> int:
+    args = parse_args(argv, prog)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     try:
         config = config_from_args(args)
@@ -68,7 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"invalid simulator config: {exc}", file=sys.stderr)
         return 2
     serving = serve(
-        config, host=args.host, port=args.port, ready_file=args.ready_file, exit_with_parent=args.exit_with_parent
+        config, host=args.host, port=args.port, ready_file=args.ready_file, exit_with_parent=args.exit_with_parent,
+        on_ready=announce,
     )
     asyncio.run(serving)
     return 0

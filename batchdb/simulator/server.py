@@ -18,6 +18,7 @@ import random
 import socket
 import struct
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -412,8 +413,10 @@ async def serve(
     port: int = 0,
     ready_file: str | None = None,
     exit_with_parent: bool = False,
+    on_ready: Callable[[str, int], None] | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT (or the parent process dies, if asked)."""
+    """Serve until SIGTERM/SIGINT (or the parent process dies, if asked); `on_ready(host, port)`
+    is called once the socket accepts connections (port 0 is resolved by then)."""
     import signal
 
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
@@ -442,6 +445,8 @@ async def serve(
 
     watcher = asyncio.create_task(watch_parent()) if exit_with_parent else None
     log.info("provider simulator listening on http://%s:%d", host, bound_port)
+    if on_ready is not None:
+        on_ready(host, bound_port)
     if ready_file:
         tmp = f"{ready_file}.tmp"
         with open(tmp, "w") as f:

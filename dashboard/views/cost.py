@@ -38,19 +38,19 @@ with ui.database_guard():
     left, right = st.columns(2)
     with left:
         st.subheader("By user")
-        st.dataframe(data["by_owner"], hide_index=True, width="stretch", column_config={"cost_usd": ui.USD})
+        ui.table(data["by_owner"], share=0.5, column_config={"cost_usd": ui.USD})
     with right:
         st.subheader("By model")
-        st.dataframe(data["by_model"], hide_index=True, width="stretch", column_config={"cost_usd": ui.USD})
+        ui.table(data["by_model"], share=0.5, column_config={"cost_usd": ui.USD})
 
     st.subheader("By job")
-    st.dataframe(data["by_job"], hide_index=True, width="stretch",
+    ui.table(data["by_job"], hide_index=True, width="stretch",
                  column_config={"cost_usd": ui.USD, "budget_usd": ui.USD})
 
     st.subheader("Estimated cost of queued work")
     if queued.empty:
         st.info("Nothing is queued.")
     else:
-        st.dataframe(queued, hide_index=True, width="stretch",
+        ui.table(queued, hide_index=True, width="stretch",
                      column_config={"usd_per_row": st.column_config.NumberColumn(format="$%.6f"),
                                     "estimated_usd": ui.USD})

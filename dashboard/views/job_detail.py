@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pandas as pd
 import streamlit as st
 
 import batchdb
-from dashboard import queries, ui
+from dashboard import ui
 
 dsn = ui.dsn()
 PENDING = "job_detail_pending_action"
@@ -86,13 +85,13 @@ def body(detail: dict) -> None:
     if errors.empty:
         st.success("No row of this job has an error.")
     else:
-        st.dataframe(errors.assign(examples=errors["examples"].map(lambda e: " | ".join(e) if e is not None else "")),
+        ui.table(errors.assign(examples=errors["examples"].map(lambda e: " | ".join(e) if e is not None else "")),
                      hide_index=True, width="stretch",
                      column_config={"n": st.column_config.NumberColumn("rows", format="%.0f"),
                                     "last_seen": st.column_config.DatetimeColumn("last finished (UTC)")})
 
     st.subheader("Cost by token type")
-    st.dataframe(detail["cost_by_token_type"], hide_index=True,
+    ui.table(detail["cost_by_token_type"], hide_index=True,
                  column_config={"cost_usd": ui.USD, "usd per 1M tokens": st.column_config.NumberColumn(format="$%.3f")})
     st.caption(f"Recorded cost: {ui.fmt_usd(job['cost_usd'])} (priced row by row when each row completed; "
                "the split uses today's list prices).")
@@ -108,7 +107,7 @@ def samples(job: dict) -> None:
         st.session_state[seed_key] = st.session_state.get(seed_key, 0) + 1
     seed = st.session_state.get(seed_key, 0)
     pairs = ui.job_samples(dsn, int(job["job_id"]), int(job["n_succeeded"]), seed)
-    st.dataframe(pairs, hide_index=True, width="stretch", column_config={"cost_usd": ui.USD})
+    ui.table(pairs, hide_index=True, width="stretch", column_config={"cost_usd": ui.USD})
 
 
 def parquet_output(job: dict) -> None:
@@ -119,18 +118,24 @@ def parquet_output(job: dict) -> None:
             st.info(f"No Parquet file under `{root}`. Write one with `batchdb results {job['job_id']} -o "
                     f"job-{job['job_id']}.parquet` there, or start the dashboard with `--outputs DIR`.")
             return
-        match = queries.output_for_job([Path(p) for p in files], int(job["job_id"]))
-        index = files.index(str(match)) if match is not None else 0
-        path = st.selectbox("File", files, index=index, format_func=lambda p: os.path.relpath(p, root))
+        match = ui.output_for_job(root, int(job["job_id"]))
+        if match is None:
+            st.info(f"No output file of job {job['job_id']} under `{root}` (none carries its id or name); "
+                    "pick one to inspect.")
+        index = files.index(match) if match in files else None
+        path = st.selectbox("File", files, index=index, format_func=lambda p: os.path.relpath(p, root),
+                            placeholder="Choose a file")
+        if path is None:
+            return
         out = ui.parquet_output(path, os.path.getmtime(path), 0)
-        st.dataframe(out["status"], hide_index=True, column_config={"cost_usd": ui.USD})
+        ui.table(out["status"], hide_index=True, column_config={"cost_usd": ui.USD})
         lat = out["latency"]
         if lat["n"]:
             st.caption(f"latency p50 {ui.fmt_int(lat['p50_ms'])} ms · p90 {ui.fmt_int(lat['p90_ms'])} ms · "
                        f"p99 {ui.fmt_int(lat['p99_ms'])} ms over {ui.fmt_int(lat['n'])} succeeded rows")
         if not out["errors"].empty:
-            st.dataframe(out["errors"], hide_index=True, width="stretch")
-        st.dataframe(out["sample"], hide_index=True, width="stretch")
+            ui.table(out["errors"], hide_index=True, width="stretch")
+        ui.table(out["sample"], hide_index=True, width="stretch")
 
 
 def actions(job: dict) -> None:

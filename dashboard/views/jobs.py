@@ -31,11 +31,11 @@ with ui.database_guard():
             eta=shown["eta_seconds"].map(ui.fmt_duration),
             detail="job?job=" + shown["job_id"].astype(str),
         )
-        st.dataframe(
+        ui.table(
             table[["job_id", "detail", "name", "status", "pct_done", "owner", "model", "n_total", "n_queued",
                    "n_running", "n_succeeded", "n_failed", "n_dead", "n_cancelled", "cost_usd",
                    "rows_per_second_now", "avg_rows_per_second", "eta", "created_at", "status_reason"]],
-            hide_index=True, width="stretch",
+            hide_index=True, width="stretch", keys=["job_id", "name"],
             column_config={
                 "job_id": st.column_config.NumberColumn("job", format="%d"),
                 "detail": st.column_config.LinkColumn("open", display_text="details"),

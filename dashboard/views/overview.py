@@ -35,7 +35,7 @@ def live() -> None:
         if lanes.empty:
             st.info("No provider key in use yet: limits appear here after `batchdb limits set` or a first job.")
         else:
-            st.dataframe(
+            ui.table(
                 lanes[["provider", "key_alias", "model", "tokens_per_min", "tpm", "tpm_used_pct",
                        "requests_per_min", "rpm", "rpm_used_pct", "rate_limited_5m", "pace_now", "blocked"]],
                 hide_index=True, width="stretch",
@@ -66,7 +66,7 @@ def live() -> None:
                             text=f"{ui.job_label(job.job_id, job.name)} · {job.status} · "
                                  f"{ui.fmt_int(job.n_done)} / {ui.fmt_int(job.n_total)} rows · "
                                  f"{ui.fmt_usd(job.cost_usd)} · ETA {ui.fmt_duration(job.eta_seconds)}")
-            st.dataframe(
+            ui.table(
                 active[["job_id", "name", "status", "owner", "model", "pct_done", "n_done", "n_total",
                         "n_failed", "n_dead", "cost_usd", "eta_seconds"]].assign(
                     eta_seconds=active["eta_seconds"].map(ui.fmt_duration)),
@@ -78,7 +78,7 @@ def live() -> None:
         errors = data["errors_by_class"]
         if not errors.empty:
             st.subheader("Errors in the last 5 minutes, by class")
-            st.dataframe(errors, hide_index=True, width="stretch",
+            ui.table(errors, hide_index=True, width="stretch",
                          column_config={"errors_5m": st.column_config.NumberColumn("rows", format="%.0f")})
 
 
@@ -89,4 +89,4 @@ with st.expander("Workers"), ui.database_guard():
     if workers.empty:
         st.info("No worker has registered yet. Start one with `batchdb worker`.")
     else:
-        st.dataframe(workers, hide_index=True, width="stretch")
+        ui.table(workers, hide_index=True, width="stretch")

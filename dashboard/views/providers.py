@@ -27,7 +27,7 @@ def live() -> None:
             for r in data["limits"].itertuples():
                 if r.state != "ready":
                     st.warning(f"{r.provider}/{r.key_alias}/{r.model}: {r.state_text}")
-        st.dataframe(
+        ui.table(
             lanes, hide_index=True, width="stretch",
             column_config={
                 "key_alias": "key",
@@ -45,7 +45,7 @@ def live() -> None:
         if limits.empty:
             st.info("No limits configured or learnt: calls are not paced.")
         else:
-            st.dataframe(
+            ui.table(
                 limits[["provider", "key_alias", "model", "rpm", "tpm", "rpd", "source", "target_fraction",
                         "burst_seconds", "pace_now", "state_text", "blocked", "blocked_until", "day_requests",
                         "requests_granted", "tokens_granted", "rate_limited", "updated_at"]],
@@ -76,7 +76,10 @@ def live() -> None:
                               else ["requests"], y_title="requests/min", height=220,
                               colors={"requests": "#1c83e1", "RPM limit": "#ff4b4b"})
             with cols[2]:
-                ui.time_chart(part.rename(columns={"rate_limited": "429s"}), "minute", ["429s"], kind="bar",
-                              y_title="429s per minute", height=220, colors={"429s": "#ffa421"})
+                if part["rate_limited"].sum() > 0:
+                    ui.time_chart(part.rename(columns={"rate_limited": "429s"}), "minute", ["429s"], kind="bar",
+                                  y_title="429s per minute", height=220, colors={"429s": "#ffa421"})
+                else:  # an all-zero bar chart is an empty frame with a "NaN" axis
+                    st.caption(f"No 429s in the last {window}.")
 
 live()

@@ -11,14 +11,16 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 
-from workers import processes as processes_module
+from workers.process_groups import stop_process_groups
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
 
 
 def stop_processes(processes: list[subprocess.Popen[bytes]], timeout: float = 30) -> list[int | None]:
-    """SIGTERM, then SIGKILL after `timeout` seconds; the exit codes (`workers.processes.stop_processes`)."""
-    return processes_module.stop_processes(processes, grace=timeout)
+    """SIGTERM, then SIGKILL after `timeout` seconds; the exit codes. Each process leads its own group
+    (`start_new_session=True`) and the whole group stops: dagster-webserver and dagster-daemon start
+    `dagster api grpc` code servers that outlive them otherwise."""
+    return stop_process_groups(processes, grace=timeout)
 
 
 def wait_until(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.2) -> object:

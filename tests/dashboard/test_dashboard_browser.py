@@ -69,6 +69,20 @@ class Browser:
             "!!document.querySelector('[data-testid=\"stSkeleton\"]')"))
         return bool(result["result"].get("value"))
 
+    async def clipped_tables(self) -> list[str]:
+        """Tables whose columns do not all fit their frame (the grid scrolls sideways, hiding the rest)."""
+        result = await self.call("Runtime.evaluate", returnByValue=True, expression="""
+            Array.from(document.querySelectorAll('[data-testid="stDataFrame"]')).map((frame, i) => {
+                const scroller = frame.querySelector('.dvn-scroller');
+                const headers = Array.from(frame.querySelectorAll('th')).map(th => th.innerText.trim());
+                return {i, scroll: scroller ? scroller.scrollWidth : -1, client: scroller ? scroller.clientWidth : -1,
+                        headers};
+            })""")
+        frames = result["result"].get("value") or []
+        assert frames, "no table on the page"
+        return [f"table {f['i']} ({', '.join(f['headers'][:3])} ...): {f['scroll']} px of columns in {f['client']} px"
+                for f in frames if f["scroll"] > f["client"] + 1]
+
     async def load(self, url: str, expected: list[str], screenshot: Path, timeout: float = 60.0) -> str:
         await self.call("Page.navigate", url=url)
         deadline = time.monotonic() + timeout
@@ -110,7 +124,8 @@ def chromium(tmp_path: Path) -> Iterator[str]:
         log.close()
 
 
-async def visit_all(devtools: str, pages: list[tuple[str, str, list[str]]]) -> dict[str, str]:
+async def visit_all(devtools: str, pages: list[tuple[str, str, list[str]]],
+                    clipped: dict[str, list[str]]) -> dict[str, str]:
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{devtools}/json/list") as reply:
             targets = json.loads(await reply.text())
@@ -118,8 +133,11 @@ async def visit_all(devtools: str, pages: list[tuple[str, str, list[str]]]) -> d
         async with session.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=64 * 1024 * 1024) as ws:
             browser = Browser(ws)
             await browser.call("Page.enable")
-            return {name: await browser.load(url, expected, ARTIFACTS / f"{name}.png")
-                    for name, url, expected in pages}
+            texts = {}
+            for name, url, expected in pages:
+                texts[name] = await browser.load(url, expected, ARTIFACTS / f"{name}.png")
+                clipped[name] = await browser.clipped_tables()
+            return texts
 
 
 def test_every_page_in_a_real_browser(seeded, sql, chromium: str, tmp_path: Path) -> None:  # noqa: ANN001
@@ -143,7 +161,8 @@ def test_every_page_in_a_real_browser(seeded, sql, chromium: str, tmp_path: Path
             ("providers", f"{url}/providers", ["openai/default/gpt-4o-mini", "Limits and pacing"]),
             ("cost", f"{url}/cost", ["Total cost", f"${total:,.4f}", "Estimated cost of queued work"]),
         ]
-        texts = asyncio.run(visit_all(chromium, pages))
+        clipped: dict[str, list[str]] = {}
+        texts = asyncio.run(visit_all(chromium, pages, clipped))
     finally:
         dashboard.stop()
     for name, _, expected in pages:
@@ -151,3 +170,6 @@ def test_every_page_in_a_real_browser(seeded, sql, chromium: str, tmp_path: Path
         assert not missing, f"{name}: {missing} not in page text:\n{texts[name][:3000]}"
         assert "Traceback" not in texts[name] and "database" not in texts[name].split("Database:")[0], texts[name]
         assert (ARTIFACTS / f"{name}.png").stat().st_size > 20_000
+        # At a 1,400 px window every column of every table shows: none is cut off on the right.
+        assert clipped[name] == [], (name, clipped[name])
+        assert "NaN" not in texts[name], name

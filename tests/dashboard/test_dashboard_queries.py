@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 
 import pandas as pd
 import psycopg
@@ -140,14 +141,64 @@ def test_job_detail_matches_sql(seeded, sql) -> None:  # noqa: ANN001
         job["cost_usd"])
 
 
-def test_sampled_reads_scale_back_up(seeded) -> None:  # noqa: ANN001
-    # With the exact threshold at 10 rows the 50-row job takes the sampled path; at 100% it must agree.
+def test_sampled_reads_scale_back_up(dsn: str, sql) -> None:  # noqa: ANN001
     assert queries.sample_percent(50, exact_rows=10, target_rows=50) == 100.0
     assert queries.sample_percent(1_000_000) == pytest.approx(10.0)
-    sampled = queries.load_job_detail(seeded.dsn, seeded.alpha, exact_rows=10)
-    exact = queries.load_job_detail(seeded.dsn, seeded.alpha)
-    assert sampled is not None and exact is not None
-    assert sampled["timeline"]["finished"].sum() == exact["timeline"]["finished"].sum()
+    # 20,000 rows read through a 20% page sample: the real scale-up path, checked against exact SQL.
+    job_id = _job_with_finished_rows(sql, 20_000)
+    detail = queries.load_job_detail(dsn, job_id, exact_rows=1_000, target_rows=4_000)
+    assert detail is not None
+    est = detail["estimate"]
+    assert (est.exact, est.pct, est.scale) == (False, pytest.approx(20.0), pytest.approx(5.0))
+    job = sql.one("SELECT n_done, n_succeeded, n_failed, n_dead FROM batchdb.jobs WHERE id = %(j)s", {"j": job_id})
+    timeline, errors = detail["timeline"], detail["errors"]
+    # Calibrated to the exact counters (a ratio estimate): the totals are exact, the shape is sampled.
+    assert timeline["finished"].sum() == pytest.approx(job["n_done"])
+    assert timeline["succeeded"].sum() == pytest.approx(job["n_succeeded"])
+    assert timeline["failed"].sum() == pytest.approx(job["n_failed"] + job["n_dead"])
+    final_errors = errors[errors["state"].isin(["failed", "dead"])]
+    assert final_errors["n"].sum() == pytest.approx(job["n_failed"] + job["n_dead"])
+    # Scaled by the sampling rate alone: within four standard errors of the exact sums, the standard
+    # error of a Bernoulli page sample's total being sqrt((1 - p) / p * sum of squared page totals).
+    p = est.pct / 100
+    for figure, shown, rows in (
+            ("prompt tokens", timeline["prompt_tokens"].sum(), "finished_at IS NOT NULL"),
+            ("cost", timeline["cost_usd"].sum(), "finished_at IS NOT NULL"),
+            ("rows waiting for a retry", errors.loc[errors["state"] == "retrying", "n"].sum(),
+             "status = 'queued' AND error_class IS NOT NULL")):
+        column = {"prompt tokens": "prompt_tokens", "cost": "cost_usd"}.get(figure, "1")
+        pages = sql.all(f"""SELECT sum({column})::float8 AS t FROM batchdb.requests
+                             WHERE job_id = %(j)s AND {rows} GROUP BY (ctid::text::point)[0]""", {"j": job_id})
+        exact = sum(page["t"] for page in pages)
+        se = math.sqrt((1 - p) / p * sum(page["t"] ** 2 for page in pages))
+        assert len(pages) > 50 and 0 < se < exact / 5, (figure, len(pages), se, exact)  # a real sample
+        assert abs(shown - exact) <= 4 * se, (figure, shown, exact, se)
+        assert shown != exact  # scaled up from a sample, not read whole
+
+
+def _job_with_finished_rows(sql, n: int) -> int:  # noqa: ANN001
+    """A running job of `n` rows finished over the last 10 minutes: most succeeded, some failed or dead,
+    some waiting for a retry, with varied tokens and cost."""
+    job_id = sql.one("INSERT INTO batchdb.jobs (name, model, provider) VALUES ('sampled', 'm', 'instant') "
+                     "RETURNING id")["id"]
+    sql.all("""INSERT INTO batchdb.requests (job_id, custom_id, payload)
+               SELECT %(j)s, g::text, '{"prompt": "x"}' FROM generate_series(1, %(n)s) g RETURNING 1""",
+            {"j": job_id, "n": n})
+    sql.all("""
+        UPDATE batchdb.requests
+           SET status = CASE WHEN custom_id::int %% 41 = 0 THEN 'queued' WHEN custom_id::int %% 50 = 0 THEN 'failed'
+                             WHEN custom_id::int %% 77 = 0 THEN 'dead' ELSE 'succeeded' END,
+               error_class = CASE WHEN custom_id::int %% 41 = 0 THEN 'rate_limited'
+                                  WHEN custom_id::int %% 50 = 0 THEN 'permanent'
+                                  WHEN custom_id::int %% 77 = 0 THEN 'timeout' END,
+               finished_at = CASE WHEN custom_id::int %% 41 <> 0
+                                  THEN now() - (custom_id::int %% 600) * interval '1 second' END,
+               latency_ms = custom_id::int %% 900,
+               prompt_tokens = 10 + (custom_id::int * 7919) %% 97,
+               completion_tokens = 5 + custom_id::int %% 13,
+               cost_usd = (10 + (custom_id::int * 7919) %% 97) * 0.000001
+         WHERE job_id = %(j)s RETURNING 1""", {"j": job_id})
+    return int(job_id)
 
 
 def test_samples_show_the_prompt_as_sent_and_the_stored_answer(seeded, sql) -> None:  # noqa: ANN001
