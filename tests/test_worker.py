@@ -118,9 +118,14 @@ def test_quota_exhaustion_pauses_the_job_without_spending_attempts(dsn: str) -> 
 def test_bad_template_row_fails_with_the_reason_and_does_not_stop_the_worker(dsn: str, conn: psycopg.Connection) -> None:
     job_id = conn.execute(
         "INSERT INTO batchdb.jobs (model, provider, params) VALUES ('m', 'instant', %s) RETURNING id",
-        ('{"prompt": "Rate {headline}"}',)).fetchone()["id"]
+        ('{"prompt": "Rate {headline}{title}"}',)).fetchone()["id"]
     conn.execute("INSERT INTO batchdb.requests (job_id, custom_id, input) VALUES "
-                 "(%s, 'good', '{\"headline\": \"up\"}'), (%s, 'bad', '{\"title\": \"down\"}')", (job_id, job_id))
+                 "(%s, 'good', '{\"headline\": \"up\", \"title\": \"\"}'), "
+                 "(%s, 'bad', '{\"title\": \"down\", \"headline\": \"\"}')", (job_id, job_id))
+    # Inserts are checked against the template (0009_input_checks.sql); a template changed afterwards is not,
+    # so the worker still meets a row its template cannot format.
+    conn.execute("UPDATE batchdb.jobs SET params = '{\"prompt\": \"Rate {headline}\"}' WHERE id = %s", (job_id,))
+    conn.execute("UPDATE batchdb.requests SET input = input - 'headline' WHERE custom_id = 'bad'")
     drain(dsn, InstantProvider())
     rows = {r["custom_id"]: r for r in conn.execute(
         "SELECT custom_id, status, error FROM batchdb.requests WHERE job_id = %s", (job_id,)).fetchall()}
