@@ -568,11 +568,16 @@ def demo_command(rows: int, n_workers: int, rpm: int, tpm: int, output: Path, ds
 
 def _require_schema(dsn: str | None) -> None:
     """Refuse to start a long-running process on a database that was never upgraded."""
+    import psycopg
+
     from batchdb import migrations
     from batchdb.cli_errors import SchemaNotReady
 
     with dbmod.connect(dsn) as conn:
-        missing = migrations.pending(conn)
+        try:
+            missing = migrations.pending(conn)
+        except psycopg.errors.InsufficientPrivilege:
+            return  # a role that may not read the migrations table (before 0009): cannot tell, so do not block
         where = _describe_dsn(conn.info.dsn)
     if missing:
         raise SchemaNotReady([f"{m.version:04d}_{m.name}" for m in missing], where)
