@@ -352,13 +352,13 @@ def watch_command(job_ids: tuple[int, ...], job_option: tuple[int, ...], dsn: st
 
     With JOB_IDS, only those jobs' events (each must exist, as for `status`).
     """
-    from batchdb import events
-    from batchdb.jobs import get_job
+    from batchdb import events  # not batchdb.jobs: pandas would delay the LISTEN by a second or more
 
     wanted = set(job_ids) | set(job_option)
-    for job_id in sorted(wanted):
-        get_job(job_id, dsn=dsn)  # JobNotFound: "job N does not exist", as `status N` says
     with dbmod.connect(dsn) as conn, dbmod.connect(dsn) as lookups:
+        for job_id in sorted(wanted):
+            if not events.visible(lookups, job_id):
+                raise click.ClickException(f"job {job_id} does not exist")  # as `status N` says
         try:
             for event in events.stream(conn):
                 if wanted and event.get("job_id") not in wanted:
