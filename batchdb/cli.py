@@ -384,17 +384,19 @@ def limits_group() -> None:
 @click.option("--rpm", type=click.IntRange(min=1), default=None, help="Requests per minute.")
 @click.option("--tpm", type=click.IntRange(min=1), default=None, help="Tokens per minute (OpenAI: prompt + max_tokens).")
 @click.option("--rpd", type=click.IntRange(min=1), default=None, help="Requests per day (Gemini).")
+@click.option("--clear", multiple=True, type=click.Choice(["rpm", "tpm", "rpd"]),
+              help="Remove this limit (repeatable).")
 @_dsn_option
 def limits_set(provider: str, model: str, key_alias: str, rpm: int | None, tpm: int | None, rpd: int | None,
-               dsn: str | None) -> None:
+               clear: tuple[str, ...], dsn: str | None) -> None:
     """Set the limits of one provider key for one model; limits not given keep their value."""
     from batchdb import ledger
 
-    if rpm is None and tpm is None and rpd is None:
-        raise click.UsageError("nothing to set: give --rpm, --tpm and/or --rpd")
+    if rpm is None and tpm is None and rpd is None and not clear:
+        raise click.UsageError("nothing to set: give --rpm, --tpm and/or --rpd (or --clear)")
     with dbmod.connect(dsn) as conn:
         now = _run_db_op(lambda: ledger.set_limits(conn, ledger.Lane(provider, key_alias, model), rpm=rpm, tpm=tpm,
-                                                   rpd=rpd))
+                                                   rpd=rpd, clear=clear))
     click.echo(f"{provider}/{key_alias}/{model}: rpm={now['rpm'] or '-'} tpm={now['tpm'] or '-'} "
                f"rpd={now['rpd'] or '-'}")
 
