@@ -354,13 +354,13 @@ def watch_command(job_ids: tuple[int, ...], job_option: tuple[int, ...], dsn: st
 
     With JOB_IDS, only those jobs' events (each must exist, as for `status`).
     """
-    from batchdb import events
-    from batchdb.jobs import get_job
+    from batchdb import events  # not batchdb.jobs: pandas would delay the LISTEN by a second or more
 
     wanted = set(job_ids) | set(job_option)
-    for job_id in sorted(wanted):
-        get_job(job_id, dsn=dsn)  # JobNotFound: "job N does not exist", as `status N` says
     with dbmod.connect(dsn) as conn, dbmod.connect(dsn) as lookups:
+        for job_id in sorted(wanted):
+            if not events.visible(lookups, job_id):
+                raise click.ClickException(f"job {job_id} does not exist")  # as `status N` says
         try:
             for event in events.stream(conn):
                 if wanted and event.get("job_id") not in wanted:
@@ -386,17 +386,19 @@ def limits_group() -> None:
 @click.option("--rpm", type=click.IntRange(min=1), default=None, help="Requests per minute.")
 @click.option("--tpm", type=click.IntRange(min=1), default=None, help="Tokens per minute (OpenAI: prompt + max_tokens).")
 @click.option("--rpd", type=click.IntRange(min=1), default=None, help="Requests per day (Gemini).")
+@click.option("--clear", multiple=True, type=click.Choice(["rpm", "tpm", "rpd"]),
+              help="Remove this limit (repeatable).")
 @_dsn_option
 def limits_set(provider: str, model: str, key_alias: str, rpm: int | None, tpm: int | None, rpd: int | None,
-               dsn: str | None) -> None:
+               clear: tuple[str, ...], dsn: str | None) -> None:
     """Set the limits of one provider key for one model; limits not given keep their value."""
     from batchdb import ledger
 
-    if rpm is None and tpm is None and rpd is None:
-        raise click.UsageError("nothing to set: give --rpm, --tpm and/or --rpd")
+    if rpm is None and tpm is None and rpd is None and not clear:
+        raise click.UsageError("nothing to set: give --rpm, --tpm and/or --rpd (or --clear)")
     with dbmod.connect(dsn) as conn:
         now = _run_db_op(lambda: ledger.set_limits(conn, ledger.Lane(provider, key_alias, model), rpm=rpm, tpm=tpm,
-                                                   rpd=rpd))
+                                                   rpd=rpd, clear=clear))
     click.echo(f"{provider}/{key_alias}/{model}: rpm={now['rpm'] or '-'} tpm={now['tpm'] or '-'} "
                f"rpd={now['rpd'] or '-'}")
 
@@ -605,11 +607,16 @@ def demo_command(rows: int, n_workers: int, rpm: int, tpm: int, output: Path, ds
 
 def _require_schema(dsn: str | None) -> None:
     """Refuse to start a long-running process on a database that was never upgraded."""
+    import psycopg
+
     from batchdb import migrations
     from batchdb.cli_errors import SchemaNotReady
 
     with dbmod.connect(dsn) as conn:
-        missing = migrations.pending(conn)
+        try:
+            missing = migrations.pending(conn)
+        except psycopg.errors.InsufficientPrivilege:
+            return  # a role that may not read the migrations table (before 0009): cannot tell, so do not block
         where = _describe_dsn(conn.info.dsn)
     if missing:
         raise SchemaNotReady([f"{m.version:04d}_{m.name}" for m in missing], where)

@@ -122,18 +122,30 @@ async def learn_limits(conn: psycopg.AsyncConnection, lane: Lane, rpm: int | Non
         "provider": lane.provider, "key_alias": lane.key_alias, "model": lane.model, "rpm": rpm, "tpm": tpm})
 
 
+LIMIT_NAMES = ("rpm", "tpm", "rpd")
+
+
 def set_limits(conn: psycopg.Connection, lane: Lane, *, rpm: int | None = None, tpm: int | None = None,
-               rpd: int | None = None) -> dict[str, int | None]:
-    """Set the given limits of `lane`; those not given keep their value. Returns the lane's limits now."""
+               rpd: int | None = None, clear: Sequence[str] = ()) -> dict[str, int | None]:
+    """Set the given limits of `lane`; those not given keep their value, those in `clear` are removed.
+
+    Returns the lane's limits now.
+    """
     given = {name: value for name, value in (("rpm", rpm), ("tpm", tpm), ("rpd", rpd)) if value is not None}
-    if not given:
+    unknown = [name for name in clear if name not in LIMIT_NAMES]
+    if unknown:
+        raise ValueError(f"clear: expected some of {', '.join(LIMIT_NAMES)}, got {', '.join(unknown)}")
+    if set(given) & set(clear):
+        raise ValueError(f"{', '.join(sorted(set(given) & set(clear)))}: both set and cleared")
+    if not given and not clear:
         raise ValueError(f"nothing to set for {lane.provider}/{lane.key_alias}/{lane.model}: give rpm, tpm or rpd")
     for name, value in given.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected a positive integer, got {value!r}")
     with conn.cursor(row_factory=dict_row) as cur:
         row = cur.execute(query("set_limits"), {"provider": lane.provider, "key_alias": lane.key_alias,
-                                                "model": lane.model, "rpm": rpm, "tpm": tpm, "rpd": rpd}).fetchone()
+                                                "model": lane.model, "rpm": rpm, "tpm": tpm, "rpd": rpd,
+                                                "clear": list(clear)}).fetchone()
     assert row is not None
     return dict(row)
 

@@ -515,11 +515,13 @@ SELECT batchdb.learn_limits(%(provider)s, %(key_alias)s, %(model)s, %(rpm)s, %(t
 
 -- set_limits --
 -- Configure a key's limits by hand (`batchdb limits set`); configured limits win over learnt ones.
--- A partial update: a limit not given (NULL) keeps its current value.
+-- A partial update: a limit not given (NULL) keeps its current value; those named in `clear` are removed.
 INSERT INTO batchdb.rate_limits AS l (provider, key_alias, model, rpm, tpm, rpd, source)
 VALUES (%(provider)s, %(key_alias)s, %(model)s, %(rpm)s, %(tpm)s, %(rpd)s, 'configured')
 ON CONFLICT (provider, key_alias, model) DO UPDATE
-   SET rpm = coalesce(EXCLUDED.rpm, l.rpm), tpm = coalesce(EXCLUDED.tpm, l.tpm), rpd = coalesce(EXCLUDED.rpd, l.rpd),
+   SET rpm = CASE WHEN 'rpm' = ANY (%(clear)s::text[]) THEN NULL ELSE coalesce(EXCLUDED.rpm, l.rpm) END,
+       tpm = CASE WHEN 'tpm' = ANY (%(clear)s::text[]) THEN NULL ELSE coalesce(EXCLUDED.tpm, l.tpm) END,
+       rpd = CASE WHEN 'rpd' = ANY (%(clear)s::text[]) THEN NULL ELSE coalesce(EXCLUDED.rpd, l.rpd) END,
        source = 'configured', updated_at = now()
 RETURNING rpm, tpm, rpd
 

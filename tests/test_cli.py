@@ -147,6 +147,8 @@ def test_limits_set_changes_only_the_limits_given(conn: psycopg.Connection) -> N
     assert zero.output.strip().splitlines()[-1] == "Error: Invalid value for '--rpm': 0 is not in the range x>=1."
     assert "constraint" not in zero.output
     assert stored() == (600, 90_000, None)
+    assert invoke("limits", "set", "openai", "gpt-4o-mini", "--clear", "tpm").strip() == \
+        "openai/default/gpt-4o-mini: rpm=600 tpm=- rpd=-"
 
 
 def test_set_limits_refuses_nothing_and_non_positive_values(conn: psycopg.Connection) -> None:

@@ -113,3 +113,18 @@ def test_db_status_reports_the_database_of_batchdb_dsn(dsn: str, empty_dsn: str)
 def test_version() -> None:
     result = run("--version")
     assert (result.exit_code, result.output.strip()) == (0, f"batchdb {batchdb.__version__}")
+
+
+def test_a_worker_role_passes_the_schema_check(dsn: str, conn: psycopg.Connection) -> None:
+    from batchdb import users
+
+    name = f"wrk_{uuid.uuid4().hex[:8]}"
+    users.add_user(conn, name, kind=users.UserKind.WORKER)
+    try:
+        worker_dsn = make_conninfo(dsn, user=name)
+        result = run("worker", "--exit-when-idle", "--dsn", worker_dsn)
+        assert result.exit_code == 0, (result.output, result.exception)
+        assert run("db", "status", "--dsn", worker_dsn).exit_code == 0
+    finally:
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (name,))
+        conn.execute(f'DROP ROLE IF EXISTS "{name}"')

@@ -10,6 +10,9 @@
 -- * jobs.input_sha256: SHA-256 of the rows the SDK copied in, compared when an idempotency key
 --   comes back.
 
+-- Every role may see which migrations ran: `batchdb worker` and `batchdb db status` check it first.
+GRANT SELECT ON public.batchdb_migrations TO PUBLIC;
+
 ALTER TABLE batchdb.jobs ADD COLUMN input_sha256 text;
 GRANT UPDATE (input_sha256) ON batchdb.jobs TO batchdb_user;
 
