@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from decimal import Decimal
+from pathlib import Path
 
 import pandas as pd
 import psycopg
@@ -18,6 +21,9 @@ import pytest
 import batchdb
 from batchdb.providers.base import ChatRequest, ChatResponse, ErrorKind, ProviderError
 from batchdb.providers.instant import InstantProvider
+from batchdb.simulator import SimulatorProcess
+from batchdb.simulator.config import Distribution
+from workers.processes import WorkerProcesses
 from workers.outcomes import RetryPolicy
 from workers.worker import Worker, WorkerConfig
 
@@ -156,26 +162,39 @@ def test_cancel_while_running_records_no_success_after_it(dsn: str) -> None:
     asyncio.run(scenario())
 
 
-def test_sigterm_finishes_in_flight_rows_and_exits_zero(dsn: str) -> None:
-    job = submit_prompts(dsn, [f"p{i}" for i in range(3000)])
-    env = {**os.environ, "BATCHDB_DSN": dsn}
-    proc = subprocess.Popen([sys.executable, "-m", "workers", "--concurrency", "32"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        while job.status().n_done == 0 and time.monotonic() < deadline:
+@pytest.mark.slow
+def test_sigterm_finishes_in_flight_rows_and_exits_zero(dsn: str, conn: psycopg.Connection,
+                                                        simulator: Callable[..., SimulatorProcess], tmp_path: Path) -> None:
+    sim = simulator(latency_s=Distribution(kind="fixed", value=5.0))
+    frame = pd.DataFrame({"text": [f"p{i}" for i in range(3000)]})
+    job = batchdb.submit(frame, prompt="{text}", model="gpt-4o-mini", provider="openai", dsn=dsn)
+    env = {"OPENAI_BASE_URL": sim.openai_base_url, "OPENAI_API_KEY": "sk-test"}
+    with WorkerProcesses(dsn, env=env, args=("--concurrency", "32"), log_dir=tmp_path) as workers:
+        workers.start()
+        deadline = time.monotonic() + 60
+        held: list[int] = []
+        while not held:
+            assert time.monotonic() < deadline, workers.log_text()
             time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, output.decode()
-    status = job.status()
-    assert status.n_running == 0  # nothing left leased
-    assert status.n_done + status.n_queued == 3000
-    with psycopg.connect(dsn) as conn:
-        stopped = conn.execute("SELECT count(*) FROM batchdb.workers WHERE stopped_at IS NOT NULL").fetchone()[0]
+            if job.status().n_succeeded == 0:
+                continue  # the first calls are answered: the SDK is loaded, claimed rows go out at once
+            # Rows claimed 1 to 3.5 s ago (a lease is taken for 60 s): their calls are out, and each
+            # has over a second of its 5 s left, so it is still in flight when the signal lands.
+            held = [r["id"] for r in conn.execute(
+                "SELECT id FROM batchdb.requests WHERE job_id = %s AND status = 'running' "
+                "AND lease_expires_at BETWEEN now() + interval '56.5 seconds' AND now() + interval '59 seconds'",
+                (job.id,)).fetchall()]
+        workers.processes[0].send_signal(signal.SIGTERM)
+        code = workers.processes[0].wait(timeout=60)
+    assert code == 0, workers.log_text()
+    rows = {r["id"]: (r["status"], r["attempts"]) for r in conn.execute(
+        "SELECT id, status, attempts FROM batchdb.requests WHERE job_id = %s", (job.id,)).fetchall()}
+    # Every call in flight at SIGTERM finished and was recorded, with its one attempt.
+    assert {rows[i] for i in held} == {("succeeded", 1)}
+    # Every other row either finished the same way or went back untouched; none is left leased.
+    assert set(rows.values()) <= {("succeeded", 1), ("queued", 0)}
+    assert len(rows) == 3000
+    stopped = conn.execute("SELECT count(*) AS n FROM batchdb.workers WHERE stopped_at IS NOT NULL").fetchone()["n"]
     assert stopped == 1
 
 
@@ -183,12 +202,20 @@ def test_sigterm_finishes_in_flight_rows_and_exits_zero(dsn: str) -> None:
 def test_worker_respects_its_concurrency(dsn: str, concurrency: int) -> None:
     peak = 0
     in_flight = 0
+    full: asyncio.Event | None = None
 
     class Counting(InstantProvider):
         async def complete(self, request: ChatRequest) -> ChatResponse:
-            nonlocal peak, in_flight
+            nonlocal peak, in_flight, full
+            full = full or asyncio.Event()
             in_flight += 1
             peak = max(peak, in_flight)
+            if peak >= concurrency:
+                full.set()
+            # The first calls hold until the worker has `concurrency` of them out (bounded, in case
+            # it never does), so the peak does not depend on how fast this machine starts them.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(full.wait(), 10)
             await asyncio.sleep(0.01)
             in_flight -= 1
             return await super().complete(request)
@@ -302,19 +329,37 @@ def test_wait_returns_on_the_completion_event_not_the_next_poll(dsn: str) -> Non
     assert waited < 10
 
 
-def test_watch_prints_job_events(dsn: str) -> None:
+def test_watch_prints_job_events(dsn: str, conn: psycopg.Connection) -> None:
+    import json
+    import threading
+
     env = {**os.environ, "BATCHDB_DSN": dsn}
     watcher = subprocess.Popen([sys.executable, "-m", "batchdb", "watch"], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(watcher.stdout.readline, "")), daemon=True)
+    reader.start()
+
+    def wait_for(condition: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + 60
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.05)
+
     try:
-        time.sleep(2.0)  # let it LISTEN
+        # Ready once its LISTEN has run (visible in pg_stat_activity), not after a guessed sleep.
+        wait_for(lambda: conn.execute(
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() "
+            "AND strpos(query, 'LISTEN batchdb_events') > 0 AND state = 'idle'").fetchone()["n"] > 0, "the LISTEN")
         job = submit_prompts(dsn, ["a"])
         drain(dsn, InstantProvider())
-        time.sleep(1.0)
+
+        def seen() -> set[tuple[int, str]]:
+            return {(e["job_id"], e["event"]) for e in (json.loads(line) for line in list(lines) if line.strip())}
+
+        wait_for(lambda: seen() >= {(job.id, "job.running"), (job.id, "job.completed")}, "both events")
     finally:
         watcher.send_signal(signal.SIGINT)
-        out, err = watcher.communicate(timeout=10)
-    import json
-
-    events = [json.loads(line) for line in out.splitlines() if line.strip()]
-    assert {(e["job_id"], e["event"]) for e in events} >= {(job.id, "job_running"), (job.id, "job_completed")}, err
+        _, err = watcher.communicate(timeout=10)
+        reader.join(timeout=10)
+    assert watcher.returncode == 0, err
