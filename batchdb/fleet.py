@@ -1,7 +1,8 @@
 """The live worker processes (`batchdb workers`), as Celery's `inspect` and RQ's `info` show them.
 
 A worker is live while it heartbeats (the `batchdb.live_workers` view: within 30 s) and has
-not stopped. Its lanes are those of the rows it holds right now.
+not stopped. Its lanes are those it advertised (workers/lanes.py): the provider/key alias pairs
+it resolved a key for, with the endpoint, never the key.
 """
 
 from __future__ import annotations

@@ -433,19 +433,14 @@ UPDATE batchdb.workers
  WHERE id = %(worker_id)s
 
 -- list_live_workers --
--- Live workers (`batchdb workers`), each with the lanes (provider/key alias/model) of the rows it holds now.
-WITH held AS (
-    SELECT q.lease_owner, array_agg(DISTINCT j.provider || '/' || j.key_alias || '/' || j.model) AS lanes
-      FROM batchdb.requests q
-      JOIN batchdb.jobs j ON j.id = q.job_id
-     WHERE q.status = 'running'
-     GROUP BY q.lease_owner
-)
+-- Live workers (`batchdb workers`), each with the lanes (provider/key alias) it advertised as able to
+-- serve (workers/lanes.py; endpoints, never keys).
 SELECT w.id, w.hostname, w.pid, w.concurrency, w.in_flight, w.n_completed, w.started_at, w.heartbeat_at,
        extract(epoch FROM clock_timestamp() - w.heartbeat_at)::float8 AS heartbeat_age_s,
-       coalesce(h.lanes, '{}') AS lanes
+       coalesce(ARRAY(SELECT l ->> 'provider' || '/' || (l ->> 'key_alias')
+                               || coalesce(' (' || (l ->> 'endpoint') || ')', '')
+                        FROM jsonb_array_elements(w.lanes) l), '{}') AS lanes
   FROM batchdb.live_workers w
-  LEFT JOIN held h ON h.lease_owner = w.id
  WHERE w.alive
  ORDER BY w.hostname, w.pid
 

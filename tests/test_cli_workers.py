@@ -50,11 +50,11 @@ def test_lists_a_live_worker_and_not_once_it_stopped(dsn: str, conn: psycopg.Con
         assert workers.stop() == [0]
     assert (listed["hostname"], listed["pid"], listed["in_flight"], listed["n_completed"]) == (
         socket.gethostname(), pid, 8, 0)
-    assert listed["lanes"] == ["instant/default/paced"]
+    assert listed["lanes"] == ["instant/default"]  # advertised (workers/lanes.py): it serves the job's lane
     assert 0 <= listed["heartbeat_age_s"] < 30
     header, line = table.splitlines()
     assert header.split() == ["host", "pid", "in", "flight", "rows", "done", "heartbeat", "lanes"]
     assert line.split()[:3] == [socket.gethostname(), str(pid), "8/8"]
-    assert line.rstrip().endswith("instant/default/paced")
+    assert line.rstrip().endswith("instant/default")
     # Stopped: no longer listed (it is still in batchdb.workers, with stopped_at set).
     assert invoke("workers").strip() == "no live workers (start one with `batchdb worker`)"
