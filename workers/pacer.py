@@ -170,6 +170,9 @@ class Pacer:
         state = self._lanes.get(lane)
         if state is None:
             state = self._lanes[lane] = _LaneState()
+        if state.task is None or state.task.done():
+            if state.task is not None and not state.task.cancelled() and state.task.exception() is not None:
+                log.error("pacer task of %s died; restarting it", lane, exc_info=state.task.exception())
             state.task = asyncio.create_task(self._run(lane, state), name=f"pacer {lane}")
         return state
 
@@ -193,14 +196,20 @@ class Pacer:
             batch = [w.tokens for w in list(state.waiters)[:MAX_GRANT_BATCH]]
             headers = state.headers if time.monotonic() - state.headers_at < 2.0 else None
             state.headers = None
-            result = await self._db.run(
-                lambda c: ledger.reserve(
-                    c, lane, batch,
-                    remaining_requests=headers.remaining_requests if headers else None,
-                    remaining_tokens=headers.remaining_tokens if headers else None,
-                ),
-                what="reserve_capacity",
-            )
+            try:
+                result = await self._db.run(
+                    lambda c: ledger.reserve(
+                        c, lane, batch,
+                        remaining_requests=headers.remaining_requests if headers else None,
+                        remaining_tokens=headers.remaining_tokens if headers else None,
+                    ),
+                    what="reserve_capacity",
+                )
+            except Exception as exc:  # noqa: BLE001 - a dead lane task would strand every call of the lane
+                log.error("reserving capacity for %s/%s/%s failed: %s; retrying in 1s",
+                          lane.provider, lane.key_alias, lane.model, exc)
+                await asyncio.sleep(1.0)
+                continue
             unused = 0
             for _ in range(result.granted):
                 waiter = state.waiters.popleft()
