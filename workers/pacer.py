@@ -162,7 +162,8 @@ class Pacer:
         except Exception as exc:  # noqa: BLE001 - the log line is a courtesy
             found = None
             log.debug("could not read the state of %s: %s", lane, exc)
-        reason = found.text if found is not None else f"waiting for capacity (next grant in {state.wait_seconds:.0f}s)"
+        reason = (found.text if found is not None and found.state != "ready"
+                  else f"waiting for capacity (next grant in {state.wait_seconds:.1f}s)")
         log.warning("lane %s/%s/%s not moving: %s; %d call(s) waiting", lane.provider, lane.key_alias, lane.model,
                     reason, sum(1 for w in state.waiters if not w.future.done()))
 
