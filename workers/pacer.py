@@ -33,8 +33,9 @@ MAX_SLEEP = 1.0
 UNLIMITED_RECHECK = 5.0  # a lane with no configured limit is asked again this often
 
 
-# A lane whose calls have waited this long without a grant is logged once, with the ledger's reason.
-LOG_WAITING_AFTER = 2.0
+# A lane whose calls have waited this long without a grant is logged once, with the ledger's reason
+# (workers sharing a busy key routinely wait a second or two between grants: that is moving).
+LOG_WAITING_AFTER = 5.0
 
 
 class LaneWaiting(Exception):
