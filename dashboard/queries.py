@@ -172,7 +172,7 @@ SELECT provider, key_alias, model, rpm, tpm, rpd, burst_seconds, target_fraction
        blocked_until,
        coalesce(blocked_until > now(), false) AS blocked,
        day_requests, requests_granted, tokens_granted, rate_limited, updated_at,
-       s.state, s.state_text
+       s.state, s.state_text, s.stalled
   FROM batchdb.rate_limits
   JOIN batchdb.lane_states s USING (provider, key_alias, model)
  ORDER BY provider, key_alias, model

@@ -67,14 +67,20 @@ def test_limits_show_says_why_each_lane_is_not_moving(dsn: str, conn: psycopg.Co
     # ~248,000 tokens in debt, as the frozen key was.
     conn.execute("INSERT INTO batchdb.rate_limits (provider, model, rpm, tpm, token_credit, refilled_at) "
                  "VALUES ('instant', 'gpt-4o-mini', 600, 150000, -248000, clock_timestamp())")
-    conn.execute("INSERT INTO batchdb.rate_limits (provider, model, rpm, tpm) VALUES ('instant', 'o4-mini', 600, 1000)")
+    conn.execute("INSERT INTO batchdb.rate_limits (provider, model, rpm, tpm, refilled_at) "
+                 "VALUES ('instant', 'o4-mini', 600, 1000, clock_timestamp() - interval '10 seconds')")
+    conn.execute("INSERT INTO batchdb.rate_limits (provider, model, rpm, refilled_at) "
+                 "VALUES ('instant', 'gpt-4.1', 6, clock_timestamp())")
     result = CliRunner().invoke(cli, ["limits", "show"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     lines = {line.split()[0]: line for line in result.output.splitlines()[1:]}
     assert "held by a 429 until" in lines["instant/default/gpt-4o"]
     assert "waiting for tokens: 24" in lines["instant/default/gpt-4o-mini"]  # 248,000 less a second's refill
     assert "in debt, moving again about" in lines["instant/default/gpt-4o-mini"]
+    assert "waiting for requests: limit 6 per minute, next in" in lines["instant/default/gpt-4.1"]
     assert lines["instant/default/o4-mini"].rstrip().endswith("ready")
+    stalled = {r["model"]: r["stalled"] for r in conn.execute("SELECT model, stalled FROM batchdb.lane_states")}
+    assert stalled == {"gpt-4o": True, "gpt-4o-mini": True, "gpt-4.1": True, "o4-mini": False}
 
 
 def test_lane_states_name_a_spent_daily_quota(conn: psycopg.Connection) -> None:

@@ -33,8 +33,9 @@ MAX_SLEEP = 1.0
 UNLIMITED_RECHECK = 5.0  # a lane with no configured limit is asked again this often
 
 
-# A lane whose calls have waited this long without a grant is logged once, with the ledger's reason.
-LOG_WAITING_AFTER = 2.0
+# A lane whose calls have waited this long without a grant is logged once, with the ledger's reason
+# (workers sharing a busy key routinely wait a second or two between grants: that is moving).
+LOG_WAITING_AFTER = 5.0
 
 
 class LaneWaiting(Exception):
@@ -180,7 +181,8 @@ class Pacer:
         except Exception as exc:  # noqa: BLE001 - the log line is a courtesy
             found = None
             log.debug("could not read the state of %s: %s", lane, exc)
-        reason = found.text if found is not None else f"waiting for capacity (next grant in {state.wait_seconds:.0f}s)"
+        reason = (found.text if found is not None and found.state != "ready"
+                  else f"waiting for capacity (next grant in {state.wait_seconds:.1f}s)")
         log.warning("lane %s/%s/%s not moving: %s; %d call(s) waiting", lane.provider, lane.key_alias, lane.model,
                     reason, sum(1 for w in state.waiters if not w.future.done()))
 
@@ -188,6 +190,9 @@ class Pacer:
         state = self._lanes.get(lane)
         if state is None:
             state = self._lanes[lane] = _LaneState()
+        if state.task is None or state.task.done():
+            if state.task is not None and not state.task.cancelled() and state.task.exception() is not None:
+                log.error("pacer task of %s died; restarting it", lane, exc_info=state.task.exception())
             state.task = asyncio.create_task(self._run(lane, state), name=f"pacer {lane}")
         return state
 
@@ -211,14 +216,20 @@ class Pacer:
             batch = [w.tokens for w in list(state.waiters)[:MAX_GRANT_BATCH]]
             headers = state.headers if time.monotonic() - state.headers_at < 2.0 else None
             state.headers = None
-            result = await self._db.run(
-                lambda c: ledger.reserve(
-                    c, lane, batch,
-                    remaining_requests=headers.remaining_requests if headers else None,
-                    remaining_tokens=headers.remaining_tokens if headers else None,
-                ),
-                what="reserve_capacity",
-            )
+            try:
+                result = await self._db.run(
+                    lambda c: ledger.reserve(
+                        c, lane, batch,
+                        remaining_requests=headers.remaining_requests if headers else None,
+                        remaining_tokens=headers.remaining_tokens if headers else None,
+                    ),
+                    what="reserve_capacity",
+                )
+            except Exception as exc:  # noqa: BLE001 - a dead lane task would strand every call of the lane
+                log.error("reserving capacity for %s/%s/%s failed: %s; retrying in 1s",
+                          lane.provider, lane.key_alias, lane.model, exc)
+                await asyncio.sleep(1.0)
+                continue
             unused = 0
             for _ in range(result.granted):
                 waiter = state.waiters.popleft()

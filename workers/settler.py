@@ -15,8 +15,8 @@ difference between that reservation and what the provider counted:
   Gemini counts input tokens. See docs/ratelimits.md, "What a failed call costs".
 
 Settlements from all of a worker's calls are folded per lane and written in one
-statement (`batchdb.settle_capacity`) every `flush_interval`, on a connection of
-their own, so giving tokens back never waits behind claims or completions.
+statement (`batchdb.settle_capacity`) every `flush_interval`, on the ledger's
+connection (shared with the pacer; never behind claims or completions).
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ class Settler:
         self.settled_tokens += sum(batch.values())
 
     async def close(self) -> None:
-        """Write what is pending, then close the connection."""
+        """Write what is pending, then close the connection (safe after the pacer closed it: it reconnects)."""
         self._stopping = True
         self._wake.set()
         with contextlib.suppress(Exception):

@@ -228,8 +228,11 @@ class Worker:
         dsn = resolve_dsn(self.config.dsn)
         self._claims = Reconnecting(dsn, name="claim", shutdown=self._shutdown)
         self._writes = Reconnecting(dsn, name="complete", shutdown=self._shutdown)
-        self._settler = Settler(Reconnecting(dsn, name="settle"))
-        self._pacer = Pacer(Reconnecting(dsn, name="ledger"), give_back=self._settler.give_back)
+        # Pacer and settler share the ledger connection: both write rate_limits rows in short statements
+        # (serialised by Reconnecting), and a worker should not cost the server one more connection.
+        ledger_db = Reconnecting(dsn, name="ledger")
+        self._settler = Settler(ledger_db)
+        self._pacer = Pacer(ledger_db, give_back=self._settler.give_back)
         self._lanes = LaneAdvertiser(Reconnecting(dsn, name="lanes"), self.id, self._lane_endpoint,
                                      interval=self.config.lane_refresh_interval)
         self._guard = SendGuard(dsn, lease_seconds=self.config.lease_seconds)

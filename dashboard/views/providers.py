@@ -22,10 +22,10 @@ def live() -> None:
                     "`batchdb limits set openai gpt-4o-mini --rpm 5000 --tpm 2000000`, or submit a job.")
             return
         st.subheader("Now")
-        # A lane that is not moving says why (waiting for tokens, held by a 429, daily quota).
+        # A lane that is not moving (for 5 s or more) says why: waiting for tokens, held by a 429, daily quota.
         if not data["limits"].empty:
             for r in data["limits"].itertuples():
-                if r.state != "ready":
+                if r.stalled:
                     st.warning(f"{r.provider}/{r.key_alias}/{r.model}: {r.state_text}")
         ui.table(
             lanes, hide_index=True, width="stretch",

@@ -77,12 +77,18 @@ LANGUAGE sql AS $$
 $$;
 
 -- ---------------------------------------------------------------------------
--- lane_states: each lane's live state in words, for `batchdb limits show`, the
+-- lane_states: each lane's live state in words (ready, waiting for tokens, waiting
+-- for requests, held by a 429, daily quota used up), for `batchdb limits show`, the
 -- dashboard's Providers page and the worker log. The buckets are refilled to
 -- now() exactly as reserve_capacity would. (A circuit breaker may restate this
 -- view to add its own "circuit open since T" ahead of these states.)
 -- ---------------------------------------------------------------------------
 CREATE VIEW batchdb.lane_states AS
+SELECT l.*,
+       -- Not moving for at least 5 s more: what the dashboard warns about (a lane at its
+       -- limit is often a moment from its next grant; that lane is moving).
+       coalesce(l.until > now() + interval '5 seconds', false) AS stalled
+  FROM (
 SELECT r.provider, r.key_alias, r.model,
        s.pace_now,
        s.token_credit_now,
@@ -91,6 +97,7 @@ SELECT r.provider, r.key_alias, r.model,
            WHEN r.rpd IS NOT NULL AND r.day_key = (now() AT TIME ZONE 'America/Los_Angeles')::date
                 AND r.day_requests >= r.rpd THEN 'daily quota used up'
            WHEN s.token_credit_now < 0 THEN 'waiting for tokens'
+           WHEN s.request_credit_now < 1 THEN 'waiting for requests'
            ELSE 'ready'
        END AS state,
        CASE
@@ -100,6 +107,8 @@ SELECT r.provider, r.key_alias, r.model,
                THEN (((now() AT TIME ZONE 'America/Los_Angeles')::date + 1)::timestamp AT TIME ZONE 'America/Los_Angeles')
            WHEN s.token_credit_now < 0 AND s.tok_rate > 0
                THEN now() + make_interval(secs => -s.token_credit_now / s.tok_rate)
+           WHEN s.request_credit_now < 1 AND s.req_rate > 0
+               THEN now() + make_interval(secs => (1 - s.request_credit_now) / s.req_rate)
        END AS until,
        CASE
            WHEN r.blocked_until > now() THEN
@@ -112,6 +121,9 @@ SELECT r.provider, r.key_alias, r.model,
                       to_char(-s.token_credit_now, 'FM999,999,999,990'),
                       to_char((now() + make_interval(secs => -s.token_credit_now / nullif(s.tok_rate, 0)))
                               AT TIME ZONE 'UTC', 'HH24:MI:SS'))
+           WHEN s.request_credit_now < 1 THEN
+               format('waiting for requests: limit %s per minute, next in %s s', r.rpm,
+                      round(((1 - s.request_credit_now) / nullif(s.req_rate, 0))::numeric, 1))
            ELSE 'ready'
        END AS state_text
   FROM batchdb.rate_limits r
@@ -125,8 +137,15 @@ SELECT r.provider, r.key_alias, r.model,
                     ELSE least(r.tpm / 60.0 * r.target_fraction * p.pace_now * r.burst_seconds,
                                r.token_credit + greatest(0, extract(epoch FROM now() - r.refilled_at))
                                                 * r.tpm / 60.0 * r.target_fraction * p.pace_now)
-               END::float8 AS token_credit_now
- ) s;
+               END::float8 AS token_credit_now,
+               CASE WHEN r.rpm IS NULL THEN NULL ELSE r.rpm / 60.0 * r.target_fraction * p.pace_now END AS req_rate,
+               CASE WHEN r.rpm IS NULL THEN NULL
+                    ELSE least(greatest(1.0, r.rpm / 60.0 * r.target_fraction * p.pace_now * r.burst_seconds),
+                               r.request_credit + greatest(0, extract(epoch FROM now() - r.refilled_at))
+                                                  * r.rpm / 60.0 * r.target_fraction * p.pace_now)
+               END::float8 AS request_credit_now
+ ) s
+) l;
 
 -- ---------------------------------------------------------------------------
 -- Lower bound of a text's o200k token count: every run of letters is at least

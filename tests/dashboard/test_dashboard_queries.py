@@ -81,7 +81,7 @@ def test_lane_usage_now_is_a_sliding_minute_against_the_limits() -> None:
     minute = dt.datetime(2026, 11, 25, 12, 0)
     limits = pd.DataFrame({"provider": ["openai"], "key_alias": ["default"], "model": ["m"], "rpm": [500],
                            "tpm": [100_000], "pace_now": [1.0], "blocked": [False], "source": ["configured"],
-                           "state_text": ["waiting for tokens (about 2s)"]})
+                           "state_text": ["held by a 429 until 12:00:30 UTC"]})
     usage = pd.DataFrame({"provider": ["openai"] * 3, "key_alias": ["default"] * 3, "model": ["m"] * 3,
                           "minute": [minute, minute - dt.timedelta(minutes=1), minute - dt.timedelta(minutes=9)],
                           "requests": [100, 200, 7], "tokens": [30_000, 60_000, 1], "rate_limited": [2, 1, 9]})
@@ -93,10 +93,10 @@ def test_lane_usage_now_is_a_sliding_minute_against_the_limits() -> None:
     assert row["requests_per_min"] == pytest.approx(100 + 200 * 45 / 60)
     assert row["rpm_used_pct"] == pytest.approx(50.0)
     assert row["rate_limited_5m"] == 3
-    assert row["state"] == "waiting for tokens (about 2s)"  # a lane that is not moving says why
     unpaced = out[out["provider"] == "gemini"].iloc[0]
     assert unpaced["tokens_per_min"] == 0 and pd.isna(unpaced["tpm"]) and pd.isna(unpaced["tpm_used_pct"])
-    assert unpaced["state"] == "not paced (no limits)"
+    # Each lane says why it is (not) moving; a lane without limits is not paced.
+    assert row["state"] == "held by a 429 until 12:00:30 UTC" and unpaced["state"] == "not paced (no limits)"
 
 
 def test_jobs_table_matches_the_counters(seeded, sql) -> None:  # noqa: ANN001
