@@ -155,7 +155,7 @@ class Worker:
         self._writes = Reconnecting(dsn, name="complete")
         self._pacer = Pacer(Reconnecting(dsn, name="ledger"))
         self._lanes = LaneAdvertiser(Reconnecting(dsn, name="lanes"), self.id, self._lane_endpoint,
-                                     interval=self.config.lane_refresh_interval)
+                                     interval=self.config.lane_refresh_interval, warm=self._provider)
         self._guard = SendGuard(dsn, lease_seconds=self.config.lease_seconds)
         self._completer = BatchCompleter(
             self._writes, flush_interval=self.config.flush_interval, on_recorded=self._forget
