@@ -104,11 +104,17 @@ def waiting_reason(check: LaneCheck, worker_id: str) -> str:
 
 
 class LaneAdvertiser:
-    def __init__(self, db: Reconnecting, worker_id: str, resolve: LaneResolver, *, interval: float = 2.0) -> None:
+    def __init__(self, db: Reconnecting, worker_id: str, resolve: LaneResolver, *, interval: float = 2.0,
+                 warm: Callable[[str, str], object] | None = None) -> None:
+        """`warm(provider, key_alias)` builds the lane's client (importing its SDK blocks the event
+        loop for seconds): it runs before the lane's rows are claimed, so their leases do not run
+        out while the import holds the loop."""
         self._db = db
         self._worker_id = worker_id
         self._resolve = resolve
         self._interval = interval
+        self._warm = warm
+        self._warmed: set[KeyLane] = set()
         self._checks: dict[KeyLane, LaneCheck] = {}
         self._advertised: list[dict[str, str | None]] | None = None
         self._poke = asyncio.Event()
@@ -117,13 +123,16 @@ class LaneAdvertiser:
     # -- what the claimer and the request tasks ask ------------------------------------------
 
     def claim_filter(self) -> list[tuple[str, str]]:
-        """The (provider, key alias) pairs to claim rows of; empty until the first refresh."""
-        return sorted((c.lane.provider, c.lane.key_alias) for c in self._checks.values() if c.servable)
+        """The (provider, key alias) pairs to claim rows of: lanes served, with unfinished jobs, and
+        whose client is built; empty until the first refresh."""
+        return sorted((c.lane.provider, c.lane.key_alias) for c in self._checks.values()
+                      if c.servable and c.lane in self._warmed)
 
     def lost(self, provider: str, key_alias: str, reason: str) -> LaneUnavailable:
         """A call found its key gone: stop claiming on that lane now and re-advertise soon."""
         lane = KeyLane(provider, key_alias)
         self._checks[lane] = LaneCheck(lane, missing=reason)
+        self._warmed.discard(lane)
         self._poke.set()
         return LaneUnavailable(lane, reason)
 
@@ -152,6 +161,15 @@ class LaneAdvertiser:
             demand = await self._db.run(self._read_demand, what="demanded_lanes")
             lanes = {KeyLane(p, DEFAULT_ALIAS) for p in KNOWN_PROVIDERS} | set(demand)
             checks = {lane: check_lane(lane, self._resolve) for lane in sorted(lanes)}
+            for lane in sorted(demand):
+                if checks[lane].servable and lane not in self._warmed:
+                    try:
+                        if self._warm is not None:
+                            self._warm(lane.provider, lane.key_alias)
+                    except (ProviderError, LaneUnavailable) as exc:
+                        checks[lane] = LaneCheck(lane, missing=str(exc))
+                    else:
+                        self._warmed.add(lane)
             for lane, check in checks.items():
                 before = self._checks.get(lane)
                 if (before is None or before.servable) and not check.servable and demand.get(lane, (False, False))[0]:

@@ -93,7 +93,6 @@ class SendGuard:
 
     def job_status(self, job_id: int, status: str | None) -> None:
         """The job's status as just read; a job that stopped running drops its waiting calls."""
-        before = self._status.get(job_id)
         self._status[job_id] = status
         if status == RUNNING or status is None:
             return
@@ -102,7 +101,7 @@ class SendGuard:
         for key, task in pending:
             self._dropping[key] = f"job {job_id} is {status}"
             task.cancel()
-        if pending or before != status:
+        if pending:
             log.info("job %s is %s: %d unsent call(s) dropped", job_id, status, len(pending))
 
     # -- before a send ----------------------------------------------------------------------

@@ -234,7 +234,7 @@ class Worker:
         self._settler = Settler(ledger_db)
         self._pacer = Pacer(ledger_db, give_back=self._settler.give_back)
         self._lanes = LaneAdvertiser(Reconnecting(dsn, name="lanes"), self.id, self._lane_endpoint,
-                                     interval=self.config.lane_refresh_interval)
+                                     interval=self.config.lane_refresh_interval, warm=self._provider)
         self._guard = SendGuard(dsn, lease_seconds=self.config.lease_seconds)
         self._completer = BatchCompleter(
             self._writes, flush_interval=self.config.flush_interval, on_recorded=self._forget
@@ -347,15 +347,18 @@ class Worker:
                 await self._slot_freed.wait()
                 continue
             self._wake.clear()
-            claimed_at = time.monotonic()  # before the statement: the local lease deadline is never late
-            try:
-                rows = await self._claims.run(
-                    lambda c: queue.claim_batch(
-                        c, worker_id=self.id, limit=min(free, self.config.max_claim),
-                        lease_seconds=self.config.lease_seconds, lanes=self._lanes.claim_filter(),
-                    ),
-                    what="claim_batch",
+            claimed_at = time.monotonic()
+
+            async def claim(c: psycopg.AsyncConnection) -> list[ClaimedRequest]:
+                nonlocal claimed_at
+                claimed_at = time.monotonic()  # just before the statement: the local lease deadline is never late
+                return await queue.claim_batch(
+                    c, worker_id=self.id, limit=min(free, self.config.max_claim),
+                    lease_seconds=self.config.lease_seconds, lanes=self._lanes.claim_filter(),
                 )
+
+            try:
+                rows = await self._claims.run(claim, what="claim_batch")
             except psycopg.Error as exc:
                 # The server refused the statement itself (disk full ...): wait, then try again.
                 log.error("claim_batch failed: %s", exc)
@@ -718,10 +721,13 @@ class Worker:
             await asyncio.sleep(min(self.config.heartbeat_interval, self.config.reclaim_interval))
             held = list(self._held.values())
             extended_at = time.monotonic()
-            extended = await self._claims.run(
-                lambda c: queue.extend_leases(c, held, lease_seconds=self.config.lease_seconds),
-                what="extend_leases",
-            ) if held else set()
+
+            async def extend(c: psycopg.AsyncConnection) -> set[tuple[int, int]]:
+                nonlocal extended_at
+                extended_at = time.monotonic()  # just before the statement, as for the claim
+                return await queue.extend_leases(c, held, lease_seconds=self.config.lease_seconds)
+
+            extended = await self._claims.run(extend, what="extend_leases") if held else set()
             self._guard.extended(extended, since=extended_at, held=self._held)
             await self._claims.run(
                 lambda c: c.execute(
