@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -179,12 +180,19 @@ def test_worker_respects_its_concurrency(dsn: str, concurrency: int) -> None:
     peak = 0
     in_flight = 0
 
+    full = asyncio.Event()
+
     class Counting(InstantProvider):
         async def complete(self, request: ChatRequest) -> ChatResponse:
+            # Each call is held until `concurrency` calls are in flight (or 10 s pass, if the worker
+            # never gets there): a call that finished early on a slow machine cannot lower the peak.
             nonlocal peak, in_flight
             in_flight += 1
             peak = max(peak, in_flight)
-            await asyncio.sleep(0.01)
+            if in_flight >= concurrency:
+                full.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(full.wait(), 10)
             in_flight -= 1
             return await super().complete(request)
 
