@@ -606,14 +606,9 @@ def drill_poison_rows(setup: Setup, *, every: int = 50) -> DrillResult:
 
 CLOCK_SKEW_S = 3600.0
 # Run as `python -c CLOCK_PROBE <worker options>`: the worker process first prints its own wall
-# clock (time.time and datetime.now, both read through libc's clock_gettime), then runs. It loads
-# the OpenAI SDK and the tokenizer first: a worker loads them on its first call, after it claimed
-# rows, and on a loaded machine that stalled its event loop past the 10 s lease (measured: 15 s),
-# which is a start-up stall, not the clock skew this drill is about.
+# clock (time.time and datetime.now, both read through libc's clock_gettime), then runs.
 CLOCK_PROBE = ("import sys, time, datetime; "
                "print(f'worker clock {time.time():.3f} {datetime.datetime.now().timestamp():.3f}', flush=True); "
-               "import batchdb.providers.openai; from batchdb.tokens import estimate_prompt_tokens; "
-               "estimate_prompt_tokens('openai', [{'role': 'user', 'content': 'warm up'}]); "
                "from batchdb.cli import main; main(['worker', *sys.argv[1:]])")
 FAKETIME_LIBRARIES = ("/usr/lib/*/faketime/libfaketimeMT.so.1", "/usr/lib/faketime/libfaketimeMT.so.1")
 

@@ -147,3 +147,26 @@ def test_settler_settles_everything_submitted_before_close(dsn: str, conn: psyco
     assert settler.settled == len(rows) == 5
     booked = books(conn, owner, job.id)
     assert (booked["spent"], booked["reserved"], booked["job_reserved"]) == (Decimal("0.05"), 0, 0)
+
+
+def test_a_worker_role_may_reserve_and_settle_but_a_user_may_not(dsn: str, conn: psycopg.Connection, alice) -> None:  # noqa: ANN001
+    owner, owner_dsn = alice
+    job = submit(owner_dsn, 2)
+    row = claimed(dsn, job.id)[0]
+    worker = f"wrk_{uuid.uuid4().hex[:8]}"
+    users.add_user(conn, worker, kind=users.UserKind.WORKER)
+    try:
+        with psycopg.connect(make_conninfo(dsn, user=worker), autocommit=True) as c:
+            assert c.execute("SELECT batchdb.reserve_budget(%s, 0.5, %s, %s, 1)",
+                             (job.id, row.id, row.lease_token)).fetchone()[0] == "ok"
+            assert c.execute("SELECT batchdb.settle_budget(ARRAY[%s]::bigint[], ARRAY[%s]::bigint[], "
+                             "ARRAY[%s]::bigint[], ARRAY[0.2]::numeric[])",
+                             (job.id, row.id, row.lease_token)).fetchone()[0] == 1
+        with psycopg.connect(owner_dsn, autocommit=True) as c, pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("SELECT batchdb.settle_budget(ARRAY[1]::bigint[], ARRAY[1]::bigint[], ARRAY[1]::bigint[], "
+                      "ARRAY[-100]::numeric[])")
+    finally:
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (worker,))
+        conn.execute(psycopg.sql.SQL("DROP ROLE IF EXISTS {}").format(psycopg.sql.Identifier(worker)))
+    booked = books(conn, owner, job.id)
+    assert (booked["spent"], booked["reserved"], booked["job_reserved"]) == (Decimal("0.2"), 0, 0)

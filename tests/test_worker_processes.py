@@ -56,12 +56,13 @@ def assert_exactly_once(dsn: str, job: batchdb.Job, rows: int) -> None:
     assert status.cost_usd > 0
 
 
+@pytest.mark.timeout(900)
 def test_four_worker_processes_drain_20000_rows_exactly_once(dsn: str, simulator: SimulatorProcess) -> None:
     rows = 20_000
     job = submit_rows(dsn, rows)
     workers = start_openai_workers(4, dsn, simulator, "--concurrency", "32")
     try:
-        final = job.wait(timeout=240)
+        final = job.wait(timeout=780)  # ~1 min on a quiet machine; 230 s measured with the machine loaded
     finally:
         codes = workers.stop()
     assert codes == [0, 0, 0, 0]
