@@ -1,4 +1,4 @@
--- 0012_polish: one event vocabulary everywhere; the history of rate limits.
+-- 0011_events_and_limit_history: one event vocabulary everywhere; the history of rate limits.
 --
 -- Events.
 --
