@@ -411,6 +411,7 @@ def limits_show(dsn: str | None) -> None:
 
     with dbmod.connect(dsn) as conn:
         rows = ledger.list_limits(conn)
+        circuits = ledger.open_circuits(conn)
     click.echo(f"{'provider/key/model':<40} {'rpm':>8} {'tpm':>10} {'rpd':>7} {'pace':>5} {'granted':>9} {'429s':>6}"
                "  state")
     for r in rows:
@@ -418,6 +419,9 @@ def limits_show(dsn: str | None) -> None:
         click.echo(f"{r['provider'] + '/' + r['key_alias'] + '/' + r['model']:<40} {r['rpm'] or '-':>8} "
                    f"{r['tpm'] or '-':>10} {r['rpd'] or '-':>7} {r['pace_now']:>5.2f} {r['requests_granted']:>9} "
                    f"{r['rate_limited']:>6}  {r['state_text']}")
+    # A lane whose provider is down (circuit open) waits whatever its limits say: say so, limits or not.
+    for c in circuits:
+        click.echo(f"{c['provider'] + '/' + c['key_alias'] + '/' + c['model']:<40} {c['state_text']}")
 
 
 # -- users ---------------------------------------------------------------------------------------

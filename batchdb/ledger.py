@@ -155,6 +155,12 @@ def list_limits(conn: psycopg.Connection) -> list[dict[str, Any]]:
         return cur.execute(query("list_limits")).fetchall()
 
 
+def open_circuits(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    """Lanes whose circuit is open (workers/breaker.py), each with a `state_text` saying why."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(query("open_circuits")).fetchall()
+
+
 def _int(value: str | None) -> int | None:
     try:
         return int(value) if value is not None else None

@@ -197,6 +197,17 @@ SELECT l.provider, l.key_alias, l.model, u.minute, u.requests, u.tokens, u.rate_
  ORDER BY l.provider, l.key_alias, l.model, u.minute
 """
 
+# Lanes whose circuit is open (workers/breaker.py): the provider is down or refuses the endpoint.
+PG_OPEN_CIRCUITS = """
+SELECT provider, key_alias, model,
+       'circuit open since ' || to_char(opened_at AT TIME ZONE 'UTC', 'HH24:MI:SS')
+       || ' UTC (last error: ' || coalesce(last_error, 'unknown') || '); next probe about '
+       || coalesce(to_char(next_probe_at AT TIME ZONE 'UTC', 'HH24:MI:SS') || ' UTC', 'soon') AS state_text
+  FROM batchdb.circuits
+ WHERE state = 'open'
+ ORDER BY provider, key_alias, model
+"""
+
 # The limits in effect over the window: each lane's last change before it, and every change in it.
 PG_LIMIT_HISTORY = """
 SELECT provider, key_alias, model, changed_at, rpm, tpm
@@ -669,11 +680,13 @@ def load_providers(dsn: str | None, *, minutes: int = 60, engine: Engine = "psyc
         lanes_df = fetch_df(conn, PG_LANES)
         first = pd.Timestamp(now["current_minute"]) - pd.Timedelta(minutes=minutes)
         history = fetch_df(conn, PG_LIMIT_HISTORY, {"since": _utc(first)})
+        circuits = fetch_df(conn, PG_OPEN_CIRCUITS)
     series = duck_df(DUCK_LANE_SERIES, {"usage": usage, "history": history},
                      {"first_minute": first.to_pydatetime(), "current_minute": now["current_minute"]})
     return {
         "now": now,
         "limits": limits_df,
+        "circuits": circuits,
         "lanes": lanes_now(limits_df, usage, lanes_df, now),
         "series": series,
         "minutes": minutes,

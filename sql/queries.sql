@@ -529,6 +529,17 @@ SELECT r.provider, r.key_alias, r.model, r.rpm, r.tpm, r.rpd, r.source, r.pace, 
   JOIN batchdb.lane_states s USING (provider, key_alias, model)
  ORDER BY r.provider, r.key_alias, r.model
 
+-- open_circuits --
+-- Lanes whose circuit is open (0007, workers/breaker.py): their provider is down or refuses the
+-- endpoint; `limits show` and the dashboard say so, with the error and the next probe.
+SELECT provider, key_alias, model,
+       'circuit open since ' || to_char(opened_at AT TIME ZONE 'UTC', 'HH24:MI:SS')
+       || ' UTC (last error: ' || coalesce(last_error, 'unknown') || '); next probe about '
+       || coalesce(to_char(next_probe_at AT TIME ZONE 'UTC', 'HH24:MI:SS') || ' UTC', 'soon') AS state_text
+  FROM batchdb.circuits
+ WHERE state = 'open'
+ ORDER BY provider, key_alias, model
+
 -- settle_capacity --
 -- Tokens back to (or taken from) many lanes at once, after calls ended (0006_ledger_settlement.sql).
 SELECT batchdb.settle_capacity(%(provider)s::text[], %(key_alias)s::text[], %(model)s::text[], %(tokens)s::bigint[])

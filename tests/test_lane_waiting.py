@@ -89,3 +89,21 @@ def test_lane_states_name_a_spent_daily_quota(conn: psycopg.Connection) -> None:
     row = conn.execute("SELECT state, state_text, until > now() AS later FROM batchdb.lane_states").fetchone()
     assert row["state"] == "daily quota used up" and row["later"]
     assert "resets at midnight Pacific" in row["state_text"]
+
+
+def test_limits_show_and_the_providers_page_say_a_lanes_circuit_is_open(dsn: str, conn: psycopg.Connection) -> None:
+    # As workers/breaker.py leaves it while the provider is down (a lane with no limits configured).
+    conn.execute("INSERT INTO batchdb.circuits (provider, key_alias, model, state, opened_at, last_error, "
+                 "next_probe_at, n_opened) VALUES ('openai', 'default', 'gpt-4o-mini', 'open', "
+                 "clock_timestamp(), 'APIConnectionError at http://127.0.0.1:9/v1/chat/completions', "
+                 "clock_timestamp() + interval '30 seconds', 1)")
+    result = CliRunner().invoke(cli, ["limits", "show"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    [line] = [line for line in result.output.splitlines() if line.startswith("openai/default/gpt-4o-mini")]
+    assert "circuit open since" in line and "last error: APIConnectionError at http://127.0.0.1:9/v1" in line, line
+    assert "next probe about" in line
+
+    from dashboard import queries
+
+    [shown] = queries.load_providers(dsn)["circuits"].itertuples()
+    assert shown.model == "gpt-4o-mini" and shown.state_text.startswith("circuit open since")

@@ -22,6 +22,7 @@ from decimal import Decimal
 import psycopg
 
 from batchdb.queries import query
+from workers.batching import batches
 from workers.connection import Reconnecting
 
 log = logging.getLogger(__name__)
@@ -54,25 +55,7 @@ class BudgetSettler:
 
     async def run(self) -> None:
         """Settle batches until `close()`; then settle what is left and return."""
-        closing = False
-        while not closing:
-            first = await self._pending.get()
-            if first is None:
-                break
-            batch = [first]
-            deadline = asyncio.get_running_loop().time() + self._flush_interval
-            while len(batch) < self._max_batch:
-                timeout = deadline - asyncio.get_running_loop().time()
-                if timeout <= 0:
-                    break
-                try:
-                    item = await asyncio.wait_for(self._pending.get(), timeout)
-                except TimeoutError:
-                    break
-                if item is None:
-                    closing = True
-                    break
-                batch.append(item)
+        async for batch in batches(self._pending, flush_interval=self._flush_interval, max_batch=self._max_batch):
             await self.settle(batch)
 
     async def close(self) -> None:

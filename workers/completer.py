@@ -17,6 +17,7 @@ import psycopg
 
 from batchdb import queue
 from batchdb.models import Outcome, RequestStatus
+from workers.batching import batches
 from workers.connection import Reconnecting
 
 log = logging.getLogger(__name__)
@@ -48,25 +49,7 @@ class BatchCompleter:
 
     async def run(self) -> None:
         """Write batches until `close()`; then write what is left and return."""
-        closing = False
-        while not closing:
-            first = await self._pending.get()
-            if first is None:
-                break
-            batch = [first]
-            deadline = asyncio.get_running_loop().time() + self._flush_interval
-            while len(batch) < self._max_batch:
-                timeout = deadline - asyncio.get_running_loop().time()
-                if timeout <= 0:
-                    break
-                try:
-                    item = await asyncio.wait_for(self._pending.get(), timeout)
-                except TimeoutError:
-                    break
-                if item is None:
-                    closing = True
-                    break
-                batch.append(item)
+        async for batch in batches(self._pending, flush_interval=self._flush_interval, max_batch=self._max_batch):
             await self._write(batch)
 
     async def close(self) -> None:

@@ -22,6 +22,9 @@ def live() -> None:
                     "`batchdb limits set openai gpt-4o-mini --rpm 5000 --tpm 2000000`, or submit a job.")
             return
         st.subheader("Now")
+        # A lane whose provider is down waits for its probe (workers/breaker.py), limits or not.
+        for r in data["circuits"].itertuples():
+            st.warning(f"{r.provider}/{r.key_alias}/{r.model}: {r.state_text}")
         # A lane that is not moving (for 5 s or more) says why: waiting for tokens, held by a 429, daily quota.
         if not data["limits"].empty:
             for r in data["limits"].itertuples():

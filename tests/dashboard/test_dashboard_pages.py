@@ -200,3 +200,17 @@ def test_providers_page_says_why_a_lane_is_not_moving(dsn: str, sql) -> None:  #
     assert any(w.startswith("openai/default/gpt-4o-mini: waiting for tokens") for w in warnings), warnings
     lanes = at.dataframe[0].value.set_index(["provider", "key_alias", "model"])
     assert lanes.loc[("openai", "default", "gpt-4o"), "state"].startswith("held by a 429 until")
+
+
+def test_providers_page_says_a_lanes_circuit_is_open(dsn: str, sql) -> None:  # noqa: ANN001
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO batchdb.rate_limits (provider, model, rpm, tpm) VALUES ('openai', 'gpt-4o', 600, 60000)")
+        conn.execute("INSERT INTO batchdb.circuits (provider, key_alias, model, state, opened_at, last_error, "
+                     "next_probe_at, n_opened) VALUES ('openai', 'default', 'gpt-4o', 'open', clock_timestamp(), "
+                     "'503 at http://127.0.0.1:9/v1/chat/completions', clock_timestamp() + interval '1 minute', 1)")
+    at = open_page(PAGES[3])
+    warnings = [w.value for w in at.warning]
+    assert any(w.startswith("openai/default/gpt-4o: circuit open since") and "last error: 503 at" in w
+               for w in warnings), warnings
