@@ -233,6 +233,7 @@ def test_extend_and_release_leases(dsn: str, conn: psycopg.Connection) -> None:
         "WHERE job_id = %s", (job_id,)).fetchall()}
     assert states["r1"]["status"] == "queued" and states["r1"]["attempts"] == 0
     assert states["r2"]["status"] == "running" and states["r2"]["lease"].total_seconds() > 100
+    assert job_row(conn, job_id)["n_retries"] == 0  # handed back unsent: no attempt spent, no retry
 
 
 def test_small_job_submitted_after_a_big_one_is_served_at_once(dsn: str, conn: psycopg.Connection) -> None:
