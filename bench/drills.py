@@ -431,6 +431,7 @@ def drill_outage(setup: Setup, *, refused_share: float = 0.5, max_backoff: float
     began = time.monotonic()
     s = setup.outage_s
     refused_s, failing_s = s * refused_share, s * (1 - refused_share)
+    write_audit.install(setup.dsn)  # before any worker writes: completions are counted from the writes
     job = submit_rows(setup.dsn, setup.rows, webhook_url=UNHEARD_WEBHOOK)
     config = simulator_config()
     sim = start_simulator(config)

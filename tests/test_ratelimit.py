@@ -199,7 +199,7 @@ def test_insufficient_quota_pauses_the_job_without_spending_retries(dsn: str, si
     job = batchdb.submit(headlines(200), prompt="{text}", model=MODEL, provider="openai", max_tokens=10, dsn=dsn)
     workers = start_logged_workers(1, dsn, openai_env(sim, "sk-empty"), tmp_path, "--concurrency", "8")
     try:
-        final = job.wait(timeout=60)
+        final = job.wait(timeout=60, until="paused")
     finally:
         workers.stop()
     assert final.status == "paused" and "insufficient_quota" in (final.status_reason or "")
