@@ -492,15 +492,16 @@ def test_a_forged_event_neither_breaks_nor_fools_another_users_wait(dsn: str, ma
     waiter = threading.Thread(target=wait)
     waiter.start()
     with psycopg.connect(dsn, autocommit=True, row_factory=dict_row) as admin:
-        # wait() LISTENs, then reads the job's progress, then sleeps on the connection: once that
-        # read shows in pg_stat_activity, the forged events below cannot arrive before it listens.
-        read_at = backend_of(admin, alice.name, "%batchdb.job_progress%")
+        # wait() LISTENs, reads the job's progress, asks whether a worker is alive (its last statement
+        # before it sleeps on the connection): once that shows in pg_stat_activity, the forged events
+        # below cannot arrive before it listens.
+        read_at = backend_of(admin, alice.name, "%batchdb.live_workers%")
         with psycopg.connect(bob.dsn, autocommit=True) as c:
             c.execute("SELECT pg_notify('batchdb_events', %s)",
                       (f'{{"event": "job.completed", "job_id": {job.id}, "status": "completed"}}',))
             c.execute("NOTIFY batchdb_events, 'not json'")
         # Woken by them (its poll interval is a minute), it read the progress again ...
-        backend_of(admin, alice.name, "%batchdb.job_progress%", after=read_at)
+        backend_of(admin, alice.name, "%batchdb.%", after=read_at)
     assert waiter.is_alive()  # ... and still waits: the job is not complete, whatever bob says
     drain_as(dsn)
     waiter.join(timeout=30)
