@@ -29,6 +29,7 @@ from typing import Any
 
 import pandas as pd
 
+from batchdb.queries import query
 from dashboard.source import Engine, duck_df, fetch_df, fetch_rows, read_connection
 
 # A job partition up to this many rows is read whole (about 20 ms); a bigger one is page-sampled
@@ -197,16 +198,8 @@ SELECT l.provider, l.key_alias, l.model, u.minute, u.requests, u.tokens, u.rate_
  ORDER BY l.provider, l.key_alias, l.model, u.minute
 """
 
-# Lanes whose circuit is open (workers/breaker.py): the provider is down or refuses the endpoint.
-PG_OPEN_CIRCUITS = """
-SELECT provider, key_alias, model,
-       'circuit open since ' || to_char(opened_at AT TIME ZONE 'UTC', 'HH24:MI:SS')
-       || ' UTC (last error: ' || coalesce(last_error, 'unknown') || '); next probe about '
-       || coalesce(to_char(next_probe_at AT TIME ZONE 'UTC', 'HH24:MI:SS') || ' UTC', 'soon') AS state_text
-  FROM batchdb.circuits
- WHERE state = 'open'
- ORDER BY provider, key_alias, model
-"""
+# Lanes whose circuit is open (workers/breaker.py): the same statement `batchdb limits show` runs.
+PG_OPEN_CIRCUITS = query("open_circuits")
 
 # The limits in effect over the window: each lane's last change before it, and every change in it.
 PG_LIMIT_HISTORY = """
