@@ -129,7 +129,8 @@ class Job:
         A paused job needs someone (a budget, a quota, a key): returning normally would
         let a script go on with partial results. `until="paused"` returns the paused
         job's progress instead. With no live worker for `no_worker_after` seconds
-        while rows wait, it says so (a warning, and on the progress bar) and keeps waiting.
+        while rows wait, it says so (a warning, and on the progress bar) and keeps waiting;
+        the same when the job waits for its provider (a lane's circuit is open).
 
         It LISTENs on batchdb_events, so it returns as soon as the job finishes, and
         polls every `poll_interval` for the progress bar. Survives a database
@@ -141,6 +142,7 @@ class Job:
         bar = None
         conn: psycopg.Connection | None = None
         watch = _WorkerWatch(no_worker_after, self.id)
+        waiting = _WaitingWatch(self.id)
         try:
             while True:
                 current = None
@@ -149,9 +151,9 @@ class Job:
                         conn = connect(self._dsn)
                         events.listen(conn)
                     current = self._progress(conn)
-                    note = watch.check(conn, current)
+                    notes = {"workers": watch.check(conn, current), "waiting": waiting.check(current)}
                     if progress:
-                        bar = _update_bar(bar, current, note)
+                        bar = _update_bar(bar, current, notes)
                     if current.finished:
                         return current
                     if current.status == JobStatus.PAUSED:
@@ -264,7 +266,27 @@ class _WorkerWatch:
         return self.note
 
 
-def _update_bar(bar: Any, current: JobProgress, note: str | None = None) -> Any:
+class _WaitingWatch:
+    """Notices that a running job waits for its provider (`waiting: provider unavailable ...`,
+    workers/breaker.py): a warning when it starts, a note on the progress line while it lasts."""
+
+    def __init__(self, job_id: int) -> None:
+        self._job_id = job_id
+        self._warned: str | None = None
+
+    def check(self, current: JobProgress) -> str | None:
+        reason = current.status_reason or ""
+        if current.status != JobStatus.RUNNING or not reason.startswith("waiting:"):
+            self._warned = None
+            return None
+        if self._warned is None:
+            self._warned = reason
+            log.warning("job %s is %s; its rows wait and resume by themselves when the provider answers "
+                        "(see `batchdb limits show`)", self._job_id, reason)
+        return reason.removeprefix("waiting: ")
+
+
+def _update_bar(bar: Any, current: JobProgress, notes: dict[str, str | None] | None = None) -> Any:
     from tqdm import tqdm
 
     if bar is None:
@@ -276,7 +298,7 @@ def _update_bar(bar: Any, current: JobProgress, note: str | None = None) -> Any:
         failed=current.n_failed + current.n_dead,
         tokens=f"{current.prompt_tokens + current.completion_tokens:,}",
         cost=current.cost_text,
-        **({"workers": note} if note else {}),
+        **{name: note for name, note in (notes or {}).items() if note},
         refresh=False,
     )
     bar.refresh()

@@ -4,6 +4,7 @@ are booked once, even when a statement that committed is run again after its rep
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from decimal import Decimal
 
@@ -170,3 +171,80 @@ def test_a_worker_role_may_reserve_and_settle_but_a_user_may_not(dsn: str, conn:
         conn.execute(psycopg.sql.SQL("DROP ROLE IF EXISTS {}").format(psycopg.sql.Identifier(worker)))
     booked = books(conn, owner, job.id)
     assert (booked["spent"], booked["reserved"], booked["job_reserved"]) == (Decimal("0.2"), 0, 0)
+
+
+def expire_leases(conn: psycopg.Connection, job_id: int) -> None:
+    """The worker that claimed the rows is dead: its leases run out (as they would, in database time)."""
+    conn.execute("UPDATE batchdb.requests SET lease_expires_at = now() - interval '1 second' "
+                 "WHERE job_id = %s AND status = 'running'", (job_id,))
+
+
+def test_a_killed_workers_reservations_are_settled_at_their_reserved_cost(
+        dsn: str, conn: psycopg.Connection, alice) -> None:  # noqa: ANN001
+    owner, owner_dsn = alice
+    job = submit(owner_dsn, 3)
+    rows = claimed(dsn, job.id)
+    for row in rows:
+        conn.execute("SELECT batchdb.reserve_budget(%s, 0.5, %s, %s, 1)", (job.id, row.id, row.lease_token))
+    assert books(conn, owner, job.id)["reserved"] == Decimal("1.5")
+
+    def sweep(older_than_s: float) -> int:
+        settler = BudgetSettler(Reconnecting(dsn, name="sweep-test"), abandoned_after=older_than_s)
+
+        async def run() -> int:
+            try:
+                return await settler.settle_abandoned()
+            finally:
+                await settler.disconnect()
+
+        return asyncio.run(run())
+
+    assert sweep(0) == 0  # the rows are still leased to the calls that reserved: nothing is abandoned
+    expire_leases(conn, job.id)
+
+    async def reclaim() -> int:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True, row_factory=dict_row) as c:
+            return await queue.reclaim_expired(c)
+
+    assert asyncio.run(reclaim()) == 3
+    assert sweep(3600) == 0  # abandoned, but younger than the margin a live settler gets
+    assert sweep(0) == 3
+    booked = books(conn, owner, job.id)
+    assert (booked["spent"], booked["reserved"], booked["job_reserved"]) == (Decimal("1.5"), 0, 0), booked
+    assert booked["open_reservations"] == 0
+    assert sweep(0) == 0  # settled once
+
+
+def test_a_worker_gives_back_the_reservations_a_killed_worker_left(
+        dsn: str, conn: psycopg.Connection, alice) -> None:  # noqa: ANN001
+    """A live worker reclaims the dead one's rows, runs them, and settles what the dead one reserved."""
+    owner, owner_dsn = alice
+    job = submit(owner_dsn, 6, budget_usd=50)
+    left = claimed(dsn, job.id)
+    for row in left:
+        conn.execute("SELECT batchdb.reserve_budget(%s, 0.5, %s, %s, 1)", (job.id, row.id, row.lease_token))
+    expire_leases(conn, job.id)
+    worker = Worker(WorkerConfig(dsn=dsn, concurrency=4, poll_interval=0.2, reclaim_interval=0.2,
+                                 heartbeat_interval=0.2, abandoned_budget_after=0, abandoned_budget_interval=0.2,
+                                 retry=RetryPolicy(0.05, 0.2)),
+                    providers={"instant": InstantProvider()})
+
+    async def run_until_settled() -> dict:
+        task = asyncio.create_task(worker.run())
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                booked = books(conn, owner, job.id)
+                if job.status().finished and booked["open_reservations"] == 0:
+                    return booked
+                await asyncio.sleep(0.1)
+            raise AssertionError(f"not settled: {books(conn, owner, job.id)}, {job.status()}")
+        finally:
+            worker.stop()
+            await task
+
+    booked = asyncio.run(run_until_settled())
+    assert job.status().n_succeeded == 6
+    assert (booked["reserved"], booked["job_reserved"]) == (0, 0), booked
+    # What the dead worker reserved counts as spent (it may have sent those calls), plus what was run.
+    assert booked["spent"] == Decimal("0.5") * len(left) + booked["cost"], booked

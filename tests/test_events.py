@@ -45,3 +45,28 @@ def test_watch_events_and_webhooks_use_one_vocabulary(dsn: str, conn: psycopg.Co
     webhooks = conn.execute("SELECT job_id, event FROM batchdb.notification_deliveries ORDER BY id").fetchall()
     assert [(w["job_id"], w["event"]) for w in webhooks] == [(e["job_id"], e["event"]) for e in heard[:4]]
     assert heard[0]["n_dead"] == 1 and heard[0]["status"] == "completed"
+
+
+def test_watch_hears_a_job_start_and_stop_waiting_for_its_provider(dsn: str, conn: psycopg.Connection) -> None:
+    """A lane's circuit opening makes its running jobs wait (status stays 'running'): the channel
+    says so once, stays quiet while the probes fail, and says when the provider is back."""
+    job_id = _job_with_webhook(conn, "waits", 1)
+    assert conn.execute("SELECT status FROM batchdb.jobs WHERE id = %s", (job_id,)).fetchone()["status"] == "running"
+    lane = ("instant", "default", "m")
+    with psycopg.connect(dsn, autocommit=True) as listener:
+        events.listen(listener)
+        conn.execute("SELECT * FROM batchdb.circuit_open(%s, %s, %s, 'APIConnectionError at http://x/v1', 1)", lane)
+        conn.execute("SELECT batchdb.circuit_probe_failed(%s, %s, %s, '503 at http://x/v1', 1, 60)", lane)
+        reason = conn.execute("SELECT status_reason FROM batchdb.jobs WHERE id = %s", (job_id,)).fetchone()
+        assert "503 at http://x/v1" in reason["status_reason"]  # the reason changed, still waiting
+        conn.execute("SELECT batchdb.circuit_close(%s, %s, %s)", lane)
+        heard = [json.loads(n.payload) for n in listener.notifies(timeout=2.0, stop_after=3)]
+    assert [(e["job_id"], e["event"], e["status"]) for e in heard] == [
+        (job_id, "job.provider_unavailable", "running"), (job_id, "job.running", "running")], heard
+    assert heard[0]["reason"].startswith("waiting: provider unavailable since ")
+    assert "APIConnectionError" in heard[0]["reason"]
+    assert heard[1]["reason"] is None
+    # The probe's new last error changed the reason without a second event or webhook.
+    webhooks = conn.execute("SELECT event FROM batchdb.notification_deliveries WHERE job_id = %s",
+                            (job_id,)).fetchall()
+    assert [w["event"] for w in webhooks] == ["job.provider_unavailable"]

@@ -52,3 +52,21 @@ def test_wait_is_quiet_while_a_worker_is_alive(dsn: str, conn: psycopg.Connectio
     with pytest.raises(TimeoutError):
         job.wait(poll_interval=0.1, timeout=2, no_worker_after=0.3)
     assert not [r for r in caplog.records if "no live worker" in r.getMessage()]
+
+
+def test_wait_says_once_when_the_job_waits_for_its_provider(dsn: str, conn: psycopg.Connection,
+                                                            caplog: pytest.LogCaptureFixture,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    job = submit(dsn)
+    conn.execute("INSERT INTO batchdb.workers (id, hostname, pid, concurrency) VALUES ('w1', 'h', 1, 1)")
+    lane = ("instant", "default", "m")
+    conn.execute("SELECT * FROM batchdb.circuit_open(%s, %s, %s, '503 at http://sim/v1', 60)", lane)
+    caplog.set_level(logging.WARNING, logger="batchdb.jobs")
+    with pytest.raises(TimeoutError) as raised:
+        job.wait(progress=True, poll_interval=0.1, timeout=2)
+    warnings = [r.getMessage() for r in caplog.records if "provider unavailable" in r.getMessage()]
+    assert len(warnings) == 1, warnings  # once, not once per poll
+    assert warnings[0].startswith(f"job {job.id} is waiting: provider unavailable since ")
+    assert "503 at http://sim/v1" in warnings[0] and "resume by themselves" in warnings[0]
+    assert "waiting=provider unavailable since" in capsys.readouterr().err  # the progress line
+    assert "running" in str(raised.value)  # still running: waiting is not a pause

@@ -136,6 +136,10 @@ class WorkerConfig:
     shutdown_grace: float = 30.0
     max_claim: int = 500
     flush_interval: float = 0.05
+    # A budget reservation whose row is no longer leased to it (its worker was killed) is
+    # settled at its reserved cost once this old (workers/budget_settler.py), checked this often.
+    abandoned_budget_after: float = 120.0
+    abandoned_budget_interval: float = 30.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     job_cache_seconds: float = 5.0
     # How long a call waits before asking again when only calls in flight hold its budget.
@@ -245,7 +249,9 @@ class Worker:
                                 probe_lease_seconds=self.config.request_timeout + self.config.lease_seconds,
                                 on_probe=self._start)
         # Budget bookkeeping waits on other workers' locks: its own service and connection.
-        self._budget = BudgetSettler(Reconnecting(dsn, name="budget"), flush_interval=self.config.flush_interval)
+        self._budget = BudgetSettler(Reconnecting(dsn, name="budget"), flush_interval=self.config.flush_interval,
+                                     abandoned_after=self.config.abandoned_budget_after,
+                                     sweep_interval=self.config.abandoned_budget_interval)
         try:
             await self._claims.run(
                 lambda c: c.execute(
@@ -268,6 +274,7 @@ class Worker:
         background = [
             asyncio.create_task(self._vacuumer.run(), name="vacuumer"),
             asyncio.create_task(self._settler.run(), name="settler"),
+            asyncio.create_task(self._budget.sweep_forever(), name="abandoned budget"),
             asyncio.create_task(self._breaker.run(), name="breaker"),
             asyncio.create_task(self._maintain(), name="maintenance"),
             asyncio.create_task(self._lanes.run(), name="lanes"),
