@@ -29,6 +29,7 @@ from typing import Any
 
 import pandas as pd
 
+from batchdb.pricing import Price, output_charge
 from batchdb.queries import query
 from dashboard.source import Engine, duck_df, fetch_df, fetch_rows, read_connection
 
@@ -625,16 +626,14 @@ def cost_by_token_type(job: Mapping[str, Any]) -> pd.DataFrame:
     """Recorded tokens priced at today's list price, next to the cost recorded row by row."""
     input_price = job.get("input_per_mtok")
     output_price = job.get("output_per_mtok")
-
-    def priced(tokens: int, price: Any) -> float | None:
-        return None if price is None or pd.isna(price) else tokens * float(price) / 1e6
-
+    price = Price.of(input_price, output_price)
+    prompt_tokens, completion_tokens = int(job["prompt_tokens"]), int(job["completion_tokens"])
     return pd.DataFrame({
         "token type": ["input (prompt)", "output (completion)"],
-        "tokens": [int(job["prompt_tokens"]), int(job["completion_tokens"])],
+        "tokens": [prompt_tokens, completion_tokens],
         "usd per 1M tokens": [input_price, output_price],
-        "cost_usd": [priced(int(job["prompt_tokens"]), input_price),
-                     priced(int(job["completion_tokens"]), output_price)],
+        "cost_usd": [None, None] if price is None else
+                    [float(price.cost_usd(prompt_tokens, 0)), float(price.cost_usd(0, completion_tokens))],
     })
 
 
@@ -720,8 +719,8 @@ def queued_cost(conn: Any, jobs_df: pd.DataFrame, *, sample_rows: int = 20) -> p
     """Estimated cost of each active job's unfinished rows.
 
     With finished rows: their average cost per row (retries and failures included). Before any
-    row finished: list price x (prompt tokens counted on the next `sample_rows` queued rows +
-    `max_tokens`); without `max_tokens` only the prompt side can be priced, which the basis says.
+    row finished: the most a row can cost at list price (prompt tokens counted on the next
+    `sample_rows` queued rows + `max_tokens`, or the ledger's 4,096 without it), which the basis says.
     """
     from batchdb.prompts import PromptError, build_request
     from batchdb.tokens import estimate_prompt_tokens
@@ -735,7 +734,7 @@ def queued_cost(conn: Any, jobs_df: pd.DataFrame, *, sample_rows: int = 20) -> p
         if job["n_done"] > 0 and job["cost_usd"] > 0:
             per_row = job["cost_usd"] / job["n_done"]
             basis = f"observed: ${per_row:.6f} per finished row"
-        elif pd.notna(job["input_per_mtok"]):
+        elif (price := Price.of(job["input_per_mtok"], job["output_per_mtok"])) is not None:
             params = fetch_rows(conn, PG_JOB_PARAMS, {"job_id": int(job["job_id"])})[0]
             rows = fetch_rows(conn, PG_NEXT_QUEUED, {"job_id": int(job["job_id"]), "limit": sample_rows})
             counts = []
@@ -749,10 +748,12 @@ def queued_cost(conn: Any, jobs_df: pd.DataFrame, *, sample_rows: int = 20) -> p
             if not counts:
                 continue
             prompt_tokens = sum(counts) / len(counts)
-            max_tokens = job["max_tokens"] if pd.notna(job["max_tokens"]) else None
-            per_row = (prompt_tokens * job["input_per_mtok"] + (max_tokens or 0) * job["output_per_mtok"]) / 1e6
-            basis = (f"list price: ~{prompt_tokens:.0f} prompt tokens (next {len(counts)} rows)"
-                     + (f" + max_tokens {max_tokens}" if max_tokens else ", output not bounded (no max_tokens)"))
+            max_tokens = int(job["max_tokens"]) if pd.notna(job["max_tokens"]) else None
+            # The most a row can cost, as a budget reserves it (batchdb/pricing.py): the same rule everywhere.
+            per_row = float(price.ceiling_usd(round(prompt_tokens), max_tokens))
+            basis = (f"list price, at most: ~{prompt_tokens:.0f} prompt tokens (next {len(counts)} rows)"
+                     + (f" + max_tokens {max_tokens}" if max_tokens else
+                        f" + {output_charge(None):,} output tokens (no max_tokens; the ledger's charge)"))
         else:
             per_row = math.nan
             basis = f"no price for {job['provider']}/{job['model']} and no finished rows"

@@ -180,7 +180,7 @@ WITH outcome AS (
                 latency_ms, response_text, response_json, finish_reason, model)
 ), priced AS (
     SELECT o.*,
-           coalesce((o.prompt_tokens * p.input_per_mtok + o.completion_tokens * p.output_per_mtok) / 1000000, 0)
+           coalesce(batchdb.call_cost_usd(p.input_per_mtok, p.output_per_mtok, o.prompt_tokens, o.completion_tokens), 0)
                AS cost_usd
       FROM outcome o
       JOIN batchdb.jobs j ON j.id = o.job_id

@@ -44,8 +44,9 @@ import psycopg
 from batchdb import queue
 from batchdb.db import resolve_dsn
 from batchdb.context_window import ModelLimits
-from batchdb.ledger import DEFAULT_MAX_TOKENS_CHARGE, Lane, charged_tokens, read_headers
+from batchdb.ledger import Lane, charged_tokens, read_headers
 from batchdb.models import ClaimedRequest, Outcome, RequestStatus
+from batchdb.pricing import Price
 from batchdb.prompts import PromptError, build_request
 from batchdb.providers import Provider, build_provider, lane_endpoint
 from batchdb.providers.base import ChatRequest, ChatResponse, ErrorKind, ProviderError
@@ -166,8 +167,8 @@ class _Job:
     model: str
     params: dict[str, Any]
     budget_usd: Decimal | None
-    input_per_mtok: Decimal | None
-    output_per_mtok: Decimal | None
+    # The model's list price (batchdb/pricing.py); None when batchdb.prices has no row for it.
+    price: Price | None
     fetched_at: float
     validator: ResponseValidator | None = None
     validation_retries: int = DEFAULT_VALIDATION_RETRIES
@@ -181,17 +182,6 @@ class _Job:
     def reserves_budget(self) -> bool:
         return self.budget_usd is not None or self.owner_has_budget
 
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> Decimal:
-        if self.input_per_mtok is None or self.output_per_mtok is None:
-            return Decimal(0)
-        return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / Decimal(1_000_000)
-
-    def estimated_cost(self, prompt_tokens: int, max_tokens: int | None) -> Decimal:
-        """The most this call can cost: the prompt plus every token it may generate."""
-        if self.input_per_mtok is None or self.output_per_mtok is None:
-            return Decimal(0)
-        out = max_tokens if max_tokens is not None and max_tokens > 0 else DEFAULT_MAX_TOKENS_CHARGE
-        return (max(prompt_tokens, 0) * self.input_per_mtok + out * self.output_per_mtok) / Decimal(1_000_000)
 
 
 class Worker:
@@ -501,11 +491,11 @@ class Worker:
                 # Fail the row now: the provider would refuse it, after it took the lane's tokens and a slot.
                 raise ProviderError(ErrorKind.PERMANENT, f"row {row.custom_id!r} not sent: {problem}")
         if job.reserves_budget:
-            if job.input_per_mtok is None or job.output_per_mtok is None:
+            if job.price is None:
                 # Unpriced calls would cost $0 and slip past every budget: stop and say why.
                 raise _HandBack(f"no price for {job.provider}/{job.model} in batchdb.prices, so its budget "
                                 "cannot be enforced; add the price, then resume")
-            await self._reserve_budget(row, job.estimated_cost(prompt_estimate, request.max_tokens))
+            await self._reserve_budget(row, job.price.ceiling_usd(prompt_estimate, request.max_tokens))
         # The client exists before capacity is reserved: building the first one imports the
         # SDK, which blocks the loop; capacity granted before that would go out late, in a burst.
         provider = self._provider(job.provider, job.key_alias)
@@ -636,7 +626,7 @@ class Worker:
         self._guard.job_status(job_id, row["status"])
         params = row["params"] or {}
         job = _Job(row["provider"], row["key_alias"], row["model"], params, row["budget_usd"],
-                   row["input_per_mtok"], row["output_per_mtok"], now, ResponseValidator.for_params(params),
+                   Price.of(row["input_per_mtok"], row["output_per_mtok"]), now, ResponseValidator.for_params(params),
                    int(params.get("validation_retries", DEFAULT_VALIDATION_RETRIES)),
                    owner=row["owner"], owner_has_budget=row["owner_has_budget"],
                    limits=ModelLimits.from_row(row["model"], row))
@@ -700,7 +690,9 @@ class Worker:
             if held is None or held.lease_token != outcome.lease_token:
                 continue
             job = self._jobs.get(outcome.job_id)
-            cost = job.cost(outcome.prompt_tokens, outcome.completion_tokens) if job is not None else Decimal(0)
+            price = job.price if job is not None else None
+            # A call of a job gone from the cache settles at 0 (the worst case stays reserved only until now).
+            cost = price.cost_usd(outcome.prompt_tokens, outcome.completion_tokens) if price else Decimal(0)
             self._budget.submit(Settlement(outcome.job_id, outcome.id, outcome.lease_token, cost))
 
     def _report_progress(self, done: int) -> None:
