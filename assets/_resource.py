@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 import batchdb
-from batchdb import JobNotFound, JobProgress, JobStatus
+from batchdb import BatchDBError, DatabaseUnavailable, JobNotFound, JobProgress, JobStatus
 from batchdb.ingest import DataSource
 
 ROWS_ANSWERED_CHECK = "all_rows_answered"
@@ -216,7 +216,7 @@ class BatchDBResource(dg.ConfigurableResource):
     def _cancel_for_interrupt(self, context: dg.AssetExecutionContext, job: batchdb.Job) -> None:
         try:
             cancelled = self.cancel(job)
-        except (psycopg.Error, JobNotFound) as exc:
+        except (psycopg.Error, BatchDBError) as exc:
             context.log.error(f"the Dagster run was terminated but batchdb job {job.id} could not be cancelled: {exc}")
             return
         context.log.warning(f"the Dagster run was terminated: cancelled batchdb job {job.id} ({cancelled} rows not run)")
@@ -323,7 +323,7 @@ def _progress_or_none(job: batchdb.Job) -> JobProgress | None:
         return job.status()
     except JobNotFound:
         raise dg.Failure(f"batchdb job {job.id} was deleted while Dagster waited for it") from None
-    except psycopg.OperationalError:
+    except (psycopg.OperationalError, DatabaseUnavailable):
         return None  # the database is restarting or unreachable: keep waiting, as Job.wait does
 
 

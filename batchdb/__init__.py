@@ -11,12 +11,17 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from batchdb.errors import BatchDBError, DatabaseError, DatabaseMissing, DatabaseUnavailable, SchemaNotReady
     from batchdb.ingest import InputError
     from batchdb.jobs import Job, JobNotFound, JobPaused, JobProgress, get_job, list_jobs
     from batchdb.models import JobStatus, RequestStatus
     from batchdb.submission import submit
 
 __all__ = [
+    "BatchDBError",
+    "DatabaseError",
+    "DatabaseMissing",
+    "DatabaseUnavailable",
     "InputError",
     "Job",
     "JobNotFound",
@@ -24,6 +29,7 @@ __all__ = [
     "JobProgress",
     "JobStatus",
     "RequestStatus",
+    "SchemaNotReady",
     "get_job",
     "list_jobs",
     "submit",
@@ -31,6 +37,11 @@ __all__ = [
 __version__ = "0.1.0"
 
 _HOME = {
+    "BatchDBError": "batchdb.errors",
+    "DatabaseError": "batchdb.errors",
+    "DatabaseMissing": "batchdb.errors",
+    "DatabaseUnavailable": "batchdb.errors",
+    "SchemaNotReady": "batchdb.errors",
     "InputError": "batchdb.ingest",
     "Job": "batchdb.jobs",
     "JobNotFound": "batchdb.jobs",
@@ -42,6 +53,10 @@ _HOME = {
     "RequestStatus": "batchdb.models",
     "submit": "batchdb.submission",
 }
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 
 def __getattr__(name: str) -> Any:

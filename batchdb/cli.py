@@ -614,7 +614,7 @@ def _require_schema(dsn: str | None) -> None:
     import psycopg
 
     from batchdb import migrations
-    from batchdb.cli_errors import SchemaNotReady
+    from batchdb.errors import SchemaNotReady
 
     try:
         conn = dbmod.connect(dsn)
@@ -646,11 +646,11 @@ def _run_db_op(operation):  # type: ignore[no-untyped-def]
     import psycopg
 
     from batchdb.cli_errors import explain
-    from batchdb.jobs import JobNotFound
+    from batchdb.errors import BatchDBError
 
     try:
         return operation()
-    except (psycopg.Error, JobNotFound, ValueError) as exc:
+    except (psycopg.Error, BatchDBError, ValueError) as exc:
         options = click.get_current_context().find_root().ensure_object(dict)
         explanation = explain(exc, dsn_flag=options.get("dsn_flag", ""))
         if options.get("verbose"):

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import psycopg
 
+from batchdb.errors import BatchDBError, SchemaNotReady
+
 UPGRADE = "batchdb db upgrade"
 
 
@@ -26,17 +28,6 @@ class Explanation:
         return self.what if self.fix is None else f"{self.what}\n  run: {self.fix}"
 
 
-class SchemaNotReady(RuntimeError):
-    """The database lacks some of this batchdb's migrations (or has none)."""
-
-    def __init__(self, missing: list[str], where: str) -> None:
-        self.missing = missing
-        self.where = where
-        state = "has no batchdb schema" if missing and missing[0].startswith("0001_") else (
-            f"lacks migration(s) {', '.join(missing)}")
-        super().__init__(f"database {where} {state}")
-
-
 _MISSING_DB = re.compile(r'database "([^"]+)" does not exist')
 _SERVER_AT = re.compile(r'connection to server (?:at "([^"]+)"(?: \([^)]*\))?, port (\d+)|on socket "([^"]+)")')
 
@@ -47,16 +38,11 @@ def explain(exc: BaseException, *, dsn_flag: str = "") -> Explanation | None:
     `dsn_flag` is what to add to a suggested command (" --dsn ...") when the user
     named the database on the command line rather than in BATCHDB_DSN.
     """
-    from batchdb.db import DatabaseMissing
-    from batchdb.embedded import EmbeddedServerError
-    from batchdb.ingest import InputError
-    from batchdb.jobs import JobNotFound, JobPaused
-    from batchdb.secrets import MissingSecret
-
     if isinstance(exc, SchemaNotReady):
         return Explanation(str(exc), UPGRADE + dsn_flag)
-    if isinstance(exc, InputError | JobNotFound | JobPaused | MissingSecret | EmbeddedServerError
-                        | DatabaseMissing):
+    if isinstance(exc, BatchDBError) and isinstance(exc.__cause__, psycopg.Error):
+        return explain(exc.__cause__, dsn_flag=dsn_flag)  # the SDK's translation, told again for this command
+    if isinstance(exc, BatchDBError):
         return Explanation(str(exc).strip())
     if isinstance(exc, psycopg.errors.UndefinedTable | psycopg.errors.UndefinedFunction
                   | psycopg.errors.UndefinedColumn | psycopg.errors.InvalidSchemaName) and "batchdb" in str(exc):

@@ -13,6 +13,8 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 
+from batchdb.errors import DatabaseMissing
+
 DSN_ENV = "BATCHDB_DSN"
 
 
@@ -49,10 +51,6 @@ def connect(dsn: str | None = None, *, autocommit: bool = True) -> psycopg.Conne
 async def connect_async(dsn: str | None = None, *, autocommit: bool = True) -> psycopg.AsyncConnection[dict]:
     return await psycopg.AsyncConnection.connect(with_options(resolve_dsn(dsn), SESSION_OPTIONS),
                                                  autocommit=autocommit, row_factory=dict_row)
-
-
-class DatabaseMissing(RuntimeError):
-    """The DSN's database does not exist and this role may not create it; the message says what to run."""
 
 
 def create_database_if_missing(dsn: str | None = None) -> str | None:

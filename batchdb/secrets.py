@@ -38,6 +38,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from batchdb.errors import BatchDBError
+
 _MASK = "***"
 
 SECRETS_FILE_ENV = "BATCHDB_SECRETS_FILE"
@@ -59,7 +61,7 @@ _resolved: set[str] = set()
 _resolved_lock = threading.Lock()
 
 
-class MissingSecret(LookupError):
+class MissingSecret(BatchDBError, LookupError):
     """No key (or endpoint) for a provider and alias. The message names what was checked, never a value."""
 
 

@@ -26,6 +26,7 @@ from psycopg.types.json import Jsonb
 from batchdb import context_window
 
 from batchdb.db import connect
+from batchdb.errors import translates_database_errors
 from batchdb.ingest import DataSource, InputError, InputSpec, RowName, check_schema, copy_rows, open_source
 from batchdb.jobs import Job
 from batchdb.notifications import (CHANNEL_EMAIL, CHANNEL_WEBHOOK, check_emails, check_secret, check_webhook_url,
@@ -40,6 +41,7 @@ from batchdb.validation import check_response_schema
 log = logging.getLogger(__name__)
 
 
+@translates_database_errors
 def submit(
     data: DataSource,
     *,

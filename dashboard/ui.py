@@ -19,6 +19,7 @@ import streamlit as st
 from psycopg.conninfo import conninfo_to_dict
 
 from batchdb.db import resolve_dsn
+from batchdb.errors import BatchDBError, DatabaseUnavailable
 from dashboard import queries
 from dashboard.settings import outputs_dir, refresh_seconds  # noqa: F401 - the pages read them from here
 
@@ -113,8 +114,10 @@ def database_guard() -> Iterator[None]:
     """A database that is down or refuses a query is a message on the page, not a traceback."""
     try:
         yield
-    except psycopg.OperationalError as exc:
+    except (psycopg.OperationalError, DatabaseUnavailable) as exc:
         st.error(f"Cannot reach the database ({describe_dsn(dsn())}): {_first_line(exc)}")
+    except BatchDBError as exc:  # the SDK's own refusals (job not found, database refused)
+        st.error(_first_line(exc))
     except psycopg.Error as exc:
         st.error(f"The database refused a dashboard query: {_first_line(exc)}")
 
