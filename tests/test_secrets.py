@@ -5,8 +5,8 @@ variables, and ``BATCHDB_KEY_<PROVIDER>_REFUSED`` for the alias ``refused``). Re
 through a real in-process worker against the provider simulator, which accepts the OpenAI, Azure
 and Gemini keys and refuses the two ``refused`` ones: answered rows, a refused key (401 /
 API_KEY_INVALID: the lane's circuit opens and the job waits, its reason naming the refusal), rows
-the provider rejects (context too long: failed) and rows hit by 500s and dropped connections (dead). Afterwards every place a key could end up is scanned
-for each key, its tail and the marker "CANARY":
+the provider rejects (context too long: failed) and rows hit by 500s and dropped connections (dead).
+Afterwards every place a key could end up is scanned for each key, its tail and the marker "CANARY":
 
 1. every table and view of every non-system schema, dumped as text;
 2. every log record of every logger at DEBUG (openai, httpx2, google_genai, aiohttp, psycopg,
