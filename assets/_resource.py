@@ -173,12 +173,18 @@ class BatchDBResource(dg.ConfigurableResource):
         Raises `dagster.Failure` if the job is cancelled from outside, paused (budget or quota: it
         needs a person, `batchdb resume`), deleted, or still unfinished after `timeout` seconds (the job
         keeps running then, and the next materialization of the partition reattaches to it).
+
+        A job waiting for its provider (its lane's circuit is open: an outage, a refused key, a wrong
+        endpoint) needs nobody: it resumes by itself once a probe call gets through (a worker restarted
+        with a rotated key, say). So the wait goes on; the run's log says why, once per outage, and a
+        `timeout` reached meanwhile fails with that reason.
         """
         interval = self.poll_interval if poll_interval is None else poll_interval
         limit = self.timeout if timeout is None else timeout
         deadline = None if limit is None else time.monotonic() + limit
         next_run_check = time.monotonic() + _RUN_STATUS_CHECK_SECONDS
         last_logged: tuple[int, float] = (-1, time.monotonic())
+        waiting = False  # told the log that the job waits for its provider (once per outage)
         try:
             while True:
                 progress = _progress_or_none(job)
@@ -187,6 +193,9 @@ class BatchDBResource(dg.ConfigurableResource):
                         return progress
                     if progress.status in (JobStatus.CANCELLED, JobStatus.PAUSED):
                         raise _stopped_job_failure(job, progress)
+                    if progress.waiting_for_provider != waiting:
+                        waiting = progress.waiting_for_provider
+                        _log_provider_wait(context, job, progress)
                     now = time.monotonic()
                     if progress.n_done != last_logged[0] and now - last_logged[1] >= _PROGRESS_LOG_SECONDS:
                         context.log.info(progress.summary())
@@ -199,6 +208,8 @@ class BatchDBResource(dg.ConfigurableResource):
                         raise dg.DagsterExecutionInterruptedError()
                 if deadline is not None and now >= deadline:
                     summary = progress.summary() if progress else "database unreachable"
+                    if progress is not None and progress.waiting_for_provider:
+                        summary += f"; {progress.status_reason}"
                     raise dg.Failure(
                         f"batchdb job {job.id} not finished after {limit}s ({summary}); it keeps running, and "
                         "materializing this partition again reattaches to it."
@@ -336,6 +347,17 @@ def _stopped_job_failure(job: batchdb.Job, progress: JobProgress) -> dg.Failure:
         f"batchdb job {job.id} is {progress.status}: {progress.status_reason or 'no reason given'}. {hint}.",
         metadata=_counts(progress),
     )
+
+
+def _log_provider_wait(context: dg.AssetExecutionContext, job: batchdb.Job, progress: JobProgress) -> None:
+    if progress.waiting_for_provider:
+        context.log.warning(
+            f"batchdb job {job.id} is {progress.status_reason}. Its rows wait in the queue without spending "
+            "attempts and resume by themselves once the provider answers (fix the key or endpoint and restart "
+            "the workers, or wait out the outage); still waiting."
+        )
+    else:
+        context.log.info(f"batchdb job {job.id}: the provider answers again; its rows resume")
 
 
 def _run_is_stopping(context: dg.AssetExecutionContext) -> bool:

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 # How long `Job.wait()` waits with no live worker before it says so.
 NO_WORKER_WARNING_S = 30.0
+# How a running job's reason starts while its lane's circuit is open (batchdb.circuit_wait_reason, 0007).
+WAITING_FOR_PROVIDER = "waiting: provider unavailable"
 
 
 class JobNotFound(BatchDBError, LookupError):
@@ -101,6 +103,12 @@ class JobProgress:
     @property
     def finished(self) -> bool:
         return JobStatus(self.status).final
+
+    @property
+    def waiting_for_provider(self) -> bool:
+        """Running, but its lane's circuit is open (an outage, a refused key, a wrong endpoint:
+        workers/breaker.py): its rows wait and resume by themselves, unlike a paused job's."""
+        return self.status == JobStatus.RUNNING and (self.status_reason or "").startswith(WAITING_FOR_PROVIDER)
 
     def summary(self) -> str:
         return (

@@ -288,3 +288,72 @@ def test_a_base_url_without_v1_leaves_the_job_waiting_with_the_url_then_a_fixed_
         with Background(dsn):
             final = job.wait(timeout=120)
     assert final.status == "completed" and final.n_succeeded == 30
+
+
+# -- a refused key: the circuit opens (no pause), a good key closes it with no command -----------------
+
+
+KEY_LANES = {"openai": (LANE, "OPENAI_API_KEY", "OpenAI refused the API key (401 invalid_api_key) at "),
+             "gemini": (Lane("gemini", "default", "gemini-2.5-flash"), "GEMINI_API_KEY",
+                        "Gemini refused the API key (400 API_KEY_INVALID)")}
+
+
+def lane_circuit(conn: psycopg.Connection, lane: Lane) -> dict[str, Any] | None:
+    return conn.execute("SELECT * FROM batchdb.circuits WHERE provider = %s AND key_alias = %s AND model = %s",
+                        (lane.provider, lane.key_alias, lane.model)).fetchone()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("provider", "fix"), [("openai", "restart the worker with the rotated key"),
+                                               ("gemini", "the provider accepts the key again")])
+def test_a_refused_key_opens_the_circuit_at_once_and_a_good_key_finishes_the_job_with_no_command(
+        dsn: str, own_simulator: SimulatorProcess, monkeypatch: pytest.MonkeyPatch, provider: str, fix: str) -> None:
+    """A refused key (401 / Gemini's API_KEY_INVALID) is the lane's fault, not the account's: the job
+    keeps running, waiting, with the refusal as its reason; no attempt is spent; and once a call with
+    a good key is possible (the operator rotated the key and restarted the worker, or the provider
+    took the key back) the breaker's probe finds out and the job completes with nobody typing
+    `batchdb resume`. The threshold is set out of reach: only the refusal itself can open the circuit."""
+    sim = own_simulator
+    lane, key_env, refusal = KEY_LANES[provider]
+    sim.set_config(api_keys=("sk-rotated-good",), latency_s={"kind": "fixed", "value": 0.01})
+    monkeypatch.setenv("OPENAI_BASE_URL", sim.openai_base_url)
+    monkeypatch.setenv("GEMINI_BASE_URL", sim.gemini_base_url)
+    monkeypatch.setenv(key_env, "sk-stale-refused-Zq8")
+    job = submit(dsn, rows=20, provider=provider, model=lane.model)
+    breaker_config = BreakerConfig(threshold=1000, base_backoff=0.5, max_backoff=1.0, poll_interval=0.2)
+    with psycopg.connect(dsn, autocommit=True, row_factory=dict_row) as conn:
+        with Background(dsn, concurrency=1, breaker=breaker_config):
+            wait_until("the circuit to open", lambda: (lane_circuit(conn, lane) or {}).get("state") == "open")
+            # Probes with the refused key keep failing; nothing pauses the job meanwhile.
+            wait_until("a failed probe", lambda: lane_circuit(conn, lane)["probes_failed"] >= 1)
+            assert job.status().status == "running"
+        state = lane_circuit(conn, lane)
+        refused_calls = sim.stats(series=False)["outcomes"].get("client_error", 0)
+        # The first refusal opened it (threshold 1000); then only probes (one maybe in flight at the stop).
+        assert 1 + state["probes_failed"] <= refused_calls <= 2 + state["probes_failed"], (refused_calls, state)
+        assert state["n_opened"] == 1 and refusal in state["last_error"], state
+        status = job.status()
+        assert status.status == "running", status
+        text = status.status_reason or ""
+        assert text.startswith("waiting: provider unavailable since ") and refusal in text, text
+        assert "stale-refused" not in text  # at most the provider's own mask, "sk-*****" and the last four
+        counts = conn.execute("SELECT count(*) FILTER (WHERE status = 'queued') AS queued, sum(attempts) AS attempts "
+                              "FROM batchdb.requests WHERE job_id = %s", (job.id,)).fetchone()
+        assert counts == {"queued": 20, "attempts": 0}, counts
+        assert events(conn, job.id) == 1
+        assert events(conn, job.id, "job.paused") == events(conn, job.id, "job.quota_exhausted") == 0
+
+        if fix.startswith("restart"):
+            monkeypatch.setenv(key_env, "sk-rotated-good")
+        else:
+            sim.set_config(api_keys=("sk-rotated-good", "sk-stale-refused-Zq8"))
+        with Background(dsn, breaker=breaker_config):
+            final = job.wait(timeout=120)
+        state = lane_circuit(conn, lane)
+        attempts = conn.execute("SELECT sum(attempts) AS n FROM batchdb.requests WHERE job_id = %s",
+                                (job.id,)).fetchone()["n"]
+        assert final.status == "completed" and final.n_succeeded == 20, final
+        assert attempts == 20  # one each: the refused calls spent none
+        assert state["state"] == "closed" and state["n_opened"] == 1, state
+        assert events(conn, job.id) == 1 and reason(conn, job.id) is None
+        assert events(conn, job.id, "job.paused") == 0

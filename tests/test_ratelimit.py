@@ -247,11 +247,15 @@ def test_api_keys_never_reach_the_database_or_logs(dsn: str, conn: psycopg.Conne
     workers2 = start_logged_workers(1, dsn, openai_env(refusing, canary), tmp_path / "refused",
                                     "--concurrency", "1")
     try:
-        refused = refused_job.wait(timeout=60, until="paused")
+        # A refused key opens the lane's circuit: the job keeps running, waiting, with the refusal as its reason.
+        deadline = time.monotonic() + 60
+        while not ((refused := refused_job.status()).status_reason or "").startswith("waiting: provider unavailable"):
+            assert refused.status == "running" and time.monotonic() < deadline, refused
+            time.sleep(0.2)
     finally:
         workers2.stop()
     reason = refused.status_reason or ""
-    assert refused.status == "paused" and ("401" in reason or "invalid_api_key" in reason), reason
+    assert refused.status == "running" and "401 invalid_api_key" in reason, reason
     tables = [r["table_name"] for r in conn.execute(
         "SELECT table_name FROM information_schema.tables WHERE table_schema = 'batchdb'").fetchall()]
     for table in tables:
@@ -261,5 +265,6 @@ def test_api_keys_never_reach_the_database_or_logs(dsn: str, conn: psycopg.Conne
         assert canary not in dump, table
         assert canary[:12] not in dump, table
     logs = workers.log_text() + workers2.log_text()
-    assert "job" in logs  # the logs are real, at debug level
+    assert " DEBUG " in logs  # the logs are real, at debug level, and hold the refusal
+    assert "circuit openai/default/gpt-4o-mini opened: OpenAI refused the API key" in workers2.log_text()
     assert canary not in logs and canary[3:15] not in logs

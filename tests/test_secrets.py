@@ -4,9 +4,9 @@ Recognisable fake keys (`CANARIES`) go where batchdb reads them (the providers' 
 variables, and ``BATCHDB_KEY_<PROVIDER>_REFUSED`` for the alias ``refused``). Real jobs then run
 through a real in-process worker against the provider simulator, which accepts the OpenAI, Azure
 and Gemini keys and refuses the two ``refused`` ones: answered rows, a refused key (401 /
-API_KEY_INVALID: the job pauses), rows the provider rejects (context too long: failed) and rows
-hit by 500s and dropped connections (dead). Afterwards every place a key could end up is scanned
-for each key, its tail and the marker "CANARY":
+API_KEY_INVALID: the lane's circuit opens and the job waits, its reason naming the refusal), rows
+the provider rejects (context too long: failed) and rows hit by 500s and dropped connections (dead).
+Afterwards every place a key could end up is scanned for each key, its tail and the marker "CANARY":
 
 1. every table and view of every non-system schema, dumped as text;
 2. every log record of every logger at DEBUG (openai, httpx2, google_genai, aiohttp, psycopg,
@@ -36,6 +36,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import traceback
 import uuid
 from collections import Counter
@@ -237,11 +238,22 @@ def rows(n_short: int, n_long: int = 0, tag: str = "r") -> pd.DataFrame:
     return pd.DataFrame({"id": [f"{tag}-{i:02d}" for i in range(len(texts))], "text": texts})
 
 
-def drain(dsn: str) -> Worker:
-    """A real worker, building real provider clients from the environment, until nothing is claimable."""
-    worker = Worker(WorkerConfig(dsn=dsn, concurrency=8, exit_when_idle=True, poll_interval=0.3, retry=FAST_RETRY))
-    asyncio.run(worker.run())
-    return worker
+REFUSED_JOBS = ("openai-refused-key", "gemini-refused-key")
+WAITING = "waiting: provider unavailable"
+
+
+def settle(dsn: str, jobs: dict[str, int], timeout: float = 120) -> None:
+    """Until every job is finished, except the refused-key ones, which wait behind their open circuit
+    (a worker never runs out of work while a circuit is open, so `exit_when_idle` cannot be used)."""
+    deadline = time.monotonic() + timeout
+    for name, job_id in jobs.items():
+        job = batchdb.get_job(job_id, dsn=dsn)
+        if name not in REFUSED_JOBS:
+            job.wait(timeout=max(1.0, deadline - time.monotonic()))
+            continue
+        while not ((progress := job.status()).status_reason or "").startswith(WAITING):
+            assert progress.status == "running" and time.monotonic() < deadline, progress
+            time.sleep(0.1)
 
 
 @dataclass
@@ -267,14 +279,17 @@ def run_jobs(dsn: str, sim: SimulatorProcess) -> dict[str, int]:
         "gemini-refused-key": submit("gemini-refused-key", rows(4, tag="gk"), provider="gemini", model=GEMINI_MODEL,
                                      key_alias="refused"),
     }
-    drain(dsn)
+    with running_worker(dsn):
+        settle(dsn, jobs)
     # Every call now answers 500 or drops the connection: with one attempt each, rows die.
     sim.set_config(error_rates=ErrorRates(http_500=0.5, connection_reset=0.5))
     try:
-        jobs["openai-dead"] = submit("openai-dead", rows(4, tag="od"), provider="openai", max_attempts=1)
-        jobs["gemini-dead"] = submit("gemini-dead", rows(4, tag="gd"), provider="gemini", model=GEMINI_MODEL,
-                                     max_attempts=1)
-        drain(dsn)
+        dead = {"openai-dead": submit("openai-dead", rows(4, tag="od"), provider="openai", max_attempts=1),
+                "gemini-dead": submit("gemini-dead", rows(4, tag="gd"), provider="gemini", model=GEMINI_MODEL,
+                                      max_attempts=1)}
+        with running_worker(dsn):
+            settle(dsn, dead)
+        jobs.update(dead)
     finally:
         sim.set_config(error_rates=ErrorRates())
     return jobs
@@ -309,15 +324,17 @@ def test_the_run_had_every_outcome(scenario: Scenario) -> None:
     assert counts == {
         "openai-ok": ("completed", 6, 0, 0),
         "openai-rejected-rows": ("completed", 3, 3, 0),
-        "openai-refused-key": ("paused", 0, 0, 0),
+        "openai-refused-key": ("running", 0, 0, 0),
         "azure-ok": ("completed", 4, 0, 0),
         "gemini-ok": ("completed", 4, 2, 0),
-        "gemini-refused-key": ("paused", 0, 0, 0),
+        "gemini-refused-key": ("running", 0, 0, 0),
         "openai-dead": ("completed", 0, 0, 4),
         "gemini-dead": ("completed", 0, 0, 4),
     }, counts
-    assert "invalid_api_key" in (s["openai-refused-key"].status_reason or "")
-    assert "refused the key" in (s["gemini-refused-key"].status_reason or "")
+    # A refused key opens the lane's circuit: the job waits (running) with the refusal as its reason.
+    openai_reason, gemini_reason = (s[name].status_reason or "" for name in REFUSED_JOBS)
+    assert openai_reason.startswith(WAITING) and "OpenAI refused the API key (401 invalid_api_key)" in openai_reason
+    assert gemini_reason.startswith(WAITING) and "Gemini refused the API key (400 API_KEY_INVALID)" in gemini_reason
 
 
 # -- 1. the database -------------------------------------------------------------------------------
@@ -348,7 +365,7 @@ def test_no_key_in_any_table_or_view(scenario: Scenario) -> None:
         # Not vacuous: the dump holds the rows, their errors and the jobs' reasons.
         assert {"batchdb.jobs", "batchdb.requests", "batchdb.job_progress", "batchdb.rate_limits"} <= set(dumps)
         everything = "\n".join(dumps.values())
-        for expected in ("openai-refused-key", "context_length_exceeded", "invalid_api_key", "refused the key",
+        for expected in ("openai-refused-key", "context_length_exceeded", "invalid_api_key", "refused the API key",
                          "Acme oa3 shares"):
             assert expected in everything, expected
         # Self-check, rolled back: a key planted in a row's error is found, in the table and its views.
@@ -372,7 +389,8 @@ def test_no_key_in_any_log_record(scenario: Scenario) -> None:
     assert any(n.startswith(("httpx", "httpcore")) for n in names), names
     assert any(n.startswith("workers") for n in names), names
     text = logs.text()
-    assert "paused: provider refused" in text and "invalid_api_key" in text
+    assert "circuit openai/refused/gpt-4o-mini opened: OpenAI refused the API key" in text
+    assert "invalid_api_key" in text and "API_KEY_INVALID" in text
     assert sum(logs.loggers.values()) > 100, logs.loggers
     # Self-check: the same capture finds a key that an SDK or HTTP-client logger emits. (The openai SDK's
     # own logger filter masks an "Authorization" entry of a headers dict, so the key goes in as text.)
@@ -435,7 +453,7 @@ def test_no_key_in_recorded_errors_or_raised_exceptions(scenario: Scenario, simu
     assert set(raised) == {"openai, refused key", "azure, refused key", "gemini, refused key", "openai, unreachable",
                            "gemini, unreachable"}
     for what, exc in raised.items():
-        expected = ErrorKind.TRANSIENT if "unreachable" in what else ErrorKind.QUOTA_EXHAUSTED
+        expected = ErrorKind.TRANSIENT if "unreachable" in what else ErrorKind.UNAVAILABLE
         assert exc.kind is expected, (what, exc.kind, exc.message)
         assert_no_key(f"the exception raised for {what}", exception_text(exc))
     # Not vacuous: the SDK's own exception (kept as the suppressed context) was scanned too.
@@ -517,7 +535,7 @@ def test_no_key_on_any_dashboard_page(scenario: Scenario) -> None:
     # Not vacuous: the pages show the jobs, their errors and the paused jobs' reasons.
     assert "openai-refused-key" in shown["jobs"]
     assert "invalid_api_key" in shown["job detail openai-refused-key"]
-    assert "refused the key" in shown["job detail gemini-refused-key"]
+    assert "refused the API key" in shown["job detail gemini-refused-key"]
     assert "context_length_exceeded" in shown["job detail openai-rejected-rows"]
     assert "Acme oa" in shown["job detail openai-ok"]  # sample prompts
     assert f"job-{scenario.jobs['openai-ok']}.parquet" in shown["job detail openai-ok"]  # the Parquet section
@@ -604,12 +622,30 @@ def dagster_texts(result: Any, instance: Any, home: Path) -> dict[str, str]:
             "captured compute logs": "\n".join(compute_logs)}
 
 
+def refused_key_resource() -> type:
+    """A `BatchDBResource` whose wait, once its job waits behind the refused key's open circuit (what a
+    worker's first call brings about), gives up after a moment: the resource's timeout path, with its
+    warning and its failure naming the reason, without a fixed wait that a slow machine could outlast."""
+    from assets import BatchDBResource
+
+    class RefusedKeyResource(BatchDBResource):
+        def wait(self, context: Any, job: batchdb.Job, **options: Any) -> batchdb.JobProgress:
+            deadline = time.monotonic() + 120
+            while not job.status().waiting_for_provider:
+                assert time.monotonic() < deadline, f"job {job.id} never waited for its provider"
+                time.sleep(0.1)
+            return super().wait(context, job, timeout=0.5)
+
+    return RefusedKeyResource
+
+
 def test_no_key_in_dagster_metadata_event_log_or_captured_logs(dsn: str, key_env: None, tmp_path: Path) -> None:
     import dagster as dg
 
     from assets import BatchDBResource, llm_batch_asset
 
     partitions = dg.StaticPartitionsDefinition(["day-1"])
+    RefusedKeyResource = refused_key_resource()  # noqa: N806 - a class
 
     @dg.asset(partitions_def=partitions)
     def items() -> pd.DataFrame:
@@ -619,27 +655,30 @@ def test_no_key_in_dagster_metadata_event_log_or_captured_logs(dsn: str, key_env
     answers = llm_batch_asset(name="answers", source=items, model=OPENAI_MODEL, prompt="Classify: {text}",
                               id_column="id", max_tokens=10)
     refused = llm_batch_asset(name="refused_answers", source=items, model=OPENAI_MODEL, prompt="Classify: {text}",
-                              id_column="id", max_tokens=10, key_alias="refused")
+                              id_column="id", max_tokens=10, key_alias="refused", resource_key="batchdb_refused")
     home = tmp_path / "dagster_home"
     home.mkdir()
     managed = ["workers", "batchdb", "openai", "httpx2", "httpx", "google_genai", "assets"]
     instance = dg.DagsterInstance.local_temp(
         str(home), overrides={"python_logs": {"managed_python_loggers": managed, "python_log_level": "DEBUG"}})
     output_root = tmp_path / "out"
-    resources = {"batchdb": BatchDBResource(dsn=dsn, output_root=str(output_root), poll_interval=0.1, timeout=60)}
+    resources = {"batchdb": BatchDBResource(dsn=dsn, output_root=str(output_root), poll_interval=0.1, timeout=60),
+                 "batchdb_refused": RefusedKeyResource(dsn=dsn, output_root=str(output_root), poll_interval=0.1)}
     try:
         with captured_logs() as logs, running_worker(dsn):
             result = dg.materialize([items, answers, refused], partition_key="day-1", instance=instance,
                                     resources=resources, raise_on_error=False)
 
-        # What happened: one asset materialized with rows the provider rejected, one failed on a paused job.
+        # What happened: one asset materialized with rows the provider rejected; the other's job waited
+        # for its provider (the key refused) until the resource's timeout.
         (materialization,) = result.asset_materializations_for_node("answers")
         meta = {k: getattr(v, "value", v) for k, v in materialization.metadata.items()}
         assert (meta["rows_succeeded"], meta["rows_failed"]) == (5, 2)
         (failure,) = [e for e in result.all_events if e.is_step_failure]
         assert failure.step_key == "refused_answers"
-        assert "paused" in failure.step_failure_data.error.message
-        assert "invalid_api_key" in failure.step_failure_data.error.message
+        error = failure.step_failure_data.error.message
+        assert "not finished after" in error and "waiting: provider unavailable since" in error, error
+        assert "invalid_api_key" in error
 
         texts = dagster_texts(result, instance, home)
         for channel, text in texts.items():
@@ -651,7 +690,8 @@ def test_no_key_in_dagster_metadata_event_log_or_captured_logs(dsn: str, key_env
         assert "context_length_exceeded" in texts["metadata"] + parquet.to_csv()
         assert "invalid_api_key" in texts["event log"]
         assert "Sending HTTP Request" in texts["event log"]  # the openai SDK's debug records, from the worker
-        assert " paused: provider refused" in texts["event log"]  # the worker's own warning
+        assert "circuit openai/refused/gpt-4o-mini opened: OpenAI refused the API key" in texts["event log"]  # worker's
+        assert f"is {WAITING} since" in texts["event log"]  # the asset's own warning
         assert "items for day-1" in texts["captured compute logs"], "stdout was not captured"
 
         # Self-check: a key planted in metadata, the event log, a Python log and stdout is found in each.

@@ -6,9 +6,10 @@ retries with backoff, and after `max_attempts` it is `dead` and the job reads
 failure from a row's:
 
 - a lane-level failure (connection error, timeout, 5xx, and `ErrorKind.UNAVAILABLE`:
-  404 on the route, DNS failure) counts towards the lane's streak; `threshold` in a
-  row with no success between them, or one UNAVAILABLE, opens the circuit in
-  `batchdb.circuits` (sql/migrations/0007_circuit_breaker.sql) for every worker;
+  404 on the route, DNS failure, a refused key: 401/403, Gemini's API_KEY_INVALID)
+  counts towards the lane's streak; `threshold` in a row with no success between
+  them, or one UNAVAILABLE, opens the circuit in `batchdb.circuits`
+  (sql/migrations/0007_circuit_breaker.sql) for every worker;
 - while it is open, claim_batch skips the lane, rows a worker holds go back to the
   queue without spending an attempt (`should_hand_back`), and the lane's jobs say
   `waiting: provider unavailable since T (last error ...)` and fire
@@ -17,7 +18,13 @@ failure from a row's:
   due it takes the probe (one worker at a time, under a lease), claims one real row
   of the lane and gives it to the worker (`on_probe`), which sends it as usual. A
   success closes the circuit (any successful call on the lane does); a lane-level
-  failure puts the next probe twice as far off, up to `max_backoff`.
+  failure puts the next probe twice as far off, up to `max_backoff`. So a key the
+  operator rotates (workers restarted with the new one) resumes the lane's jobs by
+  itself: the next probe goes out with the new key.
+
+A refused key opens the circuit rather than pausing the job for that reason; what
+pauses (`ErrorKind.QUOTA_EXHAUSTED`) is an account state the endpoint will not
+change by being asked again: insufficient_quota, Gemini's daily or zero quota.
 
 Only a row's own failures (400s, content filter, a 5xx while the lane is otherwise
 healthy) spend its attempts. Like River's and resilience4j's breakers, state is

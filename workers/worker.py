@@ -634,8 +634,8 @@ class Worker:
         return job
 
     async def _hand_back(self, row: ClaimedRequest, reason: str) -> None:
-        """Quota gone, key refused or budget reached: pause the job (if not already) and return
-        the row to the queue without spending an attempt."""
+        """Quota gone or budget reached: pause the job (if not already) and return the row to the
+        queue without spending an attempt. (A refused key opens the lane's circuit instead.)"""
         await self._claims.run(
             lambda c: c.execute(query("pause_job"), {"job_id": row.job_id, "reason": reason}), what="pause_job"
         )

@@ -18,11 +18,15 @@ class ErrorKind(enum.StrEnum):
     """How the worker must react to a failed call."""
 
     RATE_LIMITED = "rate_limited"  # retry after the provider's delay
-    QUOTA_EXHAUSTED = "quota_exhausted"  # pause the job's key; do not burn retries
+    # An account state that waiting on the endpoint will not change (429 insufficient_quota, Gemini's
+    # daily or zero quota, FAILED_PRECONDITION, no key in this worker): pause the job, burn no retries.
+    QUOTA_EXHAUSTED = "quota_exhausted"
     TRANSIENT = "transient"  # 5xx, timeout, connection error: back off and retry
     PERMANENT = "permanent"  # bad request, context too long, content filter: fail the row
-    # The endpoint itself is wrong or unreachable (404 on the route, DNS failure): every row of
-    # the lane would fail alike, so the lane's circuit opens (workers/breaker.py) and rows wait.
+    # The endpoint itself is wrong, unreachable or refuses the key (404 on the route, DNS failure,
+    # 401/403, Gemini's API_KEY_INVALID): every row of the lane would fail alike, so the lane's
+    # circuit opens (workers/breaker.py) and rows wait; its probe resumes them once the endpoint
+    # answers again (a worker restarted with the rotated key), with no `batchdb resume`.
     UNAVAILABLE = "unavailable"
 
 
@@ -74,7 +78,8 @@ class ProviderError(Exception):
     @property
     def lane_level(self) -> bool:
         """Whether the failure says something about the endpoint rather than the row: a
-        connection error, a timeout, a 5xx or an unavailable endpoint (the circuit counts these)."""
+        connection error, a timeout, a 5xx or an unavailable endpoint, refused key included
+        (the circuit counts these)."""
         if self.kind is ErrorKind.UNAVAILABLE:
             return True
         return self.kind is ErrorKind.TRANSIENT and (self.status_code is None or self.status_code >= 500)

@@ -28,7 +28,8 @@ from batchdb.secrets import redact
 _QUOTA_FAILURE = "type.googleapis.com/google.rpc.QuotaFailure"
 _RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
 _ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
-# ErrorInfo reasons that refuse the key itself: every row would fail alike, so pause.
+# ErrorInfo reasons that refuse the key itself: every row of the lane would fail alike, so the
+# lane's circuit opens (ErrorKind.UNAVAILABLE) and its probe finds out when the key works again.
 _KEY_REFUSED = frozenset({"API_KEY_INVALID", "API_KEY_EXPIRED", "API_KEY_SERVICE_BLOCKED",
                           "API_KEY_HTTP_REFERRER_BLOCKED", "API_KEY_IP_ADDRESS_BLOCKED", "SERVICE_DISABLED",
                           "CONSUMER_SUSPENDED"})
@@ -157,21 +158,34 @@ def classify_gemini_error(exc: errors.APIError, *, secret: str | None = None,
             )
         return ProviderError(ErrorKind.RATE_LIMITED, message, status_code=status, retry_after=retry_after)
     if status == 400:
-        reasons = {str(d.get("reason")) for d in details if d.get("@type") == _ERROR_INFO}
+        reasons = _error_reasons(details)
         if reasons & _KEY_REFUSED or "API key not valid" in (exc.message or ""):
-            return ProviderError(ErrorKind.QUOTA_EXHAUSTED, f"Gemini refused the key. {message}", status_code=status)
+            return _key_refused(status, sorted(reasons & _KEY_REFUSED), message)
         if grpc_status == "FAILED_PRECONDITION":
             # e.g. "free tier not available in your country; enable billing": an account problem, not a row's.
             return ProviderError(ErrorKind.QUOTA_EXHAUSTED, message, status_code=status)
         return ProviderError(ErrorKind.PERMANENT, message, status_code=status)
     if status in (401, 403):
-        return ProviderError(ErrorKind.QUOTA_EXHAUSTED, f"Gemini refused the API key. {message}", status_code=status)
+        return _key_refused(status, sorted(_error_reasons(details) & _KEY_REFUSED), message)
     if status == 404:
         # No such model (or route) behind this endpoint: every row of the lane would fail alike.
         return ProviderError(ErrorKind.UNAVAILABLE, message, status_code=status)
     if status in (408, 409, 499) or status >= 500 or grpc_status in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL"):
         return ProviderError(ErrorKind.TRANSIENT, message, status_code=status, retry_after=_retry_delay(details, None))
     return ProviderError(ErrorKind.PERMANENT, message, status_code=status)
+
+
+def _key_refused(status: int, reasons: list[str], message: str) -> ProviderError:
+    """A refused key (wrong, expired, blocked, its project suspended): an endpoint-level fault that
+    opens the lane's circuit rather than pausing the job, so a worker restarted with a good key
+    resumes it by itself. `message` is already redacted and names the endpoint, never the key."""
+    why = f"{status}{' ' + ', '.join(reasons) if reasons else ''}"
+    return ProviderError(ErrorKind.UNAVAILABLE, f"Gemini refused the API key ({why}). {message}", status_code=status)
+
+
+def _error_reasons(details: list[Mapping[str, Any]]) -> set[str]:
+    """The `google.rpc.ErrorInfo` reasons of an error ("API_KEY_INVALID" ...)."""
+    return {str(d.get("reason")) for d in details if d.get("@type") == _ERROR_INFO}
 
 
 def _details(exc: errors.APIError) -> list[Mapping[str, Any]]:

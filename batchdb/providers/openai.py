@@ -15,6 +15,7 @@ from batchdb.providers.compat import UnsupportedRequest, to_openai
 from batchdb.secrets import redact
 
 _RATE_LIMIT_PREFIX = "x-ratelimit-"
+_DISPLAY_NAMES = {"openai": "OpenAI", "azure": "Azure OpenAI"}
 
 
 class OpenAIProvider:
@@ -40,7 +41,7 @@ class OpenAIProvider:
         try:
             raw = await self._client.chat.completions.with_raw_response.create(**kwargs)
         except openai.APIError as exc:
-            raise classify_openai_error(exc, secret=self._api_key) from None
+            raise classify_openai_error(exc, secret=self._api_key, provider=self.name) from None
         completion = raw.parse()
         choice = completion.choices[0] if completion.choices else None
         usage = completion.usage
@@ -57,8 +58,10 @@ class OpenAIProvider:
         await self._client.close()
 
 
-def classify_openai_error(exc: openai.APIError, *, secret: str | None = None) -> ProviderError:
-    """Map an SDK exception to the worker's reactions; the message names the endpoint called."""
+def classify_openai_error(exc: openai.APIError, *, secret: str | None = None,
+                          provider: str = "openai") -> ProviderError:
+    """Map an SDK exception to the worker's reactions; the message names the endpoint called
+    (and `provider`, ``openai`` or ``azure``, when the key is refused)."""
     endpoint = _endpoint(exc)
     at = f" (at {endpoint})" if endpoint else ""
     message = redact(f"{type(exc).__name__}: {exc.message}{at}", secret)
@@ -89,8 +92,13 @@ def classify_openai_error(exc: openai.APIError, *, secret: str | None = None) ->
             rate_limit_headers=limit_headers,
         )
     if status in (401, 403):
-        # A bad or revoked key fails every row alike: pause, do not fail a million rows.
-        return ProviderError(ErrorKind.QUOTA_EXHAUSTED, message, status_code=status)
+        # A wrong, revoked or not-yet-rotated key fails every row of the lane alike: the lane's
+        # circuit opens and its probe finds the key accepted again (a worker restarted with the
+        # new key) with nobody typing `batchdb resume`. The message names the endpoint, never the key.
+        vendor = _DISPLAY_NAMES.get(provider, provider)
+        refused = redact(f"{vendor} refused the API key ({status}{f' {code}' if code else ''})"
+                         f"{f' at {endpoint}' if endpoint else ''}: {_error_text(exc)}", secret)
+        return ProviderError(ErrorKind.UNAVAILABLE, refused, status_code=status)
     if status == 404:
         # The route (a base URL without /v1), the model or the Azure deployment is not there:
         # every row of the lane would fail alike.
@@ -123,6 +131,17 @@ def _error_code(exc: openai.APIStatusError) -> str | None:
         if isinstance(inner, dict) and inner.get("code"):
             return str(inner["code"])
     return None
+
+
+def _error_text(exc: openai.APIStatusError) -> str:
+    """The provider's own sentence ("Incorrect API key provided: sk-abc*****wxyz. ..."), not the
+    SDK's "Error code: 401 - {...}" dump of the whole body."""
+    body = exc.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and isinstance(inner.get("message"), str) and inner["message"]:
+            return str(inner["message"])
+    return exc.message
 
 
 def _retry_after(headers: Any) -> float | None:

@@ -23,11 +23,12 @@ def simulator() -> Iterator[SimulatorProcess]:
 
 @pytest.fixture
 def start_workers() -> Iterator[Callable[..., list[subprocess.Popen[bytes]]]]:
-    """`start_workers(dsn, sim, n=2)` starts `python -m workers` processes, stopped with SIGTERM at teardown."""
+    """`start_workers(dsn, sim, n=2)` starts `python -m workers` processes, stopped with SIGTERM at teardown;
+    `args` go to each worker's command line."""
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(dsn: str, sim: SimulatorProcess, n: int = 2) -> list[subprocess.Popen[bytes]]:
-        workers = start_worker_processes(n, dsn, args=("--concurrency", "32"),
+    def start(dsn: str, sim: SimulatorProcess, n: int = 2, args: tuple[str, ...] = ()) -> list[subprocess.Popen[bytes]]:
+        workers = start_worker_processes(n, dsn, args=("--concurrency", "32", *args),
                                          env={"OPENAI_BASE_URL": sim.openai_base_url, "OPENAI_API_KEY": "sk-test"})
         started.extend(workers.processes)
         return workers.processes

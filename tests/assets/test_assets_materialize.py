@@ -176,3 +176,53 @@ def test_a_cancelled_run_cancels_its_job_and_a_relaunch_resumes_it(dsn, simulato
     assert metadata_of(relaunched)["batchdb/job_id"] == job_id
     assert metadata_of(relaunched)["rows_succeeded"] == 15
     assert_parquet_matches_input(tmp_path / "headline_sentiment" / f"{DAY}.parquet", sample_headlines(DAY))
+
+
+# -- a job waiting for its provider (the lane's circuit is open) needs nobody ----------------------------
+
+
+def provider_waits(instance: dg.DagsterInstance, run_id: str) -> list[str]:
+    return [e.user_message for e in instance.all_logs(run_id) if "waiting: provider unavailable" in e.user_message]
+
+
+def test_a_refused_key_keeps_the_asset_waiting_says_why_once_and_it_finishes_by_itself(
+        dsn, simulator, start_workers, tmp_path, ephemeral_instance) -> None:
+    """The workers' key is refused (401): the job is not paused, so the asset neither fails nor needs
+    `batchdb resume`; the run's log says why once, and when the provider accepts the key again the
+    breaker's probe gets through and the asset materializes."""
+    simulator.set_config(api_keys=("sk-some-other-key",))  # the workers' sk-test is refused
+    start_workers(dsn, simulator, 1, args=("--circuit-max-backoff", "1"))
+    instance = ephemeral_instance()
+    outcome: dict[str, dg.ExecuteInProcessResult] = {}
+    thread = threading.Thread(target=lambda: outcome.update(
+        result=materialize(dsn, tmp_path, headline_sentiment, instance=instance)))
+    thread.start()
+    with cancel_jobs_on_error(dsn):
+        run = wait_until(lambda: next((r for r in instance.get_runs() if "batchdb/job_id" in r.tags), None),
+                         60, "the run to submit its job")
+        wait_until(lambda: provider_waits(instance, run.run_id), 60, "the asset to say its job waits")
+        job = batchdb.get_job(int(run.tags["batchdb/job_id"]), dsn=dsn).status()
+        assert job.status == "running" and job.waiting_for_provider, job
+        simulator.set_config(api_keys=("sk-some-other-key", "sk-test"))  # the provider takes the key back
+        thread.join(timeout=120)
+    assert not thread.is_alive()
+    result = outcome["result"]
+    assert result.success and metadata_of(result)["rows_succeeded"] == 15
+    (warning,) = provider_waits(instance, result.run_id)  # once, however many polls saw it waiting
+    assert "OpenAI refused the API key (401 invalid_api_key)" in warning and "sk-test" not in warning, warning
+    assert any("the provider answers again" in e.user_message for e in instance.all_logs(result.run_id))
+
+
+def test_a_timeout_while_the_provider_is_unavailable_fails_with_the_reason(dsn, tmp_path) -> None:
+    job = batchdb.submit(sample_headlines(DAY), prompt="Mood: {headline}", id_column="headline_id",
+                         model="gpt-4o-mini", provider="openai", max_tokens=10, dsn=dsn)
+    error = "OpenAI refused the API key (401 invalid_api_key) at http://sim/v1/chat/completions"
+    with psycopg.connect(dsn, autocommit=True) as conn:  # what a worker does on a 401
+        conn.execute("SELECT * FROM batchdb.circuit_open('openai', 'default', 'gpt-4o-mini', %s, 3600)", (error,))
+    assert job.status().waiting_for_provider
+    with dg.build_asset_context() as context, pytest.raises(dg.Failure) as caught:
+        resource(dsn, tmp_path, timeout=0.2).wait(context, job)
+    message = str(caught.value)
+    assert f"batchdb job {job.id} not finished after 0.2s" in message, message
+    assert "waiting: provider unavailable since" in message and error in message, message
+    assert job.status().status == "running"  # not paused: it resumes by itself when the provider answers

@@ -108,11 +108,15 @@ def test_out_of_quota_key_is_quota_exhausted(simulator: ConfigureSimulator) -> N
     assert isinstance(error, ProviderError) and error.kind is ErrorKind.QUOTA_EXHAUSTED
 
 
-def test_bad_key_is_quota_exhausted_and_never_echoed(simulator: ConfigureSimulator) -> None:
+def test_bad_key_is_unavailable_names_the_endpoint_and_is_never_echoed(simulator: ConfigureSimulator) -> None:
+    """Gemini refuses a key with 400 API_KEY_INVALID: the lane's circuit opens (no pause)."""
     sim = simulator(api_keys=("good",))
     [error] = call(sim, request(), key="bad-key-secret-value")
-    assert isinstance(error, ProviderError) and error.kind is ErrorKind.QUOTA_EXHAUSTED and error.status_code == 400
-    assert "API key" in error.message and "bad-key-secret-value" not in str(error)
+    assert isinstance(error, ProviderError) and error.kind is ErrorKind.UNAVAILABLE and error.status_code == 400
+    assert error.lane_level
+    assert error.message.startswith("Gemini refused the API key (400 API_KEY_INVALID). "), error.message
+    assert f"(at {sim.gemini_base_url}/" in error.message and f"/models/{MODEL}:generateContent)" in error.message
+    assert "bad-key-secret-value" not in str(error)
 
 
 def test_outage_503_is_transient(simulator: ConfigureSimulator) -> None:
@@ -183,10 +187,17 @@ def quota(quota_id: str, value: str = "15") -> dict[str, Any]:
          ErrorKind.QUOTA_EXHAUSTED, None),
         (api_error(400, "INVALID_ARGUMENT", "bad", [{"@type": "type.googleapis.com/google.rpc.ErrorInfo",
                                                       "reason": "API_KEY_EXPIRED"}]),
-         ErrorKind.QUOTA_EXHAUSTED, None),
+         ErrorKind.UNAVAILABLE, None),
+        (api_error(400, "INVALID_ARGUMENT", "API key not valid. Please pass a valid API key."),
+         ErrorKind.UNAVAILABLE, None),
         (api_error(400, "FAILED_PRECONDITION", "User location is not supported"), ErrorKind.QUOTA_EXHAUSTED, None),
         (api_error(400, "INVALID_ARGUMENT", "Invalid JSON payload"), ErrorKind.PERMANENT, None),
-        (api_error(403, "PERMISSION_DENIED", "denied"), ErrorKind.QUOTA_EXHAUSTED, None),
+        (api_error(401, "UNAUTHENTICATED", "Request had invalid authentication credentials."),
+         ErrorKind.UNAVAILABLE, None),
+        (api_error(403, "PERMISSION_DENIED", "denied"), ErrorKind.UNAVAILABLE, None),
+        (api_error(403, "PERMISSION_DENIED", "Generative Language API has not been used in project 1", [
+            {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "SERVICE_DISABLED"}]),
+         ErrorKind.UNAVAILABLE, None),
         (api_error(404, "NOT_FOUND", "models/x is not found"), ErrorKind.UNAVAILABLE, None),
         (api_error(500, "INTERNAL", "internal"), ErrorKind.TRANSIENT, None),
         (api_error(504, "DEADLINE_EXCEEDED", "deadline"), ErrorKind.TRANSIENT, None),

@@ -87,11 +87,53 @@ def test_503_is_transient(simulator: ConfigureSimulator) -> None:
     assert isinstance(error, ProviderError) and error.kind is ErrorKind.TRANSIENT and error.status_code == 503
 
 
-def test_refused_key_pauses_and_is_never_echoed(simulator: ConfigureSimulator) -> None:
+def test_refused_key_is_unavailable_names_the_endpoint_and_is_never_echoed(simulator: ConfigureSimulator) -> None:
+    """A refused key is the lane's fault, not an account state: the circuit opens (no pause), and
+    its probe resumes the lane once the key works."""
     sim = simulator(api_keys=("sk-good",))
     [error] = call(openai_provider(sim, key="sk-wrong-secret-key"), REQUEST)
-    assert isinstance(error, ProviderError) and error.kind is ErrorKind.QUOTA_EXHAUSTED and error.status_code == 401
-    assert "sk-wrong-secret-key" not in str(error)
+    assert isinstance(error, ProviderError) and error.kind is ErrorKind.UNAVAILABLE and error.status_code == 401
+    assert error.lane_level and error.retryable
+    assert error.message.startswith(
+        f"OpenAI refused the API key (401 invalid_api_key) at {sim.openai_base_url}/chat/completions: "
+        "Incorrect API key provided"), error.message
+    assert "Error code" not in error.message  # the provider's sentence, not the SDK's dump of the body
+    assert "sk-wrong-secret-key" not in str(error) and "wrong-secret" not in str(error)
+
+
+def test_azure_refused_key_says_azure(simulator: ConfigureSimulator) -> None:
+    sim = simulator(api_keys=("azure-good",))
+    provider = AzureOpenAIProvider(api_key="azure-wrong-secret", endpoint=sim.azure_endpoint, timeout=5)
+    [error] = call(provider, azure_request())
+    assert isinstance(error, ProviderError) and error.kind is ErrorKind.UNAVAILABLE and error.status_code == 401
+    assert error.message.startswith("Azure OpenAI refused the API key (401"), error.message
+    assert "/openai/deployments/prod-gpt4o/chat/completions" in error.message and "wrong-secret" not in str(error)
+
+
+@pytest.mark.parametrize(("status", "code", "kind"), [
+    (401, "invalid_api_key", ErrorKind.UNAVAILABLE),
+    (403, "unsupported_country_region_territory", ErrorKind.UNAVAILABLE),
+    (403, None, ErrorKind.UNAVAILABLE),
+    (429, "insufficient_quota", ErrorKind.QUOTA_EXHAUSTED),  # an account state: the job pauses
+])
+def test_key_refusals_open_the_circuit_and_quota_pauses(status: int, code: str | None, kind: ErrorKind) -> None:
+    """Statuses the simulator does not produce (a 403), classified from the SDK's own exception."""
+    import httpx2 as httpx  # the HTTP client this openai SDK is built on
+    import openai
+
+    from batchdb.providers.openai import classify_openai_error
+
+    url = "https://api.example.test/v1/chat/completions?api-key=sk-in-the-query"
+    body = {"error": {"message": "the provider's sentence", "type": "x", "code": code}}
+    response = httpx.Response(status, json=body, request=httpx.Request("POST", url))
+    kinds = {401: openai.AuthenticationError, 403: openai.PermissionDeniedError, 429: openai.RateLimitError}
+    exc = kinds[status](f"Error code: {status} - {body}", response=response, body=body["error"])
+    classified = classify_openai_error(exc, secret="sk-secret-value")
+    assert classified.kind is kind and classified.status_code == status, classified.message
+    assert "sk-in-the-query" not in classified.message and "sk-secret-value" not in classified.message
+    if kind is ErrorKind.UNAVAILABLE:
+        assert classified.message == (f"OpenAI refused the API key ({status}{' ' + code if code else ''}) at "
+                                      "https://api.example.test/v1/chat/completions: the provider's sentence")
 
 
 def test_unmappable_request_is_permanent_without_a_call(simulator: ConfigureSimulator) -> None:
