@@ -295,7 +295,7 @@ class _WaitingWatch:
 
     def check(self, current: JobProgress) -> str | None:
         reason = current.status_reason or ""
-        if current.status != JobStatus.RUNNING or not reason.startswith("waiting:"):
+        if not current.waiting_for_provider:
             self._warned = None
             return None
         if self._warned is None:
