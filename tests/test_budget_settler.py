@@ -224,8 +224,11 @@ def test_a_worker_gives_back_the_reservations_a_killed_worker_left(
     for row in left:
         conn.execute("SELECT batchdb.reserve_budget(%s, 0.5, %s, %s, 1)", (job.id, row.id, row.lease_token))
     expire_leases(conn, job.id)
+    # The dead worker reserved an hour ago; the live worker's own reservations, younger than the
+    # margin, are left to its settler even in the moment between recording an outcome and settling it.
+    conn.execute("UPDATE batchdb.budget_reservations SET created_at = now() - interval '1 hour'")
     worker = Worker(WorkerConfig(dsn=dsn, concurrency=4, poll_interval=0.2, reclaim_interval=0.2,
-                                 heartbeat_interval=0.2, abandoned_budget_after=0, abandoned_budget_interval=0.2,
+                                 heartbeat_interval=0.2, abandoned_budget_after=600, abandoned_budget_interval=0.2,
                                  retry=RetryPolicy(0.05, 0.2)),
                     providers={"instant": InstantProvider()})
 
