@@ -566,6 +566,16 @@ def simulator_command(ctx: click.Context) -> None:
     sys.exit(simulator_main(ctx.args, prog="batchdb simulator"))
 
 
+def _require_extra(extra: str, *modules: str) -> None:
+    """The optional parts install with an extra (pyproject.toml); without it, say the one command to run."""
+    import importlib.util
+
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise click.ClickException(f"`batchdb {extra}` needs {', '.join(missing)}: "
+                                   f"pip install \"batchdb[{extra}]\"")
+
+
 @cli.command("dashboard")
 @click.option("--port", default=8501, show_default=True, help="Port on 127.0.0.1.")
 @click.option("--outputs", "outputs_dir", default=None, type=click.Path(path_type=Path),
@@ -574,6 +584,7 @@ def simulator_command(ctx: click.Context) -> None:
 @_dsn_option
 def dashboard_command(port: int, outputs_dir: Path | None, refresh_seconds: float | None, dsn: str | None) -> None:
     """Start the Streamlit dashboard on 127.0.0.1 (read-only, except cancel/retry)."""
+    _require_extra("dashboard", "streamlit", "duckdb", "altair")
     from dashboard.run import run_dashboard
 
     run_dashboard(dsn, port, host="127.0.0.1", outputs_dir=outputs_dir, refresh_seconds=refresh_seconds)
@@ -584,6 +595,7 @@ def dashboard_command(port: int, outputs_dir: Path | None, refresh_seconds: floa
 @click.pass_context
 def dagster_command(ctx: click.Context) -> None:
     """Open the example in the Dagster UI with workers and the provider simulator; --help for its options."""
+    _require_extra("dagster", "dagster", "dagster_webserver", "dagster_postgres")
     from assets.dev import dagster_command as command
 
     command.main(args=ctx.args, prog_name="batchdb dagster")

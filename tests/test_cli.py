@@ -294,3 +294,16 @@ def test_budget_is_spelt_as_resume_spells_it_and_the_old_spelling_still_works(ds
     assert [float(b) for b in budgets] == [2.5, 1.5]
     assert "--budget-usd" not in invoke("submit", "--help") and "--budget " in invoke("submit", "--help")
     assert "--budget " in invoke("resume", "--help")
+
+
+def test_a_command_whose_extra_is_missing_says_what_to_install() -> None:
+    """Without the dashboard/dagster extras (their packages made unfindable), one line says what to run."""
+    code = ("import importlib.util, sys; real = importlib.util.find_spec\n"
+            "importlib.util.find_spec = lambda n, *a: None if n in ('streamlit', 'dagster') else real(n, *a)\n"
+            "from batchdb.cli import main; sys.argv[0] = 'batchdb'; main(sys.argv[1:])")
+    for command, extra in (("dashboard", "dashboard"), ("dagster", "dagster")):
+        done = subprocess.run([sys.executable, "-c", code, command], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1, (command, done.stdout, done.stderr)
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+        assert lines[0].endswith(f'pip install "batchdb[{extra}]"'), lines[0]
