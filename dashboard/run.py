@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from batchdb.db import DSN_ENV, resolve_dsn
-from dashboard.settings import OUTPUTS_ENV, REFRESH_ENV
+from batchdb.dashboard.settings import OUTPUTS_ENV, REFRESH_ENV
 
 APP = Path(__file__).resolve().parent / "app.py"
 DEFAULT_PORT = 8501
@@ -73,7 +73,7 @@ def start_dashboard(dsn: str | None = None, *, port: int = DEFAULT_PORT, host: s
     """Start Streamlit and return once `/_stcore/health` answers "ok"."""
     env = dict(os.environ)
     env[DSN_ENV] = resolve_dsn(dsn)
-    package_root = str(APP.parent.parent)  # so `import dashboard` works without an install
+    package_root = str(APP.parent.parent)  # so `import batchdb.dashboard` works without an install
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     if outputs_dir is not None:
         env[OUTPUTS_ENV] = str(Path(outputs_dir).resolve())

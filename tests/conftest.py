@@ -85,8 +85,8 @@ def drain(dsn: str):  # noqa: ANN201
     import asyncio
 
     from batchdb.providers.instant import InstantProvider
-    from workers.outcomes import RetryPolicy
-    from workers.worker import Worker, WorkerConfig
+    from batchdb.workers.outcomes import RetryPolicy
+    from batchdb.workers.worker import Worker, WorkerConfig
 
     def run(provider: object | None = None, **config: object) -> Worker:
         settings = {"concurrency": 16, "poll_interval": 0.3, "retry": RetryPolicy(0.05, 0.2), **config}

@@ -60,8 +60,8 @@ from batchdb.providers.openai import OpenAIProvider
 from batchdb.secrets import MissingSecret, resolve_key
 from batchdb.simulator.config import Distribution, ErrorRates, SimulatorConfig
 from batchdb.simulator.process import SimulatorProcess, start_simulator
-from workers.outcomes import RetryPolicy
-from workers.worker import Worker, WorkerConfig
+from batchdb.workers.outcomes import RetryPolicy
+from batchdb.workers.worker import Worker, WorkerConfig
 
 OPENAI_MODEL = "gpt-4o-mini"
 GEMINI_MODEL = "gemini-2.5-flash"
@@ -192,8 +192,8 @@ def test_the_scanner_finds_every_form_of_a_key_and_tolerates_the_providers_mask(
         try:
             raise ValueError(CANARIES["AZURE_OPENAI_API_KEY"])
         except ValueError:
-            logging.getLogger("workers.worker").exception("boom")
-    assert logs.loggers["httpx2"] == 1 and logs.loggers["workers.worker"] == 1
+            logging.getLogger("batchdb.workers.worker").exception("boom")
+    assert logs.loggers["httpx2"] == 1 and logs.loggers["batchdb.workers.worker"] == 1
     text = logs.text()
     for name in ("OPENAI_API_KEY", "GEMINI_API_KEY", "AZURE_OPENAI_API_KEY"):
         assert CANARIES[name] in text, name
@@ -607,7 +607,7 @@ def dagster_texts(result: Any, instance: Any, home: Path) -> dict[str, str]:
 def test_no_key_in_dagster_metadata_event_log_or_captured_logs(dsn: str, key_env: None, tmp_path: Path) -> None:
     import dagster as dg
 
-    from assets import BatchDBResource, llm_batch_asset
+    from batchdb.dagster import BatchDBResource, llm_batch_asset
 
     partitions = dg.StaticPartitionsDefinition(["day-1"])
 
@@ -660,7 +660,7 @@ def test_no_key_in_dagster_metadata_event_log_or_captured_logs(dsn: str, key_env
         @dg.asset
         def leaky(context):  # noqa: ANN001, ANN202 - annotations would be unresolvable strings here
             context.log.info(f"context log {planted}")
-            logging.getLogger("workers.worker").warning("python log %s", planted)
+            logging.getLogger("batchdb.workers.worker").warning("python log %s", planted)
             print(f"stdout {planted}")
             return dg.MaterializeResult(metadata={"planted": dg.MetadataValue.json({"key": planted})})
 

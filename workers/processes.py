@@ -1,4 +1,4 @@
-"""Start worker processes (`python -m workers`) and stop them gracefully.
+"""Start worker processes (`python -m batchdb.workers`) and stop them gracefully.
 
 For the tests, the fault drills, `batchdb demo` and `batchdb dagster`:
 
@@ -33,7 +33,7 @@ from types import TracebackType
 
 # The directory holding the `workers` and `batchdb` packages.
 SOURCE_ROOT = Path(__file__).resolve().parents[1]
-WORKER_COMMAND: tuple[str, ...] = (sys.executable, "-m", "workers")
+WORKER_COMMAND: tuple[str, ...] = (sys.executable, "-m", "batchdb.workers")
 DEFAULT_GRACE_S = 30.0
 
 
@@ -72,7 +72,7 @@ class WorkerProcesses:
                  log_dir: str | os.PathLike[str] | None = None, append_logs: bool = False,
                  command: Sequence[str] = WORKER_COMMAND, grace: float = DEFAULT_GRACE_S) -> None:
         """`env` is added to this process's environment and ``BATCHDB_DSN=dsn``; `args` follow
-        `command` (default ``python -m workers``); logs are truncated unless `append_logs`;
+        `command` (default ``python -m batchdb.workers``); logs are truncated unless `append_logs`;
         `grace` is how long `stop` waits for each process before SIGKILL."""
         full_env = {**os.environ, "BATCHDB_DSN": dsn, **(env or {})}
         full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SOURCE_ROOT), full_env.get("PYTHONPATH")) if p)

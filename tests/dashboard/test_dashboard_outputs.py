@@ -12,8 +12,8 @@ from streamlit.testing.v1 import AppTest
 
 import batchdb
 from batchdb.results import JOB_ID_METADATA
-from dashboard import queries
-from dashboard.settings import OUTPUTS_ENV
+from batchdb.dashboard import queries
+from batchdb.dashboard.settings import OUTPUTS_ENV
 
 APP = str(Path(__file__).resolve().parents[2] / "dashboard" / "app.py")
 

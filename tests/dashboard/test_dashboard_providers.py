@@ -12,7 +12,7 @@ import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from batchdb import ledger
-from dashboard import queries
+from batchdb.dashboard import queries
 
 APP = str(Path(__file__).resolve().parents[2] / "dashboard" / "app.py")
 LANE = ledger.Lane("openai", "default", "gpt-4o-mini")
