@@ -29,9 +29,11 @@ from psycopg import errors, sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from batchdb import embedded, ledger, migrations
+from batchdb._source_root import SOURCE_ROOT
 from batchdb.db import connect, resolve_dsn
 
-REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
+# The repository root in a checkout (where workspace.yaml is); site-packages in a wheel install.
+REPOSITORY_ROOT = SOURCE_ROOT
 EXAMPLE_MODULE = "batchdb.dagster.example"
 EXAMPLE_MODEL = ("openai", "default", "gpt-4o-mini")
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a file: make `bench` and `dashboard` importable
+if __package__ in (None, ""):  # run as a file: make `bench` and `batchdb` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psycopg

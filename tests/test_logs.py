@@ -59,7 +59,7 @@ def test_log_format_json_writes_one_object_per_line(dsn: str, simulator: Callabl
 
 def test_library_info_is_quiet_by_default_whatever_the_client_is_called() -> None:
     root = logging.getLogger()
-    saved = (root.level, {n: logging.getLogger(n).level for n in ("workers", "batchdb", "httpx2", "some_new_client")})
+    saved = (root.level, {n: logging.getLogger(n).level for n in ("batchdb", "httpx2", "some_new_client")})
     try:
         root.setLevel(logging.WARNING)  # `batchdb worker` without -v
         configure_worker_logging()

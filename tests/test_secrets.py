@@ -62,6 +62,7 @@ from batchdb.simulator.config import Distribution, ErrorRates, SimulatorConfig
 from batchdb.simulator.process import SimulatorProcess, start_simulator
 from batchdb.workers.outcomes import RetryPolicy
 from batchdb.workers.worker import Worker, WorkerConfig
+from batchdb.dashboard.run import APP as dashboard_app
 
 OPENAI_MODEL = "gpt-4o-mini"
 GEMINI_MODEL = "gemini-2.5-flash"
@@ -85,7 +86,7 @@ _KEY_ENVS = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "AZURE_OPENAI_API_KEY", "AZURE
              "GOOGLE_API_KEY", "GEMINI_BASE_URL", "BATCHDB_SECRETS_FILE", "BATCHDB_AZURE_API_VERSION")
 # Loggers turned to DEBUG while a scenario runs (the root logger is too: every other logger inherits it).
 _LOGGERS = ("openai", "httpx", "httpx2", "httpcore", "google_genai", "google", "aiohttp", "asyncio", "psycopg",
-            "workers", "batchdb", "dashboard", "assets", "dagster", "streamlit", "urllib3")
+            "batchdb", "dagster", "streamlit", "urllib3")
 FAST_RETRY = RetryPolicy(base_seconds=0.05, max_seconds=0.2)
 
 
@@ -370,7 +371,7 @@ def test_no_key_in_any_log_record(scenario: Scenario) -> None:
     names = set(logs.loggers)
     assert any(n.startswith("openai") for n in names), names
     assert any(n.startswith(("httpx", "httpcore")) for n in names), names
-    assert any(n.startswith("workers") for n in names), names
+    assert any(n.startswith("batchdb.workers") for n in names), names
     text = logs.text()
     assert "paused: provider refused" in text and "invalid_api_key" in text
     assert sum(logs.loggers.values()) > 100, logs.loggers
@@ -464,7 +465,7 @@ def test_no_key_in_recorded_errors_or_raised_exceptions(scenario: Scenario, simu
 # -- 4. the dashboard -----------------------------------------------------------------------------------
 
 
-APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
+APP = str(dashboard_app)  # batchdb/dashboard/app.py, as `batchdb dashboard` runs it
 
 
 def render(page: str, **query: str) -> Any:
@@ -622,7 +623,7 @@ def test_no_key_in_dagster_metadata_event_log_or_captured_logs(dsn: str, key_env
                               id_column="id", max_tokens=10, key_alias="refused")
     home = tmp_path / "dagster_home"
     home.mkdir()
-    managed = ["workers", "batchdb", "openai", "httpx2", "httpx", "google_genai", "assets"]
+    managed = ["batchdb", "openai", "httpx2", "httpx", "google_genai"]
     instance = dg.DagsterInstance.local_temp(
         str(home), overrides={"python_logs": {"managed_python_loggers": managed, "python_log_level": "DEBUG"}})
     output_root = tmp_path / "out"

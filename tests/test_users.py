@@ -16,7 +16,6 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
-from pathlib import Path
 
 import pandas as pd
 import psycopg
@@ -157,7 +156,9 @@ def test_dashboard_shows_a_user_only_their_jobs(two_users, monkeypatch: pytest.M
     alice, _, alice_job, bob_job = two_users
     monkeypatch.setenv("BATCHDB_DSN", alice.dsn)
     st.cache_data.clear()
-    app = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
+    from batchdb.dashboard.run import APP
+
+    app = str(APP)
     try:
         at = AppTest.from_file(app, default_timeout=60)
         at.run()

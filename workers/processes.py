@@ -12,7 +12,7 @@ For the tests, the fault drills, `batchdb demo` and `batchdb dagster`:
 or as a context manager (`with start_workers(...) as workers:`), which stops them on exit.
 
 Each child gets this process's environment plus ``BATCHDB_DSN`` and the caller's ``env``, with the
-directory that holds the `workers` package first on ``PYTHONPATH`` (as `start_simulator` does), so
+directory that holds the `batchdb` package first on ``PYTHONPATH`` (as `start_simulator` does), so
 the children run this very code whatever their working directory. Their output goes to one file a
 process, ``<log_dir>/worker-<i>.log`` (stdout and stderr together), or nowhere: never to a pipe,
 which would stall a worker once it is full.
@@ -31,8 +31,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
-# The directory holding the `workers` and `batchdb` packages.
-SOURCE_ROOT = Path(__file__).resolve().parents[1]
+from batchdb._source_root import SOURCE_ROOT
+
 WORKER_COMMAND: tuple[str, ...] = (sys.executable, "-m", "batchdb.workers")
 DEFAULT_GRACE_S = 30.0
 

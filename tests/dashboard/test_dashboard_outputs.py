@@ -14,8 +14,9 @@ import batchdb
 from batchdb.results import JOB_ID_METADATA
 from batchdb.dashboard import queries
 from batchdb.dashboard.settings import OUTPUTS_ENV
+from batchdb.dashboard.run import APP as dashboard_app
 
-APP = str(Path(__file__).resolve().parents[2] / "dashboard" / "app.py")
+APP = str(dashboard_app)  # batchdb/dashboard/app.py, as `batchdb dashboard` runs it
 
 
 @pytest.fixture(autouse=True)
