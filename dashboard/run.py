@@ -76,7 +76,7 @@ def start_dashboard(dsn: str | None = None, *, port: int = DEFAULT_PORT, host: s
     """Start Streamlit and return once `/_stcore/health` answers "ok"."""
     env = dict(os.environ)
     env[DSN_ENV] = resolve_dsn(dsn)
-    # So the child imports this very batchdb, as workers.processes does.
+    # So the child imports this very batchdb, as batchdb.workers.processes does.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SOURCE_ROOT), env.get("PYTHONPATH")) if p)
     if outputs_dir is not None:
         env[OUTPUTS_ENV] = str(Path(outputs_dir).resolve())
