@@ -119,11 +119,11 @@ print(json.dumps({
 
 def test_this_checkout_installed_editable_maps_only_batchdb(tmp_path: Path) -> None:
     """`pip install -e .` (dev-mode-exact) maps `batchdb` alone: the repository root is not on sys.path."""
-    probe = _run([sys.executable, "-c", PROBE], cwd=tmp_path, env={k: v for k, v in os.environ.items()
-                                                                   if k not in _PYTHON_ENV})
-    found = json.loads(probe.stdout)
-    if Path(found["batchdb"]).resolve() != REPO / "batchdb" / "__init__.py":
-        pytest.skip(f"this virtualenv's batchdb is {found['batchdb']}, not an editable install of {REPO}")
+    env = {k: v for k, v in os.environ.items() if k not in _PYTHON_ENV}
+    where = _run([sys.executable, "-c", "import batchdb; print(batchdb.__file__)"], cwd=tmp_path, env=env).stdout.strip()
+    if Path(where).resolve() != REPO / "batchdb" / "__init__.py":
+        pytest.skip(f"this virtualenv's batchdb is {where}, not an editable install of {REPO}")
+    found = json.loads(_run([sys.executable, "-c", PROBE], cwd=tmp_path, env=env).stdout)
     assert found["top_level"] == {"workers": False, "assets": False, "dashboard": False}
     assert found["source_root"] == str(REPO)
     assert found["app"] == str(REPO / "batchdb" / "dashboard" / "app.py")
