@@ -6,11 +6,11 @@
   `submit` / `wait` / `cancel` / `output_path` one by one).
 - `rows_answered_check(asset)`: the asset check `BatchDBResource.run` reports on.
 
-`assets.example` is the example code location (`workspace.yaml`); `assets.dev` starts it with
+`batchdb.dagster.example` is the example code location (`workspace.yaml`); `batchdb.dagster.dev` starts it with
 workers and the provider simulator (`batchdb dagster`).
 """
 
-from assets._asset import llm_batch_asset
-from assets._resource import ROWS_ANSWERED_CHECK, BatchDBResource, rows_answered_check
+from batchdb.dagster._asset import llm_batch_asset
+from batchdb.dagster._resource import ROWS_ANSWERED_CHECK, BatchDBResource, rows_answered_check
 
 __all__ = ["ROWS_ANSWERED_CHECK", "BatchDBResource", "llm_batch_asset", "rows_answered_check"]

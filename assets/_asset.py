@@ -7,7 +7,7 @@ from typing import Any
 
 import dagster as dg
 
-from assets._resource import BatchDBResource, _canonical, rows_answered_check
+from batchdb.dagster._resource import BatchDBResource, _canonical, rows_answered_check
 
 SourceAsset = dg.AssetsDefinition | dg.AssetSpec | dg.AssetKey | str | Sequence[str]
 
@@ -53,7 +53,7 @@ def llm_batch_asset(
             import dagster as dg
             import pandas as pd
 
-            from assets import BatchDBResource, llm_batch_asset
+            from batchdb.dagster import BatchDBResource, llm_batch_asset
 
             daily = dg.DailyPartitionsDefinition(start_date="2020-01-01")
 

@@ -52,7 +52,7 @@ class BatchDBResource(dg.ConfigurableResource):
             import dagster as dg
             import pandas as pd
 
-            from assets import BatchDBResource, rows_answered_check
+            from batchdb.dagster import BatchDBResource, rows_answered_check
 
             daily = dg.DailyPartitionsDefinition(start_date="2024-01-01")
 

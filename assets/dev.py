@@ -29,10 +29,12 @@ from psycopg import errors, sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from batchdb import embedded, ledger, migrations
+from batchdb._source_root import SOURCE_ROOT
 from batchdb.db import connect, resolve_dsn
 
-REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE_MODULE = "assets.example"
+# The repository root in a checkout (where workspace.yaml is); site-packages in a wheel install.
+REPOSITORY_ROOT = SOURCE_ROOT
+EXAMPLE_MODULE = "batchdb.dagster.example"
 EXAMPLE_MODEL = ("openai", "default", "gpt-4o-mini")
 
 
@@ -142,8 +144,8 @@ def run_dev(
     """Start everything the example needs and the Dagster UI; block until Ctrl-C; return dagster's exit code."""
     from batchdb.simulator.config import Distribution, Limits, SimulatorConfig
     from batchdb.simulator.process import start_simulator
-    from workers.process_groups import stop_process_groups
-    from workers.processes import WorkerProcesses
+    from batchdb.workers.process_groups import stop_process_groups
+    from batchdb.workers.processes import WorkerProcesses
 
     say = click.echo
     dsn = resolve_dsn(dsn)

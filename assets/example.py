@@ -3,7 +3,7 @@
 The sample dataset is synthetic and deterministic (`batchdb.demo.demo_headlines`: 15 headlines a
 day, 2024-01-01 to 2024-12-31), generated in memory when first read, so the example runs offline
 against the provider simulator. `workspace.yaml` at the repository root loads this module;
-`batchdb dagster` (`assets.dev.run_dev`) starts it with workers and the simulator.
+`batchdb dagster` (`batchdb.dagster.dev.run_dev`) starts it with workers and the simulator.
 
 Environment: BATCHDB_DSN (the batchdb database), BATCHDB_OUTPUT_ROOT (where the Parquet files go,
 default ./batchdb-output).
@@ -15,7 +15,7 @@ from functools import cache
 import dagster as dg
 import pandas as pd
 
-from assets import BatchDBResource, llm_batch_asset
+from batchdb.dagster import BatchDBResource, llm_batch_asset
 from batchdb.demo import SENTIMENT_SCHEMA, demo_headlines
 
 FIRST_DAY = "2024-01-01"

@@ -1,15 +1,14 @@
-"""Locate the `sql/` folder: the repo's own in a checkout, `batchdb/_sql` in a wheel."""
+"""Locate the `sql/` folder, reached as `batchdb/_sql` in a checkout (a symlink to ../sql) and
+in a wheel (hatchling copies the files it points to)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-_PACKAGED = Path(__file__).parent / "_sql"
-_CHECKOUT = Path(__file__).parent.parent / "sql"
+_SQL = Path(__file__).parent / "_sql"
 
 
 def sql_dir() -> Path:
-    for candidate in (_PACKAGED, _CHECKOUT):
-        if (candidate / "migrations").is_dir():
-            return candidate
+    if (_SQL / "migrations").is_dir():
+        return _SQL
     raise FileNotFoundError("batchdb's sql/ folder is missing from this installation")

@@ -517,9 +517,9 @@ def worker_command(concurrency: int, lease_seconds: float, request_timeout: floa
                    exit_when_idle: bool, circuit_threshold: int, circuit_max_backoff: float,
                    log_format: str, dsn: str | None) -> None:
     """Run a worker process until SIGTERM/SIGINT (a second one: hand back every row at once)."""
-    from workers.breaker import BreakerConfig
-    from workers.logs import configure_worker_logging
-    from workers.worker import WorkerConfig, run_worker
+    from batchdb.workers.breaker import BreakerConfig
+    from batchdb.workers.logs import configure_worker_logging
+    from batchdb.workers.worker import WorkerConfig, run_worker
 
     _require_schema(dsn)
     # The worker's own state changes at INFO; never a line per request (workers/logs.py).
@@ -585,7 +585,7 @@ def _require_extra(extra: str, *modules: str) -> None:
 def dashboard_command(port: int, outputs_dir: Path | None, refresh_seconds: float | None, dsn: str | None) -> None:
     """Start the Streamlit dashboard on 127.0.0.1 (read-only, except cancel/retry)."""
     _require_extra("dashboard", "streamlit", "altair")
-    from dashboard.run import run_dashboard
+    from batchdb.dashboard.run import run_dashboard
 
     run_dashboard(dsn, port, host="127.0.0.1", outputs_dir=outputs_dir, refresh_seconds=refresh_seconds)
 
@@ -596,7 +596,7 @@ def dashboard_command(port: int, outputs_dir: Path | None, refresh_seconds: floa
 def dagster_command(ctx: click.Context) -> None:
     """Open the example in the Dagster UI with workers and the provider simulator; --help for its options."""
     _require_extra("dagster", "dagster", "dagster_webserver", "dagster_postgres")
-    from assets.dev import dagster_command as command
+    from batchdb.dagster.dev import dagster_command as command
 
     command.main(args=ctx.args, prog_name="batchdb dagster")
 

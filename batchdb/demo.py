@@ -70,7 +70,7 @@ def run_demo(*, rows: int, n_workers: int, rpm: int, tpm: int, output: Path, dsn
              yes: bool = False) -> None:
     from batchdb.simulator.config import Distribution, Limits, SimulatorConfig
     from batchdb.simulator.process import start_simulator
-    from workers.processes import start_workers
+    from batchdb.workers.processes import start_workers
 
     say = click.echo
     dsn = resolve_dsn(dsn)

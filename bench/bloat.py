@@ -59,7 +59,7 @@ def main() -> None:
         progress(f"draining with {args.workers} workers")
         started = time.monotonic()
         env = {**os.environ, "BATCHDB_DSN": dsn, "PYTHONPATH": str(REPO)}
-        workers = [subprocess.Popen([sys.executable, "-m", "workers", "--concurrency", "256", "--exit-when-idle",
+        workers = [subprocess.Popen([sys.executable, "-m", "batchdb.workers", "--concurrency", "256", "--exit-when-idle",
                                      "--poll-interval", "0.5"], env=env, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL) for _ in range(args.workers)]
         for w in workers:

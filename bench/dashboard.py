@@ -4,7 +4,7 @@ Seeds a scratch database with plain SQL into the documented tables (not timed): 
 `--rows` (1,000,000) row job, 60% finished over the last 40 minutes with results, failures, dead
 rows, rows waiting for a retry and rows in flight; 30 finished 1,000-row jobs spread over two
 weeks; four rate-limited lanes with two weeks of per-minute ledger usage; 40 workers (4 alive).
-Then times each page's loader (`dashboard.queries.load_*`: exactly the queries a page runs on a
+Then times each page's loader (`batchdb.dashboard.queries.load_*`: exactly the queries a page runs on a
 cache miss, including opening its read-only connection): 1 warm-up and `--reps` timed runs.
 Target: every page < 500 ms.
 
@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a file: make `bench` and `dashboard` importable
+if __package__ in (None, ""):  # run as a file: make `bench` and `batchdb` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psycopg
@@ -41,8 +41,8 @@ from bench._common import (
     progress,
     scratch_database,
 )
-from dashboard import queries
-from dashboard.source import PostgresViaDuckDB, read_only_dsn
+from batchdb.dashboard import queries
+from batchdb.dashboard.source import PostgresViaDuckDB, read_only_dsn
 
 TARGET_MS = 500.0
 

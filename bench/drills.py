@@ -2,7 +2,7 @@
 
     python -m bench.drills [--rows 5000] [--workers 4] [--only NAME] [--admin-dsn DSN]
 
-Each drill submits a job, starts `--workers` worker processes (`python -m workers`) against
+Each drill submits a job, starts `--workers` worker processes (`python -m batchdb.workers`) against
 the provider simulator (lognormal latency, median 0.25 s), injects one fault and checks:
 
 - every row ends final and no row is lost (a succeeded row has exactly one result; the only
@@ -51,7 +51,7 @@ from batchdb.simulator.config import Distribution, SimulatorConfig
 from batchdb.simulator.process import SimulatorProcess, start_simulator
 from bench import write_audit
 from bench._common import DEFAULT_ADMIN_DSN, print_table, progress, scratch_database
-from workers.processes import WORKER_COMMAND, WorkerProcesses, start_workers
+from batchdb.workers.processes import WORKER_COMMAND, WorkerProcesses, start_workers
 
 LATENCY = Distribution(kind="lognormal", median=0.25, sigma=0.5, cap=3.0)
 OUTPUT_TOKENS = Distribution(kind="uniform", low=3, high=12)
@@ -260,7 +260,7 @@ def running(setup: Setup, *, sim_config: SimulatorConfig | None = None, poison_e
             log_dir: str | None = None) -> Iterator[tuple[batchdb.Job, SimulatorProcess, WorkerProcesses, Sampler]]:
     """A submitted job, the simulator, the workers and a throughput sampler; all stopped on exit.
 
-    The workers run `python -m workers`, or `python *python_prefix`, or `command` when given; each
+    The workers run `python -m batchdb.workers`, or `python *python_prefix`, or `command` when given; each
     keeps its log (worker-<i>.log) in `log_dir`, else in DRILLS_WORKER_LOGS when set, for post-mortems.
     """
     write_audit.install(setup.dsn)  # before any worker writes: completions are counted from the writes

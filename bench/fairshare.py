@@ -81,7 +81,7 @@ def run_scenario(admin_dsn: str, sim_url: str, name: str, args: argparse.Namespa
     import batchdb
     from batchdb import ledger
     from bench._common import progress, scratch_database
-    from workers.processes import start_workers
+    from batchdb.workers.processes import start_workers
 
     first, second = SCENARIOS[name]
     with scratch_database(admin_dsn, "fairshare") as dsn, psycopg.connect(dsn, autocommit=True) as admin:

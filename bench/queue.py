@@ -6,7 +6,7 @@ Three parts, one after the other on the same PostgreSQL server, each in its own
 scratch database (created, migrated, dropped):
 
 1. Throughput. Submit `--rows` rows with `provider="instant"` (answers at once, no
-   network), run 1, 2 and 4 worker processes (`python -m workers --concurrency 256
+   network), run 1, 2 and 4 worker processes (`python -m batchdb.workers --concurrency 256
    --exit-when-idle --poll-interval 0.5`), and take rows/s from the job's own
    started_at (first claim) to finished_at (last row recorded). Each row's result,
    token usage and cost are written as in production. Checked: every row succeeded
@@ -106,7 +106,7 @@ def _busy(t: psutil._common.scputimes) -> float:
 def run_workers(dsn: str, n: int) -> tuple[float, float, float]:
     """Start n worker processes, wait for all to exit; (wall s, their CPU s, machine CPU busy %)."""
     env = {**os.environ, "BATCHDB_DSN": dsn, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "workers", "--concurrency", "256", "--exit-when-idle", "--poll-interval", "0.5"]
+    cmd = [sys.executable, "-m", "batchdb.workers", "--concurrency", "256", "--exit-when-idle", "--poll-interval", "0.5"]
     usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_before = psutil.cpu_times()
     started = time.perf_counter()
@@ -325,7 +325,7 @@ async def explain_claim(conn: psycopg.AsyncConnection, batch: int, *, generic: b
 
 
 async def measure_state(dsn: str, state: str, batches: list[int], reps: int) -> list[Latency]:
-    """Claim latency on connections like a worker's (workers.connection.Reconnecting: autocommit, dict rows).
+    """Claim latency on connections like a worker's (batchdb.workers.connection.Reconnecting: autocommit, dict rows).
 
     A rolled-back claim is never prepared by psycopg (a ROLLBACK resets its prepare
     counters), so it is planned afresh each time: a custom plan. A worker's committed

@@ -9,7 +9,7 @@ starts its processes, so its second 0 is the run's start.
 
 - batchdb: a fresh database, the same limits set in the ledger
   (`batchdb.ledger.set_limits`), enough rows submitted that the run never drains,
-  then N `python -m workers` processes for `--seconds`, then SIGTERM.
+  then N `python -m batchdb.workers` processes for `--seconds`, then SIGTERM.
 - baseline: N processes of the plain client at the end of this file. Each paces its
   calls with its own in-process token bucket (requests and tokens), as single-process
   tools do, and retries a 429 after its retry-after. "naive": every process is
@@ -341,7 +341,7 @@ def run_batchdb(admin_dsn: str, sim: SimulatorProcess, scenario: Scenario, table
                  f"{in_flight} in flight for {scenario.seconds:.0f} s")
         env = {**os.environ, "PYTHONPATH": str(REPO), "BATCHDB_DSN": dsn, "OPENAI_BASE_URL": sim.openai_base_url,
                "OPENAI_API_KEY": API_KEY}
-        cmd = [sys.executable, "-m", "workers", "--concurrency", str(in_flight)]
+        cmd = [sys.executable, "-m", "batchdb.workers", "--concurrency", str(in_flight)]
         probe = LedgerProbe(dsn, model)
         try:
             sim.reset()

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     from batchdb import users
     from batchdb.providers.instant import InstantProvider
     from bench._common import DEFAULT_ADMIN_DSN, environment_line, fmt_int, print_table, progress, scratch_database
-    from workers.worker import Worker, WorkerConfig
+    from batchdb.workers.worker import Worker, WorkerConfig
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dsn", default=DEFAULT_ADMIN_DSN, help="admin DSN (a scratch database and role)")

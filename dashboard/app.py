@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import ui
+from batchdb.dashboard import ui
 
 st.set_page_config(page_title="batchdb", page_icon=":material/database:", layout="wide")
 # Narrower side margins than Streamlit's 5rem: wide tables get the room (see ui.FRAME_PX).

@@ -22,10 +22,13 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from batchdb._source_root import SOURCE_ROOT
 from batchdb.db import DSN_ENV, resolve_dsn
-from dashboard.settings import OUTPUTS_ENV, REFRESH_ENV
+from batchdb.dashboard.settings import OUTPUTS_ENV, REFRESH_ENV
 
-APP = Path(__file__).resolve().parent / "app.py"
+# The app file inside the batchdb package: batchdb/dashboard/app.py (through the symlink in a
+# checkout, a plain file in a wheel). It imports its neighbours as batchdb.dashboard.*.
+APP = Path(__file__).parent / "app.py"
 DEFAULT_PORT = 8501
 
 
@@ -73,8 +76,8 @@ def start_dashboard(dsn: str | None = None, *, port: int = DEFAULT_PORT, host: s
     """Start Streamlit and return once `/_stcore/health` answers "ok"."""
     env = dict(os.environ)
     env[DSN_ENV] = resolve_dsn(dsn)
-    package_root = str(APP.parent.parent)  # so `import dashboard` works without an install
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    # So the child imports this very batchdb, as batchdb.workers.processes does.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SOURCE_ROOT), env.get("PYTHONPATH")) if p)
     if outputs_dir is not None:
         env[OUTPUTS_ENV] = str(Path(outputs_dir).resolve())
     if refresh_seconds is not None:

@@ -1,4 +1,4 @@
-"""The dashboard's settings, read from the environment that `dashboard.run` gives the Streamlit process.
+"""The dashboard's settings, read from the environment that `batchdb.dashboard.run` gives the Streamlit process.
 
 Kept free of Streamlit imports so `batchdb dashboard` can start the server without loading it.
 """

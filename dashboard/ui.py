@@ -1,6 +1,6 @@
 """What every page shares: settings, cached loaders, formatting, empty states, the database guard.
 
-Loaders are `dashboard.queries` functions wrapped in `st.cache_data(ttl=...)`, so a
+Loaders are `batchdb.dashboard.queries` functions wrapped in `st.cache_data(ttl=...)`, so a
 page that refreshes every few seconds, or many people watching one job, cost
 the database one set of queries per TTL.
 """
@@ -20,8 +20,8 @@ from psycopg.conninfo import conninfo_to_dict
 
 from batchdb.db import resolve_dsn
 from batchdb.errors import BatchDBError, DatabaseUnavailable
-from dashboard import queries
-from dashboard.settings import outputs_dir, refresh_seconds  # noqa: F401 - the pages read them from here
+from batchdb.dashboard import queries
+from batchdb.dashboard.settings import outputs_dir, refresh_seconds  # noqa: F401 - the pages read them from here
 
 CACHE_TTL = refresh_seconds()
 
@@ -195,7 +195,7 @@ def table(data: pd.DataFrame, *, column_config: dict[str, Any] | None = None, sh
           keys: list[str] | None = None, **options: Any) -> None:
     """`st.dataframe` whose every column shows at a 1,400 px window (`share`: of the page's width):
     fitted widths, and parts one under the other (repeating the `keys` columns) when too many."""
-    from dashboard.tables import fit_columns, split_columns
+    from batchdb.dashboard.tables import fit_columns, split_columns
 
     options.setdefault("hide_index", True)
     options.setdefault("width", "stretch")

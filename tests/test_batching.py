@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from workers.batching import batches
+from batchdb.workers.batching import batches
 
 
 def test_batches_are_capped_and_close_flushes_what_came_before() -> None:

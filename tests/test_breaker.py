@@ -24,10 +24,10 @@ from batchdb.ledger import Lane
 from batchdb.models import ClaimedRequest
 from batchdb.providers.base import ErrorKind, ProviderError
 from batchdb.simulator import SimulatorConfig, SimulatorProcess, start_simulator
-from workers.breaker import Breaker, BreakerConfig
-from workers.connection import Reconnecting
-from workers.outcomes import RetryPolicy
-from workers.worker import Worker, WorkerConfig
+from batchdb.workers.breaker import Breaker, BreakerConfig
+from batchdb.workers.connection import Reconnecting
+from batchdb.workers.outcomes import RetryPolicy
+from batchdb.workers.worker import Worker, WorkerConfig
 
 LANE = Lane("openai", "default", "gpt-4o-mini")
 UNAVAILABLE_503 = ProviderError(ErrorKind.TRANSIENT, "InternalServerError: 503 (at http://sim/v1/chat/completions)",

@@ -17,10 +17,10 @@ from psycopg.rows import dict_row
 import batchdb
 from batchdb import queue, users
 from batchdb.providers.instant import InstantProvider
-from workers.connection import Reconnecting
-from workers.outcomes import RetryPolicy
-from workers.budget_settler import BudgetSettler, Settlement
-from workers.worker import Worker, WorkerConfig
+from batchdb.workers.connection import Reconnecting
+from batchdb.workers.outcomes import RetryPolicy
+from batchdb.workers.budget_settler import BudgetSettler, Settlement
+from batchdb.workers.worker import Worker, WorkerConfig
 
 
 @pytest.fixture

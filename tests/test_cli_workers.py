@@ -15,7 +15,7 @@ from click.testing import CliRunner
 import batchdb
 from batchdb import ledger
 from batchdb.cli import cli
-from workers.processes import WorkerProcesses
+from batchdb.workers.processes import WorkerProcesses
 
 
 def invoke(*args: str) -> str:

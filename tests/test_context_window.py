@@ -17,8 +17,8 @@ from batchdb.cli import cli
 from batchdb.context_window import ModelLimits
 from batchdb.ingest import InputError
 from batchdb.providers.base import ChatRequest, ChatResponse
-from workers.outcomes import RetryPolicy
-from workers.worker import Worker, WorkerConfig
+from batchdb.workers.outcomes import RetryPolicy
+from batchdb.workers.worker import Worker, WorkerConfig
 
 # ~2 MB of ordinary words: about 400,000 o200k tokens, three times gpt-4o-mini's 128,000.
 HUGE = " ".join(f"word{i % 50} lorem ipsum" for i in range(110_000))

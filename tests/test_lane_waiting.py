@@ -14,8 +14,8 @@ from click.testing import CliRunner
 import batchdb
 from batchdb.cli import cli
 from batchdb.providers.instant import InstantProvider
-from workers.outcomes import RetryPolicy
-from workers.worker import Worker, WorkerConfig
+from batchdb.workers.outcomes import RetryPolicy
+from batchdb.workers.worker import Worker, WorkerConfig
 
 
 def hold_lane(conn: psycopg.Connection, model: str, seconds: float) -> None:
@@ -49,7 +49,7 @@ def test_a_held_lane_gives_its_rows_back_so_another_lane_runs(dsn: str, conn: ps
             worker.stop()
             await task
 
-    with caplog.at_level(logging.INFO, logger="workers.pacer"):
+    with caplog.at_level(logging.INFO, logger="batchdb.workers.pacer"):
         assert asyncio.run(run_until_free_done()), "rows of the held lane kept every slot"
     # The held lane's rows went back without spending an attempt, due again when the hold ends.
     rows = conn.execute("SELECT status, attempts, run_after > now() AS later FROM batchdb.requests "
@@ -103,7 +103,7 @@ def test_limits_show_and_the_providers_page_say_a_lanes_circuit_is_open(dsn: str
     assert "circuit open since" in line and "last error: APIConnectionError at http://127.0.0.1:9/v1" in line, line
     assert "next probe about" in line
 
-    from dashboard import queries
+    from batchdb.dashboard import queries
 
     [shown] = queries.load_providers(dsn)["circuits"].itertuples()
     assert shown.model == "gpt-4o-mini" and shown.state_text.startswith("circuit open since")

@@ -16,10 +16,10 @@ import batchdb
 from batchdb import queue
 from batchdb.providers import ErrorKind, ProviderError, lane_endpoint
 from batchdb.providers.gemini import GeminiProvider
-from workers.connection import Reconnecting
-from workers.lanes import WAITING_PREFIX, LaneAdvertiser, public_endpoint
-from workers.outcomes import RetryPolicy
-from workers.worker import Worker, WorkerConfig
+from batchdb.workers.connection import Reconnecting
+from batchdb.workers.lanes import WAITING_PREFIX, LaneAdvertiser, public_endpoint
+from batchdb.workers.outcomes import RetryPolicy
+from batchdb.workers.worker import Worker, WorkerConfig
 
 _KEY_ENVS = ("GEMINI_API_KEY", "GOOGLE_API_KEY", "GEMINI_BASE_URL", "BATCHDB_SECRETS_FILE")
 
@@ -240,7 +240,7 @@ def test_only_a_keyless_worker_pauses_the_job_and_a_keyed_worker_resumes_it(conn
 def test_worker_processes_without_and_with_gemini_api_key(conn: psycopg.Connection, dsn: str, simulator,
                                                           tmp_path) -> None:  # noqa: ANN001
     """The reported setup: worker processes whose environments differ only by GEMINI_API_KEY."""
-    from workers.processes import start_workers
+    from batchdb.workers.processes import start_workers
 
     sim = simulator()
     install_claim_audit(conn)

@@ -12,8 +12,8 @@ import pytest
 
 import batchdb
 from batchdb.simulator import SimulatorProcess
-from workers.logs import JsonFormatter, configure_worker_logging
-from workers.processes import WorkerProcesses
+from batchdb.workers.logs import JsonFormatter, configure_worker_logging
+from batchdb.workers.processes import WorkerProcesses
 
 ROWS = 40  # per provider
 
@@ -53,17 +53,17 @@ def test_log_format_json_writes_one_object_per_line(dsn: str, simulator: Callabl
     lines = run_worker_through_the_sdks(dsn, simulator(), tmp_path, "--log-format", "json")
     entries = [json.loads(line) for line in lines]
     assert all(isinstance(e, dict) and {"ts", "level", "logger", "message"} <= e.keys() for e in entries)
-    assert any(e["logger"] == "workers.worker" and "started" in e["message"] for e in entries)
+    assert any(e["logger"] == "batchdb.workers.worker" and "started" in e["message"] for e in entries)
     assert len(entries) < 10
 
 
 def test_library_info_is_quiet_by_default_whatever_the_client_is_called() -> None:
     root = logging.getLogger()
-    saved = (root.level, {n: logging.getLogger(n).level for n in ("workers", "batchdb", "httpx2", "some_new_client")})
+    saved = (root.level, {n: logging.getLogger(n).level for n in ("batchdb", "httpx2", "some_new_client")})
     try:
         root.setLevel(logging.WARNING)  # `batchdb worker` without -v
         configure_worker_logging()
-        assert logging.getLogger("workers.worker").isEnabledFor(logging.INFO)
+        assert logging.getLogger("batchdb.workers.worker").isEnabledFor(logging.INFO)
         assert logging.getLogger("batchdb.queue").isEnabledFor(logging.INFO)
         for client in ("httpx", "httpx2", "google_genai._api_client", "some_new_client"):
             assert not logging.getLogger(client).isEnabledFor(logging.INFO), client
@@ -77,7 +77,7 @@ def test_json_formatter_keeps_exceptions_on_one_line() -> None:
     try:
         raise ValueError("boom")
     except ValueError:
-        record = logging.LogRecord("workers.worker", logging.ERROR, __file__, 1, "failed %s", ("x",),
+        record = logging.LogRecord("batchdb.workers.worker", logging.ERROR, __file__, 1, "failed %s", ("x",),
                                    exc_info=__import__("sys").exc_info())
     line = JsonFormatter().format(record)
     assert "\n" not in line
@@ -89,7 +89,7 @@ def test_progress_is_one_line_per_interval_not_per_request(dsn: str, drain,  # n
                                                            caplog: pytest.LogCaptureFixture) -> None:
     frame = pd.DataFrame({"text": [f"t{i}" for i in range(300)]})
     batchdb.submit(frame, prompt="{text}", model="m", provider="instant", dsn=dsn)
-    caplog.set_level(logging.INFO, logger="workers")
+    caplog.set_level(logging.INFO, logger="batchdb.workers")
     drain()  # the default interval (60 s) is longer than this drain: no progress line
     assert not [r for r in caplog.records if "row(s) done" in r.getMessage()]
     batchdb.submit(frame, prompt="{text}", model="m", provider="instant", dsn=dsn)

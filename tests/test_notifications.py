@@ -30,8 +30,8 @@ from batchdb.cli import cli
 from batchdb.notifications import SmtpSettings, verify_signature
 from batchdb.providers.base import ChatRequest, ChatResponse, ErrorKind, ProviderError
 from batchdb.providers.instant import InstantProvider
-from workers.notifier import Notifier, NotifierConfig, backoff_delay
-from workers.worker import Worker, WorkerConfig
+from batchdb.workers.notifier import Notifier, NotifierConfig, backoff_delay
+from batchdb.workers.worker import Worker, WorkerConfig
 
 TIMEOUT = 15.0
 
@@ -402,7 +402,7 @@ def test_permanently_failing_receivers_are_given_up_after_max_attempts_without_l
             await dispatch(dsn, fast(max_attempts=3))
             return receiver
 
-    with caplog.at_level(logging.DEBUG, logger="workers.notifier"):
+    with caplog.at_level(logging.DEBUG, logger="batchdb.workers.notifier"):
         receiver = asyncio.run(scenario())
     failing, refused = deliveries(conn)
     assert (failing["status"], failing["attempts"], failing["last_error"]) == (

@@ -9,7 +9,7 @@ import time
 
 import psutil
 
-from workers.process_groups import group_members, stop_process_groups
+from batchdb.workers.process_groups import group_members, stop_process_groups
 
 # A leader that starts a grandchild ignoring SIGTERM for a moment (as `dagster api grpc` did for 2 s),
 # then exits on SIGTERM without stopping it.

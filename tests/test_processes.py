@@ -12,8 +12,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from workers import processes
-from workers.processes import SOURCE_ROOT, WorkerProcesses, start_workers, stop_processes
+from batchdb.workers import processes
+from batchdb.workers.processes import SOURCE_ROOT, WorkerProcesses, start_workers, stop_processes
 
 
 def wait_for(condition: Callable[[], object], what: str, timeout: float = 60) -> None:

@@ -20,7 +20,7 @@ import batchdb
 from batchdb import ledger
 from batchdb.simulator.config import Distribution, Limits, LimitRule, Outage, SimulatorConfig
 from batchdb.simulator.process import SimulatorProcess, start_simulator
-from workers.processes import WorkerProcesses, start_workers
+from batchdb.workers.processes import WorkerProcesses, start_workers
 
 pytestmark = pytest.mark.slow
 

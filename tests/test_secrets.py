@@ -61,8 +61,9 @@ from batchdb.providers.openai import OpenAIProvider
 from batchdb.secrets import MissingSecret, resolve_key
 from batchdb.simulator.config import Distribution, ErrorRates, SimulatorConfig
 from batchdb.simulator.process import SimulatorProcess, start_simulator
-from workers.outcomes import RetryPolicy
-from workers.worker import Worker, WorkerConfig
+from batchdb.workers.outcomes import RetryPolicy
+from batchdb.workers.worker import Worker, WorkerConfig
+from batchdb.dashboard.run import APP as dashboard_app
 
 OPENAI_MODEL = "gpt-4o-mini"
 GEMINI_MODEL = "gemini-2.5-flash"
@@ -86,7 +87,7 @@ _KEY_ENVS = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "AZURE_OPENAI_API_KEY", "AZURE
              "GOOGLE_API_KEY", "GEMINI_BASE_URL", "BATCHDB_SECRETS_FILE", "BATCHDB_AZURE_API_VERSION")
 # Loggers turned to DEBUG while a scenario runs (the root logger is too: every other logger inherits it).
 _LOGGERS = ("openai", "httpx", "httpx2", "httpcore", "google_genai", "google", "aiohttp", "asyncio", "psycopg",
-            "workers", "batchdb", "dashboard", "assets", "dagster", "streamlit", "urllib3")
+            "batchdb", "dagster", "streamlit", "urllib3")
 FAST_RETRY = RetryPolicy(base_seconds=0.05, max_seconds=0.2)
 
 
@@ -193,8 +194,8 @@ def test_the_scanner_finds_every_form_of_a_key_and_tolerates_the_providers_mask(
         try:
             raise ValueError(CANARIES["AZURE_OPENAI_API_KEY"])
         except ValueError:
-            logging.getLogger("workers.worker").exception("boom")
-    assert logs.loggers["httpx2"] == 1 and logs.loggers["workers.worker"] == 1
+            logging.getLogger("batchdb.workers.worker").exception("boom")
+    assert logs.loggers["httpx2"] == 1 and logs.loggers["batchdb.workers.worker"] == 1
     text = logs.text()
     for name in ("OPENAI_API_KEY", "GEMINI_API_KEY", "AZURE_OPENAI_API_KEY"):
         assert CANARIES[name] in text, name
@@ -387,7 +388,7 @@ def test_no_key_in_any_log_record(scenario: Scenario) -> None:
     names = set(logs.loggers)
     assert any(n.startswith("openai") for n in names), names
     assert any(n.startswith(("httpx", "httpcore")) for n in names), names
-    assert any(n.startswith("workers") for n in names), names
+    assert any(n.startswith("batchdb.workers") for n in names), names
     text = logs.text()
     assert "circuit openai/refused/gpt-4o-mini opened: OpenAI refused the API key" in text
     assert "invalid_api_key" in text and "API_KEY_INVALID" in text
@@ -482,7 +483,7 @@ def test_no_key_in_recorded_errors_or_raised_exceptions(scenario: Scenario, simu
 # -- 4. the dashboard -----------------------------------------------------------------------------------
 
 
-APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
+APP = str(dashboard_app)  # batchdb/dashboard/app.py, as `batchdb dashboard` runs it
 
 
 def render(page: str, **query: str) -> Any:
@@ -626,7 +627,7 @@ def refused_key_resource() -> type:
     """A `BatchDBResource` whose wait, once its job waits behind the refused key's open circuit (what a
     worker's first call brings about), gives up after a moment: the resource's timeout path, with its
     warning and its failure naming the reason, without a fixed wait that a slow machine could outlast."""
-    from assets import BatchDBResource
+    from batchdb.dagster import BatchDBResource
 
     class RefusedKeyResource(BatchDBResource):
         def wait(self, context: Any, job: batchdb.Job, **options: Any) -> batchdb.JobProgress:
@@ -642,7 +643,7 @@ def refused_key_resource() -> type:
 def test_no_key_in_dagster_metadata_event_log_or_captured_logs(dsn: str, key_env: None, tmp_path: Path) -> None:
     import dagster as dg
 
-    from assets import BatchDBResource, llm_batch_asset
+    from batchdb.dagster import BatchDBResource, llm_batch_asset
 
     partitions = dg.StaticPartitionsDefinition(["day-1"])
     RefusedKeyResource = refused_key_resource()  # noqa: N806 - a class
@@ -658,7 +659,7 @@ def test_no_key_in_dagster_metadata_event_log_or_captured_logs(dsn: str, key_env
                               id_column="id", max_tokens=10, key_alias="refused", resource_key="batchdb_refused")
     home = tmp_path / "dagster_home"
     home.mkdir()
-    managed = ["workers", "batchdb", "openai", "httpx2", "httpx", "google_genai", "assets"]
+    managed = ["batchdb", "openai", "httpx2", "httpx", "google_genai"]
     instance = dg.DagsterInstance.local_temp(
         str(home), overrides={"python_logs": {"managed_python_loggers": managed, "python_log_level": "DEBUG"}})
     output_root = tmp_path / "out"
@@ -700,7 +701,7 @@ def test_no_key_in_dagster_metadata_event_log_or_captured_logs(dsn: str, key_env
         @dg.asset
         def leaky(context):  # noqa: ANN001, ANN202 - annotations would be unresolvable strings here
             context.log.info(f"context log {planted}")
-            logging.getLogger("workers.worker").warning("python log %s", planted)
+            logging.getLogger("batchdb.workers.worker").warning("python log %s", planted)
             print(f"stdout {planted}")
             return dg.MaterializeResult(metadata={"planted": dg.MetadataValue.json({"key": planted})})
 

@@ -17,9 +17,9 @@ import batchdb
 from batchdb.models import ClaimedRequest
 from batchdb.providers.openai import OpenAIProvider
 from batchdb.queries import query
-from workers.outcomes import RetryPolicy
-from workers.send_guard import CallDropped, SendGuard
-from workers.worker import Worker, WorkerConfig
+from batchdb.workers.outcomes import RetryPolicy
+from batchdb.workers.send_guard import CallDropped, SendGuard
+from batchdb.workers.worker import Worker, WorkerConfig
 
 
 def slow_key_job(conn: psycopg.Connection, dsn: str, rows: int, rpm: int = 60) -> batchdb.Job:

@@ -22,10 +22,10 @@ from batchdb.providers.base import ChatRequest, ChatResponse, ErrorKind, Provide
 from batchdb.providers.openai import OpenAIProvider
 from batchdb.simulator.config import SimulatorConfig
 from batchdb.simulator.process import SimulatorProcess, start_simulator
-from workers.connection import Reconnecting
-from workers.outcomes import RetryPolicy
-from workers.settler import Settler, never_sent, tokens_to_give_back
-from workers.worker import Worker, WorkerConfig
+from batchdb.workers.connection import Reconnecting
+from batchdb.workers.outcomes import RetryPolicy
+from batchdb.workers.settler import Settler, never_sent, tokens_to_give_back
+from batchdb.workers.worker import Worker, WorkerConfig
 
 LANE = Lane("instant", "default", "gpt-4o-mini")
 # ~20,000 prompt tokens against a 6,000 TPM lane: a refill of 99 tokens/s would need ~200 s.

@@ -25,10 +25,10 @@ from psycopg.conninfo import make_conninfo
 import batchdb
 from batchdb import ledger
 from batchdb.providers.base import ChatRequest, ChatResponse
-from workers.processes import WorkerProcesses
-from workers.connection import Reconnecting
-from workers.shutdown import DatabaseUnreachable, Shutdown
-from workers.worker import Worker, WorkerConfig
+from batchdb.workers.processes import WorkerProcesses
+from batchdb.workers.connection import Reconnecting
+from batchdb.workers.shutdown import DatabaseUnreachable, Shutdown
+from batchdb.workers.worker import Worker, WorkerConfig
 
 
 def wait_until(condition: Callable[[], object], timeout: float = 30.0, what: str = "condition") -> None:
@@ -123,7 +123,7 @@ def test_stop_hands_back_rows_waiting_in_the_pacer_at_once_and_waits_only_for_se
     paced = submit(dsn, 6, "paced")
     sent = submit(dsn, 2, "open")
     provider = HeldProvider()
-    caplog.set_level(logging.INFO, logger="workers")
+    caplog.set_level(logging.INFO, logger="batchdb.workers")
 
     async def scenario() -> None:
         worker = Worker(WorkerConfig(dsn=dsn, concurrency=8, poll_interval=0.2, shutdown_grace=120),

@@ -16,7 +16,6 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
-from pathlib import Path
 
 import pandas as pd
 import psycopg
@@ -32,8 +31,8 @@ from batchdb import queue, users
 from batchdb.cli import cli
 from batchdb.jobs import JobNotFound
 from batchdb.providers.instant import InstantProvider
-from workers.outcomes import RetryPolicy
-from workers.worker import Worker, WorkerConfig
+from batchdb.workers.outcomes import RetryPolicy
+from batchdb.workers.worker import Worker, WorkerConfig
 
 
 @dataclass(frozen=True)
@@ -157,7 +156,9 @@ def test_dashboard_shows_a_user_only_their_jobs(two_users, monkeypatch: pytest.M
     alice, _, alice_job, bob_job = two_users
     monkeypatch.setenv("BATCHDB_DSN", alice.dsn)
     st.cache_data.clear()
-    app = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
+    from batchdb.dashboard.run import APP
+
+    app = str(APP)
     try:
         at = AppTest.from_file(app, default_timeout=60)
         at.run()
@@ -179,7 +180,7 @@ def test_dashboard_shows_a_user_only_their_jobs(two_users, monkeypatch: pytest.M
 
 
 def test_dagster_resource_cannot_touch_another_users_job(two_users) -> None:  # noqa: ANN001
-    from assets import BatchDBResource
+    from batchdb.dagster import BatchDBResource
 
     alice, _, _, bob_job = two_users
     resource = BatchDBResource(dsn=alice.dsn)
@@ -372,7 +373,7 @@ def test_users_share_a_rate_limited_key_by_weight(dsn: str, make_user, simulator
     fixed number of finished rows (after the first 100), whatever the machine's speed."""
     from batchdb import ledger
     from batchdb.simulator import Distribution, Limits, SimulatorConfig
-    from workers.processes import start_workers
+    from batchdb.workers.processes import start_workers
 
     sim = simulator(SimulatorConfig(seed=3, default_limits=Limits(rpm=1200),
                                     latency_s=Distribution(kind="uniform", low=0.1, high=0.4)))

@@ -7,8 +7,8 @@ import time
 
 import psycopg
 
-from workers.connection import Reconnecting
-from workers.vacuumer import Vacuumer
+from batchdb.workers.connection import Reconnecting
+from batchdb.workers.vacuumer import Vacuumer
 
 
 def dead_tuples(conn: psycopg.Connection, partition: str) -> tuple[int, object]:

@@ -23,9 +23,9 @@ from batchdb.providers.base import ChatRequest, ChatResponse, ErrorKind, Provide
 from batchdb.providers.instant import InstantProvider
 from batchdb.simulator import SimulatorProcess
 from batchdb.simulator.config import Distribution
-from workers.processes import WorkerProcesses
-from workers.outcomes import RetryPolicy
-from workers.worker import Worker, WorkerConfig
+from batchdb.workers.processes import WorkerProcesses
+from batchdb.workers.outcomes import RetryPolicy
+from batchdb.workers.worker import Worker, WorkerConfig
 
 FAST_RETRY = RetryPolicy(base_seconds=0.05, max_seconds=0.2)
 

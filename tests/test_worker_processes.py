@@ -13,7 +13,7 @@ import batchdb
 from bench import write_audit
 from batchdb.simulator.config import Distribution, SimulatorConfig
 from batchdb.simulator.process import SimulatorProcess, start_simulator
-from workers.processes import WorkerProcesses, start_workers
+from batchdb.workers.processes import WorkerProcesses, start_workers
 
 pytestmark = pytest.mark.slow
 

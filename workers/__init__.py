@@ -1,5 +1,5 @@
 """The worker process: claims request rows, calls providers, records outcomes."""
 
-from workers.worker import Worker, WorkerConfig
+from batchdb.workers.worker import Worker, WorkerConfig
 
 __all__ = ["Worker", "WorkerConfig"]

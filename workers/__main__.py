@@ -1,4 +1,4 @@
-"""`python -m workers`: the same as `batchdb worker`."""
+"""`python -m batchdb.workers`: the same as `batchdb worker`."""
 
 from batchdb.cli import main
 

@@ -48,7 +48,7 @@ from batchdb.ledger import Lane
 from batchdb.models import ClaimedRequest
 from batchdb.providers.base import ErrorKind, ProviderError
 from batchdb.queries import query
-from workers.connection import Reconnecting
+from batchdb.workers.connection import Reconnecting
 
 log = logging.getLogger(__name__)
 

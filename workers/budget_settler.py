@@ -29,8 +29,8 @@ from decimal import Decimal
 import psycopg
 
 from batchdb.queries import query
-from workers.batching import batches
-from workers.connection import Reconnecting
+from batchdb.workers.batching import batches
+from batchdb.workers.connection import Reconnecting
 
 log = logging.getLogger(__name__)
 

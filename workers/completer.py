@@ -17,8 +17,8 @@ import psycopg
 
 from batchdb import queue
 from batchdb.models import Outcome, RequestStatus
-from workers.batching import batches
-from workers.connection import Reconnecting
+from batchdb.workers.batching import batches
+from batchdb.workers.connection import Reconnecting
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from batchdb.db import SESSION_OPTIONS, with_options
-from workers.shutdown import DatabaseUnreachable, Shutdown
+from batchdb.workers.shutdown import DatabaseUnreachable, Shutdown
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -32,7 +32,7 @@ import psycopg
 
 from batchdb.providers import KNOWN_PROVIDERS, ProviderError
 from batchdb.queries import query
-from workers.connection import Reconnecting
+from batchdb.workers.connection import Reconnecting
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """A worker's logging: its own state changes at INFO, never a line per request.
 
 Workers run for days unattended, so their log is read by people and shipped by
-agents. At the default level only batchdb's own loggers (`workers`, `batchdb`)
-speak at INFO: they log batches and state changes (start/stop, pauses, hand-backs,
+agents. At the default level only batchdb's own loggers (`batchdb`, which holds
+`batchdb.workers.*` too) speak at INFO: they log batches and state changes (start/stop, pauses, hand-backs,
 lanes waiting). Every other library is held at WARNING — an allowlist, not a list of
 known offenders, because the SDKs' HTTP clients log each request at INFO and their
 logger names change (openai 3 sends through `httpx2`, not `httpx`). `-v` lets the
@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 
 LOG_FORMATS = ("text", "json")
 # batchdb's own loggers: INFO at the default level.
-OWN_LOGGERS = ("workers", "batchdb")
+OWN_LOGGERS = ("batchdb",)
 # HTTP clients and SDKs that log every request at INFO: quiet unless -vv, even when
 # something else (an embedding application, -v) lowers the root level to INFO.
 HTTP_CLIENT_LOGGERS = ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "google_genai", "aiohttp.access")

@@ -33,8 +33,8 @@ import psycopg
 from batchdb import notifications
 from batchdb.notifications import SmtpSettings
 from batchdb.queries import query
-from workers.connection import Reconnecting, listen_forever
-from workers.shutdown import DatabaseUnreachable, Shutdown
+from batchdb.workers.connection import Reconnecting, listen_forever
+from batchdb.workers.shutdown import DatabaseUnreachable, Shutdown
 
 log = logging.getLogger(__name__)
 

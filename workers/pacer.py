@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from batchdb import ledger
 from batchdb.ledger import HeaderView, Lane
-from workers.connection import Reconnecting
+from batchdb.workers.connection import Reconnecting
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Start worker processes (`python -m workers`) and stop them gracefully.
+"""Start worker processes (`python -m batchdb.workers`) and stop them gracefully.
 
 For the tests, the fault drills, `batchdb demo` and `batchdb dagster`:
 
@@ -12,7 +12,7 @@ For the tests, the fault drills, `batchdb demo` and `batchdb dagster`:
 or as a context manager (`with start_workers(...) as workers:`), which stops them on exit.
 
 Each child gets this process's environment plus ``BATCHDB_DSN`` and the caller's ``env``, with the
-directory that holds the `workers` package first on ``PYTHONPATH`` (as `start_simulator` does), so
+directory that holds the `batchdb` package first on ``PYTHONPATH`` (as `start_simulator` does), so
 the children run this very code whatever their working directory. Their output goes to one file a
 process, ``<log_dir>/worker-<i>.log`` (stdout and stderr together), or nowhere: never to a pipe,
 which would stall a worker once it is full.
@@ -31,9 +31,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
-# The directory holding the `workers` and `batchdb` packages.
-SOURCE_ROOT = Path(__file__).resolve().parents[1]
-WORKER_COMMAND: tuple[str, ...] = (sys.executable, "-m", "workers")
+from batchdb._source_root import SOURCE_ROOT
+
+WORKER_COMMAND: tuple[str, ...] = (sys.executable, "-m", "batchdb.workers")
 DEFAULT_GRACE_S = 30.0
 
 
@@ -72,7 +72,7 @@ class WorkerProcesses:
                  log_dir: str | os.PathLike[str] | None = None, append_logs: bool = False,
                  command: Sequence[str] = WORKER_COMMAND, grace: float = DEFAULT_GRACE_S) -> None:
         """`env` is added to this process's environment and ``BATCHDB_DSN=dsn``; `args` follow
-        `command` (default ``python -m workers``); logs are truncated unless `append_logs`;
+        `command` (default ``python -m batchdb.workers``); logs are truncated unless `append_logs`;
         `grace` is how long `stop` waits for each process before SIGKILL."""
         full_env = {**os.environ, "BATCHDB_DSN": dsn, **(env or {})}
         full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SOURCE_ROOT), full_env.get("PYTHONPATH")) if p)

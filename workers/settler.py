@@ -31,7 +31,7 @@ from collections import defaultdict
 from batchdb.ledger import Lane
 from batchdb.providers.base import ErrorKind, ProviderError
 from batchdb.queries import query
-from workers.connection import Reconnecting
+from batchdb.workers.connection import Reconnecting
 
 log = logging.getLogger(__name__)
 

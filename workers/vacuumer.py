@@ -19,7 +19,7 @@ import psycopg
 from psycopg import sql
 
 from batchdb.queries import query
-from workers.connection import Reconnecting
+from batchdb.workers.connection import Reconnecting
 
 log = logging.getLogger(__name__)
 

@@ -54,18 +54,18 @@ from batchdb.queries import query
 from batchdb.secrets import MissingSecret, redact, resolve_key, resolved_secrets
 from batchdb.tokens import estimate_prompt_tokens
 from batchdb.validation import DEFAULT_VALIDATION_RETRIES, ResponseValidator, reask
-from workers.breaker import Breaker, BreakerConfig
-from workers.completer import BatchCompleter
-from workers.connection import Reconnecting, listen_forever
-from workers.lanes import LaneAdvertiser, LaneUnavailable
-from workers.notifier import Notifier, NotifierConfig
-from workers.outcomes import RetryPolicy, failure, invalid_response, success
-from workers.budget_settler import BudgetSettler, Settlement
-from workers.pacer import DailyQuotaExhausted, LaneWaiting, Pacer, Withdrawn
-from workers.send_guard import CallDropped, SendGuard
-from workers.settler import Settler
-from workers.shutdown import DatabaseUnreachable, Shutdown
-from workers.vacuumer import Vacuumer
+from batchdb.workers.breaker import Breaker, BreakerConfig
+from batchdb.workers.completer import BatchCompleter
+from batchdb.workers.connection import Reconnecting, listen_forever
+from batchdb.workers.lanes import LaneAdvertiser, LaneUnavailable
+from batchdb.workers.notifier import Notifier, NotifierConfig
+from batchdb.workers.outcomes import RetryPolicy, failure, invalid_response, success
+from batchdb.workers.budget_settler import BudgetSettler, Settlement
+from batchdb.workers.pacer import DailyQuotaExhausted, LaneWaiting, Pacer, Withdrawn
+from batchdb.workers.send_guard import CallDropped, SendGuard
+from batchdb.workers.settler import Settler
+from batchdb.workers.shutdown import DatabaseUnreachable, Shutdown
+from batchdb.workers.vacuumer import Vacuumer
 
 log = logging.getLogger(__name__)
 

@@ -31,11 +31,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from batchdb._source_root import SOURCE_ROOT as _SOURCE_ROOT
 from batchdb.simulator.config import SimulatorConfig
 
-# The directory that holds the `batchdb` package, put on the child's PYTHONPATH so
-# `python -m batchdb.simulator` runs this very code whatever the caller's cwd.
-_SOURCE_ROOT = Path(__file__).resolve().parents[2]
+# `_SOURCE_ROOT` (the directory that holds the `batchdb` package) goes on the child's PYTHONPATH
+# so `python -m batchdb.simulator` runs this very code whatever the caller's cwd.
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard import ui
+from batchdb.dashboard import ui
 
 st.title("Cost")
 dsn = ui.dsn()

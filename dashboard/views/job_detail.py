@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 import batchdb
-from dashboard import ui
+from batchdb.dashboard import ui
 
 dsn = ui.dsn()
 PENDING = "job_detail_pending_action"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import queries, ui
+from batchdb.dashboard import queries, ui
 
 st.title("Jobs")
 dsn = ui.dsn()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import ui
+from batchdb.dashboard import ui
 
 st.title("Providers")
 dsn = ui.dsn()

@@ -9,8 +9,8 @@ import pytest
 
 from batchdb.simulator.config import Distribution, SimulatorConfig
 from batchdb.simulator.process import SimulatorProcess, start_simulator
-from workers.processes import start_workers as start_worker_processes
-from workers.processes import stop_processes
+from batchdb.workers.processes import start_workers as start_worker_processes
+from batchdb.workers.processes import stop_processes
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def simulator() -> Iterator[SimulatorProcess]:
 
 @pytest.fixture
 def start_workers() -> Iterator[Callable[..., list[subprocess.Popen[bytes]]]]:
-    """`start_workers(dsn, sim, n=2)` starts `python -m workers` processes, stopped with SIGTERM at teardown;
+    """`start_workers(dsn, sim, n=2)` starts `python -m batchdb.workers` processes, stopped with SIGTERM at teardown;
     `args` go to each worker's command line."""
     started: list[subprocess.Popen[bytes]] = []
 

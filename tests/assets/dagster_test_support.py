@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 
-from workers.process_groups import stop_process_groups
+from batchdb.workers.process_groups import stop_process_groups
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
 

@@ -7,10 +7,10 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-import assets
-from assets import BatchDBResource, llm_batch_asset
-from assets.dev import storage_url, write_instance_yaml
-from assets.example import daily, headline_sentiment, headlines, sample_headlines
+from batchdb import dagster as assets
+from batchdb.dagster import BatchDBResource, llm_batch_asset
+from batchdb.dagster.dev import storage_url, write_instance_yaml
+from batchdb.dagster.example import daily, headline_sentiment, headlines, sample_headlines
 
 
 def test_public_api_is_pinned() -> None:
@@ -19,7 +19,7 @@ def test_public_api_is_pinned() -> None:
 
 def test_example_definitions_load_and_validate(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BATCHDB_DSN", "postgresql://postgres@127.0.0.1:5432/unused")
-    from assets.example import defs
+    from batchdb.dagster.example import defs
 
     dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
@@ -129,7 +129,7 @@ def test_storage_url_names_the_psycopg2_driver() -> None:
 def test_data_fingerprint_covers_arrow_tables_and_files(tmp_path: Path) -> None:
     import pyarrow as pa
 
-    from assets._resource import _data_fingerprint
+    from batchdb.dagster._resource import _data_fingerprint
 
     frame = pd.DataFrame({"a": [1, 2], "b": ["x", "y"]})
     table = pa.Table.from_pandas(frame, preserve_index=False)

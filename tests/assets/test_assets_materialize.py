@@ -15,8 +15,8 @@ import pytest
 from dagster_test_support import assert_parquet_matches_input, wait_until
 
 import batchdb
-from assets import ROWS_ANSWERED_CHECK, BatchDBResource, llm_batch_asset
-from assets.example import headline_sentiment, headlines, sample_headlines
+from batchdb.dagster import ROWS_ANSWERED_CHECK, BatchDBResource, llm_batch_asset
+from batchdb.dagster.example import headline_sentiment, headlines, sample_headlines
 
 DAY = "2024-03-01"
 

@@ -25,8 +25,8 @@ import pytest
 from dagster_test_support import REPOSITORY_ROOT, assert_parquet_matches_input, stop_processes, wait_until
 from psycopg.conninfo import make_conninfo
 
-from assets.dev import write_instance_yaml
-from assets.example import sample_headlines
+from batchdb.dagster.dev import write_instance_yaml
+from batchdb.dagster.example import sample_headlines
 from batchdb.simulator.config import Distribution, SimulatorConfig
 from batchdb.simulator.process import SimulatorProcess, start_simulator
 

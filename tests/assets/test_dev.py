@@ -38,7 +38,7 @@ def test_batchdb_dagster_keeps_worker_logs_out_of_dagster_home_and_stops_everyth
         text = output.read_text()
         assert "Dagster UI:" in text, text[-3000:]
         started = psutil.Process(process.pid).children(recursive=True)
-        workers = [p for p in started if p.cmdline()[1:3] == ["-m", "workers"]]
+        workers = [p for p in started if p.cmdline()[1:3] == ["-m", "batchdb.workers"]]
         assert len(workers) == 1, [p.cmdline() for p in started]
         logs = {Path(f.path) for w in workers for f in w.open_files() if f.path.endswith(".log")}
         expected = (batchdb_home / "logs" / "dagster").resolve()

@@ -25,7 +25,7 @@ import aiohttp
 import pytest
 
 import batchdb
-from dashboard.run import free_port, start_dashboard
+from batchdb.dashboard.run import free_port, start_dashboard
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "dashboard"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

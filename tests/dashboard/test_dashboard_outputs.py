@@ -12,10 +12,11 @@ from streamlit.testing.v1 import AppTest
 
 import batchdb
 from batchdb.results import JOB_ID_METADATA
-from dashboard import queries
-from dashboard.settings import OUTPUTS_ENV
+from batchdb.dashboard import queries
+from batchdb.dashboard.settings import OUTPUTS_ENV
+from batchdb.dashboard.run import APP as dashboard_app
 
-APP = str(Path(__file__).resolve().parents[2] / "dashboard" / "app.py")
+APP = str(dashboard_app)  # batchdb/dashboard/app.py, as `batchdb dashboard` runs it
 
 
 @pytest.fixture(autouse=True)

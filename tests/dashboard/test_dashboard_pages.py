@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
-APP = str(Path(__file__).resolve().parents[2] / "dashboard" / "app.py")
+from batchdb.dashboard.run import APP as dashboard_app
+
+APP = str(dashboard_app)  # batchdb/dashboard/app.py, as `batchdb dashboard` runs it
 PAGES = ["views/overview.py", "views/jobs.py", "views/job_detail.py", "views/providers.py", "views/cost.py"]
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pandas as pd
 import psycopg
@@ -12,9 +11,10 @@ import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from batchdb import ledger
-from dashboard import queries
+from batchdb.dashboard import queries
+from batchdb.dashboard.run import APP as dashboard_app
 
-APP = str(Path(__file__).resolve().parents[2] / "dashboard" / "app.py")
+APP = str(dashboard_app)  # batchdb/dashboard/app.py, as `batchdb dashboard` runs it
 LANE = ledger.Lane("openai", "default", "gpt-4o-mini")
 
 

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import batchdb
-from dashboard import queries
-from dashboard.source import fetch, read_connection, read_only_dsn
+from batchdb.dashboard import queries
+from batchdb.dashboard.source import fetch, read_connection, read_only_dsn
 
 
 def test_read_connections_refuse_writes(seeded) -> None:  # noqa: ANN001

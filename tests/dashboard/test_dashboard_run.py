@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from dashboard.run import free_port
+from batchdb.dashboard.run import free_port
 
 SOURCE_ROOT = Path(__file__).resolve().parents[2]
 

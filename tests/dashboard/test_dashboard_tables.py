@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard import tables
-from dashboard.tables import fit_columns, split_columns
+from batchdb.dashboard import tables
+from batchdb.dashboard.tables import fit_columns, split_columns
 
 CONFIG = {"job_id": st.column_config.NumberColumn("job", format="%d"), "note": "note",
           "pct": st.column_config.ProgressColumn("progress", min_value=0, max_value=100)}
