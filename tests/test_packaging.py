@@ -102,6 +102,33 @@ def test_the_wheel_holds_only_batchdb_with_the_linked_folders(installed: Install
     assert sorted(n.rsplit("/", 1)[1] for n in names if n.startswith("batchdb/_sql/migrations/")) == migrations
 
 
+# What a core install (`pip install batchdb`, no extras) must not pull in: the Dagster and dashboard stacks.
+EXTRAS_ONLY = ("dagster", "dagster-webserver", "dagster-postgres", "streamlit", "altair", "pydeck", "grpcio")
+
+
+@pytest.mark.slow
+def test_the_core_install_requires_no_dagster_or_dashboard_package(installed: Installed) -> None:
+    """Only through the extras (`batchdb[dagster]`, `batchdb[dashboard]`); the constraints file pins them all."""
+    from packaging.requirements import Requirement
+
+    with zipfile.ZipFile(installed.wheel) as wheel:
+        metadata = wheel.read("batchdb-0.1.0.dist-info/METADATA").decode()
+    requires = [Requirement(line.split(":", 1)[1].strip()) for line in metadata.splitlines()
+                if line.startswith("Requires-Dist:")]
+    core = {r.name.lower() for r in requires if r.marker is None}
+    by_extra: dict[str, set[str]] = {}
+    for r in requires:
+        for extra in ("dagster", "dashboard"):
+            if r.marker is not None and r.marker.evaluate({"extra": extra}):
+                by_extra.setdefault(extra, set()).add(r.name.lower())
+    assert {"psycopg", "pandas", "pyarrow", "openai", "google-genai"} <= core
+    assert not core & set(EXTRAS_ONLY), core & set(EXTRAS_ONLY)
+    assert {"dagster", "dagster-webserver", "dagster-postgres"} <= by_extra["dagster"]
+    assert {"streamlit", "altair"} <= by_extra["dashboard"]
+    # Version ranges in the metadata, exact pins only in constraints.txt.
+    assert not [r for r in requires if any(s.operator == "==" for s in r.specifier)], requires
+
+
 PROBE = """
 import importlib.util, json
 import batchdb, batchdb.dagster, batchdb.dagster.dev, batchdb.dashboard.run, batchdb.workers.processes
