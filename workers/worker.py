@@ -650,12 +650,7 @@ class Worker:
 
     async def _defer(self, row: ClaimedRequest, retry_in: float) -> None:
         """Its lane is waiting: give the row back (no attempt spent), due when the lane should move again."""
-        await self._claims.run(
-            lambda c: c.execute(query("defer_leases"), {
-                "job_id": [row.job_id], "id": [row.id], "lease_token": [row.lease_token],
-                "delay_seconds": retry_in}),
-            what="defer_leases",
-        )
+        await self._claims.run(lambda c: queue.release_leases(c, [row], delay_s=retry_in), what="release_leases")
         self._release_budget([row])
         await self._breaker.forget(row)
         self._held.pop(row.key, None)
