@@ -35,6 +35,7 @@ import signal
 import socket
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
@@ -590,10 +591,7 @@ class Worker:
     async def _return_to_queue(self, row: ClaimedRequest) -> None:
         """The lane's circuit is open: the row goes back, no attempt spent, the job keeps running
         (it shows the circuit's reason); claim_batch skips the lane until a probe closes it."""
-        await self._claims.run(lambda c: queue.release_leases(c, [row]), what="release_leases")
-        self._release_budget([row])
-        self._held.pop(row.key, None)
-        self._claimed_at.pop(row.key, None)
+        await self._release([row])
 
     def _provider(self, name: str, key_alias: str) -> Provider:
         cache_key = name if key_alias == "default" else f"{name}:{key_alias}"
@@ -642,30 +640,37 @@ class Worker:
         await self._claims.run(
             lambda c: c.execute(query("pause_job"), {"job_id": row.job_id, "reason": reason}), what="pause_job"
         )
-        await self._claims.run(lambda c: queue.release_leases(c, [row]), what="release_leases")
-        self._release_budget([row])
-        self._held.pop(row.key, None)
-        self._claimed_at.pop(row.key, None)
+        await self._release([row])
         log.warning("job %s paused: %s", row.job_id, reason)
 
     async def _defer(self, row: ClaimedRequest, retry_in: float) -> None:
         """Its lane is waiting: give the row back (no attempt spent), due when the lane should move again."""
-        await self._claims.run(lambda c: queue.release_leases(c, [row], delay_s=retry_in), what="release_leases")
-        self._release_budget([row])
+        await self._release([row], delay_s=retry_in)
         await self._breaker.forget(row)
-        self._held.pop(row.key, None)
-        self._claimed_at.pop(row.key, None)
         self._deferred_until = max(self._deferred_until, time.monotonic() + retry_in)
 
     async def _drop(self, row: ClaimedRequest, reason: str) -> None:
         """The call was not sent: hand the row back (only if it is still ours: fenced) without
         spending an attempt, and without pausing anything."""
-        await self._claims.run(lambda c: queue.release_leases(c, [row]), what="release_leases")
-        self._release_budget([row])
+        await self._release([row])
         await self._breaker.forget(row)
-        self._held.pop(row.key, None)
-        self._claimed_at.pop(row.key, None)
         log.debug("job %s request %s not sent: %s", row.job_id, row.id, reason)
+
+    async def _release(self, rows: list[ClaimedRequest], *, delay_s: float = 0.0) -> int:
+        """Return rows to the queue without spending an attempt, due again in `delay_s` seconds, and
+        let go of them here (budget reservations, held and claim times); returns how many were still
+        ours (the rest were fenced out). Every hand-back of an unsent row goes through this."""
+        released = await self._claims.run(lambda c: queue.release_leases(c, rows, delay_s=delay_s),
+                                          what="release_leases")
+        self._release_budget(rows)
+        self._let_go(row.key for row in rows)
+        return len(released)
+
+    def _let_go(self, keys: Iterable[tuple[int, int]]) -> None:
+        """Rows no longer this worker's (handed back or recorded): no lease to extend, no claim time."""
+        for key in keys:
+            self._held.pop(key, None)
+            self._claimed_at.pop(key, None)
 
     def _release_budget(self, rows: list[ClaimedRequest]) -> None:
         """Rows handed back unsent: their reservations go back (through the Settler)."""
@@ -675,9 +680,7 @@ class Worker:
                 self._budget.submit(Settlement(row.job_id, row.id, held.lease_token))
 
     async def _forget(self, batch: list[Outcome], recorded: set[tuple[int, int]]) -> None:
-        for outcome in batch:
-            self._held.pop(outcome.key, None)
-            self._claimed_at.pop(outcome.key, None)
+        self._let_go(outcome.key for outcome in batch)
         done = sum(1 for o in batch if o.key in recorded and RequestStatus(o.status).final)
         self.completed += done
         self._report_progress(done)
@@ -782,15 +785,6 @@ class Worker:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _release(self, rows: list[ClaimedRequest]) -> int:
-        """Return rows to the queue without spending an attempt; returns how many were still ours."""
-        released = await self._claims.run(lambda c: queue.release_leases(c, rows), what="release_leases")
-        self._release_budget(rows)
-        for row in rows:
-            self._held.pop(row.key, None)
-            self._claimed_at.pop(row.key, None)
-        return len(released)
 
     async def _release_unfinished(self) -> None:
         """Rows with no recorded outcome go back to the queue without spending an attempt."""
