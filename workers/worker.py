@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 import os
 import signal
@@ -51,7 +50,7 @@ from batchdb.prompts import PromptError, build_request
 from batchdb.providers import Provider, build_provider, lane_endpoint
 from batchdb.providers.base import ChatRequest, ChatResponse, ErrorKind, ProviderError
 from batchdb.queries import query
-from batchdb.secrets import MissingSecret, redact, resolve_key, resolved_secrets
+from batchdb.secrets import redact, resolved_secrets
 from batchdb.tokens import estimate_prompt_tokens
 from batchdb.validation import DEFAULT_VALIDATION_RETRIES, ResponseValidator, reask
 from workers.breaker import Breaker, BreakerConfig
@@ -236,7 +235,7 @@ class Worker:
         self._settler = Settler(ledger_db)
         self._pacer = Pacer(ledger_db, give_back=self._settler.give_back)
         self._lanes = LaneAdvertiser(Reconnecting(dsn, name="lanes"), self.id, self._lane_endpoint,
-                                     interval=self.config.lane_refresh_interval, warm=self._provider)
+                                     interval=self.config.lane_refresh_interval, warm=self._warm_lane)
         self._guard = SendGuard(dsn, lease_seconds=self.config.lease_seconds)
         self._completer = BatchCompleter(
             self._writes, flush_interval=self.config.flush_interval, on_recorded=self._forget
@@ -593,6 +592,14 @@ class Worker:
         (it shows the circuit's reason); claim_batch skips the lane until a probe closes it."""
         await self._release([row])
 
+    def _warm_lane(self, name: str, key_alias: str) -> None:
+        """Build the lane's client (importing its SDK) and load the tokenizer its rows are counted
+        with, before any of its rows is claimed. Loaded on the first call instead, they blocked the
+        event loop (seen: 15 s on a loaded 2-core machine) while the rows just claimed waited: their
+        leases ran out unextended and other workers called them again."""
+        self._provider(name, key_alias)
+        estimate_prompt_tokens(name, [{"role": "user", "content": "warm-up"}])
+
     def _provider(self, name: str, key_alias: str) -> Provider:
         cache_key = name if key_alias == "default" else f"{name}:{key_alias}"
         if cache_key not in self._providers:
@@ -800,29 +807,8 @@ class Worker:
         log.info("released %d unfinished row(s)", released)
 
 
-def load_provider_sdks() -> list[str]:
-    """Import the SDK and tokenizer of every provider this process has a key for, before any row
-    is claimed. Loaded on the first call instead, they blocked the event loop (seen: 15 s on a
-    loaded 2-core machine) while the rows just claimed waited: their leases ran out unextended and
-    other workers called them again. Returns the providers loaded."""
-    loaded = []
-    for name in ("openai", "azure", "gemini"):
-        try:
-            resolve_key(name, "default")
-            importlib.import_module(f"batchdb.providers.{name}")
-            estimate_prompt_tokens(name, [{"role": "user", "content": "warm-up"}])
-        except MissingSecret:
-            continue  # no key here: a job for it pauses with the reason, as before
-        except Exception as exc:  # noqa: BLE001 - a warm-up must never stop the worker
-            log.warning("could not load the %s SDK ahead of time: %s", name, exc)
-            continue
-        loaded.append(name)
-    return loaded
-
-
 def run_worker(config: WorkerConfig) -> None:
     """Run a worker until SIGTERM/SIGINT (or idle, when configured)."""
-    load_provider_sdks()
 
     async def main() -> None:
         worker = Worker(config)
