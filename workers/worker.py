@@ -367,7 +367,7 @@ class Worker:
                 continue
             self._guard.leased(rows, since=claimed_at)
             for row in rows:
-                self._start(row)
+                self._start(row, claimed_at)
             if rows:
                 idle_since = None
                 continue
@@ -381,10 +381,14 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.config.poll_interval)
 
-    def _start(self, row: ClaimedRequest) -> None:
-        """Run one claimed row (from claim_batch, or the breaker's probe) as its own task."""
+    def _start(self, row: ClaimedRequest, claimed_at: float | None = None) -> None:
+        """Run one claimed row (from claim_batch, or the breaker's probe) as its own task.
+        `claimed_at`: time.monotonic() just before the claim statement (default: now). The breaker
+        takes a row claimed after it learned the circuit opened as proof the circuit closed again;
+        stamped when the claim returned instead, a claim sent before the circuit opened looked like
+        one: the open lane was forgotten and the row sent, spending an attempt."""
         self._held[row.key] = row
-        self._claimed_at[row.key] = time.monotonic()
+        self._claimed_at[row.key] = time.monotonic() if claimed_at is None else claimed_at
         task = asyncio.create_task(self._process(row))
         self._tasks.add(task)
         self._row_tasks[row.key] = task
