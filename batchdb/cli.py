@@ -631,7 +631,7 @@ def _require_schema(dsn: str | None) -> None:
     try:
         conn = dbmod.connect(dsn)
     except psycopg.OperationalError as exc:
-        if not _is_unreachable(exc):
+        if not dbmod.is_unreachable(exc):
             raise  # a missing database or a refused login: the one-line error says what to run
         # Down or not up yet (a server starting beside its workers): the worker waits for it in its
         # reconnect loop, which logs the outage and honours SIGTERM/SIGINT meanwhile.
@@ -644,13 +644,6 @@ def _require_schema(dsn: str | None) -> None:
         where = _describe_dsn(conn.info.dsn)
     if missing:
         raise SchemaNotReady([f"{m.version:04d}_{m.name}" for m in missing], where)
-
-
-def _is_unreachable(exc: Exception) -> bool:
-    """The server did not answer (refused, timed out, no route), as opposed to refusing us."""
-    text = str(exc).lower()
-    return not any(word in text for word in ("does not exist", "password", "authentication", "pg_hba.conf",
-                                             "permission denied", "role"))
 
 
 def _run_db_op(operation):  # type: ignore[no-untyped-def]

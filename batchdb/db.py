@@ -53,6 +53,35 @@ async def connect_async(dsn: str | None = None, *, autocommit: bool = True) -> p
                                                  autocommit=autocommit, row_factory=dict_row)
 
 
+# A failed connection that waiting will not mend: the server (or libpq) refused us. psycopg gives a
+# failed connect no SQLSTATE (it carries libpq's text), so the messages are matched as well.
+# invalid_catalog_name (database missing or dropped), invalid_authorization_specification, invalid_password
+REFUSED_SQLSTATES = frozenset({"3D000", "28000", "28P01"})
+REFUSED_MESSAGES = (
+    "does not exist",           # database or role
+    "password",                 # password authentication failed; fe_sendauth: no password supplied
+    "authentication",           # peer, ident, SCRAM ... failed or not supported
+    "pg_hba.conf",              # no pg_hba.conf entry; pg_hba.conf rejects connection
+    "permission denied",        # no CONNECT privilege on the database
+    "not permitted to log in",  # a NOLOGIN role
+)
+
+
+def is_fatal_connect_error(exc: psycopg.Error) -> bool:
+    """The server or libpq refused us (a missing database or role, a refused login): retrying
+    cannot help, so the caller says so instead of waiting."""
+    if exc.sqlstate in REFUSED_SQLSTATES:
+        return True
+    text = str(exc).lower()
+    return any(message in text for message in REFUSED_MESSAGES)
+
+
+def is_unreachable(exc: psycopg.Error) -> bool:
+    """A failed connect where the server did not answer, or not yet (refused, timed out, no route,
+    starting up, out of connection slots), as opposed to refusing us: worth waiting for."""
+    return not is_fatal_connect_error(exc)
+
+
 def create_database_if_missing(dsn: str | None = None) -> str | None:
     """Create the DSN's database when the server says it does not exist; returns its name if created.
 

@@ -74,10 +74,14 @@ async def extend_leases(
     return await _keys(conn, "extend_leases", held, lease_seconds=lease_seconds)
 
 
-async def release_leases(conn: psycopg.AsyncConnection, held: Sequence[ClaimedRequest]) -> set[Key]:
+async def release_leases(
+    conn: psycopg.AsyncConnection, held: Sequence[ClaimedRequest], *, delay_s: float = 0.0
+) -> set[Key]:
+    """Hand rows back unsent (no attempt spent), due again in `delay_s` seconds; returns the keys
+    still ours (the rest were fenced out)."""
     if not held:
         return set()
-    return await _keys(conn, "release_leases", held)
+    return await _keys(conn, "release_leases", held, delay_s=float(delay_s))
 
 
 async def reclaim_expired(conn: psycopg.AsyncConnection, *, limit: int = 10_000) -> int:

@@ -235,23 +235,14 @@ UPDATE batchdb.requests q
  WHERE q.job_id = m.job_id AND q.id = m.id
 RETURNING q.job_id, q.id
 
--- defer_leases --
--- A worker whose lane is waiting (for tokens, a 429's delay) hands rows back so its
--- slots serve other lanes; they are due again when the lane should be moving. The
--- attempt is not counted.
+-- release_leases --
+-- A worker hands back rows it will not call now; the attempt is not counted. They are due
+-- again after delay_s seconds: none for a worker shutting down, an open circuit or a dropped
+-- call; for a lane that is waiting (for tokens, a 429's delay), when it should be moving
+-- again, so the worker's slots serve other lanes meanwhile.
 UPDATE batchdb.requests q
    SET status = 'queued', attempts = greatest(q.attempts - 1, 0),
-       run_after = now() + make_interval(secs => %(delay_seconds)s),
-       lease_owner = NULL, lease_expires_at = NULL
-  FROM unnest(%(job_id)s::bigint[], %(id)s::bigint[], %(lease_token)s::bigint[]) AS l(job_id, id, lease_token)
- WHERE q.job_id = l.job_id AND q.id = l.id AND q.lease_token = l.lease_token
-   AND lower(q.status) = 'running'  -- primary-key lookups, not the partial leased index (see complete_batch)
-RETURNING q.job_id, q.id
-
--- release_leases --
--- A worker shutting down hands back rows it will not finish; the attempt is not counted.
-UPDATE batchdb.requests q
-   SET status = 'queued', attempts = greatest(q.attempts - 1, 0), run_after = now(),
+       run_after = now() + make_interval(secs => %(delay_s)s),
        lease_owner = NULL, lease_expires_at = NULL
   FROM unnest(%(job_id)s::bigint[], %(id)s::bigint[], %(lease_token)s::bigint[]) AS l(job_id, id, lease_token)
  WHERE q.job_id = l.job_id AND q.id = l.id AND q.lease_token = l.lease_token

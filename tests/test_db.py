@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+import uuid
+
+import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
@@ -25,3 +29,33 @@ def test_an_explicit_dsn_wins_over_the_environment(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv(db.DSN_ENV, "postgresql://from-env/db")
     assert db.resolve_dsn("postgresql://explicit/db") == "postgresql://explicit/db"
     assert db.resolve_dsn(None) == "postgresql://from-env/db"
+
+
+def connect_error(dsn: str) -> psycopg.OperationalError:
+    with pytest.raises(psycopg.OperationalError) as failed:
+        psycopg.connect(dsn, connect_timeout=10).close()
+    return failed.value
+
+
+def test_refusals_are_fatal_and_a_silent_server_is_unreachable(admin_dsn: str) -> None:
+    """The CLI's schema check and the workers' reconnect loop ask the same question of a failed
+    connect, with what libpq and the server really say (a failed connect carries no SQLSTATE)."""
+    role = f"batchdb_nologin_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin_dsn, autocommit=True) as admin:
+        admin.execute(f'CREATE ROLE "{role}" NOLOGIN')
+    try:
+        refused = {
+            "missing database": make_conninfo(admin_dsn, dbname=f"batchdb_missing_{uuid.uuid4().hex[:8]}"),
+            "missing role": make_conninfo(admin_dsn, user=f"batchdb_missing_{uuid.uuid4().hex[:8]}"),
+            "NOLOGIN role": make_conninfo(admin_dsn, user=role),
+        }
+        for what, dsn in refused.items():
+            exc = connect_error(dsn)
+            assert db.is_fatal_connect_error(exc) and not db.is_unreachable(exc), (what, str(exc))
+    finally:
+        with psycopg.connect(admin_dsn, autocommit=True) as admin:
+            admin.execute(f'DROP ROLE IF EXISTS "{role}"')
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]  # closed again below: nothing listens there
+    exc = connect_error(make_conninfo(admin_dsn, host="127.0.0.1", port=port))
+    assert db.is_unreachable(exc) and not db.is_fatal_connect_error(exc), str(exc)

@@ -51,9 +51,10 @@ def gemini_job(dsn: str, rows: int = 4) -> batchdb.Job:
     return batchdb.submit(frame, prompt="{text}", model="gemini-2.5-flash", provider="gemini", max_tokens=8, dsn=dsn)
 
 
-def refresh(dsn: str, worker_id: str, resolve: Callable[[str, str], str | None]) -> LaneAdvertiser:
+def refresh(dsn: str, worker_id: str, resolve: Callable[[str, str], str | None],
+            warm: Callable[[str, str], object] | None = None) -> LaneAdvertiser:
     async def run() -> LaneAdvertiser:
-        advertiser = LaneAdvertiser(Reconnecting(dsn, name="lanes"), worker_id, resolve)
+        advertiser = LaneAdvertiser(Reconnecting(dsn, name="lanes"), worker_id, resolve, warm=warm)
         try:
             await advertiser.refresh()
         finally:
@@ -76,6 +77,17 @@ def test_advertised_lanes_name_endpoints_never_keys(conn: psycopg.Connection, ds
     assert not any(lane["provider"] == "openai" for lane in row["lanes"])
     assert "canary" not in row["text"] and "pa55word" not in row["text"]
     assert public_endpoint("not a url") is None
+
+
+def test_every_lane_with_a_key_is_warmed_at_the_first_refresh_before_any_job(conn: psycopg.Connection,
+                                                                              dsn: str) -> None:
+    """A provider's SDK is loaded before the first claim even when its first job comes later: loaded
+    then, in the event loop, it would hold up the heartbeats of the rows of other lanes in flight."""
+    register(conn, "w1")
+    warmed: list[tuple[str, str]] = []
+    advertiser = refresh(dsn, "w1", serves("gemini"), warm=lambda provider, alias: warmed.append((provider, alias)))
+    assert sorted(warmed) == [("gemini", "default"), ("instant", "default")]  # no OpenAI or Azure key here
+    assert advertiser.claim_filter() == sorted(warmed)
 
 
 def test_keyless_worker_leaves_a_job_another_live_worker_serves(conn: psycopg.Connection, dsn: str) -> None:

@@ -236,6 +236,26 @@ def test_extend_and_release_leases(dsn: str, conn: psycopg.Connection) -> None:
     assert job_row(conn, job_id)["n_retries"] == 0  # handed back unsent: no attempt spent, no retry
 
 
+def test_release_leases_with_a_delay(dsn: str, conn: psycopg.Connection) -> None:
+    """A waiting lane hands its rows back due later; a stopping worker's are due at once."""
+    job_id = make_job(conn, 2)
+    rows = sorted(run(claim(dsn, 2)), key=lambda r: r.id)
+
+    async def release() -> tuple[set, set]:
+        async with await aconn(dsn) as c:
+            return (await queue.release_leases(c, rows[:1]),
+                    await queue.release_leases(c, rows[1:], delay_s=600))
+
+    assert run(release()) == ({rows[0].key}, {rows[1].key})
+    states = {r["id"]: r for r in conn.execute(
+        "SELECT id, status, attempts, run_after - now() AS due_in FROM batchdb.requests WHERE job_id = %s",
+        (job_id,)).fetchall()}
+    assert all(s["status"] == "queued" and s["attempts"] == 0 for s in states.values())
+    assert states[rows[0].id]["due_in"].total_seconds() <= 0
+    assert 500 < states[rows[1].id]["due_in"].total_seconds() <= 600
+    assert job_row(conn, job_id)["n_retries"] == 0
+
+
 def test_small_job_submitted_after_a_big_one_is_served_at_once(dsn: str, conn: psycopg.Connection) -> None:
     big = make_job(conn, 5000, name="big")
     run(claim(dsn, 200))  # the big job is under way

@@ -19,7 +19,7 @@ from typing import TypeVar
 import psycopg
 from psycopg.rows import dict_row
 
-from batchdb.db import SESSION_OPTIONS, with_options
+from batchdb.db import SESSION_OPTIONS, is_fatal_connect_error, with_options
 from batchdb.workers.shutdown import DatabaseUnreachable, Shutdown
 
 log = logging.getLogger(__name__)
@@ -28,20 +28,9 @@ T = TypeVar("T")
 # While a connection stays down, say so again this often (not once per retry of every caller).
 OUTAGE_REPORT_INTERVAL = 30.0
 
-# invalid_catalog_name (database dropped), invalid_authorization_specification, invalid_password
-_FATAL_SQLSTATES = {"3D000", "28000", "28P01"}
 # Worth retrying on a connection that still works: shutdown in progress, too many
 # connections, serialization failure, deadlock.
 _RETRY_ON_LIVE_CONNECTION = {"57P01", "57P02", "57P03", "53300", "40001", "40P01"}
-# libpq reports a refused connection without an SQLSTATE; these server messages are final too.
-_FATAL_CONNECT_MESSAGES = ("does not exist", "password authentication failed", "no pg_hba.conf entry")
-
-
-def _is_fatal(exc: psycopg.Error) -> bool:
-    if exc.sqlstate in _FATAL_SQLSTATES:
-        return True
-    message = str(exc)
-    return "FATAL" in message and any(text in message for text in _FATAL_CONNECT_MESSAGES)
 
 
 class Reconnecting:
@@ -77,7 +66,7 @@ class Reconnecting:
                     self._down_since = None
                 return result
             except (psycopg.OperationalError, psycopg.errors.AdminShutdown, psycopg.errors.CannotConnectNow) as exc:
-                if _is_fatal(exc):
+                if is_fatal_connect_error(exc):
                     # The database is gone or refuses us for good: waiting will not bring it back.
                     raise
                 if not self._lost(exc):

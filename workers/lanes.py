@@ -108,7 +108,9 @@ class LaneAdvertiser:
                  warm: Callable[[str, str], object] | None = None) -> None:
         """`warm(provider, key_alias)` builds the lane's client (importing its SDK blocks the event
         loop for seconds): it runs before the lane's rows are claimed, so their leases do not run
-        out while the import holds the loop."""
+        out while the import holds the loop. Every lane this worker can serve is warmed, not only
+        those with jobs: at the first refresh, before the first claim, for each provider it has a
+        key for, so a job that comes later does not stall the rows of other lanes in flight."""
         self._db = db
         self._worker_id = worker_id
         self._resolve = resolve
@@ -123,8 +125,9 @@ class LaneAdvertiser:
     # -- what the claimer and the request tasks ask ------------------------------------------
 
     def claim_filter(self) -> list[tuple[str, str]]:
-        """The (provider, key alias) pairs to claim rows of: lanes served, with unfinished jobs, and
-        whose client is built; empty until the first refresh."""
+        """The (provider, key alias) pairs to claim rows of: lanes served whose client is built
+        (each known provider's default lane and every lane with unfinished jobs); empty until the
+        first refresh."""
         return sorted((c.lane.provider, c.lane.key_alias) for c in self._checks.values()
                       if c.servable and c.lane in self._warmed)
 
@@ -161,8 +164,8 @@ class LaneAdvertiser:
             demand = await self._db.run(self._read_demand, what="demanded_lanes")
             lanes = {KeyLane(p, DEFAULT_ALIAS) for p in KNOWN_PROVIDERS} | set(demand)
             checks = {lane: check_lane(lane, self._resolve) for lane in sorted(lanes)}
-            for lane in sorted(demand):
-                if checks[lane].servable and lane not in self._warmed:
+            for lane, check in checks.items():
+                if check.servable and lane not in self._warmed:
                     try:
                         if self._warm is not None:
                             self._warm(lane.provider, lane.key_alias)

@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 import os
 import signal
 import socket
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
@@ -51,7 +51,7 @@ from batchdb.prompts import PromptError, build_request
 from batchdb.providers import Provider, build_provider, lane_endpoint
 from batchdb.providers.base import ChatRequest, ChatResponse, ErrorKind, ProviderError
 from batchdb.queries import query
-from batchdb.secrets import MissingSecret, redact, resolve_key, resolved_secrets
+from batchdb.secrets import redact, resolved_secrets
 from batchdb.tokens import estimate_prompt_tokens
 from batchdb.validation import DEFAULT_VALIDATION_RETRIES, ResponseValidator, reask
 from batchdb.workers.breaker import Breaker, BreakerConfig
@@ -229,7 +229,7 @@ class Worker:
         self._settler = Settler(ledger_db)
         self._pacer = Pacer(ledger_db, give_back=self._settler.give_back)
         self._lanes = LaneAdvertiser(Reconnecting(dsn, name="lanes"), self.id, self._lane_endpoint,
-                                     interval=self.config.lane_refresh_interval, warm=self._provider)
+                                     interval=self.config.lane_refresh_interval, warm=self._warm_lane)
         self._guard = SendGuard(dsn, lease_seconds=self.config.lease_seconds)
         self._completer = BatchCompleter(
             self._writes, flush_interval=self.config.flush_interval, on_recorded=self._forget
@@ -364,7 +364,7 @@ class Worker:
                 continue
             self._guard.leased(rows, since=claimed_at)
             for row in rows:
-                self._start(row)
+                self._start(row, claimed_at)
             if rows:
                 idle_since = None
                 continue
@@ -378,10 +378,14 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.config.poll_interval)
 
-    def _start(self, row: ClaimedRequest) -> None:
-        """Run one claimed row (from claim_batch, or the breaker's probe) as its own task."""
+    def _start(self, row: ClaimedRequest, claimed_at: float | None = None) -> None:
+        """Run one claimed row (from claim_batch, or the breaker's probe) as its own task.
+        `claimed_at`: time.monotonic() just before the claim statement (default: now). The breaker
+        takes a row claimed after it learned the circuit opened as proof the circuit closed again;
+        stamped when the claim returned instead, a claim sent before the circuit opened looked like
+        one: the open lane was forgotten and the row sent, spending an attempt."""
         self._held[row.key] = row
-        self._claimed_at[row.key] = time.monotonic()
+        self._claimed_at[row.key] = time.monotonic() if claimed_at is None else claimed_at
         task = asyncio.create_task(self._process(row))
         self._tasks.add(task)
         self._row_tasks[row.key] = task
@@ -587,10 +591,15 @@ class Worker:
     async def _return_to_queue(self, row: ClaimedRequest) -> None:
         """The lane's circuit is open: the row goes back, no attempt spent, the job keeps running
         (it shows the circuit's reason); claim_batch skips the lane until a probe closes it."""
-        await self._claims.run(lambda c: queue.release_leases(c, [row]), what="release_leases")
-        self._release_budget([row])
-        self._held.pop(row.key, None)
-        self._claimed_at.pop(row.key, None)
+        await self._release([row])
+
+    def _warm_lane(self, name: str, key_alias: str) -> None:
+        """Build the lane's client (importing its SDK) and load the tokenizer its rows are counted
+        with, before any of its rows is claimed. Loaded on the first call instead, they blocked the
+        event loop (seen: 15 s on a loaded 2-core machine) while the rows just claimed waited: their
+        leases ran out unextended and other workers called them again."""
+        self._provider(name, key_alias)
+        estimate_prompt_tokens(name, [{"role": "user", "content": "warm-up"}])
 
     def _provider(self, name: str, key_alias: str) -> Provider:
         cache_key = name if key_alias == "default" else f"{name}:{key_alias}"
@@ -639,35 +648,37 @@ class Worker:
         await self._claims.run(
             lambda c: c.execute(query("pause_job"), {"job_id": row.job_id, "reason": reason}), what="pause_job"
         )
-        await self._claims.run(lambda c: queue.release_leases(c, [row]), what="release_leases")
-        self._release_budget([row])
-        self._held.pop(row.key, None)
-        self._claimed_at.pop(row.key, None)
+        await self._release([row])
         log.warning("job %s paused: %s", row.job_id, reason)
 
     async def _defer(self, row: ClaimedRequest, retry_in: float) -> None:
         """Its lane is waiting: give the row back (no attempt spent), due when the lane should move again."""
-        await self._claims.run(
-            lambda c: c.execute(query("defer_leases"), {
-                "job_id": [row.job_id], "id": [row.id], "lease_token": [row.lease_token],
-                "delay_seconds": retry_in}),
-            what="defer_leases",
-        )
-        self._release_budget([row])
+        await self._release([row], delay_s=retry_in)
         await self._breaker.forget(row)
-        self._held.pop(row.key, None)
-        self._claimed_at.pop(row.key, None)
         self._deferred_until = max(self._deferred_until, time.monotonic() + retry_in)
 
     async def _drop(self, row: ClaimedRequest, reason: str) -> None:
         """The call was not sent: hand the row back (only if it is still ours: fenced) without
         spending an attempt, and without pausing anything."""
-        await self._claims.run(lambda c: queue.release_leases(c, [row]), what="release_leases")
-        self._release_budget([row])
+        await self._release([row])
         await self._breaker.forget(row)
-        self._held.pop(row.key, None)
-        self._claimed_at.pop(row.key, None)
         log.debug("job %s request %s not sent: %s", row.job_id, row.id, reason)
+
+    async def _release(self, rows: list[ClaimedRequest], *, delay_s: float = 0.0) -> int:
+        """Return rows to the queue without spending an attempt, due again in `delay_s` seconds, and
+        let go of them here (budget reservations, held and claim times); returns how many were still
+        ours (the rest were fenced out). Every hand-back of an unsent row goes through this."""
+        released = await self._claims.run(lambda c: queue.release_leases(c, rows, delay_s=delay_s),
+                                          what="release_leases")
+        self._release_budget(rows)
+        self._let_go(row.key for row in rows)
+        return len(released)
+
+    def _let_go(self, keys: Iterable[tuple[int, int]]) -> None:
+        """Rows no longer this worker's (handed back or recorded): no lease to extend, no claim time."""
+        for key in keys:
+            self._held.pop(key, None)
+            self._claimed_at.pop(key, None)
 
     def _release_budget(self, rows: list[ClaimedRequest]) -> None:
         """Rows handed back unsent: their reservations go back (through the Settler)."""
@@ -677,9 +688,7 @@ class Worker:
                 self._budget.submit(Settlement(row.job_id, row.id, held.lease_token))
 
     async def _forget(self, batch: list[Outcome], recorded: set[tuple[int, int]]) -> None:
-        for outcome in batch:
-            self._held.pop(outcome.key, None)
-            self._claimed_at.pop(outcome.key, None)
+        self._let_go(outcome.key for outcome in batch)
         done = sum(1 for o in batch if o.key in recorded and RequestStatus(o.status).final)
         self.completed += done
         self._report_progress(done)
@@ -787,15 +796,6 @@ class Worker:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _release(self, rows: list[ClaimedRequest]) -> int:
-        """Return rows to the queue without spending an attempt; returns how many were still ours."""
-        released = await self._claims.run(lambda c: queue.release_leases(c, rows), what="release_leases")
-        self._release_budget(rows)
-        for row in rows:
-            self._held.pop(row.key, None)
-            self._claimed_at.pop(row.key, None)
-        return len(released)
-
     async def _release_unfinished(self) -> None:
         """Rows with no recorded outcome go back to the queue without spending an attempt."""
         unfinished = list(self._held.values())
@@ -810,29 +810,8 @@ class Worker:
         log.info("released %d unfinished row(s)", released)
 
 
-def load_provider_sdks() -> list[str]:
-    """Import the SDK and tokenizer of every provider this process has a key for, before any row
-    is claimed. Loaded on the first call instead, they blocked the event loop (seen: 15 s on a
-    loaded 2-core machine) while the rows just claimed waited: their leases ran out unextended and
-    other workers called them again. Returns the providers loaded."""
-    loaded = []
-    for name in ("openai", "azure", "gemini"):
-        try:
-            resolve_key(name, "default")
-            importlib.import_module(f"batchdb.providers.{name}")
-            estimate_prompt_tokens(name, [{"role": "user", "content": "warm-up"}])
-        except MissingSecret:
-            continue  # no key here: a job for it pauses with the reason, as before
-        except Exception as exc:  # noqa: BLE001 - a warm-up must never stop the worker
-            log.warning("could not load the %s SDK ahead of time: %s", name, exc)
-            continue
-        loaded.append(name)
-    return loaded
-
-
 def run_worker(config: WorkerConfig) -> None:
     """Run a worker until SIGTERM/SIGINT (or idle, when configured)."""
-    load_provider_sdks()
 
     async def main() -> None:
         worker = Worker(config)
