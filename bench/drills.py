@@ -297,15 +297,18 @@ def _attempts_setting(dsn: str, job: batchdb.Job) -> str:
                                   f" (default {DEFAULT_MAX_ATTEMPTS})")
 
 
-def drill_sigkill(setup: Setup, *, every_s: float = 3.0, lease_s: float = 5.0) -> DrillResult:
-    """SIGKILL a random worker every `every_s` seconds until 70% of rows are done; start a replacement each time."""
+def drill_sigkill(setup: Setup, *, every_s: float = 3.0, lease_s: float = 5.0,
+                  max_kills: int | None = None) -> DrillResult:
+    """SIGKILL a random worker every `every_s` seconds until 70% of rows are done (or `max_kills`
+    kills: on a busy machine a replacement may not finish starting before the next kill, and the
+    drill's work must not grow with the machine's slowness); start a replacement each time."""
     began = time.monotonic()
     setup = dataclasses.replace(setup, lease_seconds=lease_s)
     with running(setup) as (job, sim, workers, sampler):
         sampler.wait_for(setup.rows // 10)
         fault_start = time.monotonic()
         bound = kills = 0
-        while sampler.done() < setup.rows * 0.7:
+        while sampler.done() < setup.rows * 0.7 and (max_kills is None or kills < max_kills):
             time.sleep(every_s)
             victim = workers.kill()
             bound += in_flight(setup.dsn, job.id, victim.pid)
