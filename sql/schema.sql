@@ -2317,65 +2317,13 @@ GRANT SELECT,DELETE ON TABLE batchdb.jobs TO batchdb_user;
 GRANT ALL ON TABLE batchdb.jobs TO batchdb_admin;
 GRANT SELECT,UPDATE ON TABLE batchdb.jobs TO batchdb_worker;
 
--- acl COLUMN jobs.name
+-- column privileges
 
-GRANT INSERT(name),UPDATE(name) ON TABLE batchdb.jobs TO batchdb_user;
-
--- acl COLUMN jobs.owner
-
-GRANT INSERT(owner) ON TABLE batchdb.jobs TO batchdb_user;
-
--- acl COLUMN jobs.provider
-
-GRANT INSERT(provider) ON TABLE batchdb.jobs TO batchdb_user;
-
--- acl COLUMN jobs.model
-
-GRANT INSERT(model) ON TABLE batchdb.jobs TO batchdb_user;
-
--- acl COLUMN jobs.params
-
-GRANT INSERT(params) ON TABLE batchdb.jobs TO batchdb_user;
-
--- acl COLUMN jobs.priority
-
-GRANT INSERT(priority),UPDATE(priority) ON TABLE batchdb.jobs TO batchdb_user;
-
--- acl COLUMN jobs.status
-
-GRANT INSERT(status),UPDATE(status) ON TABLE batchdb.jobs TO batchdb_user;
-
--- acl COLUMN jobs.status_reason
-
-GRANT UPDATE(status_reason) ON TABLE batchdb.jobs TO batchdb_user;
-
--- acl COLUMN jobs.max_attempts
-
-GRANT INSERT(max_attempts) ON TABLE batchdb.jobs TO batchdb_user;
-
--- acl COLUMN jobs.budget_usd
-
-GRANT INSERT(budget_usd),UPDATE(budget_usd) ON TABLE batchdb.jobs TO batchdb_user;
-
--- acl COLUMN jobs.idempotency_key
-
-GRANT INSERT(idempotency_key) ON TABLE batchdb.jobs TO batchdb_user;
-
--- acl COLUMN jobs.finished_at
-
-GRANT UPDATE(finished_at) ON TABLE batchdb.jobs TO batchdb_user;
-
--- acl COLUMN jobs.key_alias
-
-GRANT INSERT(key_alias) ON TABLE batchdb.jobs TO batchdb_user;
-
--- acl COLUMN jobs.paused_until
-
-GRANT UPDATE(paused_until) ON TABLE batchdb.jobs TO batchdb_user;
-
--- acl COLUMN jobs.input_sha256
-
-GRANT UPDATE(input_sha256) ON TABLE batchdb.jobs TO batchdb_user;
+GRANT INSERT (name, owner, provider, model, params, priority, status, max_attempts, budget_usd, idempotency_key, key_alias) ON TABLE batchdb.jobs TO batchdb_user;
+GRANT UPDATE (name, priority, status, status_reason, budget_usd, finished_at, paused_until, input_sha256) ON TABLE batchdb.jobs TO batchdb_user;
+GRANT INSERT (job_id, custom_id, payload, input, max_attempts) ON TABLE batchdb.requests TO batchdb_user;
+GRANT UPDATE (status, attempts, run_after, lease_owner, lease_expires_at, error_class, error, finished_at) ON TABLE batchdb.requests TO batchdb_user;
+GRANT INSERT (job_id, channel, target, secret) ON TABLE batchdb.notification_targets TO batchdb_user;
 
 -- acl SEQUENCE requests_id_seq
 
@@ -2388,58 +2336,6 @@ GRANT USAGE ON SEQUENCE batchdb.requests_id_seq TO batchdb_worker;
 GRANT SELECT ON TABLE batchdb.requests TO batchdb_user;
 GRANT ALL ON TABLE batchdb.requests TO batchdb_admin;
 GRANT SELECT,UPDATE ON TABLE batchdb.requests TO batchdb_worker;
-
--- acl COLUMN requests.job_id
-
-GRANT INSERT(job_id) ON TABLE batchdb.requests TO batchdb_user;
-
--- acl COLUMN requests.custom_id
-
-GRANT INSERT(custom_id) ON TABLE batchdb.requests TO batchdb_user;
-
--- acl COLUMN requests.payload
-
-GRANT INSERT(payload) ON TABLE batchdb.requests TO batchdb_user;
-
--- acl COLUMN requests.input
-
-GRANT INSERT(input) ON TABLE batchdb.requests TO batchdb_user;
-
--- acl COLUMN requests.status
-
-GRANT UPDATE(status) ON TABLE batchdb.requests TO batchdb_user;
-
--- acl COLUMN requests.attempts
-
-GRANT UPDATE(attempts) ON TABLE batchdb.requests TO batchdb_user;
-
--- acl COLUMN requests.max_attempts
-
-GRANT INSERT(max_attempts) ON TABLE batchdb.requests TO batchdb_user;
-
--- acl COLUMN requests.run_after
-
-GRANT UPDATE(run_after) ON TABLE batchdb.requests TO batchdb_user;
-
--- acl COLUMN requests.lease_owner
-
-GRANT UPDATE(lease_owner) ON TABLE batchdb.requests TO batchdb_user;
-
--- acl COLUMN requests.lease_expires_at
-
-GRANT UPDATE(lease_expires_at) ON TABLE batchdb.requests TO batchdb_user;
-
--- acl COLUMN requests.error_class
-
-GRANT UPDATE(error_class) ON TABLE batchdb.requests TO batchdb_user;
-
--- acl COLUMN requests.error
-
-GRANT UPDATE(error) ON TABLE batchdb.requests TO batchdb_user;
-
--- acl COLUMN requests.finished_at
-
-GRANT UPDATE(finished_at) ON TABLE batchdb.requests TO batchdb_user;
 
 -- acl TABLE job_progress
 
@@ -2500,22 +2396,6 @@ GRANT ALL ON SEQUENCE batchdb.notification_deliveries_id_seq TO batchdb_admin;
 GRANT SELECT,DELETE ON TABLE batchdb.notification_targets TO batchdb_user;
 GRANT ALL ON TABLE batchdb.notification_targets TO batchdb_admin;
 GRANT SELECT ON TABLE batchdb.notification_targets TO batchdb_worker;
-
--- acl COLUMN notification_targets.job_id
-
-GRANT INSERT(job_id) ON TABLE batchdb.notification_targets TO batchdb_user;
-
--- acl COLUMN notification_targets.channel
-
-GRANT INSERT(channel) ON TABLE batchdb.notification_targets TO batchdb_user;
-
--- acl COLUMN notification_targets.target
-
-GRANT INSERT(target) ON TABLE batchdb.notification_targets TO batchdb_user;
-
--- acl COLUMN notification_targets.secret
-
-GRANT INSERT(secret) ON TABLE batchdb.notification_targets TO batchdb_user;
 
 -- acl SEQUENCE notification_targets_id_seq
 

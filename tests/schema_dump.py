@@ -68,13 +68,34 @@ def _pg_dump(dsn: str, *args: str) -> str:
     return subprocess.run(command, capture_output=True, text=True, check=True).stdout
 
 
+_COLUMN_GRANT = re.compile(r"^-- acl COLUMN \S+\n\nGRANT ([^ ]+) ON TABLE (\S+) TO (\S+);\n\n", re.MULTILINE)
+_PRIVILEGE = re.compile(r"([A-Z]+)\(([a-z0-9_]+)\)")
+
+
+def _column_grants(text: str) -> str:
+    """pg_dump writes one GRANT per column; one statement per table, privilege and role reads better."""
+    grants: dict[tuple[str, str, str], list[str]] = {}
+    first = None
+    for match in _COLUMN_GRANT.finditer(text):
+        first = match.start() if first is None else first
+        privileges, table, role = match.groups()
+        for privilege, column in _PRIVILEGE.findall(privileges):
+            grants.setdefault((table, privilege, role), []).append(column)
+    if first is None:
+        return text
+    combined = "".join(f"GRANT {privilege} ({', '.join(columns)}) ON TABLE {table} TO {role};\n"
+                       for (table, privilege, role), columns in grants.items())
+    rest = _COLUMN_GRANT.sub("", text)
+    return rest[:first] + "-- column privileges\n\n" + combined + "\n" + rest[first:]
+
+
 def _clean(text: str) -> str:
     text = _NAME_COMMENT.sub(lambda m: f"-- {m.group(2).lower()} {m.group(1)}\n", text)
     lines = [line for line in text.splitlines() if not _NOISE.match(line)]
     text = "\n".join(lines)
     text = re.sub(r"\n{3,}", "\n\n", text)
     text = re.sub(r"\A(--\n)+", "", text.lstrip("\n"))
-    return text.strip() + "\n"
+    return _column_grants(text.strip() + "\n")
 
 
 def seed_inserts(dsn: str) -> str:
