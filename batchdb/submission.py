@@ -127,7 +127,7 @@ def submit(
         job_id = _create_job(conn, name=name, owner=owner, provider=provider, key_alias=key_alias, model=model,
                              params=params,
                              priority=priority, max_attempts=max_attempts, budget_usd=budget_usd,
-                             idempotency_key=idempotency_key)
+                             idempotency_key=idempotency_key, allow_unknown_model=allow_unknown_model)
         if job_id is None:
             assert idempotency_key is not None
             existing = conn.execute(query("job_by_idempotency_key"),

@@ -34,9 +34,9 @@ INSERT INTO public.batchdb_migrations (version, name) VALUES (%(version)s, %(nam
 -- insert_job --
 -- A job starts as 'loading' so workers ignore it until its rows are all in.
 INSERT INTO batchdb.jobs (name, owner, provider, key_alias, model, params, priority, max_attempts, budget_usd,
-                          idempotency_key, status)
+                          idempotency_key, allow_unknown_model, status)
 VALUES (%(name)s, coalesce(%(owner)s, current_user), %(provider)s, %(key_alias)s, %(model)s, %(params)s,
-        %(priority)s, %(max_attempts)s, %(budget_usd)s, %(idempotency_key)s, 'loading')
+        %(priority)s, %(max_attempts)s, %(budget_usd)s, %(idempotency_key)s, %(allow_unknown_model)s, 'loading')
 ON CONFLICT (owner, idempotency_key) DO NOTHING
 RETURNING id
 

@@ -319,6 +319,30 @@ BEGIN
 END;
 $$;
 
+-- function jobs_check_model()
+
+CREATE FUNCTION batchdb.jobs_check_model() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    known text[];
+BEGIN
+    IF NEW.allow_unknown_model OR NEW.model IS NULL OR NEW.provider IS NULL OR NEW.provider = 'instant' THEN
+        RETURN NEW;  -- a missing model or provider is refused by jobs_validate
+    END IF;
+    IF EXISTS (SELECT 1 FROM batchdb.prices p WHERE p.provider = NEW.provider AND p.model = NEW.model) THEN
+        RETURN NEW;
+    END IF;
+    SELECT array_agg(p.model ORDER BY p.model) INTO known FROM batchdb.prices p WHERE p.provider = NEW.provider;
+    RAISE EXCEPTION 'batchdb.jobs.model: no price for %/% in batchdb.prices%; add its price, or insert the job '
+                    'with allow_unknown_model = true (its cost then shows as unknown)',
+        NEW.provider, NEW.model,
+        coalesce(' (did you mean "' || batchdb.closest_name(NEW.model, known) || '"?)', '')
+        USING ERRCODE = 'check_violation';
+END;
+$$;
+
 -- function jobs_check_params()
 
 CREATE FUNCTION batchdb.jobs_check_params() RETURNS trigger
@@ -1349,6 +1373,7 @@ CREATE TABLE batchdb.jobs (
     reserved_usd numeric(18,8) DEFAULT 0 NOT NULL,
     paused_until timestamp with time zone,
     input_sha256 text,
+    allow_unknown_model boolean DEFAULT false NOT NULL,
     CONSTRAINT jobs_budget_positive CHECK (((budget_usd IS NULL) OR (budget_usd > (0)::numeric))),
     CONSTRAINT jobs_max_attempts_positive CHECK ((max_attempts >= 1)),
     CONSTRAINT jobs_model_not_blank CHECK ((btrim(model) <> ''::text)),
@@ -2018,6 +2043,10 @@ CREATE TRIGGER jobs_notify_waiting AFTER UPDATE OF status_reason ON batchdb.jobs
 
 CREATE TRIGGER jobs_validate BEFORE INSERT OR UPDATE OF model, provider, priority, budget_usd, params ON batchdb.jobs FOR EACH ROW EXECUTE FUNCTION batchdb.jobs_validate();
 
+-- trigger jobs jobs_validate_model
+
+CREATE TRIGGER jobs_validate_model BEFORE INSERT ON batchdb.jobs FOR EACH ROW EXECUTE FUNCTION batchdb.jobs_check_model();
+
 -- trigger notification_targets notification_targets_validate
 
 CREATE TRIGGER notification_targets_validate BEFORE INSERT OR UPDATE ON batchdb.notification_targets FOR EACH ROW EXECUTE FUNCTION batchdb.notification_targets_validate();
@@ -2319,7 +2348,7 @@ GRANT SELECT,UPDATE ON TABLE batchdb.jobs TO batchdb_worker;
 
 -- column privileges
 
-GRANT INSERT (name, owner, provider, model, params, priority, status, max_attempts, budget_usd, idempotency_key, key_alias) ON TABLE batchdb.jobs TO batchdb_user;
+GRANT INSERT (name, owner, provider, model, params, priority, status, max_attempts, budget_usd, idempotency_key, key_alias, allow_unknown_model) ON TABLE batchdb.jobs TO batchdb_user;
 GRANT UPDATE (name, priority, status, status_reason, budget_usd, finished_at, paused_until, input_sha256) ON TABLE batchdb.jobs TO batchdb_user;
 GRANT INSERT (job_id, custom_id, payload, input, max_attempts) ON TABLE batchdb.requests TO batchdb_user;
 GRANT UPDATE (status, attempts, run_after, lease_owner, lease_expires_at, error_class, error, finished_at) ON TABLE batchdb.requests TO batchdb_user;

@@ -61,3 +61,29 @@ def test_the_sql_list_of_keys_is_the_python_one(conn: psycopg.Connection) -> Non
     assert in_job == {*JOB_PARAMS, "validation_retries", *_REQUEST_FIELDS, *_EXTRA_PARAMS}
     # build_request (batchdb/prompts.py) reads these from a row's payload.
     assert in_row == {"prompt", "messages", "model", *REQUEST_PARAMS}
+
+
+def test_a_sql_job_with_an_unknown_model_is_refused_with_the_closest_name(conn: psycopg.Connection) -> None:
+    message = refused(conn, "INSERT INTO batchdb.jobs (model) VALUES ('gpt-4o-mni')")
+    assert message.startswith('batchdb.jobs.model: no price for openai/gpt-4o-mni in batchdb.prices '
+                              '(did you mean "gpt-4o-mini"?)'), message
+    assert "allow_unknown_model = true" in message
+    gemini = refused(conn, "INSERT INTO batchdb.jobs (provider, model) VALUES ('gemini', 'gemini-2.5-flsh')")
+    assert '(did you mean "gemini-2.5-flash"?)' in gemini, gemini
+    # Allowed when asked for, and for the instant provider; a priced model needs nothing.
+    for statement in ("INSERT INTO batchdb.jobs (model, allow_unknown_model) VALUES ('my-fine-tune', true)",
+                      "INSERT INTO batchdb.jobs (provider, model) VALUES ('instant', 'anything')",
+                      "INSERT INTO batchdb.jobs (model) VALUES ('gpt-4o-mini')"):
+        assert conn.execute(statement + " RETURNING id").fetchone()["id"] > 0, statement
+
+
+def test_submit_with_allow_unknown_model_passes_the_sql_check(dsn: str) -> None:
+    import pandas as pd
+
+    import batchdb
+
+    frame = pd.DataFrame({"text": ["a"]})
+    with pytest.raises(batchdb.InputError, match="did you mean 'gpt-4o-mini'"):
+        batchdb.submit(frame, prompt="{text}", model="gpt-4o-mni", dsn=dsn)
+    job = batchdb.submit(frame, prompt="{text}", model="gpt-4o-mni", allow_unknown_model=True, dsn=dsn)
+    assert job.status().n_total == 1

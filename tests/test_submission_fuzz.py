@@ -125,7 +125,7 @@ def test_bad_job_options_are_refused(options: dict, message: str, dsn: str, conn
 ])
 def test_sql_contract_refuses_bad_rows_with_the_column_named(insert: str, message: str,
                                                              conn: psycopg.Connection) -> None:
-    conn.execute("INSERT INTO batchdb.jobs (model) VALUES ('m')")
+    conn.execute("INSERT INTO batchdb.jobs (model) VALUES ('gpt-4o-mini')")
     with pytest.raises(psycopg.Error) as refused:
         conn.execute(insert)
     assert message in str(refused.value)

@@ -18,7 +18,7 @@ def dead_tuples(conn: psycopg.Connection, partition: str) -> tuple[int, object]:
 
 
 def churn(conn: psycopg.Connection, rows: int) -> int:
-    job_id = conn.execute("INSERT INTO batchdb.jobs (model) VALUES ('m') RETURNING id").fetchone()["id"]
+    job_id = conn.execute("INSERT INTO batchdb.jobs (model) VALUES ('gpt-4o-mini') RETURNING id").fetchone()["id"]
     conn.execute("INSERT INTO batchdb.requests (job_id, custom_id, payload) "
                  "SELECT %s, g::text, '{\"prompt\": \"x\"}' FROM generate_series(1, %s) g", (job_id, rows + 1))
     # Claim-like and completion-like updates of all but one row: two dead versions each.
