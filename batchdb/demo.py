@@ -15,7 +15,6 @@ from pathlib import Path
 
 import click
 import pandas as pd
-
 import psycopg
 
 from batchdb import ledger, migrations

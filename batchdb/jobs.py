@@ -22,7 +22,6 @@ from batchdb.errors import BatchDBError, translates_database_errors
 from batchdb.models import JobStatus
 from batchdb.queries import query
 
-
 log = logging.getLogger(__name__)
 
 # How long `Job.wait()` waits with no live worker before it says so.
@@ -113,7 +112,8 @@ class JobProgress:
     def summary(self) -> str:
         return (
             f"job {self.job_id} {self.status}: {self.n_done}/{self.n_total} done "
-            f"({self.n_succeeded} succeeded, {self.n_failed} failed, {self.n_dead} dead, {self.n_cancelled} cancelled), "
+            f"({self.n_succeeded} succeeded, {self.n_failed} failed, {self.n_dead} dead, "
+            f"{self.n_cancelled} cancelled), "
             f"{self.prompt_tokens + self.completion_tokens:,} tokens, "
             + (self.cost_text if self.priced else f"cost unknown (no price for {self.provider}/{self.model})")
         )

@@ -24,16 +24,21 @@ import pyarrow.compute as pc
 from psycopg.types.json import Jsonb
 
 from batchdb import context_window
-
 from batchdb.db import connect
 from batchdb.errors import translates_database_errors
 from batchdb.ingest import DataSource, InputError, InputSpec, RowName, check_schema, copy_rows, open_source
 from batchdb.jobs import Job
-from batchdb.notifications import (CHANNEL_EMAIL, CHANNEL_WEBHOOK, check_emails, check_secret, check_webhook_url,
-                                   new_secret)
+from batchdb.notifications import (
+    CHANNEL_EMAIL,
+    CHANNEL_WEBHOOK,
+    check_emails,
+    check_secret,
+    check_webhook_url,
+    new_secret,
+)
+from batchdb.prompts import PromptError, build_request
 from batchdb.providers import KNOWN_PROVIDERS
 from batchdb.providers.compat import UnsupportedRequest, check_request
-from batchdb.prompts import PromptError, build_request
 from batchdb.queries import query
 from batchdb.tokens import estimate_prompt_tokens
 from batchdb.validation import check_response_schema

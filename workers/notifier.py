@@ -139,7 +139,7 @@ class Notifier:
                 except DatabaseUnreachable:
                     # The worker is stopping and the database is gone: nothing to claim; wait for the cancel.
                     await asyncio.Event().wait()
-                except Exception:  # noqa: BLE001 - notifications must never take the worker down
+                except Exception:
                     log.exception("notifier loop failed; restarting in 1s")
                     await asyncio.sleep(1.0)
         finally:
@@ -211,7 +211,7 @@ class Notifier:
                 result = await self._email(delivery)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - a bug costs one try, never the dispatcher
+        except Exception as exc:
             log.exception("unexpected error sending %s", delivery.describe())
             result = TryResult(ok=False, error=f"internal error: {type(exc).__name__}: {exc}")
         if result.error:
