@@ -8,12 +8,15 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from batchdb import __version__
 from batchdb import db as dbmod
+
+if TYPE_CHECKING:
+    from batchdb.jobs import JobProgress  # the CLI imports the SDK lazily, in each command
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 _T = TypeVar("_T")
@@ -33,7 +36,7 @@ def _mask_password(dsn: str) -> str:
         parts = conninfo_to_dict(dsn)
     except Exception:  # noqa: BLE001 - an unparsable DSN fails later with its own message
         return "<your DSN>"
-    return dsn if "password" not in parts else make_conninfo(**{**parts, "password": "****"})
+    return dsn if "password" not in parts else make_conninfo("", **{**parts, "password": "****"})
 
 
 def _dsn_option(func: _F) -> _F:
@@ -129,7 +132,7 @@ def db_status(dsn: str | None) -> None:
     else:
         click.echo(f"database: {_describe_dsn(dsn)}")
     with dbmod.connect(dsn) as conn:
-        version = conn.execute("SHOW server_version").fetchone()["server_version"]
+        version = dbmod.one_row(conn.execute("SHOW server_version"))["server_version"]
         missing = migrations.pending(conn)
     click.echo(f"  server:   PostgreSQL {version}")
     if missing:
@@ -668,7 +671,7 @@ def _run_db_op(operation: Callable[[], _T]) -> _T:
         raise click.ClickException(explanation.text() if explanation else str(exc).strip().splitlines()[0]) from None
 
 
-def _jsonable(progress: object) -> dict:
+def _jsonable(progress: JobProgress) -> dict[str, Any]:
     from dataclasses import asdict
 
     return {k: (v if isinstance(v, int | str | type(None)) else str(v)) for k, v in asdict(progress).items()}

@@ -17,7 +17,7 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import duckdb
 import pandas as pd
@@ -33,7 +33,7 @@ BATCH_ROWS = 50_000
 # A row larger than this (its input columns or messages as JSON) is refused: it cannot be one prompt.
 MAX_ROW_BYTES = 4_000_000
 
-DataSource = pd.DataFrame | pa.Table | str | Path
+DataSource: TypeAlias = pd.DataFrame | pa.Table | str | Path
 # Names row `i` (0-based, in input order) for a message: "row 3", or "data.csv: line 5".
 RowName = Callable[[int], str]
 
