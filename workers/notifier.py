@@ -29,6 +29,7 @@ from typing import Any
 
 import aiohttp
 import psycopg
+from psycopg.rows import DictRow
 
 from batchdb import notifications
 from batchdb.notifications import SmtpSettings
@@ -69,7 +70,7 @@ class NotifierConfig:
 def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
     """Seconds before the try after try `attempt`: doubling, capped, with 0-25% jitter below
     the step, so retries of many deliveries spread out but each wait stays longer than the last."""
-    step = min(cap, base * 2 ** max(attempt - 1, 0))
+    step: float = min(cap, base * 2 ** max(attempt - 1, 0))  # int ** int is typed Any (negative powers)
     return step * (1.0 - 0.25 * (rng or random).random())
 
 
@@ -176,7 +177,7 @@ class Notifier:
                 await asyncio.wait_for(self._wake.wait(), self.config.poll_interval)
 
     async def _claim(self, limit: int) -> list[Delivery]:
-        async def claim(conn: psycopg.AsyncConnection) -> list[dict[str, Any]]:
+        async def claim(conn: psycopg.AsyncConnection[DictRow]) -> list[dict[str, Any]]:
             cur = await conn.execute(query("notify_claim"), {
                 "channels": self.config.channels, "max_attempts": self.config.max_attempts, "limit": limit,
                 "worker_id": self.worker_id, "lease_seconds": self.config.lease_seconds,
@@ -186,7 +187,7 @@ class Notifier:
         return [Delivery.from_row(row) for row in await self._db.run(claim, what="notify_claim")]
 
     async def _fail_abandoned(self) -> None:
-        async def sweep(conn: psycopg.AsyncConnection) -> list[dict[str, Any]]:
+        async def sweep(conn: psycopg.AsyncConnection[DictRow]) -> list[dict[str, Any]]:
             cur = await conn.execute(query("notify_fail_abandoned"), {"max_attempts": self.config.max_attempts})
             return await cur.fetchall()
 
@@ -237,7 +238,7 @@ class Notifier:
             "max_attempts": self.config.max_attempts, "retry_in": retry_in,
         }
 
-        async def record(conn: psycopg.AsyncConnection) -> str | None:
+        async def record(conn: psycopg.AsyncConnection[DictRow]) -> str | None:
             cur = await conn.execute(query("notify_record_attempt"), params)
             row = await cur.fetchone()
             return None if row is None else str(row["status"])

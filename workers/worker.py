@@ -40,6 +40,7 @@ from decimal import Decimal
 from typing import Any
 
 import psycopg
+from psycopg.rows import DictRow
 
 from batchdb import queue
 from batchdb.context_window import ModelLimits
@@ -347,7 +348,7 @@ class Worker:
             self._wake.clear()
             claimed_at = time.monotonic()
 
-            async def claim(c: psycopg.AsyncConnection) -> list[ClaimedRequest]:
+            async def claim(c: psycopg.AsyncConnection[DictRow]) -> list[ClaimedRequest]:
                 nonlocal claimed_at
                 claimed_at = time.monotonic()  # just before the statement: the local lease deadline is never late
                 return await queue.claim_batch(
@@ -568,7 +569,7 @@ class Worker:
         key = {"job_id": row.job_id, "usd": usd, "request_id": row.id, "lease_token": row.lease_token,
                "seq": held.calls + 1}
 
-        async def reserve(conn: psycopg.AsyncConnection) -> str:
+        async def reserve(conn: psycopg.AsyncConnection[DictRow]) -> str:
             cur = await conn.execute(query("reserve_budget"), key)
             found = await cur.fetchone()
             return str(found["result"]) if found else "paused"
@@ -624,7 +625,7 @@ class Worker:
         if cached is not None and now - cached.fetched_at < self.config.job_cache_seconds:
             return cached
 
-        async def fetch(conn: psycopg.AsyncConnection) -> dict[str, Any] | None:
+        async def fetch(conn: psycopg.AsyncConnection[DictRow]) -> dict[str, Any] | None:
             cur = await conn.execute(query("job_for_worker"), {"job_id": job_id})
             return await cur.fetchone()
 
@@ -730,7 +731,7 @@ class Worker:
             held = list(self._held.values())
             extended_at = time.monotonic()
 
-            async def extend(c: psycopg.AsyncConnection) -> set[tuple[int, int]]:
+            async def extend(c: psycopg.AsyncConnection[DictRow]) -> set[tuple[int, int]]:
                 nonlocal extended_at
                 extended_at = time.monotonic()  # just before the statement, as for the claim
                 return await queue.extend_leases(c, held, lease_seconds=self.config.lease_seconds)  # noqa: B023 - awaited in this turn
@@ -773,7 +774,7 @@ class Worker:
         if not sent:
             return
         log.info("waiting up to %.0fs for %d sent request(s)", self.config.shutdown_grace, len(sent))
-        cold = asyncio.create_task(self._shutdown.cold.wait())
+        cold: asyncio.Task[Any] = asyncio.create_task(self._shutdown.cold.wait())
         try:
             pending = {task for task in sent if not task.done()}
             while pending and not self._shutdown.cold.is_set():
