@@ -43,7 +43,8 @@ def llm_batch_asset(
     `failures_fatal=True` fails the asset on them instead.
 
     A backfill runs one partition per run (Dagster's default for assets without a backfill policy), and
-    the asset belongs to the concurrency pool `pool`, so the instance's pool limit bounds how many jobs a backfill keeps in the queue at once.
+    the asset belongs to the concurrency pool `pool`, so the instance's pool limit bounds how many jobs a
+    backfill keeps in the queue at once.
     The asset's code version is a digest of prompt, model and parameters: changing them marks materialized
     partitions as changed in the UI, and re-materializing them starts new jobs.
 

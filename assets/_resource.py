@@ -154,7 +154,7 @@ class BatchDBResource(dg.ConfigurableResource):
         context.log.info(f"batchdb job {job.id} (idempotency key {key}): {progress.summary()}")
         try:
             context.instance.add_run_tags(context.run.run_id, {"batchdb/job_id": str(job.id)})
-        except Exception as exc:  # a tag is a convenience; never fail the asset over it
+        except Exception as exc:  # noqa: BLE001 - a tag is a convenience; never fail the asset over it
             context.log.debug(f"could not tag the run with the batchdb job id: {exc}")
         return job
 
@@ -230,7 +230,8 @@ class BatchDBResource(dg.ConfigurableResource):
         except (psycopg.Error, BatchDBError) as exc:
             context.log.error(f"the Dagster run was terminated but batchdb job {job.id} could not be cancelled: {exc}")
             return
-        context.log.warning(f"the Dagster run was terminated: cancelled batchdb job {job.id} ({cancelled} rows not run)")
+        context.log.warning(
+            f"the Dagster run was terminated: cancelled batchdb job {job.id} ({cancelled} rows not run)")
 
     # -- output -------------------------------------------------------------------------------
 
@@ -363,7 +364,7 @@ def _log_provider_wait(context: dg.AssetExecutionContext, job: batchdb.Job, prog
 def _run_is_stopping(context: dg.AssetExecutionContext) -> bool:
     try:
         run = context.instance.get_run_by_id(context.run.run_id)
-    except Exception:  # Dagster's storage being briefly unavailable is no reason to stop
+    except Exception:  # noqa: BLE001 - Dagster's storage being briefly unavailable is no reason to stop
         return False
     return run is not None and run.status in (dg.DagsterRunStatus.CANCELING, dg.DagsterRunStatus.CANCELED)
 

@@ -5,14 +5,21 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from pathlib import Path
-
 import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from batchdb import __version__
 from batchdb import db as dbmod
+
+if TYPE_CHECKING:
+    from batchdb.jobs import JobProgress  # the CLI imports the SDK lazily, in each command
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+_T = TypeVar("_T")
 
 
 def _remember_dsn(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -29,10 +36,10 @@ def _mask_password(dsn: str) -> str:
         parts = conninfo_to_dict(dsn)
     except Exception:  # noqa: BLE001 - an unparsable DSN fails later with its own message
         return "<your DSN>"
-    return dsn if "password" not in parts else make_conninfo(**{**parts, "password": "****"})
+    return dsn if "password" not in parts else make_conninfo("", **{**parts, "password": "****"})
 
 
-def _dsn_option(func):  # type: ignore[no-untyped-def]
+def _dsn_option(func: _F) -> _F:
     return click.option(
         "--dsn", envvar="BATCHDB_DSN", default=None, callback=_remember_dsn,
         help="PostgreSQL DSN (default: $BATCHDB_DSN, else the embedded server).",
@@ -125,7 +132,7 @@ def db_status(dsn: str | None) -> None:
     else:
         click.echo(f"database: {_describe_dsn(dsn)}")
     with dbmod.connect(dsn) as conn:
-        version = conn.execute("SHOW server_version").fetchone()["server_version"]
+        version = dbmod.one_row(conn.execute("SHOW server_version"))["server_version"]
         missing = migrations.pending(conn)
     click.echo(f"  server:   PostgreSQL {version}")
     if missing:
@@ -384,7 +391,8 @@ def limits_group() -> None:
 @click.argument("model")
 @click.option("--key-alias", default="default", show_default=True, help="Which of the provider's API keys.")
 @click.option("--rpm", type=click.IntRange(min=1), default=None, help="Requests per minute.")
-@click.option("--tpm", type=click.IntRange(min=1), default=None, help="Tokens per minute (OpenAI: prompt + max_tokens).")
+@click.option("--tpm", type=click.IntRange(min=1), default=None,
+              help="Tokens per minute (OpenAI: prompt + max_tokens).")
 @click.option("--rpd", type=click.IntRange(min=1), default=None, help="Requests per day (Gemini).")
 @click.option("--clear", multiple=True, type=click.Choice(["rpm", "tpm", "rpd"]),
               help="Remove this limit (repeatable).")
@@ -432,7 +440,7 @@ def users_group() -> None:
     """Users of a shared database: PostgreSQL roles that see only their own jobs."""
 
 
-def _user_options(func):  # type: ignore[no-untyped-def]
+def _user_options(func: _F) -> _F:
     for option in reversed([
         click.option("--weight", type=float, default=None, help="Share of contended provider capacity (default 1)."),
         click.option("--budget-day", "budget_usd_day", type=float, default=None, help="USD per UTC day."),
@@ -646,7 +654,7 @@ def _require_schema(dsn: str | None) -> None:
         raise SchemaNotReady([f"{m.version:04d}_{m.name}" for m in missing], where)
 
 
-def _run_db_op(operation):  # type: ignore[no-untyped-def]
+def _run_db_op(operation: Callable[[], _T]) -> _T:
     """Run `operation`; a refusal from the database or the SDK becomes a one-line error."""
     import psycopg
 
@@ -663,7 +671,7 @@ def _run_db_op(operation):  # type: ignore[no-untyped-def]
         raise click.ClickException(explanation.text() if explanation else str(exc).strip().splitlines()[0]) from None
 
 
-def _jsonable(progress: object) -> dict:
+def _jsonable(progress: JobProgress) -> dict[str, Any]:
     from dataclasses import asdict
 
     return {k: (v if isinstance(v, int | str | type(None)) else str(v)) for k, v in asdict(progress).items()}

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg.rows import DictRow
 
 from batchdb.queries import query
 
@@ -87,6 +88,6 @@ class ModelLimits:
         return (limit - messages * _OVERHEAD_PER_MESSAGE - _OVERHEAD) // _RENDER_FACTOR
 
 
-def load(conn: psycopg.Connection, provider: str, model: str) -> ModelLimits:
+def load(conn: psycopg.Connection[DictRow], provider: str, model: str) -> ModelLimits:
     row = conn.execute(query("model_limits"), {"provider": provider, "model": model}).fetchone()
     return ModelLimits.from_row(model, row)

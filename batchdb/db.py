@@ -11,7 +11,7 @@ import os
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from psycopg.rows import dict_row
+from psycopg.rows import DictRow, Row, dict_row
 
 from batchdb.errors import DatabaseMissing
 
@@ -40,17 +40,29 @@ def with_options(dsn: str, options: str) -> str:
     """`dsn` with server settings (`-c name=value ...`) added to whatever options it already has."""
     params = conninfo_to_dict(dsn)
     params["options"] = f"{params['options']} {options}" if params.get("options") else options
-    return make_conninfo(**params)
+    return make_conninfo("", **params)
 
 
-def connect(dsn: str | None = None, *, autocommit: bool = True) -> psycopg.Connection[dict]:
+def connect(dsn: str | None = None, *, autocommit: bool = True) -> psycopg.Connection[DictRow]:
     return psycopg.connect(with_options(resolve_dsn(dsn), SESSION_OPTIONS), autocommit=autocommit,
                            row_factory=dict_row)
 
 
-async def connect_async(dsn: str | None = None, *, autocommit: bool = True) -> psycopg.AsyncConnection[dict]:
+async def connect_async(dsn: str | None = None, *, autocommit: bool = True) -> psycopg.AsyncConnection[DictRow]:
     return await psycopg.AsyncConnection.connect(with_options(resolve_dsn(dsn), SESSION_OPTIONS),
                                                  autocommit=autocommit, row_factory=dict_row)
+
+
+def one_row(cursor: psycopg.Cursor[Row]) -> Row:
+    """The row of a statement that always returns exactly one (an aggregate, SHOW, a function call).
+
+    psycopg types fetchone() as optional; no row here would be a bug, so it says so instead of
+    failing later on indexing None.
+    """
+    row = cursor.fetchone()
+    if row is None:
+        raise RuntimeError("no row from a statement that always returns one")
+    return row
 
 
 # A failed connection that waiting will not mend: the server (or libpq) refused us. psycopg gives a
@@ -99,13 +111,13 @@ def create_database_if_missing(dsn: str | None = None) -> str | None:
         if "does not exist" not in str(exc) or "database" not in str(exc):
             raise
     params = conninfo_to_dict(dsn)
-    name = params.get("dbname") or params.get("user") or os.environ.get("PGDATABASE") or ""
+    name = str(params.get("dbname") or params.get("user") or os.environ.get("PGDATABASE") or "")
     last: psycopg.OperationalError | None = None
     for maintenance in ("postgres", "template1"):
         try:
             with psycopg.connect(make_conninfo(dsn, dbname=maintenance), autocommit=True,
                                  connect_timeout=10) as admin:
-                role = admin.execute("SELECT current_user").fetchone()[0]  # type: ignore[index]
+                role = one_row(admin.execute("SELECT current_user"))[0]
                 try:
                     admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
                 except psycopg.errors.DuplicateDatabase:

@@ -12,14 +12,15 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 import pandas as pd
-
 import psycopg
+from psycopg.rows import DictRow
 
 from batchdb import ledger, migrations
-from batchdb.db import connect, resolve_dsn
+from batchdb.db import connect, one_row, resolve_dsn
 from batchdb.queries import query
 from batchdb.secrets import alias_env
 from batchdb.submission import submit
@@ -133,11 +134,11 @@ def run_demo(*, rows: int, n_workers: int, rpm: int, tpm: int, output: Path, dsn
         say(f"  {row['custom_id']}  {row['headline'][:48]:<48}  {row['response']}")
 
 
-def _refuse_a_database_in_use(conn: psycopg.Connection, dsn: str) -> None:
+def _refuse_a_database_in_use(conn: psycopg.Connection[DictRow], dsn: str) -> None:
     """A database with jobs other than the demo's is someone's: the demo's workers would run those jobs too."""
     if not _has_jobs_table(conn):
         return
-    others = int(conn.execute(query("demo_other_jobs"), {"key_alias": DEMO_LANE.key_alias}).fetchone()["n"])
+    others = int(one_row(conn.execute(query("demo_other_jobs"), {"key_alias": DEMO_LANE.key_alias}))["n"])
     if others:
         raise click.ClickException(
             f"{_describe(dsn)} already holds {others} job(s) that are not the demo's; its workers would run them "
@@ -145,11 +146,11 @@ def _refuse_a_database_in_use(conn: psycopg.Connection, dsn: str) -> None:
         )
 
 
-def _has_jobs_table(conn: psycopg.Connection) -> bool:
-    return bool(conn.execute(query("jobs_table_exists")).fetchone()["present"])
+def _has_jobs_table(conn: psycopg.Connection[DictRow]) -> bool:
+    return bool(one_row(conn.execute(query("jobs_table_exists")))["present"])
 
 
-def _served_line(stats: dict, rpm: int) -> str:
+def _served_line(stats: dict[str, Any], rpm: int) -> str:
     """What the provider saw: calls, 429s, and the steady call rate against the key's limit."""
     totals = stats["totals"]
     per_second: dict[int, int] = {}

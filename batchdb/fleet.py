@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
@@ -30,7 +31,7 @@ class LiveWorker:
     lanes: list[str]
 
 
-def live_workers(conn: psycopg.Connection) -> list[LiveWorker]:
+def live_workers(conn: psycopg.Connection[Any]) -> list[LiveWorker]:
     """Every live worker, by host and pid."""
     with conn.cursor(row_factory=dict_row) as cur:
         rows = cur.execute(query("list_live_workers")).fetchall()

@@ -17,7 +17,7 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import duckdb
 import pandas as pd
@@ -33,7 +33,7 @@ BATCH_ROWS = 50_000
 # A row larger than this (its input columns or messages as JSON) is refused: it cannot be one prompt.
 MAX_ROW_BYTES = 4_000_000
 
-DataSource = pd.DataFrame | pa.Table | str | Path
+DataSource: TypeAlias = pd.DataFrame | pa.Table | str | Path
 # Names row `i` (0-based, in input order) for a message: "row 3", or "data.csv: line 5".
 RowName = Callable[[int], str]
 
@@ -400,8 +400,8 @@ def _json_objects(batch: pa.RecordBatch, first_row: int, row_name: RowName) -> p
             infinite = pc.is_inf(column)
             if pc.any(infinite).as_py():
                 row = pc.index(infinite, True).as_py()
-                raise InputError(f"{row_name(first_row + row)}, column {name!r}: {column[row].as_py()} cannot be stored "
-                                 "as JSON; use a finite number or null")
+                raise InputError(f"{row_name(first_row + row)}, column {name!r}: {column[row].as_py()} "
+                                 "cannot be stored as JSON; use a finite number or null")
             column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
         columns.append(column)
     rows = pa.Table.from_arrays(columns, names=batch.schema.names)
@@ -410,8 +410,8 @@ def _json_objects(batch: pa.RecordBatch, first_row: int, row_name: RowName) -> p
         try:
             rendered = con.execute("SELECT to_json(input_rows)::VARCHAR AS j FROM input_rows").arrow()
         except duckdb.Error as exc:
-            raise InputError(f"{row_name(first_row)} to {row_name(first_row + len(rows) - 1)}: cannot be stored as JSON: "
-                             f"{exc}") from None
+            raise InputError(f"{row_name(first_row)} to {row_name(first_row + len(rows) - 1)}: "
+                             f"cannot be stored as JSON: {exc}") from None
     table = rendered if isinstance(rendered, pa.Table) else rendered.read_all()
     return table.column(0).combine_chunks()
 

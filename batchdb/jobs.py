@@ -14,14 +14,14 @@ from typing import Any
 
 import pandas as pd
 import psycopg
+from psycopg.rows import DictRow
 
 from batchdb import events
 from batchdb import results as results_module
-from batchdb.db import connect
+from batchdb.db import connect, one_row
 from batchdb.errors import BatchDBError, translates_database_errors
 from batchdb.models import JobStatus
 from batchdb.queries import query
-
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,8 @@ class JobProgress:
     def summary(self) -> str:
         return (
             f"job {self.job_id} {self.status}: {self.n_done}/{self.n_total} done "
-            f"({self.n_succeeded} succeeded, {self.n_failed} failed, {self.n_dead} dead, {self.n_cancelled} cancelled), "
+            f"({self.n_succeeded} succeeded, {self.n_failed} failed, {self.n_dead} dead, "
+            f"{self.n_cancelled} cancelled), "
             f"{self.prompt_tokens + self.completion_tokens:,} tokens, "
             + (self.cost_text if self.priced else f"cost unknown (no price for {self.provider}/{self.model})")
         )
@@ -151,7 +152,7 @@ class Job:
             raise ValueError(f"until: expected 'finished' or 'paused', got {until!r}")
         deadline = None if timeout is None else time.monotonic() + timeout
         bar = None
-        conn: psycopg.Connection | None = None
+        conn: psycopg.Connection[DictRow] | None = None
         watch = _WorkerWatch(no_worker_after, self.id)
         waiting = _WaitingWatch(self.id)
         try:
@@ -189,7 +190,7 @@ class Job:
     def cancel(self) -> int:
         """Stop the job: queued rows never run; in-flight results are not recorded. Returns rows cancelled."""
         with connect(self._dsn) as conn, _visible(self.id):
-            return int(conn.execute(query("cancel_job"), {"job_id": self.id}).fetchone()["n"])
+            return int(one_row(conn.execute(query("cancel_job"), {"job_id": self.id}))["n"])
 
     @translates_database_errors
     def retry(self, *, failed: bool = True, dead: bool = True, cancelled: bool = False) -> int:
@@ -198,7 +199,7 @@ class Job:
         if not statuses:
             return 0
         with connect(self._dsn) as conn, _visible(self.id):
-            return int(conn.execute(query("retry_job"), {"job_id": self.id, "statuses": statuses}).fetchone()["n"])
+            return int(one_row(conn.execute(query("retry_job"), {"job_id": self.id, "statuses": statuses}))["n"])
 
     @translates_database_errors
     def resume(self, *, budget_usd: float | None = None) -> bool:
@@ -229,7 +230,7 @@ class Job:
         self.status()
         return results_module.write_file(self.id, path, dsn=self._dsn)
 
-    def _progress(self, conn: psycopg.Connection) -> JobProgress:
+    def _progress(self, conn: psycopg.Connection[DictRow]) -> JobProgress:
         row = conn.execute(query("job_progress"), {"job_id": self.id}).fetchone()
         if row is None:
             raise JobNotFound(f"job {self.id} does not exist")
@@ -260,7 +261,7 @@ class _WorkerWatch:
         self._warned = False
         self.note: str | None = None
 
-    def check(self, conn: psycopg.Connection, current: JobProgress) -> str | None:
+    def check(self, conn: psycopg.Connection[DictRow], current: JobProgress) -> str | None:
         """A note for the progress line ('no live worker for 30 s'), or None while workers are alive."""
         if current.status != JobStatus.RUNNING or current.n_queued + current.n_running == 0:
             self._none_since, self.note = None, None
@@ -269,7 +270,7 @@ class _WorkerWatch:
         if now < self._next_check:
             return self.note
         self._next_check = now + min(5.0, max(self._after / 3, 0.2))
-        alive = int(conn.execute(query("live_worker_count")).fetchone()["n"])
+        alive = int(one_row(conn.execute(query("live_worker_count")))["n"])
         if alive:
             self._none_since, self.note, self._warned = None, None, False
             return None

@@ -72,7 +72,7 @@ def read_headers(headers: Mapping[str, str]) -> HeaderView | None:
 
 
 async def reserve(
-    conn: psycopg.AsyncConnection,
+    conn: psycopg.AsyncConnection[Any],
     lane: Lane,
     tokens: Sequence[int],
     *,
@@ -102,7 +102,7 @@ class LaneState:
     token_credit: float | None
 
 
-async def lane_state(conn: psycopg.AsyncConnection, lane: Lane) -> LaneState | None:
+async def lane_state(conn: psycopg.AsyncConnection[Any], lane: Lane) -> LaneState | None:
     cur = conn.cursor(row_factory=dict_row)
     await cur.execute(query("lane_state"), {"provider": lane.provider, "key_alias": lane.key_alias,
                                             "model": lane.model})
@@ -112,12 +112,12 @@ async def lane_state(conn: psycopg.AsyncConnection, lane: Lane) -> LaneState | N
     return LaneState(row["state"], row["until"], row["state_text"], row["token_credit_now"])
 
 
-async def record_rate_limited(conn: psycopg.AsyncConnection, lane: Lane, retry_after: float | None) -> None:
+async def record_rate_limited(conn: psycopg.AsyncConnection[Any], lane: Lane, retry_after: float | None) -> None:
     await conn.execute(query("record_rate_limited"), {
         "provider": lane.provider, "key_alias": lane.key_alias, "model": lane.model, "retry_after": retry_after})
 
 
-async def learn_limits(conn: psycopg.AsyncConnection, lane: Lane, rpm: int | None, tpm: int | None) -> None:
+async def learn_limits(conn: psycopg.AsyncConnection[Any], lane: Lane, rpm: int | None, tpm: int | None) -> None:
     await conn.execute(query("learn_limits"), {
         "provider": lane.provider, "key_alias": lane.key_alias, "model": lane.model, "rpm": rpm, "tpm": tpm})
 
@@ -125,7 +125,7 @@ async def learn_limits(conn: psycopg.AsyncConnection, lane: Lane, rpm: int | Non
 LIMIT_NAMES = ("rpm", "tpm", "rpd")
 
 
-def set_limits(conn: psycopg.Connection, lane: Lane, *, rpm: int | None = None, tpm: int | None = None,
+def set_limits(conn: psycopg.Connection[Any], lane: Lane, *, rpm: int | None = None, tpm: int | None = None,
                rpd: int | None = None, clear: Sequence[str] = ()) -> dict[str, int | None]:
     """Set the given limits of `lane`; those not given keep their value, those in `clear` are removed.
 
@@ -150,12 +150,12 @@ def set_limits(conn: psycopg.Connection, lane: Lane, *, rpm: int | None = None, 
     return dict(row)
 
 
-def list_limits(conn: psycopg.Connection) -> list[dict[str, Any]]:
+def list_limits(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
     with conn.cursor(row_factory=dict_row) as cur:
         return cur.execute(query("list_limits")).fetchall()
 
 
-def open_circuits(conn: psycopg.Connection) -> list[dict[str, Any]]:
+def open_circuits(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
     """Lanes whose circuit is open (workers/breaker.py), each with a `state_text` saying why."""
     with conn.cursor(row_factory=dict_row) as cur:
         return cur.execute(query("open_circuits")).fetchall()

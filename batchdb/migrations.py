@@ -10,11 +10,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg.rows import tuple_row
 
 from batchdb._sqlfiles import sql_dir
+from batchdb.db import one_row
 from batchdb.queries import query
 
 _MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
@@ -42,29 +44,29 @@ def available() -> list[Migration]:
     return found
 
 
-def applied(conn: psycopg.Connection) -> set[int]:
+def applied(conn: psycopg.Connection[Any]) -> set[int]:
     with conn.transaction():
         conn.execute(query("migrations_lock"))
         conn.execute(query("migrations_table"))
         return _versions(conn)
 
 
-def _versions(conn: psycopg.Connection) -> set[int]:
+def _versions(conn: psycopg.Connection[Any]) -> set[int]:
     with conn.cursor(row_factory=tuple_row) as cur:
         return {version for (version,) in cur.execute(query("migrations_applied")).fetchall()}
 
 
-def pending(conn: psycopg.Connection) -> list[Migration]:
+def pending(conn: psycopg.Connection[Any]) -> list[Migration]:
     """Migrations this database lacks, read without creating or locking anything."""
     with conn.cursor(row_factory=tuple_row) as cur:
-        (present,) = cur.execute(query("migrations_table_exists")).fetchone()
+        (present,) = one_row(cur.execute(query("migrations_table_exists")))
     if not present:
         return available()
     done = _versions(conn)
     return [m for m in available() if m.version not in done]
 
 
-def upgrade(conn: psycopg.Connection) -> list[Migration]:
+def upgrade(conn: psycopg.Connection[Any]) -> list[Migration]:
     """Apply every missing migration; returns those applied by this call."""
     done: list[Migration] = []
     for migration in available():

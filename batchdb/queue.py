@@ -9,9 +9,10 @@ job counters exact.
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row, tuple_row
+from psycopg.rows import DictRow, dict_row, tuple_row
 from psycopg.types.json import Jsonb
 
 from batchdb.models import ClaimedRequest, Outcome
@@ -21,7 +22,7 @@ Key = tuple[int, int]
 
 
 async def claim_batch(
-    conn: psycopg.AsyncConnection,
+    conn: psycopg.AsyncConnection[Any],
     *,
     worker_id: str,
     limit: int,
@@ -43,7 +44,7 @@ async def claim_batch(
     return [ClaimedRequest(**row) for row in await cur.fetchall()]
 
 
-async def complete_batch(conn: psycopg.AsyncConnection, outcomes: Sequence[Outcome]) -> set[Key]:
+async def complete_batch(conn: psycopg.AsyncConnection[Any], outcomes: Sequence[Outcome]) -> set[Key]:
     """Record outcomes; returns the keys actually recorded (the rest were fenced out)."""
     if not outcomes:
         return set()
@@ -67,7 +68,7 @@ async def complete_batch(conn: psycopg.AsyncConnection, outcomes: Sequence[Outco
 
 
 async def extend_leases(
-    conn: psycopg.AsyncConnection, held: Sequence[ClaimedRequest], *, lease_seconds: float
+    conn: psycopg.AsyncConnection[Any], held: Sequence[ClaimedRequest], *, lease_seconds: float
 ) -> set[Key]:
     if not held:
         return set()
@@ -75,7 +76,7 @@ async def extend_leases(
 
 
 async def release_leases(
-    conn: psycopg.AsyncConnection, held: Sequence[ClaimedRequest], *, delay_s: float = 0.0
+    conn: psycopg.AsyncConnection[Any], held: Sequence[ClaimedRequest], *, delay_s: float = 0.0
 ) -> set[Key]:
     """Hand rows back unsent (no attempt spent), due again in `delay_s` seconds; returns the keys
     still ours (the rest were fenced out)."""
@@ -84,19 +85,20 @@ async def release_leases(
     return await _keys(conn, "release_leases", held, delay_s=float(delay_s))
 
 
-async def reclaim_expired(conn: psycopg.AsyncConnection, *, limit: int = 10_000) -> int:
+async def reclaim_expired(conn: psycopg.AsyncConnection[Any], *, limit: int = 10_000) -> int:
     cur = await conn.execute(query("reclaim_expired"), {"limit": limit})
     return cur.rowcount
 
 
-async def resume_due_jobs(conn: psycopg.AsyncConnection) -> int:
+async def resume_due_jobs(conn: psycopg.AsyncConnection[DictRow]) -> int:
     """Jobs paused by a user quota run again once the day or month has turned over."""
     cur = await conn.execute(query("resume_due_jobs"))
     row = await cur.fetchone()
     return int(row["n"]) if row else 0
 
 
-async def _keys(conn: psycopg.AsyncConnection, name: str, held: Sequence[ClaimedRequest], **extra: float) -> set[Key]:
+async def _keys(conn: psycopg.AsyncConnection[Any], name: str, held: Sequence[ClaimedRequest],
+                **extra: float) -> set[Key]:
     params = {
         "job_id": [r.job_id for r in held],
         "id": [r.id for r in held],
@@ -106,7 +108,7 @@ async def _keys(conn: psycopg.AsyncConnection, name: str, held: Sequence[Claimed
     return await _execute_keys(conn, name, params)
 
 
-async def _execute_keys(conn: psycopg.AsyncConnection, name: str, params: dict) -> set[Key]:
+async def _execute_keys(conn: psycopg.AsyncConnection[Any], name: str, params: dict[str, Any]) -> set[Key]:
     cur = conn.cursor(row_factory=tuple_row)
     await cur.execute(query(name), params)
     return {(job_id, request_id) for job_id, request_id, *_ in await cur.fetchall()}

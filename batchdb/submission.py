@@ -21,19 +21,25 @@ import numpy as np
 import psycopg
 import pyarrow as pa
 import pyarrow.compute as pc
+from psycopg.rows import DictRow
 from psycopg.types.json import Jsonb
 
 from batchdb import context_window
-
-from batchdb.db import connect
+from batchdb.db import connect, one_row
 from batchdb.errors import translates_database_errors
 from batchdb.ingest import DataSource, InputError, InputSpec, RowName, check_schema, copy_rows, open_source
 from batchdb.jobs import Job
-from batchdb.notifications import (CHANNEL_EMAIL, CHANNEL_WEBHOOK, check_emails, check_secret, check_webhook_url,
-                                   new_secret)
+from batchdb.notifications import (
+    CHANNEL_EMAIL,
+    CHANNEL_WEBHOOK,
+    check_emails,
+    check_secret,
+    check_webhook_url,
+    new_secret,
+)
+from batchdb.prompts import PromptError, build_request
 from batchdb.providers import KNOWN_PROVIDERS
 from batchdb.providers.compat import UnsupportedRequest, check_request
-from batchdb.prompts import PromptError, build_request
 from batchdb.queries import query
 from batchdb.tokens import estimate_prompt_tokens
 from batchdb.validation import check_response_schema
@@ -175,7 +181,8 @@ def _notification_targets(webhook_url: str | None, webhook_secret: str | None,
     return targets
 
 
-def _add_targets(conn: psycopg.Connection, job_id: int, targets: list[tuple[str, str, str | None]]) -> str | None:
+def _add_targets(conn: psycopg.Connection[DictRow], job_id: int,
+                 targets: list[tuple[str, str, str | None]]) -> str | None:
     """Store the job's webhook and email targets; returns the webhook's secret."""
     secret = None
     for channel, target, given in targets:
@@ -186,7 +193,7 @@ def _add_targets(conn: psycopg.Connection, job_id: int, targets: list[tuple[str,
     return secret
 
 
-def _existing_secret(conn: psycopg.Connection, job_id: int, webhook_url: str | None) -> str | None:
+def _existing_secret(conn: psycopg.Connection[DictRow], job_id: int, webhook_url: str | None) -> str | None:
     if webhook_url is None:
         return None
     row = conn.execute(query("notify_webhook_secret"), {"job_id": job_id, "target": webhook_url}).fetchone()
@@ -217,7 +224,7 @@ def _check_options(*, model: str, provider: str, priority: int, max_attempts: in
         raise InputError(f"temperature: expected a number from 0 to 2, got {temperature!r}")
 
 
-def _refuse_unknown_model(conn: psycopg.Connection, provider: str, model: str) -> None:
+def _refuse_unknown_model(conn: psycopg.Connection[DictRow], provider: str, model: str) -> None:
     """A model without a price is most often a typo ('gpt-4o-mni'), which would run at an unknown cost."""
     if provider == "instant":
         return  # no network, no cost: any model name will do
@@ -234,7 +241,7 @@ def _refuse_unknown_model(conn: psycopg.Connection, provider: str, model: str) -
     )
 
 
-def _create_job(conn: psycopg.Connection, *, params: dict[str, Any], **fields: Any) -> int | None:
+def _create_job(conn: psycopg.Connection[DictRow], *, params: dict[str, Any], **fields: Any) -> int | None:
     row = conn.execute(query("insert_job"), {**fields, "params": Jsonb(params)}).fetchone()
     return None if row is None else int(row["id"])
 
@@ -257,7 +264,7 @@ def _refuse_a_different_job(existing: dict[str, Any], key: str, batches: Any, sp
     if not differs and existing["input_sha256"] is not None:
         # The same options: compare the rows themselves, exactly as they would have been copied in.
         digest = hashlib.sha256()
-        rows, seen_ids = 0, {}
+        rows, seen_ids = 0, dict[str, int]()
         for batch in batches:
             if batch.num_rows:
                 digest.update(copy_rows(batch, job_id=existing["id"], first_row=rows, spec=spec,
@@ -273,7 +280,7 @@ def _refuse_a_different_job(existing: dict[str, Any], key: str, batches: Any, sp
         )
 
 
-def _copy_all(conn: psycopg.Connection, job_id: int, batches: Any, spec: InputSpec, input_columns: list[str],
+def _copy_all(conn: psycopg.Connection[DictRow], job_id: int, batches: Any, spec: InputSpec, input_columns: list[str],
               row_name: RowName, fit: _FitCheck | None = None) -> int:
     rows = 0
     seen_ids: dict[str, int] = {}
@@ -282,7 +289,7 @@ def _copy_all(conn: psycopg.Connection, job_id: int, batches: Any, spec: InputSp
     with conn.transaction():
         # COPY cannot write through row-level security: a user role (not the owner)
         # copies into a private staging table and moves the rows in one INSERT.
-        staged = bool(conn.execute(query("requests_rls_active")).fetchone()["active"])
+        staged = bool(one_row(conn.execute(query("requests_rls_active")))["active"])
         if staged:
             conn.execute(query("create_requests_staging"))
         with conn.cursor().copy(query("copy_requests_staging" if staged else "copy_requests")) as copy:

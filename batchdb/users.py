@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
 
 import psycopg
 
@@ -35,7 +36,7 @@ class User:
 
 
 def add_user(
-    conn: psycopg.Connection,
+    conn: psycopg.Connection[Any],
     name: str,
     *,
     kind: UserKind = UserKind.USER,
@@ -60,7 +61,7 @@ def add_user(
     })
 
 
-def list_users(conn: psycopg.Connection) -> list[User]:
+def list_users(conn: psycopg.Connection[Any]) -> list[User]:
     """Every user this role may see (an ordinary user sees only itself)."""
     with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
         return [User(**row) for row in cur.execute(query("list_users")).fetchall()]

@@ -99,7 +99,7 @@ def environment_line(dsn: str) -> str:
 
 # -- data --------------------------------------------------------------------------------------
 
-_WORDS = (
+_WORDS = (  # noqa: SIM905 - one readable paragraph of words
     "shares stock profit loss quarter revenue guidance beats misses analysts expectations surge slump "
     "rally falls rises record outlook merger acquisition deal lawsuit regulator approval launch product "
     "chip demand supply chain forecast dividend buyback layoffs hiring expansion market investors bond "
@@ -159,7 +159,8 @@ def progress(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[object]], notes: Sequence[str] = ()) -> None:
+def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[object]],
+                notes: Sequence[str] = ()) -> None:
     """The benchmark's figures as one Markdown table (pastes straight into bench/README.md)."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]

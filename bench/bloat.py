@@ -21,8 +21,18 @@ import psycopg
 from psycopg import sql
 
 import batchdb
-from bench._common import (DEFAULT_ADMIN_DSN, MODEL, PROMPT, REPO, environment_line, fmt_int, headlines_table,
-                           print_table, progress, scratch_database)
+from bench._common import (
+    DEFAULT_ADMIN_DSN,
+    MODEL,
+    PROMPT,
+    REPO,
+    environment_line,
+    fmt_int,
+    headlines_table,
+    print_table,
+    progress,
+    scratch_database,
+)
 
 SIZES = """
 SELECT coalesce(sum(pg_total_relation_size(c.oid)) FILTER (WHERE c.relname IN (%(req)s, %(res)s)), 0) AS job_bytes,
@@ -59,8 +69,8 @@ def main() -> None:
         progress(f"draining with {args.workers} workers")
         started = time.monotonic()
         env = {**os.environ, "BATCHDB_DSN": dsn, "PYTHONPATH": str(REPO)}
-        workers = [subprocess.Popen([sys.executable, "-m", "batchdb.workers", "--concurrency", "256", "--exit-when-idle",
-                                     "--poll-interval", "0.5"], env=env, stdout=subprocess.DEVNULL,
+        workers = [subprocess.Popen([sys.executable, "-m", "batchdb.workers", "--concurrency", "256",
+                                     "--exit-when-idle", "--poll-interval", "0.5"], env=env, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL) for _ in range(args.workers)]
         for w in workers:
             w.wait()

@@ -31,6 +31,8 @@ if __package__ in (None, ""):  # run as a file: make `bench` and `batchdb` impor
 
 import psycopg
 
+from batchdb.dashboard import queries
+from batchdb.dashboard.source import PostgresViaDuckDB, read_only_dsn
 from bench._common import (
     DEFAULT_ADMIN_DSN,
     Stopwatch,
@@ -41,8 +43,6 @@ from bench._common import (
     progress,
     scratch_database,
 )
-from batchdb.dashboard import queries
-from batchdb.dashboard.source import PostgresViaDuckDB, read_only_dsn
 
 TARGET_MS = 500.0
 

@@ -49,9 +49,9 @@ import psycopg
 import batchdb
 from batchdb.simulator.config import Distribution, SimulatorConfig
 from batchdb.simulator.process import SimulatorProcess, start_simulator
+from batchdb.workers.processes import WORKER_COMMAND, WorkerProcesses, start_workers
 from bench import write_audit
 from bench._common import DEFAULT_ADMIN_DSN, print_table, progress, scratch_database
-from batchdb.workers.processes import WORKER_COMMAND, WorkerProcesses, start_workers
 
 LATENCY = Distribution(kind="lognormal", median=0.25, sigma=0.5, cap=3.0)
 OUTPUT_TOKENS = Distribution(kind="uniform", low=3, high=12)
@@ -395,7 +395,7 @@ def _simulator_fault(name: str, setup: Setup, fault: dict[str, object], heal: di
                      bound_includes_accepted: bool = False, settle_s: float = 0.0, note: str = "") -> DrillResult:
     """Apply `fault` to the simulator at 1/4 of the job for `fault_s` seconds, then `heal`."""
     began = time.monotonic()
-    with running(setup, sim_config=sim_config, worker_args=worker_args, max_attempts=20) as (job, sim, workers,
+    with running(setup, sim_config=sim_config, worker_args=worker_args, max_attempts=20) as (job, sim, _workers,
                                                                                              sampler):
         sampler.wait_for(setup.rows // 4)
         bound = in_flight(setup.dsn, job.id)
@@ -523,7 +523,7 @@ def drill_connection_resets(setup: Setup, *, rate: float = 0.05) -> DrillResult:
     """Connection resets on `rate` of calls throughout the job; a reset call never counts as accepted."""
     began = time.monotonic()
     config = simulator_config(error_rates={"http_500": 0.0, "http_503": 0.0, "connection_reset": rate})
-    with running(setup, sim_config=config, max_attempts=20) as (job, sim, workers, sampler):
+    with running(setup, sim_config=config, max_attempts=20) as (job, sim, _workers, _sampler):
         job.wait(timeout=300)
         resets = sim.stats(series=False)
         return _finish("connection resets", setup, job, sim, 0, "n/a (whole job)", began,
@@ -573,7 +573,7 @@ def drill_result_write_failures(setup: Setup, *, sqlstate: str = "P0001", fault_
     whole batch with backoff until the write goes through, and no row is called twice.
     """
     began = time.monotonic()
-    with running(setup) as (job, sim, workers, sampler):
+    with running(setup) as (job, sim, _workers, sampler):
         sampler.wait_for(setup.rows // 4)
         with psycopg.connect(setup.dsn, autocommit=True) as conn:
             fault_start = time.monotonic()
@@ -602,7 +602,7 @@ def drill_poison_rows(setup: Setup, *, every: int = 50) -> DrillResult:
     began = time.monotonic()
     config = simulator_config(context_window=POISON_CONTEXT_WINDOW)
     poison = len(range(0, setup.rows, every))
-    with running(setup, sim_config=config, poison_every=every) as (job, sim, workers, sampler):
+    with running(setup, sim_config=config, poison_every=every) as (job, sim, _workers, _sampler):
         job.wait(timeout=300)
         return _finish("poison rows (context too long)", setup, job, sim, 0, "n/a (whole job)", began,
                        poison=poison, note=f"{poison} poison rows failed on their first attempt")
@@ -673,7 +673,8 @@ def drill_clock_skew(setup: Setup) -> DrillResult:
             clocks = ", ".join("?" if o is None else f"{o:+.0f} s" for o in offsets)
             result = _finish("worker clocks +/- 1 h", setup, job, sim, 0, "n/a (no outage)", began,
                              note=f"libfaketime; worker clocks measured {clocks}; longest lease left "
-                                  f"{float(longest):.1f} s (lease {setup.lease_seconds:.0f} s); {reclaimed} rows reclaimed")
+                                  f"{float(longest):.1f} s (lease {setup.lease_seconds:.0f} s); "
+                                  f"{reclaimed} rows reclaimed")
     expected = [CLOCK_SKEW_S] * ahead + [-CLOCK_SKEW_S] * behind
     result.clock_offsets = offsets
     for i, (offset, want) in enumerate(zip(offsets, expected, strict=True)):

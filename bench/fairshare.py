@@ -80,8 +80,8 @@ def frame(rows: int, tag: str) -> pd.DataFrame:
 def run_scenario(admin_dsn: str, sim_url: str, name: str, args: argparse.Namespace, workdir: Path) -> Result:
     import batchdb
     from batchdb import ledger
-    from bench._common import progress, scratch_database
     from batchdb.workers.processes import start_workers
+    from bench._common import progress, scratch_database
 
     first, second = SCENARIOS[name]
     with scratch_database(admin_dsn, "fairshare") as dsn, psycopg.connect(dsn, autocommit=True) as admin:

@@ -106,7 +106,8 @@ def _busy(t: psutil._common.scputimes) -> float:
 def run_workers(dsn: str, n: int) -> tuple[float, float, float]:
     """Start n worker processes, wait for all to exit; (wall s, their CPU s, machine CPU busy %)."""
     env = {**os.environ, "BATCHDB_DSN": dsn, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "batchdb.workers", "--concurrency", "256", "--exit-when-idle", "--poll-interval", "0.5"]
+    cmd = [sys.executable, "-m", "batchdb.workers", "--concurrency", "256", "--exit-when-idle",
+           "--poll-interval", "0.5"]
     usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_before = psutil.cpu_times()
     started = time.perf_counter()
@@ -296,7 +297,8 @@ def plan_figures(plan: str) -> tuple[float, int, int, float | None]:
     lines = plan.splitlines()
     execution = float(re.search(r"Execution Time: ([\d.]+) ms", plan).group(1))
     top = buffers_of(next(line for line in lines if "Buffers: shared" in line).split("Buffers: ")[1])
-    scan = next(i for i, line in enumerate(lines) if re.search(r"Index Scan using requests_\d+_job_id_run_after_id_idx", line))
+    scan = next(i for i, line in enumerate(lines)
+                if re.search(r"Index Scan using requests_\d+_job_id_run_after_id_idx", line))
     index = buffers_of(next(line for line in lines[scan:] if "Buffers: shared" in line).split("Buffers: ")[1])
     jit = re.search(r"JIT:.*?Total ([\d.]+) ms", plan, re.DOTALL)
     return execution, top, index, None if jit is None else float(jit.group(1))
@@ -420,8 +422,8 @@ def claim_latency(admin_dsn: str, backlog: int, drain: int, reps: int) -> tuple[
                  "10 warm-up claims, then each timed claim rolled back (no commit/WAL flush included; the backlog "
                  "is unchanged, though every rolled-back claim leaves dead row versions in the heap). 'custom' = "
                  "planned per call (psycopg never prepares a statement whose transaction rolls back); 'generic' "
-                 "= prepared at once with plan_cache_mode = force_generic_plan (re-prepared on every call, as each rollback "
-                 "clears psycopg's statement cache, so its timings include that round trip).")
+                 "= prepared at once with plan_cache_mode = force_generic_plan (re-prepared on every call, "
+                 "as each rollback clears psycopg's statement cache, so its timings include that round trip).")
     for m in measured:
         print(f"\n-- EXPLAIN (ANALYZE, BUFFERS) claim_batch limit {m.batch}, {m.plan} plan [{m.state}]\n{m.explain}",
               file=sys.stderr)
@@ -475,7 +477,8 @@ def main(argv: list[str] | None = None) -> None:
     if baseline is not None:
         t, d = baseline["throughput"], baseline["drain"]
         rows.append(["pgqueuer 1.6.0 tools/benchmark.py -d psy (throughput, default 5x10 consumers, 1x10 producer)",
-                     f"{fmt_int(t['rate'])} jobs/s", f"{fmt_int(t['steps'])} jobs in {args.pgqueuer_seconds:.0f} s timer",
+                     f"{fmt_int(t['rate'])} jobs/s",
+                     f"{fmt_int(t['steps'])} jobs in {args.pgqueuer_seconds:.0f} s timer",
                      "enqueue runs concurrently; no-op entrypoint"])
         rows.append([f"pgqueuer 1.6.0 tools/benchmark.py -d psy --strategy drain --jobs {args.pgqueuer_drain_jobs}",
                      f"{fmt_int(d['rate'])} jobs/s", f"{fmt_int(d['steps'])} jobs drained", "backlog enqueued first"])

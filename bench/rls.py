@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> None:
     import batchdb
     from batchdb import users
     from batchdb.providers.instant import InstantProvider
-    from bench._common import DEFAULT_ADMIN_DSN, environment_line, fmt_int, print_table, progress, scratch_database
     from batchdb.workers.worker import Worker, WorkerConfig
+    from bench._common import DEFAULT_ADMIN_DSN, environment_line, fmt_int, print_table, progress, scratch_database
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dsn", default=DEFAULT_ADMIN_DSN, help="admin DSN (a scratch database and role)")
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
             admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,))
             admin.execute(psycopg.sql.SQL("DROP ROLE IF EXISTS {}").format(psycopg.sql.Identifier(role)))
     print_table(f"Row-level security overhead, one {fmt_int(args.rows)}-row job",
-                ["connected as", "submit", "results() (best of %d)" % args.repeat, "status() (best of 5)",
+                ["connected as", "submit", f"results() (best of {args.repeat})", "status() (best of 5)",
                  "list_jobs() (best of 5)"], rows,
                 [environment_line(args.dsn), "each figure includes opening a connection (the SDK opens one per call)"])
 

@@ -29,9 +29,9 @@ from typing import Any
 
 import pandas as pd
 
+from batchdb.dashboard.source import Engine, duck_df, fetch_df, fetch_rows, read_connection
 from batchdb.pricing import Price, output_charge
 from batchdb.queries import query
-from batchdb.dashboard.source import Engine, duck_df, fetch_df, fetch_rows, read_connection
 
 # A job partition up to this many rows is read whole (about 20 ms); a bigger one is page-sampled
 # down to about as many rows, so one read of a 1M-row job costs what a 100k-row job costs.

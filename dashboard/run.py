@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from batchdb._source_root import SOURCE_ROOT
-from batchdb.db import DSN_ENV, resolve_dsn
 from batchdb.dashboard.settings import OUTPUTS_ENV, REFRESH_ENV
+from batchdb.db import DSN_ENV, resolve_dsn
 
 # The app file inside the batchdb package: batchdb/dashboard/app.py (through the symlink in a
 # checkout, a plain file in a wheel). It imports its neighbours as batchdb.dashboard.*.

@@ -18,10 +18,10 @@ import psycopg
 import streamlit as st
 from psycopg.conninfo import conninfo_to_dict
 
-from batchdb.db import resolve_dsn
-from batchdb.errors import BatchDBError, DatabaseUnavailable
 from batchdb.dashboard import queries
 from batchdb.dashboard.settings import outputs_dir, refresh_seconds  # noqa: F401 - the pages read them from here
+from batchdb.db import resolve_dsn
+from batchdb.errors import BatchDBError, DatabaseUnavailable
 
 CACHE_TTL = refresh_seconds()
 
@@ -151,7 +151,7 @@ def fmt_usd(value: Any) -> str:
 def fmt_duration(seconds: Any) -> str:
     if seconds is None or pd.isna(seconds):
         return "—"
-    seconds = int(round(float(seconds)))
+    seconds = round(float(seconds))
     if seconds < 60:
         return f"{seconds}s"
     minutes, s = divmod(seconds, 60)

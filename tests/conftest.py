@@ -33,7 +33,8 @@ def _import_bench() -> None:
     """
     if "bench" in sys.modules:
         return
-    spec = importlib.util.spec_from_file_location("bench", Path(__file__).resolve().parents[1] / "bench" / "__init__.py")
+    spec = importlib.util.spec_from_file_location("bench",
+                                                  Path(__file__).resolve().parents[1] / "bench" / "__init__.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules["bench"] = module

@@ -17,9 +17,9 @@ from psycopg.rows import dict_row
 import batchdb
 from batchdb import queue, users
 from batchdb.providers.instant import InstantProvider
+from batchdb.workers.budget_settler import BudgetSettler, Settlement
 from batchdb.workers.connection import Reconnecting
 from batchdb.workers.outcomes import RetryPolicy
-from batchdb.workers.budget_settler import BudgetSettler, Settlement
 from batchdb.workers.worker import Worker, WorkerConfig
 
 

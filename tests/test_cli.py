@@ -157,7 +157,7 @@ def test_set_limits_refuses_nothing_and_non_positive_values(conn: psycopg.Connec
     lane = ledger.Lane("openai", "default", "gpt-4o-mini")
     with pytest.raises(ValueError, match="nothing to set for openai/default/gpt-4o-mini"):
         ledger.set_limits(conn, lane)
-    with pytest.raises(ValueError, match="^rpm: expected a positive integer, got 0$"):
+    with pytest.raises(ValueError, match=r"^rpm: expected a positive integer, got 0$"):
         ledger.set_limits(conn, lane, rpm=0, tpm=100)
 
 
@@ -261,7 +261,7 @@ def test_submit_refuses_a_model_typo_unless_allowed(dsn: str, tmp_path: Path) ->
     assert refused.exit_code == 1 and len(refused.output.strip().splitlines()) == 1, refused.output
     assert "did you mean 'gpt-4o-mini'" in refused.output and "--allow-unknown-model" in refused.output
     assert invoke(*args, "--allow-unknown-model").strip() == "job 1: 1 rows queued"
-    row = [line for line in invoke("status").splitlines() if "gpt-4o-mni" in line][0]
+    row = next(line for line in invoke("status").splitlines() if "gpt-4o-mni" in line)
     assert row.split()[4] == "unknown", row
 
 

@@ -113,7 +113,8 @@ def test_worker_fails_a_row_that_cannot_fit_at_claim_time_without_a_call(dsn: st
     job = batchdb.submit(pd.DataFrame({"id": ["small", "big"], "text": ["hi", "word " * 3000]}),
                          prompt="{text}", id_column="id", model="gpt-4o-mini", provider="openai", dsn=dsn)
     conn.execute("UPDATE batchdb.prices SET context_window = 1000 WHERE provider = 'openai' AND model = 'gpt-4o-mini'")
-    conn.execute("INSERT INTO batchdb.rate_limits (provider, model, rpm, tpm) VALUES ('openai', 'gpt-4o-mini', 600, 60000)")
+    conn.execute("INSERT INTO batchdb.rate_limits (provider, model, rpm, tpm) "
+                 "VALUES ('openai', 'gpt-4o-mini', 600, 60000)")
     provider = CountingProvider()
     worker = Worker(WorkerConfig(dsn=dsn, concurrency=4, exit_when_idle=True, poll_interval=0.3,
                                  retry=RetryPolicy(0.05, 0.2)), providers={"openai": provider})  # type: ignore[dict-item]
@@ -146,7 +147,7 @@ def test_the_simulator_enforces_the_windows_batchdb_stores(conn: psycopg.Connect
         answer = client.chat.completions.create(model="gpt-4.1-mini", max_tokens=5,
                                                 messages=[{"role": "user", "content": long_prompt}])
         assert answer.usage.prompt_tokens > 128_000
-        with pytest.raises(openai.BadRequestError, match="context_length_exceeded|maximum context length"):
+        with pytest.raises(openai.BadRequestError, match=r"context_length_exceeded|maximum context length"):
             client.chat.completions.create(model="gpt-4o-mini", max_tokens=5,
                                            messages=[{"role": "user", "content": long_prompt}])
     finally:

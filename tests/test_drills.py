@@ -71,7 +71,7 @@ def test_provider_outage_spends_no_attempts_and_the_job_finishes_by_itself(dsn: 
     assert result.figures["attempts_per_row"] <= 1.02
     assert result.figures["events"] == 1  # job.provider_unavailable, once
     assert result.figures["circuits_opened"] >= 1
-    assert 0 <= result.figures["resumed_s"]
+    assert result.figures["resumed_s"] >= 0
 
 
 # The other five drills, at half the size: each fault's invariants, with its own evidence that the

@@ -184,7 +184,7 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 60.0) -> None
 
 
 def test_two_workers_one_without_the_key_the_keyed_one_drains_the_job(conn: psycopg.Connection, dsn: str,
-                                                                      simulator) -> None:
+                                                                      simulator) -> None:  # noqa: ANN001
     sim = simulator()
     install_claim_audit(conn)
     job = gemini_job(dsn, rows=30)
@@ -220,7 +220,7 @@ def test_two_workers_one_without_the_key_the_keyed_one_drains_the_job(conn: psyc
 
 
 def test_only_a_keyless_worker_pauses_the_job_and_a_keyed_worker_resumes_it(conn: psycopg.Connection, dsn: str,
-                                                                          simulator) -> None:
+                                                                          simulator) -> None:  # noqa: ANN001
     sim = simulator()
     job = gemini_job(dsn, rows=10)
 
@@ -249,7 +249,7 @@ def test_only_a_keyless_worker_pauses_the_job_and_a_keyed_worker_resumes_it(conn
 
 
 @pytest.mark.slow
-def test_worker_processes_without_and_with_gemini_api_key(conn: psycopg.Connection, dsn: str, simulator,
+def test_worker_processes_without_and_with_gemini_api_key(conn: psycopg.Connection, dsn: str, simulator,  # noqa: ANN001
                                                           tmp_path) -> None:  # noqa: ANN001
     """The reported setup: worker processes whose environments differ only by GEMINI_API_KEY."""
     from batchdb.workers.processes import start_workers

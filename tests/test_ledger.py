@@ -51,7 +51,8 @@ def freeze(conn: psycopg.Connection) -> None:
                  "WHERE provider = 'openai' AND model = 'gpt-4o-mini'")
 
 
-def test_request_bucket_starts_empty_refills_at_the_limit_and_caps_the_burst(dsn: str, conn: psycopg.Connection) -> None:
+def test_request_bucket_starts_empty_refills_at_the_limit_and_caps_the_burst(dsn: str,
+                                                                             conn: psycopg.Connection) -> None:
     limits(conn, rpm=6000)  # 100/s x 0.99 target; burst 0.5 s = 49.5 calls
     freeze(conn)
     first = reserve(dsn, [1] * 200)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import socket
@@ -99,13 +100,13 @@ class Mailbox:
     def __init__(self) -> None:
         self.messages: list[tuple[list[str], Message]] = []
 
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: ANN001, ANN201, N802
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: ANN001, ANN201
         if address.startswith("nobody@"):
             return "550 5.1.1 no such mailbox"
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
-    async def handle_DATA(self, server, session, envelope):  # noqa: ANN001, ANN201, N802
+    async def handle_DATA(self, server, session, envelope):  # noqa: ANN001, ANN201
         self.messages.append((list(envelope.rcpt_tos), message_from_bytes(envelope.content)))
         return "250 Message accepted for delivery"
 
@@ -275,7 +276,7 @@ def test_bad_targets_are_refused_at_submit_naming_the_field_and_nothing_is_writt
     assert conn.execute("SELECT count(*) AS n FROM batchdb.jobs").fetchone()["n"] == 0
     # Plain SQL is refused as clearly.
     job_id = sql_job(conn)
-    with pytest.raises(psycopg.Error, match="notification_targets.target: expected an http:// or https:// URL"):
+    with pytest.raises(psycopg.Error, match=r"notification_targets\.target: expected an http:// or https:// URL"):
         conn.execute("INSERT INTO batchdb.notification_targets (job_id, channel, target) "
                      "VALUES (%s, 'webhook', 'hooks.example.com')", (job_id,))
 
@@ -380,7 +381,7 @@ def test_receiver_errors_are_retried_with_growing_delays_until_delivered(dsn: st
     assert [(t["attempt"], t["ok"], t["http_status"]) for t in tries] == [
         (1, False, 500), (2, False, 500), (3, True, 200)]
     assert tries[0]["error"] == "HTTP 500 Internal Server Error"
-    gaps = [(b["started_at"] - a["started_at"]).total_seconds() for a, b in zip(tries, tries[1:])]
+    gaps = [(b["started_at"] - a["started_at"]).total_seconds() for a, b in itertools.pairwise(tries)]
     # backoff_base 0.2: the first wait is 0.15-0.2 s, the second 0.3-0.4 s.
     assert 0.14 <= gaps[0] < gaps[1], gaps
     assert len(receiver.requests) == 3 and {r.headers["X-Batchdb-Delivery"] for r in receiver.requests} == {

@@ -147,7 +147,8 @@ print(json.dumps({
 def test_this_checkout_installed_editable_maps_only_batchdb(tmp_path: Path) -> None:
     """`pip install -e .` (dev-mode-exact) maps `batchdb` alone: the repository root is not on sys.path."""
     env = {k: v for k, v in os.environ.items() if k not in _PYTHON_ENV}
-    where = _run([sys.executable, "-c", "import batchdb; print(batchdb.__file__)"], cwd=tmp_path, env=env).stdout.strip()
+    where = _run([sys.executable, "-c", "import batchdb; print(batchdb.__file__)"],
+                 cwd=tmp_path, env=env).stdout.strip()
     if Path(where).resolve() != REPO / "batchdb" / "__init__.py":
         pytest.skip(f"this virtualenv's batchdb is {where}, not an editable install of {REPO}")
     found = json.loads(_run([sys.executable, "-c", PROBE], cwd=tmp_path, env=env).stdout)
@@ -176,7 +177,8 @@ def test_installed_batchdb_finds_its_files_and_creates_no_other_top_level_name(i
 def test_worker_from_a_folder_with_decoys_runs_batchdb_code(installed: Installed, dsn: str) -> None:
     frame = pd.DataFrame({"text": [f"t{i}" for i in range(20)]})
     job = batchdb.submit(frame, prompt="{text}", model="m", provider="instant", dsn=dsn)
-    result = subprocess.run([str(installed.python), "-m", "batchdb.workers", "--exit-when-idle", "--poll-interval", "0.3"],
+    result = subprocess.run([str(installed.python), "-m", "batchdb.workers", "--exit-when-idle",
+                             "--poll-interval", "0.3"],
                             cwd=installed.decoy_dir, env=installed.env(BATCHDB_DSN=dsn), capture_output=True, text=True,
                             timeout=180)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -18,7 +18,7 @@ from psycopg import sql
 
 import batchdb
 from batchdb import ledger
-from batchdb.simulator.config import Distribution, Limits, LimitRule, Outage, SimulatorConfig
+from batchdb.simulator.config import Distribution, LimitRule, Limits, Outage, SimulatorConfig
 from batchdb.simulator.process import SimulatorProcess, start_simulator
 from batchdb.workers.processes import WorkerProcesses, start_workers
 
@@ -70,7 +70,7 @@ def openai_env(sim: SimulatorProcess, key: str = "sk-test") -> dict[str, str]:
     return {"OPENAI_BASE_URL": sim.openai_base_url, "OPENAI_API_KEY": key}
 
 
-def test_four_workers_together_stay_inside_rpm_and_tpm(dsn: str, conn: psycopg.Connection, sim_factory,
+def test_four_workers_together_stay_inside_rpm_and_tpm(dsn: str, conn: psycopg.Connection, sim_factory,  # noqa: ANN001
                                                        tmp_path: Path) -> None:
     sim = sim_factory(default_limits=Limits(rpm=600, tpm=60_000))
     ledger.set_limits(conn, LANE, rpm=600, tpm=60_000)
@@ -99,7 +99,7 @@ def test_four_workers_together_stay_inside_rpm_and_tpm(dsn: str, conn: psycopg.C
     assert steady >= 0.90, f"used {steady:.1%} of TPM in seconds 5-65 after the first call (second {first})"
 
 
-def test_another_client_spending_half_the_key_behind_our_back(dsn: str, conn: psycopg.Connection, sim_factory,
+def test_another_client_spending_half_the_key_behind_our_back(dsn: str, conn: psycopg.Connection, sim_factory,  # noqa: ANN001
                                                                tmp_path: Path) -> None:
     sim = sim_factory(default_limits=Limits(rpm=600))
     ledger.set_limits(conn, LANE, rpm=600)
@@ -173,7 +173,7 @@ def test_another_client_spending_half_the_key_behind_our_back(dsn: str, conn: ps
     assert pace < 0.9
 
 
-def test_outage_is_ridden_out_with_backoff(dsn: str, conn: psycopg.Connection, sim_factory, tmp_path: Path) -> None:
+def test_outage_is_ridden_out_with_backoff(dsn: str, conn: psycopg.Connection, sim_factory, tmp_path: Path) -> None:  # noqa: ANN001
     # The outage runs until the test ends it, 6 s after the workers first ran into it: timed from what
     # the workers saw, not from the simulator's start (workers start late on a busy machine).
     sim = sim_factory(latency_s=Distribution(kind="fixed", value=0.05), outage=Outage(start_s=0.0, duration_s=None))
@@ -194,7 +194,7 @@ def test_outage_is_ridden_out_with_backoff(dsn: str, conn: psycopg.Connection, s
     assert final.n_retries > 0
 
 
-def test_insufficient_quota_pauses_the_job_without_spending_retries(dsn: str, sim_factory, tmp_path: Path) -> None:
+def test_insufficient_quota_pauses_the_job_without_spending_retries(dsn: str, sim_factory, tmp_path: Path) -> None:  # noqa: ANN001
     sim = sim_factory(quota_exhausted_keys=("sk-empty",))
     job = batchdb.submit(headlines(200), prompt="{text}", model=MODEL, provider="openai", max_tokens=10, dsn=dsn)
     workers = start_logged_workers(1, dsn, openai_env(sim, "sk-empty"), tmp_path, "--concurrency", "8")
@@ -210,7 +210,7 @@ def test_insufficient_quota_pauses_the_job_without_spending_retries(dsn: str, si
     assert sim.stats(series=False)["totals"]["requests"] <= 8
 
 
-def test_gemini_daily_quota_pauses_the_job(dsn: str, sim_factory, tmp_path: Path) -> None:
+def test_gemini_daily_quota_pauses_the_job(dsn: str, sim_factory, tmp_path: Path) -> None:  # noqa: ANN001
     sim = sim_factory(limits=(LimitRule(model="gemini-2.5-flash", rpd=5),),
                       latency_s=Distribution(kind="fixed", value=0.01))
     job = batchdb.submit(headlines(20), prompt="{text}", model="gemini-2.5-flash", provider="gemini",
@@ -230,7 +230,7 @@ def test_gemini_daily_quota_pauses_the_job(dsn: str, sim_factory, tmp_path: Path
     assert queued_attempts == 0
 
 
-def test_api_keys_never_reach_the_database_or_logs(dsn: str, conn: psycopg.Connection, sim_factory,
+def test_api_keys_never_reach_the_database_or_logs(dsn: str, conn: psycopg.Connection, sim_factory,  # noqa: ANN001
                                                     tmp_path: Path) -> None:
     canary = "sk-CANARY-7f3a9b2c4d5e6f"
     good = sim_factory(latency_s=Distribution(kind="fixed", value=0.01))

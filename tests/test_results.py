@@ -31,8 +31,8 @@ def _submit(dsn: str, n: int = 3) -> batchdb.Job:
                           provider="instant", dsn=dsn)
 
 
-def test_the_extension_picks_the_format_and_files_get_the_umask_mode(dsn: str, tmp_path: Path, drain,
-                                                                     umask_022: None) -> None:  # noqa: ANN001
+def test_the_extension_picks_the_format_and_files_get_the_umask_mode(dsn: str, tmp_path: Path, drain,  # noqa: ANN001
+                                                                     umask_022: None) -> None:
     job = _submit(dsn)
     drain()
     runner = CliRunner()

@@ -10,7 +10,6 @@ from pathlib import Path
 import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
-
 from schema_dump import comparable
 
 SCHEMA = Path(__file__).parent.parent / "sql" / "schema.sql"

@@ -54,6 +54,7 @@ from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 
 import batchdb
+from batchdb.dashboard.run import APP as dashboard_app
 from batchdb.providers import build_provider
 from batchdb.providers.base import ChatRequest, ErrorKind, ProviderError
 from batchdb.providers.gemini import GeminiProvider
@@ -63,7 +64,6 @@ from batchdb.simulator.config import Distribution, ErrorRates, SimulatorConfig
 from batchdb.simulator.process import SimulatorProcess, start_simulator
 from batchdb.workers.outcomes import RetryPolicy
 from batchdb.workers.worker import Worker, WorkerConfig
-from batchdb.dashboard.run import APP as dashboard_app
 
 OPENAI_MODEL = "gpt-4o-mini"
 GEMINI_MODEL = "gemini-2.5-flash"
@@ -646,7 +646,7 @@ def test_no_key_in_dagster_metadata_event_log_or_captured_logs(dsn: str, key_env
     from batchdb.dagster import BatchDBResource, llm_batch_asset
 
     partitions = dg.StaticPartitionsDefinition(["day-1"])
-    RefusedKeyResource = refused_key_resource()  # noqa: N806 - a class
+    RefusedKeyResource = refused_key_resource()
 
     @dg.asset(partitions_def=partitions)
     def items() -> pd.DataFrame:

@@ -47,7 +47,7 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 60.0) -> None
         await asyncio.sleep(0.05)
 
 
-def test_cancel_stops_the_sends_of_claimed_rows_on_a_slow_key(conn: psycopg.Connection, dsn: str, simulator) -> None:
+def test_cancel_stops_the_sends_of_claimed_rows_on_a_slow_key(conn: psycopg.Connection, dsn: str, simulator) -> None:  # noqa: ANN001
     sim = simulator()
     job = slow_key_job(conn, dsn, rows=15)
 
@@ -74,7 +74,7 @@ def test_cancel_stops_the_sends_of_claimed_rows_on_a_slow_key(conn: psycopg.Conn
 
 
 def test_worker_stalled_past_its_lease_sends_nothing_for_reclaimed_rows(conn: psycopg.Connection, dsn: str,
-                                                                        simulator) -> None:
+                                                                        simulator) -> None:  # noqa: ANN001
     sim = simulator()
     job = slow_key_job(conn, dsn, rows=10)
     lease = 3.0
@@ -163,7 +163,7 @@ def test_lease_deadline_is_counted_from_before_the_claim() -> None:
     guard = SendGuard("postgresql://unused", lease_seconds=10)
     row = ClaimedRequest(1, 1, "a", None, None, 1, 5, 7)
     guard.leased([row], since=time.monotonic() - 9.5)
-    with pytest.raises(CallDropped, match="lease .* ran out"):
+    with pytest.raises(CallDropped, match=r"lease .* ran out"):
         guard.check(row)
     guard.extended({row.key}, since=time.monotonic(), held={row.key: row})
     guard.check(row)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
 from collections import Counter
 from collections.abc import Iterator
 
@@ -135,7 +134,8 @@ class FailingProvider:
 def run_big_row(dsn: str, conn: psycopg.Connection, error: ProviderError) -> tuple[float, int]:
     """One ~20k-token row on a 6,000 TPM lane whose call fails with `error`: the lane's token credit as the
     ledger last wrote it (reservation or settlement) and its tokens granted."""
-    conn.execute("INSERT INTO batchdb.rate_limits (provider, model, rpm, tpm) VALUES ('instant', 'gpt-4o-mini', 600, 6000)")
+    conn.execute("INSERT INTO batchdb.rate_limits (provider, model, rpm, tpm) "
+                 "VALUES ('instant', 'gpt-4o-mini', 600, 6000)")
     batchdb.submit(pd.DataFrame({"text": [BIG]}), prompt="{text}", model="gpt-4o-mini", provider="instant",
                    max_tokens=10, max_attempts=1, dsn=dsn)
     provider = FailingProvider(error)
@@ -191,7 +191,8 @@ def test_one_refused_huge_row_does_not_freeze_its_key_or_starve_another_model(
     monkeypatch.setenv("OPENAI_BASE_URL", small_window_simulator.openai_base_url)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     # 120,000 TPM: 1,980 tokens/s; the ~50,000-token row would leave the lane ~48,000 in debt (~25 s).
-    conn.execute("INSERT INTO batchdb.rate_limits (provider, model, rpm, tpm) VALUES ('openai', 'gpt-4o-mini', 6000, 120000)")
+    conn.execute("INSERT INTO batchdb.rate_limits (provider, model, rpm, tpm) "
+                 "VALUES ('openai', 'gpt-4o-mini', 6000, 120000)")
     huge = " ".join(f"word{i % 50} lorem" for i in range(25_000))
     mini = batchdb.submit(pd.DataFrame({"text": [huge] + [f"row {i}" for i in range(20)]}), prompt="{text}",
                           model="gpt-4o-mini", max_tokens=20, dsn=dsn)

@@ -25,8 +25,8 @@ from psycopg.conninfo import make_conninfo
 import batchdb
 from batchdb import ledger
 from batchdb.providers.base import ChatRequest, ChatResponse
-from batchdb.workers.processes import WorkerProcesses
 from batchdb.workers.connection import Reconnecting
+from batchdb.workers.processes import WorkerProcesses
 from batchdb.workers.shutdown import DatabaseUnreachable, Shutdown
 from batchdb.workers.worker import Worker, WorkerConfig
 

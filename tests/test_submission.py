@@ -150,7 +150,7 @@ def test_an_unknown_model_is_refused_with_the_closest_names(dsn: str, conn: psyc
                               "did you mean 'gpt-4o-mini' or ")
     assert "allow_unknown_model=True" in message
     assert conn.execute("SELECT count(*) AS n FROM batchdb.jobs").fetchone()["n"] == 0
-    with pytest.raises(InputError, match="known gemini models: gemini-2.0-flash, "):
+    with pytest.raises(InputError, match=r"known gemini models: gemini-2\.0-flash, "):
         batchdb.submit(HEADLINES, prompt="{headline}", model="zzz", provider="gemini", dsn=dsn)
 
 

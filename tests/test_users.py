@@ -101,7 +101,8 @@ def test_plain_sql_sees_only_own_jobs_rows_and_answers(two_users, conn: psycopg.
                 c.execute(f"SELECT * FROM {table}")
         # Writing into or about Bob's job is refused or touches nothing.
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level security"):
-            c.execute("INSERT INTO batchdb.requests (job_id, custom_id, payload) VALUES (%s, 'x', '{\"prompt\": \"x\"}')",
+            c.execute("INSERT INTO batchdb.requests (job_id, custom_id, payload) "
+                      "VALUES (%s, 'x', '{\"prompt\": \"x\"}')",
                       (bob_job.id,))
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level security"):
             c.execute("INSERT INTO batchdb.jobs (model, owner) VALUES ('gpt-4o-mini', %s)", (bob.name,))
@@ -140,7 +141,7 @@ def test_sdk_refuses_another_users_job(two_users) -> None:  # noqa: ANN001
 
 
 def test_cli_refuses_another_users_job(two_users) -> None:  # noqa: ANN001
-    alice, _, alice_job, bob_job = two_users
+    alice, _, _alice_job, bob_job = two_users
     runner = CliRunner()
     for command in (["status", str(bob_job.id)], ["cancel", str(bob_job.id)], ["retry", str(bob_job.id)],
                     ["resume", str(bob_job.id)], ["results", str(bob_job.id), "-o", "/tmp/never.parquet"]):
@@ -153,7 +154,7 @@ def test_cli_refuses_another_users_job(two_users) -> None:  # noqa: ANN001
 
 
 def test_dashboard_shows_a_user_only_their_jobs(two_users, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
-    alice, _, alice_job, bob_job = two_users
+    alice, _, _alice_job, bob_job = two_users
     monkeypatch.setenv("BATCHDB_DSN", alice.dsn)
     st.cache_data.clear()
     from batchdb.dashboard.run import APP

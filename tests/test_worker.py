@@ -23,8 +23,8 @@ from batchdb.providers.base import ChatRequest, ChatResponse, ErrorKind, Provide
 from batchdb.providers.instant import InstantProvider
 from batchdb.simulator import SimulatorProcess
 from batchdb.simulator.config import Distribution
-from batchdb.workers.processes import WorkerProcesses
 from batchdb.workers.outcomes import RetryPolicy
+from batchdb.workers.processes import WorkerProcesses
 from batchdb.workers.worker import Worker, WorkerConfig
 
 FAST_RETRY = RetryPolicy(base_seconds=0.05, max_seconds=0.2)
@@ -121,7 +121,8 @@ def test_quota_exhaustion_pauses_the_job_without_spending_attempts(dsn: str) -> 
     assert job.status().status == "completed"
 
 
-def test_bad_template_row_fails_with_the_reason_and_does_not_stop_the_worker(dsn: str, conn: psycopg.Connection) -> None:
+def test_bad_template_row_fails_with_the_reason_and_does_not_stop_the_worker(dsn: str,
+                                                                            conn: psycopg.Connection) -> None:
     job_id = conn.execute(
         "INSERT INTO batchdb.jobs (model, provider, params) VALUES ('m', 'instant', %s) RETURNING id",
         ('{"prompt": "Rate {headline}{title}"}',)).fetchone()["id"]
@@ -164,7 +165,8 @@ def test_cancel_while_running_records_no_success_after_it(dsn: str) -> None:
 
 @pytest.mark.slow
 def test_sigterm_finishes_in_flight_rows_and_exits_zero(dsn: str, conn: psycopg.Connection,
-                                                        simulator: Callable[..., SimulatorProcess], tmp_path: Path) -> None:
+                                                        simulator: Callable[..., SimulatorProcess],
+                                                        tmp_path: Path) -> None:
     sim = simulator(latency_s=Distribution(kind="fixed", value=5.0))
     frame = pd.DataFrame({"text": [f"p{i}" for i in range(3000)]})
     job = batchdb.submit(frame, prompt="{text}", model="gpt-4o-mini", provider="openai", dsn=dsn)

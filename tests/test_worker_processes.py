@@ -10,10 +10,10 @@ import psycopg
 import pytest
 
 import batchdb
-from bench import write_audit
 from batchdb.simulator.config import Distribution, SimulatorConfig
 from batchdb.simulator.process import SimulatorProcess, start_simulator
 from batchdb.workers.processes import WorkerProcesses, start_workers
+from bench import write_audit
 
 pytestmark = pytest.mark.slow
 

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+from psycopg.rows import DictRow
 
 from batchdb.ledger import Lane
 from batchdb.models import ClaimedRequest
@@ -234,9 +235,9 @@ class Breaker:
         await self._run(lambda c: c.execute(query("circuit_probe_not_sent"), {
             **_lane_params(lane), "worker_id": self._worker_id, "wait_s": wait_s}), what="circuit_probe_not_sent")
 
-    async def _run(self, statement: Callable[[psycopg.AsyncConnection], Any], *, what: str,
+    async def _run(self, statement: Callable[[psycopg.AsyncConnection[DictRow]], Any], *, what: str,
                    fetch: bool | str = False) -> Any:
-        async def go(conn: psycopg.AsyncConnection) -> Any:
+        async def go(conn: psycopg.AsyncConnection[DictRow]) -> Any:
             cur = await statement(conn)
             if fetch == "all":
                 return await cur.fetchall()

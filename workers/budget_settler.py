@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 import psycopg
+from psycopg.rows import DictRow
 
 from batchdb.queries import query
 from batchdb.workers.batching import batches
@@ -77,7 +78,7 @@ class BudgetSettler:
     async def settle_abandoned(self) -> int:
         """Settle, at their reserved cost, the reservations no live lease will settle; returns calls settled."""
 
-        async def sweep(conn: psycopg.AsyncConnection) -> int:
+        async def sweep(conn: psycopg.AsyncConnection[DictRow]) -> int:
             cur = await conn.execute(query("settle_abandoned_budget"),
                                      {"older_than_s": self._abandoned_after, "limit": self._max_batch * 20})
             row = await cur.fetchone()
@@ -109,7 +110,7 @@ class BudgetSettler:
             "spent": [s.spent_usd for s in batch],
         }
 
-        async def settle(conn: psycopg.AsyncConnection) -> int:
+        async def settle(conn: psycopg.AsyncConnection[DictRow]) -> int:
             cur = await conn.execute(query("settle_budget"), params)
             row = await cur.fetchone()
             return int(row["settled"]) if row else 0

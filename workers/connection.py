@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import psycopg
-from psycopg.rows import dict_row
+from psycopg.rows import DictRow, dict_row
 
 from batchdb.db import SESSION_OPTIONS, is_fatal_connect_error, with_options
 from batchdb.workers.shutdown import DatabaseUnreachable, Shutdown
@@ -39,12 +39,12 @@ class Reconnecting:
         self._name = name
         self._max_backoff = max_backoff
         self._shutdown = shutdown
-        self._conn: psycopg.AsyncConnection | None = None
+        self._conn: psycopg.AsyncConnection[DictRow] | None = None
         self._down_since: float | None = None
         self._reported_at = 0.0
         self._lock = asyncio.Lock()
 
-    async def connection(self) -> psycopg.AsyncConnection:
+    async def connection(self) -> psycopg.AsyncConnection[DictRow]:
         if self._conn is None or self._conn.closed or self._conn.broken:
             self._conn = await psycopg.AsyncConnection.connect(
                 # The hot statements must be planned with their real parameters: a generic plan
@@ -54,7 +54,7 @@ class Reconnecting:
             )
         return self._conn
 
-    async def run(self, operation: Callable[[psycopg.AsyncConnection], Awaitable[T]], *, what: str) -> T:
+    async def run(self, operation: Callable[[psycopg.AsyncConnection[DictRow]], Awaitable[T]], *, what: str) -> T:
         delay = 0.1
         while True:
             try:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
+from psycopg.rows import DictRow
 
 from batchdb.providers import KNOWN_PROVIDERS, ProviderError
 from batchdb.queries import query
@@ -195,13 +196,13 @@ class LaneAdvertiser:
             if unserved:
                 await self._pause(unserved)
 
-    async def _read_demand(self, conn: psycopg.AsyncConnection) -> dict[KeyLane, tuple[bool, bool]]:
+    async def _read_demand(self, conn: psycopg.AsyncConnection[DictRow]) -> dict[KeyLane, tuple[bool, bool]]:
         cur = await conn.execute(query("demanded_lanes"), {"waiting_prefix": WAITING_PREFIX})
         return {KeyLane(r["provider"], r["key_alias"]): (bool(r["running"]), bool(r["waiting"]))
                 for r in await cur.fetchall()}
 
     async def _resume(self, lanes: list[KeyLane]) -> None:
-        async def resume(conn: psycopg.AsyncConnection) -> list[int]:
+        async def resume(conn: psycopg.AsyncConnection[DictRow]) -> list[int]:
             cur = await conn.execute(query("resume_served_lanes"), {
                 "provider": [lane.provider for lane in lanes], "key_alias": [lane.key_alias for lane in lanes],
                 "waiting_prefix": WAITING_PREFIX})
@@ -211,7 +212,7 @@ class LaneAdvertiser:
             log.info("job %s resumed: this worker serves its lane", job_id)
 
     async def _pause(self, checks: list[LaneCheck]) -> None:
-        async def pause(conn: psycopg.AsyncConnection) -> list[dict]:
+        async def pause(conn: psycopg.AsyncConnection[DictRow]) -> list[DictRow]:
             cur = await conn.execute(query("pause_unserved_lanes"), {
                 "provider": [c.lane.provider for c in checks], "key_alias": [c.lane.key_alias for c in checks],
                 "reason": [waiting_reason(c, self._worker_id) for c in checks]})

@@ -29,6 +29,7 @@ from typing import Any
 
 import aiohttp
 import psycopg
+from psycopg.rows import DictRow
 
 from batchdb import notifications
 from batchdb.notifications import SmtpSettings
@@ -69,7 +70,7 @@ class NotifierConfig:
 def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
     """Seconds before the try after try `attempt`: doubling, capped, with 0-25% jitter below
     the step, so retries of many deliveries spread out but each wait stays longer than the last."""
-    step = min(cap, base * 2 ** max(attempt - 1, 0))
+    step: float = min(cap, base * 2 ** max(attempt - 1, 0))  # int ** int is typed Any (negative powers)
     return step * (1.0 - 0.25 * (rng or random).random())
 
 
@@ -139,7 +140,7 @@ class Notifier:
                 except DatabaseUnreachable:
                     # The worker is stopping and the database is gone: nothing to claim; wait for the cancel.
                     await asyncio.Event().wait()
-                except Exception:  # noqa: BLE001 - notifications must never take the worker down
+                except Exception:
                     log.exception("notifier loop failed; restarting in 1s")
                     await asyncio.sleep(1.0)
         finally:
@@ -176,7 +177,7 @@ class Notifier:
                 await asyncio.wait_for(self._wake.wait(), self.config.poll_interval)
 
     async def _claim(self, limit: int) -> list[Delivery]:
-        async def claim(conn: psycopg.AsyncConnection) -> list[dict[str, Any]]:
+        async def claim(conn: psycopg.AsyncConnection[DictRow]) -> list[dict[str, Any]]:
             cur = await conn.execute(query("notify_claim"), {
                 "channels": self.config.channels, "max_attempts": self.config.max_attempts, "limit": limit,
                 "worker_id": self.worker_id, "lease_seconds": self.config.lease_seconds,
@@ -186,7 +187,7 @@ class Notifier:
         return [Delivery.from_row(row) for row in await self._db.run(claim, what="notify_claim")]
 
     async def _fail_abandoned(self) -> None:
-        async def sweep(conn: psycopg.AsyncConnection) -> list[dict[str, Any]]:
+        async def sweep(conn: psycopg.AsyncConnection[DictRow]) -> list[dict[str, Any]]:
             cur = await conn.execute(query("notify_fail_abandoned"), {"max_attempts": self.config.max_attempts})
             return await cur.fetchall()
 
@@ -211,7 +212,7 @@ class Notifier:
                 result = await self._email(delivery)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - a bug costs one try, never the dispatcher
+        except Exception as exc:
             log.exception("unexpected error sending %s", delivery.describe())
             result = TryResult(ok=False, error=f"internal error: {type(exc).__name__}: {exc}")
         if result.error:
@@ -237,7 +238,7 @@ class Notifier:
             "max_attempts": self.config.max_attempts, "retry_in": retry_in,
         }
 
-        async def record(conn: psycopg.AsyncConnection) -> str | None:
+        async def record(conn: psycopg.AsyncConnection[DictRow]) -> str | None:
             cur = await conn.execute(query("notify_record_attempt"), params)
             row = await cur.fetchone()
             return None if row is None else str(row["status"])

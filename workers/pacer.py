@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
@@ -199,7 +200,7 @@ class Pacer:
     async def _learn(self, lane: Lane, announced: tuple[int | None, int | None]) -> None:
         try:
             await self._db.run(lambda c: ledger.learn_limits(c, lane, *announced), what="learn_limits")
-        except Exception:  # noqa: BLE001 - learning limits is an optimisation
+        except Exception:
             log.exception("could not record limits announced for %s", lane)
 
     async def _run(self, lane: Lane, state: _LaneState) -> None:
@@ -218,8 +219,8 @@ class Pacer:
             state.headers = None
             try:
                 result = await self._db.run(
-                    lambda c: ledger.reserve(
-                        c, lane, batch,
+                    functools.partial(
+                        ledger.reserve, lane=lane, tokens=batch,
                         remaining_requests=headers.remaining_requests if headers else None,
                         remaining_tokens=headers.remaining_tokens if headers else None,
                     ),

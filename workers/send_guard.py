@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Collection, Iterable, Mapping
 from typing import TypeVar
 
 import psycopg
-from psycopg.rows import dict_row
+from psycopg.rows import DictRow, dict_row
 
 from batchdb.db import SESSION_OPTIONS, with_options
 from batchdb.models import ClaimedRequest
@@ -122,7 +122,7 @@ class SendGuard:
         self.check(row)
         task = asyncio.current_task()
         assert task is not None
-        self._waiting.setdefault(row.job_id, {})[row.key] = task  # type: ignore[assignment]
+        self._waiting.setdefault(row.job_id, {})[row.key] = task
         try:
             result = await waiting
         except asyncio.CancelledError:
@@ -170,7 +170,7 @@ class SendGuard:
                 log.warning("job events: LISTEN connection lost (%s); reconnecting", exc)
                 await asyncio.sleep(1.0)
 
-    async def _reread(self, conn: psycopg.AsyncConnection, job_ids: Collection[int]) -> None:
+    async def _reread(self, conn: psycopg.AsyncConnection[DictRow], job_ids: Collection[int]) -> None:
         if not job_ids:
             return
         cur = await conn.execute(query("job_statuses"), {"job_ids": list(job_ids)})

@@ -13,10 +13,12 @@ A role that may not vacuum (not the tables' owner) logs it once and stops.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import DictRow
 
 from batchdb.queries import query
 from batchdb.workers.connection import Reconnecting
@@ -46,18 +48,18 @@ class Vacuumer:
         """Vacuum every partition that needs it now; returns their names."""
         done: list[str] = []
 
-        async def candidates(conn: psycopg.AsyncConnection) -> list[dict]:
+        async def candidates(conn: psycopg.AsyncConnection[DictRow]) -> list[DictRow]:
             cur = await conn.execute(query("partitions_to_vacuum"),
                                      {"min_dead": self._min_dead, "min_interval": self._min_interval})
             return await cur.fetchall()
 
         for row in await self._db.run(candidates, what="partitions_to_vacuum"):
-            if await self._db.run(lambda c, r=row: self._vacuum(c, r), what="vacuum_partition"):
+            if await self._db.run(functools.partial(self._vacuum, row=row), what="vacuum_partition"):
                 done.append(row["partition"])
         self.vacuumed.extend(done)
         return done
 
-    async def _vacuum(self, conn: psycopg.AsyncConnection, row: dict) -> bool:
+    async def _vacuum(self, conn: psycopg.AsyncConnection[DictRow], row: DictRow) -> bool:
         cur = await conn.execute(query("try_vacuum_lock"), {"job_id": row["job_id"]})
         locked = await cur.fetchone()
         if not (locked and locked["locked"]):

@@ -40,10 +40,11 @@ from decimal import Decimal
 from typing import Any
 
 import psycopg
+from psycopg.rows import DictRow
 
 from batchdb import queue
-from batchdb.db import resolve_dsn
 from batchdb.context_window import ModelLimits
+from batchdb.db import resolve_dsn
 from batchdb.ledger import Lane, charged_tokens, read_headers
 from batchdb.models import ClaimedRequest, Outcome, RequestStatus
 from batchdb.pricing import Price
@@ -55,12 +56,12 @@ from batchdb.secrets import redact, resolved_secrets
 from batchdb.tokens import estimate_prompt_tokens
 from batchdb.validation import DEFAULT_VALIDATION_RETRIES, ResponseValidator, reask
 from batchdb.workers.breaker import Breaker, BreakerConfig
+from batchdb.workers.budget_settler import BudgetSettler, Settlement
 from batchdb.workers.completer import BatchCompleter
 from batchdb.workers.connection import Reconnecting, listen_forever
 from batchdb.workers.lanes import LaneAdvertiser, LaneUnavailable
 from batchdb.workers.notifier import Notifier, NotifierConfig
 from batchdb.workers.outcomes import RetryPolicy, failure, invalid_response, success
-from batchdb.workers.budget_settler import BudgetSettler, Settlement
 from batchdb.workers.pacer import DailyQuotaExhausted, LaneWaiting, Pacer, Withdrawn
 from batchdb.workers.send_guard import CallDropped, SendGuard
 from batchdb.workers.settler import Settler
@@ -347,11 +348,11 @@ class Worker:
             self._wake.clear()
             claimed_at = time.monotonic()
 
-            async def claim(c: psycopg.AsyncConnection) -> list[ClaimedRequest]:
+            async def claim(c: psycopg.AsyncConnection[DictRow]) -> list[ClaimedRequest]:
                 nonlocal claimed_at
                 claimed_at = time.monotonic()  # just before the statement: the local lease deadline is never late
                 return await queue.claim_batch(
-                    c, worker_id=self.id, limit=min(free, self.config.max_claim),
+                    c, worker_id=self.id, limit=min(free, self.config.max_claim),  # noqa: B023 - awaited in this turn
                     lease_seconds=self.config.lease_seconds, lanes=self._lanes.claim_filter(),
                 )
 
@@ -368,13 +369,12 @@ class Worker:
             if rows:
                 idle_since = None
                 continue
-            if self.config.exit_when_idle:
-                if (not self._tasks and not self._held and self._completer.backlog == 0
-                        and time.monotonic() >= self._deferred_until and not self._breaker.open):
-                    now = time.monotonic()
-                    idle_since = idle_since or now
-                    if now - idle_since >= self.config.poll_interval:
-                        return
+            if (self.config.exit_when_idle and not self._tasks and not self._held and self._completer.backlog == 0
+                    and time.monotonic() >= self._deferred_until and not self._breaker.open):
+                now = time.monotonic()
+                idle_since = idle_since or now
+                if now - idle_since >= self.config.poll_interval:
+                    return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.config.poll_interval)
 
@@ -446,7 +446,7 @@ class Worker:
             outcome = failure(row, exc, latency, self.config.retry)
         except (asyncio.CancelledError, DatabaseUnreachable):
             raise
-        except Exception as exc:  # noqa: BLE001 - a bug must cost one attempt, never the worker
+        except Exception as exc:
             log.exception("unexpected error on job %s request %s", row.job_id, row.id)
             await self._breaker.forget(row)
             # Stored with the row: mask any key the exception text might carry.
@@ -569,7 +569,7 @@ class Worker:
         key = {"job_id": row.job_id, "usd": usd, "request_id": row.id, "lease_token": row.lease_token,
                "seq": held.calls + 1}
 
-        async def reserve(conn: psycopg.AsyncConnection) -> str:
+        async def reserve(conn: psycopg.AsyncConnection[DictRow]) -> str:
             cur = await conn.execute(query("reserve_budget"), key)
             found = await cur.fetchone()
             return str(found["result"]) if found else "paused"
@@ -625,7 +625,7 @@ class Worker:
         if cached is not None and now - cached.fetched_at < self.config.job_cache_seconds:
             return cached
 
-        async def fetch(conn: psycopg.AsyncConnection) -> dict[str, Any] | None:
+        async def fetch(conn: psycopg.AsyncConnection[DictRow]) -> dict[str, Any] | None:
             cur = await conn.execute(query("job_for_worker"), {"job_id": job_id})
             return await cur.fetchone()
 
@@ -731,10 +731,10 @@ class Worker:
             held = list(self._held.values())
             extended_at = time.monotonic()
 
-            async def extend(c: psycopg.AsyncConnection) -> set[tuple[int, int]]:
+            async def extend(c: psycopg.AsyncConnection[DictRow]) -> set[tuple[int, int]]:
                 nonlocal extended_at
                 extended_at = time.monotonic()  # just before the statement, as for the claim
-                return await queue.extend_leases(c, held, lease_seconds=self.config.lease_seconds)
+                return await queue.extend_leases(c, held, lease_seconds=self.config.lease_seconds)  # noqa: B023 - awaited in this turn
 
             extended = await self._claims.run(extend, what="extend_leases") if held else set()
             self._guard.extended(extended, since=extended_at, held=self._held)
@@ -774,7 +774,7 @@ class Worker:
         if not sent:
             return
         log.info("waiting up to %.0fs for %d sent request(s)", self.config.shutdown_grace, len(sent))
-        cold = asyncio.create_task(self._shutdown.cold.wait())
+        cold: asyncio.Task[Any] = asyncio.create_task(self._shutdown.cold.wait())
         try:
             pending = {task for task in sent if not task.done()}
             while pending and not self._shutdown.cold.is_set():

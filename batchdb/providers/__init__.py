@@ -7,8 +7,16 @@ import os
 from batchdb.providers.base import ChatRequest, ChatResponse, ErrorKind, Provider, ProviderError
 from batchdb.secrets import MissingSecret, describe_endpoint_sources, resolve_endpoint, resolve_key
 
-__all__ = ["ChatRequest", "ChatResponse", "ErrorKind", "Provider", "ProviderError", "KNOWN_PROVIDERS", "build_provider",
-           "lane_endpoint"]
+__all__ = [
+    "KNOWN_PROVIDERS",
+    "ChatRequest",
+    "ChatResponse",
+    "ErrorKind",
+    "Provider",
+    "ProviderError",
+    "build_provider",
+    "lane_endpoint",
+]
 
 KNOWN_PROVIDERS = ("openai", "azure", "gemini", "instant")
 AZURE_API_VERSION_ENV = "BATCHDB_AZURE_API_VERSION"

@@ -15,7 +15,7 @@ import importlib
 import json
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 from google import genai
@@ -52,6 +52,9 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 
 
 _TRANSPORT_ERRORS = _transport_errors()
+# A call that failed below the API: no HTTP answer, or one the SDK could not read.
+_CALL_FAILURES: tuple[type[BaseException], ...] = (
+    *_TRANSPORT_ERRORS, errors.UnknownApiResponseError, json.JSONDecodeError)
 
 
 class GeminiProvider:
@@ -74,11 +77,13 @@ class GeminiProvider:
             raise ProviderError(ErrorKind.PERMANENT, str(exc)) from None
         try:
             response = await self._client.aio.models.generate_content(
-                model=request.model, contents=call.contents, config=types.GenerateContentConfig(**call.config)
+                # compat builds plain dicts of ContentDict's shape without importing the SDK.
+                model=request.model, contents=cast("list[types.ContentDict]", call.contents),
+                config=types.GenerateContentConfig(**call.config),
             )
         except errors.APIError as exc:
             raise classify_gemini_error(exc, secret=self._api_key, endpoint=self._endpoint(request, exc)) from None
-        except (*_TRANSPORT_ERRORS, errors.UnknownApiResponseError, json.JSONDecodeError) as exc:
+        except _CALL_FAILURES as exc:
             at = f" (at {self._endpoint(request, None)})"
             if is_dns_failure(exc):
                 raise ProviderError(ErrorKind.UNAVAILABLE, f"Gemini request failed: host name not found{at}") from None

@@ -83,7 +83,8 @@ def classify_openai_error(exc: openai.APIError, *, secret: str | None = None,
         message = redact(f"{type(exc).__name__} ({code}): {exc.message}{at}", secret)
     if status == 429:
         if code == "insufficient_quota":
-            return ProviderError(ErrorKind.QUOTA_EXHAUSTED, message, status_code=status, rate_limit_headers=limit_headers)
+            return ProviderError(ErrorKind.QUOTA_EXHAUSTED, message, status_code=status,
+                                 rate_limit_headers=limit_headers)
         return ProviderError(
             ErrorKind.RATE_LIMITED,
             message,

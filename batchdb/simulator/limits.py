@@ -179,7 +179,7 @@ def _pacific() -> tzinfo:
         from zoneinfo import ZoneInfo
 
         return ZoneInfo("America/Los_Angeles")
-    except Exception:  # no tz database: a fixed offset is close enough for a simulator
+    except Exception:  # noqa: BLE001 - no tz database: a fixed offset is close enough for a simulator
         return timezone(timedelta(hours=-8))
 
 

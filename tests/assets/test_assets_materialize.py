@@ -3,8 +3,8 @@
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,7 @@ def metadata_of(result: dg.ExecuteInProcessResult, asset: str = "headline_sentim
     return {key: getattr(value, "value", value) for key, value in materialization.metadata.items()}
 
 
-def test_one_partition_materializes_row_for_row_with_its_metadata(dsn, simulator, start_workers, tmp_path) -> None:
+def test_one_partition_materializes_row_for_row_with_its_metadata(dsn, simulator, start_workers, tmp_path) -> None:  # noqa: ANN001
     start_workers(dsn, simulator, 1)
     result = materialize(dsn, tmp_path, headline_sentiment)
     assert result.success
@@ -89,8 +89,8 @@ def test_one_partition_materializes_row_for_row_with_its_metadata(dsn, simulator
     assert simulator.stats(series=False)["totals"]["accepted"] == 15
 
 
-def test_same_partition_twice_while_its_job_runs_attaches_to_one_job(dsn, simulator, start_workers, tmp_path,
-                                                                     ephemeral_instance) -> None:
+def test_same_partition_twice_while_its_job_runs_attaches_to_one_job(dsn, simulator, start_workers, tmp_path,  # noqa: ANN001
+                                                                     ephemeral_instance) -> None:  # noqa: ANN001
     instances = [ephemeral_instance(), ephemeral_instance()]
 
     def job_tag(instance: dg.DagsterInstance) -> str | None:
@@ -126,7 +126,7 @@ def test_same_partition_twice_while_its_job_runs_attaches_to_one_job(dsn, simula
     assert len(jobs(dsn)) == 2
 
 
-def test_dead_rows_are_counted_and_checked_unless_failures_are_fatal(dsn, simulator, start_workers, tmp_path) -> None:
+def test_dead_rows_are_counted_and_checked_unless_failures_are_fatal(dsn, simulator, start_workers, tmp_path) -> None:  # noqa: ANN001
     simulator.set_config(error_rates={"http_500": 0.5})
     start_workers(dsn, simulator, 1)
     tolerant = llm_batch_asset(name="flaky", source=headlines, model="gpt-4o-mini", prompt="Mood: {headline}",
@@ -150,8 +150,8 @@ def test_dead_rows_are_counted_and_checked_unless_failures_are_fatal(dsn, simula
     assert "rows have no answer" in failure.step_failure_data.error.message
 
 
-def test_a_cancelled_run_cancels_its_job_and_a_relaunch_resumes_it(dsn, simulator, start_workers, tmp_path,
-                                                                    ephemeral_instance) -> None:
+def test_a_cancelled_run_cancels_its_job_and_a_relaunch_resumes_it(dsn, simulator, start_workers, tmp_path,  # noqa: ANN001
+                                                                    ephemeral_instance) -> None:  # noqa: ANN001
     instance = ephemeral_instance()
     outcome: dict[str, dg.ExecuteInProcessResult] = {}
     # No worker: the job stays queued until the run is cancelled.
@@ -186,7 +186,7 @@ def provider_waits(instance: dg.DagsterInstance, run_id: str) -> list[str]:
 
 
 def test_a_refused_key_keeps_the_asset_waiting_says_why_once_and_it_finishes_by_itself(
-        dsn, simulator, start_workers, tmp_path, ephemeral_instance) -> None:
+        dsn, simulator, start_workers, tmp_path, ephemeral_instance) -> None:  # noqa: ANN001
     """The workers' key is refused (401): the job is not paused, so the asset neither fails nor needs
     `batchdb resume`; the run's log says why once, and when the provider accepts the key again the
     breaker's probe gets through and the asset materializes."""
@@ -213,7 +213,7 @@ def test_a_refused_key_keeps_the_asset_waiting_says_why_once_and_it_finishes_by_
     assert any("the provider answers again" in e.user_message for e in instance.all_logs(result.run_id))
 
 
-def test_a_timeout_while_the_provider_is_unavailable_fails_with_the_reason(dsn, tmp_path) -> None:
+def test_a_timeout_while_the_provider_is_unavailable_fails_with_the_reason(dsn, tmp_path) -> None:  # noqa: ANN001
     job = batchdb.submit(sample_headlines(DAY), prompt="Mood: {headline}", id_column="headline_id",
                          model="gpt-4o-mini", provider="openai", max_tokens=10, dsn=dsn)
     error = "OpenAI refused the API key (401 invalid_api_key) at http://sim/v1/chat/completions"

@@ -46,7 +46,9 @@ mutation($params: LaunchBackfillParams!) {
 }"""
 BACKFILL_STATUS = """
 query($id: String!) {
-  partitionBackfillOrError(backfillId: $id) { __typename ... on PartitionBackfill { status } ... on PythonError { message } }
+  partitionBackfillOrError(backfillId: $id) {
+    __typename ... on PartitionBackfill { status } ... on PythonError { message }
+  }
 }"""
 BACKFILL_RUNS = """
 query($id: String!) {
@@ -151,7 +153,7 @@ def stack(admin_dsn: str, template_db: str, tmp_path_factory: pytest.TempPathFac
     assert codes == [0, 0], f"dagster processes exited with {codes}"
 
 
-def test_backfill_through_the_webserver_materializes_every_partition(stack: DagsterStack, start_workers) -> None:
+def test_backfill_through_the_webserver_materializes_every_partition(stack: DagsterStack, start_workers) -> None:  # noqa: ANN001
     partitions = ["2024-04-01", "2024-04-02", "2024-04-03"]
     start_workers(stack.dsn, stack.simulator, 2)
     backfill_id = stack.launch_backfill(partitions)
@@ -166,7 +168,8 @@ def test_backfill_through_the_webserver_materializes_every_partition(stack: Dags
     assert sorted(metadata) == partitions
     with psycopg.connect(stack.dsn) as conn:
         job_rows = conn.execute("SELECT id, idempotency_key, status, n_succeeded FROM batchdb.jobs "
-                                "WHERE idempotency_key LIKE 'dagster:headline_sentiment:2024-04-0%' ORDER BY id").fetchall()
+                                "WHERE idempotency_key LIKE 'dagster:headline_sentiment:2024-04-0%' "
+                                "ORDER BY id").fetchall()
     assert len(job_rows) == 3 and {(status, n) for _, _, status, n in job_rows} == {("completed", 15)}
     for day in partitions:
         path = stack.output_root / "headline_sentiment" / f"{day}.parquet"

@@ -11,10 +11,10 @@ import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 import batchdb
-from batchdb.results import JOB_ID_METADATA
 from batchdb.dashboard import queries
-from batchdb.dashboard.settings import OUTPUTS_ENV
 from batchdb.dashboard.run import APP as dashboard_app
+from batchdb.dashboard.settings import OUTPUTS_ENV
+from batchdb.results import JOB_ID_METADATA
 
 APP = str(dashboard_app)  # batchdb/dashboard/app.py, as `batchdb dashboard` runs it
 

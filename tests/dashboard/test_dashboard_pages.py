@@ -207,7 +207,8 @@ def test_providers_page_says_a_lanes_circuit_is_open(dsn: str, sql) -> None:  # 
     import psycopg
 
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("INSERT INTO batchdb.rate_limits (provider, model, rpm, tpm) VALUES ('openai', 'gpt-4o', 600, 60000)")
+        conn.execute("INSERT INTO batchdb.rate_limits (provider, model, rpm, tpm) "
+                     "VALUES ('openai', 'gpt-4o', 600, 60000)")
         conn.execute("INSERT INTO batchdb.circuits (provider, key_alias, model, state, opened_at, last_error, "
                      "next_probe_at, n_opened) VALUES ('openai', 'default', 'gpt-4o', 'open', clock_timestamp(), "
                      "'503 at http://127.0.0.1:9/v1/chat/completions', clock_timestamp() + interval '1 minute', 1)")
