@@ -534,7 +534,7 @@ def worker_command(concurrency: int, lease_seconds: float, request_timeout: floa
     configure_worker_logging(log_format)
     run_worker(WorkerConfig(
         dsn=dsn, concurrency=concurrency, lease_seconds=lease_seconds, request_timeout=request_timeout,
-        heartbeat_interval=max(0.5, min(10.0, lease_seconds / 3)), poll_interval=poll_interval,
+        poll_interval=poll_interval,
         exit_when_idle=exit_when_idle,
         breaker=BreakerConfig(threshold=max(1, circuit_threshold), max_backoff=max(0.1, circuit_max_backoff),
                               base_backoff=min(BreakerConfig().base_backoff, max(0.1, circuit_max_backoff))),

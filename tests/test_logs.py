@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from collections.abc import Callable
@@ -97,3 +98,26 @@ def test_progress_is_one_line_per_interval_not_per_request(dsn: str, drain,  # n
     progress = [r.getMessage() for r in caplog.records if "row(s) done" in r.getMessage()]
     assert 1 <= len(progress) < 300
     assert sum(int(line.split()[0]) for line in progress) == 300  # every row counted once
+
+
+def test_a_worker_started_from_python_quiets_the_http_clients_and_masks_keys(drain) -> None:  # noqa: ANN001
+    """Not only `batchdb worker`: `Worker(...).run()` in an embedding application protects its logs too."""
+    from batchdb.secrets import RedactingFilter
+
+    root = logging.getLogger()
+    handler = logging.StreamHandler(io.StringIO())
+    root.addHandler(handler)
+    saved = {name: logging.getLogger(name).level for name in ("httpx", "openai")}
+    try:
+        for name in saved:
+            logging.getLogger(name).setLevel(logging.NOTSET)
+        drain()
+        assert any(isinstance(f, RedactingFilter) for f in handler.filters)
+        assert logging.getLogger("httpx").level == logging.WARNING
+        assert logging.getLogger("openai").level == logging.WARNING
+        drain()  # a second worker in the same process adds no second filter
+        assert sum(isinstance(f, RedactingFilter) for f in handler.filters) == 1
+    finally:
+        root.removeHandler(handler)
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)

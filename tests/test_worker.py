@@ -365,3 +365,13 @@ def test_watch_prints_job_events(dsn: str, conn: psycopg.Connection) -> None:
         _, err = watcher.communicate(timeout=10)
         reader.join(timeout=10)
     assert watcher.returncode == 0, err
+
+
+def test_the_heartbeat_follows_the_lease_unless_given() -> None:
+    """A Python caller gets what `batchdb worker --lease-seconds` gets: extensions well inside the lease."""
+    assert WorkerConfig(lease_seconds=6).heartbeat_seconds == 2.0
+    assert WorkerConfig(lease_seconds=60).heartbeat_seconds == 10.0
+    assert WorkerConfig(lease_seconds=1).heartbeat_seconds == 0.5
+    assert WorkerConfig(lease_seconds=6, heartbeat_interval=1.0).heartbeat_seconds == 1.0
+    with pytest.raises(ValueError, match=r"heartbeat_interval \(10.0 s\) must be above 0 and below lease_seconds"):
+        WorkerConfig(lease_seconds=6, heartbeat_interval=10.0)

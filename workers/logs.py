@@ -43,6 +43,23 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
+def protect_logging() -> None:
+    """What every running worker needs, however it was started (`batchdb worker`, `run_worker`,
+    `Worker(...).run()` in a notebook): the SDKs' HTTP clients never log a line per request
+    (unless the root logger is at DEBUG), and every handler of the root logger masks the API
+    keys this process resolved. It leaves the embedding application's own levels and handlers
+    alone otherwise; idempotent."""
+    from batchdb.secrets import RedactingFilter
+
+    root = logging.getLogger()
+    quiet = logging.DEBUG if root.getEffectiveLevel() <= logging.DEBUG else logging.WARNING
+    for name in HTTP_CLIENT_LOGGERS:
+        logging.getLogger(name).setLevel(quiet)
+    for handler in root.handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
+
+
 def configure_worker_logging(log_format: str = "text") -> None:
     """Set levels (and the format) for a worker process. The root logger's level is the one
     `batchdb -v` chose (WARNING by default) and stays: it is what other libraries get."""
@@ -53,9 +70,7 @@ def configure_worker_logging(log_format: str = "text") -> None:
         logging.basicConfig()
     for name in OWN_LOGGERS:
         logging.getLogger(name).setLevel(min(root.getEffectiveLevel(), logging.INFO))
-    quiet = logging.DEBUG if root.getEffectiveLevel() <= logging.DEBUG else logging.WARNING
-    for name in HTTP_CLIENT_LOGGERS:
-        logging.getLogger(name).setLevel(quiet)
+    protect_logging()
     if log_format == "json":
         for handler in root.handlers:
             handler.setFormatter(JsonFormatter())

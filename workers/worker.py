@@ -60,6 +60,7 @@ from batchdb.workers.budget_settler import BudgetSettler, Settlement
 from batchdb.workers.completer import BatchCompleter
 from batchdb.workers.connection import Reconnecting, listen_forever
 from batchdb.workers.lanes import LaneAdvertiser, LaneUnavailable
+from batchdb.workers.logs import protect_logging
 from batchdb.workers.notifier import Notifier, NotifierConfig
 from batchdb.workers.outcomes import RetryPolicy, failure, invalid_response, success
 from batchdb.workers.pacer import DailyQuotaExhausted, LaneWaiting, Pacer, Withdrawn
@@ -131,7 +132,9 @@ class WorkerConfig:
     dsn: str | None = None
     concurrency: int = 64
     lease_seconds: float = 60.0
-    heartbeat_interval: float = 10.0
+    # How often held leases are extended. Derived from the lease when not given (a third of it,
+    # between 0.5 and 10 s), so a short lease is never outlived by its own extension's interval.
+    heartbeat_interval: float | None = None
     reclaim_interval: float = 5.0
     poll_interval: float = 2.0
     request_timeout: float = 120.0
@@ -159,6 +162,19 @@ class WorkerConfig:
     notifier: NotifierConfig | None = field(default_factory=NotifierConfig)
     # Per-lane circuit breaker (workers/breaker.py).
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_interval is None:
+            self.heartbeat_interval = max(0.5, min(10.0, self.lease_seconds / 3))
+        if not 0 < self.heartbeat_interval < self.lease_seconds:
+            raise ValueError(f"heartbeat_interval ({self.heartbeat_interval} s) must be above 0 and below "
+                             f"lease_seconds ({self.lease_seconds} s), or leases run out between extensions")
+
+    @property
+    def heartbeat_seconds(self) -> float:
+        """The interval in effect (derived in __post_init__ when not given)."""
+        assert self.heartbeat_interval is not None
+        return self.heartbeat_interval
 
 
 @dataclass
@@ -221,6 +237,7 @@ class Worker:
         self._slot_freed.set()
 
     async def run(self) -> None:
+        protect_logging()  # also when started from Python, not only by `batchdb worker`
         dsn = resolve_dsn(self.config.dsn)
         self._claims = Reconnecting(dsn, name="claim", shutdown=self._shutdown)
         self._writes = Reconnecting(dsn, name="complete", shutdown=self._shutdown)
@@ -727,7 +744,7 @@ class Worker:
     async def _maintain_forever(self) -> None:
         last_reclaim = 0.0
         while True:
-            await asyncio.sleep(min(self.config.heartbeat_interval, self.config.reclaim_interval))
+            await asyncio.sleep(min(self.config.heartbeat_seconds, self.config.reclaim_interval))
             held = list(self._held.values())
             extended_at = time.monotonic()
 
