@@ -28,7 +28,7 @@ import psycopg
 from psycopg import errors, sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from batchdb import embedded, ledger, migrations
+from batchdb import embedded, ledger, migrations, settings
 from batchdb._source_root import SOURCE_ROOT
 from batchdb.db import connect, resolve_dsn
 
@@ -158,7 +158,7 @@ def run_dev(
     home = (home or default_dagster_home()).resolve()
     write_instance_yaml(home, storage_dsn=storage_dsn, max_concurrent_runs=max_concurrent_runs,
                         pool_limit=pool_limit)
-    output_root = (output_root or Path(os.environ.get("BATCHDB_OUTPUT_ROOT", "batchdb-output"))).resolve()
+    output_root = (output_root or Path(os.environ.get(settings.OUTPUT_ROOT, settings.DEFAULT_OUTPUT_ROOT))).resolve()
     logs = (log_dir or default_log_dir()).resolve()
     logs.mkdir(parents=True, exist_ok=True)
     say(f"batchdb database: {_where(dsn)}; Dagster storage: {_where(storage_dsn)}")
@@ -174,7 +174,7 @@ def run_dev(
     try:
         with start_simulator(config) as simulator:
             say(f"provider simulator: {simulator.openai_base_url} ({rpm} RPM, {tpm:,} TPM)")
-            extra_env = {"BATCHDB_OUTPUT_ROOT": str(output_root), "DAGSTER_HOME": str(home),
+            extra_env = {settings.OUTPUT_ROOT: str(output_root), "DAGSTER_HOME": str(home),
                          "OPENAI_BASE_URL": simulator.openai_base_url,
                          "OPENAI_API_KEY": "sk-batchdb-dagster-example"}
             workers = WorkerProcesses(dsn, env=extra_env, args=("--concurrency", str(concurrency)), log_dir=logs,
@@ -185,7 +185,7 @@ def run_dev(
                 workers.start(n_workers)
                 say(f"workers: {n_workers} processes, logs in {logs}")
                 # Its own session: a terminal's Ctrl-C reaches only us, and we stop dagster first.
-                dagster = subprocess.Popen(command, env={**os.environ, "BATCHDB_DSN": dsn, **extra_env}, cwd=cwd,
+                dagster = subprocess.Popen(command, env={**os.environ, settings.DSN: dsn, **extra_env}, cwd=cwd,
                                            start_new_session=True)
                 url = f"http://{host}:{port}"
                 if _wait_for_webserver(url, dagster, timeout=120):
@@ -242,7 +242,7 @@ def _yaml_string(value: str) -> str:
 
 
 @click.command("dagster")
-@click.option("--dsn", envvar="BATCHDB_DSN", default=None,
+@click.option("--dsn", envvar=settings.DSN, default=None,
               help="PostgreSQL DSN (default: $BATCHDB_DSN, else the embedded server).")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=3000, show_default=True)

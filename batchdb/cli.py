@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from batchdb import __version__
+from batchdb import __version__, settings
 from batchdb import db as dbmod
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ def _mask_password(dsn: str) -> str:
 
 def _dsn_option(func: _F) -> _F:
     return click.option(
-        "--dsn", envvar="BATCHDB_DSN", default=None, callback=_remember_dsn,
+        "--dsn", envvar=settings.DSN, default=None, callback=_remember_dsn,
         help="PostgreSQL DSN (default: $BATCHDB_DSN, else the embedded server).",
     )(func)
 
@@ -187,7 +187,7 @@ def db_stop() -> None:
               "(and is refused for different data or options).")
 @click.option("--webhook-url", default=None, help="POST a signed JSON event here when the job completes, fails, "
               "is cancelled or paused.")
-@click.option("--webhook-secret", envvar="BATCHDB_WEBHOOK_SECRET", default=None,
+@click.option("--webhook-secret", envvar=settings.WEBHOOK_SECRET, default=None,
               help="HMAC key signing the webhook (default: $BATCHDB_WEBHOOK_SECRET, else generated and printed).")
 @click.option("--notify-email", "notify_emails", multiple=True, help="Email this address on the same events "
               "(repeatable; workers need BATCHDB_SMTP_HOST).")

@@ -13,9 +13,10 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import DictRow, Row, dict_row
 
+from batchdb import settings
 from batchdb.errors import DatabaseMissing
 
-DSN_ENV = "BATCHDB_DSN"
+DSN_ENV = settings.DSN
 
 
 def resolve_dsn(dsn: str | None = None) -> str:

@@ -19,7 +19,7 @@ import pandas as pd
 import psycopg
 from psycopg.rows import DictRow
 
-from batchdb import ledger, migrations
+from batchdb import ledger, migrations, settings
 from batchdb.db import connect, one_row, resolve_dsn
 from batchdb.queries import query
 from batchdb.secrets import alias_env
@@ -168,4 +168,4 @@ def _describe(dsn: str) -> str:
 
     parts = conninfo_to_dict(dsn)
     where = f"{parts.get('host', 'local socket')}:{parts.get('port', 5432)}/{parts.get('dbname', '')}"
-    return f"{where}" + ("" if os.environ.get("BATCHDB_DSN") else " (embedded; `batchdb db stop` stops it)")
+    return f"{where}" + ("" if os.environ.get(settings.DSN) else " (embedded; `batchdb db stop` stops it)")

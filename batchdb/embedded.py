@@ -69,6 +69,7 @@ import psycopg
 from psycopg import errors, sql
 from psycopg.conninfo import make_conninfo
 
+from batchdb import settings
 from batchdb.errors import BatchDBError
 
 with warnings.catch_warnings():
@@ -148,7 +149,7 @@ def batchdb_home() -> Path:
 
     $BATCHDB_HOME if set, else $XDG_DATA_HOME/batchdb, else ~/.local/share/batchdb.
     """
-    if home := os.environ.get("BATCHDB_HOME"):
+    if home := os.environ.get(settings.HOME):
         return Path(home).expanduser().resolve()
     data_home = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
     return (Path(data_home).expanduser() / "batchdb").resolve()

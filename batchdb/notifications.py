@@ -26,6 +26,8 @@ from email.utils import formatdate, make_msgid
 from typing import Any
 from urllib.parse import urlsplit
 
+from batchdb import settings
+
 CHANNEL_WEBHOOK = "webhook"
 CHANNEL_EMAIL = "email"
 
@@ -198,11 +200,11 @@ class SmtpSettings:
         None when BATCHDB_SMTP_HOST is unset. STARTTLS defaults to on when a username is set,
         so a password never crosses the network in clear unless asked to."""
         env = os.environ if env is None else env
-        host = (env.get("BATCHDB_SMTP_HOST") or "").strip()
+        host = (env.get(settings.SMTP_HOST) or "").strip()
         if not host:
             return None
-        username = env.get("BATCHDB_SMTP_USERNAME") or None
-        raw_tls = env.get("BATCHDB_SMTP_STARTTLS")
+        username = env.get(settings.SMTP_USERNAME) or None
+        raw_tls = env.get(settings.SMTP_STARTTLS)
         if raw_tls is None:
             starttls = username is not None
         elif raw_tls.strip().lower() in _TRUE:
@@ -210,16 +212,16 @@ class SmtpSettings:
         elif raw_tls.strip().lower() in _FALSE:
             starttls = False
         else:
-            raise ValueError(f"BATCHDB_SMTP_STARTTLS: expected true or false, got {raw_tls!r}")
-        raw_port = (env.get("BATCHDB_SMTP_PORT") or "").strip()
+            raise ValueError(f"{settings.SMTP_STARTTLS}: expected true or false, got {raw_tls!r}")
+        raw_port = (env.get(settings.SMTP_PORT) or "").strip()
         if raw_port:
             if not raw_port.isdigit() or not 0 < int(raw_port) < 65536:
                 raise ValueError(f"BATCHDB_SMTP_PORT: expected a port number, got {raw_port!r}")
             port = int(raw_port)
         else:
             port = 587 if starttls else 25
-        sender = (env.get("BATCHDB_SMTP_FROM") or "").strip() or f"batchdb@{socket.getfqdn()}"
-        return cls(host=host, port=port, username=username, password=env.get("BATCHDB_SMTP_PASSWORD") or None,
+        sender = (env.get(settings.SMTP_FROM) or "").strip() or f"batchdb@{socket.getfqdn()}"
+        return cls(host=host, port=port, username=username, password=env.get(settings.SMTP_PASSWORD) or None,
                    sender=sender, starttls=starttls)
 
 

@@ -38,11 +38,12 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from batchdb import settings
 from batchdb.errors import BatchDBError
 
 _MASK = "***"
 
-SECRETS_FILE_ENV = "BATCHDB_SECRETS_FILE"
+SECRETS_FILE_ENV = settings.SECRETS_FILE
 # The providers' own variables, read for the "default" alias only, in this order.
 STANDARD_KEY_ENVS: dict[str, tuple[str, ...]] = {
     "openai": ("OPENAI_API_KEY",),

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import os
 
-REFRESH_ENV = "BATCHDB_DASHBOARD_REFRESH"
-OUTPUTS_ENV = "BATCHDB_DASHBOARD_OUTPUTS"
+from batchdb import settings
+
+REFRESH_ENV = settings.DASHBOARD_REFRESH
+OUTPUTS_ENV = settings.DASHBOARD_OUTPUTS
 DEFAULT_REFRESH_SECONDS = 5.0
 
 

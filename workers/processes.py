@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from batchdb import settings
 from batchdb._source_root import SOURCE_ROOT
 
 WORKER_COMMAND: tuple[str, ...] = (sys.executable, "-m", "batchdb.workers")
@@ -74,7 +75,7 @@ class WorkerProcesses:
         """`env` is added to this process's environment and ``BATCHDB_DSN=dsn``; `args` follow
         `command` (default ``python -m batchdb.workers``); logs are truncated unless `append_logs`;
         `grace` is how long `stop` waits for each process before SIGKILL."""
-        full_env = {**os.environ, "BATCHDB_DSN": dsn, **(env or {})}
+        full_env = {**os.environ, settings.DSN: dsn, **(env or {})}
         full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SOURCE_ROOT), full_env.get("PYTHONPATH")) if p)
         self.env = full_env
         self.args = tuple(args)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from batchdb import settings
 from batchdb.providers.base import ChatRequest, ChatResponse, ErrorKind, Provider, ProviderError
 from batchdb.secrets import MissingSecret, describe_endpoint_sources, resolve_endpoint, resolve_key
 
@@ -19,7 +20,7 @@ __all__ = [
 ]
 
 KNOWN_PROVIDERS = ("openai", "azure", "gemini", "instant")
-AZURE_API_VERSION_ENV = "BATCHDB_AZURE_API_VERSION"
+AZURE_API_VERSION_ENV = settings.AZURE_API_VERSION
 
 
 def build_provider(name: str, *, key_alias: str = "default", timeout: float = 120.0) -> Provider:

@@ -1,0 +1,46 @@
+"""Environment variables are named once (batchdb/settings.py) and documented in the README."""
+
+from __future__ import annotations
+
+import doctest
+import re
+from pathlib import Path
+
+from batchdb import settings
+
+ROOT = Path(__file__).parent.parent
+NAME = re.compile(r"\bBATCHDB_[A-Z][A-Z0-9_]*[A-Z0-9]\b")
+# Patterns, not names: per-alias keys (batchdb/secrets.py) and the README's own prefixes.
+PATTERNS = re.compile(r"BATCHDB_(KEY|ENDPOINT|SMTP)$|BATCHDB_KEY_|BATCHDB_ENDPOINT_")
+
+
+def declared() -> set[str]:
+    return {v.name for v in settings.ENVIRONMENT}
+
+
+def test_every_name_in_the_code_is_declared_once() -> None:
+    found: dict[str, set[str]] = {}
+    for folder in ("batchdb", "workers", "assets", "dashboard"):
+        for path in (ROOT / folder).rglob("*.py"):
+            if path.name == "settings.py" and path.parent.name == "batchdb":
+                continue
+            for name in NAME.findall(path.read_text()):
+                if not PATTERNS.match(name):
+                    found.setdefault(name, set()).add(str(path.relative_to(ROOT)))
+    assert found, "the scan found no variable at all"
+    undeclared = {name: where for name, where in found.items() if name not in declared()}
+    assert not undeclared, f"read but not in batchdb/settings.py: {undeclared}"
+    names = [v.name for v in settings.ENVIRONMENT]
+    assert len(names) == len(set(names))
+
+
+def test_the_readme_lists_every_variable() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Environment", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^\| `(BATCHDB_[A-Z0-9_]+)` \|", section, re.MULTILINE))
+    assert listed == declared()
+
+
+def test_the_modules_example_runs() -> None:
+    result = doctest.testmod(settings)
+    assert result.attempted >= 2 and result.failed == 0
