@@ -82,8 +82,13 @@ def llm_batch_asset(
     partitions_def = partitions_def or source_partitions
     prefix = [key_prefix] if isinstance(key_prefix, str) else list(key_prefix or [])
     asset_key = dg.AssetKey([*prefix, name])
-    options: dict[str, Any] = {"system": system, "provider": provider, "id_column": id_column,
-                               "response_schema": response_schema, **submit_options}
+    options: dict[str, Any] = {
+        "system": system,
+        "provider": provider,
+        "id_column": id_column,
+        "response_schema": response_schema,
+        **submit_options,
+    }
     options = {k: v for k, v in options.items() if v is not None}
     definition = {"model": model, "prompt": prompt, **{k: _canonical(v) for k, v in options.items()}}
 
@@ -107,8 +112,15 @@ def llm_batch_asset(
     )
     def _llm_batch(context: dg.AssetExecutionContext, rows: Any) -> dg.MaterializeResult:
         resource: BatchDBResource = getattr(context.resources, resource_key)
-        return resource.run(context, rows, model=model, prompt=prompt, failures_fatal=failures_fatal,
-                            preview_rows=preview_rows, **options)
+        return resource.run(
+            context,
+            rows,
+            model=model,
+            prompt=prompt,
+            failures_fatal=failures_fatal,
+            preview_rows=preview_rows,
+            **options,
+        )
 
     return _llm_batch
 

@@ -231,7 +231,8 @@ class BatchDBResource(dg.ConfigurableResource):
             context.log.error(f"the Dagster run was terminated but batchdb job {job.id} could not be cancelled: {exc}")
             return
         context.log.warning(
-            f"the Dagster run was terminated: cancelled batchdb job {job.id} ({cancelled} rows not run)")
+            f"the Dagster run was terminated: cancelled batchdb job {job.id} ({cancelled} rows not run)"
+        )
 
     # -- output -------------------------------------------------------------------------------
 
@@ -399,9 +400,7 @@ def _materialization_metadata(
     return {
         "dagster/partition_row_count": written,
         "dagster/uri": path.resolve().as_uri(),
-        "dagster/column_schema": dg.TableSchema(
-            columns=[dg.TableColumn(f.name, str(f.type)) for f in table_schema]
-        ),
+        "dagster/column_schema": dg.TableSchema(columns=[dg.TableColumn(f.name, str(f.type)) for f in table_schema]),
         "batchdb/job_id": job.id,
         **_counts(final),
         "retries": final.n_retries,
@@ -461,4 +460,3 @@ def _check_results(context: dg.AssetExecutionContext, final: JobProgress, path: 
             description=None if not unanswered else f"{unanswered} of {final.n_total} rows have no answer",
         )
     ]
-

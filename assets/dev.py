@@ -156,8 +156,7 @@ def run_dev(
     dbname = str(conninfo_to_dict(dsn).get("dbname") or "postgres")
     storage_dsn = ensure_database(dsn, f"{dbname}_dagster")
     home = (home or default_dagster_home()).resolve()
-    write_instance_yaml(home, storage_dsn=storage_dsn, max_concurrent_runs=max_concurrent_runs,
-                        pool_limit=pool_limit)
+    write_instance_yaml(home, storage_dsn=storage_dsn, max_concurrent_runs=max_concurrent_runs, pool_limit=pool_limit)
     output_root = (output_root or Path(os.environ.get(settings.OUTPUT_ROOT, settings.DEFAULT_OUTPUT_ROOT))).resolve()
     logs = (log_dir or default_log_dir()).resolve()
     logs.mkdir(parents=True, exist_ok=True)
@@ -174,19 +173,24 @@ def run_dev(
     try:
         with start_simulator(config) as simulator:
             say(f"provider simulator: {simulator.openai_base_url} ({rpm} RPM, {tpm:,} TPM)")
-            extra_env = {settings.OUTPUT_ROOT: str(output_root), "DAGSTER_HOME": str(home),
-                         "OPENAI_BASE_URL": simulator.openai_base_url,
-                         "OPENAI_API_KEY": "sk-batchdb-dagster-example"}
-            workers = WorkerProcesses(dsn, env=extra_env, args=("--concurrency", str(concurrency)), log_dir=logs,
-                                      append_logs=True)
+            extra_env = {
+                settings.OUTPUT_ROOT: str(output_root),
+                "DAGSTER_HOME": str(home),
+                "OPENAI_BASE_URL": simulator.openai_base_url,
+                "OPENAI_API_KEY": "sk-batchdb-dagster-example",
+            }
+            workers = WorkerProcesses(
+                dsn, env=extra_env, args=("--concurrency", str(concurrency)), log_dir=logs, append_logs=True
+            )
             dagster: subprocess.Popen[bytes] | None = None
             command, cwd = dagster_command_line(host=host, port=port)
             try:
                 workers.start(n_workers)
                 say(f"workers: {n_workers} processes, logs in {logs}")
                 # Its own session: a terminal's Ctrl-C reaches only us, and we stop dagster first.
-                dagster = subprocess.Popen(command, env={**os.environ, settings.DSN: dsn, **extra_env}, cwd=cwd,
-                                           start_new_session=True)
+                dagster = subprocess.Popen(
+                    command, env={**os.environ, settings.DSN: dsn, **extra_env}, cwd=cwd, start_new_session=True
+                )
                 url = f"http://{host}:{port}"
                 if _wait_for_webserver(url, dagster, timeout=120):
                     say(f"Dagster UI: {url}  (Ctrl-C stops Dagster, the workers and the simulator)")
@@ -214,6 +218,7 @@ def _interruptible() -> dict[int, Any]:
     A process started in the background by a non-interactive shell inherits SIGINT ignored; dagster
     maps SIGTERM to its SIGINT handler, so `dagster dev` would then ignore both (see stack notes).
     """
+
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
@@ -242,24 +247,46 @@ def _yaml_string(value: str) -> str:
 
 
 @click.command("dagster")
-@click.option("--dsn", envvar=settings.DSN, default=None,
-              help="PostgreSQL DSN (default: $BATCHDB_DSN, else the embedded server).")
+@click.option(
+    "--dsn", envvar=settings.DSN, default=None, help="PostgreSQL DSN (default: $BATCHDB_DSN, else the embedded server)."
+)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=3000, show_default=True)
 @click.option("--workers", "n_workers", default=2, show_default=True, help="Worker processes to start.")
 @click.option("--rpm", default=6000, show_default=True, help="Simulated provider requests/minute limit.")
 @click.option("--tpm", default=600_000, show_default=True, help="Simulated provider tokens/minute limit.")
-@click.option("--max-runs", "max_concurrent_runs", default=8, show_default=True,
-              help="Dagster runs in progress at once (the rest of a backfill waits queued).")
-@click.option("--pool-limit", default=4, show_default=True,
-              help="Runs at once that contain an asset of the `batchdb` pool (one batchdb job each).")
-@click.option("--home", type=click.Path(path_type=Path), default=None,
-              help="DAGSTER_HOME (default: $DAGSTER_HOME, else <batchdb home>/dagster).")
-@click.option("--output-root", type=click.Path(path_type=Path), default=None,
-              help="Where the Parquet results go (default: $BATCHDB_OUTPUT_ROOT, else ./batchdb-output).")
-@click.option("--log-dir", type=click.Path(path_type=Path), default=None,
-              help="Where the workers' logs go (default: <batchdb home>/logs/dagster; never under DAGSTER_HOME, "
-                   "whose logs/ folder Dagster's telemetry deletes).")
+@click.option(
+    "--max-runs",
+    "max_concurrent_runs",
+    default=8,
+    show_default=True,
+    help="Dagster runs in progress at once (the rest of a backfill waits queued).",
+)
+@click.option(
+    "--pool-limit",
+    default=4,
+    show_default=True,
+    help="Runs at once that contain an asset of the `batchdb` pool (one batchdb job each).",
+)
+@click.option(
+    "--home",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="DAGSTER_HOME (default: $DAGSTER_HOME, else <batchdb home>/dagster).",
+)
+@click.option(
+    "--output-root",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where the Parquet results go (default: $BATCHDB_OUTPUT_ROOT, else ./batchdb-output).",
+)
+@click.option(
+    "--log-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where the workers' logs go (default: <batchdb home>/logs/dagster; never under DAGSTER_HOME, "
+    "whose logs/ folder Dagster's telemetry deletes).",
+)
 def dagster_command(**options: Any) -> None:
     """Open the example Dagster code location in the Dagster UI, with workers and the provider simulator."""
     sys.exit(run_dev(**options))

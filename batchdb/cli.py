@@ -41,7 +41,10 @@ def _mask_password(dsn: str) -> str:
 
 def _dsn_option(func: _F) -> _F:
     return click.option(
-        "--dsn", envvar=settings.DSN, default=None, callback=_remember_dsn,
+        "--dsn",
+        envvar=settings.DSN,
+        default=None,
+        callback=_remember_dsn,
         help="PostgreSQL DSN (default: $BATCHDB_DSN, else the embedded server).",
     )(func)
 
@@ -121,8 +124,10 @@ def db_status(dsn: str | None) -> None:
     if not dsn:
         server = embedded.server_status()
         if server is None:
-            click.echo(f"embedded PostgreSQL: not running (data directory {embedded.batchdb_home() / 'pg'}); "
-                       "any batchdb command starts it")
+            click.echo(
+                f"embedded PostgreSQL: not running (data directory {embedded.batchdb_home() / 'pg'}); "
+                "any batchdb command starts it"
+            )
             sys.exit(1)
         click.echo(f"embedded PostgreSQL: running, pid {server.pid}, port {server.port}")
         click.echo(f"  dsn:      {server.dsn}")
@@ -136,8 +141,11 @@ def db_status(dsn: str | None) -> None:
         missing = migrations.pending(conn)
     click.echo(f"  server:   PostgreSQL {version}")
     if missing:
-        state = ("not set up (no batchdb migrations applied)" if len(missing) == len(migrations.available())
-                 else f"missing {', '.join(f'{m.version:04d}_{m.name}' for m in missing)}")
+        state = (
+            "not set up (no batchdb migrations applied)"
+            if len(missing) == len(migrations.available())
+            else f"missing {', '.join(f'{m.version:04d}_{m.name}' for m in missing)}"
+        )
         click.echo(f"  schema:   {state}")
         click.echo(f"  run: {UPGRADE}")
         sys.exit(1)
@@ -150,8 +158,9 @@ def _describe_dsn(dsn: str) -> str:
 
     parts = conninfo_to_dict(dsn)
     user = parts.get("user")
-    return (f"{parts.get('host', 'local socket')}:{parts.get('port', 5432)}/{parts.get('dbname', '')}"
-            + (f" as {user}" if user else ""))
+    return f"{parts.get('host', 'local socket')}:{parts.get('port', 5432)}/{parts.get('dbname', '')}" + (
+        f" as {user}" if user else ""
+    )
 
 
 @db_group.command("stop")
@@ -175,26 +184,48 @@ def db_stop() -> None:
 @click.option("--provider", default="openai", show_default=True, help="openai, azure, gemini or instant (no network).")
 @click.option("--key-alias", default="default", show_default=True, help="Which of the provider's API keys to use.")
 @click.option("--name", default=None, help="A name for the job, shown by status.")
-@click.option("--priority", default=1, show_default=True, type=int,
-              help="Weight in the fair claim: 2 gets twice the share of 1.")
+@click.option(
+    "--priority", default=1, show_default=True, type=int, help="Weight in the fair claim: 2 gets twice the share of 1."
+)
 @click.option("--max-attempts", default=5, show_default=True, type=int, help="Attempts per row before it is dead.")
 @click.option("--max-tokens", default=None, type=int, help="Most tokens in each answer.")
 @click.option("--temperature", default=None, type=float, help="Sampling temperature, 0 to 2.")
-@click.option("--budget", "budget_usd", default=None, type=float,
-              help="Spending cap in USD: the job pauses when it is reached.")
+@click.option(
+    "--budget", "budget_usd", default=None, type=float, help="Spending cap in USD: the job pauses when it is reached."
+)
 @click.option("--budget-usd", "budget_usd_alias", default=None, type=float, hidden=True)  # the old spelling
-@click.option("--idempotency-key", default=None, help="Submitting again with this key returns the same job "
-              "(and is refused for different data or options).")
-@click.option("--webhook-url", default=None, help="POST a signed JSON event here when the job completes, fails, "
-              "is cancelled or paused.")
-@click.option("--webhook-secret", envvar=settings.WEBHOOK_SECRET, default=None,
-              help="HMAC key signing the webhook (default: $BATCHDB_WEBHOOK_SECRET, else generated and printed).")
-@click.option("--notify-email", "notify_emails", multiple=True, help="Email this address on the same events "
-              "(repeatable; workers need BATCHDB_SMTP_HOST).")
-@click.option("--allow-unknown-model", is_flag=True, help="Submit even when the model has no price in "
-              "batchdb.prices (its cost shows as unknown).")
-@click.option("--wait/--no-wait", default=False, help="Show progress until the job ends; the exit code tells how "
-              "(see `batchdb wait --help`).")
+@click.option(
+    "--idempotency-key",
+    default=None,
+    help="Submitting again with this key returns the same job (and is refused for different data or options).",
+)
+@click.option(
+    "--webhook-url",
+    default=None,
+    help="POST a signed JSON event here when the job completes, fails, is cancelled or paused.",
+)
+@click.option(
+    "--webhook-secret",
+    envvar=settings.WEBHOOK_SECRET,
+    default=None,
+    help="HMAC key signing the webhook (default: $BATCHDB_WEBHOOK_SECRET, else generated and printed).",
+)
+@click.option(
+    "--notify-email",
+    "notify_emails",
+    multiple=True,
+    help="Email this address on the same events (repeatable; workers need BATCHDB_SMTP_HOST).",
+)
+@click.option(
+    "--allow-unknown-model",
+    is_flag=True,
+    help="Submit even when the model has no price in batchdb.prices (its cost shows as unknown).",
+)
+@click.option(
+    "--wait/--no-wait",
+    default=False,
+    help="Show progress until the job ends; the exit code tells how (see `batchdb wait --help`).",
+)
 @_dsn_option
 def submit_command(path: Path, dsn: str | None, wait: bool, **options: object) -> None:
     """Queue one request per row of a CSV, JSONL or Parquet file."""
@@ -244,14 +275,21 @@ def status_command(job_id: int | None, as_json: bool, dsn: str | None) -> None:
         return
     click.echo(f"{'job':>6} {'status':<10} {'done':>15} {'dead+failed':>11} {'cost $':>10}  model / name")
     for j in jobs:
-        click.echo(f"{j.job_id:>6} {j.status:<10} {f'{j.n_done}/{j.n_total}':>15} {j.n_dead + j.n_failed:>11} "
-                   f"{(f'{j.cost_usd:.4f}' if j.priced else 'unknown'):>10}  {j.model} / {j.name or ''}")
+        click.echo(
+            f"{j.job_id:>6} {j.status:<10} {f'{j.n_done}/{j.n_total}':>15} {j.n_dead + j.n_failed:>11} "
+            f"{(f'{j.cost_usd:.4f}' if j.priced else 'unknown'):>10}  {j.model} / {j.name or ''}"
+        )
 
 
 @cli.command("results")
 @click.argument("job_id", type=int)
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
-              help="File to write; its extension picks the format: .parquet, .csv or .jsonl.")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="File to write; its extension picks the format: .parquet, .csv or .jsonl.",
+)
 @_dsn_option
 def results_command(job_id: int, output: Path, dsn: str | None) -> None:
     """Write a job's results (input columns + response, status, usage, error)."""
@@ -262,8 +300,11 @@ def results_command(job_id: int, output: Path, dsn: str | None) -> None:
     job = Job(job_id, dsn=dsn)
     progress = _run_db_op(job.status)
     if not progress.finished:
-        click.echo(f"warning: job {job_id} is {progress.status} ({progress.n_done}/{progress.n_total} rows done): "
-                   f"the file holds only the rows finished so far", err=True)
+        click.echo(
+            f"warning: job {job_id} is {progress.status} ({progress.n_done}/{progress.n_total} rows done): "
+            f"the file holds only the rows finished so far",
+            err=True,
+        )
     rows = _run_db_op(lambda: job.to_file(output))
     click.echo(f"wrote {rows} rows to {output}")
 
@@ -328,8 +369,10 @@ def _wait_and_report(job: object, *, timeout: float | None) -> int:
         return EXIT_TIMEOUT
     click.echo(final.summary())
     if final.status == JobStatus.PAUSED:
-        click.echo(f"paused: {final.status_reason or 'no reason given'}; continue with `batchdb resume "
-                   f"{final.job_id}`", err=True)
+        click.echo(
+            f"paused: {final.status_reason or 'no reason given'}; continue with `batchdb resume {final.job_id}`",
+            err=True,
+        )
         return EXIT_PAUSED
     if final.status == JobStatus.CANCELLED:
         return EXIT_CANCELLED
@@ -338,8 +381,12 @@ def _wait_and_report(job: object, *, timeout: float | None) -> int:
 
 @cli.command("wait")
 @click.argument("job_id", type=int)
-@click.option("--timeout", type=click.FloatRange(min=0), default=None,
-              help="Give up after this many seconds (exit code 6); the job keeps running.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Give up after this many seconds (exit code 6); the job keeps running.",
+)
 @_dsn_option
 def wait_command(job_id: int, timeout: float | None, dsn: str | None) -> None:
     """Show a job's progress until it ends; the exit code tells how.
@@ -391,24 +438,38 @@ def limits_group() -> None:
 @click.argument("model")
 @click.option("--key-alias", default="default", show_default=True, help="Which of the provider's API keys.")
 @click.option("--rpm", type=click.IntRange(min=1), default=None, help="Requests per minute.")
-@click.option("--tpm", type=click.IntRange(min=1), default=None,
-              help="Tokens per minute (OpenAI: prompt + max_tokens).")
+@click.option(
+    "--tpm", type=click.IntRange(min=1), default=None, help="Tokens per minute (OpenAI: prompt + max_tokens)."
+)
 @click.option("--rpd", type=click.IntRange(min=1), default=None, help="Requests per day (Gemini).")
-@click.option("--clear", multiple=True, type=click.Choice(["rpm", "tpm", "rpd"]),
-              help="Remove this limit (repeatable).")
+@click.option(
+    "--clear", multiple=True, type=click.Choice(["rpm", "tpm", "rpd"]), help="Remove this limit (repeatable)."
+)
 @_dsn_option
-def limits_set(provider: str, model: str, key_alias: str, rpm: int | None, tpm: int | None, rpd: int | None,
-               clear: tuple[str, ...], dsn: str | None) -> None:
+def limits_set(
+    provider: str,
+    model: str,
+    key_alias: str,
+    rpm: int | None,
+    tpm: int | None,
+    rpd: int | None,
+    clear: tuple[str, ...],
+    dsn: str | None,
+) -> None:
     """Set the limits of one provider key for one model; limits not given keep their value."""
     from batchdb import ledger
 
     if rpm is None and tpm is None and rpd is None and not clear:
         raise click.UsageError("nothing to set: give --rpm, --tpm and/or --rpd (or --clear)")
     with dbmod.connect(dsn) as conn:
-        now = _run_db_op(lambda: ledger.set_limits(conn, ledger.Lane(provider, key_alias, model), rpm=rpm, tpm=tpm,
-                                                   rpd=rpd, clear=clear))
-    click.echo(f"{provider}/{key_alias}/{model}: rpm={now['rpm'] or '-'} tpm={now['tpm'] or '-'} "
-               f"rpd={now['rpd'] or '-'}")
+        now = _run_db_op(
+            lambda: ledger.set_limits(
+                conn, ledger.Lane(provider, key_alias, model), rpm=rpm, tpm=tpm, rpd=rpd, clear=clear
+            )
+        )
+    click.echo(
+        f"{provider}/{key_alias}/{model}: rpm={now['rpm'] or '-'} tpm={now['tpm'] or '-'} rpd={now['rpd'] or '-'}"
+    )
 
 
 @limits_group.command("show")
@@ -420,13 +481,16 @@ def limits_show(dsn: str | None) -> None:
     with dbmod.connect(dsn) as conn:
         rows = ledger.list_limits(conn)
         circuits = ledger.open_circuits(conn)
-    click.echo(f"{'provider/key/model':<40} {'rpm':>8} {'tpm':>10} {'rpd':>7} {'pace':>5} {'granted':>9} {'429s':>6}"
-               "  state")
+    click.echo(
+        f"{'provider/key/model':<40} {'rpm':>8} {'tpm':>10} {'rpd':>7} {'pace':>5} {'granted':>9} {'429s':>6}  state"
+    )
     for r in rows:
         # pace_now: the pace reserve_capacity would use now (it recovers 2%/s after a 429).
-        click.echo(f"{r['provider'] + '/' + r['key_alias'] + '/' + r['model']:<40} {r['rpm'] or '-':>8} "
-                   f"{r['tpm'] or '-':>10} {r['rpd'] or '-':>7} {r['pace_now']:>5.2f} {r['requests_granted']:>9} "
-                   f"{r['rate_limited']:>6}  {r['state_text']}")
+        click.echo(
+            f"{r['provider'] + '/' + r['key_alias'] + '/' + r['model']:<40} {r['rpm'] or '-':>8} "
+            f"{r['tpm'] or '-':>10} {r['rpd'] or '-':>7} {r['pace_now']:>5.2f} {r['requests_granted']:>9} "
+            f"{r['rate_limited']:>6}  {r['state_text']}"
+        )
     # A lane whose provider is down (circuit open) waits whatever its limits say: say so, limits or not.
     for c in circuits:
         click.echo(f"{c['provider'] + '/' + c['key_alias'] + '/' + c['model']:<40} {c['state_text']}")
@@ -441,12 +505,18 @@ def users_group() -> None:
 
 
 def _user_options(func: _F) -> _F:
-    for option in reversed([
-        click.option("--weight", type=float, default=None, help="Share of contended provider capacity (default 1)."),
-        click.option("--budget-day", "budget_usd_day", type=float, default=None, help="USD per UTC day."),
-        click.option("--budget-month", "budget_usd_month", type=float, default=None, help="USD per calendar month."),
-        click.option("--email", default=None, help="Where job notifications go."),
-    ]):
+    for option in reversed(
+        [
+            click.option(
+                "--weight", type=float, default=None, help="Share of contended provider capacity (default 1)."
+            ),
+            click.option("--budget-day", "budget_usd_day", type=float, default=None, help="USD per UTC day."),
+            click.option(
+                "--budget-month", "budget_usd_month", type=float, default=None, help="USD per calendar month."
+            ),
+            click.option("--email", default=None, help="Where job notifications go."),
+        ]
+    ):
         func = option(func)
     return func
 
@@ -463,8 +533,15 @@ def users_add(name: str, kind: str | None, password: str | None, dsn: str | None
     from batchdb import users
 
     with dbmod.connect(dsn) as conn:
-        _run_db_op(lambda: users.add_user(conn, name, kind=users.UserKind(kind or "user"), password=password,
-                                          **settings))  # type: ignore[arg-type]
+        _run_db_op(
+            lambda: users.add_user(
+                conn,
+                name,
+                kind=users.UserKind(kind or "user"),
+                password=password,
+                **settings,  # type: ignore[arg-type]
+            )
+        )
     click.echo(f"user {name} ({kind or 'user'}) ready; connect as role {name!r}")
 
 
@@ -495,8 +572,10 @@ def users_list(dsn: str | None) -> None:
         rows = users.list_users(conn)
     click.echo(f"{'user':<24} {'kind':<8} {'weight':>6} {'$/day':>10} {'$/month':>10} {'today $':>10} {'month $':>10}")
     for u in rows:
-        click.echo(f"{u.name:<24} {u.kind:<8} {u.weight:>6g} {_usd(u.budget_usd_day):>10} "
-                   f"{_usd(u.budget_usd_month):>10} {u.spent_today_usd:>10.4f} {u.spent_month_usd:>10.4f}")
+        click.echo(
+            f"{u.name:<24} {u.kind:<8} {u.weight:>6g} {_usd(u.budget_usd_day):>10} "
+            f"{_usd(u.budget_usd_month):>10} {u.spent_today_usd:>10.4f} {u.spent_month_usd:>10.4f}"
+        )
 
 
 def _usd(value: object) -> str:
@@ -508,22 +587,48 @@ def _usd(value: object) -> str:
 
 @cli.command("worker")
 @click.option("--concurrency", "-c", default=64, show_default=True, help="Requests in flight at once.")
-@click.option("--lease-seconds", default=60.0, show_default=True,
-              help="How long a claimed row stays this worker's without a heartbeat.")
+@click.option(
+    "--lease-seconds",
+    default=60.0,
+    show_default=True,
+    help="How long a claimed row stays this worker's without a heartbeat.",
+)
 @click.option("--request-timeout", default=120.0, show_default=True, help="Seconds one provider call may take.")
-@click.option("--poll-interval", default=2.0, show_default=True,
-              help="Seconds between looks for work when no NOTIFY arrives.")
+@click.option(
+    "--poll-interval", default=2.0, show_default=True, help="Seconds between looks for work when no NOTIFY arrives."
+)
 @click.option("--exit-when-idle", is_flag=True, help="Exit once nothing is left to claim.")
-@click.option("--circuit-threshold", default=5, show_default=True,
-              help="Connection errors, timeouts or 5xx in a row that open a lane's circuit.")
-@click.option("--circuit-max-backoff", default=60.0, show_default=True,
-              help="Longest wait (s) between probe calls while a lane's circuit is open.")
-@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
-              help="json: one JSON object per line, for log shippers.")
+@click.option(
+    "--circuit-threshold",
+    default=5,
+    show_default=True,
+    help="Connection errors, timeouts or 5xx in a row that open a lane's circuit.",
+)
+@click.option(
+    "--circuit-max-backoff",
+    default=60.0,
+    show_default=True,
+    help="Longest wait (s) between probe calls while a lane's circuit is open.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: one JSON object per line, for log shippers.",
+)
 @_dsn_option
-def worker_command(concurrency: int, lease_seconds: float, request_timeout: float, poll_interval: float,
-                   exit_when_idle: bool, circuit_threshold: int, circuit_max_backoff: float,
-                   log_format: str, dsn: str | None) -> None:
+def worker_command(
+    concurrency: int,
+    lease_seconds: float,
+    request_timeout: float,
+    poll_interval: float,
+    exit_when_idle: bool,
+    circuit_threshold: int,
+    circuit_max_backoff: float,
+    log_format: str,
+    dsn: str | None,
+) -> None:
     """Run a worker process until SIGTERM/SIGINT (a second one: hand back every row at once)."""
     from batchdb.workers.breaker import BreakerConfig
     from batchdb.workers.logs import configure_worker_logging
@@ -532,13 +637,21 @@ def worker_command(concurrency: int, lease_seconds: float, request_timeout: floa
     _require_schema(dsn)
     # The worker's own state changes at INFO; never a line per request (workers/logs.py).
     configure_worker_logging(log_format)
-    run_worker(WorkerConfig(
-        dsn=dsn, concurrency=concurrency, lease_seconds=lease_seconds, request_timeout=request_timeout,
-        poll_interval=poll_interval,
-        exit_when_idle=exit_when_idle,
-        breaker=BreakerConfig(threshold=max(1, circuit_threshold), max_backoff=max(0.1, circuit_max_backoff),
-                              base_backoff=min(BreakerConfig().base_backoff, max(0.1, circuit_max_backoff))),
-    ))
+    run_worker(
+        WorkerConfig(
+            dsn=dsn,
+            concurrency=concurrency,
+            lease_seconds=lease_seconds,
+            request_timeout=request_timeout,
+            poll_interval=poll_interval,
+            exit_when_idle=exit_when_idle,
+            breaker=BreakerConfig(
+                threshold=max(1, circuit_threshold),
+                max_backoff=max(0.1, circuit_max_backoff),
+                base_backoff=min(BreakerConfig().base_backoff, max(0.1, circuit_max_backoff)),
+            ),
+        )
+    )
 
 
 @cli.command("workers")
@@ -551,20 +664,30 @@ def workers_command(as_json: bool, dsn: str | None) -> None:
     with dbmod.connect(dsn) as conn:
         found = _run_db_op(lambda: live_workers(conn))
     if as_json:
-        click.echo(json.dumps([{**vars(w), "started_at": w.started_at.isoformat(),
-                                "heartbeat_at": w.heartbeat_at.isoformat()} for w in found], indent=2))
+        click.echo(
+            json.dumps(
+                [
+                    {**vars(w), "started_at": w.started_at.isoformat(), "heartbeat_at": w.heartbeat_at.isoformat()}
+                    for w in found
+                ],
+                indent=2,
+            )
+        )
         return
     if not found:
         click.echo("no live workers (start one with `batchdb worker`)")
         return
     click.echo(f"{'host':<24} {'pid':>7} {'in flight':>11} {'rows done':>10} {'heartbeat':>10}  lanes")
     for w in found:
-        click.echo(f"{w.hostname:<24} {w.pid:>7} {f'{w.in_flight}/{w.concurrency}':>11} {w.n_completed:>10} "
-                   f"{f'{w.heartbeat_age_s:.0f}s ago':>10}  {', '.join(w.lanes) or '-'}")
+        click.echo(
+            f"{w.hostname:<24} {w.pid:>7} {f'{w.in_flight}/{w.concurrency}':>11} {w.n_completed:>10} "
+            f"{f'{w.heartbeat_age_s:.0f}s ago':>10}  {', '.join(w.lanes) or '-'}"
+        )
 
 
-@cli.command("simulator", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
-                                            "help_option_names": []})
+@cli.command(
+    "simulator", context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
+)
 @click.pass_context
 def simulator_command(ctx: click.Context) -> None:
     """Run the provider simulator (OpenAI / Azure / Gemini wire formats); --help for its options."""
@@ -580,14 +703,18 @@ def _require_extra(extra: str, *modules: str) -> None:
 
     missing = [name for name in modules if importlib.util.find_spec(name) is None]
     if missing:
-        raise click.ClickException(f"`batchdb {extra}` needs {', '.join(missing)}: "
-                                   f"pip install \"batchdb[{extra}]\"")
+        raise click.ClickException(f'`batchdb {extra}` needs {", ".join(missing)}: pip install "batchdb[{extra}]"')
 
 
 @cli.command("dashboard")
 @click.option("--port", default=8501, show_default=True, help="Port on 127.0.0.1.")
-@click.option("--outputs", "outputs_dir", default=None, type=click.Path(path_type=Path),
-              help="Folder of finished jobs' Parquet outputs to read with DuckDB.")
+@click.option(
+    "--outputs",
+    "outputs_dir",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Folder of finished jobs' Parquet outputs to read with DuckDB.",
+)
 @click.option("--refresh", "refresh_seconds", default=None, type=float, help="Live refresh period in seconds.")
 @_dsn_option
 def dashboard_command(port: int, outputs_dir: Path | None, refresh_seconds: float | None, dsn: str | None) -> None:
@@ -598,8 +725,9 @@ def dashboard_command(port: int, outputs_dir: Path | None, refresh_seconds: floa
     run_dashboard(dsn, port, host="127.0.0.1", outputs_dir=outputs_dir, refresh_seconds=refresh_seconds)
 
 
-@cli.command("dagster", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
-                                          "help_option_names": []})
+@cli.command(
+    "dagster", context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
+)
 @click.pass_context
 def dagster_command(ctx: click.Context) -> None:
     """Open the example in the Dagster UI with workers and the provider simulator; --help for its options."""
@@ -614,8 +742,13 @@ def dagster_command(ctx: click.Context) -> None:
 @click.option("--workers", "n_workers", default=2, show_default=True, help="Worker processes to start.")
 @click.option("--rpm", default=6000, show_default=True, help="Simulated provider requests/minute limit.")
 @click.option("--tpm", default=600_000, show_default=True, help="Simulated provider tokens/minute limit.")
-@click.option("--output", default="demo-output/results.parquet", show_default=True, type=click.Path(path_type=Path),
-              help="Where the results go (Parquet).")
+@click.option(
+    "--output",
+    default="demo-output/results.parquet",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Where the results go (Parquet).",
+)
 @click.option("--yes", is_flag=True, help="Run even on a database that holds other jobs (its workers run them too).")
 @_dsn_option
 def demo_command(rows: int, n_workers: int, rpm: int, tpm: int, output: Path, dsn: str | None, yes: bool) -> None:

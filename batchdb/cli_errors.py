@@ -44,15 +44,27 @@ def explain(exc: BaseException, *, dsn_flag: str = "") -> Explanation | None:
         return explain(exc.__cause__, dsn_flag=dsn_flag)  # the SDK's translation, told again for this command
     if isinstance(exc, BatchDBError):
         return Explanation(str(exc).strip())
-    if isinstance(exc, psycopg.errors.UndefinedTable | psycopg.errors.UndefinedFunction
-                  | psycopg.errors.UndefinedColumn | psycopg.errors.InvalidSchemaName) and "batchdb" in str(exc):
+    if isinstance(
+        exc,
+        psycopg.errors.UndefinedTable
+        | psycopg.errors.UndefinedFunction
+        | psycopg.errors.UndefinedColumn
+        | psycopg.errors.InvalidSchemaName,
+    ) and "batchdb" in str(exc):
         first = str(exc).strip().splitlines()[0]
         return Explanation(f"the database has no batchdb schema, or an older one ({first})", UPGRADE + dsn_flag)
     if isinstance(exc, psycopg.OperationalError) and getattr(exc, "sqlstate", None) is None:
         return _connection_failure(str(exc), dsn_flag)
-    if isinstance(exc, psycopg.errors.InsufficientPrivilege | psycopg.errors.CheckViolation
-                  | psycopg.errors.RaiseException | psycopg.errors.InvalidParameterValue
-                  | psycopg.errors.NoDataFound | psycopg.errors.UniqueViolation | psycopg.errors.ForeignKeyViolation):
+    if isinstance(
+        exc,
+        psycopg.errors.InsufficientPrivilege
+        | psycopg.errors.CheckViolation
+        | psycopg.errors.RaiseException
+        | psycopg.errors.InvalidParameterValue
+        | psycopg.errors.NoDataFound
+        | psycopg.errors.UniqueViolation
+        | psycopg.errors.ForeignKeyViolation,
+    ):
         return Explanation(str(exc).strip().splitlines()[0])
     return None
 
@@ -62,18 +74,27 @@ def _connection_failure(message: str, dsn_flag: str) -> Explanation:
     where = _where(message)
     missing = _MISSING_DB.search(message)
     if missing:
-        return Explanation(f"database {missing.group(1)!r} does not exist on {where}",
-                           f"{UPGRADE}{dsn_flag}   (creates it)")
+        return Explanation(
+            f"database {missing.group(1)!r} does not exist on {where}", f"{UPGRADE}{dsn_flag}   (creates it)"
+        )
     reason = message.rsplit("failed:", 1)[-1].replace("FATAL:", "").strip().splitlines()[0].strip()
     lower = message.lower()
     if "connection refused" in lower or "no such file or directory" in lower or "could not translate" in lower:
-        return Explanation(f"cannot connect to PostgreSQL at {where}: {reason}",
-                           "start the server, or point BATCHDB_DSN (or --dsn) at a running one; "
-                           "without either, batchdb starts its embedded server")
-    if "password authentication failed" in lower or ("role" in lower and "does not exist" in lower) \
-            or "no password supplied" in lower or "pg_hba.conf" in lower:
-        return Explanation(f"PostgreSQL at {where} refused the login: {reason}",
-                           "check the user and password in BATCHDB_DSN (or --dsn)")
+        return Explanation(
+            f"cannot connect to PostgreSQL at {where}: {reason}",
+            "start the server, or point BATCHDB_DSN (or --dsn) at a running one; "
+            "without either, batchdb starts its embedded server",
+        )
+    if (
+        "password authentication failed" in lower
+        or ("role" in lower and "does not exist" in lower)
+        or "no password supplied" in lower
+        or "pg_hba.conf" in lower
+    ):
+        return Explanation(
+            f"PostgreSQL at {where} refused the login: {reason}",
+            "check the user and password in BATCHDB_DSN (or --dsn)",
+        )
     return Explanation(f"cannot connect to PostgreSQL at {where}: {reason}")
 
 

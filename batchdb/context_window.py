@@ -55,8 +55,10 @@ class ModelLimits:
     def max_tokens_problem(self, max_tokens: int | None) -> str | None:
         """Why this max_tokens can never be accepted by the model, or None."""
         if max_tokens is not None and self.max_output_tokens is not None and max_tokens > self.max_output_tokens:
-            return (f"max_tokens {max_tokens:,} is more than {self.model} can answer "
-                    f"(at most {self.max_output_tokens:,} output tokens)")
+            return (
+                f"max_tokens {max_tokens:,} is more than {self.model} can answer "
+                f"(at most {self.max_output_tokens:,} output tokens)"
+            )
         return None
 
     def problem(self, prompt_tokens: int, max_tokens: int | None) -> str | None:
@@ -65,12 +67,16 @@ class ModelLimits:
         if too_many:
             return too_many
         if self.max_input_tokens is not None and prompt_tokens > self.max_input_tokens:
-            return (f"the prompt is {prompt_tokens:,} tokens; {self.model} takes at most "
-                    f"{self.max_input_tokens:,} input tokens")
+            return (
+                f"the prompt is {prompt_tokens:,} tokens; {self.model} takes at most "
+                f"{self.max_input_tokens:,} input tokens"
+            )
         if self.context_window is not None and prompt_tokens + (max_tokens or 0) > self.context_window:
             with_output = f" + max_tokens {max_tokens:,}" if max_tokens else ""
-            return (f"the prompt is {prompt_tokens:,} tokens{with_output}, more than {self.model}'s context window "
-                    f"of {self.context_window:,} tokens")
+            return (
+                f"the prompt is {prompt_tokens:,} tokens{with_output}, more than {self.model}'s context window "
+                f"of {self.context_window:,} tokens"
+            )
         return None
 
     def surely_fits(self, text_bytes: int, messages: int, max_tokens: int | None) -> bool:

@@ -45,13 +45,13 @@ def with_options(dsn: str, options: str) -> str:
 
 
 def connect(dsn: str | None = None, *, autocommit: bool = True) -> psycopg.Connection[DictRow]:
-    return psycopg.connect(with_options(resolve_dsn(dsn), SESSION_OPTIONS), autocommit=autocommit,
-                           row_factory=dict_row)
+    return psycopg.connect(with_options(resolve_dsn(dsn), SESSION_OPTIONS), autocommit=autocommit, row_factory=dict_row)
 
 
 async def connect_async(dsn: str | None = None, *, autocommit: bool = True) -> psycopg.AsyncConnection[DictRow]:
-    return await psycopg.AsyncConnection.connect(with_options(resolve_dsn(dsn), SESSION_OPTIONS),
-                                                 autocommit=autocommit, row_factory=dict_row)
+    return await psycopg.AsyncConnection.connect(
+        with_options(resolve_dsn(dsn), SESSION_OPTIONS), autocommit=autocommit, row_factory=dict_row
+    )
 
 
 def one_row(cursor: psycopg.Cursor[Row]) -> Row:
@@ -71,11 +71,11 @@ def one_row(cursor: psycopg.Cursor[Row]) -> Row:
 # invalid_catalog_name (database missing or dropped), invalid_authorization_specification, invalid_password
 REFUSED_SQLSTATES = frozenset({"3D000", "28000", "28P01"})
 REFUSED_MESSAGES = (
-    "does not exist",           # database or role
-    "password",                 # password authentication failed; fe_sendauth: no password supplied
-    "authentication",           # peer, ident, SCRAM ... failed or not supported
-    "pg_hba.conf",              # no pg_hba.conf entry; pg_hba.conf rejects connection
-    "permission denied",        # no CONNECT privilege on the database
+    "does not exist",  # database or role
+    "password",  # password authentication failed; fe_sendauth: no password supplied
+    "authentication",  # peer, ident, SCRAM ... failed or not supported
+    "pg_hba.conf",  # no pg_hba.conf entry; pg_hba.conf rejects connection
+    "permission denied",  # no CONNECT privilege on the database
     "not permitted to log in",  # a NOLOGIN role
 )
 
@@ -116,8 +116,7 @@ def create_database_if_missing(dsn: str | None = None) -> str | None:
     last: psycopg.OperationalError | None = None
     for maintenance in ("postgres", "template1"):
         try:
-            with psycopg.connect(make_conninfo(dsn, dbname=maintenance), autocommit=True,
-                                 connect_timeout=10) as admin:
+            with psycopg.connect(make_conninfo(dsn, dbname=maintenance), autocommit=True, connect_timeout=10) as admin:
                 role = one_row(admin.execute("SELECT current_user"))[0]
                 try:
                     admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
@@ -126,7 +125,7 @@ def create_database_if_missing(dsn: str | None = None) -> str | None:
                 except psycopg.errors.InsufficientPrivilege:
                     raise DatabaseMissing(
                         f"database {name!r} does not exist and role {role!r} may not create it; "
-                        f"ask an administrator to run: CREATE DATABASE \"{name}\" OWNER \"{role}\"; "
+                        f'ask an administrator to run: CREATE DATABASE "{name}" OWNER "{role}"; '
                         "then run: batchdb db upgrade"
                     ) from None
                 return name

@@ -42,12 +42,37 @@ SENTIMENT_SCHEMA = {
     },
 }
 
-_COMPANIES = ["Acme", "Globex", "Initech", "Umbrella", "Hooli", "Stark Industries", "Wayne Enterprises", "Soylent",
-              "Cyberdyne", "Tyrell", "Wonka", "Vandelay", "Oscorp", "Gringotts", "Monarch"]
-_EVENTS = ["beats third-quarter earnings estimates", "misses revenue forecast", "announces share buyback",
-           "faces regulatory probe", "names new chief executive", "cuts full-year guidance",
-           "raises dividend by 10%", "recalls flagship product", "wins major government contract",
-           "reports flat quarterly sales", "expands into Asian markets", "settles patent lawsuit"]
+_COMPANIES = [
+    "Acme",
+    "Globex",
+    "Initech",
+    "Umbrella",
+    "Hooli",
+    "Stark Industries",
+    "Wayne Enterprises",
+    "Soylent",
+    "Cyberdyne",
+    "Tyrell",
+    "Wonka",
+    "Vandelay",
+    "Oscorp",
+    "Gringotts",
+    "Monarch",
+]
+_EVENTS = [
+    "beats third-quarter earnings estimates",
+    "misses revenue forecast",
+    "announces share buyback",
+    "faces regulatory probe",
+    "names new chief executive",
+    "cuts full-year guidance",
+    "raises dividend by 10%",
+    "recalls flagship product",
+    "wins major government contract",
+    "reports flat quarterly sales",
+    "expands into Asian markets",
+    "settles patent lawsuit",
+]
 
 
 def demo_headlines(rows: int) -> pd.DataFrame:
@@ -57,8 +82,14 @@ def demo_headlines(rows: int) -> pd.DataFrame:
     for i in range(rows):
         company = _COMPANIES[i % len(_COMPANIES)]
         event = _EVENTS[(i * 7 + i // len(_COMPANIES)) % len(_EVENTS)]
-        records.append({"headline_id": f"h{i:06d}", "day": days[i // len(_COMPANIES)].date().isoformat(),
-                        "company": company, "headline": f"{company} {event}"})
+        records.append(
+            {
+                "headline_id": f"h{i:06d}",
+                "day": days[i // len(_COMPANIES)].date().isoformat(),
+                "company": company,
+                "headline": f"{company} {event}",
+            }
+        )
     return pd.DataFrame.from_records(records)
 
 
@@ -67,8 +98,9 @@ def demo_headlines(rows: int) -> pd.DataFrame:
 DEMO_LANE = ledger.Lane("openai", "batchdb-demo", "gpt-4o-mini")
 
 
-def run_demo(*, rows: int, n_workers: int, rpm: int, tpm: int, output: Path, dsn: str | None,
-             yes: bool = False) -> None:
+def run_demo(
+    *, rows: int, n_workers: int, rpm: int, tpm: int, output: Path, dsn: str | None, yes: bool = False
+) -> None:
     from batchdb.simulator.config import Distribution, Limits, SimulatorConfig
     from batchdb.simulator.process import start_simulator
     from batchdb.workers.processes import start_workers
@@ -94,11 +126,15 @@ def run_demo(*, rows: int, n_workers: int, rpm: int, tpm: int, output: Path, dsn
         output.parent.mkdir(parents=True, exist_ok=True)
         # The simulator's URL and key under the demo's alias only: the default alias keeps pointing
         # wherever the user's environment points it.
-        env = {alias_env("ENDPOINT", DEMO_LANE.provider, DEMO_LANE.key_alias): simulator.openai_base_url,
-               alias_env("KEY", DEMO_LANE.provider, DEMO_LANE.key_alias): "sk-batchdb-demo"}
+        env = {
+            alias_env("ENDPOINT", DEMO_LANE.provider, DEMO_LANE.key_alias): simulator.openai_base_url,
+            alias_env("KEY", DEMO_LANE.provider, DEMO_LANE.key_alias): "sk-batchdb-demo",
+        }
         workers = start_workers(n_workers, dsn, args=("--concurrency", "32"), log_dir=output.parent, env=env)
-        say(f"workers: {n_workers} processes (pids {', '.join(str(w.pid) for w in workers.processes)}), "
-            f"logs in {output.parent}/worker-*.log")
+        say(
+            f"workers: {n_workers} processes (pids {', '.join(str(w.pid) for w in workers.processes)}), "
+            f"logs in {output.parent}/worker-*.log"
+        )
         try:
             data = demo_headlines(rows)
             job = submit(
@@ -158,9 +194,11 @@ def _served_line(stats: dict[str, Any], rpm: int) -> str:
         per_second[point["t"]] = per_second.get(point["t"], 0) + point["admitted"]
     seconds = [per_second.get(t, 0) for t in range(max(per_second, default=-1) + 1)]
     steady = seconds[1:-1] or seconds or [0]  # the first and last seconds are partial
-    return (f"provider side: {totals['requests']} requests, {totals['accepted']} accepted, "
-            f"{totals['rate_limited']} rejected with 429; steady rate {sum(steady) / len(steady):.1f} calls/s "
-            f"against the key's {rpm} RPM ({rpm / 60:.1f}/s)")
+    return (
+        f"provider side: {totals['requests']} requests, {totals['accepted']} accepted, "
+        f"{totals['rate_limited']} rejected with 429; steady rate {sum(steady) / len(steady):.1f} calls/s "
+        f"against the key's {rpm} RPM ({rpm / 60:.1f}/s)"
+    )
 
 
 def _describe(dsn: str) -> str:

@@ -255,7 +255,10 @@ def _start(home: Path) -> EmbeddedServer:
         except subprocess.CalledProcessError:
             logger.warning(
                 "embedded PostgreSQL did not start on port %d (attempt %d/%d); see %s",
-                port, attempt, START_ATTEMPTS, log_file,
+                port,
+                attempt,
+                START_ATTEMPTS,
+                log_file,
             )
             time.sleep(0.25 * attempt)
             continue
@@ -265,7 +268,10 @@ def _start(home: Path) -> EmbeddedServer:
         server = _server(data_dir, pid_file)
         logger.info(
             "started embedded PostgreSQL in %.2f s: pid %d, %s, log %s",
-            time.monotonic() - began, server.pid, server.dsn, log_file,
+            time.monotonic() - began,
+            server.pid,
+            server.dsn,
+            log_file,
         )
         return server
     raise EmbeddedServerError(
@@ -388,9 +394,7 @@ def _conninfo(port: int, dbname: str) -> str:
 
 
 def _server(data_dir: Path, pid_file: _PidFile) -> EmbeddedServer:
-    return EmbeddedServer(
-        data_dir=data_dir, port=pid_file.port, pid=pid_file.pid, log_file=data_dir / "server.log"
-    )
+    return EmbeddedServer(data_dir=data_dir, port=pid_file.port, pid=pid_file.pid, log_file=data_dir / "server.log")
 
 
 # --- state file and lock --------------------------------------------------------------

@@ -54,8 +54,11 @@ class SchemaNotReady(BatchDBError, RuntimeError):
     def __init__(self, missing: list[str], where: str) -> None:
         self.missing = missing
         self.where = where
-        state = "has no batchdb schema" if missing and missing[0].startswith("0001_") else (
-            f"lacks migration(s) {', '.join(missing)}")
+        state = (
+            "has no batchdb schema"
+            if missing and missing[0].startswith("0001_")
+            else (f"lacks migration(s) {', '.join(missing)}")
+        )
         super().__init__(f"database {where} {state}")
 
 

@@ -140,14 +140,24 @@ def check_schema(schema: pa.Schema, spec: InputSpec) -> InputSchema:
             raise InputError(f"column {column!r} not found; columns are: {', '.join(names) or '(none)'}")
     for field in schema:
         if pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type):
-            raise InputError(f"column {field.name!r} holds binary data ({field.type}); expected text, numbers, "
-                             "booleans, dates or nested JSON-like values")
+            raise InputError(
+                f"column {field.name!r} holds binary data ({field.type}); expected text, numbers, "
+                "booleans, dates or nested JSON-like values"
+            )
     input_columns = [n for n in names if n != spec.messages_column]
     return InputSchema(input_columns, {f.name: str(f.type) for f in schema if f.name in input_columns})
 
 
-def copy_rows(batch: pa.RecordBatch, *, job_id: int, first_row: int, spec: InputSpec,
-              input_columns: list[str], seen_ids: dict[str, int], name: RowName = position) -> bytes:
+def copy_rows(
+    batch: pa.RecordBatch,
+    *,
+    job_id: int,
+    first_row: int,
+    spec: InputSpec,
+    input_columns: list[str],
+    seen_ids: dict[str, int],
+    name: RowName = position,
+) -> bytes:
     """One record batch as CSV for `COPY requests (job_id, custom_id, payload, input)`.
 
     `seen_ids` maps every id so far to its row, so a duplicate names both rows.
@@ -159,19 +169,23 @@ def copy_rows(batch: pa.RecordBatch, *, job_id: int, first_row: int, spec: Input
     payloads = pa.nulls(n, pa.string())
     if spec.messages_column is not None:
         values = batch.column(spec.messages_column).to_pylist()
-        payloads = pa.array([_messages_payload(v, first_row + i, spec.messages_column, name)
-                             for i, v in enumerate(values)], pa.string())
+        payloads = pa.array(
+            [_messages_payload(v, first_row + i, spec.messages_column, name) for i, v in enumerate(values)], pa.string()
+        )
     sizes = pc.add(pc.fill_null(pc.binary_length(inputs), 0), pc.fill_null(pc.binary_length(payloads), 0))
     if n and pc.max(sizes).as_py() > MAX_ROW_BYTES:
         row = pc.index(pc.greater(sizes, MAX_ROW_BYTES), True).as_py()
-        raise InputError(f"{name(first_row + row)}: {sizes[row].as_py():,} bytes of prompt data; "
-                         f"at most {MAX_ROW_BYTES:,} per row")
-    table = pa.table({
-        "job_id": pa.array([job_id] * n, pa.int64()),
-        "custom_id": pa.array(custom_ids, pa.string()),
-        "payload": pa.array(payloads, pa.string()),
-        "input": pa.array(inputs, pa.string()),
-    })
+        raise InputError(
+            f"{name(first_row + row)}: {sizes[row].as_py():,} bytes of prompt data; at most {MAX_ROW_BYTES:,} per row"
+        )
+    table = pa.table(
+        {
+            "job_id": pa.array([job_id] * n, pa.int64()),
+            "custom_id": pa.array(custom_ids, pa.string()),
+            "payload": pa.array(payloads, pa.string()),
+            "input": pa.array(inputs, pa.string()),
+        }
+    )
     out = io.BytesIO()
     pa_csv.write_csv(table, out, pa_csv.WriteOptions(include_header=False, quoting_style="needed"))
     return out.getvalue()
@@ -196,9 +210,12 @@ def _open_path(path: Path) -> tuple[pa.Schema, Iterator[pa.RecordBatch], RowName
             # A block must hold the largest row whole (pyarrow's default 1 MiB block refuses bigger rows
             # with "straddling object straddles two block boundaries").
             block = max(1 << 20, 2 * biggest + (1 << 16))
-            table = pa_csv.read_csv(path, read_options=pa_csv.ReadOptions(block_size=block),
-                                    parse_options=pa_csv.ParseOptions(newlines_in_values=True),
-                                    convert_options=pa_csv.ConvertOptions(strings_can_be_null=False))
+            table = pa_csv.read_csv(
+                path,
+                read_options=pa_csv.ReadOptions(block_size=block),
+                parse_options=pa_csv.ParseOptions(newlines_in_values=True),
+                convert_options=pa_csv.ConvertOptions(strings_can_be_null=False),
+            )
             return table.schema, iter(table.to_batches(max_chunksize=BATCH_ROWS)), FileLines(path, "csv")
         if suffix in (".jsonl", ".ndjson", ".json"):
             table = _read_jsonl(path)
@@ -252,18 +269,23 @@ def _check_csv(path: Path) -> int:
                 if 4 * chars > MAX_ROW_BYTES:  # possibly too big: count its bytes
                     size = sum(len(f.encode()) for f in fields)
                     if size > MAX_ROW_BYTES:
-                        raise InputError(f"{path}: line {start}: {size:,} bytes of prompt data; "
-                                         f"at most {MAX_ROW_BYTES:,} per row")
+                        raise InputError(
+                            f"{path}: line {start}: {size:,} bytes of prompt data; at most {MAX_ROW_BYTES:,} per row"
+                        )
                     biggest = max(biggest, size)
                 else:
                     biggest = max(biggest, 4 * chars)
     except csv.Error as exc:
         if "unexpected end of data" in str(exc):
-            raise InputError(f"{path}: line {end + 1}: a quoted value is never closed (the quote runs to the end "
-                             "of the file); close it, or double quotes inside a quoted value (\"\")") from None
+            raise InputError(
+                f"{path}: line {end + 1}: a quoted value is never closed (the quote runs to the end "
+                'of the file); close it, or double quotes inside a quoted value ("")'
+            ) from None
         if "field larger than field limit" in str(exc):
-            raise InputError(f"{path}: line {end + 1}: a value of more than {csv.field_size_limit():,} characters; "
-                             f"at most {MAX_ROW_BYTES:,} bytes of prompt data per row") from None
+            raise InputError(
+                f"{path}: line {end + 1}: a value of more than {csv.field_size_limit():,} characters; "
+                f"at most {MAX_ROW_BYTES:,} bytes of prompt data per row"
+            ) from None
         raise InputError(f"{path}: line {reader.line_num}: malformed CSV ({exc})") from None
     return biggest + (width or 0) * 3
 
@@ -286,7 +308,7 @@ def _check_utf8(path: Path) -> None:
                 carry = b""
             except UnicodeDecodeError as exc:
                 if exc.start >= len(data) - 3 and exc.reason == "unexpected end of data":
-                    carry = data[exc.start:]  # a character split across chunks
+                    carry = data[exc.start :]  # a character split across chunks
                     data = data[: exc.start]
                 else:
                     bad_line = line + data[: exc.start].count(b"\n")
@@ -335,8 +357,9 @@ def _table_from_pandas(frame: pd.DataFrame) -> pa.Table:
             pa.array(frame[column], from_pandas=True)
         except (pa.ArrowInvalid, pa.ArrowTypeError):
             try:
-                frame[column] = [v if v is None or isinstance(v, str) else json.dumps(v, default=str)
-                                 for v in frame[column]]
+                frame[column] = [
+                    v if v is None or isinstance(v, str) else json.dumps(v, default=str) for v in frame[column]
+                ]
             except (TypeError, ValueError) as exc:
                 raise InputError(f"column {column!r}: values cannot be stored ({exc})") from None
     try:
@@ -364,12 +387,15 @@ def _refuse_nul(batch: pa.RecordBatch, first_row: int, name: RowName) -> None:
             has_nul = pc.match_substring(column, "\x00")
             if pc.any(has_nul).as_py():
                 row = pc.index(has_nul, True).as_py()
-                raise InputError(f"{name(first_row + row)}, column {column_name!r}: contains a NUL character, "
-                                 "which PostgreSQL text cannot hold")
+                raise InputError(
+                    f"{name(first_row + row)}, column {column_name!r}: contains a NUL character, "
+                    "which PostgreSQL text cannot hold"
+                )
 
 
-def _custom_ids(batch: pa.RecordBatch, first_row: int, id_column: str | None, seen: dict[str, int],
-                name: RowName) -> list[str]:
+def _custom_ids(
+    batch: pa.RecordBatch, first_row: int, id_column: str | None, seen: dict[str, int], name: RowName
+) -> list[str]:
     if id_column is None:
         return [str(first_row + i) for i in range(batch.num_rows)]
     values = batch.column(id_column).to_pylist()
@@ -381,8 +407,10 @@ def _custom_ids(batch: pa.RecordBatch, first_row: int, id_column: str | None, se
         first = seen.setdefault(text, first_row + i)
         if first != first_row + i:
             where = name(first)
-            raise InputError(f"{name(first_row + i)}, column {id_column!r}: id {text!r} appears twice (first at "
-                             f"{where.rsplit(': ', 1)[-1]}); ids must be unique")
+            raise InputError(
+                f"{name(first_row + i)}, column {id_column!r}: id {text!r} appears twice (first at "
+                f"{where.rsplit(': ', 1)[-1]}); ids must be unique"
+            )
         ids.append(text)
     return ids
 
@@ -400,8 +428,10 @@ def _json_objects(batch: pa.RecordBatch, first_row: int, row_name: RowName) -> p
             infinite = pc.is_inf(column)
             if pc.any(infinite).as_py():
                 row = pc.index(infinite, True).as_py()
-                raise InputError(f"{row_name(first_row + row)}, column {name!r}: {column[row].as_py()} "
-                                 "cannot be stored as JSON; use a finite number or null")
+                raise InputError(
+                    f"{row_name(first_row + row)}, column {name!r}: {column[row].as_py()} "
+                    "cannot be stored as JSON; use a finite number or null"
+                )
             column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
         columns.append(column)
     rows = pa.Table.from_arrays(columns, names=batch.schema.names)
@@ -410,8 +440,9 @@ def _json_objects(batch: pa.RecordBatch, first_row: int, row_name: RowName) -> p
         try:
             rendered = con.execute("SELECT to_json(input_rows)::VARCHAR AS j FROM input_rows").arrow()
         except duckdb.Error as exc:
-            raise InputError(f"{row_name(first_row)} to {row_name(first_row + len(rows) - 1)}: "
-                             f"cannot be stored as JSON: {exc}") from None
+            raise InputError(
+                f"{row_name(first_row)} to {row_name(first_row + len(rows) - 1)}: cannot be stored as JSON: {exc}"
+            ) from None
     table = rendered if isinstance(rendered, pa.Table) else rendered.read_all()
     return table.column(0).combine_chunks()
 
@@ -422,15 +453,20 @@ def _messages_payload(value: Any, row_index: int, column: str, name: RowName) ->
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
-            raise InputError(f"{row}, column {column!r}: expected a list of messages "
-                             "[{\"role\": ..., \"content\": ...}] or its JSON text") from None
+            raise InputError(
+                f"{row}, column {column!r}: expected a list of messages "
+                '[{"role": ..., "content": ...}] or its JSON text'
+            ) from None
     if not isinstance(value, list) or not value:
         raise InputError(f"{row}, column {column!r}: expected a non-empty list of messages, got {type(value).__name__}")
     for position, message in enumerate(value):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise InputError(f"{row}, column {column!r}: message {position} must be an object with "
-                             "'role' and 'content'")
+            raise InputError(
+                f"{row}, column {column!r}: message {position} must be an object with 'role' and 'content'"
+            )
         if message["role"] not in ("system", "user", "assistant", "developer"):
-            raise InputError(f"{row}, column {column!r}: message {position} has role {message['role']!r}; "
-                             "expected system, user, assistant or developer")
+            raise InputError(
+                f"{row}, column {column!r}: message {position} has role {message['role']!r}; "
+                "expected system, user, assistant or developer"
+            )
     return json.dumps({"messages": value}, ensure_ascii=False)

@@ -44,9 +44,11 @@ class JobPaused(BatchDBError, RuntimeError):
     def __init__(self, progress: JobProgress) -> None:
         self.progress = progress
         self.reason = progress.status_reason
-        super().__init__(f"job {progress.job_id} paused at {progress.n_done}/{progress.n_total} done: "
-                         f"{progress.status_reason or 'no reason given'}; continue it with "
-                         f"`batchdb resume {progress.job_id}`")
+        super().__init__(
+            f"job {progress.job_id} paused at {progress.n_done}/{progress.n_total} done: "
+            f"{progress.status_reason or 'no reason given'}; continue it with "
+            f"`batchdb resume {progress.job_id}`"
+        )
 
 
 @contextmanager
@@ -134,8 +136,15 @@ class Job:
             return self._progress(conn)
 
     @translates_database_errors
-    def wait(self, *, progress: bool = False, poll_interval: float = 0.5, timeout: float | None = None,
-             until: str = "finished", no_worker_after: float = NO_WORKER_WARNING_S) -> JobProgress:
+    def wait(
+        self,
+        *,
+        progress: bool = False,
+        poll_interval: float = 0.5,
+        timeout: float | None = None,
+        until: str = "finished",
+        no_worker_after: float = NO_WORKER_WARNING_S,
+    ) -> JobProgress:
         """Block until the job is completed or cancelled; raise `JobPaused` if it pauses.
 
         A paused job needs someone (a budget, a quota, a key): returning normally would
@@ -281,8 +290,12 @@ class _WorkerWatch:
             self.note = f"no live worker for {waited:.0f}s"
             if not self._warned:
                 self._warned = True
-                log.warning("job %s: no live worker for %.0f s; its rows wait until one runs (start one with "
-                            "`batchdb worker`, see `batchdb workers`)", self._job_id, waited)
+                log.warning(
+                    "job %s: no live worker for %.0f s; its rows wait until one runs (start one with "
+                    "`batchdb worker`, see `batchdb workers`)",
+                    self._job_id,
+                    waited,
+                )
         return self.note
 
 
@@ -301,8 +314,12 @@ class _WaitingWatch:
             return None
         if self._warned is None:
             self._warned = reason
-            log.warning("job %s is %s; its rows wait and resume by themselves when the provider answers "
-                        "(see `batchdb limits show`)", self._job_id, reason)
+            log.warning(
+                "job %s is %s; its rows wait and resume by themselves when the provider answers "
+                "(see `batchdb limits show`)",
+                self._job_id,
+                reason,
+            )
         return reason.removeprefix("waiting: ")
 
 

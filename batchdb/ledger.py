@@ -81,15 +81,23 @@ async def reserve(
     remaining_tokens: float | None = None,
 ) -> Reservation:
     cur = conn.cursor(row_factory=dict_row)
-    await cur.execute(query("reserve_capacity"), {
-        "provider": lane.provider, "key_alias": lane.key_alias, "model": lane.model, "tokens": list(tokens),
-        "refund_tokens": refund_tokens, "remaining_requests": remaining_requests,
-        "remaining_tokens": remaining_tokens,
-    })
+    await cur.execute(
+        query("reserve_capacity"),
+        {
+            "provider": lane.provider,
+            "key_alias": lane.key_alias,
+            "model": lane.model,
+            "tokens": list(tokens),
+            "refund_tokens": refund_tokens,
+            "remaining_requests": remaining_requests,
+            "remaining_tokens": remaining_tokens,
+        },
+    )
     row = await cur.fetchone()
     assert row is not None
-    return Reservation(int(row["granted"]), float(row["wait_seconds"]), bool(row["daily_exhausted"]),
-                       bool(row["limited"]))
+    return Reservation(
+        int(row["granted"]), float(row["wait_seconds"]), bool(row["daily_exhausted"]), bool(row["limited"])
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,8 +112,9 @@ class LaneState:
 
 async def lane_state(conn: psycopg.AsyncConnection[Any], lane: Lane) -> LaneState | None:
     cur = conn.cursor(row_factory=dict_row)
-    await cur.execute(query("lane_state"), {"provider": lane.provider, "key_alias": lane.key_alias,
-                                            "model": lane.model})
+    await cur.execute(
+        query("lane_state"), {"provider": lane.provider, "key_alias": lane.key_alias, "model": lane.model}
+    )
     row = await cur.fetchone()
     if row is None:
         return None
@@ -113,20 +122,31 @@ async def lane_state(conn: psycopg.AsyncConnection[Any], lane: Lane) -> LaneStat
 
 
 async def record_rate_limited(conn: psycopg.AsyncConnection[Any], lane: Lane, retry_after: float | None) -> None:
-    await conn.execute(query("record_rate_limited"), {
-        "provider": lane.provider, "key_alias": lane.key_alias, "model": lane.model, "retry_after": retry_after})
+    await conn.execute(
+        query("record_rate_limited"),
+        {"provider": lane.provider, "key_alias": lane.key_alias, "model": lane.model, "retry_after": retry_after},
+    )
 
 
 async def learn_limits(conn: psycopg.AsyncConnection[Any], lane: Lane, rpm: int | None, tpm: int | None) -> None:
-    await conn.execute(query("learn_limits"), {
-        "provider": lane.provider, "key_alias": lane.key_alias, "model": lane.model, "rpm": rpm, "tpm": tpm})
+    await conn.execute(
+        query("learn_limits"),
+        {"provider": lane.provider, "key_alias": lane.key_alias, "model": lane.model, "rpm": rpm, "tpm": tpm},
+    )
 
 
 LIMIT_NAMES = ("rpm", "tpm", "rpd")
 
 
-def set_limits(conn: psycopg.Connection[Any], lane: Lane, *, rpm: int | None = None, tpm: int | None = None,
-               rpd: int | None = None, clear: Sequence[str] = ()) -> dict[str, int | None]:
+def set_limits(
+    conn: psycopg.Connection[Any],
+    lane: Lane,
+    *,
+    rpm: int | None = None,
+    tpm: int | None = None,
+    rpd: int | None = None,
+    clear: Sequence[str] = (),
+) -> dict[str, int | None]:
     """Set the given limits of `lane`; those not given keep their value, those in `clear` are removed.
 
     Returns the lane's limits now.
@@ -143,9 +163,18 @@ def set_limits(conn: psycopg.Connection[Any], lane: Lane, *, rpm: int | None = N
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected a positive integer, got {value!r}")
     with conn.cursor(row_factory=dict_row) as cur:
-        row = cur.execute(query("set_limits"), {"provider": lane.provider, "key_alias": lane.key_alias,
-                                                "model": lane.model, "rpm": rpm, "tpm": tpm, "rpd": rpd,
-                                                "clear": list(clear)}).fetchone()
+        row = cur.execute(
+            query("set_limits"),
+            {
+                "provider": lane.provider,
+                "key_alias": lane.key_alias,
+                "model": lane.model,
+                "rpm": rpm,
+                "tpm": tpm,
+                "rpd": rpd,
+                "clear": list(clear),
+            },
+        ).fetchone()
     assert row is not None
     return dict(row)
 

@@ -76,8 +76,9 @@ def check_webhook_url(url: object) -> str:
 
 def check_secret(secret: object) -> str:
     if not isinstance(secret, str) or len(secret) < MIN_SECRET_LENGTH:
-        raise ValueError(f"expected a string of at least {MIN_SECRET_LENGTH} characters "
-                         f"(leave it out to have one generated)")
+        raise ValueError(
+            f"expected a string of at least {MIN_SECRET_LENGTH} characters (leave it out to have one generated)"
+        )
     return secret
 
 
@@ -119,8 +120,14 @@ def sign(secret: str, body: bytes, timestamp: int | None = None) -> str:
     return f"t={t},v1={_digest(secret, t, body)}"
 
 
-def verify_signature(secret: str, header: str | None, body: bytes | str,
-                     tolerance_s: float = DEFAULT_TOLERANCE_S, *, now: float | None = None) -> bool:
+def verify_signature(
+    secret: str,
+    header: str | None,
+    body: bytes | str,
+    tolerance_s: float = DEFAULT_TOLERANCE_S,
+    *,
+    now: float | None = None,
+) -> bool:
     """Whether `header` (X-Batchdb-Signature) signs `body` (the raw request bytes) with `secret`
     within `tolerance_s` seconds of now. Several v1= values are allowed (secret rotation)."""
     if not header:
@@ -146,8 +153,9 @@ def verify_signature(secret: str, header: str | None, body: bytes | str,
     return any(hmac.compare_digest(expected, candidate) for candidate in candidates)
 
 
-def webhook_headers(*, event: str, delivery_id: int, secret: str, body: bytes,
-                    timestamp: int | None = None) -> dict[str, str]:
+def webhook_headers(
+    *, event: str, delivery_id: int, secret: str, body: bytes, timestamp: int | None = None
+) -> dict[str, str]:
     return {
         "Content-Type": "application/json",
         "User-Agent": USER_AGENT,
@@ -221,8 +229,14 @@ class SmtpSettings:
         else:
             port = 587 if starttls else 25
         sender = (env.get(settings.SMTP_FROM) or "").strip() or f"batchdb@{socket.getfqdn()}"
-        return cls(host=host, port=port, username=username, password=env.get(settings.SMTP_PASSWORD) or None,
-                   sender=sender, starttls=starttls)
+        return cls(
+            host=host,
+            port=port,
+            username=username,
+            password=env.get(settings.SMTP_PASSWORD) or None,
+            sender=sender,
+            starttls=starttls,
+        )
 
 
 def _one_line(value: object, limit: int = 80) -> str:
@@ -235,8 +249,10 @@ def email_subject(payload: Mapping[str, Any]) -> str:
     counts = payload.get("counts") or {}
     name = f" {_one_line(payload['name'])!r}" if payload.get("name") else ""
     cost = float(payload.get("cost_usd") or 0)
-    return (f"[batchdb] {event}: job {payload.get('job_id')}{name} {EVENTS.get(event, event)} "
-            f"({counts.get('succeeded', 0)}/{counts.get('total', 0)} succeeded, ${cost:.4f})")
+    return (
+        f"[batchdb] {event}: job {payload.get('job_id')}{name} {EVENTS.get(event, event)} "
+        f"({counts.get('succeeded', 0)}/{counts.get('total', 0)} succeeded, ${cost:.4f})"
+    )
 
 
 def email_text(payload: Mapping[str, Any]) -> str:

@@ -82,6 +82,8 @@ def _messages(
 def _format(template: str, values: Mapping[str, Any]) -> str:
     missing = [f for f in template_fields(template) if f not in values]
     if missing:
-        raise PromptError(f"prompt template needs column(s) {', '.join(missing)} but the row's input has only "
-                          f"{', '.join(sorted(values)) or 'no columns'}")
+        raise PromptError(
+            f"prompt template needs column(s) {', '.join(missing)} but the row's input has only "
+            f"{', '.join(sorted(values)) or 'no columns'}"
+        )
     return template.format_map({k: "" if v is None else v for k, v in values.items()})

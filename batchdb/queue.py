@@ -37,9 +37,14 @@ async def claim_batch(
     cur = conn.cursor(row_factory=dict_row)
     await cur.execute(
         query("claim_batch"),
-        {"worker_id": worker_id, "limit": limit, "lease_seconds": lease_seconds, "max_jobs": max_jobs,
-         "lane_providers": None if lanes is None else [provider for provider, _ in lanes],
-         "lane_key_aliases": None if lanes is None else [alias for _, alias in lanes]},
+        {
+            "worker_id": worker_id,
+            "limit": limit,
+            "lease_seconds": lease_seconds,
+            "max_jobs": max_jobs,
+            "lane_providers": None if lanes is None else [provider for provider, _ in lanes],
+            "lane_key_aliases": None if lanes is None else [alias for _, alias in lanes],
+        },
     )
     return [ClaimedRequest(**row) for row in await cur.fetchall()]
 
@@ -97,8 +102,9 @@ async def resume_due_jobs(conn: psycopg.AsyncConnection[DictRow]) -> int:
     return int(row["n"]) if row else 0
 
 
-async def _keys(conn: psycopg.AsyncConnection[Any], name: str, held: Sequence[ClaimedRequest],
-                **extra: float) -> set[Key]:
+async def _keys(
+    conn: psycopg.AsyncConnection[Any], name: str, held: Sequence[ClaimedRequest], **extra: float
+) -> set[Key]:
     params = {
         "job_id": [r.job_id for r in held],
         "id": [r.id for r in held],

@@ -29,19 +29,21 @@ CHUNK_ROWS = 20_000
 # file whatever it is called (`<asset>/<partition>.parquet` for Dagster).
 JOB_ID_METADATA = b"batchdb.job_id"
 
-OUTPUT_SCHEMA = pa.schema([
-    ("custom_id", pa.string()),
-    ("status", pa.string()),
-    ("response", pa.string()),
-    ("finish_reason", pa.string()),
-    ("prompt_tokens", pa.int64()),
-    ("completion_tokens", pa.int64()),
-    ("cost_usd", pa.float64()),
-    ("attempts", pa.int64()),
-    ("error_class", pa.string()),
-    ("error", pa.string()),
-    ("latency_ms", pa.int64()),
-])
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("custom_id", pa.string()),
+        ("status", pa.string()),
+        ("response", pa.string()),
+        ("finish_reason", pa.string()),
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+        ("cost_usd", pa.float64()),
+        ("attempts", pa.int64()),
+        ("error_class", pa.string()),
+        ("error", pa.string()),
+        ("latency_ms", pa.int64()),
+    ]
+)
 
 
 def iter_batches(job_id: int, *, dsn: str | None = None, chunk_rows: int = CHUNK_ROWS) -> Iterator[pa.RecordBatch]:
@@ -75,8 +77,10 @@ def writer_for(path: Path) -> Callable[..., int]:
     writer = FORMATS.get(path.suffix.lower())
     if writer is None:
         known = ", ".join(FORMATS)
-        raise UnsupportedFormat(f"cannot write {path.name}: unknown extension {path.suffix or '(none)'!r}; "
-                                f"name the file with one of {known}")
+        raise UnsupportedFormat(
+            f"cannot write {path.name}: unknown extension {path.suffix or '(none)'!r}; "
+            f"name the file with one of {known}"
+        )
     return writer
 
 
@@ -132,9 +136,11 @@ def write_jsonl(job_id: int, path: Path, *, dsn: str | None = None) -> int:
 
 
 FORMATS: dict[str, Callable[..., int]] = {
-    ".parquet": write_parquet, ".pq": write_parquet,
+    ".parquet": write_parquet,
+    ".pq": write_parquet,
     ".csv": write_csv,
-    ".jsonl": write_jsonl, ".ndjson": write_jsonl,
+    ".jsonl": write_jsonl,
+    ".ndjson": write_jsonl,
 }
 
 
@@ -222,16 +228,27 @@ def _input_array(values: list[Any], type_name: str | None) -> pa.Array:
 
 def _parse_type(name: str) -> pa.DataType | None:
     simple = {
-        "string": pa.string(), "large_string": pa.large_string(), "bool": pa.bool_(),
-        "int8": pa.int8(), "int16": pa.int16(), "int32": pa.int32(), "int64": pa.int64(),
-        "uint8": pa.uint8(), "uint16": pa.uint16(), "uint32": pa.uint32(), "uint64": pa.uint64(),
-        "float": pa.float32(), "double": pa.float64(), "halffloat": pa.float16(),
-        "date32[day]": pa.date32(), "date64[ms]": pa.date64(),
+        "string": pa.string(),
+        "large_string": pa.large_string(),
+        "bool": pa.bool_(),
+        "int8": pa.int8(),
+        "int16": pa.int16(),
+        "int32": pa.int32(),
+        "int64": pa.int64(),
+        "uint8": pa.uint8(),
+        "uint16": pa.uint16(),
+        "uint32": pa.uint32(),
+        "uint64": pa.uint64(),
+        "float": pa.float32(),
+        "double": pa.float64(),
+        "halffloat": pa.float16(),
+        "date32[day]": pa.date32(),
+        "date64[ms]": pa.date64(),
     }
     if name in simple:
         return simple[name]
     if name.startswith("timestamp["):
-        unit_tz = name[len("timestamp["):-1].split(", tz=")
+        unit_tz = name[len("timestamp[") : -1].split(", tz=")
         return pa.timestamp(unit_tz[0], tz=unit_tz[1] if len(unit_tz) > 1 else None)
     return None
 
@@ -261,4 +278,3 @@ def _conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
         else:
             arrays.append(pa.nulls(batch.num_rows, field.type))
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
-

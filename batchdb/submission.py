@@ -94,8 +94,15 @@ def submit(
     know) is refused with the closest known names, unless `allow_unknown_model=True`;
     its cost then shows as unknown.
     """
-    _check_options(model=model, provider=provider, priority=priority, max_attempts=max_attempts,
-                   budget_usd=budget_usd, max_tokens=max_tokens, temperature=temperature)
+    _check_options(
+        model=model,
+        provider=provider,
+        priority=priority,
+        max_attempts=max_attempts,
+        budget_usd=budget_usd,
+        max_tokens=max_tokens,
+        temperature=temperature,
+    )
     if response_schema is not None:
         if response_format is not None:
             raise InputError("give either response_format= or response_schema=, not both")
@@ -130,17 +137,37 @@ def submit(
             raise InputError(f"max_tokens: {too_many}")
         if not allow_unknown_model:
             _refuse_unknown_model(conn, provider, model)
-        job_id = _create_job(conn, name=name, owner=owner, provider=provider, key_alias=key_alias, model=model,
-                             params=params,
-                             priority=priority, max_attempts=max_attempts, budget_usd=budget_usd,
-                             idempotency_key=idempotency_key, allow_unknown_model=allow_unknown_model)
+        job_id = _create_job(
+            conn,
+            name=name,
+            owner=owner,
+            provider=provider,
+            key_alias=key_alias,
+            model=model,
+            params=params,
+            priority=priority,
+            max_attempts=max_attempts,
+            budget_usd=budget_usd,
+            idempotency_key=idempotency_key,
+            allow_unknown_model=allow_unknown_model,
+        )
         if job_id is None:
             assert idempotency_key is not None
-            existing = conn.execute(query("job_by_idempotency_key"),
-                                    {"idempotency_key": idempotency_key, "owner": owner}).fetchone()
+            existing = conn.execute(
+                query("job_by_idempotency_key"), {"idempotency_key": idempotency_key, "owner": owner}
+            ).fetchone()
             assert existing is not None
-            _refuse_a_different_job(existing, idempotency_key, batches, spec, input_schema.columns, row_name,
-                                    provider=provider, model=model, params=params)
+            _refuse_a_different_job(
+                existing,
+                idempotency_key,
+                batches,
+                spec,
+                input_schema.columns,
+                row_name,
+                provider=provider,
+                model=model,
+                params=params,
+            )
             log.info("idempotency key %r already submitted as job %s", idempotency_key, existing["id"])
             return _with_secret(Job(existing["id"], dsn=dsn), _existing_secret(conn, existing["id"], webhook_url))
         try:
@@ -157,8 +184,9 @@ def submit(
     return _with_secret(Job(job_id, dsn=dsn), secret)
 
 
-def _notification_targets(webhook_url: str | None, webhook_secret: str | None,
-                          notify_emails: str | Iterable[str] | None) -> list[tuple[str, str, str | None]]:
+def _notification_targets(
+    webhook_url: str | None, webhook_secret: str | None, notify_emails: str | Iterable[str] | None
+) -> list[tuple[str, str, str | None]]:
     """(channel, target, secret) rows for the job, checked before anything is written."""
     targets: list[tuple[str, str, str | None]] = []
     if webhook_url is not None:
@@ -181,13 +209,15 @@ def _notification_targets(webhook_url: str | None, webhook_secret: str | None,
     return targets
 
 
-def _add_targets(conn: psycopg.Connection[DictRow], job_id: int,
-                 targets: list[tuple[str, str, str | None]]) -> str | None:
+def _add_targets(
+    conn: psycopg.Connection[DictRow], job_id: int, targets: list[tuple[str, str, str | None]]
+) -> str | None:
     """Store the job's webhook and email targets; returns the webhook's secret."""
     secret = None
     for channel, target, given in targets:
-        row = conn.execute(query("notify_add_target"),
-                           {"job_id": job_id, "channel": channel, "target": target, "secret": given}).fetchone()
+        row = conn.execute(
+            query("notify_add_target"), {"job_id": job_id, "channel": channel, "target": target, "secret": given}
+        ).fetchone()
         if channel == CHANNEL_WEBHOOK and row is not None:
             secret = row["secret"]
     return secret
@@ -206,8 +236,16 @@ def _with_secret(job: Job, secret: str | None) -> Job:
     return job
 
 
-def _check_options(*, model: str, provider: str, priority: int, max_attempts: int, budget_usd: float | None,
-                   max_tokens: int | None, temperature: float | None) -> None:
+def _check_options(
+    *,
+    model: str,
+    provider: str,
+    priority: int,
+    max_attempts: int,
+    budget_usd: float | None,
+    max_tokens: int | None,
+    temperature: float | None,
+) -> None:
     if not isinstance(model, str) or not model.strip():
         raise InputError("model: expected a model name such as 'gpt-4o-mini'")
     if provider not in KNOWN_PROVIDERS:
@@ -232,8 +270,11 @@ def _refuse_unknown_model(conn: psycopg.Connection[DictRow], provider: str, mode
     if model in known:
         return
     close = difflib.get_close_matches(model, known, n=3, cutoff=0.6)
-    hint = f"did you mean {' or '.join(repr(m) for m in close)}?" if close else (
-        f"known {provider} models: {', '.join(known) or '(none)'}")
+    hint = (
+        f"did you mean {' or '.join(repr(m) for m in close)}?"
+        if close
+        else (f"known {provider} models: {', '.join(known) or '(none)'}")
+    )
     raise InputError(
         f"model {model!r}: no price for {provider}/{model} in batchdb.prices; {hint} "
         "(for a model batchdb does not know, add its price (docs/sql.md) or pass allow_unknown_model=True / "
@@ -246,8 +287,15 @@ def _create_job(conn: psycopg.Connection[DictRow], *, params: dict[str, Any], **
     return None if row is None else int(row["id"])
 
 
-def _refuse_a_different_job(existing: dict[str, Any], key: str, batches: Any, spec: InputSpec,
-                            input_columns: list[str], row_name: RowName, **given: Any) -> None:
+def _refuse_a_different_job(
+    existing: dict[str, Any],
+    key: str,
+    batches: Any,
+    spec: InputSpec,
+    input_columns: list[str],
+    row_name: RowName,
+    **given: Any,
+) -> None:
     """A key given again must come with the same job, as Stripe and OpenAI require; else say what differs.
 
     What decides the answers is compared: provider, model, every request parameter and
@@ -257,8 +305,11 @@ def _refuse_a_different_job(existing: dict[str, Any], key: str, batches: Any, sp
     """
     differs = [name for name in ("provider", "model") if existing[name] != given[name]]
     before, now = existing["params"] or {}, given["params"]
-    differs += [name for name in sorted(set(before) | set(now)) if name not in ("input_columns", "input_types")
-                and before.get(name) != now.get(name)]
+    differs += [
+        name
+        for name in sorted(set(before) | set(now))
+        if name not in ("input_columns", "input_types") and before.get(name) != now.get(name)
+    ]
     if before.get("input_columns") != now.get("input_columns") or before.get("input_types") != now.get("input_types"):
         differs.append("columns")
     if not differs and existing["input_sha256"] is not None:
@@ -267,8 +318,17 @@ def _refuse_a_different_job(existing: dict[str, Any], key: str, batches: Any, sp
         rows, seen_ids = 0, dict[str, int]()
         for batch in batches:
             if batch.num_rows:
-                digest.update(copy_rows(batch, job_id=existing["id"], first_row=rows, spec=spec,
-                                        input_columns=input_columns, seen_ids=seen_ids, name=row_name))
+                digest.update(
+                    copy_rows(
+                        batch,
+                        job_id=existing["id"],
+                        first_row=rows,
+                        spec=spec,
+                        input_columns=input_columns,
+                        seen_ids=seen_ids,
+                        name=row_name,
+                    )
+                )
                 rows += batch.num_rows
         if digest.hexdigest() != existing["input_sha256"]:
             differs.append("data")
@@ -280,8 +340,15 @@ def _refuse_a_different_job(existing: dict[str, Any], key: str, batches: Any, sp
         )
 
 
-def _copy_all(conn: psycopg.Connection[DictRow], job_id: int, batches: Any, spec: InputSpec, input_columns: list[str],
-              row_name: RowName, fit: _FitCheck | None = None) -> int:
+def _copy_all(
+    conn: psycopg.Connection[DictRow],
+    job_id: int,
+    batches: Any,
+    spec: InputSpec,
+    input_columns: list[str],
+    row_name: RowName,
+    fit: _FitCheck | None = None,
+) -> int:
     rows = 0
     seen_ids: dict[str, int] = {}
     # What the rows were, for a later submit with the same idempotency key to compare against.
@@ -298,8 +365,15 @@ def _copy_all(conn: psycopg.Connection[DictRow], job_id: int, batches: Any, spec
                     continue
                 if fit is not None:
                     fit.check(batch, first_row=rows)
-                chunk = copy_rows(batch, job_id=job_id, first_row=rows, spec=spec, input_columns=input_columns,
-                                  seen_ids=seen_ids, name=row_name)
+                chunk = copy_rows(
+                    batch,
+                    job_id=job_id,
+                    first_row=rows,
+                    spec=spec,
+                    input_columns=input_columns,
+                    seen_ids=seen_ids,
+                    name=row_name,
+                )
                 digest.update(chunk)
                 copy.write(chunk)
                 rows += batch.num_rows
@@ -319,8 +393,9 @@ class _FitCheck:
     at least a byte each), so ordinary rows cost one vectorised length per column.
     """
 
-    def __init__(self, provider: str, model: str, params: dict[str, Any], spec: InputSpec,
-                 limits: context_window.ModelLimits) -> None:
+    def __init__(
+        self, provider: str, model: str, params: dict[str, Any], spec: InputSpec, limits: context_window.ModelLimits
+    ) -> None:
         self.provider, self.model, self.params, self.spec, self.limits = provider, model, params, spec, limits
         self.template_bytes = sum(len(str(params.get(k) or "").encode()) for k in ("prompt", "system"))
 
@@ -329,8 +404,12 @@ class _FitCheck:
             return
         sizes = np.zeros(batch.num_rows, dtype=np.int64)
         for column in batch.columns:
-            if pa.types.is_string(column.type) or pa.types.is_large_string(column.type) \
-                    or pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+            if (
+                pa.types.is_string(column.type)
+                or pa.types.is_large_string(column.type)
+                or pa.types.is_binary(column.type)
+                or pa.types.is_large_binary(column.type)
+            ):
                 sizes += pc.fill_null(pc.binary_length(column), 0).to_numpy(zero_copy_only=False)
             else:
                 sizes += 64  # a number, date or small nested value rendered as text
@@ -353,8 +432,10 @@ class _FitCheck:
         problem = self.limits.problem(estimate_prompt_tokens(self.provider, request.messages), request.max_tokens)
         if problem:
             row_id = values.get(self.spec.id_column) if self.spec.id_column else first_row + i
-            raise InputError(f"row {first_row + i} (id {str(row_id)!r}): {problem}. Shorten it, drop it, or "
-                             "choose a model with a larger context window; nothing was submitted")
+            raise InputError(
+                f"row {first_row + i} (id {str(row_id)!r}): {problem}. Shorten it, drop it, or "
+                "choose a model with a larger context window; nothing was submitted"
+            )
 
 
 def schema_response_format(schema: Any) -> dict[str, Any]:
@@ -364,8 +445,9 @@ def schema_response_format(schema: Any) -> dict[str, Any]:
         name = schema.__name__
         schema = schema.model_json_schema()
     if not isinstance(schema, dict):
-        raise InputError(f"response_schema: expected a JSON schema (dict) or a pydantic model class, "
-                         f"got {type(schema).__name__}")
+        raise InputError(
+            f"response_schema: expected a JSON schema (dict) or a pydantic model class, got {type(schema).__name__}"
+        )
     try:
         check_response_schema(schema)
     except ValueError as exc:

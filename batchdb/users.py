@@ -55,10 +55,18 @@ def add_user(
     for field, value in (("budget_usd_day", budget_usd_day), ("budget_usd_month", budget_usd_month)):
         if value is not None and not value > 0:
             raise ValueError(f"{field}: expected a positive amount in USD, got {value!r}")
-    conn.execute(query("add_user"), {
-        "name": name, "kind": str(UserKind(kind)), "weight": weight, "budget_usd_day": budget_usd_day,
-        "budget_usd_month": budget_usd_month, "email": email, "password": password,
-    })
+    conn.execute(
+        query("add_user"),
+        {
+            "name": name,
+            "kind": str(UserKind(kind)),
+            "weight": weight,
+            "budget_usd_day": budget_usd_day,
+            "budget_usd_month": budget_usd_month,
+            "email": email,
+            "password": password,
+        },
+    )
 
 
 def list_users(conn: psycopg.Connection[Any]) -> list[User]:

@@ -73,6 +73,5 @@ def reask(messages: list[dict[str, Any]], answer: str, error: str) -> list[dict[
     return [
         *messages,
         {"role": "assistant", "content": answer},
-        {"role": "user", "content": f"Your answer was not valid: {error}. "
-                                    "Reply again with only the corrected JSON."},
+        {"role": "user", "content": f"Your answer was not valid: {error}. Reply again with only the corrected JSON."},
     ]

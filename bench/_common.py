@@ -59,8 +59,14 @@ def scratch_database(admin_dsn: str, label: str, *, migrate: bool = True, keep: 
 
 def libpq_env(dsn: str) -> dict[str, str]:
     """The DSN as PG* environment variables, for tools that take no DSN argument."""
-    names = {"host": "PGHOST", "port": "PGPORT", "user": "PGUSER", "password": "PGPASSWORD",
-             "dbname": "PGDATABASE", "sslmode": "PGSSLMODE"}
+    names = {
+        "host": "PGHOST",
+        "port": "PGPORT",
+        "user": "PGUSER",
+        "password": "PGPASSWORD",
+        "dbname": "PGDATABASE",
+        "sslmode": "PGSSLMODE",
+    }
     return {names[k]: str(v) for k, v in conninfo_to_dict(dsn).items() if k in names and v is not None}
 
 
@@ -82,10 +88,13 @@ def background_load(dsn: str, seconds: float = 2.0) -> str:
     with psycopg.connect(dsn, autocommit=True) as conn:
         others = conn.execute(
             "SELECT count(*) FILTER (WHERE state = 'active'), count(*) FROM pg_stat_activity "
-            "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()").fetchone()
+            "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+        ).fetchone()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"machine CPU {busy:.0f}% busy over {seconds:.0f} s with no benchmark process running, load average "
-            f"{load}; {others[1]} other client connection(s) on the server, {others[0]} active")
+    return (
+        f"machine CPU {busy:.0f}% busy over {seconds:.0f} s with no benchmark process running, load average "
+        f"{load}; {others[1]} other client connection(s) on the server, {others[0]} active"
+    )
 
 
 def environment_line(dsn: str) -> str:
@@ -125,12 +134,14 @@ def headlines_table(rows: int, *, seed: int = 7) -> pa.Table:
         headlines.append(text[: targets[i] - 1] + ".")
     start = np.datetime64("2015-01-01")
     dates = start + rng.integers(0, 3650, size=rows).astype("timedelta64[D]")
-    return pa.table({
-        "id": pa.array(np.arange(1, rows + 1, dtype=np.int64)),
-        "headline": pa.array(headlines, pa.string()),
-        "ticker": pa.array(tickers[ticker_idx], pa.string()),
-        "date": pa.array(dates.astype("datetime64[D]"), pa.date32()),
-    })
+    return pa.table(
+        {
+            "id": pa.array(np.arange(1, rows + 1, dtype=np.int64)),
+            "headline": pa.array(headlines, pa.string()),
+            "ticker": pa.array(tickers[ticker_idx], pa.string()),
+            "date": pa.array(dates.astype("datetime64[D]"), pa.date32()),
+        }
+    )
 
 
 # -- measuring and reporting -------------------------------------------------------------------
@@ -159,8 +170,9 @@ def progress(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[object]],
-                notes: Sequence[str] = ()) -> None:
+def print_table(
+    title: str, headers: Sequence[str], rows: Sequence[Sequence[object]], notes: Sequence[str] = ()
+) -> None:
     """The benchmark's figures as one Markdown table (pastes straight into bench/README.md)."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]

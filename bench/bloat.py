@@ -69,9 +69,24 @@ def main() -> None:
         progress(f"draining with {args.workers} workers")
         started = time.monotonic()
         env = {**os.environ, "BATCHDB_DSN": dsn, "PYTHONPATH": str(REPO)}
-        workers = [subprocess.Popen([sys.executable, "-m", "batchdb.workers", "--concurrency", "256",
-                                     "--exit-when-idle", "--poll-interval", "0.5"], env=env, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL) for _ in range(args.workers)]
+        workers = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "batchdb.workers",
+                    "--concurrency",
+                    "256",
+                    "--exit-when-idle",
+                    "--poll-interval",
+                    "0.5",
+                ],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for _ in range(args.workers)
+        ]
         for w in workers:
             w.wait()
         drained_in = time.monotonic() - started
@@ -89,21 +104,44 @@ def main() -> None:
 
     mib = 1024 * 1024
     rows = [
-        ["after COPY of the rows", f"{loaded['job_bytes'] / mib:,.0f}", fmt_int(loaded["dead_tuples"]),
-         f"{loaded['other_bytes'] / mib:,.1f}", loaded["partitions"]],
-        [f"after the drain ({drained_in:.0f} s, {args.workers} workers)", f"{drained['job_bytes'] / mib:,.0f}",
-         fmt_int(drained["dead_tuples"]), f"{drained['other_bytes'] / mib:,.1f}", drained["partitions"]],
-        [f"after one VACUUM of the partition ({vacuum_s:.1f} s)", f"{vacuumed['job_bytes'] / mib:,.0f}",
-         fmt_int(vacuumed["dead_tuples"]), f"{vacuumed['other_bytes'] / mib:,.1f}", vacuumed["partitions"]],
-        ["after DELETE FROM batchdb.jobs (drops the partitions)", f"{deleted['job_bytes'] / mib:,.0f}",
-         fmt_int(deleted["dead_tuples"]), f"{deleted['other_bytes'] / mib:,.1f}", deleted["partitions"]],
+        [
+            "after COPY of the rows",
+            f"{loaded['job_bytes'] / mib:,.0f}",
+            fmt_int(loaded["dead_tuples"]),
+            f"{loaded['other_bytes'] / mib:,.1f}",
+            loaded["partitions"],
+        ],
+        [
+            f"after the drain ({drained_in:.0f} s, {args.workers} workers)",
+            f"{drained['job_bytes'] / mib:,.0f}",
+            fmt_int(drained["dead_tuples"]),
+            f"{drained['other_bytes'] / mib:,.1f}",
+            drained["partitions"],
+        ],
+        [
+            f"after one VACUUM of the partition ({vacuum_s:.1f} s)",
+            f"{vacuumed['job_bytes'] / mib:,.0f}",
+            fmt_int(vacuumed["dead_tuples"]),
+            f"{vacuumed['other_bytes'] / mib:,.1f}",
+            vacuumed["partitions"],
+        ],
+        [
+            "after DELETE FROM batchdb.jobs (drops the partitions)",
+            f"{deleted['job_bytes'] / mib:,.0f}",
+            fmt_int(deleted["dead_tuples"]),
+            f"{deleted['other_bytes'] / mib:,.1f}",
+            deleted["partitions"],
+        ],
     ]
     print_table(
         f"Bloat: one {args.rows:,}-row job (requests + results partitions)",
         ["moment", "job MiB", "dead tuples", "rest of schema MiB", "partitions"],
         rows,
-        [env_line, "Space goes back to the operating system when the job is deleted: no VACUUM FULL, no table "
-                   "that never shrinks; the rest of the queue stays small throughout."],
+        [
+            env_line,
+            "Space goes back to the operating system when the job is deleted: no VACUUM FULL, no table "
+            "that never shrinks; the rest of the queue stays small throughout.",
+        ],
     )
 
 

@@ -170,21 +170,28 @@ def seed(dsn: str, rows: int) -> dict[str, Any]:
         big = conn.execute(SEED_BIG_JOB).fetchone()[0]  # type: ignore[index]
         progress(f"seeding job {big}: {rows:,} rows")
         conn.execute(SEED_BIG_ROWS, {"job": big, "rows": rows})
-        conn.execute("UPDATE batchdb.jobs SET status = 'running', started_at = now() - interval '40 minutes' "
-                     "WHERE id = %(job)s", {"job": big})
+        conn.execute(
+            "UPDATE batchdb.jobs SET status = 'running', started_at = now() - interval '40 minutes' WHERE id = %(job)s",
+            {"job": big},
+        )
         progress(f"finishing {finished:,} rows")
         conn.execute(SEED_BIG_FINISHED, {"job": big, "finished": finished})
         conn.execute(SEED_BIG_RESULTS, {"job": big})
         conn.execute(SEED_BIG_ACTIVE, {"job": big})
         progress("30 small finished jobs, the ledger, workers")
         small = [r[0] for r in conn.execute(SEED_SMALL_JOBS, {"jobs": 30}).fetchall()]
-        prices = {r[0]: (float(r[1]), float(r[2])) for r in conn.execute(
-            "SELECT provider || '/' || model, input_per_mtok, output_per_mtok FROM batchdb.prices")}
+        prices = {
+            r[0]: (float(r[1]), float(r[2]))
+            for r in conn.execute(
+                "SELECT provider || '/' || model, input_per_mtok, output_per_mtok FROM batchdb.prices"
+            )
+        }
         for i, job in enumerate(small):
             provider, model = conn.execute("SELECT provider, model FROM batchdb.jobs WHERE id = %s", (job,)).fetchone()  # type: ignore[misc]
             in_price, out_price = prices[f"{provider}/{model}"]
-            start = conn.execute("SELECT now() - make_interval(days => %s, hours => %s)",
-                                 (1 + i % 14, i % 20)).fetchone()[0]  # type: ignore[index]
+            start = conn.execute(
+                "SELECT now() - make_interval(days => %s, hours => %s)", (1 + i % 14, i % 20)
+            ).fetchone()[0]  # type: ignore[index]
             conn.execute(SEED_SMALL_ROWS, {"job": job, "rows": 1000})
             conn.execute(SEED_SMALL_DONE, {"job": job, "in_price": in_price, "out_price": out_price, "start": start})
             conn.execute(SEED_SMALL_TIMES, {"job": job, "start": start})
@@ -192,8 +199,9 @@ def seed(dsn: str, rows: int) -> dict[str, Any]:
         progress("VACUUM ANALYZE")
         conn.execute("VACUUM ANALYZE")
         totals = conn.execute("SELECT count(*), sum(n_total) FROM batchdb.jobs").fetchone()
-        size = conn.execute("SELECT pg_size_pretty(pg_total_relation_size(%s))",
-                            (f"batchdb.requests_{big}",)).fetchone()
+        size = conn.execute(
+            "SELECT pg_size_pretty(pg_total_relation_size(%s))", (f"batchdb.requests_{big}",)
+        ).fetchone()
     return {"big_job": big, "jobs": totals[0], "rows": totals[1], "big_partition": size[0]}  # type: ignore[index]
 
 
@@ -205,7 +213,8 @@ def pages(dsn: str, big_job: int, n_succeeded: int, parquet: Path | None) -> dic
         "Job detail (1M-row job)": lambda e: (
             queries.load_job_choices(dsn, engine=e),
             queries.load_job_detail(dsn, big_job, engine=e),
-            queries.load_job_samples(dsn, big_job, n_succeeded=n_succeeded, engine=e)),
+            queries.load_job_samples(dsn, big_job, n_succeeded=n_succeeded, engine=e),
+        ),
         "Providers (1 h)": lambda e: queries.load_providers(dsn, minutes=60, engine=e),
         "Providers (24 h)": lambda e: queries.load_providers(dsn, minutes=1440, engine=e),
         "Cost": lambda e: queries.load_cost(dsn, engine=e),
@@ -242,11 +251,14 @@ def main(argv: list[str] | None = None) -> int:
         env = environment_line(dsn)
         with Stopwatch() as watch:
             seeded = seed(dsn, args.rows)
-        progress(f"seeded {seeded['rows']:,} request rows in {seeded['jobs']} jobs in {watch.seconds:.0f} s "
-                 f"(1M-row partition {seeded['big_partition']})")
+        progress(
+            f"seeded {seeded['rows']:,} request rows in {seeded['jobs']} jobs in {watch.seconds:.0f} s "
+            f"(1M-row partition {seeded['big_partition']})"
+        )
         with psycopg.connect(dsn, autocommit=True) as conn:
-            n_succeeded = conn.execute("SELECT n_succeeded FROM batchdb.jobs WHERE id = %s",
-                                       (seeded["big_job"],)).fetchone()[0]  # type: ignore[index]
+            n_succeeded = conn.execute(
+                "SELECT n_succeeded FROM batchdb.jobs WHERE id = %s", (seeded["big_job"],)
+            ).fetchone()[0]  # type: ignore[index]
         parquet = None
         notes = []
         with tempfile.TemporaryDirectory() as tmp:
@@ -256,8 +268,10 @@ def main(argv: list[str] | None = None) -> int:
                 parquet = Path(tmp) / f"job-{seeded['big_job']}.parquet"
                 with Stopwatch() as watch:
                     written = batchdb.Job(seeded["big_job"], dsn=dsn).to_parquet(parquet)
-                notes.append(f"(not timed) `job.to_parquet` wrote the 1M-row job's output, {written:,} rows, "
-                             f"{parquet.stat().st_size / 2**20:.0f} MiB, in {watch.seconds:.1f} s.")
+                notes.append(
+                    f"(not timed) `job.to_parquet` wrote the 1M-row job's output, {written:,} rows, "
+                    f"{parquet.stat().st_size / 2**20:.0f} MiB, in {watch.seconds:.1f} s."
+                )
             loads = pages(dsn, seeded["big_job"], n_succeeded, parquet)
             load_note = background_load(dsn)
             engines: list[tuple[str, Any]] = [("psycopg, connection per load (used)", "psycopg")]
@@ -266,21 +280,33 @@ def main(argv: list[str] | None = None) -> int:
                 reused = psycopg.connect(read_only_dsn(dsn), autocommit=True)
                 with Stopwatch() as watch:
                     attached = PostgresViaDuckDB(dsn)
-                notes.append(f"DuckDB postgres extension: loading it and ATTACH ... READ_ONLY took "
-                             f"{watch.seconds * 1000:.0f} ms in this process.")
-                engines += [("psycopg, one connection reused", reused),
-                            ("DuckDB postgres extension, attached once", attached),
-                            ("DuckDB postgres extension, ATTACH per page load", "duckdb")]
+                notes.append(
+                    f"DuckDB postgres extension: loading it and ATTACH ... READ_ONLY took "
+                    f"{watch.seconds * 1000:.0f} ms in this process."
+                )
+                engines += [
+                    ("psycopg, one connection reused", reused),
+                    ("DuckDB postgres extension, attached once", attached),
+                    ("DuckDB postgres extension, ATTACH per page load", "duckdb"),
+                ]
             rows = []
             try:
                 for page, load in loads.items():
                     chosen = engines[:1] if page.startswith("Job detail: Parquet") else engines
                     progress(f"{page}: {len(chosen)} access path(s) in turn")
-                    for (label, engine), times in zip(chosen, measure(load, [e for _, e in chosen], args.reps),
-                                                      strict=True):
-                        rows.append([page, label, f"{statistics.median(times):.0f} ms",
-                                     f"{percentile(times, 95):.0f} ms", f"{max(times):.0f} ms",
-                                     ("PASS" if max(times) < TARGET_MS else "FAIL") if engine == "psycopg" else ""])
+                    for (label, engine), times in zip(
+                        chosen, measure(load, [e for _, e in chosen], args.reps), strict=True
+                    ):
+                        rows.append(
+                            [
+                                page,
+                                label,
+                                f"{statistics.median(times):.0f} ms",
+                                f"{percentile(times, 95):.0f} ms",
+                                f"{max(times):.0f} ms",
+                                ("PASS" if max(times) < TARGET_MS else "FAIL") if engine == "psycopg" else "",
+                            ]
+                        )
             finally:
                 if attached is not None:
                     attached.close()
@@ -288,11 +314,16 @@ def main(argv: list[str] | None = None) -> int:
                     reused.close()
         print_table(
             f"Dashboard queries per page, {seeded['rows']:,} request rows ({args.rows:,} in one running job)",
-            ["page", "access path", "p50", "p95", "max", f"max < {TARGET_MS:.0f} ms"], rows,
-            notes=[*notes,
-                   f"{args.reps} timed runs after 1 warm-up; each run opens its read-only connection(s) and runs "
-                   "every query the page runs on a cache miss (st.cache_data serves repeats within its TTL).",
-                   f"Environment: {env}", f"Background before the run: {load_note}"])
+            ["page", "access path", "p50", "p95", "max", f"max < {TARGET_MS:.0f} ms"],
+            rows,
+            notes=[
+                *notes,
+                f"{args.reps} timed runs after 1 warm-up; each run opens its read-only connection(s) and runs "
+                "every query the page runs on a cache miss (st.cache_data serves repeats within its TTL).",
+                f"Environment: {env}",
+                f"Background before the run: {load_note}",
+            ],
+        )
     return 0
 
 

@@ -62,14 +62,21 @@ DEFAULT_MAX_ATTEMPTS: int = inspect.signature(batchdb.submit).parameters["max_at
 
 def simulator_config(**changes: object) -> SimulatorConfig:
     return SimulatorConfig(seed=1, latency_s=LATENCY, output_tokens=OUTPUT_TOKENS).updated(
-        {k: v.to_dict() if hasattr(v, "to_dict") else v for k, v in changes.items()})
+        {k: v.to_dict() if hasattr(v, "to_dict") else v for k, v in changes.items()}
+    )
 
 
 # -- the job and its invariants ----------------------------------------------------------------------
 
 
-def submit_rows(dsn: str, rows: int, *, poison_every: int = 0, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-                webhook_url: str | None = None) -> batchdb.Job:
+def submit_rows(
+    dsn: str,
+    rows: int,
+    *,
+    poison_every: int = 0,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    webhook_url: str | None = None,
+) -> batchdb.Job:
     """`rows` short prompts; with `poison_every`, every n-th row's prompt overflows the context window.
     `max_attempts` is what a user gets without asking unless a drill says otherwise (its note does)."""
     texts = [f"headline number {i}: shares rise after a strong quarter" for i in range(rows)]
@@ -77,9 +84,17 @@ def submit_rows(dsn: str, rows: int, *, poison_every: int = 0, max_attempts: int
         for i in range(0, rows, poison_every):
             texts[i] = "very long input " * 1_000  # ~3,000 tokens > POISON_CONTEXT_WINDOW
     frame = pd.DataFrame({"key": [f"k{i}" for i in range(rows)], "text": texts})
-    return batchdb.submit(frame, prompt="Sentiment: {text}", id_column="key", model="gpt-4o-mini",
-                          provider="openai", max_tokens=16, max_attempts=max_attempts, webhook_url=webhook_url,
-                          dsn=dsn)
+    return batchdb.submit(
+        frame,
+        prompt="Sentiment: {text}",
+        id_column="key",
+        model="gpt-4o-mini",
+        provider="openai",
+        max_tokens=16,
+        max_attempts=max_attempts,
+        webhook_url=webhook_url,
+        dsn=dsn,
+    )
 
 
 @dataclass
@@ -94,25 +109,33 @@ class Check:
     violations: list[str] = field(default_factory=list)
 
 
-def check_invariants(dsn: str, job: batchdb.Job, rows: int, accepted: int, bound: int, *,
-                     poison: int = 0) -> Check:
+def check_invariants(dsn: str, job: batchdb.Job, rows: int, accepted: int, bound: int, *, poison: int = 0) -> Check:
     status = job.status()
     with psycopg.connect(dsn) as conn:
-        by_status = dict(conn.execute(
-            "SELECT status, count(*) FROM batchdb.requests WHERE job_id = %s GROUP BY status", (job.id,)).fetchall())
+        by_status = dict(
+            conn.execute(
+                "SELECT status, count(*) FROM batchdb.requests WHERE job_id = %s GROUP BY status", (job.id,)
+            ).fetchall()
+        )
         audited = write_audit.writes(conn, job.id)
         overwritten = conn.execute(
-            "SELECT count(*) FROM batchdb.results WHERE job_id = %s AND writes > 1", (job.id,)).fetchone()[0]
+            "SELECT count(*) FROM batchdb.results WHERE job_id = %s AND writes > 1", (job.id,)
+        ).fetchone()[0]
         answered = conn.execute(
             "SELECT count(*) FROM batchdb.requests q WHERE q.job_id = %s AND q.status = 'succeeded' AND "
             "(SELECT count(*) FROM batchdb.results r WHERE r.job_id = q.job_id AND r.request_id = q.id) = 1",
-            (job.id,)).fetchone()[0]
+            (job.id,),
+        ).fetchone()[0]
         sums = conn.execute(
             "SELECT coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0), coalesce(sum(cost_usd), 0) "
-            "FROM batchdb.requests WHERE job_id = %s", (job.id,)).fetchone()
+            "FROM batchdb.requests WHERE job_id = %s",
+            (job.id,),
+        ).fetchone()
         poison_ok = conn.execute(
             "SELECT count(*) FROM batchdb.requests WHERE job_id = %s AND status = 'failed' "
-            "AND error_class = 'permanent' AND attempts = 1 AND error ILIKE '%%context%%'", (job.id,)).fetchone()[0]
+            "AND error_class = 'permanent' AND attempts = 1 AND error ILIKE '%%context%%'",
+            (job.id,),
+        ).fetchone()[0]
     succeeded = by_status.get("succeeded", 0)
     failed = by_status.get("failed", 0) + by_status.get("dead", 0)
     lost = rows - answered - min(poison, poison_ok)
@@ -123,14 +146,18 @@ def check_invariants(dsn: str, job: batchdb.Job, rows: int, accepted: int, bound
     if any(s not in ("succeeded", "failed", "dead") for s in by_status):
         v.append(f"rows not final: {by_status}")
     if lost:
-        v.append(f"{lost} row(s) lost (succeeded with one result: {answered}; poison failed as expected: "
-                 f"{poison_ok}/{poison}; by status {by_status})")
+        v.append(
+            f"{lost} row(s) lost (succeeded with one result: {answered}; poison failed as expected: "
+            f"{poison_ok}/{poison}; by status {by_status})"
+        )
     v.extend(audited.violations)
     if overwritten:
         v.append(f"{overwritten} result(s) overwritten by a second completion")
     if (status.prompt_tokens, status.completion_tokens, status.cost_usd) != tuple(sums):
-        v.append(f"job totals {(status.prompt_tokens, status.completion_tokens, status.cost_usd)} "
-                 f"!= sum of rows {tuple(sums)}")
+        v.append(
+            f"job totals {(status.prompt_tokens, status.completion_tokens, status.cost_usd)} "
+            f"!= sum of rows {tuple(sums)}"
+        )
     if not 0 <= check.duplicates <= bound:
         v.append(f"{check.duplicates} duplicate provider call(s), bound {bound}")
     return check
@@ -156,8 +183,10 @@ class Sampler:
             try:
                 if conn is None or conn.closed or conn.broken:
                     conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=2)
-                n = conn.execute("SELECT n_succeeded + n_failed + n_dead + n_cancelled FROM batchdb.jobs "
-                                 "WHERE id = %s", (self.job_id,)).fetchone()[0]
+                n = conn.execute(
+                    "SELECT n_succeeded + n_failed + n_dead + n_cancelled FROM batchdb.jobs WHERE id = %s",
+                    (self.job_id,),
+                ).fetchone()[0]
                 self.samples.append((time.monotonic(), n))
             except psycopg.Error:
                 conn = None
@@ -204,10 +233,13 @@ class Sampler:
 def in_flight(dsn: str, job_id: int, owner_pid: int | None = None) -> int:
     with psycopg.connect(dsn, autocommit=True) as conn:
         if owner_pid is None:
-            return conn.execute("SELECT count(*) FROM batchdb.requests WHERE job_id = %s AND status = 'running'",
-                                (job_id,)).fetchone()[0]
-        return conn.execute("SELECT count(*) FROM batchdb.requests WHERE job_id = %s AND status = 'running' "
-                            "AND lease_owner LIKE %s", (job_id, f"%:{owner_pid}:%")).fetchone()[0]
+            return conn.execute(
+                "SELECT count(*) FROM batchdb.requests WHERE job_id = %s AND status = 'running'", (job_id,)
+            ).fetchone()[0]
+        return conn.execute(
+            "SELECT count(*) FROM batchdb.requests WHERE job_id = %s AND status = 'running' AND lease_owner LIKE %s",
+            (job_id, f"%:{owner_pid}:%"),
+        ).fetchone()[0]
 
 
 # -- the drills ------------------------------------------------------------------------------------------
@@ -232,9 +264,17 @@ class DrillResult:
         return not self.check.violations
 
     def cells(self) -> list[object]:
-        return [self.name, f"{self.rows:,}", self.check.lost, self.check.duplicates, self.bound, self.recovery,
-                f"{self.wall_s:.1f}", "ok" if self.ok else "FAILED: " + "; ".join(self.check.violations),
-                self.note]
+        return [
+            self.name,
+            f"{self.rows:,}",
+            self.check.lost,
+            self.check.duplicates,
+            self.bound,
+            self.recovery,
+            f"{self.wall_s:.1f}",
+            "ok" if self.ok else "FAILED: " + "; ".join(self.check.violations),
+            self.note,
+        ]
 
 
 @dataclass
@@ -249,15 +289,29 @@ class Setup:
     outage_s: float = 60.0
 
     def worker_args(self, *extra: str) -> tuple[str, ...]:
-        return ("--concurrency", str(self.concurrency), "--lease-seconds", str(self.lease_seconds),
-                "--poll-interval", "0.5", *extra)
+        return (
+            "--concurrency",
+            str(self.concurrency),
+            "--lease-seconds",
+            str(self.lease_seconds),
+            "--poll-interval",
+            "0.5",
+            *extra,
+        )
 
 
 @contextlib.contextmanager
-def running(setup: Setup, *, sim_config: SimulatorConfig | None = None, poison_every: int = 0,
-            worker_args: tuple[str, ...] = (), python_prefix: tuple[str, ...] = (),
-            max_attempts: int = 10, command: tuple[str, ...] | None = None,
-            log_dir: str | None = None) -> Iterator[tuple[batchdb.Job, SimulatorProcess, WorkerProcesses, Sampler]]:
+def running(
+    setup: Setup,
+    *,
+    sim_config: SimulatorConfig | None = None,
+    poison_every: int = 0,
+    worker_args: tuple[str, ...] = (),
+    python_prefix: tuple[str, ...] = (),
+    max_attempts: int = 10,
+    command: tuple[str, ...] | None = None,
+    log_dir: str | None = None,
+) -> Iterator[tuple[batchdb.Job, SimulatorProcess, WorkerProcesses, Sampler]]:
     """A submitted job, the simulator, the workers and a throughput sampler; all stopped on exit.
 
     The workers run `python -m batchdb.workers`, or `python *python_prefix`, or `command` when given; each
@@ -267,9 +321,16 @@ def running(setup: Setup, *, sim_config: SimulatorConfig | None = None, poison_e
     job = submit_rows(setup.dsn, setup.rows, poison_every=poison_every, max_attempts=max_attempts)
     command = command or ((sys.executable, *python_prefix) if python_prefix else WORKER_COMMAND)
     with start_simulator(sim_config or simulator_config()) as sim:
-        workers = start_workers(setup.workers, setup.dsn, args=worker_args or setup.worker_args(), command=command,
-                                env={"OPENAI_BASE_URL": sim.openai_base_url, "OPENAI_API_KEY": "sk-test"},
-                                log_dir=log_dir or os.environ.get("DRILLS_WORKER_LOGS"), append_logs=True, grace=40)
+        workers = start_workers(
+            setup.workers,
+            setup.dsn,
+            args=worker_args or setup.worker_args(),
+            command=command,
+            env={"OPENAI_BASE_URL": sim.openai_base_url, "OPENAI_API_KEY": "sk-test"},
+            log_dir=log_dir or os.environ.get("DRILLS_WORKER_LOGS"),
+            append_logs=True,
+            grace=40,
+        )
         sampler = Sampler(setup.dsn, job.id)
         try:
             yield job, sim, workers, sampler
@@ -278,8 +339,19 @@ def running(setup: Setup, *, sim_config: SimulatorConfig | None = None, poison_e
             workers.stop()
 
 
-def _finish(name: str, setup: Setup, job: batchdb.Job, sim: SimulatorProcess, bound: int, recovery: str,
-            began: float, *, poison: int = 0, note: str = "", timeout: float = 300) -> DrillResult:
+def _finish(
+    name: str,
+    setup: Setup,
+    job: batchdb.Job,
+    sim: SimulatorProcess,
+    bound: int,
+    recovery: str,
+    began: float,
+    *,
+    poison: int = 0,
+    note: str = "",
+    timeout: float = 300,
+) -> DrillResult:
     final = job.wait(timeout=timeout)
     wall = time.monotonic() - began
     accepted = sim.stats(series=False)["totals"]["accepted"]
@@ -293,12 +365,14 @@ def _attempts_setting(dsn: str, job: batchdb.Job) -> str:
     """Every drill row states the max_attempts it ran with, and whether that is the default."""
     with psycopg.connect(dsn) as conn:
         n = conn.execute("SELECT max_attempts FROM batchdb.jobs WHERE id = %s", (job.id,)).fetchone()[0]
-    return f"max_attempts {n}" + (" (the default)" if n == DEFAULT_MAX_ATTEMPTS else
-                                  f" (default {DEFAULT_MAX_ATTEMPTS})")
+    return f"max_attempts {n}" + (
+        " (the default)" if n == DEFAULT_MAX_ATTEMPTS else f" (default {DEFAULT_MAX_ATTEMPTS})"
+    )
 
 
-def drill_sigkill(setup: Setup, *, every_s: float = 3.0, lease_s: float = 5.0,
-                  max_kills: int | None = None) -> DrillResult:
+def drill_sigkill(
+    setup: Setup, *, every_s: float = 3.0, lease_s: float = 5.0, max_kills: int | None = None
+) -> DrillResult:
     """SIGKILL a random worker every `every_s` seconds until 70% of rows are done (or `max_kills`
     kills: on a busy machine a replacement may not finish starting before the next kill, and the
     drill's work must not grow with the machine's slowness); start a replacement each time."""
@@ -317,8 +391,16 @@ def drill_sigkill(setup: Setup, *, every_s: float = 3.0, lease_s: float = 5.0,
         fault_end = time.monotonic()
         job.wait(timeout=300)
         recovery = sampler.recovery(fault_start, fault_end)
-        return _finish("sigkill a random worker", setup, job, sim, bound, recovery, began,
-                       note=f"{kills} kills every {every_s:.0f} s, lease {setup.lease_seconds:.0f} s")
+        return _finish(
+            "sigkill a random worker",
+            setup,
+            job,
+            sim,
+            bound,
+            recovery,
+            began,
+            note=f"{kills} kills every {every_s:.0f} s, lease {setup.lease_seconds:.0f} s",
+        )
 
 
 def _restart_embedded(down_s: float) -> tuple[int, int]:
@@ -377,8 +459,16 @@ def drill_db_restart(setup: Setup, *, down_s: float = 3.0) -> DrillResult:
         fault_end = time.monotonic()
         waiter.join(timeout=300)
         recovery = sampler.recovery(fault_start, fault_end)
-        result = _finish("database restart", setup, job, sim, bound, recovery, began,
-                         note=f"down {fault_end - fault_start:.1f} s (stop_server + ensure_server)")
+        result = _finish(
+            "database restart",
+            setup,
+            job,
+            sim,
+            bound,
+            recovery,
+            began,
+            note=f"down {fault_end - fault_start:.1f} s (stop_server + ensure_server)",
+        )
         final = waited.get("final")
         if port_after != port_before:
             result.check.violations.append(f"server came back on port {port_after}, not {port_before}")
@@ -390,13 +480,27 @@ def drill_db_restart(setup: Setup, *, down_s: float = 3.0) -> DrillResult:
         return result
 
 
-def _simulator_fault(name: str, setup: Setup, fault: dict[str, object], heal: dict[str, object], fault_s: float,
-                     *, sim_config: SimulatorConfig | None = None, worker_args: tuple[str, ...] = (),
-                     bound_includes_accepted: bool = False, settle_s: float = 0.0, note: str = "") -> DrillResult:
+def _simulator_fault(
+    name: str,
+    setup: Setup,
+    fault: dict[str, object],
+    heal: dict[str, object],
+    fault_s: float,
+    *,
+    sim_config: SimulatorConfig | None = None,
+    worker_args: tuple[str, ...] = (),
+    bound_includes_accepted: bool = False,
+    settle_s: float = 0.0,
+    note: str = "",
+) -> DrillResult:
     """Apply `fault` to the simulator at 1/4 of the job for `fault_s` seconds, then `heal`."""
     began = time.monotonic()
-    with running(setup, sim_config=sim_config, worker_args=worker_args, max_attempts=20) as (job, sim, _workers,
-                                                                                             sampler):
+    with running(setup, sim_config=sim_config, worker_args=worker_args, max_attempts=20) as (
+        job,
+        sim,
+        _workers,
+        sampler,
+    ):
         sampler.wait_for(setup.rows // 4)
         bound = in_flight(setup.dsn, job.id)
         accepted_before = sim.stats(series=False)["totals"]["accepted"]
@@ -414,8 +518,7 @@ def _simulator_fault(name: str, setup: Setup, fault: dict[str, object], heal: di
         recovery = sampler.recovery(fault_start, fault_end)
         outcomes = sim.stats(series=False)["outcomes"]
         seen = ", ".join(f"{n} {k}" for k, n in sorted(outcomes.items()) if k != "accepted")
-        return _finish(name, setup, job, sim, bound, recovery, began, note=f"{note}; simulator: {seen}",
-                       timeout=600)
+        return _finish(name, setup, job, sim, bound, recovery, began, note=f"{note}; simulator: {seen}", timeout=600)
 
 
 # Nothing listens here: the job's webhook deliveries are written (and counted), never received.
@@ -438,10 +541,15 @@ def drill_outage(setup: Setup, *, refused_share: float = 0.5, max_backoff: float
     job = submit_rows(setup.dsn, setup.rows, webhook_url=UNHEARD_WEBHOOK)
     config = simulator_config()
     sim = start_simulator(config)
-    workers = start_workers(setup.workers, setup.dsn,
-                            args=setup.worker_args("--circuit-max-backoff", str(max_backoff)),
-                            env={"OPENAI_BASE_URL": sim.openai_base_url, "OPENAI_API_KEY": "sk-test"},
-                            log_dir=os.environ.get("DRILLS_WORKER_LOGS"), append_logs=True, grace=40)
+    workers = start_workers(
+        setup.workers,
+        setup.dsn,
+        args=setup.worker_args("--circuit-max-backoff", str(max_backoff)),
+        env={"OPENAI_BASE_URL": sim.openai_base_url, "OPENAI_API_KEY": "sk-test"},
+        log_dir=os.environ.get("DRILLS_WORKER_LOGS"),
+        append_logs=True,
+        grace=40,
+    )
     sampler = Sampler(setup.dsn, job.id)
     try:
         sampler.wait_for(setup.rows // 2)
@@ -467,9 +575,14 @@ def drill_outage(setup: Setup, *, refused_share: float = 0.5, max_backoff: float
         with psycopg.connect(setup.dsn) as conn:
             dead, attempts = conn.execute(
                 "SELECT count(*) FILTER (WHERE status = 'dead'), coalesce(sum(attempts), 0) FROM batchdb.requests "
-                "WHERE job_id = %s", (job.id,)).fetchone()
-            events = conn.execute("SELECT count(*) FROM batchdb.notification_deliveries WHERE job_id = %s "
-                                  "AND event = 'job.provider_unavailable'", (job.id,)).fetchone()[0]
+                "WHERE job_id = %s",
+                (job.id,),
+            ).fetchone()
+            events = conn.execute(
+                "SELECT count(*) FROM batchdb.notification_deliveries WHERE job_id = %s "
+                "AND event = 'job.provider_unavailable'",
+                (job.id,),
+            ).fetchone()[0]
             opened = conn.execute("SELECT coalesce(sum(n_opened), 0) FROM batchdb.circuits").fetchone()[0]
     finally:
         sampler.stop()
@@ -480,9 +593,12 @@ def drill_outage(setup: Setup, *, refused_share: float = 0.5, max_backoff: float
     if final.status != "completed":
         v.append(f"job.wait() returned {final.status}")
     if status_at_end.status != "running" or not (status_at_end.status_reason or "").startswith(
-            "waiting: provider unavailable"):
-        v.append(f"at the outage's end the job was {status_at_end.status} ({status_at_end.status_reason!r}), "
-                 "not running and waiting for the provider")
+        "waiting: provider unavailable"
+    ):
+        v.append(
+            f"at the outage's end the job was {status_at_end.status} ({status_at_end.status_reason!r}), "
+            "not running and waiting for the provider"
+        )
     if dead:
         v.append(f"{dead} row(s) dead")
     if per_row > 1.02:
@@ -491,32 +607,49 @@ def drill_outage(setup: Setup, *, refused_share: float = 0.5, max_backoff: float
         v.append(f"job.provider_unavailable written {events} time(s), not once")
     if answered_503 == 0:
         v.append("no call met the outage: the drill tested nothing")
-    figures = {"dead": float(dead), "attempts_per_row": per_row, "events": float(events),
-               "resumed_s": -1.0 if resumed is None else resumed, "circuits_opened": float(opened),
-               "outage_s": fault_end - fault_start}
-    note = (f"503 for {failing_s:.0f} s, then connection refused (simulator stopped) for {refused_s:.0f} s; "
-            f"{dead} dead, {per_row:.3f} attempts/row, first row done {figures['resumed_s']:.1f} s after the "
-            f"provider came back, job.provider_unavailable x{events}, circuit opened {opened}x; "
-            f"--circuit-max-backoff {max_backoff:.0f}; {_attempts_setting(setup.dsn, job)}")
+    figures = {
+        "dead": float(dead),
+        "attempts_per_row": per_row,
+        "events": float(events),
+        "resumed_s": -1.0 if resumed is None else resumed,
+        "circuits_opened": float(opened),
+        "outage_s": fault_end - fault_start,
+    }
+    note = (
+        f"503 for {failing_s:.0f} s, then connection refused (simulator stopped) for {refused_s:.0f} s; "
+        f"{dead} dead, {per_row:.3f} attempts/row, first row done {figures['resumed_s']:.1f} s after the "
+        f"provider came back, job.provider_unavailable x{events}, circuit opened {opened}x; "
+        f"--circuit-max-backoff {max_backoff:.0f}; {_attempts_setting(setup.dsn, job)}"
+    )
     return DrillResult("provider outage", setup.rows, check, bound, recovery, wall, note, figures)
 
 
 def drill_429_storm(setup: Setup, *, storm_s: float = 10.0) -> DrillResult:
-    return _simulator_fault("429 storm", setup, {"default_limits": {"rpm": 60, "tpm": None, "rpd": None}},
-                            # Back to a high limit the simulator announces in its x-ratelimit-* headers: healing
-                            # to "unlimited" sends no headers, and the ledger keeps the 60 RPM it learned.
-                            {"default_limits": {"rpm": 1_000_000, "tpm": None, "rpd": None}}, storm_s,
-                            note=f"simulator limit 60 RPM for {storm_s:.0f} s, then 1,000,000 RPM")
+    return _simulator_fault(
+        "429 storm",
+        setup,
+        {"default_limits": {"rpm": 60, "tpm": None, "rpd": None}},
+        # Back to a high limit the simulator announces in its x-ratelimit-* headers: healing
+        # to "unlimited" sends no headers, and the ledger keeps the 60 RPM it learned.
+        {"default_limits": {"rpm": 1_000_000, "tpm": None, "rpd": None}},
+        storm_s,
+        note=f"simulator limit 60 RPM for {storm_s:.0f} s, then 1,000,000 RPM",
+    )
 
 
 def drill_slow_responses(setup: Setup, *, slow_s: float = 8.0, timeout_s: float = 2.0) -> DrillResult:
     slow = {"kind": "fixed", "value": timeout_s * 2}
-    return _simulator_fault("slow responses > --request-timeout", setup, {"latency_s": slow},
-                            {"latency_s": {"kind": LATENCY.kind, "median": LATENCY.median, "sigma": LATENCY.sigma,
-                                           "cap": LATENCY.cap}},
-                            slow_s, worker_args=setup.worker_args("--request-timeout", str(timeout_s)),
-                            bound_includes_accepted=True, settle_s=timeout_s * 2,
-                            note=f"latency {timeout_s * 2:.0f} s for {slow_s:.0f} s, --request-timeout {timeout_s:.0f}")
+    return _simulator_fault(
+        "slow responses > --request-timeout",
+        setup,
+        {"latency_s": slow},
+        {"latency_s": {"kind": LATENCY.kind, "median": LATENCY.median, "sigma": LATENCY.sigma, "cap": LATENCY.cap}},
+        slow_s,
+        worker_args=setup.worker_args("--request-timeout", str(timeout_s)),
+        bound_includes_accepted=True,
+        settle_s=timeout_s * 2,
+        note=f"latency {timeout_s * 2:.0f} s for {slow_s:.0f} s, --request-timeout {timeout_s:.0f}",
+    )
 
 
 def drill_connection_resets(setup: Setup, *, rate: float = 0.05) -> DrillResult:
@@ -526,8 +659,16 @@ def drill_connection_resets(setup: Setup, *, rate: float = 0.05) -> DrillResult:
     with running(setup, sim_config=config, max_attempts=20) as (job, sim, _workers, _sampler):
         job.wait(timeout=300)
         resets = sim.stats(series=False)
-        return _finish("connection resets", setup, job, sim, 0, "n/a (whole job)", began,
-                       note=f"{rate:.0%} of calls reset: {_outcome(resets, 'connection_reset')} resets")
+        return _finish(
+            "connection resets",
+            setup,
+            job,
+            sim,
+            0,
+            "n/a (whole job)",
+            began,
+            note=f"{rate:.0%} of calls reset: {_outcome(resets, 'connection_reset')} resets",
+        )
 
 
 def _outcome(stats: dict[str, object], name: str) -> int:
@@ -583,15 +724,23 @@ def drill_result_write_failures(setup: Setup, *, sqlstate: str = "P0001", fault_
             fault_end = time.monotonic()
             job.wait(timeout=300)
             refused_rows = conn.execute(
-                "SELECT count(*) FROM batchdb.requests WHERE job_id = %s AND id %% 5 = 0 AND attempts > 1",
-                (job.id,)).fetchone()[0]
+                "SELECT count(*) FROM batchdb.requests WHERE job_id = %s AND id %% 5 = 0 AND attempts > 1", (job.id,)
+            ).fetchone()[0]
             raised = conn.execute("SELECT last_value, is_called FROM public.drill_refused_writes").fetchone()
         recovery = sampler.recovery(fault_start, fault_end)
         raised_n = raised[0] if raised[1] else 0
         label = {"P0001": "trigger error", "53100": "disk full"}.get(sqlstate, sqlstate)
-        result = _finish(f"result write fails ({label})", setup, job, sim, refused_rows, recovery, began,
-                         note=f"every 5th row refused ({sqlstate}) for {fault_s:.0f} s: {raised_n} refusals, "
-                              f"{refused_rows} rows retried")
+        result = _finish(
+            f"result write fails ({label})",
+            setup,
+            job,
+            sim,
+            refused_rows,
+            recovery,
+            began,
+            note=f"every 5th row refused ({sqlstate}) for {fault_s:.0f} s: {raised_n} refusals, "
+            f"{refused_rows} rows retried",
+        )
         if raised_n == 0:
             result.check.violations.append("the trigger never fired: the drill tested nothing")
         return result
@@ -604,16 +753,27 @@ def drill_poison_rows(setup: Setup, *, every: int = 50) -> DrillResult:
     poison = len(range(0, setup.rows, every))
     with running(setup, sim_config=config, poison_every=every) as (job, sim, _workers, _sampler):
         job.wait(timeout=300)
-        return _finish("poison rows (context too long)", setup, job, sim, 0, "n/a (whole job)", began,
-                       poison=poison, note=f"{poison} poison rows failed on their first attempt")
+        return _finish(
+            "poison rows (context too long)",
+            setup,
+            job,
+            sim,
+            0,
+            "n/a (whole job)",
+            began,
+            poison=poison,
+            note=f"{poison} poison rows failed on their first attempt",
+        )
 
 
 CLOCK_SKEW_S = 3600.0
 # Run as `python -c CLOCK_PROBE <worker options>`: the worker process first prints its own wall
 # clock (time.time and datetime.now, both read through libc's clock_gettime), then runs.
-CLOCK_PROBE = ("import sys, time, datetime; "
-               "print(f'worker clock {time.time():.3f} {datetime.datetime.now().timestamp():.3f}', flush=True); "
-               "from batchdb.cli import main; main(['worker', *sys.argv[1:]])")
+CLOCK_PROBE = (
+    "import sys, time, datetime; "
+    "print(f'worker clock {time.time():.3f} {datetime.datetime.now().timestamp():.3f}', flush=True); "
+    "from batchdb.cli import main; main(['worker', *sys.argv[1:]])"
+)
 FAKETIME_LIBRARIES = ("/usr/lib/*/faketime/libfaketimeMT.so.1", "/usr/lib/faketime/libfaketimeMT.so.1")
 
 
@@ -629,8 +789,15 @@ def skewed_worker_command(skew_s: float) -> tuple[str, ...]:
     library = faketime_library()
     if library is None:
         raise RuntimeError("the clock-skew drill needs libfaketime; run: apt-get install -y libfaketime")
-    return ("env", f"LD_PRELOAD={library}", f"FAKETIME={skew_s:+.0f}", "FAKETIME_DONT_FAKE_MONOTONIC=1",
-            sys.executable, "-c", CLOCK_PROBE)
+    return (
+        "env",
+        f"LD_PRELOAD={library}",
+        f"FAKETIME={skew_s:+.0f}",
+        "FAKETIME_DONT_FAKE_MONOTONIC=1",
+        sys.executable,
+        "-c",
+        CLOCK_PROBE,
+    )
 
 
 def worker_clock_offsets(log_paths: list[Path], started_at: list[float]) -> list[float | None]:
@@ -655,8 +822,9 @@ def drill_clock_skew(setup: Setup) -> DrillResult:
     with tempfile.TemporaryDirectory(prefix="drill-clock-") as scratch:
         logs = os.environ.get("DRILLS_WORKER_LOGS") or scratch  # the clocks are read from the workers' logs
         spawned = [time.time()] * ahead
-        with running(dataclasses.replace(setup, workers=ahead), command=skewed_worker_command(CLOCK_SKEW_S),
-                     log_dir=logs) as (job, sim, workers, sampler):
+        with running(
+            dataclasses.replace(setup, workers=ahead), command=skewed_worker_command(CLOCK_SKEW_S), log_dir=logs
+        ) as (job, sim, workers, sampler):
             behind = max(1, setup.workers - ahead)
             spawned += [time.time()] * behind
             workers.start(behind, command=skewed_worker_command(-CLOCK_SKEW_S))
@@ -664,24 +832,36 @@ def drill_clock_skew(setup: Setup) -> DrillResult:
             with psycopg.connect(setup.dsn, autocommit=True) as conn:
                 longest = conn.execute(
                     "SELECT coalesce(max(extract(epoch FROM lease_expires_at - now())), 0) FROM batchdb.requests "
-                    "WHERE job_id = %s AND status = 'running'", (job.id,)).fetchone()[0]
+                    "WHERE job_id = %s AND status = 'running'",
+                    (job.id,),
+                ).fetchone()[0]
             job.wait(timeout=300)
             offsets = worker_clock_offsets(workers.log_paths, spawned)
             with psycopg.connect(setup.dsn, autocommit=True) as conn:
-                reclaimed = conn.execute("SELECT count(*) FROM batchdb.requests WHERE job_id = %s AND attempts > 1",
-                                         (job.id,)).fetchone()[0]
+                reclaimed = conn.execute(
+                    "SELECT count(*) FROM batchdb.requests WHERE job_id = %s AND attempts > 1", (job.id,)
+                ).fetchone()[0]
             clocks = ", ".join("?" if o is None else f"{o:+.0f} s" for o in offsets)
-            result = _finish("worker clocks +/- 1 h", setup, job, sim, 0, "n/a (no outage)", began,
-                             note=f"libfaketime; worker clocks measured {clocks}; longest lease left "
-                                  f"{float(longest):.1f} s (lease {setup.lease_seconds:.0f} s); "
-                                  f"{reclaimed} rows reclaimed")
+            result = _finish(
+                "worker clocks +/- 1 h",
+                setup,
+                job,
+                sim,
+                0,
+                "n/a (no outage)",
+                began,
+                note=f"libfaketime; worker clocks measured {clocks}; longest lease left "
+                f"{float(longest):.1f} s (lease {setup.lease_seconds:.0f} s); "
+                f"{reclaimed} rows reclaimed",
+            )
     expected = [CLOCK_SKEW_S] * ahead + [-CLOCK_SKEW_S] * behind
     result.clock_offsets = offsets
     for i, (offset, want) in enumerate(zip(offsets, expected, strict=True)):
         # Within two minutes of the skew: process start-up on a loaded machine is the slack.
         if offset is None or abs(offset - want) > 120:
-            result.check.violations.append(f"worker {i}'s clock was off by {offset} s, not {want:+.0f} s: "
-                                           "the drill injected no skew")
+            result.check.violations.append(
+                f"worker {i}'s clock was off by {offset} s, not {want:+.0f} s: the drill injected no skew"
+            )
     if float(longest) > setup.lease_seconds + 1:
         result.check.violations.append(f"a lease runs {float(longest):.0f} s ahead of database time")
     if reclaimed:
@@ -702,8 +882,17 @@ DRILLS: dict[str, Callable[[Setup], DrillResult]] = {
     "clock": drill_clock_skew,
 }
 
-HEADERS = ["drill", "rows", "rows lost", "duplicate provider calls", "bound (in flight at fault)",
-           "time to recover (s)", "wall (s)", "invariants", "fault"]
+HEADERS = [
+    "drill",
+    "rows",
+    "rows lost",
+    "duplicate provider calls",
+    "bound (in flight at fault)",
+    "time to recover (s)",
+    "wall (s)",
+    "invariants",
+    "fault",
+]
 
 
 def run_drill(name: str, admin_dsn: str, rows: int, workers: int, outage_s: float) -> DrillResult:
@@ -719,8 +908,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=5_000)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--only", choices=sorted(DRILLS), action="append")
-    parser.add_argument("--outage-seconds", type=float, default=600.0,
-                        help="length of the provider outage drill (503s, then connection refused)")
+    parser.add_argument(
+        "--outage-seconds",
+        type=float,
+        default=600.0,
+        help="length of the provider outage drill (503s, then connection refused)",
+    )
     parser.add_argument("--admin-dsn", default=os.environ.get("BATCHDB_TEST_DSN", DEFAULT_ADMIN_DSN))
     args = parser.parse_args(argv)
     # SIGTERM (e.g. `timeout`) unwinds like Ctrl-C, so the finally blocks stop workers and drop databases.
@@ -735,9 +928,13 @@ def main(argv: list[str] | None = None) -> int:
             result = DrillResult(name, args.rows, Check(args.rows, 0, -1, 0, 0, [f"raised {exc!r}"]), 0, "-", 0.0)
         progress(f"drill {name}: {'ok' if result.ok else result.check.violations} in {result.wall_s:.1f} s")
         results.append(result)
-    print_table(f"Fault drills: {args.rows:,} rows, {args.workers} workers x 16 concurrency, simulator latency "
-                f"lognormal median 0.25 s", HEADERS, [r.cells() for r in results],
-                notes=["duplicate provider calls = simulator `accepted` - rows succeeded; rows lost must be 0."])
+    print_table(
+        f"Fault drills: {args.rows:,} rows, {args.workers} workers x 16 concurrency, simulator latency "
+        f"lognormal median 0.25 s",
+        HEADERS,
+        [r.cells() for r in results],
+        notes=["duplicate provider calls = simulator `accepted` - rows succeeded; rows lost must be 0."],
+    )
     print(json.dumps({r.name: r.ok for r in results}), file=sys.stderr)
     return 0 if all(r.ok for r in results) else 1
 

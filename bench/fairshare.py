@@ -91,30 +91,54 @@ def run_scenario(admin_dsn: str, sim_url: str, name: str, args: argparse.Namespa
             as_user = {label: make_conninfo(dsn, user=role) for label, role in names.items()}
             for tenant in (first, second):
                 for i, rows in enumerate(tenant.jobs):
-                    batchdb.submit(frame(rows, tenant.label), prompt="{text}", model=MODEL, provider="openai",
-                                   max_tokens=16, priority=2 if i == 0 and len(tenant.jobs) > 1 else 1,
-                                   name=f"{tenant.label}-{i}", dsn=as_user[tenant.label])
+                    batchdb.submit(
+                        frame(rows, tenant.label),
+                        prompt="{text}",
+                        model=MODEL,
+                        provider="openai",
+                        max_tokens=16,
+                        priority=2 if i == 0 and len(tenant.jobs) > 1 else 1,
+                        name=f"{tenant.label}-{i}",
+                        dsn=as_user[tenant.label],
+                    )
             env = {"OPENAI_BASE_URL": sim_url, "OPENAI_API_KEY": API_KEY}
             started = time.monotonic()
-            with start_workers(args.workers, as_user["worker"], env=env, log_dir=workdir,
-                               args=("--concurrency", str(args.concurrency))):
-                progress(f"{name}: {args.workers} workers x {args.concurrency} in flight, {args.rpm} RPM, "
-                         f"{args.seconds:.0f} s")
+            with start_workers(
+                args.workers, as_user["worker"], env=env, log_dir=workdir, args=("--concurrency", str(args.concurrency))
+            ):
+                progress(
+                    f"{name}: {args.workers} workers x {args.concurrency} in flight, {args.rpm} RPM, "
+                    f"{args.seconds:.0f} s"
+                )
                 time.sleep(max(0.0, args.seconds / 2 - (time.monotonic() - started)))
-                newcomer = batchdb.submit(frame(10, "erin"), prompt="{text}", model=MODEL, provider="openai",
-                                          max_tokens=16, name="erin-tiny", dsn=as_user["erin"])
-                submitted_at = admin.execute("SELECT created_at FROM batchdb.jobs WHERE id = %s",
-                                             (newcomer.id,)).fetchone()[0]
+                newcomer = batchdb.submit(
+                    frame(10, "erin"),
+                    prompt="{text}",
+                    model=MODEL,
+                    provider="openai",
+                    max_tokens=16,
+                    name="erin-tiny",
+                    dsn=as_user["erin"],
+                )
+                submitted_at = admin.execute(
+                    "SELECT created_at FROM batchdb.jobs WHERE id = %s", (newcomer.id,)
+                ).fetchone()[0]
                 time.sleep(max(0.0, args.seconds - (time.monotonic() - started)))
-                window = admin.execute("SELECT now() - make_interval(secs => %s), now()",
-                                       (args.seconds - args.warmup,)).fetchone()
-            per_owner = dict(admin.execute(
-                "SELECT j.owner, count(*) FROM batchdb.requests q JOIN batchdb.jobs j ON j.id = q.job_id "
-                "WHERE q.status = 'succeeded' AND q.finished_at BETWEEN %s AND %s GROUP BY j.owner",
-                window).fetchall())
+                window = admin.execute(
+                    "SELECT now() - make_interval(secs => %s), now()", (args.seconds - args.warmup,)
+                ).fetchone()
+            per_owner = dict(
+                admin.execute(
+                    "SELECT j.owner, count(*) FROM batchdb.requests q JOIN batchdb.jobs j ON j.id = q.job_id "
+                    "WHERE q.status = 'succeeded' AND q.finished_at BETWEEN %s AND %s GROUP BY j.owner",
+                    window,
+                ).fetchall()
+            )
             first_sent, last_done = admin.execute(
                 "SELECT min(started_at), max(finished_at) FILTER (WHERE status = 'succeeded') "
-                "FROM batchdb.requests WHERE job_id = %s", (newcomer.id,)).fetchone()
+                "FROM batchdb.requests WHERE job_id = %s",
+                (newcomer.id,),
+            ).fetchone()
             erin_done = newcomer.status().n_succeeded == 10
             rate_limited = admin.execute("SELECT coalesce(sum(rate_limited), 0) FROM batchdb.rate_limits").fetchone()[0]
     total_weight = first.weight + second.weight
@@ -140,14 +164,30 @@ def report(results: list[Result]) -> tuple[list[list[str]], list[str]]:
     for r in results:
         for label, (share, calls) in r.shares.items():
             error = share - r.expected[label]
-            rows.append([r.scenario, label, f"{r.expected[label]:.1%}", f"{share:.1%} ({calls:,} calls)",
-                         f"{error:+.1%}", "ok" if abs(error) <= 0.05 else "MISS"])
+            rows.append(
+                [
+                    r.scenario,
+                    label,
+                    f"{r.expected[label]:.1%}",
+                    f"{share:.1%} ({calls:,} calls)",
+                    f"{error:+.1%}",
+                    "ok" if abs(error) <= 0.05 else "MISS",
+                ]
+            )
             if abs(error) > 0.05:
                 missed.append(f"{r.scenario}: {label} MISS: {share:.1%} of calls, expected {r.expected[label]:.1%}")
-        rows.append([r.scenario, "erin (10 rows, mid-run)", "-",
-                     f"first call {r.newcomer_first_s:.1f} s, done {r.newcomer_done_s:.1f} s"
-                     if r.newcomer_first_s is not None and r.newcomer_done_s is not None else "NOT SERVED",
-                     "-", f"{r.calls_per_s:.1f} calls/s, {r.rate_limited} 429s"])
+        rows.append(
+            [
+                r.scenario,
+                "erin (10 rows, mid-run)",
+                "-",
+                f"first call {r.newcomer_first_s:.1f} s, done {r.newcomer_done_s:.1f} s"
+                if r.newcomer_first_s is not None and r.newcomer_done_s is not None
+                else "NOT SERVED",
+                "-",
+                f"{r.calls_per_s:.1f} calls/s, {r.rate_limited} 429s",
+            ]
+        )
         if r.newcomer_first_s is None or r.newcomer_done_s is None:
             missed.append(f"{r.scenario}: the newcomer's 10 rows were NOT SERVED")
     return rows, missed
@@ -172,18 +212,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenarios", default="equal,weighted")
     args = parser.parse_args(argv)
     low, high = (float(x) for x in args.latency.split(","))
-    config = SimulatorConfig(seed=5, default_limits=Limits(rpm=args.rpm),
-                             latency_s=Distribution(kind="uniform", low=low, high=high))
+    config = SimulatorConfig(
+        seed=5, default_limits=Limits(rpm=args.rpm), latency_s=Distribution(kind="uniform", low=low, high=high)
+    )
     results = []
     with start_simulator(config) as sim, tempfile.TemporaryDirectory(prefix="bench-fairshare-") as tmp:
         for name in [s for s in args.scenarios.split(",") if s]:
             results.append(run_scenario(args.dsn, sim.openai_base_url, name, args, Path(tmp)))
     rows, missed = report(results)
-    print_table("Fair share between users on one key (target: within +-5% of the weights)",
-                ["scenario", "user", "weight share", "measured share", "error", "note"], rows,
-                [environment_line(args.dsn),
-                 f"{args.workers} workers x {args.concurrency} in flight; key limit {args.rpm} RPM; latency "
-                 f"uniform {low}-{high} s; window = last {args.seconds - args.warmup:.0f} s of {args.seconds:.0f} s"])
+    print_table(
+        "Fair share between users on one key (target: within +-5% of the weights)",
+        ["scenario", "user", "weight share", "measured share", "error", "note"],
+        rows,
+        [
+            environment_line(args.dsn),
+            f"{args.workers} workers x {args.concurrency} in flight; key limit {args.rpm} RPM; latency "
+            f"uniform {low}-{high} s; window = last {args.seconds - args.warmup:.0f} s of {args.seconds:.0f} s",
+        ],
+    )
     for line in missed:
         print(line, file=sys.stderr)
     return 1 if missed else 0

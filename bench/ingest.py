@@ -98,8 +98,13 @@ def run_child(path: Path, dsn: str, workdir: Path) -> dict:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"submit child exited with {proc.returncode}")
-    return {**json.loads(out.read_text()), "process_seconds": wall, "peak_rss_bytes": usage.ru_maxrss * 1024,
-            "polled_peak_rss_bytes": polled_peak, "parent_maxrss_bytes": parent_maxrss}
+    return {
+        **json.loads(out.read_text()),
+        "process_seconds": wall,
+        "peak_rss_bytes": usage.ru_maxrss * 1024,
+        "polled_peak_rss_bytes": polled_peak,
+        "parent_maxrss_bytes": parent_maxrss,
+    }
 
 
 def verify(dsn: str, job_id: int, rows: int) -> dict:
@@ -107,15 +112,20 @@ def verify(dsn: str, job_id: int, rows: int) -> dict:
         status, n_total = conn.execute("SELECT status, n_total FROM batchdb.jobs WHERE id = %s", [job_id]).fetchone()
         counted, distinct_ids, with_headline = conn.execute(
             "SELECT count(*), count(DISTINCT custom_id), count(*) FILTER (WHERE input ? 'headline') "
-            "FROM batchdb.requests WHERE job_id = %s", [job_id]).fetchone()
+            "FROM batchdb.requests WHERE job_id = %s",
+            [job_id],
+        ).fetchone()
     ok = status == "running" and n_total == counted == distinct_ids == with_headline == rows
     return {"status": status, "n_total": n_total, "counted": counted, "ok": ok}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dsn", default=DEFAULT_ADMIN_DSN,
-                        help="admin DSN; a scratch database is created on that server and dropped afterwards")
+    parser.add_argument(
+        "--dsn",
+        default=DEFAULT_ADMIN_DSN,
+        help="admin DSN; a scratch database is created on that server and dropped afterwards",
+    )
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--keep-db", action="store_true", help="keep the scratch database for inspection")
     parser.add_argument("--child", nargs=3, metavar=("PATH", "DSN", "OUT"), help=argparse.SUPPRESS)
@@ -152,20 +162,36 @@ def main(argv: list[str] | None = None) -> None:
     rss_ok = rss < TARGET_RSS_BYTES
     rows = [
         ["rows submitted (Parquet, 4 columns)", fmt_int(args.rows), f"file {size_mb:.1f} MB"],
-        ["submit() wall time", f"{seconds:.2f} s",
-         f"target <= {TARGET_SECONDS * scale:.0f} s: {'PASS' if time_ok else 'MISS'}"],
+        [
+            "submit() wall time",
+            f"{seconds:.2f} s",
+            f"target <= {TARGET_SECONDS * scale:.0f} s: {'PASS' if time_ok else 'MISS'}",
+        ],
         ["throughput", f"{fmt_int(args.rows / seconds)} rows/s", ""],
-        ["peak RSS of the submitting process (ru_maxrss via wait4)", f"{rss / 2**20:,.0f} MiB",
-         f"target < 1 GiB: {'PASS' if rss_ok else 'MISS'}"],
-        ["peak RSS, psutil polled every 20 ms", f"{figures['polled_peak_rss_bytes'] / 2**20:,.0f} MiB",
-         f"bench parent's own high-water at spawn: {figures['parent_maxrss_bytes'] / 2**20:,.0f} MiB"],
+        [
+            "peak RSS of the submitting process (ru_maxrss via wait4)",
+            f"{rss / 2**20:,.0f} MiB",
+            f"target < 1 GiB: {'PASS' if rss_ok else 'MISS'}",
+        ],
+        [
+            "peak RSS, psutil polled every 20 ms",
+            f"{figures['polled_peak_rss_bytes'] / 2**20:,.0f} MiB",
+            f"bench parent's own high-water at spawn: {figures['parent_maxrss_bytes'] / 2**20:,.0f} MiB",
+        ],
         ["child process wall (interpreter start + imports + submit)", f"{figures['process_seconds']:.2f} s", ""],
-        ["job rows in batchdb.requests", fmt_int(check["counted"]),
-         f"n_total {fmt_int(check['n_total'])}, status {check['status']}: {'OK' if check['ok'] else 'WRONG'}"],
+        [
+            "job rows in batchdb.requests",
+            fmt_int(check["counted"]),
+            f"n_total {fmt_int(check['n_total'])}, status {check['status']}: {'OK' if check['ok'] else 'WRONG'}",
+        ],
         ["(not timed) Parquet generation", f"{generation.seconds:.1f} s", ""],
     ]
-    print_table("batchdb ingest: submit() of a Parquet file", ["measure", "value", "target / check"], rows,
-                notes=[f"Environment: {env}", f"Background before the run: {before}"])
+    print_table(
+        "batchdb ingest: submit() of a Parquet file",
+        ["measure", "value", "target / check"],
+        rows,
+        notes=[f"Environment: {env}", f"Background before the run: {before}"],
+    )
     if not check["ok"]:
         raise SystemExit("the job does not hold every row")
 

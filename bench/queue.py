@@ -106,8 +106,16 @@ def _busy(t: psutil._common.scputimes) -> float:
 def run_workers(dsn: str, n: int) -> tuple[float, float, float]:
     """Start n worker processes, wait for all to exit; (wall s, their CPU s, machine CPU busy %)."""
     env = {**os.environ, "BATCHDB_DSN": dsn, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "batchdb.workers", "--concurrency", "256", "--exit-when-idle",
-           "--poll-interval", "0.5"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "batchdb.workers",
+        "--concurrency",
+        "256",
+        "--exit-when-idle",
+        "--poll-interval",
+        "0.5",
+    ]
     usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_before = psutil.cpu_times()
     started = time.perf_counter()
@@ -132,8 +140,9 @@ def run_workers(dsn: str, n: int) -> tuple[float, float, float]:
                 raise SystemExit(f"worker exited with {p.returncode}:\n{log.read_text()[-2000:]}")
     usage_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_after = psutil.cpu_times()
-    elapsed_cpu = (_busy(cpu_after) + cpu_after.idle + cpu_after.iowait) - (_busy(cpu_before) + cpu_before.idle
-                                                                           + cpu_before.iowait)
+    elapsed_cpu = (_busy(cpu_after) + cpu_after.idle + cpu_after.iowait) - (
+        _busy(cpu_before) + cpu_before.idle + cpu_before.iowait
+    )
     machine = 100.0 * (_busy(cpu_after) - _busy(cpu_before)) / max(elapsed_cpu, 1e-9)
     worker_cpu = (usage_after.ru_utime - usage_before.ru_utime) + (usage_after.ru_stime - usage_before.ru_stime)
     return wall, worker_cpu, machine
@@ -145,32 +154,51 @@ def verify_job(dsn: str, job_id: int, rows: int) -> tuple[bool, str, float]:
         job = conn.execute(
             "SELECT status, n_total, n_succeeded, n_failed, n_dead, n_retries, prompt_tokens, completion_tokens, "
             "cost_usd, extract(epoch FROM finished_at - started_at)::float8 AS seconds "
-            "FROM batchdb.jobs WHERE id = %s", [job_id]).fetchone()
+            "FROM batchdb.jobs WHERE id = %s",
+            [job_id],
+        ).fetchone()
         rows_check = conn.execute(
             "SELECT count(*) FILTER (WHERE status = 'succeeded') AS succeeded, "
             "count(*) FILTER (WHERE attempts <> 1) AS not_once, "
             "count(*) FILTER (WHERE cost_usd <= 0 OR prompt_tokens <= 0) AS unpriced "
-            "FROM batchdb.requests WHERE job_id = %s", [job_id]).fetchone()
+            "FROM batchdb.requests WHERE job_id = %s",
+            [job_id],
+        ).fetchone()
         # `writes` counts every write of a row's result: a double completion shows as writes > 1.
-        results = conn.execute("SELECT count(*) AS n, count(*) FILTER (WHERE writes > 1) AS overwritten "
-                               "FROM batchdb.results WHERE job_id = %s", [job_id]).fetchone()
+        results = conn.execute(
+            "SELECT count(*) AS n, count(*) FILTER (WHERE writes > 1) AS overwritten "
+            "FROM batchdb.results WHERE job_id = %s",
+            [job_id],
+        ).fetchone()
         by_workers = conn.execute("SELECT coalesce(sum(n_completed), 0) AS n FROM batchdb.workers").fetchone()["n"]
-    ok = (job["status"] == "completed" and job["n_total"] == job["n_succeeded"] == rows
-          and job["n_failed"] == job["n_dead"] == job["n_retries"] == 0
-          and rows_check["succeeded"] == rows and rows_check["not_once"] == 0 and rows_check["unpriced"] == 0
-          and results["n"] == rows and results["overwritten"] == 0 and by_workers == rows)
-    detail = (f"succeeded {fmt_int(job['n_succeeded'])}, results {fmt_int(results['n'])}, "
-              f"attempts<>1: {rows_check['not_once']}, retries {job['n_retries']}, "
-              f"workers' count {fmt_int(by_workers)}, cost ${job['cost_usd']:.2f}")
+    ok = (
+        job["status"] == "completed"
+        and job["n_total"] == job["n_succeeded"] == rows
+        and job["n_failed"] == job["n_dead"] == job["n_retries"] == 0
+        and rows_check["succeeded"] == rows
+        and rows_check["not_once"] == 0
+        and rows_check["unpriced"] == 0
+        and results["n"] == rows
+        and results["overwritten"] == 0
+        and by_workers == rows
+    )
+    detail = (
+        f"succeeded {fmt_int(job['n_succeeded'])}, results {fmt_int(results['n'])}, "
+        f"attempts<>1: {rows_check['not_once']}, retries {job['n_retries']}, "
+        f"workers' count {fmt_int(by_workers)}, cost ${job['cost_usd']:.2f}"
+    )
     return ok, detail, job["seconds"]
 
 
 def price_instant_provider(dsn: str) -> None:
     """batchdb.prices has no row for provider 'instant'; copy gpt-4o-mini's so every row's cost is really computed."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok) "
-                     "SELECT 'instant', model, input_per_mtok, output_per_mtok FROM batchdb.prices "
-                     "WHERE provider = 'openai' AND model = %s", [MODEL])
+        conn.execute(
+            "INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok) "
+            "SELECT 'instant', model, input_per_mtok, output_per_mtok FROM batchdb.prices "
+            "WHERE provider = 'openai' AND model = %s",
+            [MODEL],
+        )
 
 
 def throughput(admin_dsn: str, rows: int, workers: list[int]) -> list[Throughput]:
@@ -205,12 +233,28 @@ def pgqueuer_script(explicit: Path | None) -> Path:
     PGQUEUER_CACHE.mkdir(parents=True, exist_ok=True)
     progress(f"pgqueuer: downloading the pgqueuer {PGQUEUER_VERSION} sdist for tools/benchmark.py")
     download = subprocess.run(
-        [sys.executable, "-m", "pip", "download", f"pgqueuer=={PGQUEUER_VERSION}", "--no-binary", ":all:",
-         "--no-deps", "--quiet", "-d", str(PGQUEUER_CACHE)], capture_output=True, text=True)
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            f"pgqueuer=={PGQUEUER_VERSION}",
+            "--no-binary",
+            ":all:",
+            "--no-deps",
+            "--quiet",
+            "-d",
+            str(PGQUEUER_CACHE),
+        ],
+        capture_output=True,
+        text=True,
+    )
     sdist = PGQUEUER_CACHE / f"pgqueuer-{PGQUEUER_VERSION}.tar.gz"
     if download.returncode != 0 or not sdist.exists():
-        raise SystemExit(f"could not download the pgqueuer sdist ({download.stderr.strip()[-500:]}); "
-                         "pass --pgqueuer-script PATH/tools/benchmark.py or --skip-pgqueuer")
+        raise SystemExit(
+            f"could not download the pgqueuer sdist ({download.stderr.strip()[-500:]}); "
+            "pass --pgqueuer-script PATH/tools/benchmark.py or --skip-pgqueuer"
+        )
     with tarfile.open(sdist) as tar:
         tar.extract(f"pgqueuer-{PGQUEUER_VERSION}/tools/benchmark.py", PGQUEUER_CACHE, filter="data")
     return script
@@ -220,9 +264,14 @@ def run_pgqueuer(script: Path, dsn: str, args: list[str], log: Path) -> dict:
     out = log.with_suffix(".json")
     env = {**os.environ, **libpq_env(dsn), "PGQUEUER_TABLEFMT": "github"}
     with log.open("w") as handle:
-        proc = subprocess.run([sys.executable, str(script), "-d", "psy", "--output-json", str(out), *args],
-                              cwd=script.parent.parent, env=env, stdout=handle, stderr=subprocess.STDOUT,
-                              timeout=300)
+        proc = subprocess.run(
+            [sys.executable, str(script), "-d", "psy", "--output-json", str(out), *args],
+            cwd=script.parent.parent,
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            timeout=300,
+        )
     if proc.returncode != 0 or not out.exists():
         raise SystemExit(f"pgqueuer's benchmark failed ({proc.returncode}); see {log}:\n{log.read_text()[-2000:]}")
     return json.loads(out.read_text())
@@ -230,8 +279,9 @@ def run_pgqueuer(script: Path, dsn: str, args: list[str], log: Path) -> dict:
 
 def pgqueuer_baseline(admin_dsn: str, script: Path, seconds: float, drain_jobs: int) -> dict[str, dict]:
     with scratch_database(admin_dsn, "pgq", migrate=False) as dsn, tempfile.TemporaryDirectory() as tmp:
-        install = subprocess.run([str(Path(sys.executable).parent / "pgq"), "--pg-dsn", dsn, "install"],
-                                 capture_output=True, text=True)
+        install = subprocess.run(
+            [str(Path(sys.executable).parent / "pgq"), "--pg-dsn", dsn, "install"], capture_output=True, text=True
+        )
         if install.returncode != 0:
             raise SystemExit(f"pgq install failed: {install.stdout}{install.stderr}")
         progress(f"pgqueuer: throughput strategy for {seconds:.0f}s (5 consumers x batch 10, 1 producer x batch 10)")
@@ -266,9 +316,14 @@ class Latency:
         return percentile(self.samples, 95)
 
 
-CLAIM_PARAMS = {"worker_id": "bench", "lease_seconds": 60.0, "max_jobs": 16,
-                # A worker claims only on the lanes it serves (workers/lanes.py).
-                "lane_providers": ["instant"], "lane_key_aliases": ["default"]}
+CLAIM_PARAMS = {
+    "worker_id": "bench",
+    "lease_seconds": 60.0,
+    "max_jobs": 16,
+    # A worker claims only on the lanes it serves (workers/lanes.py).
+    "lane_providers": ["instant"],
+    "lane_key_aliases": ["default"],
+}
 CLAIM_LANES = [("instant", "default")]
 
 
@@ -278,8 +333,9 @@ async def time_claims(conn: psycopg.AsyncConnection, batch: int, reps: int, warm
     for i in range(warmup + reps):
         async with conn.transaction(force_rollback=True):
             started = time.perf_counter()
-            claimed = await queue.claim_batch(conn, worker_id="bench", limit=batch, lease_seconds=60.0,
-                                              lanes=CLAIM_LANES)
+            claimed = await queue.claim_batch(
+                conn, worker_id="bench", limit=batch, lease_seconds=60.0, lanes=CLAIM_LANES
+            )
             elapsed = (time.perf_counter() - started) * 1000
         if len(claimed) != batch:
             raise SystemExit(f"claim_batch returned {len(claimed)} rows, expected {batch}")
@@ -297,8 +353,9 @@ def plan_figures(plan: str) -> tuple[float, int, int, float | None]:
     lines = plan.splitlines()
     execution = float(re.search(r"Execution Time: ([\d.]+) ms", plan).group(1))
     top = buffers_of(next(line for line in lines if "Buffers: shared" in line).split("Buffers: ")[1])
-    scan = next(i for i, line in enumerate(lines)
-                if re.search(r"Index Scan using requests_\d+_job_id_run_after_id_idx", line))
+    scan = next(
+        i for i, line in enumerate(lines) if re.search(r"Index Scan using requests_\d+_job_id_run_after_id_idx", line)
+    )
     index = buffers_of(next(line for line in lines[scan:] if "Buffers: shared" in line).split("Buffers: ")[1])
     jit = re.search(r"JIT:.*?Total ([\d.]+) ms", plan, re.DOTALL)
     return execution, top, index, None if jit is None else float(jit.group(1))
@@ -319,8 +376,9 @@ async def explain_claim(conn: psycopg.AsyncConnection, batch: int, *, generic: b
             await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
             await conn.execute(f"PREPARE {name} (text, integer, double precision, integer, text[], text[]) AS {text}")
             arguments = sql.SQL(", ").join(sql.Literal(values[k]) for k in order)  # EXECUTE takes no $n parameters
-            cur = await conn.execute(sql.SQL("EXPLAIN (ANALYZE, BUFFERS) EXECUTE {} ({})").format(
-                sql.Identifier(name), arguments))
+            cur = await conn.execute(
+                sql.SQL("EXPLAIN (ANALYZE, BUFFERS) EXECUTE {} ({})").format(sql.Identifier(name), arguments)
+            )
         else:
             cur = await conn.execute("EXPLAIN (ANALYZE, BUFFERS) " + query("claim_batch"), values)
         return "\n".join(row["QUERY PLAN"] for row in await cur.fetchall())
@@ -345,9 +403,11 @@ async def measure_state(dsn: str, state: str, batches: list[int], reps: int) -> 
                 text = await explain_claim(conn, batch, generic=plan == "generic")
                 m = Latency(state, plan, batch, samples, *plan_figures(text), text)
                 measured.append(m)
-                progress(f"claim latency [{state}] {plan} plan, batch {batch}: p50 {m.p50:.2f} ms, "
-                         f"p95 {m.p95:.2f} ms; EXPLAIN {m.explain_ms:.2f} ms, {m.explain_buffers} buffers "
-                         f"({m.index_buffers} in the claimable index), JIT {m.jit_ms} ms")
+                progress(
+                    f"claim latency [{state}] {plan} plan, batch {batch}: p50 {m.p50:.2f} ms, "
+                    f"p95 {m.p95:.2f} ms; EXPLAIN {m.explain_ms:.2f} ms, {m.explain_buffers} buffers "
+                    f"({m.index_buffers} in the claimable index), JIT {m.jit_ms} ms"
+                )
     return measured
 
 
@@ -368,16 +428,27 @@ async def drain_rows(dsn: str, rows: int, tasks: int = 4, batch: int = 500) -> t
                 remaining -= take
                 claimed = await queue.claim_batch(conn, worker_id="bench-drain", limit=take, lease_seconds=60.0)
                 outcomes = [
-                    Outcome(job_id=r.job_id, id=r.id, lease_token=r.lease_token, status=RequestStatus.SUCCEEDED,
-                            prompt_tokens=20, completion_tokens=5, latency_ms=0, response_text="positive",
-                            finish_reason="stop", model=MODEL)
+                    Outcome(
+                        job_id=r.job_id,
+                        id=r.id,
+                        lease_token=r.lease_token,
+                        status=RequestStatus.SUCCEEDED,
+                        prompt_tokens=20,
+                        completion_tokens=5,
+                        latency_ms=0,
+                        response_text="positive",
+                        finish_reason="stop",
+                        model=MODEL,
+                    )
                     for r in claimed
                 ]
                 recorded = await queue.complete_batch(conn, outcomes)
                 if len(recorded) != len(claimed):
                     raise SystemExit("drain: a completion was fenced out")
-            cur = await conn.execute("SELECT generic_plans, custom_plans FROM pg_prepared_statements "
-                                     "WHERE statement LIKE %s", ["%candidate_jobs%"])
+            cur = await conn.execute(
+                "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement LIKE %s",
+                ["%candidate_jobs%"],
+            )
             plan_runs.extend(f"{r['generic_plans']} generic/{r['custom_plans']} custom" for r in await cur.fetchall())
 
     with Stopwatch() as watch:
@@ -390,7 +461,8 @@ def partition_stats(dsn: str, job_id: int) -> dict:
         return conn.execute(
             "SELECT n_live_tup, n_dead_tup, autovacuum_count, vacuum_count, last_autovacuum, "
             "last_autoanalyze FROM pg_stat_user_tables WHERE relid = %s::regclass",
-            [f"batchdb.requests_{job_id}"]).fetchone()
+            [f"batchdb.requests_{job_id}"],
+        ).fetchone()
 
 
 def claim_latency(admin_dsn: str, backlog: int, drain: int, reps: int) -> tuple[list[Latency], list[str]]:
@@ -406,11 +478,13 @@ def claim_latency(admin_dsn: str, backlog: int, drain: int, reps: int) -> tuple[
         time.sleep(1.0)  # let the statistics collector catch up before reading n_dead_tup
         stats = partition_stats(dsn, job.id)
         state = f"after {drain // 1000:,}k claimed+completed, no manual VACUUM"
-        notes.append(f"Drain of {drain:,} rows through claim_batch/complete_batch (4 connections, batches of 500): "
-                     f"{rate:,.0f} rows/s. The prepared claim on those 4 connections ran: {plan_runs}. "
-                     f"At the 'no manual VACUUM' measurement the partition had {fmt_int(stats['n_dead_tup'])} dead "
-                     f"tuples and autovacuum had run {stats['autovacuum_count']} time(s) on it "
-                     f"(last {stats['last_autovacuum'] or 'never'}).")
+        notes.append(
+            f"Drain of {drain:,} rows through claim_batch/complete_batch (4 connections, batches of 500): "
+            f"{rate:,.0f} rows/s. The prepared claim on those 4 connections ran: {plan_runs}. "
+            f"At the 'no manual VACUUM' measurement the partition had {fmt_int(stats['n_dead_tup'])} dead "
+            f"tuples and autovacuum had run {stats['autovacuum_count']} time(s) on it "
+            f"(last {stats['last_autovacuum'] or 'never'})."
+        )
         progress(f"claim latency: partition stats before measuring: {stats}")
         measured += asyncio.run(measure_state(dsn, state, batches, reps))
 
@@ -418,15 +492,19 @@ def claim_latency(admin_dsn: str, backlog: int, drain: int, reps: int) -> tuple[
             conn.execute(f"VACUUM batchdb.requests_{job.id}")
         notes.append(f"Manual VACUUM of the partition took {vacuum.seconds:.1f} s.")
         measured += asyncio.run(measure_state(dsn, "same, after manual VACUUM", batches, reps))
-    notes.append("Claim timings: batchdb.queue.claim_batch on an autocommit psycopg connection like a worker's, "
-                 "10 warm-up claims, then each timed claim rolled back (no commit/WAL flush included; the backlog "
-                 "is unchanged, though every rolled-back claim leaves dead row versions in the heap). 'custom' = "
-                 "planned per call (psycopg never prepares a statement whose transaction rolls back); 'generic' "
-                 "= prepared at once with plan_cache_mode = force_generic_plan (re-prepared on every call, "
-                 "as each rollback clears psycopg's statement cache, so its timings include that round trip).")
+    notes.append(
+        "Claim timings: batchdb.queue.claim_batch on an autocommit psycopg connection like a worker's, "
+        "10 warm-up claims, then each timed claim rolled back (no commit/WAL flush included; the backlog "
+        "is unchanged, though every rolled-back claim leaves dead row versions in the heap). 'custom' = "
+        "planned per call (psycopg never prepares a statement whose transaction rolls back); 'generic' "
+        "= prepared at once with plan_cache_mode = force_generic_plan (re-prepared on every call, "
+        "as each rollback clears psycopg's statement cache, so its timings include that round trip)."
+    )
     for m in measured:
-        print(f"\n-- EXPLAIN (ANALYZE, BUFFERS) claim_batch limit {m.batch}, {m.plan} plan [{m.state}]\n{m.explain}",
-              file=sys.stderr)
+        print(
+            f"\n-- EXPLAIN (ANALYZE, BUFFERS) claim_batch limit {m.batch}, {m.plan} plan [{m.state}]\n{m.explain}",
+            file=sys.stderr,
+        )
     return measured, notes
 
 
@@ -435,8 +513,11 @@ def claim_latency(admin_dsn: str, backlog: int, drain: int, reps: int) -> tuple[
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dsn", default=DEFAULT_ADMIN_DSN,
-                        help="admin DSN; scratch databases are created on that server and dropped afterwards")
+    parser.add_argument(
+        "--dsn",
+        default=DEFAULT_ADMIN_DSN,
+        help="admin DSN; scratch databases are created on that server and dropped afterwards",
+    )
     parser.add_argument("--rows", type=int, default=200_000, help="rows per throughput run")
     parser.add_argument("--workers", default="1,2,4", help="worker process counts to measure")
     parser.add_argument("--backlog", type=int, default=1_000_000, help="backlog for the claim-latency part")
@@ -454,10 +535,12 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     script = None if args.skip_pgqueuer else pgqueuer_script(args.pgqueuer_script)
     runs = throughput(args.dsn, args.rows, [int(n) for n in args.workers.split(",")])
-    baseline = None if script is None else pgqueuer_baseline(args.dsn, script, args.pgqueuer_seconds,
-                                                             args.pgqueuer_drain_jobs)
-    latencies, notes = ([], []) if args.skip_claim_latency else claim_latency(args.dsn, args.backlog, args.drain,
-                                                                               args.claim_reps)
+    baseline = (
+        None if script is None else pgqueuer_baseline(args.dsn, script, args.pgqueuer_seconds, args.pgqueuer_drain_jobs)
+    )
+    latencies, notes = (
+        ([], []) if args.skip_claim_latency else claim_latency(args.dsn, args.backlog, args.drain, args.claim_reps)
+    )
     total = time.perf_counter() - started
     after = background_load(args.dsn)
 
@@ -466,32 +549,61 @@ def main(argv: list[str] | None = None) -> None:
     for r in runs:
         ratio = ""
         if baseline is not None:
-            ratio = (f"{r.rate / ref:.1f}x pgqueuer's throughput figure "
-                     f"({'PASS' if r.rate >= TARGET_RATIO * ref else 'MISS'} >= {TARGET_RATIO:.0f}x), "
-                     f"{r.rate / baseline['drain']['rate']:.1f}x its drain figure")
-        rows.append([f"batchdb, {r.workers} worker process(es) x 256 in flight, {fmt_int(r.rows)} rows",
-                     f"{fmt_int(r.rate)} rows/s", f"{r.db_seconds:.1f} s first claim -> job completed "
-                     f"(wall {r.wall_seconds:.1f} s incl. start/exit; workers' CPU {r.worker_cpu_seconds:.0f} s; "
-                     f"machine CPU {r.machine_cpu_pct:.0f}% busy)",
-                     f"{'OK' if r.verified else 'NOT OK'}: {r.detail}; {ratio}"])
+            ratio = (
+                f"{r.rate / ref:.1f}x pgqueuer's throughput figure "
+                f"({'PASS' if r.rate >= TARGET_RATIO * ref else 'MISS'} >= {TARGET_RATIO:.0f}x), "
+                f"{r.rate / baseline['drain']['rate']:.1f}x its drain figure"
+            )
+        rows.append(
+            [
+                f"batchdb, {r.workers} worker process(es) x 256 in flight, {fmt_int(r.rows)} rows",
+                f"{fmt_int(r.rate)} rows/s",
+                f"{r.db_seconds:.1f} s first claim -> job completed "
+                f"(wall {r.wall_seconds:.1f} s incl. start/exit; workers' CPU {r.worker_cpu_seconds:.0f} s; "
+                f"machine CPU {r.machine_cpu_pct:.0f}% busy)",
+                f"{'OK' if r.verified else 'NOT OK'}: {r.detail}; {ratio}",
+            ]
+        )
     if baseline is not None:
         t, d = baseline["throughput"], baseline["drain"]
-        rows.append(["pgqueuer 1.6.0 tools/benchmark.py -d psy (throughput, default 5x10 consumers, 1x10 producer)",
-                     f"{fmt_int(t['rate'])} jobs/s",
-                     f"{fmt_int(t['steps'])} jobs in {args.pgqueuer_seconds:.0f} s timer",
-                     "enqueue runs concurrently; no-op entrypoint"])
-        rows.append([f"pgqueuer 1.6.0 tools/benchmark.py -d psy --strategy drain --jobs {args.pgqueuer_drain_jobs}",
-                     f"{fmt_int(d['rate'])} jobs/s", f"{fmt_int(d['steps'])} jobs drained", "backlog enqueued first"])
+        rows.append(
+            [
+                "pgqueuer 1.6.0 tools/benchmark.py -d psy (throughput, default 5x10 consumers, 1x10 producer)",
+                f"{fmt_int(t['rate'])} jobs/s",
+                f"{fmt_int(t['steps'])} jobs in {args.pgqueuer_seconds:.0f} s timer",
+                "enqueue runs concurrently; no-op entrypoint",
+            ]
+        )
+        rows.append(
+            [
+                f"pgqueuer 1.6.0 tools/benchmark.py -d psy --strategy drain --jobs {args.pgqueuer_drain_jobs}",
+                f"{fmt_int(d['rate'])} jobs/s",
+                f"{fmt_int(d['steps'])} jobs drained",
+                "backlog enqueued first",
+            ]
+        )
     for m in latencies:
-        rows.append([f"claim_batch({m.batch}), {m.plan} plan, {m.state}", f"p50 {m.p50:.2f} ms / p95 {m.p95:.2f} ms",
-                     f"{len(m.samples)} claims, max {max(m.samples):.2f} ms",
-                     f"EXPLAIN ANALYZE: {m.explain_ms:.2f} ms, {m.explain_buffers:,} buffers, "
-                     f"{m.index_buffers:,} of them in the claimable-index scan"
-                     + ("" if m.jit_ms is None else f"; JIT compilation {m.jit_ms:.1f} ms")])
-    notes = [*notes, f"Total run time {total / 60:.1f} min. Environment: {env}",
-             f"Background before the run: {before}. After: {after}."]
-    print_table("batchdb queue: throughput with the instant provider, pgqueuer baseline, claim latency",
-                ["run", "rate / latency", "how measured", "checks"], rows, notes=notes)
+        rows.append(
+            [
+                f"claim_batch({m.batch}), {m.plan} plan, {m.state}",
+                f"p50 {m.p50:.2f} ms / p95 {m.p95:.2f} ms",
+                f"{len(m.samples)} claims, max {max(m.samples):.2f} ms",
+                f"EXPLAIN ANALYZE: {m.explain_ms:.2f} ms, {m.explain_buffers:,} buffers, "
+                f"{m.index_buffers:,} of them in the claimable-index scan"
+                + ("" if m.jit_ms is None else f"; JIT compilation {m.jit_ms:.1f} ms"),
+            ]
+        )
+    notes = [
+        *notes,
+        f"Total run time {total / 60:.1f} min. Environment: {env}",
+        f"Background before the run: {before}. After: {after}.",
+    ]
+    print_table(
+        "batchdb queue: throughput with the instant provider, pgqueuer baseline, claim latency",
+        ["run", "rate / latency", "how measured", "checks"],
+        rows,
+        notes=notes,
+    )
     if not all(r.verified for r in runs):
         raise SystemExit("a throughput run did not succeed every row exactly once")
 

@@ -59,8 +59,10 @@ if TYPE_CHECKING:
     from batchdb.simulator.process import SimulatorProcess
 
 API_KEY = "sk-bench"
-PROMPT = ("Summarise this news item about {ticker} in two sentences, then label its sentiment as positive, "
-          "negative or neutral.\n\nHeadline: {headline}\n\n{body}")
+PROMPT = (
+    "Summarise this news item about {ticker} in two sentences, then label its sentiment as positive, "
+    "negative or neutral.\n\nHeadline: {headline}\n\n{body}"
+)
 TARGET_UTILISATION = 0.97
 TARGET_429_SHARE = 0.005
 TARGET_RAMP_SECONDS = 10.0
@@ -149,8 +151,13 @@ def prompt_token_stats(table: pa.Table, max_tokens: int, sample: int = 2000) -> 
             raise SystemExit("the baseline client's prompt token count disagrees with batchdb.tokens")
         counts.append(n)
     counts.sort()
-    return {"mean": sum(counts) / len(counts), "min": counts[0], "max": counts[-1],
-            "p5": counts[len(counts) // 20], "p95": counts[len(counts) * 19 // 20]}
+    return {
+        "mean": sum(counts) / len(counts),
+        "min": counts[0],
+        "max": counts[-1],
+        "p5": counts[len(counts) // 20],
+        "p95": counts[len(counts) * 19 // 20],
+    }
 
 
 # -- running a group of processes --------------------------------------------------------------
@@ -166,8 +173,13 @@ class Usage:
     logs: list[str]
 
 
-def run_group(commands: Sequence[list[str]], env: dict[str, str], seconds: float, workdir: Path,
-              on_sample: Callable[[float], None] | None = None) -> Usage:
+def run_group(
+    commands: Sequence[list[str]],
+    env: dict[str, str],
+    seconds: float,
+    workdir: Path,
+    on_sample: Callable[[float], None] | None = None,
+) -> Usage:
     """Start the processes, poll their RSS, SIGTERM them after `seconds`, wait for them to exit.
 
     `on_sample(seconds since start)` is called at every poll until SIGTERM.
@@ -262,28 +274,51 @@ def series_of(stats: dict[str, Any], model: str) -> dict[str, list[int]]:
     return columns
 
 
-def measure(label: str, processes: int, in_flight: int, stats: dict[str, Any], scenario: Scenario,
-            rows_done: int, usage: Usage, model: str) -> Figures:
+def measure(
+    label: str,
+    processes: int,
+    in_flight: int,
+    stats: dict[str, Any],
+    scenario: Scenario,
+    rows_done: int,
+    usage: Usage,
+    model: str,
+) -> Figures:
     s = series_of(stats, model)
     lo, hi = int(scenario.warmup), int(scenario.seconds) - TAIL
     span = hi - lo
     util_req = sum(s["admitted"][lo:hi]) / (span * scenario.rpm / 60)
     util_tok = sum(s["charged_tokens"][lo:hi]) / (span * scenario.tpm / 60)
-    binding, per_second = ((s["charged_tokens"], scenario.tpm / 60) if scenario.binding == "TPM"
-                           else (s["admitted"], scenario.rpm / 60))
+    binding, per_second = (
+        (s["charged_tokens"], scenario.tpm / 60) if scenario.binding == "TPM" else (s["admitted"], scenario.rpm / 60)
+    )
     ramp = None
     for t in range(len(binding)):
-        window = binding[max(0, t - RAMP_WINDOW + 1): t + 1]
+        window = binding[max(0, t - RAMP_WINDOW + 1) : t + 1]
         if sum(window) / RAMP_WINDOW >= RAMP_FRACTION * per_second:
             ramp = float(t + 1)
             break
     late = sum(binding[60:hi]) / ((hi - 60) * per_second) if hi - 60 >= 30 else None
     first_call = next((t for t, n in enumerate(s["admitted"]) if n), None)
     windows = range(max(1, len(binding) - 59))
-    max_req = max(sum(s["admitted"][t:t + 60]) for t in windows)
-    max_tok = max(sum(s["charged_tokens"][t:t + 60]) for t in windows)
-    return Figures(label, processes, in_flight, rows_done, sum(s["requests"]), sum(s["rate_limited"]),
-                   util_req, util_tok, ramp, late, first_call, max_req, max_tok, usage)
+    max_req = max(sum(s["admitted"][t : t + 60]) for t in windows)
+    max_tok = max(sum(s["charged_tokens"][t : t + 60]) for t in windows)
+    return Figures(
+        label,
+        processes,
+        in_flight,
+        rows_done,
+        sum(s["requests"]),
+        sum(s["rate_limited"]),
+        util_req,
+        util_tok,
+        ramp,
+        late,
+        first_call,
+        max_req,
+        max_tok,
+        usage,
+    )
 
 
 # -- batchdb -----------------------------------------------------------------------------------
@@ -302,7 +337,8 @@ class LedgerProbe:
     def __call__(self, t: float) -> None:
         pace, granted = self._conn.execute(
             "SELECT pace, requests_granted FROM batchdb.rate_limits WHERE provider = 'openai' AND model = %s",
-            [self._model]).fetchone()
+            [self._model],
+        ).fetchone()
         self.samples.append((t, pace, granted))
 
     def close(self) -> None:
@@ -314,12 +350,21 @@ class LedgerProbe:
         low = min(self.samples, key=lambda x: x[1])
         slowed = sum(b[0] - a[0] for a, b in zip(self.samples, self.samples[1:], strict=False) if a[1] < 0.99)
         first = next((t for t, _, granted in self.samples if granted), None)
-        return (f"ledger pace (sampled every {SAMPLE_INTERVAL:g} s): lowest {low[1]:.2f} at {low[0]:.0f} s, below "
-                f"0.99 for {slowed:.0f} s in all; first grant seen at {'-' if first is None else f'{first:.1f}'} s")
+        return (
+            f"ledger pace (sampled every {SAMPLE_INTERVAL:g} s): lowest {low[1]:.2f} at {low[0]:.0f} s, below "
+            f"0.99 for {slowed:.0f} s in all; first grant seen at {'-' if first is None else f'{first:.1f}'} s"
+        )
 
 
-def run_batchdb(admin_dsn: str, sim: SimulatorProcess, scenario: Scenario, table: pa.Table, processes: int,
-                model: str, workdir: Path) -> Figures:
+def run_batchdb(
+    admin_dsn: str,
+    sim: SimulatorProcess,
+    scenario: Scenario,
+    table: pa.Table,
+    processes: int,
+    model: str,
+    workdir: Path,
+) -> Figures:
     import psycopg
     from psycopg import sql
     from psycopg.conninfo import conninfo_to_dict
@@ -333,14 +378,25 @@ def run_batchdb(admin_dsn: str, sim: SimulatorProcess, scenario: Scenario, table
         with psycopg.connect(dsn, autocommit=True) as conn:
             ledger.set_limits(conn, ledger.Lane("openai", "default", model), rpm=scenario.rpm, tpm=scenario.tpm)
             # Count the ledger's calls and their server time in pg_stat_user_functions (this database only).
-            conn.execute(sql.SQL("ALTER DATABASE {} SET track_functions = 'pl'").format(
-                sql.Identifier(conninfo_to_dict(dsn)["dbname"])))
-        job = batchdb.submit(table, prompt=PROMPT, model=model, provider="openai", max_tokens=scenario.max_tokens,
-                             dsn=dsn)
-        progress(f"batchdb: {table.num_rows:,} rows queued as job {job.id}; {processes} worker(s) x "
-                 f"{in_flight} in flight for {scenario.seconds:.0f} s")
-        env = {**os.environ, "PYTHONPATH": str(REPO), "BATCHDB_DSN": dsn, "OPENAI_BASE_URL": sim.openai_base_url,
-               "OPENAI_API_KEY": API_KEY}
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} SET track_functions = 'pl'").format(
+                    sql.Identifier(conninfo_to_dict(dsn)["dbname"])
+                )
+            )
+        job = batchdb.submit(
+            table, prompt=PROMPT, model=model, provider="openai", max_tokens=scenario.max_tokens, dsn=dsn
+        )
+        progress(
+            f"batchdb: {table.num_rows:,} rows queued as job {job.id}; {processes} worker(s) x "
+            f"{in_flight} in flight for {scenario.seconds:.0f} s"
+        )
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "BATCHDB_DSN": dsn,
+            "OPENAI_BASE_URL": sim.openai_base_url,
+            "OPENAI_API_KEY": API_KEY,
+        }
         cmd = [sys.executable, "-m", "batchdb.workers", "--concurrency", str(in_flight)]
         probe = LedgerProbe(dsn, model)
         try:
@@ -353,22 +409,35 @@ def run_batchdb(admin_dsn: str, sim: SimulatorProcess, scenario: Scenario, table
             done, retried, multi = conn.execute(
                 "SELECT count(*) FILTER (WHERE status = 'succeeded'), count(*) FILTER (WHERE status = 'queued' "
                 "AND attempts > 0), count(*) FILTER (WHERE status = 'succeeded' AND attempts > 1) "
-                "FROM batchdb.requests WHERE job_id = %s", [job.id]).fetchone()
-            lane = conn.execute("SELECT pace, rate_limited, requests_granted, tokens_granted FROM batchdb.rate_limits "
-                                "WHERE provider = 'openai' AND model = %s", [model]).fetchone()
-            calls = conn.execute("SELECT funcname, calls, total_time FROM pg_stat_user_functions "
-                                 "WHERE schemaname = 'batchdb' AND funcname IN ('reserve_capacity', "
-                                 "'record_rate_limited') ORDER BY funcname").fetchall()
+                "FROM batchdb.requests WHERE job_id = %s",
+                [job.id],
+            ).fetchone()
+            lane = conn.execute(
+                "SELECT pace, rate_limited, requests_granted, tokens_granted FROM batchdb.rate_limits "
+                "WHERE provider = 'openai' AND model = %s",
+                [model],
+            ).fetchone()
+            calls = conn.execute(
+                "SELECT funcname, calls, total_time FROM pg_stat_user_functions "
+                "WHERE schemaname = 'batchdb' AND funcname IN ('reserve_capacity', "
+                "'record_rate_limited') ORDER BY funcname"
+            ).fetchall()
             per_worker = [n for (n,) in conn.execute("SELECT n_completed FROM batchdb.workers ORDER BY id")]
     figures = measure("batchdb ledger", processes, in_flight, stats, scenario, done, usage, model)
-    ledger_calls = "; ".join(f"{name}: {n:,} calls ({n / scenario.seconds:.0f}/s), {t / max(n, 1):.2f} ms "
-                             "each in the server" for name, n, t in calls) or "no ledger function statistics"
+    ledger_calls = (
+        "; ".join(
+            f"{name}: {n:,} calls ({n / scenario.seconds:.0f}/s), {t / max(n, 1):.2f} ms each in the server"
+            for name, n, t in calls
+        )
+        or "no ledger function statistics"
+    )
     figures.notes.append(
         f"batchdb x{processes}: rows succeeded {done:,} ({multi:,} of them after more than one attempt, {retried:,} "
         f"waiting to retry at the end); per worker {per_worker}; ledger at the end: pace {lane[0]:.2f}, 429s "
         f"recorded {lane[1]:,}, requests granted {lane[2]:,} ({lane[3]:,} tokens); {probe.summary()}; first call "
         f"at the simulator in second {figures.first_call}; {ledger_calls}; {late_note(figures, scenario)}; "
-        f"shutdown {usage.shutdown_seconds:.1f} s after SIGTERM")
+        f"shutdown {usage.shutdown_seconds:.1f} s after SIGTERM"
+    )
     progress(f"batchdb x{processes}: {summary_line(figures, scenario)}")
     return figures
 
@@ -382,23 +451,59 @@ def write_rows(path: Path, table: pa.Table, max_tokens: int) -> None:
             out.write(json.dumps(messages) + "\n")
 
 
-def run_baseline(sim: SimulatorProcess, scenario: Scenario, rows_file: Path, processes: int, variant: str,
-                 burst_seconds: float, model: str, workdir: Path) -> Figures:
+def run_baseline(
+    sim: SimulatorProcess,
+    scenario: Scenario,
+    rows_file: Path,
+    processes: int,
+    variant: str,
+    burst_seconds: float,
+    model: str,
+    workdir: Path,
+) -> Figures:
     from bench._common import REPO, progress
 
     in_flight = scenario.in_flight(processes)
     share = 1 if variant == "naive" else processes
     rpm, tpm = scenario.rpm / share, scenario.tpm / share
-    label = ("baseline: naive (full limits per process)" if variant == "naive"
-             else "baseline: static split (limits / N per process)")
-    progress(f"{label}: {processes} process(es) x {in_flight} in flight, each {rpm:,.0f} RPM / {tpm:,.0f} TPM, "
-             f"bucket of {burst_seconds:g} s, for {scenario.seconds:.0f} s")
+    label = (
+        "baseline: naive (full limits per process)"
+        if variant == "naive"
+        else "baseline: static split (limits / N per process)"
+    )
+    progress(
+        f"{label}: {processes} process(es) x {in_flight} in flight, each {rpm:,.0f} RPM / {tpm:,.0f} TPM, "
+        f"bucket of {burst_seconds:g} s, for {scenario.seconds:.0f} s"
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO), "OPENAI_BASE_URL": sim.openai_base_url, "OPENAI_API_KEY": API_KEY}
     summaries = [workdir / f"{variant}-{processes}-{i}.json" for i in range(processes)]
-    commands = [[sys.executable, "-m", "bench.ratelimit", "client", "--rows-file", str(rows_file),
-                 "--slice", f"{i}/{processes}", "--rpm", str(rpm), "--tpm", str(tpm), "--burst-seconds",
-                 str(burst_seconds), "--concurrency", str(in_flight), "--max-tokens", str(scenario.max_tokens),
-                 "--model", model, "--summary", str(summaries[i])] for i in range(processes)]
+    commands = [
+        [
+            sys.executable,
+            "-m",
+            "bench.ratelimit",
+            "client",
+            "--rows-file",
+            str(rows_file),
+            "--slice",
+            f"{i}/{processes}",
+            "--rpm",
+            str(rpm),
+            "--tpm",
+            str(tpm),
+            "--burst-seconds",
+            str(burst_seconds),
+            "--concurrency",
+            str(in_flight),
+            "--max-tokens",
+            str(scenario.max_tokens),
+            "--model",
+            model,
+            "--summary",
+            str(summaries[i]),
+        ]
+        for i in range(processes)
+    ]
     sim.reset()
     usage = run_group(commands, env, scenario.seconds, workdir)
     stats = sim.stats()
@@ -408,7 +513,8 @@ def run_baseline(sim: SimulatorProcess, scenario: Scenario, rows_file: Path, pro
     figures.notes.append(
         f"{label} x{processes}: rows done per process {[c['rows_done'] for c in clients]}, 429s seen per process "
         f"{[c['rate_limited'] for c in clients]}, other errors {sum(c['errors'] for c in clients)}; "
-        f"{late_note(figures, scenario)}; shutdown {usage.shutdown_seconds:.1f} s after SIGTERM")
+        f"{late_note(figures, scenario)}; shutdown {usage.shutdown_seconds:.1f} s after SIGTERM"
+    )
     progress(f"{label} x{processes}: {summary_line(figures, scenario)}")
     return figures
 
@@ -432,8 +538,10 @@ def binding_use(f: Figures, scenario: Scenario) -> float:
 
 def summary_line(f: Figures, scenario: Scenario) -> str:
     ramp = "never" if f.ramp_seconds is None else f"{f.ramp_seconds:.0f} s"
-    return (f"{scenario.binding} use {binding_use(f, scenario):.1%}, 429s {f.rate_limited:,}/{f.requests:,}, "
-            f"90% after {ramp}, {f.requests / max(f.rows_done, 1):.3f} attempts/row, CPU {f.usage.cpu_seconds:.0f} s")
+    return (
+        f"{scenario.binding} use {binding_use(f, scenario):.1%}, 429s {f.rate_limited:,}/{f.requests:,}, "
+        f"90% after {ramp}, {f.requests / max(f.rows_done, 1):.3f} attempts/row, CPU {f.usage.cpu_seconds:.0f} s"
+    )
 
 
 def table_rows(figures: list[Figures], scenario: Scenario) -> list[list[str]]:
@@ -443,21 +551,23 @@ def table_rows(figures: list[Figures], scenario: Scenario) -> list[list[str]]:
         share = f.rate_limited / max(f.requests, 1)
         attempts = f.requests / max(f.rows_done, 1)
         ramp = f.ramp_seconds
-        other = (f"RPM {f.utilisation_requests:.1%}" if scenario.binding == "TPM"
-                 else f"TPM {f.utilisation_tokens:.1%}")
+        other = f"RPM {f.utilisation_requests:.1%}" if scenario.binding == "TPM" else f"TPM {f.utilisation_tokens:.1%}"
         over = f.max_window_requests > scenario.rpm or f.max_window_tokens > scenario.tpm
         rss = max(f.usage.peak_rss) / 2**20
-        rows.append([
-            f.label, f"{f.processes} x {f.in_flight}",
-            f"{use:.1%} {verdict(use >= TARGET_UTILISATION)} ({other})",
-            f"{share:.2%} {verdict(share <= TARGET_429_SHARE)} ({f.rate_limited:,} of {f.requests:,})",
-            "never MISS" if ramp is None else f"{ramp:.0f} s {verdict(ramp <= TARGET_RAMP_SECONDS)}",
-            f"{attempts:.3f} {verdict(attempts <= TARGET_ATTEMPTS_PER_ROW)} ({f.rows_done:,} rows)",
-            f"{f.usage.cpu_seconds:.1f} s ({1000 * f.usage.cpu_seconds / max(f.rows_done, 1):.1f} ms/row)",
-            f"{rss:.0f} MiB (all {sum(f.usage.peak_rss) / 2**20:,.0f})",
-            f"{f.max_window_requests / scenario.rpm:.1%} / {f.max_window_tokens / scenario.tpm:.1%}"
-            + (" OVER" if over else ""),
-        ])
+        rows.append(
+            [
+                f.label,
+                f"{f.processes} x {f.in_flight}",
+                f"{use:.1%} {verdict(use >= TARGET_UTILISATION)} ({other})",
+                f"{share:.2%} {verdict(share <= TARGET_429_SHARE)} ({f.rate_limited:,} of {f.requests:,})",
+                "never MISS" if ramp is None else f"{ramp:.0f} s {verdict(ramp <= TARGET_RAMP_SECONDS)}",
+                f"{attempts:.3f} {verdict(attempts <= TARGET_ATTEMPTS_PER_ROW)} ({f.rows_done:,} rows)",
+                f"{f.usage.cpu_seconds:.1f} s ({1000 * f.usage.cpu_seconds / max(f.rows_done, 1):.1f} ms/row)",
+                f"{rss:.0f} MiB (all {sum(f.usage.peak_rss) / 2**20:,.0f})",
+                f"{f.max_window_requests / scenario.rpm:.1%} / {f.max_window_tokens / scenario.tpm:.1%}"
+                + (" OVER" if over else ""),
+            ]
+        )
     return rows
 
 
@@ -472,11 +582,12 @@ def misses(figures: list[Figures], scenario: Scenario, batchdb_runs: int) -> lis
             continue
         use, share = binding_use(f, scenario), f.rate_limited / max(f.requests, 1)
         attempts = f.requests / max(f.rows_done, 1)
-        checks = [(use >= TARGET_UTILISATION, f"{scenario.binding} use {use:.1%}"),
-                  (share <= TARGET_429_SHARE, f"429s {share:.2%}"),
-                  (f.ramp_seconds is not None and f.ramp_seconds <= TARGET_RAMP_SECONDS,
-                   f"time to 90% {f.ramp_seconds}"),
-                  (attempts <= TARGET_ATTEMPTS_PER_ROW, f"attempts/row {attempts:.3f}")]
+        checks = [
+            (use >= TARGET_UTILISATION, f"{scenario.binding} use {use:.1%}"),
+            (share <= TARGET_429_SHARE, f"429s {share:.2%}"),
+            (f.ramp_seconds is not None and f.ramp_seconds <= TARGET_RAMP_SECONDS, f"time to 90% {f.ramp_seconds}"),
+            (attempts <= TARGET_ATTEMPTS_PER_ROW, f"attempts/row {attempts:.3f}"),
+        ]
         found += [f"{f.label}: MISS {what}" for ok, what in checks if not ok]
     return found
 
@@ -499,22 +610,32 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dsn", default=DEFAULT_ADMIN_DSN,
-                        help="admin DSN; scratch databases are created on that server and dropped afterwards")
+    parser.add_argument(
+        "--dsn",
+        default=DEFAULT_ADMIN_DSN,
+        help="admin DSN; scratch databases are created on that server and dropped afterwards",
+    )
     parser.add_argument("--seconds", type=float, default=300.0, help="length of each run")
     parser.add_argument("--workers", default="1,4,8", help="batchdb worker process counts")
-    parser.add_argument("--baseline-workers", default="4",
-                        help="process counts for the baseline clients ('' for none)")
+    parser.add_argument("--baseline-workers", default="4", help="process counts for the baseline clients ('' for none)")
     parser.add_argument("--baselines", default="naive,split", help="baseline variants: naive, split")
     parser.add_argument("--rpm", type=int, default=3000)
     parser.add_argument("--tpm", type=int, default=300_000)
     parser.add_argument("--max-tokens", type=int, default=200, help="max_tokens of every request")
     parser.add_argument("--latency", default="0.2,2.0", help="simulator latency, uniform LOW,HIGH seconds")
     parser.add_argument("--warmup", type=float, default=15.0, help="seconds left out of steady state")
-    parser.add_argument("--in-flight-factor", type=float, default=3.0,
-                        help="calls in flight over all processes = factor x limit's calls/s x mean latency")
-    parser.add_argument("--baseline-burst-seconds", type=float, default=1.0,
-                        help="capacity of each baseline client's bucket, in seconds of its rate")
+    parser.add_argument(
+        "--in-flight-factor",
+        type=float,
+        default=3.0,
+        help="calls in flight over all processes = factor x limit's calls/s x mean latency",
+    )
+    parser.add_argument(
+        "--baseline-burst-seconds",
+        type=float,
+        default=1.0,
+        help="capacity of each baseline client's bucket, in seconds of its rate",
+    )
     args = parser.parse_args(argv)
     if args.seconds < args.warmup + TAIL + 10:
         parser.error(f"--seconds must be at least --warmup + {TAIL + 10}")
@@ -530,15 +651,29 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     probe = articles_table(2000)
     tokens = prompt_token_stats(probe, args.max_tokens)
-    scenario = Scenario(args.rpm, args.tpm, args.max_tokens, (low, high), args.seconds, args.warmup,
-                        tokens["mean"], args.in_flight_factor)
+    scenario = Scenario(
+        args.rpm,
+        args.tpm,
+        args.max_tokens,
+        (low, high),
+        args.seconds,
+        args.warmup,
+        tokens["mean"],
+        args.in_flight_factor,
+    )
     rows = scenario.rows_needed(margin=2.0)
-    progress(f"prompts: {tokens['mean']:.0f} tokens on average (p5 {tokens['p5']}, p95 {tokens['p95']}); "
-             f"{scenario.mean_charge:.0f} charged per call with max_tokens {args.max_tokens}: {scenario.binding} "
-             f"binds at {scenario.calls_per_second:.1f} calls/s; generating {rows:,} rows")
+    progress(
+        f"prompts: {tokens['mean']:.0f} tokens on average (p5 {tokens['p5']}, p95 {tokens['p95']}); "
+        f"{scenario.mean_charge:.0f} charged per call with max_tokens {args.max_tokens}: {scenario.binding} "
+        f"binds at {scenario.calls_per_second:.1f} calls/s; generating {rows:,} rows"
+    )
     table = articles_table(rows)
-    config = SimulatorConfig(seed=1, default_limits=Limits(rpm=args.rpm, tpm=args.tpm), api_keys=(API_KEY,),
-                             latency_s=Distribution(kind="uniform", low=low, high=high))
+    config = SimulatorConfig(
+        seed=1,
+        default_limits=Limits(rpm=args.rpm, tpm=args.tpm),
+        api_keys=(API_KEY,),
+        latency_s=Distribution(kind="uniform", low=low, high=high),
+    )
     figures: list[Figures] = []
     with start_simulator(config) as sim, tempfile.TemporaryDirectory(prefix="bench-ratelimit-") as tmp:
         workdir = Path(tmp)
@@ -549,8 +684,9 @@ def main(argv: list[str] | None = None) -> int:
             write_rows(rows_file, table, args.max_tokens)
             for n in baseline_workers:
                 for variant in variants:
-                    figures.append(run_baseline(sim, scenario, rows_file, n, variant, args.baseline_burst_seconds,
-                                                MODEL, workdir))
+                    figures.append(
+                        run_baseline(sim, scenario, rows_file, n, variant, args.baseline_burst_seconds, MODEL, workdir)
+                    )
     total = time.perf_counter() - started
     after = background_load(args.dsn)
 
@@ -573,11 +709,22 @@ def main(argv: list[str] | None = None) -> int:
         f"Total run time {total / 60:.1f} min. Environment: {env_line}",
         f"Background before the run: {before}. After: {after}.",
     ]
-    print_table(f"Rate limits: {args.rpm:,} RPM / {args.tpm:,} TPM shared by N processes",
-                ["client", "processes x in flight", f"{scenario.binding} used, steady state", "429s / requests",
-                 "time to 90%", "attempts / row", "CPU (all processes)", "peak RSS per process",
-                 "max 60-s window RPM / TPM"],
-                table_rows(figures, scenario), notes=notes)
+    print_table(
+        f"Rate limits: {args.rpm:,} RPM / {args.tpm:,} TPM shared by N processes",
+        [
+            "client",
+            "processes x in flight",
+            f"{scenario.binding} used, steady state",
+            "429s / requests",
+            "time to 90%",
+            "attempts / row",
+            "CPU (all processes)",
+            "peak RSS per process",
+            "max 60-s window RPM / TPM",
+        ],
+        table_rows(figures, scenario),
+        notes=notes,
+    )
     missed = misses(figures, scenario, batchdb_runs=len(workers))
     for line in missed:
         print(line, file=sys.stderr)
@@ -622,8 +769,9 @@ class TokenBucket:
                     self.requests -= 1
                     self.tokens -= tokens
                     return
-                await asyncio.sleep(max((1 - self.requests) / self.request_rate, (need - self.tokens) / self.token_rate,
-                                        0.001))
+                await asyncio.sleep(
+                    max((1 - self.requests) / self.request_rate, (need - self.tokens) / self.token_rate, 0.001)
+                )
 
 
 def retry_after(exc: Any) -> float:
@@ -669,8 +817,9 @@ async def run_client(args: argparse.Namespace) -> dict[str, int]:
                 await bucket.acquire(charge)
                 counts["attempts"] += 1
                 try:
-                    await client.chat.completions.create(model=args.model, messages=messages,
-                                                         max_tokens=args.max_tokens)
+                    await client.chat.completions.create(
+                        model=args.model, messages=messages, max_tokens=args.max_tokens
+                    )
                 except openai.RateLimitError as exc:
                     counts["rate_limited"] += 1
                     await asyncio.sleep(retry_after(exc))

@@ -42,14 +42,18 @@ class AuditedWrites:
         if self.rows_with_two_result_writes:
             found.append(f"{self.rows_with_two_result_writes} row(s) with their result written more than once")
         if self.succeeded_without_one_final_write:
-            found.append(f"{self.succeeded_without_one_final_write} succeeded row(s) without exactly one audited "
-                         "final write (was the audit installed before the workers started?)")
+            found.append(
+                f"{self.succeeded_without_one_final_write} succeeded row(s) without exactly one audited "
+                "final write (was the audit installed before the workers started?)"
+            )
         return found
 
 
 def writes(conn: psycopg.Connection, job_id: int) -> AuditedWrites:
-    row = conn.cursor(row_factory=tuple_row).execute(
-        """
+    row = (
+        conn.cursor(row_factory=tuple_row)
+        .execute(
+            """
         WITH per_row AS (
             SELECT request_id,
                    count(*) FILTER (WHERE kind = 'final') AS finals,
@@ -64,6 +68,10 @@ def writes(conn: psycopg.Connection, job_id: int) -> AuditedWrites:
                (SELECT count(*) FROM batchdb.requests q LEFT JOIN per_row p ON p.request_id = q.id
                  WHERE q.job_id = %(job)s AND q.status = 'succeeded' AND coalesce(p.successes, 0) <> 1)
           FROM per_row
-        """, {"job": job_id}).fetchone()
+        """,
+            {"job": job_id},
+        )
+        .fetchone()
+    )
     assert row is not None
     return AuditedWrites(*(int(v) for v in row))

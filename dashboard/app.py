@@ -15,12 +15,14 @@ st.set_page_config(page_title="batchdb", page_icon=":material/database:", layout
 # Narrower side margins than Streamlit's 5rem: wide tables get the room (see ui.FRAME_PX).
 st.html("<style>[data-testid='stMainBlockContainer'] {padding-left: 2rem; padding-right: 2rem;}</style>")
 
-page = st.navigation([
-    st.Page("views/overview.py", title="Overview", icon=":material/monitoring:", default=True),
-    st.Page("views/jobs.py", title="Jobs", icon=":material/list:", url_path="jobs"),
-    st.Page("views/job_detail.py", title="Job detail", icon=":material/search:", url_path="job"),
-    st.Page("views/providers.py", title="Providers", icon=":material/speed:", url_path="providers"),
-    st.Page("views/cost.py", title="Cost", icon=":material/payments:", url_path="cost"),
-])
+page = st.navigation(
+    [
+        st.Page("views/overview.py", title="Overview", icon=":material/monitoring:", default=True),
+        st.Page("views/jobs.py", title="Jobs", icon=":material/list:", url_path="jobs"),
+        st.Page("views/job_detail.py", title="Job detail", icon=":material/search:", url_path="job"),
+        st.Page("views/providers.py", title="Providers", icon=":material/speed:", url_path="providers"),
+        st.Page("views/cost.py", title="Cost", icon=":material/payments:", url_path="cost"),
+    ]
+)
 ui.sidebar(ui.dsn())
 page.run()

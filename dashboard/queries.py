@@ -421,8 +421,7 @@ def jobs(conn: Any, *, job_id: int | None = None, limit: int = MAX_JOBS) -> pd.D
     return fetch_df(conn, PG_JOBS, {"job_id": job_id, "limit": limit})
 
 
-def recent_activity(conn: Any, jobs_df: pd.DataFrame, *, exact_rows: int = EXACT_SCAN_ROWS
-                    ) -> pd.DataFrame:
+def recent_activity(conn: Any, jobs_df: pd.DataFrame, *, exact_rows: int = EXACT_SCAN_ROWS) -> pd.DataFrame:
     """Per running job and error class: rows finished in the last minute, errors in the last 5 minutes."""
     frames = []
     running = jobs_df[jobs_df["status"] == "running"]
@@ -435,9 +434,16 @@ def recent_activity(conn: Any, jobs_df: pd.DataFrame, *, exact_rows: int = EXACT
         part["sample_pct"] = est.pct
         frames.append(part)
     if not frames:
-        return pd.DataFrame({"job_id": pd.Series(dtype="int64"), "error_class": pd.Series(dtype="object"),
-                             "finished_1m": pd.Series(dtype="float64"), "tokens_1m": pd.Series(dtype="float64"),
-                             "errors_5m": pd.Series(dtype="float64"), "sample_pct": pd.Series(dtype="float64")})
+        return pd.DataFrame(
+            {
+                "job_id": pd.Series(dtype="int64"),
+                "error_class": pd.Series(dtype="object"),
+                "finished_1m": pd.Series(dtype="float64"),
+                "tokens_1m": pd.Series(dtype="float64"),
+                "errors_5m": pd.Series(dtype="float64"),
+                "sample_pct": pd.Series(dtype="float64"),
+            }
+        )
     return pd.concat(frames, ignore_index=True)
 
 
@@ -453,10 +459,14 @@ def lane_usage(conn: Any, *, minutes: int) -> pd.DataFrame:
     return fetch_df(conn, PG_LANE_USAGE, {"minutes": minutes})
 
 
-def lanes_now(limits_df: pd.DataFrame, usage_df: pd.DataFrame, lanes_df: pd.DataFrame,
-              now: Mapping[str, Any]) -> pd.DataFrame:
-    return duck_df(DUCK_LANES_NOW, {"limits": limits_df, "usage": usage_df, "lanes_seen": lanes_df},
-                   {"current_minute": now["current_minute"], "seconds": float(now["seconds_into_minute"])})
+def lanes_now(
+    limits_df: pd.DataFrame, usage_df: pd.DataFrame, lanes_df: pd.DataFrame, now: Mapping[str, Any]
+) -> pd.DataFrame:
+    return duck_df(
+        DUCK_LANES_NOW,
+        {"limits": limits_df, "usage": usage_df, "lanes_seen": lanes_df},
+        {"current_minute": now["current_minute"], "seconds": float(now["seconds_into_minute"])},
+    )
 
 
 def cost_by_day(jobs_df: pd.DataFrame) -> pd.DataFrame:
@@ -469,10 +479,14 @@ def cost_by(jobs_df: pd.DataFrame, column: str) -> pd.DataFrame:
     return duck_df(DUCK_COST_BY.format(column=column), {"jobs": jobs_df})
 
 
-def filter_jobs(jobs_df: pd.DataFrame, *, owners: Iterable[str] = (), statuses: Iterable[str] = (),
-                models: Iterable[str] = ()) -> pd.DataFrame:
-    return duck_df(DUCK_JOBS_FILTERED, {"jobs": jobs_df},
-                   {"owners": list(owners), "statuses": list(statuses), "models": list(models)})
+def filter_jobs(
+    jobs_df: pd.DataFrame, *, owners: Iterable[str] = (), statuses: Iterable[str] = (), models: Iterable[str] = ()
+) -> pd.DataFrame:
+    return duck_df(
+        DUCK_JOBS_FILTERED,
+        {"jobs": jobs_df},
+        {"owners": list(owners), "statuses": list(statuses), "models": list(models)},
+    )
 
 
 def load_overview(dsn: str | None, *, exact_rows: int = EXACT_SCAN_ROWS, engine: Engine = "psycopg") -> dict[str, Any]:
@@ -489,9 +503,12 @@ def load_overview(dsn: str | None, *, exact_rows: int = EXACT_SCAN_ROWS, engine:
     by_day = cost_by_day(jobs_df)
     today = pd.Timestamp(now["db_now"]).normalize()
     active = jobs_df[jobs_df["status"].isin(ACTIVE_STATUSES)]
-    errors = (recent[recent["error_class"].notna() & (recent["errors_5m"] > 0)]
-              .groupby("error_class", as_index=False)["errors_5m"].sum()
-              .sort_values("errors_5m", ascending=False, ignore_index=True))
+    errors = (
+        recent[recent["error_class"].notna() & (recent["errors_5m"] > 0)]
+        .groupby("error_class", as_index=False)["errors_5m"]
+        .sum()
+        .sort_values("errors_5m", ascending=False, ignore_index=True)
+    )
     return {
         "now": now,
         "active_jobs": active.reset_index(drop=True),
@@ -506,7 +523,8 @@ def load_overview(dsn: str | None, *, exact_rows: int = EXACT_SCAN_ROWS, engine:
         "rate_limited_5m": int(lanes["rate_limited_5m"].sum()) if len(lanes) else 0,
         "lanes": lanes,
         "cost_today": float(by_day.loc[pd.to_datetime(by_day["day"]) == today, "cost_usd"].sum())
-        if len(by_day) else 0.0,
+        if len(by_day)
+        else 0.0,
         "cost_total": float(jobs_df["cost_usd"].sum()) if len(jobs_df) else 0.0,
         "workers": workers_totals,
     }
@@ -533,8 +551,14 @@ def bucket_seconds(duration_seconds: float, *, target_buckets: int = 120) -> int
     return 30 * 86400
 
 
-def load_job_detail(dsn: str | None, job_id: int, *, exact_rows: int = EXACT_SCAN_ROWS,
-                    target_rows: int = SAMPLE_TARGET_ROWS, engine: Engine = "psycopg") -> dict[str, Any] | None:
+def load_job_detail(
+    dsn: str | None,
+    job_id: int,
+    *,
+    exact_rows: int = EXACT_SCAN_ROWS,
+    target_rows: int = SAMPLE_TARGET_ROWS,
+    engine: Engine = "psycopg",
+) -> dict[str, Any] | None:
     """Job detail: the job's counters, progress over time, throughput, latency, errors, cost by token type."""
     with read_connection(dsn, engine=engine) as conn:
         found = jobs(conn, job_id=job_id, limit=1)
@@ -574,8 +598,9 @@ def load_job_detail(dsn: str | None, job_id: int, *, exact_rows: int = EXACT_SCA
     }
 
 
-def calibrate(timeline: pd.DataFrame, errors: pd.DataFrame, job: Mapping[str, Any], est: Estimate
-               ) -> tuple[pd.DataFrame, pd.DataFrame]:
+def calibrate(
+    timeline: pd.DataFrame, errors: pd.DataFrame, job: Mapping[str, Any], est: Estimate
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Scale a page sample up to the job's exact counters (a ratio estimate).
 
     The sample gives shapes: when rows finished, and which error classes the failed and dead rows
@@ -584,8 +609,11 @@ def calibrate(timeline: pd.DataFrame, errors: pd.DataFrame, job: Mapping[str, An
     retry have no counter and are scaled by the sampling rate alone.
     """
     timeline = timeline.copy()
-    for column, total in (("finished", job["n_done"]), ("succeeded", job["n_succeeded"]),
-                          ("failed", job["n_failed"] + job["n_dead"])):
+    for column, total in (
+        ("finished", job["n_done"]),
+        ("succeeded", job["n_succeeded"]),
+        ("failed", job["n_failed"] + job["n_dead"]),
+    ):
         seen = timeline[column].sum()
         timeline[column] = timeline[column] * (total / seen if seen else est.scale)
     for column in ("prompt_tokens", "completion_tokens", "cost_usd"):
@@ -599,17 +627,36 @@ def calibrate(timeline: pd.DataFrame, errors: pd.DataFrame, job: Mapping[str, An
         if seen:
             errors.loc[rows, "n"] = errors.loc[rows, "n"] * (total / seen)
         elif total:
-            missing.append({"state": state, "error_class": "(none in the sample)", "n": float(total),
-                            "examples": [], "last_seen": pd.NaT})
+            missing.append(
+                {
+                    "state": state,
+                    "error_class": "(none in the sample)",
+                    "n": float(total),
+                    "examples": [],
+                    "last_seen": pd.NaT,
+                }
+            )
     if missing:
         errors = pd.concat([errors, pd.DataFrame(missing).astype(ERROR_COLUMNS)], ignore_index=True)
     return timeline, errors.sort_values("n", ascending=False, ignore_index=True)
 
 
-TIMELINE_COLUMNS = {"bucket": "datetime64[us]", "finished": "float64", "succeeded": "float64", "failed": "float64",
-                    "prompt_tokens": "float64", "completion_tokens": "float64", "cost_usd": "float64"}
-ERROR_COLUMNS = {"state": "object", "error_class": "object", "n": "float64", "examples": "object",
-                 "last_seen": "datetime64[us]"}
+TIMELINE_COLUMNS = {
+    "bucket": "datetime64[us]",
+    "finished": "float64",
+    "succeeded": "float64",
+    "failed": "float64",
+    "prompt_tokens": "float64",
+    "completion_tokens": "float64",
+    "cost_usd": "float64",
+}
+ERROR_COLUMNS = {
+    "state": "object",
+    "error_class": "object",
+    "n": "float64",
+    "examples": "object",
+    "last_seen": "datetime64[us]",
+}
 LATENCY_KEYS = ("n", "mean_ms", "p50_ms", "p90_ms", "p99_ms", "max_ms")
 
 
@@ -617,8 +664,9 @@ def _frame(records: list[dict[str, Any]] | None, columns: Mapping[str, str]) -> 
     """JSON records from PostgreSQL as a DataFrame with these columns and types (also when empty)."""
     frame = pd.DataFrame(records or [], columns=list(columns))
     for name, dtype in columns.items():
-        frame[name] = pd.to_datetime(frame[name]).astype(dtype) if dtype.startswith("datetime") else \
-            frame[name].astype(dtype)
+        frame[name] = (
+            pd.to_datetime(frame[name]).astype(dtype) if dtype.startswith("datetime") else frame[name].astype(dtype)
+        )
     return frame
 
 
@@ -628,17 +676,21 @@ def cost_by_token_type(job: Mapping[str, Any]) -> pd.DataFrame:
     output_price = job.get("output_per_mtok")
     price = Price.of(input_price, output_price)
     prompt_tokens, completion_tokens = int(job["prompt_tokens"]), int(job["completion_tokens"])
-    return pd.DataFrame({
-        "token type": ["input (prompt)", "output (completion)"],
-        "tokens": [prompt_tokens, completion_tokens],
-        "usd per 1M tokens": [input_price, output_price],
-        "cost_usd": [None, None] if price is None else
-                    [float(price.cost_usd(prompt_tokens, 0)), float(price.cost_usd(0, completion_tokens))],
-    })
+    return pd.DataFrame(
+        {
+            "token type": ["input (prompt)", "output (completion)"],
+            "tokens": [prompt_tokens, completion_tokens],
+            "usd per 1M tokens": [input_price, output_price],
+            "cost_usd": [None, None]
+            if price is None
+            else [float(price.cost_usd(prompt_tokens, 0)), float(price.cost_usd(0, completion_tokens))],
+        }
+    )
 
 
-def load_job_samples(dsn: str | None, job_id: int, *, n_succeeded: int, seed: int = 0, limit: int = 10,
-                     engine: Engine = "psycopg") -> pd.DataFrame:
+def load_job_samples(
+    dsn: str | None, job_id: int, *, n_succeeded: int, seed: int = 0, limit: int = 10, engine: Engine = "psycopg"
+) -> pd.DataFrame:
     """A reproducible random sample (by `seed`) of answered rows, with the prompt as it was sent."""
     from batchdb.prompts import PromptError, build_request
 
@@ -649,17 +701,36 @@ def load_job_samples(dsn: str | None, job_id: int, *, n_succeeded: int, seed: in
     out = []
     for row in rows:
         try:
-            request = build_request(model=job["model"], params=job["params"] or {}, payload=row["payload"],
-                                    input=row["input"])
+            request = build_request(
+                model=job["model"], params=job["params"] or {}, payload=row["payload"], input=row["input"]
+            )
             prompt = "\n\n".join(f"[{m.get('role')}] {m.get('content')}" for m in request.messages)
         except PromptError as exc:
             prompt = f"(prompt cannot be rendered: {exc})"
-        out.append({"custom_id": row["custom_id"], "prompt": prompt, "response": row["response_text"],
-                    "finish_reason": row["finish_reason"], "prompt_tokens": row["prompt_tokens"],
-                    "completion_tokens": row["completion_tokens"], "cost_usd": row["cost_usd"],
-                    "latency_ms": row["latency_ms"], "attempts": row["attempts"]})
-    columns = ["custom_id", "prompt", "response", "finish_reason", "prompt_tokens", "completion_tokens",
-               "cost_usd", "latency_ms", "attempts"]
+        out.append(
+            {
+                "custom_id": row["custom_id"],
+                "prompt": prompt,
+                "response": row["response_text"],
+                "finish_reason": row["finish_reason"],
+                "prompt_tokens": row["prompt_tokens"],
+                "completion_tokens": row["completion_tokens"],
+                "cost_usd": row["cost_usd"],
+                "latency_ms": row["latency_ms"],
+                "attempts": row["attempts"],
+            }
+        )
+    columns = [
+        "custom_id",
+        "prompt",
+        "response",
+        "finish_reason",
+        "prompt_tokens",
+        "completion_tokens",
+        "cost_usd",
+        "latency_ms",
+        "attempts",
+    ]
     return pd.DataFrame(out, columns=columns)
 
 
@@ -673,8 +744,11 @@ def load_providers(dsn: str | None, *, minutes: int = 60, engine: Engine = "psyc
         first = pd.Timestamp(now["current_minute"]) - pd.Timedelta(minutes=minutes)
         history = fetch_df(conn, PG_LIMIT_HISTORY, {"since": _utc(first)})
         circuits = fetch_df(conn, PG_OPEN_CIRCUITS)
-    series = duck_df(DUCK_LANE_SERIES, {"usage": usage, "history": history},
-                     {"first_minute": first.to_pydatetime(), "current_minute": now["current_minute"]})
+    series = duck_df(
+        DUCK_LANE_SERIES,
+        {"usage": usage, "history": history},
+        {"first_minute": first.to_pydatetime(), "current_minute": now["current_minute"]},
+    )
     return {
         "now": now,
         "limits": limits_df,
@@ -740,8 +814,9 @@ def queued_cost(conn: Any, jobs_df: pd.DataFrame, *, sample_rows: int = 20) -> p
             counts = []
             for row in rows:
                 try:
-                    request = build_request(model=params["model"], params=params["params"] or {},
-                                            payload=row["payload"], input=row["input"])
+                    request = build_request(
+                        model=params["model"], params=params["params"] or {}, payload=row["payload"], input=row["input"]
+                    )
                 except PromptError:
                     continue
                 counts.append(estimate_prompt_tokens(params["provider"], request.messages))
@@ -751,16 +826,27 @@ def queued_cost(conn: Any, jobs_df: pd.DataFrame, *, sample_rows: int = 20) -> p
             max_tokens = int(job["max_tokens"]) if pd.notna(job["max_tokens"]) else None
             # The most a row can cost, as a budget reserves it (batchdb/pricing.py): the same rule everywhere.
             per_row = float(price.ceiling_usd(round(prompt_tokens), max_tokens))
-            basis = (f"list price, at most: ~{prompt_tokens:.0f} prompt tokens (next {len(counts)} rows)"
-                     + (f" + max_tokens {max_tokens}" if max_tokens else
-                        f" + {output_charge(None):,} output tokens (no max_tokens; the ledger's charge)"))
+            basis = f"list price, at most: ~{prompt_tokens:.0f} prompt tokens (next {len(counts)} rows)" + (
+                f" + max_tokens {max_tokens}"
+                if max_tokens
+                else f" + {output_charge(None):,} output tokens (no max_tokens; the ledger's charge)"
+            )
         else:
             per_row = math.nan
             basis = f"no price for {job['provider']}/{job['model']} and no finished rows"
-        out.append({"job_id": job["job_id"], "name": job["name"], "owner": job["owner"], "model": job["model"],
-                    "status": job["status"], "rows_left": remaining, "usd_per_row": per_row,
-                    "estimated_usd": remaining * per_row if not math.isnan(per_row) else math.nan,
-                    "basis": basis})
+        out.append(
+            {
+                "job_id": job["job_id"],
+                "name": job["name"],
+                "owner": job["owner"],
+                "model": job["model"],
+                "status": job["status"],
+                "rows_left": remaining,
+                "usd_per_row": per_row,
+                "estimated_usd": remaining * per_row if not math.isnan(per_row) else math.nan,
+                "basis": basis,
+            }
+        )
     columns = ["job_id", "name", "owner", "model", "status", "rows_left", "usd_per_row", "estimated_usd", "basis"]
     return pd.DataFrame(out, columns=columns)
 

@@ -60,19 +60,36 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def streamlit_command(*, host: str, port: int) -> list[str]:
     return [
-        sys.executable, "-m", "streamlit", "run", str(APP),
-        "--server.headless", "true",
-        "--server.address", host,
-        "--server.port", str(port),
-        "--server.fileWatcherType", "none",
-        "--browser.gatherUsageStats", "false",
-        "--client.toolbarMode", "minimal",
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(APP),
+        "--server.headless",
+        "true",
+        "--server.address",
+        host,
+        "--server.port",
+        str(port),
+        "--server.fileWatcherType",
+        "none",
+        "--browser.gatherUsageStats",
+        "false",
+        "--client.toolbarMode",
+        "minimal",
     ]
 
 
-def start_dashboard(dsn: str | None = None, *, port: int = DEFAULT_PORT, host: str = "127.0.0.1",
-                    outputs_dir: str | os.PathLike[str] | None = None, refresh_seconds: float | None = None,
-                    log_path: str | os.PathLike[str] | None = None, timeout: float = 60.0) -> DashboardProcess:
+def start_dashboard(
+    dsn: str | None = None,
+    *,
+    port: int = DEFAULT_PORT,
+    host: str = "127.0.0.1",
+    outputs_dir: str | os.PathLike[str] | None = None,
+    refresh_seconds: float | None = None,
+    log_path: str | os.PathLike[str] | None = None,
+    timeout: float = 60.0,
+) -> DashboardProcess:
     """Start Streamlit and return once `/_stcore/health` answers "ok"."""
     env = dict(os.environ)
     env[DSN_ENV] = resolve_dsn(dsn)
@@ -85,9 +102,14 @@ def start_dashboard(dsn: str | None = None, *, port: int = DEFAULT_PORT, host: s
     log = Path(log_path) if log_path is not None else None
     stdout = open(log, "ab") if log is not None else None  # noqa: SIM115 - handed to the child
     try:
-        process = subprocess.Popen(streamlit_command(host=host, port=port), env=env, stdin=subprocess.DEVNULL,
-                                   stdout=stdout, stderr=subprocess.STDOUT if stdout else None,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            streamlit_command(host=host, port=port),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=subprocess.STDOUT if stdout else None,
+            start_new_session=True,
+        )
     finally:
         if stdout is not None:
             stdout.close()
@@ -109,8 +131,14 @@ def start_dashboard(dsn: str | None = None, *, port: int = DEFAULT_PORT, host: s
         time.sleep(0.2)
 
 
-def run_dashboard(dsn: str | None = None, port: int = DEFAULT_PORT, *, host: str = "127.0.0.1",
-                  outputs_dir: str | os.PathLike[str] | None = None, refresh_seconds: float | None = None) -> int:
+def run_dashboard(
+    dsn: str | None = None,
+    port: int = DEFAULT_PORT,
+    *,
+    host: str = "127.0.0.1",
+    outputs_dir: str | os.PathLike[str] | None = None,
+    refresh_seconds: float | None = None,
+) -> int:
     """Serve the dashboard in the foreground until Ctrl-C / SIGTERM; returns Streamlit's exit code, or 0 when
     it was asked to stop.
 

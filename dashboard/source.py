@@ -47,22 +47,35 @@ STATEMENT_TIMEOUT_MS = 15_000
 # PostgreSQL type OIDs -> Arrow types, so an empty answer still has typed columns.
 _ARROW_TYPES: dict[int, pa.DataType] = {
     16: pa.bool_(),
-    20: pa.int64(), 21: pa.int64(), 23: pa.int64(),
-    700: pa.float64(), 701: pa.float64(), 1700: pa.float64(),
-    25: pa.string(), 1043: pa.string(), 19: pa.string(), 18: pa.string(),
+    20: pa.int64(),
+    21: pa.int64(),
+    23: pa.int64(),
+    700: pa.float64(),
+    701: pa.float64(),
+    1700: pa.float64(),
+    25: pa.string(),
+    1043: pa.string(),
+    19: pa.string(),
+    18: pa.string(),
     # timestamptz arrives as naive UTC: the dashboard shows every time in UTC.
-    1114: pa.timestamp("us"), 1184: pa.timestamp("us"),
+    1114: pa.timestamp("us"),
+    1184: pa.timestamp("us"),
     1082: pa.date32(),
-    114: pa.string(), 3802: pa.string(),  # json / jsonb arrive decoded; kept as text
-    1009: pa.list_(pa.string()), 1015: pa.list_(pa.string()),  # text[], varchar[]
+    114: pa.string(),
+    3802: pa.string(),  # json / jsonb arrive decoded; kept as text
+    1009: pa.list_(pa.string()),
+    1015: pa.list_(pa.string()),  # text[], varchar[]
 }
 
 
 def read_only_dsn(dsn: str | None = None) -> str:
     """The DSN with read-only, application-name and statement-timeout options added."""
-    params = conninfo_to_dict(with_options(
-        resolve_dsn(dsn),
-        f"{SESSION_OPTIONS} -c default_transaction_read_only=on -c statement_timeout={STATEMENT_TIMEOUT_MS}"))
+    params = conninfo_to_dict(
+        with_options(
+            resolve_dsn(dsn),
+            f"{SESSION_OPTIONS} -c default_transaction_read_only=on -c statement_timeout={STATEMENT_TIMEOUT_MS}",
+        )
+    )
     params.setdefault("application_name", APPLICATION_NAME)
     return make_conninfo(**params)
 
@@ -157,8 +170,11 @@ def duck() -> duckdb.DuckDBPyConnection:
         return _duck.cursor()
 
 
-def duck_df(sql: str, tables: Mapping[str, pa.Table | pd.DataFrame] | None = None,
-            params: Mapping[str, Any] | list[Any] | None = None) -> pd.DataFrame:
+def duck_df(
+    sql: str,
+    tables: Mapping[str, pa.Table | pd.DataFrame] | None = None,
+    params: Mapping[str, Any] | list[Any] | None = None,
+) -> pd.DataFrame:
     """Run DuckDB SQL over the given Arrow tables / DataFrames (registered under their names)."""
     cur = duck()
     try:

@@ -33,8 +33,9 @@ SAFETY = 0.9
 SQUEEZE = 1.12
 
 
-def fit_columns(data: pd.DataFrame, column_config: Mapping[str, Any] | None, frame_px: float,
-                columns: Sequence[str] | None = None) -> dict[str, Any]:
+def fit_columns(
+    data: pd.DataFrame, column_config: Mapping[str, Any] | None, frame_px: float, columns: Sequence[str] | None = None
+) -> dict[str, Any]:
     """`column_config` with a pixel width for every shown column when their natural widths come near
     `frame_px` (explicit widths add up exactly); unchanged (as a new dict) when they clearly fit."""
     config: dict[str, Any] = dict(column_config or {})
@@ -58,15 +59,26 @@ def fit_columns(data: pd.DataFrame, column_config: Mapping[str, Any] | None, fra
     return config
 
 
-def split_columns(data: pd.DataFrame, column_config: Mapping[str, Any] | None, frame_px: float,
-                  columns: Sequence[str] | None = None, keys: Sequence[str] | None = None) -> list[list[str]]:
+def split_columns(
+    data: pd.DataFrame,
+    column_config: Mapping[str, Any] | None,
+    frame_px: float,
+    columns: Sequence[str] | None = None,
+    keys: Sequence[str] | None = None,
+) -> list[list[str]]:
     """The shown columns in parts that each fit `frame_px` at a readable width (one part when they
     all do), every part starting with the `keys` columns (default: the leading text columns, at most
     three, else the first column)."""
     config = dict(column_config or {})
     shown = [c for c in (columns or list(data.columns)) if c in data.columns and config.get(c, "") is not None]
-    readable = {c: (min(_natural_width(data[c], config.get(c)), READABLE_TEXT_PX) if _is_text(data[c], config.get(c))
-                    else _natural_width(data[c], config.get(c))) for c in shown}
+    readable = {
+        c: (
+            min(_natural_width(data[c], config.get(c)), READABLE_TEXT_PX)
+            if _is_text(data[c], config.get(c))
+            else _natural_width(data[c], config.get(c))
+        )
+        for c in shown
+    }
     if sum(readable.values()) <= frame_px * SQUEEZE:
         return [shown]  # fit_columns narrows it a little
     if keys is None:
@@ -125,8 +137,11 @@ def _is_text(values: pd.Series, config: Any) -> bool:
     kind = _kind(config)
     if kind in ("number", "progress", "checkbox", "link", "datetime", "date", "time"):
         return False
-    return not (pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values)
-                or pd.api.types.is_datetime64_any_dtype(values))
+    return not (
+        pd.api.types.is_numeric_dtype(values)
+        or pd.api.types.is_bool_dtype(values)
+        or pd.api.types.is_datetime64_any_dtype(values)
+    )
 
 
 def _natural_width(values: pd.Series, config: Any) -> float:

@@ -42,6 +42,7 @@ def describe_dsn(value: str) -> str:
 
 # -- cached loaders ---------------------------------------------------------------------------
 
+
 @st.cache_data(ttl=600, show_spinner=False)
 def viewer(dsn: str) -> dict[str, Any]:
     return queries.load_viewer(dsn)
@@ -109,6 +110,7 @@ def clear_caches() -> None:
 
 # -- guard ------------------------------------------------------------------------------------
 
+
 @contextlib.contextmanager
 def database_guard() -> Iterator[None]:
     """A database that is down or refuses a query is a message on the page, not a traceback."""
@@ -128,6 +130,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 # -- formatting -------------------------------------------------------------------------------
+
 
 def fmt_int(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -191,8 +194,14 @@ def sidebar(current_dsn: str) -> None:
 FRAME_PX = 1000
 
 
-def table(data: pd.DataFrame, *, column_config: dict[str, Any] | None = None, share: float = 1.0,
-          keys: list[str] | None = None, **options: Any) -> None:
+def table(
+    data: pd.DataFrame,
+    *,
+    column_config: dict[str, Any] | None = None,
+    share: float = 1.0,
+    keys: list[str] | None = None,
+    **options: Any,
+) -> None:
     """`st.dataframe` whose every column shows at a 1,400 px window (`share`: of the page's width):
     fitted widths, and parts one under the other (repeating the `keys` columns) when too many."""
     from batchdb.dashboard.tables import fit_columns, split_columns
@@ -202,12 +211,20 @@ def table(data: pd.DataFrame, *, column_config: dict[str, Any] | None = None, sh
     frame = FRAME_PX * share - (24 if share < 1 else 0)
     for part in split_columns(data, column_config, frame, options.pop("column_order", None), keys):
         # The whole frame each time (column_order picks the part): sorting and copying see every column.
-        st.dataframe(data, column_config=fit_columns(data, column_config, frame, part), column_order=part,
-                     **options)
+        st.dataframe(data, column_config=fit_columns(data, column_config, frame, part), column_order=part, **options)
 
 
-def time_chart(data: pd.DataFrame, x: str, series: list[str], *, y_title: str, kind: str = "line",
-               time_format: str = "%H:%M", height: int = 260, colors: dict[str, str] | None = None) -> None:
+def time_chart(
+    data: pd.DataFrame,
+    x: str,
+    series: list[str],
+    *,
+    y_title: str,
+    kind: str = "line",
+    time_format: str = "%H:%M",
+    height: int = 260,
+    colors: dict[str, str] | None = None,
+) -> None:
     """A chart over UTC time. Altair with a UTC scale: Streamlit's own charts would show the naive
     UTC times in the browser's time zone."""
     import altair as alt
@@ -222,10 +239,14 @@ def time_chart(data: pd.DataFrame, x: str, series: list[str], *, y_title: str, k
     scale = alt.Scale(domain=list(colors), range=list(colors.values())) if colors else alt.Undefined
     chart = mark.encode(
         x=alt.X(f"{x}:T", title="UTC", scale=alt.Scale(type="utc"), axis=alt.Axis(format=time_format)),
-        y=alt.Y("value:Q", title=y_title, stack=True if kind == "bar" else None, axis=alt.Axis(format="~s"),
-                scale=y_scale),
+        y=alt.Y(
+            "value:Q", title=y_title, stack=True if kind == "bar" else None, axis=alt.Axis(format="~s"), scale=y_scale
+        ),
         color=alt.Color("series:N", title=None, legend=alt.Legend(orient="bottom"), scale=scale),
-        tooltip=[alt.Tooltip("when:N", title="time"), alt.Tooltip("series:N", title="series"),
-                 alt.Tooltip("value:Q", title="value", format=",.2~f")],
+        tooltip=[
+            alt.Tooltip("when:N", title="time"),
+            alt.Tooltip("series:N", title="series"),
+            alt.Tooltip("value:Q", title="value", format=",.2~f"),
+        ],
     ).properties(height=height)
     st.altair_chart(chart, width="stretch")

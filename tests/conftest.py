@@ -33,8 +33,9 @@ def _import_bench() -> None:
     """
     if "bench" in sys.modules:
         return
-    spec = importlib.util.spec_from_file_location("bench",
-                                                  Path(__file__).resolve().parents[1] / "bench" / "__init__.py")
+    spec = importlib.util.spec_from_file_location(
+        "bench", Path(__file__).resolve().parents[1] / "bench" / "__init__.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules["bench"] = module
@@ -113,8 +114,10 @@ def drain(dsn: str):  # noqa: ANN201
 
     def run(provider: object | None = None, **config: object) -> Worker:
         settings = {"concurrency": 16, "poll_interval": 0.3, "retry": RetryPolicy(0.05, 0.2), **config}
-        worker = Worker(WorkerConfig(dsn=dsn, exit_when_idle=True, **settings),  # type: ignore[arg-type]
-                        providers={"instant": provider or InstantProvider()})  # type: ignore[dict-item]
+        worker = Worker(
+            WorkerConfig(dsn=dsn, exit_when_idle=True, **settings),  # type: ignore[arg-type]
+            providers={"instant": provider or InstantProvider()},
+        )  # type: ignore[dict-item]
         asyncio.run(worker.run())
         return worker
 

@@ -88,8 +88,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int):  # noqa: ANN
             except psutil.Error:
                 pass
         psutil.wait_procs(left, timeout=10)
-        message = (f"{len(left)} process(es) started by the tests were still running after the session "
-                   f"(killed now); stop every process a test starts:\n  " + "\n  ".join(described))
+        message = (
+            f"{len(left)} process(es) started by the tests were still running after the session "
+            f"(killed now); stop every process a test starts:\n  " + "\n  ".join(described)
+        )
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
             reporter.write_sep("=", "leftover processes", red=True)

@@ -23,7 +23,7 @@ from psycopg.conninfo import conninfo_to_dict
 # The tables migrations fill with reference data; everything else starts empty.
 SEEDED_TABLES = ("batchdb.prices", "batchdb.request_params")
 
-_HEADER = '''-- batchdb's schema as it stands after the last migration: every table, view,
+_HEADER = """-- batchdb's schema as it stands after the last migration: every table, view,
 -- function, trigger, policy and grant of the `batchdb` schema, each defined once,
 -- and the reference data the migrations seed. Read this file to see what the
 -- database looks like today; read sql/migrations/ for how it got there and why.
@@ -53,18 +53,31 @@ $$;
 
 -- Functions come before the tables their bodies read: create them unchecked.
 SET check_function_bodies = false;
-'''
+"""
 
-_NOISE = re.compile(r"^(SET |SELECT pg_catalog\.set_config|\\restrict|\\unrestrict|-- Dumped |"
-                    r"-- PostgreSQL database dump)")
+_NOISE = re.compile(
+    r"^(SET |SELECT pg_catalog\.set_config|\\restrict|\\unrestrict|-- Dumped |"
+    r"-- PostgreSQL database dump)"
+)
 _NAME_COMMENT = re.compile(r"^--\n-- (?:Data for )?Name: ([^;]+); Type: ([^;]+);[^\n]*\n--\n", re.MULTILINE)
 
 
 def _pg_dump(dsn: str, *args: str) -> str:
     params = conninfo_to_dict(dsn)
-    command = [shutil.which("pg_dump") or "pg_dump", "--no-owner", "-n", "batchdb", *args,
-               "-h", str(params.get("host", "127.0.0.1")), "-p", str(params.get("port", 5432)),
-               "-U", str(params.get("user", "postgres")), str(params["dbname"])]
+    command = [
+        shutil.which("pg_dump") or "pg_dump",
+        "--no-owner",
+        "-n",
+        "batchdb",
+        *args,
+        "-h",
+        str(params.get("host", "127.0.0.1")),
+        "-p",
+        str(params.get("port", 5432)),
+        "-U",
+        str(params.get("user", "postgres")),
+        str(params["dbname"]),
+    ]
     return subprocess.run(command, capture_output=True, text=True, check=True).stdout
 
 
@@ -83,8 +96,10 @@ def _column_grants(text: str) -> str:
             grants.setdefault((table, privilege, role), []).append(column)
     if first is None:
         return text
-    combined = "".join(f"GRANT {privilege} ({', '.join(columns)}) ON TABLE {table} TO {role};\n"
-                       for (table, privilege, role), columns in grants.items())
+    combined = "".join(
+        f"GRANT {privilege} ({', '.join(columns)}) ON TABLE {table} TO {role};\n"
+        for (table, privilege, role), columns in grants.items()
+    )
     rest = _COLUMN_GRANT.sub("", text)
     return rest[:first] + "-- column privileges\n\n" + combined + "\n" + rest[first:]
 
@@ -105,14 +120,21 @@ def seed_inserts(dsn: str) -> str:
     with psycopg.connect(dsn) as conn:
         for table in SEEDED_TABLES:
             schema, name = table.split(".")
-            columns = [r[0] for r in conn.execute(
-                "SELECT column_name FROM information_schema.columns WHERE table_schema = %s AND table_name = %s "
-                "AND column_name NOT IN ('updated_at', 'created_at') ORDER BY ordinal_position", (schema, name))]
+            columns = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT column_name FROM information_schema.columns WHERE table_schema = %s AND table_name = %s "
+                    "AND column_name NOT IN ('updated_at', 'created_at') ORDER BY ordinal_position",
+                    (schema, name),
+                )
+            ]
             listed = ", ".join(columns)  # batchdb's column names are plain lowercase words
             values = sql.SQL(" || ', ' || ").join(
-                sql.SQL("quote_nullable({}::text)").format(sql.Identifier(c)) for c in columns)
-            rows = conn.execute(sql.SQL("SELECT {} FROM {} ORDER BY 1").format(
-                values, sql.Identifier(schema, name))).fetchall()
+                sql.SQL("quote_nullable({}::text)").format(sql.Identifier(c)) for c in columns
+            )
+            rows = conn.execute(
+                sql.SQL("SELECT {} FROM {} ORDER BY 1").format(values, sql.Identifier(schema, name))
+            ).fetchall()
             out.append(f"-- {table}\n")
             out.extend(f"INSERT INTO {table} ({listed}) VALUES ({row[0]});\n" for row in rows)
             out.append("\n")

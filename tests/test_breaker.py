@@ -30,9 +30,12 @@ from batchdb.workers.outcomes import RetryPolicy
 from batchdb.workers.worker import Worker, WorkerConfig
 
 LANE = Lane("openai", "default", "gpt-4o-mini")
-UNAVAILABLE_503 = ProviderError(ErrorKind.TRANSIENT, "InternalServerError: 503 (at http://sim/v1/chat/completions)",
-                                status_code=503)
-REFUSED = ProviderError(ErrorKind.TRANSIENT, "APIConnectionError: Connection error. (at http://sim/v1/chat/completions)")
+UNAVAILABLE_503 = ProviderError(
+    ErrorKind.TRANSIENT, "InternalServerError: 503 (at http://sim/v1/chat/completions)", status_code=503
+)
+REFUSED = ProviderError(
+    ErrorKind.TRANSIENT, "APIConnectionError: Connection error. (at http://sim/v1/chat/completions)"
+)
 BAD_ROW = ProviderError(ErrorKind.PERMANENT, "BadRequestError: context_length_exceeded", status_code=400)
 NOT_FOUND = ProviderError(ErrorKind.UNAVAILABLE, "NotFoundError: 404 (at http://sim/chat/completions)", status_code=404)
 
@@ -46,23 +49,33 @@ def submit(dsn: str, rows: int = 20, *, webhook: bool = True, **options: Any) ->
 
 
 def a_row(job_id: int, n: int = 1) -> ClaimedRequest:
-    return ClaimedRequest(job_id=job_id, id=n, custom_id=f"r{n}", payload=None, input=None, attempts=1,
-                          max_attempts=5, lease_token=1)
+    return ClaimedRequest(
+        job_id=job_id, id=n, custom_id=f"r{n}", payload=None, input=None, attempts=1, max_attempts=5, lease_token=1
+    )
 
 
 def breaker(dsn: str, name: str = "w1", started: list[ClaimedRequest] | None = None, **config: Any) -> Breaker:
-    return Breaker(Reconnecting(dsn, name=name), BreakerConfig(**config), worker_id=name, lease_seconds=30,
-                   probe_lease_seconds=30, on_probe=(started if started is not None else []).append)
+    return Breaker(
+        Reconnecting(dsn, name=name),
+        BreakerConfig(**config),
+        worker_id=name,
+        lease_seconds=30,
+        probe_lease_seconds=30,
+        on_probe=(started if started is not None else []).append,
+    )
 
 
 def circuit(conn: psycopg.Connection) -> dict[str, Any]:
-    return conn.execute("SELECT * FROM batchdb.circuits WHERE provider = %s AND key_alias = %s AND model = %s",
-                        (LANE.provider, LANE.key_alias, LANE.model)).fetchone()
+    return conn.execute(
+        "SELECT * FROM batchdb.circuits WHERE provider = %s AND key_alias = %s AND model = %s",
+        (LANE.provider, LANE.key_alias, LANE.model),
+    ).fetchone()
 
 
 def events(conn: psycopg.Connection, job_id: int, event: str = "job.provider_unavailable") -> int:
-    return conn.execute("SELECT count(*) AS n FROM batchdb.notification_deliveries WHERE job_id = %s AND event = %s",
-                        (job_id, event)).fetchone()["n"]
+    return conn.execute(
+        "SELECT count(*) AS n FROM batchdb.notification_deliveries WHERE job_id = %s AND event = %s", (job_id, event)
+    ).fetchone()["n"]
 
 
 def reason(conn: psycopg.Connection, job_id: int) -> str | None:
@@ -73,7 +86,8 @@ def reason(conn: psycopg.Connection, job_id: int) -> str | None:
 
 
 def test_sustained_lane_failures_open_the_circuit_for_every_worker_and_a_success_closes_it(
-        dsn: str, conn: psycopg.Connection) -> None:
+    dsn: str, conn: psycopg.Connection
+) -> None:
     job = submit(dsn)
 
     async def scenario() -> None:
@@ -150,8 +164,10 @@ def test_claim_skips_an_open_lane_and_one_worker_at_a_time_sends_its_probe(dsn: 
             claimed = await queue.claim_batch(c, worker_id="w3", limit=100, lease_seconds=30)
         assert {r.job_id for r in claimed} == {other.id}  # the open lane's rows stay queued
         # Wait for the (tiny) first backoff in database time, then both workers try to probe.
-        conn.execute("SELECT pg_sleep(greatest(0, extract(epoch FROM next_probe_at - clock_timestamp())) + 0.01) "
-                     "FROM batchdb.circuits")
+        conn.execute(
+            "SELECT pg_sleep(greatest(0, extract(epoch FROM next_probe_at - clock_timestamp())) + 0.01) "
+            "FROM batchdb.circuits"
+        )
         await asyncio.gather(one.poll_once(), two.poll_once())
         probes = started_one + started_two
         assert len(probes) == 1 and probes[0].job_id == job.id, probes
@@ -163,8 +179,10 @@ def test_claim_skips_an_open_lane_and_one_worker_at_a_time_sends_its_probe(dsn: 
         state = circuit(conn)
         assert state["state"] == "open" and state["probes_failed"] == 1 and state["probe_owner"] is None
         # A probe that succeeds closes the circuit for everyone.
-        conn.execute("SELECT pg_sleep(greatest(0, extract(epoch FROM next_probe_at - clock_timestamp())) + 0.01) "
-                     "FROM batchdb.circuits")
+        conn.execute(
+            "SELECT pg_sleep(greatest(0, extract(epoch FROM next_probe_at - clock_timestamp())) + 0.01) "
+            "FROM batchdb.circuits"
+        )
         again = await prober.poll_once()
         assert len(again) == 1
         await prober.succeeded(LANE, again[0], time.monotonic())
@@ -183,9 +201,12 @@ def test_probe_backoff_doubles_up_to_the_cap(conn: psycopg.Connection) -> None:
     waits = []
     with conn.transaction():  # one transaction: now() is fixed, so the waits are exact
         for _ in range(6):
-            waits.append(conn.execute(
-                "SELECT extract(epoch FROM batchdb.circuit_probe_failed('openai', 'default', 'm', 'down', 2, 20) "
-                "- now())::float AS s").fetchone()["s"])
+            waits.append(
+                conn.execute(
+                    "SELECT extract(epoch FROM batchdb.circuit_probe_failed('openai', 'default', 'm', 'down', 2, 20) "
+                    "- now())::float AS s"
+                ).fetchone()["s"]
+            )
     assert waits == [4, 8, 16, 20, 20, 20]
 
 
@@ -202,9 +223,14 @@ class Background:
     """A real worker in a thread of its own (its own event loop), stopped on exit."""
 
     def __init__(self, dsn: str, **config: Any) -> None:
-        settings: dict[str, Any] = {"concurrency": 8, "poll_interval": 0.2, "retry": RetryPolicy(0.05, 0.2),
-                                    "notifier": None, "lease_seconds": 30.0,
-                                    "breaker": BreakerConfig(base_backoff=0.5, max_backoff=1.0, poll_interval=0.2)}
+        settings: dict[str, Any] = {
+            "concurrency": 8,
+            "poll_interval": 0.2,
+            "retry": RetryPolicy(0.05, 0.2),
+            "notifier": None,
+            "lease_seconds": 30.0,
+            "breaker": BreakerConfig(base_backoff=0.5, max_backoff=1.0, poll_interval=0.2),
+        }
         settings.update(config)
         self.worker = Worker(WorkerConfig(dsn=dsn, **settings))
         self._loop = asyncio.new_event_loop()
@@ -233,7 +259,8 @@ def wait_until(what: str, check: Any, timeout: float = 120.0) -> Any:
 
 @pytest.mark.slow
 def test_an_outage_spends_no_attempts_and_the_job_finishes_by_itself(
-        dsn: str, own_simulator: SimulatorProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    dsn: str, own_simulator: SimulatorProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """503s, then the provider process gone (connection refused), then back on the same port."""
     sim = own_simulator
     monkeypatch.setenv("OPENAI_BASE_URL", sim.openai_base_url)
@@ -252,8 +279,11 @@ def test_an_outage_spends_no_attempts_and_the_job_finishes_by_itself(
         with start_simulator(config.updated({"outage": None}), port=port):
             final = job.wait(timeout=120)
         assert background.worker.completed == 200
-        rows = conn.execute("SELECT status, count(*) AS n, max(attempts) AS most, sum(attempts) AS total "
-                            "FROM batchdb.requests WHERE job_id = %s GROUP BY status", (job.id,)).fetchall()
+        rows = conn.execute(
+            "SELECT status, count(*) AS n, max(attempts) AS most, sum(attempts) AS total "
+            "FROM batchdb.requests WHERE job_id = %s GROUP BY status",
+            (job.id,),
+        ).fetchall()
         state = circuit(conn)
     assert final.status == "completed" and final.n_succeeded == 200, rows
     assert [r["status"] for r in rows] == ["succeeded"]
@@ -267,7 +297,8 @@ def test_an_outage_spends_no_attempts_and_the_job_finishes_by_itself(
 
 @pytest.mark.slow
 def test_a_base_url_without_v1_leaves_the_job_waiting_with_the_url_then_a_fixed_worker_finishes_it(
-        dsn: str, own_simulator: SimulatorProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    dsn: str, own_simulator: SimulatorProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
     sim = own_simulator
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     monkeypatch.setenv("OPENAI_BASE_URL", sim.base_url)  # no /v1: every call is a 404
@@ -280,9 +311,11 @@ def test_a_base_url_without_v1_leaves_the_job_waiting_with_the_url_then_a_fixed_
         assert text.startswith("waiting: provider unavailable since"), text
         assert f"{sim.base_url}/chat/completions" in text and "404" in text and "/v1" in text, text
         assert "sk-test" not in text
-        counts = conn.execute("SELECT count(*) FILTER (WHERE status IN ('failed', 'dead')) AS bad, "
-                              "sum(attempts) AS attempts FROM batchdb.requests WHERE job_id = %s",
-                              (job.id,)).fetchone()
+        counts = conn.execute(
+            "SELECT count(*) FILTER (WHERE status IN ('failed', 'dead')) AS bad, "
+            "sum(attempts) AS attempts FROM batchdb.requests WHERE job_id = %s",
+            (job.id,),
+        ).fetchone()
         assert counts == {"bad": 0, "attempts": 0}, counts
         monkeypatch.setenv("OPENAI_BASE_URL", sim.openai_base_url)
         with Background(dsn):
@@ -293,21 +326,31 @@ def test_a_base_url_without_v1_leaves_the_job_waiting_with_the_url_then_a_fixed_
 # -- a refused key: the circuit opens (no pause), a good key closes it with no command -----------------
 
 
-KEY_LANES = {"openai": (LANE, "OPENAI_API_KEY", "OpenAI refused the API key (401 invalid_api_key) at "),
-             "gemini": (Lane("gemini", "default", "gemini-2.5-flash"), "GEMINI_API_KEY",
-                        "Gemini refused the API key (400 API_KEY_INVALID)")}
+KEY_LANES = {
+    "openai": (LANE, "OPENAI_API_KEY", "OpenAI refused the API key (401 invalid_api_key) at "),
+    "gemini": (
+        Lane("gemini", "default", "gemini-2.5-flash"),
+        "GEMINI_API_KEY",
+        "Gemini refused the API key (400 API_KEY_INVALID)",
+    ),
+}
 
 
 def lane_circuit(conn: psycopg.Connection, lane: Lane) -> dict[str, Any] | None:
-    return conn.execute("SELECT * FROM batchdb.circuits WHERE provider = %s AND key_alias = %s AND model = %s",
-                        (lane.provider, lane.key_alias, lane.model)).fetchone()
+    return conn.execute(
+        "SELECT * FROM batchdb.circuits WHERE provider = %s AND key_alias = %s AND model = %s",
+        (lane.provider, lane.key_alias, lane.model),
+    ).fetchone()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("provider", "fix"), [("openai", "restart the worker with the rotated key"),
-                                               ("gemini", "the provider accepts the key again")])
+@pytest.mark.parametrize(
+    ("provider", "fix"),
+    [("openai", "restart the worker with the rotated key"), ("gemini", "the provider accepts the key again")],
+)
 def test_a_refused_key_opens_the_circuit_at_once_and_a_good_key_finishes_the_job_with_no_command(
-        dsn: str, own_simulator: SimulatorProcess, monkeypatch: pytest.MonkeyPatch, provider: str, fix: str) -> None:
+    dsn: str, own_simulator: SimulatorProcess, monkeypatch: pytest.MonkeyPatch, provider: str, fix: str
+) -> None:
     """A refused key (401 / Gemini's API_KEY_INVALID) is the lane's fault, not the account's: the job
     keeps running, waiting, with the refusal as its reason; no attempt is spent; and once a call with
     a good key is possible (the operator rotated the key and restarted the worker, or the provider
@@ -337,8 +380,11 @@ def test_a_refused_key_opens_the_circuit_at_once_and_a_good_key_finishes_the_job
         text = status.status_reason or ""
         assert text.startswith("waiting: provider unavailable since ") and refusal in text, text
         assert "stale-refused" not in text  # at most the provider's own mask, "sk-*****" and the last four
-        counts = conn.execute("SELECT count(*) FILTER (WHERE status = 'queued') AS queued, sum(attempts) AS attempts "
-                              "FROM batchdb.requests WHERE job_id = %s", (job.id,)).fetchone()
+        counts = conn.execute(
+            "SELECT count(*) FILTER (WHERE status = 'queued') AS queued, sum(attempts) AS attempts "
+            "FROM batchdb.requests WHERE job_id = %s",
+            (job.id,),
+        ).fetchone()
         assert counts == {"queued": 20, "attempts": 0}, counts
         assert events(conn, job.id) == 1
         assert events(conn, job.id, "job.paused") == events(conn, job.id, "job.quota_exhausted") == 0
@@ -350,8 +396,9 @@ def test_a_refused_key_opens_the_circuit_at_once_and_a_good_key_finishes_the_job
         with Background(dsn, breaker=breaker_config):
             final = job.wait(timeout=120)
         state = lane_circuit(conn, lane)
-        attempts = conn.execute("SELECT sum(attempts) AS n FROM batchdb.requests WHERE job_id = %s",
-                                (job.id,)).fetchone()["n"]
+        attempts = conn.execute(
+            "SELECT sum(attempts) AS n FROM batchdb.requests WHERE job_id = %s", (job.id,)
+        ).fetchone()["n"]
         assert final.status == "completed" and final.n_succeeded == 20, final
         assert attempts == 20  # one each: the refused calls spent none
         assert state["state"] == "closed" and state["n_opened"] == 1, state

@@ -26,8 +26,10 @@ from batchdb.workers.worker import Worker, WorkerConfig
 @pytest.fixture
 def alice(dsn: str, conn: psycopg.Connection):  # noqa: ANN201
     """A user with a daily budget, and prices for the instant provider."""
-    conn.execute("INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok) "
-                 "VALUES ('instant', 'instant', 1000, 1000)")
+    conn.execute(
+        "INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok) "
+        "VALUES ('instant', 'instant', 1000, 1000)"
+    )
     name = f"alice_{uuid.uuid4().hex[:8]}"
     users.add_user(conn, name, budget_usd_day=100)
     yield name, make_conninfo(dsn, user=name)
@@ -37,8 +39,16 @@ def alice(dsn: str, conn: psycopg.Connection):  # noqa: ANN201
 
 def submit(owner_dsn: str, rows: int, **options: object) -> batchdb.Job:
     frame = pd.DataFrame({"id": [f"r{i}" for i in range(rows)], "text": [f"row {i}" for i in range(rows)]})
-    return batchdb.submit(frame, prompt="Say: {text}", model="instant", provider="instant", id_column="id",
-                          max_tokens=20, dsn=owner_dsn, **options)  # type: ignore[arg-type]
+    return batchdb.submit(
+        frame,
+        prompt="Say: {text}",
+        model="instant",
+        provider="instant",
+        id_column="id",
+        max_tokens=20,
+        dsn=owner_dsn,
+        **options,
+    )  # type: ignore[arg-type]
 
 
 def books(conn: psycopg.Connection, owner: str, job_id: int) -> dict:
@@ -48,20 +58,29 @@ def books(conn: psycopg.Connection, owner: str, job_id: int) -> dict:
         "       (SELECT reserved_usd FROM batchdb.jobs WHERE id = %(job)s) AS job_reserved,"
         "       (SELECT sum(cost_usd) FROM batchdb.requests WHERE job_id = %(job)s) AS cost,"
         "       (SELECT count(*) FROM batchdb.budget_reservations) AS open_reservations",
-        {"owner": owner, "job": job_id}).fetchone()
+        {"owner": owner, "job": job_id},
+    ).fetchone()
 
 
 def test_a_worker_whose_replies_are_lost_after_commit_books_every_call_once(
-        dsn: str, conn: psycopg.Connection, alice, lost_reply_proxy) -> None:  # noqa: ANN001
+    dsn: str, conn: psycopg.Connection, alice, lost_reply_proxy
+) -> None:
     """The worker reconnects and re-runs a statement whose reply was lost. The first
     reservation's and the first settlement's replies are dropped after their commit."""
     owner, owner_dsn = alice
     job = submit(owner_dsn, 40, budget_usd=50)
     lost_reply_proxy.drop_reply_after(b"reserve_budget")
     lost_reply_proxy.drop_reply_after(b"settle_")
-    worker = Worker(WorkerConfig(dsn=lost_reply_proxy.dsn, exit_when_idle=True, concurrency=8, poll_interval=0.2,
-                                 retry=RetryPolicy(0.05, 0.2)),
-                    providers={"instant": InstantProvider()})
+    worker = Worker(
+        WorkerConfig(
+            dsn=lost_reply_proxy.dsn,
+            exit_when_idle=True,
+            concurrency=8,
+            poll_interval=0.2,
+            retry=RetryPolicy(0.05, 0.2),
+        ),
+        providers={"instant": InstantProvider()},
+    )
     asyncio.run(worker.run())
 
     assert lost_reply_proxy.dropped == [b"reserve_budget", b"settle_"]  # both faults were injected
@@ -84,15 +103,16 @@ def claimed(dsn: str, job_id: int) -> list:
     return rows
 
 
-def test_a_reservation_or_settlement_repeated_by_key_counts_once(
-        dsn: str, conn: psycopg.Connection, alice) -> None:  # noqa: ANN001
+def test_a_reservation_or_settlement_repeated_by_key_counts_once(dsn: str, conn: psycopg.Connection, alice) -> None:
     owner, owner_dsn = alice
     job = submit(owner_dsn, 2)
     row = claimed(dsn, job.id)[0]
 
     def reserve(seq: int, usd: str) -> str:
-        return conn.execute("SELECT batchdb.reserve_budget(%s, %s::numeric, %s, %s, %s) AS r",
-                            (job.id, usd, row.id, row.lease_token, seq)).fetchone()["r"]
+        return conn.execute(
+            "SELECT batchdb.reserve_budget(%s, %s::numeric, %s, %s, %s) AS r",
+            (job.id, usd, row.id, row.lease_token, seq),
+        ).fetchone()["r"]
 
     assert reserve(1, "0.25") == "ok"
     assert reserve(1, "0.25") == "ok"  # the same call again: nothing more reserved
@@ -115,8 +135,7 @@ def test_a_reservation_or_settlement_repeated_by_key_counts_once(
     assert booked["open_reservations"] == 0
 
 
-def test_a_refused_reservation_holds_nothing_and_can_be_asked_again(
-        dsn: str, conn: psycopg.Connection, alice) -> None:  # noqa: ANN001
+def test_a_refused_reservation_holds_nothing_and_can_be_asked_again(dsn: str, conn: psycopg.Connection, alice) -> None:
     owner, owner_dsn = alice
     job = submit(owner_dsn, 2, budget_usd=1)
     row = claimed(dsn, job.id)[0]
@@ -128,7 +147,7 @@ def test_a_refused_reservation_holds_nothing_and_can_be_asked_again(
     assert books(conn, owner, job.id)["job_reserved"] == Decimal("0.8")
 
 
-def test_settler_settles_everything_submitted_before_close(dsn: str, conn: psycopg.Connection, alice) -> None:  # noqa: ANN001
+def test_settler_settles_everything_submitted_before_close(dsn: str, conn: psycopg.Connection, alice) -> None:
     owner, owner_dsn = alice
     job = submit(owner_dsn, 5)
     rows = claimed(dsn, job.id)
@@ -150,7 +169,7 @@ def test_settler_settles_everything_submitted_before_close(dsn: str, conn: psyco
     assert (booked["spent"], booked["reserved"], booked["job_reserved"]) == (Decimal("0.05"), 0, 0)
 
 
-def test_a_worker_role_may_reserve_and_settle_but_a_user_may_not(dsn: str, conn: psycopg.Connection, alice) -> None:  # noqa: ANN001
+def test_a_worker_role_may_reserve_and_settle_but_a_user_may_not(dsn: str, conn: psycopg.Connection, alice) -> None:
     owner, owner_dsn = alice
     job = submit(owner_dsn, 2)
     row = claimed(dsn, job.id)[0]
@@ -158,14 +177,25 @@ def test_a_worker_role_may_reserve_and_settle_but_a_user_may_not(dsn: str, conn:
     users.add_user(conn, worker, kind=users.UserKind.WORKER)
     try:
         with psycopg.connect(make_conninfo(dsn, user=worker), autocommit=True) as c:
-            assert c.execute("SELECT batchdb.reserve_budget(%s, 0.5, %s, %s, 1)",
-                             (job.id, row.id, row.lease_token)).fetchone()[0] == "ok"
-            assert c.execute("SELECT batchdb.settle_budget(ARRAY[%s]::bigint[], ARRAY[%s]::bigint[], "
-                             "ARRAY[%s]::bigint[], ARRAY[0.2]::numeric[])",
-                             (job.id, row.id, row.lease_token)).fetchone()[0] == 1
+            assert (
+                c.execute(
+                    "SELECT batchdb.reserve_budget(%s, 0.5, %s, %s, 1)", (job.id, row.id, row.lease_token)
+                ).fetchone()[0]
+                == "ok"
+            )
+            assert (
+                c.execute(
+                    "SELECT batchdb.settle_budget(ARRAY[%s]::bigint[], ARRAY[%s]::bigint[], "
+                    "ARRAY[%s]::bigint[], ARRAY[0.2]::numeric[])",
+                    (job.id, row.id, row.lease_token),
+                ).fetchone()[0]
+                == 1
+            )
         with psycopg.connect(owner_dsn, autocommit=True) as c, pytest.raises(psycopg.errors.InsufficientPrivilege):
-            c.execute("SELECT batchdb.settle_budget(ARRAY[1]::bigint[], ARRAY[1]::bigint[], ARRAY[1]::bigint[], "
-                      "ARRAY[-100]::numeric[])")
+            c.execute(
+                "SELECT batchdb.settle_budget(ARRAY[1]::bigint[], ARRAY[1]::bigint[], ARRAY[1]::bigint[], "
+                "ARRAY[-100]::numeric[])"
+            )
     finally:
         conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (worker,))
         conn.execute(psycopg.sql.SQL("DROP ROLE IF EXISTS {}").format(psycopg.sql.Identifier(worker)))
@@ -175,12 +205,16 @@ def test_a_worker_role_may_reserve_and_settle_but_a_user_may_not(dsn: str, conn:
 
 def expire_leases(conn: psycopg.Connection, job_id: int) -> None:
     """The worker that claimed the rows is dead: its leases run out (as they would, in database time)."""
-    conn.execute("UPDATE batchdb.requests SET lease_expires_at = now() - interval '1 second' "
-                 "WHERE job_id = %s AND status = 'running'", (job_id,))
+    conn.execute(
+        "UPDATE batchdb.requests SET lease_expires_at = now() - interval '1 second' "
+        "WHERE job_id = %s AND status = 'running'",
+        (job_id,),
+    )
 
 
 def test_a_killed_workers_reservations_are_settled_at_their_reserved_cost(
-        dsn: str, conn: psycopg.Connection, alice) -> None:  # noqa: ANN001
+    dsn: str, conn: psycopg.Connection, alice
+) -> None:
     owner, owner_dsn = alice
     job = submit(owner_dsn, 3)
     rows = claimed(dsn, job.id)
@@ -215,8 +249,7 @@ def test_a_killed_workers_reservations_are_settled_at_their_reserved_cost(
     assert sweep(0) == 0  # settled once
 
 
-def test_a_worker_gives_back_the_reservations_a_killed_worker_left(
-        dsn: str, conn: psycopg.Connection, alice) -> None:  # noqa: ANN001
+def test_a_worker_gives_back_the_reservations_a_killed_worker_left(dsn: str, conn: psycopg.Connection, alice) -> None:
     """A live worker reclaims the dead one's rows, runs them, and settles what the dead one reserved."""
     owner, owner_dsn = alice
     job = submit(owner_dsn, 6, budget_usd=50)
@@ -227,10 +260,19 @@ def test_a_worker_gives_back_the_reservations_a_killed_worker_left(
     # The dead worker reserved an hour ago; the live worker's own reservations, younger than the
     # margin, are left to its settler even in the moment between recording an outcome and settling it.
     conn.execute("UPDATE batchdb.budget_reservations SET created_at = now() - interval '1 hour'")
-    worker = Worker(WorkerConfig(dsn=dsn, concurrency=4, poll_interval=0.2, reclaim_interval=0.2,
-                                 heartbeat_interval=0.2, abandoned_budget_after=600, abandoned_budget_interval=0.2,
-                                 retry=RetryPolicy(0.05, 0.2)),
-                    providers={"instant": InstantProvider()})
+    worker = Worker(
+        WorkerConfig(
+            dsn=dsn,
+            concurrency=4,
+            poll_interval=0.2,
+            reclaim_interval=0.2,
+            heartbeat_interval=0.2,
+            abandoned_budget_after=600,
+            abandoned_budget_interval=0.2,
+            retry=RetryPolicy(0.05, 0.2),
+        ),
+        providers={"instant": InstantProvider()},
+    )
 
     async def run_until_settled() -> dict:
         task = asyncio.create_task(worker.run())

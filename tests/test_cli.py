@@ -28,11 +28,23 @@ def invoke(*args: str) -> str:
     return result.output
 
 
-def test_submit_status_results_retry_cancel(dsn: str, tmp_path: Path, drain) -> None:  # noqa: ANN001
+def test_submit_status_results_retry_cancel(dsn: str, tmp_path: Path, drain) -> None:
     source = tmp_path / "headlines.csv"
     pd.DataFrame({"id": ["x1", "x2", "x3"], "headline": ["up", "down", "flat"]}).to_csv(source, index=False)
-    out = invoke("submit", str(source), "--model", "gpt-4o-mini", "--provider", "instant",
-                 "--prompt", "Rate: {headline}", "--id-column", "id", "--name", "cli job")
+    out = invoke(
+        "submit",
+        str(source),
+        "--model",
+        "gpt-4o-mini",
+        "--provider",
+        "instant",
+        "--prompt",
+        "Rate: {headline}",
+        "--id-column",
+        "id",
+        "--name",
+        "cli job",
+    )
     assert out.strip() == "job 1: 3 rows queued"
     assert "running" in invoke("status")
     drain()
@@ -72,8 +84,14 @@ def test_concurrent_upgrades_apply_each_migration_once(admin_dsn: str) -> None:
         admin.execute(f'CREATE DATABASE "{name}"')
     target = psycopg.conninfo.make_conninfo(admin_dsn, dbname=name)
     try:
-        procs = [subprocess.Popen([sys.executable, "-m", "batchdb", "db", "upgrade", "--dsn", target],
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(4)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "batchdb", "db", "upgrade", "--dsn", target],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+            for _ in range(4)
+        ]
         outputs = [p.communicate(timeout=60)[0].decode() for p in procs]
         assert [p.returncode for p in procs] == [0, 0, 0, 0], outputs
         for migration in migrations.available():
@@ -93,8 +111,9 @@ def fresh_home() -> Iterator[Path]:
     home = Path(tempfile.mkdtemp(prefix="batchdb-home-"))
     home.chmod(0o755)
     yield home
-    subprocess.run([sys.executable, "-m", "batchdb", "db", "stop"], env=_embedded_env(home),
-                   capture_output=True, timeout=60)
+    subprocess.run(
+        [sys.executable, "-m", "batchdb", "db", "stop"], env=_embedded_env(home), capture_output=True, timeout=60
+    )
     shutil.rmtree(home, ignore_errors=True)
 
 
@@ -110,7 +129,10 @@ def test_demo_runs_end_to_end_on_the_embedded_server(fresh_home: Path) -> None:
     output = fresh_home / "demo" / "results.parquet"
     demo = subprocess.run(
         [sys.executable, "-m", "batchdb", "demo", "--rows", "300", "--workers", "1", "--output", str(output)],
-        env=env, capture_output=True, text=True, timeout=240,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert demo.returncode == 0, demo.stdout + demo.stderr
     assert "(embedded; `batchdb db stop` stops it)" in demo.stdout
@@ -119,21 +141,26 @@ def test_demo_runs_end_to_end_on_the_embedded_server(fresh_home: Path) -> None:
     assert len(results) == 300 and set(results["status"]) == {"succeeded"}
     assert all(json.loads(r)["sentiment"] in ("positive", "negative", "neutral") for r in results["response"])
 
-    status = subprocess.run([sys.executable, "-m", "batchdb", "db", "status"], env=env, capture_output=True,
-                            text=True, timeout=60)
+    status = subprocess.run(
+        [sys.executable, "-m", "batchdb", "db", "status"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert status.returncode == 0 and "embedded PostgreSQL: running" in status.stdout
-    stop = subprocess.run([sys.executable, "-m", "batchdb", "db", "stop"], env=env, capture_output=True,
-                          text=True, timeout=60)
+    stop = subprocess.run(
+        [sys.executable, "-m", "batchdb", "db", "stop"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert stop.stdout.strip() == "stopped"
-    status = subprocess.run([sys.executable, "-m", "batchdb", "db", "status"], env=env, capture_output=True,
-                            text=True, timeout=60)
+    status = subprocess.run(
+        [sys.executable, "-m", "batchdb", "db", "status"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert status.returncode == 1 and "not running" in status.stdout
 
 
 def test_limits_set_changes_only_the_limits_given(conn: psycopg.Connection) -> None:
     invoke("limits", "set", "openai", "gpt-4o-mini", "--rpm", "600", "--tpm", "60000")
-    assert invoke("limits", "set", "openai", "gpt-4o-mini", "--tpm", "90000").strip() == \
-        "openai/default/gpt-4o-mini: rpm=600 tpm=90000 rpd=-"
+    assert (
+        invoke("limits", "set", "openai", "gpt-4o-mini", "--tpm", "90000").strip()
+        == "openai/default/gpt-4o-mini: rpm=600 tpm=90000 rpd=-"
+    )
 
     def stored() -> tuple:
         row = conn.execute("SELECT rpm, tpm, rpd FROM batchdb.rate_limits WHERE model = 'gpt-4o-mini'").fetchone()
@@ -147,8 +174,10 @@ def test_limits_set_changes_only_the_limits_given(conn: psycopg.Connection) -> N
     assert zero.output.strip().splitlines()[-1] == "Error: Invalid value for '--rpm': 0 is not in the range x>=1."
     assert "constraint" not in zero.output
     assert stored() == (600, 90_000, None)
-    assert invoke("limits", "set", "openai", "gpt-4o-mini", "--clear", "tpm").strip() == \
-        "openai/default/gpt-4o-mini: rpm=600 tpm=- rpd=-"
+    assert (
+        invoke("limits", "set", "openai", "gpt-4o-mini", "--clear", "tpm").strip()
+        == "openai/default/gpt-4o-mini: rpm=600 tpm=- rpd=-"
+    )
 
 
 def test_set_limits_refuses_nothing_and_non_positive_values(conn: psycopg.Connection) -> None:
@@ -173,14 +202,17 @@ def _job_in_state(dsn: str, conn: psycopg.Connection, tmp_path: Path, state: str
     else:
         statuses = {"succeeded": ("succeeded", "succeeded"), "failed": ("succeeded", "failed")}[state]
         for custom_id, status in zip(("0", "1"), statuses, strict=True):
-            conn.execute("UPDATE batchdb.requests SET status = %s, finished_at = now() "
-                         "WHERE job_id = %s AND custom_id = %s", (status, job.id, custom_id))
+            conn.execute(
+                "UPDATE batchdb.requests SET status = %s, finished_at = now() WHERE job_id = %s AND custom_id = %s",
+                (status, job.id, custom_id),
+            )
     return job.id
 
 
 @pytest.mark.parametrize(("state", "code"), [("succeeded", 0), ("failed", 3), ("paused", 4), ("cancelled", 5)])
-def test_wait_exit_code_tells_how_the_job_ended(state: str, code: int, dsn: str, conn: psycopg.Connection,
-                                               tmp_path: Path) -> None:
+def test_wait_exit_code_tells_how_the_job_ended(
+    state: str, code: int, dsn: str, conn: psycopg.Connection, tmp_path: Path
+) -> None:
     job_id = _job_in_state(dsn, conn, tmp_path, state)
     result = CliRunner().invoke(cli, ["wait", str(job_id)])
     assert result.exit_code == code, result.output
@@ -207,15 +239,17 @@ def test_submit_wait_exits_4_when_the_job_pauses(dsn: str, tmp_path: Path) -> No
     def pause_once_running() -> None:
         with psycopg.connect(dsn, autocommit=True) as c:
             for _ in range(600):
-                if c.execute("UPDATE batchdb.jobs SET status = 'paused', status_reason = 'by hand' "
-                             "WHERE status = 'running'").rowcount:
+                if c.execute(
+                    "UPDATE batchdb.jobs SET status = 'paused', status_reason = 'by hand' WHERE status = 'running'"
+                ).rowcount:
                     return
                 time.sleep(0.1)
 
     pauser = threading.Thread(target=pause_once_running)
     pauser.start()
-    result = CliRunner().invoke(cli, ["submit", str(source), "--model", "m", "--provider", "instant",
-                                      "--prompt", "{h}", "--wait"])
+    result = CliRunner().invoke(
+        cli, ["submit", str(source), "--model", "m", "--provider", "instant", "--prompt", "{h}", "--wait"]
+    )
     pauser.join()
     assert result.exit_code == 4, result.output
     assert "paused: by hand; continue with `batchdb resume 1`" in result.output
@@ -223,8 +257,10 @@ def test_submit_wait_exits_4_when_the_job_pauses(dsn: str, tmp_path: Path) -> No
 
 def _default_lane_limits(dsn: str) -> tuple:
     with psycopg.connect(dsn) as c:
-        return c.execute("SELECT rpm, tpm FROM batchdb.rate_limits WHERE (provider, key_alias, model) = "
-                         "('openai', 'default', 'gpt-4o-mini')").fetchone()
+        return c.execute(
+            "SELECT rpm, tpm FROM batchdb.rate_limits WHERE (provider, key_alias, model) = "
+            "('openai', 'default', 'gpt-4o-mini')"
+        ).fetchone()
 
 
 def test_demo_refuses_a_database_holding_other_jobs(dsn: str) -> None:
@@ -232,8 +268,12 @@ def test_demo_refuses_a_database_holding_other_jobs(dsn: str) -> None:
 
     invoke("limits", "set", "openai", "gpt-4o-mini", "--rpm", "600", "--tpm", "60000")
     batchdb.submit(pd.DataFrame({"h": ["a"]}), prompt="{h}", model="m", provider="instant", dsn=dsn)
-    demo = subprocess.run([sys.executable, "-m", "batchdb", "demo", "--rows", "15", "--workers", "1"],
-                          capture_output=True, text=True, timeout=120)
+    demo = subprocess.run(
+        [sys.executable, "-m", "batchdb", "demo", "--rows", "15", "--workers", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert demo.returncode == 1, demo.stdout + demo.stderr
     assert "already holds 1 job(s) that are not the demo's" in demo.stderr
     assert "run: batchdb demo --yes" in demo.stderr
@@ -243,8 +283,23 @@ def test_demo_refuses_a_database_holding_other_jobs(dsn: str) -> None:
 @pytest.mark.slow
 def test_demo_on_a_shared_database_keeps_its_limits(dsn: str, tmp_path: Path) -> None:
     invoke("limits", "set", "openai", "gpt-4o-mini", "--rpm", "600", "--tpm", "60000")
-    demo = subprocess.run([sys.executable, "-m", "batchdb", "demo", "--rows", "30", "--workers", "1",
-                           "--output", str(tmp_path / "out.parquet")], capture_output=True, text=True, timeout=240)
+    demo = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "batchdb",
+            "demo",
+            "--rows",
+            "30",
+            "--workers",
+            "1",
+            "--output",
+            str(tmp_path / "out.parquet"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert demo.returncode == 0, demo.stdout + demo.stderr
     assert "completed: 30/30 done (30 succeeded" in demo.stdout
     assert _default_lane_limits(dsn) == (600, 60_000)
@@ -277,14 +332,19 @@ PASS_THROUGH = {"simulator", "dagster"}
 
 
 def test_every_option_has_help_text() -> None:
-    missing = [f"{name} {option.opts[0]}" for name, command in _commands(cli) if name not in PASS_THROUGH
-               for option in command.params
-               if isinstance(option, click.Option) and not option.hidden and not option.help]
+    missing = [
+        f"{name} {option.opts[0]}"
+        for name, command in _commands(cli)
+        if name not in PASS_THROUGH
+        for option in command.params
+        if isinstance(option, click.Option) and not option.hidden and not option.help
+    ]
     assert missing == []
 
 
-def test_budget_is_spelt_as_resume_spells_it_and_the_old_spelling_still_works(dsn: str, tmp_path: Path,
-                                                                              conn: psycopg.Connection) -> None:
+def test_budget_is_spelt_as_resume_spells_it_and_the_old_spelling_still_works(
+    dsn: str, tmp_path: Path, conn: psycopg.Connection
+) -> None:
     source = tmp_path / "rows.csv"
     source.write_text("h\na\n")
     base = ["submit", str(source), "--model", "gpt-4o-mini", "--prompt", "{h}"]
@@ -298,9 +358,11 @@ def test_budget_is_spelt_as_resume_spells_it_and_the_old_spelling_still_works(ds
 
 def test_a_command_whose_extra_is_missing_says_what_to_install() -> None:
     """Without the dashboard/dagster extras (their packages made unfindable), one line says what to run."""
-    code = ("import importlib.util, sys; real = importlib.util.find_spec\n"
-            "importlib.util.find_spec = lambda n, *a: None if n in ('streamlit', 'dagster') else real(n, *a)\n"
-            "from batchdb.cli import main; sys.argv[0] = 'batchdb'; main(sys.argv[1:])")
+    code = (
+        "import importlib.util, sys; real = importlib.util.find_spec\n"
+        "importlib.util.find_spec = lambda n, *a: None if n in ('streamlit', 'dagster') else real(n, *a)\n"
+        "from batchdb.cli import main; sys.argv[0] = 'batchdb'; main(sys.argv[1:])"
+    )
     for command, extra in (("dashboard", "dashboard"), ("dagster", "dagster")):
         done = subprocess.run([sys.executable, "-c", code, command], capture_output=True, text=True, timeout=120)
         assert done.returncode == 1, (command, done.stdout, done.stderr)

@@ -44,8 +44,13 @@ def test_commands_before_db_upgrade_say_to_run_it(empty_dsn: str, tmp_path: Path
     source = tmp_path / "rows.csv"
     source.write_text("headline\nup\n")
     env = {"BATCHDB_DSN": empty_dsn}
-    for args in (["status"], ["status", "1"], ["limits", "show"], ["worker", "--exit-when-idle"],
-                 ["submit", str(source), "--model", "gpt-4o-mini", "--prompt", "{headline}"]):
+    for args in (
+        ["status"],
+        ["status", "1"],
+        ["limits", "show"],
+        ["worker", "--exit-when-idle"],
+        ["submit", str(source), "--model", "gpt-4o-mini", "--prompt", "{headline}"],
+    ):
         output = short_error(run(*args, env=env))
         assert output.rstrip().endswith("run: batchdb db upgrade"), (args, output)
     # With the DSN on the command line, the fix carries it.

@@ -36,20 +36,29 @@ def test_lists_a_live_worker_and_not_once_it_stopped(dsn: str, conn: psycopg.Con
         ledger.set_limits(c, ledger.Lane("instant", "default", "paced"), rpm=1)
     frame = pd.DataFrame({"text": [f"t{i}" for i in range(8)]})
     batchdb.submit(frame, prompt="{text}", model="paced", provider="instant", dsn=dsn)
-    with WorkerProcesses(dsn, args=("--concurrency", "8", "--lease-seconds", "3"), log_dir=tmp_path,
-                         grace=10) as workers:
+    with WorkerProcesses(
+        dsn, args=("--concurrency", "8", "--lease-seconds", "3"), log_dir=tmp_path, grace=10
+    ) as workers:
         workers.start()
         pid = workers.processes[0].pid
         deadline = time.monotonic() + 60
-        while conn.execute("SELECT count(*) AS n FROM batchdb.workers WHERE pid = %s AND in_flight = 8",
-                           (pid,)).fetchone()["n"] == 0:
+        while (
+            conn.execute(
+                "SELECT count(*) AS n FROM batchdb.workers WHERE pid = %s AND in_flight = 8", (pid,)
+            ).fetchone()["n"]
+            == 0
+        ):
             assert time.monotonic() < deadline, workers.log_text()
             time.sleep(0.1)
         [listed] = json.loads(invoke("workers", "--json"))
         table = invoke("workers")
         assert workers.stop() == [0]
     assert (listed["hostname"], listed["pid"], listed["in_flight"], listed["n_completed"]) == (
-        socket.gethostname(), pid, 8, 0)
+        socket.gethostname(),
+        pid,
+        8,
+        0,
+    )
     assert listed["lanes"] == ["instant/default"]  # advertised (workers/lanes.py): it serves the job's lane
     assert 0 <= listed["heartbeat_age_s"] < 30
     header, line = table.splitlines()

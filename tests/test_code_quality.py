@@ -1,6 +1,6 @@
 """Lint, types and layers run with the suite, so the README's one test command checks them too.
 
-The rules live in pyproject.toml: ruff's rule set ([tool.ruff]), mypy strict on batchdb's core and
+The rules live in pyproject.toml: ruff's rule set and format ([tool.ruff]), mypy strict on batchdb's core and
 workers ([tool.mypy]), and import-linter's layer contracts ([tool.importlinter]: the core imports
 nothing from workers, Dagster or the dashboard; those two stay independent of each other).
 """
@@ -27,6 +27,11 @@ def run(tool: str, *args: str) -> subprocess.CompletedProcess[str]:
 def test_ruff_finds_nothing() -> None:
     done = run("ruff", "check", ".")
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-2000:]
+
+
+def test_the_tree_is_formatted() -> None:
+    done = run("ruff", "format", "--check", ".")
+    assert done.returncode == 0, "run: ruff format .\n" + done.stdout[-5000:] + done.stderr[-2000:]
 
 
 def test_mypy_finds_nothing() -> None:

@@ -55,8 +55,12 @@ def test_model_limits_say_what_does_not_fit() -> None:
 
 
 def test_the_seeded_models_know_their_windows(conn: psycopg.Connection) -> None:
-    rows = {(r["provider"], r["model"]): r for r in conn.execute(
-        "SELECT provider, model, context_window, max_input_tokens, max_output_tokens FROM batchdb.prices")}
+    rows = {
+        (r["provider"], r["model"]): r
+        for r in conn.execute(
+            "SELECT provider, model, context_window, max_input_tokens, max_output_tokens FROM batchdb.prices"
+        )
+    }
     assert rows[("openai", "gpt-4o-mini")]["context_window"] == 128_000
     assert rows[("openai", "gpt-4o-mini")]["max_output_tokens"] == 16_384
     assert rows[("gemini", "gemini-2.5-flash")]["max_input_tokens"] == 1_048_576
@@ -74,53 +78,77 @@ def test_sdk_refuses_the_row_that_cannot_fit_and_names_it(dsn: str, conn: psycop
 
 def test_sdk_refuses_max_tokens_above_the_models_output_limit(dsn: str) -> None:
     with pytest.raises(InputError, match="at most 16,384 output tokens"):
-        batchdb.submit(pd.DataFrame({"text": ["hi"]}), prompt="{text}", model="gpt-4o-mini", max_tokens=50_000,
-                       dsn=dsn)
+        batchdb.submit(pd.DataFrame({"text": ["hi"]}), prompt="{text}", model="gpt-4o-mini", max_tokens=50_000, dsn=dsn)
 
 
 def test_cli_refuses_the_csv_row_in_one_line(dsn: str, tmp_path: Path) -> None:
     source = tmp_path / "rows.csv"
     pd.DataFrame({"id": ["r1", "r2"], "text": ["fine", HUGE]}).to_csv(source, index=False)
-    result = CliRunner().invoke(cli, ["submit", str(source), "--model", "gpt-4o-mini", "--prompt", "{text}",
-                                      "--id-column", "id"])
+    result = CliRunner().invoke(
+        cli, ["submit", str(source), "--model", "gpt-4o-mini", "--prompt", "{text}", "--id-column", "id"]
+    )
     assert result.exit_code != 0
     assert "row 1 (id 'r2')" in result.output and "context window" in result.output, result.output
     assert "Traceback" not in result.output
 
 
 def test_sql_insert_of_a_row_that_cannot_fit_is_refused_with_its_custom_id(conn: psycopg.Connection) -> None:
-    job = conn.execute("INSERT INTO batchdb.jobs (model, status) VALUES ('gpt-4o-mini', 'loading') RETURNING id"
-                       ).fetchone()["id"]
-    conn.execute("INSERT INTO batchdb.requests (job_id, custom_id, payload) VALUES (%s, 'ok', %s)",
-                 (job, psycopg.types.json.Jsonb({"prompt": "x " * 5000})))
+    job = conn.execute(
+        "INSERT INTO batchdb.jobs (model, status) VALUES ('gpt-4o-mini', 'loading') RETURNING id"
+    ).fetchone()["id"]
+    conn.execute(
+        "INSERT INTO batchdb.requests (job_id, custom_id, payload) VALUES (%s, 'ok', %s)",
+        (job, psycopg.types.json.Jsonb({"prompt": "x " * 5000})),
+    )
     with pytest.raises(psycopg.errors.CheckViolation) as refused:
-        conn.execute("INSERT INTO batchdb.requests (job_id, custom_id, payload) VALUES (%s, 'the-2mb-row', %s)",
-                     (job, psycopg.types.json.Jsonb({"prompt": HUGE})))
+        conn.execute(
+            "INSERT INTO batchdb.requests (job_id, custom_id, payload) VALUES (%s, 'the-2mb-row', %s)",
+            (job, psycopg.types.json.Jsonb({"prompt": HUGE})),
+        )
     assert "custom_id='the-2mb-row'" in str(refused.value) and "128000" in str(refused.value)
     conn.rollback()
     # A template job: the row's columns that the template names are what counts.
-    job = conn.execute("INSERT INTO batchdb.jobs (model, params) VALUES ('gpt-4o-mini', %s) RETURNING id",
-                       (psycopg.types.json.Jsonb({"prompt": "Summarise {body}"}),)).fetchone()["id"]
-    conn.execute("INSERT INTO batchdb.requests (job_id, custom_id, input) VALUES (%s, 'unused-column', %s)",
-                 (job, psycopg.types.json.Jsonb({"body": "short", "notes": HUGE})))
+    job = conn.execute(
+        "INSERT INTO batchdb.jobs (model, params) VALUES ('gpt-4o-mini', %s) RETURNING id",
+        (psycopg.types.json.Jsonb({"prompt": "Summarise {body}"}),),
+    ).fetchone()["id"]
+    conn.execute(
+        "INSERT INTO batchdb.requests (job_id, custom_id, input) VALUES (%s, 'unused-column', %s)",
+        (job, psycopg.types.json.Jsonb({"body": "short", "notes": HUGE})),
+    )
     with pytest.raises(psycopg.errors.CheckViolation, match="custom_id='templated'"):
-        conn.execute("INSERT INTO batchdb.requests (job_id, custom_id, input) VALUES (%s, 'templated', %s)",
-                     (job, psycopg.types.json.Jsonb({"body": HUGE})))
+        conn.execute(
+            "INSERT INTO batchdb.requests (job_id, custom_id, input) VALUES (%s, 'templated', %s)",
+            (job, psycopg.types.json.Jsonb({"body": HUGE})),
+        )
 
 
 def test_worker_fails_a_row_that_cannot_fit_at_claim_time_without_a_call(dsn: str, conn: psycopg.Connection) -> None:
     """Limits learnt (or corrected) after submit: the worker checks every row before reserving for it."""
-    job = batchdb.submit(pd.DataFrame({"id": ["small", "big"], "text": ["hi", "word " * 3000]}),
-                         prompt="{text}", id_column="id", model="gpt-4o-mini", provider="openai", dsn=dsn)
+    job = batchdb.submit(
+        pd.DataFrame({"id": ["small", "big"], "text": ["hi", "word " * 3000]}),
+        prompt="{text}",
+        id_column="id",
+        model="gpt-4o-mini",
+        provider="openai",
+        dsn=dsn,
+    )
     conn.execute("UPDATE batchdb.prices SET context_window = 1000 WHERE provider = 'openai' AND model = 'gpt-4o-mini'")
-    conn.execute("INSERT INTO batchdb.rate_limits (provider, model, rpm, tpm) "
-                 "VALUES ('openai', 'gpt-4o-mini', 600, 60000)")
+    conn.execute(
+        "INSERT INTO batchdb.rate_limits (provider, model, rpm, tpm) VALUES ('openai', 'gpt-4o-mini', 600, 60000)"
+    )
     provider = CountingProvider()
-    worker = Worker(WorkerConfig(dsn=dsn, concurrency=4, exit_when_idle=True, poll_interval=0.3,
-                                 retry=RetryPolicy(0.05, 0.2)), providers={"openai": provider})  # type: ignore[dict-item]
+    worker = Worker(
+        WorkerConfig(dsn=dsn, concurrency=4, exit_when_idle=True, poll_interval=0.3, retry=RetryPolicy(0.05, 0.2)),
+        providers={"openai": provider},
+    )  # type: ignore[dict-item]
     asyncio.run(worker.run())
-    rows = {r["custom_id"]: r for r in conn.execute(
-        "SELECT custom_id, status, attempts, error FROM batchdb.requests WHERE job_id = %s", (job.id,))}
+    rows = {
+        r["custom_id"]: r
+        for r in conn.execute(
+            "SELECT custom_id, status, attempts, error FROM batchdb.requests WHERE job_id = %s", (job.id,)
+        )
+    }
     assert rows["small"]["status"] == "succeeded"
     assert rows["big"]["status"] == "failed"
     assert "'big' not sent" in rows["big"]["error"] and "context window of 1,000" in rows["big"]["error"]
@@ -130,7 +158,7 @@ def test_worker_fails_a_row_that_cannot_fit_at_claim_time_without_a_call(dsn: st
     assert granted == 1
 
 
-def test_the_simulator_enforces_the_windows_batchdb_stores(conn: psycopg.Connection, simulator) -> None:  # noqa: ANN001
+def test_the_simulator_enforces_the_windows_batchdb_stores(conn: psycopg.Connection, simulator) -> None:
     """The simulator's published windows are the ones in batchdb.prices (OpenAI: the context window;
     Gemini: the input limit), so a row the worker lets through is one the simulator accepts."""
     from batchdb.simulator.config import SimulatorConfig
@@ -144,11 +172,13 @@ def test_the_simulator_enforces_the_windows_batchdb_stores(conn: psycopg.Connect
     client = openai.OpenAI(base_url=sim.openai_base_url, api_key="sk-test", max_retries=0)
     long_prompt = "word " * 140_000  # over 128,000: too long for gpt-4o-mini, fine for gpt-4.1-mini
     try:
-        answer = client.chat.completions.create(model="gpt-4.1-mini", max_tokens=5,
-                                                messages=[{"role": "user", "content": long_prompt}])
+        answer = client.chat.completions.create(
+            model="gpt-4.1-mini", max_tokens=5, messages=[{"role": "user", "content": long_prompt}]
+        )
         assert answer.usage.prompt_tokens > 128_000
         with pytest.raises(openai.BadRequestError, match=r"context_length_exceeded|maximum context length"):
-            client.chat.completions.create(model="gpt-4o-mini", max_tokens=5,
-                                           messages=[{"role": "user", "content": long_prompt}])
+            client.chat.completions.create(
+                model="gpt-4o-mini", max_tokens=5, messages=[{"role": "user", "content": long_prompt}]
+            )
     finally:
         client.close()

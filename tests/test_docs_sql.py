@@ -34,8 +34,9 @@ def test_sql_examples_run_verbatim_in_order(conn: psycopg.Connection) -> None:
         assert expected.group(1).strip() in str(refused.value), f"block {number}: {refused.value}"
 
     # The documented inserts really queued work with the documented defaults.
-    jobs = {r["name"]: r for r in conn.execute(
-        "SELECT name, owner, provider, status, n_total FROM batchdb.jobs").fetchall()}
+    jobs = {
+        r["name"]: r for r in conn.execute("SELECT name, owner, provider, status, n_total FROM batchdb.jobs").fetchall()
+    }
     assert jobs["headline-sentiment"]["n_total"] == 3
     assert jobs["headline-sentiment"]["provider"] == "openai"
     assert jobs["headline-sentiment"]["status"] == "running"
@@ -45,9 +46,13 @@ def test_sql_examples_run_verbatim_in_order(conn: psycopg.Connection) -> None:
         "SELECT custom_id, status, attempts, run_after <= now() AS due FROM batchdb.requests ORDER BY custom_id"
     ).fetchall()
     assert [(r["custom_id"], r["status"], r["attempts"], r["due"]) for r in rows] == [
-        ("h-001", "queued", 0, True), ("h-002", "queued", 0, True), ("h-003", "queued", 0, True)]
-    tables = {r["tablename"] for r in conn.execute(
-        "SELECT tablename FROM pg_tables WHERE schemaname = 'batchdb'").fetchall()}
+        ("h-001", "queued", 0, True),
+        ("h-002", "queued", 0, True),
+        ("h-003", "queued", 0, True),
+    ]
+    tables = {
+        r["tablename"] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'batchdb'").fetchall()
+    }
     # Deleting the ticker-summary job (id 2) dropped its partitions with it.
     assert {"requests_1", "results_1"} <= tables and not {"requests_2", "results_2"} & tables, tables
 
@@ -56,7 +61,10 @@ def test_insert_wakes_workers_once_per_statement(dsn: str, conn: psycopg.Connect
     job_id = conn.execute("INSERT INTO batchdb.jobs (model) VALUES ('gpt-4o-mini') RETURNING id").fetchone()["id"]
     with psycopg.connect(dsn, autocommit=True) as listener:
         listener.execute("LISTEN batchdb_requests")
-        conn.execute("INSERT INTO batchdb.requests (job_id, custom_id, payload) "
-                     "SELECT %s, g::text, '{\"prompt\": \"x\"}' FROM generate_series(1, 5000) g", (job_id,))
+        conn.execute(
+            "INSERT INTO batchdb.requests (job_id, custom_id, payload) "
+            'SELECT %s, g::text, \'{"prompt": "x"}\' FROM generate_series(1, 5000) g',
+            (job_id,),
+        )
         received = list(listener.notifies(timeout=1.0))
     assert [n.payload for n in received] == [str(job_id)]

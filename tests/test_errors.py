@@ -16,9 +16,18 @@ from batchdb.prompts import PromptError
 from batchdb.results import UnsupportedFormat
 from batchdb.secrets import MissingSecret
 
-PUBLIC_ERRORS = [batchdb.InputError, batchdb.JobNotFound, batchdb.JobPaused, batchdb.DatabaseError,
-                 batchdb.DatabaseMissing, batchdb.DatabaseUnavailable, batchdb.SchemaNotReady,
-                 EmbeddedServerError, UnsupportedFormat, MissingSecret]
+PUBLIC_ERRORS = [
+    batchdb.InputError,
+    batchdb.JobNotFound,
+    batchdb.JobPaused,
+    batchdb.DatabaseError,
+    batchdb.DatabaseMissing,
+    batchdb.DatabaseUnavailable,
+    batchdb.SchemaNotReady,
+    EmbeddedServerError,
+    UnsupportedFormat,
+    MissingSecret,
+]
 
 
 def test_every_error_batchdb_raises_on_purpose_is_a_batchdb_error() -> None:
@@ -79,9 +88,21 @@ def test_a_missing_job_is_still_job_not_found(dsn: str) -> None:
 
 # The names users may import from `batchdb`; anything else is private (an underscore or a submodule).
 EXPORTED = {
-    "BatchDBError", "DatabaseError", "DatabaseMissing", "DatabaseUnavailable", "InputError", "Job",
-    "JobNotFound", "JobPaused", "JobProgress", "JobStatus", "RequestStatus", "SchemaNotReady",
-    "get_job", "list_jobs", "submit",
+    "BatchDBError",
+    "DatabaseError",
+    "DatabaseMissing",
+    "DatabaseUnavailable",
+    "InputError",
+    "Job",
+    "JobNotFound",
+    "JobPaused",
+    "JobProgress",
+    "JobStatus",
+    "RequestStatus",
+    "SchemaNotReady",
+    "get_job",
+    "list_jobs",
+    "submit",
 }
 
 

@@ -20,20 +20,23 @@ def submit(dsn: str) -> batchdb.Job:
 
 def test_wait_raises_job_paused_with_the_reason(dsn: str, conn: psycopg.Connection) -> None:
     job = submit(dsn)
-    conn.execute("UPDATE batchdb.jobs SET status = 'paused', status_reason = 'budget of $1.00 reached' "
-                 "WHERE id = %s", (job.id,))
+    conn.execute(
+        "UPDATE batchdb.jobs SET status = 'paused', status_reason = 'budget of $1.00 reached' WHERE id = %s", (job.id,)
+    )
     with pytest.raises(JobPaused) as raised:
         job.wait(timeout=60)
     assert raised.value.reason == "budget of $1.00 reached"
-    assert str(raised.value) == (f"job {job.id} paused at 0/3 done: budget of $1.00 reached; "
-                                 f"continue it with `batchdb resume {job.id}`")
+    assert str(raised.value) == (
+        f"job {job.id} paused at 0/3 done: budget of $1.00 reached; continue it with `batchdb resume {job.id}`"
+    )
     assert raised.value.progress.status == "paused"
     # Asked for, a pause is an answer.
     assert job.wait(timeout=60, until="paused").status == "paused"
 
 
-def test_wait_says_when_no_worker_is_alive_and_keeps_waiting(dsn: str, caplog: pytest.LogCaptureFixture,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_wait_says_when_no_worker_is_alive_and_keeps_waiting(
+    dsn: str, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
     job = submit(dsn)
     caplog.set_level(logging.WARNING, logger="batchdb.jobs")
     with pytest.raises(TimeoutError):
@@ -44,8 +47,9 @@ def test_wait_says_when_no_worker_is_alive_and_keeps_waiting(dsn: str, caplog: p
     assert "workers=no live worker for" in capsys.readouterr().err  # the progress line
 
 
-def test_wait_is_quiet_while_a_worker_is_alive(dsn: str, conn: psycopg.Connection,
-                                               caplog: pytest.LogCaptureFixture) -> None:
+def test_wait_is_quiet_while_a_worker_is_alive(
+    dsn: str, conn: psycopg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
     job = submit(dsn)
     conn.execute("INSERT INTO batchdb.workers (id, hostname, pid, concurrency) VALUES ('w1', 'h', 1, 1)")
     caplog.set_level(logging.WARNING, logger="batchdb.jobs")
@@ -54,9 +58,9 @@ def test_wait_is_quiet_while_a_worker_is_alive(dsn: str, conn: psycopg.Connectio
     assert not [r for r in caplog.records if "no live worker" in r.getMessage()]
 
 
-def test_wait_says_once_when_the_job_waits_for_its_provider(dsn: str, conn: psycopg.Connection,
-                                                            caplog: pytest.LogCaptureFixture,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_wait_says_once_when_the_job_waits_for_its_provider(
+    dsn: str, conn: psycopg.Connection, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
     job = submit(dsn)
     conn.execute("INSERT INTO batchdb.workers (id, hostname, pid, concurrency) VALUES ('w1', 'h', 1, 1)")
     lane = ("instant", "default", "m")

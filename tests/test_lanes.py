@@ -34,16 +34,17 @@ def no_gemini_key(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def serves(*providers: str) -> Callable[[str, str], str | None]:
     """A resolver that has keys for `providers` only (what another machine's environment would hold)."""
+
     def resolve(provider: str, key_alias: str) -> str | None:
         if provider in providers or provider == "instant":
             return None
         raise ProviderError(ErrorKind.QUOTA_EXHAUSTED, f"provider {provider}: no API key (checked GEMINI_API_KEY)")
+
     return resolve
 
 
 def register(conn: psycopg.Connection, worker_id: str) -> None:
-    conn.execute("INSERT INTO batchdb.workers (id, hostname, pid, concurrency) VALUES (%s, 'test', 1, 1)",
-                 (worker_id,))
+    conn.execute("INSERT INTO batchdb.workers (id, hostname, pid, concurrency) VALUES (%s, 'test', 1, 1)", (worker_id,))
 
 
 def gemini_job(dsn: str, rows: int = 4) -> batchdb.Job:
@@ -51,8 +52,12 @@ def gemini_job(dsn: str, rows: int = 4) -> batchdb.Job:
     return batchdb.submit(frame, prompt="{text}", model="gemini-2.5-flash", provider="gemini", max_tokens=8, dsn=dsn)
 
 
-def refresh(dsn: str, worker_id: str, resolve: Callable[[str, str], str | None],
-            warm: Callable[[str, str], object] | None = None) -> LaneAdvertiser:
+def refresh(
+    dsn: str,
+    worker_id: str,
+    resolve: Callable[[str, str], str | None],
+    warm: Callable[[str, str], object] | None = None,
+) -> LaneAdvertiser:
     async def run() -> LaneAdvertiser:
         advertiser = LaneAdvertiser(Reconnecting(dsn, name="lanes"), worker_id, resolve, warm=warm)
         try:
@@ -60,18 +65,21 @@ def refresh(dsn: str, worker_id: str, resolve: Callable[[str, str], str | None],
         finally:
             await advertiser.close()
         return advertiser
+
     return asyncio.run(run())
 
 
-def test_advertised_lanes_name_endpoints_never_keys(conn: psycopg.Connection, dsn: str,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_advertised_lanes_name_endpoints_never_keys(
+    conn: psycopg.Connection, dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("GEMINI_API_KEY", "AIza-canary-key-123")
     monkeypatch.setenv("GEMINI_BASE_URL", "https://user:pa55word@gemini.example:8443/v1beta?key=AIza-canary-key-123")
     register(conn, "w1")
     refresh(dsn, "w1", lambda provider, alias: lane_endpoint(provider, key_alias=alias))
     row = conn.execute("SELECT lanes, lanes::text AS text FROM batchdb.live_workers WHERE id = 'w1'").fetchone()
-    assert {"provider": "gemini", "key_alias": "default", "endpoint": "https://gemini.example:8443/v1beta"} \
-        in row["lanes"]
+    assert {"provider": "gemini", "key_alias": "default", "endpoint": "https://gemini.example:8443/v1beta"} in row[
+        "lanes"
+    ]
     assert {"provider": "instant", "key_alias": "default", "endpoint": None} in row["lanes"]
     # No OpenAI key in this process: that lane is not advertised.
     assert not any(lane["provider"] == "openai" for lane in row["lanes"])
@@ -79,8 +87,9 @@ def test_advertised_lanes_name_endpoints_never_keys(conn: psycopg.Connection, ds
     assert public_endpoint("not a url") is None
 
 
-def test_every_lane_with_a_key_is_warmed_at_the_first_refresh_before_any_job(conn: psycopg.Connection,
-                                                                              dsn: str) -> None:
+def test_every_lane_with_a_key_is_warmed_at_the_first_refresh_before_any_job(
+    conn: psycopg.Connection, dsn: str
+) -> None:
     """A provider's SDK is loaded before the first claim even when its first job comes later: loaded
     then, in the event loop, it would hold up the heartbeats of the rows of other lanes in flight."""
     register(conn, "w1")
@@ -109,7 +118,8 @@ def test_keyless_worker_leaves_a_job_another_live_worker_serves(conn: psycopg.Co
 
 
 def test_job_pauses_only_when_no_live_worker_serves_it_and_resumes_when_one_does(
-        conn: psycopg.Connection, dsn: str) -> None:
+    conn: psycopg.Connection, dsn: str
+) -> None:
     job = gemini_job(dsn)
     register(conn, "keyless")
     refresh(dsn, "keyless", serves())
@@ -137,8 +147,9 @@ def test_job_pauses_only_when_no_live_worker_serves_it_and_resumes_when_one_does
     refresh(dsn, "keyless", serves())
     assert job.status().status == "running"
     # Other pauses are not undone by a worker that serves the lane.
-    conn.execute("UPDATE batchdb.jobs SET status = 'paused', status_reason = 'budget of $1 reached' WHERE id = %s",
-                 (job.id,))
+    conn.execute(
+        "UPDATE batchdb.jobs SET status = 'paused', status_reason = 'budget of $1 reached' WHERE id = %s", (job.id,)
+    )
     refresh(dsn, "keyed", serves("gemini"))
     assert job.status().status == "paused"
 
@@ -172,8 +183,17 @@ def install_claim_audit(conn: psycopg.Connection) -> None:
 
 
 def worker(dsn: str, providers: dict | None = None) -> Worker:
-    return Worker(WorkerConfig(dsn=dsn, concurrency=4, poll_interval=0.2, lane_refresh_interval=0.2,
-                               retry=RetryPolicy(0.05, 0.2), notifier=None), providers=providers)
+    return Worker(
+        WorkerConfig(
+            dsn=dsn,
+            concurrency=4,
+            poll_interval=0.2,
+            lane_refresh_interval=0.2,
+            retry=RetryPolicy(0.05, 0.2),
+            notifier=None,
+        ),
+        providers=providers,
+    )
 
 
 async def wait_for(predicate: Callable[[], bool], timeout: float = 60.0) -> None:
@@ -183,8 +203,9 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 60.0) -> None
         await asyncio.sleep(0.05)
 
 
-def test_two_workers_one_without_the_key_the_keyed_one_drains_the_job(conn: psycopg.Connection, dsn: str,
-                                                                      simulator) -> None:  # noqa: ANN001
+def test_two_workers_one_without_the_key_the_keyed_one_drains_the_job(
+    conn: psycopg.Connection, dsn: str, simulator
+) -> None:
     sim = simulator()
     install_claim_audit(conn)
     job = gemini_job(dsn, rows=30)
@@ -219,8 +240,9 @@ def test_two_workers_one_without_the_key_the_keyed_one_drains_the_job(conn: psyc
     assert sim.stats(series=False)["totals"]["accepted"] == 30
 
 
-def test_only_a_keyless_worker_pauses_the_job_and_a_keyed_worker_resumes_it(conn: psycopg.Connection, dsn: str,
-                                                                          simulator) -> None:  # noqa: ANN001
+def test_only_a_keyless_worker_pauses_the_job_and_a_keyed_worker_resumes_it(
+    conn: psycopg.Connection, dsn: str, simulator
+) -> None:
     sim = simulator()
     job = gemini_job(dsn, rows=10)
 
@@ -249,8 +271,12 @@ def test_only_a_keyless_worker_pauses_the_job_and_a_keyed_worker_resumes_it(conn
 
 
 @pytest.mark.slow
-def test_worker_processes_without_and_with_gemini_api_key(conn: psycopg.Connection, dsn: str, simulator,  # noqa: ANN001
-                                                          tmp_path) -> None:  # noqa: ANN001
+def test_worker_processes_without_and_with_gemini_api_key(
+    conn: psycopg.Connection,
+    dsn: str,
+    simulator,
+    tmp_path,
+) -> None:
     """The reported setup: worker processes whose environments differ only by GEMINI_API_KEY."""
     from batchdb.workers.processes import start_workers
 

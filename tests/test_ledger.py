@@ -27,8 +27,9 @@ def limits(conn: psycopg.Connection, **values: int | None) -> None:
 
 
 def state(conn: psycopg.Connection) -> dict:
-    return conn.execute("SELECT * FROM batchdb.rate_limits WHERE provider = 'openai' AND model = 'gpt-4o-mini'"
-                        ).fetchone()
+    return conn.execute(
+        "SELECT * FROM batchdb.rate_limits WHERE provider = 'openai' AND model = 'gpt-4o-mini'"
+    ).fetchone()
 
 
 def test_a_key_without_limits_is_not_paced(dsn: str) -> None:
@@ -39,20 +40,26 @@ def elapse(conn: psycopg.Connection, seconds: float) -> None:
     """Let `seconds` pass for the key, in database time: every timestamp of its state moves back.
     The ledger refills from clock_timestamp(), so a test that slept instead would depend on how
     fast its next statement runs."""
-    conn.execute("UPDATE batchdb.rate_limits SET refilled_at = refilled_at - make_interval(secs => %(s)s), "
-                 "blocked_until = blocked_until - make_interval(secs => %(s)s), "
-                 "slowed_at = slowed_at - make_interval(secs => %(s)s) "
-                 "WHERE provider = 'openai' AND model = 'gpt-4o-mini'", {"s": seconds})
+    conn.execute(
+        "UPDATE batchdb.rate_limits SET refilled_at = refilled_at - make_interval(secs => %(s)s), "
+        "blocked_until = blocked_until - make_interval(secs => %(s)s), "
+        "slowed_at = slowed_at - make_interval(secs => %(s)s) "
+        "WHERE provider = 'openai' AND model = 'gpt-4o-mini'",
+        {"s": seconds},
+    )
 
 
 def freeze(conn: psycopg.Connection) -> None:
     """The next reservation sees no time pass since the last one (its refill is greatest(0, t - refilled_at))."""
-    conn.execute("UPDATE batchdb.rate_limits SET refilled_at = clock_timestamp() + interval '1 hour' "
-                 "WHERE provider = 'openai' AND model = 'gpt-4o-mini'")
+    conn.execute(
+        "UPDATE batchdb.rate_limits SET refilled_at = clock_timestamp() + interval '1 hour' "
+        "WHERE provider = 'openai' AND model = 'gpt-4o-mini'"
+    )
 
 
-def test_request_bucket_starts_empty_refills_at_the_limit_and_caps_the_burst(dsn: str,
-                                                                             conn: psycopg.Connection) -> None:
+def test_request_bucket_starts_empty_refills_at_the_limit_and_caps_the_burst(
+    dsn: str, conn: psycopg.Connection
+) -> None:
     limits(conn, rpm=6000)  # 100/s x 0.99 target; burst 0.5 s = 49.5 calls
     freeze(conn)
     first = reserve(dsn, [1] * 200)
@@ -161,8 +168,9 @@ def test_daily_quota_exhaustion_is_reported(dsn: str, conn: psycopg.Connection) 
     assert 0 < spent.wait_seconds <= 24 * 3600 + 3600
 
 
-def test_limits_announced_in_headers_fill_in_but_never_override_configured_ones(dsn: str,
-                                                                                conn: psycopg.Connection) -> None:
+def test_limits_announced_in_headers_fill_in_but_never_override_configured_ones(
+    dsn: str, conn: psycopg.Connection
+) -> None:
     async def learn(lane: Lane, rpm: int, tpm: int) -> None:
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as c:
             await ledger.learn_limits(c, lane, rpm, tpm)
@@ -178,14 +186,17 @@ def test_limits_announced_in_headers_fill_in_but_never_override_configured_ones(
 
 
 def test_budget_reservations_stop_at_the_budget_and_pause_the_job(conn: psycopg.Connection) -> None:
-    job_id = conn.execute("INSERT INTO batchdb.jobs (model, budget_usd) VALUES ('gpt-4o-mini', 1.00) RETURNING id"
-                          ).fetchone()["id"]
+    job_id = conn.execute(
+        "INSERT INTO batchdb.jobs (model, budget_usd) VALUES ('gpt-4o-mini', 1.00) RETURNING id"
+    ).fetchone()["id"]
+
     def reserve(usd: float) -> str:
         return conn.execute("SELECT batchdb.reserve_budget(%s, %s::numeric) AS r", (job_id, usd)).fetchone()["r"]
 
     def job() -> dict:
-        return conn.execute("SELECT status, status_reason, reserved_usd FROM batchdb.jobs WHERE id = %s",
-                            (job_id,)).fetchone()
+        return conn.execute(
+            "SELECT status, status_reason, reserved_usd FROM batchdb.jobs WHERE id = %s", (job_id,)
+        ).fetchone()
 
     # Calls in flight hold the budget: the fourth waits for them rather than pausing the job.
     assert [reserve(0.30) for _ in range(4)] == ["ok", "ok", "ok", "wait"]

@@ -14,7 +14,7 @@ import psutil
 
 TESTS = Path(__file__).resolve().parent
 
-CLEAN = '''
+CLEAN = """
 import signal, subprocess, sys, pytest
 
 @pytest.fixture(scope="session")
@@ -34,9 +34,9 @@ def test_a_process_still_stopping_is_no_leak():
                              "print(1, flush=True); time.sleep(600)"], stdout=subprocess.PIPE)
     slow.stdout.readline()
     slow.send_signal(signal.SIGTERM)
-'''
+"""
 
-LEAKY = '''
+LEAKY = """
 import subprocess, sys
 
 def test_forgets_a_child(tmp_path):
@@ -47,15 +47,24 @@ def test_forgets_a_grandchild_whose_parent_exited():
     # Like a code server left behind by a webserver that exited: no longer a descendant of pytest.
     subprocess.run([sys.executable, "-c", "import subprocess, sys; subprocess.Popen([sys.executable, '-c', "
                     "'import time; time.sleep(600) # orphaned grandchild'], start_new_session=True)"], check=True)
-'''
+"""
 
 
 def run_session(tmp_path: Path, source: str, grace: float) -> subprocess.CompletedProcess[str]:
     (tmp_path / "test_inner.py").write_text(source)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p),
-           "BATCHDB_TEST_LEFTOVER_GRACE_S": str(grace)}
-    return subprocess.run([sys.executable, "-m", "pytest", "-p", "leftover_processes", "-p", "no:cacheprovider",
-                           "-q", "test_inner.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p),
+        "BATCHDB_TEST_LEFTOVER_GRACE_S": str(grace),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "leftover_processes", "-p", "no:cacheprovider", "-q", "test_inner.py"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _sleepers(marker: str) -> list[psutil.Process]:

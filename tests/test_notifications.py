@@ -38,8 +38,15 @@ TIMEOUT = 15.0
 
 
 def fast(**overrides: Any) -> NotifierConfig:
-    settings: dict[str, Any] = {"poll_interval": 0.2, "http_timeout": 2.0, "backoff_base": 0.2, "backoff_cap": 1.0,
-                                "max_attempts": 3, "shutdown_grace": 0.3, "smtp": None}
+    settings: dict[str, Any] = {
+        "poll_interval": 0.2,
+        "http_timeout": 2.0,
+        "backoff_base": 0.2,
+        "backoff_cap": 1.0,
+        "max_attempts": 3,
+        "shutdown_grace": 0.3,
+        "smtp": None,
+    }
     return NotifierConfig(**{**settings, **overrides})
 
 
@@ -100,13 +107,13 @@ class Mailbox:
     def __init__(self) -> None:
         self.messages: list[tuple[list[str], Message]] = []
 
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: ANN001, ANN201
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: ANN201
         if address.startswith("nobody@"):
             return "550 5.1.1 no such mailbox"
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
-    async def handle_DATA(self, server, session, envelope):  # noqa: ANN001, ANN201
+    async def handle_DATA(self, server, session, envelope):  # noqa: ANN201
         self.messages.append((list(envelope.rcpt_tos), message_from_bytes(envelope.content)))
         return "250 Message accepted for delivery"
 
@@ -135,8 +142,9 @@ async def fetch(dsn: str, sql: str, *params: object) -> list[dict[str, Any]]:
 
 
 async def unfinished(dsn: str) -> int:
-    rows = await fetch(dsn, "SELECT count(*) AS n FROM batchdb.notification_deliveries "
-                            "WHERE status IN ('pending', 'delivering')")
+    rows = await fetch(
+        dsn, "SELECT count(*) AS n FROM batchdb.notification_deliveries WHERE status IN ('pending', 'delivering')"
+    )
     return int(rows[0]["n"])
 
 
@@ -149,8 +157,11 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = TIME
     return time.monotonic() - started
 
 
-async def dispatch(dsn: str, *configs: NotifierConfig, until: Callable[[], Awaitable[bool]] | None = None,
-                   ) -> list[Notifier]:
+async def dispatch(
+    dsn: str,
+    *configs: NotifierConfig,
+    until: Callable[[], Awaitable[bool]] | None = None,
+) -> list[Notifier]:
     """Run one dispatcher per config until `until` (default: no unfinished delivery left)."""
     notifiers = [Notifier(dsn, config, worker_id=f"test-{n}") for n, config in enumerate(configs)]
     tasks = [asyncio.create_task(n.run()) for n in notifiers]
@@ -167,16 +178,23 @@ async def _none_unfinished(dsn: str) -> bool:
     return await unfinished(dsn) == 0
 
 
-def sql_job(conn: psycopg.Connection, *, name: str = "sql job", webhooks: Sequence[str] = (),
-            emails: Sequence[str] = ()) -> int:
-    job_id = conn.execute("INSERT INTO batchdb.jobs (name, model, provider) VALUES (%s, 'm', 'instant') RETURNING id",
-                          (name,)).fetchone()["id"]
+def sql_job(
+    conn: psycopg.Connection, *, name: str = "sql job", webhooks: Sequence[str] = (), emails: Sequence[str] = ()
+) -> int:
+    job_id = conn.execute(
+        "INSERT INTO batchdb.jobs (name, model, provider) VALUES (%s, 'm', 'instant') RETURNING id", (name,)
+    ).fetchone()["id"]
     for url in webhooks:
-        conn.execute("INSERT INTO batchdb.notification_targets (job_id, channel, target, secret) "
-                     "VALUES (%s, 'webhook', %s, 'test-secret-0123456789')", (job_id, url))
+        conn.execute(
+            "INSERT INTO batchdb.notification_targets (job_id, channel, target, secret) "
+            "VALUES (%s, 'webhook', %s, 'test-secret-0123456789')",
+            (job_id, url),
+        )
     for address in emails:
-        conn.execute("INSERT INTO batchdb.notification_targets (job_id, channel, target) VALUES (%s, 'email', %s)",
-                     (job_id, address))
+        conn.execute(
+            "INSERT INTO batchdb.notification_targets (job_id, channel, target) VALUES (%s, 'email', %s)",
+            (job_id, address),
+        )
     return job_id
 
 
@@ -186,13 +204,16 @@ def submit(dsn: str, prompts: list[str], **options: Any) -> batchdb.Job:
 
 
 def deliveries(conn: psycopg.Connection, job_id: int | None = None) -> list[dict[str, Any]]:
-    return conn.execute("SELECT * FROM batchdb.notification_deliveries WHERE %(j)s::bigint IS NULL OR job_id = %(j)s "
-                        "ORDER BY id", {"j": job_id}).fetchall()
+    return conn.execute(
+        "SELECT * FROM batchdb.notification_deliveries WHERE %(j)s::bigint IS NULL OR job_id = %(j)s ORDER BY id",
+        {"j": job_id},
+    ).fetchall()
 
 
 def attempts(conn: psycopg.Connection, delivery_id: int) -> list[dict[str, Any]]:
-    return conn.execute("SELECT * FROM batchdb.notification_attempts WHERE delivery_id = %s ORDER BY attempt, id",
-                        (delivery_id,)).fetchall()
+    return conn.execute(
+        "SELECT * FROM batchdb.notification_attempts WHERE delivery_id = %s ORDER BY attempt, id", (delivery_id,)
+    ).fetchall()
 
 
 class Scripted:
@@ -207,8 +228,9 @@ class Scripted:
         prompt = str(request.messages[-1]["content"])
         if prompt in self.errors:
             raise self.errors[prompt]
-        return ChatResponse(text=f"ok: {prompt}", finish_reason="stop", prompt_tokens=7, completion_tokens=3,
-                            model=request.model)
+        return ChatResponse(
+            text=f"ok: {prompt}", finish_reason="stop", prompt_tokens=7, completion_tokens=3, model=request.model
+        )
 
     async def aclose(self) -> None:
         return None
@@ -245,8 +267,13 @@ def test_smtp_settings_come_from_the_environment() -> None:
     assert SmtpSettings.from_env({}) is None
     plain = SmtpSettings.from_env({"BATCHDB_SMTP_HOST": "mail.internal", "BATCHDB_SMTP_FROM": "jobs@example.com"})
     assert plain == SmtpSettings(host="mail.internal", port=25, sender="jobs@example.com", starttls=False)
-    auth = SmtpSettings.from_env({"BATCHDB_SMTP_HOST": "smtp.example.com", "BATCHDB_SMTP_USERNAME": "u",
-                                  "BATCHDB_SMTP_PASSWORD": "hunter2-password"})
+    auth = SmtpSettings.from_env(
+        {
+            "BATCHDB_SMTP_HOST": "smtp.example.com",
+            "BATCHDB_SMTP_USERNAME": "u",
+            "BATCHDB_SMTP_PASSWORD": "hunter2-password",
+        }
+    )
     assert auth is not None and (auth.port, auth.starttls, auth.username) == (587, True, "u")
     assert "hunter2" not in repr(auth)
     off = SmtpSettings.from_env({"BATCHDB_SMTP_HOST": "h", "BATCHDB_SMTP_PORT": "2525", "BATCHDB_SMTP_STARTTLS": "no"})
@@ -260,8 +287,9 @@ def test_smtp_settings_come_from_the_environment() -> None:
 # -- submit-time configuration -----------------------------------------------------------------
 
 
-def test_bad_targets_are_refused_at_submit_naming_the_field_and_nothing_is_written(dsn: str,
-                                                                                   conn: psycopg.Connection) -> None:
+def test_bad_targets_are_refused_at_submit_naming_the_field_and_nothing_is_written(
+    dsn: str, conn: psycopg.Connection
+) -> None:
     refusals = [
         ({"webhook_url": "ftp://hooks.example.com/x"}, "webhook_url: expected an http:// or https:// URL"),
         ({"webhook_url": "https:///path-only"}, "webhook_url: expected a URL with a host"),
@@ -277,19 +305,32 @@ def test_bad_targets_are_refused_at_submit_naming_the_field_and_nothing_is_writt
     # Plain SQL is refused as clearly.
     job_id = sql_job(conn)
     with pytest.raises(psycopg.Error, match=r"notification_targets\.target: expected an http:// or https:// URL"):
-        conn.execute("INSERT INTO batchdb.notification_targets (job_id, channel, target) "
-                     "VALUES (%s, 'webhook', 'hooks.example.com')", (job_id,))
+        conn.execute(
+            "INSERT INTO batchdb.notification_targets (job_id, channel, target) "
+            "VALUES (%s, 'webhook', 'hooks.example.com')",
+            (job_id,),
+        )
 
 
 def test_submit_stores_targets_generates_a_secret_and_returns_it_again_for_the_same_key(
-        dsn: str, conn: psycopg.Connection) -> None:
-    job = submit(dsn, ["a", "b"], webhook_url="https://hooks.example.com/x", idempotency_key="k1",
-                 notify_emails="ops@example.com, lead@example.com,ops@example.com")
+    dsn: str, conn: psycopg.Connection
+) -> None:
+    job = submit(
+        dsn,
+        ["a", "b"],
+        webhook_url="https://hooks.example.com/x",
+        idempotency_key="k1",
+        notify_emails="ops@example.com, lead@example.com,ops@example.com",
+    )
     assert len(job.webhook_secret) >= 32
-    targets = conn.execute("SELECT channel, target, secret FROM batchdb.notification_targets WHERE job_id = %s "
-                           "ORDER BY id", (job.id,)).fetchall()
+    targets = conn.execute(
+        "SELECT channel, target, secret FROM batchdb.notification_targets WHERE job_id = %s ORDER BY id", (job.id,)
+    ).fetchall()
     assert [(t["channel"], t["target"]) for t in targets] == [
-        ("webhook", "https://hooks.example.com/x"), ("email", "ops@example.com"), ("email", "lead@example.com")]
+        ("webhook", "https://hooks.example.com/x"),
+        ("email", "ops@example.com"),
+        ("email", "lead@example.com"),
+    ]
     assert targets[0]["secret"] == job.webhook_secret and targets[1]["secret"] is None
     again = submit(dsn, ["a", "b"], webhook_url="https://hooks.example.com/x", idempotency_key="k1")
     assert (again.id, again.webhook_secret) == (job.id, job.webhook_secret)
@@ -299,14 +340,25 @@ def test_submit_stores_targets_generates_a_secret_and_returns_it_again_for_the_s
     assert deliveries(conn) == []
 
 
-def test_cli_submit_takes_webhook_and_emails_and_prints_a_generated_secret(dsn: str, tmp_path: Path,
-                                                                          conn: psycopg.Connection) -> None:
+def test_cli_submit_takes_webhook_and_emails_and_prints_a_generated_secret(
+    dsn: str, tmp_path: Path, conn: psycopg.Connection
+) -> None:
     source = tmp_path / "in.csv"
     pd.DataFrame({"headline": ["up", "down"]}).to_csv(source, index=False)
     base = ["submit", str(source), "--model", "m", "--provider", "instant", "--prompt", "{headline}"]
-    result = CliRunner().invoke(cli, [*base, "--webhook-url", "https://hooks.example.com/x",
-                                      "--notify-email", "ops@example.com", "--notify-email", "lead@example.com"],
-                                catch_exceptions=False)
+    result = CliRunner().invoke(
+        cli,
+        [
+            *base,
+            "--webhook-url",
+            "https://hooks.example.com/x",
+            "--notify-email",
+            "ops@example.com",
+            "--notify-email",
+            "lead@example.com",
+        ],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 0, result.output
     secret = conn.execute("SELECT secret FROM batchdb.notification_targets WHERE channel = 'webhook'").fetchone()
     assert result.output.splitlines() == ["job 1: 2 rows queued", f"webhook secret: {secret['secret']}"]
@@ -322,10 +374,13 @@ def test_cli_submit_takes_webhook_and_emails_and_prints_a_generated_secret(dsn: 
 def test_completed_job_posts_one_signed_webhook_matching_the_job(dsn: str, conn: psycopg.Connection) -> None:
     async def scenario() -> tuple[batchdb.Job, Receiver]:
         async with Receiver() as receiver:
-            job = await asyncio.to_thread(submit, dsn, [f"p{i}" for i in range(20)], webhook_url=receiver.url,
-                                          name="headlines")
-            worker = Worker(WorkerConfig(dsn=dsn, concurrency=8, poll_interval=0.2, notifier=fast()),
-                            providers={"instant": InstantProvider()})
+            job = await asyncio.to_thread(
+                submit, dsn, [f"p{i}" for i in range(20)], webhook_url=receiver.url, name="headlines"
+            )
+            worker = Worker(
+                WorkerConfig(dsn=dsn, concurrency=8, poll_interval=0.2, notifier=fast()),
+                providers={"instant": InstantProvider()},
+            )
             running = asyncio.create_task(worker.run())
             try:
                 await eventually(lambda: _delivered(dsn, job.id), what="webhook delivered")
@@ -346,12 +401,26 @@ def test_completed_job_posts_one_signed_webhook_matching_the_job(dsn: str, conn:
     assert request.headers["X-Batchdb-Event"] == body["event"] == "job.completed"
     assert request.headers["X-Batchdb-Delivery"] == str(body["delivery_id"]) == str(delivery["id"])
     assert request.headers["Content-Type"] == "application/json"
-    assert (body["job_id"], body["name"], body["status"], body["owner"]) == (job.id, "headlines", "completed",
-                                                                            status.owner)
-    assert body["counts"] == {"total": 20, "succeeded": 20, "failed": 0, "dead": 0, "cancelled": 0, "done": 20,
-                              "retries": 0}
-    assert body["tokens"] == {"prompt": status.prompt_tokens, "completion": status.completion_tokens,
-                              "total": status.prompt_tokens + status.completion_tokens}
+    assert (body["job_id"], body["name"], body["status"], body["owner"]) == (
+        job.id,
+        "headlines",
+        "completed",
+        status.owner,
+    )
+    assert body["counts"] == {
+        "total": 20,
+        "succeeded": 20,
+        "failed": 0,
+        "dead": 0,
+        "cancelled": 0,
+        "done": 20,
+        "retries": 0,
+    }
+    assert body["tokens"] == {
+        "prompt": status.prompt_tokens,
+        "completion": status.completion_tokens,
+        "total": status.prompt_tokens + status.completion_tokens,
+    }
     assert body["cost_usd"] == float(status.cost_usd) and body["occurred_at"].endswith("Z")
     assert job.webhook_secret not in request.body.decode()
     assert body == delivery["payload"]
@@ -379,19 +448,25 @@ def test_receiver_errors_are_retried_with_growing_delays_until_delivered(dsn: st
     assert (delivery["status"], delivery["attempts"]) == ("delivered", 3)
     tries = attempts(conn, delivery["id"])
     assert [(t["attempt"], t["ok"], t["http_status"]) for t in tries] == [
-        (1, False, 500), (2, False, 500), (3, True, 200)]
+        (1, False, 500),
+        (2, False, 500),
+        (3, True, 200),
+    ]
     assert tries[0]["error"] == "HTTP 500 Internal Server Error"
     gaps = [(b["started_at"] - a["started_at"]).total_seconds() for a, b in itertools.pairwise(tries)]
     # backoff_base 0.2: the first wait is 0.15-0.2 s, the second 0.3-0.4 s.
     assert 0.14 <= gaps[0] < gaps[1], gaps
     assert len(receiver.requests) == 3 and {r.headers["X-Batchdb-Delivery"] for r in receiver.requests} == {
-        str(delivery["id"])}
-    assert all(verify_signature("test-secret-0123456789", r.headers["X-Batchdb-Signature"], r.body)
-               for r in receiver.requests)
+        str(delivery["id"])
+    }
+    assert all(
+        verify_signature("test-secret-0123456789", r.headers["X-Batchdb-Signature"], r.body) for r in receiver.requests
+    )
 
 
 def test_permanently_failing_receivers_are_given_up_after_max_attempts_without_leaking_the_url(
-        dsn: str, conn: psycopg.Connection, caplog: pytest.LogCaptureFixture) -> None:
+    dsn: str, conn: psycopg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{probe.getsockname()[1]}/hook/TOKEN-IN-PATH"
@@ -407,7 +482,10 @@ def test_permanently_failing_receivers_are_given_up_after_max_attempts_without_l
         receiver = asyncio.run(scenario())
     failing, refused = deliveries(conn)
     assert (failing["status"], failing["attempts"], failing["last_error"]) == (
-        "failed", 3, "HTTP 503 Service Unavailable")
+        "failed",
+        3,
+        "HTTP 503 Service Unavailable",
+    )
     assert [t["http_status"] for t in attempts(conn, failing["id"])] == [503, 503, 503]
     assert len(receiver.requests) == 3
     assert (refused["status"], refused["attempts"]) == ("failed", 3)
@@ -422,16 +500,18 @@ def test_a_hanging_receiver_never_delays_the_workers_rows(dsn: str, conn: psycop
         async with Receiver(hang=True) as receiver:
             first = await asyncio.to_thread(submit, dsn, ["a", "b"], webhook_url=receiver.url)
             config = fast(http_timeout=60.0, max_in_flight=1, shutdown_grace=0.3)
-            worker = Worker(WorkerConfig(dsn=dsn, concurrency=16, poll_interval=0.2, notifier=config),
-                            providers={"instant": InstantProvider()})
+            worker = Worker(
+                WorkerConfig(dsn=dsn, concurrency=16, poll_interval=0.2, notifier=config),
+                providers={"instant": InstantProvider()},
+            )
             running = asyncio.create_task(worker.run())
             try:
                 await eventually(lambda: _true(bool(receiver.requests)), what="the receiver hanging")
-                second = await asyncio.to_thread(submit, dsn, [f"p{i}" for i in range(300)],
-                                                 webhook_url=receiver.url)
+                second = await asyncio.to_thread(submit, dsn, [f"p{i}" for i in range(300)], webhook_url=receiver.url)
                 took = await eventually(lambda: _completed(dsn, second.id), what="second job completed")
-                states = await fetch(dsn, "SELECT status FROM batchdb.notification_deliveries WHERE job_id = %s",
-                                     first.id)
+                states = await fetch(
+                    dsn, "SELECT status FROM batchdb.notification_deliveries WHERE job_id = %s", first.id
+                )
                 assert [s["status"] for s in states] == ["delivering"]
             finally:
                 worker.stop()
@@ -456,10 +536,13 @@ async def _completed(dsn: str, job_id: int) -> bool:
     return rows[0]["status"] == "completed"
 
 
-def test_each_kind_of_job_event_is_notified_as_such(dsn: str, conn: psycopg.Connection, drain) -> None:  # noqa: ANN001
+def test_each_kind_of_job_event_is_notified_as_such(dsn: str, conn: psycopg.Connection, drain) -> None:
     hook = "http://127.0.0.1:9/unused"
-    quota = ProviderError(ErrorKind.QUOTA_EXHAUSTED,
-                          "RateLimitError (insufficient_quota): You exceeded your current quota", status_code=429)
+    quota = ProviderError(
+        ErrorKind.QUOTA_EXHAUSTED,
+        "RateLimitError (insufficient_quota): You exceeded your current quota",
+        status_code=429,
+    )
     bad = ProviderError(ErrorKind.PERMANENT, "BadRequestError: context too long", status_code=400)
     # quota: the worker pauses the job with the provider's reason; failed: a row the provider refused.
     quota_job = submit(dsn, ["over quota"], webhook_url=hook, name="quota")
@@ -471,24 +554,37 @@ def test_each_kind_of_job_event_is_notified_as_such(dsn: str, conn: psycopg.Conn
     conn.execute("UPDATE batchdb.jobs SET budget_usd = 0.01, status = 'running' WHERE id = %s", (budget_id,))
     assert conn.execute("SELECT batchdb.reserve_budget(%s, 1) AS r", (budget_id,)).fetchone()["r"] == "paused"
     user_quota_id = sql_job(conn, name="user quota", webhooks=[hook])
-    conn.execute("UPDATE batchdb.jobs SET status = 'paused', status_reason = 'user quota: daily budget of $5 for "
-                 "bob reached ($5.1 spent today); resumes at 00:00 UTC' WHERE id = %s", (user_quota_id,))
+    conn.execute(
+        "UPDATE batchdb.jobs SET status = 'paused', status_reason = 'user quota: daily budget of $5 for "
+        "bob reached ($5.1 spent today); resumes at 00:00 UTC' WHERE id = %s",
+        (user_quota_id,),
+    )
     by_hand_id = sql_job(conn, name="by hand", webhooks=[hook])
-    conn.execute("UPDATE batchdb.jobs SET status = 'paused', status_reason = 'paused by hand' WHERE id = %s",
-                 (by_hand_id,))
+    conn.execute(
+        "UPDATE batchdb.jobs SET status = 'paused', status_reason = 'paused by hand' WHERE id = %s", (by_hand_id,)
+    )
     cancelled_id = sql_job(conn, name="cancelled", webhooks=[hook])
-    conn.execute("INSERT INTO batchdb.requests (job_id, custom_id, payload) SELECT %s, g::text, "
-                 "'{\"prompt\": \"x\"}' FROM generate_series(1, 4) g", (cancelled_id,))
+    conn.execute(
+        "INSERT INTO batchdb.requests (job_id, custom_id, payload) SELECT %s, g::text, "
+        '\'{"prompt": "x"}\' FROM generate_series(1, 4) g',
+        (cancelled_id,),
+    )
     conn.execute("SELECT batchdb.cancel_job(%s)", (cancelled_id,))
     # Resuming and pausing again is a new event; a status that is no event (running) is none.
     conn.execute("UPDATE batchdb.jobs SET status = 'running', status_reason = NULL WHERE id = %s", (by_hand_id,))
-    conn.execute("UPDATE batchdb.jobs SET status = 'paused', status_reason = 'paused by hand' WHERE id = %s",
-                 (by_hand_id,))
+    conn.execute(
+        "UPDATE batchdb.jobs SET status = 'paused', status_reason = 'paused by hand' WHERE id = %s", (by_hand_id,)
+    )
 
     events = {(d["payload"]["name"], d["event"]) for d in deliveries(conn)}
-    assert events == {("quota", "job.quota_exhausted"), ("failed", "job.failed"), ("budget", "job.budget_paused"),
-                      ("user quota", "job.quota_exhausted"), ("by hand", "job.paused"),
-                      ("cancelled", "job.cancelled")}
+    assert events == {
+        ("quota", "job.quota_exhausted"),
+        ("failed", "job.failed"),
+        ("budget", "job.budget_paused"),
+        ("user quota", "job.quota_exhausted"),
+        ("by hand", "job.paused"),
+        ("cancelled", "job.cancelled"),
+    }
     assert len(deliveries(conn, by_hand_id)) == 2
     payloads = {d["payload"]["name"]: d["payload"] for d in deliveries(conn)}
     assert "insufficient_quota" in payloads["quota"]["reason"] and payloads["quota"]["status"] == "paused"
@@ -500,18 +596,26 @@ def test_each_kind_of_job_event_is_notified_as_such(dsn: str, conn: psycopg.Conn
 
 
 def test_email_goes_to_each_recipient_through_smtp_and_only_from_workers_with_smtp_settings(
-        dsn: str, conn: psycopg.Connection) -> None:
+    dsn: str, conn: psycopg.Connection
+) -> None:
     async def scenario(mailbox: Mailbox, smtp: SmtpSettings) -> int:
         async with Receiver() as receiver:
-            job_id = sql_job(conn, name="nightly", webhooks=[receiver.url],
-                             emails=["ops@example.com", "lead@example.com", "nobody@example.com"])
-            conn.execute("UPDATE batchdb.jobs SET status = 'paused', status_reason = 'budget of $1 reached' "
-                         "WHERE id = %s", (job_id,))
+            job_id = sql_job(
+                conn,
+                name="nightly",
+                webhooks=[receiver.url],
+                emails=["ops@example.com", "lead@example.com", "nobody@example.com"],
+            )
+            conn.execute(
+                "UPDATE batchdb.jobs SET status = 'paused', status_reason = 'budget of $1 reached' WHERE id = %s",
+                (job_id,),
+            )
             # No SMTP settings: the webhook goes, the emails wait for a worker that can send them.
             await dispatch(dsn, fast(), until=lambda: _delivered_on(dsn, "webhook"))
             await asyncio.sleep(0.3)
-            waiting = await fetch(dsn, "SELECT status, attempts FROM batchdb.notification_deliveries "
-                                       "WHERE channel = 'email'")
+            waiting = await fetch(
+                dsn, "SELECT status, attempts FROM batchdb.notification_deliveries WHERE channel = 'email'"
+            )
             assert [(w["status"], w["attempts"]) for w in waiting] == [("pending", 0)] * 3
             assert mailbox.messages == []
             await dispatch(dsn, fast(smtp=smtp))
@@ -528,8 +632,12 @@ def test_email_goes_to_each_recipient_through_smtp_and_only_from_workers_with_sm
     assert f"Job {job_id} (nightly) paused: budget reached." in text and "reason:    budget of $1 reached" in text
     assert f"batchdb resume {job_id}" in text
     emails = {d["payload"]["delivery_id"]: d for d in deliveries(conn) if d["channel"] == "email"}
-    by_address = {conn.execute("SELECT target FROM batchdb.notification_targets WHERE id = %s",
-                               (d["target_id"],)).fetchone()["target"]: d for d in emails.values()}
+    by_address = {
+        conn.execute("SELECT target FROM batchdb.notification_targets WHERE id = %s", (d["target_id"],)).fetchone()[
+            "target"
+        ]: d
+        for d in emails.values()
+    }
     assert by_address["ops@example.com"]["status"] == "delivered"
     assert attempts(conn, by_address["ops@example.com"]["id"])[0]["reply"].startswith("250 ")
     # A mailbox the server refuses for good (5xx) fails at once, with the server's reply.
@@ -546,8 +654,7 @@ async def _delivered_on(dsn: str, channel: str) -> bool:
 def test_two_dispatchers_deliver_every_notification_exactly_once(dsn: str, conn: psycopg.Connection) -> None:
     async def scenario() -> tuple[Receiver, list[Notifier]]:
         async with Receiver(delay=0.02) as receiver:
-            ids = [sql_job(conn, name=f"j{n}", webhooks=[receiver.url, receiver.url + "/second"])
-                   for n in range(20)]
+            ids = [sql_job(conn, name=f"j{n}", webhooks=[receiver.url, receiver.url + "/second"]) for n in range(20)]
             conn.execute("UPDATE batchdb.jobs SET status = 'completed' WHERE id = ANY(%s)", (ids,))
             notifiers = await dispatch(dsn, fast(max_in_flight=3), fast(max_in_flight=3))
             await asyncio.sleep(0.2)
@@ -562,7 +669,7 @@ def test_two_dispatchers_deliver_every_notification_exactly_once(dsn: str, conn:
     assert conn.execute("SELECT count(*) AS n FROM batchdb.notification_attempts").fetchone()["n"] == 40
 
 
-def test_jobs_without_targets_create_no_deliveries(dsn: str, conn: psycopg.Connection, drain) -> None:  # noqa: ANN001
+def test_jobs_without_targets_create_no_deliveries(dsn: str, conn: psycopg.Connection, drain) -> None:
     job = submit(dsn, ["a", "b", "c"])
     drain(notifier=None)
     assert job.status().status == "completed"

@@ -71,12 +71,25 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     venv = root / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
     python = venv / "bin" / "python"
-    site_packages = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
-                         .stdout.strip())
+    site_packages = Path(
+        _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip()
+    )
     deps = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
     (site_packages / "_batchdb_test_deps.pth").write_text("".join(f"{d}\n" for d in sorted(deps)))
-    _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps", "--no-index",
-          str(wheel)])
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-index",
+            str(wheel),
+        ]
+    )
 
     decoy_dir = root / "user-project"
     for name in DECOYS:
@@ -85,7 +98,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
             "import pathlib\n"
             f"pathlib.Path(__file__).resolve().parents[1].joinpath('DECOY-IMPORTED-{name}').touch()\n"
             f"print('DECOY {name} imported', flush=True)\n"
-            f"raise ImportError('the decoy {name} package was imported instead of batchdb code')\n")
+            f"raise ImportError('the decoy {name} package was imported instead of batchdb code')\n"
+        )
     return Installed(wheel, python, site_packages, decoy_dir)
 
 
@@ -94,9 +108,16 @@ def test_the_wheel_holds_only_batchdb_with_the_linked_folders(installed: Install
     names = zipfile.ZipFile(installed.wheel).namelist()
     assert {n.split("/")[0] for n in names} == {"batchdb", "batchdb-0.1.0.dist-info"}
     assert not [n for n in names if n.endswith(".pth")]
-    for path in ("batchdb/workers/worker.py", "batchdb/workers/__main__.py", "batchdb/dashboard/app.py",
-                 "batchdb/dashboard/views/overview.py", "batchdb/dagster/__init__.py", "batchdb/dagster/example.py",
-                 "batchdb/_sql/queries.sql", "batchdb/_sql/schema.sql"):
+    for path in (
+        "batchdb/workers/worker.py",
+        "batchdb/workers/__main__.py",
+        "batchdb/dashboard/app.py",
+        "batchdb/dashboard/views/overview.py",
+        "batchdb/dagster/__init__.py",
+        "batchdb/dagster/example.py",
+        "batchdb/_sql/queries.sql",
+        "batchdb/_sql/schema.sql",
+    ):
         assert path in names, path
     migrations = sorted(p.name for p in (REPO / "sql" / "migrations").glob("*.sql"))
     assert sorted(n.rsplit("/", 1)[1] for n in names if n.startswith("batchdb/_sql/migrations/")) == migrations
@@ -113,8 +134,11 @@ def test_the_core_install_requires_no_dagster_or_dashboard_package(installed: In
 
     with zipfile.ZipFile(installed.wheel) as wheel:
         metadata = wheel.read("batchdb-0.1.0.dist-info/METADATA").decode()
-    requires = [Requirement(line.split(":", 1)[1].strip()) for line in metadata.splitlines()
-                if line.startswith("Requires-Dist:")]
+    requires = [
+        Requirement(line.split(":", 1)[1].strip())
+        for line in metadata.splitlines()
+        if line.startswith("Requires-Dist:")
+    ]
     core = {r.name.lower() for r in requires if r.marker is None}
     by_extra: dict[str, set[str]] = {}
     for r in requires:
@@ -147,8 +171,9 @@ print(json.dumps({
 def test_this_checkout_installed_editable_maps_only_batchdb(tmp_path: Path) -> None:
     """`pip install -e .` (dev-mode-exact) maps `batchdb` alone: the repository root is not on sys.path."""
     env = {k: v for k, v in os.environ.items() if k not in _PYTHON_ENV}
-    where = _run([sys.executable, "-c", "import batchdb; print(batchdb.__file__)"],
-                 cwd=tmp_path, env=env).stdout.strip()
+    where = _run(
+        [sys.executable, "-c", "import batchdb; print(batchdb.__file__)"], cwd=tmp_path, env=env
+    ).stdout.strip()
     if Path(where).resolve() != REPO / "batchdb" / "__init__.py":
         pytest.skip(f"this virtualenv's batchdb is {where}, not an editable install of {REPO}")
     found = json.loads(_run([sys.executable, "-c", PROBE], cwd=tmp_path, env=env).stdout)
@@ -161,8 +186,9 @@ def test_this_checkout_installed_editable_maps_only_batchdb(tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-def test_installed_batchdb_finds_its_files_and_creates_no_other_top_level_name(installed: Installed,
-                                                                               tmp_path: Path) -> None:
+def test_installed_batchdb_finds_its_files_and_creates_no_other_top_level_name(
+    installed: Installed, tmp_path: Path
+) -> None:
     probe = json.loads(_run([str(installed.python), "-c", PROBE], cwd=tmp_path, env=installed.env()).stdout)
     site = installed.site_packages
     assert probe["batchdb"] == str(site / "batchdb" / "__init__.py")  # the wheel's, not the checkout's
@@ -177,10 +203,14 @@ def test_installed_batchdb_finds_its_files_and_creates_no_other_top_level_name(i
 def test_worker_from_a_folder_with_decoys_runs_batchdb_code(installed: Installed, dsn: str) -> None:
     frame = pd.DataFrame({"text": [f"t{i}" for i in range(20)]})
     job = batchdb.submit(frame, prompt="{text}", model="m", provider="instant", dsn=dsn)
-    result = subprocess.run([str(installed.python), "-m", "batchdb.workers", "--exit-when-idle",
-                             "--poll-interval", "0.3"],
-                            cwd=installed.decoy_dir, env=installed.env(BATCHDB_DSN=dsn), capture_output=True, text=True,
-                            timeout=180)
+    result = subprocess.run(
+        [str(installed.python), "-m", "batchdb.workers", "--exit-when-idle", "--poll-interval", "0.3"],
+        cwd=installed.decoy_dir,
+        env=installed.env(BATCHDB_DSN=dsn),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "DECOY" not in result.stdout + result.stderr
     assert installed.decoys_imported() == []
@@ -204,8 +234,9 @@ def stopped_at_exit() -> Iterator[Callable[[subprocess.Popen[bytes]], subprocess
             process.wait()
 
 
-def _wait_for(condition: Callable[[], object], process: subprocess.Popen[bytes], log: Path, what: str,
-              timeout: float = 120) -> None:
+def _wait_for(
+    condition: Callable[[], object], process: subprocess.Popen[bytes], log: Path, what: str, timeout: float = 120
+) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert process.poll() is None, f"{what}: exited {process.returncode}\n{log.read_text()[-3000:]}"
@@ -224,15 +255,25 @@ print("METRICS", sorted(m.label for m in at.metric))
 
 @pytest.mark.slow
 def test_dashboard_from_a_folder_with_decoys_serves_batchdb_pages(
-        installed: Installed, dsn: str, tmp_path: Path,
-        stopped_at_exit: Callable[[subprocess.Popen[bytes]], subprocess.Popen[bytes]]) -> None:
+    installed: Installed,
+    dsn: str,
+    tmp_path: Path,
+    stopped_at_exit: Callable[[subprocess.Popen[bytes]], subprocess.Popen[bytes]],
+) -> None:
     port = free_port()
     log = tmp_path / "dashboard.log"
     with log.open("wb") as out:
-        process = stopped_at_exit(subprocess.Popen(
-            [str(installed.python), "-m", "batchdb", "dashboard", "--port", str(port)], cwd=installed.decoy_dir,
-            env=installed.env(BATCHDB_DSN=dsn), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True))
+        process = stopped_at_exit(
+            subprocess.Popen(
+                [str(installed.python), "-m", "batchdb", "dashboard", "--port", str(port)],
+                cwd=installed.decoy_dir,
+                env=installed.env(BATCHDB_DSN=dsn),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
     _wait_for(lambda: f"batchdb dashboard on http://127.0.0.1:{port}" in log.read_text(), process, log, "the dashboard")
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=10) as reply:
         assert reply.read().strip() == b"ok"
@@ -247,22 +288,55 @@ def test_dashboard_from_a_folder_with_decoys_serves_batchdb_pages(
 
 @pytest.mark.slow
 def test_dagster_materializes_the_example_from_a_folder_with_decoys(
-        installed: Installed, dsn: str, tmp_path: Path, simulator: Callable[..., SimulatorProcess],
-        stopped_at_exit: Callable[[subprocess.Popen[bytes]], subprocess.Popen[bytes]]) -> None:
+    installed: Installed,
+    dsn: str,
+    tmp_path: Path,
+    simulator: Callable[..., SimulatorProcess],
+    stopped_at_exit: Callable[[subprocess.Popen[bytes]], subprocess.Popen[bytes]],
+) -> None:
     sim = simulator()
     home, output_root = tmp_path / "dagster_home", tmp_path / "out"
     home.mkdir()
-    env = installed.env(BATCHDB_DSN=dsn, DAGSTER_HOME=str(home), BATCHDB_OUTPUT_ROOT=str(output_root),
-                        OPENAI_BASE_URL=sim.openai_base_url, OPENAI_API_KEY="sk-test")
+    env = installed.env(
+        BATCHDB_DSN=dsn,
+        DAGSTER_HOME=str(home),
+        BATCHDB_OUTPUT_ROOT=str(output_root),
+        OPENAI_BASE_URL=sim.openai_base_url,
+        OPENAI_API_KEY="sk-test",
+    )
     worker_log = tmp_path / "worker.log"
     with worker_log.open("wb") as out:
-        worker = stopped_at_exit(subprocess.Popen(
-            [str(installed.python), "-m", "batchdb.workers", "--poll-interval", "0.3"], cwd=installed.decoy_dir,
-            env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+        worker = stopped_at_exit(
+            subprocess.Popen(
+                [str(installed.python), "-m", "batchdb.workers", "--poll-interval", "0.3"],
+                cwd=installed.decoy_dir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
     result = subprocess.run(
-        [str(installed.python), "-m", "dagster", "asset", "materialize", "-m", "batchdb.dagster.example",
-         "--select", "headlines,headline_sentiment", "--partition", "2024-01-02"],
-        cwd=installed.decoy_dir, env=env, capture_output=True, text=True, timeout=240)
+        [
+            str(installed.python),
+            "-m",
+            "dagster",
+            "asset",
+            "materialize",
+            "-m",
+            "batchdb.dagster.example",
+            "--select",
+            "headlines,headline_sentiment",
+            "--partition",
+            "2024-01-02",
+        ],
+        cwd=installed.decoy_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:] + worker_log.read_text()[-2000:]
     assert "RUN_SUCCESS" in output, output[-4000:]

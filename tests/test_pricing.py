@@ -21,8 +21,10 @@ def test_python_and_sql_price_a_call_the_same(conn: psycopg.Connection) -> None:
     for input_price, output_price in PRICES:
         price = Price(Decimal(input_price), Decimal(output_price))
         for prompt, completion in TOKENS:
-            in_sql = conn.execute("SELECT batchdb.call_cost_usd(%s::numeric, %s::numeric, %s, %s) AS usd",
-                                  (input_price, output_price, prompt, completion)).fetchone()["usd"]
+            in_sql = conn.execute(
+                "SELECT batchdb.call_cost_usd(%s::numeric, %s::numeric, %s, %s) AS usd",
+                (input_price, output_price, prompt, completion),
+            ).fetchone()["usd"]
             assert price.cost_usd(prompt, completion) == in_sql, (input_price, output_price, prompt, completion)
             checked += 1
     assert checked == len(PRICES) * len(TOKENS)
@@ -46,20 +48,31 @@ def test_the_ceiling_charges_max_tokens_or_the_ledgers_default() -> None:
 
 
 @pytest.mark.parametrize("max_tokens", [20, None])
-def test_the_recorded_cost_of_a_completion_is_the_functions(conn: psycopg.Connection, max_tokens: int | None,
-                                                            drain) -> None:  # noqa: ANN001
+def test_the_recorded_cost_of_a_completion_is_the_functions(
+    conn: psycopg.Connection, max_tokens: int | None, drain
+) -> None:
     """A row run by a worker records exactly what `Price.cost_usd` says for its tokens."""
     import batchdb
 
-    conn.execute("INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok) "
-                 "VALUES ('instant', 'priced', 1.25, 3.5)")
+    conn.execute(
+        "INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok) "
+        "VALUES ('instant', 'priced', 1.25, 3.5)"
+    )
     frame = pd.DataFrame({"id": ["a", "b"], "text": ["one", "two words"]})
-    job = batchdb.submit(frame, prompt="Say: {text}", model="priced", provider="instant", id_column="id",
-                         max_tokens=max_tokens, dsn=conn.info.dsn)
+    job = batchdb.submit(
+        frame,
+        prompt="Say: {text}",
+        model="priced",
+        provider="instant",
+        id_column="id",
+        max_tokens=max_tokens,
+        dsn=conn.info.dsn,
+    )
     drain()
     price = Price(Decimal("1.25"), Decimal("3.5"))
-    rows = conn.execute("SELECT prompt_tokens, completion_tokens, cost_usd FROM batchdb.requests WHERE job_id = %s",
-                        (job.id,)).fetchall()
+    rows = conn.execute(
+        "SELECT prompt_tokens, completion_tokens, cost_usd FROM batchdb.requests WHERE job_id = %s", (job.id,)
+    ).fetchall()
     assert len(rows) == 2 and all(r["prompt_tokens"] > 0 for r in rows)
     for r in rows:
         assert r["cost_usd"] == price.cost_usd(r["prompt_tokens"], r["completion_tokens"])

@@ -37,10 +37,15 @@ def test_stopping_a_leader_stops_the_processes_it_started() -> None:
 
 
 def test_a_group_that_ignores_sigterm_is_killed_after_the_grace_period() -> None:
-    stubborn = subprocess.Popen([sys.executable, "-c", "import signal, time; "
-                                 "signal.signal(signal.SIGTERM, signal.SIG_IGN); print(1, flush=True); "
-                                 "time.sleep(600)"],
-                                stdout=subprocess.PIPE, start_new_session=True)
+    stubborn = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(1, flush=True); time.sleep(600)",
+        ],
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
     assert stubborn.stdout is not None and stubborn.stdout.readline()
     assert stop_process_groups([stubborn], grace=1) == [-signal.SIGKILL]
     stubborn.stdout.close()

@@ -26,8 +26,9 @@ def wait_for(condition: Callable[[], object], what: str, timeout: float = 60) ->
 def registered(dsn: str, workers: WorkerProcesses) -> dict[int, object]:
     """pid -> stopped_at of the worker rows of these processes."""
     with psycopg.connect(dsn) as conn:
-        rows = conn.execute("SELECT pid, stopped_at FROM batchdb.workers WHERE pid = ANY(%s)",
-                            ([p.pid for p in workers.processes],)).fetchall()
+        rows = conn.execute(
+            "SELECT pid, stopped_at FROM batchdb.workers WHERE pid = ANY(%s)", ([p.pid for p in workers.processes],)
+        ).fetchall()
     return dict(rows)
 
 
@@ -57,11 +58,18 @@ def test_kill_sigkills_one_worker_and_stop_reports_every_code(dsn: str) -> None:
 
 
 def test_a_process_ignoring_sigterm_is_killed_after_the_grace(tmp_path: Path) -> None:
-    ignore_sigterm = ("import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-                      "print(os.environ['BATCHDB_DSN'], os.environ['PYTHONPATH'], os.environ['EXTRA'], flush=True); "
-                      "time.sleep(60)")
-    workers = WorkerProcesses("dbname=nowhere", env={"EXTRA": "yes", "PYTHONPATH": "/elsewhere"}, log_dir=tmp_path,
-                              command=(sys.executable, "-c", ignore_sigterm), grace=0.5)
+    ignore_sigterm = (
+        "import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print(os.environ['BATCHDB_DSN'], os.environ['PYTHONPATH'], os.environ['EXTRA'], flush=True); "
+        "time.sleep(60)"
+    )
+    workers = WorkerProcesses(
+        "dbname=nowhere",
+        env={"EXTRA": "yes", "PYTHONPATH": "/elsewhere"},
+        log_dir=tmp_path,
+        command=(sys.executable, "-c", ignore_sigterm),
+        grace=0.5,
+    )
     workers.start()
     wait_for(lambda: workers.log_text().strip(), "the child to ignore SIGTERM", timeout=20)
     began = time.monotonic()

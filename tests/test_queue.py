@@ -16,8 +16,15 @@ from batchdb.models import ClaimedRequest, Outcome, RequestStatus
 from bench import write_audit
 
 
-def make_job(conn: psycopg.Connection, rows: int, *, name: str = "job", priority: int = 1,
-             max_attempts: int = 5, model: str = "gpt-4o-mini") -> int:
+def make_job(
+    conn: psycopg.Connection,
+    rows: int,
+    *,
+    name: str = "job",
+    priority: int = 1,
+    max_attempts: int = 5,
+    model: str = "gpt-4o-mini",
+) -> int:
     job_id = conn.execute(
         "INSERT INTO batchdb.jobs (name, model, priority, max_attempts) VALUES (%s, %s, %s, %s) RETURNING id",
         (name, model, priority, max_attempts),
@@ -30,7 +37,7 @@ def make_job(conn: psycopg.Connection, rows: int, *, name: str = "job", priority
     return job_id
 
 
-def run(coro):  # noqa: ANN001, ANN201
+def run(coro):  # noqa: ANN201
     return asyncio.run(coro)
 
 
@@ -48,19 +55,36 @@ async def complete(dsn: str, outcomes: list[Outcome]) -> set[tuple[int, int]]:
         return await queue.complete_batch(c, outcomes)
 
 
-def ok(row: ClaimedRequest, *, prompt_tokens: int = 10, completion_tokens: int = 5, token: int | None = None,
-       text: str | None = None) -> Outcome:
+def ok(
+    row: ClaimedRequest,
+    *,
+    prompt_tokens: int = 10,
+    completion_tokens: int = 5,
+    token: int | None = None,
+    text: str | None = None,
+) -> Outcome:
     """A success; its text names the row and the lease that answered, so a late write would show."""
     token = row.lease_token if token is None else token
-    return Outcome(row.job_id, row.id, token, RequestStatus.SUCCEEDED,
-                   prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   response_text=text or f"answer {row.id} under lease {token}", finish_reason="stop")
+    return Outcome(
+        row.job_id,
+        row.id,
+        token,
+        RequestStatus.SUCCEEDED,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        response_text=text or f"answer {row.id} under lease {token}",
+        finish_reason="stop",
+    )
 
 
 def results_of(conn: psycopg.Connection, job_id: int) -> dict[int, tuple[str, int]]:
     """request id -> (response text, times written)."""
-    return {r["request_id"]: (r["response_text"], r["writes"]) for r in conn.execute(
-        "SELECT request_id, response_text, writes FROM batchdb.results WHERE job_id = %s", (job_id,)).fetchall()}
+    return {
+        r["request_id"]: (r["response_text"], r["writes"])
+        for r in conn.execute(
+            "SELECT request_id, response_text, writes FROM batchdb.results WHERE job_id = %s", (job_id,)
+        ).fetchall()
+    }
 
 
 def job_row(conn: psycopg.Connection, job_id: int) -> dict:
@@ -75,7 +99,8 @@ def test_claim_leases_rows_in_order_and_bumps_fencing_token(dsn: str, conn: psyc
     leased = conn.execute(
         "SELECT count(*) AS n, min(lease_expires_at - started_at) AS shortest, max(lease_expires_at - started_at) "
         "AS longest FROM batchdb.requests WHERE job_id = %s AND status = 'running' AND lease_owner = 'w1'",
-        (job_id,)).fetchone()
+        (job_id,),
+    ).fetchone()
     assert leased["n"] == 3
     # Set in database time from the claim's own now(): exactly the lease asked for.
     assert leased["shortest"].total_seconds() == leased["longest"].total_seconds() == 60
@@ -93,9 +118,9 @@ def test_concurrent_claims_never_share_a_row(dsn: str, conn: psycopg.Connection)
         try:
             claimed: list[ClaimedRequest] = []
             while True:
-                batches = await asyncio.gather(*(
-                    queue.claim_batch(c, worker_id=f"w{i}", limit=37, lease_seconds=60) for i, c in enumerate(conns)
-                ))
+                batches = await asyncio.gather(
+                    *(queue.claim_batch(c, worker_id=f"w{i}", limit=37, lease_seconds=60) for i, c in enumerate(conns))
+                )
                 got = [r for b in batches for r in b]
                 if not got:
                     return claimed
@@ -128,7 +153,9 @@ def test_completion_records_once_and_counters_are_exact(dsn: str, conn: psycopg.
     assert job["cost_usd"] == expected_cost
     sums = conn.execute(
         "SELECT sum(prompt_tokens) AS p, sum(completion_tokens) AS c, sum(cost_usd) AS cost "
-        "FROM batchdb.requests WHERE job_id = %s", (job_id,)).fetchone()
+        "FROM batchdb.requests WHERE job_id = %s",
+        (job_id,),
+    ).fetchone()
     assert (sums["p"], sums["c"], sums["cost"]) == (job["prompt_tokens"], job["completion_tokens"], job["cost_usd"])
     assert conn.execute("SELECT count(*) AS n FROM batchdb.results WHERE job_id = %s", (job_id,)).fetchone()["n"] == 4
 
@@ -163,11 +190,11 @@ def test_a_double_completion_is_counted_not_hidden(dsn: str, conn: psycopg.Conne
     assert run(complete(dsn, [ok(r, text="first") for r in rows])) == {r.key for r in rows}
     assert write_audit.writes(conn, job_id).violations == []
     # A broken fence: the first row looks in flight again under the same lease, and completes twice.
-    conn.execute("UPDATE batchdb.requests SET status = 'running' WHERE job_id = %s AND id = %s",
-                 (job_id, rows[0].id))
+    conn.execute("UPDATE batchdb.requests SET status = 'running' WHERE job_id = %s AND id = %s", (job_id, rows[0].id))
     assert run(complete(dsn, [ok(rows[0], text="second")])) == {rows[0].key}
-    stored = conn.execute("SELECT count(*) AS n, count(DISTINCT request_id) AS d FROM batchdb.results "
-                          "WHERE job_id = %s", (job_id,)).fetchone()
+    stored = conn.execute(
+        "SELECT count(*) AS n, count(DISTINCT request_id) AS d FROM batchdb.results WHERE job_id = %s", (job_id,)
+    ).fetchone()
     assert stored["n"] == stored["d"] == 2  # the old check ("no row has two results") sees nothing
     assert results_of(conn, job_id)[rows[0].id] == ("second", 2)  # the overwrite is counted
     audited = write_audit.writes(conn, job_id)
@@ -185,8 +212,9 @@ def test_reclaim_requeues_expired_rows_and_dead_letters_the_last_attempt(dsn: st
             return await queue.reclaim_expired(c)
 
     assert run(reclaim()) == 2
-    statuses = conn.execute("SELECT status, attempts, error_class FROM batchdb.requests WHERE job_id = %s",
-                            (job_id,)).fetchall()
+    statuses = conn.execute(
+        "SELECT status, attempts, error_class FROM batchdb.requests WHERE job_id = %s", (job_id,)
+    ).fetchall()
     assert {(r["status"], r["attempts"], r["error_class"]) for r in statuses} == {("queued", 1, "lease_expired")}
     run(claim(dsn, 2, lease=0.1))
     conn.execute("SELECT pg_sleep(0.2)")
@@ -200,8 +228,9 @@ def test_reclaim_requeues_expired_rows_and_dead_letters_the_last_attempt(dsn: st
 def test_retry_outcome_waits_for_run_after(dsn: str, conn: psycopg.Connection) -> None:
     job_id = make_job(conn, 1)
     [row] = run(claim(dsn, 1))
-    retry = Outcome(row.job_id, row.id, row.lease_token, RequestStatus.QUEUED, retry_in=30,
-                    error_class="rate_limited", error="429")
+    retry = Outcome(
+        row.job_id, row.id, row.lease_token, RequestStatus.QUEUED, retry_in=30, error_class="rate_limited", error="429"
+    )
     before = conn.execute("SELECT clock_timestamp() AS t").fetchone()["t"]
     assert run(complete(dsn, [retry])) == {row.key}
     after = conn.execute("SELECT clock_timestamp() AS t").fetchone()["t"]
@@ -209,8 +238,9 @@ def test_retry_outcome_waits_for_run_after(dsn: str, conn: psycopg.Connection) -
     # Due 30 s after the completion, in database time (however long the statements took).
     assert before + timedelta(seconds=30) <= run_after["run_after"] <= after + timedelta(seconds=30)
     assert run(claim(dsn, 1)) == []  # not due yet
-    conn.execute("UPDATE batchdb.requests SET run_after = run_after - interval '30 seconds' WHERE job_id = %s",
-                 (job_id,))  # the 30 s have passed
+    conn.execute(
+        "UPDATE batchdb.requests SET run_after = run_after - interval '30 seconds' WHERE job_id = %s", (job_id,)
+    )  # the 30 s have passed
     [again] = run(claim(dsn, 1))
     assert again.attempts == 2 and again.lease_token == 2
     assert job_row(conn, job_id)["n_retries"] == 1
@@ -228,9 +258,14 @@ def test_extend_and_release_leases(dsn: str, conn: psycopg.Connection) -> None:
 
     extended, released = run(extend_then_release())
     assert extended == {r.key for r in rows} and released == {rows[0].key}
-    states = {r["custom_id"]: r for r in conn.execute(
-        "SELECT custom_id, status, attempts, lease_expires_at - now() AS lease FROM batchdb.requests "
-        "WHERE job_id = %s", (job_id,)).fetchall()}
+    states = {
+        r["custom_id"]: r
+        for r in conn.execute(
+            "SELECT custom_id, status, attempts, lease_expires_at - now() AS lease FROM batchdb.requests "
+            "WHERE job_id = %s",
+            (job_id,),
+        ).fetchall()
+    }
     assert states["r1"]["status"] == "queued" and states["r1"]["attempts"] == 0
     assert states["r2"]["status"] == "running" and states["r2"]["lease"].total_seconds() > 100
     assert job_row(conn, job_id)["n_retries"] == 0  # handed back unsent: no attempt spent, no retry
@@ -243,13 +278,16 @@ def test_release_leases_with_a_delay(dsn: str, conn: psycopg.Connection) -> None
 
     async def release() -> tuple[set, set]:
         async with await aconn(dsn) as c:
-            return (await queue.release_leases(c, rows[:1]),
-                    await queue.release_leases(c, rows[1:], delay_s=600))
+            return (await queue.release_leases(c, rows[:1]), await queue.release_leases(c, rows[1:], delay_s=600))
 
     assert run(release()) == ({rows[0].key}, {rows[1].key})
-    states = {r["id"]: r for r in conn.execute(
-        "SELECT id, status, attempts, run_after - now() AS due_in FROM batchdb.requests WHERE job_id = %s",
-        (job_id,)).fetchall()}
+    states = {
+        r["id"]: r
+        for r in conn.execute(
+            "SELECT id, status, attempts, run_after - now() AS due_in FROM batchdb.requests WHERE job_id = %s",
+            (job_id,),
+        ).fetchall()
+    }
     assert all(s["status"] == "queued" and s["attempts"] == 0 for s in states.values())
     assert states[rows[0].id]["due_in"].total_seconds() <= 0
     assert 500 < states[rows[1].id]["due_in"].total_seconds() <= 600
@@ -309,9 +347,15 @@ def test_claim_uses_the_claimable_index_on_a_large_backlog(dsn: str, conn: psyco
     run(claim(dsn, 500))
     from batchdb.queries import query
 
-    sql = query("claim_batch").replace("%(worker_id)s", "'explain'").replace("%(limit)s", "50") \
-        .replace("%(lease_seconds)s", "60").replace("%(max_jobs)s", "16") \
-        .replace("%(lane_providers)s", "'{instant}'").replace("%(lane_key_aliases)s", "'{default}'")
+    sql = (
+        query("claim_batch")
+        .replace("%(worker_id)s", "'explain'")
+        .replace("%(limit)s", "50")
+        .replace("%(lease_seconds)s", "60")
+        .replace("%(max_jobs)s", "16")
+        .replace("%(lane_providers)s", "'{instant}'")
+        .replace("%(lane_key_aliases)s", "'{default}'")
+    )
     with conn.transaction():
         plan = "\n".join(r["QUERY PLAN"] for r in conn.execute("EXPLAIN (ANALYZE, BUFFERS) " + sql).fetchall())
         raise psycopg.Rollback()  # EXPLAIN ANALYZE really claimed rows; undo it
@@ -323,8 +367,11 @@ def test_claim_uses_the_claimable_index_on_a_large_backlog(dsn: str, conn: psyco
 def test_rows_must_be_inserted_queued(conn: psycopg.Connection, bad_status: str) -> None:
     job_id = make_job(conn, 0)
     with pytest.raises(psycopg.errors.CheckViolation, match="must be inserted as 'queued'"):
-        conn.execute("INSERT INTO batchdb.requests (job_id, custom_id, payload, status) "
-                     "VALUES (%s, 'x', '{\"prompt\": \"hi\"}', %s)", (job_id, bad_status))
+        conn.execute(
+            "INSERT INTO batchdb.requests (job_id, custom_id, payload, status) "
+            "VALUES (%s, 'x', '{\"prompt\": \"hi\"}', %s)",
+            (job_id, bad_status),
+        )
 
 
 def test_job_completion_is_announced_once_on_batchdb_events(dsn: str, conn: psycopg.Connection) -> None:
@@ -338,4 +385,5 @@ def test_job_completion_is_announced_once_on_batchdb_events(dsn: str, conn: psyc
         run(complete(dsn, [ok(r) for r in rows[1:]]))
         events = [json.loads(n.payload) for n in listener.notifies(timeout=1.0)]
     assert [(e["event"], e["job_id"], e["n_succeeded"], e["previous_status"]) for e in events] == [
-        ("job.completed", job_id, 3, "running")]
+        ("job.completed", job_id, 3, "running")
+    ]

@@ -35,8 +35,9 @@ def start_logged_workers(n: int, dsn: str, env: dict[str, str], log_dir: Path, *
 
 
 def headlines(n: int, words: int = 12) -> pd.DataFrame:
-    return pd.DataFrame({"text": [" ".join(f"word{(i * 7 + j) % 97}" for j in range(words)) + f" #{i}"
-                                  for i in range(n)]})
+    return pd.DataFrame(
+        {"text": [" ".join(f"word{(i * 7 + j) % 97}" for j in range(words)) + f" #{i}" for i in range(n)]}
+    )
 
 
 def per_second(stats: dict, field: str) -> list[int]:
@@ -47,7 +48,7 @@ def per_second(stats: dict, field: str) -> list[int]:
 
 
 def max_window(series: list[int], width: int = 60) -> int:
-    return max((sum(series[i:i + width]) for i in range(max(1, len(series) - width + 1))), default=0)
+    return max((sum(series[i : i + width]) for i in range(max(1, len(series) - width + 1))), default=0)
 
 
 @pytest.fixture
@@ -55,8 +56,11 @@ def sim_factory() -> Iterator:
     started: list[SimulatorProcess] = []
 
     def start(**config: object) -> SimulatorProcess:
-        defaults = {"seed": 5, "latency_s": Distribution(kind="uniform", low=0.2, high=1.0),
-                    "output_tokens": Distribution(kind="uniform", low=10, high=60)}
+        defaults = {
+            "seed": 5,
+            "latency_s": Distribution(kind="uniform", low=0.2, high=1.0),
+            "output_tokens": Distribution(kind="uniform", low=10, high=60),
+        }
         sim = start_simulator(SimulatorConfig(**{**defaults, **config}))  # type: ignore[arg-type]
         started.append(sim)
         return sim
@@ -70,13 +74,18 @@ def openai_env(sim: SimulatorProcess, key: str = "sk-test") -> dict[str, str]:
     return {"OPENAI_BASE_URL": sim.openai_base_url, "OPENAI_API_KEY": key}
 
 
-def test_four_workers_together_stay_inside_rpm_and_tpm(dsn: str, conn: psycopg.Connection, sim_factory,  # noqa: ANN001
-                                                       tmp_path: Path) -> None:
+def test_four_workers_together_stay_inside_rpm_and_tpm(
+    dsn: str,
+    conn: psycopg.Connection,
+    sim_factory,
+    tmp_path: Path,
+) -> None:
     sim = sim_factory(default_limits=Limits(rpm=600, tpm=60_000))
     ledger.set_limits(conn, LANE, rpm=600, tpm=60_000)
     # ~29 prompt tokens + max_tokens 80 = ~109 tokens a call: TPM binds at ~9.2 calls/s, RPM at 10.
-    job = batchdb.submit(headlines(640), prompt="Classify: {text}", model=MODEL, provider="openai",
-                         max_tokens=80, dsn=dsn)
+    job = batchdb.submit(
+        headlines(640), prompt="Classify: {text}", model=MODEL, provider="openai", max_tokens=80, dsn=dsn
+    )
     workers = start_logged_workers(4, dsn, openai_env(sim), tmp_path, "--concurrency", "16")
     try:
         final = job.wait(timeout=150)
@@ -95,12 +104,16 @@ def test_four_workers_together_stay_inside_rpm_and_tpm(dsn: str, conn: psycopg.C
     assert totals["rate_limited"] <= 0.005 * totals["requests"] + 1, totals
     # Counted from the simulator's first admitted call, not from its start: workers start late on a busy machine.
     first = next(t for t, n in enumerate(admitted) if n)
-    steady = sum(charged[first + 5:first + 65]) / 60_000
+    steady = sum(charged[first + 5 : first + 65]) / 60_000
     assert steady >= 0.90, f"used {steady:.1%} of TPM in seconds 5-65 after the first call (second {first})"
 
 
-def test_another_client_spending_half_the_key_behind_our_back(dsn: str, conn: psycopg.Connection, sim_factory,  # noqa: ANN001
-                                                               tmp_path: Path) -> None:
+def test_another_client_spending_half_the_key_behind_our_back(
+    dsn: str,
+    conn: psycopg.Connection,
+    sim_factory,
+    tmp_path: Path,
+) -> None:
     sim = sim_factory(default_limits=Limits(rpm=600))
     ledger.set_limits(conn, LANE, rpm=600)
     stop = threading.Event()
@@ -114,8 +127,9 @@ def test_another_client_spending_half_the_key_behind_our_back(dsn: str, conn: ps
 
             async def one() -> None:
                 try:
-                    await client.chat.completions.create(model=MODEL, max_tokens=20,
-                                                         messages=[{"role": "user", "content": "hi"}])
+                    await client.chat.completions.create(
+                        model=MODEL, max_tokens=20, messages=[{"role": "user", "content": "hi"}]
+                    )
                     rival["ok"] += 1
                     rival_answered.append(time.monotonic())
                 except openai.RateLimitError:
@@ -133,8 +147,9 @@ def test_another_client_spending_half_the_key_behind_our_back(dsn: str, conn: ps
 
     thread = threading.Thread(target=spend_half)
     thread.start()
-    job = batchdb.submit(headlines(2000), prompt="Classify: {text}", model=MODEL, provider="openai",
-                         max_tokens=20, dsn=dsn)
+    job = batchdb.submit(
+        headlines(2000), prompt="Classify: {text}", model=MODEL, provider="openai", max_tokens=20, dsn=dsn
+    )
     workers = start_logged_workers(2, dsn, openai_env(sim), tmp_path, "--concurrency", "16")
     window_s = 30.0
     try:
@@ -160,7 +175,8 @@ def test_another_client_spending_half_the_key_behind_our_back(dsn: str, conn: ps
         attempts, ours = c.execute(
             "SELECT coalesce(sum(attempts), 0), count(*) FILTER (WHERE status = 'succeeded' AND finished_at >= %s "
             "AND finished_at < %s) FROM batchdb.requests WHERE job_id = %s",
-            (window_start, window_end, job.id)).fetchone()
+            (window_start, window_end, job.id),
+        ).fetchone()
     our_rate = ours / (window_end - window_start).total_seconds()
     rival_rate = sum(1 for t in rival_answered if started <= t < ended) / (ended - started)
     # batchdb settled near what the other client left it of the key's 10 calls/s (about half) ...
@@ -173,12 +189,13 @@ def test_another_client_spending_half_the_key_behind_our_back(dsn: str, conn: ps
     assert pace < 0.9
 
 
-def test_outage_is_ridden_out_with_backoff(dsn: str, conn: psycopg.Connection, sim_factory, tmp_path: Path) -> None:  # noqa: ANN001
+def test_outage_is_ridden_out_with_backoff(dsn: str, conn: psycopg.Connection, sim_factory, tmp_path: Path) -> None:
     # The outage runs until the test ends it, 6 s after the workers first ran into it: timed from what
     # the workers saw, not from the simulator's start (workers start late on a busy machine).
     sim = sim_factory(latency_s=Distribution(kind="fixed", value=0.05), outage=Outage(start_s=0.0, duration_s=None))
-    job = batchdb.submit(headlines(400), prompt="{text}", model=MODEL, provider="openai", max_tokens=10,
-                         max_attempts=8, dsn=dsn)
+    job = batchdb.submit(
+        headlines(400), prompt="{text}", model=MODEL, provider="openai", max_tokens=10, max_attempts=8, dsn=dsn
+    )
     workers = start_logged_workers(2, dsn, openai_env(sim), tmp_path, "--concurrency", "8")
     try:
         deadline = time.monotonic() + 120
@@ -194,7 +211,7 @@ def test_outage_is_ridden_out_with_backoff(dsn: str, conn: psycopg.Connection, s
     assert final.n_retries > 0
 
 
-def test_insufficient_quota_pauses_the_job_without_spending_retries(dsn: str, sim_factory, tmp_path: Path) -> None:  # noqa: ANN001
+def test_insufficient_quota_pauses_the_job_without_spending_retries(dsn: str, sim_factory, tmp_path: Path) -> None:
     sim = sim_factory(quota_exhausted_keys=("sk-empty",))
     job = batchdb.submit(headlines(200), prompt="{text}", model=MODEL, provider="openai", max_tokens=10, dsn=dsn)
     workers = start_logged_workers(1, dsn, openai_env(sim, "sk-empty"), tmp_path, "--concurrency", "8")
@@ -204,19 +221,24 @@ def test_insufficient_quota_pauses_the_job_without_spending_retries(dsn: str, si
         workers.stop()
     assert final.status == "paused" and "insufficient_quota" in (final.status_reason or "")
     with psycopg.connect(dsn) as c:
-        spent = c.execute("SELECT sum(attempts), count(*) FILTER (WHERE status = 'queued') FROM batchdb.requests "
-                          "WHERE job_id = %s", (job.id,)).fetchone()
+        spent = c.execute(
+            "SELECT sum(attempts), count(*) FILTER (WHERE status = 'queued') FROM batchdb.requests WHERE job_id = %s",
+            (job.id,),
+        ).fetchone()
     assert spent == (0, 200)
     assert sim.stats(series=False)["totals"]["requests"] <= 8
 
 
-def test_gemini_daily_quota_pauses_the_job(dsn: str, sim_factory, tmp_path: Path) -> None:  # noqa: ANN001
-    sim = sim_factory(limits=(LimitRule(model="gemini-2.5-flash", rpd=5),),
-                      latency_s=Distribution(kind="fixed", value=0.01))
-    job = batchdb.submit(headlines(20), prompt="{text}", model="gemini-2.5-flash", provider="gemini",
-                         max_tokens=10, dsn=dsn)
-    workers = start_logged_workers(1, dsn, {"GEMINI_BASE_URL": sim.gemini_base_url, "GEMINI_API_KEY": "gm-test"},
-                                   tmp_path, "--concurrency", "1")
+def test_gemini_daily_quota_pauses_the_job(dsn: str, sim_factory, tmp_path: Path) -> None:
+    sim = sim_factory(
+        limits=(LimitRule(model="gemini-2.5-flash", rpd=5),), latency_s=Distribution(kind="fixed", value=0.01)
+    )
+    job = batchdb.submit(
+        headlines(20), prompt="{text}", model="gemini-2.5-flash", provider="gemini", max_tokens=10, dsn=dsn
+    )
+    workers = start_logged_workers(
+        1, dsn, {"GEMINI_BASE_URL": sim.gemini_base_url, "GEMINI_API_KEY": "gm-test"}, tmp_path, "--concurrency", "1"
+    )
     try:
         assert job.wait(timeout=60, until="paused").status == "paused"
     finally:
@@ -225,13 +247,18 @@ def test_gemini_daily_quota_pauses_the_job(dsn: str, sim_factory, tmp_path: Path
     assert final.status == "paused" and "daily" in (final.status_reason or "").lower(), final
     assert final.n_succeeded == 5
     with psycopg.connect(dsn) as c:
-        queued_attempts = c.execute("SELECT sum(attempts) FROM batchdb.requests WHERE job_id = %s "
-                                    "AND status = 'queued'", (job.id,)).fetchone()[0]
+        queued_attempts = c.execute(
+            "SELECT sum(attempts) FROM batchdb.requests WHERE job_id = %s AND status = 'queued'", (job.id,)
+        ).fetchone()[0]
     assert queued_attempts == 0
 
 
-def test_api_keys_never_reach_the_database_or_logs(dsn: str, conn: psycopg.Connection, sim_factory,  # noqa: ANN001
-                                                    tmp_path: Path) -> None:
+def test_api_keys_never_reach_the_database_or_logs(
+    dsn: str,
+    conn: psycopg.Connection,
+    sim_factory,
+    tmp_path: Path,
+) -> None:
     canary = "sk-CANARY-7f3a9b2c4d5e6f"
     good = sim_factory(latency_s=Distribution(kind="fixed", value=0.01))
     refusing = sim_factory(api_keys=("sk-only-this-one",))
@@ -241,11 +268,9 @@ def test_api_keys_never_reach_the_database_or_logs(dsn: str, conn: psycopg.Conne
         assert ok_job.wait(timeout=60).status == "completed"
     finally:
         workers.stop()
-    refused_job = batchdb.submit(headlines(5), prompt="{text}", model=MODEL, provider="openai", max_tokens=10,
-                                 dsn=dsn)
+    refused_job = batchdb.submit(headlines(5), prompt="{text}", model=MODEL, provider="openai", max_tokens=10, dsn=dsn)
     (tmp_path / "refused").mkdir()
-    workers2 = start_logged_workers(1, dsn, openai_env(refusing, canary), tmp_path / "refused",
-                                    "--concurrency", "1")
+    workers2 = start_logged_workers(1, dsn, openai_env(refusing, canary), tmp_path / "refused", "--concurrency", "1")
     try:
         # A refused key opens the lane's circuit: the job keeps running, waiting, with the refusal as its reason.
         deadline = time.monotonic() + 60
@@ -256,11 +281,16 @@ def test_api_keys_never_reach_the_database_or_logs(dsn: str, conn: psycopg.Conne
         workers2.stop()
     reason = refused.status_reason or ""
     assert refused.status == "running" and "401 invalid_api_key" in reason, reason
-    tables = [r["table_name"] for r in conn.execute(
-        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'batchdb'").fetchall()]
+    tables = [
+        r["table_name"]
+        for r in conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'batchdb'"
+        ).fetchall()
+    ]
     for table in tables:
         statement = sql.SQL("SELECT coalesce(string_agg(t::text, ' '), '') AS d FROM batchdb.{} t").format(
-            sql.Identifier(table))
+            sql.Identifier(table)
+        )
         dump = conn.execute(statement).fetchone()["d"]
         assert canary not in dump, table
         assert canary[:12] not in dump, table

@@ -27,12 +27,17 @@ def umask_022() -> Iterator[None]:
 
 def _submit(dsn: str, n: int = 3) -> batchdb.Job:
     frame = pd.DataFrame({"id": [f"x{i}" for i in range(n)], "headline": [f"h{i}" for i in range(n)]})
-    return batchdb.submit(frame, prompt="Rate: {headline}", id_column="id", model="gpt-4o-mini",
-                          provider="instant", dsn=dsn)
+    return batchdb.submit(
+        frame, prompt="Rate: {headline}", id_column="id", model="gpt-4o-mini", provider="instant", dsn=dsn
+    )
 
 
-def test_the_extension_picks_the_format_and_files_get_the_umask_mode(dsn: str, tmp_path: Path, drain,  # noqa: ANN001
-                                                                     umask_022: None) -> None:
+def test_the_extension_picks_the_format_and_files_get_the_umask_mode(
+    dsn: str,
+    tmp_path: Path,
+    drain,
+    umask_022: None,
+) -> None:
     job = _submit(dsn)
     drain()
     runner = CliRunner()
@@ -52,13 +57,15 @@ def test_the_extension_picks_the_format_and_files_get_the_umask_mode(dsn: str, t
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-def test_an_unknown_extension_is_refused_and_nothing_is_written(dsn: str, tmp_path: Path, drain) -> None:  # noqa: ANN001
+def test_an_unknown_extension_is_refused_and_nothing_is_written(dsn: str, tmp_path: Path, drain) -> None:
     job = _submit(dsn)
     drain()
     result = CliRunner().invoke(cli, ["results", str(job.id), "-o", str(tmp_path / "x.json")])
     assert result.exit_code == 1
-    assert result.output.strip() == ("Error: cannot write x.json: unknown extension '.json'; "
-                                     "name the file with one of .parquet, .pq, .csv, .jsonl, .ndjson")
+    assert result.output.strip() == (
+        "Error: cannot write x.json: unknown extension '.json'; "
+        "name the file with one of .parquet, .pq, .csv, .jsonl, .ndjson"
+    )
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(results.UnsupportedFormat):
         job.to_file(tmp_path / "x")
@@ -69,6 +76,7 @@ def test_exporting_an_unfinished_job_warns(dsn: str, tmp_path: Path) -> None:
     target = tmp_path / "partial.csv"
     result = CliRunner().invoke(cli, ["results", str(job.id), "-o", str(target)])
     assert result.exit_code == 0, result.output
-    assert result.stderr.strip() == (f"warning: job {job.id} is running (0/3 rows done): "
-                                     f"the file holds only the rows finished so far")
+    assert result.stderr.strip() == (
+        f"warning: job {job.id} is running (0/3 rows done): the file holds only the rows finished so far"
+    )
     assert list(pd.read_csv(target)["status"]) == ["queued"] * 3

@@ -35,10 +35,18 @@ def test_schema_file_and_migrations_build_the_same_database(dsn: str, from_schem
     written = comparable(from_schema_file)
     assert "CREATE TABLE batchdb.requests" in migrated and "INSERT INTO batchdb.prices" in migrated
     if written != migrated:
-        diff = "".join(difflib.unified_diff(written.splitlines(True), migrated.splitlines(True),
-                                            "built from sql/schema.sql", "built by the migrations", n=2))
-        pytest.fail("sql/schema.sql and the migrations disagree (update schema.sql; see tests/schema_dump.py):\n"
-                    + diff[:6000])
+        diff = "".join(
+            difflib.unified_diff(
+                written.splitlines(True),
+                migrated.splitlines(True),
+                "built from sql/schema.sql",
+                "built by the migrations",
+                n=2,
+            )
+        )
+        pytest.fail(
+            "sql/schema.sql and the migrations disagree (update schema.sql; see tests/schema_dump.py):\n" + diff[:6000]
+        )
 
 
 def test_the_comparison_sees_a_difference(dsn: str, from_schema_file: str) -> None:

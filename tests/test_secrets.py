@@ -83,11 +83,33 @@ MARKER = "CANARY"
 NEEDLES = (MARKER, *CANARIES.values(), *(key[-8:] for key in CANARIES.values()))
 
 # Everything that may hold a key or endpoint from the machine running the tests.
-_KEY_ENVS = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "AZURE_OPENAI_API_KEY", "AZURE_OPENAI_ENDPOINT", "GEMINI_API_KEY",
-             "GOOGLE_API_KEY", "GEMINI_BASE_URL", "BATCHDB_SECRETS_FILE", "BATCHDB_AZURE_API_VERSION")
+_KEY_ENVS = (
+    "OPENAI_API_KEY",
+    "OPENAI_BASE_URL",
+    "AZURE_OPENAI_API_KEY",
+    "AZURE_OPENAI_ENDPOINT",
+    "GEMINI_API_KEY",
+    "GOOGLE_API_KEY",
+    "GEMINI_BASE_URL",
+    "BATCHDB_SECRETS_FILE",
+    "BATCHDB_AZURE_API_VERSION",
+)
 # Loggers turned to DEBUG while a scenario runs (the root logger is too: every other logger inherits it).
-_LOGGERS = ("openai", "httpx", "httpx2", "httpcore", "google_genai", "google", "aiohttp", "asyncio", "psycopg",
-            "batchdb", "dagster", "streamlit", "urllib3")
+_LOGGERS = (
+    "openai",
+    "httpx",
+    "httpx2",
+    "httpcore",
+    "google_genai",
+    "google",
+    "aiohttp",
+    "asyncio",
+    "psycopg",
+    "batchdb",
+    "dagster",
+    "streamlit",
+    "urllib3",
+)
 FAST_RETRY = RetryPolicy(base_seconds=0.05, max_seconds=0.2)
 
 
@@ -103,7 +125,7 @@ def assert_no_key(where: str, text: str) -> None:
     found = leaks(text)
     if found:
         at = text.find(found[0])
-        raise AssertionError(f"API key material {found} in {where}: ...{text[max(0, at - 300):at + 200]!r}...")
+        raise AssertionError(f"API key material {found} in {where}: ...{text[max(0, at - 300) : at + 200]!r}...")
 
 
 def exception_text(exc: BaseException) -> str:
@@ -116,8 +138,12 @@ def exception_text(exc: BaseException) -> str:
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        parts += [str(current), repr(current), "".join(traceback.format_exception(current)),
-                  str(getattr(current, "message", ""))]
+        parts += [
+            str(current),
+            repr(current),
+            "".join(traceback.format_exception(current)),
+            str(getattr(current, "message", "")),
+        ]
         pending += [current.__cause__, current.__context__]
     return "\n".join(parts)
 
@@ -162,8 +188,11 @@ def captured_logs() -> Iterator[LogRecorder]:
     for name in _LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG)
     # Loggers that do not propagate to the root (streamlit's ...) get the recorder themselves.
-    detached = [lg for lg in list(logging.root.manager.loggerDict.values())
-                if isinstance(lg, logging.Logger) and not lg.propagate]
+    detached = [
+        lg
+        for lg in list(logging.root.manager.loggerDict.values())
+        if isinstance(lg, logging.Logger) and not lg.propagate
+    ]
     for lg in detached:
         lg.addHandler(recorder)
     try:
@@ -208,9 +237,13 @@ def test_the_scanner_finds_every_form_of_a_key_and_tolerates_the_providers_mask(
 
 @pytest.fixture(scope="module")
 def simulator() -> Iterator[SimulatorProcess]:
-    config = SimulatorConfig(seed=11, api_keys=ACCEPTED, latency_s=Distribution(kind="fixed", value=0.01),
-                             output_tokens=Distribution(kind="uniform", low=4, high=8),
-                             context_windows={OPENAI_MODEL: CONTEXT_WINDOW, GEMINI_MODEL: CONTEXT_WINDOW})
+    config = SimulatorConfig(
+        seed=11,
+        api_keys=ACCEPTED,
+        latency_s=Distribution(kind="fixed", value=0.01),
+        output_tokens=Distribution(kind="uniform", low=4, high=8),
+        context_windows={OPENAI_MODEL: CONTEXT_WINDOW, GEMINI_MODEL: CONTEXT_WINDOW},
+    )
     with start_simulator(config) as sim:
         yield sim
 
@@ -268,8 +301,16 @@ class Scenario:
 def run_jobs(dsn: str, sim: SimulatorProcess) -> dict[str, int]:
     def submit(name: str, data: pd.DataFrame, **options: Any) -> int:
         options.setdefault("model", OPENAI_MODEL)
-        return batchdb.submit(data, prompt="Classify: {text}", id_column="id", name=name, owner="secrets-test",
-                              max_tokens=10, dsn=dsn, **options).id
+        return batchdb.submit(
+            data,
+            prompt="Classify: {text}",
+            id_column="id",
+            name=name,
+            owner="secrets-test",
+            max_tokens=10,
+            dsn=dsn,
+            **options,
+        ).id
 
     jobs = {
         "openai-ok": submit("openai-ok", rows(6, tag="oa"), provider="openai"),
@@ -277,17 +318,21 @@ def run_jobs(dsn: str, sim: SimulatorProcess) -> dict[str, int]:
         "openai-refused-key": submit("openai-refused-key", rows(4, tag="ok"), provider="openai", key_alias="refused"),
         "azure-ok": submit("azure-ok", rows(4, tag="az"), provider="azure"),
         "gemini-ok": submit("gemini-ok", rows(4, 2, tag="gm"), provider="gemini", model=GEMINI_MODEL),
-        "gemini-refused-key": submit("gemini-refused-key", rows(4, tag="gk"), provider="gemini", model=GEMINI_MODEL,
-                                     key_alias="refused"),
+        "gemini-refused-key": submit(
+            "gemini-refused-key", rows(4, tag="gk"), provider="gemini", model=GEMINI_MODEL, key_alias="refused"
+        ),
     }
     with running_worker(dsn):
         settle(dsn, jobs)
     # Every call now answers 500 or drops the connection: with one attempt each, rows die.
     sim.set_config(error_rates=ErrorRates(http_500=0.5, connection_reset=0.5))
     try:
-        dead = {"openai-dead": submit("openai-dead", rows(4, tag="od"), provider="openai", max_attempts=1),
-                "gemini-dead": submit("gemini-dead", rows(4, tag="gd"), provider="gemini", model=GEMINI_MODEL,
-                                      max_attempts=1)}
+        dead = {
+            "openai-dead": submit("openai-dead", rows(4, tag="od"), provider="openai", max_attempts=1),
+            "gemini-dead": submit(
+                "gemini-dead", rows(4, tag="gd"), provider="gemini", model=GEMINI_MODEL, max_attempts=1
+            ),
+        }
         with running_worker(dsn):
             settle(dsn, dead)
         jobs.update(dead)
@@ -297,8 +342,13 @@ def run_jobs(dsn: str, sim: SimulatorProcess) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def scenario(admin_dsn: str, template_db: str, simulator: SimulatorProcess, key_env: None,
-             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
+def scenario(
+    admin_dsn: str,
+    template_db: str,
+    simulator: SimulatorProcess,
+    key_env: None,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Scenario]:
     name = f"batchdb_t_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(admin_dsn, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
@@ -353,7 +403,8 @@ def dump_database(conn: psycopg.Connection) -> dict[str, str]:
     dumps = {}
     for rel in relations:
         statement = sql.SQL("SELECT coalesce(string_agg(t::text, E'\\n'), '') AS d FROM {}.{} t").format(
-            sql.Identifier(rel["schema"]), sql.Identifier(rel["name"]))
+            sql.Identifier(rel["schema"]), sql.Identifier(rel["name"])
+        )
         dumps[f"{rel['schema']}.{rel['name']}"] = conn.execute(statement).fetchone()["d"]
     return dumps
 
@@ -366,14 +417,21 @@ def test_no_key_in_any_table_or_view(scenario: Scenario) -> None:
         # Not vacuous: the dump holds the rows, their errors and the jobs' reasons.
         assert {"batchdb.jobs", "batchdb.requests", "batchdb.job_progress", "batchdb.rate_limits"} <= set(dumps)
         everything = "\n".join(dumps.values())
-        for expected in ("openai-refused-key", "context_length_exceeded", "invalid_api_key", "refused the API key",
-                         "Acme oa3 shares"):
+        for expected in (
+            "openai-refused-key",
+            "context_length_exceeded",
+            "invalid_api_key",
+            "refused the API key",
+            "Acme oa3 shares",
+        ):
             assert expected in everything, expected
         # Self-check, rolled back: a key planted in a row's error is found, in the table and its views.
         with conn.transaction(force_rollback=True):
-            conn.execute("UPDATE batchdb.requests SET error = error || %s WHERE id = "
-                         "(SELECT min(id) FROM batchdb.requests WHERE error IS NOT NULL)",
-                         (f" Bearer {CANARIES['OPENAI_API_KEY']}",))
+            conn.execute(
+                "UPDATE batchdb.requests SET error = error || %s WHERE id = "
+                "(SELECT min(id) FROM batchdb.requests WHERE error IS NOT NULL)",
+                (f" Bearer {CANARIES['OPENAI_API_KEY']}",),
+            )
             planted = {rel for rel, text in dump_database(conn).items() if leaks(text)}
         assert "batchdb.requests" in planted, planted
 
@@ -417,17 +475,19 @@ async def adapter_failures(sim: SimulatorProcess) -> dict[str, ProviderError]:
         "openai, refused key": (lambda: build_provider("openai", key_alias="refused"), OPENAI_MODEL),
         "azure, refused key": (lambda: build_provider("azure", key_alias="refused"), OPENAI_MODEL),
         "gemini, refused key": (lambda: build_provider("gemini", key_alias="refused"), GEMINI_MODEL),
-        "openai, unreachable": (lambda: OpenAIProvider(api_key=ACCEPTED[0], base_url=f"{nowhere}/v1", timeout=5),
-                                OPENAI_MODEL),
-        "gemini, unreachable": (lambda: GeminiProvider(api_key=ACCEPTED[2], base_url=nowhere, timeout=5),
-                                GEMINI_MODEL),
+        "openai, unreachable": (
+            lambda: OpenAIProvider(api_key=ACCEPTED[0], base_url=f"{nowhere}/v1", timeout=5),
+            OPENAI_MODEL,
+        ),
+        "gemini, unreachable": (lambda: GeminiProvider(api_key=ACCEPTED[2], base_url=nowhere, timeout=5), GEMINI_MODEL),
     }
     raised: dict[str, ProviderError] = {}
     for what, (make, model) in clients.items():
         provider = make()
         try:
-            await provider.complete(ChatRequest(messages=[{"role": "user", "content": "hello"}], model=model,
-                                                max_tokens=5))
+            await provider.complete(
+                ChatRequest(messages=[{"role": "user", "content": "hello"}], model=model, max_tokens=5)
+            )
         except ProviderError as exc:
             raised[what] = exc
         finally:
@@ -435,13 +495,16 @@ async def adapter_failures(sim: SimulatorProcess) -> dict[str, ProviderError]:
     return raised
 
 
-def test_no_key_in_recorded_errors_or_raised_exceptions(scenario: Scenario, simulator: SimulatorProcess,
-                                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_key_in_recorded_errors_or_raised_exceptions(
+    scenario: Scenario, simulator: SimulatorProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # What the worker recorded: every row's error and every job's status reason.
     with psycopg.connect(scenario.dsn, row_factory=dict_row) as conn:
         errors = [r["error"] for r in conn.execute("SELECT error FROM batchdb.requests WHERE error IS NOT NULL")]
-        reasons = [r["status_reason"] for r in conn.execute(
-            "SELECT status_reason FROM batchdb.jobs WHERE status_reason IS NOT NULL")]
+        reasons = [
+            r["status_reason"]
+            for r in conn.execute("SELECT status_reason FROM batchdb.jobs WHERE status_reason IS NOT NULL")
+        ]
     assert len(errors) >= 13 and len(reasons) >= 2, (errors, reasons)
     for text in (*errors, *reasons):
         assert_no_key("a recorded error / status reason", text)
@@ -451,8 +514,13 @@ def test_no_key_in_recorded_errors_or_raised_exceptions(scenario: Scenario, simu
         raised = asyncio.run(adapter_failures(simulator))
     assert_no_key("the log records of those calls", logs.text())
     assert any(name.startswith("openai") for name in logs.loggers), logs.loggers
-    assert set(raised) == {"openai, refused key", "azure, refused key", "gemini, refused key", "openai, unreachable",
-                           "gemini, unreachable"}
+    assert set(raised) == {
+        "openai, refused key",
+        "azure, refused key",
+        "gemini, refused key",
+        "openai, unreachable",
+        "gemini, unreachable",
+    }
     for what, exc in raised.items():
         expected = ErrorKind.TRANSIENT if "unreachable" in what else ErrorKind.UNAVAILABLE
         assert exc.kind is expected, (what, exc.kind, exc.message)
@@ -520,8 +588,12 @@ def app_text(at: Any) -> str:
 
 
 def render_every_page(jobs: dict[str, int]) -> dict[str, str]:
-    pages = {"overview": render("views/overview.py"), "jobs": render("views/jobs.py"),
-             "providers": render("views/providers.py"), "cost": render("views/cost.py")}
+    pages = {
+        "overview": render("views/overview.py"),
+        "jobs": render("views/jobs.py"),
+        "providers": render("views/providers.py"),
+        "cost": render("views/cost.py"),
+    }
     for name, job_id in jobs.items():
         pages[f"job detail {name}"] = render("views/job_detail.py", job=str(job_id))
     return {name: app_text(at) for name, at in pages.items()}
@@ -545,19 +617,24 @@ def test_no_key_on_any_dashboard_page(scenario: Scenario) -> None:
     job_id = scenario.jobs["openai-rejected-rows"]
     with psycopg.connect(scenario.dsn, autocommit=True) as conn:
         before = conn.execute("SELECT name FROM batchdb.jobs WHERE id = %s", (job_id,)).fetchone()[0]
-        row = conn.execute("SELECT id, error FROM batchdb.requests WHERE job_id = %s AND error IS NOT NULL "
-                           "ORDER BY id LIMIT 1", (job_id,)).fetchone()
+        row = conn.execute(
+            "SELECT id, error FROM batchdb.requests WHERE job_id = %s AND error IS NOT NULL ORDER BY id LIMIT 1",
+            (job_id,),
+        ).fetchone()
         try:
             conn.execute("UPDATE batchdb.jobs SET name = name || %s WHERE id = %s", (f" {ACCEPTED[1]}", job_id))
             assert leaks(app_text(render("views/jobs.py")))
             conn.execute("UPDATE batchdb.jobs SET name = %s WHERE id = %s", (before, job_id))
-            conn.execute("UPDATE batchdb.requests SET error = error || %s WHERE job_id = %s AND id = %s",
-                         (f" key={ACCEPTED[2]}", job_id, row[0]))
+            conn.execute(
+                "UPDATE batchdb.requests SET error = error || %s WHERE job_id = %s AND id = %s",
+                (f" key={ACCEPTED[2]}", job_id, row[0]),
+            )
             assert ACCEPTED[2] in app_text(render("views/job_detail.py", job=str(job_id)))
         finally:
             conn.execute("UPDATE batchdb.jobs SET name = %s WHERE id = %s", (before, job_id))
-            conn.execute("UPDATE batchdb.requests SET error = %s WHERE job_id = %s AND id = %s",
-                         (row[1], job_id, row[0]))
+            conn.execute(
+                "UPDATE batchdb.requests SET error = %s WHERE job_id = %s AND id = %s", (row[1], job_id, row[0])
+            )
 
 
 # -- 5. Dagster -----------------------------------------------------------------------------------------
@@ -619,8 +696,12 @@ def dagster_texts(result: Any, instance: Any, home: Path) -> dict[str, str]:
         files.append(f"== {path}\n{text}")
         if path.suffix in (".out", ".err", ".complete") or "compute_logs" in path.parts:
             compute_logs.append(f"== {path}\n{text}")
-    return {"metadata": "\n".join(metadata), "event log": "\n".join(events), "instance files": "\n".join(files),
-            "captured compute logs": "\n".join(compute_logs)}
+    return {
+        "metadata": "\n".join(metadata),
+        "event log": "\n".join(events),
+        "instance files": "\n".join(files),
+        "captured compute logs": "\n".join(compute_logs),
+    }
 
 
 def refused_key_resource() -> type:
@@ -653,22 +734,39 @@ def test_no_key_in_dagster_metadata_event_log_or_captured_logs(dsn: str, key_env
         print("items for day-1")  # something on stdout for the compute-log capture
         return rows(5, 2, tag="dg")
 
-    answers = llm_batch_asset(name="answers", source=items, model=OPENAI_MODEL, prompt="Classify: {text}",
-                              id_column="id", max_tokens=10)
-    refused = llm_batch_asset(name="refused_answers", source=items, model=OPENAI_MODEL, prompt="Classify: {text}",
-                              id_column="id", max_tokens=10, key_alias="refused", resource_key="batchdb_refused")
+    answers = llm_batch_asset(
+        name="answers", source=items, model=OPENAI_MODEL, prompt="Classify: {text}", id_column="id", max_tokens=10
+    )
+    refused = llm_batch_asset(
+        name="refused_answers",
+        source=items,
+        model=OPENAI_MODEL,
+        prompt="Classify: {text}",
+        id_column="id",
+        max_tokens=10,
+        key_alias="refused",
+        resource_key="batchdb_refused",
+    )
     home = tmp_path / "dagster_home"
     home.mkdir()
     managed = ["batchdb", "openai", "httpx2", "httpx", "google_genai"]
     instance = dg.DagsterInstance.local_temp(
-        str(home), overrides={"python_logs": {"managed_python_loggers": managed, "python_log_level": "DEBUG"}})
+        str(home), overrides={"python_logs": {"managed_python_loggers": managed, "python_log_level": "DEBUG"}}
+    )
     output_root = tmp_path / "out"
-    resources = {"batchdb": BatchDBResource(dsn=dsn, output_root=str(output_root), poll_interval=0.1, timeout=60),
-                 "batchdb_refused": RefusedKeyResource(dsn=dsn, output_root=str(output_root), poll_interval=0.1)}
+    resources = {
+        "batchdb": BatchDBResource(dsn=dsn, output_root=str(output_root), poll_interval=0.1, timeout=60),
+        "batchdb_refused": RefusedKeyResource(dsn=dsn, output_root=str(output_root), poll_interval=0.1),
+    }
     try:
         with captured_logs() as logs, running_worker(dsn):
-            result = dg.materialize([items, answers, refused], partition_key="day-1", instance=instance,
-                                    resources=resources, raise_on_error=False)
+            result = dg.materialize(
+                [items, answers, refused],
+                partition_key="day-1",
+                instance=instance,
+                resources=resources,
+                raise_on_error=False,
+            )
 
         # What happened: one asset materialized with rows the provider rejected; the other's job waited
         # for its provider (the key refused) until the resource's timeout.
@@ -699,7 +797,7 @@ def test_no_key_in_dagster_metadata_event_log_or_captured_logs(dsn: str, key_env
         planted = ACCEPTED[0]
 
         @dg.asset
-        def leaky(context):  # noqa: ANN001, ANN202 - annotations would be unresolvable strings here
+        def leaky(context):  # noqa: ANN202 - annotations would be unresolvable strings here
             context.log.info(f"context log {planted}")
             logging.getLogger("batchdb.workers.worker").warning("python log %s", planted)
             print(f"stdout {planted}")

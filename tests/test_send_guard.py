@@ -24,17 +24,20 @@ from batchdb.workers.worker import Worker, WorkerConfig
 
 def slow_key_job(conn: psycopg.Connection, dsn: str, rows: int, rpm: int = 60) -> batchdb.Job:
     """A job on a key the ledger paces at `rpm` (60: one call a second), so claimed rows wait in the pacer."""
-    conn.execute("INSERT INTO batchdb.rate_limits (provider, key_alias, model, rpm, tpm) "
-                 "VALUES ('openai', 'default', 'gpt-4o-mini', %s, 10000000)", (rpm,))
+    conn.execute(
+        "INSERT INTO batchdb.rate_limits (provider, key_alias, model, rpm, tpm) "
+        "VALUES ('openai', 'default', 'gpt-4o-mini', %s, 10000000)",
+        (rpm,),
+    )
     frame = pd.DataFrame({"text": [f"headline {i}" for i in range(rows)]})
     return batchdb.submit(frame, prompt="{text}", model="gpt-4o-mini", provider="openai", max_tokens=8, dsn=dsn)
 
 
-def calls(sim) -> int:  # noqa: ANN001
+def calls(sim) -> int:
     return int(sim.stats(series=False)["totals"]["requests"])
 
 
-def openai_worker(dsn: str, sim, **config: object) -> Worker:  # noqa: ANN001
+def openai_worker(dsn: str, sim, **config: object) -> Worker:
     provider = OpenAIProvider(api_key="sk-test", base_url=sim.openai_base_url, timeout=30)
     settings = {"concurrency": 20, "poll_interval": 0.2, "retry": RetryPolicy(0.05, 0.2), "notifier": None, **config}
     return Worker(WorkerConfig(dsn=dsn, **settings), providers={"openai": provider})  # type: ignore[arg-type]
@@ -47,7 +50,7 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 60.0) -> None
         await asyncio.sleep(0.05)
 
 
-def test_cancel_stops_the_sends_of_claimed_rows_on_a_slow_key(conn: psycopg.Connection, dsn: str, simulator) -> None:  # noqa: ANN001
+def test_cancel_stops_the_sends_of_claimed_rows_on_a_slow_key(conn: psycopg.Connection, dsn: str, simulator) -> None:
     sim = simulator()
     job = slow_key_job(conn, dsn, rows=15)
 
@@ -73,8 +76,9 @@ def test_cancel_stops_the_sends_of_claimed_rows_on_a_slow_key(conn: psycopg.Conn
     assert after - before <= 1, f"{after - before} call(s) reached the provider after the cancel"
 
 
-def test_worker_stalled_past_its_lease_sends_nothing_for_reclaimed_rows(conn: psycopg.Connection, dsn: str,
-                                                                        simulator) -> None:  # noqa: ANN001
+def test_worker_stalled_past_its_lease_sends_nothing_for_reclaimed_rows(
+    conn: psycopg.Connection, dsn: str, simulator
+) -> None:
     sim = simulator()
     job = slow_key_job(conn, dsn, rows=10)
     lease = 3.0
@@ -83,19 +87,30 @@ def test_worker_stalled_past_its_lease_sends_nothing_for_reclaimed_rows(conn: ps
         """Runs on the worker's event loop and blocks it, as SIGSTOP would: nothing of the worker runs."""
         with psycopg.connect(dsn, autocommit=True) as c:
             deadline = time.monotonic() + 60
-            while c.execute("SELECT count(*) FROM batchdb.requests WHERE status = 'running' "
-                            "AND lease_expires_at >= clock_timestamp()").fetchone()[0]:
+            while c.execute(
+                "SELECT count(*) FROM batchdb.requests WHERE status = 'running' "
+                "AND lease_expires_at >= clock_timestamp()"
+            ).fetchone()[0]:
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
             reclaimed = c.execute(query("reclaim_expired"), {"limit": 1000}).rowcount
-            taken = c.execute(query("claim_batch"), {
-                "worker_id": "other", "limit": 100, "lease_seconds": 600, "max_jobs": 16,
-                "lane_providers": None, "lane_key_aliases": None}).rowcount
+            taken = c.execute(
+                query("claim_batch"),
+                {
+                    "worker_id": "other",
+                    "limit": 100,
+                    "lease_seconds": 600,
+                    "max_jobs": 16,
+                    "lane_providers": None,
+                    "lane_key_aliases": None,
+                },
+            ).rowcount
         return reclaimed, taken
 
     async def scenario() -> tuple[int, int, int, int]:
-        worker = openai_worker(dsn, sim, concurrency=10, lease_seconds=lease, heartbeat_interval=1.0,
-                               reclaim_interval=1.0)
+        worker = openai_worker(
+            dsn, sim, concurrency=10, lease_seconds=lease, heartbeat_interval=1.0, reclaim_interval=1.0
+        )
         task = asyncio.create_task(worker.run())
         try:
             await wait_for(lambda: calls(sim) >= 1 and len(worker._held) >= 8)
@@ -111,18 +126,22 @@ def test_worker_stalled_past_its_lease_sends_nothing_for_reclaimed_rows(conn: ps
     assert reclaimed >= 8 and taken == reclaimed
     assert after == before, f"{after - before} call(s) sent for rows another worker had reclaimed"
     # The rows are the other worker's, untouched: still running under its lease, one attempt more.
-    rows = conn.execute("SELECT status, lease_owner FROM batchdb.requests WHERE job_id = %s AND lease_owner = 'other'",
-                        (job.id,)).fetchall()
+    rows = conn.execute(
+        "SELECT status, lease_owner FROM batchdb.requests WHERE job_id = %s AND lease_owner = 'other'", (job.id,)
+    ).fetchall()
     assert len(rows) == taken and {r["status"] for r in rows} == {"running"}
 
 
 @pytest.mark.parametrize("forged", [True, False])
-def test_job_status_comes_from_the_database_not_the_notify_payload(conn: psycopg.Connection, dsn: str,
-                                                                  forged: bool) -> None:
-    job_id = conn.execute("INSERT INTO batchdb.jobs (model, provider) VALUES ('m', 'instant') RETURNING id"
-                          ).fetchone()["id"]
-    conn.execute("INSERT INTO batchdb.requests (job_id, custom_id, payload) VALUES (%s, 'a', '{\"prompt\": \"x\"}')",
-                 (job_id,))
+def test_job_status_comes_from_the_database_not_the_notify_payload(
+    conn: psycopg.Connection, dsn: str, forged: bool
+) -> None:
+    job_id = conn.execute("INSERT INTO batchdb.jobs (model, provider) VALUES ('m', 'instant') RETURNING id").fetchone()[
+        "id"
+    ]
+    conn.execute(
+        "INSERT INTO batchdb.requests (job_id, custom_id, payload) VALUES (%s, 'a', '{\"prompt\": \"x\"}')", (job_id,)
+    )
     row = ClaimedRequest(job_id, 1, "a", None, None, 1, 5, 1)
 
     async def scenario() -> str | None:
@@ -135,8 +154,11 @@ def test_job_status_comes_from_the_database_not_the_notify_payload(conn: psycopg
         await asyncio.sleep(0)
         with psycopg.connect(dsn, autocommit=True) as c:
             if forged:
-                c.execute("SELECT pg_notify('batchdb_events', json_build_object('job_id', %s::bigint, "
-                          "'status', 'cancelled')::text)", (job_id,))
+                c.execute(
+                    "SELECT pg_notify('batchdb_events', json_build_object('job_id', %s::bigint, "
+                    "'status', 'cancelled')::text)",
+                    (job_id,),
+                )
             else:
                 c.execute("SELECT batchdb.cancel_job(%s)", (job_id,))
         try:

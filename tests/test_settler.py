@@ -50,18 +50,21 @@ def failed_with(error: ProviderError) -> ProviderError:
         return exc
 
 
-@pytest.mark.parametrize(("error", "back"), [
-    (ProviderError(ErrorKind.PERMANENT, "context_length_exceeded", status_code=400), 1000),
-    (ProviderError(ErrorKind.QUOTA_EXHAUSTED, "invalid key", status_code=401), 1000),
-    (ProviderError(ErrorKind.QUOTA_EXHAUSTED, "forbidden", status_code=403), 1000),
-    (ProviderError(ErrorKind.PERMANENT, "model not found", status_code=404), 1000),
-    (ProviderError(ErrorKind.PERMANENT, "request too large", status_code=413), 1000),
-    (ProviderError(ErrorKind.RATE_LIMITED, "rate limited", status_code=429), 0),
-    (ProviderError(ErrorKind.TRANSIENT, "server error", status_code=500), 0),
-    (ProviderError(ErrorKind.TRANSIENT, "overloaded", status_code=503), 0),
-    (ProviderError(ErrorKind.TRANSIENT, "no answer within 120s"), 0),
-    (TimeoutError(), 0),
-])
+@pytest.mark.parametrize(
+    ("error", "back"),
+    [
+        (ProviderError(ErrorKind.PERMANENT, "context_length_exceeded", status_code=400), 1000),
+        (ProviderError(ErrorKind.QUOTA_EXHAUSTED, "invalid key", status_code=401), 1000),
+        (ProviderError(ErrorKind.QUOTA_EXHAUSTED, "forbidden", status_code=403), 1000),
+        (ProviderError(ErrorKind.PERMANENT, "model not found", status_code=404), 1000),
+        (ProviderError(ErrorKind.PERMANENT, "request too large", status_code=413), 1000),
+        (ProviderError(ErrorKind.RATE_LIMITED, "rate limited", status_code=429), 0),
+        (ProviderError(ErrorKind.TRANSIENT, "server error", status_code=500), 0),
+        (ProviderError(ErrorKind.TRANSIENT, "overloaded", status_code=503), 0),
+        (ProviderError(ErrorKind.TRANSIENT, "no answer within 120s"), 0),
+        (TimeoutError(), 0),
+    ],
+)
 def test_what_a_failed_call_gives_back(error: BaseException, back: int) -> None:
     assert tokens_to_give_back(error, 1000) == back
 
@@ -92,8 +95,10 @@ def test_the_real_sdk_shows_a_refused_connection_as_never_sent() -> None:
 
 
 def test_settle_capacity_gives_back_up_to_the_burst_and_takes_without_floor(dsn: str, conn: psycopg.Connection) -> None:
-    conn.execute("INSERT INTO batchdb.rate_limits (provider, model, rpm, tpm, token_credit, refilled_at) "
-                 "VALUES ('instant', 'gpt-4o-mini', 600, 6000, -20000, clock_timestamp())")
+    conn.execute(
+        "INSERT INTO batchdb.rate_limits (provider, model, rpm, tpm, token_credit, refilled_at) "
+        "VALUES ('instant', 'gpt-4o-mini', 600, 6000, -20000, clock_timestamp())"
+    )
 
     async def settle(tokens: int) -> None:
         settler = Settler(Reconnecting(dsn, name="settle-test"))
@@ -134,41 +139,61 @@ class FailingProvider:
 def run_big_row(dsn: str, conn: psycopg.Connection, error: ProviderError) -> tuple[float, int]:
     """One ~20k-token row on a 6,000 TPM lane whose call fails with `error`: the lane's token credit as the
     ledger last wrote it (reservation or settlement) and its tokens granted."""
-    conn.execute("INSERT INTO batchdb.rate_limits (provider, model, rpm, tpm) "
-                 "VALUES ('instant', 'gpt-4o-mini', 600, 6000)")
-    batchdb.submit(pd.DataFrame({"text": [BIG]}), prompt="{text}", model="gpt-4o-mini", provider="instant",
-                   max_tokens=10, max_attempts=1, dsn=dsn)
+    conn.execute(
+        "INSERT INTO batchdb.rate_limits (provider, model, rpm, tpm) VALUES ('instant', 'gpt-4o-mini', 600, 6000)"
+    )
+    batchdb.submit(
+        pd.DataFrame({"text": [BIG]}),
+        prompt="{text}",
+        model="gpt-4o-mini",
+        provider="instant",
+        max_tokens=10,
+        max_attempts=1,
+        dsn=dsn,
+    )
     provider = FailingProvider(error)
-    worker = Worker(WorkerConfig(dsn=dsn, concurrency=2, exit_when_idle=True, poll_interval=0.3,
-                                 retry=RetryPolicy(0.05, 0.2)), providers={"instant": provider})  # type: ignore[dict-item]
+    worker = Worker(
+        WorkerConfig(dsn=dsn, concurrency=2, exit_when_idle=True, poll_interval=0.3, retry=RetryPolicy(0.05, 0.2)),
+        providers={"instant": provider},
+    )  # type: ignore[dict-item]
     asyncio.run(worker.run())
     assert provider.calls["big"] == 1
     row = conn.execute("SELECT token_credit, tokens_granted FROM batchdb.rate_limits").fetchone()
     return float(row["token_credit"]), row["tokens_granted"]
 
 
-@pytest.mark.parametrize("error", [
-    ProviderError(ErrorKind.PERMANENT, "BadRequestError (context_length_exceeded): too long", status_code=400),
-    ProviderError(ErrorKind.QUOTA_EXHAUSTED, "AuthenticationError: invalid key", status_code=401),
-    ProviderError(ErrorKind.PERMANENT, "NotFoundError: no such model", status_code=404),
-    ProviderError(ErrorKind.PERMANENT, "request entity too large", status_code=413),
-    refused_before_sending(),
-], ids=["400-context-length", "401", "404", "413", "connection-refused"])
-def test_a_call_refused_without_running_gives_its_tokens_back(dsn: str, conn: psycopg.Connection,
-                                                             error: ProviderError) -> None:
+@pytest.mark.parametrize(
+    "error",
+    [
+        ProviderError(ErrorKind.PERMANENT, "BadRequestError (context_length_exceeded): too long", status_code=400),
+        ProviderError(ErrorKind.QUOTA_EXHAUSTED, "AuthenticationError: invalid key", status_code=401),
+        ProviderError(ErrorKind.PERMANENT, "NotFoundError: no such model", status_code=404),
+        ProviderError(ErrorKind.PERMANENT, "request entity too large", status_code=413),
+        refused_before_sending(),
+    ],
+    ids=["400-context-length", "401", "404", "413", "connection-refused"],
+)
+def test_a_call_refused_without_running_gives_its_tokens_back(
+    dsn: str, conn: psycopg.Connection, error: ProviderError
+) -> None:
     credit, granted = run_big_row(dsn, conn, error)
     # Without the give-back the lane sat ~20,000 tokens in debt (200 s of refill at this TPM).
     assert credit > -1000, credit
     assert granted < 1000  # the ledger's total no longer counts the refused call
 
 
-@pytest.mark.parametrize("error", [
-    ProviderError(ErrorKind.TRANSIENT, "InternalServerError: boom", status_code=500),
-    ProviderError(ErrorKind.TRANSIENT, "ServiceUnavailable", status_code=503),
-    ProviderError(ErrorKind.RATE_LIMITED, "RateLimitError", status_code=429, retry_after=0.1),
-], ids=["500", "503", "429"])
-def test_a_call_the_provider_admitted_keeps_its_charge(dsn: str, conn: psycopg.Connection,
-                                                      error: ProviderError) -> None:
+@pytest.mark.parametrize(
+    "error",
+    [
+        ProviderError(ErrorKind.TRANSIENT, "InternalServerError: boom", status_code=500),
+        ProviderError(ErrorKind.TRANSIENT, "ServiceUnavailable", status_code=503),
+        ProviderError(ErrorKind.RATE_LIMITED, "RateLimitError", status_code=429, retry_after=0.1),
+    ],
+    ids=["500", "503", "429"],
+)
+def test_a_call_the_provider_admitted_keeps_its_charge(
+    dsn: str, conn: psycopg.Connection, error: ProviderError
+) -> None:
     credit, _ = run_big_row(dsn, conn, error)
     assert credit < -10_000, credit  # counted on arrival, as the providers do
 
@@ -186,28 +211,40 @@ def small_window_simulator() -> Iterator[SimulatorProcess]:
 
 @pytest.mark.slow
 def test_one_refused_huge_row_does_not_freeze_its_key_or_starve_another_model(
-        dsn: str, conn: psycopg.Connection, small_window_simulator: SimulatorProcess,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    dsn: str, conn: psycopg.Connection, small_window_simulator: SimulatorProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("OPENAI_BASE_URL", small_window_simulator.openai_base_url)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     # 120,000 TPM: 1,980 tokens/s; the ~50,000-token row would leave the lane ~48,000 in debt (~25 s).
-    conn.execute("INSERT INTO batchdb.rate_limits (provider, model, rpm, tpm) "
-                 "VALUES ('openai', 'gpt-4o-mini', 6000, 120000)")
+    conn.execute(
+        "INSERT INTO batchdb.rate_limits (provider, model, rpm, tpm) VALUES ('openai', 'gpt-4o-mini', 6000, 120000)"
+    )
     huge = " ".join(f"word{i % 50} lorem" for i in range(25_000))
-    mini = batchdb.submit(pd.DataFrame({"text": [huge] + [f"row {i}" for i in range(20)]}), prompt="{text}",
-                          model="gpt-4o-mini", max_tokens=20, dsn=dsn)
-    other = batchdb.submit(pd.DataFrame({"text": [f"other {i}" for i in range(20)]}), prompt="{text}",
-                           model="gpt-4.1-mini", max_tokens=20, dsn=dsn)
+    mini = batchdb.submit(
+        pd.DataFrame({"text": [huge] + [f"row {i}" for i in range(20)]}),
+        prompt="{text}",
+        model="gpt-4o-mini",
+        max_tokens=20,
+        dsn=dsn,
+    )
+    other = batchdb.submit(
+        pd.DataFrame({"text": [f"other {i}" for i in range(20)]}),
+        prompt="{text}",
+        model="gpt-4.1-mini",
+        max_tokens=20,
+        dsn=dsn,
+    )
     started = conn.execute("SELECT clock_timestamp() AS t").fetchone()["t"]
-    worker = Worker(WorkerConfig(dsn=dsn, concurrency=4, exit_when_idle=True, poll_interval=0.3,
-                                 retry=RetryPolicy(0.05, 0.2)))
+    worker = Worker(
+        WorkerConfig(dsn=dsn, concurrency=4, exit_when_idle=True, poll_interval=0.3, retry=RetryPolicy(0.05, 0.2))
+    )
     asyncio.run(worker.run())
-    jobs = {r["id"]: r for r in conn.execute(
-        "SELECT id, n_succeeded, n_failed, finished_at FROM batchdb.jobs")}
+    jobs = {r["id"]: r for r in conn.execute("SELECT id, n_succeeded, n_failed, finished_at FROM batchdb.jobs")}
     assert (jobs[mini.id]["n_succeeded"], jobs[mini.id]["n_failed"]) == (20, 1)
     assert jobs[other.id]["n_succeeded"] == 20
-    error = conn.execute("SELECT error FROM batchdb.requests WHERE job_id = %s AND status = 'failed'",
-                         (mini.id,)).fetchone()["error"]
+    error = conn.execute(
+        "SELECT error FROM batchdb.requests WHERE job_id = %s AND status = 'failed'", (mini.id,)
+    ).fetchone()["error"]
     assert "context_length_exceeded" in error
     # The refused row's ~50,000 tokens came back: neither job waited the ~25 s a debt of that size
     # takes to refill (measured in database time), and the lane is not in debt.

@@ -52,8 +52,7 @@ class HeldProvider:
     async def complete(self, request: ChatRequest) -> ChatResponse:
         self.entered += 1
         await self.release.wait()
-        return ChatResponse(text="ok", finish_reason="stop", prompt_tokens=5, completion_tokens=2,
-                            model=request.model)
+        return ChatResponse(text="ok", finish_reason="stop", prompt_tokens=5, completion_tokens=2, model=request.model)
 
     async def aclose(self) -> None:
         return None
@@ -65,8 +64,12 @@ def submit(dsn: str, n: int, model: str) -> batchdb.Job:
 
 
 def rows_of(conn: psycopg.Connection, job: batchdb.Job) -> list[tuple[str, int]]:
-    return [(r["status"], r["attempts"]) for r in conn.execute(
-        "SELECT status, attempts FROM batchdb.requests WHERE job_id = %s ORDER BY id", (job.id,)).fetchall()]
+    return [
+        (r["status"], r["attempts"])
+        for r in conn.execute(
+            "SELECT status, attempts FROM batchdb.requests WHERE job_id = %s ORDER BY id", (job.id,)
+        ).fetchall()
+    ]
 
 
 # -- the Shutdown state --------------------------------------------------------------------------
@@ -79,13 +82,13 @@ def test_shutdown_cuts_sleeps_short_and_gives_up_on_the_database_after_its_patie
         sleeper = asyncio.create_task(shutdown.sleep(3600))
         await asyncio.sleep(0)
         shutdown.request()
-        await asyncio.wait_for(sleeper, 10)          # a stop wakes a sleeping loop
-        assert shutdown.may_retry_database()          # warm: a database blip may still heal
+        await asyncio.wait_for(sleeper, 10)  # a stop wakes a sleeping loop
+        assert shutdown.may_retry_database()  # warm: a database blip may still heal
         sleeper = asyncio.create_task(shutdown.sleep(3600))
         await asyncio.sleep(0)
         shutdown.request(cold=True)
-        await asyncio.wait_for(sleeper, 10)          # turning cold wakes it again
-        assert not shutdown.may_retry_database()      # cold: never wait for the database
+        await asyncio.wait_for(sleeper, 10)  # turning cold wakes it again
+        assert not shutdown.may_retry_database()  # cold: never wait for the database
 
     asyncio.run(scenario())
     expired = Shutdown(patience=0)
@@ -116,7 +119,8 @@ def test_reconnecting_gives_up_on_an_unreachable_database_once_stopping(dsn: str
 
 
 def test_stop_hands_back_rows_waiting_in_the_pacer_at_once_and_waits_only_for_sent_calls(
-        dsn: str, conn: psycopg.Connection, caplog: pytest.LogCaptureFixture) -> None:
+    dsn: str, conn: psycopg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
     # One request per minute on the 'paced' lane: its rows wait in the pacer; the 'open' lane has no limit.
     with psycopg.connect(dsn, autocommit=True) as c:
         ledger.set_limits(c, ledger.Lane("instant", "default", "paced"), rpm=1)
@@ -126,18 +130,24 @@ def test_stop_hands_back_rows_waiting_in_the_pacer_at_once_and_waits_only_for_se
     caplog.set_level(logging.INFO, logger="batchdb.workers")
 
     async def scenario() -> None:
-        worker = Worker(WorkerConfig(dsn=dsn, concurrency=8, poll_interval=0.2, shutdown_grace=120),
-                        providers={"instant": provider})  # type: ignore[dict-item]
+        worker = Worker(
+            WorkerConfig(dsn=dsn, concurrency=8, poll_interval=0.2, shutdown_grace=120), providers={"instant": provider}
+        )  # type: ignore[dict-item]
         run = asyncio.create_task(worker.run())
         # Every row is claimed; the open lane's calls (and maybe one paced call) are at the provider.
-        await asyncio.to_thread(wait_until, lambda: len(worker._held) == 8 and provider.entered >= 2,
-                                what="8 rows held and the open lane's calls sent")
+        await asyncio.to_thread(
+            wait_until,
+            lambda: len(worker._held) == 8 and provider.entered >= 2,
+            what="8 rows held and the open lane's calls sent",
+        )
         n_sent = provider.entered
         worker.stop()
         # The calls that went out are still unanswered, yet the unsent rows are back in the queue.
         await asyncio.to_thread(
-            wait_until, lambda: sum(s == "queued" for s, _ in rows_of(conn, paced)) == 8 - n_sent,
-            what="the unsent rows handed back")
+            wait_until,
+            lambda: sum(s == "queued" for s, _ in rows_of(conn, paced)) == 8 - n_sent,
+            what="the unsent rows handed back",
+        )
         assert not run.done() and provider.entered == n_sent
         provider.release.set()
         await asyncio.wait_for(run, 60)
@@ -262,8 +272,9 @@ def exits_cleanly_on_a_signal_while_reconnecting(workers: WorkerProcesses, sig: 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_worker_whose_database_is_unreachable_at_start_exits_on_a_signal(dsn: str, sig: signal.Signals,
-                                                                          tmp_path: Path) -> None:
+def test_worker_whose_database_is_unreachable_at_start_exits_on_a_signal(
+    dsn: str, sig: signal.Signals, tmp_path: Path
+) -> None:
     nowhere = make_conninfo(dsn, host="127.0.0.1", port=closed_port())
     with WorkerProcesses(nowhere, log_dir=tmp_path, grace=5) as workers:
         workers.start()
@@ -272,15 +283,17 @@ def test_worker_whose_database_is_unreachable_at_start_exits_on_a_signal(dsn: st
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_worker_whose_database_goes_away_exits_on_a_signal(dsn: str, conn: psycopg.Connection, sig: signal.Signals,
-                                                           tmp_path: Path) -> None:
+def test_worker_whose_database_goes_away_exits_on_a_signal(
+    dsn: str, conn: psycopg.Connection, sig: signal.Signals, tmp_path: Path
+) -> None:
     proxy = TcpProxy(conn.info.host, conn.info.port)
     with psycopg.connect(dsn, autocommit=True) as c:
         ledger.set_limits(c, ledger.Lane("instant", "default", "paced"), rpm=1)
     job = submit(dsn, 8, "paced")
     try:
-        with WorkerProcesses(make_conninfo(dsn, host="127.0.0.1", port=proxy.port), log_dir=tmp_path,
-                             grace=5) as workers:
+        with WorkerProcesses(
+            make_conninfo(dsn, host="127.0.0.1", port=proxy.port), log_dir=tmp_path, grace=5
+        ) as workers:
             workers.start()
             # Rows held, waiting for capacity on the 1-RPM lane.
             wait_until(lambda: job.status().n_running == 8, what="8 rows claimed")
@@ -309,8 +322,7 @@ class SilentProvider(Listener):
 
 
 @pytest.mark.slow
-def test_a_second_sigint_hands_back_every_held_row_at_once(dsn: str, conn: psycopg.Connection,
-                                                           tmp_path: Path) -> None:
+def test_a_second_sigint_hands_back_every_held_row_at_once(dsn: str, conn: psycopg.Connection, tmp_path: Path) -> None:
     frame = pd.DataFrame({"text": [f"headline {i}" for i in range(8)]})
     job = batchdb.submit(frame, prompt="{text}", model="gpt-4o-mini", provider="openai", dsn=dsn)
     provider = SilentProvider()
@@ -330,6 +342,7 @@ def test_a_second_sigint_hands_back_every_held_row_at_once(dsn: str, conn: psyco
     assert code == 0, workers.log_text()
     assert "cold shutdown" in workers.log_text()
     # Every row is back in the queue, no attempt spent, no lease left.
-    held = conn.execute("SELECT status, attempts, lease_owner FROM batchdb.requests WHERE job_id = %s",
-                        (job.id,)).fetchall()
+    held = conn.execute(
+        "SELECT status, attempts, lease_owner FROM batchdb.requests WHERE job_id = %s", (job.id,)
+    ).fetchall()
     assert [(r["status"], r["attempts"], r["lease_owner"]) for r in held] == [("queued", 0, None)] * 8

@@ -14,13 +14,15 @@ import pytest
 import batchdb
 from batchdb import InputError
 
-HEADLINES = pd.DataFrame({
-    "id": ["a1", "b2", "c3", "d4"],
-    "headline": ["Acme beats estimates", "Globex fined", "Initech flat", "Umbrella recalls, \"again\"\nsecond line"],
-    "day": pd.to_datetime(["2026-01-02", "2026-01-03", "2026-01-04", "2026-01-05"]),
-    "score": [1.5, None, 3.0, -2.25],
-    "n": [1, 2, 3, 4],
-})
+HEADLINES = pd.DataFrame(
+    {
+        "id": ["a1", "b2", "c3", "d4"],
+        "headline": ["Acme beats estimates", "Globex fined", "Initech flat", 'Umbrella recalls, "again"\nsecond line'],
+        "day": pd.to_datetime(["2026-01-02", "2026-01-03", "2026-01-04", "2026-01-05"]),
+        "score": [1.5, None, 3.0, -2.25],
+        "n": [1, 2, 3, 4],
+    }
+)
 
 
 def write_source(kind: str, tmp_path: Path) -> object:
@@ -40,9 +42,17 @@ def write_source(kind: str, tmp_path: Path) -> object:
 
 
 @pytest.mark.parametrize("kind", ["dataframe", "arrow", "csv", "jsonl", "parquet"])
-def test_round_trip(kind: str, tmp_path: Path, dsn: str, drain) -> None:  # noqa: ANN001
-    job = batchdb.submit(write_source(kind, tmp_path), prompt="Sentiment of: {headline}", system="One word.",
-                         id_column="id", model="gpt-4o-mini", provider="instant", dsn=dsn, max_tokens=5)
+def test_round_trip(kind: str, tmp_path: Path, dsn: str, drain) -> None:
+    job = batchdb.submit(
+        write_source(kind, tmp_path),
+        prompt="Sentiment of: {headline}",
+        system="One word.",
+        id_column="id",
+        model="gpt-4o-mini",
+        provider="instant",
+        dsn=dsn,
+        max_tokens=5,
+    )
     assert job.status().n_total == 4
     drain()
     results = job.results()
@@ -63,21 +73,27 @@ def test_round_trip(kind: str, tmp_path: Path, dsn: str, drain) -> None:  # noqa
         assert str(back["day"].dtype).startswith("datetime64")
 
 
-def test_messages_column(dsn: str, drain) -> None:  # noqa: ANN001
-    frame = pd.DataFrame({"messages": [
-        [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}],
-        json.dumps([{"role": "user", "content": "Hello"}]),
-    ]})
+def test_messages_column(dsn: str, drain) -> None:
+    frame = pd.DataFrame(
+        {
+            "messages": [
+                [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}],
+                json.dumps([{"role": "user", "content": "Hello"}]),
+            ]
+        }
+    )
     job = batchdb.submit(frame, messages_column="messages", model="gpt-4o-mini", provider="instant", dsn=dsn)
     drain()
     assert list(job.results()["response"]) == ["echo: Be terse. Hi", "echo: Hello"]
 
 
 def test_idempotency_key_returns_the_same_job(dsn: str, conn: psycopg.Connection) -> None:
-    first = batchdb.submit(HEADLINES, prompt="{headline}", model="m", provider="instant", dsn=dsn,
-                           idempotency_key="backfill-2026-01")
-    again = batchdb.submit(HEADLINES, prompt="{headline}", model="m", provider="instant", dsn=dsn,
-                           idempotency_key="backfill-2026-01")
+    first = batchdb.submit(
+        HEADLINES, prompt="{headline}", model="m", provider="instant", dsn=dsn, idempotency_key="backfill-2026-01"
+    )
+    again = batchdb.submit(
+        HEADLINES, prompt="{headline}", model="m", provider="instant", dsn=dsn, idempotency_key="backfill-2026-01"
+    )
     assert again.id == first.id
     assert conn.execute("SELECT count(*) AS n FROM batchdb.requests").fetchone()["n"] == 4
 
@@ -85,23 +101,28 @@ def test_idempotency_key_returns_the_same_job(dsn: str, conn: psycopg.Connection
 def assert_nothing_written(conn: psycopg.Connection) -> None:
     assert conn.execute("SELECT count(*) AS n FROM batchdb.jobs").fetchone()["n"] == 0
     assert conn.execute("SELECT count(*) AS n FROM batchdb.requests").fetchone()["n"] == 0
-    partitions = conn.execute("SELECT count(*) AS n FROM pg_tables WHERE schemaname = 'batchdb' "
-                              "AND tablename ~ '^(requests|results)_[0-9]+$'").fetchone()["n"]
+    partitions = conn.execute(
+        "SELECT count(*) AS n FROM pg_tables WHERE schemaname = 'batchdb' AND tablename ~ '^(requests|results)_[0-9]+$'"
+    ).fetchone()["n"]
     assert partitions == 0
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"prompt": "Rate {title}"}, "refers to column(s) title which the data does not have"),
-    ({"prompt": None}, "give a prompt template"),
-    ({"prompt": "{headline}", "id_column": "nope"}, "column 'nope' not found"),
-    ({"prompt": "{headline}", "provider": "acme"}, "provider: 'acme' is not one of"),
-    ({"prompt": "{headline}", "model": " "}, "model: expected a model name"),
-    ({"prompt": "{headline}", "budget_usd": -1}, "budget_usd: expected a positive amount"),
-    ({"prompt": "{headline}", "temperature": 7}, "temperature: expected a number from 0 to 2"),
-    ({"prompt": "Rate {0}"}, "positional field"),
-])
-def test_bad_options_are_refused_before_anything_is_written(kwargs: dict, message: str, dsn: str,
-                                                            conn: psycopg.Connection) -> None:
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"prompt": "Rate {title}"}, "refers to column(s) title which the data does not have"),
+        ({"prompt": None}, "give a prompt template"),
+        ({"prompt": "{headline}", "id_column": "nope"}, "column 'nope' not found"),
+        ({"prompt": "{headline}", "provider": "acme"}, "provider: 'acme' is not one of"),
+        ({"prompt": "{headline}", "model": " "}, "model: expected a model name"),
+        ({"prompt": "{headline}", "budget_usd": -1}, "budget_usd: expected a positive amount"),
+        ({"prompt": "{headline}", "temperature": 7}, "temperature: expected a number from 0 to 2"),
+        ({"prompt": "Rate {0}"}, "positional field"),
+    ],
+)
+def test_bad_options_are_refused_before_anything_is_written(
+    kwargs: dict, message: str, dsn: str, conn: psycopg.Connection
+) -> None:
     options = {"model": "gpt-4o-mini", "provider": "instant", **kwargs}
     with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
         batchdb.submit(HEADLINES, dsn=dsn, **options)
@@ -146,8 +167,9 @@ def test_an_unknown_model_is_refused_with_the_closest_names(dsn: str, conn: psyc
     with pytest.raises(InputError) as refused:
         batchdb.submit(HEADLINES, prompt="{headline}", model="gpt-4o-mni", dsn=dsn)
     message = str(refused.value)
-    assert message.startswith("model 'gpt-4o-mni': no price for openai/gpt-4o-mni in batchdb.prices; "
-                              "did you mean 'gpt-4o-mini' or ")
+    assert message.startswith(
+        "model 'gpt-4o-mni': no price for openai/gpt-4o-mni in batchdb.prices; did you mean 'gpt-4o-mini' or "
+    )
     assert "allow_unknown_model=True" in message
     assert conn.execute("SELECT count(*) AS n FROM batchdb.jobs").fetchone()["n"] == 0
     with pytest.raises(InputError, match=r"known gemini models: gemini-2\.0-flash, "):
@@ -160,8 +182,12 @@ def test_an_allowed_unknown_model_shows_its_cost_as_unknown(dsn: str) -> None:
     assert not progress.priced
     assert progress.summary().endswith("0 tokens, cost unknown (no price for openai/my-finetune)")
     assert "$0" not in progress.summary()
-    assert batchdb.submit(HEADLINES, prompt="{headline}", model="gpt-4o-mini", dsn=dsn).status().summary().endswith(
-        "$0.0000")
+    assert (
+        batchdb.submit(HEADLINES, prompt="{headline}", model="gpt-4o-mini", dsn=dsn)
+        .status()
+        .summary()
+        .endswith("$0.0000")
+    )
 
 
 def refusal(data: object, dsn: str, **options: object) -> str:
@@ -173,9 +199,11 @@ def refusal(data: object, dsn: str, **options: object) -> str:
 def test_a_malformed_csv_is_refused_with_its_line(tmp_path: Path, dsn: str, conn: psycopg.Connection) -> None:
     unterminated = tmp_path / "unterminated.csv"
     unterminated.write_text('id,headline\na1,"Acme beats estimates\nb2,Globex fined\n')
-    assert refusal(unterminated, dsn) == (f"{unterminated}: line 2: a quoted value is never closed (the quote runs "
-                                          'to the end of the file); close it, or double quotes inside a quoted '
-                                          'value ("")')
+    assert refusal(unterminated, dsn) == (
+        f"{unterminated}: line 2: a quoted value is never closed (the quote runs "
+        "to the end of the file); close it, or double quotes inside a quoted "
+        'value ("")'
+    )
     stray = tmp_path / "stray.csv"
     stray.write_text('id,headline\na1,"ok"\nb2,"Acme" beats\n')
     assert refusal(stray, dsn).startswith(f"{stray}: line 3: malformed CSV (")
@@ -197,20 +225,22 @@ def test_a_huge_csv_row_gets_the_same_message_as_a_frame(tmp_path: Path, dsn: st
 
 def test_duplicate_ids_name_both_rows_as_file_lines_or_positions(tmp_path: Path, dsn: str) -> None:
     frame = pd.DataFrame({"id": ["a1", "b2", "c3", "b2"], "headline": ["x", "two\nlines", "z", "w"]})
-    assert refusal(frame, dsn, id_column="id").startswith(
-        "row 3, column 'id': id 'b2' appears twice (first at row 1)")
+    assert refusal(frame, dsn, id_column="id").startswith("row 3, column 'id': id 'b2' appears twice (first at row 1)")
     source = tmp_path / "dupes.csv"
     frame.to_csv(source, index=False)  # the quoted two-line value puts row 3 on line 6
     assert refusal(source, dsn, id_column="id").startswith(
-        f"{source}: line 6, column 'id': id 'b2' appears twice (first at line 3)")
+        f"{source}: line 6, column 'id': id 'b2' appears twice (first at line 3)"
+    )
     jsonl = tmp_path / "dupes.jsonl"
     jsonl.write_text('{"id": "a1", "headline": "x"}\n\n{"id": "b2", "headline": "y"}\n{"id": "a1", "headline": "z"}\n')
     assert refusal(jsonl, dsn, id_column="id").startswith(
-        f"{jsonl}: line 4, column 'id': id 'a1' appears twice (first at line 1)")
+        f"{jsonl}: line 4, column 'id': id 'a1' appears twice (first at line 1)"
+    )
 
 
-def test_an_idempotency_key_reused_for_a_different_job_is_refused(tmp_path: Path, dsn: str,
-                                                                  conn: psycopg.Connection) -> None:
+def test_an_idempotency_key_reused_for_a_different_job_is_refused(
+    tmp_path: Path, dsn: str, conn: psycopg.Connection
+) -> None:
     def submit(data: object, **options: object) -> batchdb.Job:
         settings = {"prompt": "{headline}", "model": "gpt-4o-mini", "max_tokens": 5, **options}
         return batchdb.submit(data, provider="openai", dsn=dsn, idempotency_key="nightly", **settings)
@@ -233,7 +263,8 @@ def test_an_idempotency_key_reused_for_a_different_job_is_refused(tmp_path: Path
             submit(data, **options)
         assert str(refused.value) == (
             f"idempotency key 'nightly' was used for job {first.id} with different {differs}; submit with a new "
-            f"key for a new job, or with the same data and options to get job {first.id} back"), differs
+            f"key for a new job, or with the same data and options to get job {first.id} back"
+        ), differs
     # How it runs is not what it is: a relaunch with another budget or priority gets its job back.
     assert submit(source, budget_usd=3, priority=2).id == first.id
     assert conn.execute("SELECT count(*) AS n FROM batchdb.jobs").fetchone()["n"] == 1

@@ -13,8 +13,21 @@ from hypothesis import strategies as st
 import batchdb
 from batchdb import InputError
 
-NASTY = ["O'Brien", 'say "hi"', "$$; DROP TABLE batchdb.jobs; --", "back\\slash", "tab\there", "new\nline",
-         "emoji 📈", "", "NULL", "\\N", ",", "%(job_id)s", "{headline}"]
+NASTY = [
+    "O'Brien",
+    'say "hi"',
+    "$$; DROP TABLE batchdb.jobs; --",
+    "back\\slash",
+    "tab\there",
+    "new\nline",
+    "emoji 📈",
+    "",
+    "NULL",
+    "\\N",
+    ",",
+    "%(job_id)s",
+    "{headline}",
+]
 
 
 def counts(conn: psycopg.Connection) -> tuple[int, int]:
@@ -23,11 +36,10 @@ def counts(conn: psycopg.Connection) -> tuple[int, int]:
     return jobs, rows
 
 
-def test_quotes_and_dollar_quotes_pass_through_untouched(dsn: str, conn: psycopg.Connection, drain) -> None:  # noqa: ANN001
+def test_quotes_and_dollar_quotes_pass_through_untouched(dsn: str, conn: psycopg.Connection, drain) -> None:
     frame = pd.DataFrame({"id": [f"id-{i}-{text}" for i, text in enumerate(NASTY)], "headline": NASTY})
     name = "x'); DROP TABLE batchdb.requests; -- $$"
-    job = batchdb.submit(frame, prompt="{headline}", id_column="id", name=name, model="m", provider="instant",
-                         dsn=dsn)
+    job = batchdb.submit(frame, prompt="{headline}", id_column="id", name=name, model="m", provider="instant", dsn=dsn)
     drain()
     results = job.results()
     assert job.status().name == name
@@ -62,8 +74,9 @@ def frames(draw: st.DrawFn) -> tuple[pd.DataFrame, str]:
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=frames(), id_choice=st.sampled_from([None, "first"]))
-def test_random_frames_submit_cleanly_or_fail_clearly(case: tuple[pd.DataFrame, str], id_choice: str | None,
-                                                      dsn: str, conn: psycopg.Connection) -> None:
+def test_random_frames_submit_cleanly_or_fail_clearly(
+    case: tuple[pd.DataFrame, str], id_choice: str | None, dsn: str, conn: psycopg.Connection
+) -> None:
     frame, template = case
     id_column = frame.columns[0] if id_choice == "first" and len(frame.columns) else None
     before = counts(conn)
@@ -98,33 +111,52 @@ def test_random_frames_submit_cleanly_or_fail_clearly(case: tuple[pd.DataFrame, 
                 assert kept == value, (position, column)
 
 
-@pytest.mark.parametrize(("options", "message"), [
-    ({"response_schema": {"type": 12}}, "response_schema: response schema is not a valid JSON schema"),
-    ({"response_schema": "nope"}, "response_schema: expected a JSON schema"),
-    ({"max_attempts": 0}, "max_attempts: expected an integer >= 1"),
-    ({"priority": -3}, "priority: expected an integer >= 1"),
-    ({"max_tokens": 0}, "max_tokens: expected a positive integer"),
-    ({"validation_retries": -1}, "validation_retries: expected an integer >= 0"),
-])
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"response_schema": {"type": 12}}, "response_schema: response schema is not a valid JSON schema"),
+        ({"response_schema": "nope"}, "response_schema: expected a JSON schema"),
+        ({"max_attempts": 0}, "max_attempts: expected an integer >= 1"),
+        ({"priority": -3}, "priority: expected an integer >= 1"),
+        ({"max_tokens": 0}, "max_tokens: expected a positive integer"),
+        ({"validation_retries": -1}, "validation_retries: expected an integer >= 0"),
+    ],
+)
 def test_bad_job_options_are_refused(options: dict, message: str, dsn: str, conn: psycopg.Connection) -> None:
     with pytest.raises(InputError, match=message):
         batchdb.submit(pd.DataFrame({"h": ["x"]}), prompt="{h}", model="m", provider="instant", dsn=dsn, **options)
     assert counts(conn) == (0, 0)
 
 
-@pytest.mark.parametrize(("insert", "message"), [
-    ("INSERT INTO batchdb.jobs (model, priority) VALUES ('m', 0)", "batchdb.jobs.priority: expected an integer >= 1"),
-    ("INSERT INTO batchdb.jobs (model, params) VALUES ('m', '[1, 2]')", "batchdb.jobs.params: expected a JSON object"),
-    ("INSERT INTO batchdb.jobs (model) VALUES (NULL)", "batchdb.jobs.model: expected a model name"),
-    ("INSERT INTO batchdb.requests (job_id, custom_id, payload) VALUES (1, 'a', '{\"prompt\": 5}')",
-     "batchdb.requests.payload: row custom_id='a' expected {\"prompt\": \"<text>\"}"),
-    ("INSERT INTO batchdb.requests (job_id, custom_id, input) VALUES (1, 'a', '\"text\"')",
-     "batchdb.requests.input: row custom_id='a' expected a JSON object of column values"),
-    ("INSERT INTO batchdb.requests (job_id, custom_id, payload) VALUES (1, NULL, '{\"prompt\": \"x\"}')",
-     'null value in column "custom_id"'),
-])
-def test_sql_contract_refuses_bad_rows_with_the_column_named(insert: str, message: str,
-                                                             conn: psycopg.Connection) -> None:
+@pytest.mark.parametrize(
+    ("insert", "message"),
+    [
+        (
+            "INSERT INTO batchdb.jobs (model, priority) VALUES ('m', 0)",
+            "batchdb.jobs.priority: expected an integer >= 1",
+        ),
+        (
+            "INSERT INTO batchdb.jobs (model, params) VALUES ('m', '[1, 2]')",
+            "batchdb.jobs.params: expected a JSON object",
+        ),
+        ("INSERT INTO batchdb.jobs (model) VALUES (NULL)", "batchdb.jobs.model: expected a model name"),
+        (
+            "INSERT INTO batchdb.requests (job_id, custom_id, payload) VALUES (1, 'a', '{\"prompt\": 5}')",
+            'batchdb.requests.payload: row custom_id=\'a\' expected {"prompt": "<text>"}',
+        ),
+        (
+            "INSERT INTO batchdb.requests (job_id, custom_id, input) VALUES (1, 'a', '\"text\"')",
+            "batchdb.requests.input: row custom_id='a' expected a JSON object of column values",
+        ),
+        (
+            'INSERT INTO batchdb.requests (job_id, custom_id, payload) VALUES (1, NULL, \'{"prompt": "x"}\')',
+            'null value in column "custom_id"',
+        ),
+    ],
+)
+def test_sql_contract_refuses_bad_rows_with_the_column_named(
+    insert: str, message: str, conn: psycopg.Connection
+) -> None:
     conn.execute("INSERT INTO batchdb.jobs (model) VALUES ('gpt-4o-mini')")
     with pytest.raises(psycopg.Error) as refused:
         conn.execute(insert)

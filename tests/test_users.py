@@ -63,14 +63,24 @@ def headlines(n: int, tag: str) -> pd.DataFrame:
 
 
 def submit_as(account: Account, n: int, tag: str, **options: object) -> batchdb.Job:
-    return batchdb.submit(headlines(n, tag), prompt="Rate: {headline}", model="instant", provider="instant",
-                          id_column="id", name=f"{tag} job", dsn=account.dsn, **options)  # type: ignore[arg-type]
+    return batchdb.submit(
+        headlines(n, tag),
+        prompt="Rate: {headline}",
+        model="instant",
+        provider="instant",
+        id_column="id",
+        name=f"{tag} job",
+        dsn=account.dsn,
+        **options,
+    )  # type: ignore[arg-type]
 
 
 def drain_as(dsn: str, **config: object) -> Worker:
     settings = {"concurrency": 16, "poll_interval": 0.2, "retry": RetryPolicy(0.05, 0.2), **config}
-    worker = Worker(WorkerConfig(dsn=dsn, exit_when_idle=True, **settings),  # type: ignore[arg-type]
-                    providers={"instant": InstantProvider()})
+    worker = Worker(
+        WorkerConfig(dsn=dsn, exit_when_idle=True, **settings),  # type: ignore[arg-type]
+        providers={"instant": InstantProvider()},
+    )
     asyncio.run(worker.run())
     return worker
 
@@ -84,7 +94,7 @@ def two_users(make_user: Callable[..., Account]) -> tuple[Account, Account, batc
 # -- isolation, one way in at a time ---------------------------------------------------------------
 
 
-def test_plain_sql_sees_only_own_jobs_rows_and_answers(two_users, conn: psycopg.Connection) -> None:  # noqa: ANN001
+def test_plain_sql_sees_only_own_jobs_rows_and_answers(two_users, conn: psycopg.Connection) -> None:
     alice, bob, alice_job, bob_job = two_users
     drain_as(conn.info.dsn)
     with psycopg.connect(alice.dsn, autocommit=True) as c:
@@ -92,8 +102,9 @@ def test_plain_sql_sees_only_own_jobs_rows_and_answers(two_users, conn: psycopg.
         assert c.execute("SELECT array_agg(job_id) FROM batchdb.job_progress").fetchone()[0] == [alice_job.id]
         prompts = c.execute("SELECT string_agg(input::text, ' ') FROM batchdb.requests").fetchone()[0]
         assert "alice secret" in prompts and "bob secret" not in prompts
-        answers = c.execute("SELECT count(*), count(*) FILTER (WHERE response_text LIKE '%%bob%%') "
-                            "FROM batchdb.results").fetchone()
+        answers = c.execute(
+            "SELECT count(*), count(*) FILTER (WHERE response_text LIKE '%%bob%%') FROM batchdb.results"
+        ).fetchone()
         assert answers == (5, 0)
         # Partitions are reachable only through their parent, whose policies apply.
         for table in (f"batchdb.requests_{bob_job.id}", f"batchdb.results_{bob_job.id}", "batchdb.requests_orphan"):
@@ -101,9 +112,10 @@ def test_plain_sql_sees_only_own_jobs_rows_and_answers(two_users, conn: psycopg.
                 c.execute(f"SELECT * FROM {table}")
         # Writing into or about Bob's job is refused or touches nothing.
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level security"):
-            c.execute("INSERT INTO batchdb.requests (job_id, custom_id, payload) "
-                      "VALUES (%s, 'x', '{\"prompt\": \"x\"}')",
-                      (bob_job.id,))
+            c.execute(
+                "INSERT INTO batchdb.requests (job_id, custom_id, payload) VALUES (%s, 'x', '{\"prompt\": \"x\"}')",
+                (bob_job.id,),
+            )
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level security"):
             c.execute("INSERT INTO batchdb.jobs (model, owner) VALUES ('gpt-4o-mini', %s)", (bob.name,))
         assert c.execute("UPDATE batchdb.jobs SET priority = 9 WHERE id = %s", (bob_job.id,)).rowcount == 0
@@ -114,14 +126,19 @@ def test_plain_sql_sees_only_own_jobs_rows_and_answers(two_users, conn: psycopg.
         with pytest.raises(psycopg.errors.NoDataFound):
             c.execute("SELECT batchdb.retry_job(%s)", (bob_job.id,))
         # Ids, counters, costs and the machinery are not a user's to write.
-        for statement in ("INSERT INTO batchdb.jobs (id, model) OVERRIDING SYSTEM VALUE VALUES (999, 'gpt-4o-mini')",
-                          "INSERT INTO batchdb.jobs (model, n_total, cost_usd) VALUES ('gpt-4o-mini', 1000000, -5)"):
+        for statement in (
+            "INSERT INTO batchdb.jobs (id, model) OVERRIDING SYSTEM VALUE VALUES (999, 'gpt-4o-mini')",
+            "INSERT INTO batchdb.jobs (model, n_total, cost_usd) VALUES ('gpt-4o-mini', 1000000, -5)",
+        ):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 c.execute(statement)
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             c.execute("UPDATE batchdb.jobs SET cost_usd = 0 WHERE id = %s", (alice_job.id,))
-        for statement in ("UPDATE batchdb.users SET weight = 100", "UPDATE batchdb.user_spend SET spent_usd = 0",
-                          "UPDATE batchdb.rate_limits SET pace = 1"):
+        for statement in (
+            "UPDATE batchdb.users SET weight = 100",
+            "UPDATE batchdb.user_spend SET spent_usd = 0",
+            "UPDATE batchdb.rate_limits SET pace = 1",
+        ):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 c.execute(statement)
         for call in ("batchdb.drop_job_partitions(%s)", "batchdb.reserve_budget(%s, 1)"):
@@ -130,7 +147,7 @@ def test_plain_sql_sees_only_own_jobs_rows_and_answers(two_users, conn: psycopg.
     assert bob_job.status().status == "completed" and bob_job.status().n_succeeded == 5
 
 
-def test_sdk_refuses_another_users_job(two_users) -> None:  # noqa: ANN001
+def test_sdk_refuses_another_users_job(two_users) -> None:
     alice, _, alice_job, bob_job = two_users
     as_alice = batchdb.Job(bob_job.id, dsn=alice.dsn)
     for attempt in (as_alice.status, as_alice.results, as_alice.cancel, as_alice.retry, as_alice.resume):
@@ -140,11 +157,16 @@ def test_sdk_refuses_another_users_job(two_users) -> None:  # noqa: ANN001
     assert bob_job.status().status == "running" and bob_job.status().n_cancelled == 0
 
 
-def test_cli_refuses_another_users_job(two_users) -> None:  # noqa: ANN001
+def test_cli_refuses_another_users_job(two_users) -> None:
     alice, _, _alice_job, bob_job = two_users
     runner = CliRunner()
-    for command in (["status", str(bob_job.id)], ["cancel", str(bob_job.id)], ["retry", str(bob_job.id)],
-                    ["resume", str(bob_job.id)], ["results", str(bob_job.id), "-o", "/tmp/never.parquet"]):
+    for command in (
+        ["status", str(bob_job.id)],
+        ["cancel", str(bob_job.id)],
+        ["retry", str(bob_job.id)],
+        ["resume", str(bob_job.id)],
+        ["results", str(bob_job.id), "-o", "/tmp/never.parquet"],
+    ):
         result = runner.invoke(cli, [*command, "--dsn", alice.dsn])
         assert result.exit_code == 1, (command, result.output)
         assert f"job {bob_job.id} does not exist" in result.output, (command, result.output)
@@ -153,7 +175,7 @@ def test_cli_refuses_another_users_job(two_users) -> None:  # noqa: ANN001
     assert bob_job.status().n_cancelled == 0
 
 
-def test_dashboard_shows_a_user_only_their_jobs(two_users, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+def test_dashboard_shows_a_user_only_their_jobs(two_users, monkeypatch: pytest.MonkeyPatch) -> None:
     alice, _, _alice_job, bob_job = two_users
     monkeypatch.setenv("BATCHDB_DSN", alice.dsn)
     st.cache_data.clear()
@@ -180,7 +202,7 @@ def test_dashboard_shows_a_user_only_their_jobs(two_users, monkeypatch: pytest.M
         st.cache_data.clear()
 
 
-def test_dagster_resource_cannot_touch_another_users_job(two_users) -> None:  # noqa: ANN001
+def test_dagster_resource_cannot_touch_another_users_job(two_users) -> None:
     from batchdb.dagster import BatchDBResource
 
     alice, _, _, bob_job = two_users
@@ -190,7 +212,7 @@ def test_dagster_resource_cannot_touch_another_users_job(two_users) -> None:  # 
     assert bob_job.status().n_cancelled == 0
 
 
-def test_admin_sees_everything_and_a_worker_role_drains_everyone(two_users, make_user) -> None:  # noqa: ANN001
+def test_admin_sees_everything_and_a_worker_role_drains_everyone(two_users, make_user) -> None:
     _, _, alice_job, bob_job = two_users
     admin = make_user("ops", users.UserKind.ADMIN)
     worker = make_user("wrk", users.UserKind.WORKER)
@@ -206,8 +228,9 @@ def test_users_add_from_the_cli_makes_a_working_login(dsn: str, conn: psycopg.Co
     name = f"carol_{uuid.uuid4().hex[:8]}"
     runner = CliRunner()
     try:
-        out = runner.invoke(cli, ["users", "add", name, "--weight", "2", "--budget-day", "5", "--dsn", dsn],
-                            catch_exceptions=False).output
+        out = runner.invoke(
+            cli, ["users", "add", name, "--weight", "2", "--budget-day", "5", "--dsn", dsn], catch_exceptions=False
+        ).output
         assert f"user {name} (user) ready" in out
         carol = Account(name, make_conninfo(dsn, user=name))
         job = submit_as(carol, 3, "carol", idempotency_key="same")
@@ -228,7 +251,7 @@ def test_users_add_from_the_cli_makes_a_working_login(dsn: str, conn: psycopg.Co
         conn.execute(psycopg.sql.SQL("DROP ROLE IF EXISTS {}").format(psycopg.sql.Identifier(name)))
 
 
-def test_idempotency_keys_are_per_user(make_user) -> None:  # noqa: ANN001
+def test_idempotency_keys_are_per_user(make_user) -> None:
     alice, bob = make_user("alice"), make_user("bob")
     first = submit_as(alice, 2, "alice", idempotency_key="dagster:asset:2024-01-01")
     other = submit_as(bob, 2, "bob", idempotency_key="dagster:asset:2024-01-01")
@@ -253,7 +276,7 @@ def claimed_per_owner(dsn: str, claims: int, limit: int) -> Counter[str]:
     return Counter(owners[r.job_id] for r in rows)
 
 
-def test_claims_are_shared_between_users_not_jobs(dsn: str, make_user) -> None:  # noqa: ANN001
+def test_claims_are_shared_between_users_not_jobs(dsn: str, make_user) -> None:
     alice, bob = make_user("alice"), make_user("bob")
     submit_as(alice, 4000, "alice")  # one big job
     for i in range(4):  # four smaller ones, one at a higher priority
@@ -262,7 +285,7 @@ def test_claims_are_shared_between_users_not_jobs(dsn: str, make_user) -> None: 
     assert shares[alice.name] == shares[bob.name] == 500
 
 
-def test_user_weights_split_claims(dsn: str, make_user) -> None:  # noqa: ANN001
+def test_user_weights_split_claims(dsn: str, make_user) -> None:
     alice, bob = make_user("alice", weight=3), make_user("bob")
     submit_as(alice, 2000, "alice")
     submit_as(bob, 2000, "bob")
@@ -271,7 +294,7 @@ def test_user_weights_split_claims(dsn: str, make_user) -> None:  # noqa: ANN001
     assert shares[alice.name] == 300 and shares[bob.name] == 100
 
 
-def test_single_row_claims_follow_the_weights(dsn: str, make_user) -> None:  # noqa: ANN001
+def test_single_row_claims_follow_the_weights(dsn: str, make_user) -> None:
     """A saturated worker claims one freed slot at a time: the weighted draw must still be fair."""
     alice, bob = make_user("alice", weight=2), make_user("bob")
     submit_as(alice, 1500, "alice")
@@ -281,20 +304,27 @@ def test_single_row_claims_follow_the_weights(dsn: str, make_user) -> None:  # n
     assert 530 <= shares[alice.name] <= 670, shares
 
 
-def test_a_user_with_more_jobs_than_one_claim_samples_still_gets_half(dsn: str, conn, make_user) -> None:  # noqa: ANN001
+def test_a_user_with_more_jobs_than_one_claim_samples_still_gets_half(dsn: str, conn, make_user) -> None:
     alice, bob = make_user("alice"), make_user("bob")
     submit_as(alice, 2000, "alice")
-    job_ids = [conn.execute("INSERT INTO batchdb.jobs (model, provider, owner, priority) "
-                            "VALUES ('instant', 'instant', %s, 1) RETURNING id", (bob.name,)).fetchone()["id"]
-               for _ in range(40)]  # more than the 16 jobs one claim samples
-    conn.execute("INSERT INTO batchdb.requests (job_id, custom_id, payload) "
-                 "SELECT j, g::text, '{\"prompt\": \"x\"}' FROM unnest(%s::bigint[]) j, generate_series(1, 60) g",
-                 (job_ids,))
+    job_ids = [
+        conn.execute(
+            "INSERT INTO batchdb.jobs (model, provider, owner, priority) "
+            "VALUES ('instant', 'instant', %s, 1) RETURNING id",
+            (bob.name,),
+        ).fetchone()["id"]
+        for _ in range(40)
+    ]  # more than the 16 jobs one claim samples
+    conn.execute(
+        "INSERT INTO batchdb.requests (job_id, custom_id, payload) "
+        'SELECT j, g::text, \'{"prompt": "x"}\' FROM unnest(%s::bigint[]) j, generate_series(1, 60) g',
+        (job_ids,),
+    )
     shares = claimed_per_owner(dsn, claims=20, limit=64)
     assert shares[alice.name] == shares[bob.name] == 640, shares
 
 
-def test_a_job_with_nothing_due_does_not_waste_a_claim(dsn: str, conn, make_user) -> None:  # noqa: ANN001
+def test_a_job_with_nothing_due_does_not_waste_a_claim(dsn: str, conn, make_user) -> None:
     alice, bob = make_user("alice"), make_user("bob")
     waiting = submit_as(alice, 50, "alice")
     conn.execute("UPDATE batchdb.requests SET run_after = now() + interval '1 hour' WHERE job_id = %s", (waiting.id,))
@@ -303,7 +333,7 @@ def test_a_job_with_nothing_due_does_not_waste_a_claim(dsn: str, conn, make_user
     assert shares == {bob.name: 100}
 
 
-def test_a_new_users_small_job_is_claimed_at_once(dsn: str, make_user) -> None:  # noqa: ANN001
+def test_a_new_users_small_job_is_claimed_at_once(dsn: str, make_user) -> None:
     alice, bob, carol = make_user("alice"), make_user("bob"), make_user("carol")
     submit_as(alice, 3000, "alice")
     submit_as(bob, 3000, "bob")
@@ -316,14 +346,20 @@ def test_a_new_users_small_job_is_claimed_at_once(dsn: str, make_user) -> None: 
 
 
 def spend(conn: psycopg.Connection, owner: str) -> dict:
-    return conn.execute("SELECT coalesce(sum(spent_usd), 0) AS spent, coalesce(sum(reserved_usd), 0) AS reserved "
-                        "FROM batchdb.user_spend WHERE owner = %s", (owner,)).fetchone()
+    return conn.execute(
+        "SELECT coalesce(sum(spent_usd), 0) AS spent, coalesce(sum(reserved_usd), 0) AS reserved "
+        "FROM batchdb.user_spend WHERE owner = %s",
+        (owner,),
+    ).fetchone()
 
 
 def test_daily_budget_pauses_every_job_of_the_user_and_only_theirs(
-        dsn: str, conn: psycopg.Connection, make_user) -> None:  # noqa: ANN001
-    conn.execute("INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok) "
-                 "VALUES ('instant', 'instant', 1000, 1000)")
+    dsn: str, conn: psycopg.Connection, make_user
+) -> None:
+    conn.execute(
+        "INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok) "
+        "VALUES ('instant', 'instant', 1000, 1000)"
+    )
     alice = make_user("alice", budget_usd_day=0.5)
     bob = make_user("bob")
     jobs = [submit_as(alice, 300, "alice", max_tokens=20), submit_as(alice, 300, "alice2", max_tokens=20)]
@@ -335,8 +371,10 @@ def test_daily_budget_pauses_every_job_of_the_user_and_only_theirs(
     states = [j.status() for j in jobs]
     assert all(s.status == "paused" for s in states), states
     assert all(s.status_reason.startswith("user quota: daily budget of $0.500000 for " + alice.name) for s in states)
-    row_costs = conn.execute("SELECT sum(q.cost_usd) FROM batchdb.requests q JOIN batchdb.jobs j ON j.id = q.job_id "
-                             "WHERE j.owner = %s", (alice.name,)).fetchone()["sum"]
+    row_costs = conn.execute(
+        "SELECT sum(q.cost_usd) FROM batchdb.requests q JOIN batchdb.jobs j ON j.id = q.job_id WHERE j.owner = %s",
+        (alice.name,),
+    ).fetchone()["sum"]
     ledger = spend(conn, alice.name)
     assert ledger["reserved"] == 0
     assert ledger["spent"] == row_costs and 0 < row_costs <= Decimal("0.5")
@@ -354,12 +392,17 @@ def test_daily_budget_pauses_every_job_of_the_user_and_only_theirs(
     assert sum(j.status().n_succeeded for j in jobs) == 600
 
 
-def test_monthly_budget_counts_earlier_days(dsn: str, conn: psycopg.Connection, make_user) -> None:  # noqa: ANN001
-    conn.execute("INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok) "
-                 "VALUES ('instant', 'instant', 1000, 1000)")
+def test_monthly_budget_counts_earlier_days(dsn: str, conn: psycopg.Connection, make_user) -> None:
+    conn.execute(
+        "INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok) "
+        "VALUES ('instant', 'instant', 1000, 1000)"
+    )
     alice = make_user("alice", budget_usd_month=1)
-    conn.execute("INSERT INTO batchdb.user_spend (owner, day, spent_usd) "
-                 "VALUES (%s, date_trunc('month', now() AT TIME ZONE 'UTC')::date, 0.999)", (alice.name,))
+    conn.execute(
+        "INSERT INTO batchdb.user_spend (owner, day, spent_usd) "
+        "VALUES (%s, date_trunc('month', now() AT TIME ZONE 'UTC')::date, 0.999)",
+        (alice.name,),
+    )
     job = submit_as(alice, 50, "alice", max_tokens=20)
     drain_as(dsn)
     state = job.status()
@@ -368,7 +411,7 @@ def test_monthly_budget_counts_earlier_days(dsn: str, conn: psycopg.Connection, 
 
 
 @pytest.mark.slow
-def test_users_share_a_rate_limited_key_by_weight(dsn: str, make_user, simulator, tmp_path) -> None:  # noqa: ANN001
+def test_users_share_a_rate_limited_key_by_weight(dsn: str, make_user, simulator, tmp_path) -> None:
     """End to end: worker processes (as a worker role) on a 1,200 RPM simulated key; alice
     (weight 2, one big job) gets twice the calls of bob (weight 1, three jobs), counted over a
     fixed number of finished rows (after the first 100), whatever the machine's speed."""
@@ -376,40 +419,59 @@ def test_users_share_a_rate_limited_key_by_weight(dsn: str, make_user, simulator
     from batchdb.simulator import Distribution, Limits, SimulatorConfig
     from batchdb.workers.processes import start_workers
 
-    sim = simulator(SimulatorConfig(seed=3, default_limits=Limits(rpm=1200),
-                                    latency_s=Distribution(kind="uniform", low=0.1, high=0.4)))
+    sim = simulator(
+        SimulatorConfig(
+            seed=3, default_limits=Limits(rpm=1200), latency_s=Distribution(kind="uniform", low=0.1, high=0.4)
+        )
+    )
     with psycopg.connect(dsn, autocommit=True) as c:
         ledger.set_limits(c, ledger.Lane("openai", "default", "gpt-4o-mini"), rpm=1200)
     alice, bob = make_user("alice", weight=2), make_user("bob", weight=1)
     worker = make_user("wrk", users.UserKind.WORKER)
 
     def submit(account: Account, rows: int, tag: str) -> batchdb.Job:
-        return batchdb.submit(headlines(rows, tag), prompt="Rate: {headline}", model="gpt-4o-mini",
-                              provider="openai", max_tokens=8, id_column="id", dsn=account.dsn)
+        return batchdb.submit(
+            headlines(rows, tag),
+            prompt="Rate: {headline}",
+            model="gpt-4o-mini",
+            provider="openai",
+            max_tokens=8,
+            id_column="id",
+            dsn=account.dsn,
+        )
 
     submit(alice, 2000, "alice")
     for i in range(3):
         submit(bob, 700, f"bob{i}")
     env = {"OPENAI_BASE_URL": sim.openai_base_url, "OPENAI_API_KEY": "sk-test-fair"}
     warm_up, counted = 100, 600
-    with start_workers(2, worker.dsn, env=env, args=("--concurrency", "16"), log_dir=tmp_path) as workers, \
-            psycopg.connect(dsn, autocommit=True) as c:
+    with (
+        start_workers(2, worker.dsn, env=env, args=("--concurrency", "16"), log_dir=tmp_path) as workers,
+        psycopg.connect(dsn, autocommit=True) as c,
+    ):
         deadline = time.monotonic() + 240  # ~35 s at 20 calls/s; generous for a loaded machine
-        while time.monotonic() < deadline and c.execute(
-                "SELECT count(*) FROM batchdb.requests WHERE status = 'succeeded'").fetchone()[0] < warm_up + counted:
+        while (
+            time.monotonic() < deadline
+            and c.execute("SELECT count(*) FROM batchdb.requests WHERE status = 'succeeded'").fetchone()[0]
+            < warm_up + counted
+        ):
             time.sleep(0.5)
         codes = workers.stop()
     assert codes == [0, 0], workers.log_text()[-3000:]
     with psycopg.connect(dsn) as c:
-        per_owner = dict(c.execute(
-            "SELECT owner, count(*) FROM (SELECT j.owner FROM batchdb.requests q JOIN batchdb.jobs j ON j.id = q.job_id"
-            " WHERE q.status = 'succeeded' ORDER BY q.finished_at, q.id OFFSET %s LIMIT %s) s GROUP BY owner",
-            (warm_up, counted)).fetchall())
+        per_owner = dict(
+            c.execute(
+                "SELECT owner, count(*) FROM (SELECT j.owner FROM batchdb.requests q "
+                "JOIN batchdb.jobs j ON j.id = q.job_id"
+                " WHERE q.status = 'succeeded' ORDER BY q.finished_at, q.id OFFSET %s LIMIT %s) s GROUP BY owner",
+                (warm_up, counted),
+            ).fetchall()
+        )
     assert sum(per_owner.values()) == counted, per_owner
     assert abs(per_owner[alice.name] / counted - 2 / 3) <= 0.07, per_owner
 
 
-def test_owner_email_gets_notifications_that_only_the_owner_can_read(make_user, conn: psycopg.Connection) -> None:  # noqa: ANN001
+def test_owner_email_gets_notifications_that_only_the_owner_can_read(make_user, conn: psycopg.Connection) -> None:
     alice, bob = make_user("alice", email="alice@example.com"), make_user("bob")
     job = submit_as(alice, 2, "alice")
     submit_as(bob, 2, "bob")
@@ -423,8 +485,9 @@ def test_owner_email_gets_notifications_that_only_the_owner_can_read(make_user, 
         assert c.execute("SELECT event FROM batchdb.notification_deliveries").fetchall() == [("job.cancelled",)]
 
 
-def backend_of(conn: psycopg.Connection, user: str, query_text: str, *, after: object = None,
-               timeout: float = 60) -> object:
+def backend_of(
+    conn: psycopg.Connection, user: str, query_text: str, *, after: object = None, timeout: float = 60
+) -> object:
     """Wait until `user` has a session idle after running `query_text` (after `after`, a
     query_start), as pg_stat_activity shows it; returns its query_start. Readiness read from the
     server instead of a sleep that a loaded machine can outlast."""
@@ -433,14 +496,15 @@ def backend_of(conn: psycopg.Connection, user: str, query_text: str, *, after: o
         row = conn.execute(
             "SELECT max(query_start) AS at FROM pg_stat_activity WHERE usename = %s AND state = 'idle' "
             "AND query ILIKE %s AND (%s::timestamptz IS NULL OR query_start > %s::timestamptz)",
-            (user, query_text, after, after)).fetchone()
+            (user, query_text, after, after),
+        ).fetchone()
         if row["at"] is not None:
             return row["at"]
         time.sleep(0.05)
     raise AssertionError(f"no session of {user} ran {query_text!r} within {timeout} s")
 
 
-def read_lines_until(stream, marker: str, timeout: float = 60) -> list[str]:  # noqa: ANN001
+def read_lines_until(stream, marker: str, timeout: float = 60) -> list[str]:
     """Lines from `stream` (a pipe) up to the first containing `marker`, or all read by `timeout`."""
     lines: list[str] = []
 
@@ -457,10 +521,15 @@ def read_lines_until(stream, marker: str, timeout: float = 60) -> list[str]:  # 
     return lines
 
 
-def test_watch_streams_only_the_users_own_job_events(make_user, conn: psycopg.Connection) -> None:  # noqa: ANN001
+def test_watch_streams_only_the_users_own_job_events(make_user, conn: psycopg.Connection) -> None:
     alice, bob = make_user("alice"), make_user("bob")
-    watcher = subprocess.Popen([sys.executable, "-m", "batchdb", "watch"], env={**os.environ, "BATCHDB_DSN": alice.dsn},
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "batchdb", "watch"],
+        env={**os.environ, "BATCHDB_DSN": alice.dsn},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         backend_of(conn, alice.name, "%LISTEN batchdb_events%")  # it listens: nothing from here on is missed
         mine, theirs = submit_as(alice, 3, "alice"), submit_as(bob, 3, "bob")
@@ -480,7 +549,7 @@ def test_watch_streams_only_the_users_own_job_events(make_user, conn: psycopg.Co
     assert theirs.status().status == "completed"
 
 
-def test_a_forged_event_neither_breaks_nor_fools_another_users_wait(dsn: str, make_user) -> None:  # noqa: ANN001
+def test_a_forged_event_neither_breaks_nor_fools_another_users_wait(dsn: str, make_user) -> None:
     alice, bob = make_user("alice"), make_user("bob")
     job = submit_as(alice, 2, "alice")
     outcome: dict[str, object] = {}
@@ -499,8 +568,10 @@ def test_a_forged_event_neither_breaks_nor_fools_another_users_wait(dsn: str, ma
         # below cannot arrive before it listens.
         read_at = backend_of(admin, alice.name, "%batchdb.live_workers%")
         with psycopg.connect(bob.dsn, autocommit=True) as c:
-            c.execute("SELECT pg_notify('batchdb_events', %s)",
-                      (f'{{"event": "job.completed", "job_id": {job.id}, "status": "completed"}}',))
+            c.execute(
+                "SELECT pg_notify('batchdb_events', %s)",
+                (f'{{"event": "job.completed", "job_id": {job.id}, "status": "completed"}}',),
+            )
             c.execute("NOTIFY batchdb_events, 'not json'")
         # Woken by them (its poll interval is a minute), it read the progress again ...
         backend_of(admin, alice.name, "%batchdb.%", after=read_at)
@@ -511,11 +582,12 @@ def test_a_forged_event_neither_breaks_nor_fools_another_users_wait(dsn: str, ma
     assert outcome["final"].status == "completed"
 
 
-def test_a_budget_is_never_silently_unenforced_for_an_unpriced_model(dsn: str, make_user) -> None:  # noqa: ANN001
+def test_a_budget_is_never_silently_unenforced_for_an_unpriced_model(dsn: str, make_user) -> None:
     alice = make_user("alice", budget_usd_day=1)
     job = submit_as(alice, 5, "alice")  # model 'instant' has no row in batchdb.prices
     drain_as(dsn)
     state = job.status()
     assert state.status == "paused" and state.n_succeeded == 0
-    assert state.status_reason == ("no price for instant/instant in batchdb.prices, so its budget cannot be "
-                                   "enforced; add the price, then resume")
+    assert state.status_reason == (
+        "no price for instant/instant in batchdb.prices, so its budget cannot be enforced; add the price, then resume"
+    )

@@ -12,19 +12,22 @@ from batchdb.workers.vacuumer import Vacuumer
 
 
 def dead_tuples(conn: psycopg.Connection, partition: str) -> tuple[int, object]:
-    row = conn.execute("SELECT n_dead_tup, last_vacuum FROM pg_stat_user_tables WHERE relname = %s",
-                       (partition,)).fetchone()
+    row = conn.execute(
+        "SELECT n_dead_tup, last_vacuum FROM pg_stat_user_tables WHERE relname = %s", (partition,)
+    ).fetchone()
     return row["n_dead_tup"], row["last_vacuum"]
 
 
 def churn(conn: psycopg.Connection, rows: int) -> int:
     job_id = conn.execute("INSERT INTO batchdb.jobs (model) VALUES ('gpt-4o-mini') RETURNING id").fetchone()["id"]
-    conn.execute("INSERT INTO batchdb.requests (job_id, custom_id, payload) "
-                 "SELECT %s, g::text, '{\"prompt\": \"x\"}' FROM generate_series(1, %s) g", (job_id, rows + 1))
+    conn.execute(
+        "INSERT INTO batchdb.requests (job_id, custom_id, payload) "
+        'SELECT %s, g::text, \'{"prompt": "x"}\' FROM generate_series(1, %s) g',
+        (job_id, rows + 1),
+    )
     # Claim-like and completion-like updates of all but one row: two dead versions each.
     conn.execute("UPDATE batchdb.requests SET status = 'running' WHERE job_id = %s AND custom_id <> '1'", (job_id,))
-    conn.execute("UPDATE batchdb.requests SET status = 'succeeded' WHERE job_id = %s AND status = 'running'",
-                 (job_id,))
+    conn.execute("UPDATE batchdb.requests SET status = 'succeeded' WHERE job_id = %s AND status = 'running'", (job_id,))
     conn.execute("SELECT pg_stat_force_next_flush()")
     return job_id
 

@@ -48,8 +48,9 @@ class ScriptedProvider:
         pending = self.script.get(prompt)
         if pending:
             raise pending.pop(0)
-        return ChatResponse(text=f"ok: {prompt}", finish_reason="stop", prompt_tokens=7, completion_tokens=3,
-                            model=request.model)
+        return ChatResponse(
+            text=f"ok: {prompt}", finish_reason="stop", prompt_tokens=7, completion_tokens=3, model=request.model
+        )
 
     async def aclose(self) -> None:
         return None
@@ -83,11 +84,13 @@ def test_worker_drains_a_job_and_results_come_back(dsn: str) -> None:
 def test_retryable_errors_back_off_then_succeed_and_exhausted_rows_go_dead(dsn: str) -> None:
     transient = ProviderError(ErrorKind.TRANSIENT, "503 server_is_overloaded", status_code=503)
     limited = ProviderError(ErrorKind.RATE_LIMITED, "429 rate_limit_exceeded", status_code=429, retry_after=0.05)
-    provider = ScriptedProvider({
-        "flaky": [transient, limited],          # succeeds on attempt 3
-        "hopeless": [transient] * 4,            # fails all 4 attempts: dead
-        "refused": [ProviderError(ErrorKind.PERMANENT, "400 context_length_exceeded", status_code=400)],
-    })
+    provider = ScriptedProvider(
+        {
+            "flaky": [transient, limited],  # succeeds on attempt 3
+            "hopeless": [transient] * 4,  # fails all 4 attempts: dead
+            "refused": [ProviderError(ErrorKind.PERMANENT, "400 context_length_exceeded", status_code=400)],
+        }
+    )
     job = submit_prompts(dsn, ["flaky", "hopeless", "refused", "fine"], max_attempts=4)
     drain(dsn, provider)
     assert provider.calls == {"flaky": 3, "hopeless": 4, "refused": 1, "fine": 1}
@@ -121,21 +124,30 @@ def test_quota_exhaustion_pauses_the_job_without_spending_attempts(dsn: str) -> 
     assert job.status().status == "completed"
 
 
-def test_bad_template_row_fails_with_the_reason_and_does_not_stop_the_worker(dsn: str,
-                                                                            conn: psycopg.Connection) -> None:
+def test_bad_template_row_fails_with_the_reason_and_does_not_stop_the_worker(
+    dsn: str, conn: psycopg.Connection
+) -> None:
     job_id = conn.execute(
         "INSERT INTO batchdb.jobs (model, provider, params) VALUES ('m', 'instant', %s) RETURNING id",
-        ('{"prompt": "Rate {headline}{title}"}',)).fetchone()["id"]
-    conn.execute("INSERT INTO batchdb.requests (job_id, custom_id, input) VALUES "
-                 "(%s, 'good', '{\"headline\": \"up\", \"title\": \"\"}'), "
-                 "(%s, 'bad', '{\"title\": \"down\", \"headline\": \"\"}')", (job_id, job_id))
+        ('{"prompt": "Rate {headline}{title}"}',),
+    ).fetchone()["id"]
+    conn.execute(
+        "INSERT INTO batchdb.requests (job_id, custom_id, input) VALUES "
+        '(%s, \'good\', \'{"headline": "up", "title": ""}\'), '
+        '(%s, \'bad\', \'{"title": "down", "headline": ""}\')',
+        (job_id, job_id),
+    )
     # Inserts are checked against the template (0009_input_checks.sql); a template changed afterwards is not,
     # so the worker still meets a row its template cannot format.
-    conn.execute("UPDATE batchdb.jobs SET params = '{\"prompt\": \"Rate {headline}\"}' WHERE id = %s", (job_id,))
+    conn.execute('UPDATE batchdb.jobs SET params = \'{"prompt": "Rate {headline}"}\' WHERE id = %s', (job_id,))
     conn.execute("UPDATE batchdb.requests SET input = input - 'headline' WHERE custom_id = 'bad'")
     drain(dsn, InstantProvider())
-    rows = {r["custom_id"]: r for r in conn.execute(
-        "SELECT custom_id, status, error FROM batchdb.requests WHERE job_id = %s", (job_id,)).fetchall()}
+    rows = {
+        r["custom_id"]: r
+        for r in conn.execute(
+            "SELECT custom_id, status, error FROM batchdb.requests WHERE job_id = %s", (job_id,)
+        ).fetchall()
+    }
     assert rows["good"]["status"] == "succeeded"
     assert rows["bad"]["status"] == "failed" and "needs column(s) headline" in rows["bad"]["error"]
 
@@ -145,8 +157,9 @@ def test_cancel_while_running_records_no_success_after_it(dsn: str) -> None:
     provider = ScriptedProvider({}, delay=0.05)
 
     async def scenario() -> None:
-        worker = Worker(WorkerConfig(dsn=dsn, concurrency=8, poll_interval=0.2, retry=FAST_RETRY),
-                        providers={"instant": provider})  # type: ignore[dict-item]
+        worker = Worker(
+            WorkerConfig(dsn=dsn, concurrency=8, poll_interval=0.2, retry=FAST_RETRY), providers={"instant": provider}
+        )  # type: ignore[dict-item]
         task = asyncio.create_task(worker.run())
         while job.status().n_succeeded < 20:
             await asyncio.sleep(0.05)
@@ -164,9 +177,9 @@ def test_cancel_while_running_records_no_success_after_it(dsn: str) -> None:
 
 
 @pytest.mark.slow
-def test_sigterm_finishes_in_flight_rows_and_exits_zero(dsn: str, conn: psycopg.Connection,
-                                                        simulator: Callable[..., SimulatorProcess],
-                                                        tmp_path: Path) -> None:
+def test_sigterm_finishes_in_flight_rows_and_exits_zero(
+    dsn: str, conn: psycopg.Connection, simulator: Callable[..., SimulatorProcess], tmp_path: Path
+) -> None:
     sim = simulator(latency_s=Distribution(kind="fixed", value=5.0))
     frame = pd.DataFrame({"text": [f"p{i}" for i in range(3000)]})
     job = batchdb.submit(frame, prompt="{text}", model="gpt-4o-mini", provider="openai", dsn=dsn)
@@ -182,15 +195,23 @@ def test_sigterm_finishes_in_flight_rows_and_exits_zero(dsn: str, conn: psycopg.
                 continue  # the first calls are answered: the SDK is loaded, claimed rows go out at once
             # Rows claimed 1 to 3.5 s ago (a lease is taken for 60 s): their calls are out, and each
             # has over a second of its 5 s left, so it is still in flight when the signal lands.
-            held = [r["id"] for r in conn.execute(
-                "SELECT id FROM batchdb.requests WHERE job_id = %s AND status = 'running' "
-                "AND lease_expires_at BETWEEN now() + interval '56.5 seconds' AND now() + interval '59 seconds'",
-                (job.id,)).fetchall()]
+            held = [
+                r["id"]
+                for r in conn.execute(
+                    "SELECT id FROM batchdb.requests WHERE job_id = %s AND status = 'running' "
+                    "AND lease_expires_at BETWEEN now() + interval '56.5 seconds' AND now() + interval '59 seconds'",
+                    (job.id,),
+                ).fetchall()
+            ]
         workers.processes[0].send_signal(signal.SIGTERM)
         code = workers.processes[0].wait(timeout=60)
     assert code == 0, workers.log_text()
-    rows = {r["id"]: (r["status"], r["attempts"]) for r in conn.execute(
-        "SELECT id, status, attempts FROM batchdb.requests WHERE job_id = %s", (job.id,)).fetchall()}
+    rows = {
+        r["id"]: (r["status"], r["attempts"])
+        for r in conn.execute(
+            "SELECT id, status, attempts FROM batchdb.requests WHERE job_id = %s", (job.id,)
+        ).fetchall()
+    }
     # Every call in flight at SIGTERM finished and was recorded, with its one attempt.
     assert {rows[i] for i in held} == {("succeeded", 1)}
     # Every other row either finished the same way or went back untouched; none is left leased.
@@ -223,8 +244,10 @@ def test_worker_respects_its_concurrency(dsn: str, concurrency: int) -> None:
             return await super().complete(request)
 
     submit_prompts(dsn, [f"p{i}" for i in range(300)])
-    worker = Worker(WorkerConfig(dsn=dsn, concurrency=concurrency, exit_when_idle=True, poll_interval=0.3),
-                    providers={"instant": Counting()})
+    worker = Worker(
+        WorkerConfig(dsn=dsn, concurrency=concurrency, exit_when_idle=True, poll_interval=0.3),
+        providers={"instant": Counting()},
+    )
     asyncio.run(worker.run())
     assert peak == concurrency
 
@@ -247,8 +270,7 @@ class ShapeShifter:
         return None
 
 
-SCHEMA = {"type": "object", "properties": {"sentiment": {"enum": ["positive", "negative"]}},
-          "required": ["sentiment"]}
+SCHEMA = {"type": "object", "properties": {"sentiment": {"enum": ["positive", "negative"]}}, "required": ["sentiment"]}
 
 
 def test_invalid_answers_are_re_asked_with_the_validation_error(dsn: str) -> None:
@@ -285,14 +307,18 @@ def test_bad_response_schema_is_refused_at_submit(dsn: str) -> None:
         submit_prompts(dsn, ["x"], response_schema={"type": "not-a-type"})
 
 
-def test_budget_stops_the_job_within_the_calls_in_flight_and_resume_continues(dsn: str,
-                                                                              conn: psycopg.Connection) -> None:
+def test_budget_stops_the_job_within_the_calls_in_flight_and_resume_continues(
+    dsn: str, conn: psycopg.Connection
+) -> None:
     # 'instant' has no list price; give it one so every call costs money.
-    conn.execute("INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok) "
-                 "VALUES ('instant', 'priced', 1000, 1000)")
+    conn.execute(
+        "INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok) "
+        "VALUES ('instant', 'priced', 1000, 1000)"
+    )
     frame = pd.DataFrame({"text": [f"p{i}" for i in range(200)]})
-    job = batchdb.submit(frame, prompt="{text}", model="priced", provider="instant", max_tokens=10,
-                         budget_usd=0.5, dsn=dsn)
+    job = batchdb.submit(
+        frame, prompt="{text}", model="priced", provider="instant", max_tokens=10, budget_usd=0.5, dsn=dsn
+    )
     drain(dsn, ScriptedProvider({}))
     status = job.status()
     assert status.status == "paused" and "budget of $0.500000 reached" in (status.status_reason or "")
@@ -303,7 +329,9 @@ def test_budget_stops_the_job_within_the_calls_in_flight_and_resume_continues(ds
     with psycopg.connect(dsn) as c:
         reserved, summed = c.execute(
             "SELECT j.reserved_usd, (SELECT sum(cost_usd) FROM batchdb.requests WHERE job_id = j.id) "
-            "FROM batchdb.jobs j WHERE id = %s", (job.id,)).fetchone()
+            "FROM batchdb.jobs j WHERE id = %s",
+            (job.id,),
+        ).fetchone()
     assert reserved == 0 and summed == status.cost_usd
     assert job.resume(budget_usd=100.0)
     drain(dsn, ScriptedProvider({}))
@@ -336,8 +364,9 @@ def test_watch_prints_job_events(dsn: str, conn: psycopg.Connection) -> None:
     import threading
 
     env = {**os.environ, "BATCHDB_DSN": dsn}
-    watcher = subprocess.Popen([sys.executable, "-m", "batchdb", "watch"], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "batchdb", "watch"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(watcher.stdout.readline, "")), daemon=True)
     reader.start()
@@ -350,9 +379,16 @@ def test_watch_prints_job_events(dsn: str, conn: psycopg.Connection) -> None:
 
     try:
         # Ready once its LISTEN has run (visible in pg_stat_activity), not after a guessed sleep.
-        wait_for(lambda: conn.execute(
-            "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() "
-            "AND strpos(query, 'LISTEN batchdb_events') > 0 AND state = 'idle'").fetchone()["n"] > 0, "the LISTEN")
+        wait_for(
+            lambda: (
+                conn.execute(
+                    "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND strpos(query, 'LISTEN batchdb_events') > 0 AND state = 'idle'"
+                ).fetchone()["n"]
+                > 0
+            ),
+            "the LISTEN",
+        )
         job = submit_prompts(dsn, ["a"])
         drain(dsn, InstantProvider())
 

@@ -20,8 +20,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def simulator() -> Iterator[SimulatorProcess]:
-    config = SimulatorConfig(seed=1, latency_s=Distribution(kind="uniform", low=0.01, high=0.05),
-                             output_tokens=Distribution(kind="uniform", low=3, high=12))
+    config = SimulatorConfig(
+        seed=1,
+        latency_s=Distribution(kind="uniform", low=0.01, high=0.05),
+        output_tokens=Distribution(kind="uniform", low=3, high=12),
+    )
     with start_simulator(config) as sim:
         yield sim
 
@@ -33,8 +36,15 @@ def start_openai_workers(n: int, dsn: str, sim: SimulatorProcess, *args: str) ->
 def submit_rows(dsn: str, n: int) -> batchdb.Job:
     write_audit.install(dsn)  # completions are counted from the writes (assert_exactly_once)
     frame = pd.DataFrame({"key": [f"k{i}" for i in range(n)], "text": [f"headline number {i}" for i in range(n)]})
-    return batchdb.submit(frame, prompt="Sentiment: {text}", id_column="key", model="gpt-4o-mini",
-                          provider="openai", max_tokens=16, dsn=dsn)
+    return batchdb.submit(
+        frame,
+        prompt="Sentiment: {text}",
+        id_column="key",
+        model="gpt-4o-mini",
+        provider="openai",
+        max_tokens=16,
+        dsn=dsn,
+    )
 
 
 def assert_exactly_once(dsn: str, job: batchdb.Job, rows: int) -> None:
@@ -42,12 +52,13 @@ def assert_exactly_once(dsn: str, job: batchdb.Job, rows: int) -> None:
     assert (status.status, status.n_succeeded, status.n_total) == ("completed", rows, rows)
     with psycopg.connect(dsn) as conn:
         results, overwritten = conn.execute(
-            "SELECT count(*), count(*) FILTER (WHERE writes > 1) FROM batchdb.results WHERE job_id = %s",
-            (job.id,)).fetchone()
+            "SELECT count(*), count(*) FILTER (WHERE writes > 1) FROM batchdb.results WHERE job_id = %s", (job.id,)
+        ).fetchone()
         audited = write_audit.writes(conn, job.id)
         tokens = conn.execute(
             "SELECT sum(prompt_tokens), sum(completion_tokens), sum(cost_usd) FROM batchdb.requests WHERE job_id = %s",
-            (job.id,)).fetchone()
+            (job.id,),
+        ).fetchone()
     assert results == rows and overwritten == 0
     # Counted from the writes: each row written succeeded once and its result written once.
     assert audited.violations == [], audited
@@ -89,8 +100,10 @@ def test_sigkilled_worker_loses_nothing(dsn: str, simulator: SimulatorProcess) -
         victim = workers.kill(workers.processes[0])
         with psycopg.connect(dsn) as conn:
             # What the dead worker still held: nobody can touch these rows until their lease runs out.
-            in_flight = conn.execute("SELECT count(*) FROM batchdb.requests WHERE status = 'running' "
-                                     "AND lease_owner LIKE %s", (f"%:{victim.pid}:%",)).fetchone()[0]
+            in_flight = conn.execute(
+                "SELECT count(*) FROM batchdb.requests WHERE status = 'running' AND lease_owner LIKE %s",
+                (f"%:{victim.pid}:%",),
+            ).fetchone()[0]
         final = job.wait(timeout=180)
     finally:
         workers.stop()
@@ -98,8 +111,9 @@ def test_sigkilled_worker_loses_nothing(dsn: str, simulator: SimulatorProcess) -
     assert final.status == "completed"
     assert_exactly_once(dsn, job, rows)
     with psycopg.connect(dsn) as conn:
-        reclaimed = conn.execute("SELECT count(*) FROM batchdb.requests WHERE job_id = %s AND attempts > 1",
-                                 (job.id,)).fetchone()[0]
+        reclaimed = conn.execute(
+            "SELECT count(*) FROM batchdb.requests WHERE job_id = %s AND attempts > 1", (job.id,)
+        ).fetchone()[0]
     assert 0 < reclaimed <= in_flight
     duplicates = simulator.stats(series=False)["totals"]["accepted"] - rows
     # Calls repeated after the crash are bounded by the rows the dead worker held.

@@ -15,8 +15,7 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-async def batches(pending: asyncio.Queue[T | None], *, flush_interval: float,
-                  max_batch: int) -> AsyncIterator[list[T]]:
+async def batches(pending: asyncio.Queue[T | None], *, flush_interval: float, max_batch: int) -> AsyncIterator[list[T]]:
     """Yield batches from `pending` until a `None` is read."""
     loop = asyncio.get_running_loop()
     closing = False

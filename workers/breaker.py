@@ -81,8 +81,16 @@ class OpenCircuit:
 class Breaker:
     """The lanes' circuits as this worker sees them, and the probes it sends."""
 
-    def __init__(self, db: Reconnecting, config: BreakerConfig, *, worker_id: str, lease_seconds: float,
-                 probe_lease_seconds: float, on_probe: Callable[[ClaimedRequest], None]) -> None:
+    def __init__(
+        self,
+        db: Reconnecting,
+        config: BreakerConfig,
+        *,
+        worker_id: str,
+        lease_seconds: float,
+        probe_lease_seconds: float,
+        on_probe: Callable[[ClaimedRequest], None],
+    ) -> None:
         self._db = db
         self.config = config
         self._worker_id = worker_id
@@ -111,12 +119,21 @@ class Breaker:
             await self.answered(lane, probe=probe, sent_at=sent_at)
             return False
         if probe:
-            due = await self._run(lambda c: c.execute(query("circuit_probe_failed"), {
-                **_lane_params(lane), "error": error.message, "base_s": self.config.base_backoff,
-                "max_s": self.config.max_backoff}), what="circuit_probe_failed", fetch=True)
+            due = await self._run(
+                lambda c: c.execute(
+                    query("circuit_probe_failed"),
+                    {
+                        **_lane_params(lane),
+                        "error": error.message,
+                        "base_s": self.config.base_backoff,
+                        "max_s": self.config.max_backoff,
+                    },
+                ),
+                what="circuit_probe_failed",
+                fetch=True,
+            )
             when = due["next_probe_at"] if due else None
-            log.warning("circuit %s: probe failed (%s); next probe at %s", _name(lane), error.message,
-                        _clock(when))
+            log.warning("circuit %s: probe failed (%s); next probe at %s", _name(lane), error.message, _clock(when))
             return True
         if lane in self.open:
             return True
@@ -138,12 +155,16 @@ class Breaker:
         circuit = self.open.get(lane)
         if not probe and (circuit is None or sent_at < circuit.learned_at):
             return
-        found = await self._run(lambda c: c.execute(query("circuit_close"), _lane_params(lane)),
-                                what="circuit_close", fetch=True)
+        found = await self._run(
+            lambda c: c.execute(query("circuit_close"), _lane_params(lane)), what="circuit_close", fetch=True
+        )
         self.open.pop(lane, None)
         if found and found["open_for"] is not None:
-            log.warning("circuit %s closed: the provider answered again after %.0f s; its rows resume",
-                        _name(lane), found["open_for"].total_seconds())
+            log.warning(
+                "circuit %s closed: the provider answered again after %.0f s; its rows resume",
+                _name(lane),
+                found["open_for"].total_seconds(),
+            )
 
     def should_hand_back(self, lane: Lane, row: ClaimedRequest, claimed_at: float) -> bool:
         """Before sending: whether the lane is open for this row. A row claimed after this worker
@@ -166,17 +187,26 @@ class Breaker:
 
     async def trip(self, lane: Lane, error: str) -> None:
         """Open the lane's circuit for every worker (no-op when it is open already)."""
-        result = await self._run(lambda c: c.execute(query("circuit_open"), {
-            **_lane_params(lane), "error": error, "first_probe_s": self.config.base_backoff}),
-            what="circuit_open", fetch=True)
+        result = await self._run(
+            lambda c: c.execute(
+                query("circuit_open"), {**_lane_params(lane), "error": error, "first_probe_s": self.config.base_backoff}
+            ),
+            what="circuit_open",
+            fetch=True,
+        )
         self._streak.pop(lane, None)
         if result is None:
             return
         self.open[lane] = OpenCircuit(lane, result["opened_at"], error, result["next_probe_at"], 0)
         if result["opened"]:
-            log.warning("circuit %s opened: %s; its rows wait in the queue (no attempt spent), "
-                        "one probe call from %s, then with backoff up to %.0f s",
-                        _name(lane), error, _clock(result["next_probe_at"]), self.config.max_backoff)
+            log.warning(
+                "circuit %s opened: %s; its rows wait in the queue (no attempt spent), "
+                "one probe call from %s, then with backoff up to %.0f s",
+                _name(lane),
+                error,
+                _clock(result["next_probe_at"]),
+                self.config.max_backoff,
+            )
 
     # -- the service loop --------------------------------------------------------------------
 
@@ -191,12 +221,23 @@ class Breaker:
     async def poll_once(self) -> list[ClaimedRequest]:
         """Refresh the open circuits; take and start each due probe. Returns the probe rows started."""
         rows = await self._run(lambda c: c.execute(query("circuits_open")), what="circuits_open", fetch="all")
-        now_open = {Lane(r["provider"], r["key_alias"], r["model"]): OpenCircuit(
-            Lane(r["provider"], r["key_alias"], r["model"]), r["opened_at"], r["last_error"], r["next_probe_at"],
-            r["probes_failed"]) for r in rows}
+        now_open = {
+            Lane(r["provider"], r["key_alias"], r["model"]): OpenCircuit(
+                Lane(r["provider"], r["key_alias"], r["model"]),
+                r["opened_at"],
+                r["last_error"],
+                r["next_probe_at"],
+                r["probes_failed"],
+            )
+            for r in rows
+        }
         for lane in now_open.keys() - self.open.keys():
-            log.warning("circuit %s is open (since %s: %s); its rows wait", _name(lane),
-                        _clock(now_open[lane].opened_at), now_open[lane].last_error)
+            log.warning(
+                "circuit %s is open (since %s: %s); its rows wait",
+                _name(lane),
+                _clock(now_open[lane].opened_at),
+                now_open[lane].last_error,
+            )
         for lane in self.open.keys() - now_open.keys():
             log.info("circuit %s closed; its rows resume", _name(lane))
         for lane, known in self.open.items():
@@ -211,20 +252,31 @@ class Breaker:
             row = await self._take_probe(lane)
             if row is not None:
                 self._probes[row.key] = lane
-                log.info("circuit %s: sending job %s row %s as the probe (probe %d)", _name(lane), row.job_id,
-                         row.id, circuit.probes_failed + 1)
+                log.info(
+                    "circuit %s: sending job %s row %s as the probe (probe %d)",
+                    _name(lane),
+                    row.job_id,
+                    row.id,
+                    circuit.probes_failed + 1,
+                )
                 self._on_probe(row)
                 started.append(row)
         return started
 
     async def _take_probe(self, lane: Lane) -> ClaimedRequest | None:
         params = {**_lane_params(lane), "worker_id": self._worker_id}
-        taken = await self._run(lambda c: c.execute(query("circuit_take_probe"), {
-            **params, "probe_lease_s": self._probe_lease_seconds}), what="circuit_take_probe", fetch=True)
+        taken = await self._run(
+            lambda c: c.execute(query("circuit_take_probe"), {**params, "probe_lease_s": self._probe_lease_seconds}),
+            what="circuit_take_probe",
+            fetch=True,
+        )
         if taken is None:
             return None
-        row = await self._run(lambda c: c.execute(query("claim_probe_row"), {
-            **params, "lease_seconds": self._lease_seconds}), what="claim_probe_row", fetch=True)
+        row = await self._run(
+            lambda c: c.execute(query("claim_probe_row"), {**params, "lease_seconds": self._lease_seconds}),
+            what="claim_probe_row",
+            fetch=True,
+        )
         if row is None:
             # Nothing due on the lane right now (rows in retry backoff, or no job): look again later.
             await self._give_back_probe(lane, self.config.base_backoff)
@@ -232,11 +284,16 @@ class Breaker:
         return ClaimedRequest(**row)
 
     async def _give_back_probe(self, lane: Lane, wait_s: float) -> None:
-        await self._run(lambda c: c.execute(query("circuit_probe_not_sent"), {
-            **_lane_params(lane), "worker_id": self._worker_id, "wait_s": wait_s}), what="circuit_probe_not_sent")
+        await self._run(
+            lambda c: c.execute(
+                query("circuit_probe_not_sent"), {**_lane_params(lane), "worker_id": self._worker_id, "wait_s": wait_s}
+            ),
+            what="circuit_probe_not_sent",
+        )
 
-    async def _run(self, statement: Callable[[psycopg.AsyncConnection[DictRow]], Any], *, what: str,
-                   fetch: bool | str = False) -> Any:
+    async def _run(
+        self, statement: Callable[[psycopg.AsyncConnection[DictRow]], Any], *, what: str, fetch: bool | str = False
+    ) -> Any:
         async def go(conn: psycopg.AsyncConnection[DictRow]) -> Any:
             cur = await statement(conn)
             if fetch == "all":

@@ -47,8 +47,15 @@ class Settlement:
 
 
 class BudgetSettler:
-    def __init__(self, db: Reconnecting, *, flush_interval: float = 0.05, max_batch: int = 500,
-                 abandoned_after: float = 120.0, sweep_interval: float = 30.0) -> None:
+    def __init__(
+        self,
+        db: Reconnecting,
+        *,
+        flush_interval: float = 0.05,
+        max_batch: int = 500,
+        abandoned_after: float = 120.0,
+        sweep_interval: float = 30.0,
+    ) -> None:
         self._db = db
         self._flush_interval = flush_interval
         self._max_batch = max_batch
@@ -79,8 +86,9 @@ class BudgetSettler:
         """Settle, at their reserved cost, the reservations no live lease will settle; returns calls settled."""
 
         async def sweep(conn: psycopg.AsyncConnection[DictRow]) -> int:
-            cur = await conn.execute(query("settle_abandoned_budget"),
-                                     {"older_than_s": self._abandoned_after, "limit": self._max_batch * 20})
+            cur = await conn.execute(
+                query("settle_abandoned_budget"), {"older_than_s": self._abandoned_after, "limit": self._max_batch * 20}
+            )
             row = await cur.fetchone()
             return int(row["settled"]) if row else 0
 
@@ -90,8 +98,10 @@ class BudgetSettler:
             log.error("could not settle abandoned budget reservations: %s", exc)
             return 0
         if settled:
-            log.warning("settled the budget reservations of %d call(s) left by a stopped worker, at their "
-                        "reserved cost", settled)
+            log.warning(
+                "settled the budget reservations of %d call(s) left by a stopped worker, at their reserved cost",
+                settled,
+            )
         return settled
 
     async def close(self) -> None:

@@ -50,7 +50,9 @@ class Reconnecting:
                 # The hot statements must be planned with their real parameters: a generic plan
                 # cannot see the claim's LIMIT and, with stale statistics, drags in JIT (see bench/README.md).
                 with_options(self._dsn, f"-c plan_cache_mode=force_custom_plan {SESSION_OPTIONS}"),
-                autocommit=True, row_factory=dict_row, application_name=f"batchdb-{self._name}",
+                autocommit=True,
+                row_factory=dict_row,
+                application_name=f"batchdb-{self._name}",
             )
         return self._conn
 
@@ -86,12 +88,18 @@ class Reconnecting:
         reason = " ".join(str(exc).split())
         if self._down_since is None:
             self._down_since = self._reported_at = now
-            log.warning("%s on %s connection failed (%s); retrying with backoff up to %.0fs",
-                        what, self._name, reason, self._max_backoff)
+            log.warning(
+                "%s on %s connection failed (%s); retrying with backoff up to %.0fs",
+                what,
+                self._name,
+                reason,
+                self._max_backoff,
+            )
         elif now - self._reported_at >= OUTAGE_REPORT_INTERVAL:
             self._reported_at = now
-            log.warning("%s connection still failing after %.0fs (%s); retrying",
-                        self._name, now - self._down_since, reason)
+            log.warning(
+                "%s connection still failing after %.0fs (%s); retrying", self._name, now - self._down_since, reason
+            )
 
     async def _sleep(self, seconds: float) -> None:
         if self._shutdown is None:

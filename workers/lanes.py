@@ -100,13 +100,22 @@ def check_lane(lane: KeyLane, resolve: LaneResolver) -> LaneCheck:
 
 def waiting_reason(check: LaneCheck, worker_id: str) -> str:
     """The pause reason a user reads in `batchdb status`: what is missing and what fixes it."""
-    return (f"{WAITING_PREFIX}{check.lane}: {check.missing} (checked by worker {worker_id}); "
-            "start a worker that has this key and the job resumes by itself")
+    return (
+        f"{WAITING_PREFIX}{check.lane}: {check.missing} (checked by worker {worker_id}); "
+        "start a worker that has this key and the job resumes by itself"
+    )
 
 
 class LaneAdvertiser:
-    def __init__(self, db: Reconnecting, worker_id: str, resolve: LaneResolver, *, interval: float = 2.0,
-                 warm: Callable[[str, str], object] | None = None) -> None:
+    def __init__(
+        self,
+        db: Reconnecting,
+        worker_id: str,
+        resolve: LaneResolver,
+        *,
+        interval: float = 2.0,
+        warm: Callable[[str, str], object] | None = None,
+    ) -> None:
         """`warm(provider, key_alias)` builds the lane's client (importing its SDK blocks the event
         loop for seconds): it runs before the lane's rows are claimed, so their leases do not run
         out while the import holds the loop. Every lane this worker can serve is warmed, not only
@@ -129,8 +138,9 @@ class LaneAdvertiser:
         """The (provider, key alias) pairs to claim rows of: lanes served whose client is built
         (each known provider's default lane and every lane with unfinished jobs); empty until the
         first refresh."""
-        return sorted((c.lane.provider, c.lane.key_alias) for c in self._checks.values()
-                      if c.servable and c.lane in self._warmed)
+        return sorted(
+            (c.lane.provider, c.lane.key_alias) for c in self._checks.values() if c.servable and c.lane in self._warmed
+        )
 
     def lost(self, provider: str, key_alias: str, reason: str) -> LaneUnavailable:
         """A call found its key gone: stop claiming on that lane now and re-advertise soon."""
@@ -179,33 +189,43 @@ class LaneAdvertiser:
                 if (before is None or before.servable) and not check.servable and demand.get(lane, (False, False))[0]:
                     log.warning("this worker cannot serve jobs on %s: %s", lane, check.missing)
             self._checks = checks
-            advertised = [{"provider": c.lane.provider, "key_alias": c.lane.key_alias, "endpoint": c.endpoint}
-                          for c in checks.values() if c.servable]
+            advertised = [
+                {"provider": c.lane.provider, "key_alias": c.lane.key_alias, "endpoint": c.endpoint}
+                for c in checks.values()
+                if c.servable
+            ]
             if advertised != self._advertised:
                 await self._db.run(
-                    lambda c: c.execute(query("advertise_lanes"),
-                                        {"worker_id": self._worker_id, "lanes": json.dumps(advertised)}),
+                    lambda c: c.execute(
+                        query("advertise_lanes"), {"worker_id": self._worker_id, "lanes": json.dumps(advertised)}
+                    ),
                     what="advertise_lanes",
                 )
                 self._advertised = advertised
             served = [lane for lane, (_, waiting) in demand.items() if waiting and checks[lane].servable]
             if served:
                 await self._resume(served)
-            unserved = [checks[lane] for lane, (running, _) in demand.items()
-                        if running and not checks[lane].servable]
+            unserved = [checks[lane] for lane, (running, _) in demand.items() if running and not checks[lane].servable]
             if unserved:
                 await self._pause(unserved)
 
     async def _read_demand(self, conn: psycopg.AsyncConnection[DictRow]) -> dict[KeyLane, tuple[bool, bool]]:
         cur = await conn.execute(query("demanded_lanes"), {"waiting_prefix": WAITING_PREFIX})
-        return {KeyLane(r["provider"], r["key_alias"]): (bool(r["running"]), bool(r["waiting"]))
-                for r in await cur.fetchall()}
+        return {
+            KeyLane(r["provider"], r["key_alias"]): (bool(r["running"]), bool(r["waiting"]))
+            for r in await cur.fetchall()
+        }
 
     async def _resume(self, lanes: list[KeyLane]) -> None:
         async def resume(conn: psycopg.AsyncConnection[DictRow]) -> list[int]:
-            cur = await conn.execute(query("resume_served_lanes"), {
-                "provider": [lane.provider for lane in lanes], "key_alias": [lane.key_alias for lane in lanes],
-                "waiting_prefix": WAITING_PREFIX})
+            cur = await conn.execute(
+                query("resume_served_lanes"),
+                {
+                    "provider": [lane.provider for lane in lanes],
+                    "key_alias": [lane.key_alias for lane in lanes],
+                    "waiting_prefix": WAITING_PREFIX,
+                },
+            )
             return [r["id"] for r in await cur.fetchall()]
 
         for job_id in await self._db.run(resume, what="resume_served_lanes"):
@@ -213,11 +233,17 @@ class LaneAdvertiser:
 
     async def _pause(self, checks: list[LaneCheck]) -> None:
         async def pause(conn: psycopg.AsyncConnection[DictRow]) -> list[DictRow]:
-            cur = await conn.execute(query("pause_unserved_lanes"), {
-                "provider": [c.lane.provider for c in checks], "key_alias": [c.lane.key_alias for c in checks],
-                "reason": [waiting_reason(c, self._worker_id) for c in checks]})
+            cur = await conn.execute(
+                query("pause_unserved_lanes"),
+                {
+                    "provider": [c.lane.provider for c in checks],
+                    "key_alias": [c.lane.key_alias for c in checks],
+                    "reason": [waiting_reason(c, self._worker_id) for c in checks],
+                },
+            )
             return list(await cur.fetchall())
 
         for row in await self._db.run(pause, what="pause_unserved_lanes"):
-            log.warning("job %s paused: no live worker can serve %s", row["id"],
-                        KeyLane(row["provider"], row["key_alias"]))
+            log.warning(
+                "job %s paused: no live worker can serve %s", row["id"], KeyLane(row["provider"], row["key_alias"])
+            )

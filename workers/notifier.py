@@ -89,8 +89,16 @@ class Delivery:
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Delivery:
-        return cls(id=row["id"], job_id=row["job_id"], channel=row["channel"], event=row["event"],
-                   payload=row["payload"], attempt=row["attempts"], target=row["target"], secret=row["secret"])
+        return cls(
+            id=row["id"],
+            job_id=row["job_id"],
+            channel=row["channel"],
+            event=row["event"],
+            payload=row["payload"],
+            attempt=row["attempts"],
+            target=row["target"],
+            secret=row["secret"],
+        )
 
     def describe(self) -> str:
         where = notifications.redact_url(self.target) if self.channel == notifications.CHANNEL_WEBHOOK else "email"
@@ -108,8 +116,9 @@ class TryResult:
 
 
 class Notifier:
-    def __init__(self, dsn: str, config: NotifierConfig | None = None, *, worker_id: str,
-                 shutdown: Shutdown | None = None) -> None:
+    def __init__(
+        self, dsn: str, config: NotifierConfig | None = None, *, worker_id: str, shutdown: Shutdown | None = None
+    ) -> None:
         """`shutdown`: the worker's; once it is stopping, a database that stays unreachable is given
         up on (deliveries not handed back are retried when their lease runs out)."""
         self.config = config or NotifierConfig()
@@ -131,7 +140,8 @@ class Notifier:
         )
         listener = asyncio.create_task(
             listen_forever(self._dsn, query("listen_notifications"), self._wake, name="notify-listen"),
-            name="notifier-listen")
+            name="notifier-listen",
+        )
         log.info("notifier %s started (channels: %s)", self.worker_id, ", ".join(self.config.channels))
         try:
             while True:
@@ -178,10 +188,16 @@ class Notifier:
 
     async def _claim(self, limit: int) -> list[Delivery]:
         async def claim(conn: psycopg.AsyncConnection[DictRow]) -> list[dict[str, Any]]:
-            cur = await conn.execute(query("notify_claim"), {
-                "channels": self.config.channels, "max_attempts": self.config.max_attempts, "limit": limit,
-                "worker_id": self.worker_id, "lease_seconds": self.config.lease_seconds,
-            })
+            cur = await conn.execute(
+                query("notify_claim"),
+                {
+                    "channels": self.config.channels,
+                    "max_attempts": self.config.max_attempts,
+                    "limit": limit,
+                    "worker_id": self.worker_id,
+                    "lease_seconds": self.config.lease_seconds,
+                },
+            )
             return await cur.fetchall()
 
         return [Delivery.from_row(row) for row in await self._db.run(claim, what="notify_claim")]
@@ -224,18 +240,30 @@ class Notifier:
             self.delivered += 1
             log.info("%s delivered on attempt %d", delivery.describe(), delivery.attempt)
         elif status == "pending":
-            log.warning("%s attempt %d failed (%s); retrying in %.1fs",
-                        delivery.describe(), delivery.attempt, result.error, retry_in)
+            log.warning(
+                "%s attempt %d failed (%s); retrying in %.1fs",
+                delivery.describe(),
+                delivery.attempt,
+                result.error,
+                retry_in,
+            )
             asyncio.get_running_loop().call_later(retry_in, self._wake.set)
         elif status == "failed":
             log.error("%s failed after %d attempt(s): %s", delivery.describe(), delivery.attempt, result.error)
 
     async def _record(self, delivery: Delivery, result: TryResult, duration_ms: int, retry_in: float) -> str | None:
         params = {
-            "id": delivery.id, "attempt": delivery.attempt, "worker_id": self.worker_id,
-            "duration_ms": duration_ms, "ok": result.ok, "http_status": result.http_status,
-            "reply": result.reply, "error": None if result.ok else result.error, "give_up": result.permanent,
-            "max_attempts": self.config.max_attempts, "retry_in": retry_in,
+            "id": delivery.id,
+            "attempt": delivery.attempt,
+            "worker_id": self.worker_id,
+            "duration_ms": duration_ms,
+            "ok": result.ok,
+            "http_status": result.http_status,
+            "reply": result.reply,
+            "error": None if result.ok else result.error,
+            "give_up": result.permanent,
+            "max_attempts": self.config.max_attempts,
+            "retry_in": retry_in,
         }
 
         async def record(conn: psycopg.AsyncConnection[DictRow]) -> str | None:
@@ -255,17 +283,22 @@ class Notifier:
     async def _post(self, delivery: Delivery) -> TryResult:
         assert self._session is not None and delivery.secret is not None
         body = notifications.encode_body(delivery.payload)
-        headers = notifications.webhook_headers(event=delivery.event, delivery_id=delivery.id,
-                                                secret=delivery.secret, body=body)
+        headers = notifications.webhook_headers(
+            event=delivery.event, delivery_id=delivery.id, secret=delivery.secret, body=body
+        )
         try:
             async with asyncio.timeout(self.config.http_timeout):
-                async with self._session.post(delivery.target, data=body, headers=headers,
-                                              allow_redirects=False) as response:
+                async with self._session.post(
+                    delivery.target, data=body, headers=headers, allow_redirects=False
+                ) as response:
                     # Only the status is kept: the job's owner reads the attempts, and a webhook
                     # pointed at an internal service must not hand them its answers.
                     ok = 200 <= response.status < 300
-                    return TryResult(ok=ok, http_status=response.status,
-                                     error=None if ok else f"HTTP {response.status} {response.reason or ''}".strip())
+                    return TryResult(
+                        ok=ok,
+                        http_status=response.status,
+                        error=None if ok else f"HTTP {response.status} {response.reason or ''}".strip(),
+                    )
         except TimeoutError:
             return TryResult(ok=False, error=f"no response within {self.config.http_timeout:g}s")
         except aiohttp.ClientError as exc:
@@ -286,8 +319,7 @@ class Notifier:
         except smtplib.SMTPRecipientsRefused as exc:
             code, msg = next(iter(exc.recipients.values()), (550, b"refused"))
             text = _smtp_text(code, msg)
-            return TryResult(ok=False, reply=text, error=f"SMTP recipient refused: {text}",
-                             permanent=500 <= code < 600)
+            return TryResult(ok=False, reply=text, error=f"SMTP recipient refused: {text}", permanent=500 <= code < 600)
         except (OSError, smtplib.SMTPException) as exc:
             return TryResult(ok=False, error=f"{type(exc).__name__}: {exc}")
         return TryResult(ok=True, reply=reply)

@@ -52,8 +52,10 @@ class DailyQuotaExhausted(Exception):
     """The key's requests-per-day are spent; the job must pause until the quota resets."""
 
     def __init__(self, lane: Lane, resets_in: float) -> None:
-        super().__init__(f"daily request quota of {lane.provider} key {lane.key_alias!r} for {lane.model} is used up; "
-                         f"it resets in {resets_in / 3600:.1f} h")
+        super().__init__(
+            f"daily request quota of {lane.provider} key {lane.key_alias!r} for {lane.model} is used up; "
+            f"it resets in {resets_in / 3600:.1f} h"
+        )
         self.resets_in = resets_in
 
 
@@ -131,7 +133,6 @@ class Pacer:
                     withdrawn += 1
         return withdrawn
 
-
     def observe(self, lane: Lane, headers: HeaderView | None) -> None:
         if headers is None:
             return
@@ -167,8 +168,13 @@ class Pacer:
         now = time.monotonic()
         if granted or not state.waiters:
             if state.logged_waiting and state.waiting_since is not None:
-                log.info("lane %s/%s/%s moving again after %.0fs", lane.provider, lane.key_alias, lane.model,
-                         now - state.waiting_since)
+                log.info(
+                    "lane %s/%s/%s moving again after %.0fs",
+                    lane.provider,
+                    lane.key_alias,
+                    lane.model,
+                    now - state.waiting_since,
+                )
             state.waiting_since = now if state.waiters else None
             state.logged_waiting = False
             return
@@ -182,10 +188,19 @@ class Pacer:
         except Exception as exc:  # noqa: BLE001 - the log line is a courtesy
             found = None
             log.debug("could not read the state of %s: %s", lane, exc)
-        reason = (found.text if found is not None and found.state != "ready"
-                  else f"waiting for capacity (next grant in {state.wait_seconds:.1f}s)")
-        log.warning("lane %s/%s/%s not moving: %s; %d call(s) waiting", lane.provider, lane.key_alias, lane.model,
-                    reason, sum(1 for w in state.waiters if not w.future.done()))
+        reason = (
+            found.text
+            if found is not None and found.state != "ready"
+            else f"waiting for capacity (next grant in {state.wait_seconds:.1f}s)"
+        )
+        log.warning(
+            "lane %s/%s/%s not moving: %s; %d call(s) waiting",
+            lane.provider,
+            lane.key_alias,
+            lane.model,
+            reason,
+            sum(1 for w in state.waiters if not w.future.done()),
+        )
 
     def _lane(self, lane: Lane) -> _LaneState:
         state = self._lanes.get(lane)
@@ -220,15 +235,22 @@ class Pacer:
             try:
                 result = await self._db.run(
                     functools.partial(
-                        ledger.reserve, lane=lane, tokens=batch,
+                        ledger.reserve,
+                        lane=lane,
+                        tokens=batch,
                         remaining_requests=headers.remaining_requests if headers else None,
                         remaining_tokens=headers.remaining_tokens if headers else None,
                     ),
                     what="reserve_capacity",
                 )
             except Exception as exc:  # noqa: BLE001 - a dead lane task would strand every call of the lane
-                log.error("reserving capacity for %s/%s/%s failed: %s; retrying in 1s",
-                          lane.provider, lane.key_alias, lane.model, exc)
+                log.error(
+                    "reserving capacity for %s/%s/%s failed: %s; retrying in 1s",
+                    lane.provider,
+                    lane.key_alias,
+                    lane.model,
+                    exc,
+                )
                 await asyncio.sleep(1.0)
                 continue
             unused = 0

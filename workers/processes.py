@@ -38,8 +38,9 @@ WORKER_COMMAND: tuple[str, ...] = (sys.executable, "-m", "batchdb.workers")
 DEFAULT_GRACE_S = 30.0
 
 
-def stop_processes(processes: Iterable[subprocess.Popen[bytes]], grace: float = DEFAULT_GRACE_S, *,
-                   kill_group: bool = False) -> list[int | None]:
+def stop_processes(
+    processes: Iterable[subprocess.Popen[bytes]], grace: float = DEFAULT_GRACE_S, *, kill_group: bool = False
+) -> list[int | None]:
     """SIGTERM every process still running, wait up to `grace` seconds for each, SIGKILL the ones left.
 
     Returns the exit codes in order (0 for a graceful worker; ``-9`` for one that had to be killed).
@@ -69,9 +70,17 @@ class WorkerProcesses:
     `log_paths` their log files when there is a `log_dir`.
     """
 
-    def __init__(self, dsn: str, *, env: Mapping[str, str] | None = None, args: Sequence[str] = (),
-                 log_dir: str | os.PathLike[str] | None = None, append_logs: bool = False,
-                 command: Sequence[str] = WORKER_COMMAND, grace: float = DEFAULT_GRACE_S) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        env: Mapping[str, str] | None = None,
+        args: Sequence[str] = (),
+        log_dir: str | os.PathLike[str] | None = None,
+        append_logs: bool = False,
+        command: Sequence[str] = WORKER_COMMAND,
+        grace: float = DEFAULT_GRACE_S,
+    ) -> None:
         """`env` is added to this process's environment and ``BATCHDB_DSN=dsn``; `args` follow
         `command` (default ``python -m batchdb.workers``); logs are truncated unless `append_logs`;
         `grace` is how long `stop` waits for each process before SIGKILL."""
@@ -124,20 +133,30 @@ class WorkerProcesses:
     def __enter__(self) -> WorkerProcesses:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     def __repr__(self) -> str:
         return f"WorkerProcesses(pids={[p.pid for p in self.processes]}, alive={len(self.alive())})"
 
 
-def start_workers(n: int, dsn: str, *, env: Mapping[str, str] | None = None, args: Sequence[str] = (),
-                  log_dir: str | os.PathLike[str] | None = None, append_logs: bool = False,
-                  command: Sequence[str] = WORKER_COMMAND, grace: float = DEFAULT_GRACE_S) -> WorkerProcesses:
+def start_workers(
+    n: int,
+    dsn: str,
+    *,
+    env: Mapping[str, str] | None = None,
+    args: Sequence[str] = (),
+    log_dir: str | os.PathLike[str] | None = None,
+    append_logs: bool = False,
+    command: Sequence[str] = WORKER_COMMAND,
+    grace: float = DEFAULT_GRACE_S,
+) -> WorkerProcesses:
     """`n` worker processes (see `WorkerProcesses`); if one fails to start, those started are stopped."""
-    workers = WorkerProcesses(dsn, env=env, args=args, log_dir=log_dir, append_logs=append_logs, command=command,
-                              grace=grace)
+    workers = WorkerProcesses(
+        dsn, env=env, args=args, log_dir=log_dir, append_logs=append_logs, command=command, grace=grace
+    )
     try:
         workers.start(n)
     except BaseException:

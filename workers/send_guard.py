@@ -87,8 +87,9 @@ class SendGuard:
         for job_id in [j for j in self._status if j not in jobs]:
             del self._status[job_id]
         if self._lease_drops:
-            log.warning("dropped %d unsent call(s) whose lease had run out (was this worker stalled?)",
-                        self._lease_drops)
+            log.warning(
+                "dropped %d unsent call(s) whose lease had run out (was this worker stalled?)", self._lease_drops
+            )
             self._lease_drops = 0
 
     def job_status(self, job_id: int, status: str | None) -> None:
@@ -150,7 +151,9 @@ class SendGuard:
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(
-                    with_options(self._dsn, SESSION_OPTIONS), autocommit=True, row_factory=dict_row,
+                    with_options(self._dsn, SESSION_OPTIONS),
+                    autocommit=True,
+                    row_factory=dict_row,
                     application_name="batchdb-send-guard",
                 ) as conn:
                     await conn.execute(query("listen_events"))

@@ -37,11 +37,15 @@ log = logging.getLogger(__name__)
 
 # Statuses a provider answers without running the call (nothing generated, nothing to count).
 REFUSED_STATUSES = frozenset({400, 401, 403, 404, 413, 422})
-_NEVER_SENT_NAMES = frozenset({
-    "ConnectError",  # httpx: the TCP/TLS connection was never made
-    "ClientConnectorError", "ClientConnectorDNSError", "ClientConnectorSSLError",  # aiohttp
-    "UnsupportedRequest",  # batchdb.providers.compat: the request could not be expressed
-})
+_NEVER_SENT_NAMES = frozenset(
+    {
+        "ConnectError",  # httpx: the TCP/TLS connection was never made
+        "ClientConnectorError",
+        "ClientConnectorDNSError",
+        "ClientConnectorSSLError",  # aiohttp
+        "UnsupportedRequest",  # batchdb.providers.compat: the request could not be expressed
+    }
+)
 
 
 def tokens_to_give_back(error: BaseException, reserved_tokens: int) -> int:
@@ -110,12 +114,15 @@ class Settler:
         lanes = list(batch)
         try:
             await self._db.run(
-                lambda c: c.execute(query("settle_capacity"), {
-                    "provider": [lane.provider for lane in lanes],
-                    "key_alias": [lane.key_alias for lane in lanes],
-                    "model": [lane.model for lane in lanes],
-                    "tokens": [batch[lane] for lane in lanes],
-                }),
+                lambda c: c.execute(
+                    query("settle_capacity"),
+                    {
+                        "provider": [lane.provider for lane in lanes],
+                        "key_alias": [lane.key_alias for lane in lanes],
+                        "model": [lane.model for lane in lanes],
+                        "tokens": [batch[lane] for lane in lanes],
+                    },
+                ),
                 what="settle_capacity",
             )
         except Exception as exc:  # noqa: BLE001 - keep the tokens and try again with the next flush

@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 
 
 class Vacuumer:
-    def __init__(self, db: Reconnecting, *, interval: float = 15.0, min_dead: int = 50_000,
-                 min_interval: float = 30.0) -> None:
+    def __init__(
+        self, db: Reconnecting, *, interval: float = 15.0, min_dead: int = 50_000, min_interval: float = 30.0
+    ) -> None:
         self._db = db
         self._interval = interval
         self._min_dead = min_dead
@@ -49,8 +50,9 @@ class Vacuumer:
         done: list[str] = []
 
         async def candidates(conn: psycopg.AsyncConnection[DictRow]) -> list[DictRow]:
-            cur = await conn.execute(query("partitions_to_vacuum"),
-                                     {"min_dead": self._min_dead, "min_interval": self._min_interval})
+            cur = await conn.execute(
+                query("partitions_to_vacuum"), {"min_dead": self._min_dead, "min_interval": self._min_interval}
+            )
             return await cur.fetchall()
 
         for row in await self._db.run(candidates, what="partitions_to_vacuum"):

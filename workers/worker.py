@@ -167,8 +167,10 @@ class WorkerConfig:
         if self.heartbeat_interval is None:
             self.heartbeat_interval = max(0.5, min(10.0, self.lease_seconds / 3))
         if not 0 < self.heartbeat_interval < self.lease_seconds:
-            raise ValueError(f"heartbeat_interval ({self.heartbeat_interval} s) must be above 0 and below "
-                             f"lease_seconds ({self.lease_seconds} s), or leases run out between extensions")
+            raise ValueError(
+                f"heartbeat_interval ({self.heartbeat_interval} s) must be above 0 and below "
+                f"lease_seconds ({self.lease_seconds} s), or leases run out between extensions"
+            )
 
     @property
     def heartbeat_seconds(self) -> float:
@@ -198,7 +200,6 @@ class _Job:
     @property
     def reserves_budget(self) -> bool:
         return self.budget_usd is not None or self.owner_has_budget
-
 
 
 class Worker:
@@ -246,26 +247,42 @@ class Worker:
         ledger_db = Reconnecting(dsn, name="ledger")
         self._settler = Settler(ledger_db)
         self._pacer = Pacer(ledger_db, give_back=self._settler.give_back)
-        self._lanes = LaneAdvertiser(Reconnecting(dsn, name="lanes"), self.id, self._lane_endpoint,
-                                     interval=self.config.lane_refresh_interval, warm=self._warm_lane)
+        self._lanes = LaneAdvertiser(
+            Reconnecting(dsn, name="lanes"),
+            self.id,
+            self._lane_endpoint,
+            interval=self.config.lane_refresh_interval,
+            warm=self._warm_lane,
+        )
         self._guard = SendGuard(dsn, lease_seconds=self.config.lease_seconds)
         self._completer = BatchCompleter(
             self._writes, flush_interval=self.config.flush_interval, on_recorded=self._forget
         )
-        self._breaker = Breaker(Reconnecting(dsn, name="breaker"), self.config.breaker, worker_id=self.id,
-                                lease_seconds=self.config.lease_seconds,
-                                probe_lease_seconds=self.config.request_timeout + self.config.lease_seconds,
-                                on_probe=self._start)
+        self._breaker = Breaker(
+            Reconnecting(dsn, name="breaker"),
+            self.config.breaker,
+            worker_id=self.id,
+            lease_seconds=self.config.lease_seconds,
+            probe_lease_seconds=self.config.request_timeout + self.config.lease_seconds,
+            on_probe=self._start,
+        )
         # Budget bookkeeping waits on other workers' locks: its own service and connection.
-        self._budget = BudgetSettler(Reconnecting(dsn, name="budget"), flush_interval=self.config.flush_interval,
-                                     abandoned_after=self.config.abandoned_budget_after,
-                                     sweep_interval=self.config.abandoned_budget_interval)
+        self._budget = BudgetSettler(
+            Reconnecting(dsn, name="budget"),
+            flush_interval=self.config.flush_interval,
+            abandoned_after=self.config.abandoned_budget_after,
+            sweep_interval=self.config.abandoned_budget_interval,
+        )
         try:
             await self._claims.run(
                 lambda c: c.execute(
                     query("register_worker"),
-                    {"worker_id": self.id, "hostname": socket.gethostname(), "pid": os.getpid(),
-                     "concurrency": self.config.concurrency},
+                    {
+                        "worker_id": self.id,
+                        "hostname": socket.gethostname(),
+                        "pid": os.getpid(),
+                        "concurrency": self.config.concurrency,
+                    },
                 ),
                 what="register_worker",
             )
@@ -287,8 +304,9 @@ class Worker:
             asyncio.create_task(self._maintain(), name="maintenance"),
             asyncio.create_task(self._lanes.run(), name="lanes"),
             asyncio.create_task(self._guard.run(), name="send guard"),
-            asyncio.create_task(listen_forever(dsn, query("listen_requests"), self._wake, name="listen"),
-                                name="listen"),
+            asyncio.create_task(
+                listen_forever(dsn, query("listen_requests"), self._wake, name="listen"), name="listen"
+            ),
         ]
         if self.config.notifier is not None:
             notifier = Notifier(dsn, self.config.notifier, worker_id=self.id, shutdown=self._shutdown)
@@ -340,12 +358,19 @@ class Worker:
 
     def _on_signal(self, sig: signal.Signals) -> None:
         if not self._shutdown.stopping:
-            log.info("%s: stopping; rows not sent yet go back now, sent calls get %.0fs to finish "
-                        "(%s again: stop at once)", sig.name, self.config.shutdown_grace, sig.name)
+            log.info(
+                "%s: stopping; rows not sent yet go back now, sent calls get %.0fs to finish (%s again: stop at once)",
+                sig.name,
+                self.config.shutdown_grace,
+                sig.name,
+            )
             self.stop()
             return
-        log.warning("%s again: cold shutdown, handing back every held row now (%s again: quit without "
-                    "handing them back)", sig.name, sig.name)
+        log.warning(
+            "%s again: cold shutdown, handing back every held row now (%s again: quit without handing them back)",
+            sig.name,
+            sig.name,
+        )
         self.stop(cold=True)
         loop = asyncio.get_running_loop()
         for other in (signal.SIGTERM, signal.SIGINT):
@@ -369,8 +394,11 @@ class Worker:
                 nonlocal claimed_at
                 claimed_at = time.monotonic()  # just before the statement: the local lease deadline is never late
                 return await queue.claim_batch(
-                    c, worker_id=self.id, limit=min(free, self.config.max_claim),  # noqa: B023 - awaited in this turn
-                    lease_seconds=self.config.lease_seconds, lanes=self._lanes.claim_filter(),
+                    c,
+                    worker_id=self.id,
+                    limit=min(free, self.config.max_claim),  # noqa: B023 - awaited in this turn
+                    lease_seconds=self.config.lease_seconds,
+                    lanes=self._lanes.claim_filter(),
                 )
 
             try:
@@ -386,8 +414,14 @@ class Worker:
             if rows:
                 idle_since = None
                 continue
-            if (self.config.exit_when_idle and not self._tasks and not self._held and self._completer.backlog == 0
-                    and time.monotonic() >= self._deferred_until and not self._breaker.open):
+            if (
+                self.config.exit_when_idle
+                and not self._tasks
+                and not self._held
+                and self._completer.backlog == 0
+                and time.monotonic() >= self._deferred_until
+                and not self._breaker.open
+            ):
                 now = time.monotonic()
                 idle_since = idle_since or now
                 if now - idle_since >= self.config.poll_interval:
@@ -467,8 +501,9 @@ class Worker:
             log.exception("unexpected error on job %s request %s", row.job_id, row.id)
             await self._breaker.forget(row)
             # Stored with the row: mask any key the exception text might carry.
-            error = ProviderError(ErrorKind.TRANSIENT,
-                                  redact(f"internal error: {type(exc).__name__}: {exc}", *resolved_secrets()))
+            error = ProviderError(
+                ErrorKind.TRANSIENT, redact(f"internal error: {type(exc).__name__}: {exc}", *resolved_secrets())
+            )
             outcome = failure(row, error, None, self.config.retry)
         # Tokens of every call made for this row count, including answers that did not validate.
         outcome.prompt_tokens, outcome.completion_tokens = spent.prompt_tokens, spent.completion_tokens
@@ -514,8 +549,10 @@ class Worker:
         if job.reserves_budget:
             if job.price is None:
                 # Unpriced calls would cost $0 and slip past every budget: stop and say why.
-                raise _HandBack(f"no price for {job.provider}/{job.model} in batchdb.prices, so its budget "
-                                "cannot be enforced; add the price, then resume")
+                raise _HandBack(
+                    f"no price for {job.provider}/{job.model} in batchdb.prices, so its budget "
+                    "cannot be enforced; add the price, then resume"
+                )
             await self._reserve_budget(row, job.price.ceiling_usd(prompt_estimate, request.max_tokens))
         # The client exists before capacity is reserved: building the first one imports the
         # SDK, which blocks the loop; capacity granted before that would go out late, in a burst.
@@ -531,8 +568,7 @@ class Worker:
             raise _NotSent  # a stopping worker sends no new call (workers/shutdown.py)
         try:
             # Not sent if the row stops being ours or its job stops running meanwhile.
-            paced = await self._guard.hold(
-                row, self._pacer.acquire(lane, reserved_tokens, give_up_after=give_up_after))
+            paced = await self._guard.hold(row, self._pacer.acquire(lane, reserved_tokens, give_up_after=give_up_after))
         except DailyQuotaExhausted as exc:
             raise _HandBack(str(exc)) from None
         except LaneWaiting as exc:
@@ -572,7 +608,8 @@ class Worker:
             raise
         self._pacer.observe(lane, read_headers(response.rate_limit_headers))
         settler.give_back(
-            lane, reserved_tokens - charged_tokens(job.provider, response.prompt_tokens, request.max_tokens))
+            lane, reserved_tokens - charged_tokens(job.provider, response.prompt_tokens, request.max_tokens)
+        )
         await self._breaker.succeeded(circuit, row, sent_at)
         spent.prompt_tokens += response.prompt_tokens
         spent.completion_tokens += response.completion_tokens
@@ -583,8 +620,13 @@ class Worker:
         way ('wait'), hold the row and ask again as they settle; a spent budget pauses the job."""
         held = self._reserved.setdefault(row.key, _Reserved(row.lease_token))
         # The call's key: run again after a lost reply, the statement reserves nothing more.
-        key = {"job_id": row.job_id, "usd": usd, "request_id": row.id, "lease_token": row.lease_token,
-               "seq": held.calls + 1}
+        key = {
+            "job_id": row.job_id,
+            "usd": usd,
+            "request_id": row.id,
+            "lease_token": row.lease_token,
+            "seq": held.calls + 1,
+        }
 
         async def reserve(conn: psycopg.AsyncConnection[DictRow]) -> str:
             cur = await conn.execute(query("reserve_budget"), key)
@@ -622,8 +664,9 @@ class Worker:
         cache_key = name if key_alias == "default" else f"{name}:{key_alias}"
         if cache_key not in self._providers:
             try:
-                self._providers[cache_key] = build_provider(name, key_alias=key_alias,
-                                                            timeout=self.config.request_timeout)
+                self._providers[cache_key] = build_provider(
+                    name, key_alias=key_alias, timeout=self.config.request_timeout
+                )
             except ProviderError as exc:
                 if exc.kind is ErrorKind.QUOTA_EXHAUSTED:  # no key or endpoint in this process
                     raise self._lanes.lost(name, key_alias, exc.message) from None
@@ -651,11 +694,20 @@ class Worker:
             raise ProviderError(ErrorKind.PERMANENT, f"job {job_id} no longer exists")
         self._guard.job_status(job_id, row["status"])
         params = row["params"] or {}
-        job = _Job(row["provider"], row["key_alias"], row["model"], params, row["budget_usd"],
-                   Price.of(row["input_per_mtok"], row["output_per_mtok"]), now, ResponseValidator.for_params(params),
-                   int(params.get("validation_retries", DEFAULT_VALIDATION_RETRIES)),
-                   owner=row["owner"], owner_has_budget=row["owner_has_budget"],
-                   limits=ModelLimits.from_row(row["model"], row))
+        job = _Job(
+            row["provider"],
+            row["key_alias"],
+            row["model"],
+            params,
+            row["budget_usd"],
+            Price.of(row["input_per_mtok"], row["output_per_mtok"]),
+            now,
+            ResponseValidator.for_params(params),
+            int(params.get("validation_retries", DEFAULT_VALIDATION_RETRIES)),
+            owner=row["owner"],
+            owner_has_budget=row["owner_has_budget"],
+            limits=ModelLimits.from_row(row["model"], row),
+        )
         self._jobs[job_id] = job
         return job
 
@@ -685,8 +737,9 @@ class Worker:
         """Return rows to the queue without spending an attempt, due again in `delay_s` seconds, and
         let go of them here (budget reservations, held and claim times); returns how many were still
         ours (the rest were fenced out). Every hand-back of an unsent row goes through this."""
-        released = await self._claims.run(lambda c: queue.release_leases(c, rows, delay_s=delay_s),
-                                          what="release_leases")
+        released = await self._claims.run(
+            lambda c: queue.release_leases(c, rows, delay_s=delay_s), what="release_leases"
+        )
         self._release_budget(rows)
         self._let_go(row.key for row in rows)
         return len(released)
@@ -727,8 +780,13 @@ class Worker:
         self._progress_rows += done
         now = time.monotonic()
         if self._progress_rows and now - self._progress_at >= self.config.progress_interval:
-            log.info("%d row(s) done in the last %.0fs (%d since start), %d in flight",
-                     self._progress_rows, now - self._progress_at, self.completed, len(self._tasks))
+            log.info(
+                "%d row(s) done in the last %.0fs (%d since start), %d in flight",
+                self._progress_rows,
+                now - self._progress_at,
+                self.completed,
+                len(self._tasks),
+            )
             self._progress_at, self._progress_rows = now, 0
 
     # -- maintenance -------------------------------------------------------------------------
@@ -798,14 +856,12 @@ class Worker:
                 timeout = deadline - time.monotonic()
                 if timeout <= 0:
                     break
-                _, pending = await asyncio.wait(pending | {cold}, timeout=timeout,
-                                                return_when=asyncio.FIRST_COMPLETED)
+                _, pending = await asyncio.wait(pending | {cold}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 pending.discard(cold)
         finally:
             cold.cancel()
         if pending:
-            log.warning("not waiting for %d sent request(s) any longer: their rows go back to the queue",
-                        len(pending))
+            log.warning("not waiting for %d sent request(s) any longer: their rows go back to the queue", len(pending))
         await self._cancel_tasks(pending)
 
     async def _cancel_tasks(self, tasks: set[asyncio.Task[None]]) -> None:
@@ -821,8 +877,11 @@ class Worker:
         try:
             released = await self._release(unfinished)
         except DatabaseUnreachable:
-            log.warning("database unreachable: %d held row(s) go back to the queue when their lease runs out "
-                        "(within %.0fs)", len(unfinished), self.config.lease_seconds)
+            log.warning(
+                "database unreachable: %d held row(s) go back to the queue when their lease runs out (within %.0fs)",
+                len(unfinished),
+                self.config.lease_seconds,
+            )
             return
         log.info("released %d unfinished row(s)", released)
 

@@ -98,8 +98,14 @@ def endpoint_of(url: Any) -> str | None:
     return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
-_DNS_FAILURE_TEXT = ("name or service not known", "nodename nor servname", "temporary failure in name resolution",
-                     "no address associated with hostname", "getaddrinfo failed", "name resolution")
+_DNS_FAILURE_TEXT = (
+    "name or service not known",
+    "nodename nor servname",
+    "temporary failure in name resolution",
+    "no address associated with hostname",
+    "getaddrinfo failed",
+    "name resolution",
+)
 
 
 def is_dns_failure(exc: BaseException) -> bool:

@@ -80,8 +80,12 @@ _HINTS = {
 }
 _JSON_TYPES = frozenset({"string", "number", "integer", "boolean", "object", "array", "null"})
 # OpenAI extras with a Gemini `GenerateContentConfig` equivalent.
-_GEMINI_EXTRAS = {"top_p": "top_p", "stop": "stop_sequences", "presence_penalty": "presence_penalty",
-                  "frequency_penalty": "frequency_penalty"}
+_GEMINI_EXTRAS = {
+    "top_p": "top_p",
+    "stop": "stop_sequences",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+}
 _SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -226,9 +230,11 @@ def _strict_problems(schema: Any, path: str) -> list[str]:
     problems: list[str] = []
     for where, node in _subschemas(schema, path):
         properties = node.get("properties")
-        is_object = node.get("type") == "object" or (
-            isinstance(node.get("type"), list) and "object" in node["type"]
-        ) or isinstance(properties, Mapping)
+        is_object = (
+            node.get("type") == "object"
+            or (isinstance(node.get("type"), list) and "object" in node["type"])
+            or isinstance(properties, Mapping)
+        )
         if not is_object:
             continue
         if node.get("additionalProperties") is not False:
@@ -289,7 +295,8 @@ def to_gemini(request: ChatRequest) -> GeminiCall:
             problems = _gemini_schema_problems(schema)
             if problems:
                 raise UnsupportedRequest(
-                    "response_format json_schema: Gemini cannot enforce " + "; ".join(problems[:5])
+                    "response_format json_schema: Gemini cannot enforce "
+                    + "; ".join(problems[:5])
                     + f" (it honours {', '.join(sorted(GEMINI_SCHEMA_KEYWORDS))})"
                 )
             config["response_json_schema"] = dict(schema)
@@ -316,8 +323,10 @@ def _gemini_text(message: Mapping[str, Any], i: int) -> str:
     if isinstance(content, list):
         texts = []
         for j, part in enumerate(content):
-            if isinstance(part, Mapping) and part.get("type") in ("text", "input_text") and isinstance(
-                part.get("text"), str
+            if (
+                isinstance(part, Mapping)
+                and part.get("type") in ("text", "input_text")
+                and isinstance(part.get("text"), str)
             ):
                 texts.append(part["text"])
             else:
@@ -365,8 +374,10 @@ def _probe_request(model: str, params: Mapping[str, Any]) -> ChatRequest:
             messages.append({"role": "system", "content": params["system"]})
         # Without a prompt template each row brings its own messages; stand in for them.
         messages.append({"role": "user", "content": params.get("prompt") or _RowContent("(row payload)")})
-    elif isinstance(messages, list) and params.get("system") and not any(
-        isinstance(m, Mapping) and m.get("role") == "system" for m in messages
+    elif (
+        isinstance(messages, list)
+        and params.get("system")
+        and not any(isinstance(m, Mapping) and m.get("role") == "system" for m in messages)
     ):
         messages = [{"role": "system", "content": params["system"]}, *messages]
     extra = {k: v for k, v in params.items() if k in _EXTRA_PARAMS}

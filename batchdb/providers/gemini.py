@@ -30,11 +30,30 @@ _RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
 _ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
 # ErrorInfo reasons that refuse the key itself: every row of the lane would fail alike, so the
 # lane's circuit opens (ErrorKind.UNAVAILABLE) and its probe finds out when the key works again.
-_KEY_REFUSED = frozenset({"API_KEY_INVALID", "API_KEY_EXPIRED", "API_KEY_SERVICE_BLOCKED",
-                          "API_KEY_HTTP_REFERRER_BLOCKED", "API_KEY_IP_ADDRESS_BLOCKED", "SERVICE_DISABLED",
-                          "CONSUMER_SUSPENDED"})
-_CONTENT_FILTER = frozenset({"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY",
-                             "IMAGE_PROHIBITED_CONTENT", "IMAGE_RECITATION", "MODEL_ARMOR"})
+_KEY_REFUSED = frozenset(
+    {
+        "API_KEY_INVALID",
+        "API_KEY_EXPIRED",
+        "API_KEY_SERVICE_BLOCKED",
+        "API_KEY_HTTP_REFERRER_BLOCKED",
+        "API_KEY_IP_ADDRESS_BLOCKED",
+        "SERVICE_DISABLED",
+        "CONSUMER_SUSPENDED",
+    }
+)
+_CONTENT_FILTER = frozenset(
+    {
+        "SAFETY",
+        "RECITATION",
+        "BLOCKLIST",
+        "PROHIBITED_CONTENT",
+        "SPII",
+        "IMAGE_SAFETY",
+        "IMAGE_PROHIBITED_CONTENT",
+        "IMAGE_RECITATION",
+        "MODEL_ARMOR",
+    }
+)
 _FINISH_REASONS = {"STOP": "stop", "MAX_TOKENS": "length", **{name: "content_filter" for name in _CONTENT_FILTER}}
 _RETRY_IN_MESSAGE = re.compile(r"retry in ([0-9.]+)\s*(ms|s)\b", re.IGNORECASE)
 _MAX_MESSAGE = 600
@@ -54,7 +73,10 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 _TRANSPORT_ERRORS = _transport_errors()
 # A call that failed below the API: no HTTP answer, or one the SDK could not read.
 _CALL_FAILURES: tuple[type[BaseException], ...] = (
-    *_TRANSPORT_ERRORS, errors.UnknownApiResponseError, json.JSONDecodeError)
+    *_TRANSPORT_ERRORS,
+    errors.UnknownApiResponseError,
+    json.JSONDecodeError,
+)
 
 
 class GeminiProvider:
@@ -78,7 +100,8 @@ class GeminiProvider:
         try:
             response = await self._client.aio.models.generate_content(
                 # compat builds plain dicts of ContentDict's shape without importing the SDK.
-                model=request.model, contents=cast("list[types.ContentDict]", call.contents),
+                model=request.model,
+                contents=cast("list[types.ContentDict]", call.contents),
                 config=types.GenerateContentConfig(**call.config),
             )
         except errors.APIError as exc:
@@ -134,8 +157,9 @@ def normalise_response(response: types.GenerateContentResponse, *, model: str) -
     )
 
 
-def classify_gemini_error(exc: errors.APIError, *, secret: str | None = None,
-                          endpoint: str | None = None) -> ProviderError:
+def classify_gemini_error(
+    exc: errors.APIError, *, secret: str | None = None, endpoint: str | None = None
+) -> ProviderError:
     """Map a google-genai `APIError` to the worker's reactions; the message names `endpoint`."""
     status = exc.code
     grpc_status = exc.status or ""

@@ -58,8 +58,9 @@ class OpenAIProvider:
         await self._client.close()
 
 
-def classify_openai_error(exc: openai.APIError, *, secret: str | None = None,
-                          provider: str = "openai") -> ProviderError:
+def classify_openai_error(
+    exc: openai.APIError, *, secret: str | None = None, provider: str = "openai"
+) -> ProviderError:
     """Map an SDK exception to the worker's reactions; the message names the endpoint called
     (and `provider`, ``openai`` or ``azure``, when the key is refused)."""
     endpoint = _endpoint(exc)
@@ -69,8 +70,9 @@ def classify_openai_error(exc: openai.APIError, *, secret: str | None = None,
         return ProviderError(ErrorKind.TRANSIENT, message)
     if isinstance(exc, openai.APIConnectionError):
         if is_dns_failure(exc):
-            return ProviderError(ErrorKind.UNAVAILABLE, redact(f"{type(exc).__name__}: host name not found{at}",
-                                                               secret))
+            return ProviderError(
+                ErrorKind.UNAVAILABLE, redact(f"{type(exc).__name__}: host name not found{at}", secret)
+            )
         return ProviderError(ErrorKind.TRANSIENT, message)
     if not isinstance(exc, openai.APIStatusError):
         return ProviderError(ErrorKind.TRANSIENT, message)
@@ -83,8 +85,9 @@ def classify_openai_error(exc: openai.APIError, *, secret: str | None = None,
         message = redact(f"{type(exc).__name__} ({code}): {exc.message}{at}", secret)
     if status == 429:
         if code == "insufficient_quota":
-            return ProviderError(ErrorKind.QUOTA_EXHAUSTED, message, status_code=status,
-                                 rate_limit_headers=limit_headers)
+            return ProviderError(
+                ErrorKind.QUOTA_EXHAUSTED, message, status_code=status, rate_limit_headers=limit_headers
+            )
         return ProviderError(
             ErrorKind.RATE_LIMITED,
             message,
@@ -97,8 +100,11 @@ def classify_openai_error(exc: openai.APIError, *, secret: str | None = None,
         # circuit opens and its probe finds the key accepted again (a worker restarted with the
         # new key) with nobody typing `batchdb resume`. The message names the endpoint, never the key.
         vendor = _DISPLAY_NAMES.get(provider, provider)
-        refused = redact(f"{vendor} refused the API key ({status}{f' {code}' if code else ''})"
-                         f"{f' at {endpoint}' if endpoint else ''}: {_error_text(exc)}", secret)
+        refused = redact(
+            f"{vendor} refused the API key ({status}{f' {code}' if code else ''})"
+            f"{f' at {endpoint}' if endpoint else ''}: {_error_text(exc)}",
+            secret,
+        )
         return ProviderError(ErrorKind.UNAVAILABLE, refused, status_code=status)
     if status == 404:
         # The route (a base URL without /v1), the model or the Azure deployment is not there:

@@ -76,7 +76,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m batchdb.simul
         print(f"invalid simulator config: {exc}", file=sys.stderr)
         return 2
     serving = serve(
-        config, host=args.host, port=args.port, ready_file=args.ready_file, exit_with_parent=args.exit_with_parent,
+        config,
+        host=args.host,
+        port=args.port,
+        ready_file=args.ready_file,
+        exit_with_parent=args.exit_with_parent,
         on_ready=announce,
     )
     asyncio.run(serving)

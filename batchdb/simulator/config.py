@@ -146,11 +146,18 @@ class Outage:
 # what the simulator compares with. tests/simulator checks the two tables agree.
 DEFAULT_CONTEXT_WINDOW = 128_000
 PUBLISHED_CONTEXT_WINDOWS: Mapping[str, int] = {
-    "gpt-4o": 128_000, "gpt-4o-mini": 128_000,
-    "gpt-4.1": 1_047_576, "gpt-4.1-mini": 1_047_576, "gpt-4.1-nano": 1_047_576,
-    "gpt-5": 400_000, "gpt-5-mini": 400_000, "gpt-5-nano": 400_000,
+    "gpt-4o": 128_000,
+    "gpt-4o-mini": 128_000,
+    "gpt-4.1": 1_047_576,
+    "gpt-4.1-mini": 1_047_576,
+    "gpt-4.1-nano": 1_047_576,
+    "gpt-5": 400_000,
+    "gpt-5-mini": 400_000,
+    "gpt-5-nano": 400_000,
     "o4-mini": 200_000,
-    "gemini-2.5-pro": 1_048_576, "gemini-2.5-flash": 1_048_576, "gemini-2.5-flash-lite": 1_048_576,
+    "gemini-2.5-pro": 1_048_576,
+    "gemini-2.5-flash": 1_048_576,
+    "gemini-2.5-flash-lite": 1_048_576,
     "gemini-2.0-flash": 1_048_576,
 }
 
@@ -201,8 +208,11 @@ class SimulatorConfig:
             raise ValueError("burst_window_s must be in (0, 60]")
         if not 0 <= self.invalid_json_rate <= 1:
             raise ValueError("invalid_json_rate must be in [0, 1]")
-        if self.default_max_tokens < 0 or (self.context_window is not None and self.context_window < 1) \
-                or self.embedding_dimensions < 1:
+        if (
+            self.default_max_tokens < 0
+            or (self.context_window is not None and self.context_window < 1)
+            or self.embedding_dimensions < 1
+        ):
             raise ValueError("default_max_tokens, context_window and embedding_dimensions must be positive")
 
     def context_window_for(self, model: str) -> int:

@@ -27,13 +27,22 @@ with ui.database_guard():
     if by_day.empty:
         st.info("No cost recorded yet.")
     else:
-        per_day = by_day.pivot_table(index="day", columns="model", values="cost_usd", aggfunc="sum",
-                                     fill_value=0.0).reset_index()
+        per_day = by_day.pivot_table(
+            index="day", columns="model", values="cost_usd", aggfunc="sum", fill_value=0.0
+        ).reset_index()
         per_day["day"] = pd.to_datetime(per_day["day"]).dt.strftime("%Y-%m-%d")  # one bar per UTC day
-        st.bar_chart(per_day, x="day", y=[c for c in per_day.columns if c != "day"], x_label="day (UTC)",
-                     y_label="USD", stack=True)
-        st.caption("A job's cost is spread evenly over the time it ran: exact for jobs that ran within one UTC "
-                   "day, an estimate for jobs that crossed midnight.")
+        st.bar_chart(
+            per_day,
+            x="day",
+            y=[c for c in per_day.columns if c != "day"],
+            x_label="day (UTC)",
+            y_label="USD",
+            stack=True,
+        )
+        st.caption(
+            "A job's cost is spread evenly over the time it ran: exact for jobs that ran within one UTC "
+            "day, an estimate for jobs that crossed midnight."
+        )
 
     left, right = st.columns(2)
     with left:
@@ -44,13 +53,15 @@ with ui.database_guard():
         ui.table(data["by_model"], share=0.5, column_config={"cost_usd": ui.USD})
 
     st.subheader("By job")
-    ui.table(data["by_job"], hide_index=True, width="stretch",
-                 column_config={"cost_usd": ui.USD, "budget_usd": ui.USD})
+    ui.table(data["by_job"], hide_index=True, width="stretch", column_config={"cost_usd": ui.USD, "budget_usd": ui.USD})
 
     st.subheader("Estimated cost of queued work")
     if queued.empty:
         st.info("Nothing is queued.")
     else:
-        ui.table(queued, hide_index=True, width="stretch",
-                     column_config={"usd_per_row": st.column_config.NumberColumn(format="$%.6f"),
-                                    "estimated_usd": ui.USD})
+        ui.table(
+            queued,
+            hide_index=True,
+            width="stretch",
+            column_config={"usd_per_row": st.column_config.NumberColumn(format="$%.6f"), "estimated_usd": ui.USD},
+        )

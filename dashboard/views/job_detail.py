@@ -34,10 +34,14 @@ def pick_job() -> int | None:
 def header(job: dict) -> None:
     st.title(ui.job_label(job["job_id"], job["name"]))
     reason = f" — {job['status_reason']}" if isinstance(job["status_reason"], str) else ""
-    st.markdown(f"**{job['status']}**{reason} · owner **{job['owner']}** · "
-                f"{job['provider']}/{job['key_alias']} · model **{job['model']}** · priority {job['priority']}")
-    st.progress(min(1.0, float(job["pct_done"]) / 100.0),
-                text=f"{ui.fmt_int(job['n_done'])} of {ui.fmt_int(job['n_total'])} rows done ({job['pct_done']:.1f}%)")
+    st.markdown(
+        f"**{job['status']}**{reason} · owner **{job['owner']}** · "
+        f"{job['provider']}/{job['key_alias']} · model **{job['model']}** · priority {job['priority']}"
+    )
+    st.progress(
+        min(1.0, float(job["pct_done"]) / 100.0),
+        text=f"{ui.fmt_int(job['n_done'])} of {ui.fmt_int(job['n_total'])} rows done ({job['pct_done']:.1f}%)",
+    )
     m = st.columns(6)
     m[0].metric("Succeeded", ui.fmt_int(job["n_succeeded"]))
     m[1].metric("Failed / dead", f"{ui.fmt_int(job['n_failed'])} / {ui.fmt_int(job['n_dead'])}")
@@ -51,8 +55,10 @@ def header(job: dict) -> None:
 def body(detail: dict) -> None:
     job, est = detail["job"], detail["estimate"]
     if not est.exact:
-        st.caption(f"Charts, latency and error counts: {est.label()} of this job's "
-                   f"{ui.fmt_int(job['n_total'])} rows. Totals above are exact counters.")
+        st.caption(
+            f"Charts, latency and error counts: {est.label()} of this job's "
+            f"{ui.fmt_int(job['n_total'])} rows. Totals above are exact counters."
+        )
     timeline = detail["timeline"]
     left, right = st.columns(2)
     with left:
@@ -60,24 +66,35 @@ def body(detail: dict) -> None:
         if timeline.empty:
             st.info("No row has finished yet.")
         else:
-            ui.time_chart(timeline.rename(columns={"done_cumulative": "rows done"}), "bucket", ["rows done"],
-                          y_title="rows done", colors={"rows done": "#1c83e1"})
+            ui.time_chart(
+                timeline.rename(columns={"done_cumulative": "rows done"}),
+                "bucket",
+                ["rows done"],
+                y_title="rows done",
+                colors={"rows done": "#1c83e1"},
+            )
     with right:
         st.subheader("Throughput")
         if timeline.empty:
             st.info("No throughput yet.")
         else:
-            ui.time_chart(timeline, "bucket", ["succeeded", "failed"], kind="bar",
-                          y_title=f"rows per {ui.fmt_duration(detail['bucket_seconds'])}",
-                          colors={"succeeded": "#21c354", "failed": "#ff4b4b"})
+            ui.time_chart(
+                timeline,
+                "bucket",
+                ["succeeded", "failed"],
+                kind="bar",
+                y_title=f"rows per {ui.fmt_duration(detail['bucket_seconds'])}",
+                colors={"succeeded": "#21c354", "failed": "#ff4b4b"},
+            )
     lat = detail["latency"]
     st.subheader("Latency of succeeded calls")
     if not lat["n"]:
         st.info("No succeeded call yet.")
     else:
         c = st.columns(5)
-        for col, key, label in zip(c, ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "max_ms"),
-                                   ("p50", "p90", "p99", "mean", "max"), strict=True):
+        for col, key, label in zip(
+            c, ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "max_ms"), ("p50", "p90", "p99", "mean", "max"), strict=True
+        ):
             col.metric(f"{label} (ms)", ui.fmt_int(lat[key]))
 
     st.subheader("Errors by class")
@@ -85,16 +102,26 @@ def body(detail: dict) -> None:
     if errors.empty:
         st.success("No row of this job has an error.")
     else:
-        ui.table(errors.assign(examples=errors["examples"].map(lambda e: " | ".join(e) if e is not None else "")),
-                     hide_index=True, width="stretch",
-                     column_config={"n": st.column_config.NumberColumn("rows", format="%.0f"),
-                                    "last_seen": st.column_config.DatetimeColumn("last finished (UTC)")})
+        ui.table(
+            errors.assign(examples=errors["examples"].map(lambda e: " | ".join(e) if e is not None else "")),
+            hide_index=True,
+            width="stretch",
+            column_config={
+                "n": st.column_config.NumberColumn("rows", format="%.0f"),
+                "last_seen": st.column_config.DatetimeColumn("last finished (UTC)"),
+            },
+        )
 
     st.subheader("Cost by token type")
-    ui.table(detail["cost_by_token_type"], hide_index=True,
-                 column_config={"cost_usd": ui.USD, "usd per 1M tokens": st.column_config.NumberColumn(format="$%.3f")})
-    st.caption(f"Recorded cost: {ui.fmt_usd(job['cost_usd'])} (priced row by row when each row completed; "
-               "the split uses today's list prices).")
+    ui.table(
+        detail["cost_by_token_type"],
+        hide_index=True,
+        column_config={"cost_usd": ui.USD, "usd per 1M tokens": st.column_config.NumberColumn(format="$%.3f")},
+    )
+    st.caption(
+        f"Recorded cost: {ui.fmt_usd(job['cost_usd'])} (priced row by row when each row completed; "
+        "the split uses today's list prices)."
+    )
 
 
 def samples(job: dict) -> None:
@@ -115,24 +142,31 @@ def parquet_output(job: dict) -> None:
         root = ui.outputs_dir()
         files = ui.output_files(root)
         if not files:
-            st.info(f"No Parquet file under `{root}`. Write one with `batchdb results {job['job_id']} -o "
-                    f"job-{job['job_id']}.parquet` there, or start the dashboard with `--outputs DIR`.")
+            st.info(
+                f"No Parquet file under `{root}`. Write one with `batchdb results {job['job_id']} -o "
+                f"job-{job['job_id']}.parquet` there, or start the dashboard with `--outputs DIR`."
+            )
             return
         match = ui.output_for_job(root, int(job["job_id"]))
         if match is None:
-            st.info(f"No output file of job {job['job_id']} under `{root}` (none carries its id or name); "
-                    "pick one to inspect.")
+            st.info(
+                f"No output file of job {job['job_id']} under `{root}` (none carries its id or name); "
+                "pick one to inspect."
+            )
         index = files.index(match) if match in files else None
-        path = st.selectbox("File", files, index=index, format_func=lambda p: os.path.relpath(p, root),
-                            placeholder="Choose a file")
+        path = st.selectbox(
+            "File", files, index=index, format_func=lambda p: os.path.relpath(p, root), placeholder="Choose a file"
+        )
         if path is None:
             return
         out = ui.parquet_output(path, os.path.getmtime(path), 0)
         ui.table(out["status"], hide_index=True, column_config={"cost_usd": ui.USD})
         lat = out["latency"]
         if lat["n"]:
-            st.caption(f"latency p50 {ui.fmt_int(lat['p50_ms'])} ms · p90 {ui.fmt_int(lat['p90_ms'])} ms · "
-                       f"p99 {ui.fmt_int(lat['p99_ms'])} ms over {ui.fmt_int(lat['n'])} succeeded rows")
+            st.caption(
+                f"latency p50 {ui.fmt_int(lat['p50_ms'])} ms · p90 {ui.fmt_int(lat['p90_ms'])} ms · "
+                f"p99 {ui.fmt_int(lat['p99_ms'])} ms over {ui.fmt_int(lat['n'])} succeeded rows"
+            )
         if not out["errors"].empty:
             ui.table(out["errors"], hide_index=True, width="stretch")
         ui.table(out["sample"], hide_index=True, width="stretch")
@@ -156,12 +190,16 @@ def actions(job: dict) -> None:
         return
     with st.container(border=True):
         if pending["action"] == "cancel":
-            st.warning(f"Cancel job {ui.job_label(job_id, job['name'])}? Its {job['n_queued']:,} queued rows will "
-                       f"never run and the results of its {job['n_running']:,} rows in flight are not recorded.")
+            st.warning(
+                f"Cancel job {ui.job_label(job_id, job['name'])}? Its {job['n_queued']:,} queued rows will "
+                f"never run and the results of its {job['n_running']:,} rows in flight are not recorded."
+            )
         else:
             which = " and ".join(s for s, on in (("failed", pending["failed"]), ("dead", pending["dead"])) if on)
-            st.warning(f"Queue the {which} rows of job {ui.job_label(job_id, job['name'])} again "
-                       f"({n_retry:,} rows, attempts counted afresh)?")
+            st.warning(
+                f"Queue the {which} rows of job {ui.job_label(job_id, job['name'])} again "
+                f"({n_retry:,} rows, attempts counted afresh)?"
+            )
         yes, no = st.columns([1, 4])
         if yes.button(f"Yes, {pending['action']}", type="primary", key="confirm"):
             handle = batchdb.Job(job_id, dsn=dsn)  # the SDK call the CLI makes

@@ -21,9 +21,11 @@ with ui.database_guard():
     models = f[2].multiselect("Model", sorted(everything["model"].dropna().unique()), placeholder="all models")
     shown = queries.filter_jobs(everything, owners=owners, statuses=statuses, models=models)
 
-    st.caption(f"{len(shown):,} of {len(everything):,} jobs · "
-               f"{shown['n_done'].sum() if 'n_done' in shown else 0:,.0f} rows done · "
-               f"cost {ui.fmt_usd(shown['cost_usd'].sum())}")
+    st.caption(
+        f"{len(shown):,} of {len(everything):,} jobs · "
+        f"{shown['n_done'].sum() if 'n_done' in shown else 0:,.0f} rows done · "
+        f"cost {ui.fmt_usd(shown['cost_usd'].sum())}"
+    )
     if shown.empty:
         st.info("No job matches these filters.")
     else:
@@ -32,16 +34,44 @@ with ui.database_guard():
             detail="job?job=" + shown["job_id"].astype(str),
         )
         ui.table(
-            table[["job_id", "detail", "name", "status", "pct_done", "owner", "model", "n_total", "n_queued",
-                   "n_running", "n_succeeded", "n_failed", "n_dead", "n_cancelled", "cost_usd",
-                   "rows_per_second_now", "avg_rows_per_second", "eta", "created_at", "status_reason"]],
-            hide_index=True, width="stretch", keys=["job_id", "name"],
+            table[
+                [
+                    "job_id",
+                    "detail",
+                    "name",
+                    "status",
+                    "pct_done",
+                    "owner",
+                    "model",
+                    "n_total",
+                    "n_queued",
+                    "n_running",
+                    "n_succeeded",
+                    "n_failed",
+                    "n_dead",
+                    "n_cancelled",
+                    "cost_usd",
+                    "rows_per_second_now",
+                    "avg_rows_per_second",
+                    "eta",
+                    "created_at",
+                    "status_reason",
+                ]
+            ],
+            hide_index=True,
+            width="stretch",
+            keys=["job_id", "name"],
             column_config={
                 "job_id": st.column_config.NumberColumn("job", format="%d"),
                 "detail": st.column_config.LinkColumn("open", display_text="details"),
                 "pct_done": ui.PROGRESS,
-                "n_total": "rows", "n_queued": "queued", "n_running": "running", "n_succeeded": "succeeded",
-                "n_failed": "failed", "n_dead": "dead", "n_cancelled": "cancelled",
+                "n_total": "rows",
+                "n_queued": "queued",
+                "n_running": "running",
+                "n_succeeded": "succeeded",
+                "n_failed": "failed",
+                "n_dead": "dead",
+                "n_cancelled": "cancelled",
                 "cost_usd": ui.USD,
                 "rows_per_second_now": st.column_config.NumberColumn("rows/s now", format="%.1f"),
                 "avg_rows_per_second": st.column_config.NumberColumn("rows/s avg", format="%.1f"),

@@ -18,8 +18,10 @@ def live() -> None:
         data = ui.providers(dsn, WINDOWS[window])
         lanes = data["lanes"]
         if lanes.empty:
-            st.info("No provider key in use yet. Configure one with "
-                    "`batchdb limits set openai gpt-4o-mini --rpm 5000 --tpm 2000000`, or submit a job.")
+            st.info(
+                "No provider key in use yet. Configure one with "
+                "`batchdb limits set openai gpt-4o-mini --rpm 5000 --tpm 2000000`, or submit a job."
+            )
             return
         st.subheader("Now")
         # A lane whose provider is down waits for its probe (workers/breaker.py), limits or not.
@@ -31,7 +33,9 @@ def live() -> None:
                 if r.stalled:
                     st.warning(f"{r.provider}/{r.key_alias}/{r.model}: {r.state_text}")
         ui.table(
-            lanes, hide_index=True, width="stretch",
+            lanes,
+            hide_index=True,
+            width="stretch",
             column_config={
                 "key_alias": "key",
                 "tokens_per_min": st.column_config.NumberColumn("tokens/min now", format="%.0f"),
@@ -49,16 +53,41 @@ def live() -> None:
             st.info("No limits configured or learnt: calls are not paced.")
         else:
             ui.table(
-                limits[["provider", "key_alias", "model", "rpm", "tpm", "rpd", "source", "target_fraction",
-                        "burst_seconds", "pace_now", "state_text", "blocked", "blocked_until", "day_requests",
-                        "requests_granted", "tokens_granted", "rate_limited", "updated_at"]],
-                hide_index=True, width="stretch",
-                column_config={"key_alias": "key", "pace_now": st.column_config.NumberColumn("pace now", format="%.2f"),
-                               "state_text": "state",
-                               "rate_limited": st.column_config.NumberColumn("429s (total)", format="%d")},
+                limits[
+                    [
+                        "provider",
+                        "key_alias",
+                        "model",
+                        "rpm",
+                        "tpm",
+                        "rpd",
+                        "source",
+                        "target_fraction",
+                        "burst_seconds",
+                        "pace_now",
+                        "state_text",
+                        "blocked",
+                        "blocked_until",
+                        "day_requests",
+                        "requests_granted",
+                        "tokens_granted",
+                        "rate_limited",
+                        "updated_at",
+                    ]
+                ],
+                hide_index=True,
+                width="stretch",
+                column_config={
+                    "key_alias": "key",
+                    "pace_now": st.column_config.NumberColumn("pace now", format="%.2f"),
+                    "state_text": "state",
+                    "rate_limited": st.column_config.NumberColumn("429s (total)", format="%d"),
+                },
             )
-            st.caption("Pace: the share of the limit the ledger grants now (x0.7 after a 429, +2%/s after). "
-                       "Blocked: waiting out a provider's retry-after.")
+            st.caption(
+                "Pace: the share of the limit the ledger grants now (x0.7 after a 429, +2%/s after). "
+                "Blocked: waiting out a provider's retry-after."
+            )
 
         series = data["series"]
         st.subheader(f"Usage per minute, last {window}")
@@ -70,19 +99,37 @@ def live() -> None:
             cols = st.columns(3)
             with cols[0]:
                 tokens = part.rename(columns={"tpm": "TPM limit"})
-                ui.time_chart(tokens, "minute", ["tokens", "TPM limit"] if tokens["TPM limit"].notna().any()
-                              else ["tokens"], y_title="tokens/min", height=220,
-                              colors={"tokens": "#1c83e1", "TPM limit": "#ff4b4b"})
+                ui.time_chart(
+                    tokens,
+                    "minute",
+                    ["tokens", "TPM limit"] if tokens["TPM limit"].notna().any() else ["tokens"],
+                    y_title="tokens/min",
+                    height=220,
+                    colors={"tokens": "#1c83e1", "TPM limit": "#ff4b4b"},
+                )
             with cols[1]:
                 requests = part.rename(columns={"rpm": "RPM limit"})
-                ui.time_chart(requests, "minute", ["requests", "RPM limit"] if requests["RPM limit"].notna().any()
-                              else ["requests"], y_title="requests/min", height=220,
-                              colors={"requests": "#1c83e1", "RPM limit": "#ff4b4b"})
+                ui.time_chart(
+                    requests,
+                    "minute",
+                    ["requests", "RPM limit"] if requests["RPM limit"].notna().any() else ["requests"],
+                    y_title="requests/min",
+                    height=220,
+                    colors={"requests": "#1c83e1", "RPM limit": "#ff4b4b"},
+                )
             with cols[2]:
                 if part["rate_limited"].sum() > 0:
-                    ui.time_chart(part.rename(columns={"rate_limited": "429s"}), "minute", ["429s"], kind="bar",
-                                  y_title="429s per minute", height=220, colors={"429s": "#ffa421"})
+                    ui.time_chart(
+                        part.rename(columns={"rate_limited": "429s"}),
+                        "minute",
+                        ["429s"],
+                        kind="bar",
+                        y_title="429s per minute",
+                        height=220,
+                        colors={"429s": "#ffa421"},
+                    )
                 else:  # an all-zero bar chart is an empty frame with a "NaN" axis
                     st.caption(f"No 429s in the last {window}.")
+
 
 live()

@@ -15,8 +15,11 @@ from batchdb.workers.processes import stop_processes
 
 @pytest.fixture
 def simulator() -> Iterator[SimulatorProcess]:
-    config = SimulatorConfig(seed=3, latency_s=Distribution(kind="uniform", low=0.01, high=0.05),
-                             output_tokens=Distribution(kind="uniform", low=8, high=16))
+    config = SimulatorConfig(
+        seed=3,
+        latency_s=Distribution(kind="uniform", low=0.01, high=0.05),
+        output_tokens=Distribution(kind="uniform", low=8, high=16),
+    )
     with start_simulator(config) as sim:
         yield sim
 
@@ -28,8 +31,12 @@ def start_workers() -> Iterator[Callable[..., list[subprocess.Popen[bytes]]]]:
     started: list[subprocess.Popen[bytes]] = []
 
     def start(dsn: str, sim: SimulatorProcess, n: int = 2, args: tuple[str, ...] = ()) -> list[subprocess.Popen[bytes]]:
-        workers = start_worker_processes(n, dsn, args=("--concurrency", "32", *args),
-                                         env={"OPENAI_BASE_URL": sim.openai_base_url, "OPENAI_API_KEY": "sk-test"})
+        workers = start_worker_processes(
+            n,
+            dsn,
+            args=("--concurrency", "32", *args),
+            env={"OPENAI_BASE_URL": sim.openai_base_url, "OPENAI_API_KEY": "sk-test"},
+        )
         started.extend(workers.processes)
         return workers.processes
 

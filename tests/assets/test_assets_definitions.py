@@ -39,8 +39,12 @@ def test_sample_dataset_is_deterministic_and_daily() -> None:
     assert not set(day["headline_id"]) & set(sample_headlines("2024-03-01")["headline_id"])
 
 
-def _run(asset_fn: Any, partitions_def: dg.PartitionsDefinition | None = None, partition_key: str | None = None,
-         resource: BatchDBResource | None = None) -> Any:
+def _run(
+    asset_fn: Any,
+    partitions_def: dg.PartitionsDefinition | None = None,
+    partition_key: str | None = None,
+    resource: BatchDBResource | None = None,
+) -> Any:
     """Materialize one asset that records what the resource computes, with no database involved."""
     seen: dict[str, Any] = {}
 
@@ -48,8 +52,11 @@ def _run(asset_fn: Any, partitions_def: dg.PartitionsDefinition | None = None, p
     def probe(context: dg.AssetExecutionContext, batchdb: BatchDBResource) -> None:
         seen["value"] = asset_fn(context, batchdb)
 
-    result = dg.materialize([probe], partition_key=partition_key,
-                            resources={"batchdb": resource or BatchDBResource(dsn="unused", output_root="/out")})
+    result = dg.materialize(
+        [probe],
+        partition_key=partition_key,
+        resources={"batchdb": resource or BatchDBResource(dsn="unused", output_root="/out")},
+    )
     assert result.success
     return seen["value"]
 
@@ -95,8 +102,15 @@ def test_output_path_layouts() -> None:
 
 def test_llm_batch_asset_declares_input_pool_check_and_a_code_version_that_follows_the_prompt() -> None:
     def build(prompt: str) -> dg.AssetsDefinition:
-        return llm_batch_asset(name="mood", source=headlines, prompt=prompt, model="gpt-4o-mini",
-                               id_column="headline_id", max_tokens=10, pool="llm")
+        return llm_batch_asset(
+            name="mood",
+            source=headlines,
+            prompt=prompt,
+            model="gpt-4o-mini",
+            id_column="headline_id",
+            max_tokens=10,
+            pool="llm",
+        )
 
     first, same, changed = build("Mood: {headline}"), build("Mood: {headline}"), build("Tone: {headline}")
     assert first.partitions_def == daily
@@ -120,10 +134,14 @@ def test_instance_yaml_limits_runs_and_the_pool(tmp_path: Path) -> None:
 
 
 def test_storage_url_names_the_psycopg2_driver() -> None:
-    assert storage_url("postgresql://postgres@127.0.0.1:5432/batchdb") == \
-        "postgresql+psycopg2://postgres@127.0.0.1:5432/batchdb"
-    assert storage_url("host=/tmp/pg port=5433 user=me password=p@ss dbname=x") == \
-        "postgresql+psycopg2://me:p%40ss@/x?host=%2Ftmp%2Fpg&port=5433"
+    assert (
+        storage_url("postgresql://postgres@127.0.0.1:5432/batchdb")
+        == "postgresql+psycopg2://postgres@127.0.0.1:5432/batchdb"
+    )
+    assert (
+        storage_url("host=/tmp/pg port=5433 user=me password=p@ss dbname=x")
+        == "postgresql+psycopg2://me:p%40ss@/x?host=%2Ftmp%2Fpg&port=5433"
+    )
 
 
 def test_data_fingerprint_covers_arrow_tables_and_files(tmp_path: Path) -> None:

@@ -25,10 +25,20 @@ def resource(dsn: str, root: Path, **fields: Any) -> BatchDBResource:
     return BatchDBResource(dsn=dsn, output_root=str(root), poll_interval=0.1, **fields)
 
 
-def materialize(dsn: str, root: Path, *selection: dg.AssetsDefinition, partition_key: str = DAY,
-                instance: dg.DagsterInstance | None = None) -> dg.ExecuteInProcessResult:
-    return dg.materialize([headlines, *selection], partition_key=partition_key, instance=instance,
-                          resources={"batchdb": resource(dsn, root)}, raise_on_error=False)
+def materialize(
+    dsn: str,
+    root: Path,
+    *selection: dg.AssetsDefinition,
+    partition_key: str = DAY,
+    instance: dg.DagsterInstance | None = None,
+) -> dg.ExecuteInProcessResult:
+    return dg.materialize(
+        [headlines, *selection],
+        partition_key=partition_key,
+        instance=instance,
+        resources={"batchdb": resource(dsn, root)},
+        raise_on_error=False,
+    )
 
 
 def jobs(dsn: str) -> list[tuple[int, str, str]]:
@@ -65,7 +75,7 @@ def metadata_of(result: dg.ExecuteInProcessResult, asset: str = "headline_sentim
     return {key: getattr(value, "value", value) for key, value in materialization.metadata.items()}
 
 
-def test_one_partition_materializes_row_for_row_with_its_metadata(dsn, simulator, start_workers, tmp_path) -> None:  # noqa: ANN001
+def test_one_partition_materializes_row_for_row_with_its_metadata(dsn, simulator, start_workers, tmp_path) -> None:
     start_workers(dsn, simulator, 1)
     result = materialize(dsn, tmp_path, headline_sentiment)
     assert result.success
@@ -89,8 +99,13 @@ def test_one_partition_materializes_row_for_row_with_its_metadata(dsn, simulator
     assert simulator.stats(series=False)["totals"]["accepted"] == 15
 
 
-def test_same_partition_twice_while_its_job_runs_attaches_to_one_job(dsn, simulator, start_workers, tmp_path,  # noqa: ANN001
-                                                                     ephemeral_instance) -> None:  # noqa: ANN001
+def test_same_partition_twice_while_its_job_runs_attaches_to_one_job(
+    dsn,
+    simulator,
+    start_workers,
+    tmp_path,
+    ephemeral_instance,
+) -> None:
     instances = [ephemeral_instance(), ephemeral_instance()]
 
     def job_tag(instance: dg.DagsterInstance) -> str | None:
@@ -119,18 +134,31 @@ def test_same_partition_twice_while_its_job_runs_attaches_to_one_job(dsn, simula
     assert simulator.stats(series=False)["totals"]["accepted"] == 15
 
     # A new prompt is a new job.
-    reworded = llm_batch_asset(name="headline_sentiment", source=headlines, model="gpt-4o-mini",
-                               prompt="What is the market mood of: {headline}", id_column="headline_id", max_tokens=20)
+    reworded = llm_batch_asset(
+        name="headline_sentiment",
+        source=headlines,
+        model="gpt-4o-mini",
+        prompt="What is the market mood of: {headline}",
+        id_column="headline_id",
+        max_tokens=20,
+    )
     changed = materialize(dsn, tmp_path, reworded)
     assert changed.success and metadata_of(changed)["batchdb/job_id"] != job_id
     assert len(jobs(dsn)) == 2
 
 
-def test_dead_rows_are_counted_and_checked_unless_failures_are_fatal(dsn, simulator, start_workers, tmp_path) -> None:  # noqa: ANN001
+def test_dead_rows_are_counted_and_checked_unless_failures_are_fatal(dsn, simulator, start_workers, tmp_path) -> None:
     simulator.set_config(error_rates={"http_500": 0.5})
     start_workers(dsn, simulator, 1)
-    tolerant = llm_batch_asset(name="flaky", source=headlines, model="gpt-4o-mini", prompt="Mood: {headline}",
-                               id_column="headline_id", max_tokens=10, max_attempts=1)
+    tolerant = llm_batch_asset(
+        name="flaky",
+        source=headlines,
+        model="gpt-4o-mini",
+        prompt="Mood: {headline}",
+        id_column="headline_id",
+        max_tokens=10,
+        max_attempts=1,
+    )
     result = materialize(dsn, tmp_path, tolerant)
     assert result.success
     meta = metadata_of(result, "flaky")
@@ -141,8 +169,16 @@ def test_dead_rows_are_counted_and_checked_unless_failures_are_fatal(dsn, simula
     assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
     assert check.metadata["rows_without_response"].value == meta["rows_dead"]
 
-    fatal = llm_batch_asset(name="strict", source=headlines, model="gpt-4o-mini", prompt="Mood: {headline}",
-                            id_column="headline_id", max_tokens=10, max_attempts=1, failures_fatal=True)
+    fatal = llm_batch_asset(
+        name="strict",
+        source=headlines,
+        model="gpt-4o-mini",
+        prompt="Mood: {headline}",
+        id_column="headline_id",
+        max_tokens=10,
+        max_attempts=1,
+        failures_fatal=True,
+    )
     failed = materialize(dsn, tmp_path, fatal)
     assert not failed.success
     assert not (tmp_path / "strict").exists()
@@ -150,17 +186,26 @@ def test_dead_rows_are_counted_and_checked_unless_failures_are_fatal(dsn, simula
     assert "rows have no answer" in failure.step_failure_data.error.message
 
 
-def test_a_cancelled_run_cancels_its_job_and_a_relaunch_resumes_it(dsn, simulator, start_workers, tmp_path,  # noqa: ANN001
-                                                                    ephemeral_instance) -> None:  # noqa: ANN001
+def test_a_cancelled_run_cancels_its_job_and_a_relaunch_resumes_it(
+    dsn,
+    simulator,
+    start_workers,
+    tmp_path,
+    ephemeral_instance,
+) -> None:
     instance = ephemeral_instance()
     outcome: dict[str, dg.ExecuteInProcessResult] = {}
     # No worker: the job stays queued until the run is cancelled.
-    thread = threading.Thread(target=lambda: outcome.update(
-        result=materialize(dsn, tmp_path, headline_sentiment, instance=instance)))
+    thread = threading.Thread(
+        target=lambda: outcome.update(result=materialize(dsn, tmp_path, headline_sentiment, instance=instance))
+    )
     thread.start()
     with cancel_jobs_on_error(dsn):
-        run = wait_until(lambda: next((r for r in instance.get_runs() if "batchdb/job_id" in r.tags), None),
-                         60, "the run to submit its job")
+        run = wait_until(
+            lambda: next((r for r in instance.get_runs() if "batchdb/job_id" in r.tags), None),
+            60,
+            "the run to submit its job",
+        )
         job_id = int(run.tags["batchdb/job_id"])
         instance.report_run_canceling(run)
         wait_until(lambda: jobs(dsn)[0][2] == "cancelled", 30, "the job to be cancelled")
@@ -186,7 +231,8 @@ def provider_waits(instance: dg.DagsterInstance, run_id: str) -> list[str]:
 
 
 def test_a_refused_key_keeps_the_asset_waiting_says_why_once_and_it_finishes_by_itself(
-        dsn, simulator, start_workers, tmp_path, ephemeral_instance) -> None:  # noqa: ANN001
+    dsn, simulator, start_workers, tmp_path, ephemeral_instance
+) -> None:
     """The workers' key is refused (401): the job is not paused, so the asset neither fails nor needs
     `batchdb resume`; the run's log says why once, and when the provider accepts the key again the
     breaker's probe gets through and the asset materializes."""
@@ -194,12 +240,16 @@ def test_a_refused_key_keeps_the_asset_waiting_says_why_once_and_it_finishes_by_
     start_workers(dsn, simulator, 1, args=("--circuit-max-backoff", "1"))
     instance = ephemeral_instance()
     outcome: dict[str, dg.ExecuteInProcessResult] = {}
-    thread = threading.Thread(target=lambda: outcome.update(
-        result=materialize(dsn, tmp_path, headline_sentiment, instance=instance)))
+    thread = threading.Thread(
+        target=lambda: outcome.update(result=materialize(dsn, tmp_path, headline_sentiment, instance=instance))
+    )
     thread.start()
     with cancel_jobs_on_error(dsn):
-        run = wait_until(lambda: next((r for r in instance.get_runs() if "batchdb/job_id" in r.tags), None),
-                         60, "the run to submit its job")
+        run = wait_until(
+            lambda: next((r for r in instance.get_runs() if "batchdb/job_id" in r.tags), None),
+            60,
+            "the run to submit its job",
+        )
         wait_until(lambda: provider_waits(instance, run.run_id), 60, "the asset to say its job waits")
         job = batchdb.get_job(int(run.tags["batchdb/job_id"]), dsn=dsn).status()
         assert job.status == "running" and job.waiting_for_provider, job
@@ -213,9 +263,16 @@ def test_a_refused_key_keeps_the_asset_waiting_says_why_once_and_it_finishes_by_
     assert any("the provider answers again" in e.user_message for e in instance.all_logs(result.run_id))
 
 
-def test_a_timeout_while_the_provider_is_unavailable_fails_with_the_reason(dsn, tmp_path) -> None:  # noqa: ANN001
-    job = batchdb.submit(sample_headlines(DAY), prompt="Mood: {headline}", id_column="headline_id",
-                         model="gpt-4o-mini", provider="openai", max_tokens=10, dsn=dsn)
+def test_a_timeout_while_the_provider_is_unavailable_fails_with_the_reason(dsn, tmp_path) -> None:
+    job = batchdb.submit(
+        sample_headlines(DAY),
+        prompt="Mood: {headline}",
+        id_column="headline_id",
+        model="gpt-4o-mini",
+        provider="openai",
+        max_tokens=10,
+        dsn=dsn,
+    )
     error = "OpenAI refused the API key (401 invalid_api_key) at http://sim/v1/chat/completions"
     with psycopg.connect(dsn, autocommit=True) as conn:  # what a worker does on a 401
         conn.execute("SELECT * FROM batchdb.circuit_open('openai', 'default', 'gpt-4o-mini', %s, 3600)", (error,))

@@ -89,16 +89,21 @@ class DagsterStack:
     simulator: SimulatorProcess
 
     def graphql(self, query: str, **variables: Any) -> dict[str, Any]:
-        request = urllib.request.Request(f"{self.url}/graphql", headers={"Content-Type": "application/json"},
-                                         data=json.dumps({"query": query, "variables": variables}).encode())
+        request = urllib.request.Request(
+            f"{self.url}/graphql",
+            headers={"Content-Type": "application/json"},
+            data=json.dumps({"query": query, "variables": variables}).encode(),
+        )
         with _NO_PROXY.open(request, timeout=60) as response:
             body = json.loads(response.read())
         assert not body.get("errors"), body["errors"]
         return body["data"]
 
     def launch_backfill(self, partitions: list[str]) -> str:
-        params = {"assetSelection": [{"path": ["headlines"]}, {"path": ["headline_sentiment"]}],
-                  "partitionNames": partitions}
+        params = {
+            "assetSelection": [{"path": ["headlines"]}, {"path": ["headline_sentiment"]}],
+            "partitionNames": partitions,
+        }
         launched = self.graphql(LAUNCH_BACKFILL, params=params)["launchPartitionBackfill"]
         assert launched["__typename"] == "LaunchBackfillSuccess", launched
         return str(launched["backfillId"])
@@ -119,13 +124,22 @@ def stack(admin_dsn: str, template_db: str, tmp_path_factory: pytest.TempPathFac
         admin.execute(f'CREATE DATABASE "{name}_dagster"')
     dsn = make_conninfo(admin_dsn, dbname=name)
     home = tmp_path_factory.mktemp("dagster_home")
-    write_instance_yaml(home, storage_dsn=make_conninfo(admin_dsn, dbname=f"{name}_dagster"),
-                        max_concurrent_runs=6, pool_limit=4)
+    write_instance_yaml(
+        home, storage_dsn=make_conninfo(admin_dsn, dbname=f"{name}_dagster"), max_concurrent_runs=6, pool_limit=4
+    )
     output_root = tmp_path_factory.mktemp("results")
-    config = SimulatorConfig(seed=5, latency_s=Distribution(kind="uniform", low=0.01, high=0.05),
-                             output_tokens=Distribution(kind="uniform", low=8, high=16))
-    env = {**os.environ, "BATCHDB_DSN": dsn, "DAGSTER_HOME": str(home), "BATCHDB_OUTPUT_ROOT": str(output_root),
-           "PYTHONPATH": os.pathsep.join(p for p in (str(REPOSITORY_ROOT), os.environ.get("PYTHONPATH")) if p)}
+    config = SimulatorConfig(
+        seed=5,
+        latency_s=Distribution(kind="uniform", low=0.01, high=0.05),
+        output_tokens=Distribution(kind="uniform", low=8, high=16),
+    )
+    env = {
+        **os.environ,
+        "BATCHDB_DSN": dsn,
+        "DAGSTER_HOME": str(home),
+        "BATCHDB_OUTPUT_ROOT": str(output_root),
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPOSITORY_ROOT), os.environ.get("PYTHONPATH")) if p),
+    }
     port = _free_port()
     workspace = str(REPOSITORY_ROOT / "workspace.yaml")
     logs = [(home / "webserver.log").open("wb"), (home / "daemon.log").open("wb")]
@@ -134,12 +148,26 @@ def stack(admin_dsn: str, template_db: str, tmp_path_factory: pytest.TempPathFac
         with start_simulator(config) as simulator:
             with _default_signal_handlers():
                 # Own sessions: a Ctrl-C on the test run does not reach them; the teardown's SIGTERM stops them.
-                processes.append(subprocess.Popen(
-                    [str(BIN / "dagster-webserver"), "-w", workspace, "-h", "127.0.0.1", "-p", str(port)],
-                    env=env, cwd=REPOSITORY_ROOT, stdout=logs[0], stderr=subprocess.STDOUT, start_new_session=True))
-                processes.append(subprocess.Popen(
-                    [str(BIN / "dagster-daemon"), "run", "-w", workspace],
-                    env=env, cwd=REPOSITORY_ROOT, stdout=logs[1], stderr=subprocess.STDOUT, start_new_session=True))
+                processes.append(
+                    subprocess.Popen(
+                        [str(BIN / "dagster-webserver"), "-w", workspace, "-h", "127.0.0.1", "-p", str(port)],
+                        env=env,
+                        cwd=REPOSITORY_ROOT,
+                        stdout=logs[0],
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
+                processes.append(
+                    subprocess.Popen(
+                        [str(BIN / "dagster-daemon"), "run", "-w", workspace],
+                        env=env,
+                        cwd=REPOSITORY_ROOT,
+                        stdout=logs[1],
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
             url = f"http://127.0.0.1:{port}"
             wait_until(lambda: _answers(f"{url}/server_info") or _died(processes, home), 120, "dagster-webserver")
             yield DagsterStack(url=url, dsn=dsn, output_root=output_root, simulator=simulator)
@@ -153,23 +181,34 @@ def stack(admin_dsn: str, template_db: str, tmp_path_factory: pytest.TempPathFac
     assert codes == [0, 0], f"dagster processes exited with {codes}"
 
 
-def test_backfill_through_the_webserver_materializes_every_partition(stack: DagsterStack, start_workers) -> None:  # noqa: ANN001
+def test_backfill_through_the_webserver_materializes_every_partition(stack: DagsterStack, start_workers) -> None:
     partitions = ["2024-04-01", "2024-04-02", "2024-04-03"]
     start_workers(stack.dsn, stack.simulator, 2)
     backfill_id = stack.launch_backfill(partitions)
-    status = wait_until(lambda: (s := stack.backfill_status(backfill_id)) not in ("REQUESTED", "CANCELING") and s,
-                        150, "the backfill to finish", interval=1.0)
-    assert status == "COMPLETED_SUCCESS", [(r["status"], r["tags"].get("dagster/partition"))
-                                           for r in stack.runs(backfill_id)]
+    status = wait_until(
+        lambda: (s := stack.backfill_status(backfill_id)) not in ("REQUESTED", "CANCELING") and s,
+        150,
+        "the backfill to finish",
+        interval=1.0,
+    )
+    assert status == "COMPLETED_SUCCESS", [
+        (r["status"], r["tags"].get("dagster/partition")) for r in stack.runs(backfill_id)
+    ]
 
     found = stack.graphql(MATERIALIZATIONS, partitions=partitions)["assetOrError"]["assetMaterializations"]
-    metadata = {m["partition"]: {e["label"]: e.get("intValue", e.get("floatValue", e.get("text")))
-                                 for e in m["metadataEntries"]} for m in found}
+    metadata = {
+        m["partition"]: {
+            e["label"]: e.get("intValue", e.get("floatValue", e.get("text"))) for e in m["metadataEntries"]
+        }
+        for m in found
+    }
     assert sorted(metadata) == partitions
     with psycopg.connect(stack.dsn) as conn:
-        job_rows = conn.execute("SELECT id, idempotency_key, status, n_succeeded FROM batchdb.jobs "
-                                "WHERE idempotency_key LIKE 'dagster:headline_sentiment:2024-04-0%' "
-                                "ORDER BY id").fetchall()
+        job_rows = conn.execute(
+            "SELECT id, idempotency_key, status, n_succeeded FROM batchdb.jobs "
+            "WHERE idempotency_key LIKE 'dagster:headline_sentiment:2024-04-0%' "
+            "ORDER BY id"
+        ).fetchall()
     assert len(job_rows) == 3 and {(status, n) for _, _, status, n in job_rows} == {("completed", 15)}
     for day in partitions:
         path = stack.output_root / "headline_sentiment" / f"{day}.parquet"
@@ -183,16 +222,24 @@ def test_backfill_through_the_webserver_materializes_every_partition(stack: Dags
 def test_terminating_a_run_cancels_its_batchdb_job(stack: DagsterStack) -> None:
     # No workers in this test: the job stays queued until the run is terminated.
     backfill_id = stack.launch_backfill(["2024-05-01"])
-    run = wait_until(lambda: next((r for r in stack.runs(backfill_id) if "batchdb/job_id" in r["tags"]), None),
-                     120, "the run to submit its batchdb job", interval=1.0)
+    run = wait_until(
+        lambda: next((r for r in stack.runs(backfill_id) if "batchdb/job_id" in r["tags"]), None),
+        120,
+        "the run to submit its batchdb job",
+        interval=1.0,
+    )
     job_id = int(run["tags"]["batchdb/job_id"])
     assert _job_status(stack.dsn, job_id) == "running"
 
     terminated = stack.graphql(TERMINATE_RUN, runId=run["runId"])["terminateRun"]
     assert terminated["__typename"] == "TerminateRunSuccess", terminated
     wait_until(lambda: _job_status(stack.dsn, job_id) == "cancelled", 60, "the batchdb job to be cancelled")
-    wait_until(lambda: next(r for r in stack.runs(backfill_id) if r["runId"] == run["runId"])["status"] == "CANCELED",
-               60, "the run to be cancelled", interval=1.0)
+    wait_until(
+        lambda: next(r for r in stack.runs(backfill_id) if r["runId"] == run["runId"])["status"] == "CANCELED",
+        60,
+        "the run to be cancelled",
+        interval=1.0,
+    )
     with psycopg.connect(stack.dsn) as conn:
         cancelled = conn.execute("SELECT n_cancelled FROM batchdb.jobs WHERE id = %s", (job_id,)).fetchone()[0]
     assert cancelled == 15

@@ -21,17 +21,39 @@ pytestmark = pytest.mark.slow
 
 
 def test_batchdb_dagster_keeps_worker_logs_out_of_dagster_home_and_stops_everything(
-        dsn: str, admin_dsn: str, tmp_path: Path) -> None:
+    dsn: str, admin_dsn: str, tmp_path: Path
+) -> None:
     home, batchdb_home, output = tmp_path / "dagster_home", tmp_path / "batchdb_home", tmp_path / "out.log"
     port = _free_port()
-    env = {**os.environ, "BATCHDB_HOME": str(batchdb_home), "BATCHDB_DSN": dsn,
-           "PYTHONPATH": os.pathsep.join(p for p in (str(REPOSITORY_ROOT), os.environ.get("PYTHONPATH")) if p)}
+    env = {
+        **os.environ,
+        "BATCHDB_HOME": str(batchdb_home),
+        "BATCHDB_DSN": dsn,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPOSITORY_ROOT), os.environ.get("PYTHONPATH")) if p),
+    }
     env.pop("DAGSTER_HOME", None)
     with output.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "batchdb", "dagster", "--port", str(port), "--workers", "1", "--home", str(home),
-             "--output-root", str(tmp_path / "results")],
-            env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "batchdb",
+                "dagster",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+                "--home",
+                str(home),
+                "--output-root",
+                str(tmp_path / "results"),
+            ],
+            env=env,
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     started: list[psutil.Process] = []
     try:
         wait_until(lambda: "Dagster UI:" in output.read_text() or process.poll() is not None, 180, "the Dagster UI")

@@ -33,8 +33,9 @@ class FlakyProvider(InstantProvider):
         if "BAD" in prompt:
             raise ProviderError(ErrorKind.PERMANENT, "400 content filter: prompt refused", status_code=400)
         if "SLOW" in prompt:
-            raise ProviderError(ErrorKind.RATE_LIMITED, "429 rate limit exceeded for requests",
-                                status_code=429, retry_after=0.01)
+            raise ProviderError(
+                ErrorKind.RATE_LIMITED, "429 rate limit exceeded for requests", status_code=429, retry_after=0.01
+            )
         return await super().complete(request)
 
 
@@ -55,23 +56,53 @@ def headlines(n: int, prefix: str, *, bad: int = 0, slow: int = 0) -> pd.DataFra
 
 
 @pytest.fixture
-def seeded(dsn: str, drain) -> Iterator[Seeded]:  # noqa: ANN001
+def seeded(dsn: str, drain) -> Iterator[Seeded]:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok) VALUES "
-                     "('instant', 'gpt-4o-mini', 0.15, 0.60), ('instant', 'gpt-4o', 2.50, 10.00)")
-    alpha = batchdb.submit(headlines(40, "a", bad=3, slow=2), prompt="Classify: {headline}", id_column="id",
-                           model="gpt-4o-mini", provider="instant", name="headlines-alpha", owner="alice",
-                           max_attempts=2, dsn=dsn)
-    beta = batchdb.submit(headlines(12, "b"), prompt="Summarise: {headline}", id_column="id",
-                          model="gpt-4o", provider="instant", name="summaries-beta", owner="bob", dsn=dsn)
+        conn.execute(
+            "INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok) VALUES "
+            "('instant', 'gpt-4o-mini', 0.15, 0.60), ('instant', 'gpt-4o', 2.50, 10.00)"
+        )
+    alpha = batchdb.submit(
+        headlines(40, "a", bad=3, slow=2),
+        prompt="Classify: {headline}",
+        id_column="id",
+        model="gpt-4o-mini",
+        provider="instant",
+        name="headlines-alpha",
+        owner="alice",
+        max_attempts=2,
+        dsn=dsn,
+    )
+    beta = batchdb.submit(
+        headlines(12, "b"),
+        prompt="Summarise: {headline}",
+        id_column="id",
+        model="gpt-4o",
+        provider="instant",
+        name="summaries-beta",
+        owner="bob",
+        dsn=dsn,
+    )
     drain(provider=FlakyProvider())
-    gamma = batchdb.submit(headlines(25, "g"), prompt="Tag: {headline}", id_column="id", model="gpt-4o-mini",
-                           provider="openai", name="backfill-gamma", owner="carol", max_tokens=20, dsn=dsn)
+    gamma = batchdb.submit(
+        headlines(25, "g"),
+        prompt="Tag: {headline}",
+        id_column="id",
+        model="gpt-4o-mini",
+        provider="openai",
+        name="backfill-gamma",
+        owner="carol",
+        max_tokens=20,
+        dsn=dsn,
+    )
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("""
+        conn.execute(
+            """
             INSERT INTO batchdb.requests (job_id, custom_id, input)
             SELECT %(job)s, 'a-extra-' || g, jsonb_build_object('headline', 'Extra headline ' || g)
-              FROM generate_series(1, 10) g""", {"job": alpha.id})
+              FROM generate_series(1, 10) g""",
+            {"job": alpha.id},
+        )
         conn.execute("""
             INSERT INTO batchdb.rate_limits (provider, key_alias, model, rpm, tpm)
             VALUES ('openai', 'default', 'gpt-4o-mini', 500, 100000)""")

@@ -31,10 +31,18 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "dashboard"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # The stack notes' flags for reliable headless rendering, plus a DevTools port on loopback.
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-extensions",
-    "--run-all-compositor-stages-before-draw", "--window-size=1400,1400",
-    "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-extensions",
+    "--run-all-compositor-stages-before-draw",
+    "--window-size=1400,1400",
+    "--remote-debugging-address=127.0.0.1",
+    "--remote-debugging-port=0",
 ]
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
@@ -58,30 +66,43 @@ class Browser:
                 return message.get("result", {})
 
     async def text(self) -> str:
-        result = await self.call("Runtime.evaluate", expression="document.body ? document.body.innerText : ''",
-                                 returnByValue=True)
+        result = await self.call(
+            "Runtime.evaluate", expression="document.body ? document.body.innerText : ''", returnByValue=True
+        )
         return str(result["result"].get("value", ""))
 
     async def busy(self) -> bool:
         """Streamlit shows its status widget ("Running...") while a script run is in progress."""
-        result = await self.call("Runtime.evaluate", returnByValue=True, expression=(
-            "!!document.querySelector('[data-testid=\"stStatusWidget\"]') || "
-            "!!document.querySelector('[data-testid=\"stSkeleton\"]')"))
+        result = await self.call(
+            "Runtime.evaluate",
+            returnByValue=True,
+            expression=(
+                "!!document.querySelector('[data-testid=\"stStatusWidget\"]') || "
+                "!!document.querySelector('[data-testid=\"stSkeleton\"]')"
+            ),
+        )
         return bool(result["result"].get("value"))
 
     async def clipped_tables(self) -> list[str]:
         """Tables whose columns do not all fit their frame (the grid scrolls sideways, hiding the rest)."""
-        result = await self.call("Runtime.evaluate", returnByValue=True, expression="""
+        result = await self.call(
+            "Runtime.evaluate",
+            returnByValue=True,
+            expression="""
             Array.from(document.querySelectorAll('[data-testid="stDataFrame"]')).map((frame, i) => {
                 const scroller = frame.querySelector('.dvn-scroller');
                 const headers = Array.from(frame.querySelectorAll('th')).map(th => th.innerText.trim());
                 return {i, scroll: scroller ? scroller.scrollWidth : -1, client: scroller ? scroller.clientWidth : -1,
                         headers};
-            })""")
+            })""",
+        )
         frames = result["result"].get("value") or []
         assert frames, "no table on the page"
-        return [f"table {f['i']} ({', '.join(f['headers'][:3])} ...): {f['scroll']} px of columns in {f['client']} px"
-                for f in frames if f["scroll"] > f["client"] + 1]
+        return [
+            f"table {f['i']} ({', '.join(f['headers'][:3])} ...): {f['scroll']} px of columns in {f['client']} px"
+            for f in frames
+            if f["scroll"] > f["client"] + 1
+        ]
 
     async def load(self, url: str, expected: list[str], screenshot: Path, timeout: float = 60.0) -> str:
         await self.call("Page.navigate", url=url)
@@ -104,8 +125,13 @@ def chromium(tmp_path: Path) -> Iterator[str]:
     profile = Path(tempfile.mkdtemp(prefix="chromium-", dir=tmp_path))
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     log = (ARTIFACTS / "chromium.log").open("wb")
-    process = subprocess.Popen([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],  # type: ignore[list-item]
-                               stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(
+        [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],  # type: ignore[list-item]
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         port_file = profile / "DevToolsActivePort"
         deadline = time.monotonic() + 30
@@ -124,8 +150,9 @@ def chromium(tmp_path: Path) -> Iterator[str]:
         log.close()
 
 
-async def visit_all(devtools: str, pages: list[tuple[str, str, list[str]]],
-                    clipped: dict[str, list[str]]) -> dict[str, str]:
+async def visit_all(
+    devtools: str, pages: list[tuple[str, str, list[str]]], clipped: dict[str, list[str]]
+) -> dict[str, str]:
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{devtools}/json/list") as reply:
             targets = json.loads(await reply.text())
@@ -140,24 +167,44 @@ async def visit_all(devtools: str, pages: list[tuple[str, str, list[str]]],
             return texts
 
 
-def test_every_page_in_a_real_browser(seeded, sql, chromium: str, tmp_path: Path) -> None:  # noqa: ANN001
+def test_every_page_in_a_real_browser(seeded, sql, chromium: str, tmp_path: Path) -> None:
     outputs = tmp_path / "outputs"
     batchdb.Job(seeded.beta, dsn=seeded.dsn).to_parquet(outputs / f"job-{seeded.beta}.parquet")
-    alpha = sql.one("SELECT n_succeeded, n_failed, n_dead, cost_usd FROM batchdb.jobs WHERE id = %(j)s",
-                    {"j": seeded.alpha})
+    alpha = sql.one(
+        "SELECT n_succeeded, n_failed, n_dead, cost_usd FROM batchdb.jobs WHERE id = %(j)s", {"j": seeded.alpha}
+    )
     totals = sql.one("SELECT sum(cost_usd) AS c, sum(n_done) AS done FROM batchdb.jobs")
     total, done = totals["c"], totals["done"]
-    dashboard = start_dashboard(seeded.dsn, port=free_port(), outputs_dir=outputs, refresh_seconds=30,
-                                log_path=ARTIFACTS / "streamlit.log")
+    dashboard = start_dashboard(
+        seeded.dsn, port=free_port(), outputs_dir=outputs, refresh_seconds=30, log_path=ARTIFACTS / "streamlit.log"
+    )
     try:
         url = dashboard.url
         pages = [
-            ("overview", f"{url}/", ["Active jobs", "Workers alive", "#1 headlines-alpha · running · 40 / 50 rows",
-                                     "#3 backfill-gamma", "Provider keys"]),
+            (
+                "overview",
+                f"{url}/",
+                [
+                    "Active jobs",
+                    "Workers alive",
+                    "#1 headlines-alpha · running · 40 / 50 rows",
+                    "#3 backfill-gamma",
+                    "Provider keys",
+                ],
+            ),
             ("jobs", f"{url}/jobs", [f"3 of 3 jobs · {done:,} rows done · cost ${total:,.4f}"]),
-            ("job_detail", f"{url}/job?job={seeded.alpha}", [
-                "#1 headlines-alpha", "Progress over time", "Errors by class",
-                f"{alpha['n_failed']} / {alpha['n_dead']}", f"{alpha['n_succeeded']}", f"${alpha['cost_usd']:,.4f}"]),
+            (
+                "job_detail",
+                f"{url}/job?job={seeded.alpha}",
+                [
+                    "#1 headlines-alpha",
+                    "Progress over time",
+                    "Errors by class",
+                    f"{alpha['n_failed']} / {alpha['n_dead']}",
+                    f"{alpha['n_succeeded']}",
+                    f"${alpha['cost_usd']:,.4f}",
+                ],
+            ),
             ("providers", f"{url}/providers", ["openai/default/gpt-4o-mini", "Limits and pacing"]),
             ("cost", f"{url}/cost", ["Total cost", f"${total:,.4f}", "Estimated cost of queued work"]),
         ]

@@ -36,8 +36,11 @@ def job_page(job_id: int) -> AppTest:
     return at
 
 
-def test_a_dagster_partition_file_is_matched_to_its_own_job(seeded, tmp_path: Path,  # noqa: ANN001
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_dagster_partition_file_is_matched_to_its_own_job(
+    seeded,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # As BatchDBResource writes them: <output_root>/<asset>/<partition>.parquet, no job id in the name.
     folder = tmp_path / "headline_sentiment"
     batchdb.Job(seeded.beta, dsn=seeded.dsn).to_parquet(folder / "2024-04-01.parquet")
@@ -56,7 +59,7 @@ def test_a_dagster_partition_file_is_matched_to_its_own_job(seeded, tmp_path: Pa
     assert any(f"No output file of job {seeded.gamma}" in i.value for i in at.info)
 
 
-def test_a_file_named_after_another_job_is_not_taken_for_this_one(seeded, tmp_path: Path) -> None:  # noqa: ANN001
+def test_a_file_named_after_another_job_is_not_taken_for_this_one(seeded, tmp_path: Path) -> None:
     legacy = tmp_path / f"job-{seeded.alpha}.parquet"
     batchdb.Job(seeded.beta, dsn=seeded.dsn).to_parquet(legacy)  # misnamed: it holds beta's rows
     assert queries.output_for_job([legacy], seeded.alpha) is None

@@ -51,7 +51,7 @@ def test_every_page_renders_an_empty_database(dsn: str, page: str) -> None:
     assert any(word in body for word in ("No jobs", "No active jobs", "No provider key")), body
 
 
-def test_overview_numbers_match_sql(seeded, sql) -> None:  # noqa: ANN001
+def test_overview_numbers_match_sql(seeded, sql) -> None:
     at = open_page(PAGES[0])
     shown = metrics(at)
     active = sql.one("SELECT count(*) AS n FROM batchdb.jobs WHERE status IN ('running', 'paused', 'loading')")["n"]
@@ -79,17 +79,34 @@ def test_overview_numbers_match_sql(seeded, sql) -> None:  # noqa: ANN001
     assert (openai["tpm"], openai["rpm"], openai["rate_limited_5m"]) == (100000, 500, 3)
 
 
-def test_jobs_page_lists_and_filters(seeded, sql) -> None:  # noqa: ANN001
+def test_jobs_page_lists_and_filters(seeded, sql) -> None:
     at = open_page(PAGES[1])
     table = at.dataframe[0].value.set_index("job_id")
     assert list(table.index) == [seeded.gamma, seeded.beta, seeded.alpha]
-    for row in sql.all("SELECT job_id, name, status, owner, model, n_succeeded, n_failed, n_dead, n_queued, pct_done "
-                       "FROM batchdb.job_progress"):
+    for row in sql.all(
+        "SELECT job_id, name, status, owner, model, n_succeeded, n_failed, n_dead, n_queued, pct_done "
+        "FROM batchdb.job_progress"
+    ):
         shown = table.loc[row["job_id"]]
-        assert (shown["name"], shown["status"], shown["owner"], shown["model"], shown["n_succeeded"],
-                shown["n_failed"], shown["n_dead"], shown["n_queued"]) == (
-            row["name"], row["status"], row["owner"], row["model"], row["n_succeeded"], row["n_failed"],
-            row["n_dead"], row["n_queued"])
+        assert (
+            shown["name"],
+            shown["status"],
+            shown["owner"],
+            shown["model"],
+            shown["n_succeeded"],
+            shown["n_failed"],
+            shown["n_dead"],
+            shown["n_queued"],
+        ) == (
+            row["name"],
+            row["status"],
+            row["owner"],
+            row["model"],
+            row["n_succeeded"],
+            row["n_failed"],
+            row["n_dead"],
+            row["n_queued"],
+        )
         assert shown["pct_done"] == pytest.approx(float(row["pct_done"]))
     assert table.loc[seeded.alpha, "detail"] == f"job?job={seeded.alpha}"
     at.multiselect[0].set_value(["alice"]).run()
@@ -103,7 +120,7 @@ def test_jobs_page_lists_and_filters(seeded, sql) -> None:  # noqa: ANN001
     assert "No job matches these filters." in texts(at)
 
 
-def test_job_detail_shows_the_jobs_numbers(seeded, sql) -> None:  # noqa: ANN001
+def test_job_detail_shows_the_jobs_numbers(seeded, sql) -> None:
     at = open_page(PAGES[2], job=str(seeded.alpha))
     job = sql.one("SELECT * FROM batchdb.job_progress WHERE job_id = %(j)s", {"j": seeded.alpha})
     shown = metrics(at)
@@ -111,8 +128,11 @@ def test_job_detail_shows_the_jobs_numbers(seeded, sql) -> None:  # noqa: ANN001
     assert shown["Failed / dead"] == f"{job['n_failed']} / {job['n_dead']}" == "3 / 2"
     assert shown["Queued / running"] == f"{job['n_queued']} / {job['n_running']}" == "10 / 0"
     assert shown["Cost"] == f"${job['cost_usd']:,.4f}"
-    p50 = sql.one("""SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms) AS p FROM batchdb.requests
-                      WHERE job_id = %(j)s AND status = 'succeeded'""", {"j": seeded.alpha})["p"]
+    p50 = sql.one(
+        """SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms) AS p FROM batchdb.requests
+                      WHERE job_id = %(j)s AND status = 'succeeded'""",
+        {"j": seeded.alpha},
+    )["p"]
     assert shown["p50 (ms)"] == f"{round(p50):,}"
     assert at.title[0].value == "#1 headlines-alpha"
     errors = at.dataframe[0].value
@@ -128,7 +148,7 @@ def test_job_detail_shows_the_jobs_numbers(seeded, sql) -> None:  # noqa: ANN001
     assert at.query_params["job"] == str(seeded.alpha)
 
 
-def test_cancel_needs_a_confirmation_and_goes_through_the_sdk(seeded, sql) -> None:  # noqa: ANN001
+def test_cancel_needs_a_confirmation_and_goes_through_the_sdk(seeded, sql) -> None:
     at = open_page(PAGES[2], job=str(seeded.gamma))
     at.button(key="cancel").click().run()
     assert "Cancel job #3 backfill-gamma? Its 25 queued rows will never run" in texts(at)
@@ -145,20 +165,21 @@ def test_cancel_needs_a_confirmation_and_goes_through_the_sdk(seeded, sql) -> No
     assert at.button(key="cancel").disabled
 
 
-def test_retry_requeues_the_chosen_final_rows(seeded, sql) -> None:  # noqa: ANN001
+def test_retry_requeues_the_chosen_final_rows(seeded, sql) -> None:
     at = open_page(PAGES[2], job=str(seeded.alpha))
     at.checkbox(key="retry_failed").uncheck().run()
     at.button(key="retry").click().run()
     assert "Queue the dead rows of job #1 headlines-alpha again (2 rows" in texts(at)
     at.button(key="confirm").click().run()
     assert "Job 1: 2 rows queued again." in texts(at)
-    job = sql.one("SELECT n_failed, n_dead, n_queued FROM batchdb.job_progress WHERE job_id = %(j)s",
-                  {"j": seeded.alpha})
+    job = sql.one(
+        "SELECT n_failed, n_dead, n_queued FROM batchdb.job_progress WHERE job_id = %(j)s", {"j": seeded.alpha}
+    )
     assert (job["n_failed"], job["n_dead"], job["n_queued"]) == (3, 0, 12)
     assert metrics(at)["Failed / dead"] == "3 / 0"
 
 
-def test_providers_page(seeded, sql) -> None:  # noqa: ANN001
+def test_providers_page(seeded, sql) -> None:
     at = open_page(PAGES[3])
     lanes = at.dataframe[0].value.set_index(["provider", "key_alias", "model"])
     assert lanes.loc[("openai", "default", "gpt-4o-mini"), "rate_limited_5m"] == 3
@@ -166,13 +187,16 @@ def test_providers_page(seeded, sql) -> None:  # noqa: ANN001
     limits = next(d.value for d in at.dataframe if "target_fraction" in d.value)  # a wide table may come in parts
     row = sql.one("SELECT rpm, tpm, source FROM batchdb.rate_limits")
     assert (limits["rpm"].iloc[0], limits["tpm"].iloc[0], limits["source"].iloc[0]) == (
-        row["rpm"], row["tpm"], row["source"])
+        row["rpm"],
+        row["tpm"],
+        row["source"],
+    )
     assert "**openai/default/gpt-4o-mini**" in [m.value for m in at.markdown]
     at.get("button_group")[0].set_value("24 hours").run()
     assert not at.exception
 
 
-def test_cost_page_numbers_match_sql(seeded, sql) -> None:  # noqa: ANN001
+def test_cost_page_numbers_match_sql(seeded, sql) -> None:
     at = open_page(PAGES[4])
     total = sql.one("SELECT sum(cost_usd) AS c, sum(prompt_tokens + completion_tokens) AS t FROM batchdb.jobs")
     shown = metrics(at)
@@ -187,14 +211,18 @@ def test_cost_page_numbers_match_sql(seeded, sql) -> None:  # noqa: ANN001
     assert shown["Queued work (estimate)"] == f"${queued['estimated_usd'].sum():,.4f}"
 
 
-def test_providers_page_says_why_a_lane_is_not_moving(dsn: str, sql) -> None:  # noqa: ANN001
+def test_providers_page_says_why_a_lane_is_not_moving(dsn: str, sql) -> None:
     import psycopg
 
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("INSERT INTO batchdb.rate_limits (provider, model, rpm, tpm, blocked_until) VALUES "
-                     "('openai', 'gpt-4o', 600, 60000, clock_timestamp() + interval '5 minutes')")
-        conn.execute("INSERT INTO batchdb.rate_limits (provider, model, rpm, tpm, token_credit, refilled_at) VALUES "
-                     "('openai', 'gpt-4o-mini', 600, 150000, -248000, clock_timestamp())")
+        conn.execute(
+            "INSERT INTO batchdb.rate_limits (provider, model, rpm, tpm, blocked_until) VALUES "
+            "('openai', 'gpt-4o', 600, 60000, clock_timestamp() + interval '5 minutes')"
+        )
+        conn.execute(
+            "INSERT INTO batchdb.rate_limits (provider, model, rpm, tpm, token_credit, refilled_at) VALUES "
+            "('openai', 'gpt-4o-mini', 600, 150000, -248000, clock_timestamp())"
+        )
     at = open_page(PAGES[3])
     warnings = [w.value for w in at.warning]
     assert any(w.startswith("openai/default/gpt-4o: held by a 429 until") for w in warnings), warnings
@@ -203,16 +231,20 @@ def test_providers_page_says_why_a_lane_is_not_moving(dsn: str, sql) -> None:  #
     assert lanes.loc[("openai", "default", "gpt-4o"), "state"].startswith("held by a 429 until")
 
 
-def test_providers_page_says_a_lanes_circuit_is_open(dsn: str, sql) -> None:  # noqa: ANN001
+def test_providers_page_says_a_lanes_circuit_is_open(dsn: str, sql) -> None:
     import psycopg
 
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("INSERT INTO batchdb.rate_limits (provider, model, rpm, tpm) "
-                     "VALUES ('openai', 'gpt-4o', 600, 60000)")
-        conn.execute("INSERT INTO batchdb.circuits (provider, key_alias, model, state, opened_at, last_error, "
-                     "next_probe_at, n_opened) VALUES ('openai', 'default', 'gpt-4o', 'open', clock_timestamp(), "
-                     "'503 at http://127.0.0.1:9/v1/chat/completions', clock_timestamp() + interval '1 minute', 1)")
+        conn.execute(
+            "INSERT INTO batchdb.rate_limits (provider, model, rpm, tpm) VALUES ('openai', 'gpt-4o', 600, 60000)"
+        )
+        conn.execute(
+            "INSERT INTO batchdb.circuits (provider, key_alias, model, state, opened_at, last_error, "
+            "next_probe_at, n_opened) VALUES ('openai', 'default', 'gpt-4o', 'open', clock_timestamp(), "
+            "'503 at http://127.0.0.1:9/v1/chat/completions', clock_timestamp() + interval '1 minute', 1)"
+        )
     at = open_page(PAGES[3])
     warnings = [w.value for w in at.warning]
-    assert any(w.startswith("openai/default/gpt-4o: circuit open since") and "last error: 503 at" in w
-               for w in warnings), warnings
+    assert any(
+        w.startswith("openai/default/gpt-4o: circuit open since") and "last error: 503 at" in w for w in warnings
+    ), warnings

@@ -26,16 +26,22 @@ def fresh_caches() -> Iterator[None]:
 
 
 def backdate_last_change(conn: psycopg.Connection, minutes: int) -> None:
-    conn.execute("""UPDATE batchdb.rate_limit_history SET changed_at = now() - make_interval(mins => %s)
-                     WHERE id = (SELECT max(id) FROM batchdb.rate_limit_history)""", (minutes,))
+    conn.execute(
+        """UPDATE batchdb.rate_limit_history SET changed_at = now() - make_interval(mins => %s)
+                     WHERE id = (SELECT max(id) FROM batchdb.rate_limit_history)""",
+        (minutes,),
+    )
 
 
 def add_usage(conn: psycopg.Connection, minutes_ago: list[int], *, rate_limited: int = 0) -> None:
-    conn.execute("""
+    conn.execute(
+        """
         INSERT INTO batchdb.rate_usage (provider, key_alias, model, minute, requests, tokens, rate_limited)
         SELECT 'openai', 'default', 'gpt-4o-mini', date_trunc('minute', now()) - ago * interval '1 minute',
                10, 1000, %s
-          FROM unnest(%s::int[]) AS ago""", (rate_limited, minutes_ago))
+          FROM unnest(%s::int[]) AS ago""",
+        (rate_limited, minutes_ago),
+    )
 
 
 def test_each_minute_shows_the_limit_in_effect_then(dsn: str, conn: psycopg.Connection) -> None:
@@ -46,8 +52,10 @@ def test_each_minute_shows_the_limit_in_effect_then(dsn: str, conn: psycopg.Conn
     add_usage(conn, [50, 30, 5])
     series = queries.load_providers(dsn, minutes=60)["series"]
     now = conn.execute("SELECT date_trunc('minute', now() AT TIME ZONE 'UTC') AS m").fetchone()["m"]
-    by_age = {int((pd.Timestamp(now) - pd.Timestamp(m)).total_seconds() // 60): (rpm, tpm)
-              for m, rpm, tpm in zip(series["minute"], series["rpm"], series["tpm"], strict=True)}
+    by_age = {
+        int((pd.Timestamp(now) - pd.Timestamp(m)).total_seconds() // 60): (rpm, tpm)
+        for m, rpm, tpm in zip(series["minute"], series["rpm"], series["tpm"], strict=True)
+    }
     assert pd.isna(by_age[50][0]) and pd.isna(by_age[42][1])  # before the lane had limits: none drawn
     assert by_age[39] == by_age[30] == by_age[11] == (100, 10_000)
     assert by_age[9] == by_age[5] == by_age[0] == (200, 20_000)

@@ -15,7 +15,7 @@ from batchdb.dashboard import queries
 from batchdb.dashboard.source import fetch, read_connection, read_only_dsn
 
 
-def test_read_connections_refuse_writes(seeded) -> None:  # noqa: ANN001
+def test_read_connections_refuse_writes(seeded) -> None:
     with read_connection(seeded.dsn) as conn:
         assert conn.execute("SHOW default_transaction_read_only").fetchone()[0] == "on"
         assert conn.execute("SELECT current_setting('application_name')").fetchone()[0] == "batchdb-dashboard"
@@ -52,10 +52,13 @@ def test_every_loader_works_on_an_empty_database(dsn: str) -> None:
     assert queries.load_workers(dsn).empty
 
 
-def test_overview_figures_match_sql(seeded, sql) -> None:  # noqa: ANN001
+def test_overview_figures_match_sql(seeded, sql) -> None:
     data = queries.load_overview(seeded.dsn)
-    assert data["n_active"] == sql.one(
-        "SELECT count(*) AS n FROM batchdb.jobs WHERE status IN ('running', 'paused', 'loading')")["n"] == 2
+    assert (
+        data["n_active"]
+        == sql.one("SELECT count(*) AS n FROM batchdb.jobs WHERE status IN ('running', 'paused', 'loading')")["n"]
+        == 2
+    )
     finished = sql.one("""SELECT count(*) AS n FROM batchdb.requests q JOIN batchdb.jobs j ON j.id = q.job_id
                            WHERE j.status = 'running' AND q.finished_at >= now() - interval '1 minute'""")["n"]
     assert finished == 40
@@ -65,26 +68,50 @@ def test_overview_figures_match_sql(seeded, sql) -> None:  # noqa: ANN001
                            AND q.finished_at >= now() - interval '5 minutes'""")["n"]
     assert errors == 5 and data["errors_5m"] == errors
     assert dict(zip(data["errors_by_class"]["error_class"], data["errors_by_class"]["errors_5m"], strict=True)) == {
-        "permanent": 3, "rate_limited": 2}
+        "permanent": 3,
+        "rate_limited": 2,
+    }
     rate_limited = sql.one("""SELECT sum(rate_limited) AS n FROM batchdb.rate_usage
                                WHERE minute >= date_trunc('minute', now()) - interval '4 minutes'""")["n"]
     assert rate_limited == 3 + 4  # 2 + 1 seeded, and the worker's 2 SLOW rows x 2 attempts
     assert data["rate_limited_5m"] == rate_limited
-    assert data["cost_today"] == pytest.approx(float(sql.one(
-        "SELECT sum(cost_usd) AS c FROM batchdb.requests WHERE finished_at >= date_trunc('day', now())")["c"]))
+    assert data["cost_today"] == pytest.approx(
+        float(
+            sql.one("SELECT sum(cost_usd) AS c FROM batchdb.requests WHERE finished_at >= date_trunc('day', now())")[
+                "c"
+            ]
+        )
+    )
     assert data["cost_today"] > 0
-    assert data["workers"]["alive"] == sql.one(
-        "SELECT count(*) AS n FROM batchdb.live_workers WHERE alive")["n"] == 1
+    assert data["workers"]["alive"] == sql.one("SELECT count(*) AS n FROM batchdb.live_workers WHERE alive")["n"] == 1
 
 
 def test_lane_usage_now_is_a_sliding_minute_against_the_limits() -> None:
     minute = dt.datetime(2026, 11, 25, 12, 0)
-    limits = pd.DataFrame({"provider": ["openai"], "key_alias": ["default"], "model": ["m"], "rpm": [500],
-                           "tpm": [100_000], "pace_now": [1.0], "blocked": [False], "source": ["configured"],
-                           "state_text": ["held by a 429 until 12:00:30 UTC"]})
-    usage = pd.DataFrame({"provider": ["openai"] * 3, "key_alias": ["default"] * 3, "model": ["m"] * 3,
-                          "minute": [minute, minute - dt.timedelta(minutes=1), minute - dt.timedelta(minutes=9)],
-                          "requests": [100, 200, 7], "tokens": [30_000, 60_000, 1], "rate_limited": [2, 1, 9]})
+    limits = pd.DataFrame(
+        {
+            "provider": ["openai"],
+            "key_alias": ["default"],
+            "model": ["m"],
+            "rpm": [500],
+            "tpm": [100_000],
+            "pace_now": [1.0],
+            "blocked": [False],
+            "source": ["configured"],
+            "state_text": ["held by a 429 until 12:00:30 UTC"],
+        }
+    )
+    usage = pd.DataFrame(
+        {
+            "provider": ["openai"] * 3,
+            "key_alias": ["default"] * 3,
+            "model": ["m"] * 3,
+            "minute": [minute, minute - dt.timedelta(minutes=1), minute - dt.timedelta(minutes=9)],
+            "requests": [100, 200, 7],
+            "tokens": [30_000, 60_000, 1],
+            "rate_limited": [2, 1, 9],
+        }
+    )
     lanes = pd.DataFrame({"provider": ["openai", "gemini"], "key_alias": ["default", "k2"], "model": ["m", "g"]})
     out = queries.lanes_now(limits, usage, lanes, {"current_minute": minute, "seconds_into_minute": 15.0})
     row = out[out["provider"] == "openai"].iloc[0]
@@ -99,18 +126,28 @@ def test_lane_usage_now_is_a_sliding_minute_against_the_limits() -> None:
     assert row["state"] == "held by a 429 until 12:00:30 UTC" and unpaced["state"] == "not paced (no limits)"
 
 
-def test_jobs_table_matches_the_counters(seeded, sql) -> None:  # noqa: ANN001
+def test_jobs_table_matches_the_counters(seeded, sql) -> None:
     table = queries.load_jobs(seeded.dsn).set_index("job_id")
     for row in sql.all("""SELECT job_id, status, n_total, n_succeeded, n_failed, n_dead, n_queued, cost_usd
                             FROM batchdb.job_progress"""):
         shown = table.loc[row["job_id"]]
-        assert (shown["status"], shown["n_total"], shown["n_succeeded"], shown["n_failed"], shown["n_dead"],
-                shown["n_queued"]) == (row["status"], row["n_total"], row["n_succeeded"], row["n_failed"],
-                                       row["n_dead"], row["n_queued"])
+        assert (
+            shown["status"],
+            shown["n_total"],
+            shown["n_succeeded"],
+            shown["n_failed"],
+            shown["n_dead"],
+            shown["n_queued"],
+        ) == (row["status"], row["n_total"], row["n_succeeded"], row["n_failed"], row["n_dead"], row["n_queued"])
         assert shown["cost_usd"] == pytest.approx(float(row["cost_usd"]))
     alpha = table.loc[seeded.alpha]
     assert (alpha["status"], alpha["n_total"], alpha["n_succeeded"], alpha["n_failed"], alpha["n_dead"]) == (
-        "running", 50, 35, 3, 2)
+        "running",
+        50,
+        35,
+        3,
+        2,
+    )
     assert alpha["rows_per_second_now"] == pytest.approx(40 / 60)
     assert pd.isna(table.loc[seeded.beta, "rows_per_second_now"])  # completed: not read
     only_alice = queries.filter_jobs(table.reset_index(), owners=["alice"])
@@ -119,7 +156,7 @@ def test_jobs_table_matches_the_counters(seeded, sql) -> None:  # noqa: ANN001
     assert len(queries.filter_jobs(table.reset_index(), models=["gpt-4o-mini"], statuses=["running"])) == 2
 
 
-def test_job_detail_matches_sql(seeded, sql) -> None:  # noqa: ANN001
+def test_job_detail_matches_sql(seeded, sql) -> None:
     detail = queries.load_job_detail(seeded.dsn, seeded.alpha)
     assert detail is not None and detail["estimate"].exact
     job = detail["job"]
@@ -127,9 +164,12 @@ def test_job_detail_matches_sql(seeded, sql) -> None:  # noqa: ANN001
     timeline = detail["timeline"]
     assert timeline["finished"].sum() == 40 and timeline["done_cumulative"].iloc[-1] == 40
     assert timeline["succeeded"].sum() == 35 and timeline["failed"].sum() == 5
-    latency = sql.one("""SELECT count(*) AS n, percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms) AS p50,
+    latency = sql.one(
+        """SELECT count(*) AS n, percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms) AS p50,
                                 percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ms) AS p99
-                           FROM batchdb.requests WHERE job_id = %(j)s AND status = 'succeeded'""", {"j": seeded.alpha})
+                           FROM batchdb.requests WHERE job_id = %(j)s AND status = 'succeeded'""",
+        {"j": seeded.alpha},
+    )
     assert detail["latency"]["n"] == latency["n"] == 35
     assert detail["latency"]["p50_ms"] == pytest.approx(latency["p50"])
     assert detail["latency"]["p99_ms"] == pytest.approx(latency["p99"])
@@ -141,10 +181,11 @@ def test_job_detail_matches_sql(seeded, sql) -> None:  # noqa: ANN001
     cost = detail["cost_by_token_type"].set_index("token type")
     assert cost.loc["input (prompt)", "tokens"] == job["prompt_tokens"] > 0
     assert cost.loc["input (prompt)", "cost_usd"] + cost.loc["output (completion)", "cost_usd"] == pytest.approx(
-        job["cost_usd"])
+        job["cost_usd"]
+    )
 
 
-def test_sampled_reads_scale_back_up(dsn: str, sql) -> None:  # noqa: ANN001
+def test_sampled_reads_scale_back_up(dsn: str, sql) -> None:
     assert queries.sample_percent(50, exact_rows=10, target_rows=50) == 100.0
     assert queries.sample_percent(1_000_000) == pytest.approx(10.0)
     # 20,000 rows read through a 20% page sample: the real scale-up path, checked against exact SQL.
@@ -165,13 +206,20 @@ def test_sampled_reads_scale_back_up(dsn: str, sql) -> None:  # noqa: ANN001
     # error of a Bernoulli page sample's total being sqrt((1 - p) / p * sum of squared page totals).
     p = est.pct / 100
     for figure, shown, rows in (
-            ("prompt tokens", timeline["prompt_tokens"].sum(), "finished_at IS NOT NULL"),
-            ("cost", timeline["cost_usd"].sum(), "finished_at IS NOT NULL"),
-            ("rows waiting for a retry", errors.loc[errors["state"] == "retrying", "n"].sum(),
-             "status = 'queued' AND error_class IS NOT NULL")):
+        ("prompt tokens", timeline["prompt_tokens"].sum(), "finished_at IS NOT NULL"),
+        ("cost", timeline["cost_usd"].sum(), "finished_at IS NOT NULL"),
+        (
+            "rows waiting for a retry",
+            errors.loc[errors["state"] == "retrying", "n"].sum(),
+            "status = 'queued' AND error_class IS NOT NULL",
+        ),
+    ):
         column = {"prompt tokens": "prompt_tokens", "cost": "cost_usd"}.get(figure, "1")
-        pages = sql.all(f"""SELECT sum({column})::float8 AS t FROM batchdb.requests
-                             WHERE job_id = %(j)s AND {rows} GROUP BY (ctid::text::point)[0]""", {"j": job_id})
+        pages = sql.all(
+            f"""SELECT sum({column})::float8 AS t FROM batchdb.requests
+                             WHERE job_id = %(j)s AND {rows} GROUP BY (ctid::text::point)[0]""",
+            {"j": job_id},
+        )
         exact = sum(page["t"] for page in pages)
         se = math.sqrt((1 - p) / p * sum(page["t"] ** 2 for page in pages))
         assert len(pages) > 50 and 0 < se < exact / 5, (figure, len(pages), se, exact)  # a real sample
@@ -179,15 +227,19 @@ def test_sampled_reads_scale_back_up(dsn: str, sql) -> None:  # noqa: ANN001
         assert shown != exact  # scaled up from a sample, not read whole
 
 
-def _job_with_finished_rows(sql, n: int) -> int:  # noqa: ANN001
+def _job_with_finished_rows(sql, n: int) -> int:
     """A running job of `n` rows finished over the last 10 minutes: most succeeded, some failed or dead,
     some waiting for a retry, with varied tokens and cost."""
-    job_id = sql.one("INSERT INTO batchdb.jobs (name, model, provider) VALUES ('sampled', 'm', 'instant') "
-                     "RETURNING id")["id"]
-    sql.all("""INSERT INTO batchdb.requests (job_id, custom_id, payload)
+    job_id = sql.one(
+        "INSERT INTO batchdb.jobs (name, model, provider) VALUES ('sampled', 'm', 'instant') RETURNING id"
+    )["id"]
+    sql.all(
+        """INSERT INTO batchdb.requests (job_id, custom_id, payload)
                SELECT %(j)s, g::text, '{"prompt": "x"}' FROM generate_series(1, %(n)s) g RETURNING 1""",
-            {"j": job_id, "n": n})
-    sql.all("""
+        {"j": job_id, "n": n},
+    )
+    sql.all(
+        """
         UPDATE batchdb.requests
            SET status = CASE WHEN custom_id::int %% 41 = 0 THEN 'queued' WHEN custom_id::int %% 50 = 0 THEN 'failed'
                              WHEN custom_id::int %% 77 = 0 THEN 'dead' ELSE 'succeeded' END,
@@ -200,25 +252,32 @@ def _job_with_finished_rows(sql, n: int) -> int:  # noqa: ANN001
                prompt_tokens = 10 + (custom_id::int * 7919) %% 97,
                completion_tokens = 5 + custom_id::int %% 13,
                cost_usd = (10 + (custom_id::int * 7919) %% 97) * 0.000001
-         WHERE job_id = %(j)s RETURNING 1""", {"j": job_id})
+         WHERE job_id = %(j)s RETURNING 1""",
+        {"j": job_id},
+    )
     return int(job_id)
 
 
-def test_samples_show_the_prompt_as_sent_and_the_stored_answer(seeded, sql) -> None:  # noqa: ANN001
+def test_samples_show_the_prompt_as_sent_and_the_stored_answer(seeded, sql) -> None:
     pairs = queries.load_job_samples(seeded.dsn, seeded.beta, n_succeeded=12, limit=5)
     assert len(pairs) == 5
-    stored = {r["custom_id"]: r["response_text"] for r in sql.all(
-        """SELECT q.custom_id, r.response_text FROM batchdb.requests q
+    stored = {
+        r["custom_id"]: r["response_text"]
+        for r in sql.all(
+            """SELECT q.custom_id, r.response_text FROM batchdb.requests q
              JOIN batchdb.results r ON r.job_id = q.job_id AND r.request_id = q.id WHERE q.job_id = %(j)s""",
-        {"j": seeded.beta})}
+            {"j": seeded.beta},
+        )
+    }
     for row in pairs.itertuples():
         assert row.response == stored[row.custom_id]
         assert row.prompt.startswith("[user] Summarise: Company b")
     assert list(queries.load_job_samples(seeded.dsn, seeded.beta, n_succeeded=12, limit=5)["custom_id"]) == list(
-        pairs["custom_id"])  # same seed, same sample
+        pairs["custom_id"]
+    )  # same seed, same sample
 
 
-def test_providers_page_data(seeded, sql) -> None:  # noqa: ANN001
+def test_providers_page_data(seeded, sql) -> None:
     data = queries.load_providers(seeded.dsn, minutes=60)
     lanes = data["lanes"].set_index(["provider", "key_alias", "model"])
     openai = lanes.loc[("openai", "default", "gpt-4o-mini")]
@@ -229,22 +288,27 @@ def test_providers_page_data(seeded, sql) -> None:  # noqa: ANN001
     assert lanes.loc[("instant", "default", "gpt-4o-mini"), "rate_limited_5m"] == 4
     series = data["series"]
     per_lane = series.groupby("lane")[["tokens", "rate_limited"]].sum()
-    assert per_lane.loc["openai/default/gpt-4o-mini", "tokens"] == sql.one(
-        "SELECT sum(tokens) AS t FROM batchdb.rate_usage WHERE provider = 'openai'")["t"] == 99000
+    assert (
+        per_lane.loc["openai/default/gpt-4o-mini", "tokens"]
+        == sql.one("SELECT sum(tokens) AS t FROM batchdb.rate_usage WHERE provider = 'openai'")["t"]
+        == 99000
+    )
     assert len(series[series["lane"] == "openai/default/gpt-4o-mini"]) == 61  # every minute, gaps as zero
     assert list(data["limits"]["model"]) == ["gpt-4o-mini"]
 
 
-def test_cost_page_data(seeded, sql) -> None:  # noqa: ANN001
+def test_cost_page_data(seeded, sql) -> None:
     data = queries.load_cost(seeded.dsn)
     by_owner = dict(zip(data["by_owner"]["owner"], data["by_owner"]["cost_usd"], strict=True))
     for row in sql.all("SELECT owner, sum(cost_usd) AS c FROM batchdb.jobs GROUP BY owner"):
         assert by_owner[row["owner"]] == pytest.approx(float(row["c"]))
     by_model = dict(zip(data["by_model"]["model"], data["by_model"]["cost_usd"], strict=True))
-    assert by_model["gpt-4o"] == pytest.approx(float(sql.one(
-        "SELECT cost_usd AS c FROM batchdb.jobs WHERE id = %(j)s", {"j": seeded.beta})["c"]))
-    assert data["by_day"]["cost_usd"].sum() == pytest.approx(float(sql.one(
-        "SELECT sum(cost_usd) AS c FROM batchdb.jobs")["c"]))
+    assert by_model["gpt-4o"] == pytest.approx(
+        float(sql.one("SELECT cost_usd AS c FROM batchdb.jobs WHERE id = %(j)s", {"j": seeded.beta})["c"])
+    )
+    assert data["by_day"]["cost_usd"].sum() == pytest.approx(
+        float(sql.one("SELECT sum(cost_usd) AS c FROM batchdb.jobs")["c"])
+    )
     queued = data["queued"].set_index("job_id")
     assert queued.loc[seeded.alpha, "rows_left"] == 10 and queued.loc[seeded.gamma, "rows_left"] == 25
     alpha = sql.one("SELECT cost_usd / n_done AS per_row FROM batchdb.jobs WHERE id = %(j)s", {"j": seeded.alpha})
@@ -255,19 +319,25 @@ def test_cost_page_data(seeded, sql) -> None:  # noqa: ANN001
 
 
 def test_cost_by_day_splits_a_job_that_crossed_midnight() -> None:
-    jobs = pd.DataFrame({
-        "job_id": [1, 2], "name": ["a", "b"], "owner": ["u", "u"], "model": ["m", "m"], "cost_usd": [3.0, 1.0],
-        "created_at": [dt.datetime(2026, 11, 1, 20), dt.datetime(2026, 11, 2, 9)],
-        "started_at": [dt.datetime(2026, 11, 1, 22), dt.datetime(2026, 11, 2, 10)],
-        "finished_at": [dt.datetime(2026, 11, 2, 1), dt.datetime(2026, 11, 2, 11)],
-        "db_now": [dt.datetime(2026, 11, 3)] * 2,
-    })
+    jobs = pd.DataFrame(
+        {
+            "job_id": [1, 2],
+            "name": ["a", "b"],
+            "owner": ["u", "u"],
+            "model": ["m", "m"],
+            "cost_usd": [3.0, 1.0],
+            "created_at": [dt.datetime(2026, 11, 1, 20), dt.datetime(2026, 11, 2, 9)],
+            "started_at": [dt.datetime(2026, 11, 1, 22), dt.datetime(2026, 11, 2, 10)],
+            "finished_at": [dt.datetime(2026, 11, 2, 1), dt.datetime(2026, 11, 2, 11)],
+            "db_now": [dt.datetime(2026, 11, 3)] * 2,
+        }
+    )
     by_day = queries.cost_by_day(jobs).groupby("day")["cost_usd"].sum()
     assert by_day[pd.Timestamp("2026-11-01")] == pytest.approx(2.0)  # 2 of job 1's 3 hours
     assert by_day[pd.Timestamp("2026-11-02")] == pytest.approx(1.0 + 1.0)
 
 
-def test_parquet_output_is_read_by_duckdb(seeded, tmp_path) -> None:  # noqa: ANN001
+def test_parquet_output_is_read_by_duckdb(seeded, tmp_path) -> None:
     path = tmp_path / "out" / f"job-{seeded.beta}.parquet"
     assert batchdb.Job(seeded.beta, dsn=seeded.dsn).to_parquet(path) == 12
     (tmp_path / "out" / "other.parquet").write_bytes(path.read_bytes())
@@ -282,13 +352,17 @@ def test_parquet_output_is_read_by_duckdb(seeded, tmp_path) -> None:  # noqa: AN
     assert set(out["sample"]["custom_id"]) <= set(table["custom_id"])
 
 
-def test_reads_stay_on_one_partition_and_use_the_indexes(seeded, sql) -> None:  # noqa: ANN001
+def test_reads_stay_on_one_partition_and_use_the_indexes(seeded, sql) -> None:
     # The guard rail for "no full scans of requests": the per-job reads plan as a sample scan of the
     # job's own partition when sampled, never a scan of other partitions.
     with read_connection(seeded.dsn) as conn:
         for query in (queries.PG_RECENT_ACTIVITY, queries.PG_JOB_ROWS_SUMMARY):
-            plan = "\n".join(r[0] for r in conn.execute(
-                "EXPLAIN " + query, {"job_id": seeded.alpha, "pct": 10.0, "bucket_seconds": 60}).fetchall())
+            plan = "\n".join(
+                r[0]
+                for r in conn.execute(
+                    "EXPLAIN " + query, {"job_id": seeded.alpha, "pct": 10.0, "bucket_seconds": 60}
+                ).fetchall()
+            )
             assert f"requests_{seeded.alpha}" in plan and "Sample Scan" in plan, plan
             assert f"requests_{seeded.beta}" not in plan and "requests_orphan" not in plan, plan
         # rate_usage grows by one row per lane and minute: it must be readable by its primary key
@@ -299,13 +373,26 @@ def test_reads_stay_on_one_partition_and_use_the_indexes(seeded, sql) -> None:  
 
 
 def test_a_page_sample_is_scaled_to_the_exact_counters() -> None:
-    timeline = pd.DataFrame({"bucket": pd.to_datetime(["2026-11-25 10:00", "2026-11-25 10:01"]),
-                             "finished": [40.0, 60.0], "succeeded": [39.0, 58.0], "failed": [1.0, 2.0],
-                             "prompt_tokens": [10.0, 10.0], "completion_tokens": [1.0, 1.0], "cost_usd": [0.1, 0.1]})
-    errors = pd.DataFrame({"state": ["failed", "failed", "retrying"], "error_class": ["permanent", "invalid_response",
-                                                                                       "rate_limited"],
-                           "n": [2.0, 1.0, 5.0], "examples": [["x"], ["y"], ["z"]],
-                           "last_seen": pd.to_datetime(["2026-11-25 10:01"] * 3)})
+    timeline = pd.DataFrame(
+        {
+            "bucket": pd.to_datetime(["2026-11-25 10:00", "2026-11-25 10:01"]),
+            "finished": [40.0, 60.0],
+            "succeeded": [39.0, 58.0],
+            "failed": [1.0, 2.0],
+            "prompt_tokens": [10.0, 10.0],
+            "completion_tokens": [1.0, 1.0],
+            "cost_usd": [0.1, 0.1],
+        }
+    )
+    errors = pd.DataFrame(
+        {
+            "state": ["failed", "failed", "retrying"],
+            "error_class": ["permanent", "invalid_response", "rate_limited"],
+            "n": [2.0, 1.0, 5.0],
+            "examples": [["x"], ["y"], ["z"]],
+            "last_seen": pd.to_datetime(["2026-11-25 10:01"] * 3),
+        }
+    )
     job = {"n_done": 1000, "n_succeeded": 968, "n_failed": 30, "n_dead": 2}
     scaled_timeline, scaled_errors = queries.calibrate(timeline, errors, job, queries.Estimate(10.0))
     assert scaled_timeline["finished"].sum() == pytest.approx(1000)
@@ -313,5 +400,11 @@ def test_a_page_sample_is_scaled_to_the_exact_counters() -> None:
     assert scaled_timeline["failed"].sum() == pytest.approx(32)
     assert scaled_timeline["cost_usd"].sum() == pytest.approx(2.0)  # no counter per bucket: x 100 / 10%
     by = {(r.state, r.error_class): r.n for r in scaled_errors.itertuples()}
-    assert by == pytest.approx({("failed", "permanent"): 20, ("failed", "invalid_response"): 10,
-                                ("retrying", "rate_limited"): 50, ("dead", "(none in the sample)"): 2})
+    assert by == pytest.approx(
+        {
+            ("failed", "permanent"): 20,
+            ("failed", "invalid_response"): 10,
+            ("retrying", "rate_limited"): 50,
+            ("dead", "(none in the sample)"): 2,
+        }
+    )

@@ -19,13 +19,22 @@ SOURCE_ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_sigterm_stops_the_dashboard_and_streamlit_promptly_and_quietly(dsn: str, tmp_path: Path) -> None:
-    env = {**os.environ, "BATCHDB_DSN": dsn,
-           "PYTHONPATH": os.pathsep.join(p for p in (str(SOURCE_ROOT), os.environ.get("PYTHONPATH")) if p)}
+    env = {
+        **os.environ,
+        "BATCHDB_DSN": dsn,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(SOURCE_ROOT), os.environ.get("PYTHONPATH")) if p),
+    }
     out, err = tmp_path / "out.log", tmp_path / "err.log"
     with out.open("wb") as stdout, err.open("wb") as stderr:
-        process = subprocess.Popen([sys.executable, "-m", "batchdb", "dashboard", "--port", str(free_port())],
-                                   env=env, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "batchdb", "dashboard", "--port", str(free_port())],
+            env=env,
+            cwd=tmp_path,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 90
         while "batchdb dashboard on http://127.0.0.1:" not in out.read_text():

@@ -8,13 +8,23 @@ import streamlit as st
 from batchdb.dashboard import tables
 from batchdb.dashboard.tables import fit_columns, split_columns
 
-CONFIG = {"job_id": st.column_config.NumberColumn("job", format="%d"), "note": "note",
-          "pct": st.column_config.ProgressColumn("progress", min_value=0, max_value=100)}
+CONFIG = {
+    "job_id": st.column_config.NumberColumn("job", format="%d"),
+    "note": "note",
+    "pct": st.column_config.ProgressColumn("progress", min_value=0, max_value=100),
+}
 
 
 def frame(n_numbers: int, note: str = "x" * 300) -> pd.DataFrame:
-    return pd.DataFrame({"job_id": [1, 22], "name": ["alpha", "beta"], "note": [note, "short"],
-                         "pct": [10.0, 100.0], **{f"count_{i}": [123456, 7] for i in range(n_numbers)}})
+    return pd.DataFrame(
+        {
+            "job_id": [1, 22],
+            "name": ["alpha", "beta"],
+            "note": [note, "short"],
+            "pct": [10.0, 100.0],
+            **{f"count_{i}": [123456, 7] for i in range(n_numbers)},
+        }
+    )
 
 
 def widths(config: dict, columns: list[str]) -> int:

@@ -28,9 +28,15 @@ SCHEMA = {
     "additionalProperties": False,
 }
 JSON_SCHEMA = {"type": "json_schema", "json_schema": {"name": "sentiment", "schema": SCHEMA, "strict": True}}
-JOB = {"system": "Label the headline. Answer in JSON.", "prompt": "Headline: {headline}",
-       "input_columns": ["headline"], "input_types": {"headline": "string"}, "max_tokens": 50, "temperature": 0.0,
-       "seed": 1}
+JOB = {
+    "system": "Label the headline. Answer in JSON.",
+    "prompt": "Headline: {headline}",
+    "input_columns": ["headline"],
+    "input_types": {"headline": "string"},
+    "max_tokens": 50,
+    "temperature": 0.0,
+    "seed": 1,
+}
 
 
 def with_schema(**changes: Any) -> dict[str, Any]:
@@ -48,9 +54,12 @@ def test_valid_jobs_pass(provider: str, response_format: dict[str, Any] | None) 
 def test_a_job_of_ready_messages_passes_without_a_prompt() -> None:
     # Each row brings its own messages: the JSON-word rule cannot be judged at submit.
     check_request("openai", "gpt-4o-mini", {"input_columns": ["messages"], "response_format": {"type": "json_object"}})
-    messages = [{"role": "system", "content": "Be brief."},
-                {"role": "user", "content": [{"type": "text", "text": "hi"}]},
-                {"role": "assistant", "content": "hello"}, {"role": "user", "content": "and?"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "and?"},
+    ]
     check_request("gemini", "gemini-2.0-flash", {"messages": messages})
 
 
@@ -61,12 +70,21 @@ def test_a_job_of_ready_messages_passes_without_a_prompt() -> None:
         ("openai", {"response_format": "json"}, "response_format: expected a JSON object"),
         ("openai", {"response_format": {"type": "xml"}}, "type must be one of text, json_object, json_schema"),
         ("openai", {"response_format": {"type": "json_schema"}}, "needs a 'json_schema' object"),
-        ("gemini", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}},
-         "json_schema.schema: expected a JSON Schema object, got list"),
-        ("openai", {"response_format": {"type": "json_schema", "schema": SCHEMA}},
-         "a schema goes in {'type': 'json_schema', 'json_schema'"),
-        ("gemini", {"response_format": {"type": "json_schema", "json_schema": {"schema": SCHEMA, "strict": "yes"}}},
-         "strict: expected true or false"),
+        (
+            "gemini",
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}},
+            "json_schema.schema: expected a JSON Schema object, got list",
+        ),
+        (
+            "openai",
+            {"response_format": {"type": "json_schema", "schema": SCHEMA}},
+            "a schema goes in {'type': 'json_schema', 'json_schema'",
+        ),
+        (
+            "gemini",
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": SCHEMA, "strict": "yes"}}},
+            "strict: expected true or false",
+        ),
         ("openai", {"n": 2}, "n must be 1"),
         ("gemini", {"n": 4}, "n must be 1"),
         ("openai", {"stream": True}, "leave stream unset"),
@@ -76,32 +94,69 @@ def test_a_job_of_ready_messages_passes_without_a_prompt() -> None:
         ("openai", {"messages": []}, "messages: expected a non-empty list"),
         ("openai", {"messages": [{"content": "hi"}]}, "messages[0]: expected an object with a 'role'"),
         ("openai", {"messages": [{"role": "model", "content": "hi"}]}, "OpenAI has no role 'model'"),
-        ("azure", {"response_format": {"type": "json_schema", "json_schema": {"schema": SCHEMA}}},
-         "Azure OpenAI needs a name"),
-        ("openai", {"prompt": "Label: {headline}", "response_format": {"type": "json_object"}},
-         "mentions JSON"),
-        ("openai", {"response_format": {"type": "json_schema", "json_schema": {
-            "name": "s", "strict": True, "schema": {"type": "object", "properties": {"a": {"type": "string"}}}}}},
-         "$ lacks additionalProperties: false; $ does not list a in required"),
-        ("gemini", {"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}]},
-         "messages[1]: Gemini has no role 'tool'"),
-        ("gemini", {"messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "late"}]},
-         "put system messages first"),
+        (
+            "azure",
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": SCHEMA}}},
+            "Azure OpenAI needs a name",
+        ),
+        ("openai", {"prompt": "Label: {headline}", "response_format": {"type": "json_object"}}, "mentions JSON"),
+        (
+            "openai",
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": "s",
+                        "strict": True,
+                        "schema": {"type": "object", "properties": {"a": {"type": "string"}}},
+                    },
+                }
+            },
+            "$ lacks additionalProperties: false; $ does not list a in required",
+        ),
+        (
+            "gemini",
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}]},
+            "messages[1]: Gemini has no role 'tool'",
+        ),
+        (
+            "gemini",
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "late"}]},
+            "put system messages first",
+        ),
         ("gemini", {"messages": [{"role": "system", "content": "only a system"}]}, "at least one user message"),
-        ("gemini", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-         "only text parts can be sent to Gemini by batchdb, got 'image_url'"),
-        ("gemini", {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}]},
-         "tool_calls cannot be sent to Gemini"),
+        (
+            "gemini",
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "only text parts can be sent to Gemini by batchdb, got 'image_url'",
+        ),
+        (
+            "gemini",
+            {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}]},
+            "tool_calls cannot be sent to Gemini",
+        ),
         ("gemini", {"logit_bias": {"50256": -100}}, "'logit_bias' has no Gemini equivalent"),
-        ("gemini", {"response_format": with_schema(allOf=[{"required": ["a"]}])},
-         "'allOf' at $ (merge the sub-schemas"),
-        ("gemini", {"response_format": with_schema(properties={"code": {"type": "string", "pattern": "^[A-Z]+$"}})},
-         "'pattern' at $.properties.code"),
+        (
+            "gemini",
+            {"response_format": with_schema(allOf=[{"required": ["a"]}])},
+            "'allOf' at $ (merge the sub-schemas",
+        ),
+        (
+            "gemini",
+            {"response_format": with_schema(properties={"code": {"type": "string", "pattern": "^[A-Z]+$"}})},
+            "'pattern' at $.properties.code",
+        ),
         ("gemini", {"response_format": with_schema(properties={"kind": {"const": "a"}})}, "use enum: [value]"),
-        ("gemini", {"response_format": with_schema(properties={"x": {"$ref": "#/$defs/X", "description": "d"}})},
-         "'description' next to $ref at $.properties.x"),
-        ("gemini", {"response_format": with_schema(properties={"x": {"type": "date"}})},
-         "type 'date' at $.properties.x"),
+        (
+            "gemini",
+            {"response_format": with_schema(properties={"x": {"$ref": "#/$defs/X", "description": "d"}})},
+            "'description' next to $ref at $.properties.x",
+        ),
+        (
+            "gemini",
+            {"response_format": with_schema(properties={"x": {"type": "date"}})},
+            "type 'date' at $.properties.x",
+        ),
     ],
 )
 def test_refusals_say_what_is_wrong(provider: str, params: dict[str, Any], expected: str) -> None:
@@ -118,30 +173,60 @@ def test_empty_model_is_refused() -> None:
 
 def test_gemini_conversion_of_a_full_request() -> None:
     request = ChatRequest(
-        messages=[{"role": "system", "content": "A"}, {"role": "developer", "content": "B"},
-                  {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
-                  {"role": "user", "content": [{"type": "text", "text": "q2 "}, {"type": "text", "text": "more"}]}],
-        model="gemini-2.0-flash", max_tokens=64, temperature=0.5, seed=3, response_format=JSON_SCHEMA,
+        messages=[
+            {"role": "system", "content": "A"},
+            {"role": "developer", "content": "B"},
+            {"role": "user", "content": "q1"},
+            {"role": "assistant", "content": "a1"},
+            {"role": "user", "content": [{"type": "text", "text": "q2 "}, {"type": "text", "text": "more"}]},
+        ],
+        model="gemini-2.0-flash",
+        max_tokens=64,
+        temperature=0.5,
+        seed=3,
+        response_format=JSON_SCHEMA,
         extra={"top_p": 0.9, "stop": "END", "n": 1},
     )
     call = to_gemini(request)
     assert call == GeminiCall(
-        contents=[{"role": "user", "parts": [{"text": "q1"}]}, {"role": "model", "parts": [{"text": "a1"}]},
-                  {"role": "user", "parts": [{"text": "q2 more"}]}],
-        config={"system_instruction": "A\n\nB", "max_output_tokens": 64, "temperature": 0.5, "seed": 3,
-                "response_mime_type": "application/json", "response_json_schema": SCHEMA, "top_p": 0.9,
-                "stop_sequences": ["END"]},
+        contents=[
+            {"role": "user", "parts": [{"text": "q1"}]},
+            {"role": "model", "parts": [{"text": "a1"}]},
+            {"role": "user", "parts": [{"text": "q2 more"}]},
+        ],
+        config={
+            "system_instruction": "A\n\nB",
+            "max_output_tokens": 64,
+            "temperature": 0.5,
+            "seed": 3,
+            "response_mime_type": "application/json",
+            "response_json_schema": SCHEMA,
+            "top_p": 0.9,
+            "stop_sequences": ["END"],
+        },
     )
-    assert to_gemini(ChatRequest(messages=[{"role": "user", "content": "x"}], model="g",
-                                 response_format={"type": "json_object"})).config == {
-        "response_mime_type": "application/json"}
+    assert to_gemini(
+        ChatRequest(messages=[{"role": "user", "content": "x"}], model="g", response_format={"type": "json_object"})
+    ).config == {"response_mime_type": "application/json"}
 
 
 def test_openai_conversion_passes_the_request_through() -> None:
-    request = ChatRequest(messages=[{"role": "user", "content": "Answer in JSON"}], model="gpt-4o-mini", max_tokens=5,
-                          seed=2, response_format={"type": "json_object"}, extra={"top_p": 0.5})
-    assert to_openai(request) == {"model": "gpt-4o-mini", "messages": request.messages, "max_tokens": 5, "seed": 2,
-                                  "response_format": {"type": "json_object"}, "top_p": 0.5}
+    request = ChatRequest(
+        messages=[{"role": "user", "content": "Answer in JSON"}],
+        model="gpt-4o-mini",
+        max_tokens=5,
+        seed=2,
+        response_format={"type": "json_object"},
+        extra={"top_p": 0.5},
+    )
+    assert to_openai(request) == {
+        "model": "gpt-4o-mini",
+        "messages": request.messages,
+        "max_tokens": 5,
+        "seed": 2,
+        "response_format": {"type": "json_object"},
+        "top_p": 0.5,
+    }
 
 
 def test_submit_and_worker_paths_agree() -> None:
@@ -149,8 +234,9 @@ def test_submit_and_worker_paths_agree() -> None:
     params = {"prompt": "hi", "response_format": with_schema(properties={"x": {"type": "string", "minLength": 2}})}
     with pytest.raises(UnsupportedRequest) as at_submit:
         check_request("gemini", "g", params)
-    row = ChatRequest(messages=[{"role": "user", "content": "hi"}], model="g",
-                      response_format=params["response_format"])
+    row = ChatRequest(
+        messages=[{"role": "user", "content": "hi"}], model="g", response_format=params["response_format"]
+    )
     with pytest.raises(UnsupportedRequest) as at_worker:
         check_chat_request("gemini", row)
     assert str(at_submit.value) == str(at_worker.value)

@@ -34,8 +34,9 @@ SCHEMA = {
 
 
 def request(text: str = USER, **fields: Any) -> ChatRequest:
-    return ChatRequest(messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}],
-                       model=MODEL, **fields)
+    return ChatRequest(
+        messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}], model=MODEL, **fields
+    )
 
 
 def call(sim: SimulatorProcess, *requests: ChatRequest, key: str = KEY) -> list[ChatResponse | ProviderError]:
@@ -146,8 +147,9 @@ def test_unmappable_request_is_permanent_without_a_call(sim_default: SimulatorPr
     assert sim_default.stats(series=False)["totals"]["requests"] == 0
 
 
-def test_build_provider_reads_gemini_key_and_endpoint(sim_default: SimulatorProcess,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_build_provider_reads_gemini_key_and_endpoint(
+    sim_default: SimulatorProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("GOOGLE_API_KEY", KEY)
     monkeypatch.setenv("GEMINI_BASE_URL", sim_default.gemini_base_url)
 
@@ -171,33 +173,67 @@ def api_error(code: int, status: str, message: str, details: list[dict[str, Any]
 
 
 def quota(quota_id: str, value: str = "15") -> dict[str, Any]:
-    return {"@type": "type.googleapis.com/google.rpc.QuotaFailure",
-            "violations": [{"quotaId": quota_id, "quotaValue": value}]}
+    return {
+        "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+        "violations": [{"quotaId": quota_id, "quotaValue": value}],
+    }
 
 
 @pytest.mark.parametrize(
     ("error", "kind", "retry_after"),
     [
-        (api_error(429, "RESOURCE_EXHAUSTED", "quota", [
-            quota("GenerateContentInputTokensPerModelPerMinute-FreeTier"),
-            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "26s"}]),
-         ErrorKind.RATE_LIMITED, 26.0),
+        (
+            api_error(
+                429,
+                "RESOURCE_EXHAUSTED",
+                "quota",
+                [
+                    quota("GenerateContentInputTokensPerModelPerMinute-FreeTier"),
+                    {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "26s"},
+                ],
+            ),
+            ErrorKind.RATE_LIMITED,
+            26.0,
+        ),
         (api_error(429, "RESOURCE_EXHAUSTED", "Quota exceeded. Please retry in 1.5s."), ErrorKind.RATE_LIMITED, 1.5),
-        (api_error(429, "RESOURCE_EXHAUSTED", "quota", [quota("GenerateRequestsPerMinutePerProjectPerModel", "0")]),
-         ErrorKind.QUOTA_EXHAUSTED, None),
-        (api_error(400, "INVALID_ARGUMENT", "bad", [{"@type": "type.googleapis.com/google.rpc.ErrorInfo",
-                                                      "reason": "API_KEY_EXPIRED"}]),
-         ErrorKind.UNAVAILABLE, None),
-        (api_error(400, "INVALID_ARGUMENT", "API key not valid. Please pass a valid API key."),
-         ErrorKind.UNAVAILABLE, None),
+        (
+            api_error(429, "RESOURCE_EXHAUSTED", "quota", [quota("GenerateRequestsPerMinutePerProjectPerModel", "0")]),
+            ErrorKind.QUOTA_EXHAUSTED,
+            None,
+        ),
+        (
+            api_error(
+                400,
+                "INVALID_ARGUMENT",
+                "bad",
+                [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_EXPIRED"}],
+            ),
+            ErrorKind.UNAVAILABLE,
+            None,
+        ),
+        (
+            api_error(400, "INVALID_ARGUMENT", "API key not valid. Please pass a valid API key."),
+            ErrorKind.UNAVAILABLE,
+            None,
+        ),
         (api_error(400, "FAILED_PRECONDITION", "User location is not supported"), ErrorKind.QUOTA_EXHAUSTED, None),
         (api_error(400, "INVALID_ARGUMENT", "Invalid JSON payload"), ErrorKind.PERMANENT, None),
-        (api_error(401, "UNAUTHENTICATED", "Request had invalid authentication credentials."),
-         ErrorKind.UNAVAILABLE, None),
+        (
+            api_error(401, "UNAUTHENTICATED", "Request had invalid authentication credentials."),
+            ErrorKind.UNAVAILABLE,
+            None,
+        ),
         (api_error(403, "PERMISSION_DENIED", "denied"), ErrorKind.UNAVAILABLE, None),
-        (api_error(403, "PERMISSION_DENIED", "Generative Language API has not been used in project 1", [
-            {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "SERVICE_DISABLED"}]),
-         ErrorKind.UNAVAILABLE, None),
+        (
+            api_error(
+                403,
+                "PERMISSION_DENIED",
+                "Generative Language API has not been used in project 1",
+                [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "SERVICE_DISABLED"}],
+            ),
+            ErrorKind.UNAVAILABLE,
+            None,
+        ),
         (api_error(404, "NOT_FOUND", "models/x is not found"), ErrorKind.UNAVAILABLE, None),
         (api_error(500, "INTERNAL", "internal"), ErrorKind.TRANSIENT, None),
         (api_error(504, "DEADLINE_EXCEEDED", "deadline"), ErrorKind.TRANSIENT, None),
@@ -228,11 +264,19 @@ def test_blocked_prompt_and_safety_finish_are_permanent() -> None:
         normalise_response(unsafe, model=MODEL)
     assert answer_error.value.kind is ErrorKind.PERMANENT and "finish reason SAFETY" in answer_error.value.message
 
-    partial = types.GenerateContentResponse(candidates=[types.Candidate(
-        content=types.Content(role="model", parts=[types.Part(text="thinking", thought=True), types.Part(text="ok")]),
-        finish_reason="RECITATION",
-    )], usage_metadata=types.GenerateContentResponseUsageMetadata(
-        prompt_token_count=5, candidates_token_count=1, thoughts_token_count=3))
+    partial = types.GenerateContentResponse(
+        candidates=[
+            types.Candidate(
+                content=types.Content(
+                    role="model", parts=[types.Part(text="thinking", thought=True), types.Part(text="ok")]
+                ),
+                finish_reason="RECITATION",
+            )
+        ],
+        usage_metadata=types.GenerateContentResponseUsageMetadata(
+            prompt_token_count=5, candidates_token_count=1, thoughts_token_count=3
+        ),
+    )
     response = normalise_response(partial, model=MODEL)
     assert (response.text, response.finish_reason) == ("ok", "content_filter")
     assert (response.prompt_tokens, response.completion_tokens) == (5, 4)  # thinking is billed as output

@@ -18,8 +18,10 @@ T = TypeVar("T")
 ConfigureSimulator = Callable[..., SimulatorProcess]
 KEY = "sk-test-0123456789abcdef"
 REQUEST = ChatRequest(
-    messages=[{"role": "system", "content": "You label headlines."},
-              {"role": "user", "content": "Acme beats estimates"}],
+    messages=[
+        {"role": "system", "content": "You label headlines."},
+        {"role": "user", "content": "Acme beats estimates"},
+    ],
     model="gpt-4o-mini",
     max_tokens=20,
 )
@@ -96,7 +98,8 @@ def test_refused_key_is_unavailable_names_the_endpoint_and_is_never_echoed(simul
     assert error.lane_level and error.retryable
     assert error.message.startswith(
         f"OpenAI refused the API key (401 invalid_api_key) at {sim.openai_base_url}/chat/completions: "
-        "Incorrect API key provided"), error.message
+        "Incorrect API key provided"
+    ), error.message
     assert "Error code" not in error.message  # the provider's sentence, not the SDK's dump of the body
     assert "sk-wrong-secret-key" not in str(error) and "wrong-secret" not in str(error)
 
@@ -110,12 +113,15 @@ def test_azure_refused_key_says_azure(simulator: ConfigureSimulator) -> None:
     assert "/openai/deployments/prod-gpt4o/chat/completions" in error.message and "wrong-secret" not in str(error)
 
 
-@pytest.mark.parametrize(("status", "code", "kind"), [
-    (401, "invalid_api_key", ErrorKind.UNAVAILABLE),
-    (403, "unsupported_country_region_territory", ErrorKind.UNAVAILABLE),
-    (403, None, ErrorKind.UNAVAILABLE),
-    (429, "insufficient_quota", ErrorKind.QUOTA_EXHAUSTED),  # an account state: the job pauses
-])
+@pytest.mark.parametrize(
+    ("status", "code", "kind"),
+    [
+        (401, "invalid_api_key", ErrorKind.UNAVAILABLE),
+        (403, "unsupported_country_region_territory", ErrorKind.UNAVAILABLE),
+        (403, None, ErrorKind.UNAVAILABLE),
+        (429, "insufficient_quota", ErrorKind.QUOTA_EXHAUSTED),  # an account state: the job pauses
+    ],
+)
 def test_key_refusals_open_the_circuit_and_quota_pauses(status: int, code: str | None, kind: ErrorKind) -> None:
     """Statuses the simulator does not produce (a 403), classified from the SDK's own exception."""
     import httpx2 as httpx  # the HTTP client this openai SDK is built on
@@ -132,8 +138,10 @@ def test_key_refusals_open_the_circuit_and_quota_pauses(status: int, code: str |
     assert classified.kind is kind and classified.status_code == status, classified.message
     assert "sk-in-the-query" not in classified.message and "sk-secret-value" not in classified.message
     if kind is ErrorKind.UNAVAILABLE:
-        assert classified.message == (f"OpenAI refused the API key ({status}{' ' + code if code else ''}) at "
-                                      "https://api.example.test/v1/chat/completions: the provider's sentence")
+        assert classified.message == (
+            f"OpenAI refused the API key ({status}{' ' + code if code else ''}) at "
+            "https://api.example.test/v1/chat/completions: the provider's sentence"
+        )
 
 
 def test_unmappable_request_is_permanent_without_a_call(simulator: ConfigureSimulator) -> None:
@@ -143,8 +151,9 @@ def test_unmappable_request_is_permanent_without_a_call(simulator: ConfigureSimu
     assert sim.stats(series=False)["totals"]["requests"] == 0
 
 
-def test_build_provider_uses_the_alias_key_and_endpoint(simulator: ConfigureSimulator,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_build_provider_uses_the_alias_key_and_endpoint(
+    simulator: ConfigureSimulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
     sim = simulator(api_keys=("sk-team-b",))
     monkeypatch.setenv("OPENAI_API_KEY", "sk-default-is-refused")
     monkeypatch.setenv("BATCHDB_KEY_OPENAI_TEAM_B", "sk-team-b")
@@ -173,8 +182,9 @@ def azure_request() -> ChatRequest:
     return ChatRequest(messages=REQUEST.messages, model="prod-gpt4o", max_tokens=20)
 
 
-def test_azure_completion_through_the_deployment_path(simulator: ConfigureSimulator,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_azure_completion_through_the_deployment_path(
+    simulator: ConfigureSimulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
     sim = simulator(default_limits=Limits(rpm=300))
     monkeypatch.setenv("AZURE_OPENAI_API_KEY", "azure-key-0123")
     monkeypatch.setenv("AZURE_OPENAI_ENDPOINT", sim.azure_endpoint)

@@ -29,11 +29,19 @@ def test_help_lists_the_simulator_options() -> None:
 
 
 def test_it_prints_its_url_and_the_openai_base_url_line(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(SOURCE_ROOT), os.environ.get("PYTHONPATH"))
-                                                       if p)}
-    process = subprocess.Popen([sys.executable, "-m", "batchdb", "simulator", "--port", "0"], cwd=tmp_path, env=env,
-                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(SOURCE_ROOT), os.environ.get("PYTHONPATH")) if p),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "batchdb", "simulator", "--port", "0"],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         assert process.stdout is not None
         first, second = _read_lines(process.stdout, 2, timeout=60)
