@@ -78,6 +78,8 @@ def cli(ctx: click.Context, verbose: int) -> None:
     from batchdb.secrets import RedactingFilter
 
     ctx.ensure_object(dict)["verbose"] = verbose
+    if problems := settings.environment_problems():
+        raise click.ClickException("; ".join(problems))
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:

@@ -18,7 +18,28 @@ Example:
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _positive_number(value: str) -> str | None:
+    try:
+        ok = float(value) > 0
+    except ValueError:
+        ok = False
+    return None if ok else "expected a number of seconds above 0"
+
+
+def _port(value: str) -> str | None:
+    return None if value.strip().isdigit() and 0 < int(value) < 65536 else "expected a port number (1-65535)"
+
+
+def _boolean(value: str) -> str | None:
+    return None if value.strip().lower() in _TRUE | _FALSE else "expected true or false"
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +47,8 @@ class EnvVar:
     name: str
     default: str
     meaning: str
+    # Says what is wrong with a set value (None: fine); None for free text.
+    check: Callable[[str], str | None] | None = None
 
 
 DSN = "BATCHDB_DSN"
@@ -52,12 +75,25 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
     EnvVar(AZURE_API_VERSION, "(the SDK's)", "the Azure OpenAI API version"),
     EnvVar(WEBHOOK_SECRET, "(none)", "the signing secret `batchdb submit --webhook-url` uses"),
     EnvVar(SMTP_HOST, "(no email)", "the SMTP server job emails go through"),
-    EnvVar(SMTP_PORT, "587 with STARTTLS, else 25", "its port"),
+    EnvVar(SMTP_PORT, "587 with STARTTLS, else 25", "its port", _port),
     EnvVar(SMTP_USERNAME, "(none)", "its login"),
     EnvVar(SMTP_PASSWORD, "(none)", "its password"),
-    EnvVar(SMTP_STARTTLS, "true when a username is set", "whether to STARTTLS"),
+    EnvVar(SMTP_STARTTLS, "true when a username is set", "whether to STARTTLS", _boolean),
     EnvVar(SMTP_FROM, "batchdb@<host>", "the sender address"),
     EnvVar(OUTPUT_ROOT, DEFAULT_OUTPUT_ROOT, "where the Dagster example writes its Parquet outputs"),
-    EnvVar(DASHBOARD_REFRESH, "5", "seconds between the dashboard's live refreshes"),
+    EnvVar(DASHBOARD_REFRESH, "5", "seconds between the dashboard's live refreshes", _positive_number),
     EnvVar(DASHBOARD_OUTPUTS, "(the working directory)", "where the dashboard looks for Parquet outputs"),
 )
+
+
+def environment_problems(env: Mapping[str, str] | None = None) -> list[str]:
+    """One line per variable that is set to a value batchdb cannot use, naming it and what it
+    expects. `batchdb` (every command) and every worker check this when they start, so a typo
+    is told at once instead of as a fallback or a failure hours later."""
+    env = os.environ if env is None else env
+    problems = []
+    for var in ENVIRONMENT:
+        value = env.get(var.name)
+        if value is not None and value.strip() and var.check is not None and (why := var.check(value)):
+            problems.append(f"{var.name}: {why}, got {value!r}")
+    return problems

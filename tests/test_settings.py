@@ -44,3 +44,51 @@ def test_the_readme_lists_every_variable() -> None:
 def test_the_modules_example_runs() -> None:
     result = doctest.testmod(settings)
     assert result.attempted >= 2 and result.failed == 0
+
+
+def test_a_value_batchdb_cannot_use_is_named_with_what_it_expects() -> None:
+    env = {
+        settings.SMTP_PORT: "5x87",
+        settings.SMTP_STARTTLS: "maybe",
+        settings.DASHBOARD_REFRESH: "0",
+        settings.DSN: "anything goes here",
+        settings.SMTP_HOST: "mail",
+    }
+    assert settings.environment_problems(env) == [
+        "BATCHDB_SMTP_PORT: expected a port number (1-65535), got '5x87'",
+        "BATCHDB_SMTP_STARTTLS: expected true or false, got 'maybe'",
+        "BATCHDB_DASHBOARD_REFRESH: expected a number of seconds above 0, got '0'",
+    ]
+    good = {settings.SMTP_PORT: "2525", settings.SMTP_STARTTLS: "off", settings.DASHBOARD_REFRESH: "2.5"}
+    assert settings.environment_problems(good) == []
+    assert settings.environment_problems({}) == []
+
+
+def test_every_command_refuses_a_bad_value_in_one_line() -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, settings.SMTP_PORT: "smtp"}
+    done = subprocess.run(
+        [sys.executable, "-m", "batchdb", "--version"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0  # --version answers before any check
+    done = subprocess.run(
+        [sys.executable, "-m", "batchdb", "status"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 1, done
+    assert done.stderr.strip() == "Error: BATCHDB_SMTP_PORT: expected a port number (1-65535), got 'smtp'"
+
+
+def test_a_worker_started_from_python_refuses_a_bad_value(monkeypatch) -> None:
+    import asyncio
+
+    import pytest
+
+    from batchdb import BatchDBError
+    from batchdb.workers.worker import Worker, WorkerConfig
+
+    monkeypatch.setenv(settings.DASHBOARD_REFRESH, "-1")
+    with pytest.raises(BatchDBError, match="BATCHDB_DASHBOARD_REFRESH: expected a number of seconds above 0"):
+        asyncio.run(Worker(WorkerConfig(dsn="postgresql://nowhere.invalid/x")).run())

@@ -42,9 +42,10 @@ from typing import Any
 import psycopg
 from psycopg.rows import DictRow
 
-from batchdb import queue
+from batchdb import queue, settings
 from batchdb.context_window import ModelLimits
 from batchdb.db import resolve_dsn
+from batchdb.errors import BatchDBError
 from batchdb.ledger import Lane, charged_tokens, read_headers
 from batchdb.models import ClaimedRequest, Outcome, RequestStatus
 from batchdb.pricing import Price
@@ -239,6 +240,8 @@ class Worker:
 
     async def run(self) -> None:
         protect_logging()  # also when started from Python, not only by `batchdb worker`
+        if problems := settings.environment_problems():
+            raise BatchDBError("; ".join(problems))
         dsn = resolve_dsn(self.config.dsn)
         self._claims = Reconnecting(dsn, name="claim", shutdown=self._shutdown)
         self._writes = Reconnecting(dsn, name="complete", shutdown=self._shutdown)
