@@ -186,9 +186,6 @@ def scrub(text: str, *secrets_: str | None) -> str:
 
 # -- email -----------------------------------------------------------------------------------
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
-
 
 @dataclass(frozen=True)
 class SmtpSettings:
@@ -215,16 +212,14 @@ class SmtpSettings:
         raw_tls = env.get(settings.SMTP_STARTTLS)
         if raw_tls is None:
             starttls = username is not None
-        elif raw_tls.strip().lower() in _TRUE:
-            starttls = True
-        elif raw_tls.strip().lower() in _FALSE:
-            starttls = False
+        elif problem := settings.value_problem(settings.SMTP_STARTTLS, raw_tls):
+            raise ValueError(problem)
         else:
-            raise ValueError(f"{settings.SMTP_STARTTLS}: expected true or false, got {raw_tls!r}")
+            starttls = settings.is_true(raw_tls)
         raw_port = (env.get(settings.SMTP_PORT) or "").strip()
         if raw_port:
-            if not raw_port.isdigit() or not 0 < int(raw_port) < 65536:
-                raise ValueError(f"BATCHDB_SMTP_PORT: expected a port number, got {raw_port!r}")
+            if problem := settings.value_problem(settings.SMTP_PORT, raw_port):
+                raise ValueError(problem)
             port = int(raw_port)
         else:
             port = 587 if starttls else 25

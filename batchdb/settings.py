@@ -22,8 +22,13 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
+# Words a yes/no variable may hold (an empty value is no).
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off", ""})
+
+
+def is_true(value: str) -> bool:
+    return value.strip().lower() in TRUE_WORDS
 
 
 def _positive_number(value: str) -> str | None:
@@ -39,7 +44,7 @@ def _port(value: str) -> str | None:
 
 
 def _boolean(value: str) -> str | None:
-    return None if value.strip().lower() in _TRUE | _FALSE else "expected true or false"
+    return None if value.strip().lower() in TRUE_WORDS | FALSE_WORDS else "expected true or false"
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,14 +91,20 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
 )
 
 
+_BY_NAME = {var.name: var for var in ENVIRONMENT}
+
+
+def value_problem(name: str, value: str) -> str | None:
+    """What is wrong with `value` for the variable `name`, as one line naming both; None if usable."""
+    check = _BY_NAME[name].check
+    why = check(value) if check is not None else None
+    return f"{name}: {why}, got {value!r}" if why else None
+
+
 def environment_problems(env: Mapping[str, str] | None = None) -> list[str]:
     """One line per variable that is set to a value batchdb cannot use, naming it and what it
     expects. `batchdb` (every command) and every worker check this when they start, so a typo
     is told at once instead of as a fallback or a failure hours later."""
     env = os.environ if env is None else env
-    problems = []
-    for var in ENVIRONMENT:
-        value = env.get(var.name)
-        if value is not None and value.strip() and var.check is not None and (why := var.check(value)):
-            problems.append(f"{var.name}: {why}, got {value!r}")
-    return problems
+    set_values = ((var.name, env.get(var.name) or "") for var in ENVIRONMENT)
+    return [problem for name, value in set_values if value.strip() and (problem := value_problem(name, value))]
