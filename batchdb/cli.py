@@ -75,16 +75,15 @@ class _Commands(click.Group):
 @click.pass_context
 def cli(ctx: click.Context, verbose: int) -> None:
     """Run millions of LLM requests through a PostgreSQL queue."""
-    from batchdb.secrets import RedactingFilter
+    from batchdb.secrets import mask_keys_in_root_handlers
 
     ctx.ensure_object(dict)["verbose"] = verbose
     if problems := settings.environment_problems():
         raise click.ClickException("; ".join(problems))
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for handler in logging.getLogger().handlers:
-        # Every API key this process resolves is masked in whatever any library logs.
-        handler.addFilter(RedactingFilter())
+    # Every API key this process resolves is masked in whatever any library logs.
+    mask_keys_in_root_handlers()
 
 
 # -- database ------------------------------------------------------------------------------------

@@ -148,6 +148,14 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+def mask_keys_in_root_handlers() -> None:
+    """Put a RedactingFilter on every handler of the root logger that has none (idempotent):
+    the CLI does it for every command, a worker however it was started."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
+
+
 # -- internals -------------------------------------------------------------------------
 
 

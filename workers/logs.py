@@ -49,15 +49,13 @@ def protect_logging() -> None:
     (unless the root logger is at DEBUG), and every handler of the root logger masks the API
     keys this process resolved. It leaves the embedding application's own levels and handlers
     alone otherwise; idempotent."""
-    from batchdb.secrets import RedactingFilter
+    from batchdb.secrets import mask_keys_in_root_handlers
 
     root = logging.getLogger()
     quiet = logging.DEBUG if root.getEffectiveLevel() <= logging.DEBUG else logging.WARNING
     for name in HTTP_CLIENT_LOGGERS:
         logging.getLogger(name).setLevel(quiet)
-    for handler in root.handlers:
-        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
-            handler.addFilter(RedactingFilter())
+    mask_keys_in_root_handlers()
 
 
 def configure_worker_logging(log_format: str = "text") -> None:
