@@ -51,9 +51,9 @@ class Price:
         """The price from two database values, or None when either is missing (NULL, NaN)."""
         try:
             values = (Decimal(str(input_per_mtok)), Decimal(str(output_per_mtok)))
-        except InvalidOperation:  # pandas' NA and the like
+        except InvalidOperation:  # None, pandas' NA and the like
             return None
-        if input_per_mtok is None or output_per_mtok is None or any(not v.is_finite() for v in values):
+        if any(not v.is_finite() for v in values):  # NaN, infinity
             return None
         return cls(*values)
 
