@@ -12,14 +12,16 @@ its line), before pyarrow reads it.
 from __future__ import annotations
 
 import csv
+import datetime
+import decimal
 import io
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from json.encoder import encode_basestring as _encode_string  # the C encoder, ensure_ascii=False
 from pathlib import Path
 from typing import Any, TypeAlias
 
-import duckdb
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -416,35 +418,87 @@ def _custom_ids(
 
 
 def _json_objects(batch: pa.RecordBatch, first_row: int, row_name: RowName) -> pa.Array:
-    """Each row as a JSON object, rendered by DuckDB's vectorised `to_json`.
+    """Each row as a JSON object, built column by column and joined by Arrow.
 
-    Exact: floats keep every digit (pandas' JSON writer rounds them), timestamps
-    and dates become ISO text, nested lists/structs stay nested. NaN becomes
-    null, as pandas treats it; an infinite number cannot be JSON and is refused.
+    Exact: floats keep every digit (their shortest round-trip repr; pandas' JSON
+    writer rounds them), integers and booleans are Arrow's own text, timestamps
+    and dates their ISO text ("2026-01-02 00:00:00"), decimals their exact digits
+    as text, nested lists/structs/maps stay nested. NaN becomes null, as pandas
+    treats it; an infinite number cannot be JSON and is refused naming its row.
+    Each column is encoded once as an array of JSON texts and `binary_join_element_wise`
+    stitches the rows, so no per-row dict is ever built.
     """
-    columns = []
-    for name, column in zip(batch.schema.names, batch.columns, strict=True):
-        if pa.types.is_floating(column.type):
-            infinite = pc.is_inf(column)
-            if pc.any(infinite).as_py():
-                row = pc.index(infinite, True).as_py()
-                raise InputError(
-                    f"{row_name(first_row + row)}, column {name!r}: {column[row].as_py()} "
-                    "cannot be stored as JSON; use a finite number or null"
-                )
-            column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
-        columns.append(column)
-    rows = pa.Table.from_arrays(columns, names=batch.schema.names)
-    with duckdb.connect() as con:
-        con.register("input_rows", rows)
-        try:
-            rendered = con.execute("SELECT to_json(input_rows)::VARCHAR AS j FROM input_rows").arrow()
-        except duckdb.Error as exc:
+    if batch.num_rows == 0:
+        return pa.array([], pa.string())
+    parts: list[pa.Array | str] = []
+    for position, (name, column) in enumerate(zip(batch.schema.names, batch.columns, strict=True)):
+        parts.append(("{" if position == 0 else ",") + _encode_string(name) + ":")
+        parts.append(pc.fill_null(_json_values(column, name, first_row, row_name), "null"))
+    parts.append("}")
+    return pc.binary_join_element_wise(*parts, "")
+
+
+def _json_values(column: pa.Array, name: str, first_row: int, row_name: RowName) -> pa.Array:
+    """`column`'s values as JSON texts (null stays null)."""
+    kind = column.type
+    if pa.types.is_dictionary(kind):  # pandas categoricals
+        return _json_values(column.dictionary_decode(), name, first_row, row_name)
+    if pa.types.is_null(kind):
+        return pa.nulls(len(column), pa.string())
+    if pa.types.is_boolean(kind) or pa.types.is_integer(kind):
+        return pc.cast(column, pa.string())
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return pa.array([None if v is None else _encode_string(v) for v in column.to_pylist()], pa.string())
+    if pa.types.is_floating(kind):
+        infinite = pc.is_inf(column)
+        if pc.any(infinite).as_py():
+            row = pc.index(infinite, True).as_py()
             raise InputError(
-                f"{row_name(first_row)} to {row_name(first_row + len(rows) - 1)}: cannot be stored as JSON: {exc}"
+                f"{row_name(first_row + row)}, column {name!r}: {column[row].as_py()} "
+                "cannot be stored as JSON; use a finite number or null"
+            )
+        # NumPy's str() of a float32/float64 is the shortest text that reads back as the same
+        # number in that width ("0.1", "1.0"); NaN and null both become JSON null.
+        values = column.to_numpy(zero_copy_only=False)
+        return pa.array([None if v != v else str(v) for v in values], pa.string())
+    texts: list[str | None] = []
+    for row, value in enumerate(column.to_pylist()):
+        if value is None:
+            texts.append(None)
+            continue
+        try:
+            texts.append(
+                json.dumps(
+                    _plain(value, kind), ensure_ascii=False, allow_nan=False, separators=(",", ":"), default=_json_text
+                )
+            )
+        except (TypeError, ValueError) as exc:
+            raise InputError(
+                f"{row_name(first_row + row)}, column {name!r}: cannot be stored as JSON ({exc}); "
+                "use text, numbers, dates, lists or structs"
             ) from None
-    table = rendered if isinstance(rendered, pa.Table) else rendered.read_all()
-    return table.column(0).combine_chunks()
+    return pa.array(texts, pa.string())
+
+
+def _plain(value: Any, kind: pa.DataType) -> Any:
+    """A map's (key, value) pairs as an object, recursively; everything else as it is."""
+    if pa.types.is_map(kind):
+        return {str(k): _plain(v, kind.item_type) for k, v in value}
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        return [_plain(v, kind.value_type) for v in value]
+    if pa.types.is_struct(kind):
+        return {field.name: _plain(value[field.name], field.type) for field in kind}
+    return value
+
+
+def _json_text(value: Any) -> str:
+    """What `json` cannot write itself: dates and times as ISO text, decimals as exact digits,
+    durations in seconds. (Binary columns are refused before this, by check_schema.)"""
+    if isinstance(value, datetime.datetime | datetime.date | datetime.time | decimal.Decimal):
+        return str(value)
+    if isinstance(value, datetime.timedelta):
+        return str(value.total_seconds())
+    raise TypeError(f"{type(value).__name__} is not a JSON type")
 
 
 def _messages_payload(value: Any, row_index: int, column: str, name: RowName) -> str:

@@ -124,7 +124,7 @@ def test_the_wheel_holds_only_batchdb_with_the_linked_folders(installed: Install
 
 
 # What a core install (`pip install batchdb`, no extras) must not pull in: the Dagster and dashboard stacks.
-EXTRAS_ONLY = ("dagster", "dagster-webserver", "dagster-postgres", "streamlit", "altair", "pydeck", "grpcio")
+EXTRAS_ONLY = ("dagster", "dagster-webserver", "dagster-postgres", "streamlit", "altair", "pydeck", "grpcio", "duckdb")
 
 
 @pytest.mark.slow
@@ -148,7 +148,7 @@ def test_the_core_install_requires_no_dagster_or_dashboard_package(installed: In
     assert {"psycopg", "pandas", "pyarrow", "openai", "google-genai"} <= core
     assert not core & set(EXTRAS_ONLY), core & set(EXTRAS_ONLY)
     assert {"dagster", "dagster-webserver", "dagster-postgres"} <= by_extra["dagster"]
-    assert {"streamlit", "altair"} <= by_extra["dashboard"]
+    assert {"streamlit", "altair", "duckdb"} <= by_extra["dashboard"]
     # Version ranges in the metadata, exact pins only in constraints.txt.
     assert not [r for r in requires if any(s.operator == "==" for s in r.specifier)], requires
 
@@ -348,3 +348,58 @@ def test_dagster_materializes_the_example_from_a_folder_with_decoys(
     assert worker.wait(timeout=60) == 0, worker_log.read_text()[-3000:]
     assert "DECOY" not in output + worker_log.read_text()
     assert installed.decoys_imported() == []
+
+
+# Made unimportable for the core-install test: the extras' packages (and grpc, which they bring).
+_BLOCKER = """
+import sys
+
+BLOCKED = {blocked!r}
+
+
+class BlockExtras:
+    '''A core install has none of these: importing one fails as it would there.'''
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (not in a core install)", name=name)
+        return None
+
+
+sys.meta_path.insert(0, BlockExtras())
+"""
+
+
+def test_submit_the_cli_and_a_worker_need_no_extra_package(dsn: str, tmp_path: Path) -> None:
+    """`pip install batchdb` without extras is enough to submit, run a worker and read results: every
+    package only an extra brings (Dagster, Streamlit, DuckDB, Altair, ...) fails to import here."""
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    blocked = sorted(
+        {"dagster", "dagster_webserver", "dagster_postgres", "streamlit", "altair", "pydeck", "grpc"} | {"duckdb"}
+    )
+    (blocker / "sitecustomize.py").write_text(_BLOCKER.format(blocked=blocked))
+    env = {**os.environ, "PYTHONPATH": str(blocker), "BATCHDB_DSN": dsn}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, *args], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
+        )
+
+    probe = run("-c", "import duckdb")
+    assert probe.returncode == 1 and "not in a core install" in probe.stderr, probe.stderr  # the blocker works
+    source = tmp_path / "rows.csv"
+    source.write_text("h\nfirst\nsecond\nthird\n")
+    submitted = run(
+        "-m", "batchdb", "submit", str(source), "--prompt", "Say {h}", "--model", "gpt-4o-mini", "--provider", "instant"
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    worker = run("-m", "batchdb.workers", "--exit-when-idle", "--poll-interval", "0.2")
+    assert worker.returncode == 0, worker.stderr[-3000:]
+    out = tmp_path / "out.csv"
+    job_id = submitted.stdout.split(":")[0].removeprefix("job ")  # "job 7: 3 rows queued"
+    exported = run("-m", "batchdb", "results", job_id, "--output", str(out))
+    assert exported.returncode == 0, exported.stderr
+    results = pd.read_csv(out)
+    assert list(results["response"]) == ["echo: Say first", "echo: Say second", "echo: Say third"]
+    assert set(results["status"]) == {"succeeded"}

@@ -268,3 +268,67 @@ def test_an_idempotency_key_reused_for_a_different_job_is_refused(
     # How it runs is not what it is: a relaunch with another budget or priority gets its job back.
     assert submit(source, budget_usd=3, priority=2).id == first.id
     assert conn.execute("SELECT count(*) AS n FROM batchdb.jobs").fetchone()["n"] == 1
+
+
+def test_every_arrow_type_is_stored_as_exact_json_and_comes_back_typed(
+    dsn: str, conn: psycopg.Connection, drain
+) -> None:
+    """Each input row is stored as a JSON object: floats with every digit, dates as ISO text, decimals
+    exact, nested values nested, NaN as null; results() restores the submitted column types."""
+    import datetime
+    import decimal
+
+    table = pa.table(
+        {
+            "text": ['say "hi"\n', "é"],
+            "f64": [0.1 + 0.2, float("nan")],
+            "f32": pa.array([0.1, 1.0], pa.float32()),
+            "i": pa.array([2**62, None], pa.int64()),
+            "flag": [True, None],
+            "ts": pa.array([datetime.datetime(2026, 1, 2, 3, 4, 5, 500000), None], pa.timestamp("us")),
+            "day": [datetime.date(2026, 1, 2), None],
+            "price": pa.array([decimal.Decimal("12345678901234567.89"), None], pa.decimal128(19, 2)),
+            "tags": [["a", "b"], []],
+            "meta": [{"k": 1, "v": "x"}, None],
+            "kind": pa.array(["u", "v"]).dictionary_encode(),
+        }
+    )
+    job = batchdb.submit(table, prompt="{text} {ts} {price}", model="m", provider="instant", dsn=dsn)
+    stored = [
+        r["input"]
+        for r in conn.execute(
+            "SELECT input::text AS input FROM batchdb.requests WHERE job_id = %s ORDER BY id", (job.id,)
+        ).fetchall()
+    ]
+    first, second = (json.loads(s) for s in stored)
+    assert first == {
+        "text": 'say "hi"\n',
+        "f64": 0.30000000000000004,
+        "f32": 0.1,
+        "i": 2**62,
+        "flag": True,
+        "ts": "2026-01-02 03:04:05.500000",
+        "day": "2026-01-02",
+        "price": "12345678901234567.89",
+        "tags": ["a", "b"],
+        "meta": {"k": 1, "v": "x"},
+        "kind": "u",
+    }
+    assert second == {
+        "text": "é",
+        "f64": None,
+        "f32": 1.0,
+        "i": None,
+        "flag": None,
+        "ts": None,
+        "day": None,
+        "price": None,
+        "tags": [],
+        "meta": None,
+        "kind": "v",
+    }
+    drain()
+    results = job.results()
+    assert results.loc[0, "response"] == 'echo: say "hi"\n 2026-01-02 03:04:05.500000 12345678901234567.89'
+    assert results.loc[0, "f64"] == 0.1 + 0.2
+    assert results.loc[0, "i"] == 2**62 and str(results["ts"].dtype).startswith("datetime64")
