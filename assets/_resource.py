@@ -24,8 +24,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 import batchdb
-from batchdb import BatchDBError, DatabaseUnavailable, JobNotFound, JobProgress, JobStatus
-from batchdb.ingest import DataSource
+from batchdb import BatchDBError, DatabaseUnavailable, DataSource, JobNotFound, JobProgress, JobStatus
 
 ROWS_ANSWERED_CHECK = "all_rows_answered"
 

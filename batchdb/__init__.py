@@ -12,13 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from batchdb.errors import BatchDBError, DatabaseError, DatabaseMissing, DatabaseUnavailable, SchemaNotReady
-    from batchdb.ingest import InputError
+    from batchdb.ingest import DataSource, InputError
     from batchdb.jobs import Job, JobNotFound, JobPaused, JobProgress, get_job, list_jobs
     from batchdb.models import JobStatus, RequestStatus
     from batchdb.submission import submit
 
 __all__ = [
     "BatchDBError",
+    "DataSource",
     "DatabaseError",
     "DatabaseMissing",
     "DatabaseUnavailable",
@@ -42,6 +43,7 @@ _HOME = {
     "DatabaseMissing": "batchdb.errors",
     "DatabaseUnavailable": "batchdb.errors",
     "SchemaNotReady": "batchdb.errors",
+    "DataSource": "batchdb.ingest",  # what submit() reads: DataFrame, Arrow table or a file path
     "InputError": "batchdb.ingest",
     "Job": "batchdb.jobs",
     "JobNotFound": "batchdb.jobs",

@@ -720,7 +720,7 @@ def _require_extra(extra: str, *modules: str) -> None:
 @_dsn_option
 def dashboard_command(port: int, outputs_dir: Path | None, refresh_seconds: float | None, dsn: str | None) -> None:
     """Start the Streamlit dashboard on 127.0.0.1 (read-only, except cancel/retry)."""
-    _require_extra("dashboard", "streamlit", "altair")
+    _require_extra("dashboard", "streamlit", "altair", "duckdb")
     from batchdb.dashboard.run import run_dashboard
 
     run_dashboard(dsn, port, host="127.0.0.1", outputs_dir=outputs_dir, refresh_seconds=refresh_seconds)
