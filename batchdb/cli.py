@@ -50,10 +50,10 @@ def _dsn_option(func: _F) -> _F:
 
 
 class _Commands(click.Group):
-    """The root group: every known failure of every command becomes one or two lines (batchdb/cli_errors.py)."""
+    """The root group: every known failure of every command becomes one or two lines (batchdb/explanations.py)."""
 
     def invoke(self, ctx: click.Context) -> object:
-        from batchdb.cli_errors import explain
+        from batchdb.explanations import explain
 
         try:
             return super().invoke(ctx)
@@ -120,7 +120,7 @@ def db_status(dsn: str | None) -> None:
     Exits 0 when the database answers and its schema is up to date, 1 otherwise.
     """
     from batchdb import embedded, migrations
-    from batchdb.cli_errors import UPGRADE
+    from batchdb.explanations import UPGRADE
 
     if not dsn:
         server = embedded.server_status()
@@ -792,8 +792,8 @@ def _run_db_op(operation: Callable[[], _T]) -> _T:
     """Run `operation`; a refusal from the database or the SDK becomes a one-line error."""
     import psycopg
 
-    from batchdb.cli_errors import explain
     from batchdb.errors import BatchDBError
+    from batchdb.explanations import explain
 
     try:
         return operation()

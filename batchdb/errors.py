@@ -71,8 +71,8 @@ class DatabaseError(BatchDBError):
 
 
 def from_database_error(exc: psycopg.Error) -> BatchDBError:
-    """The BatchDBError that tells `exc`'s story (see batchdb/cli_errors.py for the wording)."""
-    from batchdb.cli_errors import explain
+    """The BatchDBError that tells `exc`'s story (see batchdb/explanations.py for the wording)."""
+    from batchdb.explanations import explain
 
     explanation = explain(exc)
     text = explanation.text() if explanation is not None else " ".join(str(exc).split())

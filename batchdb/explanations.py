@@ -1,6 +1,8 @@
-"""Known failures of CLI commands, told in one or two lines: what happened, and the command that fixes it.
+"""Known failures, told in one or two lines: what happened, and the command that fixes it.
 
-Every `batchdb` command runs inside `explain`'s net (cli.py's root group), so a
+The SDK raises these stories as BatchDBErrors (batchdb/errors.py translates a psycopg
+error through `explain`), and every `batchdb` command runs inside `explain`'s net
+(cli.py's root group), so a
 database that was never upgraded, a database that does not exist or a server
 that is not running gives a sentence instead of a 30-line traceback. Anything
 not recognised here keeps its traceback: it is a bug to report. `batchdb -v`

@@ -1,4 +1,4 @@
-"""Setup mistakes told in one or two lines with the fixing command (batchdb/cli_errors.py), run as a user runs them."""
+"""Setup mistakes told in one or two lines with the fixing command (batchdb/explanations.py), as a user meets them."""
 
 from __future__ import annotations
 
