@@ -110,7 +110,9 @@ def llm_batch_asset(
             "batchdb/definition": dg.MetadataValue.json(json.loads(json.dumps(definition, default=str))),
         },
     )
-    def _llm_batch(context: dg.AssetExecutionContext, rows: Any) -> dg.MaterializeResult:
+    # Dagster reads this annotation to define the outputs and recognises only the bare class
+    # (op_definition._is_result_object_type compares with `in (MaterializeResult, ...)`).
+    def _llm_batch(context: dg.AssetExecutionContext, rows: Any) -> dg.MaterializeResult:  # type: ignore[type-arg]
         resource: BatchDBResource = getattr(context.resources, resource_key)
         return resource.run(
             context,

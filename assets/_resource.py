@@ -36,7 +36,7 @@ _PROGRESS_LOG_SECONDS = 15.0
 _PREVIEW_CELL_CHARS = 200
 
 
-class BatchDBResource(dg.ConfigurableResource):
+class BatchDBResource(dg.ConfigurableResource["BatchDBResource"]):
     """Run LLM batches through batchdb from Dagster assets: one batchdb job per asset partition.
 
     `run` submits the partition's rows (or reattaches to the job already submitted for them),
@@ -64,7 +64,7 @@ class BatchDBResource(dg.ConfigurableResource):
             @dg.asset(partitions_def=daily, pool="batchdb", check_specs=[rows_answered_check("sentiment")])
             def sentiment(
                 context: dg.AssetExecutionContext, headlines: pd.DataFrame, batchdb: BatchDBResource
-            ) -> dg.MaterializeResult:
+            ) -> dg.MaterializeResult[None]:
                 return batchdb.run(
                     context,
                     headlines,
@@ -259,7 +259,7 @@ class BatchDBResource(dg.ConfigurableResource):
         failures_fatal: bool = False,
         preview_rows: int = 10,
         **options: Any,
-    ) -> dg.MaterializeResult:
+    ) -> dg.MaterializeResult[None]:
         """Submit (or reattach), wait, write the partition's Parquet file and describe it.
 
         Rows that failed, died or were cancelled are counted, written with their error, and reported by

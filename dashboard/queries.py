@@ -448,7 +448,7 @@ def recent_activity(conn: Any, jobs_df: pd.DataFrame, *, exact_rows: int = EXACT
 
 
 def clock(conn: Any) -> dict[str, Any]:
-    return fetch_df(conn, PG_CLOCK).iloc[0].to_dict()
+    return dict(fetch_df(conn, PG_CLOCK).iloc[0].to_dict())
 
 
 def limits(conn: Any) -> pd.DataFrame:

@@ -77,7 +77,7 @@ def read_only_dsn(dsn: str | None = None) -> str:
         )
     )
     params.setdefault("application_name", APPLICATION_NAME)
-    return make_conninfo(**params)
+    return make_conninfo("", **params)
 
 
 # "psycopg" (what the dashboard uses), "duckdb" (the postgres extension, attached per call), or an
@@ -131,7 +131,8 @@ def fetch_rows(conn: Any, sql: str, params: Mapping[str, Any] | None = None) -> 
     if isinstance(conn, PostgresViaDuckDB):
         return [{k: _json_or_value(v) for k, v in row.items()} for row in conn.fetch(sql, params).to_pylist()]
     with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute(sql, params).fetchall()
+        rows: list[dict[str, Any]] = cur.execute(sql, params).fetchall()
+        return rows
 
 
 def _json_or_value(value: Any) -> Any:
@@ -197,7 +198,7 @@ def attach_postgres(con: duckdb.DuckDBPyConnection, dsn: str | None = None, *, a
     con.execute("LOAD postgres")
     params = conninfo_to_dict(resolve_dsn(dsn))
     params.setdefault("application_name", APPLICATION_NAME)
-    conninfo = make_conninfo(**params).replace("'", "''")
+    conninfo = make_conninfo("", **params).replace("'", "''")
     con.execute(f"ATTACH '{conninfo}' AS {alias} (TYPE postgres, READ_ONLY)")
 
 
@@ -214,7 +215,7 @@ class PostgresViaDuckDB:
         attach_postgres(self._duck, read_only_dsn(dsn))
 
     def fetch(self, sql: str, params: Mapping[str, Any] | None = None) -> pa.Table:
-        text = psycopg.ClientCursor(self._render).mogrify(sql, params)  # type: ignore[arg-type]
+        text = psycopg.ClientCursor(self._render).mogrify(sql, params)
         table = self._duck.execute("SELECT * FROM postgres_query('pg', ?)", [text]).to_arrow_table()
         # Same shape as the psycopg path: times as naive UTC.
         fields = [pa.field(f.name, pa.timestamp("us")) if pa.types.is_timestamp(f.type) else f for f in table.schema]

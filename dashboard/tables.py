@@ -168,7 +168,7 @@ def _natural_width(values: pd.Series, config: Any) -> float:
 def _number(value: Any, fmt: str | None) -> str:
     if fmt and "%" in fmt:
         try:
-            return fmt % value
+            return str(fmt % value)
         except (TypeError, ValueError):
             pass
     return f"{value:,}" if isinstance(value, int) else f"{float(value):,.4g}"

@@ -19,7 +19,7 @@ import streamlit as st
 from psycopg.conninfo import conninfo_to_dict
 
 from batchdb.dashboard import queries
-from batchdb.dashboard.settings import outputs_dir, refresh_seconds  # noqa: F401 - the pages read them from here
+from batchdb.dashboard.settings import refresh_seconds
 from batchdb.db import resolve_dsn
 from batchdb.errors import BatchDBError, DatabaseUnavailable
 
@@ -34,7 +34,7 @@ def dsn() -> str:
 def describe_dsn(value: str) -> str:
     """host:port/dbname as user, never the password."""
     params = conninfo_to_dict(value)
-    host = params.get("host") or "local socket"
+    host = str(params.get("host") or "local socket")
     port = params.get("port") or "5432"
     where = host if host.startswith("/") else f"{host}:{port}"
     return f"{params.get('user') or 'default user'}@{where}/{params.get('dbname') or ''}"

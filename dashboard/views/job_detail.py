@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pandas as pd
 import streamlit as st
 
 import batchdb
-from batchdb.dashboard import ui
+from batchdb.dashboard import settings, ui
 
 dsn = ui.dsn()
 PENDING = "job_detail_pending_action"
@@ -31,7 +32,7 @@ def pick_job() -> int | None:
     return int(job_id)
 
 
-def header(job: dict) -> None:
+def header(job: dict[str, Any]) -> None:
     st.title(ui.job_label(job["job_id"], job["name"]))
     reason = f" — {job['status_reason']}" if isinstance(job["status_reason"], str) else ""
     st.markdown(
@@ -52,7 +53,7 @@ def header(job: dict) -> None:
     m[5].metric("Cost", ui.fmt_usd(job["cost_usd"]), help=f"recorded row by row{budget}; retries: {job['n_retries']}")
 
 
-def body(detail: dict) -> None:
+def body(detail: dict[str, Any]) -> None:
     job, est = detail["job"], detail["estimate"]
     if not est.exact:
         st.caption(
@@ -124,7 +125,7 @@ def body(detail: dict) -> None:
     )
 
 
-def samples(job: dict) -> None:
+def samples(job: dict[str, Any]) -> None:
     st.subheader("Sample of prompts and responses")
     if not job["n_succeeded"]:
         st.info("No answered row yet.")
@@ -137,9 +138,9 @@ def samples(job: dict) -> None:
     ui.table(pairs, hide_index=True, width="stretch", column_config={"cost_usd": ui.USD})
 
 
-def parquet_output(job: dict) -> None:
+def parquet_output(job: dict[str, Any]) -> None:
     with st.expander("Output file (Parquet, read with DuckDB)"):
-        root = ui.outputs_dir()
+        root = settings.outputs_dir()
         files = ui.output_files(root)
         if not files:
             st.info(
@@ -172,7 +173,7 @@ def parquet_output(job: dict) -> None:
         ui.table(out["sample"], hide_index=True, width="stretch")
 
 
-def actions(job: dict) -> None:
+def actions(job: dict[str, Any]) -> None:
     st.subheader("Actions")
     job_id = int(job["job_id"])
     retryable = {"failed": int(job["n_failed"]), "dead": int(job["n_dead"])}
@@ -224,8 +225,8 @@ with ui.database_guard():
         if flash:
             st.success(flash)
 
-        @st.fragment(run_every=ui.refresh_seconds())
-        def live() -> None:
+        @st.fragment(run_every=settings.refresh_seconds())
+        def live(job_id: int) -> None:
             with ui.database_guard():
                 detail = ui.job_detail(dsn, job_id)
                 if detail is None:
@@ -234,7 +235,7 @@ with ui.database_guard():
                 header(detail["job"])
                 body(detail)
 
-        live()
+        live(job_id)
         job = ui.job_detail(dsn, job_id)
         if job is not None:
             samples(job["job"])

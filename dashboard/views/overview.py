@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import streamlit as st
 
-from batchdb.dashboard import ui
+from batchdb.dashboard import settings, ui
 
 st.title("Overview")
 dsn = ui.dsn()
 
 
-@st.fragment(run_every=ui.refresh_seconds())
+@st.fragment(run_every=settings.refresh_seconds())
 def live() -> None:
     with ui.database_guard():
         data = ui.overview(dsn)

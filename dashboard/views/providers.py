@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from batchdb.dashboard import ui
+from batchdb.dashboard import settings, ui
 
 st.title("Providers")
 dsn = ui.dsn()
@@ -12,7 +12,7 @@ WINDOWS = {"15 minutes": 15, "1 hour": 60, "6 hours": 360, "24 hours": 1440}
 window = st.segmented_control("Window", list(WINDOWS), default="1 hour") or "1 hour"
 
 
-@st.fragment(run_every=ui.refresh_seconds())
+@st.fragment(run_every=settings.refresh_seconds())
 def live() -> None:
     with ui.database_guard():
         data = ui.providers(dsn, WINDOWS[window])
