@@ -61,6 +61,8 @@ class Outcome:
     status: RequestStatus
     retry_in: float = 0.0  # seconds until the next attempt, when status is QUEUED
     prompt_tokens: int = 0
+    # Of prompt_tokens, those the provider served from its prompt cache (billed at the cached-input price).
+    cached_tokens: int = 0
     completion_tokens: int = 0
     error_class: str | None = None
     error: str | None = None

@@ -60,6 +60,7 @@ async def complete_batch(conn: psycopg.AsyncConnection[Any], outcomes: Sequence[
         "status": [str(o.status) for o in outcomes],
         "retry_in": [float(o.retry_in) for o in outcomes],
         "prompt_tokens": [int(o.prompt_tokens) for o in outcomes],
+        "cached_tokens": [int(o.cached_tokens) for o in outcomes],
         "completion_tokens": [int(o.completion_tokens) for o in outcomes],
         "error_class": [o.error_class for o in outcomes],
         "error": [_clean_text(o.error) for o in outcomes],

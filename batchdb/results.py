@@ -36,6 +36,7 @@ OUTPUT_SCHEMA = pa.schema(
         ("response", pa.string()),
         ("finish_reason", pa.string()),
         ("prompt_tokens", pa.int64()),
+        ("cached_tokens", pa.int64()),
         ("completion_tokens", pa.int64()),
         ("cost_usd", pa.float64()),
         ("attempts", pa.int64()),
@@ -201,6 +202,7 @@ def _to_batch(rows: list[dict[str, Any]], columns: list[str], types: dict[str, s
     arrays["response"] = pa.array([r["response_text"] for r in rows], pa.string())
     arrays["finish_reason"] = pa.array([r["finish_reason"] for r in rows], pa.string())
     arrays["prompt_tokens"] = pa.array([r["prompt_tokens"] for r in rows], pa.int64())
+    arrays["cached_tokens"] = pa.array([r["cached_tokens"] for r in rows], pa.int64())
     arrays["completion_tokens"] = pa.array([r["completion_tokens"] for r in rows], pa.int64())
     arrays["cost_usd"] = pa.array([float(r["cost_usd"]) for r in rows], pa.float64())
     arrays["attempts"] = pa.array([r["attempts"] for r in rows], pa.int64())

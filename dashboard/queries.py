@@ -59,7 +59,7 @@ def sample_percent(rows: int, *, exact_rows: int = EXACT_SCAN_ROWS, target_rows:
 PG_JOBS = """
 SELECT p.job_id, p.name, p.owner, p.provider, p.key_alias, p.model, p.status, p.status_reason, p.priority,
        p.n_total, p.n_queued, p.n_running, p.n_succeeded, p.n_failed, p.n_dead, p.n_cancelled, p.n_done,
-       p.pct_done::float8 AS pct_done, p.n_retries, p.prompt_tokens, p.completion_tokens,
+       p.pct_done::float8 AS pct_done, p.n_retries, p.prompt_tokens, p.cached_tokens, p.completion_tokens,
        p.cost_usd::float8 AS cost_usd, p.budget_usd::float8 AS budget_usd, p.reserved_usd::float8 AS reserved_usd,
        p.created_at, p.started_at, p.finished_at,
        p.rows_per_second::float8 AS avg_rows_per_second,
@@ -67,6 +67,7 @@ SELECT p.job_id, p.name, p.owner, p.provider, p.key_alias, p.model, p.status, p.
        CASE WHEN jsonb_typeof(j.params -> 'max_tokens') = 'number'
             THEN (j.params ->> 'max_tokens')::numeric::bigint END AS max_tokens,
        pr.input_per_mtok::float8 AS input_per_mtok, pr.output_per_mtok::float8 AS output_per_mtok,
+       pr.cached_input_per_mtok::float8 AS cached_input_per_mtok,
        now() AS db_now
   FROM batchdb.job_progress p
   JOIN batchdb.jobs j ON j.id = p.job_id
@@ -671,19 +672,31 @@ def _frame(records: list[dict[str, Any]] | None, columns: Mapping[str, str]) -> 
 
 
 def cost_by_token_type(job: Mapping[str, Any]) -> pd.DataFrame:
-    """Recorded tokens priced at today's list price, next to the cost recorded row by row."""
-    input_price = job.get("input_per_mtok")
-    output_price = job.get("output_per_mtok")
-    price = Price.of(input_price, output_price)
+    """Recorded tokens priced at today's list price, next to the cost recorded row by row: prompt
+    tokens the provider served from its prompt cache at the cached-input price, the rest at the
+    input price (batchdb/pricing.py, the rule completions are recorded with)."""
+    input_price, output_price = job.get("input_per_mtok"), job.get("output_per_mtok")
+    cached_price = job.get("cached_input_per_mtok")
+    price = Price.of(input_price, output_price, cached_price)
     prompt_tokens, completion_tokens = int(job["prompt_tokens"]), int(job["completion_tokens"])
+    cached_tokens = min(int(job.get("cached_tokens") or 0), prompt_tokens)
+    costs: list[float | None] = [None, None, None]
+    if price is not None:
+        costs = [
+            float(price.cost_usd(prompt_tokens - cached_tokens, 0)),
+            float(price.cost_usd(cached_tokens, 0, cached_tokens=cached_tokens)),
+            float(price.cost_usd(0, completion_tokens)),
+        ]
     return pd.DataFrame(
         {
-            "token type": ["input (prompt)", "output (completion)"],
-            "tokens": [prompt_tokens, completion_tokens],
-            "usd per 1M tokens": [input_price, output_price],
-            "cost_usd": [None, None]
-            if price is None
-            else [float(price.cost_usd(prompt_tokens, 0)), float(price.cost_usd(0, completion_tokens))],
+            "token type": ["input (prompt)", "input served from the prompt cache", "output (completion)"],
+            "tokens": [prompt_tokens - cached_tokens, cached_tokens, completion_tokens],
+            "usd per 1M tokens": [
+                input_price,
+                cached_price if price and price.cached_input_per_mtok else input_price,
+                output_price,
+            ],
+            "cost_usd": costs,
         }
     )
 

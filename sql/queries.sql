@@ -172,15 +172,17 @@ RETURNING q.job_id, q.id, q.custom_id, q.payload, q.input, q.attempts,
 WITH outcome AS (
     SELECT *
       FROM unnest(%(job_id)s::bigint[], %(id)s::bigint[], %(lease_token)s::bigint[], %(status)s::text[],
-                  %(retry_in)s::float8[], %(prompt_tokens)s::integer[], %(completion_tokens)s::integer[],
-                  %(error_class)s::text[], %(error)s::text[], %(latency_ms)s::integer[],
-                  %(response_text)s::text[], %(response_json)s::jsonb[], %(finish_reason)s::text[],
-                  %(model)s::text[])
-           AS o(job_id, id, lease_token, status, retry_in, prompt_tokens, completion_tokens, error_class, error,
-                latency_ms, response_text, response_json, finish_reason, model)
+                  %(retry_in)s::float8[], %(prompt_tokens)s::integer[], %(cached_tokens)s::integer[],
+                  %(completion_tokens)s::integer[], %(error_class)s::text[], %(error)s::text[],
+                  %(latency_ms)s::integer[], %(response_text)s::text[], %(response_json)s::jsonb[],
+                  %(finish_reason)s::text[], %(model)s::text[])
+           AS o(job_id, id, lease_token, status, retry_in, prompt_tokens, cached_tokens, completion_tokens,
+                error_class, error, latency_ms, response_text, response_json, finish_reason, model)
 ), priced AS (
     SELECT o.*,
-           coalesce(batchdb.call_cost_usd(p.input_per_mtok, p.output_per_mtok, o.prompt_tokens, o.completion_tokens), 0)
+           coalesce(batchdb.call_cost_usd(p.input_per_mtok, p.cached_input_per_mtok, p.output_per_mtok,
+                                          p.batch_discount, o.prompt_tokens, o.cached_tokens,
+                                          o.completion_tokens, false), 0)
                AS cost_usd
       FROM outcome o
       JOIN batchdb.jobs j ON j.id = o.job_id
@@ -192,6 +194,7 @@ WITH outcome AS (
            lease_owner = NULL,
            lease_expires_at = NULL,
            prompt_tokens = q.prompt_tokens + p.prompt_tokens,
+           cached_tokens = q.cached_tokens + p.cached_tokens,
            completion_tokens = q.completion_tokens + p.completion_tokens,
            cost_usd = q.cost_usd + p.cost_usd,
            error_class = p.error_class,
@@ -339,7 +342,8 @@ SELECT batchdb.circuit_close(%(provider)s, %(key_alias)s, %(model)s) AS open_for
 -- job_for_worker --
 -- What a worker needs to call the provider for a job's rows (cached per job).
 SELECT j.id, j.owner, j.provider, j.key_alias, j.model, j.params, j.status, j.budget_usd,
-       p.input_per_mtok, p.output_per_mtok, p.context_window, p.max_input_tokens, p.max_output_tokens,
+       p.input_per_mtok, p.output_per_mtok, p.cached_input_per_mtok, p.batch_discount,
+       p.context_window, p.max_input_tokens, p.max_output_tokens,
        coalesce(u.budget_usd_day IS NOT NULL OR u.budget_usd_month IS NOT NULL, false) AS owner_has_budget
   FROM batchdb.jobs j
   LEFT JOIN batchdb.prices p ON p.provider = j.provider AND p.model = j.model
@@ -471,8 +475,8 @@ SELECT model FROM batchdb.prices WHERE provider = %(provider)s ORDER BY model
 
 -- job_results --
 -- Streamed with a server-side cursor, in request order.
-SELECT q.id AS request_id, q.custom_id, q.input, q.status, q.attempts, q.prompt_tokens, q.completion_tokens,
-       q.cost_usd, q.error_class, q.error, q.latency_ms, r.response_text, r.finish_reason
+SELECT q.id AS request_id, q.custom_id, q.input, q.status, q.attempts, q.prompt_tokens, q.cached_tokens,
+       q.completion_tokens, q.cost_usd, q.error_class, q.error, q.latency_ms, r.response_text, r.finish_reason
   FROM batchdb.requests q
   LEFT JOIN batchdb.results r ON r.job_id = q.job_id AND r.request_id = q.id
  WHERE q.job_id = %(job_id)s

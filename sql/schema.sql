@@ -105,12 +105,16 @@ BEGIN
 END;
 $$;
 
--- function call_cost_usd(numeric, numeric, bigint, bigint)
+-- function call_cost_usd(numeric, numeric, numeric, numeric, bigint, bigint, bigint, boolean)
 
-CREATE FUNCTION batchdb.call_cost_usd(p_input_per_mtok numeric, p_output_per_mtok numeric, p_prompt_tokens bigint, p_completion_tokens bigint) RETURNS numeric
+CREATE FUNCTION batchdb.call_cost_usd(p_input_per_mtok numeric, p_cached_input_per_mtok numeric, p_output_per_mtok numeric, p_batch_discount numeric, p_prompt_tokens bigint, p_cached_tokens bigint, p_completion_tokens bigint, p_batch boolean) RETURNS numeric
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     AS $$
-    SELECT (p_prompt_tokens * p_input_per_mtok + p_completion_tokens * p_output_per_mtok) / 1000000
+    SELECT ((p_prompt_tokens - c.cached) * p_input_per_mtok
+            + c.cached * coalesce(p_cached_input_per_mtok, p_input_per_mtok)
+            + p_completion_tokens * p_output_per_mtok) / 1000000
+           * CASE WHEN p_batch THEN 1 - coalesce(p_batch_discount, 0) ELSE 1 END
+      FROM (SELECT least(greatest(coalesce(p_cached_tokens, 0), 0), greatest(p_prompt_tokens, 0)) AS cached) c
 $$;
 
 -- function cancel_job(bigint)
@@ -688,13 +692,15 @@ BEGIN
                count(*) FILTER (WHERE status = 'failed') AS f,
                count(*) FILTER (WHERE status = 'dead') AS d,
                count(*) FILTER (WHERE status = 'cancelled') AS c,
-               sum(prompt_tokens) AS pt, sum(completion_tokens) AS ct, sum(cost_usd) AS cost
+               sum(prompt_tokens) AS pt, sum(cached_tokens) AS cached, sum(completion_tokens) AS ct,
+               sum(cost_usd) AS cost
           FROM old_rows GROUP BY job_id
     )
     UPDATE batchdb.jobs j
        SET n_total = j.n_total - r.n, n_succeeded = j.n_succeeded - r.s, n_failed = j.n_failed - r.f,
            n_dead = j.n_dead - r.d, n_cancelled = j.n_cancelled - r.c,
-           prompt_tokens = j.prompt_tokens - r.pt, completion_tokens = j.completion_tokens - r.ct,
+           prompt_tokens = j.prompt_tokens - r.pt, cached_tokens = j.cached_tokens - r.cached,
+           completion_tokens = j.completion_tokens - r.ct,
            cost_usd = j.cost_usd - r.cost
       FROM removed r
      WHERE j.id = r.job_id;
@@ -749,6 +755,7 @@ BEGIN
                count(*) FILTER (WHERE o.status = 'running' AND n.status = 'queued' AND n.attempts >= o.attempts) AS d_retries,
                count(*) FILTER (WHERE o.status = 'queued' AND n.status = 'running') AS d_claimed,
                coalesce(sum(n.prompt_tokens - o.prompt_tokens), 0) AS d_prompt,
+               coalesce(sum(n.cached_tokens - o.cached_tokens), 0) AS d_cached,
                coalesce(sum(n.completion_tokens - o.completion_tokens), 0) AS d_completion,
                coalesce(sum(n.cost_usd - o.cost_usd), 0) AS d_cost
           FROM new_rows n
@@ -762,13 +769,14 @@ BEGIN
            n_cancelled = j.n_cancelled + d.d_cancelled,
            n_retries = j.n_retries + d.d_retries,
            prompt_tokens = j.prompt_tokens + d.d_prompt,
+           cached_tokens = j.cached_tokens + d.d_cached,
            completion_tokens = j.completion_tokens + d.d_completion,
            cost_usd = j.cost_usd + d.d_cost,
            started_at = coalesce(j.started_at, CASE WHEN d.d_claimed > 0 THEN now() END)
       FROM delta d
      WHERE j.id = d.job_id
        AND (d.d_succeeded <> 0 OR d.d_failed <> 0 OR d.d_dead <> 0 OR d.d_cancelled <> 0 OR d.d_retries <> 0
-            OR d.d_prompt <> 0 OR d.d_completion <> 0 OR d.d_cost <> 0
+            OR d.d_prompt <> 0 OR d.d_cached <> 0 OR d.d_completion <> 0 OR d.d_cost <> 0
             OR (d.d_claimed > 0 AND j.started_at IS NULL));
     -- A job whose every row is final is complete.
     UPDATE batchdb.jobs j
@@ -1374,6 +1382,7 @@ CREATE TABLE batchdb.jobs (
     paused_until timestamp with time zone,
     input_sha256 text,
     allow_unknown_model boolean DEFAULT false NOT NULL,
+    cached_tokens bigint DEFAULT 0 NOT NULL,
     CONSTRAINT jobs_budget_positive CHECK (((budget_usd IS NULL) OR (budget_usd > (0)::numeric))),
     CONSTRAINT jobs_max_attempts_positive CHECK ((max_attempts >= 1)),
     CONSTRAINT jobs_model_not_blank CHECK ((btrim(model) <> ''::text)),
@@ -1415,11 +1424,16 @@ CREATE TABLE batchdb.requests (
     started_at timestamp with time zone,
     finished_at timestamp with time zone,
     latency_ms integer,
+    cached_tokens integer DEFAULT 0 NOT NULL,
     CONSTRAINT requests_attempts_nonnegative CHECK ((attempts >= 0)),
     CONSTRAINT requests_max_attempts_positive CHECK (((max_attempts IS NULL) OR (max_attempts >= 1))),
     CONSTRAINT requests_status_valid CHECK ((status = ANY (ARRAY['queued'::text, 'running'::text, 'succeeded'::text, 'failed'::text, 'dead'::text, 'cancelled'::text])))
 )
 PARTITION BY LIST (job_id);
+
+-- comment COLUMN requests.cached_tokens
+
+COMMENT ON COLUMN batchdb.requests.cached_tokens IS 'Prompt tokens of this row''s calls that the provider served from its prompt cache (part of prompt_tokens).';
 
 -- view job_progress
 
@@ -1461,7 +1475,8 @@ CREATE VIEW batchdb.job_progress WITH (security_invoker='true') AS
             ELSE NULL::interval
         END AS eta,
     j.key_alias,
-    j.reserved_usd
+    j.reserved_usd,
+    j.cached_tokens
    FROM (batchdb.jobs j
      LEFT JOIN LATERAL ( SELECT count(*) AS n_running
            FROM batchdb.requests q
@@ -1702,6 +1717,14 @@ CREATE TABLE batchdb.prices (
     CONSTRAINT prices_nonnegative CHECK (((input_per_mtok >= (0)::numeric) AND (output_per_mtok >= (0)::numeric)))
 );
 
+-- comment COLUMN prices.cached_input_per_mtok
+
+COMMENT ON COLUMN batchdb.prices.cached_input_per_mtok IS 'USD per 1M prompt tokens served from the provider''s prompt cache; NULL: charged at input_per_mtok.';
+
+-- comment COLUMN prices.batch_discount
+
+COMMENT ON COLUMN batchdb.prices.batch_discount IS 'Share taken off every token price for calls made through the provider''s Batch API (0.5: half price); NULL: none.';
+
 -- table rate_limit_history
 
 CREATE TABLE batchdb.rate_limit_history (
@@ -1772,6 +1795,7 @@ CREATE TABLE batchdb.requests_orphan (
     started_at timestamp with time zone,
     finished_at timestamp with time zone,
     latency_ms integer,
+    cached_tokens integer DEFAULT 0 NOT NULL,
     CONSTRAINT requests_attempts_nonnegative CHECK ((attempts >= 0)),
     CONSTRAINT requests_max_attempts_positive CHECK (((max_attempts IS NULL) OR (max_attempts >= 1))),
     CONSTRAINT requests_status_valid CHECK ((status = ANY (ARRAY['queued'::text, 'running'::text, 'succeeded'::text, 'failed'::text, 'dead'::text, 'cancelled'::text])))
@@ -2061,7 +2085,6 @@ CREATE TRIGGER rate_limits_history_insert AFTER INSERT ON batchdb.rate_limits FO
 
 -- trigger rate_limits rate_limits_history_update
 
--- (Written as a row comparison, as 0011 does: pg_dump's expansion of it parses differently.)
 CREATE TRIGGER rate_limits_history_update AFTER UPDATE OF rpm, tpm, rpd ON batchdb.rate_limits
     FOR EACH ROW WHEN ((old.rpm, old.tpm, old.rpd) IS DISTINCT FROM (new.rpm, new.tpm, new.rpd))
     EXECUTE FUNCTION batchdb.rate_limits_record_history();

@@ -12,29 +12,67 @@ import pytest
 from batchdb.ledger import DEFAULT_MAX_TOKENS_CHARGE
 from batchdb.pricing import Price, output_charge
 
-PRICES = [("0.15", "0.60"), ("2.50", "10.00"), ("0.075", "0.30"), ("0", "0"), ("1.234567", "7.654321")]
-TOKENS = [(0, 0), (1, 0), (0, 1), (1_000, 200), (123_457, 4_096), (1_000_000, 1_000_000), (2_000_000_000, 7)]
+# (input, cached input, output, batch discount) per million tokens; None: not listed.
+PRICES = [
+    ("0.15", "0.075", "0.60", "0.5"),
+    ("2.50", None, "10.00", None),
+    ("0.075", "0.01875", "0.30", "0.25"),
+    ("0", "0", "0", "0"),
+    ("1.234567", "0.308642", "7.654321", "0.333"),
+]
+# (prompt, cached, completion): cached is part of prompt; out-of-range cached counts are clipped.
+TOKENS = [
+    (0, 0, 0),
+    (1, 0, 0),
+    (0, 0, 1),
+    (1_000, 0, 200),
+    (1_000, 768, 200),
+    (2_048, 2_048, 5),
+    (123_457, 4_096, 4_096),
+    (1_000_000, 999_999, 1_000_000),
+    (2_000_000_000, 1_000_000_000, 7),
+    (100, 500, 3),  # more cached than prompt: all of the prompt is cached
+    (100, -5, 3),  # negative: none
+]
 
 
 def test_python_and_sql_price_a_call_the_same(conn: psycopg.Connection) -> None:
     checked = 0
-    for input_price, output_price in PRICES:
-        price = Price(Decimal(input_price), Decimal(output_price))
-        for prompt, completion in TOKENS:
-            in_sql = conn.execute(
-                "SELECT batchdb.call_cost_usd(%s::numeric, %s::numeric, %s, %s) AS usd",
-                (input_price, output_price, prompt, completion),
-            ).fetchone()["usd"]
-            assert price.cost_usd(prompt, completion) == in_sql, (input_price, output_price, prompt, completion)
-            checked += 1
-    assert checked == len(PRICES) * len(TOKENS)
+    for input_price, cached_price, output_price, discount in PRICES:
+        price = Price.of(input_price, output_price, cached_price, discount)
+        assert price is not None
+        for prompt, cached, completion in TOKENS:
+            for batch in (False, True):
+                in_sql = conn.execute(
+                    "SELECT batchdb.call_cost_usd(%s::numeric, %s::numeric, %s::numeric, %s::numeric,"
+                    " %s, %s, %s, %s) AS usd",
+                    (input_price, cached_price, output_price, discount, prompt, cached, completion, batch),
+                ).fetchone()["usd"]
+                in_python = price.cost_usd(prompt, completion, cached_tokens=cached, batch=batch)
+                assert in_python == in_sql, (input_price, cached_price, discount, prompt, cached, completion, batch)
+                checked += 1
+    assert checked == len(PRICES) * len(TOKENS) * 2
+
+
+def test_cached_tokens_cost_the_cached_price_and_batch_calls_the_discounted_one() -> None:
+    price = Price.of("2.00", "8.00", "0.50", "0.5")
+    assert price is not None
+    # 1,000 prompt tokens of which 600 cached: 400 x 2.00 + 600 x 0.50 = 1,100 per million.
+    assert price.cost_usd(1_000, 0, cached_tokens=600) == Decimal("0.0011")
+    assert price.cost_usd(1_000, 100, batch=True) == (Decimal("0.002") + Decimal("0.0008")) / 2
+    unlisted = Price.of("2.00", "8.00")
+    assert unlisted is not None
+    assert unlisted.cost_usd(1_000, 0, cached_tokens=600) == unlisted.cost_usd(1_000, 0)  # no cached price: full
+    assert unlisted.cost_usd(1_000, 0, batch=True) == unlisted.cost_usd(1_000, 0)  # no discount listed
 
 
 def test_an_unknown_price_is_no_cost_not_zero(conn: psycopg.Connection) -> None:
-    assert conn.execute("SELECT batchdb.call_cost_usd(NULL, 0.6, 10, 10) AS usd").fetchone()["usd"] is None
+    unknown = "SELECT batchdb.call_cost_usd(NULL, NULL, 0.6, NULL, 10, 0, 10, false) AS usd"
+    assert conn.execute(unknown).fetchone()["usd"] is None
     for missing in (None, math.nan, pd.NA, float("inf")):
         assert Price.of(missing, "0.60") is None
         assert Price.of("0.15", missing) is None
+        assert Price.of("0.15", "0.60", missing, missing) == Price(Decimal("0.15"), Decimal("0.60"))
     assert Price.of(0.15, Decimal("0.6")) == Price(Decimal("0.15"), Decimal("0.6"))
 
 

@@ -56,7 +56,10 @@ def test_the_comparison_sees_a_difference(dsn: str, from_schema_file: str) -> No
         conn.execute("ALTER TABLE batchdb.jobs ALTER COLUMN priority SET DEFAULT 7")
     changed_default = comparable(from_schema_file)
     with psycopg.connect(from_schema_file, autocommit=True) as conn:
-        conn.execute("REVOKE EXECUTE ON FUNCTION batchdb.call_cost_usd(numeric, numeric, bigint, bigint) FROM PUBLIC")
+        conn.execute(
+            "REVOKE EXECUTE ON FUNCTION"
+            " batchdb.call_cost_usd(numeric, numeric, numeric, numeric, bigint, bigint, bigint, boolean) FROM PUBLIC"
+        )
     dropped_grant = comparable(from_schema_file)
     with psycopg.connect(from_schema_file, autocommit=True) as conn:
         conn.execute("UPDATE batchdb.prices SET input_per_mtok = input_per_mtok + 1 WHERE model = 'gpt-4o-mini'")

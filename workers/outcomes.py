@@ -31,6 +31,7 @@ def success(row: ClaimedRequest, response: ChatResponse, latency_ms: int) -> Out
         lease_token=row.lease_token,
         status=RequestStatus.SUCCEEDED,
         prompt_tokens=response.prompt_tokens,
+        cached_tokens=response.cached_tokens,
         completion_tokens=response.completion_tokens,
         latency_ms=latency_ms,
         response_text=response.text,

@@ -78,6 +78,7 @@ class _Spent:
     """Usage of every call made for one row (re-asks included)."""
 
     prompt_tokens: int = 0
+    cached_tokens: int = 0
     completion_tokens: int = 0
     calls: int = 0
 
@@ -510,6 +511,7 @@ class Worker:
             outcome = failure(row, error, None, self.config.retry)
         # Tokens of every call made for this row count, including answers that did not validate.
         outcome.prompt_tokens, outcome.completion_tokens = spent.prompt_tokens, spent.completion_tokens
+        outcome.cached_tokens = spent.cached_tokens
         reserved = self._reserved.get(row.key)
         outcome.reserved_usd = reserved.usd if reserved is not None else Decimal(0)
         self._completer.submit(outcome)
@@ -615,6 +617,7 @@ class Worker:
         )
         await self._breaker.succeeded(circuit, row, sent_at)
         spent.prompt_tokens += response.prompt_tokens
+        spent.cached_tokens += response.cached_tokens
         spent.completion_tokens += response.completion_tokens
         return response
 
@@ -703,7 +706,9 @@ class Worker:
             row["model"],
             params,
             row["budget_usd"],
-            Price.of(row["input_per_mtok"], row["output_per_mtok"]),
+            Price.of(
+                row["input_per_mtok"], row["output_per_mtok"], row["cached_input_per_mtok"], row["batch_discount"]
+            ),
             now,
             ResponseValidator.for_params(params),
             int(params.get("validation_retries", DEFAULT_VALIDATION_RETRIES)),
@@ -774,7 +779,11 @@ class Worker:
             job = self._jobs.get(outcome.job_id)
             price = job.price if job is not None else None
             # A call of a job gone from the cache settles at 0 (the worst case stays reserved only until now).
-            cost = price.cost_usd(outcome.prompt_tokens, outcome.completion_tokens) if price else Decimal(0)
+            cost = (
+                price.cost_usd(outcome.prompt_tokens, outcome.completion_tokens, cached_tokens=outcome.cached_tokens)
+                if price
+                else Decimal(0)
+            )
             self._budget.submit(Settlement(outcome.job_id, outcome.id, outcome.lease_token, cost))
 
     def _report_progress(self, done: int) -> None:

@@ -48,6 +48,9 @@ class ChatResponse:
     prompt_tokens: int
     completion_tokens: int
     model: str | None = None
+    # Of prompt_tokens, those served from the provider's prompt cache (OpenAI's
+    # prompt_tokens_details.cached_tokens, Gemini's cachedContentTokenCount).
+    cached_tokens: int = 0
     # Rate-limit headers as sent by the provider (lower-cased names); empty when none.
     rate_limit_headers: dict[str, str] = field(default_factory=dict)
 

@@ -154,6 +154,7 @@ def normalise_response(response: types.GenerateContentResponse, *, model: str) -
         # Thinking tokens are billed as output, as OpenAI counts reasoning tokens in completion_tokens.
         completion_tokens=((usage.candidates_token_count or 0) + (usage.thoughts_token_count or 0)) if usage else 0,
         model=response.model_version or model,
+        cached_tokens=(usage.cached_content_token_count or 0) if usage else 0,
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import openai
+from openai.types import CompletionUsage
 
 from batchdb.providers.base import ChatRequest, ChatResponse, ErrorKind, ProviderError, endpoint_of, is_dns_failure
 from batchdb.providers.compat import UnsupportedRequest, to_openai
@@ -51,6 +52,7 @@ class OpenAIProvider:
             prompt_tokens=usage.prompt_tokens if usage else 0,
             completion_tokens=usage.completion_tokens if usage else 0,
             model=completion.model,
+            cached_tokens=_cached_tokens(usage),
             rate_limit_headers=_rate_limit_headers(raw.headers),
         )
 
@@ -165,3 +167,9 @@ def _retry_after(headers: Any) -> float | None:
 
 def _rate_limit_headers(headers: Any) -> dict[str, str]:
     return {k.lower(): v for k, v in headers.items() if k.lower().startswith(_RATE_LIMIT_PREFIX)}
+
+
+def _cached_tokens(usage: CompletionUsage | None) -> int:
+    """Prompt tokens OpenAI served from its prompt cache (absent on servers without caching)."""
+    details = usage.prompt_tokens_details if usage else None
+    return (details.cached_tokens or 0) if details else 0
