@@ -165,8 +165,37 @@ def copy_rows(
     `seen_ids` maps every id so far to its row, so a duplicate names both rows.
     """
     n = batch.num_rows
-    _refuse_nul(batch, first_row, name)
     custom_ids = _custom_ids(batch, first_row, spec.id_column, seen_ids, name)
+    inputs, payloads = _row_json(batch, first_row=first_row, spec=spec, input_columns=input_columns, name=name)
+    table = pa.table(
+        {
+            "job_id": pa.array([job_id] * n, pa.int64()),
+            "custom_id": pa.array(custom_ids, pa.string()),
+            "payload": pa.array(payloads, pa.string()),
+            "input": pa.array(inputs, pa.string()),
+        }
+    )
+    out = io.BytesIO()
+    pa_csv.write_csv(table, out, pa_csv.WriteOptions(include_header=False, quoting_style="needed"))
+    return out.getvalue()
+
+
+def request_parts(
+    batch: pa.RecordBatch, *, first_row: int, spec: InputSpec, input_columns: list[str], name: RowName = position
+) -> Iterator[tuple[dict[str, Any] | None, dict[str, Any] | None]]:
+    """Each row's (payload, input) exactly as a worker reads them back from batchdb.requests,
+    checked as submit checks them: what `batchdb estimate` renders prompts from."""
+    inputs, payloads = _row_json(batch, first_row=first_row, spec=spec, input_columns=input_columns, name=name)
+    for payload, values in zip(payloads.to_pylist(), inputs.to_pylist(), strict=True):
+        yield (None if payload is None else json.loads(payload)), (None if values is None else json.loads(values))
+
+
+def _row_json(
+    batch: pa.RecordBatch, *, first_row: int, spec: InputSpec, input_columns: list[str], name: RowName
+) -> tuple[pa.Array, pa.Array]:
+    """The rows' `input` and `payload` JSON texts, refused with the row named if one cannot be stored."""
+    n = batch.num_rows
+    _refuse_nul(batch, first_row, name)
     inputs = _json_objects(batch.select(input_columns), first_row, name) if input_columns else pa.nulls(n, pa.string())
     payloads = pa.nulls(n, pa.string())
     if spec.messages_column is not None:
@@ -180,17 +209,7 @@ def copy_rows(
         raise InputError(
             f"{name(first_row + row)}: {sizes[row].as_py():,} bytes of prompt data; at most {MAX_ROW_BYTES:,} per row"
         )
-    table = pa.table(
-        {
-            "job_id": pa.array([job_id] * n, pa.int64()),
-            "custom_id": pa.array(custom_ids, pa.string()),
-            "payload": pa.array(payloads, pa.string()),
-            "input": pa.array(inputs, pa.string()),
-        }
-    )
-    out = io.BytesIO()
-    pa_csv.write_csv(table, out, pa_csv.WriteOptions(include_header=False, quoting_style="needed"))
-    return out.getvalue()
+    return inputs, payloads
 
 
 # -- reading -----------------------------------------------------------------------------------
