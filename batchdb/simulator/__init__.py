@@ -6,9 +6,10 @@ enforces RPM/TPM/RPD with real 429s, injects faults and records what it served.
 
 Modules: `config` (what to simulate), `limits` (the rate limiter and its exact
 semantics), `tokens` (prompt counting), `content` (generated text/JSON),
-`responses` (wire formats), `recorder` (stats), `state` (one run's state and
-random streams), `server` (aiohttp routes), `process` (run it as a subprocess),
-`__main__` (the command line).
+`responses` (wire formats), `prompt_cache` (cached prompt tokens, as the
+providers' automatic prefix caching reports them), `recorder` (stats), `state`
+(one run's state and random streams), `server` (aiohttp routes), `process` (run
+it as a subprocess), `__main__` (the command line).
 """
 
 from batchdb.simulator.config import Distribution, ErrorRates, LimitRule, Limits, Outage, SimulatorConfig

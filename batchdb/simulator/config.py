@@ -202,6 +202,18 @@ class SimulatorConfig:
     invalid_json_rate: float = 0.0
     outage: Outage | None = None
     embedding_dimensions: int = 1536
+    # Automatic prompt caching (batchdb.simulator.prompt_cache): a prompt that repeats a prefix
+    # served before to the same key and model reports cached tokens, as OpenAI / Azure OpenAI
+    # (usage.prompt_tokens_details.cached_tokens) and Gemini 2.5+ (usageMetadata.
+    # cachedContentTokenCount) do. False: cached tokens are always 0.
+    prompt_cache: bool = True
+    # Seconds of disuse (simulator clock) after which a cached prefix is gone.
+    prompt_cache_ttl_s: float = 300.0
+    # Shortest prompt that can hit, in tokens: OpenAI's 1,024; Gemini 2.5 Flash / Pro's 2,048.
+    prompt_cache_min_tokens_openai: int = 1024
+    prompt_cache_min_tokens_gemini: int = 2048
+    # Hits cover the minimum plus whole steps of this many tokens (OpenAI: 1,024, 1,152, 1,280, ...).
+    prompt_cache_step_tokens: int = 128
 
     def __post_init__(self) -> None:
         if self.burst_window_s <= 0 or self.burst_window_s > 60:
@@ -214,6 +226,13 @@ class SimulatorConfig:
             or self.embedding_dimensions < 1
         ):
             raise ValueError("default_max_tokens, context_window and embedding_dimensions must be positive")
+        if self.prompt_cache_ttl_s < 0:
+            raise ValueError("prompt_cache_ttl_s must be >= 0")
+        if (
+            min(self.prompt_cache_min_tokens_openai, self.prompt_cache_min_tokens_gemini, self.prompt_cache_step_tokens)
+            < 1
+        ):
+            raise ValueError("prompt_cache_min_tokens_* and prompt_cache_step_tokens must be positive")
 
     def context_window_for(self, model: str) -> int:
         if model in self.context_windows:
@@ -290,4 +309,9 @@ _CONFIG_FIELDS: dict[str, Callable[[Any], Any]] = {
     "invalid_json_rate": float,
     "outage": _optional(lambda v: _from_mapping(Outage, v)),
     "embedding_dimensions": int,
+    "prompt_cache": bool,
+    "prompt_cache_ttl_s": float,
+    "prompt_cache_min_tokens_openai": int,
+    "prompt_cache_min_tokens_gemini": int,
+    "prompt_cache_step_tokens": int,
 }

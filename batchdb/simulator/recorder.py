@@ -32,8 +32,9 @@ COUNTERS = (
     "prompt_tokens",  # of accepted requests
     "completion_tokens",  # of accepted requests
     "charged_tokens",  # what admitted requests cost against TPM
+    "cached_tokens",  # of accepted requests: prompt tokens reported as cached (included in prompt_tokens)
 )
-_REQUESTS, _ADMITTED, _ACCEPTED, _RATE_LIMITED, _ERRORS, _PROMPT, _COMPLETION, _CHARGED = range(len(COUNTERS))
+_REQUESTS, _ADMITTED, _ACCEPTED, _RATE_LIMITED, _ERRORS, _PROMPT, _COMPLETION, _CHARGED, _CACHED = range(len(COUNTERS))
 _COLUMN = {
     Outcome.ACCEPTED: _ACCEPTED,
     Outcome.RATE_LIMITED: _RATE_LIMITED,
@@ -57,6 +58,7 @@ class Recorder:
         charged_tokens: int = 0,
         prompt_tokens: int = 0,
         completion_tokens: int = 0,
+        cached_tokens: int = 0,
     ) -> None:
         bucket = self._buckets.get((second, key, model))
         if bucket is None:
@@ -69,6 +71,7 @@ class Recorder:
         if outcome is Outcome.ACCEPTED:
             bucket[_PROMPT] += prompt_tokens
             bucket[_COMPLETION] += completion_tokens
+            bucket[_CACHED] += cached_tokens
         self._outcomes[outcome] += 1
 
     def stats(self, *, include_series: bool = True) -> dict[str, Any]:

@@ -68,8 +68,12 @@ def openai_chat(
     choices: list[tuple[str, str]],
     prompt_tokens: int,
     completion_tokens: int,
+    cached_tokens: int = 0,
 ) -> dict[str, Any]:
-    """A chat.completion body; ``choices`` is a list of (text, finish_reason)."""
+    """A chat.completion body; ``choices`` is a list of (text, finish_reason).
+
+    ``cached_tokens`` (a prompt-cache hit) is part of ``prompt_tokens``, as OpenAI reports it.
+    """
     return {
         "id": response_id,
         "object": "chat.completion",
@@ -88,7 +92,7 @@ def openai_chat(
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": 0},
+            "prompt_tokens_details": {"cached_tokens": cached_tokens},
             "completion_tokens_details": {"reasoning_tokens": 0},
         },
         "service_tier": "default",
@@ -207,7 +211,17 @@ def gemini_generate(
     finish_reason: str,
     prompt_tokens: int,
     completion_tokens: int,
+    cached_tokens: int = 0,
 ) -> dict[str, Any]:
+    """A generateContent body; ``cachedContentTokenCount`` (part of ``promptTokenCount``, as
+    Gemini counts it) is present only for a cache hit, as Gemini leaves it out when it is 0."""
+    usage: dict[str, Any] = {
+        "promptTokenCount": prompt_tokens,
+        "candidatesTokenCount": completion_tokens,
+        "totalTokenCount": prompt_tokens + completion_tokens,
+    }
+    if cached_tokens > 0:
+        usage["cachedContentTokenCount"] = cached_tokens
     return {
         "candidates": [
             {
@@ -216,11 +230,7 @@ def gemini_generate(
                 "index": 0,
             }
         ],
-        "usageMetadata": {
-            "promptTokenCount": prompt_tokens,
-            "candidatesTokenCount": completion_tokens,
-            "totalTokenCount": prompt_tokens + completion_tokens,
-        },
+        "usageMetadata": usage,
         "modelVersion": model,
         "responseId": response_id,
     }

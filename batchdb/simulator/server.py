@@ -4,7 +4,8 @@ One `Simulator` object owns the run's state (config, limiter, recorder, random
 streams); the aiohttp handlers only translate between the wire and it. Every
 provider request goes through the same steps, in the order real providers apply
 them: key -> body -> quota -> outage -> validation (context window) -> rate limit
-(charged on arrival) -> injected fault -> latency -> generated response.
+(charged on arrival) -> injected fault -> latency -> prompt cache (cached tokens of a
+served prompt) -> generated response.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
-from batchdb.simulator import content, responses
+from batchdb.simulator import content, prompt_cache, responses
 from batchdb.simulator.config import SimulatorConfig
 from batchdb.simulator.limits import pacific_day
 from batchdb.simulator.recorder import Outcome
@@ -218,6 +219,13 @@ class Routes:
         if failed is not None:
             return failed
 
+        tools = body.get("tools")
+        cached_tokens = sim.cached_prompt_tokens(
+            ("azure" if deployment is not None else "openai", key, model),
+            prompt_tokens,
+            config.prompt_cache_min_tokens_openai,
+            lambda: prompt_cache.openai_prompt_ids(messages, tools),
+        )
         json_mode = _openai_json_mode(body.get("response_format"))
         broken = json_mode is not None and sim.draw_broken_json()
         rng = random.Random(content.seed_for(config.seed, body.get("seed"), model, prompt_text))
@@ -230,7 +238,7 @@ class Routes:
             completion_tokens += generated.completion_tokens
         sim.recorder.record(
             second, key, model, Outcome.ACCEPTED, admitted=True, charged_tokens=charge,
-            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cached_tokens=cached_tokens,
         )  # fmt: skip
         reply_body = responses.openai_chat(
             response_id=sim.next_id("chatcmpl-"),
@@ -239,6 +247,7 @@ class Routes:
             choices=choices,
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
+            cached_tokens=cached_tokens,
         )
         headers["x-request-id"] = sim.next_id("req_")
         headers["openai-processing-ms"] = str(int((sim.now() - now) * 1000))
@@ -336,6 +345,15 @@ class Routes:
         if failed is not None:
             return failed
 
+        cached_tokens = 0
+        if prompt_cache.gemini_caches_implicitly(model):
+            system_instruction = body.get("systemInstruction")
+            cached_tokens = sim.cached_prompt_tokens(
+                ("gemini", key, model),
+                prompt_tokens,
+                config.prompt_cache_min_tokens_gemini,
+                lambda: prompt_cache.gemini_prompt_ids(contents, system_instruction),
+            )
         json_mode = _gemini_json_mode(generation_config)
         broken = json_mode is not None and sim.draw_broken_json()
         rng = random.Random(content.seed_for(config.seed, generation_config.get("seed"), model, prompt_text))
@@ -343,7 +361,7 @@ class Routes:
         generated = sim.generate(rng, json_mode, max_output if max_output is not None else window, broken)
         sim.recorder.record(
             second, key, model, Outcome.ACCEPTED, admitted=True, charged_tokens=prompt_tokens,
-            prompt_tokens=prompt_tokens, completion_tokens=generated.completion_tokens,
+            prompt_tokens=prompt_tokens, completion_tokens=generated.completion_tokens, cached_tokens=cached_tokens,
         )  # fmt: skip
         reply = responses.gemini_generate(
             model=model,
@@ -352,6 +370,7 @@ class Routes:
             finish_reason="MAX_TOKENS" if generated.truncated else "STOP",
             prompt_tokens=prompt_tokens,
             completion_tokens=generated.completion_tokens,
+            cached_tokens=cached_tokens,
         )
         return _respond(Reply(200, reply))
 

@@ -15,13 +15,14 @@ import json
 import random
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from batchdb.simulator import content
 from batchdb.simulator.config import SimulatorConfig
 from batchdb.simulator.limits import RateLimiter
+from batchdb.simulator.prompt_cache import PromptCache
 from batchdb.simulator.recorder import Recorder
 from batchdb.tokens import encoding
 
@@ -46,11 +47,12 @@ class Simulator:
         self.reset()
 
     def reset(self) -> None:
-        """Fresh counters, full buckets, reseeded streams; second 0 starts now."""
+        """Fresh counters, full buckets, an empty prompt cache, reseeded streams; second 0 starts now."""
         self.start = self._clock()
         self.started_at = time.time()
         self.limiter = RateLimiter(self.config, start=self.start)
         self.recorder = Recorder()
+        self.prompt_cache = PromptCache()
         self.outage_anchor = self.start
         self._reseed()
 
@@ -112,6 +114,31 @@ class Simulator:
     def draw_broken_json(self) -> bool:
         rate = self.config.invalid_json_rate
         return rate > 0 and self.fault_rng.random() < rate
+
+    def cached_prompt_tokens(
+        self,
+        scope: tuple[str, str, str],
+        prompt_tokens: int,
+        minimum: int,
+        prompt_ids: Callable[[], Sequence[int]],
+    ) -> int:
+        """Prompt tokens this served request reports as cached, and remember its prefixes.
+
+        ``scope`` is (route, key, model). A prompt under ``minimum`` (or the cache switched
+        off) answers 0 before ``prompt_ids`` is called, so short prompts cost nothing.
+        """
+        config = self.config
+        if not config.prompt_cache or prompt_tokens < minimum:
+            return 0
+        return self.prompt_cache.serve(
+            scope,
+            prompt_ids,
+            n_tokens=prompt_tokens,
+            minimum=minimum,
+            step=config.prompt_cache_step_tokens,
+            ttl_s=config.prompt_cache_ttl_s,
+            now=self._clock(),
+        )
 
     def generate(self, rng: random.Random, json_mode: Any, cap: int, broken: bool) -> Generated:
         """Text (``json_mode`` None), a JSON object ("object") or a schema instance (a dict)."""
