@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from batchdb.errors import BatchDBError, DatabaseError, DatabaseMissing, DatabaseUnavailable, SchemaNotReady
+    from batchdb.estimation import Estimate, estimate
     from batchdb.ingest import DataSource, InputError
     from batchdb.jobs import Job, JobNotFound, JobPaused, JobProgress, get_job, list_jobs
     from batchdb.models import JobStatus, RequestStatus
@@ -23,6 +24,7 @@ __all__ = [
     "DatabaseError",
     "DatabaseMissing",
     "DatabaseUnavailable",
+    "Estimate",
     "InputError",
     "Job",
     "JobNotFound",
@@ -31,6 +33,7 @@ __all__ = [
     "JobStatus",
     "RequestStatus",
     "SchemaNotReady",
+    "estimate",
     "get_job",
     "list_jobs",
     "submit",
@@ -43,6 +46,8 @@ _HOME = {
     "DatabaseMissing": "batchdb.errors",
     "DatabaseUnavailable": "batchdb.errors",
     "SchemaNotReady": "batchdb.errors",
+    "Estimate": "batchdb.estimation",
+    "estimate": "batchdb.estimation",
     "DataSource": "batchdb.ingest",  # what submit() reads: DataFrame, Arrow table or a file path
     "InputError": "batchdb.ingest",
     "Job": "batchdb.jobs",

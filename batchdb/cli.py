@@ -175,52 +175,79 @@ def db_stop() -> None:
 # -- jobs ----------------------------------------------------------------------------------------
 
 
+_JOB_OPTIONS = [
+    click.option("--model", required=True, help="Model (or Azure deployment) name, e.g. gpt-4o-mini."),
+    click.option("--prompt", default=None, help="Template over the file's columns, e.g. 'Classify: {headline}'."),
+    click.option("--system", default=None, help="System message (may also use {column} fields)."),
+    click.option("--messages-column", default=None, help="A column holding ready chat messages instead of --prompt."),
+    click.option("--id-column", default=None, help="A column with a unique id per row."),
+    click.option(
+        "--provider", default="openai", show_default=True, help="openai, azure, gemini or instant (no network)."
+    ),
+    click.option("--key-alias", default="default", show_default=True, help="Which of the provider's API keys to use."),
+    click.option("--name", default=None, help="A name for the job, shown by status."),
+    click.option(
+        "--priority",
+        default=1,
+        show_default=True,
+        type=int,
+        help="Weight in the fair claim: 2 gets twice the share of 1.",
+    ),
+    click.option("--max-attempts", default=5, show_default=True, type=int, help="Attempts per row before it is dead."),
+    click.option("--max-tokens", default=None, type=int, help="Most tokens in each answer."),
+    click.option("--temperature", default=None, type=float, help="Sampling temperature, 0 to 2."),
+    click.option(
+        "--budget",
+        "budget_usd",
+        default=None,
+        type=float,
+        help="Spending cap in USD: the job pauses when it is reached.",
+    ),
+    click.option("--budget-usd", "budget_usd_alias", default=None, type=float, hidden=True),  # the old spelling
+    click.option(
+        "--idempotency-key",
+        default=None,
+        help="Submitting again with this key returns the same job (and is refused for different data or options).",
+    ),
+    click.option(
+        "--webhook-url",
+        default=None,
+        help="POST a signed JSON event here when the job completes, fails, is cancelled or paused.",
+    ),
+    click.option(
+        "--webhook-secret",
+        envvar=settings.WEBHOOK_SECRET,
+        default=None,
+        help="HMAC key signing the webhook (default: $BATCHDB_WEBHOOK_SECRET, else generated and printed).",
+    ),
+    click.option(
+        "--notify-email",
+        "notify_emails",
+        multiple=True,
+        help="Email this address on the same events (repeatable; workers need BATCHDB_SMTP_HOST).",
+    ),
+    click.option(
+        "--allow-unknown-model",
+        is_flag=True,
+        help="Submit even when the model has no price in batchdb.prices (its cost shows as unknown).",
+    ),
+]
+
+
+def _job_options(command: Callable[..., None]) -> Callable[..., None]:
+    """The options of a job, shared by `submit` and `estimate` (which takes what submit takes)."""
+    for option in reversed(_JOB_OPTIONS):
+        command = option(command)
+    return command
+
+
 @cli.command("submit")
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--model", required=True, help="Model (or Azure deployment) name, e.g. gpt-4o-mini.")
-@click.option("--prompt", default=None, help="Template over the file's columns, e.g. 'Classify: {headline}'.")
-@click.option("--system", default=None, help="System message (may also use {column} fields).")
-@click.option("--messages-column", default=None, help="A column holding ready chat messages instead of --prompt.")
-@click.option("--id-column", default=None, help="A column with a unique id per row.")
-@click.option("--provider", default="openai", show_default=True, help="openai, azure, gemini or instant (no network).")
-@click.option("--key-alias", default="default", show_default=True, help="Which of the provider's API keys to use.")
-@click.option("--name", default=None, help="A name for the job, shown by status.")
+@_job_options
 @click.option(
-    "--priority", default=1, show_default=True, type=int, help="Weight in the fair claim: 2 gets twice the share of 1."
-)
-@click.option("--max-attempts", default=5, show_default=True, type=int, help="Attempts per row before it is dead.")
-@click.option("--max-tokens", default=None, type=int, help="Most tokens in each answer.")
-@click.option("--temperature", default=None, type=float, help="Sampling temperature, 0 to 2.")
-@click.option(
-    "--budget", "budget_usd", default=None, type=float, help="Spending cap in USD: the job pauses when it is reached."
-)
-@click.option("--budget-usd", "budget_usd_alias", default=None, type=float, hidden=True)  # the old spelling
-@click.option(
-    "--idempotency-key",
-    default=None,
-    help="Submitting again with this key returns the same job (and is refused for different data or options).",
-)
-@click.option(
-    "--webhook-url",
-    default=None,
-    help="POST a signed JSON event here when the job completes, fails, is cancelled or paused.",
-)
-@click.option(
-    "--webhook-secret",
-    envvar=settings.WEBHOOK_SECRET,
-    default=None,
-    help="HMAC key signing the webhook (default: $BATCHDB_WEBHOOK_SECRET, else generated and printed).",
-)
-@click.option(
-    "--notify-email",
-    "notify_emails",
-    multiple=True,
-    help="Email this address on the same events (repeatable; workers need BATCHDB_SMTP_HOST).",
-)
-@click.option(
-    "--allow-unknown-model",
+    "--dry-run",
     is_flag=True,
-    help="Submit even when the model has no price in batchdb.prices (its cost shows as unknown).",
+    help="Print what the job would cost and take (as `batchdb estimate`) and queue nothing.",
 )
 @click.option(
     "--wait/--no-wait",
@@ -228,15 +255,15 @@ def db_stop() -> None:
     help="Show progress until the job ends; the exit code tells how (see `batchdb wait --help`).",
 )
 @_dsn_option
-def submit_command(path: Path, dsn: str | None, wait: bool, **options: object) -> None:
+def submit_command(path: Path, dsn: str | None, wait: bool, dry_run: bool, **options: object) -> None:
     """Queue one request per row of a CSV, JSONL or Parquet file."""
     from batchdb.ingest import InputError
     from batchdb.submission import submit
 
-    options["notify_emails"] = list(options["notify_emails"]) or None  # type: ignore[call-overload]
-    alias = options.pop("budget_usd_alias")
-    if options["budget_usd"] is None:
-        options["budget_usd"] = alias
+    _merge_job_options(options)
+    if dry_run:
+        _print_estimate(path, dsn, options, pilot_rows=0, pilot_timeout_s=0)
+        return
     try:
         job = submit(path, dsn=dsn, **options)  # type: ignore[arg-type]
     except InputError as exc:
@@ -248,6 +275,48 @@ def submit_command(path: Path, dsn: str | None, wait: bool, **options: object) -
         click.echo(f"webhook secret: {job.webhook_secret}")  # type: ignore[attr-defined]
     if wait:
         sys.exit(_wait_and_report(job, timeout=None))
+
+
+@cli.command("estimate")
+@click.argument("path", type=click.Path(path_type=Path))
+@_job_options
+@click.option(
+    "--pilot",
+    "pilot_rows",
+    default=0,
+    show_default=True,
+    type=int,
+    help="Run the first N rows as a real (paid) pilot job and measure answer length from it.",
+)
+@click.option(
+    "--pilot-timeout", "pilot_timeout_s", default=600.0, show_default=True, type=float, help="Seconds to wait for it."
+)
+@_dsn_option
+def estimate_command(path: Path, dsn: str | None, pilot_rows: int, pilot_timeout_s: float, **options: object) -> None:
+    """What submitting this file would queue, cost and take; queues nothing (but a --pilot job)."""
+    _merge_job_options(options)
+    _print_estimate(path, dsn, options, pilot_rows=pilot_rows, pilot_timeout_s=pilot_timeout_s)
+
+
+def _merge_job_options(options: dict[str, object]) -> None:
+    options["notify_emails"] = list(options["notify_emails"]) or None  # type: ignore[call-overload]
+    alias = options.pop("budget_usd_alias")
+    if options["budget_usd"] is None:
+        options["budget_usd"] = alias
+
+
+def _print_estimate(
+    path: Path, dsn: str | None, options: dict[str, object], *, pilot_rows: int, pilot_timeout_s: float
+) -> None:
+    from batchdb.estimation import estimate
+    from batchdb.ingest import InputError
+
+    try:
+        result = estimate(path, dsn=dsn, pilot_rows=pilot_rows, pilot_timeout_s=pilot_timeout_s, **options)  # type: ignore[arg-type]
+    except InputError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(result.text())
+    click.echo("nothing was queued" + (f" but pilot job {result.pilot_job_id}" if result.pilot_job_id else ""))
 
 
 @cli.command("status")

@@ -27,7 +27,16 @@ from psycopg.types.json import Jsonb
 from batchdb import context_window
 from batchdb.db import connect, one_row
 from batchdb.errors import translates_database_errors
-from batchdb.ingest import DataSource, InputError, InputSpec, RowName, check_schema, copy_rows, open_source
+from batchdb.ingest import (
+    DataSource,
+    InputError,
+    InputSchema,
+    InputSpec,
+    RowName,
+    check_schema,
+    copy_rows,
+    open_source,
+)
 from batchdb.jobs import Job
 from batchdb.notifications import (
     CHANNEL_EMAIL,
@@ -94,7 +103,7 @@ def submit(
     know) is refused with the closest known names, unless `allow_unknown_model=True`;
     its cost then shows as unknown.
     """
-    _check_options(
+    check_options(
         model=model,
         provider=provider,
         priority=priority,
@@ -103,32 +112,23 @@ def submit(
         max_tokens=max_tokens,
         temperature=temperature,
     )
-    if response_schema is not None:
-        if response_format is not None:
-            raise InputError("give either response_format= or response_schema=, not both")
-        response_format = schema_response_format(response_schema)
-    if validation_retries is not None and (not isinstance(validation_retries, int) or validation_retries < 0):
-        raise InputError(f"validation_retries: expected an integer >= 0, got {validation_retries!r}")
     targets = _notification_targets(webhook_url, webhook_secret, notify_emails)
     spec = InputSpec(prompt=prompt, system=system, messages_column=messages_column, id_column=id_column)
     schema, batches, row_name = open_source(data)
     input_schema = check_schema(schema, spec)
-    params: dict[str, Any] = {
-        "system": system,
-        "prompt": prompt,
-        "input_columns": input_schema.columns,
-        "input_types": input_schema.types,
-        "max_tokens": max_tokens,
-        "temperature": temperature,
-        "seed": seed,
-        "response_format": response_format,
-        "validation_retries": validation_retries,
-    }
-    params = {k: v for k, v in params.items() if v is not None}
-    try:
-        check_request(provider, model, params)
-    except UnsupportedRequest as exc:
-        raise InputError(f"{provider}: {exc}") from None
+    params = job_params(
+        provider,
+        model,
+        input_schema,
+        system=system,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        seed=seed,
+        response_format=response_format,
+        response_schema=response_schema,
+        validation_retries=validation_retries,
+    )
 
     with connect(dsn) as conn:
         limits = context_window.load(conn, provider, model)
@@ -136,7 +136,7 @@ def submit(
         if too_many:
             raise InputError(f"max_tokens: {too_many}")
         if not allow_unknown_model:
-            _refuse_unknown_model(conn, provider, model)
+            refuse_unknown_model(conn, provider, model)
         job_id = _create_job(
             conn,
             name=name,
@@ -182,6 +182,47 @@ def submit(
             conn.execute(query("delete_job"), {"job_id": job_id})
             raise InputError("the data has no rows")
     return _with_secret(Job(job_id, dsn=dsn), secret)
+
+
+def job_params(
+    provider: str,
+    model: str,
+    input_schema: InputSchema,
+    *,
+    system: str | None = None,
+    prompt: str | None = None,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    seed: int | None = None,
+    response_format: dict[str, Any] | None = None,
+    response_schema: Any = None,
+    validation_retries: int | None = None,
+) -> dict[str, Any]:
+    """A job's `params` as workers read them (submit stores them; estimate renders with them),
+    refused with the option named when the provider cannot take them."""
+    if response_schema is not None:
+        if response_format is not None:
+            raise InputError("give either response_format= or response_schema=, not both")
+        response_format = schema_response_format(response_schema)
+    if validation_retries is not None and (not isinstance(validation_retries, int) or validation_retries < 0):
+        raise InputError(f"validation_retries: expected an integer >= 0, got {validation_retries!r}")
+    params: dict[str, Any] = {
+        "system": system,
+        "prompt": prompt,
+        "input_columns": input_schema.columns,
+        "input_types": input_schema.types,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "seed": seed,
+        "response_format": response_format,
+        "validation_retries": validation_retries,
+    }
+    params = {k: v for k, v in params.items() if v is not None}
+    try:
+        check_request(provider, model, params)
+    except UnsupportedRequest as exc:
+        raise InputError(f"{provider}: {exc}") from None
+    return params
 
 
 def _notification_targets(
@@ -236,16 +277,17 @@ def _with_secret(job: Job, secret: str | None) -> Job:
     return job
 
 
-def _check_options(
+def check_options(
     *,
     model: str,
     provider: str,
-    priority: int,
-    max_attempts: int,
-    budget_usd: float | None,
-    max_tokens: int | None,
-    temperature: float | None,
+    priority: int = 1,
+    max_attempts: int = 5,
+    budget_usd: float | None = None,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
 ) -> None:
+    """Refuse an option `submit` cannot use, naming it and what it expects."""
     if not isinstance(model, str) or not model.strip():
         raise InputError("model: expected a model name such as 'gpt-4o-mini'")
     if provider not in KNOWN_PROVIDERS:
@@ -262,7 +304,7 @@ def _check_options(
         raise InputError(f"temperature: expected a number from 0 to 2, got {temperature!r}")
 
 
-def _refuse_unknown_model(conn: psycopg.Connection[DictRow], provider: str, model: str) -> None:
+def refuse_unknown_model(conn: psycopg.Connection[DictRow], provider: str, model: str) -> None:
     """A model without a price is most often a typo ('gpt-4o-mni'), which would run at an unknown cost."""
     if provider == "instant":
         return  # no network, no cost: any model name will do

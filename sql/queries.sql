@@ -473,6 +473,31 @@ SELECT p.*, (p.provider = 'instant' OR EXISTS (SELECT 1 FROM batchdb.prices c
 -- Models with a price for one provider: submit refuses any other unless told to allow it.
 SELECT model FROM batchdb.prices WHERE provider = %(provider)s ORDER BY model
 
+-- price_of_model --
+-- A model's prices, for `batchdb estimate` (batchdb/estimate.py).
+SELECT input_per_mtok, output_per_mtok, cached_input_per_mtok, batch_discount
+  FROM batchdb.prices
+ WHERE provider = %(provider)s AND model = %(model)s
+
+-- lane_limits --
+-- The limits configured for a lane (NULL: none), for the estimate's online duration.
+SELECT rpm, tpm, rpd
+  FROM batchdb.rate_limits
+ WHERE provider = %(provider)s AND key_alias = %(key_alias)s AND model = %(model)s
+
+-- output_tokens_of_similar_jobs --
+-- Output tokens per answered row of earlier jobs asking the same model the same way (same
+-- templates, max_tokens and response format): the estimate's guess at answer length. The jobs'
+-- exact counters are read, never their rows.
+SELECT count(*) AS jobs, coalesce(sum(j.n_succeeded), 0) AS rows,
+       coalesce(sum(j.completion_tokens), 0) AS completion_tokens
+  FROM batchdb.jobs j
+ WHERE j.provider = %(provider)s AND j.model = %(model)s AND j.n_succeeded > 0
+   AND jsonb_strip_nulls(jsonb_build_object('prompt', j.params -> 'prompt', 'system', j.params -> 'system',
+                                            'max_tokens', j.params -> 'max_tokens',
+                                            'response_format', j.params -> 'response_format'))
+       = %(shape)s::jsonb
+
 -- job_results --
 -- Streamed with a server-side cursor, in request order.
 SELECT q.id AS request_id, q.custom_id, q.input, q.status, q.attempts, q.prompt_tokens, q.cached_tokens,

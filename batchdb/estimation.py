@@ -1,6 +1,7 @@
 """What a job will cost and how long it will take, before anything is queued.
 
-`batchdb estimate` and `submit(..., dry_run=True)` read the data as `submit` does, render
+`batchdb.estimate(...)` (the arguments of `submit`), `batchdb estimate FILE ...` and
+`batchdb submit --dry-run` read the data as `submit` does, render
 every row's prompt as a worker will (from the same JSON the database would hold) and count
 its tokens offline. What cannot be known before the calls is the length of the answers;
 the estimate takes, in order of preference:
@@ -32,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import time
@@ -83,6 +85,9 @@ class Estimate:
     rows_over_context_window_named: list[str] = field(default_factory=list)
     sample_messages: list[dict[str, Any]] = field(default_factory=list)
     pilot_job_id: int | None = None
+    key_alias: str = "default"
+    # Why submit would refuse the model (no price, with the closest names), or None.
+    model_problem: str | None = None
 
     def cost_usd(self, *, batch: bool = False, dedupe: bool = False, ceiling: bool = False) -> Decimal | None:
         """Expected cost (or, with `ceiling`, the most it can cost); None when the model has no price."""
@@ -106,6 +111,8 @@ class Estimate:
     def text(self) -> str:
         """The estimate as `batchdb estimate` prints it."""
         lines = [f"{self.provider}/{self.model}: {self.rows:,} rows"]
+        if self.model_problem:
+            lines.append(f"  model: {self.model_problem}")
         duplicates = self.rows - self.distinct_requests
         lines.append(
             f"  distinct requests: {self.distinct_requests:,}"
@@ -132,7 +139,10 @@ class Estimate:
                 )
         seconds = self.online_seconds()
         if seconds is None:
-            lines.append("  duration online:   no limits configured for this lane (batchdb limits set ...)")
+            lines.append(
+                "  duration online:   no limits configured for this lane; set them with: batchdb limits set "
+                f"{self.provider} {self.model} --key-alias {self.key_alias} --rpm N --tpm N"
+            )
         else:
             binding = (
                 "requests"
@@ -145,7 +155,9 @@ class Estimate:
             )
         if self.rows_over_context_window:
             named = ", ".join(self.rows_over_context_window_named)
-            lines.append(f"  over the context window: {self.rows_over_context_window:,} rows ({named}); submit refuses them")
+            lines.append(
+                f"  over the context window: {self.rows_over_context_window:,} rows ({named}); submit refuses them"
+            )
         if self.pilot_job_id is not None:
             lines.append(f"  pilot: job {self.pilot_job_id}")
         if self.sample_messages:
@@ -168,35 +180,62 @@ def estimate(
     provider: str = "openai",
     key_alias: str = "default",
     max_tokens: int | None = None,
+    temperature: float | None = None,
+    seed: int | None = None,
     response_format: dict[str, Any] | None = None,
-    params: dict[str, Any] | None = None,
+    response_schema: Any = None,
+    validation_retries: int | None = None,
     pilot_rows: int = 0,
     pilot_timeout_s: float = 600.0,
     dsn: str | None = None,
     **submit_options: Any,
 ) -> Estimate:
-    """Estimate a job without queuing it (but for the pilot's rows, when `pilot_rows` > 0).
+    """What `submit` with the same arguments would queue, cost and take; nothing is queued but,
+    when `pilot_rows` > 0, a pilot job of the first rows that workers answer for real.
 
-    `params` is the job's params as `submit` builds them (it passes its own); without it
-    they are built from `prompt`, `system`, `max_tokens` and `response_format`.
-    `submit_options` are passed on to the pilot's `submit` (temperature, seed, ...).
+    Takes every argument `submit` takes (those that only matter once the job runs, such as
+    `priority` or `webhook_url`, are passed to the pilot's submit and otherwise ignored).
+    Refuses what `submit` refuses, with the same messages.
     """
+    from batchdb.submission import check_options, job_params, refuse_unknown_model, submit
+
+    unknown = sorted(set(submit_options) - set(inspect.signature(submit).parameters))
+    if unknown:
+        raise TypeError(
+            f"estimate() got unexpected keyword argument(s) {', '.join(unknown)} (submit takes none of them)"
+        )
+    check_options(
+        model=model,
+        provider=provider,
+        priority=submit_options.get("priority", 1),
+        max_attempts=submit_options.get("max_attempts", 5),
+        budget_usd=submit_options.get("budget_usd"),
+        max_tokens=max_tokens,
+        temperature=temperature,
+    )
     spec = InputSpec(prompt=prompt, system=system, messages_column=messages_column, id_column=id_column)
     schema, batches, row_name = open_source(data)
     input_schema = check_schema(schema, spec)
-    if params is None:
-        params = {
-            k: v
-            for k, v in {
-                "system": system,
-                "prompt": prompt,
-                "input_columns": input_schema.columns,
-                "max_tokens": max_tokens,
-                "response_format": response_format,
-            }.items()
-            if v is not None
-        }
+    params = job_params(
+        provider,
+        model,
+        input_schema,
+        system=system,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        seed=seed,
+        response_format=response_format,
+        response_schema=response_schema,
+        validation_retries=validation_retries,
+    )
     with connect(dsn) as conn:
+        model_problem = None
+        if not submit_options.get("allow_unknown_model"):
+            try:
+                refuse_unknown_model(conn, provider, model)
+            except InputError as exc:
+                model_problem = str(exc)
         limits = context_window.load(conn, provider, model)
         price_row = conn.execute(query("price_of_model"), {"provider": provider, "model": model}).fetchone()
         lane = conn.execute(
@@ -208,16 +247,7 @@ def estimate(
                 {"provider": provider, "model": model, "shape": json.dumps(_shape(params))},
             )
         )
-    price = (
-        Price.of(
-            price_row["input_per_mtok"],
-            price_row["output_per_mtok"],
-            price_row["cached_input_per_mtok"],
-            price_row["batch_discount"],
-        )
-        if price_row
-        else None
-    )
+    price = _price(provider, price_row)
     counted = _count(
         batches, spec=spec, input_columns=input_schema.columns, row_name=row_name, params=params, model=model,
         provider=provider, limits=limits,
@@ -234,7 +264,8 @@ def estimate(
         pilot_job_id, per_row = _pilot(
             data, pilot_rows, pilot_timeout_s, dsn=dsn, model=model, prompt=prompt, system=system,
             messages_column=messages_column, id_column=id_column, provider=provider, key_alias=key_alias,
-            max_tokens=max_tokens, response_format=response_format, **submit_options,
+            max_tokens=max_tokens, temperature=temperature, seed=seed, response_format=response_format,
+            response_schema=response_schema, validation_retries=validation_retries, **submit_options,
         )  # fmt: skip
         basis = f"pilot job {pilot_job_id}: mean of its {min(pilot_rows, counted.rows):,} rows"
     return Estimate(
@@ -255,6 +286,8 @@ def estimate(
         rows_over_context_window_named=counted.over_window_named,
         sample_messages=counted.sample,
         pilot_job_id=pilot_job_id,
+        key_alias=key_alias,
+        model_problem=model_problem,
     )
 
 
@@ -342,6 +375,15 @@ def _pilot(data: DataSource, n: int, timeout_s: float, *, dsn: str | None, **sub
     if status.n_succeeded == 0:
         raise PilotFailed(f"pilot job {job.id} answered no row; see: batchdb status {job.id}")
     return job.id, status.completion_tokens / status.n_succeeded
+
+
+def _price(provider: str, row: dict[str, Any] | None) -> Price | None:
+    """The model's price; the no-network instant provider is free, as job_progress counts it."""
+    if provider == "instant":
+        return Price(Decimal(0), Decimal(0))
+    if row is None:
+        return None
+    return Price.of(row["input_per_mtok"], row["output_per_mtok"], row["cached_input_per_mtok"], row["batch_discount"])
 
 
 def _shape(params: dict[str, Any]) -> dict[str, Any]:
