@@ -116,6 +116,50 @@ def test_the_recorded_cost_of_a_completion_is_the_functions(
         assert r["cost_usd"] == price.cost_usd(r["prompt_tokens"], r["completion_tokens"])
 
 
+def test_prompt_cache_hits_are_recorded_and_priced_at_the_cached_price(conn: psycopg.Connection, simulator) -> None:
+    """Rows sharing a long system prompt: the provider serves the prefix from its cache after the first
+    call; each row records its cached tokens and the cost at the cached-input price, the job sums them."""
+    import asyncio
+
+    import batchdb
+    from batchdb.providers.openai import OpenAIProvider
+    from batchdb.workers.outcomes import RetryPolicy
+    from batchdb.workers.worker import Worker, WorkerConfig
+
+    sim = simulator()
+    frame = pd.DataFrame({"text": [f"headline number {i}" for i in range(12)]})
+    job = batchdb.submit(
+        frame,
+        prompt="Label: {text}",
+        system="Background for every headline. " * 250,
+        model="gpt-4o-mini",
+        max_tokens=5,
+        dsn=conn.info.dsn,
+    )
+    provider = OpenAIProvider(api_key="sk-test", base_url=sim.openai_base_url, timeout=30)
+    config = WorkerConfig(dsn=conn.info.dsn, concurrency=1, retry=RetryPolicy(0.05, 0.2), exit_when_idle=True)
+    asyncio.run(Worker(config, providers={"openai": provider}).run())  # type: ignore[dict-item]
+
+    price = Price.of("0.15", "0.60", "0.075", "0.5")
+    assert price is not None
+    rows = conn.execute(
+        "SELECT prompt_tokens, cached_tokens, completion_tokens, cost_usd FROM batchdb.requests "
+        "WHERE job_id = %s ORDER BY id",
+        (job.id,),
+    ).fetchall()
+    assert [r["cached_tokens"] > 0 for r in rows] == [False] + [True] * 11  # one call at a time: all but the first
+    for r in rows:
+        expected = price.cost_usd(r["prompt_tokens"], r["completion_tokens"], cached_tokens=r["cached_tokens"])
+        assert r["cost_usd"] == expected
+        if r["cached_tokens"]:
+            assert expected < price.cost_usd(r["prompt_tokens"], r["completion_tokens"])  # cheaper than uncached
+    progress = conn.execute("SELECT cached_tokens, cost_usd FROM batchdb.job_progress WHERE job_id = %s", (job.id,))
+    total = progress.fetchone()
+    assert total["cached_tokens"] == sum(r["cached_tokens"] for r in rows)
+    assert total["cost_usd"] == sum(r["cost_usd"] for r in rows)
+    assert list(job.results()["cached_tokens"]) == [r["cached_tokens"] for r in rows]
+
+
 def test_the_modules_example_runs() -> None:
     import doctest
 

@@ -72,6 +72,23 @@ def test_completion_with_system_and_max_tokens(simulator: ConfigureSimulator) ->
     assert cut.model == MODEL and cut.rate_limit_headers == {}  # Gemini sends no rate-limit headers
 
 
+def test_cached_prompt_tokens_are_read_from_the_usage_metadata(simulator: ConfigureSimulator) -> None:
+    """Gemini 2.5's implicit cache (prompts from 2,048 tokens): usageMetadata.cachedContentTokenCount."""
+    sim = simulator()
+    shared = "Background for every headline. " * 500  # about 3,000 tokens
+    requests = [
+        ChatRequest(
+            messages=[{"role": "system", "content": shared}, {"role": "user", "content": text}],
+            model="gemini-2.5-flash",
+        )
+        for text in ("first headline", "second headline")
+    ]
+    first, second = call(sim, *requests)
+    assert isinstance(first, ChatResponse) and isinstance(second, ChatResponse)
+    assert first.cached_tokens == 0
+    assert 2048 <= second.cached_tokens < second.prompt_tokens
+
+
 def test_json_schema_answer_parses_and_has_the_required_keys(sim_default: SimulatorProcess) -> None:
     response_format = {"type": "json_schema", "json_schema": {"name": "sentiment", "schema": SCHEMA, "strict": True}}
     answers = call(sim_default, *(request(f"headline {i}", response_format=response_format) for i in range(3)))

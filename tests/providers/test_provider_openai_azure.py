@@ -61,6 +61,23 @@ def test_completion_carries_rate_limit_headers(simulator: ConfigureSimulator) ->
     assert response.rate_limit_headers["x-ratelimit-limit-requests"] == "600"
 
 
+def test_cached_prompt_tokens_are_read_from_the_usage(simulator: ConfigureSimulator) -> None:
+    """A long shared prefix is served from the prompt cache on the second call: OpenAI reports it in
+    usage.prompt_tokens_details.cached_tokens (in 128-token steps from 1,024), part of prompt_tokens."""
+    sim = simulator()
+    shared = "Background for every headline. " * 250  # about 1,500 tokens
+    first, second = call(
+        openai_provider(sim),
+        *(
+            ChatRequest(messages=[{"role": "system", "content": shared}, {"role": "user", "content": text}], model="m")
+            for text in ("first headline", "second headline")
+        ),
+    )
+    assert isinstance(first, ChatResponse) and isinstance(second, ChatResponse)
+    assert first.cached_tokens == 0
+    assert 1024 <= second.cached_tokens < second.prompt_tokens and second.cached_tokens % 128 == 0
+
+
 def test_insufficient_quota_is_quota_exhausted(simulator: ConfigureSimulator) -> None:
     sim = simulator(quota_exhausted_keys=(KEY,))
     [error] = call(openai_provider(sim), REQUEST)
