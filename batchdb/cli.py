@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import sys
@@ -564,6 +565,71 @@ def limits_show(dsn: str | None) -> None:
     # A lane whose provider is down (circuit open) waits whatever its limits say: say so, limits or not.
     for c in circuits:
         click.echo(f"{c['provider'] + '/' + c['key_alias'] + '/' + c['model']:<40} {c['state_text']}")
+
+
+@cli.group("prices")
+def prices_group() -> None:
+    """Model prices and limits (batchdb.prices): what costs and estimates are computed with."""
+
+
+@prices_group.command("update")
+@click.argument("path", required=False, type=click.Path(path_type=Path))
+@click.option(
+    "--as-of",
+    type=click.DateTime(formats=["%Y-%m-%d"]),
+    default=None,
+    help="The date of the prices in FILE (default: the map's own date, else the file's).",
+)
+@click.option("--yes", is_flag=True, help="Write the additions and changes shown (without it nothing is written).")
+@_dsn_option
+def prices_update(path: Path | None, as_of: datetime.datetime | None, yes: bool, dsn: str | None) -> None:
+    """Compare a price map (LiteLLM's model_prices_and_context_window.json, downloaded by you; default: the
+    dated map shipped with batchdb) with batchdb.prices, and with --yes write it."""
+    from batchdb import price_list
+
+    price_map = _run_db_op(
+        lambda: price_list.read_price_map(
+            path or price_list.packaged_price_map(), as_of=as_of.date() if as_of else None
+        )
+    )
+    with dbmod.connect(dsn) as conn:
+        planned = _run_db_op(lambda: price_list.plan(conn, price_map))
+        click.echo(planned.text())
+        if not yes:
+            if planned.changes or planned.unchanged:
+                source = f" {path}" if path else ""
+                click.echo(f"nothing written; to write it, run: batchdb prices update{source} --yes")
+            return
+        written = _run_db_op(lambda: price_list.apply(conn, planned))
+    click.echo(f"wrote {written} price row(s); {len(planned.unchanged)} confirmed as of {price_map.as_of}")
+
+
+@prices_group.command("show")
+@_dsn_option
+def prices_show(dsn: str | None) -> None:
+    """Every model's prices (USD per million tokens), limits, and where and when they came from."""
+    from batchdb.queries import query
+
+    with dbmod.connect(dsn) as conn:
+        rows = conn.execute(query("prices_all")).fetchall()
+    click.echo(
+        f"{'provider/model':<34} {'input':>9} {'cached':>9} {'output':>9} {'batch':>6} {'max in':>9} "
+        f"{'max out':>8}  as of"
+    )
+    for r in rows:
+        source = f" ({r['source']})" if r["source"] else ""
+        click.echo(
+            f"{r['provider'] + '/' + r['model']:<34} {_num(r['input_per_mtok']):>9} "
+            f"{_num(r['cached_input_per_mtok']):>9} {_num(r['output_per_mtok']):>9} {_num(r['batch_discount']):>6} "
+            f"{r['max_input_tokens'] or r['context_window'] or '-':>9} {r['max_output_tokens'] or '-':>8}  "
+            f"{r['as_of'] or 'not recorded'}{source}"
+        )
+
+
+def _num(value: object) -> str:
+    from decimal import Decimal
+
+    return "-" if value is None else format(Decimal(str(value)).normalize(), "f")
 
 
 # -- users ---------------------------------------------------------------------------------------

@@ -68,6 +68,7 @@ SELECT p.job_id, p.name, p.owner, p.provider, p.key_alias, p.model, p.status, p.
             THEN (j.params ->> 'max_tokens')::numeric::bigint END AS max_tokens,
        pr.input_per_mtok::float8 AS input_per_mtok, pr.output_per_mtok::float8 AS output_per_mtok,
        pr.cached_input_per_mtok::float8 AS cached_input_per_mtok,
+       pr.as_of AS price_as_of, pr.source AS price_source,
        now() AS db_now
   FROM batchdb.job_progress p
   JOIN batchdb.jobs j ON j.id = p.job_id
@@ -799,7 +800,27 @@ def load_cost(dsn: str | None, *, engine: Engine = "psycopg") -> dict[str, Any]:
         "by_model": cost_by(jobs_df, "model"),
         "by_job": duck_df(DUCK_COST_BY_JOB, {"jobs": jobs_df}),
         "queued": queued,
+        "price_dates": price_dates(jobs_df),
     }
+
+
+def price_dates(jobs_df: pd.DataFrame) -> list[str]:
+    """One line per date the jobs' prices are as of (batchdb prices update records it), oldest first:
+    "2026-12-07 (batchdb/price_list.json): openai/gpt-4o-mini, ..."; "not recorded: ..." for the rest."""
+    if jobs_df.empty:
+        return []
+    lines = []
+    models = jobs_df[["provider", "model", "price_as_of", "price_source"]].drop_duplicates(["provider", "model"])
+    models = models.assign(
+        when=[
+            "not recorded" if pd.isna(as_of) else f"{as_of} ({source})"
+            for as_of, source in zip(models["price_as_of"], models["price_source"], strict=True)
+        ]
+    )
+    for when, group in sorted(models.groupby("when"), key=lambda item: (item[0] == "not recorded", item[0])):
+        names = ", ".join(sorted(f"{p}/{m}" for p, m in zip(group["provider"], group["model"], strict=True)))
+        lines.append(f"{when}: {names}")
+    return lines
 
 
 def queued_cost(conn: Any, jobs_df: pd.DataFrame, *, sample_rows: int = 20) -> pd.DataFrame:

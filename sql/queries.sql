@@ -498,6 +498,40 @@ SELECT count(*) AS jobs, coalesce(sum(j.n_succeeded), 0) AS rows,
                                             'response_format', j.params -> 'response_format'))
        = %(shape)s::jsonb
 
+-- prices_all --
+-- Every price row, for `batchdb prices update` to compare a price map with (batchdb/price_list.py).
+SELECT provider, model, input_per_mtok, output_per_mtok, cached_input_per_mtok, batch_discount,
+       context_window, max_input_tokens, max_output_tokens, source, as_of
+  FROM batchdb.prices
+ ORDER BY provider, model
+
+-- prices_upsert --
+-- One row of a price map: inserted, or only the fields the map gives (`set_fields`) changed.
+INSERT INTO batchdb.prices AS p (provider, model, input_per_mtok, output_per_mtok, cached_input_per_mtok,
+                                 batch_discount, max_input_tokens, max_output_tokens, source, as_of, updated_at)
+VALUES (%(provider)s, %(model)s, %(input_per_mtok)s, %(output_per_mtok)s, %(cached_input_per_mtok)s,
+        %(batch_discount)s, %(max_input_tokens)s, %(max_output_tokens)s, %(source)s, %(as_of)s, now())
+ON CONFLICT (provider, model) DO UPDATE
+   SET input_per_mtok = CASE WHEN 'input_per_mtok' = ANY (%(set_fields)s::text[])
+                             THEN EXCLUDED.input_per_mtok ELSE p.input_per_mtok END,
+       output_per_mtok = CASE WHEN 'output_per_mtok' = ANY (%(set_fields)s::text[])
+                              THEN EXCLUDED.output_per_mtok ELSE p.output_per_mtok END,
+       cached_input_per_mtok = CASE WHEN 'cached_input_per_mtok' = ANY (%(set_fields)s::text[])
+                                    THEN EXCLUDED.cached_input_per_mtok ELSE p.cached_input_per_mtok END,
+       batch_discount = CASE WHEN 'batch_discount' = ANY (%(set_fields)s::text[])
+                             THEN EXCLUDED.batch_discount ELSE p.batch_discount END,
+       max_input_tokens = CASE WHEN 'max_input_tokens' = ANY (%(set_fields)s::text[])
+                               THEN EXCLUDED.max_input_tokens ELSE p.max_input_tokens END,
+       max_output_tokens = CASE WHEN 'max_output_tokens' = ANY (%(set_fields)s::text[])
+                                THEN EXCLUDED.max_output_tokens ELSE p.max_output_tokens END,
+       source = EXCLUDED.source, as_of = EXCLUDED.as_of, updated_at = now()
+
+-- prices_confirm --
+-- Rows a price map gives exactly as they are: now known to be current as of its date.
+UPDATE batchdb.prices SET source = %(source)s, as_of = %(as_of)s
+ WHERE (provider, model) IN (SELECT * FROM unnest(%(providers)s::text[], %(models)s::text[]))
+   AND as_of IS DISTINCT FROM %(as_of)s::date
+
 -- job_results --
 -- Streamed with a server-side cursor, in request order.
 SELECT q.id AS request_id, q.custom_id, q.input, q.status, q.attempts, q.prompt_tokens, q.cached_tokens,

@@ -1713,6 +1713,8 @@ CREATE TABLE batchdb.prices (
     context_window integer,
     max_input_tokens integer,
     max_output_tokens integer,
+    source text,
+    as_of date,
     CONSTRAINT prices_model_limits_positive CHECK ((((context_window IS NULL) OR (context_window > 0)) AND ((max_input_tokens IS NULL) OR (max_input_tokens > 0)) AND ((max_output_tokens IS NULL) OR (max_output_tokens > 0)))),
     CONSTRAINT prices_nonnegative CHECK (((input_per_mtok >= (0)::numeric) AND (output_per_mtok >= (0)::numeric)))
 );
@@ -1724,6 +1726,14 @@ COMMENT ON COLUMN batchdb.prices.cached_input_per_mtok IS 'USD per 1M prompt tok
 -- comment COLUMN prices.batch_discount
 
 COMMENT ON COLUMN batchdb.prices.batch_discount IS 'Share taken off every token price for calls made through the provider''s Batch API (0.5: half price); NULL: none.';
+
+-- comment COLUMN prices.source
+
+COMMENT ON COLUMN batchdb.prices.source IS 'The price map this row was last written or confirmed from (batchdb prices update); NULL: by hand or seeded.';
+
+-- comment COLUMN prices.as_of
+
+COMMENT ON COLUMN batchdb.prices.as_of IS 'The date of the prices in that map; NULL: unknown.';
 
 -- table rate_limit_history
 
@@ -2503,21 +2513,21 @@ GRANT SELECT,INSERT,UPDATE ON TABLE batchdb.user_spend TO batchdb_worker;
 -- Reference data.
 
 -- batchdb.prices
-INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok, cached_input_per_mtok, batch_discount, context_window, max_input_tokens, max_output_tokens) VALUES ('azure', 'gpt-4o', '2.500000', '10.000000', '1.250000', '0.500', '128000', NULL, '16384');
-INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok, cached_input_per_mtok, batch_discount, context_window, max_input_tokens, max_output_tokens) VALUES ('azure', 'gpt-4o-mini', '0.150000', '0.600000', '0.075000', '0.500', '128000', NULL, '16384');
-INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok, cached_input_per_mtok, batch_discount, context_window, max_input_tokens, max_output_tokens) VALUES ('gemini', 'gemini-2.0-flash', '0.100000', '0.400000', '0.025000', '0.500', NULL, '1048576', '8192');
-INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok, cached_input_per_mtok, batch_discount, context_window, max_input_tokens, max_output_tokens) VALUES ('gemini', 'gemini-2.5-flash', '0.300000', '2.500000', '0.075000', '0.500', NULL, '1048576', '65536');
-INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok, cached_input_per_mtok, batch_discount, context_window, max_input_tokens, max_output_tokens) VALUES ('gemini', 'gemini-2.5-flash-lite', '0.100000', '0.400000', '0.025000', '0.500', NULL, '1048576', '65536');
-INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok, cached_input_per_mtok, batch_discount, context_window, max_input_tokens, max_output_tokens) VALUES ('gemini', 'gemini-2.5-pro', '1.250000', '10.000000', '0.310000', '0.500', NULL, '1048576', '65536');
-INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok, cached_input_per_mtok, batch_discount, context_window, max_input_tokens, max_output_tokens) VALUES ('openai', 'gpt-4.1', '2.000000', '8.000000', '0.500000', '0.500', '1047576', NULL, '32768');
-INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok, cached_input_per_mtok, batch_discount, context_window, max_input_tokens, max_output_tokens) VALUES ('openai', 'gpt-4.1-mini', '0.400000', '1.600000', '0.100000', '0.500', '1047576', NULL, '32768');
-INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok, cached_input_per_mtok, batch_discount, context_window, max_input_tokens, max_output_tokens) VALUES ('openai', 'gpt-4.1-nano', '0.100000', '0.400000', '0.025000', '0.500', '1047576', NULL, '32768');
-INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok, cached_input_per_mtok, batch_discount, context_window, max_input_tokens, max_output_tokens) VALUES ('openai', 'gpt-4o', '2.500000', '10.000000', '1.250000', '0.500', '128000', NULL, '16384');
-INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok, cached_input_per_mtok, batch_discount, context_window, max_input_tokens, max_output_tokens) VALUES ('openai', 'gpt-4o-mini', '0.150000', '0.600000', '0.075000', '0.500', '128000', NULL, '16384');
-INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok, cached_input_per_mtok, batch_discount, context_window, max_input_tokens, max_output_tokens) VALUES ('openai', 'gpt-5', '1.250000', '10.000000', '0.125000', '0.500', '400000', '272000', '128000');
-INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok, cached_input_per_mtok, batch_discount, context_window, max_input_tokens, max_output_tokens) VALUES ('openai', 'gpt-5-mini', '0.250000', '2.000000', '0.025000', '0.500', '400000', '272000', '128000');
-INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok, cached_input_per_mtok, batch_discount, context_window, max_input_tokens, max_output_tokens) VALUES ('openai', 'gpt-5-nano', '0.050000', '0.400000', '0.005000', '0.500', '400000', '272000', '128000');
-INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok, cached_input_per_mtok, batch_discount, context_window, max_input_tokens, max_output_tokens) VALUES ('openai', 'o4-mini', '1.100000', '4.400000', '0.275000', '0.500', '200000', NULL, '100000');
+INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok, cached_input_per_mtok, batch_discount, context_window, max_input_tokens, max_output_tokens, source, as_of) VALUES ('azure', 'gpt-4o', '2.500000', '10.000000', '1.250000', '0.500', '128000', NULL, '16384', NULL, NULL);
+INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok, cached_input_per_mtok, batch_discount, context_window, max_input_tokens, max_output_tokens, source, as_of) VALUES ('azure', 'gpt-4o-mini', '0.150000', '0.600000', '0.075000', '0.500', '128000', NULL, '16384', NULL, NULL);
+INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok, cached_input_per_mtok, batch_discount, context_window, max_input_tokens, max_output_tokens, source, as_of) VALUES ('gemini', 'gemini-2.0-flash', '0.100000', '0.400000', '0.025000', '0.500', NULL, '1048576', '8192', NULL, NULL);
+INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok, cached_input_per_mtok, batch_discount, context_window, max_input_tokens, max_output_tokens, source, as_of) VALUES ('gemini', 'gemini-2.5-flash', '0.300000', '2.500000', '0.075000', '0.500', NULL, '1048576', '65536', NULL, NULL);
+INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok, cached_input_per_mtok, batch_discount, context_window, max_input_tokens, max_output_tokens, source, as_of) VALUES ('gemini', 'gemini-2.5-flash-lite', '0.100000', '0.400000', '0.025000', '0.500', NULL, '1048576', '65536', NULL, NULL);
+INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok, cached_input_per_mtok, batch_discount, context_window, max_input_tokens, max_output_tokens, source, as_of) VALUES ('gemini', 'gemini-2.5-pro', '1.250000', '10.000000', '0.310000', '0.500', NULL, '1048576', '65536', NULL, NULL);
+INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok, cached_input_per_mtok, batch_discount, context_window, max_input_tokens, max_output_tokens, source, as_of) VALUES ('openai', 'gpt-4.1', '2.000000', '8.000000', '0.500000', '0.500', '1047576', NULL, '32768', NULL, NULL);
+INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok, cached_input_per_mtok, batch_discount, context_window, max_input_tokens, max_output_tokens, source, as_of) VALUES ('openai', 'gpt-4.1-mini', '0.400000', '1.600000', '0.100000', '0.500', '1047576', NULL, '32768', NULL, NULL);
+INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok, cached_input_per_mtok, batch_discount, context_window, max_input_tokens, max_output_tokens, source, as_of) VALUES ('openai', 'gpt-4.1-nano', '0.100000', '0.400000', '0.025000', '0.500', '1047576', NULL, '32768', NULL, NULL);
+INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok, cached_input_per_mtok, batch_discount, context_window, max_input_tokens, max_output_tokens, source, as_of) VALUES ('openai', 'gpt-4o', '2.500000', '10.000000', '1.250000', '0.500', '128000', NULL, '16384', NULL, NULL);
+INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok, cached_input_per_mtok, batch_discount, context_window, max_input_tokens, max_output_tokens, source, as_of) VALUES ('openai', 'gpt-4o-mini', '0.150000', '0.600000', '0.075000', '0.500', '128000', NULL, '16384', NULL, NULL);
+INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok, cached_input_per_mtok, batch_discount, context_window, max_input_tokens, max_output_tokens, source, as_of) VALUES ('openai', 'gpt-5', '1.250000', '10.000000', '0.125000', '0.500', '400000', '272000', '128000', NULL, NULL);
+INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok, cached_input_per_mtok, batch_discount, context_window, max_input_tokens, max_output_tokens, source, as_of) VALUES ('openai', 'gpt-5-mini', '0.250000', '2.000000', '0.025000', '0.500', '400000', '272000', '128000', NULL, NULL);
+INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok, cached_input_per_mtok, batch_discount, context_window, max_input_tokens, max_output_tokens, source, as_of) VALUES ('openai', 'gpt-5-nano', '0.050000', '0.400000', '0.005000', '0.500', '400000', '272000', '128000', NULL, NULL);
+INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok, cached_input_per_mtok, batch_discount, context_window, max_input_tokens, max_output_tokens, source, as_of) VALUES ('openai', 'o4-mini', '1.100000', '4.400000', '0.275000', '0.500', '200000', NULL, '100000', NULL, NULL);
 
 -- batchdb.request_params
 INSERT INTO batchdb.request_params (name, in_job, in_row, meaning) VALUES ('audio', 'true', 'false', 'chat-completion parameter');

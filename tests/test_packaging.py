@@ -116,6 +116,7 @@ def test_the_wheel_holds_only_batchdb_with_the_linked_folders(installed: Install
         "batchdb/dagster/__init__.py",
         "batchdb/dagster/example.py",
         "batchdb/_sql/queries.sql",
+        "batchdb/price_list.json",
         "batchdb/_sql/schema.sql",
     ):
         assert path in names, path

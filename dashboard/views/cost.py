@@ -51,6 +51,10 @@ with ui.database_guard():
     with right:
         st.subheader("By model")
         ui.table(data["by_model"], share=0.5, column_config={"cost_usd": ui.USD})
+        st.caption(
+            "Prices as of " + "; ".join(data["price_dates"]) + ". `batchdb prices update FILE` refreshes them "
+            "from a price map (LiteLLM's format)."
+        )
 
     st.subheader("By job")
     ui.table(data["by_job"], hide_index=True, width="stretch", column_config={"cost_usd": ui.USD, "budget_usd": ui.USD})
