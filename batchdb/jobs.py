@@ -93,6 +93,12 @@ class JobProgress:
     eta: timedelta | None
     # False when batchdb.prices has no row for the model: cost_usd is then unknown, not zero.
     priced: bool = True
+    # Of prompt_tokens, those the provider served from its prompt cache (cheaper).
+    cached_tokens: int = 0
+    # Calls paid for but recorded on no row (fenced out: the lease was lost or the job cancelled
+    # while they were in flight); cost_usd + wasted_usd is what the provider billed.
+    wasted_calls: int = 0
+    wasted_usd: Decimal = Decimal(0)
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> JobProgress:
@@ -100,7 +106,12 @@ class JobProgress:
 
     @property
     def cost_text(self) -> str:
-        return f"${self.cost_usd:.4f}" if self.priced else "cost unknown"
+        if not self.priced:
+            return "cost unknown"
+        wasted = (
+            f" + ${self.wasted_usd:.4f} for {self.wasted_calls} call(s) recorded on no row" if self.wasted_calls else ""
+        )
+        return f"${self.cost_usd:.4f}{wasted}"
 
     @property
     def finished(self) -> bool:

@@ -73,6 +73,24 @@ async def complete_batch(conn: psycopg.AsyncConnection[Any], outcomes: Sequence[
     return await _execute_keys(conn, "complete_batch", params)
 
 
+async def record_unrecorded_calls(conn: psycopg.AsyncConnection[Any], outcomes: Sequence[Outcome]) -> None:
+    """Count the usage of calls whose completion was fenced out (paid, recorded on no row)."""
+    paid = [o for o in outcomes if o.prompt_tokens or o.completion_tokens]
+    if not paid:
+        return
+    params = {
+        "job_id": [o.job_id for o in paid],
+        "id": [o.id for o in paid],
+        "lease_token": [o.lease_token for o in paid],
+        "status": [str(o.status) for o in paid],
+        "error_class": [o.error_class for o in paid],
+        "prompt_tokens": [int(o.prompt_tokens) for o in paid],
+        "cached_tokens": [int(o.cached_tokens) for o in paid],
+        "completion_tokens": [int(o.completion_tokens) for o in paid],
+    }
+    await conn.execute(query("record_unrecorded_calls"), params)
+
+
 async def extend_leases(
     conn: psycopg.AsyncConnection[Any], held: Sequence[ClaimedRequest], *, lease_seconds: float
 ) -> set[Key]:

@@ -220,6 +220,30 @@ WITH outcome AS (
 )
 SELECT job_id, id FROM done
 
+-- record_unrecorded_calls --
+-- Calls answered (so billed) whose completion was fenced out: the row was no longer this lease's
+-- (its lease ran out and reclaim_expired or another worker took it, or its job was cancelled).
+-- Their usage goes to batchdb.unrecorded_calls and the job's wasted_* counters (0018), at the cost
+-- rule's price. A row that still shows exactly this outcome under this lease was recorded by it
+-- (an earlier complete_batch whose reply was lost: the repeat records nothing) and is not counted;
+-- a repeat of this statement adds nothing (keyed by lease). Not told apart: a retry outcome recorded
+-- by a lost-reply complete_batch whose row another worker then claimed (counted here once more).
+INSERT INTO batchdb.unrecorded_calls AS u (job_id, request_id, lease_token, reason, prompt_tokens, cached_tokens,
+                                            completion_tokens, cost_usd)
+SELECT o.job_id, o.id, o.lease_token, 'fenced', o.prompt_tokens, o.cached_tokens, o.completion_tokens,
+       coalesce(batchdb.call_cost_usd(p.input_per_mtok, p.cached_input_per_mtok, p.output_per_mtok, p.batch_discount,
+                                      o.prompt_tokens, o.cached_tokens, o.completion_tokens, false), 0)
+  FROM unnest(%(job_id)s::bigint[], %(id)s::bigint[], %(lease_token)s::bigint[], %(status)s::text[],
+              %(error_class)s::text[], %(prompt_tokens)s::integer[], %(cached_tokens)s::integer[],
+              %(completion_tokens)s::integer[])
+       AS o(job_id, id, lease_token, status, error_class, prompt_tokens, cached_tokens, completion_tokens)
+  JOIN batchdb.jobs j ON j.id = o.job_id
+  LEFT JOIN batchdb.prices p ON p.provider = j.provider AND p.model = j.model
+  LEFT JOIN batchdb.requests q ON q.job_id = o.job_id AND q.id = o.id
+ WHERE NOT coalesce(q.lease_token = o.lease_token AND q.status = o.status
+                    AND q.error_class IS NOT DISTINCT FROM o.error_class, false)
+ON CONFLICT (job_id, request_id, lease_token) DO NOTHING
+
 -- extend_leases --
 -- Heartbeat for the rows a live worker still has in flight. A row locked right now
 -- is being completed (or cancelled): it needs no longer lease, and skipping it means

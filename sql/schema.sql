@@ -1318,6 +1318,21 @@ CREATE FUNCTION batchdb.template_fields(p_template text) RETURNS text[]
                           '\{([^{}.\[!:]+)[^{}]*\}', 'g') AS m
 $$;
 
+-- function unrecorded_calls_after_insert()
+
+CREATE FUNCTION batchdb.unrecorded_calls_after_insert() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+BEGIN
+    UPDATE batchdb.jobs j
+       SET wasted_calls = j.wasted_calls + n.calls, wasted_usd = j.wasted_usd + n.usd
+      FROM (SELECT job_id, count(*) AS calls, sum(cost_usd) AS usd FROM new_rows GROUP BY job_id) n
+     WHERE j.id = n.job_id;
+    RETURN NULL;
+END;
+$$;
+
 -- table budget_reservations
 
 CREATE TABLE batchdb.budget_reservations (
@@ -1383,6 +1398,8 @@ CREATE TABLE batchdb.jobs (
     input_sha256 text,
     allow_unknown_model boolean DEFAULT false NOT NULL,
     cached_tokens bigint DEFAULT 0 NOT NULL,
+    wasted_calls integer DEFAULT 0 NOT NULL,
+    wasted_usd numeric DEFAULT 0 NOT NULL,
     CONSTRAINT jobs_budget_positive CHECK (((budget_usd IS NULL) OR (budget_usd > (0)::numeric))),
     CONSTRAINT jobs_max_attempts_positive CHECK ((max_attempts >= 1)),
     CONSTRAINT jobs_model_not_blank CHECK ((btrim(model) <> ''::text)),
@@ -1476,7 +1493,9 @@ CREATE VIEW batchdb.job_progress WITH (security_invoker='true') AS
         END AS eta,
     j.key_alias,
     j.reserved_usd,
-    j.cached_tokens
+    j.cached_tokens,
+    j.wasted_calls,
+    j.wasted_usd
    FROM (batchdb.jobs j
      LEFT JOIN LATERAL ( SELECT count(*) AS n_running
            FROM batchdb.requests q
@@ -1838,6 +1857,20 @@ CREATE TABLE batchdb.results_orphan (
     writes integer DEFAULT 1 NOT NULL
 );
 
+-- table unrecorded_calls
+
+CREATE TABLE batchdb.unrecorded_calls (
+    job_id bigint NOT NULL,
+    request_id bigint NOT NULL,
+    lease_token bigint NOT NULL,
+    reason text NOT NULL,
+    prompt_tokens integer NOT NULL,
+    cached_tokens integer NOT NULL,
+    completion_tokens integer NOT NULL,
+    cost_usd numeric NOT NULL,
+    recorded_at timestamp with time zone DEFAULT now() NOT NULL
+);
+
 -- table user_spend
 
 CREATE TABLE batchdb.user_spend (
@@ -1949,6 +1982,11 @@ ALTER TABLE ONLY batchdb.results
 
 ALTER TABLE ONLY batchdb.results_orphan
     ADD CONSTRAINT results_orphan_pkey PRIMARY KEY (job_id, request_id);
+
+-- constraint unrecorded_calls unrecorded_calls_pkey
+
+ALTER TABLE ONLY batchdb.unrecorded_calls
+    ADD CONSTRAINT unrecorded_calls_pkey PRIMARY KEY (job_id, request_id, lease_token);
 
 -- constraint user_spend user_spend_pkey
 
@@ -2131,6 +2169,10 @@ CREATE TRIGGER requests_refuse_oversized BEFORE INSERT ON batchdb.requests FOR E
 
 CREATE TRIGGER results_orphan_refuse BEFORE INSERT ON batchdb.results_orphan FOR EACH ROW EXECUTE FUNCTION batchdb.requests_orphan_refuse();
 
+-- trigger unrecorded_calls unrecorded_calls_after_insert
+
+CREATE TRIGGER unrecorded_calls_after_insert AFTER INSERT ON batchdb.unrecorded_calls REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION batchdb.unrecorded_calls_after_insert();
+
 -- fk constraint notification_attempts notification_attempts_delivery_id_fkey
 
 ALTER TABLE ONLY batchdb.notification_attempts
@@ -2155,6 +2197,11 @@ ALTER TABLE ONLY batchdb.notification_deliveries
 
 ALTER TABLE ONLY batchdb.notification_targets
     ADD CONSTRAINT notification_targets_job_id_fkey FOREIGN KEY (job_id) REFERENCES batchdb.jobs(id) ON DELETE CASCADE;
+
+-- fk constraint unrecorded_calls unrecorded_calls_job_id_fkey
+
+ALTER TABLE ONLY batchdb.unrecorded_calls
+    ADD CONSTRAINT unrecorded_calls_job_id_fkey FOREIGN KEY (job_id) REFERENCES batchdb.jobs(id) ON DELETE CASCADE;
 
 -- row security budget_reservations
 
@@ -2245,6 +2292,20 @@ CREATE POLICY results_all ON batchdb.results TO batchdb_admin, batchdb_worker US
 CREATE POLICY results_own ON batchdb.results TO batchdb_user USING ((EXISTS ( SELECT 1
    FROM batchdb.jobs j
   WHERE ((j.id = results.job_id) AND (j.owner = CURRENT_USER)))));
+
+-- row security unrecorded_calls
+
+ALTER TABLE batchdb.unrecorded_calls ENABLE ROW LEVEL SECURITY;
+
+-- policy unrecorded_calls unrecorded_calls_all
+
+CREATE POLICY unrecorded_calls_all ON batchdb.unrecorded_calls TO batchdb_admin, batchdb_worker USING (true) WITH CHECK (true);
+
+-- policy unrecorded_calls unrecorded_calls_own
+
+CREATE POLICY unrecorded_calls_own ON batchdb.unrecorded_calls TO batchdb_user USING ((EXISTS ( SELECT 1
+   FROM batchdb.jobs j
+  WHERE ((j.id = unrecorded_calls.job_id) AND (j.owner = CURRENT_USER)))));
 
 -- row security user_spend
 
@@ -2500,6 +2561,12 @@ GRANT SELECT,INSERT,UPDATE ON TABLE batchdb.results TO batchdb_worker;
 -- acl TABLE results_orphan
 
 GRANT ALL ON TABLE batchdb.results_orphan TO batchdb_admin;
+
+-- acl TABLE unrecorded_calls
+
+GRANT SELECT ON TABLE batchdb.unrecorded_calls TO batchdb_user;
+GRANT SELECT,INSERT ON TABLE batchdb.unrecorded_calls TO batchdb_worker;
+GRANT SELECT,INSERT ON TABLE batchdb.unrecorded_calls TO batchdb_admin;
 
 -- acl TABLE user_spend
 

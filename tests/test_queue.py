@@ -181,6 +181,62 @@ def test_late_completion_from_a_worker_that_lost_its_lease_is_rejected(dsn: str,
     assert results_of(conn, job_id) == {second.id: ("accepted answer", 1)}
 
 
+def test_fenced_out_calls_are_paid_and_counted_once_on_the_job(dsn: str, conn: psycopg.Connection) -> None:
+    """A call answered after its row was taken back (lease expired and reclaimed, job cancelled) was billed:
+    its usage goes to unrecorded_calls and the job's wasted_* counters, once, at the cost rule's price."""
+    conn.execute(
+        "INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok)"
+        " VALUES ('openai', 'priced', 1, 2)"
+    )
+    job_id = make_job(conn, 3, model="priced")
+    expired, *_ = run(claim(dsn, 3, lease=0.2))
+    conn.execute("SELECT pg_sleep(0.3)")
+
+    async def reclaim_and_record() -> None:
+        async with await aconn(dsn) as c:
+            await queue.reclaim_expired(c)
+
+    run(reclaim_and_record())  # every lease ran out: the rows are queued again, nobody took them yet
+    late = ok(expired, prompt_tokens=1000, completion_tokens=500)
+    assert run(complete(dsn, [late])) == set()
+    [again] = run(claim(dsn, 1))
+    assert again.id == expired.id and again.lease_token == expired.lease_token + 1
+    assert run(complete(dsn, [ok(again)])) == {again.key}  # the row recorded once, by its new lease
+
+    async def record(outcomes: list[Outcome]) -> None:
+        async with await aconn(dsn) as c:
+            await queue.record_unrecorded_calls(c, outcomes)
+
+    run(record([late]))
+    run(record([late]))  # repeated (a lost reply): nothing more
+    job = job_row(conn, job_id)
+    assert (job["wasted_calls"], job["wasted_usd"]) == (1, Decimal("0.002"))  # 1,000 x $1 + 500 x $2 per million
+    assert (job["prompt_tokens"], job["cost_usd"]) == (10, Decimal("0.00002"))  # the rows' own: the new lease's call
+
+    # An outcome this lease did record (the reply of its complete_batch was lost) is not waste.
+    [second] = run(claim(dsn, 1))
+    answered = ok(second, prompt_tokens=7)
+    assert run(complete(dsn, [answered])) == {second.key}
+    assert run(complete(dsn, [answered])) == set()  # the repeat finds the row done
+    run(record([answered]))
+    assert job_row(conn, job_id)["wasted_calls"] == 1
+
+    # The job cancelled while a call was in flight: its answer is fenced out and counted.
+    [in_flight] = run(claim(dsn, 1))
+    conn.execute("SELECT batchdb.cancel_job(%s)", (job_id,))
+    cut = ok(in_flight, prompt_tokens=100, completion_tokens=0)
+    assert run(complete(dsn, [cut])) == set()
+    run(record([cut]))
+    job = job_row(conn, job_id)
+    assert (job["wasted_calls"], job["wasted_usd"]) == (2, Decimal("0.0021"))
+    unrecorded = conn.execute(
+        "SELECT request_id, reason, prompt_tokens FROM batchdb.unrecorded_calls WHERE job_id = %s ORDER BY 1", (job_id,)
+    ).fetchall()
+    assert [(r["request_id"], r["reason"], r["prompt_tokens"]) for r in unrecorded] == sorted(
+        [(expired.id, "fenced", 1000), (in_flight.id, "fenced", 100)]
+    )
+
+
 def test_a_double_completion_is_counted_not_hidden(dsn: str, conn: psycopg.Connection) -> None:
     """results has one row per request, so counting result rows cannot see a second completion:
     the write audit (bench/write_audit.py, used by the drills) and results.writes do."""

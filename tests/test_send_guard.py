@@ -192,3 +192,48 @@ def test_lease_deadline_is_counted_from_before_the_claim() -> None:
     # Another claim's token: not our deadline to judge.
     guard.leased([ClaimedRequest(1, 1, "a", None, None, 2, 5, 8)], since=time.monotonic() - 60)
     guard.check(row)
+
+
+def test_calls_in_flight_when_the_job_is_cancelled_are_billed_and_counted(
+    conn: psycopg.Connection, dsn: str, simulator
+) -> None:
+    """Calls already at the provider when the job is cancelled are answered and billed; their completions are
+    fenced out, and their usage is counted on the job (wasted_*): the job's tokens equal the provider's bill."""
+    from batchdb.simulator import Distribution
+
+    sim = simulator(latency_s=Distribution(kind="fixed", value=3.0))
+    job = slow_key_job(conn, dsn, rows=6, rpm=60_000)
+
+    def granted() -> int:
+        row = conn.execute("SELECT coalesce(sum(requests_granted), 0) AS n FROM batchdb.rate_limits").fetchone()
+        return int(row["n"])
+
+    async def scenario() -> None:
+        worker = openai_worker(dsn, sim)
+        task = asyncio.create_task(worker.run())
+        try:
+            # The ledger granted every row's call: each is sent right after, and is then 3 s at the provider.
+            await wait_for(lambda: granted() >= 6)
+            await asyncio.sleep(0.5)  # the loop free: the granted calls go out (the test's SQL blocks it)
+            with psycopg.connect(dsn, autocommit=True) as c:
+                c.execute("SELECT batchdb.cancel_job(%s)", (job.id,))
+            await wait_for(lambda: not worker._held and worker._completer.backlog == 0)
+        finally:
+            worker.stop()
+            await task
+
+    asyncio.run(scenario())
+    done = job.status()
+    assert done.status == "cancelled" and done.n_succeeded == 0
+    # Every call the provider answered is billed; a call the send guard still stopped is neither.
+    assert 1 <= done.wasted_calls == calls(sim) and done.wasted_usd > 0
+    billed = sim.stats(series=False)["totals"]
+    unrecorded = conn.execute(
+        "SELECT sum(prompt_tokens) AS p, sum(completion_tokens) AS c FROM batchdb.unrecorded_calls WHERE job_id = %s",
+        (job.id,),
+    ).fetchone()
+    assert (done.prompt_tokens + unrecorded["p"], done.completion_tokens + unrecorded["c"]) == (
+        billed["prompt_tokens"],
+        billed["completion_tokens"],
+    )
+    assert f"{done.wasted_calls} call(s) recorded on no row" in done.cost_text

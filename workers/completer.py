@@ -70,6 +70,11 @@ class BatchCompleter:
         self.fenced += len(batch) - len(recorded)
         if len(recorded) < len(batch):
             log.info("%d completion(s) fenced out (lease lost or job cancelled)", len(batch) - len(recorded))
+            fenced = [o for o in batch if o.key not in recorded]
+            try:
+                await self._db.run(lambda conn: queue.record_unrecorded_calls(conn, fenced), what="unrecorded_calls")
+            except psycopg.Error:
+                log.exception("could not count the usage of %d fenced-out call(s)", len(fenced))
         if self._on_recorded is not None:
             result = self._on_recorded(batch, recorded)
             if result is not None:
@@ -81,12 +86,16 @@ class BatchCompleter:
         except psycopg.Error as exc:
             # Keep the row: send it back for another attempt with the reason; if even that
             # cannot be written its lease runs out and the reclaimer requeues it.
+            # The calls were paid: their usage stays on the row even though the answer could not be stored.
             retry = Outcome(
                 job_id=outcome.job_id,
                 id=outcome.id,
                 lease_token=outcome.lease_token,
                 status=RequestStatus.QUEUED,
                 retry_in=5.0,
+                prompt_tokens=outcome.prompt_tokens,
+                cached_tokens=outcome.cached_tokens,
+                completion_tokens=outcome.completion_tokens,
                 error_class="record_failed",
                 error=f"could not record the result: {type(exc).__name__}: {exc}"[:2000],
             )
