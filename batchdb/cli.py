@@ -228,6 +228,12 @@ _JOB_OPTIONS = [
         help="Email this address on the same events (repeatable; workers need BATCHDB_SMTP_HOST).",
     ),
     click.option(
+        "--dedupe/--no-dedupe",
+        default=True,
+        show_default=True,
+        help="Send rows asking the same thing once and give each the answer (--no-dedupe: send every row).",
+    ),
+    click.option(
         "--allow-unknown-model",
         is_flag=True,
         help="Submit even when the model has no price in batchdb.prices (its cost shows as unknown).",

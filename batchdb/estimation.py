@@ -81,6 +81,7 @@ class Estimate:
     rpm: int | None
     tpm: int | None
     charged_tpm_tokens: int  # what all rows' calls are charged against TPM
+    distinct_charged_tpm_tokens: int  # ... the distinct requests' calls only
     rows_over_context_window: int
     rows_over_context_window_named: list[str] = field(default_factory=list)
     sample_messages: list[dict[str, Any]] = field(default_factory=list)
@@ -88,11 +89,20 @@ class Estimate:
     key_alias: str = "default"
     # Why submit would refuse the model (no price, with the closest names), or None.
     model_problem: str | None = None
+    # submit's dedupe: identical rows are sent once (the default), so costs and durations count calls.
+    dedupe: bool = True
 
-    def cost_usd(self, *, batch: bool = False, dedupe: bool = False, ceiling: bool = False) -> Decimal | None:
-        """Expected cost (or, with `ceiling`, the most it can cost); None when the model has no price."""
+    @property
+    def calls(self) -> int:
+        """Provider calls the job makes (retries aside): one per distinct request with dedupe."""
+        return self.distinct_requests if self.dedupe else self.rows
+
+    def cost_usd(self, *, batch: bool = False, dedupe: bool | None = None, ceiling: bool = False) -> Decimal | None:
+        """Expected cost (or, with `ceiling`, the most it can cost); None when the model has no price.
+        `dedupe` (default: as the job would run) counts each distinct request once."""
         if self.price is None:
             return None
+        dedupe = self.dedupe if dedupe is None else dedupe
         rows = self.distinct_requests if dedupe else self.rows
         prompt = self.distinct_prompt_tokens if dedupe else self.prompt_tokens
         per_row = self.max_output_tokens_per_row if ceiling else self.output_tokens_per_row
@@ -103,10 +113,13 @@ class Estimate:
         """How long the online path takes at the lane's configured limits; None without limits."""
         spans = []
         if self.rpm:
-            spans.append(self.rows / self.rpm * 60)
+            spans.append(self.calls / self.rpm * 60)
         if self.tpm:
-            spans.append(self.charged_tpm_tokens / self.tpm * 60)
+            spans.append(self._charged() / self.tpm * 60)
         return max(spans) if spans else None
+
+    def _charged(self) -> int:
+        return self.distinct_charged_tpm_tokens if self.dedupe else self.charged_tpm_tokens
 
     def text(self) -> str:
         """The estimate as `batchdb estimate` prints it."""
@@ -117,6 +130,7 @@ class Estimate:
         lines.append(
             f"  distinct requests: {self.distinct_requests:,}"
             + (f" ({duplicates:,} rows repeat an earlier row's request)" if duplicates else "")
+            + ("" if self.dedupe or not duplicates else "; dedupe=False sends every row")
         )
         lines.append(f"  prompt tokens:     {self.prompt_tokens:,} (counted offline)")
         lines.append(
@@ -127,15 +141,12 @@ class Estimate:
             lines.append(f"  cost:              unknown: no price for {self.provider}/{self.model} in batchdb.prices")
         else:
             lines.append(f"  cost online:       {_usd(self.cost_usd())} (at most {_usd(self.cost_usd(ceiling=True))})")
+            if duplicates and self.dedupe:
+                lines.append(f"  with every row sent (dedupe=False): {_usd(self.cost_usd(dedupe=False))}")
             if self.price.batch_discount:
                 lines.append(
                     f"  at the batch price: {_usd(self.cost_usd(batch=True))} "
                     f"(-{self.price.batch_discount:.0%}; batchdb does not submit to Batch APIs yet)"
-                )
-            if duplicates:
-                lines.append(
-                    f"  each distinct request once: {_usd(self.cost_usd(dedupe=True))} "
-                    "(batchdb sends duplicates separately today)"
                 )
         seconds = self.online_seconds()
         if seconds is None:
@@ -146,7 +157,7 @@ class Estimate:
         else:
             binding = (
                 "requests"
-                if self.rpm and (not self.tpm or self.rows / self.rpm >= self.charged_tpm_tokens / self.tpm)
+                if self.rpm and (not self.tpm or self.calls / self.rpm >= self._charged() / self.tpm)
                 else "tokens"
             )
             lines.append(
@@ -258,7 +269,7 @@ def estimate(
     per_row, basis = float(max_output), "the max_tokens bound; --pilot N measures it"
     if history["rows"]:
         per_row = float(history["completion_tokens"]) / float(history["rows"])
-        basis = f"mean of {int(history['rows']):,} answered rows of {int(history['jobs'])} earlier similar job(s)"
+        basis = f"mean of {int(history['rows']):,} calls of {int(history['jobs'])} earlier similar job(s)"
     pilot_job_id = None
     if pilot_rows > 0:
         pilot_job_id, per_row = _pilot(
@@ -282,12 +293,14 @@ def estimate(
         rpm=lane["rpm"] if lane else None,
         tpm=lane["tpm"] if lane else None,
         charged_tpm_tokens=counted.charged_tpm_tokens,
+        distinct_charged_tpm_tokens=counted.distinct_charged_tpm_tokens,
         rows_over_context_window=counted.over_window,
         rows_over_context_window_named=counted.over_window_named,
         sample_messages=counted.sample,
         pilot_job_id=pilot_job_id,
         key_alias=key_alias,
         model_problem=model_problem,
+        dedupe=bool(submit_options.get("dedupe", True)),
     )
 
 
@@ -298,6 +311,7 @@ class _Counted:
     prompt_tokens: int = 0
     distinct_prompt_tokens: int = 0
     charged_tpm_tokens: int = 0
+    distinct_charged_tpm_tokens: int = 0
     over_window: int = 0
     over_window_named: list[str] = field(default_factory=list)
     sample: list[dict[str, Any]] = field(default_factory=list)
@@ -335,6 +349,7 @@ def _count(
                 tokens_of[key] = tokens
                 counted.distinct += 1
                 counted.distinct_prompt_tokens += tokens
+                counted.distinct_charged_tpm_tokens += charged_tokens(provider, tokens, request.max_tokens)
             if not counted.sample:
                 counted.sample = request.messages
             counted.prompt_tokens += tokens
@@ -372,9 +387,10 @@ def _pilot(data: DataSource, n: int, timeout_s: float, *, dsn: str | None, **sub
                 "are workers running? (batchdb workers start)"
             )
         time.sleep(0.5)
-    if status.n_succeeded == 0:
+    calls = status.n_succeeded - status.n_duplicates  # rows answered by a call of their own
+    if calls == 0:
         raise PilotFailed(f"pilot job {job.id} answered no row; see: batchdb status {job.id}")
-    return job.id, status.completion_tokens / status.n_succeeded
+    return job.id, status.completion_tokens / calls
 
 
 def _price(provider: str, row: dict[str, Any] | None) -> Price | None:

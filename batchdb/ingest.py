@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import datetime
 import decimal
+import hashlib
 import io
 import json
 from collections.abc import Callable, Iterator
@@ -159,14 +160,18 @@ def copy_rows(
     input_columns: list[str],
     seen_ids: dict[str, int],
     name: RowName = position,
-) -> bytes:
-    """One record batch as CSV for `COPY requests (job_id, custom_id, payload, input)`.
+    dedupe: bool = True,
+) -> CopyChunk:
+    """One record batch as CSV for `COPY requests (job_id, custom_id, payload, input, request_key)`.
 
-    `seen_ids` maps every id so far to its row, so a duplicate names both rows.
+    `seen_ids` maps every id so far to its row, so a duplicate names both rows. With `dedupe`,
+    each row's request_key is a hash of what its request is made of, so rows asking the same
+    thing are sent once (sql/migrations/0019_send_each_distinct_request_once.sql).
     """
     n = batch.num_rows
     custom_ids = _custom_ids(batch, first_row, spec.id_column, seen_ids, name)
     inputs, payloads = _row_json(batch, first_row=first_row, spec=spec, input_columns=input_columns, name=name)
+    keys = _request_keys(batch, payloads, spec, first_row, name) if dedupe else pa.nulls(n, pa.string())
     table = pa.table(
         {
             "job_id": pa.array([job_id] * n, pa.int64()),
@@ -175,9 +180,41 @@ def copy_rows(
             "input": pa.array(inputs, pa.string()),
         }
     )
+    return CopyChunk(_csv(table.append_column("request_key", keys)), _csv(table))
+
+
+@dataclass(frozen=True, slots=True)
+class CopyChunk:
+    """Rows as COPY reads them, and what an idempotency key's fingerprint hashes: the rows without
+    their request keys (derived from the rows, and absent before 0019), so the fingerprint of a job
+    submitted by an earlier batchdb still matches."""
+
+    csv: bytes
+    fingerprint: bytes
+
+
+def _csv(table: pa.Table) -> bytes:
     out = io.BytesIO()
     pa_csv.write_csv(table, out, pa_csv.WriteOptions(include_header=False, quoting_style="needed"))
     return out.getvalue()
+
+
+def _request_keys(
+    batch: pa.RecordBatch, payloads: pa.Array, spec: InputSpec, first_row: int, name: RowName
+) -> pa.Array:
+    """Per row, bytea text ('\\x' + hex) of a 16-byte hash of its payload and of the values its
+    templates use. Within a job (one set of templates and parameters) equal keys mean equal
+    requests; columns the templates do not use (an id) do not count."""
+    fields = sorted({f for t in (spec.prompt, spec.system) if t for f in template_fields(t)} & set(batch.schema.names))
+    used = _json_objects(batch.select(fields), first_row, name).to_pylist() if fields else [None] * batch.num_rows
+    keys = []
+    for payload, values in zip(payloads.to_pylist(), used, strict=True):
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update((payload or "").encode())
+        digest.update(b"\x1f")
+        digest.update((values or "").encode())
+        keys.append("\\x" + digest.hexdigest())
+    return pa.array(keys, pa.string())
 
 
 def request_parts(

@@ -99,6 +99,8 @@ class JobProgress:
     # while they were in flight); cost_usd + wasted_usd is what the provider billed.
     wasted_calls: int = 0
     wasted_usd: Decimal = Decimal(0)
+    # Of n_succeeded, rows answered by an identical earlier row's call (no call of their own).
+    n_duplicates: int = 0
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> JobProgress:

@@ -43,6 +43,8 @@ OUTPUT_SCHEMA = pa.schema(
         ("error_class", pa.string()),
         ("error", pa.string()),
         ("latency_ms", pa.int64()),
+        # The custom_id of the earlier identical row whose answer this one took (no call of its own).
+        ("duplicate_of", pa.string()),
     ]
 )
 
@@ -209,6 +211,7 @@ def _to_batch(rows: list[dict[str, Any]], columns: list[str], types: dict[str, s
     arrays["error_class"] = pa.array([r["error_class"] for r in rows], pa.string())
     arrays["error"] = pa.array([r["error"] for r in rows], pa.string())
     arrays["latency_ms"] = pa.array([r["latency_ms"] for r in rows], pa.int64())
+    arrays["duplicate_of"] = pa.array([r["duplicate_of"] for r in rows], pa.string())
     return pa.RecordBatch.from_pydict(arrays)
 
 

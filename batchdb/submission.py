@@ -83,6 +83,7 @@ def submit(
     webhook_secret: str | None = None,
     notify_emails: str | Iterable[str] | None = None,
     allow_unknown_model: bool = False,
+    dedupe: bool = True,
     dsn: str | None = None,
 ) -> Job:
     """Queue one request per row of `data` and return its job.
@@ -102,6 +103,9 @@ def submit(
     A model with no row in `batchdb.prices` (a typo, or a model batchdb does not
     know) is refused with the closest known names, unless `allow_unknown_model=True`;
     its cost then shows as unknown.
+    Rows asking the same thing (the same values in the columns the templates use, or the
+    same messages) are sent once and the answer given to each (`dedupe=False`: every row
+    is sent, e.g. to sample several answers at a temperature above 0).
     """
     check_options(
         model=model,
@@ -129,6 +133,8 @@ def submit(
         response_schema=response_schema,
         validation_retries=validation_retries,
     )
+    if not dedupe:
+        params["dedupe"] = False  # shown with the job, and part of what an idempotency key compares
 
     with connect(dsn) as conn:
         limits = context_window.load(conn, provider, model)
@@ -174,7 +180,7 @@ def submit(
             # Before any row: a job that completes at once still notifies.
             secret = _add_targets(conn, job_id, targets)
             fit = _FitCheck(provider, model, params, spec, limits)
-            rows = _copy_all(conn, job_id, batches, spec, input_schema.columns, row_name, fit)
+            rows = _copy_all(conn, job_id, batches, spec, input_schema.columns, row_name, fit, dedupe=dedupe)
         except BaseException:
             conn.execute(query("delete_job"), {"job_id": job_id})
             raise
@@ -369,7 +375,8 @@ def _refuse_a_different_job(
                         input_columns=input_columns,
                         seen_ids=seen_ids,
                         name=row_name,
-                    )
+                        dedupe=False,  # the keys are not part of the fingerprint
+                    ).fingerprint
                 )
                 rows += batch.num_rows
         if digest.hexdigest() != existing["input_sha256"]:
@@ -390,6 +397,8 @@ def _copy_all(
     input_columns: list[str],
     row_name: RowName,
     fit: _FitCheck | None = None,
+    *,
+    dedupe: bool = True,
 ) -> int:
     rows = 0
     seen_ids: dict[str, int] = {}
@@ -415,9 +424,10 @@ def _copy_all(
                     input_columns=input_columns,
                     seen_ids=seen_ids,
                     name=row_name,
+                    dedupe=dedupe,
                 )
-                digest.update(chunk)
-                copy.write(chunk)
+                digest.update(chunk.fingerprint)
+                copy.write(chunk.csv)
                 rows += batch.num_rows
         if staged:
             conn.execute(query("insert_staged_requests"))

@@ -47,22 +47,22 @@ SELECT id, status, provider, model, params, input_sha256
  WHERE idempotency_key = %(idempotency_key)s AND owner = coalesce(%(owner)s, current_user)
 
 -- copy_requests --
-COPY batchdb.requests (job_id, custom_id, payload, input) FROM STDIN WITH (FORMAT csv)
+COPY batchdb.requests (job_id, custom_id, payload, input, request_key) FROM STDIN WITH (FORMAT csv)
 
 -- requests_rls_active --
 -- True for a role that row-level security applies to (a batchdb user, not the owner).
 SELECT row_security_active('batchdb.requests') AS active
 
 -- create_requests_staging --
-CREATE TEMP TABLE batchdb_requests_staging (job_id bigint, custom_id text, payload jsonb, input jsonb)
+CREATE TEMP TABLE batchdb_requests_staging (job_id bigint, custom_id text, payload jsonb, input jsonb, request_key bytea)
     ON COMMIT DROP
 
 -- copy_requests_staging --
-COPY batchdb_requests_staging (job_id, custom_id, payload, input) FROM STDIN WITH (FORMAT csv)
+COPY batchdb_requests_staging (job_id, custom_id, payload, input, request_key) FROM STDIN WITH (FORMAT csv)
 
 -- insert_staged_requests --
-INSERT INTO batchdb.requests (job_id, custom_id, payload, input)
-SELECT job_id, custom_id, payload, input FROM batchdb_requests_staging
+INSERT INTO batchdb.requests (job_id, custom_id, payload, input, request_key)
+SELECT job_id, custom_id, payload, input, request_key FROM batchdb_requests_staging
 
 -- mark_job_loaded --
 -- Rows are in: the job becomes claimable (or completed at once when empty).
@@ -510,10 +510,11 @@ SELECT rpm, tpm, rpd
  WHERE provider = %(provider)s AND key_alias = %(key_alias)s AND model = %(model)s
 
 -- output_tokens_of_similar_jobs --
--- Output tokens per answered row of earlier jobs asking the same model the same way (same
+-- Output tokens per answering call (rows answered by a duplicate's call excluded) of earlier jobs
+-- asking the same model the same way (same
 -- templates, max_tokens and response format): the estimate's guess at answer length. The jobs'
 -- exact counters are read, never their rows.
-SELECT count(*) AS jobs, coalesce(sum(j.n_succeeded), 0) AS rows,
+SELECT count(*) AS jobs, coalesce(sum(j.n_succeeded - j.n_duplicates), 0) AS rows,
        coalesce(sum(j.completion_tokens), 0) AS completion_tokens
   FROM batchdb.jobs j
  WHERE j.provider = %(provider)s AND j.model = %(model)s AND j.n_succeeded > 0
@@ -558,10 +559,13 @@ UPDATE batchdb.prices SET source = %(source)s, as_of = %(as_of)s
 
 -- job_results --
 -- Streamed with a server-side cursor, in request order.
+-- `duplicate_of`: the custom_id of the row whose answer a duplicate took (0019).
 SELECT q.id AS request_id, q.custom_id, q.input, q.status, q.attempts, q.prompt_tokens, q.cached_tokens,
-       q.completion_tokens, q.cost_usd, q.error_class, q.error, q.latency_ms, r.response_text, r.finish_reason
+       q.completion_tokens, q.cost_usd, q.error_class, q.error, q.latency_ms, r.response_text, r.finish_reason,
+       d.custom_id AS duplicate_of
   FROM batchdb.requests q
   LEFT JOIN batchdb.results r ON r.job_id = q.job_id AND r.request_id = q.id
+  LEFT JOIN batchdb.requests d ON d.job_id = q.job_id AND d.id = q.duplicate_of
  WHERE q.job_id = %(job_id)s
  ORDER BY q.id
 

@@ -729,6 +729,26 @@ BEGIN
         RETURNING j.id
     )
     SELECT array_agg(id) INTO touched FROM updated;
+    -- Rows whose request_key equals an earlier row's of the same job wait for that row's answer
+    -- instead of being sent (0019): run_after 'infinity' keeps them out of every claim until the
+    -- first row's outcome is passed on (requests_after_update). Only new rows follow, and only a
+    -- row still to be answered leads.
+    IF EXISTS (SELECT 1 FROM new_rows WHERE duplicate_of IS NOT NULL) THEN
+        RAISE EXCEPTION 'batchdb.requests.duplicate_of is set by batchdb: give rows equal request_key values instead'
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF EXISTS (SELECT 1 FROM new_rows WHERE request_key IS NOT NULL) THEN
+        UPDATE batchdb.requests q
+           SET duplicate_of = l.leader, run_after = 'infinity'
+          FROM (SELECT k.job_id, k.id, min(k.id) OVER (PARTITION BY k.job_id, k.request_key) AS leader
+                  FROM batchdb.requests k
+                 WHERE k.job_id IN (SELECT DISTINCT job_id FROM new_rows WHERE request_key IS NOT NULL)
+                   AND k.request_key IS NOT NULL AND k.duplicate_of IS NULL) l
+          JOIN batchdb.requests lead ON lead.job_id = l.job_id AND lead.id = l.leader
+                                    AND lead.status IN ('queued', 'running')
+         WHERE q.job_id = l.job_id AND q.id = l.id AND l.leader <> l.id
+           AND (q.job_id, q.id) IN (SELECT job_id, id FROM new_rows WHERE request_key IS NOT NULL);
+    END IF;
     -- One wake-up per statement, never per row.
     IF touched IS NOT NULL THEN
         PERFORM pg_notify('batchdb_requests', array_to_string(touched, ','));
@@ -778,6 +798,36 @@ BEGIN
        AND (d.d_succeeded <> 0 OR d.d_failed <> 0 OR d.d_dead <> 0 OR d.d_cancelled <> 0 OR d.d_retries <> 0
             OR d.d_prompt <> 0 OR d.d_cached <> 0 OR d.d_completion <> 0 OR d.d_cost <> 0
             OR (d.d_claimed > 0 AND j.started_at IS NULL));
+    -- A row answered once for its duplicates (0019) passes its outcome on when it becomes final:
+    -- its waiting duplicates take its status and error (and, answered, a copy of its result), with
+    -- no call, no tokens and no cost of their own. Their own update runs this trigger again, which
+    -- counts them and finds no duplicates of theirs.
+    IF EXISTS (SELECT 1 FROM new_rows n JOIN old_rows o ON o.job_id = n.job_id AND o.id = n.id
+                WHERE n.request_key IS NOT NULL AND n.duplicate_of IS NULL
+                  AND n.status IN ('succeeded', 'failed', 'dead') AND n.status IS DISTINCT FROM o.status) THEN
+        WITH leaders AS (
+            SELECT n.job_id, n.id, n.status, n.error_class, n.error
+              FROM new_rows n JOIN old_rows o ON o.job_id = n.job_id AND o.id = n.id
+             WHERE n.request_key IS NOT NULL AND n.duplicate_of IS NULL
+               AND n.status IN ('succeeded', 'failed', 'dead') AND n.status IS DISTINCT FROM o.status
+        ), passed AS (
+            UPDATE batchdb.requests f
+               SET status = l.status, error_class = l.error_class, error = l.error,
+                   finished_at = now(), run_after = now()
+              FROM leaders l
+             WHERE f.job_id = l.job_id AND f.duplicate_of = l.id AND f.status = 'queued'
+            RETURNING f.job_id, f.id, f.duplicate_of, f.status
+        ), counted AS (
+            UPDATE batchdb.jobs j
+               SET n_duplicates = j.n_duplicates + c.n
+              FROM (SELECT job_id, count(*) AS n FROM passed WHERE status = 'succeeded' GROUP BY job_id) c
+             WHERE j.id = c.job_id
+        )
+        INSERT INTO batchdb.results (job_id, request_id, response_text, response_json, finish_reason, model)
+        SELECT p.job_id, p.id, r.response_text, r.response_json, r.finish_reason, r.model
+          FROM passed p
+          JOIN batchdb.results r ON r.job_id = p.job_id AND r.request_id = p.duplicate_of;
+    END IF;
     -- A job whose every row is final is complete.
     UPDATE batchdb.jobs j
        SET status = 'completed', finished_at = now()
@@ -1182,6 +1232,12 @@ BEGIN
            finished_at = NULL, lease_owner = NULL, lease_expires_at = NULL
      WHERE job_id = p_job_id AND status = ANY (p_statuses);
     GET DIAGNOSTICS n = ROW_COUNT;
+    -- Duplicates retried with their first row wait for its answer again (0019).
+    UPDATE batchdb.requests f
+       SET run_after = 'infinity'
+      FROM batchdb.requests lead
+     WHERE f.job_id = p_job_id AND f.duplicate_of IS NOT NULL AND f.status = 'queued'
+       AND lead.job_id = p_job_id AND lead.id = f.duplicate_of AND lead.status IN ('queued', 'running');
     IF n > 0 THEN
         PERFORM pg_notify('batchdb_requests', p_job_id::text);
     END IF;
@@ -1400,6 +1456,7 @@ CREATE TABLE batchdb.jobs (
     cached_tokens bigint DEFAULT 0 NOT NULL,
     wasted_calls integer DEFAULT 0 NOT NULL,
     wasted_usd numeric DEFAULT 0 NOT NULL,
+    n_duplicates bigint DEFAULT 0 NOT NULL,
     CONSTRAINT jobs_budget_positive CHECK (((budget_usd IS NULL) OR (budget_usd > (0)::numeric))),
     CONSTRAINT jobs_max_attempts_positive CHECK ((max_attempts >= 1)),
     CONSTRAINT jobs_model_not_blank CHECK ((btrim(model) <> ''::text)),
@@ -1442,6 +1499,8 @@ CREATE TABLE batchdb.requests (
     finished_at timestamp with time zone,
     latency_ms integer,
     cached_tokens integer DEFAULT 0 NOT NULL,
+    request_key bytea,
+    duplicate_of bigint,
     CONSTRAINT requests_attempts_nonnegative CHECK ((attempts >= 0)),
     CONSTRAINT requests_max_attempts_positive CHECK (((max_attempts IS NULL) OR (max_attempts >= 1))),
     CONSTRAINT requests_status_valid CHECK ((status = ANY (ARRAY['queued'::text, 'running'::text, 'succeeded'::text, 'failed'::text, 'dead'::text, 'cancelled'::text])))
@@ -1451,6 +1510,14 @@ PARTITION BY LIST (job_id);
 -- comment COLUMN requests.cached_tokens
 
 COMMENT ON COLUMN batchdb.requests.cached_tokens IS 'Prompt tokens of this row''s calls that the provider served from its prompt cache (part of prompt_tokens).';
+
+-- comment COLUMN requests.request_key
+
+COMMENT ON COLUMN batchdb.requests.request_key IS 'Rows of a job with equal keys are one request: sent once, its answer given to all (NULL: never deduplicated).';
+
+-- comment COLUMN requests.duplicate_of
+
+COMMENT ON COLUMN batchdb.requests.duplicate_of IS 'Set by batchdb: the id of the earlier row with the same request_key whose answer this row takes.';
 
 -- view job_progress
 
@@ -1495,7 +1562,8 @@ CREATE VIEW batchdb.job_progress WITH (security_invoker='true') AS
     j.reserved_usd,
     j.cached_tokens,
     j.wasted_calls,
-    j.wasted_usd
+    j.wasted_usd,
+    j.n_duplicates
    FROM (batchdb.jobs j
      LEFT JOIN LATERAL ( SELECT count(*) AS n_running
            FROM batchdb.requests q
@@ -1825,6 +1893,8 @@ CREATE TABLE batchdb.requests_orphan (
     finished_at timestamp with time zone,
     latency_ms integer,
     cached_tokens integer DEFAULT 0 NOT NULL,
+    request_key bytea,
+    duplicate_of bigint,
     CONSTRAINT requests_attempts_nonnegative CHECK ((attempts >= 0)),
     CONSTRAINT requests_max_attempts_positive CHECK (((max_attempts IS NULL) OR (max_attempts >= 1))),
     CONSTRAINT requests_status_valid CHECK ((status = ANY (ARRAY['queued'::text, 'running'::text, 'succeeded'::text, 'failed'::text, 'dead'::text, 'cancelled'::text])))
@@ -2043,9 +2113,17 @@ CREATE INDEX rate_limit_history_lane_idx ON batchdb.rate_limit_history USING btr
 
 CREATE INDEX requests_claimable_idx ON ONLY batchdb.requests USING btree (job_id, run_after, id) WHERE (status = 'queued'::text);
 
+-- index requests_duplicates_idx
+
+CREATE INDEX requests_duplicates_idx ON ONLY batchdb.requests USING btree (job_id, duplicate_of) WHERE (duplicate_of IS NOT NULL);
+
 -- index requests_leased_idx
 
 CREATE INDEX requests_leased_idx ON ONLY batchdb.requests USING btree (lease_expires_at) WHERE (status = 'running'::text);
+
+-- index requests_orphan_job_id_duplicate_of_idx
+
+CREATE INDEX requests_orphan_job_id_duplicate_of_idx ON batchdb.requests_orphan USING btree (job_id, duplicate_of) WHERE (duplicate_of IS NOT NULL);
 
 -- index requests_orphan_job_id_run_after_id_idx
 
@@ -2058,6 +2136,10 @@ CREATE INDEX requests_orphan_lease_expires_at_idx ON batchdb.requests_orphan USI
 -- index attach requests_orphan_job_id_custom_id_key
 
 ALTER INDEX batchdb.requests_custom_id_unique ATTACH PARTITION batchdb.requests_orphan_job_id_custom_id_key;
+
+-- index attach requests_orphan_job_id_duplicate_of_idx
+
+ALTER INDEX batchdb.requests_duplicates_idx ATTACH PARTITION batchdb.requests_orphan_job_id_duplicate_of_idx;
 
 -- index attach requests_orphan_job_id_run_after_id_idx
 
@@ -2598,6 +2680,7 @@ INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok, ca
 
 -- batchdb.request_params
 INSERT INTO batchdb.request_params (name, in_job, in_row, meaning) VALUES ('audio', 'true', 'false', 'chat-completion parameter');
+INSERT INTO batchdb.request_params (name, in_job, in_row, meaning) VALUES ('dedupe', 'true', 'false', 'batchdb: false sends every row, identical or not (submit(dedupe=False))');
 INSERT INTO batchdb.request_params (name, in_job, in_row, meaning) VALUES ('frequency_penalty', 'true', 'false', 'chat-completion parameter');
 INSERT INTO batchdb.request_params (name, in_job, in_row, meaning) VALUES ('function_call', 'true', 'false', 'chat-completion parameter');
 INSERT INTO batchdb.request_params (name, in_job, in_row, meaning) VALUES ('functions', 'true', 'false', 'chat-completion parameter');

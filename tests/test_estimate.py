@@ -82,15 +82,16 @@ def test_the_estimate_queues_nothing_and_counts_the_tokens_workers_then_record(
     job = batchdb.submit(frame, prompt=PROMPT, id_column="id", model="gpt-4o-mini", max_tokens=12, dsn=dsn)
     asyncio.run(openai_worker(dsn, sim, exit_when_idle=True).run())
     done = job.status()
-    assert done.n_succeeded == 30
-    # The offline count is the simulator's (OpenAI's recipe): exact, row for row.
-    assert estimate.prompt_tokens == done.prompt_tokens
-    assert estimate.charged_tpm_tokens == done.prompt_tokens + 30 * 12
+    assert (done.n_succeeded, done.n_duplicates) == (30, 10)  # 20 calls: each distinct request once
+    assert sim.stats(series=False)["totals"]["requests"] == estimate.calls == 20
+    # The offline count is the simulator's (OpenAI's recipe): exact, call for call.
+    assert estimate.distinct_prompt_tokens == done.prompt_tokens
+    assert estimate.distinct_charged_tpm_tokens == done.prompt_tokens + 20 * 12
     # With every answer at most max_tokens long, the bound is a ceiling on the real cost.
     assert GPT_4O_MINI is not None and estimate.price == GPT_4O_MINI
     assert Decimal(str(done.cost_usd)) <= estimate.cost_usd(ceiling=True)
     assert estimate.cost_usd(batch=True) == estimate.cost_usd() / 2
-    assert estimate.cost_usd(dedupe=True) < estimate.cost_usd()
+    assert estimate.cost_usd(dedupe=False) > estimate.cost_usd()
 
 
 def test_earlier_similar_jobs_give_the_answer_length(dsn: str, conn: psycopg.Connection, simulator) -> None:
@@ -99,12 +100,12 @@ def test_earlier_similar_jobs_give_the_answer_length(dsn: str, conn: psycopg.Con
     job = batchdb.submit(frame, prompt=PROMPT, model="gpt-4o-mini", max_tokens=200, dsn=dsn)
     asyncio.run(openai_worker(dsn, sim, exit_when_idle=True).run())
     done = job.status()
-    per_row = done.completion_tokens / done.n_succeeded
+    per_row = done.completion_tokens / (done.n_succeeded - done.n_duplicates)  # per call
     assert per_row < 200  # the simulator's answers are shorter than the bound
 
     again = batchdb.estimate(frame, prompt=PROMPT, model="gpt-4o-mini", max_tokens=200, dsn=dsn)
     assert again.output_tokens_per_row == pytest.approx(per_row)
-    assert again.output_basis == "mean of 24 answered rows of 1 earlier similar job(s)"
+    assert again.output_basis == "mean of 16 calls of 1 earlier similar job(s)"
     # The same data asked the same way: the estimate is the recorded cost, to the rounding of one token.
     assert abs(again.cost_usd() - done.cost_usd) <= Decimal("0.6") / 1_000_000
     other = batchdb.estimate(frame, prompt="Summarise: {headline}", model="gpt-4o-mini", max_tokens=200, dsn=dsn)
@@ -161,9 +162,11 @@ def test_the_online_duration_is_what_the_lanes_limits_allow(dsn: str, conn: psyc
         " VALUES ('openai', 'default', 'gpt-4o-mini', 60)"
     )
     by_requests = batchdb.estimate(frame, prompt=PROMPT, model="gpt-4o-mini", max_tokens=10, dsn=dsn)
-    assert by_requests.online_seconds() == 120.0  # 120 rows at 60 a minute
-    assert "2 min at the lane's limits (rpm 60, tpm -; requests per minute bind)" in by_requests.text()
-    conn.execute("UPDATE batchdb.rate_limits SET tpm = %s", (by_requests.charged_tpm_tokens // 4,))
+    assert by_requests.online_seconds() == 80.0  # 80 distinct requests (of 120 rows) at 60 a minute
+    assert "80 s at the lane's limits (rpm 60, tpm -; requests per minute bind)" in by_requests.text()
+    every_row = batchdb.estimate(frame, prompt=PROMPT, model="gpt-4o-mini", max_tokens=10, dedupe=False, dsn=dsn)
+    assert every_row.online_seconds() == 120.0
+    conn.execute("UPDATE batchdb.rate_limits SET tpm = %s", (by_requests.distinct_charged_tpm_tokens // 4,))
     by_tokens = batchdb.estimate(frame, prompt=PROMPT, model="gpt-4o-mini", max_tokens=10, dsn=dsn)
     assert by_tokens.online_seconds() == pytest.approx(240.0, rel=0.01)  # four minutes of TPM
     assert "tokens per minute bind" in by_tokens.text()
