@@ -35,7 +35,9 @@ Cluster and server settings, chosen for a durable queue on a laptop:
 - written into postgresql.conf at initdb (ALTER SYSTEM can still override them):
   `max_connections=200` (workers, pools and the dashboard side by side),
   `shared_buffers=256MB`, `work_mem=16MB`, `max_wal_size=2GB` (fewer checkpoints under
-  queue churn) and `autovacuum_naptime=10s` (queue tables pile up dead rows fast).
+  queue churn), `autovacuum_naptime=10s` (queue tables pile up dead rows fast) and
+  `max_locks_per_transaction=256` (a migration that alters batchdb.requests locks each
+  job's partition in one transaction).
   `fsync` and `synchronous_commit` keep their defaults (on): an acknowledged row survives
   a crash.
 - given on each start: `listen_addresses=127.0.0.1`, a free TCP `port` (the one in
@@ -117,6 +119,8 @@ SERVER_SETTINGS = {
     "work_mem": "16MB",
     "max_wal_size": "2GB",
     "autovacuum_naptime": "10s",
+    # A schema change of batchdb.requests locks every job's partition at once (one per job).
+    "max_locks_per_transaction": "256",
 }
 
 START_ATTEMPTS = 5  # a port taken between choosing and binding, an old server's last children

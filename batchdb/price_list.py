@@ -193,7 +193,7 @@ def apply(conn: psycopg.Connection[DictRow], planned: Plan) -> int:
         for change in planned.changes:
             values = {k: change.after.get(k) for k in FIELDS}
             conn.execute(
-                query("prices_upsert"),
+                query("prices_insert" if change.is_new else "prices_change"),
                 {
                     "provider": change.provider,
                     "model": change.model,

@@ -498,7 +498,7 @@ SELECT p.*, (p.provider = 'instant' OR EXISTS (SELECT 1 FROM batchdb.prices c
 SELECT model FROM batchdb.prices WHERE provider = %(provider)s ORDER BY model
 
 -- price_of_model --
--- A model's prices, for `batchdb estimate` (batchdb/estimate.py).
+-- A model's prices, for `batchdb estimate` (batchdb/estimation.py).
 SELECT input_per_mtok, output_per_mtok, cached_input_per_mtok, batch_discount
   FROM batchdb.prices
  WHERE provider = %(provider)s AND model = %(model)s
@@ -530,26 +530,30 @@ SELECT provider, model, input_per_mtok, output_per_mtok, cached_input_per_mtok, 
   FROM batchdb.prices
  ORDER BY provider, model
 
--- prices_upsert --
--- One row of a price map: inserted, or only the fields the map gives (`set_fields`) changed.
-INSERT INTO batchdb.prices AS p (provider, model, input_per_mtok, output_per_mtok, cached_input_per_mtok,
-                                 batch_discount, max_input_tokens, max_output_tokens, source, as_of, updated_at)
+-- prices_insert --
+-- A model a price map adds (batchdb/price_list.py).
+INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok, cached_input_per_mtok, batch_discount,
+                            max_input_tokens, max_output_tokens, source, as_of)
 VALUES (%(provider)s, %(model)s, %(input_per_mtok)s, %(output_per_mtok)s, %(cached_input_per_mtok)s,
-        %(batch_discount)s, %(max_input_tokens)s, %(max_output_tokens)s, %(source)s, %(as_of)s, now())
-ON CONFLICT (provider, model) DO UPDATE
+        %(batch_discount)s, %(max_input_tokens)s, %(max_output_tokens)s, %(source)s, %(as_of)s)
+
+-- prices_change --
+-- The fields a price map gives differently (`set_fields`); the others keep their value.
+UPDATE batchdb.prices p
    SET input_per_mtok = CASE WHEN 'input_per_mtok' = ANY (%(set_fields)s::text[])
-                             THEN EXCLUDED.input_per_mtok ELSE p.input_per_mtok END,
+                             THEN %(input_per_mtok)s ELSE p.input_per_mtok END,
        output_per_mtok = CASE WHEN 'output_per_mtok' = ANY (%(set_fields)s::text[])
-                              THEN EXCLUDED.output_per_mtok ELSE p.output_per_mtok END,
+                              THEN %(output_per_mtok)s ELSE p.output_per_mtok END,
        cached_input_per_mtok = CASE WHEN 'cached_input_per_mtok' = ANY (%(set_fields)s::text[])
-                                    THEN EXCLUDED.cached_input_per_mtok ELSE p.cached_input_per_mtok END,
+                                    THEN %(cached_input_per_mtok)s ELSE p.cached_input_per_mtok END,
        batch_discount = CASE WHEN 'batch_discount' = ANY (%(set_fields)s::text[])
-                             THEN EXCLUDED.batch_discount ELSE p.batch_discount END,
+                             THEN %(batch_discount)s ELSE p.batch_discount END,
        max_input_tokens = CASE WHEN 'max_input_tokens' = ANY (%(set_fields)s::text[])
-                               THEN EXCLUDED.max_input_tokens ELSE p.max_input_tokens END,
+                               THEN %(max_input_tokens)s ELSE p.max_input_tokens END,
        max_output_tokens = CASE WHEN 'max_output_tokens' = ANY (%(set_fields)s::text[])
-                                THEN EXCLUDED.max_output_tokens ELSE p.max_output_tokens END,
-       source = EXCLUDED.source, as_of = EXCLUDED.as_of, updated_at = now()
+                                THEN %(max_output_tokens)s ELSE p.max_output_tokens END,
+       source = %(source)s, as_of = %(as_of)s, updated_at = now()
+ WHERE p.provider = %(provider)s AND p.model = %(model)s
 
 -- prices_confirm --
 -- Rows a price map gives exactly as they are: now known to be current as of its date.

@@ -105,6 +105,15 @@ BEGIN
 END;
 $$;
 
+-- function call_cost_usd(numeric, numeric, bigint, bigint)
+
+CREATE FUNCTION batchdb.call_cost_usd(p_input_per_mtok numeric, p_output_per_mtok numeric, p_prompt_tokens bigint, p_completion_tokens bigint) RETURNS numeric
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $$
+    SELECT batchdb.call_cost_usd(p_input_per_mtok, NULL, p_output_per_mtok, NULL, p_prompt_tokens, 0,
+                                 p_completion_tokens, false)
+$$;
+
 -- function call_cost_usd(numeric, numeric, numeric, numeric, bigint, bigint, bigint, boolean)
 
 CREATE FUNCTION batchdb.call_cost_usd(p_input_per_mtok numeric, p_cached_input_per_mtok numeric, p_output_per_mtok numeric, p_batch_discount numeric, p_prompt_tokens bigint, p_cached_tokens bigint, p_completion_tokens bigint, p_batch boolean) RETURNS numeric
@@ -971,6 +980,29 @@ BEGIN
             USING ERRCODE = 'check_violation';
     END IF;
     RETURN NEW;
+END;
+$$;
+
+-- function require_lock_capacity_for_requests(bigint)
+
+CREATE FUNCTION batchdb.require_lock_capacity_for_requests(p_capacity bigint DEFAULT NULL::bigint) RETURNS void
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    partitions bigint;
+    per_lock_slot bigint := current_setting('max_connections')::bigint
+                            + current_setting('max_prepared_transactions')::bigint;
+    capacity bigint := coalesce(p_capacity,
+                                current_setting('max_locks_per_transaction')::bigint * per_lock_slot);
+    needed bigint;
+BEGIN
+    SELECT count(*) INTO partitions FROM pg_inherits WHERE inhparent = 'batchdb.requests'::regclass;
+    needed := 4 * partitions + 200;  -- each partition, its TOAST table and indexes, and some slack
+    IF needed > capacity THEN
+        RAISE EXCEPTION 'batchdb: this upgrade alters batchdb.requests, whose % job partitions need about % locks in one transaction, more than PostgreSQL holds (%); set max_locks_per_transaction = % in postgresql.conf and restart PostgreSQL (or delete finished jobs), then run: batchdb db upgrade',
+            partitions, needed, capacity, ceil(needed::numeric / per_lock_slot)::bigint + 16
+            USING ERRCODE = 'insufficient_resources';
+    END IF;
 END;
 $$;
 
@@ -2468,6 +2500,10 @@ REVOKE ALL ON FUNCTION batchdb.drop_job_partitions(p_job_id bigint) FROM PUBLIC;
 REVOKE ALL ON FUNCTION batchdb.release_budget(p_job_ids bigint[], p_usd numeric[]) FROM PUBLIC;
 GRANT ALL ON FUNCTION batchdb.release_budget(p_job_ids bigint[], p_usd numeric[]) TO batchdb_worker;
 GRANT ALL ON FUNCTION batchdb.release_budget(p_job_ids bigint[], p_usd numeric[]) TO batchdb_admin;
+
+-- acl FUNCTION require_lock_capacity_for_requests(p_capacity bigint)
+
+REVOKE ALL ON FUNCTION batchdb.require_lock_capacity_for_requests(p_capacity bigint) FROM PUBLIC;
 
 -- acl FUNCTION reserve_budget(p_job_id bigint, p_usd numeric)
 

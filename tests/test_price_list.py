@@ -139,6 +139,32 @@ def test_a_map_that_cannot_be_read_is_named(tmp_path: Path, content: str, messag
     assert str(refused.value).startswith(f"{path}: ")
 
 
+def test_a_change_of_one_field_keeps_the_others(conn: psycopg.Connection, tmp_path: Path) -> None:
+    only_cached = {"gpt-4o-mini": {"litellm_provider": "openai", "cache_read_input_token_cost": 5e-08}}
+    path = write_map(tmp_path, {**only_cached, "gpt-9": LITELLM_MAP["gpt-9"]})
+    price_map = price_list.read_price_map(path)
+    assert [e.model for e in price_map.entries] == ["gpt-9"]  # a model without token prices is skipped
+    # A map giving the token prices and only some other fields: those fields change, the rest stay.
+    partial = {
+        "gpt-4o-mini": {
+            "litellm_provider": "openai",
+            "input_cost_per_token": 1.5e-07,
+            "output_cost_per_token": 6e-07,
+            "cache_read_input_token_cost": 5e-08,
+        }
+    }
+    planned = price_list.plan(conn, price_list.read_price_map(write_map(tmp_path, partial)))
+    assert [c.describe() for c in planned.changes] == ["change openai/gpt-4o-mini: cached_input_per_mtok 0.075 -> 0.05"]
+    price_list.apply(conn, planned)
+    mini = price(conn, "openai", "gpt-4o-mini")
+    assert mini is not None
+    assert (mini["input_per_mtok"], mini["cached_input_per_mtok"], mini["max_output_tokens"]) == (
+        Decimal("0.15"),
+        Decimal("0.05"),
+        16384,
+    )
+
+
 def test_the_cli_shows_the_plan_and_writes_with_yes(dsn: str, conn: psycopg.Connection, tmp_path: Path) -> None:
     path = write_map(tmp_path)
     runner = CliRunner()

@@ -66,6 +66,12 @@ def test_cached_tokens_cost_the_cached_price_and_batch_calls_the_discounted_one(
     assert unlisted.cost_usd(1_000, 0, batch=True) == unlisted.cost_usd(1_000, 0)  # no discount listed
 
 
+def test_the_previous_four_argument_form_still_prices_for_old_workers(conn: psycopg.Connection) -> None:
+    """Workers of the previous release call call_cost_usd(input, output, prompt, completion) until they restart."""
+    old = conn.execute("SELECT batchdb.call_cost_usd(0.15, 0.60, 1000, 200) AS usd").fetchone()["usd"]
+    assert old == Decimal("0.00027") == Price(Decimal("0.15"), Decimal("0.60")).cost_usd(1000, 200)
+
+
 def test_an_unknown_price_is_no_cost_not_zero(conn: psycopg.Connection) -> None:
     unknown = "SELECT batchdb.call_cost_usd(NULL, NULL, 0.6, NULL, 10, 0, 10, false) AS usd"
     assert conn.execute(unknown).fetchone()["usd"] is None

@@ -8,14 +8,40 @@
 -- a long prefix was recorded as costing more than it was billed.
 --
 -- requests.cached_tokens keeps how many of a row's prompt tokens were cached (a
--- constant default: adding it rewrites nothing). batchdb.call_cost_usd replaces
--- 0014's four-argument version (nothing outside batchdb called it yet):
+-- constant default: adding it rewrites nothing). batchdb.call_cost_usd gains an
+-- eight-argument form (0014's four-argument one stays, as a wrapper):
 --   uncached prompt tokens x input price
 -- + cached tokens x cached-input price (the input price when none is listed)
 -- + completion tokens x output price,
 -- per million tokens, times (1 - batch_discount) for a batch call. Cached tokens
 -- are clipped to 0..prompt tokens. NULL when the input or output price is unknown.
 
+-- Altering batchdb.requests locks every job's partition in this transaction: with many jobs,
+-- more locks than PostgreSQL's lock table holds. Say so, with the setting to raise, rather
+-- than fail with "out of shared memory". (Used again by later migrations that alter requests.)
+-- `p_capacity`: the lock table's size; by default what the server's settings give (a test passes less).
+CREATE FUNCTION batchdb.require_lock_capacity_for_requests(p_capacity bigint DEFAULT NULL) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    partitions bigint;
+    per_lock_slot bigint := current_setting('max_connections')::bigint
+                            + current_setting('max_prepared_transactions')::bigint;
+    capacity bigint := coalesce(p_capacity,
+                                current_setting('max_locks_per_transaction')::bigint * per_lock_slot);
+    needed bigint;
+BEGIN
+    SELECT count(*) INTO partitions FROM pg_inherits WHERE inhparent = 'batchdb.requests'::regclass;
+    needed := 4 * partitions + 200;  -- each partition, its TOAST table and indexes, and some slack
+    IF needed > capacity THEN
+        RAISE EXCEPTION 'batchdb: this upgrade alters batchdb.requests, whose % job partitions need about % locks in one transaction, more than PostgreSQL holds (%); set max_locks_per_transaction = % in postgresql.conf and restart PostgreSQL (or delete finished jobs), then run: batchdb db upgrade',
+            partitions, needed, capacity, ceil(needed::numeric / per_lock_slot)::bigint + 16
+            USING ERRCODE = 'insufficient_resources';
+    END IF;
+END;
+$$;
+REVOKE EXECUTE ON FUNCTION batchdb.require_lock_capacity_for_requests(bigint) FROM PUBLIC;
+
+SELECT batchdb.require_lock_capacity_for_requests();
 ALTER TABLE batchdb.requests ADD COLUMN cached_tokens integer NOT NULL DEFAULT 0;
 
 -- The job's counters gain cached tokens beside prompt and completion tokens (kept exact by the
@@ -149,7 +175,6 @@ COMMENT ON COLUMN batchdb.prices.cached_input_per_mtok IS
 COMMENT ON COLUMN batchdb.prices.batch_discount IS
     'Share taken off every token price for calls made through the provider''s Batch API (0.5: half price); NULL: none.';
 
-DROP FUNCTION batchdb.call_cost_usd(numeric, numeric, bigint, bigint);
 
 CREATE FUNCTION batchdb.call_cost_usd(p_input_per_mtok numeric, p_cached_input_per_mtok numeric,
                                       p_output_per_mtok numeric, p_batch_discount numeric,
@@ -166,3 +191,14 @@ $$;
 
 GRANT EXECUTE ON FUNCTION batchdb.call_cost_usd(numeric, numeric, numeric, numeric, bigint, bigint, bigint, boolean)
     TO PUBLIC;
+
+-- 0014's four-argument form stays as a wrapper of the new one: workers still running the previous
+-- release while the database is upgraded call it from their complete_batch (dropping it would
+-- make their completions fail and their paid answers be asked again).
+CREATE OR REPLACE FUNCTION batchdb.call_cost_usd(p_input_per_mtok numeric, p_output_per_mtok numeric,
+                                                 p_prompt_tokens bigint, p_completion_tokens bigint)
+RETURNS numeric
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT batchdb.call_cost_usd(p_input_per_mtok, NULL, p_output_per_mtok, NULL, p_prompt_tokens, 0,
+                                 p_completion_tokens, false)
+$$;

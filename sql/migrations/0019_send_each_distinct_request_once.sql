@@ -10,6 +10,7 @@
 -- Duplicates record no tokens and no cost. NULL keys (the default) are never deduplicated.
 -- A row whose earlier twin was already answered before it was inserted is sent again.
 
+SELECT batchdb.require_lock_capacity_for_requests();
 ALTER TABLE batchdb.requests ADD COLUMN request_key bytea, ADD COLUMN duplicate_of bigint;
 
 COMMENT ON COLUMN batchdb.requests.request_key IS
