@@ -32,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -47,7 +48,7 @@ import pyarrow as pa
 from batchdb import context_window
 from batchdb.db import connect, one_row
 from batchdb.errors import BatchDBError
-from batchdb.ingest import DataSource, InputError, InputSpec, check_schema, open_source, request_parts
+from batchdb.ingest import DataSource, InputError, InputSpec, check_schema, custom_ids, open_source, request_parts
 from batchdb.ledger import charged_tokens
 from batchdb.pricing import Price, output_charge
 from batchdb.prompts import PromptError, build_request
@@ -80,6 +81,7 @@ class Estimate:
     price: Price | None
     rpm: int | None
     tpm: int | None
+    rpd: int | None
     charged_tpm_tokens: int  # what all rows' calls are charged against TPM
     distinct_charged_tpm_tokens: int  # ... the distinct requests' calls only
     rows_over_context_window: int
@@ -116,6 +118,8 @@ class Estimate:
             spans.append(self.calls / self.rpm * 60)
         if self.tpm:
             spans.append(self._charged() / self.tpm * 60)
+        if self.rpd:
+            spans.append((self.calls - 1) // self.rpd * 86_400)  # whole days wait for the daily quota
         return max(spans) if spans else None
 
     def _charged(self) -> int:
@@ -155,14 +159,15 @@ class Estimate:
                 f"{self.provider} {self.model} --key-alias {self.key_alias} --rpm N --tpm N"
             )
         else:
-            binding = (
-                "requests"
-                if self.rpm and (not self.tpm or self.calls / self.rpm >= self._charged() / self.tpm)
-                else "tokens"
-            )
+            per_minute = {
+                "requests per minute": self.calls / self.rpm * 60 if self.rpm else 0.0,
+                "tokens per minute": self._charged() / self.tpm * 60 if self.tpm else 0.0,
+                "requests per day": (self.calls - 1) // self.rpd * 86_400 if self.rpd else 0.0,
+            }
+            binding = max(per_minute, key=lambda name: per_minute[name])
             lines.append(
                 f"  duration online:   {_duration(seconds)} at the lane's limits "
-                f"(rpm {self.rpm or '-'}, tpm {self.tpm or '-'}; {binding} per minute bind)"
+                f"(rpm {self.rpm or '-'}, tpm {self.tpm or '-'}, rpd {self.rpd or '-'}; {binding} bind)"
             )
         if self.rows_over_context_window:
             named = ", ".join(self.rows_over_context_window_named)
@@ -208,7 +213,7 @@ def estimate(
     `priority` or `webhook_url`, are passed to the pilot's submit and otherwise ignored).
     Refuses what `submit` refuses, with the same messages.
     """
-    from batchdb.submission import check_options, job_params, refuse_unknown_model, submit
+    from batchdb.submission import check_options, job_params, notification_targets, refuse_unknown_model, submit
 
     unknown = sorted(set(submit_options) - set(inspect.signature(submit).parameters))
     if unknown:
@@ -223,6 +228,9 @@ def estimate(
         budget_usd=submit_options.get("budget_usd"),
         max_tokens=max_tokens,
         temperature=temperature,
+    )
+    notification_targets(
+        submit_options.get("webhook_url"), submit_options.get("webhook_secret"), submit_options.get("notify_emails")
     )
     spec = InputSpec(prompt=prompt, system=system, messages_column=messages_column, id_column=id_column)
     schema, batches, row_name = open_source(data)
@@ -248,6 +256,9 @@ def estimate(
             except InputError as exc:
                 model_problem = str(exc)
         limits = context_window.load(conn, provider, model)
+        too_many = limits.max_tokens_problem(max_tokens)
+        if too_many:
+            raise InputError(f"max_tokens: {too_many}")
         price_row = conn.execute(query("price_of_model"), {"provider": provider, "model": model}).fetchone()
         lane = conn.execute(
             query("lane_limits"), {"provider": provider, "key_alias": key_alias, "model": model}
@@ -292,6 +303,7 @@ def estimate(
         price=price,
         rpm=lane["rpm"] if lane else None,
         tpm=lane["tpm"] if lane else None,
+        rpd=lane["rpd"] if lane else None,
         charged_tpm_tokens=counted.charged_tpm_tokens,
         distinct_charged_tpm_tokens=counted.distinct_charged_tpm_tokens,
         rows_over_context_window=counted.over_window,
@@ -331,8 +343,10 @@ def _count(
     """Render and count every row once; a request seen before is counted from memory."""
     counted = _Counted()
     tokens_of: dict[bytes, int] = {}
+    seen_ids: dict[str, int] = {}
     for batch in batches:
         first_row = counted.rows
+        custom_ids(batch, first_row, spec.id_column, seen_ids, row_name)  # a repeated id is refused, as by submit
         for i, (payload, values) in enumerate(
             request_parts(batch, first_row=first_row, spec=spec, input_columns=input_columns, name=row_name)
         ):
@@ -340,8 +354,11 @@ def _count(
                 request = build_request(model=model, params=params, payload=payload, input=values)
             except PromptError as exc:
                 raise InputError(f"{row_name(first_row + i)}: {exc}") from None
+            # The whole request (a row's payload may carry its own max_tokens and the like), as the SDK's
+            # request_key makes rows with the same payload and template values one request.
             key = hashlib.blake2b(
-                json.dumps(request.messages, sort_keys=True, ensure_ascii=False).encode(), digest_size=16
+                json.dumps(dataclasses.asdict(request), sort_keys=True, ensure_ascii=False, default=str).encode(),
+                digest_size=16,
             ).digest()
             tokens = tokens_of.get(key)
             if tokens is None:
@@ -375,16 +392,23 @@ def _pilot(data: DataSource, n: int, timeout_s: float, *, dsn: str | None, **sub
         taken.append(batch.slice(0, remaining))
         remaining -= taken[-1].num_rows
     name = submit_options.pop("name", None) or "estimate"
+    # The pilot is a job of its own: the real job's idempotency key and notifications are not its.
+    for option in ("idempotency_key", "webhook_url", "webhook_secret", "notify_emails"):
+        submit_options.pop(option, None)
     job = submit(pa.Table.from_batches(taken, schema=schema), name=f"pilot: {name}", dsn=dsn, **submit_options)
     deadline = time.monotonic() + timeout_s
     while True:
         status = job.status()
         if status.status in ("completed", "cancelled") or status.n_done >= status.n_total:
             break
+        if status.status == "paused":
+            job.cancel()
+            raise PilotFailed(f"pilot job {job.id} paused ({status.status_reason}); it was cancelled")
         if time.monotonic() >= deadline:
+            job.cancel()  # left queued, it would be paid for whenever workers next run
             raise PilotFailed(
-                f"pilot job {job.id} answered {status.n_done} of {status.n_total} rows in {timeout_s:.0f} s; "
-                "are workers running? (batchdb workers start)"
+                f"pilot job {job.id} answered {status.n_done} of {status.n_total} rows in {timeout_s:.0f} s and was "
+                "cancelled; are workers running? (batchdb workers lists them; start one with: batchdb worker)"
             )
         time.sleep(0.5)
     calls = status.n_succeeded - status.n_duplicates  # rows answered by a call of their own

@@ -169,13 +169,13 @@ def copy_rows(
     thing are sent once (sql/migrations/0019_send_each_distinct_request_once.sql).
     """
     n = batch.num_rows
-    custom_ids = _custom_ids(batch, first_row, spec.id_column, seen_ids, name)
+    ids = custom_ids(batch, first_row, spec.id_column, seen_ids, name)
     inputs, payloads = _row_json(batch, first_row=first_row, spec=spec, input_columns=input_columns, name=name)
     keys = _request_keys(batch, payloads, spec, first_row, name) if dedupe else pa.nulls(n, pa.string())
     table = pa.table(
         {
             "job_id": pa.array([job_id] * n, pa.int64()),
-            "custom_id": pa.array(custom_ids, pa.string()),
+            "custom_id": pa.array(ids, pa.string()),
             "payload": pa.array(payloads, pa.string()),
             "input": pa.array(inputs, pa.string()),
         }
@@ -451,9 +451,11 @@ def _refuse_nul(batch: pa.RecordBatch, first_row: int, name: RowName) -> None:
                 )
 
 
-def _custom_ids(
+def custom_ids(
     batch: pa.RecordBatch, first_row: int, id_column: str | None, seen: dict[str, int], name: RowName
 ) -> list[str]:
+    """Each row's custom_id (its `id_column` value, else its position), refusing an empty or repeated
+    id with both rows named; `seen` carries the ids of earlier batches."""
     if id_column is None:
         return [str(first_row + i) for i in range(batch.num_rows)]
     values = batch.column(id_column).to_pylist()

@@ -116,7 +116,7 @@ def submit(
         max_tokens=max_tokens,
         temperature=temperature,
     )
-    targets = _notification_targets(webhook_url, webhook_secret, notify_emails)
+    targets = notification_targets(webhook_url, webhook_secret, notify_emails)
     spec = InputSpec(prompt=prompt, system=system, messages_column=messages_column, id_column=id_column)
     schema, batches, row_name = open_source(data)
     input_schema = check_schema(schema, spec)
@@ -231,7 +231,7 @@ def job_params(
     return params
 
 
-def _notification_targets(
+def notification_targets(
     webhook_url: str | None, webhook_secret: str | None, notify_emails: str | Iterable[str] | None
 ) -> list[tuple[str, str, str | None]]:
     """(channel, target, secret) rows for the job, checked before anything is written."""

@@ -163,7 +163,7 @@ def test_the_online_duration_is_what_the_lanes_limits_allow(dsn: str, conn: psyc
     )
     by_requests = batchdb.estimate(frame, prompt=PROMPT, model="gpt-4o-mini", max_tokens=10, dsn=dsn)
     assert by_requests.online_seconds() == 80.0  # 80 distinct requests (of 120 rows) at 60 a minute
-    assert "80 s at the lane's limits (rpm 60, tpm -; requests per minute bind)" in by_requests.text()
+    assert "80 s at the lane's limits (rpm 60, tpm -, rpd -; requests per minute bind)" in by_requests.text()
     every_row = batchdb.estimate(frame, prompt=PROMPT, model="gpt-4o-mini", max_tokens=10, dedupe=False, dsn=dsn)
     assert every_row.online_seconds() == 120.0
     conn.execute("UPDATE batchdb.rate_limits SET tpm = %s", (by_requests.distinct_charged_tpm_tokens // 4,))
@@ -198,3 +198,40 @@ def test_the_cli_prints_the_estimate_and_queues_nothing(dsn: str, conn: psycopg.
         assert "  distinct requests: 6 (3 rows repeat an earlier row's request)" in lines
         assert lines[-1] == "nothing was queued"
     assert jobs(conn) == 0
+
+
+def test_a_pilot_no_worker_answers_is_cancelled_and_leaves_the_idempotency_key_alone(
+    dsn: str, conn: psycopg.Connection
+) -> None:
+    frame = headlines(5)
+    with pytest.raises(batchdb.BatchDBError) as failed:
+        batchdb.estimate(
+            frame, prompt=PROMPT, model="gpt-4o-mini", pilot_rows=2, pilot_timeout_s=0.5, idempotency_key="K1", dsn=dsn
+        )
+    [pilot] = conn.execute("SELECT id, status, name, idempotency_key FROM batchdb.jobs").fetchall()
+    assert (pilot["status"], pilot["name"], pilot["idempotency_key"]) == ("cancelled", "pilot: estimate", None)
+    assert str(failed.value).startswith(f"pilot job {pilot['id']} answered 0 of 2 rows in 0 s and was cancelled")
+    assert "start one with: batchdb worker" in str(failed.value)
+    job = batchdb.submit(frame, prompt=PROMPT, model="gpt-4o-mini", idempotency_key="K1", dsn=dsn)
+    assert job.id != pilot["id"]  # the key is still the real job's
+
+
+def test_what_submit_refuses_the_estimate_refuses(dsn: str, conn: psycopg.Connection) -> None:
+    repeated = pd.DataFrame({"id": ["a", "b", "a"], "headline": ["x", "y", "z"]})
+    with pytest.raises(batchdb.InputError, match="id 'a' appears twice"):
+        batchdb.estimate(repeated, prompt=PROMPT, id_column="id", model="gpt-4o-mini", dsn=dsn)
+    with pytest.raises(batchdb.InputError, match="max_tokens: "):
+        batchdb.estimate(headlines(2), prompt=PROMPT, model="gpt-4o-mini", max_tokens=999_999, dsn=dsn)
+    with pytest.raises(batchdb.InputError, match="webhook"):
+        batchdb.estimate(headlines(2), prompt=PROMPT, model="gpt-4o-mini", webhook_url="ftp://x", dsn=dsn)
+
+
+def test_a_daily_quota_makes_the_duration_days(dsn: str, conn: psycopg.Connection) -> None:
+    conn.execute(
+        "INSERT INTO batchdb.rate_limits (provider, key_alias, model, rpm, rpd)"
+        " VALUES ('gemini', 'default', 'gemini-2.5-flash', 1000, 50)"
+    )
+    frame = headlines(120)  # 80 distinct requests: 50 today, 30 tomorrow
+    estimate = batchdb.estimate(frame, prompt=PROMPT, model="gemini-2.5-flash", provider="gemini", dsn=dsn)
+    assert estimate.online_seconds() == 86_400
+    assert "24.0 h at the lane's limits (rpm 1000, tpm -, rpd 50; requests per day bind)" in estimate.text()
