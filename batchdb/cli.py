@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import shlex
 import sys
 import traceback
 from collections.abc import Callable
@@ -603,8 +604,11 @@ def prices_update(path: Path | None, as_of: datetime.datetime | None, yes: bool,
         click.echo(planned.text())
         if not yes:
             if planned.changes or planned.unchanged:
-                source = f" {path}" if path else ""
-                click.echo(f"nothing written; to write it, run: batchdb prices update{source} --yes")
+                again = ["batchdb prices update"]
+                again += [str(path)] if path else []
+                again += [f"--as-of {as_of.date()}"] if as_of else []
+                again += [f"--dsn {shlex.quote(dsn)}"] if dsn else []
+                click.echo(f"nothing written; to write it, run: {' '.join(again)} --yes")
             return
         written = _run_db_op(lambda: price_list.apply(conn, planned))
     click.echo(f"wrote {written} price row(s); {len(planned.unchanged)} confirmed as of {price_map.as_of}")

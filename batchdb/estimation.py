@@ -423,7 +423,12 @@ def _price(provider: str, row: dict[str, Any] | None) -> Price | None:
         return Price(Decimal(0), Decimal(0))
     if row is None:
         return None
-    return Price.of(row["input_per_mtok"], row["output_per_mtok"], row["cached_input_per_mtok"], row["batch_discount"])
+    return Price.of(
+        row["input_per_mtok"],
+        row["output_per_mtok"],
+        cached_input_per_mtok=row["cached_input_per_mtok"],
+        batch_discount=row["batch_discount"],
+    )
 
 
 def _shape(params: dict[str, Any]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from json.encoder import encode_basestring as _encode_string  # the C encoder, e
 from pathlib import Path
 from typing import Any, TypeAlias
 
+import numpy
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -539,7 +540,14 @@ def _json_values(column: pa.Array, name: str, first_row: int, row_name: RowName)
 
 
 def _plain(value: Any, kind: pa.DataType) -> Any:
-    """A map's (key, value) pairs as an object, recursively; everything else as it is."""
+    """A map's (key, value) pairs as an object, recursively; a nested float as at the top level
+    (NaN as null, a float32 by its own shortest text); everything else as it is."""
+    if value is None:
+        return None
+    if pa.types.is_floating(kind):
+        if value != value:  # NaN
+            return None
+        return float(str(numpy.float32(value))) if kind.bit_width < 64 else value
     if pa.types.is_map(kind):
         return {str(k): _plain(v, kind.item_type) for k, v in value}
     if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
@@ -549,13 +557,13 @@ def _plain(value: Any, kind: pa.DataType) -> Any:
     return value
 
 
-def _json_text(value: Any) -> str:
-    """What `json` cannot write itself: dates and times as ISO text, decimals as exact digits,
-    durations in seconds. (Binary columns are refused before this, by check_schema.)"""
+def _json_text(value: Any) -> str | float:
+    """What `json` cannot write itself: dates and times as ISO text, decimals as exact digits (text),
+    durations as a number of seconds. (Binary columns are refused before this, by check_schema.)"""
     if isinstance(value, datetime.datetime | datetime.date | datetime.time | decimal.Decimal):
         return str(value)
     if isinstance(value, datetime.timedelta):
-        return str(value.total_seconds())
+        return value.total_seconds()
     raise TypeError(f"{type(value).__name__} is not a JSON type")
 
 

@@ -108,6 +108,8 @@ class Plan:
     price_map: PriceMap
     changes: list[Change] = field(default_factory=list)
     unchanged: list[tuple[str, str]] = field(default_factory=list)  # (provider, model) the map gives as they are
+    # Dates of the current prices the changes would replace that are newer than the map.
+    newer_replaced: list[datetime.date] = field(default_factory=list)
 
     def text(self) -> str:
         head = (
@@ -116,7 +118,13 @@ class Plan:
             f"{sum(c.is_new for c in self.changes)} to add, {sum(not c.is_new for c in self.changes)} to change, "
             f"{len(self.unchanged)} unchanged"
         )
-        return "\n".join([head, *(f"  {c.describe()}" for c in self.changes)])
+        lines = [head, *(f"  {c.describe()}" for c in self.changes)]
+        if self.newer_replaced:
+            lines.append(
+                f"note: {len(self.newer_replaced)} of these changes replace prices dated after this map "
+                f"(up to {max(self.newer_replaced)}); check it is the map you meant"
+            )
+        return "\n".join(lines)
 
 
 def packaged_price_map() -> Path:
@@ -164,6 +172,7 @@ def plan(conn: psycopg.Connection[DictRow], price_map: PriceMap) -> Plan:
     current = {(r["provider"], r["model"]): r for r in conn.execute(query("prices_all")).fetchall()}
     changes: list[Change] = []
     unchanged: list[tuple[str, str]] = []
+    newer: list[datetime.date] = []
     for entry in price_map.entries:
         row = current.get((entry.provider, entry.model))
         if row is None:
@@ -172,9 +181,11 @@ def plan(conn: psycopg.Connection[DictRow], price_map: PriceMap) -> Plan:
         after = {k: v for k, v in entry.values.items() if _differs(row[k], v)}
         if after:
             changes.append(Change(entry.provider, entry.model, {k: row[k] for k in after}, after))
+            if row["as_of"] is not None and row["as_of"] > price_map.as_of:
+                newer.append(row["as_of"])
         else:
             unchanged.append((entry.provider, entry.model))
-    return Plan(price_map, changes, unchanged)
+    return Plan(price_map, changes, unchanged, newer)
 
 
 def apply(conn: psycopg.Connection[DictRow], planned: Plan) -> int:
@@ -220,7 +231,13 @@ def _values(path: Path, key: str, spec: dict[str, Any]) -> dict[str, Decimal | i
     batch = _number(path, key, "input_cost_per_token_batches", spec.get("input_cost_per_token_batches"))
     base = _number(path, key, "input_cost_per_token", spec.get("input_cost_per_token"))
     if batch is not None and base:
-        values["batch_discount"] = (1 - batch / base).quantize(Decimal("0.001")).normalize()
+        discount = (1 - batch / base).quantize(Decimal("0.001")).normalize()
+        if not 0 <= discount <= 1:
+            raise PriceListError(
+                f"{path}: {key}.input_cost_per_token_batches: {batch} is above the price ({base}); "
+                "expected a batch price at most the price"
+            )
+        values["batch_discount"] = discount
     for column in ("max_input_tokens", "max_output_tokens"):
         limit = spec.get(column)
         if isinstance(limit, int) and limit > 0:

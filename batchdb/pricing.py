@@ -60,7 +60,7 @@ class Price:
 
     @classmethod
     def of(
-        cls, input_per_mtok: Any, output_per_mtok: Any, cached_input_per_mtok: Any = None, batch_discount: Any = None
+        cls, input_per_mtok: Any, output_per_mtok: Any, *, cached_input_per_mtok: Any = None, batch_discount: Any = None
     ) -> Price | None:
         """The price from database values, or None when the input or output price is missing
         (NULL, NaN); a missing cached-input price or batch discount is just not applied."""

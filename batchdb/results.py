@@ -36,13 +36,15 @@ OUTPUT_SCHEMA = pa.schema(
         ("response", pa.string()),
         ("finish_reason", pa.string()),
         ("prompt_tokens", pa.int64()),
-        ("cached_tokens", pa.int64()),
         ("completion_tokens", pa.int64()),
         ("cost_usd", pa.float64()),
         ("attempts", pa.int64()),
         ("error_class", pa.string()),
         ("error", pa.string()),
         ("latency_ms", pa.int64()),
+        # Columns added later go last, so files written before keep their column order.
+        # Of prompt_tokens, those the provider served from its prompt cache.
+        ("cached_tokens", pa.int64()),
         # The custom_id of the earlier identical row whose answer this one took (no call of its own).
         ("duplicate_of", pa.string()),
     ]
@@ -204,13 +206,13 @@ def _to_batch(rows: list[dict[str, Any]], columns: list[str], types: dict[str, s
     arrays["response"] = pa.array([r["response_text"] for r in rows], pa.string())
     arrays["finish_reason"] = pa.array([r["finish_reason"] for r in rows], pa.string())
     arrays["prompt_tokens"] = pa.array([r["prompt_tokens"] for r in rows], pa.int64())
-    arrays["cached_tokens"] = pa.array([r["cached_tokens"] for r in rows], pa.int64())
     arrays["completion_tokens"] = pa.array([r["completion_tokens"] for r in rows], pa.int64())
     arrays["cost_usd"] = pa.array([float(r["cost_usd"]) for r in rows], pa.float64())
     arrays["attempts"] = pa.array([r["attempts"] for r in rows], pa.int64())
     arrays["error_class"] = pa.array([r["error_class"] for r in rows], pa.string())
     arrays["error"] = pa.array([r["error"] for r in rows], pa.string())
     arrays["latency_ms"] = pa.array([r["latency_ms"] for r in rows], pa.int64())
+    arrays["cached_tokens"] = pa.array([r["cached_tokens"] for r in rows], pa.int64())
     arrays["duplicate_of"] = pa.array([r["duplicate_of"] for r in rows], pa.string())
     return pa.RecordBatch.from_pydict(arrays)
 

@@ -678,7 +678,7 @@ def cost_by_token_type(job: Mapping[str, Any]) -> pd.DataFrame:
     input price (batchdb/pricing.py, the rule completions are recorded with)."""
     input_price, output_price = job.get("input_per_mtok"), job.get("output_per_mtok")
     cached_price = job.get("cached_input_per_mtok")
-    price = Price.of(input_price, output_price, cached_price)
+    price = Price.of(input_price, output_price, cached_input_per_mtok=cached_price)
     prompt_tokens, completion_tokens = int(job["prompt_tokens"]), int(job["completion_tokens"])
     cached_tokens = min(int(job.get("cached_tokens") or 0), prompt_tokens)
     costs: list[float | None] = [None, None, None]

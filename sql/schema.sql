@@ -1834,6 +1834,8 @@ CREATE TABLE batchdb.prices (
     max_output_tokens integer,
     source text,
     as_of date,
+    CONSTRAINT prices_batch_discount_is_a_share CHECK (((batch_discount IS NULL) OR ((batch_discount >= (0)::numeric) AND (batch_discount <= (1)::numeric)))),
+    CONSTRAINT prices_cached_input_nonnegative CHECK (((cached_input_per_mtok IS NULL) OR (cached_input_per_mtok >= (0)::numeric))),
     CONSTRAINT prices_model_limits_positive CHECK ((((context_window IS NULL) OR (context_window > 0)) AND ((max_input_tokens IS NULL) OR (max_input_tokens > 0)) AND ((max_output_tokens IS NULL) OR (max_output_tokens > 0)))),
     CONSTRAINT prices_nonnegative CHECK (((input_per_mtok >= (0)::numeric) AND (output_per_mtok >= (0)::numeric)))
 );

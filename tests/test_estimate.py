@@ -26,7 +26,7 @@ from batchdb.workers.outcomes import RetryPolicy
 from batchdb.workers.worker import Worker, WorkerConfig
 
 PROMPT = "Classify the sentiment of: {headline}"
-GPT_4O_MINI = Price.of("0.15", "0.60", "0.075", "0.5")
+GPT_4O_MINI = Price.of("0.15", "0.60", cached_input_per_mtok="0.075", batch_discount="0.5")
 
 
 def headlines(n: int) -> pd.DataFrame:

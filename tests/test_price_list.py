@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import shlex
 from decimal import Decimal
 from pathlib import Path
 
@@ -139,6 +140,18 @@ def test_a_map_that_cannot_be_read_is_named(tmp_path: Path, content: str, messag
     assert str(refused.value).startswith(f"{path}: ")
 
 
+def test_a_map_older_than_the_prices_it_would_replace_is_pointed_out(conn: psycopg.Connection, tmp_path: Path) -> None:
+    conn.execute("UPDATE batchdb.prices SET as_of = '2026-12-01' WHERE model = 'gpt-4o-mini' AND provider = 'openai'")
+    planned = price_list.plan(conn, price_list.read_price_map(write_map(tmp_path), as_of=datetime.date(2026, 6, 1)))
+    assert planned.text().splitlines()[-1] == (
+        "note: 1 of these changes replace prices dated after this map (up to 2026-12-01); check it is the map you meant"
+    )
+    bad = {"gpt-x": {"litellm_provider": "openai", "input_cost_per_token": 1e-06, "output_cost_per_token": 1e-06,
+                     "input_cost_per_token_batches": 2e-06}}  # fmt: skip
+    with pytest.raises(price_list.PriceListError, match=r"gpt-x\.input_cost_per_token_batches: .* above the price"):
+        price_list.read_price_map(write_map(tmp_path, bad))
+
+
 def test_a_change_of_one_field_keeps_the_others(conn: psycopg.Connection, tmp_path: Path) -> None:
     only_cached = {"gpt-4o-mini": {"litellm_provider": "openai", "cache_read_input_token_cost": 5e-08}}
     path = write_map(tmp_path, {**only_cached, "gpt-9": LITELLM_MAP["gpt-9"]})
@@ -171,7 +184,10 @@ def test_the_cli_shows_the_plan_and_writes_with_yes(dsn: str, conn: psycopg.Conn
     shown = runner.invoke(cli, ["prices", "update", str(path), "--as-of", "2026-11-30", "--dsn", dsn])
     assert shown.exit_code == 0, shown.output
     assert "1 to change" in shown.output and "3 to add" in shown.output
-    assert shown.output.splitlines()[-1] == f"nothing written; to write it, run: batchdb prices update {path} --yes"
+    assert shown.output.splitlines()[-1] == (
+        f"nothing written; to write it, run: batchdb prices update {path} --as-of 2026-11-30 "
+        f"--dsn {shlex.quote(dsn)} --yes"
+    )
     assert price(conn, "openai", "gpt-9") is None
 
     written = runner.invoke(cli, ["prices", "update", str(path), "--as-of", "2026-11-30", "--yes", "--dsn", dsn])

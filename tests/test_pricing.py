@@ -39,7 +39,7 @@ TOKENS = [
 def test_python_and_sql_price_a_call_the_same(conn: psycopg.Connection) -> None:
     checked = 0
     for input_price, cached_price, output_price, discount in PRICES:
-        price = Price.of(input_price, output_price, cached_price, discount)
+        price = Price.of(input_price, output_price, cached_input_per_mtok=cached_price, batch_discount=discount)
         assert price is not None
         for prompt, cached, completion in TOKENS:
             for batch in (False, True):
@@ -55,7 +55,7 @@ def test_python_and_sql_price_a_call_the_same(conn: psycopg.Connection) -> None:
 
 
 def test_cached_tokens_cost_the_cached_price_and_batch_calls_the_discounted_one() -> None:
-    price = Price.of("2.00", "8.00", "0.50", "0.5")
+    price = Price.of("2.00", "8.00", cached_input_per_mtok="0.50", batch_discount="0.5")
     assert price is not None
     # 1,000 prompt tokens of which 600 cached: 400 x 2.00 + 600 x 0.50 = 1,100 per million.
     assert price.cost_usd(1_000, 0, cached_tokens=600) == Decimal("0.0011")
@@ -78,7 +78,9 @@ def test_an_unknown_price_is_no_cost_not_zero(conn: psycopg.Connection) -> None:
     for missing in (None, math.nan, pd.NA, float("inf")):
         assert Price.of(missing, "0.60") is None
         assert Price.of("0.15", missing) is None
-        assert Price.of("0.15", "0.60", missing, missing) == Price(Decimal("0.15"), Decimal("0.60"))
+        assert Price.of("0.15", "0.60", cached_input_per_mtok=missing, batch_discount=missing) == Price(
+            Decimal("0.15"), Decimal("0.60")
+        )
     assert Price.of(0.15, Decimal("0.6")) == Price(Decimal("0.15"), Decimal("0.6"))
 
 
@@ -146,7 +148,7 @@ def test_prompt_cache_hits_are_recorded_and_priced_at_the_cached_price(conn: psy
     config = WorkerConfig(dsn=conn.info.dsn, concurrency=1, retry=RetryPolicy(0.05, 0.2), exit_when_idle=True)
     asyncio.run(Worker(config, providers={"openai": provider}).run())  # type: ignore[dict-item]
 
-    price = Price.of("0.15", "0.60", "0.075", "0.5")
+    price = Price.of("0.15", "0.60", cached_input_per_mtok="0.075", batch_discount="0.5")
     assert price is not None
     rows = conn.execute(
         "SELECT prompt_tokens, cached_tokens, completion_tokens, cost_usd FROM batchdb.requests "

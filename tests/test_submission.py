@@ -291,6 +291,11 @@ def test_every_arrow_type_is_stored_as_exact_json_and_comes_back_typed(
             "tags": [["a", "b"], []],
             "meta": [{"k": 1, "v": "x"}, None],
             "kind": pa.array(["u", "v"]).dictionary_encode(),
+            "nested": pa.array(
+                [{"x": float("nan"), "y": [0.1]}, None],
+                pa.struct([("x", pa.float64()), ("y", pa.list_(pa.float32()))]),
+            ),
+            "took": pa.array([datetime.timedelta(seconds=1.5), None], pa.duration("ms")),
         }
     )
     job = batchdb.submit(table, prompt="{text} {ts} {price}", model="m", provider="instant", dsn=dsn)
@@ -313,6 +318,8 @@ def test_every_arrow_type_is_stored_as_exact_json_and_comes_back_typed(
         "tags": ["a", "b"],
         "meta": {"k": 1, "v": "x"},
         "kind": "u",
+        "nested": {"x": None, "y": [0.1]},  # NaN nested is null too; a float32 keeps its own digits
+        "took": 1.5,  # seconds
     }
     assert second == {
         "text": "é",
@@ -326,6 +333,8 @@ def test_every_arrow_type_is_stored_as_exact_json_and_comes_back_typed(
         "tags": [],
         "meta": None,
         "kind": "v",
+        "nested": None,
+        "took": None,
     }
     drain()
     results = job.results()

@@ -707,7 +707,10 @@ class Worker:
             params,
             row["budget_usd"],
             Price.of(
-                row["input_per_mtok"], row["output_per_mtok"], row["cached_input_per_mtok"], row["batch_discount"]
+                row["input_per_mtok"],
+                row["output_per_mtok"],
+                cached_input_per_mtok=row["cached_input_per_mtok"],
+                batch_discount=row["batch_discount"],
             ),
             now,
             ResponseValidator.for_params(params),
