@@ -806,18 +806,18 @@ def load_cost(dsn: str | None, *, engine: Engine = "psycopg") -> dict[str, Any]:
 
 def price_dates(jobs_df: pd.DataFrame) -> list[str]:
     """One line per date the jobs' prices are as of (batchdb prices update records it), oldest first:
-    "2026-12-07 (batchdb/price_list.json): openai/gpt-4o-mini, ..."; "not recorded: ..." for the rest."""
+    "as of 2026-12-07 (batchdb/price_list.json): openai/gpt-4o-mini, ..."; "no date recorded: ..." for the rest."""
     if jobs_df.empty:
         return []
     lines = []
     models = jobs_df[["provider", "model", "price_as_of", "price_source"]].drop_duplicates(["provider", "model"])
     models = models.assign(
         when=[
-            "not recorded" if pd.isna(as_of) else f"{as_of} ({source})"
+            "no date recorded" if pd.isna(as_of) else f"as of {as_of} ({source})"
             for as_of, source in zip(models["price_as_of"], models["price_source"], strict=True)
         ]
     )
-    for when, group in sorted(models.groupby("when"), key=lambda item: (item[0] == "not recorded", item[0])):
+    for when, group in sorted(models.groupby("when"), key=lambda item: (item[0] == "no date recorded", item[0])):
         names = ", ".join(sorted(f"{p}/{m}" for p, m in zip(group["provider"], group["model"], strict=True)))
         lines.append(f"{when}: {names}")
     return lines

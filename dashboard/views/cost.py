@@ -52,8 +52,9 @@ with ui.database_guard():
         st.subheader("By model")
         ui.table(data["by_model"], share=0.5, column_config={"cost_usd": ui.USD})
         st.caption(
-            "Prices as of " + "; ".join(data["price_dates"]) + ". `batchdb prices update FILE` refreshes them "
-            "from a price map (LiteLLM's format)."
+            "List prices in batchdb.prices (" + "; ".join(data["price_dates"]) + ") price the estimate "
+            "of queued work; recorded costs used the price at each completion. `batchdb prices update FILE` "
+            "refreshes them from a price map (LiteLLM's format)."
         )
 
     st.subheader("By job")

@@ -212,16 +212,18 @@ def test_cost_page_numbers_match_sql(seeded, sql) -> None:
     assert shown["Queued work (estimate)"] == f"${queued['estimated_usd'].sum():,.4f}"
     # The price date of each model the jobs use: the seeds record none until `batchdb prices update`.
     models = sql.all("SELECT DISTINCT provider || '/' || model AS m FROM batchdb.jobs ORDER BY 1")
-    caption = next(c.value for c in at.caption if c.value.startswith("Prices as of"))
-    assert caption.startswith("Prices as of not recorded: " + ", ".join(r["m"] for r in models) + ".")
+    caption = next(c.value for c in at.caption if c.value.startswith("List prices"))
+    assert caption.startswith(
+        "List prices in batchdb.prices, dated no date recorded: " + ", ".join(r["m"] for r in models)
+    )
     with psycopg.connect(sql.dsn, autocommit=True) as conn:
         conn.execute(
             "UPDATE batchdb.prices SET as_of = '2026-12-01', source = 'prices.json' WHERE model = 'gpt-4o-mini'"
             " AND provider = 'openai'"
         )
     st.cache_data.clear()  # the page caches its reads for the refresh interval
-    dated = next(c.value for c in open_page(PAGES[4]).caption if c.value.startswith("Prices as of"))
-    assert "2026-12-01 (prices.json): openai/gpt-4o-mini" in dated
+    dated = next(c.value for c in open_page(PAGES[4]).caption if c.value.startswith("List prices"))
+    assert "as of 2026-12-01 (prices.json): openai/gpt-4o-mini" in dated
 
 
 def test_providers_page_says_why_a_lane_is_not_moving(dsn: str, sql) -> None:
