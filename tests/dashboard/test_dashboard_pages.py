@@ -213,9 +213,7 @@ def test_cost_page_numbers_match_sql(seeded, sql) -> None:
     # The price date of each model the jobs use: the seeds record none until `batchdb prices update`.
     models = sql.all("SELECT DISTINCT provider || '/' || model AS m FROM batchdb.jobs ORDER BY 1")
     caption = next(c.value for c in at.caption if c.value.startswith("List prices"))
-    assert caption.startswith(
-        "List prices in batchdb.prices, dated no date recorded: " + ", ".join(r["m"] for r in models)
-    )
+    assert caption.startswith("List prices in batchdb.prices (no date recorded: " + ", ".join(r["m"] for r in models))
     with psycopg.connect(sql.dsn, autocommit=True) as conn:
         conn.execute(
             "UPDATE batchdb.prices SET as_of = '2026-12-01', source = 'prices.json' WHERE model = 'gpt-4o-mini'"
