@@ -7,9 +7,13 @@ enforces RPM/TPM/RPD with real 429s, injects faults and records what it served.
 Modules: `config` (what to simulate), `limits` (the rate limiter and its exact
 semantics), `tokens` (prompt counting), `content` (generated text/JSON),
 `responses` (wire formats), `prompt_cache` (cached prompt tokens, as the
-providers' automatic prefix caching reports them), `recorder` (stats), `state`
-(one run's state and random streams), `server` (aiohttp routes), `process` (run
-it as a subprocess), `__main__` (the command line).
+providers' automatic prefix caching reports them), `answers` (the checks and
+answer of a chat / generateContent request, shared by online routes and batches),
+`batches` (the Batch APIs: files, batches and their life in compressed time),
+`batch_routes` (their HTTP routes), `recorder` (stats), `state` (one run's state
+and random streams), `server` (aiohttp routes), `process` (run it as a
+subprocess), `__main__` (the command line). docs/simulator.md describes the
+Batch API routes and settings.
 """
 
 from batchdb.simulator.config import Distribution, ErrorRates, LimitRule, Limits, Outage, SimulatorConfig

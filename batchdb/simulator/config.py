@@ -214,6 +214,33 @@ class SimulatorConfig:
     prompt_cache_min_tokens_gemini: int = 2048
     # Hits cover the minimum plus whole steps of this many tokens (OpenAI: 1,024, 1,152, 1,280, ...).
     prompt_cache_step_tokens: int = 128
+    # -- Batch APIs (batchdb.simulator.batches: OpenAI / Azure Batch API, Gemini Batch Mode) -------
+    # Real batches take minutes to hours inside a 24 h (OpenAI) / 48 h (Gemini) window; here the
+    # whole life of a batch is compressed into seconds so tests can watch every state.
+    # Seconds a batch spends validating (OpenAI "validating", Gemini BATCH_STATE_PENDING).
+    batch_validation_s: float = 0.1
+    # Seconds its lines take once running; they finish evenly spread over this time, in file order.
+    batch_duration_s: Distribution = Distribution(kind="uniform", low=1.0, high=2.0)
+    # Seconds in "finalizing" after the last line, before "completed" (OpenAI / Azure).
+    batch_finalizing_s: float = 0.1
+    # Seconds in "cancelling" after a cancel (OpenAI / Azure); lines due by its end still finish.
+    batch_cancelling_s: float = 0.2
+    # The completion window (OpenAI's 24 h, Gemini's 48 h), compressed: a batch not done by then
+    # expires. Azure OpenAI does not expire batches (its documentation says so), whatever this is.
+    batch_window_s: float = 30.0
+    # Share of lines answered with a 500 server_error instead of a completion (partial failures).
+    batch_error_rate: float = 0.0
+    # Enqueued prompt tokens allowed per (key, model) across unfinished batches (OpenAI's per-model
+    # "batch queue limit", Azure's enqueued-token quota, Gemini's batch enqueued tokens); None =
+    # unlimited. batch_queue_tokens_by_model overrides it per model.
+    batch_queue_tokens: int | None = None
+    batch_queue_tokens_by_model: Mapping[str, int] = field(default_factory=dict)
+    # Requests per input file; None = the provider's (OpenAI 50,000; Azure 100,000; Gemini no limit).
+    batch_max_requests: int | None = None
+    # Input file size in bytes; None = the provider's (OpenAI / Azure 200 MB; Gemini 2 GB).
+    batch_max_file_bytes: int | None = None
+    # Size of a Gemini batchGenerateContent request with inlined requests (20 MB).
+    batch_max_inline_bytes: int = 20 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if self.burst_window_s <= 0 or self.burst_window_s > 60:
@@ -233,6 +260,20 @@ class SimulatorConfig:
             < 1
         ):
             raise ValueError("prompt_cache_min_tokens_* and prompt_cache_step_tokens must be positive")
+        if min(self.batch_validation_s, self.batch_finalizing_s, self.batch_cancelling_s) < 0:
+            raise ValueError("batch_validation_s, batch_finalizing_s and batch_cancelling_s must be >= 0")
+        if self.batch_window_s <= 0:
+            raise ValueError("batch_window_s must be positive")
+        if not 0 <= self.batch_error_rate <= 1:
+            raise ValueError("batch_error_rate must be in [0, 1]")
+        limits = [self.batch_queue_tokens, self.batch_max_requests, self.batch_max_file_bytes]
+        limits += [self.batch_max_inline_bytes, *self.batch_queue_tokens_by_model.values()]
+        if any(limit is not None and limit < 1 for limit in limits):
+            raise ValueError("batch limits must be positive (or null for the provider's)")
+
+    def batch_queue_limit(self, model: str) -> int | None:
+        """Enqueued prompt tokens allowed for ``model`` per key (None: unlimited)."""
+        return self.batch_queue_tokens_by_model.get(model, self.batch_queue_tokens)
 
     def context_window_for(self, model: str) -> int:
         if model in self.context_windows:
@@ -246,6 +287,7 @@ class SimulatorConfig:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["context_windows"] = dict(self.context_windows)
+        data["batch_queue_tokens_by_model"] = dict(self.batch_queue_tokens_by_model)
         return data
 
     def to_json(self) -> str:
@@ -314,4 +356,15 @@ _CONFIG_FIELDS: dict[str, Callable[[Any], Any]] = {
     "prompt_cache_min_tokens_openai": int,
     "prompt_cache_min_tokens_gemini": int,
     "prompt_cache_step_tokens": int,
+    "batch_validation_s": float,
+    "batch_duration_s": lambda v: _from_mapping(Distribution, v),
+    "batch_finalizing_s": float,
+    "batch_cancelling_s": float,
+    "batch_window_s": float,
+    "batch_error_rate": float,
+    "batch_queue_tokens": _optional(int),
+    "batch_queue_tokens_by_model": lambda v: {str(k): int(n) for k, n in dict(v).items()},
+    "batch_max_requests": _optional(int),
+    "batch_max_file_bytes": _optional(int),
+    "batch_max_inline_bytes": int,
 }

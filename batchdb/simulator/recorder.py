@@ -33,8 +33,18 @@ COUNTERS = (
     "completion_tokens",  # of accepted requests
     "charged_tokens",  # what admitted requests cost against TPM
     "cached_tokens",  # of accepted requests: prompt tokens reported as cached (included in prompt_tokens)
+    # Lines of batches (Batch APIs), counted apart: they bill at the batch price and use no online quota.
+    # A line counts in the second it was answered; the online counters above never include it.
+    "batch_requests",  # lines answered (succeeded or failed; not expired or cancelled lines)
+    "batch_failed",  # of those, answered with an error (injected server error, 400 for the line)
+    "batch_prompt_tokens",  # of succeeded lines
+    "batch_completion_tokens",  # of succeeded lines
+    "batch_cached_tokens",  # of succeeded lines (included in batch_prompt_tokens)
 )
-_REQUESTS, _ADMITTED, _ACCEPTED, _RATE_LIMITED, _ERRORS, _PROMPT, _COMPLETION, _CHARGED, _CACHED = range(len(COUNTERS))
+(
+    _REQUESTS, _ADMITTED, _ACCEPTED, _RATE_LIMITED, _ERRORS, _PROMPT, _COMPLETION, _CHARGED, _CACHED,
+    _BATCH_REQUESTS, _BATCH_FAILED, _BATCH_PROMPT, _BATCH_COMPLETION, _BATCH_CACHED,
+) = range(len(COUNTERS))  # fmt: skip
 _COLUMN = {
     Outcome.ACCEPTED: _ACCEPTED,
     Outcome.RATE_LIMITED: _RATE_LIMITED,
@@ -60,9 +70,7 @@ class Recorder:
         completion_tokens: int = 0,
         cached_tokens: int = 0,
     ) -> None:
-        bucket = self._buckets.get((second, key, model))
-        if bucket is None:
-            bucket = self._buckets[(second, key, model)] = [0] * len(COUNTERS)
+        bucket = self._bucket(second, key, model)
         bucket[_REQUESTS] += 1
         bucket[_COLUMN.get(outcome, _ERRORS)] += 1
         if admitted:
@@ -73,6 +81,33 @@ class Recorder:
             bucket[_COMPLETION] += completion_tokens
             bucket[_CACHED] += cached_tokens
         self._outcomes[outcome] += 1
+
+    def record_batch_line(
+        self,
+        second: int,
+        key: str,
+        model: str,
+        *,
+        ok: bool,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        cached_tokens: int = 0,
+    ) -> None:
+        """One answered line of a batch; tokens count for succeeded lines only (what is billed)."""
+        bucket = self._bucket(second, key, model)
+        bucket[_BATCH_REQUESTS] += 1
+        if ok:
+            bucket[_BATCH_PROMPT] += prompt_tokens
+            bucket[_BATCH_COMPLETION] += completion_tokens
+            bucket[_BATCH_CACHED] += cached_tokens
+        else:
+            bucket[_BATCH_FAILED] += 1
+
+    def _bucket(self, second: int, key: str, model: str) -> list[int]:
+        bucket = self._buckets.get((second, key, model))
+        if bucket is None:
+            bucket = self._buckets[(second, key, model)] = [0] * len(COUNTERS)
+        return bucket
 
     def stats(self, *, include_series: bool = True) -> dict[str, Any]:
         """``totals``, ``outcomes``, ``by_key_model`` and (optionally) the per-second ``series``."""

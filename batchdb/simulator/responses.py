@@ -317,6 +317,27 @@ def gemini_quota_exhausted(model: str, seconds_to_reset: float) -> Reply:
     )
 
 
+def gemini_batch_quota_exceeded() -> Reply:
+    """A batch whose tokens would pass the enqueued-token quota: 429 at creation, as Gemini answers it."""
+    return gemini_error(
+        429,
+        "You exceeded your current quota, please check your plan and billing details. For more information on "
+        "this error, head to: https://ai.google.dev/gemini-api/docs/rate-limits. To monitor your current usage, "
+        "head to: https://ai.dev/rate-limit. ",
+        [
+            {
+                "@type": "type.googleapis.com/google.rpc.Help",
+                "links": [
+                    {
+                        "description": "Learn more about Gemini API quotas",
+                        "url": "https://ai.google.dev/gemini-api/docs/rate-limits",
+                    }
+                ],
+            }
+        ],
+    )
+
+
 def gemini_server_error(status: int) -> Reply:
     if status == 503:
         return gemini_error(503, "The model is overloaded. Please try again later.")

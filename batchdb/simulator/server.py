@@ -5,7 +5,9 @@ streams); the aiohttp handlers only translate between the wire and it. Every
 provider request goes through the same steps, in the order real providers apply
 them: key -> body -> quota -> outage -> validation (context window) -> rate limit
 (charged on arrival) -> injected fault -> latency -> prompt cache (cached tokens of a
-served prompt) -> generated response.
+served prompt) -> generated response. The request checks and the generated response
+live in `answers`, which the Batch APIs (`batch_routes`, `batches`) share, so a batch
+line is answered exactly as the online route would answer it, less the rate limits.
 """
 
 from __future__ import annotations
@@ -15,22 +17,22 @@ import contextlib
 import json
 import logging
 import os
-import random
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import web
 
-from batchdb.simulator import content, prompt_cache, responses
+from batchdb.simulator import answers, content, responses
+from batchdb.simulator.batch_routes import BatchRoutes
 from batchdb.simulator.config import SimulatorConfig
 from batchdb.simulator.limits import pacific_day
 from batchdb.simulator.recorder import Outcome
 from batchdb.simulator.responses import Reply
 from batchdb.simulator.state import RESET, Simulator
-from batchdb.tokens import count_embedding_input, count_gemini_contents, count_openai_messages
+from batchdb.tokens import count_embedding_input, count_gemini_contents
 
 log = logging.getLogger("batchdb.simulator")
 
@@ -73,35 +75,6 @@ def _bearer(request: web.Request) -> str | None:
     return None
 
 
-def _openai_json_mode(response_format: Any) -> Any:
-    if not isinstance(response_format, dict):
-        return None
-    kind = response_format.get("type")
-    if kind == "json_object":
-        return "object"
-    if kind == "json_schema":
-        spec = response_format.get("json_schema") or {}
-        schema = spec.get("schema") if isinstance(spec, dict) else None
-        return schema if isinstance(schema, dict) else "object"
-    return None
-
-
-def _gemini_json_mode(generation_config: dict[str, Any]) -> Any:
-    schema = generation_config.get("responseJsonSchema") or generation_config.get("responseSchema")
-    if isinstance(schema, dict):
-        return schema
-    if generation_config.get("responseMimeType") == "application/json":
-        return "object"
-    return None
-
-
-def _positive_int(value: Any) -> int | None:
-    """``value`` if it is a positive int, else None (also for absent values)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        return None
-    return value
-
-
 # -- Routes -------------------------------------------------------------------------
 
 
@@ -110,6 +83,7 @@ class Routes:
 
     def __init__(self, sim: Simulator) -> None:
         self.sim = sim
+        self.batch_routes = BatchRoutes(sim)
 
     # OpenAI and Azure OpenAI ------------------------------------------------------
 
@@ -191,25 +165,12 @@ class Routes:
             return checked
         body, key, model = checked
 
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
+        plan = answers.check_openai_chat(sim, body, model)
+        if isinstance(plan, Reply):
             sim.recorder.record(second, key, model, Outcome.CLIENT_ERROR)
-            return _respond(responses.openai_bad_request("'messages' must be a non-empty array.", "messages"))
-        raw_max = body.get("max_completion_tokens")
-        if raw_max is None:
-            raw_max = body.get("max_tokens")
-        max_tokens = _positive_int(raw_max)
-        n_choices = _positive_int(1 if body.get("n") is None else body["n"])
-        if (raw_max is not None and max_tokens is None) or n_choices is None:
-            sim.recorder.record(second, key, model, Outcome.CLIENT_ERROR)
-            return _respond(responses.openai_bad_request("max_tokens and n must be positive integers."))
-        prompt_tokens, prompt_text = count_openai_messages(messages, body.get("tools"))
-        window = config.context_window_for(model)
-        if prompt_tokens + (max_tokens or 0) > window:
-            sim.recorder.record(second, key, model, Outcome.CLIENT_ERROR)
-            return _respond(responses.openai_context_length(window, prompt_tokens, max_tokens or 0))
+            return _respond(plan)
 
-        charge = prompt_tokens + (max_tokens if max_tokens is not None else config.default_max_tokens)
+        charge = plan.prompt_tokens + (plan.max_tokens if plan.max_tokens is not None else config.default_max_tokens)
         verdict = sim.limiter.admit(key, model, charge, now)
         headers = responses.rate_limit_headers(verdict.state)
         if not verdict.allowed:
@@ -219,39 +180,22 @@ class Routes:
         if failed is not None:
             return failed
 
-        tools = body.get("tools")
-        cached_tokens = sim.cached_prompt_tokens(
-            ("azure" if deployment is not None else "openai", key, model),
-            prompt_tokens,
-            config.prompt_cache_min_tokens_openai,
-            lambda: prompt_cache.openai_prompt_ids(messages, tools),
+        answer = answers.answer_openai_chat(
+            sim,
+            plan,
+            model=model,
+            cache_scope=("azure" if deployment is not None else "openai", key, model),
+            draw_broken=sim.draw_broken_json,
+            response_id=sim.next_id("chatcmpl-"),
         )
-        json_mode = _openai_json_mode(body.get("response_format"))
-        broken = json_mode is not None and sim.draw_broken_json()
-        rng = random.Random(content.seed_for(config.seed, body.get("seed"), model, prompt_text))
-        cap = max_tokens if max_tokens is not None else window - prompt_tokens
-        choices: list[tuple[str, str]] = []
-        completion_tokens = 0
-        for _ in range(n_choices):
-            generated = sim.generate(rng, json_mode, cap, broken)
-            choices.append((generated.text, "length" if generated.truncated else "stop"))
-            completion_tokens += generated.completion_tokens
         sim.recorder.record(
             second, key, model, Outcome.ACCEPTED, admitted=True, charged_tokens=charge,
-            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cached_tokens=cached_tokens,
+            prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens,
+            cached_tokens=answer.cached_tokens,
         )  # fmt: skip
-        reply_body = responses.openai_chat(
-            response_id=sim.next_id("chatcmpl-"),
-            model=model,
-            created=int(time.time()),
-            choices=choices,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            cached_tokens=cached_tokens,
-        )
         headers["x-request-id"] = sim.next_id("req_")
         headers["openai-processing-ms"] = str(int((sim.now() - now) * 1000))
-        return _respond(Reply(200, reply_body), headers)
+        return _respond(Reply(200, answer.body), headers)
 
     async def _embeddings(self, request: web.Request, *, key: str | None, deployment: str | None) -> web.StreamResponse:
         sim, config = self.sim, self.sim.config
@@ -263,7 +207,7 @@ class Routes:
         body, key, model = checked
         prompt_tokens, texts = count_embedding_input(body.get("input"))
         dimensions = body.get("dimensions", config.embedding_dimensions)
-        if not texts or _positive_int(dimensions) is None:
+        if not texts or answers.positive_int(dimensions) is None:
             sim.recorder.record(second, key, model, Outcome.CLIENT_ERROR)
             return _respond(responses.openai_bad_request("'input' must be a non-empty string or array.", "input"))
 
@@ -293,6 +237,8 @@ class Routes:
         model, _, action = request.match_info["target"].partition(":")
         if action == "generateContent":
             return await self._gemini_generate(request, model)
+        if action == "batchGenerateContent":
+            return await self.batch_routes.gemini_create_batch(request, model)
         if action == "countTokens":
             body = await _read_json(request)
             body = body if isinstance(body, dict) else {}
@@ -326,53 +272,33 @@ class Routes:
             sim.recorder.record(second, key, model, Outcome.OUTAGE)
             return _respond(responses.gemini_server_error(outage))
 
-        contents = body.get("contents")
-        generation_config = body.get("generationConfig") or {}
-        if not contents or not isinstance(generation_config, dict):
+        plan = answers.check_gemini_generate(sim, body, model)
+        if isinstance(plan, Reply):
             sim.recorder.record(second, key, model, Outcome.CLIENT_ERROR)
-            return _respond(responses.gemini_error(400, "* GenerateContentRequest.contents: contents is not specified"))
-        prompt_tokens, prompt_text = count_gemini_contents(contents, body.get("systemInstruction"))
-        window = config.context_window_for(model)
-        if prompt_tokens > window:
-            sim.recorder.record(second, key, model, Outcome.CLIENT_ERROR)
-            return _respond(responses.gemini_context_length(window, prompt_tokens))
+            return _respond(plan)
 
-        verdict = sim.limiter.admit(key, model, prompt_tokens, now)
+        verdict = sim.limiter.admit(key, model, plan.prompt_tokens, now)
         if not verdict.allowed:
             sim.recorder.record(second, key, model, Outcome.RATE_LIMITED)
             return _respond(responses.gemini_rate_limited(verdict, model))
-        failed = await self._admitted(request, key, model, prompt_tokens, now, {}, gemini=True)
+        failed = await self._admitted(request, key, model, plan.prompt_tokens, now, {}, gemini=True)
         if failed is not None:
             return failed
 
-        cached_tokens = 0
-        if prompt_cache.gemini_caches_implicitly(model):
-            system_instruction = body.get("systemInstruction")
-            cached_tokens = sim.cached_prompt_tokens(
-                ("gemini", key, model),
-                prompt_tokens,
-                config.prompt_cache_min_tokens_gemini,
-                lambda: prompt_cache.gemini_prompt_ids(contents, system_instruction),
-            )
-        json_mode = _gemini_json_mode(generation_config)
-        broken = json_mode is not None and sim.draw_broken_json()
-        rng = random.Random(content.seed_for(config.seed, generation_config.get("seed"), model, prompt_text))
-        max_output = _positive_int(generation_config.get("maxOutputTokens"))
-        generated = sim.generate(rng, json_mode, max_output if max_output is not None else window, broken)
-        sim.recorder.record(
-            second, key, model, Outcome.ACCEPTED, admitted=True, charged_tokens=prompt_tokens,
-            prompt_tokens=prompt_tokens, completion_tokens=generated.completion_tokens, cached_tokens=cached_tokens,
-        )  # fmt: skip
-        reply = responses.gemini_generate(
+        answer = answers.answer_gemini_generate(
+            sim,
+            plan,
             model=model,
+            cache_scope=("gemini", key, model),
+            draw_broken=sim.draw_broken_json,
             response_id=sim.next_id("sim-"),
-            text=generated.text,
-            finish_reason="MAX_TOKENS" if generated.truncated else "STOP",
-            prompt_tokens=prompt_tokens,
-            completion_tokens=generated.completion_tokens,
-            cached_tokens=cached_tokens,
         )
-        return _respond(Reply(200, reply))
+        sim.recorder.record(
+            second, key, model, Outcome.ACCEPTED, admitted=True, charged_tokens=plan.prompt_tokens,
+            prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens,
+            cached_tokens=answer.cached_tokens,
+        )  # fmt: skip
+        return _respond(Reply(200, answer.body))
 
     # Control ----------------------------------------------------------------------------
 
@@ -401,14 +327,38 @@ class Routes:
         return web.json_response(config.to_dict())
 
 
+async def _answer_batches_in_background(app: web.Application) -> AsyncIterator[None]:
+    """Answer due batch lines a slice at a time between requests, so that reading a large batch
+    (50,000 lines is seconds of generation) seldom has much left to do. Reads still bring a batch
+    fully up to date themselves; this only moves the work earlier, never changes it."""
+    sim: Simulator = app["simulator"]
+
+    async def tick() -> None:
+        while True:
+            busy = sim.batches.advance_all(sim.now(), budget=_BATCH_SLICE) >= _BATCH_SLICE
+            await asyncio.sleep(0 if busy else 0.05)
+
+    task = asyncio.create_task(tick())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+_BATCH_SLICE = 200  # lines per background slice: ~20 ms of generation
+
+
 def build_app(config: SimulatorConfig | Simulator) -> web.Application:
     """The aiohttp application; pass a `Simulator` to keep a handle on its state."""
     sim = config if isinstance(config, Simulator) else Simulator(config)
     routes = Routes(sim)
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    # Room for a batch input file at OpenAI's 200 MB limit (and Gemini's 20 MB inline batches).
+    app = web.Application(client_max_size=256 * 1024 * 1024)
     app["simulator"] = sim
+    app.cleanup_ctx.append(_answer_batches_in_background)
     app.add_routes(
         [
+            *routes.batch_routes.routes(),
             web.post("/v1/chat/completions", routes.openai_chat),
             web.post("/v1/embeddings", routes.openai_embeddings),
             web.post("/openai/deployments/{deployment}/chat/completions", routes.azure_chat),

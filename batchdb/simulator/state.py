@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from batchdb.simulator import content
+from batchdb.simulator.batches import BatchStore
 from batchdb.simulator.config import SimulatorConfig
 from batchdb.simulator.limits import RateLimiter
 from batchdb.simulator.prompt_cache import PromptCache
@@ -47,7 +48,8 @@ class Simulator:
         self.reset()
 
     def reset(self) -> None:
-        """Fresh counters, full buckets, an empty prompt cache, reseeded streams; second 0 starts now."""
+        """Fresh counters, full buckets, an empty prompt cache, no files or batches, reseeded streams;
+        second 0 starts now."""
         self.start = self._clock()
         self.started_at = time.time()
         self.limiter = RateLimiter(self.config, start=self.start)
@@ -55,6 +57,7 @@ class Simulator:
         self.prompt_cache = PromptCache()
         self.outage_anchor = self.start
         self._reseed()
+        self.batches = BatchStore(self)  # after _reseed: it draws ids from the run's counter
 
     def _reseed(self) -> None:
         seed = self.config.seed
@@ -121,11 +124,14 @@ class Simulator:
         prompt_tokens: int,
         minimum: int,
         prompt_ids: Callable[[], Sequence[int]],
+        *,
+        now: float | None = None,
     ) -> int:
         """Prompt tokens this served request reports as cached, and remember its prefixes.
 
         ``scope`` is (route, key, model). A prompt under ``minimum`` (or the cache switched
         off) answers 0 before ``prompt_ids`` is called, so short prompts cost nothing.
+        ``now`` is when the request is served (a batch line's due time), default the clock.
         """
         config = self.config
         if not config.prompt_cache or prompt_tokens < minimum:
@@ -137,7 +143,7 @@ class Simulator:
             minimum=minimum,
             step=config.prompt_cache_step_tokens,
             ttl_s=config.prompt_cache_ttl_s,
-            now=self._clock(),
+            now=self._clock() if now is None else now,
         )
 
     def generate(self, rng: random.Random, json_mode: Any, cap: int, broken: bool) -> Generated:
@@ -159,6 +165,7 @@ class Simulator:
 
     def stats(self, *, include_series: bool = True) -> dict[str, Any]:
         now = self._clock()
+        self.batches.advance_all(now)  # batch lines due by now are counted, even if no one polled them
         return {
             "started_at": self.started_at,
             "elapsed_s": now - self.start,
