@@ -723,9 +723,13 @@ def drill_result_write_failures(setup: Setup, *, sqlstate: str = "P0001", fault_
             _ddl(conn, "DROP TRIGGER drill_refuse_result ON batchdb.results")
             fault_end = time.monotonic()
             job.wait(timeout=300)
-            refused_rows = conn.execute(
-                "SELECT count(*) FROM batchdb.requests WHERE job_id = %s AND id %% 5 = 0 AND attempts > 1", (job.id,)
-            ).fetchone()[0]
+            # Each refusal sends its row back to be called again: the bound is the calls made again
+            # (a row refused twice, when its second try also fell in the fault, counts twice).
+            refused_rows, resent = conn.execute(
+                "SELECT count(*), coalesce(sum(attempts - 1), 0) FROM batchdb.requests "
+                "WHERE job_id = %s AND id %% 5 = 0 AND attempts > 1",
+                (job.id,),
+            ).fetchone()
             raised = conn.execute("SELECT last_value, is_called FROM public.drill_refused_writes").fetchone()
         recovery = sampler.recovery(fault_start, fault_end)
         raised_n = raised[0] if raised[1] else 0
@@ -735,11 +739,11 @@ def drill_result_write_failures(setup: Setup, *, sqlstate: str = "P0001", fault_
             setup,
             job,
             sim,
-            refused_rows,
+            int(resent),
             recovery,
             began,
             note=f"every 5th row refused ({sqlstate}) for {fault_s:.0f} s: {raised_n} refusals, "
-            f"{refused_rows} rows retried",
+            f"{refused_rows} rows retried, {resent} calls made again",
         )
         if raised_n == 0:
             result.check.violations.append("the trigger never fired: the drill tested nothing")

@@ -17,8 +17,8 @@ LEADER = """
 import signal, subprocess, sys, time
 child = subprocess.Popen([sys.executable, "-c",
     "import signal, time; signal.signal(signal.SIGTERM, lambda *a: (time.sleep(1), exit(0))); time.sleep(600)"])
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))  # before saying it is up: the test signals at once
 print(child.pid, flush=True)
-signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
 time.sleep(600)
 """
 
@@ -26,14 +26,14 @@ time.sleep(600)
 def test_stopping_a_leader_stops_the_processes_it_started() -> None:
     leader = subprocess.Popen([sys.executable, "-c", LEADER], stdout=subprocess.PIPE, start_new_session=True)
     assert leader.stdout is not None
-    grandchild = psutil.Process(int(leader.stdout.readline()))
-    assert {p.pid for p in group_members(leader.pid)} == {leader.pid, grandchild.pid}
-    started = time.monotonic()
-    assert stop_process_groups([leader], grace=30) == [0]
-    assert not grandchild.is_running() or grandchild.status() == psutil.STATUS_ZOMBIE
-    assert group_members(leader.pid) == []
-    assert time.monotonic() - started < 30  # it stopped on SIGTERM; nothing waited out the grace period
-    leader.stdout.close()
+    with leader.stdout:
+        grandchild = psutil.Process(int(leader.stdout.readline()))
+        assert {p.pid for p in group_members(leader.pid)} == {leader.pid, grandchild.pid}
+        started = time.monotonic()
+        assert stop_process_groups([leader], grace=30) == [0]
+        assert not grandchild.is_running() or grandchild.status() == psutil.STATUS_ZOMBIE
+        assert group_members(leader.pid) == []
+        assert time.monotonic() - started < 30  # it stopped on SIGTERM; nothing waited out the grace period
 
 
 def test_a_group_that_ignores_sigterm_is_killed_after_the_grace_period() -> None:
@@ -46,6 +46,7 @@ def test_a_group_that_ignores_sigterm_is_killed_after_the_grace_period() -> None
         stdout=subprocess.PIPE,
         start_new_session=True,
     )
-    assert stubborn.stdout is not None and stubborn.stdout.readline()
-    assert stop_process_groups([stubborn], grace=1) == [-signal.SIGKILL]
-    stubborn.stdout.close()
+    assert stubborn.stdout is not None
+    with stubborn.stdout:
+        assert stubborn.stdout.readline()
+        assert stop_process_groups([stubborn], grace=1) == [-signal.SIGKILL]
