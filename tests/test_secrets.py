@@ -704,16 +704,18 @@ def dagster_texts(result: Any, instance: Any, home: Path) -> dict[str, str]:
     }
 
 
-def refused_key_resource() -> type:
+def refused_key_resource(logged: Callable[[], bool]) -> type:
     """A `BatchDBResource` whose wait, once its job waits behind the refused key's open circuit (what a
-    worker's first call brings about), gives up after a moment: the resource's timeout path, with its
-    warning and its failure naming the reason, without a fixed wait that a slow machine could outlast."""
+    worker's first call brings about) and the worker has logged it (`logged()`: the record is written
+    just after the commit the job's status shows, and must fall inside the step to reach its event
+    log), gives up after a moment: the resource's timeout path, with its warning and its failure
+    naming the reason, without a fixed wait that a slow machine could outlast."""
     from batchdb.dagster import BatchDBResource
 
     class RefusedKeyResource(BatchDBResource):
         def wait(self, context: Any, job: batchdb.Job, **options: Any) -> batchdb.JobProgress:
             deadline = time.monotonic() + 120
-            while not job.status().waiting_for_provider:
+            while not (job.status().waiting_for_provider and logged()):
                 assert time.monotonic() < deadline, f"job {job.id} never waited for its provider"
                 time.sleep(0.1)
             return super().wait(context, job, timeout=0.5)
@@ -727,7 +729,10 @@ def test_no_key_in_dagster_metadata_event_log_or_captured_logs(dsn: str, key_env
     from batchdb.dagster import BatchDBResource, llm_batch_asset
 
     partitions = dg.StaticPartitionsDefinition(["day-1"])
-    RefusedKeyResource = refused_key_resource()
+    recorded: list[LogRecorder] = []  # the test's log capture, once it starts
+    RefusedKeyResource = refused_key_resource(
+        lambda: "circuit openai/refused/gpt-4o-mini opened" in (recorded[0].text() if recorded else "")
+    )
 
     @dg.asset(partitions_def=partitions)
     def items() -> pd.DataFrame:
@@ -760,6 +765,7 @@ def test_no_key_in_dagster_metadata_event_log_or_captured_logs(dsn: str, key_env
     }
     try:
         with captured_logs() as logs, running_worker(dsn):
+            recorded.append(logs)
             result = dg.materialize(
                 [items, answers, refused],
                 partition_key="day-1",
