@@ -82,7 +82,8 @@ def submit_rows(
     texts = [f"headline number {i}: shares rise after a strong quarter" for i in range(rows)]
     if poison_every:
         for i in range(0, rows, poison_every):
-            texts[i] = "very long input " * 1_000  # ~3,000 tokens > POISON_CONTEXT_WINDOW
+            # ~3,000 tokens > POISON_CONTEXT_WINDOW; each its own request (identical ones are sent once)
+            texts[i] = f"very long input {i} " * 1_000
     frame = pd.DataFrame({"key": [f"k{i}" for i in range(rows)], "text": texts})
     return batchdb.submit(
         frame,

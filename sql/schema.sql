@@ -2564,7 +2564,7 @@ GRANT SELECT,UPDATE ON TABLE batchdb.jobs TO batchdb_worker;
 
 GRANT INSERT (name, owner, provider, model, params, priority, status, max_attempts, budget_usd, idempotency_key, key_alias, allow_unknown_model) ON TABLE batchdb.jobs TO batchdb_user;
 GRANT UPDATE (name, priority, status, status_reason, budget_usd, finished_at, paused_until, input_sha256) ON TABLE batchdb.jobs TO batchdb_user;
-GRANT INSERT (job_id, custom_id, payload, input, max_attempts) ON TABLE batchdb.requests TO batchdb_user;
+GRANT INSERT (job_id, custom_id, payload, input, max_attempts, request_key) ON TABLE batchdb.requests TO batchdb_user;
 GRANT UPDATE (status, attempts, run_after, lease_owner, lease_expires_at, error_class, error, finished_at) ON TABLE batchdb.requests TO batchdb_user;
 GRANT INSERT (job_id, channel, target, secret) ON TABLE batchdb.notification_targets TO batchdb_user;
 

@@ -81,7 +81,8 @@ def test_the_sql_list_of_keys_is_the_python_one(conn: psycopg.Connection) -> Non
     rows = conn.execute("SELECT name, in_job, in_row FROM batchdb.request_params").fetchall()
     in_job = {r["name"] for r in rows if r["in_job"]}
     in_row = {r["name"] for r in rows if r["in_row"]}
-    assert in_job == {*JOB_PARAMS, "validation_retries", *_REQUEST_FIELDS, *_EXTRA_PARAMS}
+    # "dedupe": stored by submit(dedupe=False) (the rows' request keys do the work; docs/sql.md).
+    assert in_job == {*JOB_PARAMS, "validation_retries", "dedupe", *_REQUEST_FIELDS, *_EXTRA_PARAMS}
     # build_request (batchdb/prompts.py) reads these from a row's payload.
     assert in_row == {"prompt", "messages", "model", *REQUEST_PARAMS}
 

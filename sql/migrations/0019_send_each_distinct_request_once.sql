@@ -24,6 +24,9 @@ ALTER TABLE batchdb.jobs ADD COLUMN n_duplicates bigint NOT NULL DEFAULT 0;
 INSERT INTO batchdb.request_params (name, in_job, in_row, meaning)
 VALUES ('dedupe', true, false, 'batchdb: false sends every row, identical or not (submit(dedupe=False))');
 
+-- A user's plain SQL (and the SDK, which inserts as the user) may give request keys; never duplicate_of.
+GRANT INSERT (request_key) ON batchdb.requests TO batchdb_user;
+
 CREATE INDEX requests_duplicates_idx ON batchdb.requests (job_id, duplicate_of) WHERE duplicate_of IS NOT NULL;
 
 CREATE OR REPLACE FUNCTION batchdb.requests_after_insert() RETURNS trigger
