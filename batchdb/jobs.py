@@ -101,6 +101,8 @@ class JobProgress:
     wasted_usd: Decimal = Decimal(0)
     # Of n_succeeded, rows answered by an identical earlier row's call (no call of their own).
     n_duplicates: int = 0
+    # How the rows are sent: 'online' (a call each) or 'batch' (the provider's Batch API, 0020).
+    mode: str = "online"
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> JobProgress:
