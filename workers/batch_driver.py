@@ -29,10 +29,12 @@ record of the intent and followed by a record of its result, both fenced:
 
 Results are mapped back by custom_id (the row's id) and priced at the batch price. Error-file lines
 are retried in a later chunk until max_attempts (then dead, with the provider's reason), or fail at
-once when the request itself was refused; lines that never ran (expired, cancelled) go back to the
-queue without spending an attempt; a batch that failed validation fails its rows with the provider's
-reason, except a refusal for the enqueued-token limit, which puts the chunk back to wait for room.
-A cancelled job's open batches are cancelled at the provider.
+once when the request itself was refused. Lines that never ran (the batch expired, or was cancelled
+by someone else) go back to the queue the same way: the attempt is spent, so rows a provider keeps
+failing to reach end dead after max_attempts windows rather than circling forever. A batch that
+failed validation fails its rows with the provider's reason, except a refusal for the enqueued-token
+limit, which puts the chunk back to wait for room. A cancelled job's open batches are cancelled at
+the provider, and the answers that still come back for its rows are counted as paid waste.
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ ENDED = ("completed", "failed", "expired", "cancelled")
 # How far back, before a recorded intent, a file or batch made for it may be dated (clock skew
 # between the database and the provider).
 CLOCK_MARGIN_S = 600.0
+# A create is sent only with the call's timeout plus this share of the lease left on the lease.
+CREATE_MARGIN = 0.1
 # Outcomes written per statement inside a collection's transaction.
 WRITE_SLICE = 1000
 
@@ -442,7 +446,7 @@ class BatchDriver:
             )
         await self._at("create_intent", chunk)
         if remote is None:
-            if chunk.deadline - time.monotonic() < api.timeout + 5.0:
+            if chunk.deadline - time.monotonic() < api.timeout + self.config.lease_seconds * CREATE_MARGIN:
                 # Too little lease left for the call to surely end inside it: next pass, with a fresh one.
                 await self._release(chunk, 0.0)
                 return None
@@ -525,7 +529,8 @@ class BatchDriver:
             lines = await api.results(remote)
             for row in rows:
                 line = lines.get(str(row.id))
-                if line is None or line.never_ran:
+                if line is None:
+                    # In neither file (the provider lost it, or it was never sent): back, unspent.
                     if row.status == "running":
                         back.append(row.claimed)
                 elif line.response is not None:

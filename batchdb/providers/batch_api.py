@@ -37,7 +37,7 @@ MAX_FILE_BYTES = 200 * 1024 * 1024
 CHAT_URL: Literal["/v1/chat/completions"] = "/v1/chat/completions"
 COMPLETION_WINDOW: Literal["24h"] = "24h"
 ENDED = frozenset({"completed", "failed", "expired", "cancelled"})
-# Error-file codes of lines that never ran: not the row's fault, so no attempt is spent on them.
+# Error-file codes of lines that never ran (the batch expired or was cancelled first).
 NEVER_RAN = frozenset({"batch_expired", "batch_cancelled"})
 # A batch refused for the lane's enqueued-token limit: created again once the queue has room.
 QUEUE_FULL = "token_limit_exceeded"
@@ -84,7 +84,7 @@ class LineResult:
     custom_id: str
     response: ChatResponse | None = None
     error: ProviderError | None = None
-    # The line never ran (the batch expired or was cancelled first): no attempt is spent on it.
+    # The line never ran (the batch expired or was cancelled first); its error says which.
     never_ran: bool = False
 
 
