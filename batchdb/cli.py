@@ -354,6 +354,8 @@ def status_command(job_id: int | None, as_json: bool, dsn: str | None) -> None:
             click.echo(progress.summary())
             if progress.status_reason:
                 click.echo(f"  reason: {progress.status_reason}")
+            if progress.mode == "batch":
+                _print_batches(get_job(job_id, dsn=dsn).batches())
         return
     jobs = list_jobs(dsn=dsn)
     if as_json:
@@ -365,6 +367,19 @@ def status_command(job_id: int | None, as_json: bool, dsn: str | None) -> None:
             f"{j.job_id:>6} {j.status:<10} {f'{j.n_done}/{j.n_total}':>15} {j.n_dead + j.n_failed:>11} "
             f"{(f'{j.cost_usd:.4f}' if j.priced else 'unknown'):>10}  {j.model} / {j.name or ''}"
         )
+
+
+def _print_batches(chunks: list[dict[str, Any]]) -> None:
+    """A batch-mode job's open chunks, one line each, and how many are done."""
+    done = [c for c in chunks if c["state"] == "collected"]
+    click.echo(f"  batches: {len(chunks) - len(done)} open, {len(done)} collected")
+    for c in chunks:
+        if c["state"] == "collected":
+            continue
+        at_provider = f" {c['batch_id']} {c['provider_status'] or ''}".rstrip() if c["batch_id"] else ""
+        counts = f", {c['n_completed'] or 0} answered" if c["n_completed"] is not None else ""
+        error = f" ({c['last_error']})" if c["last_error"] else ""
+        click.echo(f"    chunk {c['id']}: {c['n_requests']} rows, {c['state']}{at_provider}{counts}{error}")
 
 
 @cli.command("results")

@@ -439,6 +439,19 @@ SELECT q.job_id, q.id, q.custom_id, q.payload, q.input, q.status, q.attempts,
  WHERE q.job_id = %(job_id)s AND q.batch_id = %(chunk_id)s
  ORDER BY q.id
 
+-- provider_batch_row_keys --
+-- The same rows without their content: what recording their outcomes needs.
+SELECT q.job_id, q.id, q.custom_id, q.status, q.attempts, coalesce(q.max_attempts, j.max_attempts) AS max_attempts,
+       q.lease_token
+  FROM batchdb.requests q
+  JOIN batchdb.jobs j ON j.id = q.job_id
+ WHERE q.job_id = %(job_id)s AND q.batch_id = %(chunk_id)s
+ ORDER BY q.id
+
+-- provider_batch_hold --
+-- Inside a transaction writing a chunk's rows: the chunk is still this lease's (locked until commit).
+SELECT id FROM batchdb.provider_batches WHERE id = %(id)s AND lease_token = %(lease_token)s FOR UPDATE
+
 -- provider_batch_queue_limit --
 -- The lane's configured batch queue limit (NULL: none known), which a chunk is cut to fit.
 SELECT batch_queue_tokens
@@ -606,6 +619,14 @@ SELECT w.id, w.hostname, w.pid, w.concurrency, w.in_flight, w.n_completed, w.sta
 SELECT p.*, (p.provider = 'instant' OR EXISTS (SELECT 1 FROM batchdb.prices c
                                                 WHERE c.provider = p.provider AND c.model = p.model)) AS priced
   FROM batchdb.job_progress p WHERE p.job_id = %(job_id)s
+
+-- job_batches --
+-- A batch-mode job's chunks and their batches at the provider (`batchdb status JOB`, Job.batches()).
+SELECT id, state, provider_status, n_requests, batch_id, n_completed, n_failed, create_try, enqueued_tokens,
+       created_at, submitted_at, ended_at, collected_at, last_error
+  FROM batchdb.provider_batches
+ WHERE job_id = %(job_id)s
+ ORDER BY id
 
 -- job_visible --
 -- Row-level security answers: false for another user's job.

@@ -579,6 +579,19 @@ BEGIN
         RAISE EXCEPTION 'batchdb.jobs.params: expected a JSON object, got %', coalesce(jsonb_typeof(NEW.params), 'NULL')
             USING ERRCODE = 'check_violation';
     END IF;
+    IF NEW.mode IS NULL OR NEW.mode NOT IN ('online', 'batch') THEN
+        RAISE EXCEPTION 'batchdb.jobs.mode: expected online or batch, got %', coalesce(quote_literal(NEW.mode), 'NULL')
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF NEW.mode = 'batch' AND NEW.provider NOT IN ('openai', 'azure') THEN
+        RAISE EXCEPTION 'batchdb.jobs.mode: batch mode goes through the Batch APIs of openai and azure; provider % has none in batchdb yet', quote_literal(NEW.provider)
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF NEW.mode = 'batch' AND NEW.budget_usd IS NOT NULL THEN
+        -- A batch is paid when it ends, a chunk at once: the per-call reservations budgets rely on do not apply.
+        RAISE EXCEPTION 'batchdb.jobs.budget_usd: not supported with mode batch yet'
+            USING ERRCODE = 'check_violation';
+    END IF;
     RETURN NEW;
 END;
 $$;
@@ -2444,7 +2457,7 @@ CREATE TRIGGER jobs_notify_waiting AFTER UPDATE OF status_reason ON batchdb.jobs
 
 -- trigger jobs jobs_validate
 
-CREATE TRIGGER jobs_validate BEFORE INSERT OR UPDATE OF model, provider, priority, budget_usd, params ON batchdb.jobs FOR EACH ROW EXECUTE FUNCTION batchdb.jobs_validate();
+CREATE TRIGGER jobs_validate BEFORE INSERT OR UPDATE OF model, provider, priority, budget_usd, params, mode ON batchdb.jobs FOR EACH ROW EXECUTE FUNCTION batchdb.jobs_validate();
 
 -- trigger jobs jobs_validate_model
 
@@ -2828,7 +2841,7 @@ GRANT SELECT,UPDATE ON TABLE batchdb.jobs TO batchdb_worker;
 
 GRANT INSERT (name, owner, provider, model, params, priority, status, max_attempts, budget_usd, idempotency_key, key_alias, allow_unknown_model, mode) ON TABLE batchdb.jobs TO batchdb_user;
 GRANT UPDATE (name, priority, status, status_reason, budget_usd, finished_at, paused_until, input_sha256) ON TABLE batchdb.jobs TO batchdb_user;
-GRANT INSERT (job_id, custom_id, payload, input, max_attempts) ON TABLE batchdb.requests TO batchdb_user;
+GRANT INSERT (job_id, custom_id, payload, input, max_attempts, request_key) ON TABLE batchdb.requests TO batchdb_user;
 GRANT UPDATE (status, attempts, run_after, lease_owner, lease_expires_at, error_class, error, finished_at) ON TABLE batchdb.requests TO batchdb_user;
 GRANT INSERT (job_id, channel, target, secret) ON TABLE batchdb.notification_targets TO batchdb_user;
 

@@ -18,8 +18,10 @@ import openai
 import pandas as pd
 import psycopg
 import pytest
+from click.testing import CliRunner
 
 import batchdb
+from batchdb.cli import cli
 from batchdb.simulator import Distribution, SimulatorConfig, SimulatorProcess
 from batchdb.workers.batch_driver import BatchDriverConfig
 from batchdb.workers.outcomes import RetryPolicy
@@ -133,6 +135,10 @@ def test_a_batch_job_is_answered_once_at_the_batch_price(
     ).fetchone()["usd"]
     assert billed == online / 2
     assert done.wasted_calls == 0
+    status = CliRunner().invoke(cli, ["status", str(job.id), "--dsn", dsn])
+    assert status.exit_code == 0, status.output
+    assert f"job {job.id} completed (batch mode): 25/25 done" in status.output
+    assert "batches: 0 open, 3 collected" in status.output
 
 
 def test_online_claims_never_take_a_batch_jobs_rows(dsn: str, conn: psycopg.Connection) -> None:
@@ -367,3 +373,52 @@ def test_azure_openai_global_batch(
         azure_endpoint=sim.azure_endpoint, api_key="az-batch-test", api_version="2024-10-21", max_retries=0
     ) as c:
         assert len(list(c.batches.list(limit=100))) == 2
+
+
+def test_identical_rows_of_a_batch_job_are_sent_once(dsn: str, sim: SimulatorProcess) -> None:
+    frame = pd.DataFrame({"id": [f"h{i}" for i in range(6)], "text": ["up", "down", "up", "flat", "down", "up"]})
+    job = batchdb.submit(frame, prompt="Trend: {text}", id_column="id", model=MODEL, mode="batch", dsn=dsn)
+    run_worker(dsn)
+
+    done = job.status()
+    assert (done.n_succeeded, done.n_duplicates) == (6, 3)
+    assert sim.stats(series=False)["totals"]["batch_requests"] == 3  # one line per distinct request
+    results = job.results().set_index("custom_id")
+    assert results.loc["h2", "response"] == results.loc["h0", "response"]
+    assert list(results["duplicate_of"].fillna("")) == ["", "", "h0", "", "h1", "h0"]
+
+
+def test_answers_that_break_the_schema_are_sent_again_and_every_answer_is_paid_for(
+    dsn: str, conn: psycopg.Connection, simulator: Callable[..., SimulatorProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sim = simulator(SimulatorConfig(**FAST, invalid_json_rate=0.4, seed=3))
+    monkeypatch.setenv("OPENAI_BASE_URL", sim.openai_base_url)
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    schema = {
+        "type": "object",
+        "properties": {"sentiment": {"enum": ["positive", "negative", "neutral"]}},
+        "required": ["sentiment"],
+    }
+    frame = pd.DataFrame({"text": [f"Review {i}: it works." for i in range(12)]})
+    job = batchdb.submit(
+        frame,
+        prompt="Sentiment of: {text}",
+        model=MODEL,
+        mode="batch",
+        response_schema=schema,
+        max_attempts=10,
+        dsn=dsn,
+    )
+    run_worker(dsn)
+
+    done = job.status()
+    assert (done.status, done.n_succeeded) == ("completed", 12)
+    results = job.results()
+    assert results["attempts"].max() > 1  # some answers were broken and sent again
+    # Every answer the provider returned was billed, broken ones included: all are on the rows.
+    totals = sim.stats(series=False)["totals"]
+    assert totals["batch_requests"] == results["attempts"].sum()
+    assert (done.prompt_tokens, done.completion_tokens) == (
+        totals["batch_prompt_tokens"],
+        totals["batch_completion_tokens"],
+    )

@@ -64,6 +64,7 @@ from batchdb.tokens import estimate_prompt_tokens
 from batchdb.validation import ResponseValidator
 from batchdb.workers.connection import Reconnecting
 from batchdb.workers.outcomes import RetryPolicy, failure, invalid_response, success
+from batchdb.workers.shutdown import DatabaseUnreachable
 
 log = logging.getLogger(__name__)
 
@@ -266,6 +267,8 @@ class BatchDriver:
         while not self._stop.is_set():
             try:
                 self.idle = not await self.run_once()
+            except DatabaseUnreachable:
+                return  # the worker is stopping and the database is gone: chunks wait for their leases
             except psycopg.Error as exc:
                 log.error("batch driver pass failed: %s; trying again", exc)
                 self.idle = False
@@ -288,7 +291,11 @@ class BatchDriver:
         await self._form(lanes)
         chunks = await self._take(lanes)
         if chunks:
-            await asyncio.gather(*(self._drive(chunk) for chunk in chunks))
+            # Every chunk's step runs to its end before the pass does; the first error is raised after.
+            ended = await asyncio.gather(*(self._drive(chunk) for chunk in chunks), return_exceptions=True)
+            for error in ended:
+                if isinstance(error, BaseException):
+                    raise error
         return await self._pending(lanes)
 
     # -- forming and taking chunks ---------------------------------------------------------------
@@ -381,7 +388,7 @@ class BatchDriver:
                 "batch chunk %s (%s): %s; trying again in %.0fs", chunk.id, chunk.state, exc, self.config.error_wait
             )
             await self._release(current or chunk, self.config.error_wait, error=exc.message)
-        except (psycopg.Error, asyncio.CancelledError):
+        except (psycopg.Error, asyncio.CancelledError, DatabaseUnreachable):
             raise
         except Exception as exc:
             log.exception("batch chunk %s (%s) failed", chunk.id, chunk.state)
@@ -394,10 +401,10 @@ class BatchDriver:
         if job is None or job.status != "running":
             await self._abandon(chunk, job)
             return None
-        rows = [row for row in await self._rows(chunk) if row.status == "running"]
+        rows = [row for row in await self._rows(chunk, content=True) if row.status == "running"]
         rendered = self._render(api, job, chunk, [row.claimed for row in rows], await self._queue_limit(chunk))
         if rendered.failed or rendered.spilled:
-            await self._db.run(lambda c: self._set_aside(c, rendered), what="set rows aside")
+            await self._db.run(lambda c: self._set_aside(c, chunk, rendered), what="set rows aside")
         if not rendered.sent:
             await self._collected(chunk, "no row left to send")
             return None
@@ -590,12 +597,20 @@ class BatchDriver:
             if await cur.fetchone() is None:
                 raise LeaseLost  # rolls the whole collection back
 
-    async def _set_aside(self, conn: psycopg.AsyncConnection[DictRow], rendered: _Rendered) -> None:
+    async def _set_aside(self, conn: psycopg.AsyncConnection[DictRow], chunk: Chunk, rendered: _Rendered) -> None:
         async with conn.transaction():
+            await self._hold(conn, chunk)
             if rendered.failed:
                 await queue.complete_batch(conn, rendered.failed, batch=True)
             if rendered.spilled:
                 await queue.release_leases(conn, rendered.spilled)
+
+    @staticmethod
+    async def _hold(conn: psycopg.AsyncConnection[DictRow], chunk: Chunk) -> None:
+        """Inside a transaction: lock the chunk's row if it is still this lease's, else LeaseLost."""
+        cur = await conn.execute(query("provider_batch_hold"), {"id": chunk.id, "lease_token": chunk.lease_token})
+        if await cur.fetchone() is None:
+            raise LeaseLost
 
     async def _abandon(self, chunk: Chunk, job: _Job | None, *, reason: str | None = None) -> None:
         """Before its batch exists, the chunk's job stopped running (cancelled, paused, deleted): its
@@ -688,9 +703,12 @@ class BatchDriver:
             validator=ResponseValidator.for_params(params),
         )
 
-    async def _rows(self, chunk: Chunk) -> list[_Row]:
+    async def _rows(self, chunk: Chunk, *, content: bool = False) -> list[_Row]:
+        """The chunk's rows; with `content`, their payload and input too (only rendering needs them)."""
+
         async def fetch(conn: psycopg.AsyncConnection[DictRow]) -> list[DictRow]:
-            cur = await conn.execute(query("provider_batch_rows"), {"job_id": chunk.job_id, "chunk_id": chunk.id})
+            name = "provider_batch_rows" if content else "provider_batch_row_keys"
+            cur = await conn.execute(query(name), {"job_id": chunk.job_id, "chunk_id": chunk.id})
             return await cur.fetchall()
 
         return [_Row.of(row) for row in await self._db.run(fetch, what="chunk rows")]
@@ -778,8 +796,8 @@ class _Row:
                 job_id=row["job_id"],
                 id=row["id"],
                 custom_id=row["custom_id"],
-                payload=row["payload"],
-                input=row["input"],
+                payload=row.get("payload"),
+                input=row.get("input"),
                 attempts=row["attempts"],
                 max_attempts=row["max_attempts"],
                 lease_token=row["lease_token"],

@@ -254,8 +254,11 @@ class Worker:
         ledger_db = Reconnecting(dsn, name="ledger")
         self._settler = Settler(ledger_db)
         self._pacer = Pacer(ledger_db, give_back=self._settler.give_back)
+        # The lane advertiser and the batch driver share a connection: both run a few short statements
+        # every few seconds, and a worker with no batch-mode job should not cost the server one more.
+        self._background_db = Reconnecting(dsn, name="lanes", shutdown=self._shutdown)
         self._lanes = LaneAdvertiser(
-            Reconnecting(dsn, name="lanes"),
+            self._background_db,
             self.id,
             self._lane_endpoint,
             interval=self.config.lane_refresh_interval,
@@ -304,7 +307,7 @@ class Worker:
         budget = asyncio.create_task(self._budget.run(), name="budget settler")
         self._vacuumer = Vacuumer(Reconnecting(dsn, name="vacuum"))
         self._batches = BatchDriver(
-            Reconnecting(dsn, name="batches"),
+            self._background_db,
             self.config.batch,
             worker_id=self.id,
             api_for=self._batch_api,
@@ -341,14 +344,15 @@ class Worker:
                 log.warning("could not record the last outcomes: database unreachable (%s)", exc)
             await self._release_unfinished()
             # The batch driver finishes the step it is in (each is short: a provider call or two and a
-            # statement), so its chunk's lease is let go rather than left to run out.
+            # statement), so its chunk's lease is let go rather than left to run out. A cold stop does
+            # not wait, and an unreachable database ends the step at once (DatabaseUnreachable).
             self._batches.stop()
-            try:
-                await asyncio.wait_for(batches, self.config.shutdown_grace)
-            except (TimeoutError, DatabaseUnreachable, psycopg.Error) as exc:
-                log.warning(
-                    "batch driver did not finish its step (%s); its chunk is taken over when its lease ends", exc
-                )
+            grace = 0.0 if self._shutdown.cold.is_set() else self.config.shutdown_grace
+            done, _ = await asyncio.wait({batches}, timeout=grace)
+            if not done:
+                batches.cancel()
+                log.warning("batch driver stopped mid-step; its chunk is taken over when its lease runs out")
+            await asyncio.gather(batches, return_exceptions=True)
             await self._budget.close()
             await budget
             for task in background:

@@ -31,6 +31,52 @@ ALTER TABLE batchdb.jobs ADD COLUMN mode text NOT NULL DEFAULT 'online',
 COMMENT ON COLUMN batchdb.jobs.mode IS
     'online: one call per row, paced by the rate-limit ledger; batch: rows go in chunks through the provider''s Batch API (batchdb.provider_batches).';
 GRANT INSERT (mode) ON batchdb.jobs TO batchdb_user;
+-- Mends 0019: a user role's submit copies request_key too (the SDK sets it), which 0019 did not grant.
+GRANT INSERT (request_key) ON batchdb.requests TO batchdb_user;
+
+-- The mode is checked with the job, with a message saying what is allowed (as the SDK does).
+CREATE OR REPLACE FUNCTION batchdb.jobs_validate() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.model IS NULL OR btrim(NEW.model) = '' THEN
+        RAISE EXCEPTION 'batchdb.jobs.model: expected a model name such as ''gpt-4o-mini'', got %', coalesce(quote_literal(NEW.model), 'NULL')
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF NEW.provider NOT IN ('openai', 'azure', 'gemini', 'instant') THEN
+        RAISE EXCEPTION 'batchdb.jobs.provider: expected one of openai, azure, gemini, instant; got %', quote_literal(NEW.provider)
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF NEW.priority IS NULL OR NEW.priority < 1 THEN
+        RAISE EXCEPTION 'batchdb.jobs.priority: expected an integer >= 1, got %', coalesce(NEW.priority::text, 'NULL')
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF NEW.budget_usd IS NOT NULL AND NEW.budget_usd <= 0 THEN
+        RAISE EXCEPTION 'batchdb.jobs.budget_usd: expected a positive amount in USD or NULL, got %', NEW.budget_usd
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF NEW.params IS NULL OR jsonb_typeof(NEW.params) <> 'object' THEN
+        RAISE EXCEPTION 'batchdb.jobs.params: expected a JSON object, got %', coalesce(jsonb_typeof(NEW.params), 'NULL')
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF NEW.mode IS NULL OR NEW.mode NOT IN ('online', 'batch') THEN
+        RAISE EXCEPTION 'batchdb.jobs.mode: expected online or batch, got %', coalesce(quote_literal(NEW.mode), 'NULL')
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF NEW.mode = 'batch' AND NEW.provider NOT IN ('openai', 'azure') THEN
+        RAISE EXCEPTION 'batchdb.jobs.mode: batch mode goes through the Batch APIs of openai and azure; provider % has none in batchdb yet', quote_literal(NEW.provider)
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF NEW.mode = 'batch' AND NEW.budget_usd IS NOT NULL THEN
+        -- A batch is paid when it ends, a chunk at once: the per-call reservations budgets rely on do not apply.
+        RAISE EXCEPTION 'batchdb.jobs.budget_usd: not supported with mode batch yet'
+            USING ERRCODE = 'check_violation';
+    END IF;
+    RETURN NEW;
+END;
+$$;
+DROP TRIGGER jobs_validate ON batchdb.jobs;
+CREATE TRIGGER jobs_validate BEFORE INSERT OR UPDATE OF model, provider, priority, budget_usd, params, mode
+    ON batchdb.jobs FOR EACH ROW EXECUTE FUNCTION batchdb.jobs_validate();
 
 ALTER TABLE batchdb.rate_limits ADD COLUMN batch_queue_tokens bigint,
     ADD CONSTRAINT rate_limits_batch_queue_positive CHECK (batch_queue_tokens IS NULL OR batch_queue_tokens > 0);
