@@ -3,16 +3,21 @@ OpenAI Batch API through the openai SDK: a driver killed at each step of a chunk
 past its lease, is succeeded by another that never makes a second file or batch for the chunk and
 never answers a row twice.
 
-A kill is played in-process: the driver's checkpoint hook raises an exception no step catches, which
-abandons the driver mid-pass exactly where a SIGKILL would (nothing is let go, the lease stays held
-until it runs out). Waits are for outcomes, never for a length of time.
+A kill is played in-process (the driver's checkpoint hook raises an exception no step catches, which
+abandons the driver mid-pass: nothing is let go, the lease stays held until it runs out) and for real
+(a process running the driver SIGKILLs itself at the step). Waits are for outcomes, never for a
+length of time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -151,6 +156,32 @@ def test_a_driver_killed_at_any_step_is_succeeded_without_a_second_batch(
         "SELECT state, lease_owner FROM batchdb.provider_batches WHERE job_id = %s", (job.id,)
     ).fetchall()
     assert chunk == [{"state": "collected", "lease_owner": None}]
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_a_process_sigkilled_at_any_step_is_succeeded_without_a_second_batch(
+    dsn: str, conn: psycopg.Connection, sim: SimulatorProcess, step: str
+) -> None:
+    """The same with a real death: the driver runs in a process of its own that SIGKILLs itself at
+    `step` (tests/batch_driver_victim.py), its connection cut wherever it was."""
+    job = submit(dsn)
+    victim = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("batch_driver_victim.py")), dsn, sim.openai_base_url, KEY, step],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert victim.returncode == -signal.SIGKILL, victim.stderr
+
+    async def scenario() -> None:
+        successor = driver(dsn, sim, "successor")
+        try:
+            await until_done(job, successor)
+        finally:
+            await close(successor)
+
+    asyncio.run(scenario())
+    assert_answered_once(conn, job, sim, 6)
 
 
 def test_a_driver_stalled_past_its_lease_cannot_record_the_batch_it_created(
