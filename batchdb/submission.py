@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 
 # How a job's rows are sent (jobs.mode, 0020): one call per row, or chunks through a Batch API.
 JOB_MODES = ("online", "batch")
-BATCH_PROVIDERS = ("openai", "azure")
+BATCH_PROVIDERS = ("openai", "azure", "gemini")
 
 
 @translates_database_errors
@@ -111,7 +111,7 @@ def submit(
     Rows asking the same thing (the same values in the columns the templates use, or the
     same messages) are sent once and the answer given to each (`dedupe=False`: every row
     is sent, e.g. to sample several answers at a temperature above 0).
-    `mode="batch"` sends the rows through the provider's Batch API (OpenAI, Azure OpenAI): about
+    `mode="batch"` sends the rows through the provider's Batch API (OpenAI, Azure OpenAI, Gemini): about
     half the price, a quota apart from the online rate limits, answers within the provider's
     completion window (24 h) rather than at once.
     """
@@ -323,7 +323,7 @@ def check_options(
         raise InputError(f"mode: expected one of {', '.join(JOB_MODES)}, got {mode!r}")
     if mode == "batch" and provider not in BATCH_PROVIDERS:
         raise InputError(
-            f"mode: batch mode sends rows through the Batch APIs of {' and '.join(BATCH_PROVIDERS)}; "
+            f"mode: batch mode sends rows through the Batch APIs of {', '.join(BATCH_PROVIDERS)}; "
             f"provider {provider!r} has none in batchdb yet (use mode='online')"
         )
     if mode == "batch" and budget_usd is not None:

@@ -477,6 +477,14 @@ RETURNING *
 -- 'ok', 'resumed' (an earlier try may have created it: look it up first), 'wait' or 'lost'.
 SELECT batchdb.provider_batch_reserve(%(id)s, %(lease_token)s) AS result
 
+-- provider_batch_unreserve --
+-- The provider refused to create the batch for its queue limit and made none (Gemini's 429): the
+-- intent is withdrawn, the queue room given back, and the next try gets a new number.
+UPDATE batchdb.provider_batches
+   SET create_started_at = NULL, create_try = create_try + 1, last_error = %(error)s
+ WHERE id = %(id)s AND lease_token = %(lease_token)s AND state = 'file_uploaded'
+RETURNING *
+
 -- provider_batch_submitted --
 UPDATE batchdb.provider_batches
    SET state = 'submitted', batch_id = %(batch_id)s, provider_status = %(provider_status)s, submitted_at = now(),

@@ -583,8 +583,8 @@ BEGIN
         RAISE EXCEPTION 'batchdb.jobs.mode: expected online or batch, got %', coalesce(quote_literal(NEW.mode), 'NULL')
             USING ERRCODE = 'check_violation';
     END IF;
-    IF NEW.mode = 'batch' AND NEW.provider NOT IN ('openai', 'azure') THEN
-        RAISE EXCEPTION 'batchdb.jobs.mode: batch mode goes through the Batch APIs of openai and azure; provider % has none in batchdb yet', quote_literal(NEW.provider)
+    IF NEW.mode = 'batch' AND NEW.provider NOT IN ('openai', 'azure', 'gemini') THEN
+        RAISE EXCEPTION 'batchdb.jobs.mode: batch mode goes through the Batch APIs of openai, azure and gemini; provider % has none', quote_literal(NEW.provider)
             USING ERRCODE = 'check_violation';
     END IF;
     IF NEW.mode = 'batch' AND NEW.budget_usd IS NOT NULL THEN

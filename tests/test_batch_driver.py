@@ -24,8 +24,11 @@ import openai
 import pandas as pd
 import psycopg
 import pytest
+from google import genai
+from google.genai import types as genai_types
 
 import batchdb
+from batchdb.providers.gemini import GeminiProvider
 from batchdb.providers.openai import OpenAIProvider
 from batchdb.simulator import Distribution, SimulatorConfig, SimulatorProcess
 from batchdb.workers.batch_driver import BatchDriver, BatchDriverConfig, Chunk
@@ -34,6 +37,8 @@ from batchdb.workers.outcomes import RetryPolicy
 
 MODEL = "gpt-4o-mini"
 KEY = "sk-driver-test"
+GEMINI_MODEL = "gemini-2.0-flash"
+GEMINI_KEY = "g-driver-test"
 FAST: dict[str, Any] = {
     "batch_validation_s": 0.05,
     "batch_duration_s": Distribution(kind="fixed", value=0.2),
@@ -56,6 +61,7 @@ def driver(dsn: str, sim: SimulatorProcess, name: str, **options: Any) -> BatchD
     """A driver on its own connection, with the simulator's Batch API for every lane. Its lease is
     short so a successor takes over a killed driver's chunk within a second or two."""
     checkpoint = options.pop("checkpoint", None)
+    provider = options.pop("provider", "openai")
     config = BatchDriverConfig(
         **{
             "interval": 0.05,
@@ -68,15 +74,19 @@ def driver(dsn: str, sim: SimulatorProcess, name: str, **options: Any) -> BatchD
             **options,
         }
     )
-    provider = OpenAIProvider(api_key=KEY, base_url=sim.openai_base_url, timeout=5.0)
-    _CLIENTS.append(provider)
-    api = provider.batch_api(timeout=config.request_timeout)
+    client: OpenAIProvider | GeminiProvider
+    if provider == "gemini":
+        client = GeminiProvider(api_key=GEMINI_KEY, base_url=sim.gemini_base_url, timeout=5.0)
+    else:
+        client = OpenAIProvider(api_key=KEY, base_url=sim.openai_base_url, timeout=5.0)
+    _CLIENTS.append(client)
+    api = client.batch_api(timeout=config.request_timeout)
     return BatchDriver(
         Reconnecting(dsn, name=name), config, worker_id=name, api_for=lambda _p, _a: api, checkpoint=checkpoint
     )
 
 
-_CLIENTS: list[OpenAIProvider] = []
+_CLIENTS: list[OpenAIProvider | GeminiProvider] = []
 
 
 async def close(*drivers: BatchDriver) -> None:
@@ -87,9 +97,10 @@ async def close(*drivers: BatchDriver) -> None:
         await _CLIENTS.pop().aclose()
 
 
-def submit(dsn: str, n: int = 6) -> batchdb.Job:
+def submit(dsn: str, n: int = 6, provider: str = "openai") -> batchdb.Job:
     frame = pd.DataFrame({"text": [f"Line {i} of the test." for i in range(n)]})
-    return batchdb.submit(frame, prompt="Summarise: {text}", model=MODEL, mode="batch", dsn=dsn)
+    model = GEMINI_MODEL if provider == "gemini" else MODEL
+    return batchdb.submit(frame, prompt="Summarise: {text}", model=model, provider=provider, mode="batch", dsn=dsn)
 
 
 async def until_done(job: batchdb.Job, *drivers: BatchDriver, timeout: float = 60.0) -> None:
@@ -101,20 +112,29 @@ async def until_done(job: batchdb.Job, *drivers: BatchDriver, timeout: float = 6
         await asyncio.sleep(0.05)
 
 
-def remote_counts(sim: SimulatorProcess) -> tuple[int, int]:
-    """(input files, batches) the provider holds for the test's key."""
-    with openai.OpenAI(base_url=sim.openai_base_url, api_key=KEY, max_retries=0) as client:
-        return len(list(client.files.list(purpose="batch"))), len(list(client.batches.list(limit=100)))
+def remote_counts(sim: SimulatorProcess, provider: str = "openai") -> tuple[int, int]:
+    """(input files uploaded, batches) the provider holds for the test's key."""
+    if provider == "gemini":
+        client = genai.Client(api_key=GEMINI_KEY, http_options=genai_types.HttpOptions(base_url=sim.base_url))
+        try:
+            uploaded = [f for f in client.files.list() if f.source == genai_types.FileSource.UPLOADED]
+            return len(uploaded), len(list(client.batches.list()))
+        finally:
+            client.close()
+    with openai.OpenAI(base_url=sim.openai_base_url, api_key=KEY, max_retries=0) as c:
+        return len(list(c.files.list(purpose="batch"))), len(list(c.batches.list(limit=100)))
 
 
-def assert_answered_once(conn: psycopg.Connection, job: batchdb.Job, sim: SimulatorProcess, n: int) -> None:
+def assert_answered_once(
+    conn: psycopg.Connection, job: batchdb.Job, sim: SimulatorProcess, n: int, provider: str = "openai"
+) -> None:
     rows = conn.execute(
         "SELECT q.status, q.attempts, r.writes FROM batchdb.requests q "
         "LEFT JOIN batchdb.results r ON r.job_id = q.job_id AND r.request_id = q.id WHERE q.job_id = %s",
         (job.id,),
     ).fetchall()
     assert [(r["status"], r["attempts"], r["writes"]) for r in rows] == [("succeeded", 1, 1)] * n
-    assert remote_counts(sim) == (1, 1)  # one file, one batch: nothing made twice
+    assert remote_counts(sim, provider) == (1, 1)  # one file, one batch: nothing made twice
     totals = sim.stats(series=False)["totals"]
     status = job.status()
     assert totals["batch_requests"] == n
@@ -125,11 +145,13 @@ def assert_answered_once(conn: psycopg.Connection, job: batchdb.Job, sim: Simula
     assert status.wasted_calls == 0
 
 
-@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize(
+    ("provider", "step"), [("openai", step) for step in STEPS] + [("gemini", step) for step in STEPS]
+)
 def test_a_driver_killed_at_any_step_is_succeeded_without_a_second_batch(
-    dsn: str, conn: psycopg.Connection, sim: SimulatorProcess, step: str
+    dsn: str, conn: psycopg.Connection, sim: SimulatorProcess, provider: str, step: str
 ) -> None:
-    job = submit(dsn)
+    job = submit(dsn, provider=provider)
     seen: list[str] = []
 
     def kill_at(name: str, chunk: Chunk) -> None:
@@ -138,12 +160,12 @@ def test_a_driver_killed_at_any_step_is_succeeded_without_a_second_batch(
             raise Killed
 
     async def scenario() -> None:
-        first = driver(dsn, sim, "first", checkpoint=kill_at)
+        first = driver(dsn, sim, "first", checkpoint=kill_at, provider=provider)
         with pytest.raises(Killed):
             while True:  # the first driver works until it dies at `step`
                 await first.run_once()
                 await asyncio.sleep(0.02)
-        second = driver(dsn, sim, "second")
+        second = driver(dsn, sim, "second", provider=provider)
         try:
             await until_done(job, second)
         finally:
@@ -151,7 +173,7 @@ def test_a_driver_killed_at_any_step_is_succeeded_without_a_second_batch(
 
     asyncio.run(scenario())
     assert seen[-1] == step
-    assert_answered_once(conn, job, sim, 6)
+    assert_answered_once(conn, job, sim, 6, provider)
     chunk = conn.execute(
         "SELECT state, lease_owner FROM batchdb.provider_batches WHERE job_id = %s", (job.id,)
     ).fetchall()

@@ -86,12 +86,12 @@ def chunks(conn: psycopg.Connection, job_id: int) -> list[dict[str, Any]]:
 
 
 def batch_price(
-    conn: psycopg.Connection, prompt: int, cached: int, completion: int, *, provider: str = "openai"
+    conn: psycopg.Connection, prompt: int, cached: int, completion: int, *, provider: str = "openai", model: str = MODEL
 ) -> Decimal:
     row = conn.execute(
         "SELECT batchdb.call_cost_usd(input_per_mtok, cached_input_per_mtok, output_per_mtok, batch_discount, "
         "%s, %s, %s, true) AS usd FROM batchdb.prices WHERE provider = %s AND model = %s",
-        (prompt, cached, completion, provider, MODEL),
+        (prompt, cached, completion, provider, model),
     ).fetchone()
     return Decimal(row["usd"])
 
@@ -157,7 +157,7 @@ def test_online_claims_never_take_a_batch_jobs_rows(dsn: str, conn: psycopg.Conn
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"provider": "gemini", "model": "gemini-2.5-flash"}, "provider 'gemini' has none in batchdb yet"),
+        ({"provider": "instant", "model": "any"}, "provider 'instant' has none in batchdb yet"),
         ({"budget_usd": 5.0}, "budget_usd: not supported with mode='batch'"),
         ({"mode": "later"}, "mode: expected one of online, batch, got 'later'"),
     ],
@@ -422,3 +422,84 @@ def test_answers_that_break_the_schema_are_sent_again_and_every_answer_is_paid_f
         totals["batch_prompt_tokens"],
         totals["batch_completion_tokens"],
     )
+
+
+def gemini_sim(
+    simulator: Callable[..., SimulatorProcess], monkeypatch: pytest.MonkeyPatch, **config: Any
+) -> SimulatorProcess:
+    sim = simulator(SimulatorConfig(**{**FAST, **config}))
+    monkeypatch.setenv("GEMINI_BASE_URL", sim.gemini_base_url)
+    monkeypatch.setenv("GEMINI_API_KEY", "g-batch-test")
+    return sim
+
+
+def submit_gemini(dsn: str, n: int, **options: Any) -> batchdb.Job:
+    frame = pd.DataFrame({"id": [f"g{i}" for i in range(n)], "text": [f"Note {i}: the pump hums." for i in range(n)]})
+    return batchdb.submit(
+        frame,
+        prompt="Is this a fault? {text}",
+        system="Answer yes or no.",
+        id_column="id",
+        model="gemini-2.0-flash",
+        provider="gemini",
+        max_tokens=20,
+        mode="batch",
+        dsn=dsn,
+        **options,
+    )
+
+
+def test_gemini_batch_mode_answers_every_row_once_at_the_batch_price(
+    dsn: str, conn: psycopg.Connection, simulator: Callable[..., SimulatorProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sim = gemini_sim(simulator, monkeypatch, batch_error_rate=0.3, seed=5)
+    job = submit_gemini(dsn, 9, max_attempts=10)
+    run_worker(dsn, chunk_rows=4)
+
+    done = job.status()
+    assert (done.status, done.n_succeeded) == ("completed", 9)
+    results = job.results()
+    totals = sim.stats(series=False)["totals"]
+    assert totals["requests"] == 0 and totals["batch_failed"] > 0  # failed lines were sent again
+    assert results["attempts"].sum() == totals["batch_requests"]
+    assert (done.prompt_tokens, done.completion_tokens) == (
+        totals["batch_prompt_tokens"],
+        totals["batch_completion_tokens"],
+    )
+    billed = batch_price(
+        conn,
+        done.prompt_tokens,
+        done.cached_tokens,
+        done.completion_tokens,
+        provider="gemini",
+        model="gemini-2.0-flash",
+    )
+    assert_billed(done.cost_usd, billed, int(results["attempts"].sum()))
+
+
+def test_a_gemini_batch_refused_for_its_queue_quota_is_created_again_when_there_is_room(
+    dsn: str, conn: psycopg.Connection, simulator: Callable[..., SimulatorProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sim = gemini_sim(simulator, monkeypatch, batch_queue_tokens=120)  # room for one 4-row batch
+    first, second = submit_gemini(dsn, 4), submit_gemini(dsn, 4)
+    run_worker(dsn, chunk_rows=4)
+
+    assert first.status().n_succeeded == 4 and second.status().n_succeeded == 4
+    tries = [r["create_try"] for r in conn.execute("SELECT create_try FROM batchdb.provider_batches ORDER BY id")]
+    assert len(tries) == 2 and max(tries) > 1  # refused with a 429, then created
+    assert sim.stats(series=False)["totals"]["batch_requests"] == 8
+
+
+def test_an_expired_gemini_batch_has_no_results_and_its_rows_are_sent_again(
+    dsn: str, conn: psycopg.Connection, simulator: Callable[..., SimulatorProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every batch outlives its window: Gemini returns nothing, each row spends an attempt per window.
+    gemini_sim(simulator, monkeypatch, batch_window_s=0.1)
+    job = submit_gemini(dsn, 3, max_attempts=2)
+    run_worker(dsn, retry=RetryPolicy(base_seconds=0, max_seconds=0))
+
+    done = job.status()
+    assert (done.status, done.n_dead) == ("completed", 3)
+    results = job.results()
+    assert set(results["attempts"]) == {2}
+    assert all("gemini batch" in e and "expired" in e for e in results["error"])

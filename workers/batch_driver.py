@@ -57,7 +57,7 @@ from batchdb.context_window import ModelLimits
 from batchdb.models import ClaimedRequest, Outcome, RequestStatus
 from batchdb.prompts import PromptError, build_request
 from batchdb.providers.base import ChatRequest, ErrorKind, ProviderError
-from batchdb.providers.batch_api import AZURE_MAX_REQUESTS, OPENAI_MAX_REQUESTS, LineResult, RemoteBatch
+from batchdb.providers.batch_api import AZURE_MAX_REQUESTS, OPENAI_MAX_REQUESTS, LineResult, QueueFull, RemoteBatch
 from batchdb.providers.compat import UnsupportedRequest
 from batchdb.queries import query
 from batchdb.tokens import estimate_prompt_tokens
@@ -69,7 +69,7 @@ from batchdb.workers.shutdown import DatabaseUnreachable
 log = logging.getLogger(__name__)
 
 # The providers with a Batch API in batchdb (batchdb.submission refuses batch mode for others).
-BATCH_PROVIDERS = ("openai", "azure")
+BATCH_PROVIDERS = ("openai", "azure", "gemini")
 # States of a chunk (0020). A chunk in one of OPEN holds its lane's batch queue room.
 OPEN = ("submitted", "in_progress")
 ENDED = ("completed", "failed", "expired", "cancelled")
@@ -98,7 +98,7 @@ class BatchAPI(Protocol):
 
     async def find_batch(self, metadata: dict[str, str], *, created_after: float) -> RemoteBatch | None: ...
 
-    async def create(self, input_file_id: str, metadata: dict[str, str]) -> RemoteBatch: ...
+    async def create(self, input_file_id: str, metadata: dict[str, str], *, model: str) -> RemoteBatch: ...
 
     async def retrieve(self, batch_id: str) -> RemoteBatch: ...
 
@@ -333,6 +333,7 @@ class BatchDriver:
         return None if row is None or row["chunk_id"] is None else row
 
     def _max_rows(self, provider: str) -> int:
+        # Gemini publishes no per-file request count: its chunks are cut like OpenAI's.
         limit = AZURE_MAX_REQUESTS if provider == "azure" else OPENAI_MAX_REQUESTS
         return min(limit, self.config.chunk_rows or limit)
 
@@ -459,7 +460,12 @@ class BatchDriver:
                 return None
             assert chunk.input_file_id is not None
             try:
-                remote = await api.create(chunk.input_file_id, chunk.metadata)
+                remote = await api.create(chunk.input_file_id, chunk.metadata, model=chunk.model)
+            except QueueFull as exc:
+                # No batch was made (Gemini refuses at create): give the room back, wait, create again.
+                chunk = await self._step(chunk, "provider_batch_unreserve", error=exc.message)
+                await self._release(chunk, self.config.queue_wait)
+                return None
             except ProviderError as exc:
                 if exc.kind is ErrorKind.PERMANENT:
                     await self._refused(chunk, exc)
@@ -532,12 +538,17 @@ class BatchDriver:
                 0,
                 output_file_id=chunk.output_file_id,
                 error_file_id=chunk.error_file_id,
+                model=chunk.model,
             )
             lines = await api.results(remote)
+            # An expired or cancelled Gemini batch has no results at all: its lines never ran.
+            never_ran = ProviderError(ErrorKind.TRANSIENT, f"{api.provider} batch {chunk.batch_id} {chunk.state}")
             for row in rows:
                 line = lines.get(str(row.id))
-                if line is None:
-                    # In neither file (the provider lost it, or it was never sent): back, unspent.
+                if line is None and chunk.state in ("expired", "cancelled"):
+                    outcomes.append(failure(row.claimed, never_ran, None, self.config.retry))
+                elif line is None:
+                    # In no file of a completed batch (the provider lost it): back, unspent.
                     if row.status == "running":
                         back.append(row.claimed)
                 elif line.response is not None:

@@ -57,6 +57,7 @@ class RemoteBatch:
     metadata: dict[str, str] = field(default_factory=dict)
     completed: int | None = None
     failed: int | None = None
+    model: str | None = None
 
     @property
     def ended(self) -> bool:
@@ -75,6 +76,14 @@ class RemoteBatch:
             parts.append(f"{error.get('code') or 'error'}{line}: {error.get('message') or ''}".strip())
         more = f"; and {len(self.errors) - 5} more" if len(self.errors) > 5 else ""
         return "; ".join(parts) + more if parts else f"batch {self.id} {self.status}"
+
+
+class QueueFull(ProviderError):
+    """The provider refused to create the batch for the lane's enqueued-token quota (Gemini's 429
+    RESOURCE_EXHAUSTED): no batch was made, so the chunk waits for room and is created again."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorKind.RATE_LIMITED, message, status_code=429)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +157,8 @@ class OpenAIBatchAPI:
             raise self._classify(exc) from None
         return None
 
-    async def create(self, input_file_id: str, metadata: Mapping[str, str]) -> RemoteBatch:
+    async def create(self, input_file_id: str, metadata: Mapping[str, str], *, model: str) -> RemoteBatch:
+        """The model is each line's (OpenAI takes one model per file); `model` is not sent."""
         try:
             created = await self._client.batches.create(
                 input_file_id=input_file_id,
