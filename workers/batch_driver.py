@@ -288,6 +288,8 @@ class BatchDriver:
         lanes = self._lanes()
         if lanes is not None and not lanes:
             return False
+        if not await self._pending(lanes):
+            return False  # one cheap statement per pass for a worker whose lanes have no batch-mode work
         await self._form(lanes)
         chunks = await self._take(lanes)
         if chunks:
