@@ -37,9 +37,10 @@ def llm_batch_asset(
     The upstream asset's value for the partition (a DataFrame, an Arrow table or a file path) is
     submitted with `prompt` (a template over its columns, "Sentiment of: {headline}"), `model`,
     `provider` and any other `batchdb.submit` option (`max_tokens=`, `temperature=`, `budget_usd=`,
-    `response_format=` ...). The asset waits for the job, writes `<output_root>/<name>/<partition>.parquet`
-    (the source's columns plus response, status, tokens, cost and error) and records row counts, tokens,
-    cost, the job id and a preview. Its `all_rows_answered` check warns about rows without an answer;
+    `response_format=`, `mode="batch"` for the provider's Batch API at about half the price ...).
+    The asset waits for the job, writes `<output_root>/<name>/<partition>.parquet` (the source's
+    columns plus response, status, tokens, cost and error) and records row counts, tokens, cost, the
+    job id and a preview. Its `all_rows_answered` check warns about rows without an answer;
     `failures_fatal=True` fails the asset on them instead.
 
     A backfill runs one partition per run (Dagster's default for assets without a backfill policy), and

@@ -235,6 +235,14 @@ _JOB_OPTIONS = [
         help="Send rows asking the same thing once and give each the answer (--no-dedupe: send every row).",
     ),
     click.option(
+        "--mode",
+        type=click.Choice(["online", "batch"]),
+        default="online",
+        show_default=True,
+        help="online: a call per row now; batch: through the provider's Batch API (about half the price, "
+        "answers within 24 h; openai and azure).",
+    ),
+    click.option(
         "--allow-unknown-model",
         is_flag=True,
         help="Submit even when the model has no price in batchdb.prices (its cost shows as unknown).",
@@ -346,6 +354,8 @@ def status_command(job_id: int | None, as_json: bool, dsn: str | None) -> None:
             click.echo(progress.summary())
             if progress.status_reason:
                 click.echo(f"  reason: {progress.status_reason}")
+            if progress.mode == "batch":
+                _print_batches(get_job(job_id, dsn=dsn).batches())
         return
     jobs = list_jobs(dsn=dsn)
     if as_json:
@@ -357,6 +367,19 @@ def status_command(job_id: int | None, as_json: bool, dsn: str | None) -> None:
             f"{j.job_id:>6} {j.status:<10} {f'{j.n_done}/{j.n_total}':>15} {j.n_dead + j.n_failed:>11} "
             f"{(f'{j.cost_usd:.4f}' if j.priced else 'unknown'):>10}  {j.model} / {j.name or ''}"
         )
+
+
+def _print_batches(chunks: list[dict[str, Any]]) -> None:
+    """A batch-mode job's open chunks, one line each, and how many are done."""
+    done = [c for c in chunks if c["state"] == "collected"]
+    click.echo(f"  batches: {len(chunks) - len(done)} open, {len(done)} collected")
+    for c in chunks:
+        if c["state"] == "collected":
+            continue
+        at_provider = f" {c['batch_id']} {c['provider_status'] or ''}".rstrip() if c["batch_id"] else ""
+        counts = f", {c['n_completed'] or 0} answered" if c["n_completed"] is not None else ""
+        error = f" ({c['last_error']})" if c["last_error"] else ""
+        click.echo(f"    chunk {c['id']}: {c['n_requests']} rows, {c['state']}{at_provider}{counts}{error}")
 
 
 @cli.command("results")
@@ -521,7 +544,16 @@ def limits_group() -> None:
 )
 @click.option("--rpd", type=click.IntRange(min=1), default=None, help="Requests per day (Gemini).")
 @click.option(
-    "--clear", multiple=True, type=click.Choice(["rpm", "tpm", "rpd"]), help="Remove this limit (repeatable)."
+    "--batch-queue-tokens",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Batch API queue limit: prompt tokens in open batches at once (batch-mode jobs).",
+)
+@click.option(
+    "--clear",
+    multiple=True,
+    type=click.Choice(["rpm", "tpm", "rpd", "batch_queue_tokens"]),
+    help="Remove this limit (repeatable).",
 )
 @_dsn_option
 def limits_set(
@@ -531,22 +563,31 @@ def limits_set(
     rpm: int | None,
     tpm: int | None,
     rpd: int | None,
+    batch_queue_tokens: int | None,
     clear: tuple[str, ...],
     dsn: str | None,
 ) -> None:
     """Set the limits of one provider key for one model; limits not given keep their value."""
     from batchdb import ledger
 
-    if rpm is None and tpm is None and rpd is None and not clear:
-        raise click.UsageError("nothing to set: give --rpm, --tpm and/or --rpd (or --clear)")
+    if rpm is None and tpm is None and rpd is None and batch_queue_tokens is None and not clear:
+        raise click.UsageError("nothing to set: give --rpm, --tpm, --rpd and/or --batch-queue-tokens (or --clear)")
     with dbmod.connect(dsn) as conn:
         now = _run_db_op(
             lambda: ledger.set_limits(
-                conn, ledger.Lane(provider, key_alias, model), rpm=rpm, tpm=tpm, rpd=rpd, clear=clear
+                conn,
+                ledger.Lane(provider, key_alias, model),
+                rpm=rpm,
+                tpm=tpm,
+                rpd=rpd,
+                batch_queue_tokens=batch_queue_tokens,
+                clear=clear,
             )
         )
+    batch = f" batch_queue_tokens={now['batch_queue_tokens']}" if now["batch_queue_tokens"] else ""
     click.echo(
         f"{provider}/{key_alias}/{model}: rpm={now['rpm'] or '-'} tpm={now['tpm'] or '-'} rpd={now['rpd'] or '-'}"
+        + batch
     )
 
 
@@ -569,6 +610,13 @@ def limits_show(dsn: str | None) -> None:
             f"{r['tpm'] or '-':>10} {r['rpd'] or '-':>7} {r['pace_now']:>5.2f} {r['requests_granted']:>9} "
             f"{r['rate_limited']:>6}  {r['state_text']}"
         )
+    for r in rows:
+        if r["batch_queue_tokens"] or r["batch_enqueued_tokens"]:
+            limit = f"{r['batch_queue_tokens']:,}" if r["batch_queue_tokens"] else "no limit set"
+            click.echo(
+                f"{r['provider'] + '/' + r['key_alias'] + '/' + r['model']:<40} batch queue: "
+                f"{r['batch_enqueued_tokens']:,} tokens enqueued ({limit})"
+            )
     # A lane whose provider is down (circuit open) waits whatever its limits say: say so, limits or not.
     for c in circuits:
         click.echo(f"{c['provider'] + '/' + c['key_alias'] + '/' + c['model']:<40} {c['state_text']}")

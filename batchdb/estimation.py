@@ -228,6 +228,7 @@ def estimate(
         budget_usd=submit_options.get("budget_usd"),
         max_tokens=max_tokens,
         temperature=temperature,
+        mode=submit_options.get("mode", "online"),
     )
     notification_targets(
         submit_options.get("webhook_url"), submit_options.get("webhook_secret"), submit_options.get("notify_emails")
@@ -393,7 +394,8 @@ def _pilot(data: DataSource, n: int, timeout_s: float, *, dsn: str | None, **sub
         remaining -= taken[-1].num_rows
     name = submit_options.pop("name", None) or "estimate"
     # The pilot is a job of its own: the real job's idempotency key and notifications are not its.
-    for option in ("idempotency_key", "webhook_url", "webhook_secret", "notify_emails"):
+    # It runs online whatever the real job's mode: its answers are wanted now, not within a batch window.
+    for option in ("idempotency_key", "webhook_url", "webhook_secret", "notify_emails", "mode"):
         submit_options.pop(option, None)
     job = submit(pa.Table.from_batches(taken, schema=schema), name=f"pilot: {name}", dsn=dsn, **submit_options)
     deadline = time.monotonic() + timeout_s

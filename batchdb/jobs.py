@@ -101,6 +101,8 @@ class JobProgress:
     wasted_usd: Decimal = Decimal(0)
     # Of n_succeeded, rows answered by an identical earlier row's call (no call of their own).
     n_duplicates: int = 0
+    # How the rows are sent: 'online' (a call each) or 'batch' (the provider's Batch API, 0020).
+    mode: str = "online"
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> JobProgress:
@@ -127,7 +129,8 @@ class JobProgress:
 
     def summary(self) -> str:
         return (
-            f"job {self.job_id} {self.status}: {self.n_done}/{self.n_total} done "
+            f"job {self.job_id} {self.status}{' (batch mode)' if self.mode == 'batch' else ''}: "
+            f"{self.n_done}/{self.n_total} done "
             f"({self.n_succeeded} succeeded, {self.n_failed} failed, {self.n_dead} dead, "
             f"{self.n_cancelled} cancelled), "
             f"{self.prompt_tokens + self.completion_tokens:,} tokens, "
@@ -251,6 +254,14 @@ class Job:
         results_module.writer_for(path)
         self.status()
         return results_module.write_file(self.id, path, dsn=self._dsn)
+
+    @translates_database_errors
+    def batches(self) -> list[dict[str, Any]]:
+        """A batch-mode job's chunks (batchdb.provider_batches), oldest first: rows, state, the
+        provider's batch id and status, and the last error; empty for an online job."""
+        with connect(self._dsn) as conn:
+            self._progress(conn)  # raises JobNotFound
+            return list(conn.execute(query("job_batches"), {"job_id": self.id}).fetchall())
 
     def _progress(self, conn: psycopg.Connection[DictRow]) -> JobProgress:
         row = conn.execute(query("job_progress"), {"job_id": self.id}).fetchone()

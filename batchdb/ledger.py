@@ -135,7 +135,7 @@ async def learn_limits(conn: psycopg.AsyncConnection[Any], lane: Lane, rpm: int 
     )
 
 
-LIMIT_NAMES = ("rpm", "tpm", "rpd")
+LIMIT_NAMES = ("rpm", "tpm", "rpd", "batch_queue_tokens")
 
 
 def set_limits(
@@ -145,20 +145,29 @@ def set_limits(
     rpm: int | None = None,
     tpm: int | None = None,
     rpd: int | None = None,
+    batch_queue_tokens: int | None = None,
     clear: Sequence[str] = (),
 ) -> dict[str, int | None]:
     """Set the given limits of `lane`; those not given keep their value, those in `clear` are removed.
+    `batch_queue_tokens` is the lane's Batch API queue limit: prompt tokens in open batches at once.
 
     Returns the lane's limits now.
     """
-    given = {name: value for name, value in (("rpm", rpm), ("tpm", tpm), ("rpd", rpd)) if value is not None}
+    given = {
+        name: value
+        for name, value in (("rpm", rpm), ("tpm", tpm), ("rpd", rpd), ("batch_queue_tokens", batch_queue_tokens))
+        if value is not None
+    }
     unknown = [name for name in clear if name not in LIMIT_NAMES]
     if unknown:
         raise ValueError(f"clear: expected some of {', '.join(LIMIT_NAMES)}, got {', '.join(unknown)}")
     if set(given) & set(clear):
         raise ValueError(f"{', '.join(sorted(set(given) & set(clear)))}: both set and cleared")
     if not given and not clear:
-        raise ValueError(f"nothing to set for {lane.provider}/{lane.key_alias}/{lane.model}: give rpm, tpm or rpd")
+        raise ValueError(
+            f"nothing to set for {lane.provider}/{lane.key_alias}/{lane.model}: "
+            "give rpm, tpm, rpd or batch_queue_tokens"
+        )
     for name, value in given.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected a positive integer, got {value!r}")
@@ -172,6 +181,7 @@ def set_limits(
                 "rpm": rpm,
                 "tpm": tpm,
                 "rpd": rpd,
+                "batch_queue_tokens": batch_queue_tokens,
                 "clear": list(clear),
             },
         ).fetchone()

@@ -49,11 +49,15 @@ async def claim_batch(
     return [ClaimedRequest(**row) for row in await cur.fetchall()]
 
 
-async def complete_batch(conn: psycopg.AsyncConnection[Any], outcomes: Sequence[Outcome]) -> set[Key]:
-    """Record outcomes; returns the keys actually recorded (the rest were fenced out)."""
+async def complete_batch(
+    conn: psycopg.AsyncConnection[Any], outcomes: Sequence[Outcome], *, batch: bool = False
+) -> set[Key]:
+    """Record outcomes; returns the keys actually recorded (the rest were fenced out). `batch`: the
+    outcomes are lines of a provider batch, whose tokens cost the batch price (workers/batch_driver.py)."""
     if not outcomes:
         return set()
     params = {
+        "batch": batch,
         "job_id": [o.job_id for o in outcomes],
         "id": [o.id for o in outcomes],
         "lease_token": [o.lease_token for o in outcomes],
@@ -73,12 +77,16 @@ async def complete_batch(conn: psycopg.AsyncConnection[Any], outcomes: Sequence[
     return await _execute_keys(conn, "complete_batch", params)
 
 
-async def record_unrecorded_calls(conn: psycopg.AsyncConnection[Any], outcomes: Sequence[Outcome]) -> None:
-    """Count the usage of calls whose completion was fenced out (paid, recorded on no row)."""
+async def record_unrecorded_calls(
+    conn: psycopg.AsyncConnection[Any], outcomes: Sequence[Outcome], *, batch: bool = False
+) -> None:
+    """Count the usage of calls whose completion was fenced out (paid, recorded on no row); `batch`:
+    lines of a provider batch, at the batch price."""
     paid = [o for o in outcomes if o.prompt_tokens or o.completion_tokens]
     if not paid:
         return
     params = {
+        "batch": batch,
         "job_id": [o.job_id for o in paid],
         "id": [o.id for o in paid],
         "lease_token": [o.lease_token for o in paid],

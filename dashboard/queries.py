@@ -69,7 +69,8 @@ SELECT p.job_id, p.name, p.owner, p.provider, p.key_alias, p.model, p.status, p.
        pr.input_per_mtok::float8 AS input_per_mtok, pr.output_per_mtok::float8 AS output_per_mtok,
        pr.cached_input_per_mtok::float8 AS cached_input_per_mtok,
        pr.as_of AS price_as_of, pr.source AS price_source,
-       now() AS db_now
+       now() AS db_now,
+       p.mode, pr.batch_discount::float8 AS batch_discount
   FROM batchdb.job_progress p
   JOIN batchdb.jobs j ON j.id = p.job_id
   LEFT JOIN batchdb.prices pr ON pr.provider = p.provider AND pr.model = p.model
@@ -203,6 +204,9 @@ SELECT l.provider, l.key_alias, l.model, u.minute, u.requests, u.tokens, u.rate_
 
 # Lanes whose circuit is open (workers/breaker.py): the same statement `batchdb limits show` runs.
 PG_OPEN_CIRCUITS = query("open_circuits")
+
+# A batch-mode job's chunks and their batches at the provider: the statement `batchdb status JOB` runs.
+PG_JOB_BATCHES = query("job_batches")
 
 # The limits in effect over the window: each lane's last change before it, and every change in it.
 PG_LIMIT_HISTORY = """
@@ -572,6 +576,7 @@ def load_job_detail(
         end = job["finished_at"] if pd.notna(job["finished_at"]) else job["db_now"]
         bucket = bucket_seconds(max(1.0, (pd.Timestamp(end) - pd.Timestamp(start)).total_seconds()))
         summary = fetch_rows(conn, PG_JOB_ROWS_SUMMARY, {"job_id": job_id, "pct": est.pct, "bucket_seconds": bucket})[0]
+        batches = fetch_df(conn, PG_JOB_BATCHES, {"job_id": job_id}) if job.get("mode") == "batch" else None
     timeline = _frame(summary["timeline"], TIMELINE_COLUMNS)
     errors = _frame(summary["errors"], ERROR_COLUMNS)
     if not est.exact:
@@ -597,6 +602,7 @@ def load_job_detail(
         "latency": latency,
         "errors": errors,
         "cost_by_token_type": cost_by_token_type(job),
+        "batches": batches,
     }
 
 
@@ -675,9 +681,17 @@ def _frame(records: list[dict[str, Any]] | None, columns: Mapping[str, str]) -> 
 def cost_by_token_type(job: Mapping[str, Any]) -> pd.DataFrame:
     """Recorded tokens priced at today's list price, next to the cost recorded row by row: prompt
     tokens the provider served from its prompt cache at the cached-input price, the rest at the
-    input price (batchdb/pricing.py, the rule completions are recorded with)."""
+    input price (batchdb/pricing.py, the rule completions are recorded with); a batch-mode job's at
+    the batch price (the list price less `batch_discount`)."""
     input_price, output_price = job.get("input_per_mtok"), job.get("output_per_mtok")
     cached_price = job.get("cached_input_per_mtok")
+    discount = job.get("batch_discount")
+    if job.get("mode") == "batch" and discount is not None and pd.notna(discount):
+        keep = 1 - float(discount)
+        input_price, output_price, cached_price = (
+            None if value is None or pd.isna(value) else float(value) * keep
+            for value in (input_price, output_price, cached_price)
+        )
     price = Price.of(input_price, output_price, cached_input_per_mtok=cached_price)
     prompt_tokens, completion_tokens = int(job["prompt_tokens"]), int(job["completion_tokens"])
     cached_tokens = min(int(job.get("cached_tokens") or 0), prompt_tokens)

@@ -34,9 +34,10 @@ INSERT INTO public.batchdb_migrations (version, name) VALUES (%(version)s, %(nam
 -- insert_job --
 -- A job starts as 'loading' so workers ignore it until its rows are all in.
 INSERT INTO batchdb.jobs (name, owner, provider, key_alias, model, params, priority, max_attempts, budget_usd,
-                          idempotency_key, allow_unknown_model, status)
+                          idempotency_key, allow_unknown_model, mode, status)
 VALUES (%(name)s, coalesce(%(owner)s, current_user), %(provider)s, %(key_alias)s, %(model)s, %(params)s,
-        %(priority)s, %(max_attempts)s, %(budget_usd)s, %(idempotency_key)s, %(allow_unknown_model)s, 'loading')
+        %(priority)s, %(max_attempts)s, %(budget_usd)s, %(idempotency_key)s, %(allow_unknown_model)s, %(mode)s,
+        'loading')
 ON CONFLICT (owner, idempotency_key) DO NOTHING
 RETURNING id
 
@@ -111,6 +112,8 @@ WITH running_jobs AS (
             LIMIT 1
            ) due
      WHERE j.status = 'running' AND j.n_done < j.n_total
+       -- A batch-mode job's rows go through the provider's Batch API (workers/batch_driver.py, 0020).
+       AND j.mode = 'online'
        -- Only jobs on lanes this worker can serve (workers/lanes.py); NULL arrays: any lane.
        AND (%(lane_providers)s::text[] IS NULL
             OR (j.provider, j.key_alias) IN (SELECT l.provider, l.key_alias
@@ -168,7 +171,8 @@ RETURNING q.job_id, q.id, q.custom_id, q.payload, q.input, q.attempts,
 -- Budget reservations are settled apart, by key (settle_budget), so repeating
 -- this statement after a lost reply changes nothing. A result written a second
 -- time for the same row (a double completion) is counted in `writes`, never
--- silently replaced.
+-- silently replaced. `batch`: the outcomes came from a provider batch, priced at
+-- the batch discount (workers/batch_driver.py); the online path passes false.
 WITH outcome AS (
     SELECT *
       FROM unnest(%(job_id)s::bigint[], %(id)s::bigint[], %(lease_token)s::bigint[], %(status)s::text[],
@@ -182,7 +186,7 @@ WITH outcome AS (
     SELECT o.*,
            coalesce(batchdb.call_cost_usd(p.input_per_mtok, p.cached_input_per_mtok, p.output_per_mtok,
                                           p.batch_discount, o.prompt_tokens, o.cached_tokens,
-                                          o.completion_tokens, false), 0)
+                                          o.completion_tokens, %(batch)s::boolean), 0)
                AS cost_usd
       FROM outcome o
       JOIN batchdb.jobs j ON j.id = o.job_id
@@ -228,11 +232,12 @@ SELECT job_id, id FROM done
 -- (an earlier complete_batch whose reply was lost: the repeat records nothing) and is not counted;
 -- a repeat of this statement adds nothing (keyed by lease). Not told apart: a retry outcome recorded
 -- by a lost-reply complete_batch whose row another worker then claimed (counted here once more).
+-- `batch`: the calls were lines of a provider batch, priced at the batch discount.
 INSERT INTO batchdb.unrecorded_calls AS u (job_id, request_id, lease_token, reason, prompt_tokens, cached_tokens,
                                             completion_tokens, cost_usd)
 SELECT o.job_id, o.id, o.lease_token, 'fenced', o.prompt_tokens, o.cached_tokens, o.completion_tokens,
        coalesce(batchdb.call_cost_usd(p.input_per_mtok, p.cached_input_per_mtok, p.output_per_mtok, p.batch_discount,
-                                      o.prompt_tokens, o.cached_tokens, o.completion_tokens, false), 0)
+                                      o.prompt_tokens, o.cached_tokens, o.completion_tokens, %(batch)s::boolean), 0)
   FROM unnest(%(job_id)s::bigint[], %(id)s::bigint[], %(lease_token)s::bigint[], %(status)s::text[],
               %(error_class)s::text[], %(prompt_tokens)s::integer[], %(cached_tokens)s::integer[],
               %(completion_tokens)s::integer[])
@@ -338,7 +343,7 @@ WITH picked AS (
               FOR UPDATE SKIP LOCKED
            ) q
      WHERE j.provider = %(provider)s AND j.key_alias = %(key_alias)s AND j.model = %(model)s
-       AND j.status = 'running' AND j.n_done < j.n_total
+       AND j.status = 'running' AND j.n_done < j.n_total AND j.mode = 'online'
      ORDER BY j.priority DESC, j.id
      LIMIT 1
 )
@@ -390,6 +395,156 @@ UPDATE batchdb.jobs
        budget_usd = coalesce(%(budget_usd)s, budget_usd)
  WHERE id = %(job_id)s AND status = 'paused'
 RETURNING id
+
+-- ===========================================================================
+-- Batch mode: chunks through the providers' Batch APIs (workers/batch_driver.py, 0020)
+-- ===========================================================================
+
+-- provider_batch_form --
+-- Take due rows of one running batch-mode job of `provider` under one of `key_aliases` (NULL: any)
+-- into a new chunk of at most `max_rows`; no row when there is nothing to take (0020).
+SELECT chunk_id, chunk_job_id, chunk_rows
+  FROM batchdb.form_provider_batch(%(provider)s, %(key_aliases)s::text[], %(max_rows)s)
+
+-- provider_batch_take --
+-- Lease up to `limit` chunks due for their next step (any worker may drive any chunk; a chunk whose
+-- lease ran out, its worker killed mid-step, is due again). The token fences every later write.
+WITH due AS (
+    SELECT b.id
+      FROM batchdb.provider_batches b
+     WHERE b.state <> 'collected' AND b.next_check_at <= now()
+       AND (b.lease_expires_at IS NULL OR b.lease_expires_at < now())
+       AND (%(providers)s::text[] IS NULL
+            OR (b.provider, b.key_alias) IN (SELECT l.provider, l.key_alias
+                                               FROM unnest(%(providers)s::text[], %(key_aliases)s::text[])
+                                                    AS l(provider, key_alias)))
+     ORDER BY b.next_check_at, b.id
+     LIMIT %(limit)s
+       FOR UPDATE SKIP LOCKED
+)
+UPDATE batchdb.provider_batches b
+   SET lease_owner = %(worker_id)s,
+       lease_expires_at = now() + make_interval(secs => %(lease_seconds)s),
+       lease_token = b.lease_token + 1
+  FROM due
+ WHERE b.id = due.id
+RETURNING b.*
+
+-- provider_batch_rows --
+-- The rows a chunk took, with what their outcomes need; `running` ones are still the chunk's.
+SELECT q.job_id, q.id, q.custom_id, q.payload, q.input, q.status, q.attempts,
+       coalesce(q.max_attempts, j.max_attempts) AS max_attempts, q.lease_token
+  FROM batchdb.requests q
+  JOIN batchdb.jobs j ON j.id = q.job_id
+ WHERE q.job_id = %(job_id)s AND q.batch_id = %(chunk_id)s
+ ORDER BY q.id
+
+-- provider_batch_row_keys --
+-- The same rows without their content: what recording their outcomes needs.
+SELECT q.job_id, q.id, q.custom_id, q.status, q.attempts, coalesce(q.max_attempts, j.max_attempts) AS max_attempts,
+       q.lease_token
+  FROM batchdb.requests q
+  JOIN batchdb.jobs j ON j.id = q.job_id
+ WHERE q.job_id = %(job_id)s AND q.batch_id = %(chunk_id)s
+ ORDER BY q.id
+
+-- provider_batch_hold --
+-- Inside a transaction writing a chunk's rows: the chunk is still this lease's (locked until commit).
+SELECT id FROM batchdb.provider_batches WHERE id = %(id)s AND lease_token = %(lease_token)s FOR UPDATE
+
+-- provider_batch_queue_limit --
+-- The lane's configured batch queue limit (NULL: none known), which a chunk is cut to fit.
+SELECT batch_queue_tokens
+  FROM batchdb.rate_limits
+ WHERE provider = %(provider)s AND key_alias = %(key_alias)s AND model = %(model)s
+
+-- provider_batch_upload_intent --
+-- About to upload the chunk's file: recorded first, so a successor knows to look for it by name.
+UPDATE batchdb.provider_batches
+   SET upload_started_at = coalesce(upload_started_at, now())
+ WHERE id = %(id)s AND lease_token = %(lease_token)s AND state = 'planned'
+RETURNING *
+
+-- provider_batch_uploaded --
+UPDATE batchdb.provider_batches
+   SET state = 'file_uploaded', input_file_id = %(input_file_id)s, input_bytes = %(input_bytes)s,
+       enqueued_tokens = %(enqueued_tokens)s, n_requests = %(n_requests)s, uploaded_at = now(), last_error = NULL
+ WHERE id = %(id)s AND lease_token = %(lease_token)s AND state = 'planned'
+RETURNING *
+
+-- provider_batch_reserve --
+-- Take the lane's batch queue room and record the intent to create the batch (0020):
+-- 'ok', 'resumed' (an earlier try may have created it: look it up first), 'wait' or 'lost'.
+SELECT batchdb.provider_batch_reserve(%(id)s, %(lease_token)s) AS result
+
+-- provider_batch_unreserve --
+-- The provider refused to create the batch for its queue limit and made none (Gemini's 429): the
+-- intent is withdrawn, the queue room given back, and the next try gets a new number.
+UPDATE batchdb.provider_batches
+   SET create_started_at = NULL, create_try = create_try + 1, last_error = %(error)s
+ WHERE id = %(id)s AND lease_token = %(lease_token)s AND state = 'file_uploaded'
+RETURNING *
+
+-- provider_batch_submitted --
+UPDATE batchdb.provider_batches
+   SET state = 'submitted', batch_id = %(batch_id)s, provider_status = %(provider_status)s, submitted_at = now(),
+       last_error = NULL
+ WHERE id = %(id)s AND lease_token = %(lease_token)s AND state = 'file_uploaded'
+RETURNING *
+
+-- provider_batch_polled --
+-- What the provider says now; an ended batch returns its queue room (it no longer counts) and
+-- waits to be collected.
+UPDATE batchdb.provider_batches
+   SET state = %(state)s, provider_status = %(provider_status)s, output_file_id = %(output_file_id)s,
+       error_file_id = %(error_file_id)s, n_completed = %(n_completed)s, n_failed = %(n_failed)s,
+       ended_at = CASE WHEN %(state)s IN ('completed', 'failed', 'expired', 'cancelled') THEN now() END,
+       last_error = %(error)s
+ WHERE id = %(id)s AND lease_token = %(lease_token)s AND state IN ('submitted', 'in_progress')
+RETURNING *
+
+-- provider_batch_requeue --
+-- The provider refused the batch for its enqueued-token limit: the chunk (its rows, its file) waits
+-- to be created again, under a new try number (the refused batch keeps the old one in its metadata).
+UPDATE batchdb.provider_batches
+   SET state = 'file_uploaded', batch_id = NULL, provider_status = NULL, create_started_at = NULL,
+       submitted_at = NULL, create_try = create_try + 1, last_error = %(error)s
+ WHERE id = %(id)s AND lease_token = %(lease_token)s AND state IN ('submitted', 'in_progress')
+RETURNING *
+
+-- provider_batch_collected --
+-- Every row's outcome is recorded (in the same transaction): the chunk is done.
+UPDATE batchdb.provider_batches
+   SET state = 'collected', collected_at = now(), last_error = coalesce(%(error)s, last_error),
+       lease_owner = NULL, lease_expires_at = NULL
+ WHERE id = %(id)s AND lease_token = %(lease_token)s AND state <> 'collected'
+RETURNING *
+
+-- provider_batch_release --
+-- Let go of a chunk until its next step is due (its batch is running, its lane's queue is full,
+-- or a provider call failed: `error` says which).
+UPDATE batchdb.provider_batches
+   SET lease_owner = NULL, lease_expires_at = NULL, next_check_at = now() + make_interval(secs => %(delay_s)s),
+       last_error = CASE WHEN %(error)s::text IS NULL THEN last_error ELSE %(error)s::text END
+ WHERE id = %(id)s AND lease_token = %(lease_token)s
+RETURNING id
+
+-- provider_batch_work --
+-- Whether batch-mode work remains on these lanes (NULL: any): an open chunk, or a running batch job
+-- with rows not final. A worker told to exit when idle waits for it.
+SELECT EXISTS (SELECT 1 FROM batchdb.provider_batches b
+                WHERE b.state <> 'collected'
+                  AND (%(providers)s::text[] IS NULL
+                       OR (b.provider, b.key_alias) IN (SELECT l.provider, l.key_alias
+                                                          FROM unnest(%(providers)s::text[], %(key_aliases)s::text[])
+                                                               AS l(provider, key_alias))))
+       OR EXISTS (SELECT 1 FROM batchdb.jobs j
+                   WHERE j.status = 'running' AND j.mode = 'batch' AND j.n_done < j.n_total
+                     AND (%(providers)s::text[] IS NULL
+                          OR (j.provider, j.key_alias) IN (SELECT l.provider, l.key_alias
+                                                             FROM unnest(%(providers)s::text[],
+                                                                         %(key_aliases)s::text[])
+                                                                  AS l(provider, key_alias)))) AS pending
 
 -- ===========================================================================
 -- Workers
@@ -472,6 +627,14 @@ SELECT w.id, w.hostname, w.pid, w.concurrency, w.in_flight, w.n_completed, w.sta
 SELECT p.*, (p.provider = 'instant' OR EXISTS (SELECT 1 FROM batchdb.prices c
                                                 WHERE c.provider = p.provider AND c.model = p.model)) AS priced
   FROM batchdb.job_progress p WHERE p.job_id = %(job_id)s
+
+-- job_batches --
+-- A batch-mode job's chunks and their batches at the provider (`batchdb status JOB`, Job.batches()).
+SELECT id, state, provider_status, n_requests, batch_id, n_completed, n_failed, create_try, enqueued_tokens,
+       created_at, submitted_at, ended_at, collected_at, last_error
+  FROM batchdb.provider_batches
+ WHERE job_id = %(job_id)s
+ ORDER BY id
 
 -- job_visible --
 -- Row-level security answers: false for another user's job.
@@ -597,22 +760,28 @@ SELECT batchdb.learn_limits(%(provider)s, %(key_alias)s, %(model)s, %(rpm)s, %(t
 -- set_limits --
 -- Configure a key's limits by hand (`batchdb limits set`); configured limits win over learnt ones.
 -- A partial update: a limit not given (NULL) keeps its current value; those named in `clear` are removed.
-INSERT INTO batchdb.rate_limits AS l (provider, key_alias, model, rpm, tpm, rpd, source)
-VALUES (%(provider)s, %(key_alias)s, %(model)s, %(rpm)s, %(tpm)s, %(rpd)s, 'configured')
+-- batch_queue_tokens: the enqueued-token limit of the lane's Batch API (0020, batch-mode jobs).
+INSERT INTO batchdb.rate_limits AS l (provider, key_alias, model, rpm, tpm, rpd, batch_queue_tokens, source)
+VALUES (%(provider)s, %(key_alias)s, %(model)s, %(rpm)s, %(tpm)s, %(rpd)s, %(batch_queue_tokens)s, 'configured')
 ON CONFLICT (provider, key_alias, model) DO UPDATE
    SET rpm = CASE WHEN 'rpm' = ANY (%(clear)s::text[]) THEN NULL ELSE coalesce(EXCLUDED.rpm, l.rpm) END,
        tpm = CASE WHEN 'tpm' = ANY (%(clear)s::text[]) THEN NULL ELSE coalesce(EXCLUDED.tpm, l.tpm) END,
        rpd = CASE WHEN 'rpd' = ANY (%(clear)s::text[]) THEN NULL ELSE coalesce(EXCLUDED.rpd, l.rpd) END,
+       batch_queue_tokens = CASE WHEN 'batch_queue_tokens' = ANY (%(clear)s::text[]) THEN NULL
+                                 ELSE coalesce(EXCLUDED.batch_queue_tokens, l.batch_queue_tokens) END,
        source = 'configured', updated_at = now()
-RETURNING rpm, tpm, rpd
+RETURNING rpm, tpm, rpd, batch_queue_tokens
 
 -- list_limits --
 -- Each lane's limits, totals and live state (0006: lane_states says why a lane is not moving).
+-- batch_queue_tokens / batch_enqueued_tokens: the lane's Batch API queue, its limit and what open batches hold (0020).
 SELECT r.provider, r.key_alias, r.model, r.rpm, r.tpm, r.rpd, r.source, r.pace, s.pace_now, r.blocked_until,
        r.requests_granted, r.tokens_granted, r.rate_limited, r.updated_at,
-       s.token_credit_now, s.state, s.until, s.state_text
+       s.token_credit_now, s.state, s.until, s.state_text,
+       r.batch_queue_tokens, coalesce(b.enqueued_tokens, 0) AS batch_enqueued_tokens
   FROM batchdb.rate_limits r
   JOIN batchdb.lane_states s USING (provider, key_alias, model)
+  LEFT JOIN batchdb.batch_queues b USING (provider, key_alias, model)
  ORDER BY r.provider, r.key_alias, r.model
 
 -- open_circuits --

@@ -308,6 +308,67 @@ BEGIN
 END;
 $$;
 
+-- function form_provider_batch(text, text[], integer)
+
+CREATE FUNCTION batchdb.form_provider_batch(p_provider text, p_key_aliases text[], p_max_rows integer) RETURNS TABLE(chunk_id bigint, chunk_job_id bigint, chunk_rows integer)
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    j record;
+    chunk bigint;
+    n integer;
+BEGIN
+    FOR j IN
+        SELECT jb.id, jb.provider, jb.key_alias, jb.model
+          FROM batchdb.jobs jb
+         WHERE jb.status = 'running' AND jb.mode = 'batch' AND jb.n_done < jb.n_total
+           AND jb.provider = p_provider AND (p_key_aliases IS NULL OR jb.key_alias = ANY (p_key_aliases))
+           AND EXISTS (SELECT 1 FROM batchdb.requests q
+                        WHERE q.job_id = jb.id AND q.status = 'queued' AND q.run_after <= now())
+           AND NOT EXISTS (SELECT 1 FROM batchdb.provider_batches b
+                            WHERE b.job_id = jb.id AND b.state IN ('planned', 'file_uploaded'))
+         ORDER BY jb.priority DESC, jb.id
+    LOOP
+        CONTINUE WHEN NOT pg_try_advisory_xact_lock(hashtextextended('batchdb.provider_batch.' || j.id, 0));
+        -- Seen again under the lock: another worker may have formed one since the scan.
+        CONTINUE WHEN EXISTS (SELECT 1 FROM batchdb.provider_batches b
+                               WHERE b.job_id = j.id AND b.state IN ('planned', 'file_uploaded'));
+        INSERT INTO batchdb.provider_batches AS b (job_id, provider, key_alias, model)
+        VALUES (j.id, j.provider, j.key_alias, j.model)
+        RETURNING b.id INTO chunk;
+        WITH picked AS (
+            SELECT q.job_id, q.id
+              FROM batchdb.requests q
+             WHERE q.job_id = j.id AND q.status = 'queued' AND q.run_after <= now()
+             ORDER BY q.run_after, q.id
+             LIMIT p_max_rows
+               FOR UPDATE SKIP LOCKED
+        )
+        UPDATE batchdb.requests q
+           SET status = 'running',
+               attempts = q.attempts + 1,
+               lease_token = q.lease_token + 1,
+               lease_owner = 'batch ' || chunk,
+               lease_expires_at = NULL,
+               started_at = now(),
+               batch_id = chunk
+          FROM picked p
+         WHERE q.job_id = p.job_id AND q.id = p.id;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        IF n = 0 THEN
+            DELETE FROM batchdb.provider_batches b WHERE b.id = chunk;
+            CONTINUE;
+        END IF;
+        UPDATE batchdb.provider_batches b SET n_requests = n WHERE b.id = chunk;
+        chunk_id := chunk;
+        chunk_job_id := j.id;
+        chunk_rows := n;
+        RETURN NEXT;
+        RETURN;
+    END LOOP;
+END;
+$$;
+
 -- function jobs_after_delete()
 
 CREATE FUNCTION batchdb.jobs_after_delete() RETURNS trigger
@@ -518,6 +579,19 @@ BEGIN
         RAISE EXCEPTION 'batchdb.jobs.params: expected a JSON object, got %', coalesce(jsonb_typeof(NEW.params), 'NULL')
             USING ERRCODE = 'check_violation';
     END IF;
+    IF NEW.mode IS NULL OR NEW.mode NOT IN ('online', 'batch') THEN
+        RAISE EXCEPTION 'batchdb.jobs.mode: expected online or batch, got %', coalesce(quote_literal(NEW.mode), 'NULL')
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF NEW.mode = 'batch' AND NEW.provider NOT IN ('openai', 'azure', 'gemini') THEN
+        RAISE EXCEPTION 'batchdb.jobs.mode: batch mode goes through the Batch APIs of openai, azure and gemini; provider % has none', quote_literal(NEW.provider)
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF NEW.mode = 'batch' AND NEW.budget_usd IS NOT NULL THEN
+        -- A batch is paid when it ends, a chunk at once: the per-call reservations budgets rely on do not apply.
+        RAISE EXCEPTION 'batchdb.jobs.budget_usd: not supported with mode batch yet'
+            USING ERRCODE = 'check_violation';
+    END IF;
     RETURN NEW;
 END;
 $$;
@@ -600,6 +674,42 @@ BEGIN
     RETURN NEW;
 END;
 $_$;
+
+-- function provider_batch_reserve(bigint, bigint)
+
+CREATE FUNCTION batchdb.provider_batch_reserve(p_id bigint, p_lease_token bigint) RETURNS text
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    c batchdb.provider_batches;
+    queue_limit bigint;
+    used bigint;
+BEGIN
+    SELECT * INTO c FROM batchdb.provider_batches b
+     WHERE b.id = p_id AND b.lease_token = p_lease_token AND b.state = 'file_uploaded'
+       FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN 'lost';
+    END IF;
+    IF c.create_started_at IS NOT NULL THEN
+        RETURN 'resumed';
+    END IF;
+    PERFORM pg_advisory_xact_lock(hashtextextended('batchdb.batch_queue.' || c.provider || '/' || c.key_alias
+                                                   || '/' || c.model, 0));
+    SELECT l.batch_queue_tokens INTO queue_limit FROM batchdb.rate_limits l
+     WHERE l.provider = c.provider AND l.key_alias = c.key_alias AND l.model = c.model;
+    IF queue_limit IS NOT NULL THEN
+        SELECT coalesce(sum(b.enqueued_tokens), 0) INTO used FROM batchdb.provider_batches b
+         WHERE b.provider = c.provider AND b.key_alias = c.key_alias AND b.model = c.model AND b.id <> c.id
+           AND (b.state IN ('submitted', 'in_progress') OR (b.state = 'file_uploaded' AND b.create_started_at IS NOT NULL));
+        IF used > 0 AND used + c.enqueued_tokens > queue_limit THEN
+            RETURN 'wait';
+        END IF;
+    END IF;
+    UPDATE batchdb.provider_batches b SET create_started_at = now() WHERE b.id = c.id;
+    RETURN 'ok';
+END;
+$$;
 
 -- function rate_limits_record_history()
 
@@ -1421,6 +1531,96 @@ BEGIN
 END;
 $$;
 
+-- table provider_batches
+
+CREATE TABLE batchdb.provider_batches (
+    id bigint NOT NULL,
+    uid uuid DEFAULT gen_random_uuid() NOT NULL,
+    job_id bigint NOT NULL,
+    provider text NOT NULL,
+    key_alias text NOT NULL,
+    model text NOT NULL,
+    state text DEFAULT 'planned'::text NOT NULL,
+    provider_status text,
+    n_requests integer DEFAULT 0 NOT NULL,
+    input_bytes bigint,
+    enqueued_tokens bigint DEFAULT 0 NOT NULL,
+    input_file_id text,
+    batch_id text,
+    output_file_id text,
+    error_file_id text,
+    create_try integer DEFAULT 1 NOT NULL,
+    n_completed integer,
+    n_failed integer,
+    upload_started_at timestamp with time zone,
+    uploaded_at timestamp with time zone,
+    create_started_at timestamp with time zone,
+    submitted_at timestamp with time zone,
+    ended_at timestamp with time zone,
+    collected_at timestamp with time zone,
+    last_error text,
+    next_check_at timestamp with time zone DEFAULT now() NOT NULL,
+    lease_owner text,
+    lease_expires_at timestamp with time zone,
+    lease_token bigint DEFAULT 0 NOT NULL,
+    created_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT provider_batches_state_valid CHECK ((state = ANY (ARRAY['planned'::text, 'file_uploaded'::text, 'submitted'::text, 'in_progress'::text, 'completed'::text, 'failed'::text, 'expired'::text, 'cancelled'::text, 'collected'::text])))
+);
+
+-- comment TABLE provider_batches
+
+COMMENT ON TABLE batchdb.provider_batches IS 'One chunk of a batch-mode job: its rows (requests.batch_id), its file and batch at the provider, and where it is in its life.';
+
+-- table rate_limits
+
+CREATE TABLE batchdb.rate_limits (
+    provider text NOT NULL,
+    key_alias text DEFAULT 'default'::text NOT NULL,
+    model text NOT NULL,
+    rpm integer,
+    tpm integer,
+    rpd integer,
+    burst_seconds double precision DEFAULT 0.5 NOT NULL,
+    target_fraction double precision DEFAULT 0.99 NOT NULL,
+    source text DEFAULT 'configured'::text NOT NULL,
+    request_credit double precision DEFAULT 0 NOT NULL,
+    token_credit double precision DEFAULT 0 NOT NULL,
+    refilled_at timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
+    pace double precision DEFAULT 1.0 NOT NULL,
+    blocked_until timestamp with time zone,
+    day_key date,
+    day_requests integer DEFAULT 0 NOT NULL,
+    requests_granted bigint DEFAULT 0 NOT NULL,
+    tokens_granted bigint DEFAULT 0 NOT NULL,
+    rate_limited bigint DEFAULT 0 NOT NULL,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    slowed_at timestamp with time zone,
+    batch_queue_tokens bigint,
+    CONSTRAINT rate_limits_batch_queue_positive CHECK (((batch_queue_tokens IS NULL) OR (batch_queue_tokens > 0))),
+    CONSTRAINT rate_limits_burst CHECK (((burst_seconds > (0)::double precision) AND (burst_seconds <= (60)::double precision))),
+    CONSTRAINT rate_limits_positive CHECK ((((rpm IS NULL) OR (rpm > 0)) AND ((tpm IS NULL) OR (tpm > 0)) AND ((rpd IS NULL) OR (rpd > 0)))),
+    CONSTRAINT rate_limits_source CHECK ((source = ANY (ARRAY['configured'::text, 'headers'::text]))),
+    CONSTRAINT rate_limits_target CHECK (((target_fraction > (0)::double precision) AND (target_fraction <= (1)::double precision)))
+);
+
+-- comment COLUMN rate_limits.batch_queue_tokens
+
+COMMENT ON COLUMN batchdb.rate_limits.batch_queue_tokens IS 'Prompt tokens the lane may have enqueued in open batches at once (the provider''s batch queue limit); NULL: no limit known.';
+
+-- view batch_queues
+
+CREATE VIEW batchdb.batch_queues WITH (security_invoker='true') AS
+ SELECT b.provider,
+    b.key_alias,
+    b.model,
+    l.batch_queue_tokens,
+    sum(b.enqueued_tokens) AS enqueued_tokens,
+    count(*) AS open_batches
+   FROM (batchdb.provider_batches b
+     LEFT JOIN batchdb.rate_limits l ON (((l.provider = b.provider) AND (l.key_alias = b.key_alias) AND (l.model = b.model))))
+  WHERE ((b.state = ANY (ARRAY['submitted'::text, 'in_progress'::text])) OR ((b.state = 'file_uploaded'::text) AND (b.create_started_at IS NOT NULL)))
+  GROUP BY b.provider, b.key_alias, b.model, l.batch_queue_tokens;
+
 -- table budget_reservations
 
 CREATE TABLE batchdb.budget_reservations (
@@ -1489,13 +1689,19 @@ CREATE TABLE batchdb.jobs (
     wasted_calls integer DEFAULT 0 NOT NULL,
     wasted_usd numeric DEFAULT 0 NOT NULL,
     n_duplicates bigint DEFAULT 0 NOT NULL,
+    mode text DEFAULT 'online'::text NOT NULL,
     CONSTRAINT jobs_budget_positive CHECK (((budget_usd IS NULL) OR (budget_usd > (0)::numeric))),
     CONSTRAINT jobs_max_attempts_positive CHECK ((max_attempts >= 1)),
+    CONSTRAINT jobs_mode_valid CHECK ((mode = ANY (ARRAY['online'::text, 'batch'::text]))),
     CONSTRAINT jobs_model_not_blank CHECK ((btrim(model) <> ''::text)),
     CONSTRAINT jobs_params_object CHECK ((jsonb_typeof(params) = 'object'::text)),
     CONSTRAINT jobs_priority_positive CHECK ((priority >= 1)),
     CONSTRAINT jobs_status_valid CHECK ((status = ANY (ARRAY['loading'::text, 'running'::text, 'paused'::text, 'cancelled'::text, 'completed'::text])))
 );
+
+-- comment COLUMN jobs.mode
+
+COMMENT ON COLUMN batchdb.jobs.mode IS 'online: one call per row, paced by the rate-limit ledger; batch: rows go in chunks through the provider''s Batch API (batchdb.provider_batches).';
 
 -- sequence requests_id_seq
 
@@ -1533,6 +1739,7 @@ CREATE TABLE batchdb.requests (
     cached_tokens integer DEFAULT 0 NOT NULL,
     request_key bytea,
     duplicate_of bigint,
+    batch_id bigint,
     CONSTRAINT requests_attempts_nonnegative CHECK ((attempts >= 0)),
     CONSTRAINT requests_max_attempts_positive CHECK (((max_attempts IS NULL) OR (max_attempts >= 1))),
     CONSTRAINT requests_status_valid CHECK ((status = ANY (ARRAY['queued'::text, 'running'::text, 'succeeded'::text, 'failed'::text, 'dead'::text, 'cancelled'::text])))
@@ -1550,6 +1757,10 @@ COMMENT ON COLUMN batchdb.requests.request_key IS 'Rows of a job with equal keys
 -- comment COLUMN requests.duplicate_of
 
 COMMENT ON COLUMN batchdb.requests.duplicate_of IS 'Set by batchdb: the id of the earlier row with the same request_key whose answer this row takes.';
+
+-- comment COLUMN requests.batch_id
+
+COMMENT ON COLUMN batchdb.requests.batch_id IS 'Set by batchdb: the chunk (batchdb.provider_batches) that sent this row last (batch-mode jobs).';
 
 -- view job_progress
 
@@ -1595,7 +1806,8 @@ CREATE VIEW batchdb.job_progress WITH (security_invoker='true') AS
     j.cached_tokens,
     j.wasted_calls,
     j.wasted_usd,
-    j.n_duplicates
+    j.n_duplicates,
+    j.mode
    FROM (batchdb.jobs j
      LEFT JOIN LATERAL ( SELECT count(*) AS n_running
            FROM batchdb.requests q
@@ -1610,36 +1822,6 @@ ALTER TABLE batchdb.jobs ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
     NO MINVALUE
     NO MAXVALUE
     CACHE 1
-);
-
--- table rate_limits
-
-CREATE TABLE batchdb.rate_limits (
-    provider text NOT NULL,
-    key_alias text DEFAULT 'default'::text NOT NULL,
-    model text NOT NULL,
-    rpm integer,
-    tpm integer,
-    rpd integer,
-    burst_seconds double precision DEFAULT 0.5 NOT NULL,
-    target_fraction double precision DEFAULT 0.99 NOT NULL,
-    source text DEFAULT 'configured'::text NOT NULL,
-    request_credit double precision DEFAULT 0 NOT NULL,
-    token_credit double precision DEFAULT 0 NOT NULL,
-    refilled_at timestamp with time zone DEFAULT clock_timestamp() NOT NULL,
-    pace double precision DEFAULT 1.0 NOT NULL,
-    blocked_until timestamp with time zone,
-    day_key date,
-    day_requests integer DEFAULT 0 NOT NULL,
-    requests_granted bigint DEFAULT 0 NOT NULL,
-    tokens_granted bigint DEFAULT 0 NOT NULL,
-    rate_limited bigint DEFAULT 0 NOT NULL,
-    updated_at timestamp with time zone DEFAULT now() NOT NULL,
-    slowed_at timestamp with time zone,
-    CONSTRAINT rate_limits_burst CHECK (((burst_seconds > (0)::double precision) AND (burst_seconds <= (60)::double precision))),
-    CONSTRAINT rate_limits_positive CHECK ((((rpm IS NULL) OR (rpm > 0)) AND ((tpm IS NULL) OR (tpm > 0)) AND ((rpd IS NULL) OR (rpd > 0)))),
-    CONSTRAINT rate_limits_source CHECK ((source = ANY (ARRAY['configured'::text, 'headers'::text]))),
-    CONSTRAINT rate_limits_target CHECK (((target_fraction > (0)::double precision) AND (target_fraction <= (1)::double precision)))
 );
 
 -- view lane_states
@@ -1856,6 +2038,17 @@ COMMENT ON COLUMN batchdb.prices.source IS 'The price map this row was last writ
 
 COMMENT ON COLUMN batchdb.prices.as_of IS 'The date of the prices in that map; NULL: unknown.';
 
+-- sequence provider_batches_id_seq
+
+ALTER TABLE batchdb.provider_batches ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
+    SEQUENCE NAME batchdb.provider_batches_id_seq
+    START WITH 1
+    INCREMENT BY 1
+    NO MINVALUE
+    NO MAXVALUE
+    CACHE 1
+);
+
 -- table rate_limit_history
 
 CREATE TABLE batchdb.rate_limit_history (
@@ -1929,6 +2122,7 @@ CREATE TABLE batchdb.requests_orphan (
     cached_tokens integer DEFAULT 0 NOT NULL,
     request_key bytea,
     duplicate_of bigint,
+    batch_id bigint,
     CONSTRAINT requests_attempts_nonnegative CHECK ((attempts >= 0)),
     CONSTRAINT requests_max_attempts_positive CHECK (((max_attempts IS NULL) OR (max_attempts >= 1))),
     CONSTRAINT requests_status_valid CHECK ((status = ANY (ARRAY['queued'::text, 'running'::text, 'succeeded'::text, 'failed'::text, 'dead'::text, 'cancelled'::text])))
@@ -2037,6 +2231,16 @@ ALTER TABLE ONLY batchdb.notification_targets
 ALTER TABLE ONLY batchdb.prices
     ADD CONSTRAINT prices_pkey PRIMARY KEY (provider, model);
 
+-- constraint provider_batches provider_batches_pkey
+
+ALTER TABLE ONLY batchdb.provider_batches
+    ADD CONSTRAINT provider_batches_pkey PRIMARY KEY (id);
+
+-- constraint provider_batches provider_batches_uid_key
+
+ALTER TABLE ONLY batchdb.provider_batches
+    ADD CONSTRAINT provider_batches_uid_key UNIQUE (uid);
+
 -- constraint rate_limit_history rate_limit_history_pkey
 
 ALTER TABLE ONLY batchdb.rate_limit_history
@@ -2139,9 +2343,25 @@ CREATE INDEX notification_deliveries_job_idx ON batchdb.notification_deliveries 
 
 CREATE INDEX notification_deliveries_target_idx ON batchdb.notification_deliveries USING btree (target_id);
 
+-- index provider_batches_due_idx
+
+CREATE INDEX provider_batches_due_idx ON batchdb.provider_batches USING btree (next_check_at) WHERE (state <> 'collected'::text);
+
+-- index provider_batches_job_idx
+
+CREATE INDEX provider_batches_job_idx ON batchdb.provider_batches USING btree (job_id);
+
+-- index provider_batches_lane_idx
+
+CREATE INDEX provider_batches_lane_idx ON batchdb.provider_batches USING btree (provider, key_alias, model) WHERE (state = ANY (ARRAY['file_uploaded'::text, 'submitted'::text, 'in_progress'::text]));
+
 -- index rate_limit_history_lane_idx
 
 CREATE INDEX rate_limit_history_lane_idx ON batchdb.rate_limit_history USING btree (provider, key_alias, model, changed_at);
+
+-- index requests_batch_idx
+
+CREATE INDEX requests_batch_idx ON ONLY batchdb.requests USING btree (batch_id) WHERE (batch_id IS NOT NULL);
 
 -- index requests_claimable_idx
 
@@ -2155,6 +2375,10 @@ CREATE INDEX requests_duplicates_idx ON ONLY batchdb.requests USING btree (job_i
 
 CREATE INDEX requests_leased_idx ON ONLY batchdb.requests USING btree (lease_expires_at) WHERE (status = 'running'::text);
 
+-- index requests_orphan_batch_id_idx
+
+CREATE INDEX requests_orphan_batch_id_idx ON batchdb.requests_orphan USING btree (batch_id) WHERE (batch_id IS NOT NULL);
+
 -- index requests_orphan_job_id_duplicate_of_idx
 
 CREATE INDEX requests_orphan_job_id_duplicate_of_idx ON batchdb.requests_orphan USING btree (job_id, duplicate_of) WHERE (duplicate_of IS NOT NULL);
@@ -2166,6 +2390,10 @@ CREATE INDEX requests_orphan_job_id_run_after_id_idx ON batchdb.requests_orphan 
 -- index requests_orphan_lease_expires_at_idx
 
 CREATE INDEX requests_orphan_lease_expires_at_idx ON batchdb.requests_orphan USING btree (lease_expires_at) WHERE (status = 'running'::text);
+
+-- index attach requests_orphan_batch_id_idx
+
+ALTER INDEX batchdb.requests_batch_idx ATTACH PARTITION batchdb.requests_orphan_batch_id_idx;
 
 -- index attach requests_orphan_job_id_custom_id_key
 
@@ -2229,7 +2457,7 @@ CREATE TRIGGER jobs_notify_waiting AFTER UPDATE OF status_reason ON batchdb.jobs
 
 -- trigger jobs jobs_validate
 
-CREATE TRIGGER jobs_validate BEFORE INSERT OR UPDATE OF model, provider, priority, budget_usd, params ON batchdb.jobs FOR EACH ROW EXECUTE FUNCTION batchdb.jobs_validate();
+CREATE TRIGGER jobs_validate BEFORE INSERT OR UPDATE OF model, provider, priority, budget_usd, params, mode ON batchdb.jobs FOR EACH ROW EXECUTE FUNCTION batchdb.jobs_validate();
 
 -- trigger jobs jobs_validate_model
 
@@ -2314,6 +2542,11 @@ ALTER TABLE ONLY batchdb.notification_deliveries
 ALTER TABLE ONLY batchdb.notification_targets
     ADD CONSTRAINT notification_targets_job_id_fkey FOREIGN KEY (job_id) REFERENCES batchdb.jobs(id) ON DELETE CASCADE;
 
+-- fk constraint provider_batches provider_batches_job_id_fkey
+
+ALTER TABLE ONLY batchdb.provider_batches
+    ADD CONSTRAINT provider_batches_job_id_fkey FOREIGN KEY (job_id) REFERENCES batchdb.jobs(id) ON DELETE CASCADE;
+
 -- fk constraint unrecorded_calls unrecorded_calls_job_id_fkey
 
 ALTER TABLE ONLY batchdb.unrecorded_calls
@@ -2380,6 +2613,20 @@ CREATE POLICY notification_targets_all ON batchdb.notification_targets TO batchd
 CREATE POLICY notification_targets_own ON batchdb.notification_targets TO batchdb_user USING ((EXISTS ( SELECT 1
    FROM batchdb.jobs j
   WHERE ((j.id = notification_targets.job_id) AND (j.owner = CURRENT_USER)))));
+
+-- row security provider_batches
+
+ALTER TABLE batchdb.provider_batches ENABLE ROW LEVEL SECURITY;
+
+-- policy provider_batches provider_batches_all
+
+CREATE POLICY provider_batches_all ON batchdb.provider_batches TO batchdb_admin, batchdb_worker USING (true) WITH CHECK (true);
+
+-- policy provider_batches provider_batches_own
+
+CREATE POLICY provider_batches_own ON batchdb.provider_batches TO batchdb_user USING ((EXISTS ( SELECT 1
+   FROM batchdb.jobs j
+  WHERE ((j.id = provider_batches.job_id) AND (j.owner = CURRENT_USER)))));
 
 -- row security requests
 
@@ -2497,6 +2744,18 @@ REVOKE ALL ON FUNCTION batchdb.create_job_partitions(p_job_id bigint) FROM PUBLI
 
 REVOKE ALL ON FUNCTION batchdb.drop_job_partitions(p_job_id bigint) FROM PUBLIC;
 
+-- acl FUNCTION form_provider_batch(p_provider text, p_key_aliases text[], p_max_rows integer)
+
+REVOKE ALL ON FUNCTION batchdb.form_provider_batch(p_provider text, p_key_aliases text[], p_max_rows integer) FROM PUBLIC;
+GRANT ALL ON FUNCTION batchdb.form_provider_batch(p_provider text, p_key_aliases text[], p_max_rows integer) TO batchdb_worker;
+GRANT ALL ON FUNCTION batchdb.form_provider_batch(p_provider text, p_key_aliases text[], p_max_rows integer) TO batchdb_admin;
+
+-- acl FUNCTION provider_batch_reserve(p_id bigint, p_lease_token bigint)
+
+REVOKE ALL ON FUNCTION batchdb.provider_batch_reserve(p_id bigint, p_lease_token bigint) FROM PUBLIC;
+GRANT ALL ON FUNCTION batchdb.provider_batch_reserve(p_id bigint, p_lease_token bigint) TO batchdb_worker;
+GRANT ALL ON FUNCTION batchdb.provider_batch_reserve(p_id bigint, p_lease_token bigint) TO batchdb_admin;
+
 -- acl FUNCTION release_budget(p_job_ids bigint[], p_usd numeric[])
 
 REVOKE ALL ON FUNCTION batchdb.release_budget(p_job_ids bigint[], p_usd numeric[]) FROM PUBLIC;
@@ -2543,6 +2802,24 @@ REVOKE ALL ON FUNCTION batchdb.settle_user_spend(p_owners text[], p_reserved num
 GRANT ALL ON FUNCTION batchdb.settle_user_spend(p_owners text[], p_reserved numeric[], p_spent numeric[]) TO batchdb_worker;
 GRANT ALL ON FUNCTION batchdb.settle_user_spend(p_owners text[], p_reserved numeric[], p_spent numeric[]) TO batchdb_admin;
 
+-- acl TABLE provider_batches
+
+GRANT SELECT ON TABLE batchdb.provider_batches TO batchdb_user;
+GRANT SELECT,INSERT,DELETE,UPDATE ON TABLE batchdb.provider_batches TO batchdb_worker;
+GRANT SELECT,INSERT,DELETE,UPDATE ON TABLE batchdb.provider_batches TO batchdb_admin;
+
+-- acl TABLE rate_limits
+
+GRANT SELECT ON TABLE batchdb.rate_limits TO batchdb_user;
+GRANT ALL ON TABLE batchdb.rate_limits TO batchdb_admin;
+GRANT SELECT,INSERT,UPDATE ON TABLE batchdb.rate_limits TO batchdb_worker;
+
+-- acl TABLE batch_queues
+
+GRANT SELECT ON TABLE batchdb.batch_queues TO batchdb_user;
+GRANT SELECT ON TABLE batchdb.batch_queues TO batchdb_worker;
+GRANT SELECT ON TABLE batchdb.batch_queues TO batchdb_admin;
+
 -- acl TABLE budget_reservations
 
 GRANT SELECT,INSERT,DELETE,UPDATE ON TABLE batchdb.budget_reservations TO batchdb_worker;
@@ -2562,7 +2839,7 @@ GRANT SELECT,UPDATE ON TABLE batchdb.jobs TO batchdb_worker;
 
 -- column privileges
 
-GRANT INSERT (name, owner, provider, model, params, priority, status, max_attempts, budget_usd, idempotency_key, key_alias, allow_unknown_model) ON TABLE batchdb.jobs TO batchdb_user;
+GRANT INSERT (name, owner, provider, model, params, priority, status, max_attempts, budget_usd, idempotency_key, key_alias, allow_unknown_model, mode) ON TABLE batchdb.jobs TO batchdb_user;
 GRANT UPDATE (name, priority, status, status_reason, budget_usd, finished_at, paused_until, input_sha256) ON TABLE batchdb.jobs TO batchdb_user;
 GRANT INSERT (job_id, custom_id, payload, input, max_attempts, request_key) ON TABLE batchdb.requests TO batchdb_user;
 GRANT UPDATE (status, attempts, run_after, lease_owner, lease_expires_at, error_class, error, finished_at) ON TABLE batchdb.requests TO batchdb_user;
@@ -2589,12 +2866,6 @@ GRANT SELECT ON TABLE batchdb.job_progress TO batchdb_worker;
 -- acl SEQUENCE jobs_id_seq
 
 GRANT ALL ON SEQUENCE batchdb.jobs_id_seq TO batchdb_admin;
-
--- acl TABLE rate_limits
-
-GRANT SELECT ON TABLE batchdb.rate_limits TO batchdb_user;
-GRANT ALL ON TABLE batchdb.rate_limits TO batchdb_admin;
-GRANT SELECT,INSERT,UPDATE ON TABLE batchdb.rate_limits TO batchdb_worker;
 
 -- acl TABLE lane_states
 

@@ -168,7 +168,8 @@ def test_limits_set_changes_only_the_limits_given(conn: psycopg.Connection) -> N
 
     assert stored() == (600, 90_000, None)
     nothing = CliRunner().invoke(cli, ["limits", "set", "openai", "gpt-4o-mini"])
-    assert nothing.exit_code == 2 and "Error: nothing to set: give --rpm, --tpm and/or --rpd" in nothing.output
+    assert nothing.exit_code == 2
+    assert "Error: nothing to set: give --rpm, --tpm, --rpd and/or --batch-queue-tokens" in nothing.output
     zero = CliRunner().invoke(cli, ["limits", "set", "openai", "gpt-4o-mini", "--rpm", "0"])
     assert zero.exit_code == 2
     assert zero.output.strip().splitlines()[-1] == "Error: Invalid value for '--rpm': 0 is not in the range x>=1."
@@ -176,6 +177,16 @@ def test_limits_set_changes_only_the_limits_given(conn: psycopg.Connection) -> N
     assert stored() == (600, 90_000, None)
     assert (
         invoke("limits", "set", "openai", "gpt-4o-mini", "--clear", "tpm").strip()
+        == "openai/default/gpt-4o-mini: rpm=600 tpm=- rpd=-"
+    )
+    # The Batch API's queue limit is one more limit of the lane (batch mode, 0020).
+    assert (
+        invoke("limits", "set", "openai", "gpt-4o-mini", "--batch-queue-tokens", "2000000").strip()
+        == "openai/default/gpt-4o-mini: rpm=600 tpm=- rpd=- batch_queue_tokens=2000000"
+    )
+    assert "batch queue: 0 tokens enqueued (2,000,000)" in invoke("limits", "show")
+    assert (
+        invoke("limits", "set", "openai", "gpt-4o-mini", "--clear", "batch_queue_tokens").strip()
         == "openai/default/gpt-4o-mini: rpm=600 tpm=- rpd=-"
     )
 

@@ -24,7 +24,7 @@ class RetryPolicy:
         return jittered
 
 
-def success(row: ClaimedRequest, response: ChatResponse, latency_ms: int) -> Outcome:
+def success(row: ClaimedRequest, response: ChatResponse, latency_ms: int | None) -> Outcome:
     return Outcome(
         job_id=row.job_id,
         id=row.id,
@@ -40,7 +40,7 @@ def success(row: ClaimedRequest, response: ChatResponse, latency_ms: int) -> Out
     )
 
 
-def invalid_response(row: ClaimedRequest, response: ChatResponse, latency_ms: int, error: str) -> Outcome:
+def invalid_response(row: ClaimedRequest, response: ChatResponse, latency_ms: int | None, error: str) -> Outcome:
     """The model answered but never in the required shape: fail the row, keep its last answer."""
     return Outcome(
         job_id=row.job_id,

@@ -56,6 +56,7 @@ from batchdb.queries import query
 from batchdb.secrets import redact, resolved_secrets
 from batchdb.tokens import estimate_prompt_tokens
 from batchdb.validation import DEFAULT_VALIDATION_RETRIES, ResponseValidator, reask
+from batchdb.workers.batch_driver import BatchAPI, BatchDriver, BatchDriverConfig
 from batchdb.workers.breaker import Breaker, BreakerConfig
 from batchdb.workers.budget_settler import BudgetSettler, Settlement
 from batchdb.workers.completer import BatchCompleter
@@ -164,6 +165,8 @@ class WorkerConfig:
     notifier: NotifierConfig | None = field(default_factory=NotifierConfig)
     # Per-lane circuit breaker (workers/breaker.py).
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    # Batch-mode jobs through the providers' Batch APIs (workers/batch_driver.py).
+    batch: BatchDriverConfig = field(default_factory=BatchDriverConfig)
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval is None:
@@ -251,8 +254,11 @@ class Worker:
         ledger_db = Reconnecting(dsn, name="ledger")
         self._settler = Settler(ledger_db)
         self._pacer = Pacer(ledger_db, give_back=self._settler.give_back)
+        # The lane advertiser and the batch driver share a connection: both run a few short statements
+        # every few seconds, and a worker with no batch-mode job should not cost the server one more.
+        self._background_db = Reconnecting(dsn, name="lanes", shutdown=self._shutdown)
         self._lanes = LaneAdvertiser(
-            Reconnecting(dsn, name="lanes"),
+            self._background_db,
             self.id,
             self._lane_endpoint,
             interval=self.config.lane_refresh_interval,
@@ -300,6 +306,14 @@ class Worker:
         completer = asyncio.create_task(self._completer.run(), name="completer")
         budget = asyncio.create_task(self._budget.run(), name="budget settler")
         self._vacuumer = Vacuumer(Reconnecting(dsn, name="vacuum"))
+        self._batches = BatchDriver(
+            self._background_db,
+            self.config.batch,
+            worker_id=self.id,
+            api_for=self._batch_api,
+            lanes=self._lanes.claim_filter,
+        )
+        batches = asyncio.create_task(self._batches.run(), name="batch driver")
         background = [
             asyncio.create_task(self._vacuumer.run(), name="vacuumer"),
             asyncio.create_task(self._settler.run(), name="settler"),
@@ -329,6 +343,16 @@ class Worker:
             except DatabaseUnreachable as exc:
                 log.warning("could not record the last outcomes: database unreachable (%s)", exc)
             await self._release_unfinished()
+            # The batch driver finishes the step it is in (each is short: a provider call or two and a
+            # statement), so its chunk's lease is let go rather than left to run out. A cold stop does
+            # not wait, and an unreachable database ends the step at once (DatabaseUnreachable).
+            self._batches.stop()
+            grace = 0.0 if self._shutdown.cold.is_set() else self.config.shutdown_grace
+            done, _ = await asyncio.wait({batches}, timeout=grace)
+            if not done:
+                batches.cancel()
+                log.warning("batch driver stopped mid-step; its chunk is taken over when its lease runs out")
+            await asyncio.gather(batches, return_exceptions=True)
             await self._budget.close()
             await budget
             for task in background:
@@ -344,6 +368,7 @@ class Worker:
             await self._pacer.close()
             await self._settler.close()
             await self._vacuumer.close()
+            await self._batches.close()
             await self._lanes.close()
             await self._breaker.close()
             await self._budget.disconnect()
@@ -425,6 +450,7 @@ class Worker:
                 and self._completer.backlog == 0
                 and time.monotonic() >= self._deferred_until
                 and not self._breaker.open
+                and self._batches.idle
             ):
                 now = time.monotonic()
                 idle_since = idle_since or now
@@ -678,6 +704,15 @@ class Worker:
                     raise self._lanes.lost(name, key_alias, exc.message) from None
                 raise
         return self._providers[cache_key]
+
+    def _batch_api(self, name: str, key_alias: str) -> BatchAPI:
+        """The Batch API of a lane, on the lane's client (workers/batch_driver.py)."""
+        provider = self._provider(name, key_alias)
+        batch_api = getattr(provider, "batch_api", None)
+        if batch_api is None:
+            raise ProviderError(ErrorKind.PERMANENT, f"provider {name} has no Batch API in batchdb")
+        api: BatchAPI = batch_api(timeout=self.config.batch.request_timeout)
+        return api
 
     def _lane_endpoint(self, name: str, key_alias: str) -> str | None:
         """Whether this worker can call `name` under `key_alias` (see workers/lanes.py)."""

@@ -15,7 +15,7 @@ import importlib
 import json
 import re
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import aiohttp
 from google import genai
@@ -24,6 +24,9 @@ from google.genai import errors, types
 from batchdb.providers.base import ChatRequest, ChatResponse, ErrorKind, ProviderError, endpoint_of, is_dns_failure
 from batchdb.providers.compat import UnsupportedRequest, to_gemini
 from batchdb.secrets import redact
+
+if TYPE_CHECKING:
+    from batchdb.providers.gemini_batch import GeminiBatchAPI
 
 _QUOTA_FAILURE = "type.googleapis.com/google.rpc.QuotaFailure"
 _RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
@@ -124,6 +127,12 @@ class GeminiProvider:
         options = getattr(getattr(self._client, "_api_client", None), "_http_options", None)
         version = getattr(options, "api_version", None) or "v1beta"
         return f"{endpoint_of(self._base_url) or self._base_url}/{version}/{model}:generateContent"
+
+    def batch_api(self, *, timeout: float = 60.0) -> GeminiBatchAPI:
+        """Gemini Batch Mode on this client (workers/batch_driver.py, batch-mode jobs)."""
+        from batchdb.providers.gemini_batch import GeminiBatchAPI
+
+        return GeminiBatchAPI(self._client, secret=self._api_key, timeout=timeout)
 
     async def aclose(self) -> None:
         await self._client.aio.aclose()

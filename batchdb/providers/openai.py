@@ -6,14 +6,18 @@ here is exactly one HTTP request and every failure is classified once.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import openai
 from openai.types import CompletionUsage
+from openai.types.chat import ChatCompletion
 
 from batchdb.providers.base import ChatRequest, ChatResponse, ErrorKind, ProviderError, endpoint_of, is_dns_failure
 from batchdb.providers.compat import UnsupportedRequest, to_openai
 from batchdb.secrets import redact
+
+if TYPE_CHECKING:
+    from batchdb.providers.batch_api import OpenAIBatchAPI
 
 _RATE_LIMIT_PREFIX = "x-ratelimit-"
 _DISPLAY_NAMES = {"openai": "OpenAI", "azure": "Azure OpenAI"}
@@ -43,21 +47,32 @@ class OpenAIProvider:
             raw = await self._client.chat.completions.with_raw_response.create(**kwargs)
         except openai.APIError as exc:
             raise classify_openai_error(exc, secret=self._api_key, provider=self.name) from None
-        completion = raw.parse()
-        choice = completion.choices[0] if completion.choices else None
-        usage = completion.usage
-        return ChatResponse(
-            text=(choice.message.content or "") if choice else "",
-            finish_reason=choice.finish_reason if choice else None,
-            prompt_tokens=usage.prompt_tokens if usage else 0,
-            completion_tokens=usage.completion_tokens if usage else 0,
-            model=completion.model,
-            cached_tokens=_cached_tokens(usage),
-            rate_limit_headers=_rate_limit_headers(raw.headers),
-        )
+        return response_of(raw.parse(), _rate_limit_headers(raw.headers))
+
+    def batch_api(self, *, timeout: float = 60.0) -> OpenAIBatchAPI:
+        """The provider's Batch API on this client (workers/batch_driver.py, batch-mode jobs); `timeout`:
+        seconds one of its calls may take."""
+        from batchdb.providers.batch_api import OpenAIBatchAPI
+
+        return OpenAIBatchAPI(self._client, provider=self.name, secret=self._api_key, timeout=timeout)
 
     async def aclose(self) -> None:
         await self._client.close()
+
+
+def response_of(completion: ChatCompletion, rate_limit_headers: dict[str, str] | None = None) -> ChatResponse:
+    """A chat completion as batchdb keeps it: from an online call, or a line of a batch's output file."""
+    choice = completion.choices[0] if completion.choices else None
+    usage = completion.usage
+    return ChatResponse(
+        text=(choice.message.content or "") if choice else "",
+        finish_reason=choice.finish_reason if choice else None,
+        prompt_tokens=usage.prompt_tokens if usage else 0,
+        completion_tokens=usage.completion_tokens if usage else 0,
+        model=completion.model,
+        cached_tokens=_cached_tokens(usage),
+        rate_limit_headers=rate_limit_headers or {},
+    )
 
 
 def classify_openai_error(

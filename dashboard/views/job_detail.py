@@ -35,9 +35,10 @@ def pick_job() -> int | None:
 def header(job: dict[str, Any]) -> None:
     st.title(ui.job_label(job["job_id"], job["name"]))
     reason = f" — {job['status_reason']}" if isinstance(job["status_reason"], str) else ""
+    mode = " · **batch mode** (the provider's Batch API)" if job.get("mode") == "batch" else ""
     st.markdown(
         f"**{job['status']}**{reason} · owner **{job['owner']}** · "
-        f"{job['provider']}/{job['key_alias']} · model **{job['model']}** · priority {job['priority']}"
+        f"{job['provider']}/{job['key_alias']} · model **{job['model']}** · priority {job['priority']}{mode}"
     )
     st.progress(
         min(1.0, float(job["pct_done"]) / 100.0),
@@ -113,16 +114,47 @@ def body(detail: dict[str, Any]) -> None:
             },
         )
 
+    batches = detail.get("batches")
+    if batches is not None:
+        st.subheader("Batches")
+        if batches.empty:
+            st.info("No batch yet: workers gather the rows into chunks and send one batch per chunk.")
+        else:
+            still_open = int((batches["state"] != "collected").sum())
+            st.caption(
+                f"{still_open} open, {len(batches) - still_open} collected; the provider's status as last polled."
+            )
+            shown = [
+                "id",
+                "state",
+                "provider_status",
+                "n_requests",
+                "n_completed",
+                "n_failed",
+                "batch_id",
+                "last_error",
+            ]
+            names = {"id": "chunk", "n_requests": "rows", "n_completed": "answered", "n_failed": "failed"}
+            ui.table(batches[shown].rename(columns=names), hide_index=True, width="stretch")
+
     st.subheader("Cost by token type")
     ui.table(
         detail["cost_by_token_type"],
         hide_index=True,
         column_config={"cost_usd": ui.USD, "usd per 1M tokens": st.column_config.NumberColumn(format="$%.3f")},
     )
+    batch = " less the batch discount" if job.get("mode") == "batch" else ""
     st.caption(
         f"Recorded cost: {ui.fmt_usd(job['cost_usd'])} (priced row by row when each row completed; "
-        "the split uses today's list prices)."
+        f"the split uses today's list prices{batch})."
     )
+    discount = job.get("batch_discount")
+    if job.get("mode") == "batch" and pd.notna(discount) and 0 < float(discount) < 1:
+        online = float(job["cost_usd"]) / (1 - float(discount))
+        st.caption(
+            f"Saved by batch mode: {ui.fmt_usd(online - float(job['cost_usd']))} "
+            f"({float(discount):.0%} off the {ui.fmt_usd(online)} the same calls cost online)."
+        )
 
 
 def samples(job: dict[str, Any]) -> None:

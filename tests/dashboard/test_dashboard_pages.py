@@ -261,3 +261,27 @@ def test_providers_page_says_a_lanes_circuit_is_open(dsn: str, sql) -> None:
     assert any(
         w.startswith("openai/default/gpt-4o: circuit open since") and "last error: 503 at" in w for w in warnings
     ), warnings
+
+
+def test_a_batch_mode_job_shows_its_mode_and_its_batches(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        job_id = conn.execute(
+            "INSERT INTO batchdb.jobs (name, model, mode, params) VALUES ('overnight', 'gpt-4o-mini', 'batch', "
+            '\'{"prompt": "{h}"}\') RETURNING id'
+        ).fetchone()[0]
+        conn.execute(
+            "INSERT INTO batchdb.requests (job_id, custom_id, input) VALUES (%s, 'r1', '{\"h\": 1}')", (job_id,)
+        )
+        conn.execute(
+            "INSERT INTO batchdb.provider_batches (job_id, provider, key_alias, model, state, provider_status, "
+            "n_requests, batch_id) VALUES (%s, 'openai', 'default', 'gpt-4o-mini', 'in_progress', 'finalizing', 1, "
+            "'batch_abc')",
+            (job_id,),
+        )
+    at = open_page(PAGES[2], job=str(job_id))
+    body = texts(at)
+    assert "**batch mode** (the provider's Batch API)" in body
+    assert "1 open, 0 collected" in body
+    assert "Saved by batch mode: $0.0000 (50% off the $0.0000 the same calls cost online)." in body
+    batches = next(d.value for d in at.dataframe if "batch_id" in d.value.columns)
+    assert list(batches["batch_id"]) == ["batch_abc"] and list(batches["provider_status"]) == ["finalizing"]

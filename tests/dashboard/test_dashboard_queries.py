@@ -407,3 +407,42 @@ def test_a_page_sample_is_scaled_to_the_exact_counters() -> None:
             ("dead", "(none in the sample)"): 2,
         }
     )
+
+
+def test_a_batch_mode_jobs_detail_lists_its_batches_and_prices_tokens_at_the_batch_price(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        job_id = conn.execute(
+            "INSERT INTO batchdb.jobs (name, model, mode, params) VALUES ('overnight', 'gpt-4o-mini', 'batch', "
+            '\'{"prompt": "{h}"}\') RETURNING id'
+        ).fetchone()[0]
+        conn.execute(
+            "INSERT INTO batchdb.requests (job_id, custom_id, input) SELECT %s, 'r' || i, jsonb_build_object('h', i) "
+            "FROM generate_series(1, 4) i",
+            (job_id,),
+        )
+        conn.execute(
+            "INSERT INTO batchdb.provider_batches (job_id, provider, key_alias, model, state, provider_status, "
+            "n_requests, batch_id, n_completed) VALUES (%s, 'openai', 'default', 'gpt-4o-mini', 'collected', "
+            "'completed', 3, 'batch_a', 3), (%s, 'openai', 'default', 'gpt-4o-mini', 'in_progress', 'in_progress', "
+            "1, 'batch_b', 0)",
+            (job_id, job_id),
+        )
+        # Three rows answered at the batch price, as the batch driver records them.
+        conn.execute(
+            "UPDATE batchdb.requests q SET status = 'succeeded', prompt_tokens = 1000, completion_tokens = 100, "
+            "cost_usd = batchdb.call_cost_usd(p.input_per_mtok, p.cached_input_per_mtok, p.output_per_mtok, "
+            "p.batch_discount, 1000, 0, 100, true), finished_at = now() "
+            "FROM batchdb.prices p WHERE p.provider = 'openai' AND p.model = 'gpt-4o-mini' "
+            "AND q.job_id = %s AND q.custom_id <> 'r4'",
+            (job_id,),
+        )
+
+    detail = queries.load_job_detail(dsn, job_id)
+    assert detail is not None and detail["job"]["mode"] == "batch"
+    batches = detail["batches"]
+    assert list(batches["state"]) == ["collected", "in_progress"] and list(batches["batch_id"]) == [
+        "batch_a",
+        "batch_b",
+    ]
+    cost = detail["cost_by_token_type"]
+    assert cost["cost_usd"].sum() == pytest.approx(detail["job"]["cost_usd"])  # the batch price, not the list price
