@@ -31,8 +31,6 @@ ALTER TABLE batchdb.jobs ADD COLUMN mode text NOT NULL DEFAULT 'online',
 COMMENT ON COLUMN batchdb.jobs.mode IS
     'online: one call per row, paced by the rate-limit ledger; batch: rows go in chunks through the provider''s Batch API (batchdb.provider_batches).';
 GRANT INSERT (mode) ON batchdb.jobs TO batchdb_user;
--- Mends 0019: a user role's submit copies request_key too (the SDK sets it), which 0019 did not grant.
-GRANT INSERT (request_key) ON batchdb.requests TO batchdb_user;
 
 -- The mode is checked with the job, with a message saying what is allowed (as the SDK does).
 CREATE OR REPLACE FUNCTION batchdb.jobs_validate() RETURNS trigger
