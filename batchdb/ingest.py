@@ -171,8 +171,11 @@ def copy_rows(
     """
     n = batch.num_rows
     ids = custom_ids(batch, first_row, spec.id_column, seen_ids, name)
-    inputs, payloads = _row_json(batch, first_row=first_row, spec=spec, input_columns=input_columns, name=name)
-    keys = _request_keys(batch, payloads, spec, first_row, name) if dedupe else pa.nulls(n, pa.string())
+    encoded = _EncodedColumns(batch, first_row, name)
+    inputs, payloads = _row_json(
+        batch, first_row=first_row, spec=spec, input_columns=input_columns, name=name, encoded=encoded
+    )
+    keys = _request_keys(batch, payloads, spec, encoded) if dedupe else pa.nulls(n, pa.string())
     table = pa.table(
         {
             "job_id": pa.array([job_id] * n, pa.int64()),
@@ -200,22 +203,59 @@ def _csv(table: pa.Table) -> bytes:
     return out.getvalue()
 
 
-def _request_keys(
-    batch: pa.RecordBatch, payloads: pa.Array, spec: InputSpec, first_row: int, name: RowName
-) -> pa.Array:
+def _request_keys(batch: pa.RecordBatch, payloads: pa.Array, spec: InputSpec, encoded: _EncodedColumns) -> pa.Array:
     """Per row, bytea text ('\\x' + hex) of a 16-byte hash of its payload and of the values its
     templates use. Within a job (one set of templates and parameters) equal keys mean equal
-    requests; columns the templates do not use (an id) do not count."""
+    requests; columns the templates do not use (an id) do not count.
+
+    The values are the JSON object of the used columns in name order, joined from the columns
+    already encoded for the rows' `input` (each column is encoded once per batch)."""
     fields = sorted({f for t in (spec.prompt, spec.system) if t for f in template_fields(t)} & set(batch.schema.names))
-    used = _json_objects(batch.select(fields), first_row, name).to_pylist() if fields else [None] * batch.num_rows
-    keys = []
-    for payload, values in zip(payloads.to_pylist(), used, strict=True):
-        digest = hashlib.blake2b(digest_size=16)
-        digest.update((payload or "").encode())
-        digest.update(b"\x1f")
-        digest.update((values or "").encode())
-        keys.append("\\x" + digest.hexdigest())
-    return pa.array(keys, pa.string())
+    used = encoded.objects(fields).to_pylist() if fields else [None] * batch.num_rows
+    blake2b = hashlib.blake2b
+    return pa.array(
+        [
+            "\\x" + blake2b(f"{payload or ''}\x1f{values or ''}".encode(), digest_size=16).hexdigest()
+            for payload, values in zip(payloads.to_pylist(), used, strict=True)
+        ],
+        pa.string(),
+    )
+
+
+class _EncodedColumns:
+    """A record batch's columns as JSON value texts, each encoded at most once however many
+    objects (the row's `input`, the values its request key hashes) are joined from them."""
+
+    def __init__(self, batch: pa.RecordBatch, first_row: int, row_name: RowName) -> None:
+        self._batch = batch
+        self._first_row = first_row
+        self._row_name = row_name
+        self._values: dict[str, pa.Array] = {}
+
+    def objects(self, names: list[str]) -> pa.Array:
+        """Each row as a JSON object of `names` (in that order), built column by column and joined by Arrow.
+
+        Exact: floats keep every digit (their shortest round-trip repr; pandas' JSON
+        writer rounds them), integers and booleans are Arrow's own text, timestamps
+        and dates their ISO text ("2026-01-02 00:00:00"), decimals their exact digits
+        as text, nested lists/structs/maps stay nested. NaN becomes null, as pandas
+        treats it; an infinite number cannot be JSON and is refused naming its row.
+        Each column is encoded once as an array of JSON texts and `binary_join_element_wise`
+        stitches the rows, so no per-row dict is ever built.
+        """
+        if self._batch.num_rows == 0:
+            return pa.array([], pa.string())
+        parts: list[pa.Array | str] = []
+        for position, column_name in enumerate(names):
+            if column_name not in self._values:
+                column = self._batch.column(column_name)
+                self._values[column_name] = pc.fill_null(
+                    _json_values(column, column_name, self._first_row, self._row_name), "null"
+                )
+            parts.append(("{" if position == 0 else ",") + _encode_string(column_name) + ":")
+            parts.append(self._values[column_name])
+        parts.append("}")
+        return pc.binary_join_element_wise(*parts, "")
 
 
 def request_parts(
@@ -229,12 +269,19 @@ def request_parts(
 
 
 def _row_json(
-    batch: pa.RecordBatch, *, first_row: int, spec: InputSpec, input_columns: list[str], name: RowName
+    batch: pa.RecordBatch,
+    *,
+    first_row: int,
+    spec: InputSpec,
+    input_columns: list[str],
+    name: RowName,
+    encoded: _EncodedColumns | None = None,
 ) -> tuple[pa.Array, pa.Array]:
     """The rows' `input` and `payload` JSON texts, refused with the row named if one cannot be stored."""
     n = batch.num_rows
     _refuse_nul(batch, first_row, name)
-    inputs = _json_objects(batch.select(input_columns), first_row, name) if input_columns else pa.nulls(n, pa.string())
+    encoded = encoded or _EncodedColumns(batch, first_row, name)
+    inputs = encoded.objects(input_columns) if input_columns else pa.nulls(n, pa.string())
     payloads = pa.nulls(n, pa.string())
     if spec.messages_column is not None:
         values = batch.column(spec.messages_column).to_pylist()
@@ -474,27 +521,6 @@ def custom_ids(
             )
         ids.append(text)
     return ids
-
-
-def _json_objects(batch: pa.RecordBatch, first_row: int, row_name: RowName) -> pa.Array:
-    """Each row as a JSON object, built column by column and joined by Arrow.
-
-    Exact: floats keep every digit (their shortest round-trip repr; pandas' JSON
-    writer rounds them), integers and booleans are Arrow's own text, timestamps
-    and dates their ISO text ("2026-01-02 00:00:00"), decimals their exact digits
-    as text, nested lists/structs/maps stay nested. NaN becomes null, as pandas
-    treats it; an infinite number cannot be JSON and is refused naming its row.
-    Each column is encoded once as an array of JSON texts and `binary_join_element_wise`
-    stitches the rows, so no per-row dict is ever built.
-    """
-    if batch.num_rows == 0:
-        return pa.array([], pa.string())
-    parts: list[pa.Array | str] = []
-    for position, (name, column) in enumerate(zip(batch.schema.names, batch.columns, strict=True)):
-        parts.append(("{" if position == 0 else ",") + _encode_string(name) + ":")
-        parts.append(pc.fill_null(_json_values(column, name, first_row, row_name), "null"))
-    parts.append("}")
-    return pc.binary_join_element_wise(*parts, "")
 
 
 def _json_values(column: pa.Array, name: str, first_row: int, row_name: RowName) -> pa.Array:
