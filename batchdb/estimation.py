@@ -32,8 +32,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import inspect
 import json
 import math
@@ -341,38 +339,35 @@ def _count(
     provider: str,
     limits: context_window.ModelLimits,
 ) -> _Counted:
-    """Render and count every row once; a request seen before is counted from memory."""
+    """Render and count every distinct request once; a row whose request key (the one submit stores,
+    batchdb/ingest.py) was seen before is counted from memory, so the distinct counts are the
+    calls dedupe makes."""
     counted = _Counted()
-    tokens_of: dict[bytes, int] = {}
+    tokens_of: dict[str, tuple[int, int | None]] = {}
     seen_ids: dict[str, int] = {}
     for batch in batches:
         first_row = counted.rows
         custom_ids(batch, first_row, spec.id_column, seen_ids, row_name)  # a repeated id is refused, as by submit
-        for i, (payload, values) in enumerate(
+        for i, (payload, values, key) in enumerate(
             request_parts(batch, first_row=first_row, spec=spec, input_columns=input_columns, name=row_name)
         ):
-            try:
-                request = build_request(model=model, params=params, payload=payload, input=values)
-            except PromptError as exc:
-                raise InputError(f"{row_name(first_row + i)}: {exc}") from None
-            # The whole request (a row's payload may carry its own max_tokens and the like), as the SDK's
-            # request_key makes rows with the same payload and template values one request.
-            key = hashlib.blake2b(
-                json.dumps(dataclasses.asdict(request), sort_keys=True, ensure_ascii=False, default=str).encode(),
-                digest_size=16,
-            ).digest()
-            tokens = tokens_of.get(key)
-            if tokens is None:
-                tokens = estimate_prompt_tokens(provider, request.messages)
-                tokens_of[key] = tokens
+            seen = tokens_of.get(key)
+            if seen is None:
+                try:
+                    request = build_request(model=model, params=params, payload=payload, input=values)
+                except PromptError as exc:
+                    raise InputError(f"{row_name(first_row + i)}: {exc}") from None
+                seen = estimate_prompt_tokens(provider, request.messages), request.max_tokens
+                tokens_of[key] = seen
                 counted.distinct += 1
-                counted.distinct_prompt_tokens += tokens
-                counted.distinct_charged_tpm_tokens += charged_tokens(provider, tokens, request.max_tokens)
-            if not counted.sample:
-                counted.sample = request.messages
+                counted.distinct_prompt_tokens += seen[0]
+                counted.distinct_charged_tpm_tokens += charged_tokens(provider, *seen)
+                if not counted.sample:
+                    counted.sample = request.messages
+            tokens, max_tokens = seen
             counted.prompt_tokens += tokens
-            counted.charged_tpm_tokens += charged_tokens(provider, tokens, request.max_tokens)
-            if limits.problem(tokens, request.max_tokens):
+            counted.charged_tpm_tokens += charged_tokens(provider, tokens, max_tokens)
+            if limits.problem(tokens, max_tokens):
                 counted.over_window += 1
                 if len(counted.over_window_named) < _NAMED_PROBLEMS:
                     counted.over_window_named.append(row_name(first_row + i))

@@ -260,12 +260,17 @@ class _EncodedColumns:
 
 def request_parts(
     batch: pa.RecordBatch, *, first_row: int, spec: InputSpec, input_columns: list[str], name: RowName = position
-) -> Iterator[tuple[dict[str, Any] | None, dict[str, Any] | None]]:
+) -> Iterator[tuple[dict[str, Any] | None, dict[str, Any] | None, str]]:
     """Each row's (payload, input) exactly as a worker reads them back from batchdb.requests,
-    checked as submit checks them: what `batchdb estimate` renders prompts from."""
-    inputs, payloads = _row_json(batch, first_row=first_row, spec=spec, input_columns=input_columns, name=name)
-    for payload, values in zip(payloads.to_pylist(), inputs.to_pylist(), strict=True):
-        yield (None if payload is None else json.loads(payload)), (None if values is None else json.loads(values))
+    checked as submit checks them, and its request key as submit stores it: what `batchdb estimate`
+    renders prompts from and counts distinct requests by."""
+    encoded = _EncodedColumns(batch, first_row, name)
+    inputs, payloads = _row_json(
+        batch, first_row=first_row, spec=spec, input_columns=input_columns, name=name, encoded=encoded
+    )
+    keys = _request_keys(batch, payloads, spec, encoded)
+    for payload, values, key in zip(payloads.to_pylist(), inputs.to_pylist(), keys.to_pylist(), strict=True):
+        yield (None if payload is None else json.loads(payload)), (None if values is None else json.loads(values)), key
 
 
 def _row_json(

@@ -235,3 +235,13 @@ def test_a_daily_quota_makes_the_duration_days(dsn: str, conn: psycopg.Connectio
     estimate = batchdb.estimate(frame, prompt=PROMPT, model="gemini-2.5-flash", provider="gemini", dsn=dsn)
     assert estimate.online_seconds() == 86_400
     assert "24.0 h at the lane's limits (rpm 1000, tpm -, rpd 50; requests per day bind)" in estimate.text()
+
+
+def test_distinct_requests_are_the_calls_dedupe_makes(dsn: str, conn: psycopg.Connection) -> None:
+    """The estimate counts rows as one request exactly when submit stores equal request keys: the
+    values the templates use, not the rendered text (two splits of 'xyz' are two calls)."""
+    frame = pd.DataFrame({"id": [1, 2, 3, 4], "a": ["x", "xy", "x", "q"], "b": ["yz", "z", "yz", "r"]})
+    estimate = batchdb.estimate(frame, prompt="{a}{b}", id_column="id", model="gpt-4o-mini", max_tokens=5, dsn=dsn)
+    job = batchdb.submit(frame, prompt="{a}{b}", id_column="id", model="gpt-4o-mini", max_tokens=5, dsn=dsn)
+    keys = conn.execute("SELECT count(DISTINCT request_key) AS n FROM batchdb.requests WHERE job_id = %s", (job.id,))
+    assert estimate.distinct_requests == keys.fetchone()["n"] == 3
