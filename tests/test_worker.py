@@ -411,3 +411,38 @@ def test_the_heartbeat_follows_the_lease_unless_given() -> None:
     assert WorkerConfig(lease_seconds=6, heartbeat_interval=1.0).heartbeat_seconds == 1.0
     with pytest.raises(ValueError, match=r"heartbeat_interval \(10.0 s\) must be above 0 and below lease_seconds"):
         WorkerConfig(lease_seconds=6, heartbeat_interval=10.0)
+
+
+def test_calls_that_time_out_count_their_prompt_as_paid(dsn: str, simulator) -> None:
+    """A call the provider accepted but did not answer within request_timeout is billed all the same:
+    its prompt tokens (counted offline, as the provider counts them) are on the row and the job, so the
+    job's prompt tokens equal the provider's count; its output, which nobody received, is not."""
+    from batchdb.providers.openai import OpenAIProvider
+    from batchdb.workers.breaker import BreakerConfig
+
+    sim = simulator(latency_s=Distribution(kind="fixed", value=4.0))
+    frame = pd.DataFrame({"text": [f"headline {i} moves markets" for i in range(4)]})
+    job = batchdb.submit(frame, prompt="{text}", model="gpt-4o-mini", provider="openai", max_attempts=2, dsn=dsn)
+    provider = OpenAIProvider(api_key="sk-test", base_url=sim.openai_base_url, timeout=60)
+    worker = Worker(
+        WorkerConfig(
+            dsn=dsn,
+            exit_when_idle=True,
+            poll_interval=0.3,
+            retry=FAST_RETRY,
+            request_timeout=0.5,
+            breaker=BreakerConfig(threshold=100),  # every attempt spent (an open circuit hands rows back unspent)
+        ),
+        providers={"openai": provider},
+    )
+    asyncio.run(worker.run())
+    done = job.status()
+    assert (done.status, done.n_dead) == ("completed", 4)
+    deadline = time.monotonic() + 60
+    while (billed := sim.stats(series=False)["totals"])["accepted"] < 8:  # answered after the worker left
+        assert time.monotonic() < deadline, billed
+        time.sleep(0.2)
+    assert billed["accepted"] == 8  # two attempts a row, each sent and each billed
+    assert done.prompt_tokens == billed["prompt_tokens"] > 0
+    assert done.completion_tokens == 0 < billed["completion_tokens"]
+    assert done.cost_usd > 0

@@ -82,6 +82,14 @@ class _Spent:
     cached_tokens: int = 0
     completion_tokens: int = 0
     calls: int = 0
+    # Calls that were sent and timed out: their prompt tokens are in prompt_tokens (counted offline),
+    # their output, which nobody received, is unknown (docs/design.md, "Paid but unrecorded").
+    timed_out: int = 0
+
+    def count_timed_out(self, prompt_tokens: int) -> None:
+        """A provider bills a call it accepted whether or not its answer arrived: the prompt counts."""
+        self.prompt_tokens += prompt_tokens
+        self.timed_out += 1
 
 
 class _NoSettlement:
@@ -625,11 +633,16 @@ class Worker:
                 response = await provider.complete(request)
         except TimeoutError as exc:
             settler.settle_failure(lane, reserved_tokens, exc)
+            spent.count_timed_out(prompt_estimate)
             raise ProviderError(
-                ErrorKind.TRANSIENT, f"no answer from {job.provider} within {self.config.request_timeout:.0f}s"
+                ErrorKind.TRANSIENT,
+                f"no answer from {job.provider} within {self.config.request_timeout:.0f}s",
+                timed_out=True,
             ) from None
         except ProviderError as exc:
             settler.settle_failure(lane, reserved_tokens, exc)
+            if exc.timed_out:
+                spent.count_timed_out(prompt_estimate)
             self._pacer.observe(lane, read_headers(exc.rate_limit_headers))
             if exc.kind is ErrorKind.RATE_LIMITED:
                 await self._pacer.rate_limited(lane, exc.retry_after)

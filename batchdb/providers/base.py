@@ -66,6 +66,7 @@ class ProviderError(Exception):
         status_code: int | None = None,
         retry_after: float | None = None,
         rate_limit_headers: dict[str, str] | None = None,
+        timed_out: bool = False,
     ) -> None:
         super().__init__(message)
         self.kind = kind
@@ -73,6 +74,9 @@ class ProviderError(Exception):
         self.status_code = status_code
         self.retry_after = retry_after
         self.rate_limit_headers = rate_limit_headers or {}
+        # The call was sent and no answer came in time: the provider most likely accepted it and
+        # bills it, though nobody received the answer (the worker counts its prompt as spent).
+        self.timed_out = timed_out
 
     @property
     def retryable(self) -> bool:

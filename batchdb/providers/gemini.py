@@ -114,7 +114,9 @@ class GeminiProvider:
             if is_dns_failure(exc):
                 raise ProviderError(ErrorKind.UNAVAILABLE, f"Gemini request failed: host name not found{at}") from None
             message = redact(f"{type(exc).__name__}: {exc}", self._api_key)[:_MAX_MESSAGE]
-            raise ProviderError(ErrorKind.TRANSIENT, f"Gemini request failed: {message}{at}") from None
+            raise ProviderError(
+                ErrorKind.TRANSIENT, f"Gemini request failed: {message}{at}", timed_out=_is_timeout(exc)
+            ) from None
         return normalise_response(response, model=request.model)
 
     def _endpoint(self, request: ChatRequest, exc: errors.APIError | None) -> str:
@@ -137,6 +139,11 @@ class GeminiProvider:
     async def aclose(self) -> None:
         await self._client.aio.aclose()
         self._client.close()
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    """A read that waited too long (the request was sent), as opposed to a refused or reset connection."""
+    return isinstance(exc, TimeoutError) or type(exc).__name__ in ("ReadTimeout", "WriteTimeout")
 
 
 def normalise_response(response: types.GenerateContentResponse, *, model: str) -> ChatResponse:

@@ -84,7 +84,7 @@ def classify_openai_error(
     at = f" (at {endpoint})" if endpoint else ""
     message = redact(f"{type(exc).__name__}: {exc.message}{at}", secret)
     if isinstance(exc, openai.APITimeoutError):
-        return ProviderError(ErrorKind.TRANSIENT, message)
+        return ProviderError(ErrorKind.TRANSIENT, message, timed_out=True)
     if isinstance(exc, openai.APIConnectionError):
         if is_dns_failure(exc):
             return ProviderError(
