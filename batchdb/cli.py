@@ -335,6 +335,14 @@ def _merge_job_options(options: dict[str, object]) -> None:
 _SPAN_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
+def _span_seconds(text: str, option: str) -> float:
+    """A span such as 30s, 90m, 24h, 2d (or a bare number of seconds) in seconds."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd]?)", text.strip())
+    if not match:
+        raise click.BadParameter(f"expected a span such as 30s, 90m, 24h or 2d, got {text!r}", param_hint=option)
+    return float(match.group(1)) * _SPAN_UNITS[match.group(2) or "s"]
+
+
 def _parse_deadline(text: str) -> datetime.datetime | datetime.timedelta:
     """--deadline: a span from now ('6h', '90m', '2d', '30s') or an ISO 8601 time with a zone
     ('2026-12-08T09:00Z', '2026-12-08 09:00+01:00')."""
@@ -599,9 +607,23 @@ def limits_group() -> None:
     help="Batch API queue limit: prompt tokens in open batches at once (batch-mode jobs).",
 )
 @click.option(
+    "--batch-window",
+    default=None,
+    metavar="SPAN",
+    help="The longest a batch may take (30s, 90m, 24h; default the provider's window: 24h, Gemini 48h). "
+    "Auto-mode jobs plan with it.",
+)
+@click.option(
+    "--batch-margin",
+    default=None,
+    metavar="SPAN",
+    help="Time auto-mode jobs keep before their deadline to collect batches and answer the rest online "
+    "(default: window/24).",
+)
+@click.option(
     "--clear",
     multiple=True,
-    type=click.Choice(["rpm", "tpm", "rpd", "batch_queue_tokens"]),
+    type=click.Choice(["rpm", "tpm", "rpd", "batch_queue_tokens", "batch_window_seconds", "batch_margin_seconds"]),
     help="Remove this limit (repeatable).",
 )
 @_dsn_option
@@ -613,14 +635,22 @@ def limits_set(
     tpm: int | None,
     rpd: int | None,
     batch_queue_tokens: int | None,
+    batch_window: str | None,
+    batch_margin: str | None,
     clear: tuple[str, ...],
     dsn: str | None,
 ) -> None:
     """Set the limits of one provider key for one model; limits not given keep their value."""
     from batchdb import ledger
 
-    if rpm is None and tpm is None and rpd is None and batch_queue_tokens is None and not clear:
-        raise click.UsageError("nothing to set: give --rpm, --tpm, --rpd and/or --batch-queue-tokens (or --clear)")
+    window_s = None if batch_window is None else _span_seconds(batch_window, "--batch-window")
+    margin_s = None if batch_margin is None else _span_seconds(batch_margin, "--batch-margin")
+    given = (rpm, tpm, rpd, batch_queue_tokens, window_s, margin_s)
+    if all(value is None for value in given) and not clear:
+        raise click.UsageError(
+            "nothing to set: give --rpm, --tpm, --rpd, --batch-queue-tokens, --batch-window and/or --batch-margin "
+            "(or --clear)"
+        )
     with dbmod.connect(dsn) as conn:
         now = _run_db_op(
             lambda: ledger.set_limits(
@@ -630,10 +660,16 @@ def limits_set(
                 tpm=tpm,
                 rpd=rpd,
                 batch_queue_tokens=batch_queue_tokens,
+                batch_window_seconds=window_s,
+                batch_margin_seconds=margin_s,
                 clear=clear,
             )
         )
     batch = f" batch_queue_tokens={now['batch_queue_tokens']}" if now["batch_queue_tokens"] else ""
+    if now["batch_window_seconds"] is not None:
+        batch += f" batch_window={now['batch_window_seconds']:g}s"
+    if now["batch_margin_seconds"] is not None:
+        batch += f" batch_margin={now['batch_margin_seconds']:g}s"
     click.echo(
         f"{provider}/{key_alias}/{model}: rpm={now['rpm'] or '-'} tpm={now['tpm'] or '-'} rpd={now['rpd'] or '-'}"
         + batch

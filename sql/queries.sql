@@ -790,16 +790,24 @@ SELECT batchdb.learn_limits(%(provider)s, %(key_alias)s, %(model)s, %(rpm)s, %(t
 -- Configure a key's limits by hand (`batchdb limits set`); configured limits win over learnt ones.
 -- A partial update: a limit not given (NULL) keeps its current value; those named in `clear` are removed.
 -- batch_queue_tokens: the enqueued-token limit of the lane's Batch API (0020, batch-mode jobs).
-INSERT INTO batchdb.rate_limits AS l (provider, key_alias, model, rpm, tpm, rpd, batch_queue_tokens, source)
-VALUES (%(provider)s, %(key_alias)s, %(model)s, %(rpm)s, %(tpm)s, %(rpd)s, %(batch_queue_tokens)s, 'configured')
+-- batch_window_seconds / batch_margin_seconds: how long a batch may take, and the time auto-mode
+-- jobs keep before their deadline (0022).
+INSERT INTO batchdb.rate_limits AS l (provider, key_alias, model, rpm, tpm, rpd, batch_queue_tokens,
+                                      batch_window_seconds, batch_margin_seconds, source)
+VALUES (%(provider)s, %(key_alias)s, %(model)s, %(rpm)s, %(tpm)s, %(rpd)s, %(batch_queue_tokens)s,
+        %(batch_window_seconds)s, %(batch_margin_seconds)s, 'configured')
 ON CONFLICT (provider, key_alias, model) DO UPDATE
    SET rpm = CASE WHEN 'rpm' = ANY (%(clear)s::text[]) THEN NULL ELSE coalesce(EXCLUDED.rpm, l.rpm) END,
        tpm = CASE WHEN 'tpm' = ANY (%(clear)s::text[]) THEN NULL ELSE coalesce(EXCLUDED.tpm, l.tpm) END,
        rpd = CASE WHEN 'rpd' = ANY (%(clear)s::text[]) THEN NULL ELSE coalesce(EXCLUDED.rpd, l.rpd) END,
        batch_queue_tokens = CASE WHEN 'batch_queue_tokens' = ANY (%(clear)s::text[]) THEN NULL
                                  ELSE coalesce(EXCLUDED.batch_queue_tokens, l.batch_queue_tokens) END,
+       batch_window_seconds = CASE WHEN 'batch_window_seconds' = ANY (%(clear)s::text[]) THEN NULL
+                                   ELSE coalesce(EXCLUDED.batch_window_seconds, l.batch_window_seconds) END,
+       batch_margin_seconds = CASE WHEN 'batch_margin_seconds' = ANY (%(clear)s::text[]) THEN NULL
+                                   ELSE coalesce(EXCLUDED.batch_margin_seconds, l.batch_margin_seconds) END,
        source = 'configured', updated_at = now()
-RETURNING rpm, tpm, rpd, batch_queue_tokens
+RETURNING rpm, tpm, rpd, batch_queue_tokens, batch_window_seconds, batch_margin_seconds
 
 -- list_limits --
 -- Each lane's limits, totals and live state (0006: lane_states says why a lane is not moving).

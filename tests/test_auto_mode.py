@@ -315,3 +315,14 @@ def test_the_cli_takes_a_deadline_as_a_span_or_a_time(dsn: str, tmp_path: Any, c
     assert missing.exit_code != 0 and "deadline: mode='auto' needs a deadline" in missing.output
     status = CliRunner().invoke(cli, ["status", "1", "--dsn", dsn])
     assert "(auto mode, deadline " in status.output and "now: rows go online" in status.output
+
+
+def test_the_estimate_of_an_auto_job_gives_the_range_from_all_batch_to_all_online(dsn: str) -> None:
+    frame = pd.DataFrame({"text": ["a", "b", "c"]})
+    options: dict[str, Any] = {"prompt": "{text}", "model": MODEL, "dsn": dsn, "mode": "auto"}
+    estimate = batchdb.estimate(frame, deadline=dt.timedelta(hours=6), **options)
+    batch, online = estimate.cost_usd(batch=True), estimate.cost_usd()
+    assert batch is not None and online is not None and batch < online
+    assert "  mode auto:         from $" in estimate.text()
+    with pytest.raises(batchdb.InputError, match="deadline: mode='auto' needs a deadline"):
+        batchdb.estimate(frame, **options)
