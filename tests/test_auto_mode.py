@@ -326,3 +326,46 @@ def test_the_estimate_of_an_auto_job_gives_the_range_from_all_batch_to_all_onlin
     assert "  mode auto:         from $" in estimate.text()
     with pytest.raises(batchdb.InputError, match="deadline: mode='auto' needs a deadline"):
         batchdb.estimate(frame, **options)
+
+
+def test_online_takes_an_auto_jobs_rows_only_when_no_batch_can_make_the_deadline_for_them(
+    conn: psycopg.Connection, dsn: str
+) -> None:
+    """The rule of 0022 on hand-made lane states: window 60 s, margin 10 s, a queue of 100 tokens."""
+    from batchdb import queue
+
+    lane(conn, window_s=60, margin_s=10, queue_tokens=100)
+    job_id = conn.execute(
+        "INSERT INTO batchdb.jobs (model, mode, deadline, params) VALUES (%s, 'auto', now() + interval '1000 seconds', "
+        '\'{"prompt": "{h}"}\') RETURNING id',
+        (MODEL,),
+    ).fetchone()["id"]
+    conn.execute("INSERT INTO batchdb.requests (job_id, custom_id, input) VALUES (%s, 'r1', '{\"h\": 1}')", (job_id,))
+
+    def goes_online(deadline_s: float) -> bool:
+        conn.execute(
+            "UPDATE batchdb.jobs SET deadline = now() + make_interval(secs => %s) WHERE id = %s", (deadline_s, job_id)
+        )
+        return bool(conn.execute("SELECT lane FROM batchdb.auto_lane(%s)", (job_id,)).fetchone()["lane"] == "online")
+
+    async def claimed() -> int:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as c:
+            rows = await queue.claim_batch(c, worker_id="w", limit=10, lease_seconds=30)
+            await queue.release_leases(c, rows)
+            return len(rows)
+
+    assert not goes_online(1000)  # an empty queue: batch
+    assert goes_online(69)  # past the cutoff (deadline - 70 s): online
+    # A full queue (100 of 100 tokens, 20 a row), its batch created now: it surely ends by now + 60 s.
+    conn.execute(
+        "INSERT INTO batchdb.provider_batches (job_id, provider, key_alias, model, state, n_requests, enqueued_tokens, "
+        "submitted_at) VALUES (%s, 'openai', 'default', %s, 'in_progress', 5, 100, now())",
+        (job_id, MODEL),
+    )
+    assert not goes_online(1000)  # the room frees before the cutoff (now + 930 s): the row waits for it
+    assert asyncio.run(claimed()) == 0
+    assert goes_online(100)  # cutoff now + 30 s, before the batch's worst-case end: online now
+    assert asyncio.run(claimed()) == 1
+    conn.execute("UPDATE batchdb.provider_batches SET enqueued_tokens = 60 WHERE job_id = %s", (job_id,))
+    assert not goes_online(100)  # 40 tokens of room, more than a row (12): not full, batch takes it
+    assert asyncio.run(claimed()) == 0

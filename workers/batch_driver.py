@@ -432,6 +432,10 @@ class BatchDriver:
         if not rendered.sent:
             await self._collected(chunk, "no row left to send")
             return None
+        if job.mode == "auto" and limit is not None and used > 0 and rendered.tokens > limit:
+            # Even its first row is more than the room left: no file is uploaded for a create that would wait.
+            await self._abandon(chunk, job, reason="no room in the lane's batch queue; rows back to the queue")
+            return None
         file_id = None
         if chunk.upload_started_at is not None:
             file_id = await api.find_file(
