@@ -198,6 +198,7 @@ def test_a_batch_queue_holding_part_of_the_job_sends_the_rest_online_at_the_same
 
     totals = assert_each_row_once(job, sim, 40)
     paths = by_path(conn, job.id)
+    print(f"rows by batch: {paths[True]['n']}, online: {paths[False]['n']}, batches: {len(chunks(conn, job.id))}")
     assert paths[True]["n"] > 0 and paths[False]["n"] > 0, paths  # both quotas worked on the job
     assert paths[True]["n"] + paths[False]["n"] == 40
     assert paths[True]["n"] == totals["batch_requests"] and paths[False]["n"] == totals["accepted"]
