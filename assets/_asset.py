@@ -37,7 +37,9 @@ def llm_batch_asset(
     The upstream asset's value for the partition (a DataFrame, an Arrow table or a file path) is
     submitted with `prompt` (a template over its columns, "Sentiment of: {headline}"), `model`,
     `provider` and any other `batchdb.submit` option (`max_tokens=`, `temperature=`, `budget_usd=`,
-    `response_format=`, `mode="batch"` for the provider's Batch API at about half the price ...).
+    `response_format=`, `mode="batch"` for the provider's Batch API at about half the price,
+    `mode="auto", deadline=timedelta(hours=6)` for batch where a batch can end before the deadline and
+    online for the rest ...). A deadline given as a timedelta counts from each run's submit.
     The asset waits for the job, writes `<output_root>/<name>/<partition>.parquet` (the source's
     columns plus response, status, tokens, cost and error) and records row counts, tokens, cost, the
     job id and a preview. Its `all_rows_answered` check warns about rows without an answer;
@@ -91,7 +93,12 @@ def llm_batch_asset(
         **submit_options,
     }
     options = {k: v for k, v in options.items() if v is not None}
-    definition = {"model": model, "prompt": prompt, **{k: _canonical(v) for k, v in options.items()}}
+    # The deadline says when, not what: it is not part of the code version.
+    definition = {
+        "model": model,
+        "prompt": prompt,
+        **{k: _canonical(v) for k, v in options.items() if k != "deadline"},
+    }
 
     @dg.asset(
         key=asset_key,

@@ -30,7 +30,10 @@ ROWS_ANSWERED_CHECK = "all_rows_answered"
 
 # Options of `batchdb.submit` that change how a job runs but not what it answers: changing them
 # does not start a new job for a partition that already has one.
-_OPERATIONAL_OPTIONS = frozenset({"priority", "budget_usd", "max_attempts", "key_alias", "name", "owner", "dsn"})
+# A deadline (mode="auto") says when, not what: a run re-launched later reattaches to its job.
+_OPERATIONAL_OPTIONS = frozenset(
+    {"priority", "budget_usd", "max_attempts", "key_alias", "name", "owner", "dsn", "deadline"}
+)
 _RUN_STATUS_CHECK_SECONDS = 5.0
 _PROGRESS_LOG_SECONDS = 15.0
 _PREVIEW_CELL_CHARS = 200

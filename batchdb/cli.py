@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import re
 import shlex
 import sys
 import traceback
@@ -236,11 +237,19 @@ _JOB_OPTIONS = [
     ),
     click.option(
         "--mode",
-        type=click.Choice(["online", "batch"]),
+        type=click.Choice(["online", "batch", "auto"]),
         default="online",
         show_default=True,
         help="online: a call per row now; batch: through the provider's Batch API (about half the price, "
-        "answers within 24 h; openai and azure).",
+        "answers within 24 h; openai, azure, gemini); auto: batch while a batch can end before --deadline, "
+        "online for the rest.",
+    ),
+    click.option(
+        "--deadline",
+        default=None,
+        metavar="WHEN",
+        help="With --mode auto: when every row must be answered, a time (2026-12-08T09:00Z) or a span from "
+        "now (6h, 90m, 2d).",
     ),
     click.option(
         "--allow-unknown-model",
@@ -316,9 +325,43 @@ def estimate_command(path: Path, dsn: str | None, pilot_rows: int, pilot_timeout
 
 def _merge_job_options(options: dict[str, object]) -> None:
     options["notify_emails"] = list(options["notify_emails"]) or None  # type: ignore[call-overload]
+    if options.get("deadline") is not None:
+        options["deadline"] = _parse_deadline(str(options["deadline"]))
     alias = options.pop("budget_usd_alias")
     if options["budget_usd"] is None:
         options["budget_usd"] = alias
+
+
+_SPAN_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _span_seconds(text: str, option: str) -> float:
+    """A span such as 30s, 90m, 24h, 2d (or a bare number of seconds) in seconds."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd]?)", text.strip())
+    if not match:
+        raise click.BadParameter(f"expected a span such as 30s, 90m, 24h or 2d, got {text!r}", param_hint=option)
+    return float(match.group(1)) * _SPAN_UNITS[match.group(2) or "s"]
+
+
+def _parse_deadline(text: str) -> datetime.datetime | datetime.timedelta:
+    """--deadline: a span from now ('6h', '90m', '2d', '30s') or an ISO 8601 time with a zone
+    ('2026-12-08T09:00Z', '2026-12-08 09:00+01:00')."""
+    value = text.strip()
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd])", value)
+    if match:
+        return datetime.timedelta(seconds=float(match.group(1)) * _SPAN_UNITS[match.group(2)])
+    try:
+        at = datetime.datetime.fromisoformat(value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value)
+    except ValueError:
+        raise click.BadParameter(
+            f"expected a time such as 2026-12-08T09:00Z or a span such as 6h, 90m, 2d; got {text!r}",
+            param_hint="--deadline",
+        ) from None
+    if at.tzinfo is None:
+        raise click.BadParameter(
+            f"give the time zone (2026-12-08T09:00Z, or +01:00), got {text!r}", param_hint="--deadline"
+        )
+    return at
 
 
 def _print_estimate(
@@ -354,7 +397,9 @@ def status_command(job_id: int | None, as_json: bool, dsn: str | None) -> None:
             click.echo(progress.summary())
             if progress.status_reason:
                 click.echo(f"  reason: {progress.status_reason}")
-            if progress.mode == "batch":
+            if progress.mode == "auto":
+                _print_lanes(get_job(job_id, dsn=dsn).lanes(), finished=progress.finished)
+            if progress.mode in ("batch", "auto"):
                 _print_batches(get_job(job_id, dsn=dsn).batches())
         return
     jobs = list_jobs(dsn=dsn)
@@ -367,6 +412,18 @@ def status_command(job_id: int | None, as_json: bool, dsn: str | None) -> None:
             f"{j.job_id:>6} {j.status:<10} {f'{j.n_done}/{j.n_total}':>15} {j.n_dead + j.n_failed:>11} "
             f"{(f'{j.cost_usd:.4f}' if j.priced else 'unknown'):>10}  {j.model} / {j.name or ''}"
         )
+
+
+def _print_lanes(lanes: dict[str, Any], *, finished: bool) -> None:
+    """An auto job: rows answered by batch and online, and where its rows go now."""
+    click.echo(f"  answered: {lanes['n_by_batch']} by batch, {lanes['n_by_online']} online")
+    if finished or "lane" not in lanes:
+        return
+    cutoff = lanes["batch_cutoff"].isoformat(timespec="seconds")
+    cancel = lanes["cancel_at"].isoformat(timespec="seconds")
+    click.echo(
+        f"  now: rows go {lanes['lane']}; no batch is created after {cutoff}, open ones are cancelled at {cancel}"
+    )
 
 
 def _print_batches(chunks: list[dict[str, Any]]) -> None:
@@ -550,9 +607,23 @@ def limits_group() -> None:
     help="Batch API queue limit: prompt tokens in open batches at once (batch-mode jobs).",
 )
 @click.option(
+    "--batch-window",
+    default=None,
+    metavar="SPAN",
+    help="The longest a batch may take (30s, 90m, 24h; default the provider's window: 24h, Gemini 48h). "
+    "Auto-mode jobs plan with it.",
+)
+@click.option(
+    "--batch-margin",
+    default=None,
+    metavar="SPAN",
+    help="Time auto-mode jobs keep before their deadline to collect batches and answer the rest online "
+    "(default: window/24).",
+)
+@click.option(
     "--clear",
     multiple=True,
-    type=click.Choice(["rpm", "tpm", "rpd", "batch_queue_tokens"]),
+    type=click.Choice(["rpm", "tpm", "rpd", "batch_queue_tokens", "batch_window_seconds", "batch_margin_seconds"]),
     help="Remove this limit (repeatable).",
 )
 @_dsn_option
@@ -564,14 +635,22 @@ def limits_set(
     tpm: int | None,
     rpd: int | None,
     batch_queue_tokens: int | None,
+    batch_window: str | None,
+    batch_margin: str | None,
     clear: tuple[str, ...],
     dsn: str | None,
 ) -> None:
     """Set the limits of one provider key for one model; limits not given keep their value."""
     from batchdb import ledger
 
-    if rpm is None and tpm is None and rpd is None and batch_queue_tokens is None and not clear:
-        raise click.UsageError("nothing to set: give --rpm, --tpm, --rpd and/or --batch-queue-tokens (or --clear)")
+    window_s = None if batch_window is None else _span_seconds(batch_window, "--batch-window")
+    margin_s = None if batch_margin is None else _span_seconds(batch_margin, "--batch-margin")
+    given = (rpm, tpm, rpd, batch_queue_tokens, window_s, margin_s)
+    if all(value is None for value in given) and not clear:
+        raise click.UsageError(
+            "nothing to set: give --rpm, --tpm, --rpd, --batch-queue-tokens, --batch-window and/or --batch-margin "
+            "(or --clear)"
+        )
     with dbmod.connect(dsn) as conn:
         now = _run_db_op(
             lambda: ledger.set_limits(
@@ -581,10 +660,16 @@ def limits_set(
                 tpm=tpm,
                 rpd=rpd,
                 batch_queue_tokens=batch_queue_tokens,
+                batch_window_seconds=window_s,
+                batch_margin_seconds=margin_s,
                 clear=clear,
             )
         )
     batch = f" batch_queue_tokens={now['batch_queue_tokens']}" if now["batch_queue_tokens"] else ""
+    if now["batch_window_seconds"] is not None:
+        batch += f" batch_window={now['batch_window_seconds']:g}s"
+    if now["batch_margin_seconds"] is not None:
+        batch += f" batch_margin={now['batch_margin_seconds']:g}s"
     click.echo(
         f"{provider}/{key_alias}/{model}: rpm={now['rpm'] or '-'} tpm={now['tpm'] or '-'} rpd={now['rpd'] or '-'}"
         + batch

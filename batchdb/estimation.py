@@ -91,6 +91,8 @@ class Estimate:
     model_problem: str | None = None
     # submit's dedupe: identical rows are sent once (the default), so costs and durations count calls.
     dedupe: bool = True
+    # submit's mode: 'auto' costs between the batch price (every row by batch) and the online price.
+    mode: str = "online"
 
     @property
     def calls(self) -> int:
@@ -148,7 +150,13 @@ class Estimate:
             if self.price.batch_discount:
                 lines.append(
                     f"  at the batch price: {_usd(self.cost_usd(batch=True))} "
-                    f"(-{self.price.batch_discount:.0%}; batchdb does not submit to Batch APIs yet)"
+                    f"(-{self.price.batch_discount:.0%}; mode='batch' sends every row at it)"
+                )
+            if self.mode == "auto":
+                lines.append(
+                    f"  mode auto:         from {_usd(self.cost_usd(batch=True))} (every row by batch: the deadline "
+                    f"leaves a batch window) to {_usd(self.cost_usd())} (every row online: it leaves none); "
+                    "rows a full batch queue cannot take in time go online"
                 )
         seconds = self.online_seconds()
         if seconds is None:
@@ -211,7 +219,14 @@ def estimate(
     `priority` or `webhook_url`, are passed to the pilot's submit and otherwise ignored).
     Refuses what `submit` refuses, with the same messages.
     """
-    from batchdb.submission import check_options, job_params, notification_targets, refuse_unknown_model, submit
+    from batchdb.submission import (
+        check_deadline,
+        check_options,
+        job_params,
+        notification_targets,
+        refuse_unknown_model,
+        submit,
+    )
 
     unknown = sorted(set(submit_options) - set(inspect.signature(submit).parameters))
     if unknown:
@@ -228,6 +243,7 @@ def estimate(
         temperature=temperature,
         mode=submit_options.get("mode", "online"),
     )
+    check_deadline(submit_options.get("mode", "online"), submit_options.get("deadline"))
     notification_targets(
         submit_options.get("webhook_url"), submit_options.get("webhook_secret"), submit_options.get("notify_emails")
     )
@@ -312,6 +328,7 @@ def estimate(
         key_alias=key_alias,
         model_problem=model_problem,
         dedupe=bool(submit_options.get("dedupe", True)),
+        mode=str(submit_options.get("mode", "online")),
     )
 
 
@@ -390,7 +407,7 @@ def _pilot(data: DataSource, n: int, timeout_s: float, *, dsn: str | None, **sub
     name = submit_options.pop("name", None) or "estimate"
     # The pilot is a job of its own: the real job's idempotency key and notifications are not its.
     # It runs online whatever the real job's mode: its answers are wanted now, not within a batch window.
-    for option in ("idempotency_key", "webhook_url", "webhook_secret", "notify_emails", "mode"):
+    for option in ("idempotency_key", "webhook_url", "webhook_secret", "notify_emails", "mode", "deadline"):
         submit_options.pop(option, None)
     job = submit(pa.Table.from_batches(taken, schema=schema), name=f"pilot: {name}", dsn=dsn, **submit_options)
     deadline = time.monotonic() + timeout_s

@@ -101,8 +101,10 @@ class JobProgress:
     wasted_usd: Decimal = Decimal(0)
     # Of n_succeeded, rows answered by an identical earlier row's call (no call of their own).
     n_duplicates: int = 0
-    # How the rows are sent: 'online' (a call each) or 'batch' (the provider's Batch API, 0020).
+    # How the rows are sent: 'online' (a call each), 'batch' (the provider's Batch API, 0020) or
+    # 'auto' (batch while a batch can end before `deadline`, online for the rest, 0022).
     mode: str = "online"
+    deadline: datetime | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> JobProgress:
@@ -127,9 +129,18 @@ class JobProgress:
         workers/breaker.py): its rows wait and resume by themselves, unlike a paused job's."""
         return self.status == JobStatus.RUNNING and (self.status_reason or "").startswith(WAITING_FOR_PROVIDER)
 
+    @property
+    def _mode_text(self) -> str:
+        if self.mode == "batch":
+            return " (batch mode)"
+        if self.mode == "auto":
+            deadline = self.deadline.isoformat(timespec="seconds") if self.deadline else "?"
+            return f" (auto mode, deadline {deadline})"
+        return ""
+
     def summary(self) -> str:
         return (
-            f"job {self.job_id} {self.status}{' (batch mode)' if self.mode == 'batch' else ''}: "
+            f"job {self.job_id} {self.status}{self._mode_text}: "
             f"{self.n_done}/{self.n_total} done "
             f"({self.n_succeeded} succeeded, {self.n_failed} failed, {self.n_dead} dead, "
             f"{self.n_cancelled} cancelled), "
@@ -262,6 +273,25 @@ class Job:
         with connect(self._dsn) as conn:
             self._progress(conn)  # raises JobNotFound
             return list(conn.execute(query("job_batches"), {"job_id": self.id}).fetchall())
+
+    @translates_database_errors
+    def lanes(self) -> dict[str, Any]:
+        """How the job's final rows were answered: `n_by_batch` (through a provider batch, at the batch
+        price) and `n_by_online` (a call each); for an auto job also where its rows go now (`lane`:
+        'batch' or 'online'), `batch_cutoff` (no batch is created after it) and `cancel_at` (its open
+        batches are cancelled then). docs/design.md, "Auto mode", has the rule.
+
+            >>> batchdb.Job(7).lanes()  # doctest: +SKIP
+            {'n_by_batch': 900, 'n_by_online': 100, 'lane': 'batch', 'batch_cutoff': ..., 'cancel_at': ...}
+        """
+        with connect(self._dsn) as conn:
+            progress = self._progress(conn)  # raises JobNotFound
+            split = dict(one_row(conn.execute(query("job_lane_split"), {"job_id": self.id})))
+            if progress.mode == "auto":
+                clock = conn.execute(query("auto_job_clock"), {"job_id": self.id}).fetchone()
+                if clock is not None:
+                    split.update(lane=clock["lane"], batch_cutoff=clock["batch_cutoff"], cancel_at=clock["cancel_at"])
+            return split
 
     def _progress(self, conn: psycopg.Connection[DictRow]) -> JobProgress:
         row = conn.execute(query("job_progress"), {"job_id": self.id}).fetchone()

@@ -135,7 +135,7 @@ async def learn_limits(conn: psycopg.AsyncConnection[Any], lane: Lane, rpm: int 
     )
 
 
-LIMIT_NAMES = ("rpm", "tpm", "rpd", "batch_queue_tokens")
+LIMIT_NAMES = ("rpm", "tpm", "rpd", "batch_queue_tokens", "batch_window_seconds", "batch_margin_seconds")
 
 
 def set_limits(
@@ -146,10 +146,14 @@ def set_limits(
     tpm: int | None = None,
     rpd: int | None = None,
     batch_queue_tokens: int | None = None,
+    batch_window_seconds: float | None = None,
+    batch_margin_seconds: float | None = None,
     clear: Sequence[str] = (),
-) -> dict[str, int | None]:
+) -> dict[str, Any]:
     """Set the given limits of `lane`; those not given keep their value, those in `clear` are removed.
     `batch_queue_tokens` is the lane's Batch API queue limit: prompt tokens in open batches at once.
+    `batch_window_seconds` is the longest a batch of the lane may take and `batch_margin_seconds` the
+    time auto-mode jobs keep before their deadline (0022; None keeps, clearing returns the default).
 
     Returns the lane's limits now.
     """
@@ -158,12 +162,20 @@ def set_limits(
         for name, value in (("rpm", rpm), ("tpm", tpm), ("rpd", rpd), ("batch_queue_tokens", batch_queue_tokens))
         if value is not None
     }
+    spans = {
+        name: value
+        for name, value in (
+            ("batch_window_seconds", batch_window_seconds),
+            ("batch_margin_seconds", batch_margin_seconds),
+        )
+        if value is not None
+    }
     unknown = [name for name in clear if name not in LIMIT_NAMES]
     if unknown:
         raise ValueError(f"clear: expected some of {', '.join(LIMIT_NAMES)}, got {', '.join(unknown)}")
-    if set(given) & set(clear):
-        raise ValueError(f"{', '.join(sorted(set(given) & set(clear)))}: both set and cleared")
-    if not given and not clear:
+    if (set(given) | set(spans)) & set(clear):
+        raise ValueError(f"{', '.join(sorted((set(given) | set(spans)) & set(clear)))}: both set and cleared")
+    if not given and not spans and not clear:
         raise ValueError(
             f"nothing to set for {lane.provider}/{lane.key_alias}/{lane.model}: "
             "give rpm, tpm, rpd or batch_queue_tokens"
@@ -171,6 +183,13 @@ def set_limits(
     for name, value in given.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    for name, span in spans.items():
+        low_ok = span > 0 if name == "batch_window_seconds" else span >= 0
+        if isinstance(span, bool) or not isinstance(span, (int, float)) or not low_ok:
+            raise ValueError(
+                f"{name}: expected a number of seconds {'above' if name == 'batch_window_seconds' else 'from'} 0, "
+                f"got {span!r}"
+            )
     with conn.cursor(row_factory=dict_row) as cur:
         row = cur.execute(
             query("set_limits"),
@@ -182,6 +201,8 @@ def set_limits(
                 "tpm": tpm,
                 "rpd": rpd,
                 "batch_queue_tokens": batch_queue_tokens,
+                "batch_window_seconds": batch_window_seconds,
+                "batch_margin_seconds": batch_margin_seconds,
                 "clear": list(clear),
             },
         ).fetchone()

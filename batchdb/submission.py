@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -55,8 +56,9 @@ from batchdb.validation import check_response_schema
 
 log = logging.getLogger(__name__)
 
-# How a job's rows are sent (jobs.mode, 0020): one call per row, or chunks through a Batch API.
-JOB_MODES = ("online", "batch")
+# How a job's rows are sent (jobs.mode, 0020, 0022): one call per row, chunks through a Batch API,
+# or batch where a batch can make the job's deadline and online for the rest.
+JOB_MODES = ("online", "batch", "auto")
 BATCH_PROVIDERS = ("openai", "azure", "gemini")
 
 
@@ -89,6 +91,7 @@ def submit(
     allow_unknown_model: bool = False,
     dedupe: bool = True,
     mode: str = "online",
+    deadline: datetime | timedelta | None = None,
     dsn: str | None = None,
 ) -> Job:
     """Queue one request per row of `data` and return its job.
@@ -114,7 +117,17 @@ def submit(
     `mode="batch"` sends the rows through the provider's Batch API (OpenAI, Azure OpenAI, Gemini): about
     half the price, a quota apart from the online rate limits, answers within the provider's
     completion window (24 h) rather than at once.
+    `mode="auto"` with a `deadline` (a timezone-aware datetime, or a timedelta from now) sends rows
+    through the Batch API while a batch created now would end before the deadline, and online (a quota
+    of its own) when it would not: past the last moment a batch can make it, or while the lane's batch
+    queue is full and no room frees in time. Both quotas work on the job at once; docs/design.md has
+    the rule. A deadline that leaves no time for a batch sends every row online.
+
+        >>> import datetime, pandas as pd, batchdb
+        >>> job = batchdb.submit(pd.DataFrame({"q": ["2+2?"]}), prompt="{q}", model="gpt-4o-mini",
+        ...                      mode="auto", deadline=datetime.timedelta(hours=6))  # doctest: +SKIP
     """
+    deadline_at = check_deadline(mode, deadline)
     check_options(
         model=model,
         provider=provider,
@@ -166,6 +179,7 @@ def submit(
             idempotency_key=idempotency_key,
             allow_unknown_model=allow_unknown_model,
             mode=mode,
+            deadline=deadline_at,
         )
         if job_id is None:
             assert idempotency_key is not None
@@ -321,15 +335,43 @@ def check_options(
         raise InputError(f"temperature: expected a number from 0 to 2, got {temperature!r}")
     if mode not in JOB_MODES:
         raise InputError(f"mode: expected one of {', '.join(JOB_MODES)}, got {mode!r}")
-    if mode == "batch" and provider not in BATCH_PROVIDERS:
+    if mode in ("batch", "auto") and provider not in BATCH_PROVIDERS:
         raise InputError(
-            f"mode: batch mode sends rows through the Batch APIs of {', '.join(BATCH_PROVIDERS)}; "
+            f"mode: {mode} mode sends rows through the Batch APIs of {', '.join(BATCH_PROVIDERS)}; "
             f"provider {provider!r} has none in batchdb yet (use mode='online')"
         )
-    if mode == "batch" and budget_usd is not None:
+    if mode in ("batch", "auto") and budget_usd is not None:
         # Batch calls are paid when the batch ends, for a whole chunk at once: a per-call
         # reservation, which is how budgets stop spending, does not apply.
-        raise InputError("budget_usd: not supported with mode='batch' yet; see the cost first with batchdb.estimate")
+        raise InputError(f"budget_usd: not supported with mode={mode!r} yet; see the cost first with batchdb.estimate")
+
+
+def check_deadline(mode: str, deadline: datetime | timedelta | None) -> datetime | None:
+    """The deadline as a timezone-aware time: given with mode="auto" (and only with it), in the future."""
+    if deadline is None:
+        if mode == "auto":
+            raise InputError(
+                "deadline: mode='auto' needs a deadline, a datetime with a timezone or a timedelta from now "
+                "(e.g. deadline=timedelta(hours=6))"
+            )
+        return None
+    if mode != "auto":
+        raise InputError(f"deadline: only mode='auto' takes a deadline (mode is {mode!r})")
+    now = datetime.now(UTC)
+    if isinstance(deadline, timedelta):
+        at = now + deadline
+    elif isinstance(deadline, datetime):
+        if deadline.tzinfo is None or deadline.utcoffset() is None:
+            raise InputError(
+                "deadline: expected a datetime with a timezone (e.g. datetime(..., tzinfo=timezone.utc)), "
+                f"got {deadline!r}"
+            )
+        at = deadline
+    else:
+        raise InputError(f"deadline: expected a datetime or a timedelta, got {type(deadline).__name__}")
+    if at <= now:
+        raise InputError(f"deadline: expected a time in the future, got {at.isoformat()} (now is {now.isoformat()})")
+    return at
 
 
 def refuse_unknown_model(conn: psycopg.Connection[DictRow], provider: str, model: str) -> None:

@@ -70,7 +70,7 @@ SELECT p.job_id, p.name, p.owner, p.provider, p.key_alias, p.model, p.status, p.
        pr.cached_input_per_mtok::float8 AS cached_input_per_mtok,
        pr.as_of AS price_as_of, pr.source AS price_source,
        now() AS db_now,
-       p.mode, pr.batch_discount::float8 AS batch_discount
+       p.mode, pr.batch_discount::float8 AS batch_discount, p.deadline
   FROM batchdb.job_progress p
   JOIN batchdb.jobs j ON j.id = p.job_id
   LEFT JOIN batchdb.prices pr ON pr.provider = p.provider AND pr.model = p.model
@@ -207,6 +207,10 @@ PG_OPEN_CIRCUITS = query("open_circuits")
 
 # A batch-mode job's chunks and their batches at the provider: the statement `batchdb status JOB` runs.
 PG_JOB_BATCHES = query("job_batches")
+# An auto-mode job: rows answered by batch and online (`batchdb status JOB`, Job.lanes()), and where
+# its rows go now with its cutoff and cancel times.
+PG_JOB_LANE_SPLIT = query("job_lane_split")
+PG_AUTO_JOB_CLOCK = query("auto_job_clock")
 
 # The limits in effect over the window: each lane's last change before it, and every change in it.
 PG_LIMIT_HISTORY = """
@@ -576,7 +580,13 @@ def load_job_detail(
         end = job["finished_at"] if pd.notna(job["finished_at"]) else job["db_now"]
         bucket = bucket_seconds(max(1.0, (pd.Timestamp(end) - pd.Timestamp(start)).total_seconds()))
         summary = fetch_rows(conn, PG_JOB_ROWS_SUMMARY, {"job_id": job_id, "pct": est.pct, "bucket_seconds": bucket})[0]
-        batches = fetch_df(conn, PG_JOB_BATCHES, {"job_id": job_id}) if job.get("mode") == "batch" else None
+        sends_batches = job.get("mode") in ("batch", "auto")
+        batches = fetch_df(conn, PG_JOB_BATCHES, {"job_id": job_id}) if sends_batches else None
+        lanes = None
+        if job.get("mode") == "auto":
+            lanes = fetch_rows(conn, PG_JOB_LANE_SPLIT, {"job_id": job_id})[0]
+            clock = fetch_rows(conn, PG_AUTO_JOB_CLOCK, {"job_id": job_id})
+            lanes.update(clock[0] if clock else {})
     timeline = _frame(summary["timeline"], TIMELINE_COLUMNS)
     errors = _frame(summary["errors"], ERROR_COLUMNS)
     if not est.exact:
@@ -603,6 +613,7 @@ def load_job_detail(
         "errors": errors,
         "cost_by_token_type": cost_by_token_type(job),
         "batches": batches,
+        "lanes": lanes,
     }
 
 

@@ -34,10 +34,10 @@ INSERT INTO public.batchdb_migrations (version, name) VALUES (%(version)s, %(nam
 -- insert_job --
 -- A job starts as 'loading' so workers ignore it until its rows are all in.
 INSERT INTO batchdb.jobs (name, owner, provider, key_alias, model, params, priority, max_attempts, budget_usd,
-                          idempotency_key, allow_unknown_model, mode, status)
+                          idempotency_key, allow_unknown_model, mode, deadline, status)
 VALUES (%(name)s, coalesce(%(owner)s, current_user), %(provider)s, %(key_alias)s, %(model)s, %(params)s,
         %(priority)s, %(max_attempts)s, %(budget_usd)s, %(idempotency_key)s, %(allow_unknown_model)s, %(mode)s,
-        'loading')
+        %(deadline)s, 'loading')
 ON CONFLICT (owner, idempotency_key) DO NOTHING
 RETURNING id
 
@@ -112,8 +112,11 @@ WITH running_jobs AS (
             LIMIT 1
            ) due
      WHERE j.status = 'running' AND j.n_done < j.n_total
-       -- A batch-mode job's rows go through the provider's Batch API (workers/batch_driver.py, 0020).
-       AND j.mode = 'online'
+       -- A batch-mode job's rows go through the provider's Batch API (workers/batch_driver.py, 0020);
+       -- an auto job's too, unless a batch cannot make its deadline for them (0022).
+       AND CASE j.mode WHEN 'online' THEN true
+                       WHEN 'auto' THEN batchdb.auto_goes_online(j.provider, j.key_alias, j.model, j.deadline)
+                       ELSE false END
        -- Only jobs on lanes this worker can serve (workers/lanes.py); NULL arrays: any lane.
        AND (%(lane_providers)s::text[] IS NULL
             OR (j.provider, j.key_alias) IN (SELECT l.provider, l.key_alias
@@ -157,7 +160,9 @@ UPDATE batchdb.requests q
        lease_token = q.lease_token + 1,
        lease_owner = %(worker_id)s,
        lease_expires_at = now() + make_interval(secs => %(lease_seconds)s),
-       started_at = now()
+       started_at = now(),
+       -- An auto job's row a chunk handed back is online's now: batch_id says which path answered it.
+       batch_id = NULL
   FROM picked p
  WHERE q.job_id = p.job_id AND q.id = p.id
 RETURNING q.job_id, q.id, q.custom_id, q.payload, q.input, q.attempts,
@@ -343,7 +348,10 @@ WITH picked AS (
               FOR UPDATE SKIP LOCKED
            ) q
      WHERE j.provider = %(provider)s AND j.key_alias = %(key_alias)s AND j.model = %(model)s
-       AND j.status = 'running' AND j.n_done < j.n_total AND j.mode = 'online'
+       AND j.status = 'running' AND j.n_done < j.n_total
+       AND CASE j.mode WHEN 'online' THEN true
+                       WHEN 'auto' THEN batchdb.auto_goes_online(j.provider, j.key_alias, j.model, j.deadline)
+                       ELSE false END
      ORDER BY j.priority DESC, j.id
      LIMIT 1
 )
@@ -353,7 +361,9 @@ UPDATE batchdb.requests q
        lease_token = q.lease_token + 1,
        lease_owner = %(worker_id)s,
        lease_expires_at = now() + make_interval(secs => %(lease_seconds)s),
-       started_at = now()
+       started_at = now(),
+       -- An auto job's row a chunk handed back is online's now: batch_id says which path answered it.
+       batch_id = NULL
   FROM picked p
  WHERE q.job_id = p.job_id AND q.id = p.id
 RETURNING q.job_id, q.id, q.custom_id, q.payload, q.input, q.attempts,
@@ -370,7 +380,7 @@ SELECT batchdb.circuit_close(%(provider)s, %(key_alias)s, %(model)s) AS open_for
 
 -- job_for_worker --
 -- What a worker needs to call the provider for a job's rows (cached per job).
-SELECT j.id, j.owner, j.provider, j.key_alias, j.model, j.params, j.status, j.budget_usd,
+SELECT j.id, j.owner, j.provider, j.key_alias, j.model, j.params, j.status, j.budget_usd, j.mode, j.deadline,
        p.input_per_mtok, p.output_per_mtok, p.cached_input_per_mtok, p.batch_discount,
        p.context_window, p.max_input_tokens, p.max_output_tokens,
        coalesce(u.budget_usd_day IS NOT NULL OR u.budget_usd_month IS NOT NULL, false) AS owner_has_budget
@@ -453,10 +463,21 @@ SELECT q.job_id, q.id, q.custom_id, q.status, q.attempts, coalesce(q.max_attempt
 SELECT id FROM batchdb.provider_batches WHERE id = %(id)s AND lease_token = %(lease_token)s FOR UPDATE
 
 -- provider_batch_queue_limit --
--- The lane's configured batch queue limit (NULL: none known), which a chunk is cut to fit.
-SELECT batch_queue_tokens
-  FROM batchdb.rate_limits
- WHERE provider = %(provider)s AND key_alias = %(key_alias)s AND model = %(model)s
+-- The lane's configured batch queue limit (NULL: none known), which a chunk is cut to fit, and the
+-- tokens other chunks hold in it now (an auto job's chunk is cut to the room left, 0022).
+SELECT l.batch_queue_tokens,
+       (SELECT coalesce(sum(b.enqueued_tokens), 0)
+          FROM batchdb.provider_batches b
+         WHERE b.provider = l.provider AND b.key_alias = l.key_alias AND b.model = l.model AND b.id <> %(id)s
+           AND (b.state IN ('submitted', 'in_progress')
+                OR (b.state = 'file_uploaded' AND b.create_started_at IS NOT NULL))) AS used_tokens
+  FROM batchdb.rate_limits l
+ WHERE l.provider = %(provider)s AND l.key_alias = %(key_alias)s AND l.model = %(model)s
+
+-- auto_job_clock --
+-- An auto job against its deadline (0022): past the cutoff no batch is created for it, past
+-- cancel_at its open batches are cancelled.
+SELECT lane, batch_cutoff, cancel_at, past_cutoff, past_cancel FROM batchdb.auto_lane(%(job_id)s)
 
 -- provider_batch_upload_intent --
 -- About to upload the chunk's file: recorded first, so a successor knows to look for it by name.
@@ -539,7 +560,7 @@ SELECT EXISTS (SELECT 1 FROM batchdb.provider_batches b
                                                           FROM unnest(%(providers)s::text[], %(key_aliases)s::text[])
                                                                AS l(provider, key_alias))))
        OR EXISTS (SELECT 1 FROM batchdb.jobs j
-                   WHERE j.status = 'running' AND j.mode = 'batch' AND j.n_done < j.n_total
+                   WHERE j.status = 'running' AND j.mode IN ('batch', 'auto') AND j.n_done < j.n_total
                      AND (%(providers)s::text[] IS NULL
                           OR (j.provider, j.key_alias) IN (SELECT l.provider, l.key_alias
                                                              FROM unnest(%(providers)s::text[],
@@ -635,6 +656,14 @@ SELECT id, state, provider_status, n_requests, batch_id, n_completed, n_failed, 
   FROM batchdb.provider_batches
  WHERE job_id = %(job_id)s
  ORDER BY id
+
+-- job_lane_split --
+-- Rows of a job answered through a provider batch and through online calls (final rows; a row a
+-- chunk handed back and online answered counts as online: claim_batch clears its batch_id).
+SELECT count(*) FILTER (WHERE batch_id IS NOT NULL) AS n_by_batch,
+       count(*) FILTER (WHERE batch_id IS NULL) AS n_by_online
+  FROM batchdb.requests
+ WHERE job_id = %(job_id)s AND status IN ('succeeded', 'failed', 'dead')
 
 -- job_visible --
 -- Row-level security answers: false for another user's job.
@@ -761,16 +790,24 @@ SELECT batchdb.learn_limits(%(provider)s, %(key_alias)s, %(model)s, %(rpm)s, %(t
 -- Configure a key's limits by hand (`batchdb limits set`); configured limits win over learnt ones.
 -- A partial update: a limit not given (NULL) keeps its current value; those named in `clear` are removed.
 -- batch_queue_tokens: the enqueued-token limit of the lane's Batch API (0020, batch-mode jobs).
-INSERT INTO batchdb.rate_limits AS l (provider, key_alias, model, rpm, tpm, rpd, batch_queue_tokens, source)
-VALUES (%(provider)s, %(key_alias)s, %(model)s, %(rpm)s, %(tpm)s, %(rpd)s, %(batch_queue_tokens)s, 'configured')
+-- batch_window_seconds / batch_margin_seconds: how long a batch may take, and the time auto-mode
+-- jobs keep before their deadline (0022).
+INSERT INTO batchdb.rate_limits AS l (provider, key_alias, model, rpm, tpm, rpd, batch_queue_tokens,
+                                      batch_window_seconds, batch_margin_seconds, source)
+VALUES (%(provider)s, %(key_alias)s, %(model)s, %(rpm)s, %(tpm)s, %(rpd)s, %(batch_queue_tokens)s,
+        %(batch_window_seconds)s, %(batch_margin_seconds)s, 'configured')
 ON CONFLICT (provider, key_alias, model) DO UPDATE
    SET rpm = CASE WHEN 'rpm' = ANY (%(clear)s::text[]) THEN NULL ELSE coalesce(EXCLUDED.rpm, l.rpm) END,
        tpm = CASE WHEN 'tpm' = ANY (%(clear)s::text[]) THEN NULL ELSE coalesce(EXCLUDED.tpm, l.tpm) END,
        rpd = CASE WHEN 'rpd' = ANY (%(clear)s::text[]) THEN NULL ELSE coalesce(EXCLUDED.rpd, l.rpd) END,
        batch_queue_tokens = CASE WHEN 'batch_queue_tokens' = ANY (%(clear)s::text[]) THEN NULL
                                  ELSE coalesce(EXCLUDED.batch_queue_tokens, l.batch_queue_tokens) END,
+       batch_window_seconds = CASE WHEN 'batch_window_seconds' = ANY (%(clear)s::text[]) THEN NULL
+                                   ELSE coalesce(EXCLUDED.batch_window_seconds, l.batch_window_seconds) END,
+       batch_margin_seconds = CASE WHEN 'batch_margin_seconds' = ANY (%(clear)s::text[]) THEN NULL
+                                   ELSE coalesce(EXCLUDED.batch_margin_seconds, l.batch_margin_seconds) END,
        source = 'configured', updated_at = now()
-RETURNING rpm, tpm, rpd, batch_queue_tokens
+RETURNING rpm, tpm, rpd, batch_queue_tokens, batch_window_seconds, batch_margin_seconds
 
 -- list_limits --
 -- Each lane's limits, totals and live state (0006: lane_states says why a lane is not moving).

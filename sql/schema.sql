@@ -105,6 +105,80 @@ BEGIN
 END;
 $$;
 
+-- function auto_goes_online(text, text, text, timestamp with time zone)
+
+CREATE FUNCTION batchdb.auto_goes_online(p_provider text, p_key_alias text, p_model text, p_deadline timestamp with time zone) RETURNS boolean
+    LANGUAGE plpgsql STABLE
+    AS $$
+DECLARE
+    t record;
+    w record;
+BEGIN
+    SELECT * INTO t FROM batchdb.auto_times(p_provider, p_key_alias, p_model, p_deadline);
+    IF now() >= t.batch_cutoff THEN
+        RETURN true;
+    END IF;
+    IF NOT coalesce(batchdb.batch_queue_full(p_provider, p_key_alias, p_model), false) THEN
+        RETURN false;
+    END IF;
+    SELECT * INTO w FROM batchdb.batch_window(p_provider, p_key_alias, p_model);
+    -- Full: the rows may wait for room only if some open batch surely ends before the cutoff.
+    RETURN NOT EXISTS (
+        SELECT 1 FROM batchdb.provider_batches b
+         WHERE b.provider = p_provider AND b.key_alias = p_key_alias AND b.model = p_model
+           AND (b.state IN ('submitted', 'in_progress') OR (b.state = 'file_uploaded' AND b.create_started_at IS NOT NULL))
+           AND coalesce(b.submitted_at, b.create_started_at) + make_interval(secs => w.window_s) <= t.batch_cutoff);
+END;
+$$;
+
+-- function auto_lane(bigint)
+
+CREATE FUNCTION batchdb.auto_lane(p_job_id bigint) RETURNS TABLE(lane text, batch_cutoff timestamp with time zone, cancel_at timestamp with time zone, past_cutoff boolean, past_cancel boolean)
+    LANGUAGE sql STABLE
+    AS $$
+    SELECT CASE WHEN batchdb.auto_goes_online(j.provider, j.key_alias, j.model, j.deadline) THEN 'online' ELSE 'batch' END,
+           t.batch_cutoff, t.cancel_at, now() >= t.batch_cutoff, now() >= t.cancel_at
+      FROM batchdb.jobs j
+     CROSS JOIN LATERAL batchdb.auto_times(j.provider, j.key_alias, j.model, j.deadline) t
+     WHERE j.id = p_job_id AND j.mode = 'auto'
+$$;
+
+-- function auto_times(text, text, text, timestamp with time zone)
+
+CREATE FUNCTION batchdb.auto_times(p_provider text, p_key_alias text, p_model text, p_deadline timestamp with time zone) RETURNS TABLE(batch_cutoff timestamp with time zone, cancel_at timestamp with time zone)
+    LANGUAGE sql STABLE
+    AS $$
+    SELECT p_deadline - make_interval(secs => w.window_s + w.margin_s), p_deadline - make_interval(secs => w.margin_s)
+      FROM batchdb.batch_window(p_provider, p_key_alias, p_model) w
+$$;
+
+-- function batch_queue_full(text, text, text)
+
+CREATE FUNCTION batchdb.batch_queue_full(p_provider text, p_key_alias text, p_model text) RETURNS boolean
+    LANGUAGE sql STABLE
+    AS $$
+    SELECT coalesce(l.batch_queue_tokens - sum(b.enqueued_tokens)
+                    < sum(b.enqueued_tokens)::double precision / nullif(sum(b.n_requests), 0), false)
+      FROM batchdb.rate_limits l
+      JOIN batchdb.provider_batches b ON b.provider = l.provider AND b.key_alias = l.key_alias AND b.model = l.model
+       AND (b.state IN ('submitted', 'in_progress') OR (b.state = 'file_uploaded' AND b.create_started_at IS NOT NULL))
+     WHERE l.provider = p_provider AND l.key_alias = p_key_alias AND l.model = p_model
+       AND l.batch_queue_tokens IS NOT NULL
+     GROUP BY l.batch_queue_tokens
+$$;
+
+-- function batch_window(text, text, text)
+
+CREATE FUNCTION batchdb.batch_window(p_provider text, p_key_alias text, p_model text) RETURNS TABLE(window_s double precision, margin_s double precision)
+    LANGUAGE sql STABLE
+    AS $$
+    SELECT w.s, coalesce(l.batch_margin_seconds, w.s / 24)
+      FROM (SELECT 1) one
+      LEFT JOIN batchdb.rate_limits l ON l.provider = p_provider AND l.key_alias = p_key_alias AND l.model = p_model
+     CROSS JOIN LATERAL (SELECT coalesce(l.batch_window_seconds,
+                                         CASE WHEN p_provider = 'gemini' THEN 172800.0 ELSE 86400.0 END) AS s) w
+$$;
+
 -- function call_cost_usd(numeric, numeric, bigint, bigint)
 
 CREATE FUNCTION batchdb.call_cost_usd(p_input_per_mtok numeric, p_output_per_mtok numeric, p_prompt_tokens bigint, p_completion_tokens bigint) RETURNS numeric
@@ -319,9 +393,9 @@ DECLARE
     n integer;
 BEGIN
     FOR j IN
-        SELECT jb.id, jb.provider, jb.key_alias, jb.model
+        SELECT jb.id, jb.provider, jb.key_alias, jb.model, jb.mode, jb.deadline
           FROM batchdb.jobs jb
-         WHERE jb.status = 'running' AND jb.mode = 'batch' AND jb.n_done < jb.n_total
+         WHERE jb.status = 'running' AND jb.mode IN ('batch', 'auto') AND jb.n_done < jb.n_total
            AND jb.provider = p_provider AND (p_key_aliases IS NULL OR jb.key_alias = ANY (p_key_aliases))
            AND EXISTS (SELECT 1 FROM batchdb.requests q
                         WHERE q.job_id = jb.id AND q.status = 'queued' AND q.run_after <= now())
@@ -329,6 +403,11 @@ BEGIN
                             WHERE b.job_id = jb.id AND b.state IN ('planned', 'file_uploaded'))
          ORDER BY jb.priority DESC, jb.id
     LOOP
+        IF j.mode = 'auto' THEN
+            CONTINUE WHEN (SELECT now() >= t.batch_cutoff
+                             FROM batchdb.auto_times(j.provider, j.key_alias, j.model, j.deadline) t);
+            CONTINUE WHEN coalesce(batchdb.batch_queue_full(j.provider, j.key_alias, j.model), false);
+        END IF;
         CONTINUE WHEN NOT pg_try_advisory_xact_lock(hashtextextended('batchdb.provider_batch.' || j.id, 0));
         -- Seen again under the lock: another worker may have formed one since the scan.
         CONTINUE WHEN EXISTS (SELECT 1 FROM batchdb.provider_batches b
@@ -579,17 +658,27 @@ BEGIN
         RAISE EXCEPTION 'batchdb.jobs.params: expected a JSON object, got %', coalesce(jsonb_typeof(NEW.params), 'NULL')
             USING ERRCODE = 'check_violation';
     END IF;
-    IF NEW.mode IS NULL OR NEW.mode NOT IN ('online', 'batch') THEN
-        RAISE EXCEPTION 'batchdb.jobs.mode: expected online or batch, got %', coalesce(quote_literal(NEW.mode), 'NULL')
+    IF NEW.mode IS NULL OR NEW.mode NOT IN ('online', 'batch', 'auto') THEN
+        RAISE EXCEPTION 'batchdb.jobs.mode: expected online, batch or auto, got %', coalesce(quote_literal(NEW.mode), 'NULL')
             USING ERRCODE = 'check_violation';
     END IF;
-    IF NEW.mode = 'batch' AND NEW.provider NOT IN ('openai', 'azure', 'gemini') THEN
-        RAISE EXCEPTION 'batchdb.jobs.mode: batch mode goes through the Batch APIs of openai, azure and gemini; provider % has none', quote_literal(NEW.provider)
+    IF NEW.mode IN ('batch', 'auto') AND NEW.provider NOT IN ('openai', 'azure', 'gemini') THEN
+        RAISE EXCEPTION 'batchdb.jobs.mode: % mode goes through the Batch APIs of openai, azure and gemini; provider % has none', NEW.mode, quote_literal(NEW.provider)
             USING ERRCODE = 'check_violation';
     END IF;
-    IF NEW.mode = 'batch' AND NEW.budget_usd IS NOT NULL THEN
+    IF NEW.mode IN ('batch', 'auto') AND NEW.budget_usd IS NOT NULL THEN
         -- A batch is paid when it ends, a chunk at once: the per-call reservations budgets rely on do not apply.
-        RAISE EXCEPTION 'batchdb.jobs.budget_usd: not supported with mode batch yet'
+        RAISE EXCEPTION 'batchdb.jobs.budget_usd: not supported with mode % yet', NEW.mode
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF NEW.mode = 'auto' AND NEW.deadline IS NULL THEN
+        RAISE EXCEPTION 'batchdb.jobs.deadline: mode auto needs a deadline (a timestamptz in the future), got NULL'
+            USING ERRCODE = 'check_violation';
+    END IF;
+    -- In the future when given: an old job's deadline may pass without its other columns becoming invalid.
+    IF NEW.mode = 'auto' AND NEW.deadline <= now()
+       AND (TG_OP = 'INSERT' OR NEW.deadline IS DISTINCT FROM OLD.deadline OR OLD.mode IS DISTINCT FROM 'auto') THEN
+        RAISE EXCEPTION 'batchdb.jobs.deadline: expected a time in the future, got % (now is %)', NEW.deadline, now()
             USING ERRCODE = 'check_violation';
     END IF;
     RETURN NEW;
@@ -1596,7 +1685,11 @@ CREATE TABLE batchdb.rate_limits (
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
     slowed_at timestamp with time zone,
     batch_queue_tokens bigint,
+    batch_window_seconds double precision,
+    batch_margin_seconds double precision,
+    CONSTRAINT rate_limits_batch_margin_nonnegative CHECK (((batch_margin_seconds IS NULL) OR (batch_margin_seconds >= (0)::double precision))),
     CONSTRAINT rate_limits_batch_queue_positive CHECK (((batch_queue_tokens IS NULL) OR (batch_queue_tokens > 0))),
+    CONSTRAINT rate_limits_batch_window_positive CHECK (((batch_window_seconds IS NULL) OR (batch_window_seconds > (0)::double precision))),
     CONSTRAINT rate_limits_burst CHECK (((burst_seconds > (0)::double precision) AND (burst_seconds <= (60)::double precision))),
     CONSTRAINT rate_limits_positive CHECK ((((rpm IS NULL) OR (rpm > 0)) AND ((tpm IS NULL) OR (tpm > 0)) AND ((rpd IS NULL) OR (rpd > 0)))),
     CONSTRAINT rate_limits_source CHECK ((source = ANY (ARRAY['configured'::text, 'headers'::text]))),
@@ -1606,6 +1699,14 @@ CREATE TABLE batchdb.rate_limits (
 -- comment COLUMN rate_limits.batch_queue_tokens
 
 COMMENT ON COLUMN batchdb.rate_limits.batch_queue_tokens IS 'Prompt tokens the lane may have enqueued in open batches at once (the provider''s batch queue limit); NULL: no limit known.';
+
+-- comment COLUMN rate_limits.batch_window_seconds
+
+COMMENT ON COLUMN batchdb.rate_limits.batch_window_seconds IS 'The longest a batch of this lane may take (its completion window); NULL: the provider''s (24 h; Gemini 48 h). Auto-mode jobs plan with it (0022).';
+
+-- comment COLUMN rate_limits.batch_margin_seconds
+
+COMMENT ON COLUMN batchdb.rate_limits.batch_margin_seconds IS 'Time an auto-mode job keeps before its deadline for collecting batches and answering online what they did not; NULL: window / 24 (0022).';
 
 -- view batch_queues
 
@@ -1690,9 +1791,10 @@ CREATE TABLE batchdb.jobs (
     wasted_usd numeric DEFAULT 0 NOT NULL,
     n_duplicates bigint DEFAULT 0 NOT NULL,
     mode text DEFAULT 'online'::text NOT NULL,
+    deadline timestamp with time zone,
     CONSTRAINT jobs_budget_positive CHECK (((budget_usd IS NULL) OR (budget_usd > (0)::numeric))),
     CONSTRAINT jobs_max_attempts_positive CHECK ((max_attempts >= 1)),
-    CONSTRAINT jobs_mode_valid CHECK ((mode = ANY (ARRAY['online'::text, 'batch'::text]))),
+    CONSTRAINT jobs_mode_valid CHECK ((mode = ANY (ARRAY['online'::text, 'batch'::text, 'auto'::text]))),
     CONSTRAINT jobs_model_not_blank CHECK ((btrim(model) <> ''::text)),
     CONSTRAINT jobs_params_object CHECK ((jsonb_typeof(params) = 'object'::text)),
     CONSTRAINT jobs_priority_positive CHECK ((priority >= 1)),
@@ -1701,7 +1803,11 @@ CREATE TABLE batchdb.jobs (
 
 -- comment COLUMN jobs.mode
 
-COMMENT ON COLUMN batchdb.jobs.mode IS 'online: one call per row, paced by the rate-limit ledger; batch: rows go in chunks through the provider''s Batch API (batchdb.provider_batches).';
+COMMENT ON COLUMN batchdb.jobs.mode IS 'online: one call per row, paced by the rate-limit ledger; batch: rows go in chunks through the provider''s Batch API (batchdb.provider_batches); auto: batch while a batch can end before the deadline, online for the rest (0022).';
+
+-- comment COLUMN jobs.deadline
+
+COMMENT ON COLUMN batchdb.jobs.deadline IS 'mode auto: when every row must be answered; rows go through the Batch API while a batch can still end before it, online otherwise (0022).';
 
 -- sequence requests_id_seq
 
@@ -1807,7 +1913,8 @@ CREATE VIEW batchdb.job_progress WITH (security_invoker='true') AS
     j.wasted_calls,
     j.wasted_usd,
     j.n_duplicates,
-    j.mode
+    j.mode,
+    j.deadline
    FROM (batchdb.jobs j
      LEFT JOIN LATERAL ( SELECT count(*) AS n_running
            FROM batchdb.requests q
@@ -2457,7 +2564,7 @@ CREATE TRIGGER jobs_notify_waiting AFTER UPDATE OF status_reason ON batchdb.jobs
 
 -- trigger jobs jobs_validate
 
-CREATE TRIGGER jobs_validate BEFORE INSERT OR UPDATE OF model, provider, priority, budget_usd, params, mode ON batchdb.jobs FOR EACH ROW EXECUTE FUNCTION batchdb.jobs_validate();
+CREATE TRIGGER jobs_validate BEFORE INSERT OR UPDATE OF model, provider, priority, budget_usd, params, mode, deadline ON batchdb.jobs FOR EACH ROW EXECUTE FUNCTION batchdb.jobs_validate();
 
 -- trigger jobs jobs_validate_model
 
@@ -2711,6 +2818,36 @@ GRANT SELECT ON TABLE batchdb.users TO batchdb_worker;
 REVOKE ALL ON FUNCTION batchdb.add_user(p_name text, p_kind text, p_weight double precision, p_budget_usd_day numeric, p_budget_usd_month numeric, p_email text, p_password text) FROM PUBLIC;
 GRANT ALL ON FUNCTION batchdb.add_user(p_name text, p_kind text, p_weight double precision, p_budget_usd_day numeric, p_budget_usd_month numeric, p_email text, p_password text) TO batchdb_admin;
 
+-- acl FUNCTION auto_goes_online(p_provider text, p_key_alias text, p_model text, p_deadline timestamp with time zone)
+
+GRANT ALL ON FUNCTION batchdb.auto_goes_online(p_provider text, p_key_alias text, p_model text, p_deadline timestamp with time zone) TO batchdb_user;
+GRANT ALL ON FUNCTION batchdb.auto_goes_online(p_provider text, p_key_alias text, p_model text, p_deadline timestamp with time zone) TO batchdb_worker;
+GRANT ALL ON FUNCTION batchdb.auto_goes_online(p_provider text, p_key_alias text, p_model text, p_deadline timestamp with time zone) TO batchdb_admin;
+
+-- acl FUNCTION auto_lane(p_job_id bigint)
+
+GRANT ALL ON FUNCTION batchdb.auto_lane(p_job_id bigint) TO batchdb_user;
+GRANT ALL ON FUNCTION batchdb.auto_lane(p_job_id bigint) TO batchdb_worker;
+GRANT ALL ON FUNCTION batchdb.auto_lane(p_job_id bigint) TO batchdb_admin;
+
+-- acl FUNCTION auto_times(p_provider text, p_key_alias text, p_model text, p_deadline timestamp with time zone)
+
+GRANT ALL ON FUNCTION batchdb.auto_times(p_provider text, p_key_alias text, p_model text, p_deadline timestamp with time zone) TO batchdb_user;
+GRANT ALL ON FUNCTION batchdb.auto_times(p_provider text, p_key_alias text, p_model text, p_deadline timestamp with time zone) TO batchdb_worker;
+GRANT ALL ON FUNCTION batchdb.auto_times(p_provider text, p_key_alias text, p_model text, p_deadline timestamp with time zone) TO batchdb_admin;
+
+-- acl FUNCTION batch_queue_full(p_provider text, p_key_alias text, p_model text)
+
+GRANT ALL ON FUNCTION batchdb.batch_queue_full(p_provider text, p_key_alias text, p_model text) TO batchdb_user;
+GRANT ALL ON FUNCTION batchdb.batch_queue_full(p_provider text, p_key_alias text, p_model text) TO batchdb_worker;
+GRANT ALL ON FUNCTION batchdb.batch_queue_full(p_provider text, p_key_alias text, p_model text) TO batchdb_admin;
+
+-- acl FUNCTION batch_window(p_provider text, p_key_alias text, p_model text)
+
+GRANT ALL ON FUNCTION batchdb.batch_window(p_provider text, p_key_alias text, p_model text) TO batchdb_user;
+GRANT ALL ON FUNCTION batchdb.batch_window(p_provider text, p_key_alias text, p_model text) TO batchdb_worker;
+GRANT ALL ON FUNCTION batchdb.batch_window(p_provider text, p_key_alias text, p_model text) TO batchdb_admin;
+
 -- acl FUNCTION circuit_close(p_provider text, p_key_alias text, p_model text)
 
 GRANT ALL ON FUNCTION batchdb.circuit_close(p_provider text, p_key_alias text, p_model text) TO batchdb_worker;
@@ -2839,7 +2976,7 @@ GRANT SELECT,UPDATE ON TABLE batchdb.jobs TO batchdb_worker;
 
 -- column privileges
 
-GRANT INSERT (name, owner, provider, model, params, priority, status, max_attempts, budget_usd, idempotency_key, key_alias, allow_unknown_model, mode) ON TABLE batchdb.jobs TO batchdb_user;
+GRANT INSERT (name, owner, provider, model, params, priority, status, max_attempts, budget_usd, idempotency_key, key_alias, allow_unknown_model, mode, deadline) ON TABLE batchdb.jobs TO batchdb_user;
 GRANT UPDATE (name, priority, status, status_reason, budget_usd, finished_at, paused_until, input_sha256) ON TABLE batchdb.jobs TO batchdb_user;
 GRANT INSERT (job_id, custom_id, payload, input, max_attempts, request_key) ON TABLE batchdb.requests TO batchdb_user;
 GRANT UPDATE (status, attempts, run_after, lease_owner, lease_expires_at, error_class, error, finished_at) ON TABLE batchdb.requests TO batchdb_user;

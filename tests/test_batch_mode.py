@@ -159,7 +159,7 @@ def test_online_claims_never_take_a_batch_jobs_rows(dsn: str, conn: psycopg.Conn
     [
         ({"provider": "instant", "model": "any"}, "provider 'instant' has none in batchdb yet"),
         ({"budget_usd": 5.0}, "budget_usd: not supported with mode='batch'"),
-        ({"mode": "later"}, "mode: expected one of online, batch, got 'later'"),
+        ({"mode": "later"}, "mode: expected one of online, batch, auto, got 'later'"),
     ],
 )
 def test_batch_mode_is_refused_where_it_cannot_run(dsn: str, options: dict[str, Any], message: str) -> None:

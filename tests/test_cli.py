@@ -169,7 +169,7 @@ def test_limits_set_changes_only_the_limits_given(conn: psycopg.Connection) -> N
     assert stored() == (600, 90_000, None)
     nothing = CliRunner().invoke(cli, ["limits", "set", "openai", "gpt-4o-mini"])
     assert nothing.exit_code == 2
-    assert "Error: nothing to set: give --rpm, --tpm, --rpd and/or --batch-queue-tokens" in nothing.output
+    assert "Error: nothing to set: give --rpm, --tpm, --rpd, --batch-queue-tokens, --batch-window" in nothing.output
     zero = CliRunner().invoke(cli, ["limits", "set", "openai", "gpt-4o-mini", "--rpm", "0"])
     assert zero.exit_code == 2
     assert zero.output.strip().splitlines()[-1] == "Error: Invalid value for '--rpm': 0 is not in the range x>=1."
@@ -187,6 +187,30 @@ def test_limits_set_changes_only_the_limits_given(conn: psycopg.Connection) -> N
     assert "batch queue: 0 tokens enqueued (2,000,000)" in invoke("limits", "show")
     assert (
         invoke("limits", "set", "openai", "gpt-4o-mini", "--clear", "batch_queue_tokens").strip()
+        == "openai/default/gpt-4o-mini: rpm=600 tpm=- rpd=-"
+    )
+    # How long a batch may take, and the margin auto-mode jobs keep before their deadline (0022).
+    assert (
+        invoke("limits", "set", "openai", "gpt-4o-mini", "--batch-window", "30s", "--batch-margin", "0.5m").strip()
+        == "openai/default/gpt-4o-mini: rpm=600 tpm=- rpd=- batch_window=30s batch_margin=30s"
+    )
+    assert (
+        invoke("limits", "set", "openai", "gpt-4o-mini", "--batch-window", "24h").strip()
+        == "openai/default/gpt-4o-mini: rpm=600 tpm=- rpd=- batch_window=86400s batch_margin=30s"
+    )
+    bad = CliRunner().invoke(cli, ["limits", "set", "openai", "gpt-4o-mini", "--batch-window", "a day"])
+    assert bad.exit_code == 2 and "expected a span such as 30s, 90m, 24h or 2d" in bad.output
+    assert (
+        invoke(
+            "limits",
+            "set",
+            "openai",
+            "gpt-4o-mini",
+            "--clear",
+            "batch_window_seconds",
+            "--clear",
+            "batch_margin_seconds",
+        ).strip()
         == "openai/default/gpt-4o-mini: rpm=600 tpm=- rpd=-"
     )
 

@@ -35,6 +35,13 @@ failing to reach end dead after max_attempts windows rather than circling foreve
 failed validation fails its rows with the provider's reason, except a refusal for the enqueued-token
 limit, which puts the chunk back to wait for room. A cancelled job's open batches are cancelled at
 the provider, and the answers that still come back for its rows are counted as paid waste.
+
+Auto-mode jobs (0022) are chunked like batch-mode ones while a batch can make their deadline: no
+chunk is formed, uploaded or created past the job's cutoff (deadline - window - margin), nor while
+the lane's batch queue is full (a chunk is cut to the room left; a chunk refused room hands its
+rows back, so they wait in the queue, where the online path may take them). An open batch still
+running at deadline - margin is cancelled, and its lines that never ran (cancelled or expired) go
+back to the queue unspent and due at once: the online path answers them before the deadline.
 """
 
 from __future__ import annotations
@@ -212,6 +219,15 @@ class _Job:
     status: str
     limits: ModelLimits
     validator: ResponseValidator | None
+    mode: str = "batch"
+
+
+@dataclass(frozen=True)
+class _Clock:
+    """An auto job against its deadline, in database time (0022)."""
+
+    past_cutoff: bool  # no batch may be created for it any more
+    past_cancel: bool  # its open batches are cancelled
 
 
 @dataclass
@@ -404,12 +420,21 @@ class BatchDriver:
         if job is None or job.status != "running":
             await self._abandon(chunk, job)
             return None
+        if await self._too_late(chunk, job):
+            return None
         rows = [row for row in await self._rows(chunk, content=True) if row.status == "running"]
-        rendered = self._render(api, job, chunk, [row.claimed for row in rows], await self._queue_limit(chunk))
+        limit, used = await self._queue_limit(chunk)
+        if job.mode == "auto" and limit is not None:
+            limit = max(limit - used, 0)  # the room left: rows do not wait in an auto job's chunk
+        rendered = self._render(api, job, chunk, [row.claimed for row in rows], limit)
         if rendered.failed or rendered.spilled:
             await self._db.run(lambda c: self._set_aside(c, chunk, rendered), what="set rows aside")
         if not rendered.sent:
             await self._collected(chunk, "no row left to send")
+            return None
+        if job.mode == "auto" and limit is not None and used > 0 and rendered.tokens > limit:
+            # Even its first row is more than the room left: no file is uploaded for a create that would wait.
+            await self._abandon(chunk, job, reason="no room in the lane's batch queue; rows back to the queue")
             return None
         file_id = None
         if chunk.upload_started_at is not None:
@@ -438,6 +463,9 @@ class BatchDriver:
         if job is None or job.status != "running":
             await self._abandon(chunk, job)
             return None
+        # Once a create may have been sent (its intent recorded), the batch is looked up, never dropped.
+        if chunk.create_started_at is None and await self._too_late(chunk, job):
+            return None
         row = await self._db.run(
             lambda c: self._one(c, "provider_batch_reserve", {"id": chunk.id, "lease_token": chunk.lease_token}),
             what="reserve batch queue",
@@ -446,6 +474,10 @@ class BatchDriver:
         if result == "lost":
             raise LeaseLost
         if result == "wait":
+            if job.mode == "auto":
+                # Its rows wait in the queue instead, where the online path may take them (0022).
+                await self._abandon(chunk, job, reason="no room in the lane's batch queue; rows back to the queue")
+                return None
             await self._release(chunk, self.config.queue_wait, error="waiting for room in the lane's batch queue")
             return None
         remote = None
@@ -490,6 +522,15 @@ class BatchDriver:
             if job is None or job.status == "cancelled":
                 log.info("batch chunk %s: job %s cancelled, cancelling batch %s", chunk.id, chunk.job_id, remote.id)
                 remote = await api.cancel(remote.id) or await api.retrieve(remote.id)
+            elif job.mode == "auto" and (clock := await self._clock(chunk.job_id)) and clock.past_cancel:
+                log.info(
+                    "batch chunk %s: batch %s still open at job %s's deadline minus its margin: cancelled, "
+                    "its unanswered rows go online",
+                    chunk.id,
+                    remote.id,
+                    chunk.job_id,
+                )
+                remote = await api.cancel(remote.id) or await api.retrieve(remote.id)
         if remote.queue_full:
             log.info("batch chunk %s: %s; waiting for room", chunk.id, remote.error_text())
             chunk = await self._step(chunk, "provider_batch_requeue", error=remote.error_text())
@@ -519,6 +560,8 @@ class BatchDriver:
         rows = await self._rows(chunk)
         outcomes: list[Outcome] = []
         back: list[ClaimedRequest] = []
+        # An auto job's lines that never ran go back unspent and due now: the online path answers them.
+        auto = job is not None and job.mode == "auto"
         if chunk.state == "failed":
             reason = f"{api.provider} batch {chunk.batch_id} failed validation: {chunk.last_error or 'no reason given'}"
             for row in rows:
@@ -547,7 +590,11 @@ class BatchDriver:
             never_ran = ProviderError(ErrorKind.TRANSIENT, f"{api.provider} batch {chunk.batch_id} {chunk.state}")
             for row in rows:
                 line = lines.get(str(row.id))
-                if line is None and chunk.state in ("expired", "cancelled"):
+                never = (line is None or line.never_ran) and chunk.state in ("expired", "cancelled")
+                if never and auto:
+                    if row.status == "running":
+                        back.append(row.claimed)
+                elif line is None and chunk.state in ("expired", "cancelled"):
                     outcomes.append(failure(row.claimed, never_ran, None, self.config.retry))
                 elif line is None:
                     # In no file of a completed batch (the provider lost it): back, unspent.
@@ -714,7 +761,26 @@ class BatchDriver:
             status=row["status"],
             limits=ModelLimits.from_row(row["model"], row),
             validator=ResponseValidator.for_params(params),
+            mode=row["mode"],
         )
+
+    async def _clock(self, job_id: int) -> _Clock | None:
+        """An auto job's cutoff and cancel moments as of now (None: not an auto job, or gone)."""
+        row = await self._db.run(lambda c: self._one(c, "auto_job_clock", {"job_id": job_id}), what="auto job clock")
+        return None if row is None else _Clock(past_cutoff=row["past_cutoff"], past_cancel=row["past_cancel"])
+
+    async def _too_late(self, chunk: Chunk, job: _Job) -> bool:
+        """Before its batch exists, an auto job's chunk past the cutoff hands its rows back: a batch
+        created now might end after the deadline, so the online path takes them (0022)."""
+        if job.mode != "auto":
+            return False
+        clock = await self._clock(chunk.job_id)
+        if clock is None or not clock.past_cutoff:
+            return False
+        await self._abandon(
+            chunk, job, reason="past the job's batch cutoff (deadline - window - margin); rows go online"
+        )
+        return True
 
     async def _rows(self, chunk: Chunk, *, content: bool = False) -> list[_Row]:
         """The chunk's rows; with `content`, their payload and input too (only rendering needs them)."""
@@ -726,16 +792,19 @@ class BatchDriver:
 
         return [_Row.of(row) for row in await self._db.run(fetch, what="chunk rows")]
 
-    async def _queue_limit(self, chunk: Chunk) -> int | None:
+    async def _queue_limit(self, chunk: Chunk) -> tuple[int | None, int]:
+        """The lane's batch queue limit (None: none known) and the tokens other chunks hold in it."""
         row = await self._db.run(
             lambda c: self._one(
                 c,
                 "provider_batch_queue_limit",
-                {"provider": chunk.provider, "key_alias": chunk.key_alias, "model": chunk.model},
+                {"provider": chunk.provider, "key_alias": chunk.key_alias, "model": chunk.model, "id": chunk.id},
             ),
             what="batch queue limit",
         )
-        return None if row is None or row["batch_queue_tokens"] is None else int(row["batch_queue_tokens"])
+        if row is None or row["batch_queue_tokens"] is None:
+            return None, 0
+        return int(row["batch_queue_tokens"]), int(row["used_tokens"])
 
     def _render(
         self, api: BatchAPI, job: _Job, chunk: Chunk, rows: Sequence[ClaimedRequest], queue_limit: int | None

@@ -36,6 +36,9 @@ def header(job: dict[str, Any]) -> None:
     st.title(ui.job_label(job["job_id"], job["name"]))
     reason = f" — {job['status_reason']}" if isinstance(job["status_reason"], str) else ""
     mode = " · **batch mode** (the provider's Batch API)" if job.get("mode") == "batch" else ""
+    if job.get("mode") == "auto":
+        deadline = pd.Timestamp(job["deadline"]).strftime("%Y-%m-%d %H:%M:%S %Z") if pd.notna(job["deadline"]) else "?"
+        mode = f" · **auto mode**, deadline **{deadline}** (batch while a batch can end before it, online for the rest)"
     st.markdown(
         f"**{job['status']}**{reason} · owner **{job['owner']}** · "
         f"{job['provider']}/{job['key_alias']} · model **{job['model']}** · priority {job['priority']}{mode}"
@@ -113,6 +116,20 @@ def body(detail: dict[str, Any]) -> None:
                 "last_seen": st.column_config.DatetimeColumn("last finished (UTC)"),
             },
         )
+
+    lanes = detail.get("lanes")
+    if lanes is not None:
+        st.subheader("Batch and online")
+        cols = st.columns(3)
+        cols[0].metric("Answered by batch", ui.fmt_int(lanes["n_by_batch"]), help="at the batch price")
+        cols[1].metric("Answered online", ui.fmt_int(lanes["n_by_online"]), help="a call each, at the online price")
+        if lanes.get("lane") and job["status"] == "running":
+            cols[2].metric("Rows go now", str(lanes["lane"]))
+            st.caption(
+                f"No batch is created after {pd.Timestamp(lanes['batch_cutoff']):%Y-%m-%d %H:%M:%S %Z} (deadline "
+                "minus the lane's batch window and margin); open batches are cancelled at "
+                f"{pd.Timestamp(lanes['cancel_at']):%Y-%m-%d %H:%M:%S %Z} and their unanswered rows go online."
+            )
 
     batches = detail.get("batches")
     if batches is not None:

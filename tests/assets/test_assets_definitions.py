@@ -1,5 +1,6 @@
 """The Dagster definitions load, and the pieces that need no database: keys, paths, instance config."""
 
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,7 @@ def test_idempotency_key_names_asset_and_partition_and_follows_what_changes_the_
             "base": batchdb.idempotency_key(context, frame, **base),
             "again": batchdb.idempotency_key(context, frame.copy(), **base),
             "budget": batchdb.idempotency_key(context, frame, **base, budget_usd=5.0, priority=3, max_attempts=2),
+            "deadline": batchdb.idempotency_key(context, frame, **base, deadline=datetime.now(UTC)),
             "prompt": batchdb.idempotency_key(context, frame, **{**base, "prompt": "Mood: {headline}"}),
             "model": batchdb.idempotency_key(context, frame, **{**base, "model": "gpt-4o"}),
             "params": batchdb.idempotency_key(context, frame, **{**base, "max_tokens": 21}),
@@ -78,7 +80,7 @@ def test_idempotency_key_names_asset_and_partition_and_follows_what_changes_the_
 
     found = _run(keys, daily, "2024-01-05")
     assert found["base"].startswith("dagster:news/probe:2024-01-05:")
-    assert found["base"] == found["again"] == found["budget"]
+    assert found["base"] == found["again"] == found["budget"] == found["deadline"]
     others = [found[k] for k in ("prompt", "model", "params", "data")]
     assert len({found["base"], *others}) == 5
 
@@ -158,3 +160,21 @@ def test_data_fingerprint_covers_arrow_tables_and_files(tmp_path: Path) -> None:
     first = _data_fingerprint(path)
     path.write_text("a,b\n1,x\n")
     assert first != _data_fingerprint(path)
+
+
+def test_an_auto_mode_asset_takes_a_deadline_that_is_not_part_of_its_code_version() -> None:
+    def build(deadline: timedelta) -> dg.AssetsDefinition:
+        return llm_batch_asset(
+            name="mood",
+            source=headlines,
+            prompt="Mood: {headline}",
+            model="gpt-4o-mini",
+            mode="auto",
+            deadline=deadline,
+        )
+
+    six, twelve = build(timedelta(hours=6)), build(timedelta(hours=12))
+    key = dg.AssetKey("mood")
+    assert six.code_versions_by_key[key] == twelve.code_versions_by_key[key]
+    online = llm_batch_asset(name="mood", source=headlines, prompt="Mood: {headline}", model="gpt-4o-mini")
+    assert online.code_versions_by_key[key] != six.code_versions_by_key[key]  # the mode is part of it

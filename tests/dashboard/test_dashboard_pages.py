@@ -285,3 +285,28 @@ def test_a_batch_mode_job_shows_its_mode_and_its_batches(dsn: str) -> None:
     assert "Saved by batch mode: $0.0000 (50% off the $0.0000 the same calls cost online)." in body
     batches = next(d.value for d in at.dataframe if "batch_id" in d.value.columns)
     assert list(batches["batch_id"]) == ["batch_abc"] and list(batches["provider_status"]) == ["finalizing"]
+
+
+def test_an_auto_mode_job_shows_its_deadline_and_its_rows_by_batch_and_online(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        job_id = conn.execute(
+            "INSERT INTO batchdb.jobs (name, model, mode, deadline, status, params) VALUES ('by nine', 'gpt-4o-mini', "
+            "'auto', '2099-12-08 09:00+00', 'running', '{\"prompt\": \"{h}\"}') RETURNING id"
+        ).fetchone()[0]
+        for custom_id in ("r1", "r2", "r3", "r4"):
+            conn.execute(
+                "INSERT INTO batchdb.requests (job_id, custom_id, input) VALUES (%s, %s, '{\"h\": 1}')",
+                (job_id, custom_id),
+            )
+        # r1 answered by a batch (its chunk's id in batch_id), r2 and r3 online, r4 still queued.
+        conn.execute(
+            "UPDATE batchdb.requests SET status = 'succeeded', batch_id = CASE custom_id WHEN 'r1' THEN 7 END "
+            "WHERE job_id = %s AND custom_id <> 'r4'",
+            (job_id,),
+        )
+    at = open_page(PAGES[2], job=str(job_id))
+    body = texts(at)
+    assert "**auto mode**, deadline **2099-12-08 09:00:00" in body
+    metrics = {m.label: m.value for m in at.metric}
+    assert (metrics["Answered by batch"], metrics["Answered online"], metrics["Rows go now"]) == ("1", "2", "batch")
+    assert "No batch is created after 2099-12-07 08:00:00" in body  # 24 h window + 1 h margin before
