@@ -32,6 +32,7 @@ scaled to the simulator's compressed batch window (seconds, not hours).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -39,7 +40,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from importlib import resources
@@ -55,6 +56,7 @@ from batchdb import submission
 from batchdb.simulator.config import Distribution, SimulatorConfig
 from batchdb.simulator.process import SimulatorProcess, start_simulator
 from batchdb.simulator.recorder import TokenPrices, bill_usd
+from batchdb.tokens import count_openai_messages
 from batchdb.workers.processes import start_workers
 from bench._common import (
     DEFAULT_ADMIN_DSN,
@@ -142,6 +144,7 @@ class Run:
     rows: int = 0
     duplicates: int = 0
     status: str = ""
+    note: str = ""
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -210,6 +213,67 @@ def row_rounding(dsn: str, job_id: int) -> Decimal:
         return Decimal(conn.execute(ROUNDING_SQL, (job_id,)).fetchone()[0])
 
 
+@dataclass(frozen=True)
+class AutoLane:
+    """How the auto run's lane is set (rate_limits, 0022), in the simulator's compressed seconds.
+
+    The lane's batch queue holds `queue_share` of the job's distinct prompt tokens, so the first
+    batch takes about that share of the rows; the rest find the queue full while no open batch is
+    sure to end (created + `window_s`) before the cutoff (deadline - window - margin), which sends
+    them online. The deadline is far enough for the online path to answer them in time.
+    """
+
+    deadline_s: float = 60.0
+    window_s: float = 30.0
+    margin_s: float = 5.0
+    queue_share: float = 0.5
+
+    def describe(self, queue_tokens: int) -> str:
+        return (
+            f"lane: batch window {self.window_s:g} s, margin {self.margin_s:g} s, batch queue {queue_tokens:,} tokens "
+            f"({self.queue_share:.0%} of the job's distinct prompt tokens)"
+        )
+
+
+def prompt_tokens_of_distinct_rows(frame: pd.DataFrame) -> int:
+    """What the distinct rows' prompts count, as batchdb and the simulator count them."""
+    return sum(
+        count_openai_messages([{"role": "user", "content": PROMPT.format(headline=text)}])[0]
+        for text in frame["headline"].unique()
+    )
+
+
+@contextlib.contextmanager
+def lane_for_auto(dsn: str, lane: AutoLane, queue_tokens: int) -> Iterator[None]:
+    """The lane's batch window, margin and queue limit set for the auto run; as they were after it."""
+    columns = ("batch_window_seconds", "batch_margin_seconds", "batch_queue_tokens")
+    key = ("openai", "default", MODEL)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        before = conn.execute(
+            f"SELECT {', '.join(columns)} FROM batchdb.rate_limits WHERE (provider, key_alias, model) = (%s, %s, %s)",
+            key,
+        ).fetchone()
+        conn.execute(
+            f"INSERT INTO batchdb.rate_limits (provider, key_alias, model, {', '.join(columns)}) "
+            "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (provider, key_alias, model) DO UPDATE SET "
+            + ", ".join(f"{c} = EXCLUDED.{c}" for c in columns),
+            (*key, lane.window_s, lane.margin_s, queue_tokens),
+        )
+    try:
+        yield
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            if before is None:
+                conn.execute("DELETE FROM batchdb.rate_limits WHERE (provider, key_alias, model) = (%s, %s, %s)", key)
+            else:
+                conn.execute(
+                    "UPDATE batchdb.rate_limits SET "
+                    + ", ".join(f"{c} = %s" for c in columns)
+                    + " WHERE (provider, key_alias, model) = (%s, %s, %s)",
+                    (*before, *key),
+                )
+
+
 def run_one(dsn: str, run: Run, frame: pd.DataFrame, sim: SimulatorProcess, *, timeout: float) -> Run:
     """Submit the rows as `run` says on a freshly reset simulator; fill in the figures."""
     sim.reset()  # fresh counters, no files or batches, the same seed: every run starts alike
@@ -246,15 +310,20 @@ def run_one(dsn: str, run: Run, frame: pd.DataFrame, sim: SimulatorProcess, *, t
     return run
 
 
-def runs_for(deadline_s: float) -> list[Run]:
-    auto = "auto" in submission.JOB_MODES
+def auto_available() -> bool:
+    """Whether this build's submit() takes mode="auto" (with a deadline)."""
+    return "auto" in submission.JOB_MODES
+
+
+def runs_for(lane: AutoLane) -> list[Run]:
+    auto = auto_available()
     return [
         Run("online", {"mode": "online", "dedupe": False}),
         Run("batch", {"mode": "batch", "dedupe": False}),
         Run("batch + dedupe", {"mode": "batch", "dedupe": True}),
         Run(
             "auto",
-            {"mode": "auto", "dedupe": True, "deadline": dt.timedelta(seconds=deadline_s)} if auto else {},
+            {"mode": "auto", "dedupe": True, "deadline": dt.timedelta(seconds=lane.deadline_s)} if auto else {},
             available=auto,
         ),
     ]
@@ -325,6 +394,10 @@ def verdicts(runs: list[Run]) -> tuple[list[list[object]], list[str]]:
         else:
             checks.append("recorded = bill: MISS")
             missed.append(f"{run.label}: recorded {run.recorded} != bill {run.bill}")
+        deadline = run.options.get("deadline")
+        if isinstance(deadline, dt.timedelta) and not run.problems:
+            within = run.wall_s <= deadline.total_seconds()
+            checks.append(f"answered within the deadline: {'yes' if within else 'NO'} (no target)")
         if run.label in targets:
             target = targets[run.label]
             if share is not None and share <= target:
@@ -360,7 +433,7 @@ def run_benchmark(
     workers: int = 2,
     concurrency: int = 64,
     batch_window_s: float = 60.0,
-    auto_deadline_s: float = 20.0,
+    auto: AutoLane = AutoLane(),
     timeout: float = 900.0,
     only: list[str] | None = None,
     on_run: Callable[[Run], None] = lambda _run: None,
@@ -381,13 +454,19 @@ def run_benchmark(
         ) as fleet,
     ):
         wait_for_workers(dsn, workers)
-        for run in runs_for(auto_deadline_s):
+        for run in runs_for(auto):
             if only and run.label not in only and run.label != "online":
                 continue
             if run.available:
                 progress(f"{run.label}: {rows:,} rows, {workers} workers x {concurrency}")
                 try:
-                    run_one(dsn, run, frame, sim, timeout=timeout)
+                    if run.label == "auto":
+                        queue_tokens = max(1, round(prompt_tokens_of_distinct_rows(frame) * auto.queue_share))
+                        run.note = auto.describe(queue_tokens)
+                        with lane_for_auto(dsn, auto, queue_tokens):
+                            run_one(dsn, run, frame, sim, timeout=timeout)
+                    else:
+                        run_one(dsn, run, frame, sim, timeout=timeout)
                 except Exception as exc:  # noqa: BLE001 - one broken run must not hide the others' figures
                     run.problems.append(f"raised {type(exc).__name__}: {exc}")
                     progress(f"{run.label} raised {exc!r}; worker logs:\n{fleet.log_text()[-4000:]}")
@@ -408,7 +487,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--batch-window", type=float, default=60.0, help="the simulator's compressed 24 h, seconds")
-    parser.add_argument("--auto-deadline", type=float, default=20.0, help="seconds after submit, for mode='auto'")
+    defaults = AutoLane()
+    parser.add_argument("--auto-deadline", type=float, default=defaults.deadline_s, help="auto: seconds after submit")
+    parser.add_argument("--auto-window", type=float, default=defaults.window_s, help="auto: the lane's batch window")
+    parser.add_argument("--auto-margin", type=float, default=defaults.margin_s, help="auto: the lane's margin")
+    parser.add_argument(
+        "--auto-queue-share",
+        type=float,
+        default=defaults.queue_share,
+        help="auto: the lane's batch queue, as a share of the job's distinct prompt tokens",
+    )
     parser.add_argument("--only", action="append", choices=["batch", "batch + dedupe", "auto"])
     parser.add_argument("--dsn", default=os.environ.get("BATCHDB_TEST_DSN", DEFAULT_ADMIN_DSN))
     parser.add_argument("--keep-db", action="store_true")
@@ -425,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             concurrency=args.concurrency,
             batch_window_s=args.batch_window,
-            auto_deadline_s=args.auto_deadline,
+            auto=AutoLane(args.auto_deadline, args.auto_window, args.auto_margin, args.auto_queue_share),
             only=args.only,
         )
     rows, missed = verdicts(runs)
@@ -438,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
             "simulator's bill: its own counters (accepted online calls, succeeded batch lines) priced from "
             "batchdb/price_list.json; recorded: the job's cost_usd + wasted_usd; % of online: of the bills. "
             "Wall time: submit() until the job is finished, workers already running.",
+            *(f"{run.label}: {run.note}" for run in runs if run.note),
             f"Environment: {environment}",
             f"Background before the run: {load}",
         ],
