@@ -3,14 +3,16 @@
     python -m bench.cost [--rows 20000] [--workers 2] [--concurrency 64] [--dsn ADMIN_DSN]
 
 The same rows (`--rows`, of which `--duplicates` (0.3) are exact copies of earlier rows; fixed
-seed) are submitted as separate jobs, each run by `--workers` worker processes against a simulator
-of its own (so each run's provider counters are its own):
+seed) are submitted as separate jobs, one after another, run by `--workers` worker processes
+against one simulator that is reset before each run (fresh counters, no batches, the same seed),
+so each run's provider counters are its own:
 
 - online (`dedupe=False`): one call per row;
 - batch (`mode="batch"`, `dedupe=False`): every row through the OpenAI Batch API;
 - batch + dedupe (`mode="batch"`, `dedupe=True`, the default): identical rows sent once;
 - auto (`mode="auto"`, `deadline=`, `dedupe=True`): when this build's `batchdb.submission.JOB_MODES`
-  has "auto"; otherwise the row says "not available in this build".
+  has "auto"; otherwise the row says "not available in this build". Its lane gets a batch window,
+  a margin and a batch queue of half the job's prompt tokens (`AutoLane`), so part goes online.
 
 Every run sends the same prompts to the same simulator config: the simulator draws a reply's
 length from (seed, model, prompt), so a row's output tokens are the same in every run, and the
@@ -99,8 +101,9 @@ def dataset(rows: int, duplicate_share: float = 0.3, *, seed: int = 12) -> pd.Da
     """`rows` headlines of which round(rows x duplicate_share) are exact copies of an earlier row.
 
     The distinct headlines are made unique (a numbered suffix where two coincide); each copy
-    repeats a distinct row picked uniformly, and the whole is shuffled with the copy always after
-    its original, so "duplicate" means what dedupe sees: a row whose request was already made.
+    repeats a distinct row picked uniformly, and the whole is shuffled. Of a group of equal rows,
+    dedupe sends the first and answers the others from it: exactly round(rows x duplicate_share)
+    rows are answered without a call of their own.
     """
     n_duplicates = round(rows * duplicate_share)
     n_distinct = rows - n_duplicates
@@ -220,18 +223,23 @@ class AutoLane:
     The lane's batch queue holds `queue_share` of the job's distinct prompt tokens, so the first
     batch takes about that share of the rows; the rest find the queue full while no open batch is
     sure to end (created + `window_s`) before the cutoff (deadline - window - margin), which sends
-    them online. The deadline is far enough for the online path to answer them in time.
+    them online until the first batch ends and frees the queue. The simulator's batches take
+    `batch_duration_s` in this run (real batches are slower than the online path; the other runs
+    keep 1-2 s), long enough for the online path to answer a good part. The deadline is far enough
+    for every row to be answered in time either way.
     """
 
     deadline_s: float = 60.0
     window_s: float = 30.0
     margin_s: float = 5.0
     queue_share: float = 0.5
+    batch_duration_s: float = 15.0
 
     def describe(self, queue_tokens: int) -> str:
         return (
             f"lane: batch window {self.window_s:g} s, margin {self.margin_s:g} s, batch queue {queue_tokens:,} tokens "
-            f"({self.queue_share:.0%} of the job's distinct prompt tokens)"
+            f"({self.queue_share:.0%} of the job's distinct prompt tokens); the simulator's batches take "
+            f"{self.batch_duration_s:g} s in this run"
         )
 
 
@@ -463,8 +471,12 @@ def run_benchmark(
                     if run.label == "auto":
                         queue_tokens = max(1, round(prompt_tokens_of_distinct_rows(frame) * auto.queue_share))
                         run.note = auto.describe(queue_tokens)
-                        with lane_for_auto(dsn, auto, queue_tokens):
-                            run_one(dsn, run, frame, sim, timeout=timeout)
+                        sim.set_config(batch_duration_s=Distribution(kind="fixed", value=auto.batch_duration_s))
+                        try:
+                            with lane_for_auto(dsn, auto, queue_tokens):
+                                run_one(dsn, run, frame, sim, timeout=timeout)
+                        finally:
+                            sim.set_config(batch_duration_s=simulator_config(batch_window_s).batch_duration_s)
                     else:
                         run_one(dsn, run, frame, sim, timeout=timeout)
                 except Exception as exc:  # noqa: BLE001 - one broken run must not hide the others' figures
@@ -497,6 +509,9 @@ def main(argv: list[str] | None = None) -> int:
         default=defaults.queue_share,
         help="auto: the lane's batch queue, as a share of the job's distinct prompt tokens",
     )
+    parser.add_argument(
+        "--auto-batch-seconds", type=float, default=defaults.batch_duration_s, help="auto: how long a batch runs"
+    )
     parser.add_argument("--only", action="append", choices=["batch", "batch + dedupe", "auto"])
     parser.add_argument("--dsn", default=os.environ.get("BATCHDB_TEST_DSN", DEFAULT_ADMIN_DSN))
     parser.add_argument("--keep-db", action="store_true")
@@ -513,7 +528,9 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             concurrency=args.concurrency,
             batch_window_s=args.batch_window,
-            auto=AutoLane(args.auto_deadline, args.auto_window, args.auto_margin, args.auto_queue_share),
+            auto=AutoLane(
+                args.auto_deadline, args.auto_window, args.auto_margin, args.auto_queue_share, args.auto_batch_seconds
+            ),
             only=args.only,
         )
     rows, missed = verdicts(runs)
