@@ -4,11 +4,19 @@ Seconds are the rate limiter's seconds (whole seconds since start, by arrival
 time), so a sliding sum over 60 consecutive entries of ``admitted`` or
 ``charged_tokens`` can be compared directly with the RPM/TPM limits.
 Recording is O(1) per request; the JSON is built only when asked for.
+
+`bill_usd` prices those counters the way a provider's invoice does, from its published
+per-token prices (`TokenPrices`, read from a LiteLLM-format price map such as
+batchdb/price_list.json). It uses nothing of batchdb's: no row, total or pricing rule, so a
+benchmark can hold batchdb's recorded cost against it (bench/cost.py).
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 
@@ -132,3 +140,82 @@ class Recorder:
         if include_series:
             result["series"] = series
         return result
+
+
+# -- the bill ---------------------------------------------------------------------------------------------
+
+
+def _per_token(entry: Mapping[str, Any], name: str) -> Decimal | None:
+    value = entry.get(name)
+    return None if value is None else Decimal(str(value))
+
+
+@dataclass(frozen=True, slots=True)
+class TokenPrices:
+    """One model's published prices, USD per token, as a provider's price page lists them."""
+
+    input: Decimal
+    output: Decimal
+    # Prompt tokens served from the prompt cache; None: billed as input.
+    cached_input: Decimal | None = None
+    # Batch API lines; None: billed at the online prices.
+    batch_input: Decimal | None = None
+    batch_output: Decimal | None = None
+
+    @classmethod
+    def from_price_map(cls, entry: Mapping[str, Any]) -> TokenPrices:
+        """From one model's entry of a LiteLLM-format price map (``input_cost_per_token``,
+        ``output_cost_per_token``, ``cache_read_input_token_cost``, ``input_cost_per_token_batches``,
+        ``output_cost_per_token_batches``).
+
+            >>> TokenPrices.from_price_map({"input_cost_per_token": 1.5e-07, "output_cost_per_token": 6e-07}).input
+            Decimal('1.5E-7')
+        """
+        return cls(
+            input=Decimal(str(entry["input_cost_per_token"])),
+            output=Decimal(str(entry["output_cost_per_token"])),
+            cached_input=_per_token(entry, "cache_read_input_token_cost"),
+            batch_input=_per_token(entry, "input_cost_per_token_batches"),
+            batch_output=_per_token(entry, "output_cost_per_token_batches"),
+        )
+
+
+def bill_usd(counters: Mapping[str, int], prices: TokenPrices) -> Decimal:
+    """What these counters (``totals`` or one ``by_key_model`` entry of `Recorder.stats`) are billed, exactly.
+
+    Online: uncached prompt tokens at the input price, cached ones at the cached-input price,
+    completion tokens at the output price, for accepted requests (a 429, 4xx or 5xx is not billed).
+    Batch lines that succeeded: the same at the batch prices; a cached prompt token in a batch is
+    billed at the cached-input price scaled as the batch input price is (OpenAI halves both).
+
+        >>> p = TokenPrices(Decimal("1.5E-7"), Decimal("6E-7"), Decimal("7.5E-8"), Decimal("7.5E-8"), Decimal("3E-7"))
+        >>> bill_usd({"prompt_tokens": 1_000, "cached_tokens": 0, "completion_tokens": 200}, p)
+        Decimal('0.0002700000')
+        >>> bill_usd({"batch_prompt_tokens": 1_000, "batch_completion_tokens": 200}, p)
+        Decimal('0.0001350000')
+    """
+    cached_input = prices.input if prices.cached_input is None else prices.cached_input
+    batch_input = prices.input if prices.batch_input is None else prices.batch_input
+    batch_output = prices.output if prices.batch_output is None else prices.batch_output
+    batch_cached = cached_input * batch_input / prices.input if prices.input else batch_input
+
+    def part(prompt: int, cached: int, completion: int, input_: Decimal, cached_: Decimal, output: Decimal) -> Decimal:
+        return (prompt - cached) * input_ + cached * cached_ + completion * output
+
+    online = part(
+        counters.get("prompt_tokens", 0),
+        counters.get("cached_tokens", 0),
+        counters.get("completion_tokens", 0),
+        prices.input,
+        cached_input,
+        prices.output,
+    )
+    batch = part(
+        counters.get("batch_prompt_tokens", 0),
+        counters.get("batch_cached_tokens", 0),
+        counters.get("batch_completion_tokens", 0),
+        batch_input,
+        batch_cached,
+        batch_output,
+    )
+    return online + batch
