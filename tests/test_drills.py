@@ -17,7 +17,11 @@ from bench import drills
 # beside the suite took one past the default 300 s). The limit guards against a hang, not a slow machine.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
+# The outage drill needs a job still running when 30 s of outage end; the others are scale-free (their
+# faults start at a share of the rows done), so they run at half the size, each with its own evidence
+# that the fault really happened (a drill that injects nothing must not pass).
 ROWS = 2_000
+SMALL = 1_000
 WORKERS = 2
 
 
@@ -28,7 +32,7 @@ def assert_drill_passed(result: drills.DrillResult) -> None:
 
 
 def test_random_sigkills_lose_nothing(dsn: str) -> None:
-    result = drills.drill_sigkill(drills.Setup(dsn, ROWS, WORKERS), every_s=2.0, max_kills=6)
+    result = drills.drill_sigkill(drills.Setup(dsn, SMALL, WORKERS), every_s=2.0, max_kills=6)
     assert_drill_passed(result)
     assert not result.note.startswith("0 kills")
     assert result.bound > 0  # the killed workers held rows: the drill exercised reclaim
@@ -38,26 +42,26 @@ def test_database_restart_mid_job(monkeypatch: pytest.MonkeyPatch) -> None:
     # An embedded server in a temporary home, never the shared server: stop_server + ensure_server.
     monkeypatch.delenv("BATCHDB_HOME", raising=False)
     with drills.embedded_database() as dsn:
-        result = drills.drill_db_restart(drills.Setup(dsn, ROWS, WORKERS), down_s=2.0)
+        result = drills.drill_db_restart(drills.Setup(dsn, SMALL, WORKERS), down_s=2.0)
     assert_drill_passed(result)  # includes: same port, job.wait() across it returned completed, no worker exited
 
 
 def test_result_write_failures_are_retried_not_lost(dsn: str) -> None:
-    result = drills.drill_result_write_failures(drills.Setup(dsn, ROWS, WORKERS), fault_s=3.0)
+    result = drills.drill_result_write_failures(drills.Setup(dsn, SMALL, WORKERS), fault_s=3.0)
     assert_drill_passed(result)
     assert result.bound > 0  # rows whose write was refused were called again
     assert result.check.duplicates == result.bound
 
 
 def test_poison_rows_fail_at_once_with_the_reason(dsn: str) -> None:
-    result = drills.drill_poison_rows(drills.Setup(dsn, ROWS, WORKERS), every=50)
+    result = drills.drill_poison_rows(drills.Setup(dsn, SMALL, WORKERS), every=50)
     assert_drill_passed(result)
-    assert result.check.failed == len(range(0, ROWS, 50))
-    assert result.check.succeeded == ROWS - result.check.failed
+    assert result.check.failed == len(range(0, SMALL, 50))
+    assert result.check.succeeded == SMALL - result.check.failed
 
 
 def test_connection_resets(dsn: str) -> None:
-    result = drills.drill_connection_resets(drills.Setup(dsn, ROWS, WORKERS), rate=0.05)
+    result = drills.drill_connection_resets(drills.Setup(dsn, SMALL, WORKERS), rate=0.05)
     assert_drill_passed(result)
     assert result.check.duplicates == 0
     assert ": 0 resets" not in result.note
@@ -72,11 +76,6 @@ def test_provider_outage_spends_no_attempts_and_the_job_finishes_by_itself(dsn: 
     assert result.figures["events"] == 1  # job.provider_unavailable, once
     assert result.figures["circuits_opened"] >= 1
     assert result.figures["resumed_s"] >= 0
-
-
-# The other five drills, at half the size: each fault's invariants, with its own evidence that the
-# fault really happened (a drill that injects nothing must not pass).
-SMALL = 1_000
 
 
 def counted(note: str, what: str) -> int:

@@ -151,7 +151,7 @@ def test_another_client_spending_half_the_key_behind_our_back(
         headlines(2000), prompt="Classify: {text}", model=MODEL, provider="openai", max_tokens=20, dsn=dsn
     )
     workers = start_logged_workers(2, dsn, openai_env(sim), tmp_path, "--concurrency", "16")
-    window_s = 30.0
+    window_s = 20.0
     try:
         # Measure once the workers are under way (they start slowly on a busy machine), over a
         # window whose ends are read from the database: rows finished inside it are ours.
