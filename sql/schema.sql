@@ -1731,7 +1731,7 @@ CREATE TABLE batchdb.budget_reservations (
     seq integer NOT NULL,
     owner text,
     day date,
-    usd numeric(18,8) NOT NULL,
+    usd numeric NOT NULL,
     created_at timestamp with time zone DEFAULT now() NOT NULL
 );
 
@@ -1777,12 +1777,12 @@ CREATE TABLE batchdb.jobs (
     n_retries bigint DEFAULT 0 NOT NULL,
     prompt_tokens bigint DEFAULT 0 NOT NULL,
     completion_tokens bigint DEFAULT 0 NOT NULL,
-    cost_usd numeric(18,8) DEFAULT 0 NOT NULL,
+    cost_usd numeric DEFAULT 0 NOT NULL,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     started_at timestamp with time zone,
     finished_at timestamp with time zone,
     key_alias text DEFAULT 'default'::text NOT NULL,
-    reserved_usd numeric(18,8) DEFAULT 0 NOT NULL,
+    reserved_usd numeric DEFAULT 0 NOT NULL,
     paused_until timestamp with time zone,
     input_sha256 text,
     allow_unknown_model boolean DEFAULT false NOT NULL,
@@ -1835,7 +1835,7 @@ CREATE TABLE batchdb.requests (
     lease_token bigint DEFAULT 0 NOT NULL,
     prompt_tokens integer DEFAULT 0 NOT NULL,
     completion_tokens integer DEFAULT 0 NOT NULL,
-    cost_usd numeric(18,8) DEFAULT 0 NOT NULL,
+    cost_usd numeric DEFAULT 0 NOT NULL,
     error_class text,
     error text,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
@@ -2219,7 +2219,7 @@ CREATE TABLE batchdb.requests_orphan (
     lease_token bigint DEFAULT 0 NOT NULL,
     prompt_tokens integer DEFAULT 0 NOT NULL,
     completion_tokens integer DEFAULT 0 NOT NULL,
-    cost_usd numeric(18,8) DEFAULT 0 NOT NULL,
+    cost_usd numeric DEFAULT 0 NOT NULL,
     error_class text,
     error text,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
@@ -2281,8 +2281,8 @@ CREATE TABLE batchdb.unrecorded_calls (
 CREATE TABLE batchdb.user_spend (
     owner text NOT NULL,
     day date NOT NULL,
-    spent_usd numeric(18,8) DEFAULT 0 NOT NULL,
-    reserved_usd numeric(18,8) DEFAULT 0 NOT NULL
+    spent_usd numeric DEFAULT 0 NOT NULL,
+    reserved_usd numeric DEFAULT 0 NOT NULL
 );
 
 -- table attach requests_orphan

@@ -93,16 +93,20 @@ def test_the_ceiling_charges_max_tokens_or_the_ledgers_default() -> None:
     assert output_charge(None) == DEFAULT_MAX_TOKENS_CHARGE == 4096
 
 
-@pytest.mark.parametrize("max_tokens", [20, None])
+@pytest.mark.parametrize(
+    ("max_tokens", "per_mtok"),
+    [(20, ("1.25", "3.5")), (None, ("1.25", "3.5")), (20, ("0.0123", "0.0457"))],
+)
 def test_the_recorded_cost_of_a_completion_is_the_functions(
-    conn: psycopg.Connection, max_tokens: int | None, drain
+    conn: psycopg.Connection, max_tokens: int | None, per_mtok: tuple[str, str], drain
 ) -> None:
-    """A row run by a worker records exactly what `Price.cost_usd` says for its tokens."""
+    """A row run by a worker records exactly what `Price.cost_usd` says for its tokens, every digit
+    (a token at $0.0123 per million costs $0.0000000123: ten decimals, as a batch price can need)."""
     import batchdb
 
     conn.execute(
-        "INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok) "
-        "VALUES ('instant', 'priced', 1.25, 3.5)"
+        "INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok) VALUES ('instant', 'priced', %s, %s)",
+        per_mtok,
     )
     frame = pd.DataFrame({"id": ["a", "b"], "text": ["one", "two words"]})
     job = batchdb.submit(
@@ -115,13 +119,14 @@ def test_the_recorded_cost_of_a_completion_is_the_functions(
         dsn=conn.info.dsn,
     )
     drain()
-    price = Price(Decimal("1.25"), Decimal("3.5"))
+    price = Price(Decimal(per_mtok[0]), Decimal(per_mtok[1]))
     rows = conn.execute(
         "SELECT prompt_tokens, completion_tokens, cost_usd FROM batchdb.requests WHERE job_id = %s", (job.id,)
     ).fetchall()
     assert len(rows) == 2 and all(r["prompt_tokens"] > 0 for r in rows)
     for r in rows:
         assert r["cost_usd"] == price.cost_usd(r["prompt_tokens"], r["completion_tokens"])
+    assert job.status().cost_usd == sum(r["cost_usd"] for r in rows)
 
 
 def test_prompt_cache_hits_are_recorded_and_priced_at_the_cached_price(conn: psycopg.Connection, simulator) -> None:
