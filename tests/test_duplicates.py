@@ -138,3 +138,34 @@ def test_rows_inserted_with_sql_are_deduplicated_by_their_request_key(
     drain(provider)
     assert provider.calls == {"one": 1, "two": 2}  # NULL keys are never merged
     assert [r["status"] for r in rows_of(conn, job_id)] == ["succeeded"] * 4
+
+
+def test_a_later_statement_s_rows_follow_the_first_row_of_their_key(dsn: str, conn: psycopg.Connection, drain) -> None:
+    """Rows come in chunks (a submit's COPYs, a user's INSERTs): a new row's leader is the job's first row
+    with its key, whichever statement inserted it; keys the new rows lack are left alone."""
+    job_id = conn.execute(
+        "INSERT INTO batchdb.jobs (model, provider, params) VALUES ('m', 'instant', '{\"prompt\": \"{q}\"}') "
+        "RETURNING id"
+    ).fetchone()["id"]
+    insert = "INSERT INTO batchdb.requests (job_id, custom_id, input, request_key) VALUES (%s, %s, %s, %s)"
+    with conn.cursor() as cur:
+        cur.executemany(insert, [(job_id, "a", '{"q": "one"}', b"k1"), (job_id, "b", '{"q": "two"}', b"k2")])
+    conn.execute(
+        "INSERT INTO batchdb.requests (job_id, custom_id, input, request_key) VALUES "
+        "(%(j)s, 'c', '{\"q\": \"one\"}', 'k1'), (%(j)s, 'd', '{\"q\": \"one\"}', 'k1'), "
+        "(%(j)s, 'e', '{\"q\": \"three\"}', 'k3'), (%(j)s, 'f', '{\"q\": \"three\"}', 'k3')",
+        {"j": job_id},
+    )
+    leaders = {
+        r["custom_id"]: r["leader"]
+        for r in conn.execute(
+            "SELECT q.custom_id, l.custom_id AS leader FROM batchdb.requests q "
+            "LEFT JOIN batchdb.requests l ON l.job_id = q.job_id AND l.id = q.duplicate_of WHERE q.job_id = %s",
+            (job_id,),
+        ).fetchall()
+    }
+    assert leaders == {"a": None, "b": None, "c": "a", "d": "a", "e": None, "f": "e"}
+    provider = CountingProvider()
+    drain(provider)
+    assert provider.calls == {"one": 1, "two": 1, "three": 1}
+    assert [r["status"] for r in rows_of(conn, job_id)] == ["succeeded"] * 6

@@ -105,7 +105,8 @@ def test_the_recorded_cost_of_a_completion_is_the_functions(
     import batchdb
 
     conn.execute(
-        "INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok) VALUES ('instant', 'priced', %s, %s)",
+        "INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok) "
+        "VALUES ('instant', 'priced', %s, %s)",
         per_mtok,
     )
     frame = pd.DataFrame({"id": ["a", "b"], "text": ["one", "two words"]})
