@@ -924,6 +924,7 @@ CREATE FUNCTION batchdb.requests_after_insert() RETURNS trigger
     AS $$
 DECLARE
     touched bigint[];
+    fresh boolean;  -- every job this statement adds rows to had none before it
 BEGIN
     WITH added AS (
         SELECT job_id, count(*) AS n FROM new_rows GROUP BY job_id
@@ -934,9 +935,9 @@ BEGIN
                finished_at = CASE WHEN j.status = 'completed' THEN NULL ELSE j.finished_at END
           FROM added a
          WHERE j.id = a.job_id
-        RETURNING j.id
+        RETURNING j.id, j.n_total - a.n AS before
     )
-    SELECT array_agg(id) INTO touched FROM updated;
+    SELECT array_agg(id), bool_and(before = 0) INTO touched, fresh FROM updated;
     -- Rows whose request_key equals an earlier row's of the same job wait for that row's answer
     -- instead of being sent (0019): run_after 'infinity' keeps them out of every claim until the
     -- first row's outcome is passed on (requests_after_update). Only new rows follow, and only a
@@ -946,25 +947,39 @@ BEGIN
             USING ERRCODE = 'check_violation';
     END IF;
     IF EXISTS (SELECT 1 FROM new_rows WHERE request_key IS NOT NULL) THEN
-        -- A new row's leader is the first row of its job with its key: looked up for the new rows'
-        -- keys alone (a hash join reading the job's rows once), not by sorting every keyed row of
-        -- the job once per inserted chunk (0024).
-        WITH keys AS (
-            SELECT DISTINCT job_id, request_key FROM new_rows WHERE request_key IS NOT NULL
-        ), leaders AS (
-            SELECT k.job_id, k.request_key, min(r.id) AS leader
-              FROM keys k
-              JOIN batchdb.requests r ON r.job_id = k.job_id AND r.request_key = k.request_key
-             WHERE r.duplicate_of IS NULL
-             GROUP BY k.job_id, k.request_key
-        )
-        UPDATE batchdb.requests q
-           SET duplicate_of = l.leader, run_after = 'infinity'
-          FROM new_rows n
-          JOIN leaders l ON l.job_id = n.job_id AND l.request_key = n.request_key
-          JOIN batchdb.requests lead ON lead.job_id = l.job_id AND lead.id = l.leader
-                                    AND lead.status IN ('queued', 'running')
-         WHERE q.job_id = n.job_id AND q.id = n.id AND l.leader <> n.id;
+        IF fresh THEN
+            -- The jobs were empty: a repeated key's first row is among the new rows.
+            UPDATE batchdb.requests q
+               SET duplicate_of = l.leader, run_after = 'infinity'
+              FROM (SELECT job_id, request_key, min(id) AS leader
+                      FROM new_rows
+                     WHERE request_key IS NOT NULL
+                     GROUP BY job_id, request_key
+                    HAVING count(*) > 1) l
+              JOIN new_rows n ON n.job_id = l.job_id AND n.request_key = l.request_key AND n.id <> l.leader
+              JOIN batchdb.requests lead ON lead.job_id = l.job_id AND lead.id = l.leader
+                                        AND lead.status IN ('queued', 'running')
+             WHERE q.job_id = n.job_id AND q.id = n.id;
+        ELSE
+            -- The jobs had rows: a new key's first row may be an earlier one, found with a hash join
+            -- on the job's rows for the new rows' keys alone.
+            WITH keys AS (
+                SELECT DISTINCT job_id, request_key FROM new_rows WHERE request_key IS NOT NULL
+            ), leaders AS (
+                SELECT k.job_id, k.request_key, min(r.id) AS leader
+                  FROM keys k
+                  JOIN batchdb.requests r ON r.job_id = k.job_id AND r.request_key = k.request_key
+                 WHERE r.duplicate_of IS NULL
+                 GROUP BY k.job_id, k.request_key
+            )
+            UPDATE batchdb.requests q
+               SET duplicate_of = l.leader, run_after = 'infinity'
+              FROM new_rows n
+              JOIN leaders l ON l.job_id = n.job_id AND l.request_key = n.request_key
+              JOIN batchdb.requests lead ON lead.job_id = l.job_id AND lead.id = l.leader
+                                        AND lead.status IN ('queued', 'running')
+             WHERE q.job_id = n.job_id AND q.id = n.id AND l.leader <> n.id;
+        END IF;
     END IF;
     -- One wake-up per statement, never per row.
     IF touched IS NOT NULL THEN
