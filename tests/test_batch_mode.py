@@ -18,6 +18,7 @@ import openai
 import pandas as pd
 import psycopg
 import pytest
+from batch_support import FAST, QUICK_BATCHES
 from click.testing import CliRunner
 
 import batchdb
@@ -29,22 +30,6 @@ from batchdb.workers.worker import Worker, WorkerConfig
 
 MODEL = "gpt-4o-mini"
 KEY = "sk-batch-test"
-FAST: dict[str, Any] = {
-    "batch_validation_s": 0.05,
-    "batch_duration_s": Distribution(kind="fixed", value=0.3),
-    "batch_finalizing_s": 0.05,
-    "batch_cancelling_s": 0.05,
-    "output_tokens": Distribution(kind="fixed", value=12),
-}
-QUICK_BATCHES = BatchDriverConfig(
-    interval=0.05,
-    poll_interval=0.05,
-    lease_seconds=10.0,
-    request_timeout=3.0,
-    queue_wait=0.1,
-    error_wait=0.1,
-    retry=RetryPolicy(base_seconds=0.05, max_seconds=0.1),
-)
 
 
 @pytest.fixture
