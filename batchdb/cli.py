@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import re
 import shlex
 import sys
 import traceback
@@ -247,6 +248,25 @@ _JOB_OPTIONS = [
         is_flag=True,
         help="Submit even when the model has no price in batchdb.prices (its cost shows as unknown).",
     ),
+    click.option(
+        "--reuse",
+        is_flag=True,
+        help="Answer rows from stored successful answers to the same requests (earlier jobs) at $0 instead of "
+        "calling the provider. Off by default: an answer at a temperature above 0 is one sample of many.",
+    ),
+    click.option(
+        "--reuse-scope",
+        type=click.Choice(["user", "team"]),
+        default="user",
+        show_default=True,
+        help="Whose answers --reuse takes: yours, or your team's (batchdb users set NAME --team T).",
+    ),
+    click.option(
+        "--reuse-max-age",
+        default=None,
+        metavar="AGE",
+        help="Oldest answer --reuse takes, e.g. 30d, 12h, 90m, 2w (default: any age).",
+    ),
 ]
 
 
@@ -316,9 +336,26 @@ def estimate_command(path: Path, dsn: str | None, pilot_rows: int, pilot_timeout
 
 def _merge_job_options(options: dict[str, object]) -> None:
     options["notify_emails"] = list(options["notify_emails"]) or None  # type: ignore[call-overload]
+    options["reuse"] = "exact" if options["reuse"] else None
+    given_age = options["reuse_max_age"]
+    options["reuse_max_age"] = None if given_age is None else _duration("--reuse-max-age", str(given_age))
     alias = options.pop("budget_usd_alias")
     if options["budget_usd"] is None:
         options["budget_usd"] = alias
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_DURATION_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def _duration(option: str, text: str) -> datetime.timedelta:
+    """'30d', '12h', '90m', '2w', '45s' as a timedelta; refused naming the option otherwise."""
+    match = _DURATION.match(text)
+    if match is None or float(match.group(1)) <= 0:
+        raise click.BadParameter(
+            f"expected a positive age such as 30d, 12h, 90m or 2w; got {text!r}", param_hint=f"'{option}'"
+        )
+    return datetime.timedelta(**{_DURATION_UNITS[match.group(2)]: float(match.group(1))})
 
 
 def _print_estimate(
@@ -709,6 +746,12 @@ def _user_options(func: _F) -> _F:
                 "--budget-month", "budget_usd_month", type=float, default=None, help="USD per calendar month."
             ),
             click.option("--email", default=None, help="Where job notifications go."),
+            click.option(
+                "--team",
+                default=None,
+                help="The user's team: its members may reuse one another's answers (submit --reuse --reuse-scope "
+                "team); '' takes the user out of their team.",
+            ),
         ]
     ):
         func = option(func)
@@ -744,7 +787,7 @@ def users_add(name: str, kind: str | None, password: str | None, dsn: str | None
 @_user_options
 @_dsn_option
 def users_set(name: str, dsn: str | None, **settings: object) -> None:
-    """Change a user's weight, budgets or email."""
+    """Change a user's weight, budgets, email or team."""
     from batchdb import users
 
     with dbmod.connect(dsn) as conn:
@@ -764,11 +807,13 @@ def users_list(dsn: str | None) -> None:
 
     with dbmod.connect(dsn) as conn:
         rows = users.list_users(conn)
-    click.echo(f"{'user':<24} {'kind':<8} {'weight':>6} {'$/day':>10} {'$/month':>10} {'today $':>10} {'month $':>10}")
+    click.echo(
+        f"{'user':<24} {'kind':<8} {'weight':>6} {'$/day':>10} {'$/month':>10} {'today $':>10} {'month $':>10} team"
+    )
     for u in rows:
         click.echo(
             f"{u.name:<24} {u.kind:<8} {u.weight:>6g} {_usd(u.budget_usd_day):>10} "
-            f"{_usd(u.budget_usd_month):>10} {u.spent_today_usd:>10.4f} {u.spent_month_usd:>10.4f}"
+            f"{_usd(u.budget_usd_month):>10} {u.spent_today_usd:>10.4f} {u.spent_month_usd:>10.4f} {u.team or '-'}"
         )
 
 

@@ -213,7 +213,14 @@ def estimate(
     `priority` or `webhook_url`, are passed to the pilot's submit and otherwise ignored).
     Refuses what `submit` refuses, with the same messages.
     """
-    from batchdb.submission import check_options, job_params, notification_targets, refuse_unknown_model, submit
+    from batchdb.submission import (
+        check_options,
+        check_reuse,
+        job_params,
+        notification_targets,
+        refuse_unknown_model,
+        submit,
+    )
 
     unknown = sorted(set(submit_options) - set(inspect.signature(submit).parameters))
     if unknown:
@@ -229,6 +236,12 @@ def estimate(
         max_tokens=max_tokens,
         temperature=temperature,
         mode=submit_options.get("mode", "online"),
+    )
+    check_reuse(
+        submit_options.get("reuse"),
+        submit_options.get("reuse_scope", "user"),
+        submit_options.get("reuse_max_age"),
+        dedupe=bool(submit_options.get("dedupe", True)),
     )
     notification_targets(
         submit_options.get("webhook_url"), submit_options.get("webhook_secret"), submit_options.get("notify_emails")

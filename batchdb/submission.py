@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterable
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -58,6 +59,9 @@ log = logging.getLogger(__name__)
 # How a job's rows are sent (jobs.mode, 0020): one call per row, or chunks through a Batch API.
 JOB_MODES = ("online", "batch")
 BATCH_PROVIDERS = ("openai", "azure", "gemini")
+# Cross-job reuse of stored answers (jobs.reuse, 0021): what may be reused, and whose.
+REUSE_KINDS = ("exact",)
+REUSE_SCOPES = ("user", "team")
 
 
 @translates_database_errors
@@ -89,6 +93,9 @@ def submit(
     allow_unknown_model: bool = False,
     dedupe: bool = True,
     mode: str = "online",
+    reuse: str | None = None,
+    reuse_scope: str = "user",
+    reuse_max_age: timedelta | None = None,
     dsn: str | None = None,
 ) -> Job:
     """Queue one request per row of `data` and return its job.
@@ -114,6 +121,15 @@ def submit(
     `mode="batch"` sends the rows through the provider's Batch API (OpenAI, Azure OpenAI, Gemini): about
     half the price, a quota apart from the online rate limits, answers within the provider's
     completion window (24 h) rather than at once.
+    `reuse="exact"` answers a row from a stored successful answer to the same request (same
+    provider, model, parameters and prompt) at $0 instead of calling the provider: the owner's own
+    answers (`reuse_scope="user"`) or their team's (`"team"`), answered at most `reuse_max_age`
+    ago (None: any age). Off by default: an answer at a temperature above 0 is one sample of many.
+
+        >>> from datetime import timedelta
+        >>> job = batchdb.submit(df, prompt="Label: {headline}", model="gpt-4o-mini",
+        ...                      reuse="exact", reuse_max_age=timedelta(days=30))  # doctest: +SKIP
+        >>> job.wait().n_reused  # doctest: +SKIP
     """
     check_options(
         model=model,
@@ -125,6 +141,7 @@ def submit(
         temperature=temperature,
         mode=mode,
     )
+    check_reuse(reuse, reuse_scope, reuse_max_age, dedupe=dedupe)
     targets = notification_targets(webhook_url, webhook_secret, notify_emails)
     spec = InputSpec(prompt=prompt, system=system, messages_column=messages_column, id_column=id_column)
     schema, batches, row_name = open_source(data)
@@ -166,6 +183,9 @@ def submit(
             idempotency_key=idempotency_key,
             allow_unknown_model=allow_unknown_model,
             mode=mode,
+            reuse=reuse,
+            reuse_scope=reuse_scope,
+            reuse_max_age=reuse_max_age,
         )
         if job_id is None:
             assert idempotency_key is not None
@@ -330,6 +350,20 @@ def check_options(
         # Batch calls are paid when the batch ends, for a whole chunk at once: a per-call
         # reservation, which is how budgets stop spending, does not apply.
         raise InputError("budget_usd: not supported with mode='batch' yet; see the cost first with batchdb.estimate")
+
+
+def check_reuse(reuse: str | None, scope: str, max_age: timedelta | None, *, dedupe: bool = True) -> None:
+    """Refuse reuse options the database would refuse, naming the option (as jobs_validate_reuse does)."""
+    if reuse is not None and reuse not in REUSE_KINDS:
+        raise InputError(f"reuse: expected 'exact' or None (off), got {reuse!r}")
+    if scope not in REUSE_SCOPES:
+        raise InputError(f"reuse_scope: expected one of {', '.join(REUSE_SCOPES)}, got {scope!r}")
+    if max_age is not None and (not isinstance(max_age, timedelta) or max_age <= timedelta(0)):
+        raise InputError(f"reuse_max_age: expected a positive datetime.timedelta or None (any age), got {max_age!r}")
+    if reuse is not None and not dedupe:
+        # Reuse finds answers by the rows' request keys, which dedupe=False leaves out; and
+        # dedupe=False asks for a fresh answer per row, which reuse would not give.
+        raise InputError("reuse: cannot be combined with dedupe=False (reuse looks answers up by request key)")
 
 
 def refuse_unknown_model(conn: psycopg.Connection[DictRow], provider: str, model: str) -> None:
