@@ -37,7 +37,9 @@ def llm_batch_asset(
     The upstream asset's value for the partition (a DataFrame, an Arrow table or a file path) is
     submitted with `prompt` (a template over its columns, "Sentiment of: {headline}"), `model`,
     `provider` and any other `batchdb.submit` option (`max_tokens=`, `temperature=`, `budget_usd=`,
-    `response_format=`, `mode="batch"` for the provider's Batch API at about half the price ...).
+    `response_format=`, `mode="batch"` for the provider's Batch API at about half the price,
+    `reuse="exact"` to answer rows that earlier jobs already answered with the same prompt, model and
+    parameters (rows repeated across partitions, a rebuilt partition) from their stored answers at $0 ...).
     The asset waits for the job, writes `<output_root>/<name>/<partition>.parquet` (the source's
     columns plus response, status, tokens, cost and error) and records row counts, tokens, cost, the
     job id and a preview. Its `all_rows_answered` check warns about rows without an answer;

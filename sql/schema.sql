@@ -1161,25 +1161,40 @@ BEGIN
            AND s.n_succeeded > 0
            AND (job.reuse_max_age IS NULL OR s.finished_at IS NULL OR s.finished_at >= now() - job.reuse_max_age);
         CONTINUE WHEN sources IS NULL;
-        SELECT array_agg(p.id), array_agg(p.src_job), array_agg(p.src_id), array_agg(p.cost_usd)
+        -- Row by row, the latest answer through requests_answers_idx (a probe per source job): a
+        -- join the planner orders itself can scan a whole source partition per row when its
+        -- statistics predate its answers.
+        -- The new rows are read back by id (their duplicate_of is set since): a join with the
+        -- transition table, which has no statistics, was planned as a nested loop over it.
+        SELECT array_agg(n.id) INTO ids FROM new_rows n WHERE n.job_id = job.id AND n.request_key IS NOT NULL;
+        SELECT array_agg(q.id), array_agg(a.job_id), array_agg(a.id), array_agg(a.cost_usd)
           INTO ids, src_jobs, src_ids, costs
-          FROM (SELECT DISTINCT ON (q.id) q.id, s.job_id AS src_job, s.id AS src_id, s.cost_usd
-                  FROM new_rows n
-                  JOIN batchdb.requests q ON q.job_id = job.id AND q.id = n.id
-                  JOIN batchdb.requests s ON s.job_id = ANY (sources) AND s.request_key = q.request_key
-                  JOIN batchdb.results a ON a.job_id = ANY (sources) AND a.job_id = s.job_id AND a.request_id = s.id
-                 WHERE n.job_id = job.id AND n.request_key IS NOT NULL
-                   AND q.status = 'queued' AND q.duplicate_of IS NULL
+          FROM batchdb.requests q
+          CROSS JOIN LATERAL (
+                SELECT s.job_id, s.id, s.cost_usd
+                  FROM batchdb.requests s
+                 WHERE s.job_id = ANY (sources) AND s.request_key = q.request_key
                    AND s.status = 'succeeded' AND s.request_key IS NOT NULL
                    AND s.duplicate_of IS NULL AND s.reused_from IS NULL
                    AND (job.reuse_max_age IS NULL OR s.finished_at >= now() - job.reuse_max_age)
-                 ORDER BY q.id, s.finished_at DESC, s.id DESC) p;
+                   AND EXISTS (SELECT 1 FROM batchdb.results r WHERE r.job_id = s.job_id AND r.request_id = s.id)
+                 ORDER BY s.finished_at DESC, s.id DESC
+                 LIMIT 1) a
+         WHERE q.job_id = job.id AND q.id = ANY (ids)
+           AND q.status = 'queued' AND q.duplicate_of IS NULL;
         CONTINUE WHEN ids IS NULL;
         -- The answer first: the rows' own update passes it on to their duplicates (0019).
         INSERT INTO batchdb.results (job_id, request_id, response_text, response_json, finish_reason, model)
         SELECT job.id, u.id, r.response_text, r.response_json, r.finish_reason, r.model
           FROM unnest(ids, src_jobs, src_ids) AS u(id, src_job, src_id)
           JOIN batchdb.results r ON r.job_id = ANY (sources) AND r.job_id = u.src_job AND r.request_id = u.src_id;
+        -- requests_after_update plans its joins of the transition tables once per session, sized by
+        -- its first call: in a submit that is 0019's update of a statement's duplicates, often none,
+        -- and a nested loop planned for none is quadratic for the thousands of rows updated here
+        -- (200,000 rows: minutes instead of seconds). Replanned, it hashes.
+        IF cardinality(ids) > 500 THEN
+            EXECUTE 'DISCARD PLANS';
+        END IF;
         UPDATE batchdb.requests q
            SET status = 'succeeded', finished_at = now(), run_after = now(),
                reused_from = u.src_id, reused_from_job = u.src_job, reused_usd = u.cost
