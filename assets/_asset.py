@@ -39,7 +39,9 @@ def llm_batch_asset(
     `provider` and any other `batchdb.submit` option (`max_tokens=`, `temperature=`, `budget_usd=`,
     `response_format=`, `mode="batch"` for the provider's Batch API at about half the price,
     `mode="auto", deadline=timedelta(hours=6)` for batch where a batch can end before the deadline and
-    online for the rest ...). A deadline given as a timedelta counts from each run's submit.
+    online for the rest, `reuse="exact"` to answer rows that earlier jobs already answered with the
+    same prompt, model and parameters (rows repeated across partitions, a rebuilt partition) from their
+    stored answers at $0 ...). A deadline given as a timedelta counts from each run's submit.
     The asset waits for the job, writes `<output_root>/<name>/<partition>.parquet` (the source's
     columns plus response, status, tokens, cost and error) and records row counts, tokens, cost, the
     job id and a preview. Its `all_rows_answered` check warns about rows without an answer;

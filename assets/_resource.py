@@ -409,6 +409,9 @@ def _materialization_metadata(
         "prompt_tokens": final.prompt_tokens,
         "completion_tokens": final.completion_tokens,
         "cost_usd": float(final.cost_usd),
+        # Rows answered from stored answers of earlier jobs (submit option reuse="exact"), and what they saved.
+        "rows_reused": final.n_reused,
+        "saved_by_reuse_usd": float(final.reused_usd),
         "provider": final.provider,
         "model": final.model,
         "wait_seconds": round(elapsed, 2),

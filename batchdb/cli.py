@@ -256,6 +256,25 @@ _JOB_OPTIONS = [
         is_flag=True,
         help="Submit even when the model has no price in batchdb.prices (its cost shows as unknown).",
     ),
+    click.option(
+        "--reuse",
+        is_flag=True,
+        help="Answer rows from stored successful answers to the same requests (earlier jobs) at $0 instead of "
+        "calling the provider. Off by default: an answer at a temperature above 0 is one sample of many.",
+    ),
+    click.option(
+        "--reuse-scope",
+        type=click.Choice(["user", "team"]),
+        default="user",
+        show_default=True,
+        help="Whose answers --reuse takes: yours, or your team's (batchdb users set NAME --team T).",
+    ),
+    click.option(
+        "--reuse-max-age",
+        default=None,
+        metavar="AGE",
+        help="Oldest answer --reuse takes, e.g. 30d, 12h, 90m, 2w (default: any age).",
+    ),
 ]
 
 
@@ -327,29 +346,41 @@ def _merge_job_options(options: dict[str, object]) -> None:
     options["notify_emails"] = list(options["notify_emails"]) or None  # type: ignore[call-overload]
     if options.get("deadline") is not None:
         options["deadline"] = _parse_deadline(str(options["deadline"]))
+    options["reuse"] = "exact" if options["reuse"] else None
+    given_age = options["reuse_max_age"]
+    options["reuse_max_age"] = None if given_age is None else _duration("--reuse-max-age", str(given_age))
     alias = options.pop("budget_usd_alias")
     if options["budget_usd"] is None:
         options["budget_usd"] = alias
 
 
-_SPAN_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# Spans on the command line: 30s, 90m, 24h, 2d, 2w (--deadline, --reuse-max-age, --batch-window ...).
+_SPAN = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+_SPAN_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _span(text: str) -> datetime.timedelta | None:
+    """'30s', '90m', '24h', '2d', '2w' as a timedelta; None when `text` is not such a span."""
+    match = _SPAN.fullmatch(text.strip())
+    return None if match is None else datetime.timedelta(seconds=float(match.group(1)) * _SPAN_UNITS[match.group(2)])
 
 
 def _span_seconds(text: str, option: str) -> float:
     """A span such as 30s, 90m, 24h, 2d (or a bare number of seconds) in seconds."""
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd]?)", text.strip())
-    if not match:
+    bare = re.fullmatch(r"\d+(?:\.\d+)?", text.strip())
+    span = datetime.timedelta(seconds=float(text)) if bare else _span(text)
+    if span is None:
         raise click.BadParameter(f"expected a span such as 30s, 90m, 24h or 2d, got {text!r}", param_hint=option)
-    return float(match.group(1)) * _SPAN_UNITS[match.group(2) or "s"]
+    return span.total_seconds()
 
 
 def _parse_deadline(text: str) -> datetime.datetime | datetime.timedelta:
     """--deadline: a span from now ('6h', '90m', '2d', '30s') or an ISO 8601 time with a zone
     ('2026-12-08T09:00Z', '2026-12-08 09:00+01:00')."""
     value = text.strip()
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd])", value)
-    if match:
-        return datetime.timedelta(seconds=float(match.group(1)) * _SPAN_UNITS[match.group(2)])
+    span = _span(value)
+    if span is not None:
+        return span
     try:
         at = datetime.datetime.fromisoformat(value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value)
     except ValueError:
@@ -362,6 +393,16 @@ def _parse_deadline(text: str) -> datetime.datetime | datetime.timedelta:
             f"give the time zone (2026-12-08T09:00Z, or +01:00), got {text!r}", param_hint="--deadline"
         )
     return at
+
+
+def _duration(option: str, text: str) -> datetime.timedelta:
+    """'30d', '12h', '90m', '2w', '45s' as a timedelta; refused naming the option otherwise."""
+    span = _span(text)
+    if span is None or span <= datetime.timedelta(0):
+        raise click.BadParameter(
+            f"expected a positive age such as 30d, 12h, 90m or 2w; got {text!r}", param_hint=f"'{option}'"
+        )
+    return span
 
 
 def _print_estimate(
@@ -794,6 +835,12 @@ def _user_options(func: _F) -> _F:
                 "--budget-month", "budget_usd_month", type=float, default=None, help="USD per calendar month."
             ),
             click.option("--email", default=None, help="Where job notifications go."),
+            click.option(
+                "--team",
+                default=None,
+                help="The user's team: its members may reuse one another's answers (submit --reuse --reuse-scope "
+                "team); '' takes the user out of their team.",
+            ),
         ]
     ):
         func = option(func)
@@ -829,7 +876,7 @@ def users_add(name: str, kind: str | None, password: str | None, dsn: str | None
 @_user_options
 @_dsn_option
 def users_set(name: str, dsn: str | None, **settings: object) -> None:
-    """Change a user's weight, budgets or email."""
+    """Change a user's weight, budgets, email or team."""
     from batchdb import users
 
     with dbmod.connect(dsn) as conn:
@@ -849,11 +896,13 @@ def users_list(dsn: str | None) -> None:
 
     with dbmod.connect(dsn) as conn:
         rows = users.list_users(conn)
-    click.echo(f"{'user':<24} {'kind':<8} {'weight':>6} {'$/day':>10} {'$/month':>10} {'today $':>10} {'month $':>10}")
+    click.echo(
+        f"{'user':<24} {'kind':<8} {'weight':>6} {'$/day':>10} {'$/month':>10} {'today $':>10} {'month $':>10} team"
+    )
     for u in rows:
         click.echo(
             f"{u.name:<24} {u.kind:<8} {u.weight:>6g} {_usd(u.budget_usd_day):>10} "
-            f"{_usd(u.budget_usd_month):>10} {u.spent_today_usd:>10.4f} {u.spent_month_usd:>10.4f}"
+            f"{_usd(u.budget_usd_month):>10} {u.spent_today_usd:>10.4f} {u.spent_month_usd:>10.4f} {u.team or '-'}"
         )
 
 

@@ -222,6 +222,7 @@ def estimate(
     from batchdb.submission import (
         check_deadline,
         check_options,
+        check_reuse,
         job_params,
         notification_targets,
         refuse_unknown_model,
@@ -244,6 +245,12 @@ def estimate(
         mode=submit_options.get("mode", "online"),
     )
     check_deadline(submit_options.get("mode", "online"), submit_options.get("deadline"))
+    check_reuse(
+        submit_options.get("reuse"),
+        submit_options.get("reuse_scope", "user"),
+        submit_options.get("reuse_max_age"),
+        dedupe=bool(submit_options.get("dedupe", True)),
+    )
     notification_targets(
         submit_options.get("webhook_url"), submit_options.get("webhook_secret"), submit_options.get("notify_emails")
     )

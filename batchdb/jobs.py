@@ -105,6 +105,10 @@ class JobProgress:
     # 'auto' (batch while a batch can end before `deadline`, online for the rest, 0022).
     mode: str = "online"
     deadline: datetime | None = None
+    # Of n_succeeded, rows answered at $0 by a stored answer of an earlier job (reuse, 0021), and
+    # what those answers cost when they were paid for: the money reuse saved.
+    n_reused: int = 0
+    reused_usd: Decimal = Decimal(0)
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> JobProgress:
@@ -146,6 +150,7 @@ class JobProgress:
             f"{self.n_cancelled} cancelled), "
             f"{self.prompt_tokens + self.completion_tokens:,} tokens, "
             + (self.cost_text if self.priced else f"cost unknown (no price for {self.provider}/{self.model})")
+            + (f", {self.n_reused} reused (saved ${self.reused_usd:.4f})" if self.n_reused else "")
         )
 
 

@@ -47,6 +47,9 @@ OUTPUT_SCHEMA = pa.schema(
         ("cached_tokens", pa.int64()),
         # The custom_id of the earlier identical row whose answer this one took (no call of its own).
         ("duplicate_of", pa.string()),
+        # The job and request id of the stored answer this row reused at $0 (submit(reuse="exact")).
+        ("reused_from_job", pa.int64()),
+        ("reused_from", pa.int64()),
     ]
 )
 
@@ -214,6 +217,8 @@ def _to_batch(rows: list[dict[str, Any]], columns: list[str], types: dict[str, s
     arrays["latency_ms"] = pa.array([r["latency_ms"] for r in rows], pa.int64())
     arrays["cached_tokens"] = pa.array([r["cached_tokens"] for r in rows], pa.int64())
     arrays["duplicate_of"] = pa.array([r["duplicate_of"] for r in rows], pa.string())
+    arrays["reused_from_job"] = pa.array([r["reused_from_job"] for r in rows], pa.int64())
+    arrays["reused_from"] = pa.array([r["reused_from"] for r in rows], pa.int64())
     return pa.RecordBatch.from_pydict(arrays)
 
 

@@ -60,6 +60,9 @@ log = logging.getLogger(__name__)
 # or batch where a batch can make the job's deadline and online for the rest.
 JOB_MODES = ("online", "batch", "auto")
 BATCH_PROVIDERS = ("openai", "azure", "gemini")
+# Cross-job reuse of stored answers (jobs.reuse, 0021): what may be reused, and whose.
+REUSE_KINDS = ("exact",)
+REUSE_SCOPES = ("user", "team")
 
 
 @translates_database_errors
@@ -92,6 +95,9 @@ def submit(
     dedupe: bool = True,
     mode: str = "online",
     deadline: datetime | timedelta | None = None,
+    reuse: str | None = None,
+    reuse_scope: str = "user",
+    reuse_max_age: timedelta | None = None,
     dsn: str | None = None,
 ) -> Job:
     """Queue one request per row of `data` and return its job.
@@ -126,6 +132,16 @@ def submit(
         >>> import datetime, pandas as pd, batchdb
         >>> job = batchdb.submit(pd.DataFrame({"q": ["2+2?"]}), prompt="{q}", model="gpt-4o-mini",
         ...                      mode="auto", deadline=datetime.timedelta(hours=6))  # doctest: +SKIP
+
+    `reuse="exact"` answers a row from a stored successful answer to the same request (same
+    provider, model, parameters and prompt) at $0 instead of calling the provider: the owner's own
+    answers (`reuse_scope="user"`) or their team's (`"team"`), answered at most `reuse_max_age`
+    ago (None: any age). Off by default: an answer at a temperature above 0 is one sample of many.
+
+        >>> from datetime import timedelta
+        >>> job = batchdb.submit(df, prompt="Label: {headline}", model="gpt-4o-mini",
+        ...                      reuse="exact", reuse_max_age=timedelta(days=30))  # doctest: +SKIP
+        >>> job.wait().n_reused  # doctest: +SKIP
     """
     deadline_at = check_deadline(mode, deadline)
     check_options(
@@ -138,6 +154,7 @@ def submit(
         temperature=temperature,
         mode=mode,
     )
+    check_reuse(reuse, reuse_scope, reuse_max_age, dedupe=dedupe)
     targets = notification_targets(webhook_url, webhook_secret, notify_emails)
     spec = InputSpec(prompt=prompt, system=system, messages_column=messages_column, id_column=id_column)
     schema, batches, row_name = open_source(data)
@@ -180,6 +197,9 @@ def submit(
             allow_unknown_model=allow_unknown_model,
             mode=mode,
             deadline=deadline_at,
+            reuse=reuse,
+            reuse_scope=reuse_scope,
+            reuse_max_age=reuse_max_age,
         )
         if job_id is None:
             assert idempotency_key is not None
@@ -372,6 +392,20 @@ def check_deadline(mode: str, deadline: datetime | timedelta | None) -> datetime
     if at <= now:
         raise InputError(f"deadline: expected a time in the future, got {at.isoformat()} (now is {now.isoformat()})")
     return at
+
+
+def check_reuse(reuse: str | None, scope: str, max_age: timedelta | None, *, dedupe: bool = True) -> None:
+    """Refuse reuse options the database would refuse, naming the option (as jobs_validate_reuse does)."""
+    if reuse is not None and reuse not in REUSE_KINDS:
+        raise InputError(f"reuse: expected 'exact' or None (off), got {reuse!r}")
+    if scope not in REUSE_SCOPES:
+        raise InputError(f"reuse_scope: expected one of {', '.join(REUSE_SCOPES)}, got {scope!r}")
+    if max_age is not None and (not isinstance(max_age, timedelta) or max_age <= timedelta(0)):
+        raise InputError(f"reuse_max_age: expected a positive datetime.timedelta or None (any age), got {max_age!r}")
+    if reuse is not None and not dedupe:
+        # Reuse finds answers by the rows' request keys, which dedupe=False leaves out; and
+        # dedupe=False asks for a fresh answer per row, which reuse would not give.
+        raise InputError("reuse: cannot be combined with dedupe=False (reuse looks answers up by request key)")
 
 
 def refuse_unknown_model(conn: psycopg.Connection[DictRow], provider: str, model: str) -> None:

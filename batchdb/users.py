@@ -8,6 +8,7 @@ jobs through every way in — SQL, the SDK, the CLI, the dashboard and Dagster.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -15,6 +16,9 @@ from typing import Any
 import psycopg
 
 from batchdb.queries import query
+
+# batchdb.users.team's check (0021).
+TEAM_NAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,62}$")
 
 
 class UserKind(enum.StrEnum):
@@ -33,6 +37,8 @@ class User:
     email: str | None
     spent_today_usd: Decimal
     spent_month_usd: Decimal
+    # Users of one team may reuse one another's answers (submit(reuse_scope="team"), 0021).
+    team: str | None = None
 
 
 def add_user(
@@ -45,10 +51,15 @@ def add_user(
     budget_usd_month: float | None = None,
     email: str | None = None,
     password: str | None = None,
+    team: str | None = None,
 ) -> None:
     """Create the login role (if missing), put it in its group role, and save its settings.
 
-    Run again to change settings: options left as None keep their current value.
+    Run again to change settings: options left as None keep their current value; `team=""`
+    takes the user out of their team. Users of one team may reuse one another's answers
+    (`submit(reuse="exact", reuse_scope="team")`); nothing else crosses users.
+
+        >>> add_user(conn, "alice", team="analytics")  # doctest: +SKIP
     """
     if weight is not None and not (0.001 <= weight <= 1000):
         raise ValueError(f"weight: expected a number from 0.001 to 1000, got {weight!r}")
@@ -67,6 +78,12 @@ def add_user(
             "password": password,
         },
     )
+    if team is not None:
+        if team and not TEAM_NAME.match(team):
+            raise ValueError(
+                f"team: expected 1-63 lowercase letters, digits, _ . - starting with a letter or _, got {team!r}"
+            )
+        conn.execute(query("set_user_team"), {"name": name, "team": team or None})
 
 
 def list_users(conn: psycopg.Connection[Any]) -> list[User]:

@@ -70,13 +70,23 @@ SELECT p.job_id, p.name, p.owner, p.provider, p.key_alias, p.model, p.status, p.
        pr.cached_input_per_mtok::float8 AS cached_input_per_mtok,
        pr.as_of AS price_as_of, pr.source AS price_source,
        now() AS db_now,
-       p.mode, pr.batch_discount::float8 AS batch_discount, p.deadline
+       p.mode, pr.batch_discount::float8 AS batch_discount, p.deadline,
+       p.n_duplicates, j.n_reused, j.reused_usd::float8 AS reused_usd
   FROM batchdb.job_progress p
   JOIN batchdb.jobs j ON j.id = p.job_id
   LEFT JOIN batchdb.prices pr ON pr.provider = p.provider AND pr.model = p.model
  WHERE %(job_id)s::bigint IS NULL OR p.job_id = %(job_id)s::bigint
  ORDER BY p.job_id DESC
  LIMIT %(limit)s
+"""
+
+# What a job's duplicates (0019) would have cost sent on their own: each its first row's answer, as
+# that row paid for it or, reused (0021), as its source paid for it.
+PG_JOB_DEDUPE_SAVED = """
+SELECT count(*) AS n, coalesce(sum(l.cost_usd + coalesce(l.reused_usd, 0)), 0)::float8 AS usd
+  FROM batchdb.requests d
+  JOIN batchdb.requests l ON l.job_id = d.job_id AND l.id = d.duplicate_of
+ WHERE d.job_id = %(job_id)s AND d.duplicate_of IS NOT NULL AND d.status = 'succeeded'
 """
 
 # The last minutes of one running job, by error class (NULL class: rows without an error).
@@ -587,6 +597,11 @@ def load_job_detail(
             lanes = fetch_rows(conn, PG_JOB_LANE_SPLIT, {"job_id": job_id})[0]
             clock = fetch_rows(conn, PG_AUTO_JOB_CLOCK, {"job_id": job_id})
             lanes.update(clock[0] if clock else {})
+        deduped = (
+            fetch_rows(conn, PG_JOB_DEDUPE_SAVED, {"job_id": job_id})[0]
+            if int(job.get("n_duplicates") or 0)
+            else {"n": 0, "usd": 0.0}
+        )
     timeline = _frame(summary["timeline"], TIMELINE_COLUMNS)
     errors = _frame(summary["errors"], ERROR_COLUMNS)
     if not est.exact:
@@ -612,6 +627,7 @@ def load_job_detail(
         "latency": latency,
         "errors": errors,
         "cost_by_token_type": cost_by_token_type(job),
+        "savings": savings(job, dedupe_rows=int(deduped["n"]), dedupe_usd=float(deduped["usd"])),
         "batches": batches,
         "lanes": lanes,
     }
@@ -689,20 +705,64 @@ def _frame(records: list[dict[str, Any]] | None, columns: Mapping[str, str]) -> 
     return frame
 
 
+def _job_prices(job: Mapping[str, Any]) -> tuple[float | None, float | None, float | None]:
+    """Input, output and cached-input list prices per 1M tokens as the job pays them: a batch-mode
+    job's less the batch discount."""
+    prices = [job.get(k) for k in ("input_per_mtok", "output_per_mtok", "cached_input_per_mtok")]
+    keep = 1.0
+    discount = job.get("batch_discount")
+    if job.get("mode") == "batch" and discount is not None and pd.notna(discount):
+        keep = 1 - float(discount)
+    input_price, output_price, cached_price = (
+        None if value is None or pd.isna(value) else float(value) * keep for value in prices
+    )
+    return input_price, output_price, cached_price
+
+
+def savings(job: Mapping[str, Any], *, dedupe_rows: int = 0, dedupe_usd: float = 0.0) -> pd.DataFrame:
+    """What a job did not pay, in one place, by cause: the batch discount (the same calls online),
+    duplicates sent once (`dedupe_rows`, each at its first row's cost: PG_JOB_DEDUPE_SAVED), answers
+    reused from earlier jobs (what they cost when first paid for, jobs.reused_usd) and prompt tokens
+    served from the provider's cache (at the input price less the cached-input price).
+
+        >>> savings({"cost_usd": 1.0, "mode": "batch", "batch_discount": 0.5})["usd"].sum()
+        1.0
+    """
+    cost = float(job.get("cost_usd") or 0)
+    batch = 0.0
+    discount = job.get("batch_discount")
+    if job.get("mode") == "batch" and discount is not None and pd.notna(discount) and 0 < float(discount) < 1:
+        batch = cost / (1 - float(discount)) - cost
+    input_price, _, cached_price = _job_prices(job)
+    cached_tokens = int(job.get("cached_tokens") or 0)
+    cached = 0.0
+    if input_price is not None and cached_price is not None:
+        cached = cached_tokens * max(input_price - cached_price, 0.0) / 1_000_000
+    return pd.DataFrame(
+        {
+            "saved by": [
+                "batch mode (the provider's Batch API discount)",
+                "dedupe (identical rows sent once)",
+                "reuse (stored answers of earlier jobs)",
+                "cached input (prompt cache)",
+            ],
+            "rows or tokens": [
+                int(job.get("n_succeeded") or 0) if batch else 0,
+                dedupe_rows,
+                int(job.get("n_reused") or 0),
+                cached_tokens,
+            ],
+            "usd": [batch, dedupe_usd, float(job.get("reused_usd") or 0), cached],
+        }
+    )
+
+
 def cost_by_token_type(job: Mapping[str, Any]) -> pd.DataFrame:
     """Recorded tokens priced at today's list price, next to the cost recorded row by row: prompt
     tokens the provider served from its prompt cache at the cached-input price, the rest at the
     input price (batchdb/pricing.py, the rule completions are recorded with); a batch-mode job's at
     the batch price (the list price less `batch_discount`)."""
-    input_price, output_price = job.get("input_per_mtok"), job.get("output_per_mtok")
-    cached_price = job.get("cached_input_per_mtok")
-    discount = job.get("batch_discount")
-    if job.get("mode") == "batch" and discount is not None and pd.notna(discount):
-        keep = 1 - float(discount)
-        input_price, output_price, cached_price = (
-            None if value is None or pd.isna(value) else float(value) * keep
-            for value in (input_price, output_price, cached_price)
-        )
+    input_price, output_price, cached_price = _job_prices(job)
     price = Price.of(input_price, output_price, cached_input_per_mtok=cached_price)
     prompt_tokens, completion_tokens = int(job["prompt_tokens"]), int(job["completion_tokens"])
     cached_tokens = min(int(job.get("cached_tokens") or 0), prompt_tokens)

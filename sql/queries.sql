@@ -34,10 +34,11 @@ INSERT INTO public.batchdb_migrations (version, name) VALUES (%(version)s, %(nam
 -- insert_job --
 -- A job starts as 'loading' so workers ignore it until its rows are all in.
 INSERT INTO batchdb.jobs (name, owner, provider, key_alias, model, params, priority, max_attempts, budget_usd,
-                          idempotency_key, allow_unknown_model, mode, deadline, status)
+                          idempotency_key, allow_unknown_model, mode, deadline, reuse, reuse_scope, reuse_max_age,
+                          status)
 VALUES (%(name)s, coalesce(%(owner)s, current_user), %(provider)s, %(key_alias)s, %(model)s, %(params)s,
         %(priority)s, %(max_attempts)s, %(budget_usd)s, %(idempotency_key)s, %(allow_unknown_model)s, %(mode)s,
-        %(deadline)s, 'loading')
+        %(deadline)s, %(reuse)s, %(reuse_scope)s, %(reuse_max_age)s, 'loading')
 ON CONFLICT (owner, idempotency_key) DO NOTHING
 RETURNING id
 
@@ -66,10 +67,11 @@ INSERT INTO batchdb.requests (job_id, custom_id, payload, input, request_key)
 SELECT job_id, custom_id, payload, input, request_key FROM batchdb_requests_staging
 
 -- mark_job_loaded --
--- Rows are in: the job becomes claimable (or completed at once when empty).
+-- Rows are in: the job becomes claimable (or completed at once when empty, or when every row was
+-- answered as it went in, by reuse: 0021).
 UPDATE batchdb.jobs
-   SET status = CASE WHEN n_total = 0 THEN 'completed' ELSE 'running' END,
-       finished_at = CASE WHEN n_total = 0 THEN now() END,
+   SET status = CASE WHEN n_total = 0 OR n_done = n_total THEN 'completed' ELSE 'running' END,
+       finished_at = CASE WHEN n_total = 0 OR n_done = n_total THEN now() END,
        input_sha256 = %(input_sha256)s
  WHERE id = %(job_id)s AND status = 'loading'
 
@@ -645,9 +647,11 @@ SELECT w.id, w.hostname, w.pid, w.concurrency, w.in_flight, w.n_completed, w.sta
 
 -- job_progress --
 -- `priced`: the job's model has a price (else its cost is unknown, not $0; the instant provider is free).
+-- n_reused, reused_usd: rows answered by reuse and what their answers first cost (0021).
 SELECT p.*, (p.provider = 'instant' OR EXISTS (SELECT 1 FROM batchdb.prices c
-                                                WHERE c.provider = p.provider AND c.model = p.model)) AS priced
-  FROM batchdb.job_progress p WHERE p.job_id = %(job_id)s
+                                                WHERE c.provider = p.provider AND c.model = p.model)) AS priced,
+       j.n_reused, j.reused_usd
+  FROM batchdb.job_progress p JOIN batchdb.jobs j ON j.id = p.job_id WHERE p.job_id = %(job_id)s
 
 -- job_batches --
 -- A batch-mode job's chunks and their batches at the provider (`batchdb status JOB`, Job.batches()).
@@ -756,9 +760,10 @@ UPDATE batchdb.prices SET source = %(source)s, as_of = %(as_of)s
 -- job_results --
 -- Streamed with a server-side cursor, in request order.
 -- `duplicate_of`: the custom_id of the row whose answer a duplicate took (0019).
+-- `reused_from_job`, `reused_from`: the job and request id of the stored answer a row reused (0021).
 SELECT q.id AS request_id, q.custom_id, q.input, q.status, q.attempts, q.prompt_tokens, q.cached_tokens,
        q.completion_tokens, q.cost_usd, q.error_class, q.error, q.latency_ms, r.response_text, r.finish_reason,
-       d.custom_id AS duplicate_of
+       d.custom_id AS duplicate_of, q.reused_from_job, q.reused_from
   FROM batchdb.requests q
   LEFT JOIN batchdb.results r ON r.job_id = q.job_id AND r.request_id = q.id
   LEFT JOIN batchdb.requests d ON d.job_id = q.job_id AND d.id = q.duplicate_of
@@ -877,9 +882,13 @@ SELECT * FROM batchdb.add_user(%(name)s::text, %(kind)s::text, %(weight)s::doubl
                                %(budget_usd_day)s::numeric, %(budget_usd_month)s::numeric,
                                %(email)s::text, %(password)s::text)
 
+-- set_user_team --
+-- Users of one team may reuse one another's answers (jobs.reuse_scope = 'team', 0021); NULL: no team.
+UPDATE batchdb.users SET team = %(team)s WHERE name = %(name)s
+
 -- list_users --
 -- Known users with their group role and what they spent today and this month (UTC).
-SELECT u.name, u.weight, u.budget_usd_day, u.budget_usd_month, u.email,
+SELECT u.name, u.weight, u.budget_usd_day, u.budget_usd_month, u.email, u.team,
        coalesce((SELECT string_agg(substr(g.rolname, 9), ',' ORDER BY g.rolname)
                    FROM pg_auth_members m
                    JOIN pg_roles g ON g.oid = m.roleid

@@ -42,9 +42,15 @@ CREATE TABLE batchdb.users (
     budget_usd_month numeric(14,6),
     email text,
     created_at timestamp with time zone DEFAULT now() NOT NULL,
+    team text,
     CONSTRAINT users_budgets_positive CHECK ((((budget_usd_day IS NULL) OR (budget_usd_day > (0)::numeric)) AND ((budget_usd_month IS NULL) OR (budget_usd_month > (0)::numeric)))),
+    CONSTRAINT users_team_name CHECK (((team IS NULL) OR (team ~ '^[a-z_][a-z0-9_.-]{0,62}$'::text))),
     CONSTRAINT users_weight_range CHECK (((weight >= (0.001)::double precision) AND (weight <= (1000)::double precision)))
 );
+
+-- comment COLUMN users.team
+
+COMMENT ON COLUMN batchdb.users.team IS 'Users with the same team may reuse one another''s answers (jobs.reuse_scope = team); NULL: no team.';
 
 -- function add_user(text, text, double precision, numeric, numeric, text, text)
 
@@ -685,6 +691,28 @@ BEGIN
 END;
 $$;
 
+-- function jobs_validate_reuse()
+
+CREATE FUNCTION batchdb.jobs_validate_reuse() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    IF NEW.reuse IS NOT NULL AND NEW.reuse <> 'exact' THEN
+        RAISE EXCEPTION 'batchdb.jobs.reuse: expected ''exact'' (take stored answers to the same requests) or NULL (off), got %',
+            quote_literal(NEW.reuse) USING ERRCODE = 'check_violation';
+    END IF;
+    IF NEW.reuse_scope IS NULL OR NEW.reuse_scope NOT IN ('user', 'team') THEN
+        RAISE EXCEPTION 'batchdb.jobs.reuse_scope: expected user or team, got %', coalesce(quote_literal(NEW.reuse_scope), 'NULL')
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF NEW.reuse_max_age IS NOT NULL AND NEW.reuse_max_age <= interval '0' THEN
+        RAISE EXCEPTION 'batchdb.jobs.reuse_max_age: expected a positive interval such as ''30 days'', or NULL for any age; got %',
+            quote_literal(NEW.reuse_max_age::text) USING ERRCODE = 'check_violation';
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
 -- function learn_limits(text, text, text, integer, integer)
 
 CREATE FUNCTION batchdb.learn_limits(p_provider text, p_key_alias text, p_model text, p_rpm integer, p_tpm integer) RETURNS void
@@ -1203,6 +1231,94 @@ BEGIN
             USING ERRCODE = 'check_violation';
     END IF;
     RETURN NEW;
+END;
+$$;
+
+-- function requests_reuse()
+
+CREATE FUNCTION batchdb.requests_reuse() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    job record;
+    owners text[];
+    sources bigint[];
+    ids bigint[];
+    src_jobs bigint[];
+    src_ids bigint[];
+    costs numeric[];
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM batchdb.jobs
+                    WHERE reuse IS NOT NULL AND status IN ('loading', 'running', 'paused')) THEN
+        RETURN NULL;
+    END IF;
+    FOR job IN
+        SELECT j.* FROM batchdb.jobs j
+         WHERE j.reuse IS NOT NULL AND j.status IN ('loading', 'running', 'paused')
+           AND j.id IN (SELECT DISTINCT job_id FROM new_rows WHERE request_key IS NOT NULL)
+    LOOP
+        owners := ARRAY[job.owner];
+        IF job.reuse_scope = 'team' THEN
+            SELECT array_agg(DISTINCT m.name) || job.owner INTO owners
+              FROM batchdb.users me JOIN batchdb.users m ON m.team = me.team
+             WHERE me.name = job.owner AND me.team IS NOT NULL;
+            owners := coalesce(owners, ARRAY[job.owner]);
+        END IF;
+        -- Jobs asking the same requests, with an answer young enough.
+        SELECT array_agg(s.id) INTO sources
+          FROM batchdb.jobs s
+         WHERE s.owner = ANY (owners)
+           AND s.provider = job.provider AND s.model = job.model
+           AND s.params - ARRAY['input_columns', 'input_types', 'dedupe'] = job.params - ARRAY['input_columns', 'input_types', 'dedupe']
+           AND s.n_succeeded > 0
+           AND (job.reuse_max_age IS NULL OR s.finished_at IS NULL OR s.finished_at >= now() - job.reuse_max_age);
+        CONTINUE WHEN sources IS NULL;
+        -- Row by row, the latest answer through requests_answers_idx (a probe per source job): a
+        -- join the planner orders itself can scan a whole source partition per row when its
+        -- statistics predate its answers.
+        -- The new rows are read back by id (their duplicate_of is set since): a join with the
+        -- transition table, which has no statistics, was planned as a nested loop over it.
+        SELECT array_agg(n.id) INTO ids FROM new_rows n WHERE n.job_id = job.id AND n.request_key IS NOT NULL;
+        SELECT array_agg(q.id), array_agg(a.job_id), array_agg(a.id), array_agg(a.cost_usd)
+          INTO ids, src_jobs, src_ids, costs
+          FROM batchdb.requests q
+          CROSS JOIN LATERAL (
+                SELECT s.job_id, s.id, s.cost_usd
+                  FROM batchdb.requests s
+                 WHERE s.job_id = ANY (sources) AND s.request_key = q.request_key
+                   AND s.status = 'succeeded' AND s.request_key IS NOT NULL
+                   AND s.duplicate_of IS NULL AND s.reused_from IS NULL
+                   AND (job.reuse_max_age IS NULL OR s.finished_at >= now() - job.reuse_max_age)
+                   AND EXISTS (SELECT 1 FROM batchdb.results r WHERE r.job_id = s.job_id AND r.request_id = s.id)
+                 ORDER BY s.finished_at DESC, s.id DESC
+                 LIMIT 1) a
+         WHERE q.job_id = job.id AND q.id = ANY (ids)
+           AND q.status = 'queued' AND q.duplicate_of IS NULL;
+        CONTINUE WHEN ids IS NULL;
+        -- The answer first: the rows' own update passes it on to their duplicates (0019).
+        INSERT INTO batchdb.results (job_id, request_id, response_text, response_json, finish_reason, model)
+        SELECT job.id, u.id, r.response_text, r.response_json, r.finish_reason, r.model
+          FROM unnest(ids, src_jobs, src_ids) AS u(id, src_job, src_id)
+          JOIN batchdb.results r ON r.job_id = ANY (sources) AND r.job_id = u.src_job AND r.request_id = u.src_id;
+        -- requests_after_update plans its joins of the transition tables once per session, sized by
+        -- its first call: in a submit that is 0019's update of a statement's duplicates, often none,
+        -- and a nested loop planned for none is quadratic for the thousands of rows updated here
+        -- (200,000 rows: minutes instead of seconds). Replanned, it hashes.
+        IF cardinality(ids) > 500 THEN
+            EXECUTE 'DISCARD PLANS';
+        END IF;
+        UPDATE batchdb.requests q
+           SET status = 'succeeded', finished_at = now(), run_after = now(),
+               reused_from = u.src_id, reused_from_job = u.src_job, reused_usd = u.cost
+          FROM unnest(ids, src_jobs, src_ids, costs) AS u(id, src_job, src_id, cost)
+         WHERE q.job_id = job.id AND q.id = u.id AND q.status = 'queued';
+        UPDATE batchdb.jobs
+           SET n_reused = n_reused + cardinality(ids),
+               reused_usd = reused_usd + (SELECT coalesce(sum(c), 0) FROM unnest(costs) AS c)
+         WHERE id = job.id;
+    END LOOP;
+    RETURN NULL;
 END;
 $$;
 
@@ -1815,6 +1931,11 @@ CREATE TABLE batchdb.jobs (
     wasted_usd numeric DEFAULT 0 NOT NULL,
     n_duplicates bigint DEFAULT 0 NOT NULL,
     mode text DEFAULT 'online'::text NOT NULL,
+    reuse text,
+    reuse_scope text DEFAULT 'user'::text NOT NULL,
+    reuse_max_age interval,
+    n_reused bigint DEFAULT 0 NOT NULL,
+    reused_usd numeric(18,8) DEFAULT 0 NOT NULL,
     deadline timestamp with time zone,
     CONSTRAINT jobs_budget_positive CHECK (((budget_usd IS NULL) OR (budget_usd > (0)::numeric))),
     CONSTRAINT jobs_max_attempts_positive CHECK ((max_attempts >= 1)),
@@ -1828,6 +1949,26 @@ CREATE TABLE batchdb.jobs (
 -- comment COLUMN jobs.mode
 
 COMMENT ON COLUMN batchdb.jobs.mode IS 'online: one call per row, paced by the rate-limit ledger; batch: rows go in chunks through the provider''s Batch API (batchdb.provider_batches); auto: batch while a batch can end before the deadline, online for the rest (0022).';
+
+-- comment COLUMN jobs.reuse
+
+COMMENT ON COLUMN batchdb.jobs.reuse IS 'exact: rows take a stored successful answer to the same request (another job''s, within reuse_scope and reuse_max_age) at $0; NULL: off.';
+
+-- comment COLUMN jobs.reuse_scope
+
+COMMENT ON COLUMN batchdb.jobs.reuse_scope IS 'Whose answers reuse takes: user (the owner''s) or team (every user with the owner''s batchdb.users.team).';
+
+-- comment COLUMN jobs.reuse_max_age
+
+COMMENT ON COLUMN batchdb.jobs.reuse_max_age IS 'Oldest answer reuse takes, by the time it was answered (database time); NULL: any age.';
+
+-- comment COLUMN jobs.n_reused
+
+COMMENT ON COLUMN batchdb.jobs.n_reused IS 'Rows answered by reuse (not counting duplicates that took a reused answer from their first row).';
+
+-- comment COLUMN jobs.reused_usd
+
+COMMENT ON COLUMN batchdb.jobs.reused_usd IS 'What the reused answers cost when they were first paid for: the money reuse saved.';
 
 -- comment COLUMN jobs.deadline
 
@@ -1870,6 +2011,9 @@ CREATE TABLE batchdb.requests (
     request_key bytea,
     duplicate_of bigint,
     batch_id bigint,
+    reused_from bigint,
+    reused_from_job bigint,
+    reused_usd numeric(18,8),
     CONSTRAINT requests_attempts_nonnegative CHECK ((attempts >= 0)),
     CONSTRAINT requests_max_attempts_positive CHECK (((max_attempts IS NULL) OR (max_attempts >= 1))),
     CONSTRAINT requests_status_valid CHECK ((status = ANY (ARRAY['queued'::text, 'running'::text, 'succeeded'::text, 'failed'::text, 'dead'::text, 'cancelled'::text])))
@@ -1891,6 +2035,18 @@ COMMENT ON COLUMN batchdb.requests.duplicate_of IS 'Set by batchdb: the id of th
 -- comment COLUMN requests.batch_id
 
 COMMENT ON COLUMN batchdb.requests.batch_id IS 'Set by batchdb: the chunk (batchdb.provider_batches) that sent this row last (batch-mode jobs).';
+
+-- comment COLUMN requests.reused_from
+
+COMMENT ON COLUMN batchdb.requests.reused_from IS 'Set by batchdb: the id of the row (of job reused_from_job) whose stored answer this row took (jobs.reuse).';
+
+-- comment COLUMN requests.reused_from_job
+
+COMMENT ON COLUMN batchdb.requests.reused_from_job IS 'Set by batchdb: the job of reused_from.';
+
+-- comment COLUMN requests.reused_usd
+
+COMMENT ON COLUMN batchdb.requests.reused_usd IS 'Set by batchdb: what the reused answer cost when it was paid for (this row cost $0).';
 
 -- view job_progress
 
@@ -2254,6 +2410,9 @@ CREATE TABLE batchdb.requests_orphan (
     request_key bytea,
     duplicate_of bigint,
     batch_id bigint,
+    reused_from bigint,
+    reused_from_job bigint,
+    reused_usd numeric(18,8),
     CONSTRAINT requests_attempts_nonnegative CHECK ((attempts >= 0)),
     CONSTRAINT requests_max_attempts_positive CHECK (((max_attempts IS NULL) OR (max_attempts >= 1))),
     CONSTRAINT requests_status_valid CHECK ((status = ANY (ARRAY['queued'::text, 'running'::text, 'succeeded'::text, 'failed'::text, 'dead'::text, 'cancelled'::text])))
@@ -2454,6 +2613,10 @@ CREATE INDEX jobs_lanes_idx ON batchdb.jobs USING btree (provider, key_alias) WH
 
 CREATE INDEX jobs_paused_until_idx ON batchdb.jobs USING btree (paused_until) WHERE ((status = 'paused'::text) AND (paused_until IS NOT NULL));
 
+-- index jobs_reusing_idx
+
+CREATE INDEX jobs_reusing_idx ON batchdb.jobs USING btree (id) WHERE ((reuse IS NOT NULL) AND (status = ANY (ARRAY['loading'::text, 'running'::text, 'paused'::text])));
+
 -- index notification_attempts_delivery_idx
 
 CREATE INDEX notification_attempts_delivery_idx ON batchdb.notification_attempts USING btree (delivery_id);
@@ -2490,6 +2653,10 @@ CREATE INDEX provider_batches_lane_idx ON batchdb.provider_batches USING btree (
 
 CREATE INDEX rate_limit_history_lane_idx ON batchdb.rate_limit_history USING btree (provider, key_alias, model, changed_at);
 
+-- index requests_answers_idx
+
+CREATE INDEX requests_answers_idx ON ONLY batchdb.requests USING btree (request_key, finished_at) WHERE ((status = 'succeeded'::text) AND (request_key IS NOT NULL) AND (duplicate_of IS NULL) AND (reused_from IS NULL));
+
 -- index requests_batch_idx
 
 CREATE INDEX requests_batch_idx ON ONLY batchdb.requests USING btree (batch_id) WHERE (batch_id IS NOT NULL);
@@ -2522,6 +2689,10 @@ CREATE INDEX requests_orphan_job_id_run_after_id_idx ON batchdb.requests_orphan 
 
 CREATE INDEX requests_orphan_lease_expires_at_idx ON batchdb.requests_orphan USING btree (lease_expires_at) WHERE (status = 'running'::text);
 
+-- index requests_orphan_request_key_finished_at_idx
+
+CREATE INDEX requests_orphan_request_key_finished_at_idx ON batchdb.requests_orphan USING btree (request_key, finished_at) WHERE ((status = 'succeeded'::text) AND (request_key IS NOT NULL) AND (duplicate_of IS NULL) AND (reused_from IS NULL));
+
 -- index attach requests_orphan_batch_id_idx
 
 ALTER INDEX batchdb.requests_batch_idx ATTACH PARTITION batchdb.requests_orphan_batch_id_idx;
@@ -2545,6 +2716,10 @@ ALTER INDEX batchdb.requests_leased_idx ATTACH PARTITION batchdb.requests_orphan
 -- index attach requests_orphan_pkey
 
 ALTER INDEX batchdb.requests_pkey ATTACH PARTITION batchdb.requests_orphan_pkey;
+
+-- index attach requests_orphan_request_key_finished_at_idx
+
+ALTER INDEX batchdb.requests_answers_idx ATTACH PARTITION batchdb.requests_orphan_request_key_finished_at_idx;
 
 -- index attach results_orphan_pkey
 
@@ -2594,6 +2769,10 @@ CREATE TRIGGER jobs_validate BEFORE INSERT OR UPDATE OF model, provider, priorit
 
 CREATE TRIGGER jobs_validate_model BEFORE INSERT ON batchdb.jobs FOR EACH ROW EXECUTE FUNCTION batchdb.jobs_check_model();
 
+-- trigger jobs jobs_validate_reuse
+
+CREATE TRIGGER jobs_validate_reuse BEFORE INSERT OR UPDATE OF reuse, reuse_scope, reuse_max_age ON batchdb.jobs FOR EACH ROW EXECUTE FUNCTION batchdb.jobs_validate_reuse();
+
 -- trigger notification_targets notification_targets_validate
 
 CREATE TRIGGER notification_targets_validate BEFORE INSERT OR UPDATE ON batchdb.notification_targets FOR EACH ROW EXECUTE FUNCTION batchdb.notification_targets_validate();
@@ -2639,6 +2818,10 @@ CREATE TRIGGER requests_refuse BEFORE INSERT ON batchdb.requests FOR EACH ROW WH
 -- trigger requests requests_refuse_oversized
 
 CREATE TRIGGER requests_refuse_oversized BEFORE INSERT ON batchdb.requests FOR EACH ROW WHEN (((COALESCE(pg_column_size(new.payload), 0) + COALESCE(pg_column_size(new.input), 0)) > 8000)) EXECUTE FUNCTION batchdb.requests_refuse_oversized();
+
+-- trigger requests requests_reuse
+
+CREATE TRIGGER requests_reuse AFTER INSERT ON batchdb.requests REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION batchdb.requests_reuse();
 
 -- trigger results_orphan results_orphan_refuse
 
@@ -3000,7 +3183,7 @@ GRANT SELECT,UPDATE ON TABLE batchdb.jobs TO batchdb_worker;
 
 -- column privileges
 
-GRANT INSERT (name, owner, provider, model, params, priority, status, max_attempts, budget_usd, idempotency_key, key_alias, allow_unknown_model, mode, deadline) ON TABLE batchdb.jobs TO batchdb_user;
+GRANT INSERT (name, owner, provider, model, params, priority, status, max_attempts, budget_usd, idempotency_key, key_alias, allow_unknown_model, mode, reuse, reuse_scope, reuse_max_age, deadline) ON TABLE batchdb.jobs TO batchdb_user;
 GRANT UPDATE (name, priority, status, status_reason, budget_usd, finished_at, paused_until, input_sha256) ON TABLE batchdb.jobs TO batchdb_user;
 GRANT INSERT (job_id, custom_id, payload, input, max_attempts, request_key) ON TABLE batchdb.requests TO batchdb_user;
 GRANT UPDATE (status, attempts, run_after, lease_owner, lease_expires_at, error_class, error, finished_at) ON TABLE batchdb.requests TO batchdb_user;

@@ -173,6 +173,15 @@ def body(detail: dict[str, Any]) -> None:
             f"({float(discount):.0%} off the {ui.fmt_usd(online)} the same calls cost online)."
         )
 
+    st.subheader("Money saved")
+    saved = detail["savings"]
+    ui.table(saved, hide_index=True, column_config={"usd": ui.USD})
+    st.caption(
+        f"Saved in all: {ui.fmt_usd(float(saved['usd'].sum()))} next to the {ui.fmt_usd(job['cost_usd'])} paid. "
+        "Dedupe counts each duplicate at what its first row's answer cost; reuse, each reused answer at what it "
+        "cost when first paid for; cached input, at today's input price less the cached-input price."
+    )
+
 
 def samples(job: dict[str, Any]) -> None:
     st.subheader("Sample of prompts and responses")

@@ -283,3 +283,36 @@ def test_a_timeout_while_the_provider_is_unavailable_fails_with_the_reason(dsn, 
     assert f"batchdb job {job.id} not finished after 0.2s" in message, message
     assert "waiting: provider unavailable since" in message and error in message, message
     assert job.status().status == "running"  # not paused: it resumes by itself when the provider answers
+
+
+def test_an_asset_with_reuse_takes_the_answers_another_asset_already_paid_for(
+    dsn, simulator, start_workers, tmp_path
+) -> None:
+    """llm_batch_asset(..., reuse="exact"): the same requests, asked by another asset, cost nothing and
+    reach no provider; the metadata says how many rows were reused and what that saved."""
+    from batchdb.dagster.example import SENTIMENT_SCHEMA
+
+    start_workers(dsn, simulator, 1)
+    assert materialize(dsn, tmp_path, headline_sentiment).success
+    again = llm_batch_asset(
+        name="headline_sentiment_again",
+        source=headlines,
+        prompt="Classify the market sentiment of this headline: {headline}",
+        system="You are a financial analyst. Answer in JSON.",
+        id_column="headline_id",
+        model="gpt-4o-mini",
+        provider="openai",
+        response_format=SENTIMENT_SCHEMA,
+        max_tokens=20,
+        temperature=0,
+        reuse="exact",
+    )
+    result = materialize(dsn, tmp_path, again)
+    assert result.success
+    meta = metadata_of(result, "headline_sentiment_again")
+    assert (meta["rows_succeeded"], meta["rows_reused"], meta["cost_usd"]) == (15, 15, 0)
+    assert meta["saved_by_reuse_usd"] > 0
+    assert simulator.stats(series=False)["totals"]["accepted"] == 15  # the first asset's calls only
+    first = pq.read_table(tmp_path / "headline_sentiment" / f"{DAY}.parquet").to_pandas()
+    second = pq.read_table(tmp_path / "headline_sentiment_again" / f"{DAY}.parquet").to_pandas()
+    assert second["response"].tolist() == first["response"].tolist()

@@ -141,11 +141,14 @@ def test_job_detail_shows_the_jobs_numbers(seeded, sql) -> None:
     assert "400 content filter: prompt refused" in set(errors["examples"])
     cost = at.dataframe[1].value
     assert cost["tokens"].sum() == job["prompt_tokens"] + job["completion_tokens"]
-    pairs = at.dataframe[2].value
+    saved = at.dataframe[2].value.set_index("saved by")["usd"]  # batch discount, dedupe, reuse, cached input
+    assert len(saved) == 4 and saved.sum() == 0
+    assert any(text.startswith("Saved in all: $0.0000") for text in (c.value for c in at.caption))
+    pairs = at.dataframe[3].value
     assert len(pairs) == 10 and pairs["response"].str.startswith("echo: Classify: Company a").all()
     first = list(pairs["custom_id"])
     at.button(key="another_sample").click().run()
-    assert list(at.dataframe[2].value["custom_id"]) != first
+    assert list(at.dataframe[3].value["custom_id"]) != first
     assert at.query_params["job"] == str(seeded.alpha)
 
 

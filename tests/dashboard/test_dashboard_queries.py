@@ -446,3 +446,55 @@ def test_a_batch_mode_jobs_detail_lists_its_batches_and_prices_tokens_at_the_bat
     ]
     cost = detail["cost_by_token_type"]
     assert cost["cost_usd"].sum() == pytest.approx(detail["job"]["cost_usd"])  # the batch price, not the list price
+    saved = detail["savings"].set_index("saved by")["usd"]
+    assert saved.iloc[0] == pytest.approx(detail["job"]["cost_usd"])  # a 50% discount saved what was paid
+    assert saved.iloc[1:].sum() == 0
+
+
+def test_a_jobs_detail_shows_the_money_saved_by_each_cause_in_one_place(dsn: str) -> None:
+    """Dedupe (each duplicate at its first row's answer's cost), reuse (each reused answer at what it
+    first cost: 0021) and cached input (at the input price less the cached price), side by side."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+
+        def job(**columns: str) -> int:
+            names = ", ".join(["model", "params", *columns])
+            values = ", ".join(["%s"] * (2 + len(columns)))
+            return conn.execute(
+                f"INSERT INTO batchdb.jobs ({names}) VALUES ({values}) RETURNING id",
+                ("gpt-4o-mini", '{"prompt": "{h}"}', *columns.values()),
+            ).fetchone()[0]
+
+        def answer(job_id: int, where: str, cost: str, cached: int = 0) -> None:
+            conn.execute(
+                "INSERT INTO batchdb.results (job_id, request_id, response_text) SELECT job_id, id, 'yes' "
+                f"FROM batchdb.requests WHERE job_id = %s AND status = 'queued' AND {where}",
+                (job_id,),
+            )
+            conn.execute(
+                "UPDATE batchdb.requests SET status = 'succeeded', attempts = 1, finished_at = now(), "
+                f"prompt_tokens = 1000, cached_tokens = %s, cost_usd = %s WHERE job_id = %s AND {where}",
+                (cached, cost, job_id),
+            )
+
+        first = job()
+        conn.execute(
+            "INSERT INTO batchdb.requests (job_id, custom_id, input, request_key) VALUES "
+            "(%(j)s, 'a', '{\"h\": 1}', 'k1'), (%(j)s, 'b', '{\"h\": 2}', 'k2')",
+            {"j": first},
+        )
+        answer(first, "true", "0.01")
+        second = job(reuse="exact")
+        conn.execute(
+            "INSERT INTO batchdb.requests (job_id, custom_id, input, request_key) VALUES "
+            "(%(j)s, 'a', '{\"h\": 1}', 'k1'), (%(j)s, 'a2', '{\"h\": 1}', 'k1'), (%(j)s, 'c', '{\"h\": 3}', 'k3'),"
+            "(%(j)s, 'c2', '{\"h\": 3}', 'k3')",
+            {"j": second},
+        )
+        answer(second, "custom_id = 'c'", "0.02", cached=400)
+
+    detail = queries.load_job_detail(dsn, second)
+    assert detail is not None
+    saved = detail["savings"].set_index("saved by")
+    assert saved["rows or tokens"].tolist() == [0, 2, 1, 400]  # a2 (of a reused answer) and c2; a; c's cache
+    assert saved["usd"].tolist() == pytest.approx([0, 0.01 + 0.02, 0.01, 400 * (0.15 - 0.075) / 1_000_000])
+    assert detail["job"]["cost_usd"] == pytest.approx(0.02)  # one call paid: c
