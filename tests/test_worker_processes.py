@@ -89,7 +89,7 @@ def test_four_worker_processes_drain_20000_rows_exactly_once(dsn: str, simulator
 
 
 def test_sigkilled_worker_loses_nothing(dsn: str, simulator: SimulatorProcess) -> None:
-    rows = 3000
+    rows = 2000
     simulator.set_config(latency_s={"kind": "uniform", "low": 0.2, "high": 0.4})
     job = submit_rows(dsn, rows)
     workers = start_openai_workers(2, dsn, simulator, "--concurrency", "32", "--lease-seconds", "6")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pandas as pd
@@ -44,7 +45,17 @@ def add_usage(conn: psycopg.Connection, minutes_ago: list[int], *, rate_limited:
     )
 
 
+def start_early_in_a_minute(conn: psycopg.Connection, seconds_needed: float = 20.0) -> None:
+    """Wait for the database clock's next minute when fewer than `seconds_needed` are left in this one:
+    the limits are backdated from now() and each minute's age counted from now() again, so a minute
+    turning in between shifts every age by one (a CI run once crossed it)."""
+    left = conn.execute("SELECT 60 - extract(second FROM clock_timestamp())::float8 AS s").fetchone()["s"]
+    if left < seconds_needed:
+        time.sleep(left + 0.2)
+
+
 def test_each_minute_shows_the_limit_in_effect_then(dsn: str, conn: psycopg.Connection) -> None:
+    start_early_in_a_minute(conn)
     ledger.set_limits(conn, LANE, rpm=100, tpm=10_000)
     backdate_last_change(conn, 40)
     ledger.set_limits(conn, LANE, rpm=200, tpm=20_000)
