@@ -6,37 +6,16 @@ transaction that records it: its answer (a copy of its result, no tokens, no cos
 
 from __future__ import annotations
 
-from collections import Counter
 from decimal import Decimal
 
 import pandas as pd
 import psycopg
 import pytest
+from counting_provider import CountingProvider
 
 import batchdb
-from batchdb.providers.base import ChatRequest, ChatResponse, ErrorKind, ProviderError
+from batchdb.providers.base import ErrorKind
 from batchdb.workers.outcomes import RetryPolicy
-
-
-class CountingProvider:
-    """Answers each prompt, counting the calls; prompts listed in `refuse` fail as the provider refuses them."""
-
-    name = "instant"
-
-    def __init__(self, refuse: dict[str, ErrorKind] | None = None) -> None:
-        self.calls: Counter[str] = Counter()
-        self.refuse = refuse or {}
-
-    async def complete(self, request: ChatRequest) -> ChatResponse:
-        prompt = str(request.messages[-1]["content"])
-        self.calls[prompt] += 1
-        if prompt in self.refuse:
-            raise ProviderError(self.refuse[prompt], f"refused: {prompt}", status_code=400)
-        return ChatResponse(text=f"answer to {prompt}", finish_reason="stop", prompt_tokens=9, completion_tokens=4)
-
-    async def aclose(self) -> None:
-        return None
-
 
 HEADLINES = ["Acme up", "Globex down", "Acme up", "Initech flat", "Globex down", "Acme up"]
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -20,36 +19,17 @@ import pandas as pd
 import psycopg
 import pytest
 from click.testing import CliRunner
+from counting_provider import CountingProvider
 from psycopg.conninfo import make_conninfo
 
 import batchdb
 from batchdb import users
 from batchdb.cli import cli
 from batchdb.ingest import InputError
-from batchdb.providers.base import ChatRequest, ChatResponse, ErrorKind, ProviderError
+from batchdb.providers.base import ErrorKind
 from batchdb.simulator import Distribution, SimulatorConfig, SimulatorProcess
 from batchdb.workers.outcomes import RetryPolicy
 from batchdb.workers.worker import Worker, WorkerConfig
-
-
-class CountingProvider:
-    """Answers each prompt, counting the calls; prompts listed in `refuse` fail as the provider refuses them."""
-
-    name = "instant"
-
-    def __init__(self, refuse: dict[str, ErrorKind] | None = None) -> None:
-        self.calls: Counter[str] = Counter()
-        self.refuse = refuse or {}
-
-    async def complete(self, request: ChatRequest) -> ChatResponse:
-        prompt = str(request.messages[-1]["content"])
-        self.calls[prompt] += 1
-        if prompt in self.refuse:
-            raise ProviderError(self.refuse[prompt], f"refused: {prompt}", status_code=400)
-        return ChatResponse(text=f"answer to {prompt}", finish_reason="stop", prompt_tokens=9, completion_tokens=4)
-
-    async def aclose(self) -> None:
-        return None
 
 
 def frame(*headlines: str) -> pd.DataFrame:
