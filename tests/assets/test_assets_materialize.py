@@ -47,11 +47,14 @@ def jobs(dsn: str) -> list[tuple[int, str, str]]:
 
 
 @pytest.fixture
-def ephemeral_instance() -> Iterator[Callable[[], dg.DagsterInstance]]:
+def ephemeral_instance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[], dg.DagsterInstance]]:
+    """Instances on SQLite files, not `DagsterInstance.ephemeral()`: its in-memory database fails
+    with "database table is locked" (no busy wait) when the test's thread reads runs while the
+    run's thread writes them; a file database waits for the lock instead."""
     instances: list[dg.DagsterInstance] = []
 
     def make() -> dg.DagsterInstance:
-        instances.append(dg.DagsterInstance.ephemeral())
+        instances.append(dg.DagsterInstance.local_temp(str(tmp_path_factory.mktemp("dagster_home"))))
         return instances[-1]
 
     yield make
