@@ -478,6 +478,31 @@ BEGIN
 END;
 $$;
 
+-- function jobs_before_delete()
+
+CREATE FUNCTION batchdb.jobs_before_delete() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path TO 'pg_catalog', 'pg_temp'
+    AS $$
+DECLARE
+    open_chunks integer;
+    providers text;
+BEGIN
+    SELECT count(*), string_agg(DISTINCT b.provider, ', ')
+      INTO open_chunks, providers
+      FROM batchdb.provider_batches b
+     WHERE b.job_id = OLD.id AND b.state <> 'collected' AND b.upload_started_at IS NOT NULL;
+    IF open_chunks > 0 THEN
+        RAISE EXCEPTION 'job % has % batch(es) open at %: deleting it would leave them running and billed',
+                        OLD.id, open_chunks, providers
+            USING ERRCODE = 'object_in_use',
+                  HINT = format('Cancel it first (batchdb cancel %s, or SELECT batchdb.cancel_job(%s)); once '
+                                'its batches are cancelled and collected the delete goes through.', OLD.id, OLD.id);
+    END IF;
+    RETURN OLD;
+END;
+$$;
+
 -- function jobs_check_model()
 
 CREATE FUNCTION batchdb.jobs_check_model() RETURNS trigger
@@ -2733,6 +2758,10 @@ CREATE TRIGGER jobs_after_delete AFTER DELETE ON batchdb.jobs FOR EACH ROW EXECU
 
 CREATE TRIGGER jobs_after_insert AFTER INSERT ON batchdb.jobs FOR EACH ROW EXECUTE FUNCTION batchdb.jobs_after_insert();
 
+-- trigger jobs jobs_before_delete
+
+CREATE TRIGGER jobs_before_delete BEFORE DELETE ON batchdb.jobs FOR EACH ROW EXECUTE FUNCTION batchdb.jobs_before_delete();
+
 -- trigger jobs jobs_check_params
 
 CREATE TRIGGER jobs_check_params BEFORE INSERT OR UPDATE OF params ON batchdb.jobs FOR EACH ROW EXECUTE FUNCTION batchdb.jobs_check_params();
@@ -3093,6 +3122,10 @@ REVOKE ALL ON FUNCTION batchdb.drop_job_partitions(p_job_id bigint) FROM PUBLIC;
 REVOKE ALL ON FUNCTION batchdb.form_provider_batch(p_provider text, p_key_aliases text[], p_max_rows integer) FROM PUBLIC;
 GRANT ALL ON FUNCTION batchdb.form_provider_batch(p_provider text, p_key_aliases text[], p_max_rows integer) TO batchdb_worker;
 GRANT ALL ON FUNCTION batchdb.form_provider_batch(p_provider text, p_key_aliases text[], p_max_rows integer) TO batchdb_admin;
+
+-- acl FUNCTION jobs_before_delete()
+
+REVOKE ALL ON FUNCTION batchdb.jobs_before_delete() FROM PUBLIC;
 
 -- acl FUNCTION provider_batch_reserve(p_id bigint, p_lease_token bigint)
 

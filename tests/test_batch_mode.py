@@ -274,6 +274,56 @@ def test_cancelling_a_job_cancels_its_open_batch_and_counts_what_was_answered_as
     assert_billed(done.wasted_usd, batch_price(conn, wasted["p"], wasted["c"], wasted["o"]), 30)
 
 
+def test_a_job_with_a_batch_open_at_the_provider_cannot_be_deleted_until_cancelled(
+    dsn: str, conn: psycopg.Connection, simulator: Callable[..., SimulatorProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Deleting the job would drop its chunk: nobody would cancel the batch, which the provider goes on
+    # answering and billing. The delete is refused with what to do; after the cancel it goes through.
+    config = {**FAST, "batch_duration_s": Distribution(kind="fixed", value=30.0), "batch_cancelling_s": 0.1}
+    sim = simulator(SimulatorConfig(**config))
+    monkeypatch.setenv("OPENAI_BASE_URL", sim.openai_base_url)
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    job = submit(dsn, 6)
+
+    def chunk() -> dict[str, Any] | None:
+        return conn.execute(
+            "SELECT state, batch_id, provider_status FROM batchdb.provider_batches WHERE job_id = %s", (job.id,)
+        ).fetchone()
+
+    async def scenario() -> None:
+        worker = Worker(
+            WorkerConfig(dsn=dsn, concurrency=4, exit_when_idle=True, poll_interval=0.2, batch=QUICK_BATCHES)
+        )
+        running = asyncio.create_task(worker.run())
+        while not ((found := await asyncio.to_thread(chunk)) and found["batch_id"]):
+            await asyncio.sleep(0.05)
+        with pytest.raises(psycopg.errors.ObjectInUse) as refused:
+            await asyncio.to_thread(lambda: conn.execute("DELETE FROM batchdb.jobs WHERE id = %s", (job.id,)))
+        assert f"job {job.id} has 1 batch(es) open at openai" in str(refused.value)
+        assert f"batchdb cancel {job.id}" in (refused.value.diag.message_hint or "")
+        await asyncio.to_thread(job.cancel)
+        await asyncio.wait_for(running, 60)
+
+    asyncio.run(scenario())
+    batch_id = chunk()["batch_id"]  # type: ignore[index]
+    assert chunk() == {"state": "collected", "batch_id": batch_id, "provider_status": "cancelled"}
+    with openai.OpenAI(base_url=sim.openai_base_url, api_key=KEY, max_retries=0) as provider:
+        assert provider.batches.retrieve(batch_id).status == "cancelled"
+    conn.execute("DELETE FROM batchdb.jobs WHERE id = %s", (job.id,))
+    assert conn.execute("SELECT count(*) AS n FROM batchdb.jobs WHERE id = %s", (job.id,)).fetchone()["n"] == 0
+
+
+def test_a_job_whose_chunk_never_reached_the_provider_deletes_at_once(dsn: str, conn: psycopg.Connection) -> None:
+    job = submit(dsn, 3)
+    conn.execute(
+        "INSERT INTO batchdb.provider_batches (job_id, provider, key_alias, model) "
+        "VALUES (%s, 'openai', 'default', %s)",
+        (job.id, MODEL),
+    )
+    conn.execute("DELETE FROM batchdb.jobs WHERE id = %s", (job.id,))
+    assert conn.execute("SELECT count(*) AS n FROM batchdb.provider_batches").fetchone()["n"] == 0
+
+
 def test_a_batch_that_fails_validation_fails_its_rows_with_the_providers_reason(
     dsn: str, simulator: Callable[..., SimulatorProcess], monkeypatch: pytest.MonkeyPatch
 ) -> None:
