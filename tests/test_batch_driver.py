@@ -71,6 +71,8 @@ def driver(dsn: str, sim: SimulatorProcess, name: str, **options: Any) -> BatchD
             "queue_wait": 0.05,
             "error_wait": 0.05,
             "retry": RetryPolicy(0.05, 0.1),
+            # The files stay at the provider, so the tests can count every file ever uploaded.
+            "delete_files": False,
             **options,
         }
     )

@@ -20,6 +20,8 @@ import psycopg
 import pytest
 from batch_support import FAST, QUICK_BATCHES
 from click.testing import CliRunner
+from google import genai
+from google.genai import types as genai_types
 
 import batchdb
 from batchdb.cli import cli
@@ -103,6 +105,8 @@ def test_a_batch_job_is_answered_once_at_the_batch_price(
     assert {c["state"] for c in made} == {"collected"}
     remote = list(client.batches.list(limit=100))
     assert len(remote) == 3 and {b.id for b in remote} == {c["batch_id"] for c in made}
+    # Every answer is in the database: the input and output files are gone from the key's storage.
+    assert all(c["input_file_id"] for c in made) and list(client.files.list()) == []
     # The provider's bill (its batch lines) equals the job's recorded tokens and cost at the batch price.
     totals = sim.stats(series=False)["totals"]
     assert totals["batch_requests"] == 25 and totals["requests"] == 0  # not one online call
@@ -510,6 +514,8 @@ def test_gemini_batch_mode_answers_every_row_once_at_the_batch_price(
         model="gemini-2.0-flash",
     )
     assert_billed(done.cost_usd, billed, int(results["attempts"].sum()))
+    gemini = genai.Client(api_key="g-batch-test", http_options=genai_types.HttpOptions(base_url=sim.base_url))
+    assert list(gemini.files.list()) == []  # the batches' result files deleted once recorded
 
 
 def test_a_gemini_batch_refused_for_its_queue_quota_is_created_again_when_there_is_room(

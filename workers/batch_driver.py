@@ -113,6 +113,8 @@ class BatchAPI(Protocol):
 
     async def results(self, batch: RemoteBatch) -> dict[str, LineResult]: ...
 
+    async def delete_file(self, file_id: str) -> None: ...
+
 
 @dataclass
 class BatchDriverConfig:
@@ -140,6 +142,9 @@ class BatchDriverConfig:
     form: int = 16
     # Rows of the error file go back to the queue for a later chunk after this backoff.
     retry: RetryPolicy = field(default_factory=lambda: RetryPolicy(base_seconds=30.0, max_seconds=600.0))
+    # Delete a chunk's input, output and error files at the provider once its outcomes are recorded:
+    # every answer is in the database by then, and the files count against the key's storage quota.
+    delete_files: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < self.request_timeout < self.lease_seconds / 2:
@@ -397,6 +402,7 @@ class BatchDriver:
                     current = await self._poll(api, current)
                 elif current.state in ENDED:
                     await self._collect(api, current)
+                    await self._delete_files(api, current)
                     current = None
                 else:
                     current = None
@@ -690,6 +696,19 @@ class BatchDriver:
 
         await self._db.run(abandon, what="abandon chunk")
         log.info("batch chunk %s: not sent (%s)", chunk.id, reason or (job.status if job else "job gone"))
+        await self._delete_files(self._api_for(chunk.provider, chunk.key_alias), chunk)
+
+    async def _delete_files(self, api: BatchAPI, chunk: Chunk) -> None:
+        """After the chunk is collected: its files at the provider are no longer needed. Best effort (a
+        worker killed before this leaves them to the provider's own expiry, OpenAI's 30 days)."""
+        if not self.config.delete_files:
+            return
+        for file_id in (chunk.input_file_id, chunk.output_file_id, chunk.error_file_id):
+            if file_id:
+                try:
+                    await api.delete_file(file_id)
+                except ProviderError as exc:
+                    log.info("batch chunk %s: could not delete file %s (%s)", chunk.id, file_id, exc.message)
 
     async def _refused(self, chunk: Chunk, exc: ProviderError) -> None:
         """The provider refused to create the batch (a 400): its rows fail with the reason."""
