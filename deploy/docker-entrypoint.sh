@@ -5,9 +5,9 @@
 #
 #   worker [OPTIONS]       batchdb worker (the default); BATCHDB_METRICS_PORT serves /metrics, /healthz
 #   migrate                batchdb db upgrade (run once per release, before the workers)
-#   dashboard [OPTIONS]    batchdb dashboard on 0.0.0.0:${BATCHDB_DASHBOARD_PORT:-8501}
-#   code-server [ARGS]     dagster api grpc on 0.0.0.0:${DAGSTER_GRPC_PORT:-3030}; ARGS default to
-#                          the example code location (-m batchdb.dagster.example)
+#   dashboard [OPTIONS]    batchdb dashboard on 0.0.0.0 (port 8501 unless --port)
+#   code-server [ARGS]     dagster api grpc on 0.0.0.0; ARGS default to port 3030 and the example
+#                          code location (-p 3030 -m batchdb.dagster.example)
 #   anything else          run as given: `batchdb status`, `dagster api grpc ...` (what the Dagster
 #                          Helm chart passes as the container's args), `sh`
 set -eu
@@ -23,11 +23,11 @@ case "$role" in
         exec batchdb db upgrade "$@"
         ;;
     dashboard)
-        exec batchdb dashboard --host 0.0.0.0 --port "${BATCHDB_DASHBOARD_PORT:-8501}" "$@"
+        exec batchdb dashboard --host 0.0.0.0 "$@"
         ;;
     code-server)
-        [ "$#" -gt 0 ] || set -- -m batchdb.dagster.example
-        exec dagster api grpc -h 0.0.0.0 -p "${DAGSTER_GRPC_PORT:-3030}" "$@"
+        [ "$#" -gt 0 ] || set -- -p 3030 -m batchdb.dagster.example
+        exec dagster api grpc -h 0.0.0.0 "$@"
         ;;
     *)
         exec "$role" "$@"

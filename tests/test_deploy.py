@@ -858,9 +858,7 @@ def test_the_entry_point_serves_the_dashboard_on_every_address(
 ) -> None:
     port = free_port("0.0.0.0")
     log = tmp_path / "dashboard.log"
-    dashboard = started(
-        _start(image, ["dashboard"], log, image.run_env(BATCHDB_DSN=dsn, BATCHDB_DASHBOARD_PORT=str(port)))
-    )
+    dashboard = started(_start(image, ["dashboard", "--port", str(port)], log, image.run_env(BATCHDB_DSN=dsn)))
     _wait_for(lambda: f"batchdb dashboard on http://0.0.0.0:{port}" in log.read_text(), dashboard, log, "the dashboard")
     assert _get(f"http://127.0.0.1:{port}/_stcore/health") == (200, "ok")  # what the probes ask
     os.killpg(dashboard.pid, signal.SIGTERM)
@@ -868,18 +866,24 @@ def test_the_entry_point_serves_the_dashboard_on_every_address(
 
 
 @pytest.mark.slow
-def test_the_entry_point_runs_the_dagster_code_server_as_the_helm_chart_starts_it(
+@pytest.mark.parametrize("started_as", ["helm chart", "code-server role"])
+def test_the_entry_point_runs_the_dagster_code_server(
+    started_as: str,
     image: FakeImage,
     dsn: str,
     tmp_path: Path,
     started: Callable[[subprocess.Popen[bytes]], subprocess.Popen[bytes]],
 ) -> None:
     """The chart passes `dagster api grpc -h 0.0.0.0 -p PORT <dagsterApiGrpcArgs>` as the container's
-    args (after the image's ENTRYPOINT) and probes it with `dagster api grpc-health-check -p PORT`."""
+    args (after the image's ENTRYPOINT) and probes it with `dagster api grpc-health-check -p PORT`;
+    the `code-server` role starts the same server."""
     values = yaml.safe_load((DEPLOY / "dagster" / "values.yaml").read_text())
     [deployment] = values["dagster-user-deployments"]["deployments"]
     port = free_port("0.0.0.0")
-    args = ["dagster", "api", "grpc", "-h", "0.0.0.0", "-p", str(port), *deployment["dagsterApiGrpcArgs"]]
+    if started_as == "helm chart":
+        args = ["dagster", "api", "grpc", "-h", "0.0.0.0", "-p", str(port), *deployment["dagsterApiGrpcArgs"]]
+    else:
+        args = ["code-server", "-p", str(port), "-m", "batchdb.dagster.example"]
     env = image.run_env(BATCHDB_DSN=dsn, DAGSTER_HOME=str(tmp_path))
     log = tmp_path / "code-server.log"
     server = started(_start(image, args, log, env))
