@@ -397,13 +397,19 @@ def test_the_keda_schema_refuses_a_misspelt_trigger_field() -> None:
         jsonschema.validate(metadata, POSTGRESQL_METADATA)
 
 
-def test_the_keda_query_returns_a_number(conn: psycopg.Connection) -> None:
-    """KEDA's scaler reads the first column of the first row as a number (0 on an empty queue)."""
+def test_the_keda_query_counts_the_rows_due(conn: psycopg.Connection, dsn: str) -> None:
+    """KEDA's scaler reads the first column of the first row as a number: 0 on an empty queue, the
+    queued rows once a job is submitted."""
     found = conn.execute("SELECT to_regclass('batchdb.queue_depth') IS NOT NULL AS found").fetchone()
     if not found["found"]:
         pytest.skip("batchdb.queue_depth is not in this schema yet (issue 13's metrics work adds it)")
     [value] = conn.execute(QUEUE_DEPTH_QUERY).fetchone().values()
     assert float(value) == 0
+    batchdb.submit(
+        pd.DataFrame({"text": ["a", "b", "c", "d", "e"]}), prompt="{text}", model="m", provider="instant", dsn=dsn
+    )
+    [value] = conn.execute(QUEUE_DEPTH_QUERY).fetchone().values()
+    assert float(value) == 5
 
 
 # -- systemd ---------------------------------------------------------------------------------------
