@@ -181,6 +181,8 @@ def test_each_role_runs_the_entry_points_command_as_a_non_root_user() -> None:
         assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
         assert c["securityContext"]["allowPrivilegeEscalation"] is False
         assert pod["automountServiceAccountToken"] is False
+    # The image's own user is the one the pods ask for (runAsNonRoot needs a numeric USER to check).
+    assert Dockerfile.parse(REPO / "Dockerfile").final.user == "10001:10001"
     dashboard_port = container(docs, "Deployment", "batchdb-dashboard")["ports"][0]
     service = by_kind(docs, "Service")["batchdb-dashboard"]
     assert service["spec"]["ports"][0]["targetPort"] == dashboard_port["name"]
