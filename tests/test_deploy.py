@@ -852,7 +852,7 @@ def test_the_entry_point_migrates_then_runs_a_worker_that_drains_and_stops_on_si
         status, body = _get(f"http://127.0.0.1:{metrics_port}/healthz")
         assert status == 200, body
         status, body = _get(f"http://127.0.0.1:{metrics_port}/metrics")
-        assert status == 200 and "# TYPE" in body, body[:2000]
+        assert status == 200 and "# TYPE batchdb_" in body, body[:2000]
     os.killpg(worker.pid, signal.SIGTERM)
     assert worker.wait(timeout=WORST_DRAIN_S + 15) == 0, log.read_text()[-3000:]
 
