@@ -1035,7 +1035,13 @@ def _require_extra(extra: str, *modules: str) -> None:
 
 
 @cli.command("dashboard")
-@click.option("--port", default=8501, show_default=True, help="Port on 127.0.0.1.")
+@click.option("--port", default=8501, show_default=True, help="Port to listen on.")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on; 0.0.0.0 in a container (deploy/), behind your own access control.",
+)
 @click.option(
     "--outputs",
     "outputs_dir",
@@ -1045,12 +1051,14 @@ def _require_extra(extra: str, *modules: str) -> None:
 )
 @click.option("--refresh", "refresh_seconds", default=None, type=float, help="Live refresh period in seconds.")
 @_dsn_option
-def dashboard_command(port: int, outputs_dir: Path | None, refresh_seconds: float | None, dsn: str | None) -> None:
-    """Start the Streamlit dashboard on 127.0.0.1 (read-only, except cancel/retry)."""
+def dashboard_command(
+    port: int, host: str, outputs_dir: Path | None, refresh_seconds: float | None, dsn: str | None
+) -> None:
+    """Start the Streamlit dashboard, on 127.0.0.1 unless --host (read-only, except cancel/retry)."""
     _require_extra("dashboard", "streamlit", "altair", "duckdb")
     from batchdb.dashboard.run import run_dashboard
 
-    run_dashboard(dsn, port, host="127.0.0.1", outputs_dir=outputs_dir, refresh_seconds=refresh_seconds)
+    run_dashboard(dsn, port, host=host, outputs_dir=outputs_dir, refresh_seconds=refresh_seconds)
 
 
 @cli.command(
