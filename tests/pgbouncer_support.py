@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from batchdb import embedded
 
@@ -73,8 +73,10 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def pgbouncer(server_port: int, *, pool_size: int, max_client_conn: int = 2000) -> Iterator[tuple[int, Path]]:
-    """PgBouncer in transaction pooling mode on a free port in front of 127.0.0.1:`server_port`;
+def pgbouncer(
+    server_port: int, *, pool_size: int, max_client_conn: int = 2000, server_host: str = "127.0.0.1"
+) -> Iterator[tuple[int, Path]]:
+    """PgBouncer in transaction pooling mode on a free port in front of `server_host`:`server_port`;
     yields its port and log file. Its defaults otherwise: `options` is refused, not ignored."""
     binary = pgbouncer_binary()
     assert binary is not None, "pgbouncer is not installed (apt-get install pgbouncer)"
@@ -85,7 +87,7 @@ def pgbouncer(server_port: int, *, pool_size: int, max_client_conn: int = 2000) 
     (folder / "userlist.txt").write_text('"postgres" ""\n')
     (folder / "pgbouncer.ini").write_text(
         f"""[databases]
-* = host=127.0.0.1 port={server_port}
+* = host={server_host} port={server_port}
 
 [pgbouncer]
 listen_addr = 127.0.0.1
@@ -144,3 +146,12 @@ def pooled_database(*, max_connections: int, pool_size: int) -> Iterator[Pooled]
     with small_server(max_connections) as server, pgbouncer(server.port, pool_size=pool_size) as (port, log):
         pooled = make_conninfo(server.dsn, port=port)
         yield Pooled(direct_dsn=server.dsn, pooled_dsn=pooled, pooler_log=log, server_log=server.log_file)
+
+
+@contextlib.contextmanager
+def in_front_of(dsn: str, *, pool_size: int = 5) -> Iterator[str]:
+    """PgBouncer (transaction mode) in front of the server of `dsn`; yields `dsn` through it."""
+    params = conninfo_to_dict(dsn)
+    host = str(params.get("host") or "127.0.0.1")
+    with pgbouncer(int(params.get("port") or 5432), pool_size=pool_size, server_host=host) as (port, _):
+        yield make_conninfo(dsn, host="127.0.0.1", port=port)
