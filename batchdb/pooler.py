@@ -56,9 +56,9 @@ REFUSED_PARAMETER = "unsupported startup parameter"
 # with its parameters), so their absence through a pooler is not worth a warning.
 MOOT_WHEN_POOLED = frozenset({"plan_cache_mode"})
 
-# Server DSNs (without `options`) this process saw refuse `options` (auto mode).
+# Endpoints (host:port) this process saw refuse `options` (auto mode).
 _refused: set[str] = set()
-# (server DSN, setting) pairs already compared, so each is checked and warned about once.
+# (database DSN without options, setting) pairs already compared, so each is checked and warned about once.
 _checked: set[tuple[str, str]] = set()
 
 
@@ -69,19 +69,28 @@ def mode(env: Mapping[str, str] | None = None) -> str:
     return value if value in MODES else AUTO
 
 
-def server_key(conninfo: str) -> str:
-    """`conninfo` without its `options`: what identifies the server (or pooler) and database."""
+def without_options(conninfo: str) -> str:
+    """`conninfo` without its `options`."""
     params = conninfo_to_dict(conninfo)
     params.pop("options", None)
     return make_conninfo("", **params)
 
 
+def endpoint(conninfo: str) -> str:
+    """Where `conninfo` connects (host and port, libpq's defaults when absent): a pooler listens
+    there for every database, user and application name alike."""
+    params = conninfo_to_dict(conninfo)
+    host = params.get("host") or params.get("hostaddr") or os.environ.get("PGHOST") or "(socket)"
+    port = params.get("port") or os.environ.get("PGPORT") or "5432"
+    return f"{host}:{port}"
+
+
 def is_pooled(conninfo: str) -> bool:
     """Whether connections to `conninfo` go through a transaction pooler, as far as this process
-    knows (in auto mode: once a connection to it was refused for its options)."""
+    knows (in auto mode: once a connection to its endpoint was refused for its options)."""
     current = mode()
     if current == AUTO:
-        return server_key(conninfo) in _refused
+        return endpoint(conninfo) in _refused
     return current == TRANSACTION
 
 
@@ -89,7 +98,7 @@ def connect_kwargs(conninfo: str) -> dict[str, Any]:
     """psycopg connect arguments for `conninfo`: itself when direct; through a pooler, without
     its `options` and with server-side prepared statements off."""
     if is_pooled(conninfo):
-        return {"conninfo": server_key(conninfo), "prepare_threshold": None}
+        return {"conninfo": without_options(conninfo), "prepare_threshold": None}
     return {"conninfo": conninfo}
 
 
@@ -119,7 +128,7 @@ def _note_refusal(conninfo: str, exc: psycopg.OperationalError) -> bool:
     """Remember a pooler's refusal of `options` (auto mode); whether to connect again without."""
     if mode() != AUTO or "options" not in conninfo_to_dict(conninfo) or not refused_for_options(exc):
         return False
-    key = server_key(conninfo)
+    key = endpoint(conninfo)
     if key not in _refused:
         _refused.add(key)
         log.info("the server refused startup options: a pooler (PgBouncer); connecting without them")
@@ -128,7 +137,7 @@ def _note_refusal(conninfo: str, exc: psycopg.OperationalError) -> bool:
 
 def _to_check(conninfo: str) -> dict[str, str]:
     """The requested settings of a pooled connection not compared yet in this process."""
-    key = server_key(conninfo)
+    key = without_options(conninfo)
     wanted = {n: v for n, v in requested_settings(conninfo).items() if n not in MOOT_WHEN_POOLED}
     fresh = {n: v for n, v in wanted.items() if (key, n) not in _checked}
     _checked.update((key, n) for n in fresh)
@@ -141,7 +150,7 @@ def _warn_unset(conninfo: str, wanted: Mapping[str, str], actual: Mapping[str, s
         if name in actual and actual[name] != value:
             log.warning(
                 "through the pooler %s=%s cannot be set per connection and the server has %s=%s; "
-                'set it for the database or role: ALTER DATABASE "%s" SET %s = %s',
+                'set it for the database or role: ALTER DATABASE "%s" SET %s = %s (or ALTER ROLE ... SET)',
                 name,
                 value,
                 name,

@@ -60,8 +60,11 @@ def test_requested_settings_are_read_from_the_options() -> None:
         "plan_cache_mode": "force_custom_plan",
         "work_mem": "8MB",
     }
-    assert "options" not in conninfo_to_dict(pooler.server_key(conninfo))
-    assert pooler.server_key(conninfo) == pooler.server_key("postgresql://u@h/d")
+    assert "options" not in conninfo_to_dict(pooler.without_options(conninfo))
+    assert pooler.without_options(conninfo) == pooler.without_options("postgresql://u@h/d")
+    # A pooler is told by where it listens, whatever the database, user or application name.
+    assert pooler.endpoint(conninfo) == pooler.endpoint("postgresql://v@h:5432/e?application_name=x") == "h:5432"
+    assert pooler.endpoint("host=h port=6432") != pooler.endpoint("host=h")
 
 
 def test_an_explicit_mode_decides_the_connect_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -198,3 +201,13 @@ def test_the_sdk_and_the_cli_work_through_the_pooler(pooled: str) -> None:
     assert status.exit_code == 0 and "cancelled" in status.output
     watch = CliRunner().invoke(cli, ["watch", "--dsn", pooled])
     assert watch.exit_code != 0 and "BATCHDB_LISTEN_DSN" in watch.output
+
+
+@needs_pgbouncer
+def test_the_dashboard_reads_through_the_pooler(pooled: str) -> None:
+    from batchdb.dashboard.queries import load_jobs, load_overview
+
+    overview = load_overview(pooled)
+    assert isinstance(overview, dict) and overview
+    assert len(load_jobs(pooled)) == 0
+    assert pooler.is_pooled(pooled)
