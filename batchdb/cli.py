@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from batchdb import __version__, settings
+from batchdb import __version__, pooler, settings
 from batchdb import db as dbmod
 
 if TYPE_CHECKING:
@@ -609,10 +609,7 @@ def watch_command(job_ids: tuple[int, ...], job_option: tuple[int, ...], dsn: st
     """
     from psycopg.rows import dict_row
 
-    from batchdb import (
-        events,  # not batchdb.jobs: pandas would delay the LISTEN by a second or more
-        pooler,
-    )
+    from batchdb import events  # not batchdb.jobs: pandas would delay the LISTEN by a second or more
 
     wanted = set(job_ids) | set(job_option)
     listening = pooler.listen_connect(

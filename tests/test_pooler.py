@@ -211,3 +211,26 @@ def test_the_dashboard_reads_through_the_pooler(pooled: str) -> None:
     assert isinstance(overview, dict) and overview
     assert len(load_jobs(pooled)) == 0
     assert pooler.is_pooled(pooled)
+
+
+@needs_pgbouncer
+def test_a_workers_listener_wakes_through_the_listen_dsn(
+    pooled: str, dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(settings.LISTEN_DSN, dsn)
+
+    async def woken() -> bool:
+        wake = asyncio.Event()
+        task = asyncio.create_task(listen_forever(pooled, query("listen_requests"), wake, name="listen"))
+        try:
+            await asyncio.wait_for(wake.wait(), 30)  # set once on connecting
+            wake.clear()
+            await asyncio.sleep(0.5)  # its LISTEN has run by now
+            async with await db.connect_async(pooled) as through:
+                await through.execute("NOTIFY batchdb_requests, '1'")
+            await asyncio.wait_for(wake.wait(), 10)
+            return True
+        finally:
+            task.cancel()
+
+    assert asyncio.run(woken())
