@@ -74,10 +74,16 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def pgbouncer(
-    server_port: int, *, pool_size: int, max_client_conn: int = 2000, server_host: str = "127.0.0.1"
+    server_port: int,
+    *,
+    pool_size: int,
+    max_client_conn: int = 2000,
+    server_host: str = "127.0.0.1",
+    ignore_startup_parameters: str = "",
 ) -> Iterator[tuple[int, Path]]:
     """PgBouncer in transaction pooling mode on a free port in front of `server_host`:`server_port`;
-    yields its port and log file. Its defaults otherwise: `options` is refused, not ignored."""
+    yields its port and log file. Its defaults otherwise: `options` is refused, not ignored,
+    unless `ignore_startup_parameters` names it."""
     binary = pgbouncer_binary()
     assert binary is not None, "pgbouncer is not installed (apt-get install pgbouncer)"
     folder = Path(tempfile.mkdtemp(prefix="batchdb-pgbouncer-")).resolve()
@@ -103,6 +109,7 @@ max_client_conn = {max_client_conn}
 logfile = {log}
 log_connections = 0
 log_disconnections = 0
+ignore_startup_parameters = {ignore_startup_parameters}
 """
     )
     run_as: dict[str, object] = {}
@@ -149,9 +156,11 @@ def pooled_database(*, max_connections: int, pool_size: int) -> Iterator[Pooled]
 
 
 @contextlib.contextmanager
-def in_front_of(dsn: str, *, pool_size: int = 5) -> Iterator[str]:
+def in_front_of(dsn: str, *, pool_size: int = 5, ignore_startup_parameters: str = "") -> Iterator[str]:
     """PgBouncer (transaction mode) in front of the server of `dsn`; yields `dsn` through it."""
     params = conninfo_to_dict(dsn)
     host = str(params.get("host") or "127.0.0.1")
-    with pgbouncer(int(params.get("port") or 5432), pool_size=pool_size, server_host=host) as (port, _):
+    server_port = int(params.get("port") or 5432)
+    ignore = ignore_startup_parameters
+    with pgbouncer(server_port, pool_size=pool_size, server_host=host, ignore_startup_parameters=ignore) as (port, _):
         yield make_conninfo(dsn, host="127.0.0.1", port=port)

@@ -234,3 +234,20 @@ def test_a_workers_listener_wakes_through_the_listen_dsn(
             task.cancel()
 
     assert asyncio.run(woken())
+
+
+@needs_pgbouncer
+def test_a_pooler_that_ignores_options_is_named_by_the_setting(
+    dsn: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`ignore_startup_parameters = options` drops them silently: auto cannot tell, the setting can."""
+    with in_front_of(dsn, ignore_startup_parameters="options") as pooled:
+        with db.connect(pooled) as conn:
+            assert conn.execute("SHOW jit").fetchone() == {"jit": "on"}  # the option never arrived
+        assert not pooler.is_pooled(pooled)
+        monkeypatch.setenv(settings.POOLER, "transaction")
+        with db.connect(pooled) as conn:
+            assert conn.prepare_threshold is None
+            for i in range(10):
+                assert conn.execute("SELECT %s::int AS i", (i,)).fetchone() == {"i": i}
+        assert any("jit=off cannot be set" in r.getMessage() for r in caplog.records)
