@@ -240,3 +240,12 @@ async def listen_connect_async(conninfo: str, **kwargs: Any) -> psycopg.AsyncCon
         await conn.close()
         return None
     return conn
+
+
+async def pool_kwargs_async(conninfo: str) -> dict[str, Any]:
+    """`connect_kwargs` for a connection pool (psycopg_pool) that opens its connections itself and
+    so cannot retry a refusal: in auto mode one connection is opened first to find out."""
+    if mode() == AUTO and endpoint(conninfo) not in _refused:
+        conn = await connect_async(conninfo)
+        await conn.close()
+    return connect_kwargs(conninfo)

@@ -251,3 +251,12 @@ def test_a_pooler_that_ignores_options_is_named_by_the_setting(
             for i in range(10):
                 assert conn.execute("SELECT %s::int AS i", (i,)).fetchone() == {"i": i}
         assert any("jit=off cannot be set" in r.getMessage() for r in caplog.records)
+
+
+@needs_pgbouncer
+def test_a_connection_pool_gets_its_arguments_after_a_probe(pooled: str, dsn: str) -> None:
+    conninfo = db.with_options(pooled, db.SESSION_OPTIONS)
+    through = asyncio.run(pooler.pool_kwargs_async(conninfo))
+    assert through["prepare_threshold"] is None and "options" not in conninfo_to_dict(through["conninfo"])
+    direct = db.with_options(dsn, db.SESSION_OPTIONS)
+    assert asyncio.run(pooler.pool_kwargs_async(direct)) == {"conninfo": direct}
