@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from batchdb import __version__, settings
+from batchdb import __version__, pooler, settings
 from batchdb import db as dbmod
 
 if TYPE_CHECKING:
@@ -607,10 +607,20 @@ def watch_command(job_ids: tuple[int, ...], job_option: tuple[int, ...], dsn: st
 
     With JOB_IDS, only those jobs' events (each must exist, as for `status`).
     """
+    from psycopg.rows import dict_row
+
     from batchdb import events  # not batchdb.jobs: pandas would delay the LISTEN by a second or more
 
     wanted = set(job_ids) | set(job_option)
-    with dbmod.connect(dsn) as conn, dbmod.connect(dsn) as lookups:
+    listening = pooler.listen_connect(
+        dbmod.with_options(dbmod.resolve_dsn(dsn), dbmod.SESSION_OPTIONS), autocommit=True, row_factory=dict_row
+    )
+    if listening is None:
+        raise click.ClickException(
+            f"watch needs LISTEN, which a transaction pooler loses: set {settings.LISTEN_DSN} "
+            "to a direct connection to the server"
+        )
+    with listening as conn, dbmod.connect(dsn) as lookups:
         for job_id in sorted(wanted):
             if not events.visible(lookups, job_id):
                 raise click.ClickException(f"job {job_id} does not exist")  # as `status N` says

@@ -13,7 +13,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import DictRow, Row, dict_row
 
-from batchdb import settings
+from batchdb import pooler, settings
 from batchdb.errors import DatabaseMissing
 
 DSN_ENV = settings.DSN
@@ -45,13 +45,18 @@ def with_options(dsn: str, options: str) -> str:
 
 
 def connect(dsn: str | None = None, *, autocommit: bool = True) -> psycopg.Connection[DictRow]:
-    return psycopg.connect(with_options(resolve_dsn(dsn), SESSION_OPTIONS), autocommit=autocommit, row_factory=dict_row)
+    """A connection with batchdb's session options (without them through PgBouncer: batchdb/pooler.py)."""
+    conn: psycopg.Connection[DictRow] = pooler.connect(
+        with_options(resolve_dsn(dsn), SESSION_OPTIONS), autocommit=autocommit, row_factory=dict_row
+    )
+    return conn
 
 
 async def connect_async(dsn: str | None = None, *, autocommit: bool = True) -> psycopg.AsyncConnection[DictRow]:
-    return await psycopg.AsyncConnection.connect(
+    conn: psycopg.AsyncConnection[DictRow] = await pooler.connect_async(
         with_options(resolve_dsn(dsn), SESSION_OPTIONS), autocommit=autocommit, row_factory=dict_row
     )
+    return conn
 
 
 def one_row(cursor: psycopg.Cursor[Row]) -> Row:
@@ -106,7 +111,7 @@ def create_database_if_missing(dsn: str | None = None) -> str | None:
 
     dsn = resolve_dsn(dsn)
     try:
-        psycopg.connect(with_options(dsn, SESSION_OPTIONS), connect_timeout=10).close()
+        pooler.connect(with_options(dsn, SESSION_OPTIONS), connect_timeout=10).close()
         return None
     except psycopg.OperationalError as exc:
         if "does not exist" not in str(exc) or "database" not in str(exc):

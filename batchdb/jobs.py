@@ -16,9 +16,9 @@ import pandas as pd
 import psycopg
 from psycopg.rows import DictRow
 
-from batchdb import events
+from batchdb import events, pooler
 from batchdb import results as results_module
-from batchdb.db import connect, one_row
+from batchdb.db import connect, one_row, resolve_dsn
 from batchdb.errors import BatchDBError, translates_database_errors
 from batchdb.models import JobStatus
 from batchdb.queries import query
@@ -186,7 +186,8 @@ class Job:
         the same when the job waits for its provider (a lane's circuit is open).
 
         It LISTENs on batchdb_events, so it returns as soon as the job finishes, and
-        polls every `poll_interval` for the progress bar. Survives a database
+        polls every `poll_interval` for the progress bar (only polls through a transaction
+        pooler, which would lose the LISTEN). Survives a database
         restart: the connection is re-opened.
         """
         if until not in ("finished", "paused"):
@@ -202,7 +203,8 @@ class Job:
                 try:
                     if conn is None or conn.closed or conn.broken:
                         conn = connect(self._dsn)
-                        events.listen(conn)
+                        if not pooler.is_pooled(resolve_dsn(self._dsn)):
+                            events.listen(conn)  # through a pooler it would be lost: poll only
                     current = self._progress(conn)
                     notes = {"workers": watch.check(conn, current), "waiting": waiting.check(current)}
                     if progress:

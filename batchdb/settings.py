@@ -43,6 +43,10 @@ def _port(value: str) -> str | None:
     return None if value.strip().isdigit() and 0 < int(value) < 65536 else "expected a port number (1-65535)"
 
 
+def _pooler(value: str) -> str | None:
+    return None if value.strip().lower() in ("auto", "none", "transaction") else "expected auto, none or transaction"
+
+
 def _boolean(value: str) -> str | None:
     return None if value.strip().lower() in TRUE_WORDS | FALSE_WORDS else "expected true or false"
 
@@ -70,12 +74,16 @@ SMTP_FROM = "BATCHDB_SMTP_FROM"
 OUTPUT_ROOT = "BATCHDB_OUTPUT_ROOT"
 DASHBOARD_REFRESH = "BATCHDB_DASHBOARD_REFRESH"
 DASHBOARD_OUTPUTS = "BATCHDB_DASHBOARD_OUTPUTS"
+POOLER = "BATCHDB_POOLER"
+LISTEN_DSN = "BATCHDB_LISTEN_DSN"
 
 DEFAULT_OUTPUT_ROOT = "batchdb-output"
 
 ENVIRONMENT: tuple[EnvVar, ...] = (
     EnvVar(DSN, "(the embedded server)", "the PostgreSQL database every part uses (`--dsn` overrides it)"),
     EnvVar(HOME, "~/.local/share/batchdb", "where the embedded PostgreSQL and the dev logs live"),
+    EnvVar(POOLER, "auto", "`transaction`: the DSN goes through PgBouncer in transaction mode", _pooler),
+    EnvVar(LISTEN_DSN, "(the DSN; none through a pooler)", "a direct connection for LISTEN beside a pooler"),
     EnvVar(SECRETS_FILE, "(none)", "a TOML file of API keys and endpoints by provider and alias"),
     EnvVar(AZURE_API_VERSION, "(the SDK's)", "the Azure OpenAI API version"),
     EnvVar(WEBHOOK_SECRET, "(none)", "the signing secret `batchdb submit --webhook-url` uses"),

@@ -39,6 +39,7 @@ import pyarrow as pa
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 
+from batchdb import pooler
 from batchdb.db import SESSION_OPTIONS, resolve_dsn, with_options
 
 APPLICATION_NAME = "batchdb-dashboard"
@@ -102,7 +103,7 @@ def read_connection(dsn: str | None = None, *, engine: Engine = "psycopg") -> It
         finally:
             via.close()
         return
-    with psycopg.connect(read_only_dsn(dsn), autocommit=True) as conn:
+    with pooler.connect(read_only_dsn(dsn), autocommit=True) as conn:
         yield conn
 
 
@@ -210,9 +211,9 @@ class PostgresViaDuckDB:
     """
 
     def __init__(self, dsn: str | None = None) -> None:
-        self._render = psycopg.connect(read_only_dsn(dsn), autocommit=True)
+        self._render = pooler.connect(read_only_dsn(dsn), autocommit=True)
         self._duck = duckdb.connect(":memory:", config={"threads": 2})
-        attach_postgres(self._duck, read_only_dsn(dsn))
+        attach_postgres(self._duck, pooler.connect_kwargs(read_only_dsn(dsn))["conninfo"])
 
     def fetch(self, sql: str, params: Mapping[str, Any] | None = None) -> pa.Table:
         text = psycopg.ClientCursor(self._render).mogrify(sql, params)

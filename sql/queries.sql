@@ -931,16 +931,12 @@ SELECT j.id AS job_id, s.relname AS partition, s.n_dead_tup
    AND coalesce(greatest(s.last_vacuum, s.last_autovacuum), '-infinity') < now() - make_interval(secs => %(min_interval)s)
  ORDER BY s.n_dead_tup DESC
 
--- try_vacuum_lock --
--- One worker at a time vacuums a given job's partition.
-SELECT pg_try_advisory_lock(hashtextextended('batchdb.vacuum.' || %(job_id)s::text, 0)) AS locked
-
--- vacuum_unlock --
-SELECT pg_advisory_unlock(hashtextextended('batchdb.vacuum.' || %(job_id)s::text, 0))
-
 -- vacuum_partition --
 -- {partition} is filled in with psycopg.sql.Identifier: VACUUM takes no parameters.
-VACUUM (ANALYZE) batchdb.{partition}
+-- SKIP_LOCKED: a partition another worker (or autovacuum) is vacuuming is skipped with a
+-- warning (55P03), so one worker at a time vacuums it without a session advisory lock, which a
+-- transaction-pooling PgBouncer would strand on another server connection.
+VACUUM (ANALYZE, SKIP_LOCKED) batchdb.{partition}
 
 -- ===========================================================================
 -- Notifications (tables and the outbox trigger in sql/migrations/0004_notifications.sql)

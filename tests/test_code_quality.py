@@ -51,7 +51,7 @@ def test_import_layers_are_kept() -> None:
 # What the dashboard may import from the core: its read side (everything else writes, or is the CLI).
 DASHBOARD_READS = {
     "batchdb._source_root", "batchdb._sqlfiles", "batchdb.context_window", "batchdb.db", "batchdb.errors",
-    "batchdb.models", "batchdb.pricing", "batchdb.prompts", "batchdb.queries", "batchdb.results",
+    "batchdb.models", "batchdb.pooler", "batchdb.pricing", "batchdb.prompts", "batchdb.queries", "batchdb.results",
     "batchdb.settings", "batchdb.tokens", "batchdb.validation",
 }  # fmt: skip
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import pandas as pd
 import psycopg
 import pytest
+from pgbouncer_support import in_front_of, pgbouncer_binary
 
 import batchdb
 from batchdb.models import ClaimedRequest
@@ -237,3 +238,34 @@ def test_calls_in_flight_when_the_job_is_cancelled_are_billed_and_counted(
         billed["completion_tokens"],
     )
     assert f"{done.wasted_calls} call(s) recorded on no row" in done.cost_text
+
+
+@pytest.mark.skipif(pgbouncer_binary() is None, reason="pgbouncer is not installed (apt-get install -y pgbouncer)")
+def test_through_a_transaction_pooler_job_statuses_are_polled(conn: psycopg.Connection, dsn: str) -> None:
+    """PgBouncer in transaction mode loses LISTEN: the guard re-reads the statuses instead."""
+    job_id = conn.execute("INSERT INTO batchdb.jobs (model, provider) VALUES ('m', 'instant') RETURNING id").fetchone()[
+        "id"
+    ]
+    conn.execute(
+        "INSERT INTO batchdb.requests (job_id, custom_id, payload) VALUES (%s, 'a', '{\"prompt\": \"x\"}')", (job_id,)
+    )
+    row = ClaimedRequest(job_id, 1, "a", None, None, 1, 5, 1)
+
+    async def scenario(pooled: str) -> str:
+        guard = SendGuard(pooled, lease_seconds=60)
+        guard.leased([row], since=time.monotonic())
+        service = asyncio.create_task(guard.run())
+        try:
+            await asyncio.wait_for(guard.listening.wait(), 30)
+            waiting: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            held = asyncio.create_task(guard.hold(row, waiting))
+            await asyncio.sleep(0)
+            conn.execute("SELECT batchdb.cancel_job(%s)", (job_id,))
+            with pytest.raises(CallDropped) as dropped:
+                await asyncio.wait_for(held, 30)
+            return dropped.value.reason
+        finally:
+            service.cancel()
+
+    with in_front_of(dsn) as pooled:
+        assert asyncio.run(scenario(pooled)) == f"job {job_id} is cancelled"

@@ -68,3 +68,28 @@ def test_a_finished_jobs_partition_is_left_alone(dsn: str, conn: psycopg.Connect
             await vacuumer.close()
 
     assert asyncio.run(once()) == []
+
+
+def test_a_partition_someone_else_is_vacuuming_is_skipped_then_done(dsn: str, conn: psycopg.Connection) -> None:
+    """One vacuum per partition at a time without a session advisory lock (which a transaction
+    pooler would strand): VACUUM (SKIP_LOCKED) passes over a partition whose lock is taken."""
+    job_id = churn(conn, 3000)
+    partition = f"requests_{job_id}"
+    deadline = time.monotonic() + 10
+    while dead_tuples(conn, partition)[0] < 3000 and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+    async def once() -> list[str]:
+        vacuumer = Vacuumer(Reconnecting(dsn, name="vacuum"), min_dead=1000, min_interval=0)
+        try:
+            return await vacuumer.vacuum_once()
+        finally:
+            await vacuumer.close()
+
+    with psycopg.connect(dsn) as other, other.transaction():
+        # The lock VACUUM itself takes (as another worker's or autovacuum's vacuum would hold it).
+        other.execute(f"LOCK TABLE batchdb.{partition} IN SHARE UPDATE EXCLUSIVE MODE")
+        assert asyncio.run(once()) == []
+    assert dead_tuples(conn, partition)[1] is None
+    assert asyncio.run(once()) == [partition]
+    assert dead_tuples(conn, partition)[1] is not None

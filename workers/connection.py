@@ -14,11 +14,12 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import psycopg
 from psycopg.rows import DictRow, dict_row
 
+from batchdb import pooler
 from batchdb.db import SESSION_OPTIONS, is_fatal_connect_error, with_options
 from batchdb.workers.shutdown import DatabaseUnreachable, Shutdown
 
@@ -46,7 +47,8 @@ class Reconnecting:
 
     async def connection(self) -> psycopg.AsyncConnection[DictRow]:
         if self._conn is None or self._conn.closed or self._conn.broken:
-            self._conn = await psycopg.AsyncConnection.connect(
+            # Through PgBouncer without the options and prepared statements (batchdb/pooler.py).
+            self._conn = await pooler.connect_async(
                 # The hot statements must be planned with their real parameters: a generic plan
                 # cannot see the claim's LIMIT and, with stale statistics, drags in JIT (see bench/README.md).
                 with_options(self._dsn, f"-c plan_cache_mode=force_custom_plan {SESSION_OPTIONS}"),
@@ -134,9 +136,12 @@ async def listen_forever(dsn: str, listen_statement: str, wake: asyncio.Event, *
     reported_at = 0.0
     while True:
         try:
-            async with await psycopg.AsyncConnection.connect(
-                dsn, autocommit=True, application_name=f"batchdb-{name}"
-            ) as conn:
+            listening = await pooler.listen_connect_async(
+                with_options(dsn, SESSION_OPTIONS), autocommit=True, application_name=f"batchdb-{name}"
+            )
+            if listening is None:
+                await _poll_only(name)
+            async with listening as conn:
                 await conn.execute(listen_statement)
                 if down_since is not None:
                     log.info("%s: LISTEN connection is back after %.0fs", name, time.monotonic() - down_since)
@@ -154,3 +159,11 @@ async def listen_forever(dsn: str, listen_statement: str, wake: asyncio.Event, *
                 reported_at = now
                 log.warning("%s: LISTEN connection still down after %.0fs (%s)", name, now - down_since, reason)
             await asyncio.sleep(1.0)
+
+
+async def _poll_only(name: str) -> NoReturn:
+    """Through a transaction pooler without BATCHDB_LISTEN_DSN: no LISTEN (it would be lost with
+    the server connection); the caller's polling is the only wake-up. Waits to be cancelled."""
+    log.info("%s: no LISTEN through a transaction pooler (set BATCHDB_LISTEN_DSN for one); polling", name)
+    await asyncio.Event().wait()
+    raise AssertionError("unreachable: the event is never set")

@@ -27,11 +27,12 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Collection, Iterable, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg.rows import DictRow, dict_row
 
+from batchdb import pooler
 from batchdb.db import SESSION_OPTIONS, with_options
 from batchdb.models import ClaimedRequest
 from batchdb.queries import query
@@ -41,6 +42,8 @@ T = TypeVar("T")
 Key = tuple[int, int]
 
 RUNNING = "running"
+# Through a pooler that loses LISTEN: how often the statuses of held jobs are re-read instead.
+STATUS_POLL_S = 2.0
 
 
 class CallDropped(Exception):
@@ -147,15 +150,18 @@ class SendGuard:
     # -- the service: job events ------------------------------------------------------------
 
     async def run(self) -> None:
-        """LISTEN batchdb_events; re-read the status of jobs we hold rows of when one is named."""
+        """LISTEN batchdb_events; re-read the status of jobs we hold rows of when one is named.
+        Through a transaction pooler without a LISTEN DSN, re-read them every STATUS_POLL_S."""
         while True:
             try:
-                async with await psycopg.AsyncConnection.connect(
-                    with_options(self._dsn, SESSION_OPTIONS),
-                    autocommit=True,
-                    row_factory=dict_row,
-                    application_name="batchdb-send-guard",
-                ) as conn:
+                conninfo = with_options(self._dsn, SESSION_OPTIONS)
+                kwargs: dict[str, Any] = {"autocommit": True, "row_factory": dict_row}
+                listening = await pooler.listen_connect_async(conninfo, application_name="batchdb-send-guard", **kwargs)
+                if listening is None:
+                    async with await pooler.connect_async(conninfo, **kwargs) as polled:
+                        await self._poll(polled)
+                    continue
+                async with listening as conn:
                     await conn.execute(query("listen_events"))
                     # Whatever changed while we were not listening.
                     await self._reread(conn, list(self._status))
@@ -172,6 +178,16 @@ class SendGuard:
                 self.listening.clear()
                 log.warning("job events: LISTEN connection lost (%s); reconnecting", exc)
                 await asyncio.sleep(1.0)
+
+    async def _poll(self, conn: psycopg.AsyncConnection[DictRow]) -> None:
+        """Re-read the statuses of the jobs we hold rows of every STATUS_POLL_S, forever."""
+        log.info(
+            "job events: no LISTEN through a transaction pooler; re-reading job statuses every %.0fs", STATUS_POLL_S
+        )
+        self.listening.set()
+        while True:
+            await self._reread(conn, list(self._status))
+            await asyncio.sleep(STATUS_POLL_S)
 
     async def _reread(self, conn: psycopg.AsyncConnection[DictRow], job_ids: Collection[int]) -> None:
         if not job_ids:

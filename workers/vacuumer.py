@@ -6,7 +6,10 @@ and CI servers) or slow to come round (naptime defaults to a minute, long
 enough for a million claims), and until it does the claim's index scans wade
 through dead entries. So workers vacuum the partitions of unfinished jobs
 themselves once they carry `min_dead` dead versions: one worker per partition
-at a time (an advisory lock), on a connection of its own so claims never wait.
+at a time (`VACUUM (SKIP_LOCKED)`: a partition another worker, or autovacuum, is vacuuming
+is skipped), on a connection of its own so claims never wait. No session advisory lock: a
+statement-by-statement lock and unlock would land on different server connections through
+a transaction-pooling PgBouncer, and VACUUM cannot run inside a transaction.
 A role that may not vacuum (not the tables' owner) logs it once and stops.
 """
 
@@ -24,6 +27,9 @@ from batchdb.queries import query
 from batchdb.workers.connection import Reconnecting
 
 log = logging.getLogger(__name__)
+
+# The warning VACUUM (SKIP_LOCKED) gives for a relation whose lock is taken.
+LOCK_NOT_AVAILABLE = "55P03"
 
 
 class Vacuumer:
@@ -62,17 +68,23 @@ class Vacuumer:
         return done
 
     async def _vacuum(self, conn: psycopg.AsyncConnection[DictRow], row: DictRow) -> bool:
-        cur = await conn.execute(query("try_vacuum_lock"), {"job_id": row["job_id"]})
-        locked = await cur.fetchone()
-        if not (locked and locked["locked"]):
-            return False
+        """VACUUM the partition unless someone else is at it (PostgreSQL then warns, 55P03)."""
+        skipped: list[psycopg.errors.Diagnostic] = []
+
+        def note(diag: psycopg.errors.Diagnostic) -> None:
+            if diag.sqlstate == LOCK_NOT_AVAILABLE:
+                skipped.append(diag)
+
+        statement = sql.SQL(query("vacuum_partition")).format(partition=sql.Identifier(row["partition"]))
+        conn.add_notice_handler(note)
         try:
-            statement = sql.SQL(query("vacuum_partition")).format(partition=sql.Identifier(row["partition"]))
             await conn.execute(statement)
-            log.info("vacuumed %s (%d dead row versions)", row["partition"], row["n_dead_tup"])
-            return True
         finally:
-            await conn.execute(query("vacuum_unlock"), {"job_id": row["job_id"]})
+            conn.remove_notice_handler(note)
+        if skipped:
+            return False
+        log.info("vacuumed %s (%d dead row versions)", row["partition"], row["n_dead_tup"])
+        return True
 
     async def close(self) -> None:
         await self._db.close()
