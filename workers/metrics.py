@@ -11,7 +11,8 @@ as the tests run them, never share one; prometheus_client's global registry is n
   connection, since when, the driver's error).
 
 Off by default: without a port nothing listens and every hook returns at once, so the hot path
-(about 10,000 rows/s per worker with an instant provider) pays one attribute test per hook.
+(about 10,000 rows/s per worker with an instant provider) pays one attribute test per hook. On, the
+hooks cost 10-15 us per row (claimed, ledger wait, in flight, recorded; measured in a loop of 50,000).
 
 Families (label `lane` is `provider/key_alias/model`, the lane of the ledger and the breaker):
 
@@ -51,7 +52,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -183,6 +184,11 @@ class WorkerMetrics:
         self._job_seen: dict[int, float] = {}
         self._job_series: dict[int, set[tuple[Any, tuple[str, ...]]]] = {}
         self._job_lane: dict[int, str] = {}
+        # Labelled children and lane labels, looked up once: labels() was most of the hooks' cost
+        # (about 30 us per row with metrics on; 10-15 us with the lookups cached, on this 2-core machine).
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+        self._lane_labels: dict[Lane, str] = {}
+        self._in_flight_by_lane: dict[str, _InFlight] = {}
         # State read at scrape time: lanes seen, the breaker's open circuits, the queue depth.
         self._lanes: set[str] = set()
         self._circuits: Callable[[], Iterable[Lane]] = tuple
@@ -199,8 +205,7 @@ class WorkerMetrics:
         """A claimed row's job is known (its first step): it counts for the job's lane."""
         if not self.enabled:
             return
-        label = self._job_lane[job_id] = lane_label(lane)
-        self._lanes.add(label)
+        label = self._job_lane[job_id] = self._lane(lane)
         self._job_child(self._claimed, job_id, label).inc()
 
     def recorded(self, batch: list[Outcome], recorded: Collection[tuple[int, int]]) -> None:
@@ -224,21 +229,25 @@ class WorkerMetrics:
         """`async with` around a provider call: it counts as in flight meanwhile."""
         if not self.enabled:
             return contextlib.nullcontext()
-        return self._call_in_flight(self._in_flight.labels(lane_label(lane)))
+        label = self._lane(lane)
+        found = self._in_flight_by_lane.get(label)
+        if found is None:
+            found = self._in_flight_by_lane[label] = _InFlight(self, self._in_flight.labels(label))
+        return found
 
     def ledger_wait(self, lane: Lane, waiting: Awaitable[T]) -> Awaitable[T]:
         """`waiting` (the pacer's acquire), timed into batchdb_ledger_wait_seconds, grant or not."""
         if not self.enabled:
             return waiting
-        return self._timed_wait(self._ledger_wait.labels(lane_label(lane)), waiting)
+        return self._timed_wait(self._child(self._ledger_wait, (self._lane(lane),)), waiting)
 
     def provider_error(self, lane: Lane, kind: ErrorKind | str) -> None:
         if not self.enabled:
             return
-        label = lane_label(lane)
-        self._errors.labels(label, str(kind)).inc()
+        label = self._lane(lane)
+        self._child(self._errors, (label, str(kind))).inc()
         if kind == ErrorKind.RATE_LIMITED:
-            self._rate_limited.labels(label).inc()
+            self._child(self._rate_limited, (label,)).inc()
 
     def leases_extended(self, held: int, extended: int) -> None:
         if not self.enabled:
@@ -263,7 +272,7 @@ class WorkerMetrics:
     def round_trip(self, connection: str, statement: str, seconds: float) -> None:
         self._db_ok_at = time.monotonic()
         self._db_down.pop(connection, None)
-        self._round_trip.labels(connection, statement).observe(seconds)
+        self._child(self._round_trip, (connection, statement)).observe(seconds)
 
     def lost(self, connection: str, statement: str, error: BaseException) -> None:
         since = self._db_down.get(connection, (time.monotonic(), ""))[0]
@@ -372,12 +381,28 @@ class WorkerMetrics:
 
     # -- internals -----------------------------------------------------------------------------
 
+    def _lane(self, lane: Lane) -> str:
+        label = self._lane_labels.get(lane)
+        if label is None:
+            label = self._lane_labels[lane] = lane_label(lane)
+            self._lanes.add(label)
+        return label
+
+    def _child(self, metric: Any, values: tuple[str, ...]) -> Any:
+        child = self._children.get((metric, values))
+        if child is None:
+            child = self._children[(metric, values)] = metric.labels(*values)
+        return child
+
     def _job_child(self, metric: Any, job_id: int, *labels: str) -> Any:
         """The labelled child of a per-job family, remembered so the job's series can be dropped."""
-        values = (labels[0], str(job_id), *labels[1:])
         self._job_seen[job_id] = time.monotonic()
-        self._job_series.setdefault(job_id, set()).add((metric, values))
-        return metric.labels(*values)
+        values = (labels[0], str(job_id), *labels[1:])
+        child = self._children.get((metric, values))
+        if child is None:
+            child = self._children[(metric, values)] = metric.labels(*values)
+            self._job_series.setdefault(job_id, set()).add((metric, values))
+        return child
 
     def _forget_idle_jobs(self) -> None:
         if self.config is None:
@@ -385,20 +410,11 @@ class WorkerMetrics:
         cutoff = time.monotonic() - self.config.job_series_ttl
         for job_id in [job for job, seen in self._job_seen.items() if seen < cutoff]:
             for metric, values in self._job_series.pop(job_id, set()):
+                self._children.pop((metric, values), None)
                 with contextlib.suppress(KeyError):
                     metric.remove(*values)
             del self._job_seen[job_id]
             self._job_lane.pop(job_id, None)
-
-    @contextlib.asynccontextmanager
-    async def _call_in_flight(self, gauge: Any) -> AsyncIterator[None]:
-        gauge.inc()
-        self._calls += 1
-        try:
-            yield
-        finally:
-            gauge.dec()
-            self._calls -= 1
 
     @staticmethod
     async def _timed_wait(histogram: Any, waiting: Awaitable[T]) -> T:
@@ -407,6 +423,24 @@ class WorkerMetrics:
             return await waiting
         finally:
             histogram.observe(time.perf_counter() - started)
+
+
+class _InFlight:
+    """`async with` around one provider call of a lane: counted in flight meanwhile (one per lane, reused)."""
+
+    __slots__ = ("_gauge", "_metrics")
+
+    def __init__(self, metrics: WorkerMetrics, gauge: Any) -> None:
+        self._metrics = metrics
+        self._gauge = gauge
+
+    async def __aenter__(self) -> None:
+        self._gauge.inc()
+        self._metrics._calls += 1
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._gauge.dec()
+        self._metrics._calls -= 1
 
 
 def _row_lane(row: dict[str, Any]) -> str:
