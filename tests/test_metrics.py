@@ -429,6 +429,47 @@ def test_the_queue_depth_gauges_follow_the_view(dsn: str, conn: psycopg.Connecti
     assert total(page, "batchdb_queue_due_rows", lane="instant/default/instant") == 0
 
 
+def test_lease_extensions_reclaims_and_open_circuits_are_counted(dsn: str, conn: psycopg.Connection) -> None:
+    job = submit_instant(dsn, 2)
+    # Row 1 was a killed worker's: its lease ran out a second ago.
+    conn.execute(
+        "UPDATE batchdb.requests SET status = 'running', attempts = 1, lease_owner = 'killed',"
+        " lease_expires_at = now() - interval '1 second' WHERE job_id = %s AND custom_id = 'k0'",
+        (job.id,),
+    )
+    conn.execute(
+        "INSERT INTO batchdb.circuits (provider, key_alias, model, state, opened_at, next_probe_at, last_error)"
+        " VALUES ('openai', 'default', 'gpt-4o', 'open', now(), now() + interval '1 hour', 'refused')"
+    )
+    provider = HeldProvider()
+    worker = in_process(dsn, provider, lease_seconds=2.0, reclaim_interval=0.3)
+    port = 0
+
+    async def scenario() -> Samples:
+        nonlocal port
+        run = asyncio.create_task(worker.run())
+        await wait_for(lambda: asyncio.sleep(0, provider.calls == 2), what="both rows in flight")
+        port = worker.metrics.port or 0
+
+        async def extended() -> Samples | None:
+            _, page = await asyncio.to_thread(scrape, port)
+            ok = total(page, "batchdb_lease_extensions_total") >= 4 and total(page, "batchdb_circuit_open") == 1
+            return page if ok else None
+
+        page: Samples = await wait_for(extended, what="two extensions of both leases and the circuit")
+        provider.release.set()
+        worker.stop()
+        await run
+        return page
+
+    page = asyncio.run(scenario())
+    assert total(page, "batchdb_rows_reclaimed_total") == 1
+    assert total(page, "batchdb_leases_lost_total") == 0
+    assert total(page, "batchdb_circuit_open", lane="openai/default/gpt-4o") == 1
+    assert total(page, "batchdb_circuit_open", lane="instant/default/instant") == 0
+    assert job.status().n_succeeded == 2
+
+
 # -- the command line ---------------------------------------------------------------------------
 
 
