@@ -955,6 +955,21 @@ def _usd(value: object) -> str:
     show_default=True,
     help="json: one JSON object per line, for log shippers.",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    envvar=settings.METRICS_PORT,
+    show_envvar=True,
+    default=None,
+    help="Serve Prometheus metrics on http://HOST:PORT/metrics and a health check on /healthz "
+    "(200 while claiming, 503 while stopping or the database is unreachable). Default: off.",
+)
+@click.option(
+    "--metrics-host",
+    default="0.0.0.0",
+    show_default=True,
+    help="Address the --metrics-port server listens on (127.0.0.1: this machine only).",
+)
 @_dsn_option
 def worker_command(
     concurrency: int,
@@ -965,11 +980,14 @@ def worker_command(
     circuit_threshold: int,
     circuit_max_backoff: float,
     log_format: str,
+    metrics_port: int | None,
+    metrics_host: str,
     dsn: str | None,
 ) -> None:
     """Run a worker process until SIGTERM/SIGINT (a second one: hand back every row at once)."""
     from batchdb.workers.breaker import BreakerConfig
     from batchdb.workers.logs import configure_worker_logging
+    from batchdb.workers.metrics import MetricsConfig
     from batchdb.workers.worker import WorkerConfig, run_worker
 
     _require_schema(dsn)
@@ -988,6 +1006,7 @@ def worker_command(
                 max_backoff=max(0.1, circuit_max_backoff),
                 base_backoff=min(BreakerConfig().base_backoff, max(0.1, circuit_max_backoff)),
             ),
+            metrics=MetricsConfig(metrics_port, metrics_host) if metrics_port is not None else None,
         )
     )
 

@@ -76,6 +76,7 @@ DASHBOARD_REFRESH = "BATCHDB_DASHBOARD_REFRESH"
 DASHBOARD_OUTPUTS = "BATCHDB_DASHBOARD_OUTPUTS"
 POOLER = "BATCHDB_POOLER"
 LISTEN_DSN = "BATCHDB_LISTEN_DSN"
+METRICS_PORT = "BATCHDB_METRICS_PORT"
 
 DEFAULT_OUTPUT_ROOT = "batchdb-output"
 
@@ -96,6 +97,7 @@ ENVIRONMENT: tuple[EnvVar, ...] = (
     EnvVar(OUTPUT_ROOT, DEFAULT_OUTPUT_ROOT, "where the Dagster example writes its Parquet outputs"),
     EnvVar(DASHBOARD_REFRESH, "5", "seconds between the dashboard's live refreshes", _positive_number),
     EnvVar(DASHBOARD_OUTPUTS, "(the working directory)", "where the dashboard looks for Parquet outputs"),
+    EnvVar(METRICS_PORT, "(off)", "the port a worker serves `/metrics` and `/healthz` on (`--metrics-port`)", _port),
 )
 
 

@@ -641,6 +641,13 @@ SELECT w.id, w.hostname, w.pid, w.concurrency, w.in_flight, w.n_completed, w.sta
  WHERE w.alive
  ORDER BY w.hostname, w.pid
 
+-- queue_depth --
+-- Rows due, held, scheduled, running and dead per lane, fleet-wide (0025): a worker's batchdb_queue_*
+-- gauges (workers/metrics.py), read every few seconds; a few index probes per unfinished job.
+SELECT provider, key_alias, model, due_rows, oldest_due_age_seconds, held_rows, scheduled_rows, running_rows,
+       dead_rows, circuit_open
+  FROM batchdb.queue_depth
+
 -- ===========================================================================
 -- Reading jobs and results
 -- ===========================================================================

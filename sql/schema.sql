@@ -9,12 +9,12 @@
 -- that changes an object changes it here too (by hand, or start from
 -- `python tests/schema_dump.py DSN > sql/schema.sql` on an upgraded database).
 
--- The group roles are cluster-wide (see 0005_users.sql): create them when missing.
+-- The group roles are cluster-wide (see 0005_users.sql, 0025_queue_depth.sql): create them when missing.
 DO $$
 DECLARE
     group_role text;
 BEGIN
-    FOREACH group_role IN ARRAY ARRAY['batchdb_user', 'batchdb_admin', 'batchdb_worker'] LOOP
+    FOREACH group_role IN ARRAY ARRAY['batchdb_user', 'batchdb_admin', 'batchdb_worker', 'batchdb_monitor'] LOOP
         IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = group_role) THEN
             BEGIN
                 EXECUTE format('CREATE ROLE %I NOLOGIN', group_role);
@@ -2361,6 +2361,54 @@ ALTER TABLE batchdb.provider_batches ALTER COLUMN id ADD GENERATED ALWAYS AS IDE
     CACHE 1
 );
 
+-- view queue_depth
+
+CREATE VIEW batchdb.queue_depth AS
+ WITH job_depth AS (
+         SELECT j.provider,
+            j.key_alias,
+            j.model,
+            j.status,
+            j.n_dead,
+            (c.state = 'open'::text) AS circuit_open,
+            first_queued.run_after AS first_run_after,
+            rr.running,
+            later.scheduled,
+            GREATEST((((j.n_total - j.n_done) - rr.running) - later.n_later), (0)::bigint) AS due
+           FROM ((((batchdb.jobs j
+             LEFT JOIN batchdb.circuits c ON (((c.provider = j.provider) AND (c.key_alias = j.key_alias) AND (c.model = j.model))))
+             LEFT JOIN LATERAL ( SELECT q.run_after
+                   FROM batchdb.requests q
+                  WHERE ((q.job_id = j.id) AND (q.status = 'queued'::text))
+                  ORDER BY q.run_after, q.id
+                 LIMIT 1) first_queued ON (true))
+             CROSS JOIN LATERAL ( SELECT count(*) AS running
+                   FROM batchdb.requests q
+                  WHERE ((q.job_id = j.id) AND (q.status = 'running'::text))) rr)
+             CROSS JOIN LATERAL ( SELECT count(*) AS n_later,
+                    count(*) FILTER (WHERE (q.run_after < 'infinity'::timestamp with time zone)) AS scheduled
+                   FROM batchdb.requests q
+                  WHERE ((q.job_id = j.id) AND (q.status = 'queued'::text) AND (q.run_after > now()))) later)
+          WHERE ((j.status = ANY (ARRAY['running'::text, 'paused'::text])) AND (j.n_done < j.n_total))
+        )
+ SELECT job_depth.provider,
+    job_depth.key_alias,
+    job_depth.model,
+    (COALESCE(sum(job_depth.due) FILTER (WHERE ((job_depth.status = 'running'::text) AND (NOT COALESCE(job_depth.circuit_open, false)))), (0)::numeric))::bigint AS due_rows,
+    (EXTRACT(epoch FROM (now() - min(job_depth.first_run_after) FILTER (WHERE ((job_depth.status = 'running'::text) AND (job_depth.due > 0) AND (NOT COALESCE(job_depth.circuit_open, false)))))))::double precision AS oldest_due_age_seconds,
+    (COALESCE(sum(job_depth.due) FILTER (WHERE ((job_depth.status = 'paused'::text) OR COALESCE(job_depth.circuit_open, false))), (0)::numeric))::bigint AS held_rows,
+    (sum(job_depth.scheduled))::bigint AS scheduled_rows,
+    (sum(job_depth.running))::bigint AS running_rows,
+    (sum(job_depth.n_dead))::bigint AS dead_rows,
+    count(*) AS jobs,
+    COALESCE(bool_or(job_depth.circuit_open), false) AS circuit_open
+   FROM job_depth
+  GROUP BY job_depth.provider, job_depth.key_alias, job_depth.model;
+
+-- comment VIEW queue_depth
+
+COMMENT ON VIEW batchdb.queue_depth IS 'Per lane with an unfinished job: rows due now (due_rows: what autoscalers scale on), the age of the oldest, and rows held (paused job, open circuit), scheduled for later, running and dead (0025).';
+
 -- table rate_limit_history
 
 CREATE TABLE batchdb.rate_limit_history (
@@ -3042,6 +3090,7 @@ CREATE POLICY users_own ON batchdb.users TO batchdb_user USING ((name = CURRENT_
 GRANT USAGE ON SCHEMA batchdb TO batchdb_user;
 GRANT USAGE ON SCHEMA batchdb TO batchdb_admin;
 GRANT USAGE ON SCHEMA batchdb TO batchdb_worker;
+GRANT USAGE ON SCHEMA batchdb TO batchdb_monitor;
 
 -- acl TABLE users
 
@@ -3297,6 +3346,12 @@ GRANT ALL ON SEQUENCE batchdb.notification_targets_id_seq TO batchdb_admin;
 GRANT SELECT ON TABLE batchdb.prices TO batchdb_user;
 GRANT ALL ON TABLE batchdb.prices TO batchdb_admin;
 GRANT SELECT ON TABLE batchdb.prices TO batchdb_worker;
+
+-- acl TABLE queue_depth
+
+GRANT SELECT ON TABLE batchdb.queue_depth TO batchdb_admin;
+GRANT SELECT ON TABLE batchdb.queue_depth TO batchdb_worker;
+GRANT SELECT ON TABLE batchdb.queue_depth TO batchdb_monitor;
 
 -- acl TABLE rate_limit_history
 

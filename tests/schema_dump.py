@@ -34,12 +34,12 @@ _HEADER = """-- batchdb's schema as it stands after the last migration: every ta
 -- that changes an object changes it here too (by hand, or start from
 -- `python tests/schema_dump.py DSN > sql/schema.sql` on an upgraded database).
 
--- The group roles are cluster-wide (see 0005_users.sql): create them when missing.
+-- The group roles are cluster-wide (see 0005_users.sql, 0025_queue_depth.sql): create them when missing.
 DO $$
 DECLARE
     group_role text;
 BEGIN
-    FOREACH group_role IN ARRAY ARRAY['batchdb_user', 'batchdb_admin', 'batchdb_worker'] LOOP
+    FOREACH group_role IN ARRAY ARRAY['batchdb_user', 'batchdb_admin', 'batchdb_worker', 'batchdb_monitor'] LOOP
         IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = group_role) THEN
             BEGIN
                 EXECUTE format('CREATE ROLE %I NOLOGIN', group_role);

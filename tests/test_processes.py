@@ -97,3 +97,12 @@ def test_a_failed_start_stops_the_workers_already_started(monkeypatch: pytest.Mo
     with pytest.raises(OSError, match="no more processes"):
         start_workers(2, "dbname=nowhere", command=(sys.executable, "-c", "import time; time.sleep(60)"), grace=5)
     assert started[0].returncode == -15
+
+
+def test_workers_do_not_inherit_one_metrics_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`batchdb demo` starts two workers from the caller's environment: a BATCHDB_METRICS_PORT there
+    would make the second fail to bind it. Children get a port only when the caller passes one."""
+    monkeypatch.setenv(processes.settings.METRICS_PORT, "9100")
+    assert processes.settings.METRICS_PORT not in WorkerProcesses("dbname=x").env
+    given = WorkerProcesses("dbname=x", env={processes.settings.METRICS_PORT: "9101"}).env
+    assert given[processes.settings.METRICS_PORT] == "9101"

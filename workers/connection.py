@@ -14,7 +14,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import NoReturn, TypeVar
+from typing import NoReturn, Protocol, TypeVar
 
 import psycopg
 from psycopg.rows import DictRow, dict_row
@@ -34,7 +34,17 @@ OUTAGE_REPORT_INTERVAL = 30.0
 _RETRY_ON_LIVE_CONNECTION = {"57P01", "57P02", "57P03", "53300", "40001", "40P01"}
 
 
+class RoundTrips(Protocol):
+    """Told of each statement's time on the database and of each lost connection (workers/metrics.py)."""
+
+    def round_trip(self, connection: str, statement: str, seconds: float) -> None: ...
+
+    def lost(self, connection: str, statement: str, error: BaseException) -> None: ...
+
+
 class Reconnecting:
+    observer: RoundTrips | None = None
+
     def __init__(self, dsn: str, *, name: str, max_backoff: float = 10.0, shutdown: Shutdown | None = None) -> None:
         self._dsn = dsn
         self._name = name
@@ -64,7 +74,10 @@ class Reconnecting:
             try:
                 async with self._lock:
                     conn = await self.connection()
+                    started = time.perf_counter()
                     result = await operation(conn)
+                    if self.observer is not None:
+                        self.observer.round_trip(self._name, what, time.perf_counter() - started)
                 if self._down_since is not None:
                     log.info("%s connection is back after %.0fs", self._name, time.monotonic() - self._down_since)
                     self._down_since = None
@@ -77,6 +90,8 @@ class Reconnecting:
                     # The connection is fine but the statement failed (e.g. disk full, 53100):
                     # let the caller decide what to do with it rather than retry it forever.
                     raise
+                if self.observer is not None:
+                    self.observer.lost(self._name, what, exc)
                 await self._discard()
                 if self._shutdown is not None and not self._shutdown.may_retry_database():
                     raise DatabaseUnreachable(f"{what}: {' '.join(str(exc).split())}") from None

@@ -11,7 +11,8 @@ For the tests, the fault drills, `batchdb demo` and `batchdb dagster`:
 
 or as a context manager (`with start_workers(...) as workers:`), which stops them on exit.
 
-Each child gets this process's environment plus ``BATCHDB_DSN`` and the caller's ``env``, with the
+Each child gets this process's environment plus ``BATCHDB_DSN`` and the caller's ``env`` (but no
+``BATCHDB_METRICS_PORT`` unless ``env`` gives one: several workers cannot share a port), with the
 directory that holds the `batchdb` package first on ``PYTHONPATH`` (as `start_simulator` does), so
 the children run this very code whatever their working directory. Their output goes to one file a
 process, ``<log_dir>/worker-<i>.log`` (stdout and stderr together), or nowhere: never to a pipe,
@@ -85,6 +86,8 @@ class WorkerProcesses:
         `command` (default ``python -m batchdb.workers``); logs are truncated unless `append_logs`;
         `grace` is how long `stop` waits for each process before SIGKILL."""
         full_env = {**os.environ, settings.DSN: dsn, **(env or {})}
+        if settings.METRICS_PORT not in (env or {}):
+            full_env.pop(settings.METRICS_PORT, None)  # one port cannot serve several workers: only when asked
         full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SOURCE_ROOT), full_env.get("PYTHONPATH")) if p)
         self.env = full_env
         self.args = tuple(args)

@@ -63,6 +63,7 @@ from batchdb.workers.completer import BatchCompleter
 from batchdb.workers.connection import Reconnecting, listen_forever
 from batchdb.workers.lanes import LaneAdvertiser, LaneUnavailable
 from batchdb.workers.logs import protect_logging
+from batchdb.workers.metrics import MetricsConfig, WorkerMetrics
 from batchdb.workers.notifier import Notifier, NotifierConfig
 from batchdb.workers.outcomes import RetryPolicy, failure, invalid_response, success
 from batchdb.workers.pacer import DailyQuotaExhausted, LaneWaiting, Pacer, Withdrawn
@@ -175,6 +176,8 @@ class WorkerConfig:
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     # Batch-mode jobs through the providers' Batch APIs (workers/batch_driver.py).
     batch: BatchDriverConfig = field(default_factory=BatchDriverConfig)
+    # /metrics and /healthz on a port of their own (workers/metrics.py); None: off.
+    metrics: MetricsConfig | None = None
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval is None:
@@ -240,6 +243,7 @@ class Worker:
         self.completed = 0
         self._progress_at = time.monotonic()
         self._progress_rows = 0
+        self.metrics = WorkerMetrics(self.id, self.config.metrics, self._shutdown)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -291,6 +295,11 @@ class Worker:
             abandoned_after=self.config.abandoned_budget_after,
             sweep_interval=self.config.abandoned_budget_interval,
         )
+        await self.metrics.start(
+            self._background_db,
+            circuits=lambda: self._breaker.open,
+            connections=(self._claims, self._writes, ledger_db, self._background_db),
+        )
         try:
             await self._claims.run(
                 lambda c: c.execute(
@@ -306,6 +315,7 @@ class Worker:
             )
         except DatabaseUnreachable as exc:
             log.warning("worker stopped before it could reach the database (%s)", exc)
+            await self.metrics.close()
             await self._pacer.close()
             await self._claims.close()
             return
@@ -338,7 +348,7 @@ class Worker:
             notifier = Notifier(dsn, self.config.notifier, worker_id=self.id, shutdown=self._shutdown)
             background.append(asyncio.create_task(notifier.run(), name="notifier"))
         try:
-            await self._claim_loop()
+            await self.metrics.claim_loop(self._claim_loop())
             await self._finish_in_flight()
         except DatabaseUnreachable as exc:
             # Nothing can be recorded or handed back: stop the rows' tasks and say what is left.
@@ -384,6 +394,7 @@ class Worker:
                 await provider.aclose()
             await self._claims.close()
             await self._writes.close()
+            await self.metrics.close()
             log.info("worker %s stopped after %d rows", self.id, self.completed)
 
     def install_signal_handlers(self) -> None:
@@ -552,6 +563,7 @@ class Worker:
 
     async def _call(self, row: ClaimedRequest, spent: _Spent) -> Outcome:
         job = await self._job(row.job_id)
+        self.metrics.claimed(row.job_id, Lane(job.provider, job.key_alias, job.model))
         try:
             request = build_request(model=job.model, params=job.params, payload=row.payload, input=row.input)
         except PromptError as exc:
@@ -607,7 +619,10 @@ class Worker:
             raise _NotSent  # a stopping worker sends no new call (workers/shutdown.py)
         try:
             # Not sent if the row stops being ours or its job stops running meanwhile.
-            paced = await self._guard.hold(row, self._pacer.acquire(lane, reserved_tokens, give_up_after=give_up_after))
+            paced = await self._guard.hold(
+                row,
+                self.metrics.ledger_wait(lane, self._pacer.acquire(lane, reserved_tokens, give_up_after=give_up_after)),
+            )
         except DailyQuotaExhausted as exc:
             raise _HandBack(str(exc)) from None
         except LaneWaiting as exc:
@@ -629,9 +644,10 @@ class Worker:
         self._sent.add(row.key)
         spent.calls += 1
         try:
-            async with asyncio.timeout(self.config.request_timeout):
+            async with asyncio.timeout(self.config.request_timeout), self.metrics.calling(lane):
                 response = await provider.complete(request)
         except TimeoutError as exc:
+            self.metrics.provider_error(lane, "timeout")
             settler.settle_failure(lane, reserved_tokens, exc)
             spent.count_timed_out(prompt_estimate)
             raise ProviderError(
@@ -640,6 +656,7 @@ class Worker:
                 timed_out=True,
             ) from None
         except ProviderError as exc:
+            self.metrics.provider_error(lane, exc.kind)
             settler.settle_failure(lane, reserved_tokens, exc)
             if exc.timed_out:
                 spent.count_timed_out(prompt_estimate)
@@ -818,6 +835,7 @@ class Worker:
 
     async def _forget(self, batch: list[Outcome], recorded: set[tuple[int, int]]) -> None:
         self._let_go(outcome.key for outcome in batch)
+        self.metrics.recorded(batch, recorded)
         done = sum(1 for o in batch if o.key in recorded and RequestStatus(o.status).final)
         self.completed += done
         self._report_progress(done)
@@ -876,6 +894,7 @@ class Worker:
 
             extended = await self._claims.run(extend, what="extend_leases") if held else set()
             self._guard.extended(extended, since=extended_at, held=self._held)
+            self.metrics.leases_extended(len(held), len(extended))
             await self._claims.run(
                 lambda c: c.execute(
                     query("heartbeat_worker"),
@@ -887,6 +906,7 @@ class Worker:
             if now - last_reclaim >= self.config.reclaim_interval:
                 last_reclaim = now
                 reclaimed = await self._claims.run(queue.reclaim_expired, what="reclaim_expired")
+                self.metrics.reclaimed(reclaimed)
                 if reclaimed:
                     log.warning("reclaimed %d row(s) whose lease expired", reclaimed)
                 resumed = await self._claims.run(queue.resume_due_jobs, what="resume_due_jobs")
