@@ -120,6 +120,11 @@ def assert_exactly_once(conn: psycopg.Connection, job: batchdb.Job, rows: int) -
     assert (results, rewritten) == (rows, 0)
 
 
+def phase(message: str, started: float) -> None:
+    """A line per phase with its time: shown when the test fails (and with -s)."""
+    print(f"[{time.monotonic() - started:6.1f} s] {message}", flush=True)
+
+
 def worker_id(conn: psycopg.Connection, pid: int) -> str:
     found = conn.execute("SELECT id FROM batchdb.workers WHERE pid = %s", (pid,)).fetchall()
     assert len(found) == 1, found
@@ -138,15 +143,17 @@ def test_partitioned_worker_host_loses_its_rows_to_the_others_and_rejoins(
     sim.set_config(SimulatorConfig(seed=1, latency_s=Distribution(value=0.5), output_tokens=Distribution(value=3)))
     sim.reset()
     net.set_all(delay_s=0.001)  # 2 ms round trips
-    rows, later_rows = 800, 400
+    rows, later_rows = 400, 240
     job = submit(db, rows, "a")
     args = ("--concurrency", "8", "--lease-seconds", str(LEASE_S), "--poll-interval", "0.5")
     workers = start_workers(net, db, sim, tmp_path, *args)
     victim = workers.processes[2]
+    began = time.monotonic()
     try:
         with psycopg.connect(db, autocommit=True) as conn:
             wait_for(lambda: job.status().n_done >= rows // 4, 120, what="a quarter of the job")
             victim_id = worker_id(conn, victim.pid)
+            phase(f"a quarter done; cutting {victim_id} off", began)
 
             net.partition(2)
             cut_at = time.monotonic()
@@ -161,6 +168,7 @@ def test_partitioned_worker_host_loses_its_rows_to_the_others_and_rejoins(
                 ).fetchall()
             )
             assert held, "the worker held no rows when its link was cut"
+            phase(f"it holds {len(held)} rows", began)
 
             def held_rows_done() -> bool:
                 return conn.execute(
@@ -172,6 +180,7 @@ def test_partitioned_worker_host_loses_its_rows_to_the_others_and_rejoins(
             # finish them while the cut lasts.
             wait_for(held_rows_done, 120, what="the other hosts to finish the cut-off worker's rows")
             partitioned_for = time.monotonic() - cut_at
+            phase(f"the others finished them after {partitioned_for:.1f} s", began)
             # Nobody took them before their lease ran out: it was last extended at most a heartbeat
             # interval (a third of the lease) before the cut.
             assert partitioned_for >= LEASE_S * 2 / 3 - 0.2
@@ -190,12 +199,26 @@ def test_partitioned_worker_host_loses_its_rows_to_the_others_and_rejoins(
                 what="the cut-off worker's heartbeat after the heal",
             )
             assert victim.poll() is None
+            phase("healed; it heartbeats again", began)
             final = job.wait(timeout=300)
+            phase("the first job is done", began)
+            # ... gets the answers to the calls it had sent (its slots free again) ...
+            wait_for(
+                lambda: conn.execute(
+                    "SELECT in_flight = 0 AND heartbeat_at > %s FROM batchdb.workers WHERE id = %s",
+                    (heal_db_time, victim_id),
+                ).fetchone()[0],
+                180,
+                what="the cut-off worker's calls to come back",
+            )
+            phase("its calls came back", began)
             # ... and claims and completes rows again: those of a job submitted after the heal.
             later = submit(db, later_rows, "b")
             later.wait(timeout=300)
+            phase("the second job is done", began)
     finally:
         codes = workers.stop()
+    phase("workers stopped", began)
     assert codes == [0, 0, 0], workers.log_text()[-3000:]
     assert final.status == "completed"
 
@@ -246,7 +269,7 @@ def test_job_completes_exactly_once_over_a_slow_lossy_link(
     )
     sim.reset()
     net.set_all(delay_s=0.010, loss=0.005)
-    rows = 600
+    rows = 300
     job = submit(db, rows, "c")
     workers = start_workers(net, db, sim, tmp_path, "--concurrency", "32", "--poll-interval", "0.5")
     try:
