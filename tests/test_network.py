@@ -252,8 +252,14 @@ def test_partitioned_worker_host_loses_its_rows_to_the_others_and_rejoins(
         wasted = conn.execute("SELECT sum(wasted_calls) FROM batchdb.jobs").fetchone()[0]
         all_unrecorded = conn.execute("SELECT count(*) FROM batchdb.unrecorded_calls").fetchone()[0]
         assert wasted == all_unrecorded == len(unrecorded)
+    accepted = sim.stats(series=False)["totals"]["accepted"]
+    phase(
+        f"cut off holding {len(held)} rows; {wasted} late answers fenced out; {accepted} calls accepted for "
+        f"{rows + later_rows} rows; after the heal it completed {by_worker[victim_id]} of the second job's rows",
+        began,
+    )
     # Every call the provider answered is one recorded row or one counted wasted call: no call unaccounted.
-    assert sim.stats(series=False)["totals"]["accepted"] == rows + later_rows + wasted
+    assert accepted == rows + later_rows + wasted
 
 
 def test_job_completes_exactly_once_over_a_slow_lossy_link(
