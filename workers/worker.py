@@ -224,6 +224,8 @@ class Worker:
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._providers: dict[str, Provider] = dict(providers or {})
         self._jobs: dict[int, _Job] = {}
+        # One job read at a time per job: the rows of a claim all ask for their job at once.
+        self._job_reads: dict[int, asyncio.Future[_Job]] = {}
         self._held: dict[tuple[int, int], ClaimedRequest] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         # Per held row: its task, whether a provider call went out for it, and the rows
@@ -751,10 +753,27 @@ class Worker:
         return lane_endpoint(name, key_alias=key_alias)
 
     async def _job(self, job_id: int) -> _Job:
+        """The row's job, cached for `job_cache_seconds`. The rows of one claim (up to `max_claim`) ask
+        at once when the cache is empty or stale: they share one read instead of queueing one each on
+        the claim connection (at 20 ms to the database, 256 reads held the next claim for 5 s)."""
         cached = self._jobs.get(job_id)
-        now = time.monotonic()
-        if cached is not None and now - cached.fetched_at < self.config.job_cache_seconds:
+        if cached is not None and time.monotonic() - cached.fetched_at < self.config.job_cache_seconds:
             return cached
+        reading = self._job_reads.get(job_id)
+        if reading is None:
+            reading = self._job_reads[job_id] = asyncio.ensure_future(self._read_job(job_id))
+
+            def done(future: asyncio.Future[_Job]) -> None:
+                if self._job_reads.get(job_id) is future:
+                    del self._job_reads[job_id]
+                if not future.cancelled():
+                    future.exception()  # retrieved here too: every waiter may have been cancelled
+
+            reading.add_done_callback(done)
+        return await asyncio.shield(reading)  # a cancelled row does not cancel the others' read
+
+    async def _read_job(self, job_id: int) -> _Job:
+        now = time.monotonic()
 
         async def fetch(conn: psycopg.AsyncConnection[DictRow]) -> dict[str, Any] | None:
             cur = await conn.execute(query("job_for_worker"), {"job_id": job_id})
