@@ -188,8 +188,9 @@ def test_build_provider_without_a_key_raises_quota_exhausted() -> None:
 
 def test_unknown_provider_is_permanent() -> None:
     with pytest.raises(ProviderError) as caught:
-        build_provider("anthropic")
-    assert caught.value.kind is ErrorKind.PERMANENT and "openai, azure, gemini, instant" in caught.value.message
+        build_provider("no-such-provider")
+    assert caught.value.kind is ErrorKind.PERMANENT
+    assert "openai, azure, gemini, vertex, instant" in caught.value.message
 
 
 # -- Azure ----------------------------------------------------------------------------------------
