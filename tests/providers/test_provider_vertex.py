@@ -5,7 +5,6 @@ token endpoint, here a local one standing in for Google's)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 from collections.abc import Callable, Iterator
@@ -20,10 +19,11 @@ import psycopg
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from provider_calls import call
 
 import batchdb
 from batchdb.providers import build_provider, lane_endpoint
-from batchdb.providers.base import ChatRequest, ChatResponse, ErrorKind, Provider, ProviderError
+from batchdb.providers.base import ChatRequest, ChatResponse, ErrorKind, ProviderError
 from batchdb.providers.vertex import VertexProvider
 from batchdb.secrets import VertexTarget, resolve_vertex_target
 from batchdb.simulator import Distribution, LimitRule, Outage, SimulatorProcess
@@ -51,22 +51,6 @@ def request(text: str = "Acme beats third-quarter estimates", system: str = "You
 def provider_on(sim: SimulatorProcess, token: str = TOKEN) -> VertexProvider:
     credentials = google.oauth2.credentials.Credentials(token=token)  # type: ignore[no-untyped-call]
     return VertexProvider(target=VertexTarget(PROJECT, LOCATION, sim.base_url), credentials=credentials, timeout=10)
-
-
-def call(provider: Provider, *requests: ChatRequest) -> list[ChatResponse | ProviderError]:
-    async def main() -> list[ChatResponse | ProviderError]:
-        out: list[ChatResponse | ProviderError] = []
-        try:
-            for r in requests:
-                try:
-                    out.append(await provider.complete(r))
-                except ProviderError as exc:
-                    out.append(exc)
-        finally:
-            await provider.aclose()
-        return out
-
-    return asyncio.run(main())
 
 
 def cost(conn: psycopg.Connection, answer: ChatResponse) -> Decimal:
