@@ -11,6 +11,7 @@ quota it hit in `google.rpc.QuotaFailure` and when to come back in
 
 from __future__ import annotations
 
+import abc
 import importlib
 import json
 import re
@@ -82,7 +83,7 @@ _CALL_FAILURES: tuple[type[BaseException], ...] = (
 )
 
 
-class GenAIProvider:
+class GenAIProvider(abc.ABC):
     """One generateContent call through a google-genai client: what the Gemini API and Vertex AI
     (providers/vertex.py) share. Subclasses build the client and name the model's URL path."""
 
@@ -127,9 +128,9 @@ class GenAIProvider:
             ) from None
         return normalise_response(response, model=request.model, vendor=self.vendor)
 
+    @abc.abstractmethod
     def _model_path(self, model: str) -> str:
         """The model's resource path in the URL (``models/gemini-2.5-flash``)."""
-        raise NotImplementedError
 
     def _endpoint(self, request: ChatRequest, exc: errors.APIError | None) -> str:
         """The URL called (scheme://host/path, no key): from the response when the SDK kept it."""

@@ -21,6 +21,7 @@ SDK retries are off, as for Gemini: one attempt is one HTTP request. The API ver
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import google.auth
@@ -91,13 +92,30 @@ def vertex_credentials(key_alias: str = "default") -> Any:
         token = None
     if token is not None:
         return google.oauth2.credentials.Credentials(token=token)  # type: ignore[no-untyped-call]
-    try:
-        credentials, _ = google.auth.default(scopes=list(SCOPES))
-    except google.auth.exceptions.DefaultCredentialsError as exc:
-        raise ProviderError(
-            ErrorKind.QUOTA_EXHAUSTED,
-            f"provider vertex: no credentials for key alias {key_alias!r}: no access token in "
-            f"{alias_env('KEY', 'vertex', key_alias)} or the secrets file, and no Application Default "
-            f"Credentials ({exc})",
-        ) from None
-    return credentials
+    return _application_default_credentials(key_alias)
+
+
+_adc_lock = threading.Lock()
+_adc: Any = None
+_adc_missing: str | None = None
+
+
+def _application_default_credentials(key_alias: str) -> Any:
+    """The process's Application Default Credentials, looked up once: off Google Cloud the lookup
+    probes the metadata server for seconds, and a worker asks again for every lane it cannot serve.
+    One credentials object serves every alias (google-auth refreshes it under a lock)."""
+    global _adc, _adc_missing
+    with _adc_lock:
+        if _adc is None and _adc_missing is None:
+            try:
+                _adc, _ = google.auth.default(scopes=list(SCOPES))
+            except google.auth.exceptions.DefaultCredentialsError as exc:
+                _adc_missing = str(exc)
+        if _adc_missing is not None:
+            raise ProviderError(
+                ErrorKind.QUOTA_EXHAUSTED,
+                f"provider vertex: no credentials for key alias {key_alias!r}: no access token in "
+                f"{alias_env('KEY', 'vertex', key_alias)} or the secrets file, and no Application Default "
+                f"Credentials ({_adc_missing}); restart the worker once they are in place",
+            )
+        return _adc

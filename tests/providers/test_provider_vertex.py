@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from provider_calls import call
 
 import batchdb
-from batchdb.providers import build_provider, lane_endpoint
+from batchdb.providers import build_provider, lane_endpoint, vertex
 from batchdb.providers.base import ChatRequest, ChatResponse, ErrorKind, ProviderError
 from batchdb.providers.vertex import VertexProvider
 from batchdb.secrets import VertexTarget, resolve_vertex_target
@@ -42,6 +42,9 @@ def no_google_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))
     monkeypatch.setenv("NO_GCE_CHECK", "True")
+    # The process looks Application Default Credentials up once; each test starts before that.
+    monkeypatch.setattr(vertex, "_adc", None)
+    monkeypatch.setattr(vertex, "_adc_missing", None)
 
 
 def request(text: str = "Acme beats third-quarter estimates", system: str = "You label headlines.") -> ChatRequest:
@@ -185,11 +188,16 @@ def test_build_provider_with_an_access_token_for_the_alias(
 
 def test_no_credentials_at_all_pauses_like_a_missing_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", PROJECT)
-    with pytest.raises(ProviderError) as caught:
-        build_provider("vertex")
-    assert caught.value.kind is ErrorKind.QUOTA_EXHAUSTED
-    assert "BATCHDB_KEY_VERTEX_DEFAULT" in caught.value.message
-    assert "Application Default Credentials" in caught.value.message
+    lookups: list[object] = []
+    real_default = vertex.google.auth.default
+    monkeypatch.setattr(vertex.google.auth, "default", lambda **kw: lookups.append(kw) or real_default(**kw))
+    for _ in range(2):
+        with pytest.raises(ProviderError) as caught:
+            build_provider("vertex")
+        assert caught.value.kind is ErrorKind.QUOTA_EXHAUSTED
+        assert "BATCHDB_KEY_VERTEX_DEFAULT" in caught.value.message
+        assert "Application Default Credentials" in caught.value.message
+    assert len(lookups) == 1  # looked up once per process: off Google Cloud a lookup takes seconds
 
 
 # -- Application Default Credentials, refreshed from a local token endpoint ----------------------------
