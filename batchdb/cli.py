@@ -185,7 +185,7 @@ _JOB_OPTIONS = [
     click.option("--messages-column", default=None, help="A column holding ready chat messages instead of --prompt."),
     click.option("--id-column", default=None, help="A column with a unique id per row."),
     click.option(
-        "--provider", default="openai", show_default=True, help="openai, azure, gemini or instant (no network)."
+        "--provider", default="openai", show_default=True, help="openai, azure, gemini, vertex or instant (no network)."
     ),
     click.option("--key-alias", default="default", show_default=True, help="Which of the provider's API keys to use."),
     click.option("--name", default=None, help="A name for the job, shown by status."),
@@ -1047,7 +1047,7 @@ def workers_command(as_json: bool, dsn: str | None) -> None:
 )
 @click.pass_context
 def simulator_command(ctx: click.Context) -> None:
-    """Run the provider simulator (OpenAI / Azure / Gemini wire formats); --help for its options."""
+    """Run the provider simulator (OpenAI / Azure / Gemini / Vertex AI wire formats); --help for its options."""
     from batchdb.simulator.__main__ import main as simulator_main
 
     # Its options are argparse's: --help goes to it, so they are listed.

@@ -17,6 +17,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from batchdb.queries import query
+from batchdb.tokens import GEMINI_FORMAT_PROVIDERS
 
 # What OpenAI charges against TPM for a call without max_tokens (the simulator does the same).
 DEFAULT_MAX_TOKENS_CHARGE = 4096
@@ -52,9 +53,10 @@ class HeaderView:
 def charged_tokens(provider: str, prompt_tokens: int, max_tokens: int | None) -> int:
     """Tokens the provider counts against TPM when the call arrives.
 
-    OpenAI and Azure count prompt + max_tokens; Gemini's input-token limit counts the prompt only.
+    OpenAI and Azure count prompt + max_tokens; Gemini's (and Vertex AI's) input-token limit
+    counts the prompt only.
     """
-    if provider == "gemini":
+    if provider in GEMINI_FORMAT_PROVIDERS:
         return prompt_tokens
     return prompt_tokens + (max_tokens if max_tokens is not None else DEFAULT_MAX_TOKENS_CHARGE)
 

@@ -6,8 +6,8 @@ batchdb never fetches anything) and shows what it would add and change; `--yes`
 writes it. Without FILE it reads the dated map shipped in the package
 (batchdb/price_list.json), the same prices the migrations seed.
 
-What is read, per chat model of the providers batchdb speaks (openai, azure, gemini;
-keys "gpt-4o-mini", "azure/gpt-4o-mini", "gemini/gemini-2.5-flash"):
+What is read, per chat model of the providers batchdb speaks (openai, azure, gemini, vertex;
+keys "gpt-4o-mini", "azure/gpt-4o-mini", "gemini/gemini-2.5-flash", "vertex_ai/gemini-2.5-flash"):
 
 - input_cost_per_token, output_cost_per_token -> input_per_mtok, output_per_mtok;
 - cache_read_input_token_cost -> cached_input_per_mtok;
@@ -49,7 +49,16 @@ from batchdb.errors import BatchDBError
 from batchdb.queries import query
 
 # LiteLLM's provider names -> batchdb's.
-PROVIDERS = {"openai": "openai", "azure": "azure", "gemini": "gemini"}
+PROVIDERS = {
+    "openai": "openai",
+    "azure": "azure",
+    "gemini": "gemini",
+    # LiteLLM names Vertex AI's Gemini models both ways, keyed "vertex_ai/<model>" or "<model>".
+    "vertex_ai-language-models": "vertex",
+    "vertex_ai": "vertex",
+}
+# Key prefixes LiteLLM puts before a model name, by batchdb provider (besides its own provider name).
+_KEY_PREFIXES = {"vertex": "vertex_ai/"}
 # batchdb.prices columns a map can set, in the order they are shown.
 FIELDS = (
     "input_per_mtok",
@@ -157,7 +166,8 @@ def read_price_map(path: Path, *, as_of: datetime.date | None = None) -> PriceMa
         if provider is None or spec.get("mode", "chat") != "chat":
             skipped += 1
             continue
-        model = key.split("/", 1)[1] if key.startswith(f"{spec['litellm_provider']}/") else key
+        prefixes = (f"{spec['litellm_provider']}/", _KEY_PREFIXES.get(provider, f"{spec['litellm_provider']}/"))
+        model = key.split("/", 1)[1] if key.startswith(prefixes) else key
         values = _values(path, key, spec)
         if "input_per_mtok" in values and "output_per_mtok" in values:
             entries.append(PriceEntry(provider, model, values))

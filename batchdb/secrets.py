@@ -23,6 +23,12 @@ Endpoints (`resolve_endpoint`) follow the same order with ``BATCHDB_ENDPOINT_<PR
 then ``OPENAI_BASE_URL`` / ``AZURE_OPENAI_ENDPOINT`` / ``GEMINI_BASE_URL`` for the default
 alias, then the file's ``endpoints`` table; no endpoint means the provider's public one.
 
+Vertex AI has no API key: a key alias names a Google Cloud project and location
+(`resolve_vertex_target`), given as its endpoint (``my-project/us-central1``, or a URL ending
+in ``/projects/my-project/locations/us-central1`` for another host), for the default alias
+also by ``GOOGLE_CLOUD_PROJECT`` and ``GOOGLE_CLOUD_LOCATION``. The credentials are
+Application Default Credentials (batchdb/providers/vertex.py), never a value stored here.
+
 Every key handed out is remembered (in this process only) so `RedactingFilter` can
 mask it in any log record.
 """
@@ -35,8 +41,10 @@ import os
 import re
 import threading
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from batchdb import settings
 from batchdb.errors import BatchDBError
@@ -117,6 +125,85 @@ def describe_endpoint_sources(provider: str, alias: str = DEFAULT_ALIAS) -> str:
     if alias == DEFAULT_ALIAS:
         envs += STANDARD_ENDPOINT_ENVS.get(provider, ())
     return _checked(envs, f"[{_ENDPOINTS_TABLE}.{provider}] {alias!r}")
+
+
+VERTEX_PROJECT_ENV = "GOOGLE_CLOUD_PROJECT"
+VERTEX_LOCATION_ENV = "GOOGLE_CLOUD_LOCATION"
+# google-genai's default location when none is given.
+VERTEX_DEFAULT_LOCATION = "global"
+
+
+@dataclass(frozen=True, slots=True)
+class VertexTarget:
+    """Where a Vertex AI key alias sends its calls: a project's quota in one location."""
+
+    project: str
+    location: str
+    # scheme://host[:port][/prefix] of another server (the simulator, a proxy); None: Google's.
+    base_url: str | None = None
+
+    @property
+    def host(self) -> str:
+        if self.base_url:
+            return self.base_url
+        if self.location == VERTEX_DEFAULT_LOCATION:
+            return "https://aiplatform.googleapis.com"
+        return f"https://{self.location}-aiplatform.googleapis.com"
+
+    @property
+    def endpoint(self) -> str:
+        """The location's resource URL: what the lane advertises and errors name."""
+        return f"{self.host}/v1/projects/{self.project}/locations/{self.location}"
+
+
+def resolve_vertex_target(alias: str = DEFAULT_ALIAS) -> VertexTarget:
+    """The project and location `alias` names for provider ``vertex``; raises `MissingSecret`.
+
+    The alias's endpoint (``BATCHDB_ENDPOINT_VERTEX_<ALIAS>`` or the secrets file's
+    ``[endpoints.vertex]``) is ``PROJECT/LOCATION``, ``projects/P/locations/L``, or a URL
+    ``https://host[/v1]/projects/P/locations/L`` for a server other than Google's. For the
+    default alias ``GOOGLE_CLOUD_PROJECT`` (with ``GOOGLE_CLOUD_LOCATION``, default ``global``)
+    serves too, the variables google-genai itself reads.
+    """
+    _, alias = _normalise("vertex", alias)
+    value = resolve_endpoint("vertex", alias)
+    if value is None and alias == DEFAULT_ALIAS:
+        project = _from_env([VERTEX_PROJECT_ENV])
+        if project:
+            return VertexTarget(project, _from_env([VERTEX_LOCATION_ENV]) or VERTEX_DEFAULT_LOCATION)
+    if value is None:
+        extra = f", {VERTEX_PROJECT_ENV}" if alias == DEFAULT_ALIAS else ""
+        raise MissingSecret(
+            f"no Vertex AI project for key alias {alias!r}: checked {describe_endpoint_sources('vertex', alias)}{extra}"
+        )
+    target = _parse_vertex_target(value)
+    if target is None:
+        raise MissingSecret(
+            f"the Vertex AI endpoint for key alias {alias!r} must be PROJECT/LOCATION or a URL ending in "
+            f"/projects/PROJECT/locations/LOCATION, got {value!r}"
+        )
+    return target
+
+
+def _parse_vertex_target(value: str) -> VertexTarget | None:
+    parts = urlsplit(value) if "://" in value else None
+    path = parts.path if parts is not None else value
+    segments = [s for s in path.split("/") if s]
+    if "projects" in segments:
+        at = segments.index("projects")
+        if segments[at + 2 : at + 3] != ["locations"] or len(segments) != at + 4:
+            return None
+        prefix, project, location = segments[:at], segments[at + 1], segments[at + 3]
+    elif parts is None and len(segments) == 2:
+        prefix, (project, location) = [], segments
+    else:
+        return None
+    if parts is None:
+        return VertexTarget(project, location) if not prefix else None
+    if prefix and prefix[-1] in ("v1", "v1beta1"):
+        prefix = prefix[:-1]
+    base = f"{parts.scheme}://{parts.netloc}" + "".join(f"/{s}" for s in prefix)
+    return VertexTarget(project, location, base)
 
 
 class RedactingFilter(logging.Filter):

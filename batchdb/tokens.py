@@ -144,8 +144,12 @@ def count_gemini_contents(contents: Any, system_instruction: Any = None) -> tupl
     return total, "\n".join(texts)
 
 
+# Providers that speak the Gemini API's wire format (generateContent): the Gemini API and Vertex AI.
+GEMINI_FORMAT_PROVIDERS = frozenset({"gemini", "vertex"})
+
+
 def estimate_prompt_tokens(provider: str, messages: Sequence[Mapping[str, Any]]) -> int:
     """Prompt tokens a provider will count for these chat messages (an estimate for Gemini)."""
-    if provider == "gemini":
+    if provider in GEMINI_FORMAT_PROVIDERS:
         return sum(count_text(openai_content_text(m.get("content"))[0]) for m in messages if isinstance(m, dict))
     return count_openai_messages(messages)[0]

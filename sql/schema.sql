@@ -673,8 +673,8 @@ BEGIN
         RAISE EXCEPTION 'batchdb.jobs.model: expected a model name such as ''gpt-4o-mini'', got %', coalesce(quote_literal(NEW.model), 'NULL')
             USING ERRCODE = 'check_violation';
     END IF;
-    IF NEW.provider NOT IN ('openai', 'azure', 'gemini', 'instant') THEN
-        RAISE EXCEPTION 'batchdb.jobs.provider: expected one of openai, azure, gemini, instant; got %', quote_literal(NEW.provider)
+    IF NEW.provider NOT IN ('openai', 'azure', 'gemini', 'vertex', 'instant') THEN
+        RAISE EXCEPTION 'batchdb.jobs.provider: expected one of openai, azure, gemini, vertex, instant; got %', quote_literal(NEW.provider)
             USING ERRCODE = 'check_violation';
     END IF;
     IF NEW.priority IS NULL OR NEW.priority < 1 THEN
@@ -3418,6 +3418,10 @@ INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok, ca
 INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok, cached_input_per_mtok, batch_discount, context_window, max_input_tokens, max_output_tokens, source, as_of) VALUES ('openai', 'gpt-5-mini', '0.250000', '2.000000', '0.025000', '0.500', '400000', '272000', '128000', NULL, NULL);
 INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok, cached_input_per_mtok, batch_discount, context_window, max_input_tokens, max_output_tokens, source, as_of) VALUES ('openai', 'gpt-5-nano', '0.050000', '0.400000', '0.005000', '0.500', '400000', '272000', '128000', NULL, NULL);
 INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok, cached_input_per_mtok, batch_discount, context_window, max_input_tokens, max_output_tokens, source, as_of) VALUES ('openai', 'o4-mini', '1.100000', '4.400000', '0.275000', '0.500', '200000', NULL, '100000', NULL, NULL);
+INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok, cached_input_per_mtok, batch_discount, context_window, max_input_tokens, max_output_tokens, source, as_of) VALUES ('vertex', 'gemini-2.0-flash', '0.150000', '0.600000', '0.037500', NULL, NULL, '1048576', '8192', NULL, NULL);
+INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok, cached_input_per_mtok, batch_discount, context_window, max_input_tokens, max_output_tokens, source, as_of) VALUES ('vertex', 'gemini-2.5-flash', '0.300000', '2.500000', '0.030000', NULL, NULL, '1048576', '65535', NULL, NULL);
+INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok, cached_input_per_mtok, batch_discount, context_window, max_input_tokens, max_output_tokens, source, as_of) VALUES ('vertex', 'gemini-2.5-flash-lite', '0.100000', '0.400000', '0.010000', NULL, NULL, '1048576', '65535', NULL, NULL);
+INSERT INTO batchdb.prices (provider, model, input_per_mtok, output_per_mtok, cached_input_per_mtok, batch_discount, context_window, max_input_tokens, max_output_tokens, source, as_of) VALUES ('vertex', 'gemini-2.5-pro', '1.250000', '10.000000', '0.125000', NULL, NULL, '1048576', '65535', NULL, NULL);
 
 -- batchdb.request_params
 INSERT INTO batchdb.request_params (name, in_job, in_row, meaning) VALUES ('audio', 'true', 'false', 'chat-completion parameter');

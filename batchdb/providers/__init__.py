@@ -6,7 +6,14 @@ import os
 
 from batchdb import settings
 from batchdb.providers.base import ChatRequest, ChatResponse, ErrorKind, Provider, ProviderError
-from batchdb.secrets import MissingSecret, describe_endpoint_sources, resolve_endpoint, resolve_key
+from batchdb.secrets import (
+    MissingSecret,
+    VertexTarget,
+    describe_endpoint_sources,
+    resolve_endpoint,
+    resolve_key,
+    resolve_vertex_target,
+)
 
 __all__ = [
     "KNOWN_PROVIDERS",
@@ -19,7 +26,7 @@ __all__ = [
     "lane_endpoint",
 ]
 
-KNOWN_PROVIDERS = ("openai", "azure", "gemini", "instant")
+KNOWN_PROVIDERS = ("openai", "azure", "gemini", "vertex", "instant")
 AZURE_API_VERSION_ENV = settings.AZURE_API_VERSION
 
 
@@ -30,7 +37,9 @@ def build_provider(name: str, *, key_alias: str = "default", timeout: float = 12
     OpenAI-compatible server via its endpoint (the simulator, vLLM ...); azure: the
     resource endpoint is required, the job's model is the deployment name, the API
     version comes from BATCHDB_AZURE_API_VERSION (default 2024-10-21); gemini: the
-    Gemini API (an endpoint replaces the public one). SDK retries are off for all.
+    Gemini API (an endpoint replaces the public one); vertex: Vertex AI in the project and
+    location the alias names, with the worker's Google credentials (providers/vertex.py). SDK
+    retries are off for all.
 
     A missing key or endpoint raises `ProviderError(QUOTA_EXHAUSTED)`: the worker
     pauses the job with the message, which names what was checked and no key.
@@ -39,6 +48,11 @@ def build_provider(name: str, *, key_alias: str = "default", timeout: float = 12
         from batchdb.providers.instant import InstantProvider
 
         return InstantProvider()
+    if name == "vertex":
+        from batchdb.providers.vertex import VertexProvider, vertex_credentials
+
+        target = _vertex_target(key_alias)
+        return VertexProvider(target=target, credentials=vertex_credentials(key_alias), timeout=timeout)
     api_key, endpoint = _resolve(name, key_alias)
     if name == "openai":
         from batchdb.providers.openai import OpenAIProvider
@@ -58,12 +72,22 @@ def lane_endpoint(name: str, *, key_alias: str = "default") -> str | None:
     """Whether this process could call `name` under `key_alias`, without building a client.
 
     Returns the endpoint `build_provider` would use (None: the provider's public one, or
-    no network at all for ``instant``); raises the same `ProviderError` as `build_provider`
-    when the key or a required endpoint is missing. Never returns a key.
+    no network at all for ``instant``; for ``vertex`` the project's location URL, its
+    credentials being looked for when the client is built); raises the same `ProviderError` as
+    `build_provider` when the key or a required endpoint is missing. Never returns a key.
     """
     if name == "instant":
         return None
+    if name == "vertex":
+        return _vertex_target(key_alias).endpoint
     return _resolve(name, key_alias)[1]
+
+
+def _vertex_target(key_alias: str) -> VertexTarget:
+    try:
+        return resolve_vertex_target(key_alias)
+    except MissingSecret as exc:
+        raise ProviderError(ErrorKind.QUOTA_EXHAUSTED, f"provider vertex: {exc}") from None
 
 
 def _resolve(name: str, key_alias: str) -> tuple[str, str | None]:

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from batchdb.providers.base import ChatRequest
+from batchdb.tokens import GEMINI_FORMAT_PROVIDERS
 
 __all__ = [
     "GEMINI_SCHEMA_KEYWORDS",
@@ -52,7 +53,7 @@ __all__ = [
 RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
 OPENAI_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 GEMINI_ROLES = ("system", "developer", "user", "assistant")
-CHECKED_PROVIDERS = ("openai", "azure", "gemini", "instant")
+CHECKED_PROVIDERS = ("openai", "azure", "gemini", "vertex", "instant")
 
 _REQUEST_FIELDS = ("max_tokens", "temperature", "seed", "response_format")
 # Chat-completion parameters beyond `_REQUEST_FIELDS` that a job's params may carry (they become
@@ -128,7 +129,7 @@ def check_chat_request(provider: str, request: ChatRequest) -> None:
     """The same checks on a built request (what the worker would send)."""
     if provider in ("openai", "azure"):
         to_openai(request, provider=provider)
-    elif provider == "gemini":
+    elif provider in GEMINI_FORMAT_PROVIDERS:
         to_gemini(request)
     else:
         _check_common(request)

@@ -11,6 +11,7 @@ quota it hit in `google.rpc.QuotaFailure` and when to come back in
 
 from __future__ import annotations
 
+import abc
 import importlib
 import json
 import re
@@ -82,18 +83,18 @@ _CALL_FAILURES: tuple[type[BaseException], ...] = (
 )
 
 
-class GeminiProvider:
-    name = "gemini"
+class GenAIProvider(abc.ABC):
+    """One generateContent call through a google-genai client: what the Gemini API and Vertex AI
+    (providers/vertex.py) share. Subclasses build the client and name the model's URL path."""
 
-    def __init__(self, *, api_key: str, base_url: str | None = None, timeout: float = 120.0) -> None:
-        self._api_key = api_key
-        self._base_url = (base_url or "https://generativelanguage.googleapis.com").rstrip("/")
-        options = types.HttpOptions(
-            base_url=base_url,
-            timeout=int(timeout * 1000),
-            retry_options=types.HttpRetryOptions(attempts=1),
-        )
-        self._client = genai.Client(api_key=api_key, http_options=options)
+    name: str
+    vendor: str  # in error messages: "Gemini", "Vertex AI"
+    credential: str  # what a 401/403 refused: "API key", "credentials"
+
+    def __init__(self, client: genai.Client, *, base_url: str, secret: str | None) -> None:
+        self._client = client
+        self._base_url = base_url.rstrip("/")
+        self._secret = secret  # masked in every message (None: the client holds no secret of ours)
 
     async def complete(self, request: ChatRequest) -> ChatResponse:
         try:
@@ -108,16 +109,28 @@ class GeminiProvider:
                 config=types.GenerateContentConfig(**call.config),
             )
         except errors.APIError as exc:
-            raise classify_gemini_error(exc, secret=self._api_key, endpoint=self._endpoint(request, exc)) from None
+            raise classify_gemini_error(
+                exc,
+                secret=self._secret,
+                endpoint=self._endpoint(request, exc),
+                vendor=self.vendor,
+                credential=self.credential,
+            ) from None
         except _CALL_FAILURES as exc:
             at = f" (at {self._endpoint(request, None)})"
             if is_dns_failure(exc):
-                raise ProviderError(ErrorKind.UNAVAILABLE, f"Gemini request failed: host name not found{at}") from None
-            message = redact(f"{type(exc).__name__}: {exc}", self._api_key)[:_MAX_MESSAGE]
+                raise ProviderError(
+                    ErrorKind.UNAVAILABLE, f"{self.vendor} request failed: host name not found{at}"
+                ) from None
+            message = redact(f"{type(exc).__name__}: {exc}", self._secret)[:_MAX_MESSAGE]
             raise ProviderError(
-                ErrorKind.TRANSIENT, f"Gemini request failed: {message}{at}", timed_out=_is_timeout(exc)
+                ErrorKind.TRANSIENT, f"{self.vendor} request failed: {message}{at}", timed_out=_is_timeout(exc)
             ) from None
-        return normalise_response(response, model=request.model)
+        return normalise_response(response, model=request.model, vendor=self.vendor)
+
+    @abc.abstractmethod
+    def _model_path(self, model: str) -> str:
+        """The model's resource path in the URL (``models/gemini-2.5-flash``)."""
 
     def _endpoint(self, request: ChatRequest, exc: errors.APIError | None) -> str:
         """The URL called (scheme://host/path, no key): from the response when the SDK kept it."""
@@ -125,10 +138,38 @@ class GeminiProvider:
         found = endpoint_of(url)
         if found:
             return found
-        model = request.model if request.model.startswith(("models/", "tunedModels/")) else f"models/{request.model}"
         options = getattr(getattr(self._client, "_api_client", None), "_http_options", None)
         version = getattr(options, "api_version", None) or "v1beta"
-        return f"{endpoint_of(self._base_url) or self._base_url}/{version}/{model}:generateContent"
+        base = endpoint_of(self._base_url) or self._base_url
+        return f"{base}/{version}/{self._model_path(request.model)}:generateContent"
+
+    async def aclose(self) -> None:
+        await self._client.aio.aclose()
+        self._client.close()
+
+
+def http_options(base_url: str | None, timeout: float, api_version: str | None = None) -> types.HttpOptions:
+    """The client options every batchdb google-genai client uses: SDK retries off, `timeout` seconds."""
+    return types.HttpOptions(
+        base_url=base_url,
+        api_version=api_version,
+        timeout=int(timeout * 1000),
+        retry_options=types.HttpRetryOptions(attempts=1),
+    )
+
+
+class GeminiProvider(GenAIProvider):
+    name = "gemini"
+    vendor = "Gemini"
+    credential = "API key"
+
+    def __init__(self, *, api_key: str, base_url: str | None = None, timeout: float = 120.0) -> None:
+        self._api_key = api_key
+        client = genai.Client(api_key=api_key, http_options=http_options(base_url, timeout))
+        super().__init__(client, base_url=base_url or "https://generativelanguage.googleapis.com", secret=api_key)
+
+    def _model_path(self, model: str) -> str:
+        return model if model.startswith(("models/", "tunedModels/")) else f"models/{model}"
 
     def batch_api(self, *, timeout: float = 60.0) -> GeminiBatchAPI:
         """Gemini Batch Mode on this client (workers/batch_driver.py, batch-mode jobs)."""
@@ -136,17 +177,13 @@ class GeminiProvider:
 
         return GeminiBatchAPI(self._client, secret=self._api_key, timeout=timeout)
 
-    async def aclose(self) -> None:
-        await self._client.aio.aclose()
-        self._client.close()
-
 
 def _is_timeout(exc: BaseException) -> bool:
     """A read that waited too long (the request was sent), as opposed to a refused or reset connection."""
     return isinstance(exc, TimeoutError) or type(exc).__name__ in ("ReadTimeout", "WriteTimeout")
 
 
-def normalise_response(response: types.GenerateContentResponse, *, model: str) -> ChatResponse:
+def normalise_response(response: types.GenerateContentResponse, *, model: str, vendor: str = "Gemini") -> ChatResponse:
     """Text, finish reason and token counts; a blocked prompt or answer is a PERMANENT error."""
     candidate = response.candidates[0] if response.candidates else None
     if candidate is None:
@@ -154,14 +191,14 @@ def normalise_response(response: types.GenerateContentResponse, *, model: str) -
         if feedback is not None and feedback.block_reason is not None:
             reason = _enum_name(feedback.block_reason)
             detail = f": {feedback.block_reason_message}" if feedback.block_reason_message else ""
-            raise ProviderError(ErrorKind.PERMANENT, f"Gemini blocked the prompt ({reason}){detail}")
-        raise ProviderError(ErrorKind.TRANSIENT, "Gemini answered without a candidate")
+            raise ProviderError(ErrorKind.PERMANENT, f"{vendor} blocked the prompt ({reason}){detail}")
+        raise ProviderError(ErrorKind.TRANSIENT, f"{vendor} answered without a candidate")
     parts = candidate.content.parts if candidate.content and candidate.content.parts else []
     text = "".join(part.text for part in parts if part.text and not part.thought)
     reason = _enum_name(candidate.finish_reason)
     if reason in _CONTENT_FILTER and not text:
         detail = f": {candidate.finish_message}" if candidate.finish_message else ""
-        raise ProviderError(ErrorKind.PERMANENT, f"Gemini blocked the answer (finish reason {reason}){detail}")
+        raise ProviderError(ErrorKind.PERMANENT, f"{vendor} blocked the answer (finish reason {reason}){detail}")
     usage = response.usage_metadata
     return ChatResponse(
         text=text,
@@ -175,13 +212,22 @@ def normalise_response(response: types.GenerateContentResponse, *, model: str) -
 
 
 def classify_gemini_error(
-    exc: errors.APIError, *, secret: str | None = None, endpoint: str | None = None
+    exc: errors.APIError,
+    *,
+    secret: str | None = None,
+    endpoint: str | None = None,
+    vendor: str = "Gemini",
+    credential: str = "API key",
 ) -> ProviderError:
-    """Map a google-genai `APIError` to the worker's reactions; the message names `endpoint`."""
+    """Map a google-genai `APIError` to the worker's reactions; the message names `endpoint`.
+
+    Vertex AI (`vendor`) answers in the same google.rpc error JSON; its 429 RESOURCE_EXHAUSTED
+    ("Resource exhausted. Please try again later.") carries no quota and no RetryInfo, so it is
+    RATE_LIMITED with no retry_after and the lane's pacer decides when to try again."""
     status = exc.code
     grpc_status = exc.status or ""
     details = _details(exc)
-    message = redact(f"Gemini {status} {grpc_status}: {exc.message or ''}".strip(), secret)[:_MAX_MESSAGE]
+    message = redact(f"{vendor} {status} {grpc_status}: {exc.message or ''}".strip(), secret)[:_MAX_MESSAGE]
     if endpoint:
         message += f" (at {redact(endpoint, secret)})"
     if status == 429:
@@ -191,7 +237,7 @@ def classify_gemini_error(
         if daily:
             return ProviderError(
                 ErrorKind.QUOTA_EXHAUSTED,
-                f"Gemini daily quota exhausted ({', '.join(daily)}); it resets at midnight Pacific time. {message}",
+                f"{vendor} daily quota exhausted ({', '.join(daily)}); it resets at midnight Pacific time. {message}",
                 status_code=status,
                 retry_after=retry_after,
             )
@@ -199,20 +245,21 @@ def classify_gemini_error(
             # A per-minute limit of 0: this key's tier has no access to the model; waiting will not help.
             return ProviderError(
                 ErrorKind.QUOTA_EXHAUSTED,
-                f"Gemini quota is 0 for this key ({', '.join(quota_ids)}). {message}",
+                f"{vendor} quota is 0 for this key ({', '.join(quota_ids)}). {message}",
                 status_code=status,
             )
         return ProviderError(ErrorKind.RATE_LIMITED, message, status_code=status, retry_after=retry_after)
     if status == 400:
         reasons = _error_reasons(details)
         if reasons & _KEY_REFUSED or "API key not valid" in (exc.message or ""):
-            return _key_refused(status, sorted(reasons & _KEY_REFUSED), message)
+            return _key_refused(status, sorted(reasons & _KEY_REFUSED), message, f"{vendor} refused the {credential}")
         if grpc_status == "FAILED_PRECONDITION":
             # e.g. "free tier not available in your country; enable billing": an account problem, not a row's.
             return ProviderError(ErrorKind.QUOTA_EXHAUSTED, message, status_code=status)
         return ProviderError(ErrorKind.PERMANENT, message, status_code=status)
     if status in (401, 403):
-        return _key_refused(status, sorted(_error_reasons(details) & _KEY_REFUSED), message)
+        refused = f"{vendor} refused the {credential}"
+        return _key_refused(status, sorted(_error_reasons(details) & _KEY_REFUSED), message, refused)
     if status == 404:
         # No such model (or route) behind this endpoint: every row of the lane would fail alike.
         return ProviderError(ErrorKind.UNAVAILABLE, message, status_code=status)
@@ -221,12 +268,12 @@ def classify_gemini_error(
     return ProviderError(ErrorKind.PERMANENT, message, status_code=status)
 
 
-def _key_refused(status: int, reasons: list[str], message: str) -> ProviderError:
+def _key_refused(status: int, reasons: list[str], message: str, refused: str) -> ProviderError:
     """A refused key (wrong, expired, blocked, its project suspended): an endpoint-level fault that
     opens the lane's circuit rather than pausing the job, so a worker restarted with a good key
     resumes it by itself. `message` is already redacted and names the endpoint, never the key."""
     why = f"{status}{' ' + ', '.join(reasons) if reasons else ''}"
-    return ProviderError(ErrorKind.UNAVAILABLE, f"Gemini refused the API key ({why}). {message}", status_code=status)
+    return ProviderError(ErrorKind.UNAVAILABLE, f"{refused} ({why}). {message}", status_code=status)
 
 
 def _error_reasons(details: list[Mapping[str, Any]]) -> set[str]:

@@ -1,4 +1,4 @@
-"""A local OpenAI / Azure OpenAI / Gemini server with provider-style rate limits.
+"""A local OpenAI / Azure OpenAI / Gemini / Vertex AI server with provider-style rate limits.
 
 Nothing here reaches the internet: tests, benchmarks and the demo point the
 official SDKs at this simulator, which answers in the providers' wire formats,
@@ -14,6 +14,12 @@ answer of a chat / generateContent request, shared by online routes and batches)
 and random streams), `server` (aiohttp routes), `process` (run it as a
 subprocess), `__main__` (the command line). docs/simulator.md describes the
 Batch API routes and settings.
+
+Vertex AI's generateContent (`/{v1,v1beta1}/projects/{p}/locations/{l}/publishers/google/models/
+{m}:generateContent`, what google-genai calls with ``vertexai=True`` and ``base_url=sim.base_url``)
+takes a bearer token (checked against ``api_keys`` when set; none or another is 401
+UNAUTHENTICATED), counts limits and cached prompts per ``{p}/{l}`` (the key a `LimitRule` names),
+and answers a limit with Vertex's bare 429 RESOURCE_EXHAUSTED (no quota, no retry delay).
 """
 
 from batchdb.simulator.config import Distribution, ErrorRates, LimitRule, Limits, Outage, SimulatorConfig

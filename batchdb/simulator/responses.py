@@ -373,3 +373,45 @@ def gemini_context_length(window: int, prompt_tokens: int) -> Reply:
     return gemini_error(
         400, f"The input token count ({prompt_tokens}) exceeds the maximum number of tokens allowed ({window})."
     )
+
+
+# -- Google Vertex AI ---------------------------------------------------------------
+# Vertex answers in the same google.rpc error JSON as the Gemini API, with its own sentences.
+
+VERTEX_RATE_LIMITED_MESSAGE = (
+    "Resource exhausted. Please try again later. Please refer to "
+    "https://cloud.google.com/vertex-ai/generative-ai/docs/error-code-429 for more details."
+)
+
+
+def vertex_rate_limited() -> Reply:
+    """429 RESOURCE_EXHAUSTED as Vertex's pay-as-you-go (Dynamic Shared Quota) sends it: no
+    QuotaFailure naming a limit and no RetryInfo saying when to come back, so a client learns
+    nothing but "not now"."""
+    return gemini_error(429, VERTEX_RATE_LIMITED_MESSAGE)
+
+
+def vertex_unauthenticated(token: str | None) -> Reply:
+    """401 UNAUTHENTICATED for a missing, unknown or expired OAuth access token."""
+    reason = "CREDENTIALS_MISSING" if not token else "ACCESS_TOKEN_EXPIRED"
+    return gemini_error(
+        401,
+        "Request had invalid authentication credentials. Expected OAuth 2 access token, login cookie or other "
+        "valid authentication credential. See https://developers.google.com/identity/sign-in/web/devconsole-project.",
+        [
+            {
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                "reason": reason,
+                "domain": "googleapis.com",
+                "metadata": {"service": "aiplatform.googleapis.com", "method": "GenerateContent"},
+            }
+        ],
+    )
+
+
+def vertex_model_not_found(project: str, location: str, model: str) -> Reply:
+    return gemini_error(
+        404,
+        f"Publisher Model `projects/{project}/locations/{location}/publishers/google/models/{model}` was not "
+        "found or your project does not have access to it. Please ensure you are using a valid model version.",
+    )

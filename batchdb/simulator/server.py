@@ -1,4 +1,4 @@
-"""The simulator's HTTP server: OpenAI, Azure OpenAI and Gemini routes plus `/_sim/*` control.
+"""The simulator's HTTP server: OpenAI, Azure OpenAI, Gemini and Vertex AI routes plus `/_sim/*` control.
 
 One `Simulator` object owns the run's state (config, limiter, recorder, random
 streams); the aiohttp handlers only translate between the wire and it. Every
@@ -249,23 +249,55 @@ class Routes:
 
     async def _gemini_generate(self, request: web.Request, model: str) -> web.StreamResponse:
         sim, config = self.sim, self.sim.config
-        now = sim.now()
-        second = sim.limiter.second(now)
         key = request.headers.get("x-goog-api-key") or request.query.get("key")
         if not key or (config.api_keys and key not in config.api_keys):
-            sim.recorder.record(second, key or "", model, Outcome.CLIENT_ERROR)
+            sim.recorder.record(sim.limiter.second(sim.now()), key or "", model, Outcome.CLIENT_ERROR)
             return _respond(responses.gemini_invalid_key(key))
+        return await self._generate(request, model, key, vertex=None)
+
+    # Google Vertex AI ---------------------------------------------------------------------
+
+    async def vertex(self, request: web.Request) -> web.StreamResponse:
+        """`/{v1,v1beta1}/projects/{p}/locations/{l}/publishers/google/models/{m}:generateContent`, the
+        URL google-genai calls with ``vertexai=True``. The caller is an OAuth access token (bearer);
+        quotas belong to the project in its region, so ``{p}/{l}`` is the key limits, the recorder and
+        the prompt cache see (a `LimitRule` with ``key="my-project/us-central1"`` limits that lane)."""
+        sim, config = self.sim, self.sim.config
+        project, location = request.match_info["project"], request.match_info["location"]
+        model, _, action = request.match_info["target"].partition(":")
+        quota_key = f"{project}/{location}"
+        token = _bearer(request)
+        if not token or (config.api_keys and token not in config.api_keys):
+            sim.recorder.record(sim.limiter.second(sim.now()), quota_key, model, Outcome.CLIENT_ERROR)
+            return _respond(responses.vertex_unauthenticated(token))
+        if action != "generateContent":
+            return _respond(responses.gemini_error(404, f"Method {action or '(none)'} not found for {model}."))
+        return await self._generate(request, model, quota_key, vertex=(project, location))
+
+    async def _generate(
+        self, request: web.Request, model: str, key: str, *, vertex: tuple[str, str] | None
+    ) -> web.StreamResponse:
+        """generateContent for a caller already let in: the Gemini API's (`key` is the API key) or
+        Vertex AI's (`vertex` is (project, location) and `key` their quota), which differ only in
+        the sentences of their errors and Vertex's bare 429."""
+        sim, config = self.sim, self.sim.config
+        now = sim.now()
+        second = sim.limiter.second(now)
         body = await _read_json(request)
         if not isinstance(body, dict):
             sim.recorder.record(second, key, model, Outcome.CLIENT_ERROR)
             return _respond(responses.gemini_error(400, "Invalid JSON payload received."))
         if config.models and model not in config.models:
             sim.recorder.record(second, key, model, Outcome.CLIENT_ERROR)
+            if vertex is not None:
+                return _respond(responses.vertex_model_not_found(*vertex, model))
             return _respond(
                 responses.gemini_error(404, f"models/{model} is not found for API version v1, or is not supported.")
             )
         if key in config.quota_exhausted_keys:
             sim.recorder.record(second, key, model, Outcome.QUOTA_EXCEEDED)
+            if vertex is not None:
+                return _respond(responses.vertex_rate_limited())
             return _respond(responses.gemini_quota_exhausted(model, pacific_day(time.time())[1]))
         outage = sim.outage_status(now)
         if outage is not None:
@@ -280,6 +312,8 @@ class Routes:
         verdict = sim.limiter.admit(key, model, plan.prompt_tokens, now)
         if not verdict.allowed:
             sim.recorder.record(second, key, model, Outcome.RATE_LIMITED)
+            if vertex is not None:
+                return _respond(responses.vertex_rate_limited())
             return _respond(responses.gemini_rate_limited(verdict, model))
         failed = await self._admitted(request, key, model, plan.prompt_tokens, now, {}, gemini=True)
         if failed is not None:
@@ -289,7 +323,7 @@ class Routes:
             sim,
             plan,
             model=model,
-            cache_scope=("gemini", key, model),
+            cache_scope=("vertex" if vertex is not None else "gemini", key, model),
             draw_broken=sim.draw_broken_json,
             response_id=sim.next_id("sim-"),
         )
@@ -365,6 +399,10 @@ def build_app(config: SimulatorConfig | Simulator) -> web.Application:
             web.post("/openai/deployments/{deployment}/embeddings", routes.azure_embeddings),
             web.post("/v1/models/{target}", routes.gemini),
             web.post("/v1beta/models/{target}", routes.gemini),
+            web.post(
+                r"/{version:v1|v1beta1}/projects/{project}/locations/{location}/publishers/google/models/{target}",
+                routes.vertex,
+            ),
             web.get("/_sim/health", routes.health),
             web.get("/_sim/stats", routes.stats),
             web.post("/_sim/reset", routes.reset),

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import pytest
 from google.genai import errors, types
+from provider_calls import call as call_provider
 
 from batchdb.providers import build_provider
 from batchdb.providers.base import ChatRequest, ChatResponse, ErrorKind, ProviderError
@@ -41,21 +42,7 @@ def request(text: str = USER, **fields: Any) -> ChatRequest:
 
 def call(sim: SimulatorProcess, *requests: ChatRequest, key: str = KEY) -> list[ChatResponse | ProviderError]:
     """Send `requests` in order through one provider; each answer or classified error."""
-
-    async def main() -> list[ChatResponse | ProviderError]:
-        provider = GeminiProvider(api_key=key, base_url=sim.gemini_base_url, timeout=10)
-        out: list[ChatResponse | ProviderError] = []
-        try:
-            for r in requests:
-                try:
-                    out.append(await provider.complete(r))
-                except ProviderError as exc:
-                    out.append(exc)
-        finally:
-            await provider.aclose()
-        return out
-
-    return run(main())
+    return call_provider(GeminiProvider(api_key=key, base_url=sim.gemini_base_url, timeout=10), *requests)
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:

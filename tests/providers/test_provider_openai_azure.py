@@ -7,8 +7,9 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import pytest
+from provider_calls import call
 
-from batchdb.providers import Provider, build_provider
+from batchdb.providers import build_provider
 from batchdb.providers.azure import AzureOpenAIProvider
 from batchdb.providers.base import ChatRequest, ChatResponse, ErrorKind, ProviderError
 from batchdb.providers.openai import OpenAIProvider
@@ -29,22 +30,6 @@ REQUEST = ChatRequest(
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
-
-
-def call(provider: Provider, *requests: ChatRequest) -> list[ChatResponse | ProviderError]:
-    async def main() -> list[ChatResponse | ProviderError]:
-        out: list[ChatResponse | ProviderError] = []
-        try:
-            for r in requests:
-                try:
-                    out.append(await provider.complete(r))
-                except ProviderError as exc:
-                    out.append(exc)
-        finally:
-            await provider.aclose()
-        return out
-
-    return run(main())
 
 
 def openai_provider(sim: SimulatorProcess, key: str = KEY) -> OpenAIProvider:
@@ -188,8 +173,9 @@ def test_build_provider_without_a_key_raises_quota_exhausted() -> None:
 
 def test_unknown_provider_is_permanent() -> None:
     with pytest.raises(ProviderError) as caught:
-        build_provider("anthropic")
-    assert caught.value.kind is ErrorKind.PERMANENT and "openai, azure, gemini, instant" in caught.value.message
+        build_provider("no-such-provider")
+    assert caught.value.kind is ErrorKind.PERMANENT
+    assert "openai, azure, gemini, vertex, instant" in caught.value.message
 
 
 # -- Azure ----------------------------------------------------------------------------------------
