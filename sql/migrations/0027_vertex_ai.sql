@@ -1,4 +1,4 @@
--- 0029_vertex_ai: Google Vertex AI as a provider ('vertex').
+-- 0027_vertex_ai: Google Vertex AI as a provider ('vertex').
 --
 -- Vertex AI serves the Gemini models through Google Cloud: a job's key alias names a project and
 -- location (batchdb/secrets.py), so its lanes are per (project, location, model). Jobs may name

@@ -1,4 +1,4 @@
--- 0028_open_batches_keep_their_job: a job with a batch open at the provider cannot be deleted.
+-- 0026_open_batches_keep_their_job: a job with a batch open at the provider cannot be deleted.
 --
 -- Deleting a job drops its rows and, through the foreign key, its chunks (batchdb.provider_batches).
 -- A chunk whose file was uploaded or whose batch runs at the provider would vanish with it: no worker
