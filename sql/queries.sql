@@ -931,16 +931,13 @@ SELECT j.id AS job_id, s.relname AS partition, s.n_dead_tup
    AND coalesce(greatest(s.last_vacuum, s.last_autovacuum), '-infinity') < now() - make_interval(secs => %(min_interval)s)
  ORDER BY s.n_dead_tup DESC
 
--- try_vacuum_lock --
--- One worker at a time vacuums a given job's partition.
-SELECT pg_try_advisory_lock(hashtextextended('batchdb.vacuum.' || %(job_id)s::text, 0)) AS locked
-
--- vacuum_unlock --
-SELECT pg_advisory_unlock(hashtextextended('batchdb.vacuum.' || %(job_id)s::text, 0))
-
 -- vacuum_partition --
 -- {partition} is filled in with psycopg.sql.Identifier: VACUUM takes no parameters.
-VACUUM (ANALYZE) batchdb.{partition}
+-- One worker at a time vacuums a partition, with no lock of ours: VACUUM cannot run inside a
+-- transaction (so no pg_try_advisory_xact_lock), and a session lock would span statements that
+-- a pool or PgBouncer may run on different connections. SKIP_LOCKED skips a partition whose
+-- lock another VACUUM (a worker's, or autovacuum) holds, with a WARNING (SQLSTATE 55P03).
+VACUUM (SKIP_LOCKED, ANALYZE) batchdb.{partition}
 
 -- ===========================================================================
 -- Notifications (tables and the outbox trigger in sql/migrations/0004_notifications.sql)

@@ -6,7 +6,9 @@ and CI servers) or slow to come round (naptime defaults to a minute, long
 enough for a million claims), and until it does the claim's index scans wade
 through dead entries. So workers vacuum the partitions of unfinished jobs
 themselves once they carry `min_dead` dead versions: one worker per partition
-at a time (an advisory lock), on a connection of its own so claims never wait.
+at a time (VACUUM's own SKIP_LOCKED: no session lock, which a shared pool or PgBouncer
+could not keep), on a `slow` handle of the worker's pool, so claims always have a
+connection VACUUM cannot take.
 A role that may not vacuum (not the tables' owner) logs it once and stops.
 """
 
@@ -24,6 +26,9 @@ from batchdb.queries import query
 from batchdb.workers.connection import Reconnecting
 
 log = logging.getLogger(__name__)
+
+# The WARNING a VACUUM (SKIP_LOCKED) gives for a table whose lock another session holds.
+LOCK_NOT_AVAILABLE = "55P03"
 
 
 class Vacuumer:
@@ -62,17 +67,24 @@ class Vacuumer:
         return done
 
     async def _vacuum(self, conn: psycopg.AsyncConnection[DictRow], row: DictRow) -> bool:
-        cur = await conn.execute(query("try_vacuum_lock"), {"job_id": row["job_id"]})
-        locked = await cur.fetchone()
-        if not (locked and locked["locked"]):
-            return False
+        """VACUUM the partition unless another VACUUM holds it (SKIP_LOCKED); whether it ran."""
+        skipped: list[str] = []
+
+        def on_notice(notice: psycopg.errors.Diagnostic) -> None:
+            if notice.sqlstate == LOCK_NOT_AVAILABLE:
+                skipped.append(notice.message_primary or "")
+
+        statement = sql.SQL(query("vacuum_partition")).format(partition=sql.Identifier(row["partition"]))
+        conn.add_notice_handler(on_notice)
         try:
-            statement = sql.SQL(query("vacuum_partition")).format(partition=sql.Identifier(row["partition"]))
             await conn.execute(statement)
-            log.info("vacuumed %s (%d dead row versions)", row["partition"], row["n_dead_tup"])
-            return True
         finally:
-            await conn.execute(query("vacuum_unlock"), {"job_id": row["job_id"]})
+            conn.remove_notice_handler(on_notice)
+        if skipped:
+            log.debug("%s: another VACUUM is at it (%s)", row["partition"], skipped[0])
+            return False
+        log.info("vacuumed %s (%d dead row versions)", row["partition"], row["n_dead_tup"])
+        return True
 
     async def close(self) -> None:
         await self._db.close()
