@@ -346,12 +346,14 @@ class Notifier:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
             unfinished = [held[task] for task in pending]
-        # A statement cut short by the cancellation left its connection mid-protocol: the pool
-        # discards that one, so the hand-back runs on a sound connection.
-        await self._release(unfinished)
-        await self._db.close()  # only a notifier's own connection; a worker's pool is the worker's
-        if self._session is not None:
-            await self._session.close()
+        try:
+            # A statement cut short by the cancellation left its connection mid-protocol: the pool
+            # discards that one, so the hand-back runs on a sound connection.
+            await self._release(unfinished)
+            await self._db.close()  # only a notifier's own connection; a worker's pool is the worker's
+        finally:
+            if self._session is not None:
+                await self._session.close()
         log.info("notifier %s stopped after %d deliveries", self.worker_id, self.delivered)
 
     async def _release(self, deliveries: list[Delivery]) -> None:
