@@ -324,6 +324,7 @@ class Worker:
             )
         except DatabaseUnreachable as exc:
             log.warning("worker stopped before it could reach the database (%s)", exc)
+            await self._pacer.close()
             await self._db.close()
             return
         await self._lanes.refresh()  # before the first claim: it claims only on advertised lanes
