@@ -4,6 +4,7 @@ and a pool that heals when the server kills its connections mid-job, losing noth
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -128,8 +129,9 @@ def test_a_worker_at_concurrency_256_with_a_notifier_uses_at_most_3_connections(
 
 
 def test_the_pool_heals_after_each_connection_is_terminated_mid_job(
-    conn: psycopg.Connection, dsn: str, simulator
+    conn: psycopg.Connection, dsn: str, simulator, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO)
     rows = 600
     sim = simulator(latency_s=Distribution(kind="uniform", low=0.05, high=0.2))
     job = submit(dsn, rows)
@@ -172,6 +174,10 @@ def test_the_pool_heals_after_each_connection_is_terminated_mid_job(
     assert len(killed) == 3 and succeeded == rows
     assert_every_row_recorded_once(conn, job, rows)
     assert sim.stats(series=False)["totals"]["requests"] >= rows
+    # Reported by the worker, once per loss and once per recovery; psycopg_pool's own lines are filtered.
+    assert not [r for r in caplog.records if r.name == "psycopg.pool" and r.levelno >= logging.WARNING]
+    lost = [r.getMessage() for r in caplog.records if r.name == "batchdb.workers.connection"]
+    assert any("connection failed" in m for m in lost) and any("LISTEN connection lost" in m for m in lost), lost
 
 
 def test_slow_handles_share_one_slot_so_a_hot_statement_never_waits_for_them(dsn: str) -> None:

@@ -67,18 +67,23 @@ class DatabaseDown(psycopg.OperationalError):
 
 
 class _PoolLogFilter(logging.Filter):
-    """psycopg_pool logs every failed connect attempt of its background reconnects: for our pools
-    the outage is reported once by `Database` instead (with the same reason)."""
+    """psycopg_pool logs every failed connect attempt of its background reconnects, and every
+    broken connection it discards: for our pools the outage is reported once by `Database`
+    instead (with the same reason). A connection closed because a cancelled statement (a stop)
+    left it mid-protocol is expected too."""
 
-    _REPEATED = ("error connecting in %r: %s", "reconnection attempt in pool %r failed after %s sec")
+    _BY_POOL = ("error connecting in %r: %s", "reconnection attempt in pool %r failed after %s sec")
+    _BY_CONNECTION = ("discarding closed connection: %s", "closing returned connection: %s")
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args if isinstance(record.args, tuple) else ()
-        ours = bool(args) and isinstance(args[0], str) and args[0].startswith("batchdb-")
-        return not (ours and record.msg in self._REPEATED)
-
-
-logging.getLogger("psycopg.pool").addFilter(_PoolLogFilter())
+        if not args:
+            return True
+        if record.msg in self._BY_POOL:
+            return not (isinstance(args[0], str) and args[0].startswith("batchdb-"))
+        if record.msg in self._BY_CONNECTION:
+            return not isinstance(args[0], _PooledConnection)
+        return True
 
 
 class _PooledConnection(psycopg.AsyncConnection[DictRow]):
@@ -98,6 +103,9 @@ class _PooledConnection(psycopg.AsyncConnection[DictRow]):
         if batchdb_database is not None:
             batchdb_database.connected()
         return conn
+
+
+logging.getLogger("psycopg.pool").addFilter(_PoolLogFilter())
 
 
 class Database:
