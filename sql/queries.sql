@@ -940,10 +940,11 @@ SELECT j.id AS job_id, s.relname AS partition, s.n_dead_tup
 
 -- vacuum_partition --
 -- {partition} is filled in with psycopg.sql.Identifier: VACUUM takes no parameters.
--- SKIP_LOCKED: a partition another worker (or autovacuum) is vacuuming is skipped with a
--- warning (55P03), so one worker at a time vacuums it without a session advisory lock, which a
--- transaction-pooling PgBouncer would strand on another server connection.
-VACUUM (ANALYZE, SKIP_LOCKED) batchdb.{partition}
+-- One worker at a time vacuums a partition, with no lock of ours: VACUUM cannot run inside a
+-- transaction (so no pg_try_advisory_xact_lock), and a session lock would span statements that
+-- a pool or PgBouncer may run on different connections. SKIP_LOCKED skips a partition whose
+-- lock another VACUUM (a worker's, or autovacuum) holds, with a WARNING (SQLSTATE 55P03).
+VACUUM (SKIP_LOCKED, ANALYZE) batchdb.{partition}
 
 -- ===========================================================================
 -- Notifications (tables and the outbox trigger in sql/migrations/0004_notifications.sql)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterator
 
 import psycopg
@@ -17,7 +18,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from batchdb import db, pooler, settings
 from batchdb.queries import query
-from batchdb.workers.connection import Reconnecting, listen_forever
+from batchdb.workers.connection import LISTEN_POLL_S, Listener, Reconnecting
 
 needs_pgbouncer = pytest.mark.skipif(
     pgbouncer_binary() is None, reason="pgbouncer is not installed (apt-get install -y pgbouncer; .ci/run does)"
@@ -151,17 +152,31 @@ def test_listen_falls_back_to_polling_through_the_pooler(pooled: str, caplog: py
     assert pooler.listen_connect(db.with_options(pooled, db.SESSION_OPTIONS)) is None
     assert pooler.is_pooled(pooled)
 
-    async def listen_briefly() -> bool:
-        wake = asyncio.Event()
-        task = asyncio.create_task(listen_forever(pooled, query("listen_requests"), wake, name="listen"))
-        await asyncio.sleep(1.0)
-        assert not task.done()  # waits to be cancelled, as a LISTEN loop does
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        return wake.is_set()
+    async def woken_twice() -> list[tuple[float, str | None]]:
+        calls: list[tuple[float, str | None]] = []
+        twice = asyncio.Event()
 
-    assert asyncio.run(listen_briefly()) is False
+        def on_notify(payload: str | None) -> None:
+            calls.append((time.monotonic(), payload))
+            if len(calls) >= 2:
+                twice.set()
+
+        listener = Listener(pooled, name="listen")
+        listener.subscribe(query("listen_requests"), on_notify)
+        task = asyncio.create_task(listener.run())
+        try:
+            await asyncio.wait_for(twice.wait(), 60)
+            assert not task.done()  # polls until cancelled, as a LISTEN loop does
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        return calls
+
+    calls = asyncio.run(woken_twice())
+    # No notification can arrive: the subscribers are told "look again" (None) every LISTEN_POLL_S.
+    assert [payload for _, payload in calls[:2]] == [None, None]
+    assert calls[1][0] - calls[0][0] >= LISTEN_POLL_S * 0.99
     assert any("no LISTEN through a transaction pooler" in r.getMessage() for r in caplog.records)
 
 
@@ -221,7 +236,9 @@ def test_a_workers_listener_wakes_through_the_listen_dsn(
 
     async def woken() -> bool:
         wake = asyncio.Event()
-        task = asyncio.create_task(listen_forever(pooled, query("listen_requests"), wake, name="listen"))
+        listener = Listener(pooled, name="listen")
+        listener.subscribe(query("listen_requests"), lambda _payload: wake.set())
+        task = asyncio.create_task(listener.run())
         try:
             await asyncio.wait_for(wake.wait(), 30)  # set once on connecting
             wake.clear()

@@ -21,7 +21,17 @@ LOG_FORMATS = ("text", "json")
 OWN_LOGGERS = ("batchdb",)
 # HTTP clients and SDKs that log every request at INFO: quiet unless -vv, even when
 # something else (an embedding application, -v) lowers the root level to INFO.
-HTTP_CLIENT_LOGGERS = ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "google_genai", "aiohttp.access")
+# psycopg_pool logs each connection it hands out at INFO: a line per statement.
+HTTP_CLIENT_LOGGERS = (
+    "httpx",
+    "httpx2",
+    "httpcore",
+    "httpcore2",
+    "openai",
+    "google_genai",
+    "aiohttp.access",
+    "psycopg.pool",
+)
 
 
 class JsonFormatter(logging.Formatter):

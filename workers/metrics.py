@@ -68,7 +68,7 @@ from batchdb.ledger import Lane
 from batchdb.models import Outcome, RequestStatus
 from batchdb.providers.base import ErrorKind
 from batchdb.queries import query
-from batchdb.workers.connection import Reconnecting
+from batchdb.workers.connection import Database, Reconnecting
 from batchdb.workers.shutdown import DatabaseUnreachable, Shutdown
 
 log = logging.getLogger(__name__)
@@ -315,7 +315,7 @@ class WorkerMetrics:
         db: Reconnecting,
         *,
         circuits: Callable[[], Iterable[Lane]],
-        connections: Iterable[Reconnecting],
+        connections: Iterable[Database],
     ) -> None:
         """Serve /metrics and /healthz (when configured), read batchdb.queue_depth on `db` every
         `queue_depth_interval` s, and observe `connections`. A port that cannot be bound stops the

@@ -1,8 +1,9 @@
 """The notification dispatcher: sends the outbox's webhooks and emails.
 
-It runs inside every worker process as its own asyncio task with its own
-database connections, so a slow or hanging receiver never delays a claim or a
-completion. Any number of dispatchers share the work: each claims due rows of
+It runs inside every worker process as its own asyncio task on the worker's
+connection pool and LISTEN connection (workers/connection.py), and sends outside
+any statement, so a slow or hanging receiver never holds a connection, let alone
+delays a claim or a completion. Any number of dispatchers share the work: each claims due rows of
 `batchdb.notification_deliveries` with SKIP LOCKED under a short lease, sends
 them outside any transaction (at most `max_in_flight` at once), records the
 try in `notification_attempts` and the outcome on the delivery: delivered,
@@ -34,7 +35,7 @@ from psycopg.rows import DictRow
 from batchdb import notifications
 from batchdb.notifications import SmtpSettings
 from batchdb.queries import query
-from batchdb.workers.connection import Reconnecting, listen_forever
+from batchdb.workers.connection import Listener, Reconnecting
 from batchdb.workers.shutdown import DatabaseUnreachable, Shutdown
 
 log = logging.getLogger(__name__)
@@ -117,16 +118,28 @@ class TryResult:
 
 class Notifier:
     def __init__(
-        self, dsn: str, config: NotifierConfig | None = None, *, worker_id: str, shutdown: Shutdown | None = None
+        self,
+        dsn: str | None = None,
+        config: NotifierConfig | None = None,
+        *,
+        worker_id: str,
+        shutdown: Shutdown | None = None,
+        db: Reconnecting | None = None,
+        listener: Listener | None = None,
     ) -> None:
         """`shutdown`: the worker's; once it is stopping, a database that stays unreachable is given
-        up on (deliveries not handed back are retried when their lease runs out)."""
+        up on (deliveries not handed back are retried when their lease runs out). In a worker, `db`
+        and `listener` are the worker's pool handle and its one LISTEN connection; without them
+        (tests, a dispatcher on its own) the notifier makes its own from `dsn`."""
+        if (db is None or listener is None) and dsn is None:
+            raise ValueError("Notifier needs a dsn, or both a db and a listener")
         self.config = config or NotifierConfig()
         self.worker_id = worker_id
-        self._dsn = dsn
-        self._worker_shutdown = shutdown
-        self._db = Reconnecting(dsn, name="notify", shutdown=shutdown)
+        self._own_listener = listener is None
+        self._listener = listener if listener is not None else Listener(str(dsn), name="notify-listen")
+        self._db = db if db is not None else Reconnecting(dsn, name="notify", shutdown=shutdown)
         self._wake = asyncio.Event()
+        self._listener.subscribe(query("listen_notifications"), lambda _payload: self._wake.set())
         self._tasks: dict[asyncio.Task[None], Delivery] = {}
         self._session: aiohttp.ClientSession | None = None
         self._rng = random.Random()
@@ -138,10 +151,7 @@ class Notifier:
         self._session = aiohttp.ClientSession(
             headers={"User-Agent": notifications.USER_AGENT}, timeout=aiohttp.ClientTimeout(total=None)
         )
-        listener = asyncio.create_task(
-            listen_forever(self._dsn, query("listen_notifications"), self._wake, name="notify-listen"),
-            name="notifier-listen",
-        )
+        listener = asyncio.create_task(self._listener.run(), name="notifier-listen") if self._own_listener else None
         log.info("notifier %s started (channels: %s)", self.worker_id, ", ".join(self.config.channels))
         try:
             while True:
@@ -154,9 +164,10 @@ class Notifier:
                     log.exception("notifier loop failed; restarting in 1s")
                     await asyncio.sleep(1.0)
         finally:
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
+            if listener is not None:
+                listener.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await listener
             await self._shutdown()
 
     # -- claiming --------------------------------------------------------------------------
@@ -335,14 +346,14 @@ class Notifier:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
             unfinished = [held[task] for task in pending]
-        # A statement cut short by the cancellation may have left the connection mid-protocol.
-        await self._db.close()
-        if unfinished:
-            self._db = Reconnecting(self._dsn, name="notify", shutdown=self._worker_shutdown)
+        try:
+            # A statement cut short by the cancellation left its connection mid-protocol: the pool
+            # discards that one, so the hand-back runs on a sound connection.
             await self._release(unfinished)
-            await self._db.close()
-        if self._session is not None:
-            await self._session.close()
+            await self._db.close()  # only a notifier's own connection; a worker's pool is the worker's
+        finally:
+            if self._session is not None:
+                await self._session.close()
         log.info("notifier %s stopped after %d deliveries", self.worker_id, self.delivered)
 
     async def _release(self, deliveries: list[Delivery]) -> None:

@@ -17,33 +17,31 @@ limit from the jobs that still run. So before each send the worker asks, cheaply
 Calls waiting in the pacer when their job stops are woken at once and dropped (`hold`):
 `cancel` stops the sends of a job within a round trip, not when the pacer gets to them.
 The worker then hands the row back (fenced: only if still its own) without spending an
-attempt. This service listens on a connection of its own.
+attempt. It listens on the worker's one LISTEN connection and re-reads on its pool.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 from collections.abc import Awaitable, Collection, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import psycopg
-from psycopg.rows import DictRow, dict_row
+from psycopg.rows import DictRow
 
-from batchdb import pooler
-from batchdb.db import SESSION_OPTIONS, with_options
 from batchdb.models import ClaimedRequest
 from batchdb.queries import query
+from batchdb.workers.connection import Listener, Reconnecting
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Key = tuple[int, int]
 
 RUNNING = "running"
-# Through a pooler that loses LISTEN: how often the statuses of held jobs are re-read instead.
-STATUS_POLL_S = 2.0
 
 
 class CallDropped(Exception):
@@ -55,8 +53,25 @@ class CallDropped(Exception):
 
 
 class SendGuard:
-    def __init__(self, dsn: str, *, lease_seconds: float) -> None:
-        self._dsn = dsn
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        lease_seconds: float,
+        db: Reconnecting | None = None,
+        listener: Listener | None = None,
+    ) -> None:
+        """In a worker: `db` and `listener` are the worker's (its pool and its one LISTEN
+        connection). Without them (tests), the guard makes its own from `dsn` when it runs."""
+        if (db is None or listener is None) and dsn is None:
+            raise ValueError("SendGuard needs a dsn, or both a db and a listener")
+        self._own_listener = listener is None
+        self._listener = listener if listener is not None else Listener(str(dsn), name="send-guard")
+        self._db = db if db is not None else Reconnecting(dsn, name="send-guard")
+        self._listener.subscribe(query("listen_events"), self._on_event)
+        self._events = asyncio.Event()
+        self._named: set[int] = set()
+        self._reread_all = False
         self._lease_seconds = lease_seconds
         # Send only with at least this much lease left: the answer must be able to come back.
         self._margin = min(1.0, lease_seconds / 10)
@@ -149,51 +164,56 @@ class SendGuard:
 
     # -- the service: job events ------------------------------------------------------------
 
+    def _on_event(self, payload: str | None) -> None:
+        """A NOTIFY on batchdb_events (None: the listener (re)connected, anything may have changed)."""
+        if payload is None:
+            self._reread_all = True
+        else:
+            job_id = _job_id(payload)
+            if job_id is None or job_id not in self._status:
+                return
+            self._named.add(job_id)
+        self._events.set()
+
     async def run(self) -> None:
-        """LISTEN batchdb_events; re-read the status of jobs we hold rows of when one is named.
-        Through a transaction pooler without a LISTEN DSN, re-read them every STATUS_POLL_S."""
-        while True:
-            try:
-                conninfo = with_options(self._dsn, SESSION_OPTIONS)
-                kwargs: dict[str, Any] = {"autocommit": True, "row_factory": dict_row}
-                listening = await pooler.listen_connect_async(conninfo, application_name="batchdb-send-guard", **kwargs)
-                if listening is None:
-                    async with await pooler.connect_async(conninfo, **kwargs) as polled:
-                        await self._poll(polled)
-                    continue
-                async with listening as conn:
-                    await conn.execute(query("listen_events"))
-                    # Whatever changed while we were not listening.
-                    await self._reread(conn, list(self._status))
+        """Re-read the status of jobs we hold rows of when batchdb_events names one (all of them
+        after each (re)connect of the LISTEN connection). Standalone, it runs its own listener."""
+        listener = asyncio.create_task(self._listener.run(), name="send guard listen") if self._own_listener else None
+        try:
+            while True:
+                await self._events.wait()
+                self._events.clear()
+                if not self._listener.connected.is_set():
+                    self.listening.clear()
+                if self._reread_all:
+                    self._reread_all = False
+                    self._named.clear()
+                    await self._reread(list(self._status))
                     self.listening.set()
-                    while True:
-                        named: set[int] = set()
-                        async for notify in conn.notifies(stop_after=1):
-                            job_id = _job_id(notify.payload)
-                            if job_id is not None and job_id in self._status:
-                                named.add(job_id)
-                        if named:
-                            await self._reread(conn, named)
-            except psycopg.Error as exc:
-                self.listening.clear()
-                log.warning("job events: LISTEN connection lost (%s); reconnecting", exc)
-                await asyncio.sleep(1.0)
+                elif self._named:
+                    named, self._named = self._named, set()
+                    await self._reread(named)
+        finally:
+            if listener is not None:
+                listener.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await listener
+                await self._db.close()
 
-    async def _poll(self, conn: psycopg.AsyncConnection[DictRow]) -> None:
-        """Re-read the statuses of the jobs we hold rows of every STATUS_POLL_S, forever."""
-        log.info(
-            "job events: no LISTEN through a transaction pooler; re-reading job statuses every %.0fs", STATUS_POLL_S
-        )
-        self.listening.set()
-        while True:
-            await self._reread(conn, list(self._status))
-            await asyncio.sleep(STATUS_POLL_S)
-
-    async def _reread(self, conn: psycopg.AsyncConnection[DictRow], job_ids: Collection[int]) -> None:
+    async def _reread(self, job_ids: Collection[int]) -> None:
         if not job_ids:
             return
-        cur = await conn.execute(query("job_statuses"), {"job_ids": list(job_ids)})
-        found = {row["id"]: row["status"] for row in await cur.fetchall()}
+
+        async def statuses(conn: psycopg.AsyncConnection[DictRow]) -> dict[int, str]:
+            cur = await conn.execute(query("job_statuses"), {"job_ids": list(job_ids)})
+            return {row["id"]: row["status"] for row in await cur.fetchall()}
+
+        try:
+            found = await self._db.run(statuses, what="job_statuses")
+        except psycopg.Error as exc:
+            log.warning("job events: re-reading job statuses failed (%s); the next event retries", exc)
+            self._reread_all = True
+            return
         for job_id in job_ids:
             if job_id in self._status:
                 self.job_status(job_id, found.get(job_id, "deleted"))

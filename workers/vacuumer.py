@@ -6,10 +6,9 @@ and CI servers) or slow to come round (naptime defaults to a minute, long
 enough for a million claims), and until it does the claim's index scans wade
 through dead entries. So workers vacuum the partitions of unfinished jobs
 themselves once they carry `min_dead` dead versions: one worker per partition
-at a time (`VACUUM (SKIP_LOCKED)`: a partition another worker, or autovacuum, is vacuuming
-is skipped), on a connection of its own so claims never wait. No session advisory lock: a
-statement-by-statement lock and unlock would land on different server connections through
-a transaction-pooling PgBouncer, and VACUUM cannot run inside a transaction.
+at a time (VACUUM's own SKIP_LOCKED: no session lock, which a shared pool or PgBouncer
+could not keep), on a `slow` handle of the worker's pool, so claims always have a
+connection VACUUM cannot take.
 A role that may not vacuum (not the tables' owner) logs it once and stops.
 """
 
@@ -28,7 +27,7 @@ from batchdb.workers.connection import Reconnecting
 
 log = logging.getLogger(__name__)
 
-# The warning VACUUM (SKIP_LOCKED) gives for a relation whose lock is taken.
+# The WARNING a VACUUM (SKIP_LOCKED) gives for a table whose lock another session holds.
 LOCK_NOT_AVAILABLE = "55P03"
 
 
@@ -68,20 +67,21 @@ class Vacuumer:
         return done
 
     async def _vacuum(self, conn: psycopg.AsyncConnection[DictRow], row: DictRow) -> bool:
-        """VACUUM the partition unless someone else is at it (PostgreSQL then warns, 55P03)."""
-        skipped: list[psycopg.errors.Diagnostic] = []
+        """VACUUM the partition unless another VACUUM holds it (SKIP_LOCKED); whether it ran."""
+        skipped: list[str] = []
 
-        def note(diag: psycopg.errors.Diagnostic) -> None:
-            if diag.sqlstate == LOCK_NOT_AVAILABLE:
-                skipped.append(diag)
+        def on_notice(notice: psycopg.errors.Diagnostic) -> None:
+            if notice.sqlstate == LOCK_NOT_AVAILABLE:
+                skipped.append(notice.message_primary or "")
 
         statement = sql.SQL(query("vacuum_partition")).format(partition=sql.Identifier(row["partition"]))
-        conn.add_notice_handler(note)
+        conn.add_notice_handler(on_notice)
         try:
             await conn.execute(statement)
         finally:
-            conn.remove_notice_handler(note)
+            conn.remove_notice_handler(on_notice)
         if skipped:
+            log.debug("%s: another VACUUM is at it (%s)", row["partition"], skipped[0])
             return False
         log.info("vacuumed %s (%d dead row versions)", row["partition"], row["n_dead_tup"])
         return True

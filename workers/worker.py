@@ -10,7 +10,8 @@ Three loops share one asyncio process:
 - the lane advertiser (workers/lanes.py) tells which jobs this worker can call
   and pauses/resumes jobs no live worker can serve; the send guard
   (workers/send_guard.py) drops calls whose row or job is no longer ours to send.
-Services with connections of their own run beside them: the completer, the
+Services run beside them, each with its own handle on the worker's pool of 2
+connections (workers/connection.py; one more connection LISTENs for all): the completer, the
 vacuumer, the settler (workers/settler.py: every ledger reservation is settled,
 whatever the outcome), the notifier and the breaker (workers/breaker.py:
 per-lane circuits; a lane-level failure goes to it, and while a lane is open its
@@ -60,7 +61,7 @@ from batchdb.workers.batch_driver import BatchAPI, BatchDriver, BatchDriverConfi
 from batchdb.workers.breaker import Breaker, BreakerConfig
 from batchdb.workers.budget_settler import BudgetSettler, Settlement
 from batchdb.workers.completer import BatchCompleter
-from batchdb.workers.connection import Reconnecting, listen_forever
+from batchdb.workers.connection import Database, Listener
 from batchdb.workers.lanes import LaneAdvertiser, LaneUnavailable
 from batchdb.workers.logs import protect_logging
 from batchdb.workers.metrics import MetricsConfig, WorkerMetrics
@@ -261,46 +262,63 @@ class Worker:
         if problems := settings.environment_problems():
             raise BatchDBError("; ".join(problems))
         dsn = resolve_dsn(self.config.dsn)
-        self._claims = Reconnecting(dsn, name="claim", shutdown=self._shutdown)
-        self._writes = Reconnecting(dsn, name="complete", shutdown=self._shutdown)
-        # Pacer and settler share the ledger connection: both write rate_limits rows in short statements
-        # (serialised by Reconnecting), and a worker should not cost the server one more connection.
-        ledger_db = Reconnecting(dsn, name="ledger")
+        # Every statement of every service runs on one pool of 2 connections, and every channel is
+        # followed on one LISTEN connection: 3 server connections a worker, whatever its concurrency
+        # (workers/connection.py; docs/design.md, "Connections"). Handles cost nothing: each service
+        # has its own, so its statements run one at a time and its outages are named after it.
+        tag = f"{os.getpid()}:{self.id.rsplit(':', 1)[-1]}"  # the end of the worker id: unique, short
+        self._db = Database(dsn, name=f"worker {tag}")
+        self._listener = Listener(dsn, name=f"listen {tag}")
+        self._listener.subscribe(query("listen_requests"), lambda _payload: self._wake.set())
+        self._claims = self._db.handle("claim", shutdown=self._shutdown)
+        self._writes = self._db.handle("complete", shutdown=self._shutdown)
+        # Pacer and settler share a handle: both write rate_limits rows in short statements, one at a time.
+        ledger_db = self._db.handle("ledger")
         self._settler = Settler(ledger_db)
         self._pacer = Pacer(ledger_db, give_back=self._settler.give_back)
-        # The lane advertiser and the batch driver share a connection: both run a few short statements
-        # every few seconds, and a worker with no batch-mode job should not cost the server one more.
-        self._background_db = Reconnecting(dsn, name="lanes", shutdown=self._shutdown)
         self._lanes = LaneAdvertiser(
-            self._background_db,
+            self._db.handle("lanes", shutdown=self._shutdown),
             self.id,
             self._lane_endpoint,
             interval=self.config.lane_refresh_interval,
             warm=self._warm_lane,
         )
-        self._guard = SendGuard(dsn, lease_seconds=self.config.lease_seconds)
+        self._guard = SendGuard(
+            lease_seconds=self.config.lease_seconds, db=self._db.handle("send-guard"), listener=self._listener
+        )
         self._completer = BatchCompleter(
             self._writes, flush_interval=self.config.flush_interval, on_recorded=self._forget
         )
         self._breaker = Breaker(
-            Reconnecting(dsn, name="breaker"),
+            self._db.handle("breaker"),
             self.config.breaker,
             worker_id=self.id,
             lease_seconds=self.config.lease_seconds,
             probe_lease_seconds=self.config.request_timeout + self.config.lease_seconds,
             on_probe=self._start,
         )
-        # Budget bookkeeping waits on other workers' locks: its own service and connection.
+        # Budget bookkeeping waits on other workers' locks: its own service.
         self._budget = BudgetSettler(
-            Reconnecting(dsn, name="budget"),
+            self._db.handle("budget"),
             flush_interval=self.config.flush_interval,
             abandoned_after=self.config.abandoned_budget_after,
             sweep_interval=self.config.abandoned_budget_interval,
         )
         await self.metrics.start(
-            self._background_db,
+            self._db.handle("metrics"),
             circuits=lambda: self._breaker.open,
-            connections=(self._claims, self._writes, ledger_db, self._background_db),
+            connections=(self._db,),
+        )
+        notifier = (
+            Notifier(
+                config=self.config.notifier,
+                worker_id=self.id,
+                shutdown=self._shutdown,
+                db=self._db.handle("notify", shutdown=self._shutdown),
+                listener=self._listener,
+            )
+            if self.config.notifier is not None
+            else None
         )
         try:
             await self._claims.run(
@@ -319,15 +337,17 @@ class Worker:
             log.warning("worker stopped before it could reach the database (%s)", exc)
             await self.metrics.close()
             await self._pacer.close()
-            await self._claims.close()
+            await self._db.close()
             return
         await self._lanes.refresh()  # before the first claim: it claims only on advertised lanes
         log.info("worker %s started (concurrency %d)", self.id, self.config.concurrency)
         completer = asyncio.create_task(self._completer.run(), name="completer")
         budget = asyncio.create_task(self._budget.run(), name="budget settler")
-        self._vacuumer = Vacuumer(Reconnecting(dsn, name="vacuum"))
+        # VACUUM and the batch driver's transactions can take seconds: `slow` handles, which never
+        # hold both connections, so claims, completions and the ledger always have one.
+        self._vacuumer = Vacuumer(self._db.handle("vacuum", slow=True))
         self._batches = BatchDriver(
-            self._background_db,
+            self._db.handle("batches", shutdown=self._shutdown, slow=True),
             self.config.batch,
             worker_id=self.id,
             api_for=self._batch_api,
@@ -342,12 +362,9 @@ class Worker:
             asyncio.create_task(self._maintain(), name="maintenance"),
             asyncio.create_task(self._lanes.run(), name="lanes"),
             asyncio.create_task(self._guard.run(), name="send guard"),
-            asyncio.create_task(
-                listen_forever(dsn, query("listen_requests"), self._wake, name="listen"), name="listen"
-            ),
+            asyncio.create_task(self._listener.run(), name="listen"),
         ]
-        if self.config.notifier is not None:
-            notifier = Notifier(dsn, self.config.notifier, worker_id=self.id, shutdown=self._shutdown)
+        if notifier is not None:
             background.append(asyncio.create_task(notifier.run(), name="notifier"))
         try:
             await self.metrics.claim_loop(self._claim_loop())
@@ -394,8 +411,7 @@ class Worker:
             await self._budget.disconnect()
             for provider in self._providers.values():
                 await provider.aclose()
-            await self._claims.close()
-            await self._writes.close()
+            await self._db.close()
             await self.metrics.close()
             log.info("worker %s stopped after %d rows", self.id, self.completed)
 
