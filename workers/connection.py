@@ -139,6 +139,8 @@ class Database:
         self._reported_at = 0.0
         # Told of every statement's time and every lost connection of the handles (workers/metrics.py).
         self.observer: RoundTrips | None = None
+        # Finding the connect arguments awaits (a probe connection in auto mode): one opener at a time.
+        self._opening = asyncio.Lock()
 
     def handle(self, name: str, *, shutdown: Shutdown | None = None, slow: bool = False) -> Reconnecting:
         """A service's handle: statements run one at a time, retried through outages."""
@@ -178,6 +180,12 @@ class Database:
                 await pool.putconn(conn)
 
     async def _open(self) -> AsyncConnectionPool[_PooledConnection]:
+        if self._pool is not None:
+            return self._pool
+        async with self._opening:
+            return await self._open_once()
+
+    async def _open_once(self) -> AsyncConnectionPool[_PooledConnection]:
         if self._pool is None:
             # Through PgBouncer without the startup options and prepared statements (batchdb/pooler.py);
             # in auto mode one connection is made first to find out, since the pool cannot retry a refusal.
