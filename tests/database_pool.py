@@ -6,9 +6,10 @@ settings, partitions or notifications (roles are cluster-wide and each test drop
 What moved is *when* the clone is made and dropped: a background thread clones the next tests'
 databases while the current test runs, and three threads drop finished tests' databases while the
 next ones run; the session's end drops what is left. On PostgreSQL 15 every DROP DATABASE forces an
-immediate checkpoint of the whole server: on the busy 2-core machine setup + teardown took about
-1 s per test (tests/test_queue.py, test_jobs.py, test_ledger.py, test_results.py: 35 tests, 86-106 s
-before, 56-62 s after). Concurrent drops share one checkpoint. Tests marked `slow` (the
+immediate checkpoint of the whole server. Measured on tests/test_queue.py, test_jobs.py,
+test_ledger.py, test_results.py (+ test_events.py): 35 tests at load 17-25, 86-106 s before, 56-67 s
+after; 37 tests at load 3-4, 43-45 s before, 31-35 s after (0.3 s a test). Concurrent drops share
+one checkpoint. Tests marked `slow` (the
 timing-sensitive ones) start only once that background work is done (`settle`), so a forced
 checkpoint never lands in their measurements, as it never did when the fixture dropped the
 database before the next test started.
