@@ -2,7 +2,8 @@
 
 The server is `BATCHDB_TEST_DSN` when set (CI: the machine's PostgreSQL), else
 batchdb's embedded one. A template database is migrated once per session and
-cloned for each test (as procrastinate does), so tests never see each other's rows.
+cloned for each test (as procrastinate does), so tests never see each other's rows; the clones are
+made ahead and dropped behind on a background thread (tests/database_pool.py).
 """
 
 from __future__ import annotations
@@ -10,13 +11,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from database_pool import TestDatabases
 from leftover_processes import keep_running, pytest_configure, pytest_sessionfinish  # noqa: F401 (hooks)
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
@@ -78,17 +79,26 @@ def template_db(admin_dsn: str) -> Iterator[str]:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@pytest.fixture(scope="session")
+def test_databases(admin_dsn: str, template_db: str) -> Iterator[TestDatabases]:
+    """Clones of the template made ahead and dropped behind the tests (tests/database_pool.py)."""
+    pool = TestDatabases(admin_dsn, template_db)
+    yield pool
+    pool.close()
+
+
 @pytest.fixture
-def dsn(admin_dsn: str, template_db: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+def dsn(
+    test_databases: TestDatabases, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> Iterator[str]:
     """A fresh, migrated database for this test; also exported as BATCHDB_DSN for subprocesses."""
-    name = f"batchdb_t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(admin_dsn, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    test_dsn = _with_db(admin_dsn, name)
+    name = test_databases.take()
+    if request.node.get_closest_marker("slow"):
+        test_databases.settle()  # no clone or drop (a forced checkpoint) beside a timing-sensitive test
+    test_dsn = test_databases.dsn(name)
     monkeypatch.setenv("BATCHDB_DSN", test_dsn)
     yield test_dsn
-    with psycopg.connect(admin_dsn, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    test_databases.give_back(name)
 
 
 @pytest.fixture
