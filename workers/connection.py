@@ -383,9 +383,7 @@ class Listener:
                         log.info("%s: LISTEN connection is back after %.0fs", self._name, time.monotonic() - down_since)
                         down_since = None
                     self.connected.set()
-                    for subscribers in self._subscribers.values():
-                        for subscriber in subscribers:
-                            subscriber(None)
+                    self._look_again()
                     async for notify in conn.notifies():
                         for subscriber in self._subscribers.get(notify.channel, ()):
                             subscriber(notify.payload)
@@ -414,7 +412,12 @@ class Listener:
         )
         self.connected.set()
         while True:
-            for subscribers in self._subscribers.values():
-                for subscriber in subscribers:
-                    subscriber(None)
+            self._look_again()
             await asyncio.sleep(LISTEN_POLL_S)
+
+    def _look_again(self) -> None:
+        """Tell every subscriber "anything may have changed" (None): after each (re)connect, and
+        each poll when there is no LISTEN."""
+        for subscribers in self._subscribers.values():
+            for subscriber in subscribers:
+                subscriber(None)
